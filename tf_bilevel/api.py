@@ -1,0 +1,279 @@
+"""`hypergradient_fn`: the public entry point of the functional core."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import tensorflow as tf
+
+from tf_bilevel._tree import leaf_names
+from tf_bilevel.dynamics.loops import earliest_nonfinite, run
+from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
+from tf_bilevel.dynamics.transition import Transition
+from tf_bilevel.estimators import forward_hypergradient, implicit_hypergradient, reverse_hypergradient
+from tf_bilevel.problem import BilevelProblem
+
+ESTIMATORS = ("reverse", "checkpointed", "forward", "implicit_cg", "neumann")
+
+
+class NonFiniteError(FloatingPointError):
+    """The inner loop, the outer loss or the hypergradient produced NaN or Inf."""
+
+
+class HypergradientResult(NamedTuple):
+    outer_value: tf.Tensor
+    hypergrad: Any
+    final_params: Any
+    # -1: all finite; t < T: g(w_t) was the first non-finite inner loss; T: f(w_T); T+1: hypergradient.
+    nonfinite_step: tf.Tensor
+
+
+def _require_positive_int(value: Any, name: str, meaning: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive Python int ({meaning}), got {value!r}")
+    return value
+
+
+def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = None) -> Any:
+    """Validates the leaves of params/hparams and converts them to tensors."""
+    leaves = tf.nest.flatten(structure)
+    if not leaves:
+        raise ValueError(f"{role} is empty: pass at least one tensor")
+    names = leaf_names(structure, role)
+    tensors = []
+    for name, leaf in zip(names, leaves):
+        if isinstance(leaf, tf.Variable):
+            if role == "hparams" and not leaf.trainable:
+                raise ValueError(
+                    f"{name} is a non-trainable tf.Variable ({leaf.name}); hyperparameters must be "
+                    "differentiable: make it trainable=True or pass it as a constant outside hparams."
+                )
+            if passed_variables is not None:
+                passed_variables[id(leaf)] = name
+        tensor = tf.convert_to_tensor(leaf)
+        if not tensor.dtype.is_floating:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype.name}; {role} must be floating-point to be "
+                f"differentiated (cast it, e.g. tf.cast(x, tf.float32), or move it out of {role})."
+            )
+        tensors.append(tensor)
+    return tf.nest.pack_sequence_as(structure, tensors)
+
+
+class Hypergradient:
+    """A compiled hypergradient estimator. Build it with `hypergradient_fn`."""
+
+    def __init__(
+        self,
+        problem: BilevelProblem,
+        optimizer: InnerOptimizer,
+        *,
+        steps: int,
+        truncate: int,
+        estimator: str,
+        checkpoint_every: Optional[int],
+        jit_compile: bool,
+        check_numerics: bool,
+    ):
+        self.problem = problem
+        self.transition = Transition(problem, optimizer)
+        self.steps = steps
+        self.truncate = truncate
+        self.estimator = estimator
+        self.checkpoint_every = checkpoint_every
+        self.check_numerics = check_numerics
+        self.jit_compile = jit_compile
+        self._compiled = tf.function(self.compute, jit_compile=jit_compile)
+        self._compiled_solve = tf.function(self.solve_uncompiled, jit_compile=jit_compile)
+
+    # -- eager entry points -------------------------------------------------------------
+    def __call__(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None):
+        """Returns (f(w_T, λ), hypergradient), the hypergradient with the structure of hparams."""
+        result = self.detailed(params, hparams, inner_batch, outer_batch)
+        return result.outer_value, result.hypergrad
+
+    def detailed(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None) -> HypergradientResult:
+        """Like `__call__`, also returning w_T and the non-finite marker."""
+        self.problem.passed_variables = {}
+        params = _as_tensors(params, "params", self.problem.passed_variables)
+        hparams = _as_tensors(hparams, "hparams", self.problem.passed_variables)
+        result = self._compiled(params, hparams, inner_batch, outer_batch)
+        if self.check_numerics:
+            if tf.executing_eagerly():
+                self._raise_if_nonfinite(int(result.nonfinite_step))
+            else:
+                assertion = tf.debugging.assert_less(
+                    result.nonfinite_step, 0, message=self._nonfinite_message_graph()
+                )
+                with tf.control_dependencies([assertion]):
+                    result = tf.nest.map_structure(tf.identity, result)
+        return result
+
+    def solve(self, params: Any, hparams: Any, inner_batch: Any = None) -> Any:
+        """w_T: the T inner steps alone, compiled, with no tape (the cost floor of every estimator)."""
+        return self._compiled_solve(_as_tensors(params, "params"), _as_tensors(hparams, "hparams"), inner_batch)
+
+    @property
+    def tracing_count(self) -> int:
+        """Number of times the hypergradient has been traced (it must not grow per call)."""
+        return self._compiled.experimental_get_tracing_count()
+
+    # -- graph builders (call these inside your own tf.function, e.g. a Keras train_step) ---
+    def solve_uncompiled(self, params: Any, hparams: Any, inner_batch: Any = None) -> Any:
+        w0 = self.problem.initial_params(params, hparams)
+        final, _ = run(
+            self.transition, self.transition.init_state(w0), hparams, inner_batch,
+            start=0, num_steps=self.steps, max_steps=self.steps,
+        )
+        return final.params
+
+    def compute(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None) -> HypergradientResult:
+        """Builds the estimator's ops in the current graph and returns its result."""
+        params = _as_tensors(params, "params")
+        hparams = tf.nest.map_structure(tf.identity, _as_tensors(hparams, "hparams"))
+        self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch)
+        T = self.steps
+        if self.estimator in ("reverse", "checkpointed"):
+            out = reverse_hypergradient(
+                self.transition, params, hparams, inner_batch, outer_batch,
+                steps=T, truncate=self.truncate,
+                checkpoint_segment=self._checkpoint_segment() if self.estimator == "checkpointed" else None,
+            )
+        elif self.estimator == "forward":
+            out = forward_hypergradient(self.transition, params, hparams, inner_batch, outer_batch, steps=T)
+        else:
+            out = implicit_hypergradient(
+                self.transition, params, hparams, inner_batch, outer_batch, steps=T,
+                iterations=self.truncate, solver="cg" if self.estimator == "implicit_cg" else "neumann",
+            )
+        marker = out.nonfinite_step
+        marker = earliest_nonfinite(marker, tf.where(tf.math.is_finite(out.outer_value), -1, T))
+        grads_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in out.hypergrad])
+        marker = earliest_nonfinite(marker, tf.where(grads_finite, -1, T + 1))
+        hypergrad = tf.nest.pack_sequence_as(hparams, out.hypergrad)
+        return HypergradientResult(out.outer_value, hypergrad, out.final_params, marker)
+
+    # -- helpers ----------------------------------------------------------------------
+    def _checkpoint_segment(self) -> int:
+        return self.checkpoint_every or max(1, math.ceil(math.sqrt(self.truncate)))
+
+    def _check_every_hparam_reaches_outer(self, params, hparams, inner_batch, outer_batch) -> None:
+        """Trace-time probe through Ξ0, one step and f: a leaf with no path to f is a mistake.
+        (Its ops have no consumer, so they are pruned from the compiled function.)"""
+        flat_hp = tf.nest.flatten(hparams)
+        with tf.GradientTape() as tape:
+            tape.watch(flat_hp)
+            w0 = self.problem.initial_params(params, hparams)
+            state, _ = self.transition(self.transition.init_state(w0), hparams, tf.constant(0), inner_batch)
+            value = self.problem.outer(state.params, hparams, outer_batch)
+        grads = tape.gradient(value, flat_hp)
+        unreached = [name for name, g in zip(leaf_names(hparams, "hparams"), grads) if g is None]
+        if unreached:
+            raise ValueError(
+                f"{', '.join(unreached)} not reached by the losses: neither inner_loss, the inner "
+                "learning rate, init_params nor outer_loss depends on it, so its hypergradient would "
+                "be silently zero. Use it in one of them or remove it from hparams."
+            )
+
+    def _describe_nonfinite(self, step: int) -> str:
+        T = self.steps
+        if step < T:
+            return (
+                f"inner_loss became non-finite (NaN/Inf) at inner step {step} of steps={T}: the inner "
+                "optimization diverged. Lower the inner learning rate, or check inputs for NaN/Inf."
+            )
+        if step == T:
+            return f"outer_loss is non-finite (NaN/Inf) at w_T (after steps={T}); check outer_loss and its data."
+        return "the hypergradient is non-finite (NaN/Inf) although the losses are finite."
+
+    def _raise_if_nonfinite(self, step: int) -> None:
+        if step >= 0:
+            raise NonFiniteError(self._describe_nonfinite(step))
+
+    def _nonfinite_message_graph(self) -> str:
+        return (
+            "tf_bilevel: non-finite value in the bilevel computation; nonfinite_step < steps is the "
+            f"inner step where inner_loss became NaN/Inf, {self.steps} means outer_loss, "
+            f"{self.steps + 1} the hypergradient"
+        )
+
+
+def hypergradient_fn(
+    inner_loss: Callable[..., tf.Tensor],
+    outer_loss: Callable[..., tf.Tensor],
+    *,
+    steps: int,
+    learning_rate: Optional[LearningRate] = None,
+    inner_optimizer: Optional[InnerOptimizer] = None,
+    truncate: Optional[int] = None,
+    estimator: str = "reverse",
+    jit_compile: bool = True,
+    init_params: Optional[Callable[[Any, Any], Any]] = None,
+    checkpoint_every: Optional[int] = None,
+    check_numerics: bool = True,
+) -> Hypergradient:
+    """Builds a compiled estimator of d_λ f(ŵ(λ), λ), ŵ = w_T after `steps` inner steps.
+
+    Args:
+      inner_loss: g(params, hparams[, inner_batch]) -> scalar.
+      outer_loss: f(params, hparams[, outer_batch]) -> scalar (may depend on hparams: ∇λf ≠ 0).
+      steps: T, the number of inner optimization steps.
+      learning_rate: γ for plain gradient descent: a number, a schedule `step -> γ`, or
+        `(step, hparams) -> γ` to learn it. Exactly one of learning_rate / inner_optimizer.
+      inner_optimizer: a `tf_bilevel.sgd/momentum/adam(...)` update rule.
+      truncate: K. "reverse"/"checkpointed": back-propagate through the last K steps only
+        (K-RMD, Eq. 8); None means K = T (full RMD, Eq. 6). "implicit_cg"/"neumann": the
+        number of CG iterations / Neumann terms (default T).
+      estimator: "reverse" | "checkpointed" | "forward" (FMD, Eq. 7) | "implicit_cg" |
+        "neumann" (Eq. 11 at w_T, Eq. 12).
+      jit_compile: compile with XLA.
+      init_params: optional w0 = Ξ0(params, hparams), e.g. a learned initialization (B0 term).
+      checkpoint_every: states per recomputed segment for "checkpointed" (default ⌈√K⌉).
+      check_numerics: raise `NonFiniteError` naming the inner step where a loss became NaN/Inf.
+
+    Returns:
+      A `Hypergradient`; `hg(params, hparams[, inner_batch, outer_batch])` returns
+      `(outer_value, hypergrad)` with hypergrad structured like hparams.
+    """
+    steps = _require_positive_int(steps, "steps", "the number T of inner steps")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if truncate is None:
+        truncate = steps
+    else:
+        truncate = _require_positive_int(truncate, "truncate", "K, the number of steps to back-propagate through")
+        if truncate > steps:
+            raise ValueError(
+                f"truncate={truncate} is larger than steps={steps}: K-RMD back-propagates through the "
+                f"last K of the T inner steps, so 1 <= truncate <= steps. Use truncate=None for full RMD."
+            )
+    if estimator == "forward" and truncate != steps:
+        raise ValueError("estimator='forward' computes the exact hypergradient: leave truncate=None")
+    if checkpoint_every is not None:
+        if estimator != "checkpointed":
+            raise ValueError("checkpoint_every only applies to estimator='checkpointed'")
+        _require_positive_int(checkpoint_every, "checkpoint_every", "states per recomputed segment")
+    if (learning_rate is None) == (inner_optimizer is None):
+        raise ValueError(
+            "pass exactly one of learning_rate= (plain gradient descent) or inner_optimizer= "
+            "(e.g. tf_bilevel.momentum(0.1))"
+        )
+    optimizer = sgd(learning_rate) if inner_optimizer is None else inner_optimizer
+    if not isinstance(optimizer, InnerOptimizer):
+        raise TypeError(f"inner_optimizer must be a tf_bilevel.InnerOptimizer (sgd/momentum/adam), got {optimizer!r}")
+    if estimator == "neumann" and optimizer.learning_rate is None:
+        raise ValueError(
+            "estimator='neumann' expands (∇ww g)^-1 with the step size γ of plain gradient descent "
+            "(Eq. 12): use learning_rate= or tf_bilevel.sgd(...), not momentum/adam."
+        )
+    return Hypergradient(
+        BilevelProblem(inner_loss, outer_loss, init_params),
+        optimizer,
+        steps=steps,
+        truncate=truncate,
+        estimator=estimator,
+        checkpoint_every=checkpoint_every,
+        jit_compile=bool(jit_compile),
+        check_numerics=check_numerics,
+    )

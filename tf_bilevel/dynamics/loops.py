@@ -1,0 +1,97 @@
+"""Compiled loops over inner steps: `tf.while_loop` with a Python-int `maximum_iterations`
+(required for differentiable loops under XLA), never Python loops over steps."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+from tf_bilevel.dynamics.transition import InnerState, Transition
+
+NO_NONFINITE = -1
+
+
+def earliest_nonfinite(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """The earlier of two 'first non-finite step' markers, where -1 means none."""
+    both = (a >= 0) & (b >= 0)
+    return tf.where(both, tf.minimum(a, b), tf.maximum(a, b))
+
+
+def _mark_nonfinite(marker: tf.Tensor, loss: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    return tf.where((marker < 0) & ~tf.math.is_finite(loss), step, marker)
+
+
+def run(
+    transition: Transition,
+    state: InnerState,
+    hparams: Any,
+    batch: Any,
+    *,
+    start: Any,
+    num_steps: Any,
+    max_steps: int,
+) -> tuple[InnerState, tf.Tensor]:
+    """Applies `num_steps` (≤ `max_steps`) transitions from step `start`, recording no tape.
+
+    Returns the final state and the first step whose inner loss was non-finite (-1 if none).
+    """
+    marker = tf.constant(NO_NONFINITE, tf.int32)
+    if max_steps == 0:
+        return state, marker
+    hparams = tf.nest.map_structure(tf.stop_gradient, hparams)
+    start = tf.convert_to_tensor(start, tf.int32)
+
+    def body(i, state, marker):
+        new_state, loss = transition(state, hparams, start + i, batch)
+        return i + 1, new_state, _mark_nonfinite(marker, loss, start + i)
+
+    _, state, marker = tf.while_loop(
+        lambda i, *_: i < num_steps,
+        body,
+        (tf.constant(0), state, marker),
+        maximum_iterations=max_steps,
+    )
+    return tf.nest.map_structure(tf.stop_gradient, state), marker
+
+
+class Trajectory(NamedTuple):
+    """The states w_start … w_{start+n−1} stored by `run_and_record` (O(M·n) memory)."""
+
+    arrays: list
+    structure: Any
+
+    def read(self, index: tf.Tensor) -> InnerState:
+        return tf.nest.pack_sequence_as(self.structure, [ta.read(index) for ta in self.arrays])
+
+
+def run_and_record(
+    transition: Transition,
+    state: InnerState,
+    hparams: Any,
+    batch: Any,
+    *,
+    start: Any,
+    num_steps: Any,
+    max_steps: int,
+) -> tuple[InnerState, Trajectory, tf.Tensor]:
+    """Like `run`, but also stores the state before each step, for the backward pass."""
+    flat = tf.nest.flatten(state)
+    arrays = [
+        tf.TensorArray(x.dtype, size=max_steps, element_shape=x.shape, clear_after_read=False) for x in flat
+    ]
+    hparams = tf.nest.map_structure(tf.stop_gradient, hparams)
+    start = tf.convert_to_tensor(start, tf.int32)
+
+    def body(i, state, arrays, marker):
+        arrays = [ta.write(i, x) for ta, x in zip(arrays, tf.nest.flatten(state))]
+        new_state, loss = transition(state, hparams, start + i, batch)
+        return i + 1, new_state, arrays, _mark_nonfinite(marker, loss, start + i)
+
+    _, state, arrays, marker = tf.while_loop(
+        lambda i, *_: i < num_steps,
+        body,
+        (tf.constant(0), state, arrays, tf.constant(NO_NONFINITE, tf.int32)),
+        maximum_iterations=max_steps,
+    )
+    return tf.nest.map_structure(tf.stop_gradient, state), Trajectory(arrays, state), marker

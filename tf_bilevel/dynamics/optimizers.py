@@ -1,0 +1,132 @@
+"""Inner optimizers as differentiable update rules on plain tensors.
+
+In the style of optax: an optimizer is a pair of pure functions
+``init(params) -> state`` and ``update(grads, state, params, hparams, step) -> (updates, state)``.
+The optimizer state (momentum, Adam moments) is part of the dynamical system's state, so
+it is back-propagated through exactly like the weights (paper, footnote 2).
+
+A learning rate is one of
+  * a number (constant γ),
+  * a Keras ``LearningRateSchedule`` or any one-argument callable ``step -> γ``,
+  * a two-argument callable ``(step, hparams) -> γ``: γ is computed from the hyperparameters,
+    so it is learned (e.g. ``lambda step, hp: tf.nn.softplus(hp["log_lr"])``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, NamedTuple, Union
+
+import tensorflow as tf
+
+Params = Any
+HParams = Any
+LearningRate = Union[float, Callable[..., Any]]
+
+
+class InnerOptimizer(NamedTuple):
+    """A differentiable inner update rule. ``learning_rate`` is kept for the Neumann estimator."""
+
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Params, HParams, tf.Tensor], tuple[Params, Any]]
+    learning_rate: LearningRate | None = None
+
+
+def _num_positional_args(fn: Callable[..., Any]) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return 2
+    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
+
+
+def resolve_learning_rate(learning_rate: LearningRate, step: tf.Tensor, hparams: HParams) -> Any:
+    """γ_t for inner step ``step`` (0-based): a scalar tensor, or the number itself if constant
+    (kept as a Python number so float64 problems are not rounded through float32)."""
+    if not callable(learning_rate):
+        return learning_rate
+    if _num_positional_args(learning_rate) >= 2:
+        return tf.convert_to_tensor(learning_rate(step, hparams))
+    return tf.convert_to_tensor(learning_rate(step))
+
+
+def cast_scalar(value: Any, dtype: tf.DType) -> tf.Tensor:
+    """A number or tensor as `dtype`, without a float32 detour for Python numbers."""
+    if isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(value, "dtype"):
+        return tf.cast(value, dtype)
+    return tf.constant(value, dtype)
+
+
+def _scaled(lr: Any, tree: Params) -> Params:
+    return tf.nest.map_structure(lambda x: -cast_scalar(lr, x.dtype) * x, tree)
+
+
+def sgd(learning_rate: LearningRate) -> InnerOptimizer:
+    """Gradient descent: w_{t+1} = w_t − γ_t ∇w g(w_t, λ) (the transition of Prop. 3.1)."""
+
+    def init(params: Params) -> tuple:
+        return ()
+
+    def update(grads, state, params, hparams, step):
+        return _scaled(resolve_learning_rate(learning_rate, step, hparams), grads), state
+
+    return InnerOptimizer(init, update, learning_rate)
+
+
+def momentum(learning_rate: LearningRate, beta: float = 0.9, nesterov: bool = False) -> InnerOptimizer:
+    """Heavy-ball momentum: v ← βv + g, w ← w − γv (Nesterov: w ← w − γ(g + βv))."""
+
+    def init(params: Params) -> Params:
+        return tf.nest.map_structure(tf.zeros_like, params)
+
+    def update(grads, velocity, params, hparams, step):
+        velocity = tf.nest.map_structure(lambda v, g: beta * v + g, velocity, grads)
+        direction = (
+            tf.nest.map_structure(lambda g, v: g + beta * v, grads, velocity) if nesterov else velocity
+        )
+        return _scaled(resolve_learning_rate(learning_rate, step, hparams), direction), velocity
+
+    return InnerOptimizer(init, update)
+
+
+class AdamState(NamedTuple):
+    mu: Params
+    nu: Params
+
+
+def adam(
+    learning_rate: LearningRate,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 1e-12,
+) -> InnerOptimizer:
+    """Adam with bias correction; ``eps_root`` inside the square root keeps the second-order
+    terms finite where a gradient entry is exactly zero (d√ν/dν is infinite at ν = 0)."""
+    if eps_root <= 0:
+        raise ValueError(
+            f"adam(eps_root={eps_root}): eps_root must be > 0, otherwise hypergradients through "
+            "Adam are NaN wherever a gradient entry is zero. Use e.g. eps_root=1e-12."
+        )
+
+    def init(params: Params) -> AdamState:
+        zeros = tf.nest.map_structure(tf.zeros_like, params)
+        return AdamState(mu=zeros, nu=tf.nest.map_structure(tf.zeros_like, params))
+
+    def update(grads, state, params, hparams, step):
+        mu = tf.nest.map_structure(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, grads)
+        nu = tf.nest.map_structure(lambda v, g: b2 * v + (1.0 - b2) * tf.square(g), state.nu, grads)
+        lr = resolve_learning_rate(learning_rate, step, hparams)
+
+        def leaf_update(m, v):
+            count = tf.cast(step + 1, m.dtype)
+            m_hat = m / (1.0 - tf.pow(tf.cast(b1, m.dtype), count))
+            v_hat = v / (1.0 - tf.pow(tf.cast(b2, m.dtype), count))
+            return -cast_scalar(lr, m.dtype) * m_hat / (tf.sqrt(v_hat + eps_root) + eps)
+
+        return tf.nest.map_structure(leaf_update, mu, nu), AdamState(mu, nu)
+
+    return InnerOptimizer(init, update)

@@ -1,0 +1,53 @@
+"""One inner step Ξ_{t+1}(w_t, λ) (Eq. 4): the inner optimizer applied to ∇w g."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+from tf_bilevel._tree import leaf_names
+from tf_bilevel.dynamics.optimizers import InnerOptimizer
+from tf_bilevel.problem import BilevelProblem
+
+
+class InnerState(NamedTuple):
+    """The state of the dynamical system: weights w_t and optimizer state (momentum, moments)."""
+
+    params: Any
+    opt_state: Any
+
+
+class Transition:
+    """Ξ_{t+1}: maps (w_t, opt_state_t) to (w_{t+1}, opt_state_{t+1}) for a given λ."""
+
+    def __init__(self, problem: BilevelProblem, optimizer: InnerOptimizer):
+        self.problem = problem
+        self.optimizer = optimizer
+
+    def init_state(self, params: Any) -> InnerState:
+        return InnerState(params, self.optimizer.init(params))
+
+    def __call__(self, state: InnerState, hparams: Any, step: tf.Tensor, batch: Any = None):
+        """Returns (next state, g(w_t, λ)). The inner tape is what makes B_t, A_t second-order."""
+        params = state.params
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss = self.problem.inner(params, hparams, batch)
+        grads = tape.gradient(loss, params)
+        flat_grads = tf.nest.flatten(grads)
+        flat_params = tf.nest.flatten(params)
+        if all(g is None for g in flat_grads):
+            raise ValueError(
+                "inner_loss does not depend on params: its gradient with respect to every leaf of "
+                "params is None. Compute the inner loss from the `params` argument."
+            )
+        grads = tf.nest.pack_sequence_as(
+            params, [tf.zeros_like(p) if g is None else g for g, p in zip(flat_grads, flat_params)]
+        )
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, params, hparams, step)
+        for name, u, p in zip(leaf_names(params, "params"), tf.nest.flatten(updates), flat_params):
+            if not u.shape.is_compatible_with(p.shape):
+                raise ValueError(f"inner optimizer returned an update of shape {u.shape} for {name} of shape {p.shape}")
+        new_params = tf.nest.map_structure(lambda p, u: p + tf.cast(u, p.dtype), params, updates)
+        return InnerState(new_params, opt_state), loss

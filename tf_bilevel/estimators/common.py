@@ -1,0 +1,69 @@
+"""Pieces shared by the hypergradient estimators: ∇f at w_T and one step's VJP (A_t, B_t)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+from tf_bilevel._tree import fill_none_with_zeros
+from tf_bilevel.dynamics.transition import InnerState, Transition
+from tf_bilevel.problem import BilevelProblem
+
+
+class EstimatorOutput(NamedTuple):
+    outer_value: tf.Tensor
+    hypergrad: list  # flat, in tf.nest order of hparams
+    final_params: Any
+    nonfinite_step: tf.Tensor
+
+
+def internal_copy(structure: Any) -> Any:
+    """tf.identity of every leaf: inside a loop body this turns captured outer tensors into
+    tensors of the body's graph, which a tape created in the body can watch."""
+    return tf.nest.map_structure(tf.identity, structure)
+
+
+def outer_value_and_grads(
+    problem: BilevelProblem, params: Any, hparams: Any, batch: Any
+) -> tuple[tf.Tensor, list, list]:
+    """f(w_T, λ), α_T = ∇w f and h_T = ∇λ f (the initial conditions of Eq. 6), flat."""
+    flat_w, flat_hp = tf.nest.flatten(params), tf.nest.flatten(hparams)
+    with tf.GradientTape() as tape:
+        tape.watch(flat_w)
+        tape.watch(flat_hp)
+        value = problem.outer(params, hparams, batch)
+    grad_w, grad_hp = tape.gradient(value, (flat_w, flat_hp))
+    return value, fill_none_with_zeros(grad_w, flat_w), fill_none_with_zeros(grad_hp, flat_hp)
+
+
+def state_cotangent(params_cotangent: list, state: InnerState) -> list:
+    """α for the whole state: ∇w f for the weights, zero for the optimizer state."""
+    opt_leaves = tf.nest.flatten(state.opt_state)
+    return list(params_cotangent) + [tf.zeros_like(x) for x in opt_leaves]
+
+
+def step_vjp(
+    transition: Transition, state: InnerState, hparams: Any, step: tf.Tensor, batch: Any, alpha: list
+) -> tuple[list, list]:
+    """(A_t α, B_t α) for the transition from `state` at `step` (one term of Eq. 6)."""
+    state, hparams = internal_copy(state), internal_copy(hparams)
+    flat_state, flat_hp = tf.nest.flatten(state), tf.nest.flatten(hparams)
+    with tf.GradientTape() as tape:
+        tape.watch(flat_state)
+        tape.watch(flat_hp)
+        new_state, _ = transition(state, hparams, step, batch)
+    d_state, d_hp = tape.gradient(tf.nest.flatten(new_state), (flat_state, flat_hp), output_gradients=alpha)
+    return fill_none_with_zeros(d_state, flat_state), fill_none_with_zeros(d_hp, flat_hp)
+
+
+def init_vjp(problem: BilevelProblem, params: Any, hparams: Any, params_cotangent: list) -> list:
+    """B0 α_0, the λ-gradient through the initial condition w0 = Ξ0(λ) (recomputed, it is cheap)."""
+    flat_hp = tf.nest.flatten(hparams)
+    if problem.init_params is None:
+        return [tf.zeros_like(x) for x in flat_hp]
+    with tf.GradientTape() as tape:
+        tape.watch(flat_hp)
+        w0 = problem.initial_params(params, hparams)
+    grads = tape.gradient(tf.nest.flatten(w0), flat_hp, output_gradients=params_cotangent)
+    return fill_none_with_zeros(grads, flat_hp)
