@@ -7,9 +7,16 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_bilevel.dynamics.optimizers import cast_scalar
+
+
+def _to_float64(x: Any) -> tf.Tensor:
+    """x as float64; Python numbers are converted directly (tf.cast would round them to float32 first)."""
+    return cast_scalar(x, tf.float64)
+
 
 def _flat_vector(tree: Any) -> tf.Tensor:
-    leaves = [tf.reshape(tf.cast(x, tf.float64), [-1]) for x in tf.nest.flatten(tree)]
+    leaves = [tf.reshape(_to_float64(x), [-1]) for x in tf.nest.flatten(tree)]
     return tf.concat(leaves, axis=0)
 
 
@@ -42,8 +49,8 @@ def truncation_bound(
     """Eq. 10 (g globally α-strongly convex, γ ≤ 1/β):
     ‖h_{T−K} − d_λ f‖ ≤ (1 − γα)^K / (γα) · ‖∇_ŵ f‖ · M_B."""
     ga = tf.constant(learning_rate * strong_convexity, tf.float64)
-    k = tf.cast(truncate, tf.float64)
-    return tf.pow(1.0 - ga, k) / ga * tf.cast(outer_grad_norm, tf.float64) * tf.cast(max_b_norm, tf.float64)
+    k = _to_float64(truncate)
+    return tf.pow(1.0 - ga, k) / ga * _to_float64(outer_grad_norm) * _to_float64(max_b_norm)
 
 
 def local_truncation_bound(
@@ -51,11 +58,11 @@ def local_truncation_bound(
 ) -> tf.Tensor:
     """Eq. 9 (g only locally α-strongly convex around w_{T−K−1} … w_T):
     ‖h_{T−K} − d_λ f‖ ≤ 2^{T−K+1} (1 − γα)^K ‖∇_ŵ f‖ M_B."""
-    k = tf.cast(truncate, tf.float64)
+    k = _to_float64(truncate)
     ga = tf.constant(learning_rate * strong_convexity, tf.float64)
     return (
         tf.pow(tf.constant(2.0, tf.float64), steps - k + 1.0)
         * tf.pow(1.0 - ga, k)
-        * tf.cast(outer_grad_norm, tf.float64)
-        * tf.cast(max_b_norm, tf.float64)
+        * _to_float64(outer_grad_norm)
+        * _to_float64(max_b_norm)
     )

@@ -17,6 +17,7 @@ start=$(date +%s)
 
 if ! command -v bazel >/dev/null; then
   echo "bazel_test: installing Debian's bazel-bootstrap"
+  apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bazel-bootstrap >/dev/null
   echo "bazel_test: install took $(( $(date +%s) - start )) s"
 fi

@@ -123,8 +123,9 @@ def adam(
 
         def leaf_update(m, v):
             count = tf.cast(step + 1, m.dtype)
-            m_hat = m / (1.0 - tf.pow(tf.cast(b1, m.dtype), count))
-            v_hat = v / (1.0 - tf.pow(tf.cast(b2, m.dtype), count))
+            # cast_scalar, not tf.cast: tf.cast(0.9, tf.float64) rounds 0.9 through float32
+            m_hat = m / (1.0 - tf.pow(cast_scalar(b1, m.dtype), count))
+            v_hat = v / (1.0 - tf.pow(cast_scalar(b2, m.dtype), count))
             return -cast_scalar(lr, m.dtype) * m_hat / (tf.sqrt(v_hat + eps_root) + eps)
 
         return tf.nest.map_structure(leaf_update, mu, nu), AdamState(mu, nu)
