@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -84,8 +85,12 @@ class Hypergradient:
         self.checkpoint_every = checkpoint_every
         self.check_numerics = check_numerics
         self.jit_compile = jit_compile
-        self._compiled = tf.function(self.compute, jit_compile=jit_compile)
-        self._compiled_solve = tf.function(self.solve_uncompiled, jit_compile=jit_compile)
+        # partial, not the bound method: TF counts traces per code object, so bound methods of
+        # several estimators would trigger a spurious "excessive retracing" warning.
+        self._compiled = tf.function(functools.partial(Hypergradient.compute, self), jit_compile=jit_compile)
+        self._compiled_solve = tf.function(
+            functools.partial(Hypergradient.solve_uncompiled, self), jit_compile=jit_compile
+        )
 
     # -- eager entry points -------------------------------------------------------------
     def __call__(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None):

@@ -1,0 +1,67 @@
+"""Small matplotlib helpers shared by the experiment programs (Agg backend: no display).
+
+The figures of the paper compare runs that differ only in the truncation depth K, so the
+helpers give every K the same color in every figure of a program (full RMD in black).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # the programs run headless (CI, servers): never open a window.
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plt", "save_figure", "semilogy_curves", "truncation_colors", "truncation_label"]
+
+
+def truncation_colors(truncations: Sequence[int], steps: int) -> dict[int, tuple]:
+    """One color per K (viridis, small K dark), black for K = T (full RMD)."""
+    partial = sorted(k for k in set(truncations) if k < steps)
+    cmap = plt.get_cmap("viridis")
+    colors = {k: cmap(0.85 * i / max(1, len(partial) - 1)) for i, k in enumerate(partial)}
+    if steps in truncations:
+        colors[steps] = (0.0, 0.0, 0.0, 1.0)
+    return colors
+
+
+def truncation_label(truncate: int, steps: int) -> str:
+    """Legend label: "K=5" or "K=100 (full RMD)"."""
+    return f"K={truncate} (full RMD)" if truncate >= steps else f"K={truncate}"
+
+
+def semilogy_curves(
+    ax,
+    curves: Mapping[str, Sequence[float]],
+    *,
+    x: Optional[Sequence[float]] = None,
+    colors: Optional[Mapping[str, tuple]] = None,
+    xlabel: str = "",
+    ylabel: str = "",
+    title: str = "",
+) -> None:
+    """Plots each named curve on a log y-axis. Non-positive or non-finite values (e.g. an error
+    that is exactly 0) cannot be shown on a log axis and are left out rather than clipped."""
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=np.float64)
+        xs = np.arange(1, len(values) + 1) if x is None else np.asarray(x, dtype=np.float64)
+        keep = np.isfinite(values) & (values > 0)
+        color = None if colors is None else colors.get(name)
+        ax.semilogy(xs[keep], values[keep], label=name, color=color, lw=1.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def save_figure(fig, path: str, dpi: int = 130) -> str:
+    """Writes `fig` as PNG to `path` (creating its folder), closes it, returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
