@@ -7,8 +7,27 @@ from tf_bilevel.dynamics.optimizers import InnerOptimizer, adam, momentum, sgd
 
 __version__ = "0.1.0"
 
+# The Keras integration is imported on first use, so that `import tf_bilevel` stays light.
+_KERAS_EXPORTS = {
+    "BilevelTrainer": "tf_bilevel.keras.trainer",
+    "LegacyBilevelTrainer": "tf_bilevel.keras.legacy",
+    "Hyperparameter": "tf_bilevel.keras.reparam",
+}
+
+
+def __getattr__(name):
+    if name in _KERAS_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_KERAS_EXPORTS[name]), name)
+    raise AttributeError(f"module 'tf_bilevel' has no attribute {name!r}")
+
+
 __all__ = [
+    "BilevelTrainer",
     "ESTIMATORS",
+    "Hyperparameter",
+    "LegacyBilevelTrainer",
     "Hypergradient",
     "HypergradientResult",
     "InnerOptimizer",

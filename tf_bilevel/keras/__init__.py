@@ -1,0 +1,20 @@
+"""Keras integration: `BilevelTrainer` (Keras 3), `LegacyBilevelTrainer` (tf-keras),
+`Hyperparameter` reparametrizations, second-order-safe losses and SavedModel export.
+
+`tf_bilevel.keras.legacy` (tf-keras) is imported only on first use.
+"""
+
+from tf_bilevel.keras import losses
+from tf_bilevel.keras.export import export_hyper_model
+from tf_bilevel.keras.reparam import TRANSFORMS, Hyperparameter
+from tf_bilevel.keras.trainer import BilevelTrainer
+
+__all__ = ["BilevelTrainer", "Hyperparameter", "LegacyBilevelTrainer", "TRANSFORMS", "export_hyper_model", "losses"]
+
+
+def __getattr__(name):
+    if name == "LegacyBilevelTrainer":
+        from tf_bilevel.keras.legacy import LegacyBilevelTrainer
+
+        return LegacyBilevelTrainer
+    raise AttributeError(f"module 'tf_bilevel.keras' has no attribute {name!r}")

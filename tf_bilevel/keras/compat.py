@@ -1,0 +1,79 @@
+"""Which Keras a layer belongs to, and how to call it on plain weight tensors.
+
+The inner loop threads the weights w_t through `tf.while_loop` as tensors, so the inner
+model must be called *functionally* on given weight values: Keras 3 provides this as
+`Layer.stateless_call`; tf-keras (Keras 2) gets a small shim in `legacy.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+KERAS3 = "keras3"
+TF_KERAS = "tf_keras"
+
+_PACKAGE_NAMES = {KERAS3: "Keras 3 (`import keras`)", TF_KERAS: "tf-keras (Keras 2: `import tf_keras` or tf.keras with TF_USE_LEGACY_KERAS=1)"}
+_TRAINER_FOR = {KERAS3: "tf_bilevel.BilevelTrainer", TF_KERAS: "tf_bilevel.LegacyBilevelTrainer"}
+
+
+def keras_flavor(obj: Any) -> Optional[str]:
+    """KERAS3, TF_KERAS or None, from the modules of the object's classes."""
+    for cls in type(obj).__mro__:
+        module = getattr(cls, "__module__", "") or ""
+        if module.startswith("tf_keras"):
+            return TF_KERAS
+        if module == "keras" or module.startswith("keras."):
+            return KERAS3
+    return None
+
+
+def require_layer(obj: Any, argument: str, flavor: str) -> None:
+    """A clear error for a non-layer, or a layer of the other Keras."""
+    actual = keras_flavor(obj)
+    if actual is None or not hasattr(type(obj), "trainable_weights"):
+        raise TypeError(f"{argument} must be a Keras layer or model ({_PACKAGE_NAMES[flavor]}), got {obj!r}")
+    if actual != flavor:
+        raise TypeError(
+            f"{argument} is a {_PACKAGE_NAMES[actual]} layer, but {_TRAINER_FOR[flavor]} works with "
+            f"{_PACKAGE_NAMES[flavor]} layers. Either build the model with {_PACKAGE_NAMES[flavor].split(' (')[0]}, "
+            f"or use {_TRAINER_FOR[actual]}."
+        )
+
+
+def accepts_training(layer: Any) -> bool:
+    try:
+        return "training" in inspect.signature(layer.call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Keras3Calls:
+    """Functional calls of Keras 3 layers (`stateless_call`)."""
+
+    flavor = KERAS3
+    first_replica_aggregation = "only_first_replica"
+
+    @staticmethod
+    def metrics_module():
+        import keras
+
+        return keras.metrics
+
+    @staticmethod
+    def optimizer_built(optimizer: Any) -> bool:
+        return bool(optimizer.built)
+
+    @staticmethod
+    def trainable(layer: Any) -> list:
+        return list(layer.trainable_variables)
+
+    @staticmethod
+    def non_trainable(layer: Any) -> list:
+        return list(layer.non_trainable_variables)
+
+    @staticmethod
+    def call(layer: Any, trainable_values: list, non_trainable_values: list, x: Any, training: bool):
+        """Returns (outputs, updated non-trainable values); the layer's variables are untouched."""
+        kwargs = {"training": training} if accepts_training(layer) else {}
+        return layer.stateless_call(list(trainable_values), list(non_trainable_values), x, **kwargs)

@@ -1,0 +1,164 @@
+"""The tf-keras (Keras 2) path: `LegacyBilevelTrainer`, a `tf_keras.Model`.
+
+Same behaviour and arguments as `tf_bilevel.BilevelTrainer`. tf-keras has no
+`stateless_call`, so `LegacyCalls` calls a layer on given weight tensors by temporarily
+substituting the attributes that hold its variables (`layer.kernel`, `layer.moving_mean`,
+…) for the duration of one call. Non-trainable variables are replaced by holders that
+record `assign`/`assign_sub` instead of performing them (so BatchNorm's moving-statistics
+updates become returned values, exactly like Keras 3's `stateless_call`). Layers that keep
+their variables in containers rather than attributes are not supported (a clear error).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import tensorflow as tf
+
+from tf_bilevel.keras.compat import TF_KERAS, accepts_training
+from tf_bilevel.keras.reparam import Hyperparameter
+from tf_bilevel.keras.trainer_base import BilevelTrainerMixin
+
+import tf_keras
+
+
+class _StateHolder:
+    """Stands in for a non-trainable variable during a functional call: reads give the
+    current value, assignments update the holder only (returned as the new state)."""
+
+    def __init__(self, variable: Any, value: tf.Tensor):
+        self.variable = variable
+        self.value = tf.convert_to_tensor(value)
+        self.dtype = variable.dtype
+        self.shape = variable.shape
+        self.name = variable.name
+        self.trainable = False
+
+    def assign(self, value, name=None, read_value=True):
+        self.value = tf.cast(tf.convert_to_tensor(value), self.value.dtype)
+        return self.value
+
+    def assign_sub(self, delta, name=None, read_value=True):
+        return self.assign(self.value - tf.cast(delta, self.value.dtype))
+
+    def assign_add(self, delta, name=None, read_value=True):
+        return self.assign(self.value + tf.cast(delta, self.value.dtype))
+
+    def read_value(self):
+        return self.value
+
+
+tf.register_tensor_conversion_function(
+    _StateHolder, lambda holder, dtype=None, name=None, as_ref=False: tf.cast(holder.value, dtype or holder.value.dtype)
+)
+
+
+def _attribute_slots(model: Any, variables: list) -> list:
+    """For each variable, the (layer, attribute name) pairs that hold it."""
+    wanted = {id(v): i for i, v in enumerate(variables)}
+    slots: list = [[] for _ in variables]
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for name, value in list(vars(layer).items()):
+            if isinstance(value, tf.Variable) and id(value) in wanted:
+                slots[wanted[id(value)]].append((layer, name))
+    for variable, found in zip(variables, slots):
+        if not found:
+            raise ValueError(
+                f"tf-keras layer weight {variable.name!r} of {model.name!r} is not held in a layer attribute, "
+                "so the tf-keras path cannot call the layer on given weight values. Use built-in layers (Dense, "
+                "Conv2D, BatchNormalization, …) or Keras 3 (tf_bilevel.BilevelTrainer, which uses stateless_call)."
+            )
+    return slots
+
+
+class LegacyCalls:
+    """Functional calls of tf-keras layers by attribute substitution."""
+
+    flavor = TF_KERAS
+    first_replica_aggregation = tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+    @staticmethod
+    def metrics_module():
+        return tf_keras.metrics
+
+    @staticmethod
+    def optimizer_built(optimizer: Any) -> bool:
+        if not hasattr(optimizer, "_build_index_dict"):  # tf_keras.optimizers.legacy.*: lazy slots
+            return True
+        return bool(getattr(optimizer, "_built", False))
+
+    @staticmethod
+    def trainable(layer: Any) -> list:
+        return list(layer.trainable_variables)
+
+    @staticmethod
+    def non_trainable(layer: Any) -> list:
+        return list(layer.non_trainable_variables)
+
+    @staticmethod
+    def call(layer: Any, trainable_values: list, non_trainable_values: list, x: Any, training: bool):
+        trainable = LegacyCalls.trainable(layer)
+        non_trainable = LegacyCalls.non_trainable(layer)
+        if len(trainable_values) != len(trainable) or len(non_trainable_values) != len(non_trainable):
+            raise ValueError(f"{layer.name}: expected {len(trainable)}+{len(non_trainable)} weight values")
+        holders = [_StateHolder(v, value) for v, value in zip(non_trainable, non_trainable_values)]
+        replacements = [tf.convert_to_tensor(t) for t in trainable_values] + holders
+        slots = _attribute_slots(layer, trainable + non_trainable)
+        originals = [[(owner, name, getattr(owner, name)) for owner, name in found] for found in slots]
+        try:
+            for found, replacement in zip(slots, replacements):
+                for owner, name in found:
+                    object.__setattr__(owner, name, replacement)  # bypasses tf-keras' weight tracking
+            kwargs = {"training": training} if accepts_training(layer) else {}
+            outputs = layer(x, **kwargs)
+        finally:
+            for restore in originals:
+                for owner, name, original in restore:
+                    object.__setattr__(owner, name, original)
+        return outputs, [h.value for h in holders]
+
+
+class LegacyBilevelTrainer(BilevelTrainerMixin, tf_keras.Model):
+    """`tf_bilevel.BilevelTrainer` for tf-keras (Keras 2) models; same arguments and behaviour."""
+
+    _calls = LegacyCalls
+
+    def __init__(
+        self,
+        inner_model: Any,
+        *,
+        inner_loss: Callable,
+        outer_loss: Callable,
+        steps: int,
+        truncate: Optional[int] = None,
+        estimator: str = "reverse",
+        hyper_model: Any = None,
+        hyperparameters: Optional[dict] = None,
+        inner_regularizer: Optional[Callable] = None,
+        proximal_strength: Optional[float] = None,
+        inner_learning_rate: Union[float, Hyperparameter, Callable] = 0.1,
+        inner_optimizer: Union[str, Callable] = "sgd",
+        inner_init: Union[str, Callable] = "fixed",
+        meta_batch: bool = False,
+        diagnostics_every: Optional[int] = None,
+        on_nonfinite: str = "raise",
+        seed: int = 0,
+        name: Optional[str] = None,
+    ):
+        super().__init__(name=name or "bilevel_trainer")
+        self._init_bilevel(
+            inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps, truncate=truncate,
+            estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
+            inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
+            inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
+            meta_batch=meta_batch, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
+        )
+
+    def export(self, filepath: str, input_signature=None, verbose: bool = True, **kwargs):
+        """Exports the meta-learned hyper model as a SavedModel (see `tf_bilevel.keras.export_hyper_model`)."""
+        from tf_bilevel.keras.export import export_hyper_model
+
+        return export_hyper_model(self, filepath, input_signature=input_signature, verbose=verbose)
+
+
+BilevelTrainer = LegacyBilevelTrainer

@@ -1,0 +1,288 @@
+"""The bilevel problem described with Keras objects, turned into the core's pure functions.
+
+    w  = the trainable weights of `inner_model` (re-initialized or warm-started per task),
+    λ  = the trainable weights of `hyper_model` (e.g. frozen feature layers, appendix G.3)
+         + named `Hyperparameter`s (per-example weights, regularization strengths, …)
+         + optionally the inner learning rate γ, proximal centers/strengths (§4.3) and a
+           learned initialization w0 = Ξ0(λ) (the B0 term of Eq. 5),
+    g(w, λ) = mean inner_loss(y, inner_model(x; w)) + inner_regularizer(w, λ) + Σ_j ρ_j‖w_j − c_j‖²
+    f(w, λ) = mean outer_loss(y, inner_model(x; w))          (on the outer batch)
+
+with x replaced by hyper_model(x; λ) when a hyper model is given. The hyper model is
+applied once per task, outside the inner loop (λ is fixed while w is trained): its outputs
+φ are handed to the core as hyperparameters and d_λ f = (∂φ/∂λ)ᵀ d_φ f by the chain rule.
+Both models run with training=True (BatchNorm normalizes with the statistics of each task's
+batch, as in the paper's Omniglot network); the inner model's updated moving statistics are
+discarded per task.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import numpy as np
+import tensorflow as tf
+
+import tf_bilevel as tfb
+from tf_bilevel.keras.data import Batch
+from tf_bilevel.keras.losses import SECOND_ORDER_HINT
+from tf_bilevel.keras.reparam import Hyperparameter, as_hyperparameter
+
+INNER_INITS = ("fixed", "random", "warm_start", "learned")
+RESERVED_NAMES = ("inner_learning_rate", "centers", "strengths", "init", "features")
+INNER_OPTIMIZERS = {"sgd": tfb.sgd, "momentum": tfb.momentum, "adam": tfb.adam}
+
+
+class CoreBatch(NamedTuple):
+    """What the core passes to the losses: the data and the inner model's non-trainable state."""
+
+    data: Batch
+    inner_state: list
+
+
+def _num_positional_args(fn: Callable) -> int:
+    target = fn.__call__ if not (inspect.isfunction(fn) or inspect.ismethod(fn)) and callable(fn) else fn
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return 2
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
+
+
+def _require_callable(fn: Any, argument: str, signature: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"{argument} must be a callable {signature}, got {fn!r}")
+
+
+def glorot_redraw(values: list, seed: tf.Tensor) -> list:
+    """Fresh Glorot-uniform kernels (rank ≥ 2) from a stateless seed; vectors (biases, BatchNorm
+    γ/β) keep their stored values. Deterministic given `seed` (no RNG state to checkpoint) for a
+    given compilation mode: XLA's stateless RNG kernels draw different numbers than TF's."""
+    out = []
+    for j, value in enumerate(values):
+        shape = value.shape.as_list()
+        if len(shape) < 2:
+            out.append(value)
+            continue
+        receptive = math.prod(shape[:-2]) if len(shape) > 2 else 1
+        fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        leaf_seed = tf.random.experimental.stateless_fold_in(seed, j, alg="philox")
+        # An explicit algorithm: "auto_select" differs between XLA and TF kernels.
+        out.append(tf.random.stateless_uniform(shape, leaf_seed, -limit, limit, dtype=value.dtype, alg="philox"))
+    return out
+
+
+class KerasBilevelProblem:
+    """Validates the Keras description and provides g, f, Ξ0 and γ for `tfb.hypergradient_fn`."""
+
+    def __init__(
+        self,
+        calls: Any,
+        inner_model: Any,
+        inner_loss: Callable,
+        outer_loss: Callable,
+        *,
+        hyper_model: Any = None,
+        hyperparameters: Optional[dict] = None,
+        inner_regularizer: Optional[Callable] = None,
+        proximal_strength: Optional[float] = None,
+        inner_learning_rate: Union[float, Hyperparameter, Callable] = 0.1,
+        inner_optimizer: Union[str, Callable] = "sgd",
+        inner_init: Union[str, Callable] = "fixed",
+    ):
+        self.calls = calls
+        self.inner_model = inner_model
+        self.hyper_model = hyper_model
+        _require_callable(inner_loss, "inner_loss", "(y_true, y_pred[, hparams]) -> per-example losses or scalar")
+        _require_callable(outer_loss, "outer_loss", "(y_true, y_pred[, hparams]) -> per-example losses or scalar")
+        self.inner_loss_fn, self.outer_loss_fn = inner_loss, outer_loss
+        if inner_regularizer is not None:
+            _require_callable(inner_regularizer, "inner_regularizer", "(inner_weights, hparams) -> scalar")
+        self.inner_regularizer = inner_regularizer
+
+        if hyperparameters is None:
+            hyperparameters = {}
+        if not isinstance(hyperparameters, dict) or not all(isinstance(k, str) for k in hyperparameters):
+            raise TypeError(
+                "hyperparameters must be a dict {name: tf_bilevel.Hyperparameter(...) (or a nested list of them)}, "
+                f"got {hyperparameters!r}"
+            )
+        clashes = sorted(set(hyperparameters) & set(RESERVED_NAMES))
+        if clashes:
+            raise ValueError(
+                f"hyperparameters: the names {clashes} are reserved ({', '.join(RESERVED_NAMES)}); rename them."
+            )
+        self.user_specs = {
+            name: tf.nest.map_structure(lambda v, n=name: as_hyperparameter(v, f"hyperparameters[{n!r}]"), value)
+            for name, value in hyperparameters.items()
+        }
+
+        if proximal_strength is not None and not (isinstance(proximal_strength, (int, float)) and proximal_strength > 0):
+            raise ValueError(
+                f"proximal_strength must be a positive number (the initial ρ of Σ_j ρ_j‖w_j − c_j‖²), "
+                f"got {proximal_strength!r}; use None for no proximal term."
+            )
+        self.proximal_strength = proximal_strength
+
+        if isinstance(inner_learning_rate, bool) or not (
+            isinstance(inner_learning_rate, (int, float, Hyperparameter)) or callable(inner_learning_rate)
+        ):
+            raise TypeError(
+                "inner_learning_rate must be a positive number, a tf_bilevel.Hyperparameter (learned γ, e.g. "
+                f"Hyperparameter(0.1, transform='softplus')) or a schedule step -> γ, got {inner_learning_rate!r}"
+            )
+        if isinstance(inner_learning_rate, (int, float)) and not inner_learning_rate > 0:
+            raise ValueError(f"inner_learning_rate must be > 0, got {inner_learning_rate!r}")
+        self.inner_learning_rate = inner_learning_rate
+
+        if isinstance(inner_optimizer, str):
+            if inner_optimizer not in INNER_OPTIMIZERS:
+                raise ValueError(
+                    f"inner_optimizer must be one of {sorted(INNER_OPTIMIZERS)} or a function "
+                    f"learning_rate -> tf_bilevel.InnerOptimizer, got {inner_optimizer!r}"
+                )
+            inner_optimizer = INNER_OPTIMIZERS[inner_optimizer]
+        _require_callable(inner_optimizer, "inner_optimizer", "learning_rate -> tf_bilevel.InnerOptimizer")
+        self.inner_optimizer = inner_optimizer(self._core_learning_rate())
+        if not isinstance(self.inner_optimizer, tfb.InnerOptimizer):
+            raise TypeError(f"inner_optimizer must return a tf_bilevel.InnerOptimizer, got {self.inner_optimizer!r}")
+
+        if not (inner_init in INNER_INITS or callable(inner_init)):
+            raise ValueError(
+                f"inner_init must be one of {INNER_INITS} or a callable (seed, stored_weights) -> weights, "
+                f"got {inner_init!r}"
+            )
+        self.inner_init = inner_init
+
+    # -- structure of λ ---------------------------------------------------------------
+    def check_models(self) -> None:
+        """Called once the models are built: the errors that need their weights."""
+        if not self.calls.trainable(self.inner_model):
+            raise ValueError(
+                f"inner_model {self.inner_model.name!r} has no trainable weights, so there is nothing to "
+                "optimize in the inner problem (is it frozen with trainable=False?). The inner model's "
+                "trainable weights are w; put frozen feature layers in hyper_model instead."
+            )
+        if self.hyper_model is not None and not self.calls.trainable(self.hyper_model):
+            raise ValueError(
+                f"hyper_model {self.hyper_model.name!r} has no trainable weights: its weights are the "
+                "hyperparameters λ, so they must be trainable (set hyper_model.trainable = True), or pass no "
+                "hyper_model."
+            )
+
+    def hyper_specs(self) -> dict:
+        """The Hyperparameter specs of every λ leaf owned by the trainer (not the hyper model)."""
+        specs: dict = {"user": self.user_specs}
+        if isinstance(self.inner_learning_rate, Hyperparameter):
+            specs["inner_learning_rate"] = self.inner_learning_rate
+        inner_weights = _numpy(self.calls.trainable(self.inner_model))
+        if self.proximal_strength is not None:
+            specs["centers"] = [Hyperparameter(w, dtype=w.dtype.name) for w in inner_weights]
+            specs["strengths"] = Hyperparameter(
+                np.full([len(inner_weights)], float(self.proximal_strength)), transform="softplus",
+                dtype=inner_weights[0].dtype.name,
+            )
+        if self.inner_init == "learned":
+            specs["init"] = [Hyperparameter(w, dtype=w.dtype.name) for w in inner_weights]
+        return specs
+
+    def hparams(self, raw: dict, specs: dict, hyper_state: list, task_inner: Batch, task_outer: Batch):
+        """λ as the core sees it, from the raw values (differentiable); also the hyper model's
+        updated non-trainable state (BatchNorm statistics) after its calls on this task."""
+        hp = tf.nest.map_structure(lambda spec, v: spec.value_from_raw(v), specs, {k: raw[k] for k in specs})
+        if self.hyper_model is not None:
+            features_inner, hyper_state = self.calls.call(self.hyper_model, raw["hyper_model"], hyper_state, task_inner.x, True)
+            features_outer, hyper_state = self.calls.call(self.hyper_model, raw["hyper_model"], hyper_state, task_outer.x, True)
+            hp["features"] = {"inner": features_inner, "outer": features_outer}
+        return hp, list(hyper_state)
+
+    # -- the core's g, f, Ξ0, γ -----------------------------------------------------------
+    def predict(self, params: list, hp: dict, batch: CoreBatch, which: str) -> tf.Tensor:
+        x = hp["features"][which] if self.hyper_model is not None else batch.data.x
+        outputs, _ = self.calls.call(self.inner_model, params, batch.inner_state, x, True)
+        return outputs
+
+    def inner_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
+        """g(w, λ)."""
+        y_pred = self.predict(params, hp, batch, "inner")
+        loss = self._user_loss(self.inner_loss_fn, "inner_loss", batch.data, y_pred, hp["user"])
+        if self.inner_regularizer is not None:
+            penalty = tf.convert_to_tensor(self.inner_regularizer(list(params), hp["user"]))
+            if penalty.shape.rank != 0:
+                raise ValueError(f"inner_regularizer must return a scalar, got shape {penalty.shape}")
+            loss = loss + tf.cast(penalty, loss.dtype)
+        if self.proximal_strength is not None:
+            terms = [
+                tf.cast(hp["strengths"][j], loss.dtype) * tf.cast(tf.reduce_sum(tf.square(w - c)), loss.dtype)
+                for j, (w, c) in enumerate(zip(params, hp["centers"]))
+            ]
+            loss = loss + tf.add_n(terms)
+        return loss
+
+    def outer_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
+        """f(w, λ)."""
+        y_pred = self.predict(params, hp, batch, "outer")
+        return self._user_loss(self.outer_loss_fn, "outer_loss", batch.data, y_pred, hp["user"])
+
+    def init_params(self) -> Optional[Callable]:
+        """Ξ0 for the core: the learned initialization, if any (B0 term of Eq. 5)."""
+        if self.inner_init == "learned":
+            return lambda params, hp: list(hp["init"])
+        return None
+
+    def initial_params(self, stored: list, seed: tf.Tensor) -> list:
+        """w0 of one task (before Ξ0): the stored weights, or a deterministic redraw."""
+        if self.inner_init == "random":
+            return glorot_redraw(stored, seed)
+        if callable(self.inner_init):
+            w0 = list(self.inner_init(seed, list(stored)))
+            if len(w0) != len(stored):
+                raise ValueError(f"inner_init returned {len(w0)} tensors for {len(stored)} inner weights")
+            return [tf.cast(tf.reshape(a, b.shape), b.dtype) for a, b in zip(w0, stored)]
+        return list(stored)
+
+    def _core_learning_rate(self):
+        lr = self.inner_learning_rate
+        if isinstance(lr, Hyperparameter):
+            return lambda step, hp: hp["inner_learning_rate"]
+        if callable(lr) and _num_positional_args(lr) >= 2:
+            return lambda step, hp: lr(step, hp["user"])
+        return lr
+
+    def build_hypergradient(self, *, steps: int, truncate: Optional[int], estimator: str, check_numerics: bool):
+        return tfb.hypergradient_fn(
+            self.inner_loss, self.outer_loss, steps=steps, truncate=truncate, estimator=estimator,
+            inner_optimizer=self.inner_optimizer, init_params=self.init_params(), jit_compile=False,
+            check_numerics=check_numerics,
+        )
+
+    # -- helpers ------------------------------------------------------------------------
+    def _user_loss(self, fn: Callable, role: str, data: Batch, y_pred: tf.Tensor, user_hp: dict) -> tf.Tensor:
+        values = fn(data.y, y_pred, user_hp) if _num_positional_args(fn) >= 3 else fn(data.y, y_pred)
+        values = tf.convert_to_tensor(values)
+        if not values.dtype.is_floating:
+            raise TypeError(f"{role} must return floating-point losses, got dtype {values.dtype.name}")
+        if data.weights is not None:
+            if values.shape.rank == 0:
+                raise ValueError(
+                    f"{role} returned a scalar but its batch has sample weights: return one loss per "
+                    "example so that they can be weighted."
+                )
+            weights = tf.cast(data.weights, values.dtype)
+            weights = tf.reshape(weights, [-1] + [1] * (values.shape.rank - 1))
+            values = values * weights  # Keras' "sum_over_batch_size": mean of weighted losses
+        return tf.reduce_mean(values) if values.shape.rank != 0 else values
+
+
+def _numpy(variables: list) -> list:
+    return [np.asarray(tf.convert_to_tensor(v)) for v in variables]
+
+
+def explain_second_order(err: LookupError, role: str = "inner_loss") -> ValueError:
+    return ValueError(f"{role}: {err}. {SECOND_ORDER_HINT}")

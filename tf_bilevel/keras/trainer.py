@@ -1,0 +1,107 @@
+"""`BilevelTrainer`: bilevel optimization (hyperparameter optimization, meta-learning) as a
+Keras 3 model whose `fit` runs hyper-iterations."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import keras
+
+from tf_bilevel.keras.compat import Keras3Calls
+from tf_bilevel.keras.reparam import Hyperparameter
+from tf_bilevel.keras.trainer_base import BilevelTrainerMixin
+
+
+class BilevelTrainer(BilevelTrainerMixin, keras.Model):
+    """A `keras.Model` whose `train_step` is one hyper-iteration of K-RMD (paper §3, Eq. 8).
+
+    Each step takes a dataset element `((x_inner, y_inner), (x_outer, y_outer))` (one task,
+    or a stack of tasks with `meta_batch=True`), runs `steps` inner gradient steps on the
+    weights w of `inner_model` from w0, back-propagates through the last `truncate` of them,
+    and applies the (task-averaged) hypergradient to the hyperparameters λ with the
+    optimizer given to `compile`. `fit`, callbacks, `History`, `evaluate` (inner loop on
+    held-out tasks, outer loss and compiled metrics) and `predict` work as usual.
+
+    Args:
+      inner_model: Keras 3 layer/model; its trainable weights are w, trained per task.
+      inner_loss: `(y_true, y_pred[, hparams]) -> per-example losses (or scalar)`; averaged
+        (weighted by the batch's sample weights). Must be twice differentiable: use
+        `tf_bilevel.keras.losses.sparse_categorical_crossentropy` rather than Keras' fused
+        crossentropy. `hparams` is the dict of named hyperparameter values.
+      outer_loss: same signature, evaluated on the outer batch at w_T (the objective f).
+      steps: T, inner steps per task.
+      truncate: K (K-RMD); None = full RMD.
+      estimator: "reverse" | "checkpointed" | "forward" | "implicit_cg" | "neumann".
+      hyper_model: optional Keras layer mapping inputs to the inner model's inputs; its
+        trainable weights are hyperparameters (e.g. the hyper-representation convs, G.3).
+      hyperparameters: `{name: Hyperparameter(initial, transform=...)}` (or numbers/arrays,
+        or nested lists of them), passed by value to 3-argument losses and the regularizer.
+      inner_regularizer: `(inner_weights: list, hparams: dict) -> scalar` added to g.
+      proximal_strength: if set, adds Σ_j ρ_j‖w_j − c_j‖² to g with learned centers c_j
+        (initialized at the inner model's weights) and ρ_j = softplus(·) > 0 (§4.3).
+      inner_learning_rate: γ: a number, a schedule `step -> γ`, or a `Hyperparameter` to learn
+        it (e.g. `Hyperparameter(0.1, transform="softplus")`).
+      inner_optimizer: "sgd" | "momentum" | "adam" or `lr -> tf_bilevel.InnerOptimizer`.
+      inner_init: w0 per task: "fixed" (the inner model's stored weights, the default),
+        "random" (Glorot-uniform kernels redrawn per task with a stateless seed
+        (seed, meta_step, task)), "warm_start" (the mean w_T of the previous step) or
+        "learned" (w0 is a hyperparameter, MAML-style), or `(seed, stored) -> weights`.
+      meta_batch: every element holds a stack of tasks on axis 0; the hypergradient is their
+        mean (computed in one compiled step with `tf.map_fn`).
+      diagnostics_every: every N steps also compute the full-RMD hypergradient and report
+        `cosine_to_full_rmd` / `relative_error_to_full_rmd` (Figs. 6–7). Costly.
+      on_nonfinite: "raise" (default: `tfb.NonFiniteError` naming the step, λ not updated)
+        or "skip" (skip that update, count it in the `skipped_updates` metric).
+      seed: seed of the per-task stateless RNG.
+
+    Reported metrics: `loss` (outer loss f at w_T), `hypergradient_norm` (‖d_ν f‖ of the raw
+    variables), the compiled metrics on the outer predictions, and the optional diagnostics.
+    Pass `compile(..., jit_compile=True)` for XLA: Keras' default "auto" turns XLA off on
+    CPU-only machines.
+
+    BatchNorm: both models run in training mode (per-task batch statistics). The inner
+    model's moving statistics are discarded per task; the hyper model's moving statistics are
+    updated with the mean over tasks of their training-mode updates, so that exported hyper
+    layers serve in inference mode.
+    """
+
+    _calls = Keras3Calls
+
+    def __init__(
+        self,
+        inner_model: keras.layers.Layer,
+        *,
+        inner_loss: Callable,
+        outer_loss: Callable,
+        steps: int,
+        truncate: Optional[int] = None,
+        estimator: str = "reverse",
+        hyper_model: Optional[keras.layers.Layer] = None,
+        hyperparameters: Optional[dict] = None,
+        inner_regularizer: Optional[Callable] = None,
+        proximal_strength: Optional[float] = None,
+        inner_learning_rate: Union[float, Hyperparameter, Callable] = 0.1,
+        inner_optimizer: Union[str, Callable] = "sgd",
+        inner_init: Union[str, Callable] = "fixed",
+        meta_batch: bool = False,
+        diagnostics_every: Optional[int] = None,
+        on_nonfinite: str = "raise",
+        seed: int = 0,
+        name: Optional[str] = None,
+    ):
+        super().__init__(name=name or "bilevel_trainer")
+        self._init_bilevel(
+            inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps, truncate=truncate,
+            estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
+            inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
+            inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
+            meta_batch=meta_batch, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
+        )
+
+    def export(self, filepath: str, format: str = "tf_saved_model", verbose: bool = True, input_signature=None, **kwargs):
+        """Exports the meta-learned hyper model as a SavedModel (see `tf_bilevel.keras.export_hyper_model`)."""
+        from tf_bilevel.keras.export import export_hyper_model
+
+        if format != "tf_saved_model":
+            raise ValueError(f"BilevelTrainer.export supports format='tf_saved_model' only, got {format!r}")
+        return export_hyper_model(self, filepath, input_signature=input_signature, verbose=verbose)

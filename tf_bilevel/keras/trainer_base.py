@@ -1,0 +1,526 @@
+"""The Keras-flavor-independent half of `BilevelTrainer`: state, train/test/predict steps.
+
+Mixed into `keras.Model` (trainer.py, Keras 3) and `tf_keras.Model` (legacy.py). Its
+`train_step` is one hyper-iteration: for every task of the (per-replica) meta-batch, T inner
+steps and the K-RMD backward pass (through `tfb.hypergradient_fn(...).compute`), the mean
+hypergradient, then `optimizer.apply_gradients` on the hyperparameter variables, the Keras
+way, so that `tf.distribute` all-reduces it across replicas.
+
+All state lives in variables that checkpoints capture: the raw hyperparameters, the outer
+optimizer's slots and iteration count, `meta_step` (the number of hyper-iterations run,
+which seeds the per-task stateless RNG, so a resumed run draws the same w0) and the
+non-finite record.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tf_bilevel import diagnostics
+from tf_bilevel._tree import leaf_names
+from tf_bilevel.api import NonFiniteError
+from tf_bilevel.keras import data as data_lib
+from tf_bilevel.keras.problem import KerasBilevelProblem
+from tf_bilevel.keras.tasks import (
+    StepInputs,
+    TaskEvaluation,
+    TaskHypergradient,
+    TaskPrediction,
+    earliest_marker,
+    first_task,
+    forward_probe,
+    map_tasks,
+)
+
+ON_NONFINITE = ("raise", "skip")
+_TRAIN_ONLY_METRICS = ("hypergradient_norm", "cosine_to_full_rmd", "relative_error_to_full_rmd", "skipped_updates")
+
+
+def _read(variable: Any) -> tf.Tensor:
+    return tf.convert_to_tensor(variable)
+
+
+def _mean_over_tasks(x: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(x, axis=0) if x.dtype.is_floating else x[0]
+
+
+def _merge_task_axis(x: tf.Tensor) -> tf.Tensor:
+    """[tasks, n, ...] -> [tasks·n, ...] (per-example metrics over the whole meta-batch)."""
+    return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], axis=0))
+
+
+def _all_finite(tensors: list) -> tf.Tensor:
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+
+
+def _variable_name(path: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]+", "_", path).strip("_")
+
+
+class BilevelTrainerMixin:
+    """Shared implementation; see `tf_bilevel.BilevelTrainer` for the public documentation."""
+
+    _calls: Any = None  # the flavor's functional-call adapter (compat.Keras3Calls / legacy.LegacyCalls)
+
+    # -- construction ---------------------------------------------------------------------
+    def _init_bilevel(
+        self,
+        inner_model: Any,
+        *,
+        inner_loss: Any,
+        outer_loss: Any,
+        steps: int,
+        truncate: Optional[int],
+        estimator: str,
+        hyper_model: Any,
+        hyperparameters: Optional[dict],
+        inner_regularizer: Any,
+        proximal_strength: Optional[float],
+        inner_learning_rate: Any,
+        inner_optimizer: Any,
+        inner_init: Any,
+        meta_batch: bool,
+        diagnostics_every: Optional[int],
+        on_nonfinite: str,
+        seed: int,
+    ) -> None:
+        from tf_bilevel.keras.compat import require_layer
+
+        require_layer(inner_model, "inner_model", self._calls.flavor)
+        if hyper_model is not None:
+            require_layer(hyper_model, "hyper_model", self._calls.flavor)
+            if hyper_model is inner_model:
+                raise ValueError("hyper_model and inner_model must be different layers (λ and w are disjoint)")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite must be 'raise' (stop with an error naming the step) or 'skip' (skip the "
+                f"hyperparameter update of that step), got {on_nonfinite!r}"
+            )
+        if diagnostics_every is not None and (
+            isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int) or diagnostics_every < 1
+        ):
+            raise ValueError(
+                f"diagnostics_every must be None or a positive int (compare with full RMD every N steps), "
+                f"got {diagnostics_every!r}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be a Python int, got {seed!r}")
+        self.problem = KerasBilevelProblem(
+            self._calls, inner_model, inner_loss, outer_loss,
+            hyper_model=hyper_model, hyperparameters=hyperparameters, inner_regularizer=inner_regularizer,
+            proximal_strength=proximal_strength, inner_learning_rate=inner_learning_rate,
+            inner_optimizer=inner_optimizer, inner_init=inner_init,
+        )
+        # Validates steps / truncate / estimator now, with the core's messages.
+        self.hypergradient = self.problem.build_hypergradient(
+            steps=steps, truncate=truncate, estimator=estimator, check_numerics=False
+        )
+        self.reference_hypergradient = (
+            self.problem.build_hypergradient(steps=steps, truncate=None, estimator="reverse", check_numerics=False)
+            if diagnostics_every is not None
+            else None
+        )
+        self.inner_model = inner_model
+        self.hyper_model = hyper_model
+        self.steps, self.truncate, self.estimator = steps, self.hypergradient.truncate, estimator
+        self.meta_batch = bool(meta_batch)
+        self.diagnostics_every = diagnostics_every
+        self.on_nonfinite = on_nonfinite
+        self.seed = seed
+        self._hyperparameters_created = False
+        self._built_state = _Untracked()  # raw λ variables, specs, names: kept out of Keras' tracking
+
+        first = self._calls.first_replica_aggregation
+        self.meta_step = self.add_weight(
+            name="meta_step", shape=(), dtype="int64", initializer="zeros", trainable=False, aggregation=first
+        )
+        self._nonfinite_at = self.add_weight(
+            name="nonfinite_at", shape=(), dtype="int64", initializer=_constant(-1), trainable=False, aggregation=first
+        )
+        self._nonfinite_code = self.add_weight(
+            name="nonfinite_code", shape=(), dtype="int32", initializer=_constant(-1), trainable=False, aggregation=first
+        )
+        metrics = self._calls.metrics_module()
+        self._loss_metric = metrics.Mean(name="loss")
+        self._norm_metric = metrics.Mean(name="hypergradient_norm")
+        self._diagnostic_metrics = (
+            [metrics.Mean(name="cosine_to_full_rmd"), metrics.Mean(name="relative_error_to_full_rmd")]
+            if diagnostics_every is not None
+            else []
+        )
+        self._skipped_metric = metrics.Sum(name="skipped_updates") if on_nonfinite == "skip" else None
+
+    # -- public helpers -----------------------------------------------------------------
+    @property
+    def hyper_variables(self) -> list:
+        """The raw variables ν of λ that the outer optimizer updates (in tf.nest order of
+        {"hyper_model": ..., named hyperparameters ...})."""
+        self._require_built("hyper_variables")
+        return tf.nest.flatten(self._built_state.raw)
+
+    def hyperparameter_values(self) -> dict:
+        """The current values λ = transform(ν) of the named hyperparameters, plus (if used)
+        "inner_learning_rate", "centers", "strengths" and "init", as tensors."""
+        self._require_built("hyperparameter_values")
+        state = self._built_state
+        raw = {k: v for k, v in state.raw.items() if k != "hyper_model"}
+        values = tf.nest.map_structure(lambda spec, v: spec.value_from_raw(_read(v)), state.specs, raw)
+        user = values.pop("user")
+        return {**user, **values}
+
+    def build_from_spec(self, element_spec: Any) -> None:
+        """Builds the models, the hyperparameter variables, the compiled metrics and the outer
+        optimizer from a dataset's `element_spec` (done automatically by fit/evaluate/predict)."""
+        task = data_lib.parse_task(element_spec)
+        if self.meta_batch:
+            data_lib.num_tasks(task)
+            task = data_lib.unstack_spec(task)
+        # Variables are created in the strategy the trainer was created under (tf.distribute).
+        with self.distribute_strategy.scope():
+            x_inner = data_lib.zeros_like_spec(task.inner.x)
+            features = self.hyper_model(x_inner) if self.hyper_model is not None else x_inner
+            y_pred = self.inner_model(features)  # builds both models (inference mode: no side effects)
+            if not self._hyperparameters_created:
+                self._built_state.input_spec = tf.nest.map_structure(
+                    lambda s: tf.TensorSpec([None] + s.shape.as_list()[1:], s.dtype), task.inner.x
+                )
+                self._create_hyperparameters()
+            if self._compiled_for_metrics():
+                # Builds the compiled metrics here, eagerly: they update inside a tf.cond in train_step,
+                # where variables cannot be created.
+                self.compute_metrics(None, data_lib.zeros_like_spec(task.inner.y), y_pred, None)
+                self.reset_metrics()
+            optimizer = getattr(self, "optimizer", None)
+            if optimizer is not None and not self._calls.optimizer_built(optimizer):
+                optimizer.build(self.hyper_variables)
+        self.built = True
+
+    def build(self, *args, **kwargs) -> None:
+        """Keras' shape-based build does not apply (a trainer consumes whole tasks): it would lock
+        the layer before the hyperparameter variables exist. Use `build_from_spec`."""
+        if not self._hyperparameters_created:
+            self._require_built("build")
+        self.built = True
+
+    @property
+    def export_input_signature(self) -> Optional[list]:
+        """[TensorSpec] of the hyper model's inputs (batch axis None), known once built."""
+        spec = getattr(self._built_state, "input_spec", None)
+        return None if spec is None else list(tf.nest.flatten(spec))
+
+    # -- Keras entry points ----------------------------------------------------------------
+    def fit(self, x=None, *args, **kwargs):
+        self.build_from_spec(data_lib.element_spec_of(x, "fit(x=...)"))
+        kwargs.setdefault("shuffle", False)  # tasks come from a tf.data pipeline (Keras would warn)
+        validation = kwargs.get("validation_data")
+        if validation is not None:
+            data_lib.parse_task(data_lib.element_spec_of(validation, "fit(validation_data=...)"))
+        return super().fit(x, *args, **kwargs)
+
+    def evaluate(self, x=None, *args, **kwargs):
+        self.build_from_spec(data_lib.element_spec_of(x, "evaluate(x=...)"))
+        return super().evaluate(x, *args, **kwargs)
+
+    def predict(self, x=None, *args, **kwargs):
+        spec = data_lib.element_spec_of(x, "predict(x=...)")
+        self.build_from_spec(self._as_task_spec(spec))
+        return super().predict(x, *args, **kwargs)
+
+    def make_train_function(self, force: bool = False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)
+        compiled = self.train_function
+
+        def train_function(iterator):
+            logs = compiled(iterator)
+            self._raise_if_nonfinite()
+            return logs
+
+        self.train_function = train_function
+        return train_function
+
+    @property
+    def metrics(self) -> list:
+        own = [self._loss_metric, self._norm_metric, *self._diagnostic_metrics]
+        if self._skipped_metric is not None:
+            own.append(self._skipped_metric)
+        others = [m for m in super().metrics if all(m is not o for o in own) and m.name != "loss"]
+        return own + others
+
+    # -- steps -----------------------------------------------------------------------------
+    def train_step(self, data):
+        task = data_lib.parse_task(data)
+        inputs = self._step_inputs()
+        step = _read(self.meta_step)
+        with_reference = (
+            tf.equal(step % self.diagnostics_every, 0) if self.diagnostics_every is not None else tf.constant(False)
+        )
+        state = self._built_state
+        task_fn = TaskHypergradient(
+            self.problem, state.specs, state.raw_names, self.hypergradient, self.reference_hypergradient
+        )
+        if self.meta_batch:
+            seeds = self._task_seeds(task, step)
+            signature = task_fn.output_signature(inputs, first_task(task))
+            results = map_tasks(lambda t, s: task_fn(inputs, t, s, with_reference), task, seeds, signature)
+            outer_value = tf.reduce_mean(results.outer_value)
+            grads = [tf.reduce_mean(g, axis=0) for g in results.grads]
+            reference = [tf.reduce_mean(g, axis=0) for g in results.reference]
+            marker = earliest_marker(results.nonfinite_step)
+            hyper_state = [_mean_over_tasks(x) for x in results.hyper_state]
+            final_params = [tf.reduce_mean(w, axis=0) for w in results.final_params]
+            y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(results.y_pred)
+            sample_weight = None if task.outer.weights is None else _merge_task_axis(task.outer.weights)
+        else:
+            seed = self._task_seeds(task, step)[0]
+            result = task_fn(inputs, task, seed, with_reference)
+            outer_value, grads, reference = result.outer_value, result.grads, result.reference
+            marker, hyper_state, final_params = result.nonfinite_step, result.hyper_state, result.final_params
+            y_true, y_pred, sample_weight = task.outer.y, result.y_pred, task.outer.weights
+
+        replica = tf.distribute.get_replica_context()
+        local_finite = (marker < 0) & tf.math.is_finite(outer_value) & _all_finite(grads)
+        # Every replica must take the same decision: a failure anywhere skips the update everywhere.
+        failures = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(~local_finite, tf.int32))
+        finite = tf.equal(failures, 0)
+        code = tf.where(local_finite, -1, tf.where(marker >= 0, marker, self.steps + 1))
+        code = tf.reduce_max(replica.all_gather(code[None], axis=0))
+        if self.on_nonfinite == "raise":
+            # After a recorded failure, later steps of the same execution do not update either.
+            apply = finite & (_read(self._nonfinite_at) < 0)
+            failed_now = ~finite & (_read(self._nonfinite_at) < 0)
+            self._nonfinite_at.assign(tf.where(failed_now, step, _read(self._nonfinite_at)))
+            self._nonfinite_code.assign(tf.where(failed_now, code, _read(self._nonfinite_code)))
+        else:
+            apply = finite
+            self._skipped_metric.update_state(tf.cast(~finite, tf.float32))
+
+        # Mean over tasks here; the optimizer all-reduces a SUM over replicas: scale by 1/R.
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        scaled = [g / tf.cast(num_replicas, g.dtype) for g in grads]
+        self._apply_if(apply, scaled)
+        self._update_hyper_state(apply, hyper_state, replica)
+        if self.problem.inner_init == "warm_start":
+            self._update_stored_inner(apply, final_params, replica)
+        self.meta_step.assign_add(1)
+
+        if num_replicas > 1:  # report the norm / diagnostics of the global (all-replica) mean
+            grads = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
+            reference = replica.all_reduce(tf.distribute.ReduceOp.MEAN, reference) if reference else reference
+        weight = tf.cast(finite, tf.float32)
+        self._loss_metric.update_state(tf.where(finite, outer_value, 0.0), sample_weight=weight)
+        self._norm_metric.update_state(
+            tf.where(finite, tf.cast(diagnostics.global_norm(grads), tf.float32), 0.0), sample_weight=weight
+        )
+        if reference:
+            computed = weight * tf.cast(with_reference, tf.float32)
+            cosine = tf.cast(diagnostics.cosine_similarity(grads, reference), tf.float32)
+            rel_error = tf.cast(diagnostics.relative_error(grads, reference), tf.float32)
+            self._diagnostic_metrics[0].update_state(tf.where(computed > 0, cosine, 0.0), sample_weight=computed)
+            self._diagnostic_metrics[1].update_state(tf.where(computed > 0, rel_error, 0.0), sample_weight=computed)
+        return self._compute_metrics_if(finite, y_true, y_pred, sample_weight)
+
+    def test_step(self, data):
+        task = data_lib.parse_task(data)
+        inputs = self._step_inputs()
+        evaluate = TaskEvaluation(self.problem, self._built_state.specs, self.hypergradient)
+        seeds = self._task_seeds(task, tf.constant(-1, tf.int64))
+        if self.meta_batch:
+            signature = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task))[:2]
+            values, y_preds = map_tasks(lambda t, s: evaluate(inputs, t, s), task, seeds, signature)
+            value = tf.reduce_mean(values)
+            y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(y_preds)
+            sample_weight = None if task.outer.weights is None else _merge_task_axis(task.outer.weights)
+        else:
+            value, y_pred = evaluate(inputs, task, seeds[0])
+            y_true, sample_weight = task.outer.y, task.outer.weights
+        self._loss_metric.update_state(value)
+        logs = self.compute_metrics(None, y_true, y_pred, sample_weight)
+        return {k: v for k, v in logs.items() if k not in _TRAIN_ONLY_METRICS}
+
+    def predict_step(self, data):
+        return self._adapted_predictions(data)
+
+    def call(self, inputs, training=None):
+        """`trainer(((x_inner, y_inner), x_outer))`: predictions on x_outer of the inner model
+        trained for T steps on (x_inner, y_inner) with the current λ (stacked over tasks if
+        meta_batch)."""
+        self._require_built("call")
+        return self._adapted_predictions(inputs)
+
+    # -- internals --------------------------------------------------------------------------
+    def _adapted_predictions(self, data):
+        task = self._as_task(data)
+        inputs = self._step_inputs()
+        predict = TaskPrediction(self.problem, self._built_state.specs, self.hypergradient)
+        seeds = self._task_seeds(task, tf.constant(-1, tf.int64))
+        if not self.meta_batch:
+            return predict(inputs, task, seeds[0])
+        signature = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task))[1]
+        return map_tasks(lambda t, s: predict(inputs, t, s), task, seeds, signature)
+
+    def _as_task(self, data) -> data_lib.Task:
+        """((x_inner, y_inner), x_outer) or a full task element -> Task (y_outer unused)."""
+        if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[1], (tuple, list)):
+            data = (data[0], (data[1], data[1]))
+        return data_lib.parse_task(data)
+
+    def _as_task_spec(self, spec):
+        if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], tf.TensorSpec):
+            return (spec[0], (spec[1], spec[1]))
+        return spec
+
+    def _create_hyperparameters(self) -> None:
+        """The raw variables of λ (called once the models are built)."""
+        self.problem.check_models()
+        state = self._built_state
+        state.specs = self.problem.hyper_specs()
+        names = leaf_names(state.specs, "")
+        flat_specs = tf.nest.flatten(state.specs)
+        flat_vars = [
+            self.add_weight(
+                name=_variable_name(name) or "hyperparameter", shape=spec.shape, dtype=spec.dtype,
+                initializer=_constant(spec.raw_initial()), trainable=True, constraint=spec.constraint,
+            )
+            for name, spec in zip(names, flat_specs)
+        ]
+        raw = tf.nest.pack_sequence_as(state.specs, flat_vars)
+        hyper_vars = self._calls.trainable(self.hyper_model) if self.hyper_model is not None else []
+        state.raw = {"hyper_model": list(hyper_vars), **raw}
+        state.raw_names = [f"hyper_model weight {v.name!r}" for v in hyper_vars] + [
+            _describe_leaf(name) for name in names
+        ]
+        if not tf.nest.flatten(state.raw):
+            raise ValueError(
+                "there are no hyperparameters to learn: pass a hyper_model (with trainable weights), "
+                "hyperparameters={name: tf_bilevel.Hyperparameter(...)}, a learned inner_learning_rate, "
+                "proximal_strength=..., or inner_init='learned'."
+            )
+        self._hyperparameters_created = True
+
+    def _step_inputs(self) -> StepInputs:
+        raw = tf.nest.map_structure(_read, self._built_state.raw)
+        inner_state = [_read(v) for v in self._calls.non_trainable(self.inner_model)]
+        hyper_state = [_read(v) for v in self._calls.non_trainable(self.hyper_model)] if self.hyper_model is not None else []
+        stored = [_read(v) for v in self._calls.trainable(self.inner_model)]
+        return StepInputs(raw, stored, inner_state, hyper_state)
+
+    def _task_seeds(self, task: data_lib.Task, step: tf.Tensor) -> tf.Tensor:
+        """Stateless seeds fold_in(fold_in((seed, 0), step), global task index), one per task."""
+        leaf = tf.nest.flatten(task.inner)[0]
+        count = (leaf.shape[0] or tf.shape(leaf)[0]) if self.meta_batch else 1
+        replica = tf.distribute.get_replica_context()
+        offset = tf.cast(replica.replica_id_in_sync_group, tf.int64) * tf.cast(count, tf.int64)
+        step_seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([self.seed, 0], tf.int64), tf.cast(step, tf.int64), alg="philox"
+        )
+        indices = offset + tf.range(tf.cast(count, tf.int64), dtype=tf.int64)
+        return tf.map_fn(
+            lambda i: tf.cast(tf.random.experimental.stateless_fold_in(step_seed, i, alg="philox"), tf.int64),
+            indices,
+            fn_output_signature=tf.TensorSpec([2], tf.int64),
+        )
+
+    def _apply_if(self, apply: tf.Tensor, grads: list) -> None:
+        """optimizer.apply_gradients when `apply`, else nothing (no NaN ever reaches λ)."""
+        variables = self.hyper_variables
+        optimizer = self.optimizer
+
+        def update():
+            optimizer.apply_gradients(zip(grads, variables))
+            return tf.constant(True)
+
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            tf.cond(apply, update, lambda: tf.constant(False))
+            return
+
+        def cross_replica(distribution, apply, grads):
+            # As keras.mixed_precision.LossScaleOptimizer: a cond that calls merge_call must run in
+            # cross-replica context. `apply` was all-reduced, so every replica holds the same value.
+            apply = distribution.experimental_local_results(apply)[0]
+
+            def update_all():
+                distribution.extended.call_for_each_replica(
+                    lambda g: optimizer.apply_gradients(zip(g, variables)), args=(grads,)
+                )
+                return tf.constant(True)
+
+            tf.cond(apply, update_all, lambda: tf.constant(False))
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(apply, grads))
+
+    def _update_hyper_state(self, apply: tf.Tensor, new_state: list, replica: Any) -> None:
+        """The hyper model's BatchNorm statistics: the mean over tasks (and replicas) of the
+        values its training-mode calls produced, so that exported layers serve with them."""
+        if self.hyper_model is None:
+            return
+        for variable, value in zip(self._calls.non_trainable(self.hyper_model), new_state):
+            if value.dtype.is_floating:
+                value = replica.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+            variable.assign(tf.where(apply, value, _read(variable)))
+
+    def _update_stored_inner(self, apply: tf.Tensor, final_params: list, replica: Any) -> None:
+        """inner_init='warm_start': the next tasks start from the mean w_T of this meta-batch."""
+        for variable, value in zip(self._calls.trainable(self.inner_model), final_params):
+            value = replica.all_reduce(tf.distribute.ReduceOp.MEAN, value)
+            variable.assign(tf.where(apply, value, _read(variable)))
+
+    def _raise_if_nonfinite(self) -> None:
+        if self.on_nonfinite != "raise":
+            return
+        at = int(self._nonfinite_at.numpy())
+        if at < 0:
+            return
+        code = int(self._nonfinite_code.numpy())
+        self._nonfinite_at.assign(-1)
+        self._nonfinite_code.assign(-1)
+        raise NonFiniteError(
+            f"BilevelTrainer: non-finite value at hyper-iteration {at} (trainer.meta_step): "
+            f"{self.hypergradient._describe_nonfinite(code)} The hyperparameters were not updated at that "
+            "step. Pass on_nonfinite='skip' to skip such steps and continue instead."
+        )
+
+    def _require_built(self, what: str) -> None:
+        if not self._hyperparameters_created:
+            raise ValueError(
+                f"BilevelTrainer.{what}: the trainer is not built yet. It builds itself in fit/evaluate/predict; "
+                "to build it earlier call trainer.build_from_spec(dataset.element_spec)."
+            )
+
+    def _compiled_for_metrics(self) -> bool:
+        return bool(getattr(self, "compiled", False) or getattr(self, "_is_compiled", False))
+
+    def _compute_metrics_if(self, finite: tf.Tensor, y_true: Any, y_pred: tf.Tensor, sample_weight: Any) -> dict:
+        """The compiled metrics on the outer predictions, left untouched on a non-finite step."""
+
+        def update():
+            self.compute_metrics(None, y_true, y_pred, sample_weight)
+            return tf.constant(True)
+
+        tf.cond(finite, update, lambda: tf.constant(False))
+        return self.get_metrics_result()
+
+
+class _Untracked:
+    """A plain attribute bag: Keras does not track (or re-wrap) what it holds."""
+
+
+def _constant(value: Any):
+    value = np.asarray(value)
+
+    def initializer(shape, dtype=None, **kwargs):
+        return tf.cast(tf.reshape(tf.constant(value), shape), dtype or value.dtype)
+
+    return initializer
+
+
+def _describe_leaf(name: str) -> str:
+    """"['user']['w']" -> "hyperparameters['w']" (names in the user's terms)."""
+    if name.startswith("['user']"):
+        return "hyperparameters" + name[len("['user']"):]
+    return name.lstrip("[").split("]")[0].strip("'") + name[name.index("]") + 1:]
