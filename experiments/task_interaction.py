@@ -1,0 +1,572 @@
+r"""Task interaction (paper §4.2.2, Table 3, Fig. 6; appendix G.2) with K-RMD.
+
+    python -m experiments.task_interaction --dataset=cifar10 --features=pretrained
+    python -m experiments.task_interaction --dataset=fashion_mnist --features=pixels  # offline
+
+The problem (Franceschi et al. 2017, §5.2, as restated by the paper). The lower level
+learns V linear models w = {w_v}, coupled by a learned task-similarity matrix C:
+
+    g(w, λ) = l(w) + Σ_{i,j} C_ij ‖w_i − w_j‖² + ρ Σ_v ‖w_v‖²,
+    C = A + Aᵀ, A_ij = softplus(B_ij),  ρ = softplus(ν),  λ = {B, ν}   (appendix G.2),
+
+solved by T = 100 steps of gradient descent with γ = 0.1 from w_0 = 0, giving ŵ(λ). The
+upper level f(ŵ) is the cross-entropy of ŵ on a validation set, minimized with Adam
+(appendix G) using K-RMD hypergradients (Eq. 8; "full" = full RMD, Eq. 6).
+
+Our reading of "task" and "l(w)". The paper calls l(w) "the training loss of the
+multi-class linear logistic regression model", says g learns "V different linear models",
+and sums the coupling over 1 ≤ i, j ≤ K with K the number of classes. Following
+Franceschi et al., the tasks are the classes: task v is "is this image of class v?", its
+linear model is the v-th row w_v ∈ R^d of the weight matrix W ∈ R^{V×d} (V = number of
+classes), logits = x Wᵀ + b, and l is the mean multi-class cross-entropy over the
+training set. C couples the per-class weight vectors, pulling the models of similar
+classes together. The per-class biases b are neither coupled nor regularized. C_ii
+multiplies ‖w_i − w_i‖² = 0, so the diagonal of B gets a zero hypergradient. The paper's
+outer loss says "linear regression loss", which we read as a slip: f is the validation
+cross-entropy (as in Franceschi et al.). Both losses use log_softmax + gather, because
+TF disables the second derivative of the fused softmax cross-entropy.
+
+Data (appendix G.2). Per trial, balanced training and validation sets of m examples each
+(m/V per class; m = 50 for CIFAR-10, m = 300 for CIFAR-100) are drawn from the whole
+dataset (tfds train + test), and all remaining examples form the test set. Every
+truncation K sees the same split in a given trial (paired comparison). Features:
+`--features=pretrained` uses the average-pooled output of an ImageNet-pretrained CNN
+(the paper: ResNet-18; Keras has none, so the default is ResNet50, see
+experiments/features.py); `--features=pixels` uses raw pixels. Either way features are
+L2-normalized per example and scaled by --feature_scale (no dataset statistics, so the
+fixed γ = 0.1 of the paper stays stable for any extractor).
+
+Early stopping. The appendix stops "when the testing error does not improve for 500
+hyper-iterations", i.e. it selects the stopping point on the test set. That leaks test
+information into the reported test accuracy, so by default we stop on the validation
+set instead (--early_stopping_split=validation); --early_stopping_split=test reproduces
+the paper's literal protocol. With m = 50 validation examples the error moves in steps of
+2%, so "improves" means: a lower error, or the same error and a loss lower by more than
+--min_delta (--early_stopping_metric=loss uses the loss alone). The reported test
+accuracy is that of ŵ(λ_best) at the best hyper-iteration; "iterations" counts the
+hyper-iterations run (best + patience + 1, or the cap --max_hyper_iterations).
+
+Settings the paper leaves open (flags; our defaults): λ_0 gives C_ij = 1e-3 and ρ = 1e-3
+(--init_coupling, --init_rho: weak coupling at the start; a uniform C_ij above 1/(2Vγ)
+would make the inner descent diverge), Adam step 0.01 (--outer_lr), feature scale 8
+(--feature_scale). The biases, w_0 = 0 and the mean (not summed) losses are ours too.
+
+Outputs in --output_dir: results.json (per-trial and aggregated Table 3 rows, Fig. 6
+curves of the diagnostic trial) and fig6_task_interaction.png (validation loss, ‖d_λ f‖
+of the exact full-RMD hypergradient, and cos(h, d_λ f) vs hyper-iteration; the exact one
+is computed every --exact_every hyper-iterations with tf_bilevel.diagnostics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+
+import tf_bilevel as tfb
+from experiments import datasets, features
+
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
+PAPER_M = {"cifar10": 50, "cifar100": 300}  # appendix G.2
+# Paper Table 3 (test accuracy %, mean ± std over 10 trials; avg. iterations; s/iter).
+PAPER_TABLE3 = {
+    "cifar10": {"1": (61.11, 1.23, 3300, 0.8), "5": (61.33, 1.08, 4950, 1.3),
+                "25": (61.31, 1.24, 4825, 1.4), "full": (61.28, 1.21, 4500, 2.2)},
+    "cifar100": {"1": (34.37, 0.63, 7440, 1.0), "5": (34.34, 0.68, 8805, 1.4),
+                 "25": (34.51, 0.69, 8660, 1.6), "full": (34.70, 0.64, 5670, 2.8)},
+}
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the program's flags in `fv`. Called by the entry point, not at import, so
+    that several experiment modules (each with --seed, --output_dir, ...) can be imported
+    in one process, e.g. by pytest."""
+    flags.DEFINE_enum("dataset", "cifar10", list(NUM_CLASSES), "tfds dataset.", flag_values=fv)
+    flags.DEFINE_enum("features", "pretrained", ["pretrained", "pixels"],
+                      "pretrained: pooled features of an ImageNet CNN (paper); pixels: raw pixels.",
+                      flag_values=fv)
+    flags.DEFINE_enum("backbone", "resnet50", list(features.BACKBONES),
+                      "Keras CNN for --features=pretrained (paper: ResNet-18, absent from Keras).",
+                      flag_values=fv)
+    flags.DEFINE_string("weights", "imagenet", "Backbone weights: imagenet, random (untrained; "
+                        "tests only), or a weights file path.", flag_values=fv)
+    flags.DEFINE_integer("image_size", 224, "Images are resized to this for the backbone.",
+                         flag_values=fv)
+    flags.DEFINE_string("feature_cache_dir", None, "Cache extracted pretrained features here.",
+                        flag_values=fv)
+    flags.DEFINE_float("feature_scale", 8.0, "Features are L2-normalized, then multiplied by this.",
+                       flag_values=fv)
+    flags.DEFINE_integer("m", None, "Training and validation set size each (balanced); default "
+                         "50 for cifar10, 300 for cifar100, 50 for (fashion_)mnist.", flag_values=fv)
+    flags.DEFINE_integer("trials", 10, "Independent trials (data splits).", flag_values=fv)
+    flags.DEFINE_integer("patience", 500, "Stop after this many hyper-iterations without "
+                         "improvement.", flag_values=fv)
+    flags.DEFINE_integer("max_hyper_iterations", 20000, "Cap on hyper-iterations per run.",
+                         flag_values=fv)
+    flags.DEFINE_list("truncate", ["1", "5", "25", "full"], "K values; 'full' = full RMD (K = T).",
+                      flag_values=fv)
+    flags.DEFINE_integer("inner_steps", 100, "T, inner gradient-descent steps.", flag_values=fv)
+    flags.DEFINE_float("inner_lr", 0.1, "γ, inner learning rate.", flag_values=fv)
+    flags.DEFINE_float("outer_lr", 0.01, "Adam learning rate on λ = {B, ν}.", flag_values=fv)
+    flags.DEFINE_float("init_coupling", 1e-3, "Initial C_ij (i ≠ j): B_ij = softplus⁻¹(C_ij / 2).",
+                       flag_values=fv)
+    flags.DEFINE_float("init_rho", 1e-3, "Initial ρ: ν = softplus⁻¹(ρ).", flag_values=fv)
+    flags.DEFINE_enum("early_stopping_split", "validation", ["validation", "test"],
+                      "Split that drives early stopping (the paper literally uses test).",
+                      flag_values=fv)
+    flags.DEFINE_enum("early_stopping_metric", "error", ["error", "loss"],
+                      "error (ties broken by the loss; the paper: error) or loss.", flag_values=fv)
+    flags.DEFINE_float("min_delta", 1e-4, "A loss must drop by more than this to count as "
+                       "improved.", flag_values=fv)
+    flags.DEFINE_integer("exact_every", 10, "Compute the exact (full RMD) hypergradient every N "
+                         "hyper-iterations for Fig. 6 (0: never).", flag_values=fv)
+    flags.DEFINE_integer("diagnostic_trials", 1, "Trials that record the Fig. 6 diagnostics.",
+                         flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "tfds data_dir (default: datasets.default_data_dir()).",
+                        flag_values=fv)
+    flags.DEFINE_string("local_dir", None, "Folder with (fashion_)mnist IDX .gz files.",
+                        flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the data splits (trial i uses seed + i).",
+                         flag_values=fv)
+    flags.DEFINE_string("output_dir", "/tmp/task_interaction", "Where results.json and PNGs go.",
+                        flag_values=fv)
+    flags.DEFINE_bool("jit_compile", True, "XLA-compile the hyper-step.", flag_values=fv)
+    flags.DEFINE_bool("quick", False, "Tiny budget (tests): 2 trials, K in {1, full}, few "
+                      "hyper-iterations.", flag_values=fv)
+
+
+# --------------------------------------------------------------------------
+# The bilevel problem.
+# --------------------------------------------------------------------------
+
+
+def inverse_softplus(y: float) -> float:
+    """x with softplus(x) = y (> 0)."""
+    return float(np.log(np.expm1(y)))
+
+
+def coupling_matrix(b: tf.Tensor) -> tf.Tensor:
+    """C = A + Aᵀ with A = softplus(B): symmetric and entrywise positive (appendix G.2)."""
+    a = tf.nn.softplus(b)
+    return a + tf.transpose(a)
+
+
+def regularization(nu: tf.Tensor) -> tf.Tensor:
+    """ρ = softplus(ν) > 0."""
+    return tf.nn.softplus(nu)
+
+
+def pairwise_coupling(w: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
+    """Σ_ij C_ij ‖w_i − w_j‖², via ‖w_i‖² + ‖w_j‖² − 2 w_i·w_j (no V×V×d tensor)."""
+    sq = tf.reduce_sum(tf.square(w), axis=1)
+    gram = tf.matmul(w, w, transpose_b=True)
+    dist = sq[:, None] + sq[None, :] - 2.0 * gram
+    return tf.reduce_sum(c * dist)
+
+
+def cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """Mean CE via log_softmax + gather (twice differentiable, unlike the fused TF op)."""
+    log_p = tf.nn.log_softmax(logits)
+    return -tf.reduce_mean(tf.gather(log_p, labels, axis=1, batch_dims=1))
+
+
+def logits_of(params: dict, x: tf.Tensor) -> tf.Tensor:
+    return tf.matmul(x, params["w"], transpose_b=True) + params["b"]
+
+
+def inner_loss(params: dict, hparams: dict, batch: tuple) -> tf.Tensor:
+    """g(w, λ) = l(w) + Σ_ij C_ij ‖w_i − w_j‖² + ρ Σ_v ‖w_v‖² (§4.2.2)."""
+    x, y = batch
+    w = params["w"]
+    return (cross_entropy(logits_of(params, x), y)
+            + pairwise_coupling(w, coupling_matrix(hparams["B"]))
+            + regularization(hparams["nu"]) * tf.reduce_sum(tf.square(w)))
+
+
+def outer_loss(params: dict, hparams: dict, batch: tuple) -> tf.Tensor:
+    """f(ŵ) = validation cross-entropy (does not depend on λ directly: ∇_λ f = 0)."""
+    x, y = batch
+    return cross_entropy(logits_of(params, x), y)
+
+
+def error_rate(params: dict, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    pred = tf.argmax(logits_of(params, x), axis=1, output_type=y.dtype)
+    return 1.0 - tf.reduce_mean(tf.cast(tf.equal(pred, y), tf.float32))
+
+
+def split_metrics(params: dict, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(error rate, cross-entropy) of the linear models on (x, y)."""
+    return error_rate(params, x, y), cross_entropy(logits_of(params, x), y)
+
+
+def make_improvement_rule(metric: str, min_delta: float) -> Callable:
+    """improved((error, loss), best) for early stopping.
+
+    "error": lower error, or the same error and a loss lower by more than min_delta (on 50
+    validation examples the error moves in steps of 2%, so ties are common and the loss
+    breaks them). "loss": a loss lower by more than min_delta.
+    """
+    def improved(score: Sequence[float], best: Sequence[float] | None) -> bool:
+        if best is None:
+            return True
+        (err, loss), (best_err, best_loss) = score, best
+        if metric == "loss":
+            return loss < best_loss - min_delta
+        return err < best_err - 1e-9 or (err <= best_err + 1e-9 and loss < best_loss - min_delta)
+
+    return improved
+
+
+def initial_params(num_tasks: int, dim: int, dtype=tf.float32) -> dict:
+    """w_0 = 0 (and b_0 = 0)."""
+    return {"w": tf.zeros([num_tasks, dim], dtype), "b": tf.zeros([num_tasks], dtype)}
+
+
+def initial_hparams(num_tasks: int, init_coupling: float, init_rho: float, dtype=tf.float32) -> dict:
+    """λ_0 = {B, ν} giving C_ij = init_coupling (i ≠ j) and ρ = init_rho."""
+    b = tf.fill([num_tasks, num_tasks], inverse_softplus(init_coupling / 2.0))
+    return {"B": tf.cast(b, dtype), "nu": tf.constant(inverse_softplus(init_rho), dtype)}
+
+
+def make_hypergradient(truncate: int | None, *, steps: int, inner_lr: float,
+                       jit_compile: bool = True) -> tfb.Hypergradient:
+    """K-RMD (truncate=K) or full RMD (None) estimator of d_λ f for this problem."""
+    return tfb.hypergradient_fn(inner_loss, outer_loss, steps=steps, learning_rate=inner_lr,
+                                truncate=truncate, jit_compile=jit_compile)
+
+
+# --------------------------------------------------------------------------
+# Outer loop: Adam on λ (appendix G), one compiled hyper-step.
+# --------------------------------------------------------------------------
+
+
+def adam_init(hparams: Any) -> dict:
+    """Adam state (first/second moments, step count) for `hparams`."""
+    zeros = tf.nest.map_structure(tf.zeros_like, hparams)
+    return {"m": zeros, "v": zeros, "t": tf.constant(0.0)}
+
+
+def adam_update(hparams: Any, grads: Any, state: dict, lr: float,
+                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
+    """One Adam step (Kingma & Ba; Keras's update rule). Written with plain tensors so the
+    hypergradient and the λ update compile into one XLA program per hyper-iteration."""
+    t = state["t"] + 1.0
+    m = tf.nest.map_structure(lambda m, g: beta1 * m + (1 - beta1) * g, state["m"], grads)
+    v = tf.nest.map_structure(lambda v, g: beta2 * v + (1 - beta2) * g * g, state["v"], grads)
+    step = lr * tf.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+    new = tf.nest.map_structure(lambda p, m, v: p - step * m / (tf.sqrt(v) + eps), hparams, m, v)
+    return new, {"m": m, "v": v, "t": t}
+
+
+def make_hyper_step(hg: tfb.Hypergradient, outer_lr: float, jit_compile: bool = True) -> Callable:
+    """(w0, λ_t, adam, train, val) -> λ_{t+1}, adam, f(ŵ(λ_t)), val error, h_t, ŵ(λ_t), marker."""
+
+    def step(w0, hparams, adam, inner_batch, outer_batch):
+        res = hg.compute(w0, hparams, inner_batch, outer_batch)
+        new_hparams, new_adam = adam_update(hparams, res.hypergrad, adam, outer_lr)
+        val_err = error_rate(res.final_params, *outer_batch)
+        return (new_hparams, new_adam, res.outer_value, val_err, res.hypergrad,
+                res.final_params, res.nonfinite_step)
+
+    return tf.function(step, jit_compile=jit_compile)
+
+
+# --------------------------------------------------------------------------
+# Data.
+# --------------------------------------------------------------------------
+
+
+def balanced_split(labels: np.ndarray, m: int, num_classes: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint balanced train / val index sets of m each; the rest is the test set."""
+    if m % num_classes:
+        raise ValueError(f"--m={m} must be a multiple of the number of classes ({num_classes}) "
+                         "so that the training and validation sets are balanced")
+    per = m // num_classes
+    train, val = [], []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2 * per:
+            raise ValueError(f"class {c} has {len(idx)} examples; --m={m} needs {2 * per}")
+        chosen = rng.choice(idx, 2 * per, replace=False)
+        train.append(chosen[:per])
+        val.append(chosen[per:])
+    train, val = rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(val))
+    test = np.setdiff1d(np.arange(len(labels)), np.concatenate([train, val]))
+    return train, val, test
+
+
+def load_features(cfg: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """All images of the dataset (tfds train + test) as features [N, d] and labels [N]."""
+    data = datasets.load_image_classification(cfg["dataset"], data_dir=cfg["data_dir"],
+                                              local_dir=cfg["local_dir"])
+    images = np.concatenate([data["train"][0], data["test"][0]])
+    labels = np.concatenate([data["train"][1], data["test"][1]])
+    if cfg["features"] == "pixels":
+        x, desc = features.pixel_features(images), "raw pixels"
+    else:
+        x, desc = _pretrained_features(images, cfg)
+    return features.normalize_features(x, cfg["feature_scale"]), labels, desc
+
+
+def _pretrained_features(images: np.ndarray, cfg: dict) -> tuple[np.ndarray, str]:
+    weights = None if cfg["weights"] == "random" else cfg["weights"]
+    desc = (f"keras.applications {cfg['backbone']} average-pooled features, "
+            f"weights={cfg['weights']}, {cfg['image_size']}px")
+    cache = None
+    if cfg["feature_cache_dir"] and weights is not None:
+        tag = "imagenet" if weights == "imagenet" else os.path.basename(weights)
+        cache = os.path.join(cfg["feature_cache_dir"],
+                             f"{cfg['dataset']}_{cfg['backbone']}_{tag}_{cfg['image_size']}.npy")
+        if os.path.isfile(cache):
+            return np.load(cache), desc
+    extractor = features.build_extractor(cfg["backbone"], weights=weights,
+                                         image_size=cfg["image_size"])
+    bar = tf.keras.utils.Progbar(len(images), verbose=1 if sys.stdout.isatty() else 2)
+    print(f"Extracting {desc} from {len(images)} images")
+    x = features.extract_features(images, extractor, progress=bar.update)
+    if cache:
+        os.makedirs(cfg["feature_cache_dir"], exist_ok=True)
+        np.save(cache, x)
+    return x, desc
+
+
+# --------------------------------------------------------------------------
+# One run: one trial, one K.
+# --------------------------------------------------------------------------
+
+
+class _Printer:
+    """One-line progress: rewritten in place on a terminal, periodic lines otherwise."""
+
+    def __init__(self, label: str, every: int = 100):
+        self.label, self.every, self.tty = label, every, sys.stdout.isatty()
+
+    def update(self, it: int, text: str, final: bool = False) -> None:
+        if self.tty:
+            print(f"\r{self.label} it {it:6d} {text}", end="\n" if final else "", flush=True)
+        elif final or it % self.every == 0:
+            print(f"{self.label} it {it:6d} {text}", flush=True)
+
+
+def run_one(truncate: int | None, split: dict, cfg: dict, *, diagnostics: bool,
+            cache: dict) -> dict:
+    """Hyper-optimize λ with K-RMD from λ_0 until early stopping; return the row's metrics."""
+    v, d, T = split["num_tasks"], split["dim"], cfg["inner_steps"]
+    key = ("step", truncate)
+    if key not in cache:  # one compiled estimator per K, reused across trials (no retrace)
+        cache[key] = make_hyper_step(make_hypergradient(truncate, steps=T, inner_lr=cfg["inner_lr"],
+                                                        jit_compile=cfg["jit_compile"]),
+                                     cfg["outer_lr"], cfg["jit_compile"])
+    if diagnostics and "exact" not in cache:
+        cache["exact"] = make_hypergradient(None, steps=T, inner_lr=cfg["inner_lr"],
+                                            jit_compile=cfg["jit_compile"])
+    hyper_step = cache[key]
+    test_metrics = cache.setdefault("test_metrics", tf.function(split_metrics))
+
+    w0 = initial_params(v, d)
+    hparams = initial_hparams(v, cfg["init_coupling"], cfg["init_rho"])
+    adam = adam_init(hparams)
+    train, val, test = split["train"], split["val"], split["test"]
+    by_test = cfg["early_stopping_split"] == "test"
+    improved = make_improvement_rule(cfg["early_stopping_metric"], cfg["min_delta"])
+
+    label = f"[trial {split['trial']} K={'full' if truncate is None else truncate}]"
+    printer = _Printer(label)
+    best = {"score": None, "it": -1}
+    curve = {"it": [], "val_loss": [], "exact_it": [], "exact_norm": [], "cosine": [], "h_norm": []}
+    step_times, initial_test_acc = [], None
+    it = 0
+    while it < cfg["max_hyper_iterations"] and it - best["it"] <= cfg["patience"]:
+        start = time.perf_counter()
+        hparams_next, adam, f_val, val_err, h, w_t, marker = hyper_step(w0, hparams, adam, train, val)
+        f_val, val_err, marker = float(f_val), float(val_err), int(marker)
+        if it > 0:  # the first call includes tracing + XLA compilation
+            step_times.append(time.perf_counter() - start)
+        if marker >= 0:
+            raise tfb.NonFiniteError(f"{label} non-finite value at hyper-iteration {it} "
+                                     f"(inner step marker {marker} of T={T}); lower --outer_lr, "
+                                     "--init_coupling or --feature_scale")
+        if it == 0:
+            initial_test_acc = 1.0 - float(test_metrics(w_t, *test)[0])
+        score = [float(t) for t in test_metrics(w_t, *test)] if by_test else [val_err, f_val]
+        if improved(score, best["score"]):
+            best = {"score": score, "it": it, "val_loss": f_val, "val_acc": 1.0 - val_err,
+                    "params": w_t, "hparams": hparams}
+        if diagnostics:
+            curve["it"].append(it)
+            curve["val_loss"].append(f_val)
+            if cfg["exact_every"] and it % cfg["exact_every"] == 0:
+                exact = h if truncate is None else cache["exact"](w0, hparams, train, val)[1]
+                curve["exact_it"].append(it)
+                curve["exact_norm"].append(float(tfb.diagnostics.global_norm(exact)))
+                curve["cosine"].append(float(tfb.diagnostics.cosine_similarity(h, exact)))
+                curve["h_norm"].append(float(tfb.diagnostics.global_norm(h)))
+        hparams = hparams_next
+        it += 1
+        printer.update(it, f"f={f_val:.4f} val_acc={1 - val_err:.3f} best_it={best['it']}")
+    printer.update(it, f"stopped; best_it={best['it']}", final=True)
+
+    c = coupling_matrix(best["hparams"]["B"]).numpy()
+    off = c[~np.eye(v, dtype=bool)]
+    row = {
+        "truncate": "full" if truncate is None else truncate,
+        "test_acc": 1.0 - float(test_metrics(best["params"], *test)[0]),
+        "initial_test_acc": initial_test_acc,
+        "val_acc": best["val_acc"],
+        "val_loss": best["val_loss"],
+        "best_iteration": best["it"],
+        "iterations": it,
+        "sec_per_iter": float(np.mean(step_times)) if step_times else float("nan"),
+        "rho": float(regularization(best["hparams"]["nu"])),
+        "coupling_offdiag": {"mean": float(off.mean()), "min": float(off.min()),
+                             "max": float(off.max())},
+    }
+    if diagnostics:
+        row["curves"] = curve
+    return row
+
+
+# --------------------------------------------------------------------------
+# Driver.
+# --------------------------------------------------------------------------
+
+
+def parse_truncate(values: Sequence[str], steps: int) -> list[int | None]:
+    out = []
+    for v in values:
+        if v.strip().lower() in ("full", "none", str(steps)):
+            out.append(None)
+        else:
+            k = int(v)
+            if not 1 <= k <= steps:
+                raise ValueError(f"--truncate values must be in [1, {steps}] or 'full', got {v}")
+            out.append(k)
+    return out
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+    """The run configuration from parsed flags (--quick applied)."""
+    cfg = {name: flag_values[name].value for name in (
+        "dataset", "features", "backbone", "weights", "image_size", "feature_cache_dir",
+        "feature_scale", "m", "trials", "patience", "max_hyper_iterations", "truncate",
+        "inner_steps", "inner_lr", "outer_lr", "init_coupling", "init_rho",
+        "early_stopping_split", "early_stopping_metric", "min_delta", "exact_every", "diagnostic_trials",
+        "data_dir", "local_dir", "seed", "output_dir", "jit_compile", "quick")}
+    if cfg["m"] is None:
+        cfg["m"] = PAPER_M.get(cfg["dataset"], 50)
+    if cfg["quick"]:
+        cfg.update(trials=min(cfg["trials"], 2), max_hyper_iterations=min(cfg["max_hyper_iterations"], 12),
+                   patience=min(cfg["patience"], 5), exact_every=3,
+                   truncate=[t for t in cfg["truncate"] if t in ("1", "full")] or ["1", "full"])
+    return cfg
+
+
+def summarize(rows: list[dict]) -> dict:
+    acc = np.array([r["test_acc"] for r in rows])
+    return {
+        "test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std()),
+        "initial_test_acc_mean": float(np.mean([r["initial_test_acc"] for r in rows])),
+        "val_acc_mean": float(np.mean([r["val_acc"] for r in rows])),
+        "val_loss_mean": float(np.mean([r["val_loss"] for r in rows])),
+        "iterations_mean": float(np.mean([r["iterations"] for r in rows])),
+        "best_iteration_mean": float(np.mean([r["best_iteration"] for r in rows])),
+        "sec_per_iter_mean": float(np.nanmean([r["sec_per_iter"] for r in rows])),
+        "trials": len(rows),
+    }
+
+
+def plot_fig6(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, rows in results["runs"].items():
+        curves = next((r["curves"] for r in rows if "curves" in r), None)
+        if curves is None:
+            continue
+        label = f"{name}-RMD" if name != "full" else "Full RMD"
+        axes[0].plot(curves["it"], curves["val_loss"], label=label)
+        if curves["exact_it"]:
+            axes[1].semilogy(curves["exact_it"], curves["exact_norm"], label=label)
+            axes[2].plot(curves["exact_it"], curves["cosine"], label=label)
+    axes[0].set(xlabel="hyper-iteration", ylabel="validation loss f")
+    axes[1].set(xlabel="hyper-iteration", ylabel="‖d_λ f‖ (exact)")
+    axes[2].set(xlabel="hyper-iteration", ylabel="cos(h, d_λ f)")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Task interaction, {results['config']['dataset']} "
+                 f"({results['features_description']}), trial 0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(results: dict) -> None:
+    print(f"\nTask interaction on {results['config']['dataset']} "
+          f"({results['features_description']}), m={results['config']['m']}")
+    print(f"{'method':>10} {'test acc %':>16} {'init acc %':>10} {'iters':>8} {'best it':>8} {'s/iter':>8}")
+    for name, s in results["summary"].items():
+        label = "Full RMD" if name == "full" else f"{name}-RMD"
+        print(f"{label:>10} {100 * s['test_acc_mean']:8.2f} ± {100 * s['test_acc_std']:5.2f} "
+              f"{100 * s['initial_test_acc_mean']:10.2f} {s['iterations_mean']:8.0f} "
+              f"{s['best_iteration_mean']:8.0f} {s['sec_per_iter_mean']:8.4f}")
+
+
+def run(cfg: dict) -> dict:
+    """The whole experiment; writes results.json (after every trial) and the figure."""
+    os.makedirs(cfg["output_dir"], exist_ok=True)
+    truncations = parse_truncate(cfg["truncate"], cfg["inner_steps"])
+    num_classes = NUM_CLASSES[cfg["dataset"]]
+    x_all, y_all, desc = load_features(cfg)
+    results = {
+        "experiment": "task_interaction (paper §4.2.2, Table 3, Fig. 6)",
+        "config": cfg, "features_description": desc, "num_examples": int(len(y_all)),
+        "feature_dim": int(x_all.shape[1]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "tensorflow": tf.__version__},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "paper_table3": PAPER_TABLE3.get(cfg["dataset"]),
+        "runs": {("full" if k is None else str(k)): [] for k in truncations},
+    }
+    cache: dict = {}
+    x_all_t = tf.constant(x_all)
+    for trial in range(cfg["trials"]):
+        rng = np.random.default_rng(cfg["seed"] + trial)
+        tr, va, te = balanced_split(y_all, cfg["m"], num_classes, rng)
+        take = lambda idx: (tf.gather(x_all_t, idx), tf.constant(y_all[idx]))  # noqa: E731
+        split = {"trial": trial, "train": take(tr), "val": take(va), "test": take(te),
+                 "num_tasks": num_classes, "dim": x_all.shape[1]}
+        for k in truncations:
+            row = run_one(k, split, cfg, diagnostics=trial < cfg["diagnostic_trials"], cache=cache)
+            row["trial"] = trial
+            results["runs"]["full" if k is None else str(k)].append(row)
+        results["summary"] = {name: summarize(rows) for name, rows in results["runs"].items()}
+        with open(os.path.join(cfg["output_dir"], "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print_table(results)
+    if cfg["diagnostic_trials"] > 0:
+        plot_fig6(results, os.path.join(cfg["output_dir"], "fig6_task_interaction.png"))
+    return results
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    run(config_from_flags())
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
