@@ -142,3 +142,41 @@ def test_compute_inside_a_user_xla_function_with_variables_and_a_hyper_step():
         lam = lam - meta_lr * expected
         np.testing.assert_allclose(joined(hparams), lam, rtol=0, atol=1e-10)
     assert hyper_step.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_user_functions_keep_python_control_flow_on_tensors(jit_compile):
+    """The engine is traced without AutoGraph; the user's losses and schedule are converted on
+    their own, so `if` on a tensor works and gives the same hypergradient as tf.where."""
+    x = tf.constant([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]], tf.float64)
+    y = tf.constant([1.0, -1.0, 2.0], tf.float64)
+
+    def inner_if(w, lam):
+        residual = tf.linalg.matvec(x, w) - y
+        if tf.reduce_sum(w) > 100.0:  # Python `if` on a tensor: needs AutoGraph
+            residual = residual * 0.0
+        return tf.reduce_sum(residual**2) + lam * tf.reduce_sum(w**2)
+
+    def inner_where(w, lam):
+        residual = tf.linalg.matvec(x, w) - y
+        residual = tf.where(tf.reduce_sum(w) > 100.0, residual * 0.0, residual)
+        return tf.reduce_sum(residual**2) + lam * tf.reduce_sum(w**2)
+
+    def schedule_if(step):
+        if step < 5:
+            return tf.constant(0.05, tf.float64)
+        return tf.constant(0.02, tf.float64)
+
+    def schedule_where(step):
+        return tf.where(step < 5, tf.constant(0.05, tf.float64), tf.constant(0.02, tf.float64))
+
+    def outer(w, lam):
+        return tf.reduce_sum((w - 1.0) ** 2)
+
+    w0, lam = tf.zeros([2], tf.float64), tf.constant(0.3, tf.float64)
+    results = []
+    for inner, schedule in ((inner_if, schedule_if), (inner_where, schedule_where)):
+        hg = tfb.hypergradient_fn(inner, outer, steps=12, learning_rate=schedule, truncate=4, jit_compile=jit_compile)
+        results.append([t.numpy() for t in hg(w0, lam)])
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-12)
+    assert results[0][1] != 0.0

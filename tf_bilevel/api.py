@@ -87,9 +87,13 @@ class Hypergradient:
         self.jit_compile = jit_compile
         # partial, not the bound method: TF counts traces per code object, so bound methods of
         # several estimators would trigger a spurious "excessive retracing" warning.
-        self._compiled = tf.function(functools.partial(Hypergradient.compute, self), jit_compile=jit_compile)
+        # No AutoGraph for the engine (see tf_bilevel/_autograph.py): the user's functions are
+        # converted on their own, so they keep Python control flow on tensors.
+        self._compiled = tf.function(
+            functools.partial(Hypergradient.compute, self), jit_compile=jit_compile, autograph=False
+        )
         self._compiled_solve = tf.function(
-            functools.partial(Hypergradient.solve_uncompiled, self), jit_compile=jit_compile
+            functools.partial(Hypergradient.solve_uncompiled, self), jit_compile=jit_compile, autograph=False
         )
 
     # -- eager entry points -------------------------------------------------------------
@@ -125,6 +129,7 @@ class Hypergradient:
         return self._compiled.experimental_get_tracing_count()
 
     # -- graph builders (call these inside your own tf.function, e.g. a Keras train_step) ---
+    @tf.autograph.experimental.do_not_convert
     def solve_uncompiled(self, params: Any, hparams: Any, inner_batch: Any = None) -> Any:
         w0 = self.problem.initial_params(params, hparams)
         final, _ = run(
@@ -133,6 +138,7 @@ class Hypergradient:
         )
         return final.params
 
+    @tf.autograph.experimental.do_not_convert
     def compute(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None) -> HypergradientResult:
         """Builds the estimator's ops in the current graph and returns its result."""
         params = _as_tensors(params, "params")

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import tensorflow as tf
 
+from tf_bilevel._autograph import convert_user_function
 from tf_bilevel._tree import leaf_names
 
 Params = Any
@@ -40,9 +41,9 @@ class BilevelProblem:
                 raise TypeError(f"{name} must be a callable (params, hparams[, batch]) -> scalar, got {fn!r}")
         if init_params is not None and not callable(init_params):
             raise TypeError(f"init_params must be a callable (params, hparams) -> params, got {init_params!r}")
-        self.inner_loss = inner_loss
-        self.outer_loss = outer_loss
-        self.init_params = init_params
+        self.inner_loss = convert_user_function(inner_loss)
+        self.outer_loss = convert_user_function(outer_loss)
+        self.init_params = None if init_params is None else convert_user_function(init_params)
         # ids of the tf.Variables the caller passed as params/hparams: reading them through a
         # closure inside a loss would bypass the hypergradient, so it is an error.
         self.passed_variables: dict[int, str] = {}

@@ -19,6 +19,8 @@ from typing import Any, Callable, NamedTuple, Union
 
 import tensorflow as tf
 
+from tf_bilevel._autograph import convert_user_function
+
 Params = Any
 HParams = Any
 LearningRate = Union[float, Callable[..., Any]]
@@ -48,9 +50,10 @@ def resolve_learning_rate(learning_rate: LearningRate, step: tf.Tensor, hparams:
     (kept as a Python number so float64 problems are not rounded through float32)."""
     if not callable(learning_rate):
         return learning_rate
+    schedule = convert_user_function(learning_rate)
     if _num_positional_args(learning_rate) >= 2:
-        return tf.convert_to_tensor(learning_rate(step, hparams))
-    return tf.convert_to_tensor(learning_rate(step))
+        return tf.convert_to_tensor(schedule(step, hparams))
+    return tf.convert_to_tensor(schedule(step))
 
 
 def cast_scalar(value: Any, dtype: tf.DType) -> tf.Tensor:
