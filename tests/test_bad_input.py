@@ -30,6 +30,14 @@ def build(inner_loss=inner, outer_loss=outer, **kwargs):
 
 
 # -- arguments of hypergradient_fn (checked before anything is traced) ---------------------
+def _case_id(kwargs: dict) -> str:
+    # Stable across processes (pytest-xdist compares ids): no object addresses.
+    def show(value):
+        return f"<{value.update.__qualname__.split('.')[0]}>" if isinstance(value, tfb.InnerOptimizer) else repr(value)
+
+    return ",".join(f"{key}={show(value)}" for key, value in kwargs.items())
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -51,7 +59,7 @@ def build(inner_loss=inner, outer_loss=outer, **kwargs):
         ({"estimator": "checkpointed", "checkpoint_every": 0}, ValueError, r"checkpoint_every must be a positive"),
         ({"init_params": 3.0}, TypeError, r"init_params must be a callable"),
     ],
-    ids=lambda x: repr(x) if isinstance(x, dict) else "",
+    ids=lambda x: _case_id(x) if isinstance(x, dict) else "",
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
