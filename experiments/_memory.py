@@ -1,0 +1,101 @@
+"""Peak-memory probes for the benchmark: process RSS (Linux /proc) and TF's CPU allocator.
+
+Two views of "how much memory did this computation need":
+
+* process: the resident-set high-water mark (VmHWM) minus the RSS at the start. The mark is
+  reset by writing "5" to /proc/self/clear_refs (Linux >= 4.0); where that is not possible
+  the lifetime maximum `ru_maxrss` is used, which is only meaningful in a fresh process.
+  It includes everything: tracing, XLA compilation, and the allocator's cached pools.
+* allocator: `tf.config.experimental.get_memory_info("CPU:0")` peak minus current, after
+  `reset_memory_stats`. It counts the tensors and XLA buffers alive at once during the call
+  (the working set the paper's Table 1 is about), not compiler memory.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Optional
+
+import tensorflow as tf
+
+_DEVICE = "CPU:0"
+
+
+def _status_bytes(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+def current_rss() -> int:
+    """Resident set size now, in bytes (the lifetime peak where /proc is unavailable)."""
+    rss = _status_bytes("VmRSS")
+    return rss if rss is not None else peak_rss()
+
+
+def peak_rss() -> int:
+    """Resident-set high-water mark since the last `reset_peaks`, in bytes."""
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _allocator_info() -> Optional[dict]:
+    try:
+        return tf.config.experimental.get_memory_info(_DEVICE)
+    except (ValueError, RuntimeError):  # allocator without statistics
+        return None
+
+
+class PeakMemory:
+    """Context manager: peak memory growth of the enclosed code, in bytes.
+
+    After exit: `rss_before`, `process_peak_growth` (VmHWM − RSS before; None if the peak
+    could not be reset and is older than the block) and `allocator_peak_growth` (None if TF
+    keeps no statistics for the CPU allocator).
+    """
+
+    def __enter__(self) -> "PeakMemory":
+        self.rss_before = current_rss()
+        self.peak_was_reset = _reset_rss_peak()
+        self.peak_before_block = peak_rss()
+        info = None
+        try:
+            tf.config.experimental.reset_memory_stats(_DEVICE)
+            info = _allocator_info()
+        except (ValueError, RuntimeError):
+            pass
+        self._allocator_before = None if info is None else info["current"]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = peak_rss()
+        # Without a reset, a peak reached before the block hides the block's own peak.
+        trustworthy = self.peak_was_reset or peak > self.peak_before_block
+        self.process_peak_growth = peak - self.rss_before if trustworthy else None
+        info = _allocator_info()
+        if info is None or self._allocator_before is None:
+            self.allocator_peak_growth = None
+        else:
+            self.allocator_peak_growth = info["peak"] - self._allocator_before
+
+    def as_dict(self, prefix: str) -> dict:
+        return {
+            f"{prefix}_process_peak_growth_bytes": self.process_peak_growth,
+            f"{prefix}_allocator_peak_growth_bytes": self.allocator_peak_growth,
+        }

@@ -1,0 +1,631 @@
+r"""Time and memory of the hypergradient estimators on the hypercleaning-sized problem (Table 1).
+
+The problem has the sizes of data hypercleaning (paper §4.2.1) on random data:
+W ∈ R^{10×785} (M = 7850), λ ∈ R^5000 (N = 5000),
+
+    g(W, λ) = mean_i σ(λ_i) CE(W x_i, y_i) + 0.001 ‖W‖²_F,   f(W) = mean_j CE(W x_j, y_j),
+
+T steps of gradient descent with γ = 1 (the mean rather than the paper's sum: γ = 1 on the sum
+diverges). For each configuration, in a FRESH process (one subprocess per configuration):
+
+  * median wall time per hypergradient after warm-up, blocked on the result, and its ratio to the
+    floor (`hg.solve`: the T inner steps compiled with no tape), timed alternately in the same
+    process so that load from other processes affects both alike; also the ratio of the fastest
+    calls and of the median process CPU times (all threads), which a loaded machine distorts less;
+  * compile time = first call − median steady-state call (wall and CPU);
+  * peak memory growth: process RSS high-water mark of the first call (build + trace + compile +
+    run) minus the RSS before building, and the TF CPU allocator's peak during a steady-state
+    call (the working set: the stored states of Table 1, without compiler memory).
+
+Configurations: floor; "reverse" K-RMD (Eq. 8) for each K of --truncate below T, and full RMD
+(K = T, Eq. 6); "checkpointed" full RMD; "forward" FMD (Eq. 7) with λ restricted to the weights
+of the first --forward_hparams examples (the other weights frozen at σ(0): same M and inner cost,
+N small); "implicit_cg" (Eq. 11, --cg_iterations CG steps); and "reverse_autodiff", a prototype
+K-RMD that lets TF differentiate a tf.while_loop over the last K steps (TF stores every
+intermediate of those steps) instead of the engine's explicit per-step VJPs.
+
+  python -m experiments.benchmark                       # T = 100 and 1000, writes out/benchmark
+  python -m experiments.benchmark --steps=100 --estimators=floor,reverse
+  python -m experiments.benchmark --quick               # tiny sizes (used by the tests)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tf_bilevel as tfb  # noqa: E402
+from experiments._memory import PeakMemory  # noqa: E402
+from tf_bilevel.dynamics.loops import run  # noqa: E402
+
+ESTIMATORS = (
+    "floor", "reverse", "checkpointed", "forward", "implicit_cg", "reverse_autodiff",
+)
+_REVERSE_PROTOTYPES = ("reverse_autodiff",)  # built on an engine "reverse" hg
+RESULT_MARKER = "BENCHMARK_WORKER_RESULT "
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+FLAGS = flags.FLAGS
+
+
+# Targets of the project (issue #2): reported, never asserted.
+TIME_TARGETS = (("K<=5", 1.15), ("K=25", 1.5), ("full RMD", 2.5))
+MEMORY_TOLERANCE = 0.10
+COMPILE_TARGET_SECONDS = 5.0
+
+# ----------------------------------------------------------------------------------------
+# The problem.
+# ----------------------------------------------------------------------------------------
+
+
+class Problem(NamedTuple):
+    inner_loss: Callable[..., tf.Tensor]
+    outer_loss: Callable[..., tf.Tensor]
+    params: tf.Tensor  # W
+    hparams: tf.Tensor  # λ, or its first num_hparams entries
+    inner_batch: dict
+    outer_batch: dict
+
+
+def _cross_entropy(W: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    # log_softmax + gather: the fused sparse softmax CE has no second derivative in TF.
+    log_probs = tf.nn.log_softmax(tf.matmul(x, W, transpose_b=True))
+    return -tf.reduce_sum(tf.one_hot(y, W.shape[0], dtype=log_probs.dtype) * log_probs, axis=1)
+
+
+def hypercleaning_problem(
+    num_examples: int, num_features: int, num_classes: int, seed: int, num_hparams: Optional[int] = None
+) -> Problem:
+    """Random data of the hypercleaning sizes; λ = 0 (every weight σ(0) = 1/2), W = 0.
+
+    With `num_hparams = n`, only λ_1..λ_n are hyperparameters; the other λ_i are frozen data
+    (same inner cost, small N, for forward mode).
+    """
+    rng = np.random.default_rng(seed)
+
+    def examples():
+        x = rng.standard_normal((num_examples, num_features)).astype(np.float32)
+        x[:, -1] = 1.0  # the constant feature (bias), as in the 785 = 784 + 1 of the paper
+        y = rng.integers(0, num_classes, num_examples).astype(np.int32)
+        return tf.constant(x), tf.constant(y)
+
+    x_train, y_train = examples()
+    x_val, y_val = examples()
+    num_hparams = num_examples if num_hparams is None else num_hparams
+    lam = np.zeros(num_examples, np.float32)
+
+    def inner_loss(W, hparams, batch):
+        weights = tf.sigmoid(tf.concat([hparams, batch["frozen_lambda"]], axis=0))
+        ce = _cross_entropy(W, batch["x"], batch["y"])
+        return tf.reduce_mean(weights * ce) + 0.001 * tf.reduce_sum(tf.square(W))
+
+    def outer_loss(W, hparams, batch):
+        return tf.reduce_mean(_cross_entropy(W, batch["x"], batch["y"]))
+
+    return Problem(
+        inner_loss,
+        outer_loss,
+        params=tf.zeros((num_classes, num_features), tf.float32),
+        hparams=tf.constant(lam[:num_hparams]),
+        inner_batch={"x": x_train, "y": y_train, "frozen_lambda": tf.constant(lam[num_hparams:])},
+        outer_batch={"x": x_val, "y": y_val},
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Prototype: K-RMD by TF autodiff of the last K steps (for comparison with the engine).
+# ----------------------------------------------------------------------------------------
+
+
+def autodiff_hypergradient_fn(hg: tfb.api.Hypergradient) -> Callable:
+    """K-RMD (Eq. 8) with the last K steps in a tf.while_loop under one GradientTape.
+
+    TF's while-loop gradient stacks every intermediate of the K steps (logits, softmax, ...),
+    so nothing is recomputed in the backward pass, at the price of O(K · activations) memory
+    instead of the engine's O(K · M). No B0 term: valid for problems without init_params.
+    """
+    transition, problem, T, K = hg.transition, hg.problem, hg.steps, hg.truncate
+
+    @tf.function(jit_compile=True)
+    def compute(params, hparams, inner_batch, outer_batch):
+        state = transition.init_state(problem.initial_params(params, hparams))
+        state, _ = run(transition, state, hparams, inner_batch, start=0, num_steps=T - K, max_steps=T - K)
+        with tf.GradientTape() as tape:
+            tape.watch(hparams)
+
+            def body(i, state):
+                new_state, _ = transition(state, hparams, T - K + i, inner_batch)
+                return i + 1, new_state
+
+            _, state = tf.while_loop(lambda i, _: i < K, body, (tf.constant(0), state), maximum_iterations=K)
+            value = problem.outer(state.params, hparams, outer_batch)
+        return value, tape.gradient(value, hparams)
+
+    return compute
+
+
+# ----------------------------------------------------------------------------------------
+# One configuration, measured in the current (fresh) process.
+# ----------------------------------------------------------------------------------------
+
+
+def _block(result: Any) -> Any:
+    return [np.asarray(x.numpy()) for x in tf.nest.flatten(result)]
+
+
+class Timing(NamedTuple):
+    wall: float
+    cpu: float  # process CPU time, all threads: much less sensitive to other processes' load
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Timing, Any]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = _block(fn())
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu), out
+
+
+def stored_states(config: dict) -> Optional[float]:
+    """Weight-sized states kept alive by the estimator (Table 1 space, in units of M)."""
+    kind, T, K = config["estimator"], config["steps"], config["truncate"]
+    if kind == "floor":
+        return 0
+    if kind == "reverse":
+        return K
+    if kind == "checkpointed":
+        segment = max(1, math.ceil(math.sqrt(K)))
+        return math.ceil(K / segment) + segment
+    if kind == "forward":
+        return 2  # w_t and one tangent column
+    if kind == "implicit_cg":
+        return 4  # x, r, p, H p
+    return None  # reverse_autodiff: K steps of every intermediate, not just w_t
+
+
+def build(config: dict, problem: Problem) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(hypergradient call, floor call) for `config`, both compiled with XLA."""
+    kind = config["estimator"]
+    engine_estimator = "reverse" if kind == "floor" or kind in _REVERSE_PROTOTYPES else kind
+    truncate = config["truncate"]
+    full_rmd = kind in ("reverse", "checkpointed") and truncate == config["steps"]
+    if kind == "forward" or full_rmd:
+        truncate = None
+    hg = tfb.hypergradient_fn(
+        problem.inner_loss, problem.outer_loss, steps=config["steps"], learning_rate=config["learning_rate"],
+        truncate=truncate, estimator=engine_estimator, jit_compile=True,
+    )
+    args = (problem.params, problem.hparams, problem.inner_batch, problem.outer_batch)
+    floor = lambda: hg.solve(*args[:3])  # noqa: E731
+    if kind == "floor":
+        return floor, floor
+    if kind == "reverse_autodiff":
+        compute = autodiff_hypergradient_fn(hg)
+        return (lambda: compute(*args)), floor
+    return (lambda: hg(*args)), floor
+
+
+def measure(config: dict) -> dict:
+    """Times and memory of one configuration (call in a fresh process)."""
+    problem = hypercleaning_problem(
+        config["num_examples"], config["num_features"], config["num_classes"], config["seed"],
+        num_hparams=config["forward_hparams"] if config["estimator"] == "forward" else None,
+    )
+    _block(tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
+    with PeakMemory() as first_memory:
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn, floor = build(config, problem)
+        first_out = _block(fn())
+        first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
+    with PeakMemory() as steady_memory:
+        warm, _ = _timed(fn)
+    is_floor = config["estimator"] == "floor"
+    floor_first = first if is_floor else _timed(floor)[0]
+
+    estimate = warm.wall + (0.0 if is_floor else _timed(floor)[0].wall)
+    repeats = max(min(config["repeats"], int(config["max_seconds"] // max(estimate, 1e-9))), min(3, config["repeats"]))
+    times, floor_times = [], []
+    for _ in range(repeats):  # alternate, so that a change of machine load hits both alike
+        if not is_floor:
+            floor_times.append(_timed(floor)[0])
+        times.append(_timed(fn)[0])
+    floor_times = floor_times or times
+    median = Timing(*(statistics.median(t[i] for t in times) for i in range(2)))
+    floor_median = Timing(*(statistics.median(t[i] for t in floor_times) for i in range(2)))
+    fastest, floor_fastest = min(t.wall for t in times), min(t.wall for t in floor_times)
+
+    if is_floor:
+        outer_value, hypergrad_norm = None, None
+    else:
+        outer_value, hypergrad = float(first_out[0]), first_out[1:]
+        hypergrad_norm = float(np.sqrt(sum(np.sum(np.square(h, dtype=np.float64)) for h in hypergrad)))
+    num_params = int(problem.params.shape.num_elements())
+    states = stored_states(config)
+    return {
+        **config,
+        "repeats": repeats,
+        "times_seconds": [t.wall for t in times],
+        "cpu_times_seconds": [t.cpu for t in times],
+        "floor_times_seconds": [t.wall for t in floor_times],
+        "floor_cpu_times_seconds": [t.cpu for t in floor_times],
+        "median_seconds": median.wall,
+        "floor_median_seconds": floor_median.wall,
+        "time_over_floor": median.wall / floor_median.wall,
+        "min_time_over_floor": fastest / floor_fastest,
+        "cpu_over_floor": median.cpu / floor_median.cpu,
+        "first_call_seconds": first.wall,
+        "compile_seconds": max(first.wall - median.wall, 0.0),
+        "compile_cpu_seconds": max(first.cpu - median.cpu, 0.0),
+        "floor_compile_seconds": max(floor_first.wall - floor_median.wall, 0.0),
+        "rss_before_bytes": first_memory.rss_before,
+        "process_peak_growth_bytes": first_memory.process_peak_growth,
+        "first_call_allocator_peak_growth_bytes": first_memory.allocator_peak_growth,
+        "allocator_peak_growth_bytes": steady_memory.allocator_peak_growth,
+        "stored_states": states,
+        "stored_state_bytes": None if states is None else states * num_params * 4,
+        "num_params": num_params,
+        "num_hparams": int(problem.hparams.shape.num_elements()),
+        "outer_value": outer_value,
+        "hypergrad_norm": hypergrad_norm,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# The driver: one subprocess per configuration, then the table, JSON and figure.
+# ----------------------------------------------------------------------------------------
+
+
+def configurations(settings: dict) -> list[dict]:
+    base = {key: settings[key] for key in (
+        "num_examples", "num_features", "num_classes", "learning_rate", "repeats", "seed", "forward_hparams",
+    )}
+    base["max_seconds"] = settings["max_seconds_per_config"]
+    wanted = settings["estimators"]
+    configs = []
+
+    def add(estimator: str, T: int, K: Optional[int], label: str) -> None:
+        if estimator in wanted:
+            configs.append({**base, "estimator": estimator, "steps": T, "truncate": K, "label": label})
+
+    for T in settings["steps"]:
+        full_ok = T <= settings["max_full_steps"]
+        truncations = sorted(k for k in settings["truncate"] if k < T)
+        add("floor", T, None, "floor (hg.solve)")
+        for K in truncations:
+            add("reverse", T, K, f"reverse K={K}")
+        if full_ok:
+            add("reverse", T, T, f"reverse full K=T={T}")
+            add("checkpointed", T, T, f"checkpointed full K=T={T}")
+        if T <= settings["max_forward_steps"]:
+            add("forward", T, None, f"forward N={settings['forward_hparams']}")
+        add("implicit_cg", T, settings["cg_iterations"], f"implicit_cg K={settings['cg_iterations']}")
+        for K in truncations + ([T] if full_ok else []):
+            add("reverse_autodiff", T, K, f"reverse_autodiff K={K}" + (" (full)" if K == T else ""))
+    return configs
+
+
+def run_worker(config: dict, timeout: float) -> dict:
+    """Measures `config` in a fresh Python process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = [sys.executable, "-m", "experiments.benchmark", f"--worker={json.dumps(config)}"]
+    try:
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**config, "error": f"timed out after {timeout:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    return {**config, "error": f"worker exited with {done.returncode}: {done.stderr.strip()[-2000:]}"}
+
+
+def _mb(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def format_table(results: list[dict]) -> str:
+    header = ("| T | configuration | median s | × floor | × floor (min) | × floor (CPU) | compile s (CPU s) "
+              "| RSS peak MB | alloc peak MB | stored MB |")
+    lines = [header, "|" + "---|" * 10]
+    for r in results:
+        if "error" in r:
+            message = r["error"].strip().splitlines()[-1][:80] if r["error"].strip() else "?"
+            lines.append(f"| {r['steps']} | {r['label']} | ERROR: {message} |" + " |" * 7)
+            continue
+        lines.append(
+            f"| {r['steps']} | {r['label']} | {r['median_seconds']:.3f} | {r['time_over_floor']:.2f} | "
+            f"{r['min_time_over_floor']:.2f} | {r['cpu_over_floor']:.2f} | "
+            f"{r['compile_seconds']:.1f} ({r['compile_cpu_seconds']:.1f}) | {_mb(r['process_peak_growth_bytes'])} | "
+            f"{_mb(r['allocator_peak_growth_bytes'])} | {_mb(r['stored_state_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _find(results, estimator, T, K=None):
+    for r in results:
+        if r["estimator"] == estimator and r["steps"] == T and (K is None or r["truncate"] == K) and "error" not in r:
+            return r
+    return None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def summarize(results: list[dict], settings: dict) -> dict:
+    """Ratios vs the targets, memory at the largest vs the smallest T, compile time."""
+    steps = sorted(settings["steps"])
+    time_checks = []
+    for T in steps:
+        for r in results:
+            if r["steps"] != T or "error" in r or r["estimator"] not in ("reverse",) + _REVERSE_PROTOTYPES:
+                continue
+            K = r["truncate"]
+            target = 2.5 if K == T else 1.15 if K <= 5 else 1.5 if K <= 25 else None
+            if target is not None:
+                time_checks.append({
+                    "label": r["label"], "steps": T, "truncate": K, "target": target,
+                    "time_over_floor": r["time_over_floor"], "met": r["time_over_floor"] <= target,
+                    "cpu_over_floor": r["cpu_over_floor"], "met_cpu": r["cpu_over_floor"] <= target,
+                })
+
+    memory = {}
+    if len(steps) >= 2:
+        small, large = steps[0], steps[-1]
+        krmd = []
+        for K in sorted(settings["truncate"]):
+            # K = small is full RMD at T = small: the same K stored states as K-RMD at T = large.
+            a, b = _find(results, "reverse", small, K), _find(results, "reverse", large, K)
+            if a is None or b is None or K > small:
+                continue
+            entry = {"truncate": K, f"T={small}": {}, f"T={large}": {}}
+            for key in ("allocator_peak_growth_bytes", "process_peak_growth_bytes"):
+                entry[f"T={small}"][key], entry[f"T={large}"][key] = a[key], b[key]
+                ratio = _ratio(b[key], a[key])
+                entry[key.replace("_bytes", "_ratio")] = ratio
+                entry[key.replace("_bytes", "_within_10pct")] = (
+                    None if ratio is None else abs(ratio - 1) <= MEMORY_TOLERANCE
+                )
+            krmd.append(entry)
+        full = {}
+        a, b = _find(results, "reverse", small, small), _find(results, "reverse", large, large)
+        if a and b:
+            for key in ("allocator_peak_growth_bytes", "process_peak_growth_bytes"):
+                full[key.replace("_bytes", "_ratio")] = _ratio(b[key], a[key])
+                full[key.replace("_bytes", "_increase_bytes")] = (
+                    None if a[key] is None or b[key] is None else b[key] - a[key]
+                )
+            full["expected_increase_bytes"] = (large - small) * a["num_params"] * 4
+        memory = {"krmd_large_vs_small_T": krmd, "full_rmd_growth": full, "small_T": small, "large_T": large}
+
+    compile_checks = []
+    T0 = steps[0]
+    for estimator in ("reverse",):
+        full = _find(results, estimator, T0, T0)
+        if full is not None:
+            compile_checks.append({
+                "label": full["label"], "steps": T0, "target": COMPILE_TARGET_SECONDS,
+                "compile_seconds": full["compile_seconds"], "met": full["compile_seconds"] <= COMPILE_TARGET_SECONDS,
+                "compile_cpu_seconds": full["compile_cpu_seconds"],
+                "met_cpu": full["compile_cpu_seconds"] <= COMPILE_TARGET_SECONDS,
+            })
+    return {"time_vs_targets": time_checks, "memory": memory, "compile_full_rmd": compile_checks}
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["", "Time / floor vs targets (K<=5: 1.15, K=25: 1.5, full: 2.5), median wall time [median CPU time]:"]
+    for c in summary["time_vs_targets"]:
+        lines.append(
+            f"  T={c['steps']:<5} {c['label']:<32} {c['time_over_floor']:.2f} <= {c['target']}: "
+            f"{'met' if c['met'] else 'MISSED'}   [{c['cpu_over_floor']:.2f}: {'met' if c['met_cpu'] else 'MISSED'}]"
+        )
+    memory = summary["memory"]
+    if memory:
+        small, large = memory["small_T"], memory["large_T"]
+        lines.append(f"K-RMD peak memory, T={large} / T={small} (target within 10%: Table 1, O(MK)):")
+        for e in memory["krmd_large_vs_small_T"]:
+            alloc = e["allocator_peak_growth_ratio"]
+            proc = e["process_peak_growth_ratio"]
+            lines.append(
+                f"  K={e['truncate']:<4} allocator {_fmt(alloc)} ({_ok(e['allocator_peak_growth_within_10pct'])}), "
+                f"process RSS {_fmt(proc)} ({_ok(e['process_peak_growth_within_10pct'])})"
+            )
+        full = memory["full_rmd_growth"]
+        if full:
+            lines.append(
+                f"Full RMD T={small} -> T={large}: allocator ×{_fmt(full['allocator_peak_growth_ratio'])} "
+                f"(+{_mb(full['allocator_peak_growth_increase_bytes'])} MB, "
+                f"expected +{_mb(full['expected_increase_bytes'])} MB "
+                f"of stored states), process RSS ×{_fmt(full['process_peak_growth_ratio'])}"
+            )
+    for c in summary["compile_full_rmd"]:
+        lines.append(
+            f"Compile time, {c['label']}: {c['compile_seconds']:.2f} s wall ({_ok(c['met'])}), "
+            f"{c['compile_cpu_seconds']:.2f} s CPU ({_ok(c['met_cpu'])}); target <= {c['target']} s"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _ok(flag: Optional[bool]) -> str:
+    return "n/a" if flag is None else "met" if flag else "MISSED"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
+    for estimator, marker in (("reverse", "o"), ("reverse_autodiff", "s")):
+        for T in sorted({r["steps"] for r in results}):
+            rows = sorted((r for r in results if r["estimator"] == estimator and r["steps"] == T and "error" not in r),
+                          key=lambda r: r["truncate"])
+            if not rows:
+                continue
+            Ks = [r["truncate"] for r in rows]
+            # CPU time: the wall-time ratio is distorted by other processes on a shared machine.
+            ax_time.plot(Ks, [r["cpu_over_floor"] for r in rows], marker=marker, label=f"{estimator} T={T}")
+            mem = [r["allocator_peak_growth_bytes"] for r in rows]
+            if all(m is not None for m in mem):
+                ax_mem.plot(Ks, [m / 2**20 for m in mem], marker=marker, label=f"{estimator} T={T}")
+    ax_mem.set_yscale("log")
+    for ax, ylabel in ((ax_time, "time / floor (median CPU time)"), (ax_mem, "allocator peak growth (MB)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("K (back-propagated steps)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("K-RMD cost vs K (hypercleaning-sized problem)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def settings_from_flags() -> dict:
+    settings = {
+        "steps": [int(s) for s in FLAGS.steps],
+        "truncate": [int(k) for k in FLAGS.truncate],
+        "estimators": list(FLAGS.estimators),
+        "num_examples": FLAGS.num_examples,
+        "num_features": FLAGS.num_features,
+        "num_classes": FLAGS.num_classes,
+        "learning_rate": FLAGS.learning_rate,
+        "repeats": FLAGS.repeats,
+        "max_seconds_per_config": FLAGS.max_seconds_per_config,
+        "forward_hparams": FLAGS.forward_hparams,
+        "cg_iterations": FLAGS.cg_iterations,
+        "max_full_steps": FLAGS.max_full_steps,
+        "max_forward_steps": FLAGS.max_forward_steps,
+        "seed": FLAGS.seed,
+        "quick": FLAGS.quick,
+    }
+    if FLAGS.quick:  # tiny problem; explicit --steps/--truncate/--estimators still apply
+        settings.update(num_examples=48, num_features=9, num_classes=3, repeats=2, forward_hparams=2, cg_iterations=3)
+        if not FLAGS["steps"].present:
+            settings["steps"] = [4, 8]
+        if not FLAGS["truncate"].present:
+            settings["truncate"] = [1, 2, 4]
+    unknown = sorted(set(settings["estimators"]) - set(ESTIMATORS))
+    if unknown:
+        raise app.UsageError(f"--estimators: unknown {unknown}; choose from {ESTIMATORS}")
+    for name in ("steps", "truncate"):
+        if any(v < 1 for v in settings[name]):
+            raise app.UsageError(f"--{name} must be positive integers, got {settings[name]}")
+    if settings["forward_hparams"] > settings["num_examples"]:
+        raise app.UsageError("--forward_hparams cannot exceed --num_examples")
+    return settings
+
+
+def define_flags() -> None:
+    """Defines the program's flags (called under __main__, so importing the module defines none)."""
+    flags.DEFINE_list("steps", ["100", "1000"], "Numbers T of inner steps.")
+    flags.DEFINE_list("truncate", ["1", "5", "25", "100"], "K of K-RMD (K < T; full RMD K = T is always added).")
+    flags.DEFINE_list("estimators", list(ESTIMATORS), f"Configurations to run, from {ESTIMATORS}.")
+    flags.DEFINE_integer("num_examples", 5000, "Training (= validation) examples; N = num_examples.")
+    flags.DEFINE_integer("num_features", 785, "Input features, including the constant 1.")
+    flags.DEFINE_integer("num_classes", 10, "Classes (rows of W).")
+    flags.DEFINE_float("learning_rate", 1.0, "Inner step size γ.")
+    flags.DEFINE_integer("repeats", 5, "Timed calls per configuration after warm-up (median reported).")
+    flags.DEFINE_float("max_seconds_per_config", 900.0, "Fewer repeats (at least 3) for slower configurations.")
+    flags.DEFINE_integer("forward_hparams", 8, "N for forward mode: λ restricted to the first N example weights.")
+    flags.DEFINE_integer("cg_iterations", 25, "CG iterations of implicit_cg.")
+    flags.DEFINE_integer("max_full_steps", 1000, "Run full RMD (reverse, checkpointed, autodiff) only for T <= this.")
+    flags.DEFINE_integer("max_forward_steps", 1000, "Run forward mode only for T <= this.")
+    flags.DEFINE_integer("worker_timeout", 7200, "Seconds before a configuration's process is killed.")
+    flags.DEFINE_bool("quick", False, "Tiny sizes and budgets, to test the program.")
+    flags.DEFINE_string("output_dir", "out/benchmark", "Where results.json and benchmark.png are written.")
+    flags.DEFINE_integer("seed", 0, "Seed of the random data.")
+    flags.DEFINE_string("worker", None, "Internal: JSON configuration to measure in this process.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.worker is not None:
+        print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.worker))), flush=True)
+        return
+
+    settings = settings_from_flags()
+    machine = machine_info()
+    configs = configurations(settings)
+    output_dir = Path(FLAGS.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{len(configs)} configurations, one fresh process each; machine: {machine['platform']}, "
+          f"{machine['cpu_count']} CPUs, TF {machine['tensorflow']}", flush=True)
+    results = []
+    started = time.perf_counter()
+    for i, config in enumerate(configs, 1):
+        print(f"[{i}/{len(configs)}] T={config['steps']} {config['label']} ...", end=" ", flush=True)
+        result = run_worker(config, FLAGS.worker_timeout)
+        results.append(result)
+        if "error" in result:
+            print(f"ERROR {result['error'].splitlines()[-1] if result['error'] else ''}", flush=True)
+        else:
+            print(f"{result['median_seconds']:.3f} s = {result['time_over_floor']:.2f}× floor "
+                  f"(CPU {result['cpu_over_floor']:.2f}×), "
+                  f"compile {result['compile_seconds']:.1f} s, "
+                  f"alloc peak {_mb(result['allocator_peak_growth_bytes'])} MB "
+                  f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
+
+    machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    summary = summarize(results, settings)
+    table = format_table(results)
+    print()
+    print(table)
+    print(format_summary(summary))
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": settings,
+        "problem": {
+            "description": "hypercleaning-sized random problem (paper §4.2.1): g = mean σ(λ_i) CE + 0.001‖W‖², "
+                           "f = mean validation CE, gradient descent",
+            "num_params": settings["num_classes"] * settings["num_features"],
+            "num_hparams": settings["num_examples"],
+            "forward_mode": f"λ restricted to the first {settings['forward_hparams']} example weights, "
+                            "the others frozen (same M and inner cost)",
+            "dtype": "float32",
+            "jit_compile": True,
+        },
+        "results": results,
+        "summary": summary,
+        "table": table,
+    }
+    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
+    plot(results, output_dir / "benchmark.png")
+    print(f"\nwrote {output_dir / 'results.json'} and {output_dir / 'benchmark.png'}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
