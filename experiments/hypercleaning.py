@@ -1,0 +1,878 @@
+r"""Data hypercleaning on MNIST with K-RMD (paper §4.2.1: Table 2, Fig. 5; appendix G.1).
+
+A linear classifier W ∈ R^{10×785} (784 pixels in [0, 1] plus a constant 1) is trained on 5000
+class-balanced MNIST examples whose labels were replaced by uniformly random ones with
+probability ½. Every training example i has a weight σ(λ_i), λ ∈ R^5000, tuned to minimize the
+cross-entropy of ŵ(λ) on 5000 clean validation examples:
+
+    g(W, λ) = (1/n) [ Σ_i −σ(λ_i) log softmax(W x_i)[y_i] + ρ ‖W‖²_F ],   ρ = 0.001, n = 5000
+    f(W)    = (1/m) Σ_j −log softmax(W x_j)[y_j]                          (∇λ f = 0)
+    ŵ(λ)    = w_T: T = 100 steps of gradient descent on g, γ = 1, w_0 = 0.
+
+Scaling of g. The paper prints the plain sum Σ_i with γ = 1, which diverges at once (the
+curvature of the summed data term is ≈ n · 0.1 · ½ · λ_max(E x xᵀ) ≈ 10⁴ at W = 0). We divide
+the WHOLE paper objective by n (`--loss_normalization=mean_all`, default): the data term is the
+mean over the n training examples and the regularizer is scaled too (ρ/n = 2·10⁻⁷). This is the
+paper's g, unchanged up to a constant factor, with GD step γ = 1 on g/n, i.e. step 1/n on the
+printed sum: same minimizer, same trajectory. The alternative that keeps ρ = 0.001 next to the
+mean data term (`--loss_normalization=mean`) regularizes more and reproduces Table 2 less well:
+its validation loss plateaus ≈ 0.02 higher (0.405 vs 0.389 for K = T, 0.438 vs 0.419 for K = 1
+at comparable budgets; RESULTS.md). `sum` is the formula as printed (use a step ≈ 1/n).
+
+Hypergradients: `tf_bilevel.hypergradient_fn(..., truncate=K)` — K-RMD, Eq. 8, back-propagating
+through the last K of the T steps (K = T is full RMD, Eq. 6). The cross-entropy is built from
+`tf.nn.log_softmax` (the fused softmax-CE op has no second derivative in TF). A hyper-iteration
+(T inner steps, the K-step backward pass and the outer Adam update of λ) is ONE XLA-compiled
+call (`hg.compute` inside `tf.function(jit_compile=True)`); data are arguments, so nothing is
+retraced (tracing counts go to results.json).
+
+Outer optimizer: Adam on λ, 1000 hyper-iterations, λ_0 = 0 (σ = ½: every example starts with
+the same weight; the paper states no other start). Appendix G.1 tunes the initial meta learning
+rate η0 per K "so that the norm of the initial update was roughly the same for each K": here
+η0(K) = --first_update_norm / ‖u_K‖, where u_K is Adam's first update with learning rate 1
+applied to h_{T−K}(λ_0). Adam's first step is ≈ η0·sign(h) (elementwise normalization), so η0
+ends up nearly the same for every K; the tuning matters only through Adam's ε and coordinates
+whose hypergradient is exactly 0. The default target √n (η0 ≈ 1) is the one that reproduces the
+appendix's observations: F1 converged by 150 hyper-iterations and insensitive to the threshold
+(at 150 hyper-iterations, K = 1: η0 ≈ 0.1 gives F1 0.72 at τ = −3, still rising; η0 ≈ 0.3
+gives 0.74 / 0.85 / 0.93 at τ = −4 / −3 / −1; η0 ≈ 1 gives 0.90 / 0.91 / 0.91; RESULTS.md).
+`--outer_lr` fixes η0 for every K instead.
+
+Metrics (Table 2; ground truth of F1 = examples whose label actually changed, i.e. replaced and
+not redrawn as the true label; the replaced-set F1 is in results.json too):
+  * test accuracy (the 60000 MNIST images outside train/val: 50000 of the training split plus
+    the 10000 test images), validation accuracy and loss f, at ŵ(λ_R) after R hyper-iterations;
+  * F1 of flagging example i as corrupted when λ_i < τ, τ ∈ {−4, −3, −1} (τ = −3 ⇔ σ(λ_i) < σ(−3)
+    ≈ 0.047 is the Table 2 column, the others appendix G.1);
+  * wall and CPU seconds per hyper-iteration (median after the compiling first one), and peak
+    memory per K, measured in a FRESH subprocess per K (and one for `hg.solve` alone, the floor):
+    the peak of TF's CPU allocator during steady-state hyper-iterations (the working set: data
+    excluded, stored states included), the RSS high-water-mark growth of the first call (trace +
+    XLA compile + run; VmHWM reset through /proc/self/clear_refs), and the K·M·4 stored bytes;
+  * Fig. 5: ‖d_λ f‖ of the EXACT (full-RMD) hypergradient at the K-RMD iterates λ_k, every
+    --exact_every hyper-iterations (every one for K = T, where it is the K-RMD estimate itself).
+
+Usage:
+  python -m experiments.hypercleaning --preset=readme      # K ∈ {1, 5, 100}, 100 hyper-iterations
+  python -m experiments.hypercleaning                      # the paper: K ∈ {1,5,25,50,100}, R = 1000
+  python -m experiments.hypercleaning --hyper_iterations=300 --truncate=1,5,100
+  python -m experiments.hypercleaning --quick              # tiny budget (tests)
+Data: MNIST through tensorflow-datasets; offline, the IDX files of --mnist_dir (default: the
+shared folder of this project if present) are prepared by a local tfds builder
+(experiments/datasets.py). Without data or network the program exits with an error in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras  # noqa: E402
+import tf_bilevel as tfb  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NORMALIZATIONS = ("mean", "mean_all", "sum")
+PROBE_MARKER = "HYPERCLEANING_MEMORY_PROBE "
+
+# Table 2 (after 1000 hyper-iterations) and the appendix G.1 F1 table (150 hyper-iterations).
+PAPER_TABLE2 = {
+    1: dict(test_accuracy=87.50, val_accuracy=89.32, val_loss=0.413, f1=0.85),
+    5: dict(test_accuracy=88.05, val_accuracy=89.90, val_loss=0.383, f1=0.89),
+    25: dict(test_accuracy=88.12, val_accuracy=89.94, val_loss=0.382, f1=0.89),
+    50: dict(test_accuracy=88.17, val_accuracy=90.18, val_loss=0.381, f1=0.89),
+    100: dict(test_accuracy=88.33, val_accuracy=90.24, val_loss=0.380, f1=0.88),
+}
+PAPER_F1_THRESHOLDS = {  # K -> {threshold: F1}
+    1: {-4.0: 0.84, -3.0: 0.84, -1.0: 0.84},
+    5: {-4.0: 0.89, -3.0: 0.89, -1.0: 0.90},
+    25: {-4.0: 0.89, -3.0: 0.89, -1.0: 0.89},
+    50: {-4.0: 0.89, -3.0: 0.89, -1.0: 0.89},
+    100: {-4.0: 0.89, -3.0: 0.89, -1.0: 0.89},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's settings are the defaults of Config.
+    "paper": {},
+    # The README's first command: a real result in a few minutes on 2 CPU cores.
+    "readme": dict(truncate=(1, 5, 100), hyper_iterations=100, exact_every=10, eval_every=10),
+    # Tests: a small problem, a handful of hyper-iterations.
+    "quick": dict(truncate=(1, 5, 100), hyper_iterations=12, n_train=1000, n_val=1000, exact_every=4,
+                  eval_every=4, measure_memory=False, timing_rounds=2),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration.
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Config:
+    output_dir: str = "out/hypercleaning"
+    truncate: Sequence[int] = (1, 5, 25, 50, 100)
+    hyper_iterations: int = 1000
+    inner_steps: int = 100
+    inner_lr: float = 1.0
+    regularization: float = 0.001
+    loss_normalization: str = "mean_all"
+    first_update_norm: Optional[float] = None  # None: √n_train (η0 ≈ 1)
+    outer_lr: Optional[float] = None  # fixed η0 for every K (disables the per-K tuning)
+    adam_epsilon: float = 1e-8
+    init_lambda: float = 0.0
+    corruption: float = 0.5
+    n_train: int = 5000
+    n_val: int = 5000
+    seed: int = 0
+    f1_thresholds: Sequence[float] = (-4.0, -3.0, -1.0)
+    table_threshold: float = -3.0
+    exact_every: int = 25
+    eval_every: int = 25
+    measure_memory: bool = True
+    memory_probe_calls: int = 3
+    timing_rounds: int = 5
+    mnist_dir: Optional[str] = None
+    data_dir: Optional[str] = None
+    jit_compile: bool = True
+    preset: str = ""
+
+    def validated(self) -> "Config":
+        cfg = dataclasses.replace(self)
+        cfg.truncate = sorted({int(k) for k in cfg.truncate})
+        T = cfg.inner_steps
+        if T < 1:
+            raise ValueError(f"--inner_steps must be >= 1, got {T}")
+        bad = [k for k in cfg.truncate if not 1 <= k <= T]
+        if not cfg.truncate or bad:
+            raise ValueError(f"--truncate: every K must satisfy 1 <= K <= inner_steps={T} (K = T is full RMD); "
+                             f"got {bad or 'nothing'}")
+        if cfg.hyper_iterations < 1:
+            raise ValueError(f"--hyper_iterations must be >= 1, got {cfg.hyper_iterations}")
+        if cfg.loss_normalization not in NORMALIZATIONS:
+            raise ValueError(f"--loss_normalization must be one of {NORMALIZATIONS}, got {cfg.loss_normalization!r}")
+        for name in ("n_train", "n_val"):
+            value = getattr(cfg, name)
+            if value < 10 or value % 10:
+                raise ValueError(f"--{name} must be a positive multiple of 10 (class-balanced), got {value}")
+        if not 0.0 <= cfg.corruption <= 1.0:
+            raise ValueError(f"--corruption is a probability in [0, 1], got {cfg.corruption}")
+        if not cfg.inner_lr > 0:
+            raise ValueError(f"--inner_lr must be > 0, got {cfg.inner_lr}")
+        if cfg.first_update_norm is None:
+            cfg.first_update_norm = math.sqrt(cfg.n_train)
+        if not cfg.first_update_norm > 0:
+            raise ValueError(f"--first_update_norm must be > 0, got {cfg.first_update_norm}")
+        if cfg.outer_lr is not None and not cfg.outer_lr > 0:
+            raise ValueError(f"--outer_lr must be > 0 (or unset to tune η0 per K), got {cfg.outer_lr}")
+        cfg.f1_thresholds = sorted({float(t) for t in cfg.f1_thresholds} | {float(cfg.table_threshold)})
+        if cfg.exact_every < 0 or cfg.eval_every < 1:
+            raise ValueError("--exact_every must be >= 0 (0: only at the start and the end) and --eval_every >= 1")
+        return cfg
+
+
+def apply_preset(cfg: Config, preset: str, explicit: Sequence[str] = ()) -> Config:
+    """`cfg` with the preset's values, except for the fields in `explicit` (set by the user)."""
+    if preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    values = {k: v for k, v in PRESETS[preset].items() if k not in explicit}
+    return dataclasses.replace(cfg, preset=preset, **values)
+
+
+# ----------------------------------------------------------------------------------------
+# The problem.
+# ----------------------------------------------------------------------------------------
+def cross_entropy(W: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """Per-example −log softmax(W x)[y]. log_softmax + one-hot, not the fused sparse softmax
+    CE op, whose second derivative TF disables; one-hot (not gather) keeps the backward pass
+    free of scatter ops, which XLA on CPU runs slowly."""
+    log_probs = tf.nn.log_softmax(tf.matmul(x, W, transpose_b=True))
+    return -tf.reduce_sum(tf.one_hot(y, tf.shape(W)[0], dtype=log_probs.dtype) * log_probs, axis=1)
+
+
+def make_losses(regularization: float, normalization: str, n_train: int) -> tuple[Callable, Callable]:
+    """(inner g(W, λ, batch), outer f(W, λ, batch)) of §4.2.1, scaled as `normalization` says."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    data_scale = 1.0 if normalization == "sum" else 1.0 / n_train
+    reg = regularization / n_train if normalization == "mean_all" else regularization
+
+    def inner_loss(W, lam, batch):
+        x, y = batch
+        weighted = tf.reduce_sum(tf.sigmoid(lam) * cross_entropy(W, x, y))
+        return data_scale * weighted + reg * tf.reduce_sum(tf.square(W))
+
+    def outer_loss(W, lam, batch):
+        x, y = batch
+        return tf.reduce_mean(cross_entropy(W, x, y))
+
+    return inner_loss, outer_loss
+
+
+class Problem(NamedTuple):
+    inner_loss: Callable
+    outer_loss: Callable
+    w0: tf.Tensor
+    train: tuple  # (x [n, 785] float32, y [n] int32), noisy labels
+    val: tuple
+    corrupted: np.ndarray  # [n] bool: label changed
+    replaced: np.ndarray  # [n] bool: label redrawn (may equal the true one)
+    x_test: Optional[np.ndarray]
+    y_test: Optional[np.ndarray]
+
+
+def build_problem(cfg: Config, arrays: dict) -> Problem:
+    """The tensors of the problem from hypercleaning-split arrays (x_train, y_train, ...)."""
+    num_classes = int(max(arrays["y_train"].max(), arrays["y_val"].max())) + 1
+    num_features = arrays["x_train"].shape[1]
+    inner_loss, outer_loss = make_losses(cfg.regularization, cfg.loss_normalization, len(arrays["y_train"]))
+    as_batch = lambda x, y: (tf.constant(x, tf.float32), tf.constant(y, tf.int32))  # noqa: E731
+    return Problem(
+        inner_loss, outer_loss,
+        w0=tf.zeros((num_classes, num_features), tf.float32),
+        train=as_batch(arrays["x_train"], arrays["y_train"]),
+        val=as_batch(arrays["x_val"], arrays["y_val"]),
+        corrupted=np.asarray(arrays["corrupted"], bool),
+        replaced=np.asarray(arrays["replaced"], bool),
+        x_test=arrays.get("x_test"),
+        y_test=arrays.get("y_test"),
+    )
+
+
+def load_split(cfg: Config) -> tuple[dict, dict]:
+    """The hypercleaning split (arrays) and a description of the data. Raises
+    `datasets.DataUnavailableError` within seconds when there is no data and no network."""
+    from experiments import datasets
+
+    data = datasets.load_image_classification("mnist", data_dir=cfg.data_dir, local_dir=cfg.mnist_dir)
+    split = datasets.hypercleaning_split(
+        *data["train"], *data["test"], n_train=cfg.n_train, n_val=cfg.n_val, corruption=cfg.corruption,
+        seed=cfg.seed, num_classes=10,
+    )
+    arrays = split._asdict()
+    info = {
+        "dataset": "mnist (tensorflow-datasets)",
+        "mnist_dir": cfg.mnist_dir,
+        "data_dir": cfg.data_dir or datasets.default_data_dir(),
+        "n_train": int(len(split.y_train)),
+        "n_val": int(len(split.y_val)),
+        "n_test": int(len(split.y_test)),
+        "n_replaced": int(split.replaced.sum()),
+        "n_corrupted": int(split.corrupted.sum()),
+        "num_features": int(split.x_train.shape[1]),
+    }
+    return arrays, info
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics.
+# ----------------------------------------------------------------------------------------
+def flag_scores(lam: np.ndarray, corrupted: np.ndarray, threshold: float) -> dict:
+    """Precision, recall and F1 of flagging example i as corrupted when λ_i < threshold
+    (σ(λ_i) < σ(threshold)); F1 = 2·TP / (2·TP + FP + FN), 0 when nothing is flagged or corrupted."""
+    flagged = np.asarray(lam) < threshold
+    corrupted = np.asarray(corrupted, bool)
+    tp = int(np.sum(flagged & corrupted))
+    fp = int(np.sum(flagged & ~corrupted))
+    fn = int(np.sum(~flagged & corrupted))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "flagged": tp + fp, "tp": tp, "fp": fp, "fn": fn}
+
+
+def accuracy(W: np.ndarray, x: np.ndarray, y: np.ndarray, chunk: int = 20000) -> float:
+    correct = 0
+    for start in range(0, len(x), chunk):
+        logits = x[start:start + chunk] @ W.T
+        correct += int(np.sum(np.argmax(logits, axis=1) == y[start:start + chunk]))
+    return correct / len(x)
+
+
+def global_norm(x: Any) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in tf.nest.flatten(x))))
+
+
+# ----------------------------------------------------------------------------------------
+# One K: the compiled hyper-iteration and its loop.
+# ----------------------------------------------------------------------------------------
+def make_hypergradient(problem: Problem, cfg: Config, truncate: Optional[int]) -> tfb.Hypergradient:
+    return tfb.hypergradient_fn(
+        problem.inner_loss, problem.outer_loss, steps=cfg.inner_steps, learning_rate=cfg.inner_lr,
+        truncate=truncate, jit_compile=cfg.jit_compile,
+    )
+
+
+def unit_lr_first_update_norm(hypergrad: tf.Tensor, epsilon: float) -> float:
+    """‖first Adam update‖ with learning rate 1 for gradient `hypergrad` (applied to a scratch
+    variable with the same optimizer class, so ε and bias correction are exactly Adam's)."""
+    scratch = tf.Variable(tf.zeros_like(hypergrad))
+    optimizer = keras.optimizers.Adam(1.0, epsilon=epsilon)
+    optimizer.apply([hypergrad], [scratch])
+    return global_norm(scratch.numpy())
+
+
+class HyperStep:
+    """One hyper-iteration, XLA-compiled: w_T and h_{T−K}(λ_k) (Eq. 8), then λ ← Adam(λ, h)."""
+
+    def __init__(self, hg: tfb.Hypergradient, problem: Problem, lam: tf.Variable, optimizer, jit_compile: bool):
+        self.hg, self.problem, self.lam, self.optimizer = hg, problem, lam, optimizer
+        optimizer.build([lam])  # optimizer variables must exist before tracing
+        self._step = tf.function(self._hyper_step, jit_compile=jit_compile)
+
+    def _hyper_step(self, w0, train, val):
+        lam_k = tf.identity(self.lam)
+        res = self.hg.compute(w0, lam_k, train, val)
+        self.optimizer.apply([res.hypergrad], [self.lam])
+        W = res.final_params
+        x_val, y_val = val
+        predictions = tf.argmax(tf.matmul(x_val, W, transpose_b=True), axis=1, output_type=y_val.dtype)
+        val_acc = tf.reduce_mean(tf.cast(tf.equal(predictions, y_val), tf.float32))
+        return {"lam": lam_k, "val_loss": res.outer_value, "val_acc": val_acc, "W": W,
+                "hypergrad_norm": tf.norm(res.hypergrad), "nonfinite_step": res.nonfinite_step}
+
+    def __call__(self) -> dict:
+        out = self._step(self.problem.w0, self.problem.train, self.problem.val)
+        out = {k: v.numpy() for k, v in out.items()}  # also blocks until the step is done
+        if out["nonfinite_step"] >= 0:
+            raise tfb.NonFiniteError(
+                f"non-finite value in the hyper-iteration (marker {int(out['nonfinite_step'])}: inner step "
+                f"< {self.hg.steps}, {self.hg.steps} = outer loss, {self.hg.steps + 1} = hypergradient). "
+                "Lower --inner_lr or use --loss_normalization=mean.")
+        return out
+
+    @property
+    def tracing_count(self) -> int:
+        return self._step.experimental_get_tracing_count()
+
+
+class Progress:
+    """A tqdm-free progress line: redrawn in place on a terminal, one line every
+    `log_seconds` (and at the end) in a log file."""
+
+    def __init__(self, target: int, label: str, log_seconds: float = 30.0):
+        self.target, self.label = target, label
+        self.interactive = sys.stdout.isatty()
+        self.log_seconds = log_seconds
+        self.start = self.last = time.perf_counter()
+        print(label, flush=True)
+
+    def update(self, done: int, **metrics: float) -> None:
+        now = time.perf_counter()
+        final = done >= self.target
+        if not (final or self.interactive or now - self.last >= self.log_seconds):
+            return
+        if self.interactive and not final and now - self.last < 0.2:
+            return
+        self.last = now
+        rate = (now - self.start) / max(done, 1)
+        eta = rate * (self.target - done)
+        width = 24
+        filled = int(width * done / self.target)
+        text = (f"  [{'=' * filled}{'.' * (width - filled)}] {done}/{self.target} "
+                + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                + f" elapsed={now - self.start:.0f}s eta={eta:.0f}s")
+        print(("\r" + text) if self.interactive else text, end="\n" if final or not self.interactive else "",
+              flush=True)
+
+
+def run_truncation(problem: Problem, cfg: Config, truncate: int,
+                   exact_hg: tfb.Hypergradient) -> tuple[dict, HyperStep]:
+    """R hyper-iterations of K-RMD from λ_0 = init_lambda; metrics at every λ_k, k = 0..R.
+    Returns the results and the compiled step (for the interleaved timing)."""
+    T, R = cfg.inner_steps, cfg.hyper_iterations
+    n = int(problem.train[1].shape[0])
+    hg = exact_hg if truncate == T else make_hypergradient(problem, cfg, truncate)
+    lam0 = tf.fill([n], tf.constant(cfg.init_lambda, tf.float32))
+
+    # η0 for this K (appendix G.1): the first update has norm --first_update_norm.
+    _, h0 = hg(problem.w0, lam0, problem.train, problem.val)
+    unit_norm = unit_lr_first_update_norm(h0, cfg.adam_epsilon)
+    eta0 = cfg.outer_lr if cfg.outer_lr is not None else cfg.first_update_norm / unit_norm
+
+    lam = tf.Variable(lam0, name=f"lambda_K{truncate}")
+    step = HyperStep(hg, problem, lam, keras.optimizers.Adam(eta0, epsilon=cfg.adam_epsilon), cfg.jit_compile)
+
+    curves = {key: [] for key in ("val_loss", "val_accuracy", "hypergrad_norm", "f1", "precision", "recall",
+                                  "lambda_mean_corrupted", "lambda_mean_clean", "wall_seconds", "cpu_seconds")}
+    test_iters, test_acc, exact_iters, exact_norms = [], [], [], []
+    exact_seconds = 0.0
+
+    def record_lambda(k: int, lam_k: np.ndarray, W: np.ndarray) -> None:
+        scores = flag_scores(lam_k, problem.corrupted, cfg.table_threshold)
+        for key in ("f1", "precision", "recall"):
+            curves[key].append(scores[key])
+        curves["lambda_mean_corrupted"].append(float(lam_k[problem.corrupted].mean()))
+        curves["lambda_mean_clean"].append(float(lam_k[~problem.corrupted].mean()))
+        if (k % cfg.eval_every == 0 or k == R) and problem.x_test is not None:
+            test_iters.append(k)
+            test_acc.append(accuracy(W, problem.x_test, problem.y_test))
+
+    def record_exact(k: int, lam_k: np.ndarray) -> None:
+        nonlocal exact_seconds
+        start = time.perf_counter()
+        _, exact = exact_hg(problem.w0, tf.constant(lam_k), problem.train, problem.val)
+        exact_iters.append(k)
+        exact_norms.append(global_norm(exact))
+        exact_seconds += time.perf_counter() - start
+
+    bar = Progress(R, f"[hypercleaning] K={truncate}{' (full RMD)' if truncate == T else ''}: "
+                      f"{R} hyper-iterations, eta0={eta0:.4g}")
+    start_total = time.perf_counter()
+    for k in range(R):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = step()
+        curves["wall_seconds"].append(time.perf_counter() - wall)
+        curves["cpu_seconds"].append(time.process_time() - cpu)
+        curves["val_loss"].append(float(out["val_loss"]))
+        curves["val_accuracy"].append(float(out["val_acc"]))
+        curves["hypergrad_norm"].append(float(out["hypergrad_norm"]))
+        record_lambda(k, out["lam"], out["W"])
+        if truncate == T:  # the step's own hypergradient is the exact one
+            exact_iters.append(k)
+            exact_norms.append(float(out["hypergrad_norm"]))
+        elif k % max(cfg.exact_every, 1) == 0 and (cfg.exact_every or k == 0):
+            record_exact(k, out["lam"])
+        steady = curves["wall_seconds"][1:] or curves["wall_seconds"]
+        bar.update(k + 1, val_loss=curves["val_loss"][-1], val_acc=curves["val_accuracy"][-1],
+                   f1=curves["f1"][-1], s_per_it=float(np.median(steady)))
+
+    # Final point λ_R: ŵ(λ_R) with the compiled inner loop alone, its metrics and exact ‖d_λ f‖.
+    lam_R = lam.numpy()
+    W_R = hg.solve(problem.w0, tf.constant(lam_R), problem.train).numpy()
+    x_val, y_val = problem.val
+    val_loss_R = float(problem.outer_loss(tf.constant(W_R), None, problem.val))
+    curves["val_loss"].append(val_loss_R)
+    curves["val_accuracy"].append(accuracy(W_R, x_val.numpy(), y_val.numpy()))
+    record_lambda(R, lam_R, W_R)
+    record_exact(R, lam_R)
+    total_seconds = time.perf_counter() - start_total
+
+    steady_wall = curves["wall_seconds"][1:] or curves["wall_seconds"]
+    steady_cpu = curves["cpu_seconds"][1:] or curves["cpu_seconds"]
+    final = {
+        "hyper_iteration": R,
+        "test_accuracy": test_acc[-1] if test_acc else None,
+        "val_accuracy": curves["val_accuracy"][-1],
+        "val_loss": val_loss_R,
+        "flagging": {str(t): flag_scores(lam_R, problem.corrupted, t) for t in cfg.f1_thresholds},
+        "flagging_vs_replaced": {str(t): flag_scores(lam_R, problem.replaced, t) for t in cfg.f1_thresholds},
+        "exact_hypergrad_norm": exact_norms[-1],
+        "lambda_mean_corrupted": curves["lambda_mean_corrupted"][-1],
+        "lambda_mean_clean": curves["lambda_mean_clean"][-1],
+    }
+    hist_edges = np.linspace(-12, 8, 81)
+    clipped = np.clip(lam_R, hist_edges[0], hist_edges[-1])
+    return {
+        "truncate": truncate,
+        "full_rmd": truncate == T,
+        "outer_lr": eta0,
+        "unit_lr_first_update_norm": unit_norm,
+        "first_update_norm": eta0 * unit_norm,
+        "initial_hypergrad_norm": global_norm(h0),
+        "final": final,
+        "timing": {
+            "seconds_per_iteration_median": float(np.median(steady_wall)),
+            "seconds_per_iteration_mean": float(np.mean(steady_wall)),
+            "cpu_seconds_per_iteration_median": float(np.median(steady_cpu)),
+            "first_iteration_seconds": curves["wall_seconds"][0],
+            "exact_hypergradient_seconds": exact_seconds,
+            "total_seconds": total_seconds,
+        },
+        "tracing_count": step.tracing_count,
+        "curves": {**curves, "test_iterations": test_iters, "test_accuracy": test_acc,
+                   "exact_iterations": exact_iters, "exact_hypergrad_norm": exact_norms},
+        "lambda_histogram": {
+            "edges": hist_edges.tolist(),
+            "corrupted": np.histogram(clipped[problem.corrupted], hist_edges)[0].tolist(),
+            "clean": np.histogram(clipped[~problem.corrupted], hist_edges)[0].tolist(),
+        },
+    }, step
+
+
+def time_interleaved(steps: dict[int, HyperStep], rounds: int) -> dict[int, dict]:
+    """Seconds per hyper-iteration of every K, timed round-robin (K1, K2, …, K1, K2, …) so that
+    a change of machine load (shared CPUs) hits every K alike; the ratios are the point."""
+    wall = {k: [] for k in steps}
+    cpu = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, step in steps.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            wall[k].append(time.perf_counter() - start_wall)
+            cpu[k].append(time.process_time() - start_cpu)
+    return {k: {"rounds": rounds, "seconds_per_iteration_median": float(np.median(wall[k])),
+                "cpu_seconds_per_iteration_median": float(np.median(cpu[k])), "wall_seconds": wall[k]}
+            for k in steps}
+
+
+# ----------------------------------------------------------------------------------------
+# Peak memory per K, each in a fresh process.
+# ----------------------------------------------------------------------------------------
+def memory_probe(cfg: Config, arrays: dict, truncate: int) -> dict:
+    """Memory of one configuration in THIS process (call it in a fresh one): truncate = 0 runs
+    `hg.solve` (T inner steps, no tape: the floor), otherwise the compiled hyper-iteration."""
+    from experiments._memory import PeakMemory, current_rss, peak_rss
+
+    problem = build_problem(cfg, arrays)
+    tf.reduce_sum(problem.train[0]).numpy()  # start the TF runtime before measuring
+    lam = tf.Variable(tf.fill([len(arrays["y_train"])], tf.constant(cfg.init_lambda, tf.float32)))
+    with PeakMemory() as first:
+        if truncate == 0:
+            hg = make_hypergradient(problem, cfg, None)
+            call = lambda: hg.solve(problem.w0, tf.identity(lam), problem.train).numpy()  # noqa: E731
+        else:
+            hg = make_hypergradient(problem, cfg, truncate)
+            call = HyperStep(hg, problem, lam, keras.optimizers.Adam(0.1, epsilon=cfg.adam_epsilon), cfg.jit_compile)
+        call()
+    with PeakMemory() as steady:
+        for _ in range(cfg.memory_probe_calls):
+            call()
+    num_params = int(problem.w0.shape.num_elements())
+    return {
+        "truncate": truncate,
+        "rss_before_bytes": first.rss_before,
+        "first_call_peak_growth_bytes": first.process_peak_growth,
+        "steady_peak_growth_bytes": steady.process_peak_growth,
+        "steady_allocator_peak_growth_bytes": steady.allocator_peak_growth,
+        "final_rss_bytes": current_rss(),
+        "process_peak_rss_bytes": peak_rss() if not first.peak_was_reset else None,
+        "stored_state_bytes": truncate * num_params * 4,
+    }
+
+
+def measure_memory(cfg: Config, arrays: dict, timeout: float = 900.0) -> dict:
+    """`memory_probe` for the floor and every K, each in a fresh subprocess."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    data_path = os.path.join(cfg.output_dir, "_memory_probe_data.npz")
+    keys = ("x_train", "y_train", "x_val", "y_val", "corrupted", "replaced")
+    np.savez(data_path, **{k: arrays[k] for k in keys})
+    probe_cfg = dataclasses.asdict(cfg)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    results = {}
+    try:
+        for truncate in [0] + list(cfg.truncate):
+            payload = json.dumps({"config": probe_cfg, "data": data_path, "truncate": truncate})
+            command = [sys.executable, "-m", "experiments.hypercleaning", f"--memory_probe={payload}"]
+            label = "floor (hg.solve)" if truncate == 0 else f"K={truncate}"
+            print(f"[hypercleaning] memory probe {label} in a fresh process", flush=True)
+            try:
+                done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                results[str(truncate)] = {"error": f"timed out after {timeout:.0f} s"}
+                continue
+            lines = [line for line in done.stdout.splitlines() if line.startswith(PROBE_MARKER)]
+            if done.returncode or not lines:
+                results[str(truncate)] = {"error": (done.stderr or done.stdout)[-2000:]}
+            else:
+                results[str(truncate)] = json.loads(lines[-1][len(PROBE_MARKER):])
+    finally:
+        os.remove(data_path)
+    return results
+
+
+# ----------------------------------------------------------------------------------------
+# Figures.
+# ----------------------------------------------------------------------------------------
+def plot_figures(results: dict, output_dir: str) -> dict:
+    from experiments import plotting
+    from experiments.plotting import plt
+
+    T = results["config"]["inner_steps"]
+    runs = results["runs"]
+    ks = sorted(int(k) for k in runs)
+    colors = plotting.truncation_colors(ks, T)
+    label = lambda k: plotting.truncation_label(k, T)  # noqa: E731
+    figures = {}
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for k in ks:
+        c = runs[str(k)]["curves"]
+        values = np.asarray(c["exact_hypergrad_norm"], np.float64)
+        keep = values > 0
+        ax.semilogy(np.asarray(c["exact_iterations"])[keep], values[keep], color=colors[k], lw=1.3, label=label(k))
+    ax.set_xlabel("hyper-iteration")
+    ax.set_ylabel(r"$\|d_\lambda f\|$ (exact, full RMD)")
+    ax.set_title("Fig. 5: hypercleaning")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    figures["fig5"] = plotting.save_figure(fig, os.path.join(output_dir, "fig5_exact_hypergradient_norm.png"), dpi=100)
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for k in ks:
+        c = runs[str(k)]["curves"]
+        x = np.arange(len(c["val_loss"]))
+        axes[0].plot(x, c["val_loss"], color=colors[k], lw=1.2, label=label(k))
+        axes[1].plot(c["test_iterations"], 100 * np.asarray(c["test_accuracy"]), color=colors[k], lw=1.2, label=label(k))
+        axes[2].plot(x, c["f1"], color=colors[k], lw=1.2, label=label(k))
+    thr = results["config"]["table_threshold"]
+    for ax, title in zip(axes, ("validation loss f", "test accuracy (%)", f"F1 of flags λ_i < {thr:g}")):
+        ax.set_title(title)
+        ax.set_xlabel("hyper-iteration")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[2].legend(fontsize=8)
+    figures["curves"] = plotting.save_figure(fig, os.path.join(output_dir, "hypercleaning_curves.png"), dpi=90)
+
+    fig, axes = plt.subplots(1, len(ks), figsize=(2.8 * len(ks), 2.8), sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], ks):
+        hist = runs[str(k)]["lambda_histogram"]
+        edges = np.asarray(hist["edges"])
+        ax.stairs(hist["clean"], edges, label="clean", color="tab:blue")
+        ax.stairs(hist["corrupted"], edges, label="corrupted", color="tab:red")
+        for t in results["config"]["f1_thresholds"]:
+            ax.axvline(t, color="gray", lw=0.8, ls=":")
+        ax.set_title(label(k), fontsize=9)
+        ax.set_xlabel(r"$\lambda_i$ (clipped to [-12, 8])")
+    axes[0][0].legend(fontsize=7)
+    axes[0][0].set_ylabel("examples")
+    figures["lambda_histograms"] = plotting.save_figure(fig, os.path.join(output_dir, "lambda_histograms.png"), dpi=80)
+    return {k: os.path.basename(v) for k, v in figures.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# The experiment.
+# ----------------------------------------------------------------------------------------
+def _environment() -> dict:
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "load_average": load,
+    }
+
+
+def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None) -> dict:
+    """Runs every K, writes results.json and the figures to cfg.output_dir, returns results."""
+    cfg = cfg.validated()
+    np.random.seed(cfg.seed)
+    tf.random.set_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    start = time.time()
+    environment = _environment()
+    if arrays is None:
+        arrays, data_info = load_split(cfg)
+    problem = build_problem(cfg, arrays)
+    print(f"[hypercleaning] {data_info}", flush=True)
+
+    exact_hg = make_hypergradient(problem, cfg, None)  # full RMD: Fig. 5, and K = T itself
+    runs, steps = {}, {}
+    for truncate in cfg.truncate:
+        runs[str(truncate)], steps[truncate] = run_truncation(problem, cfg, truncate, exact_hg)
+    if cfg.timing_rounds > 0:
+        print(f"[hypercleaning] interleaved timing: {cfg.timing_rounds} rounds over K = {cfg.truncate}", flush=True)
+        for truncate, timing in time_interleaved(steps, cfg.timing_rounds).items():
+            runs[str(truncate)]["timing"]["interleaved"] = timing
+    memory = measure_memory(cfg, arrays) if cfg.measure_memory else {}
+    environment["load_average_end"] = os.getloadavg()
+
+    results = {
+        "config": dataclasses.asdict(cfg),
+        "data": data_info,
+        "environment": environment,
+        "paper": {"table2": PAPER_TABLE2, "f1_thresholds": PAPER_F1_THRESHOLDS,
+                  "note": "Table 2 after 1000 hyper-iterations; F1-threshold table after 150 (appendix G.1)"},
+        "runs": runs,
+        "memory": memory,
+        "memory_method": (
+            "fresh subprocess per K (truncate 0 = hg.solve alone, the floor). steady_allocator_peak_growth: "
+            "peak minus current bytes of TF's CPU allocator (tf.config.experimental.get_memory_info, after "
+            "reset_memory_stats) over steady-state hyper-iterations = the working set of tensors and XLA "
+            "buffers; first_call / steady_peak_growth: process RSS high-water mark (VmHWM, reset via "
+            "/proc/self/clear_refs) minus RSS before, first call = build + trace + XLA compile + run; "
+            "stored_state_bytes = K * |W| * 4"),
+        "runtime_seconds": time.time() - start,
+    }
+    results = _jsonable(results)
+    results["figures"] = plot_figures(results, cfg.output_dir)
+    with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
+        json.dump(results, fh)
+    print(format_table(results), flush=True)
+    print(f"[hypercleaning] results.json and figures in {cfg.output_dir} ({results['runtime_seconds']:.0f} s)")
+    return results
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.ndarray, np.generic)):
+        return x.tolist()
+    return x
+
+
+def _mib(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def format_table(results: dict) -> str:
+    """Table 2 (measured | paper), F1 at the thresholds, time and memory per K, as text."""
+    runs, memory = results["runs"], results.get("memory", {})
+    R = results["config"]["hyper_iterations"]
+    thresholds = results["config"]["f1_thresholds"]
+    table_thr = str(results["config"]["table_threshold"])
+    lines = [f"Table 2 after {R} hyper-iterations (paper: 1000) — measured | paper",
+             f"{'K':>4} {'test acc %':>15} {'val acc %':>15} {'val loss':>15} {'F1':>11} "
+             f"{'s/it':>6} {'cpu s/it':>8} {'work MiB':>8}"]
+    for k, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        fin, paper = run["final"], PAPER_TABLE2.get(int(k), {})
+        pget = lambda key, fmt: format(paper[key], fmt) if key in paper else "-"  # noqa: E731
+        test = "n/a" if fin["test_accuracy"] is None else f"{100 * fin['test_accuracy']:.2f}"
+        mem = memory.get(k, {})
+        timing = run["timing"].get("interleaved", run["timing"])
+        lines.append(
+            f"{k:>4} {test:>7} | {pget('test_accuracy', '.2f'):>5} "
+            f"{100 * fin['val_accuracy']:>7.2f} | {pget('val_accuracy', '.2f'):>5} "
+            f"{fin['val_loss']:>7.3f} | {pget('val_loss', '.3f'):>5} "
+            f"{fin['flagging'][table_thr]['f1']:>4.2f} | {pget('f1', '.2f'):>4} "
+            f"{timing['seconds_per_iteration_median']:>6.3f} {timing['cpu_seconds_per_iteration_median']:>8.3f} "
+            f"{_mib(mem.get('steady_allocator_peak_growth_bytes')):>8}")
+    lines.append("F1 of flagging λ_i < τ (measured | paper, appendix G.1 after 150 hyper-iterations)")
+    lines.append(f"{'K':>4} " + " ".join(f"{'τ=' + format(t, 'g'):>12}" for t in thresholds))
+    for k, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        paper = PAPER_F1_THRESHOLDS.get(int(k), {})
+        cells = [f"{run['final']['flagging'][str(t)]['f1']:.2f} | {paper[t]:.2f}" if t in paper
+                 else f"{run['final']['flagging'][str(t)]['f1']:.2f} |   -" for t in thresholds]
+        lines.append(f"{k:>4} " + " ".join(f"{c:>12}" for c in cells))
+    if memory:
+        lines.append("Memory, fresh process per K (MiB): TF allocator peak of a steady call (working set) | "
+                     "RSS peak growth of the first call (incl. XLA compile) / of steady calls | stored states K·|W|·4")
+        for k, mem in sorted(memory.items(), key=lambda kv: int(kv[0])):
+            name = "floor" if k == "0" else f"K={k}"
+            if "error" in mem:
+                lines.append(f"  {name:>7}: error {mem['error'][-200:]}")
+            else:
+                lines.append(f"  {name:>7}: {_mib(mem['steady_allocator_peak_growth_bytes']):>6} | "
+                             f"{_mib(mem['first_call_peak_growth_bytes']):>7} / {_mib(mem['steady_peak_growth_bytes']):>5} | "
+                             f"{_mib(mem['stored_state_bytes'])}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# absl entry point. Flags are defined only when run as a program, so that importing this module
+# (tests, other programs) cannot collide with other modules' flags.
+# ----------------------------------------------------------------------------------------
+_FLAG_FIELDS = ("output_dir", "truncate", "hyper_iterations", "inner_steps", "inner_lr", "regularization",
+                "loss_normalization", "first_update_norm", "outer_lr", "adam_epsilon", "init_lambda",
+                "corruption", "n_train", "n_val", "seed", "f1_thresholds", "table_threshold", "exact_every",
+                "eval_every", "measure_memory", "memory_probe_calls", "timing_rounds", "mnist_dir", "data_dir",
+                "jit_compile")
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    d = Config()
+    flags.DEFINE_enum("preset", "paper", sorted(PRESETS),
+                      "paper: the paper's settings (defaults); readme: K in {1,5,100}, 100 hyper-iterations "
+                      "(a few minutes); quick: tiny budget for tests. Explicit flags override the preset.")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
+    flags.DEFINE_string("output_dir", d.output_dir, "Where results.json and the PNG figures are written.")
+    flags.DEFINE_list("truncate", [str(k) for k in d.truncate], "K values of K-RMD (K = inner_steps is full RMD).")
+    flags.DEFINE_integer("hyper_iterations", d.hyper_iterations, "Outer (Adam) iterations R per K.")
+    flags.DEFINE_integer("inner_steps", d.inner_steps, "T, gradient-descent steps of the inner problem.")
+    flags.DEFINE_float("inner_lr", d.inner_lr, "γ, inner step size.")
+    flags.DEFINE_float("regularization", d.regularization, "ρ of ρ‖W‖²_F in g.")
+    flags.DEFINE_enum("loss_normalization", d.loss_normalization, list(NORMALIZATIONS),
+                      "mean: (1/n)Σσ(λ_i)ℓ_i + ρ‖W‖²; mean_all: (1/n)(Σσ(λ_i)ℓ_i + ρ‖W‖²); sum: the paper's "
+                      "formula as printed (diverges with γ = 1).")
+    flags.DEFINE_float("first_update_norm", None, "Target ‖first Adam update of λ‖ used to tune η0 per K "
+                       "(appendix G.1); default √n_train, i.e. η0 ≈ 1.")
+    flags.DEFINE_float("outer_lr", None, "Fixed η0 for every K (disables the per-K tuning).")
+    flags.DEFINE_float("adam_epsilon", d.adam_epsilon, "ε of the outer Adam.")
+    flags.DEFINE_float("init_lambda", d.init_lambda, "λ_0 for every example (0: σ = ½).")
+    flags.DEFINE_float("corruption", d.corruption, "Probability that a training label is redrawn uniformly.")
+    flags.DEFINE_integer("n_train", d.n_train, "Training examples (class-balanced, multiple of 10).")
+    flags.DEFINE_integer("n_val", d.n_val, "Validation examples (class-balanced, multiple of 10).")
+    flags.DEFINE_integer("seed", d.seed, "Seed of the split / corruption (and numpy/TF).")
+    flags.DEFINE_list("f1_thresholds", [str(t) for t in d.f1_thresholds], "Thresholds τ: flag λ_i < τ (appendix G.1).")
+    flags.DEFINE_float("table_threshold", d.table_threshold, "τ of the Table 2 F1 column and the F1 curves.")
+    flags.DEFINE_integer("exact_every", d.exact_every, "Exact (full-RMD) ‖d_λ f‖ every N hyper-iterations (Fig. 5); "
+                         "0: only at the start and the end.")
+    flags.DEFINE_integer("eval_every", d.eval_every, "Test accuracy every N hyper-iterations.")
+    flags.DEFINE_bool("measure_memory", d.measure_memory, "Peak memory per K, one fresh subprocess per K.")
+    flags.DEFINE_integer("memory_probe_calls", d.memory_probe_calls, "Steady-state calls per memory probe.")
+    flags.DEFINE_integer("timing_rounds", d.timing_rounds, "Extra hyper-iterations per K, timed round-robin "
+                         "over the K values after the runs (s/it in the table; 0: use the runs' own median).")
+    flags.DEFINE_string("mnist_dir", d.mnist_dir, "Folder with the 4 MNIST IDX .gz files (default: tfds data_dir, "
+                        "then $TF_BILEVEL_MNIST_DIR or the project's shared data folder, then download).")
+    flags.DEFINE_string("data_dir", d.data_dir, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
+    flags.DEFINE_bool("jit_compile", d.jit_compile, "XLA-compile the hyper-iteration.")
+    flags.DEFINE_string("memory_probe", None, "Internal: JSON payload of one memory probe.")
+
+
+def config_from_flags() -> Config:
+    from absl import flags
+
+    F = flags.FLAGS
+    values = {name: getattr(F, name) for name in _FLAG_FIELDS}
+    values["truncate"] = [int(k) for k in F.truncate]
+    values["f1_thresholds"] = [float(t) for t in F.f1_thresholds]
+    cfg = Config(**values)
+    preset = "quick" if F.quick else F.preset
+    explicit = [name for name in _FLAG_FIELDS if F[name].present]
+    return apply_preset(cfg, preset, explicit)
+
+
+def _run_memory_probe(payload: str) -> int:
+    spec = json.loads(payload)
+    cfg = Config(**spec["config"])
+    with np.load(spec["data"]) as data:
+        arrays = {k: data[k] for k in data.files}
+    print(PROBE_MARKER + json.dumps(memory_probe(cfg, arrays, int(spec["truncate"]))), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    from absl import app, flags, logging
+
+    from experiments.datasets import DataUnavailableError
+
+    logging.set_verbosity(logging.WARNING)  # tfds logs every dataset it opens at INFO
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.memory_probe:
+        return _run_memory_probe(flags.FLAGS.memory_probe)
+    try:
+        cfg = config_from_flags().validated()
+    except ValueError as err:
+        raise app.UsageError(str(err))
+    try:
+        run_experiment(cfg)
+    except DataUnavailableError as err:
+        print(f"hypercleaning: error: no MNIST data: {err}", file=sys.stderr, flush=True)
+        return 2
+    except tfb.NonFiniteError as err:
+        hint = (" GD with --inner_lr=%g on the summed loss (--loss_normalization=sum) diverges: use the "
+                "default --loss_normalization=mean_all or --inner_lr of about 1/n_train." % cfg.inner_lr
+                if cfg.loss_normalization == "sum" else " Lower --inner_lr.")
+        print(f"hypercleaning: error: {err}{hint}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)
