@@ -1,0 +1,592 @@
+r"""One-shot classification (paper §4.3, Table 4, Fig. 7; appendix G.3) with K-RMD.
+
+    python -m experiments.omniglot                                   # the paper (needs tfds omniglot)
+    python -m experiments.omniglot --dataset=fashion_mnist           # offline, real data
+    python -m experiments.omniglot --quick --dataset=mnist           # smoke test
+
+Each hyper-iteration samples a meta-batch of N-way K-shot tasks (5-way 1-shot, 15 query
+examples per class). Per task, the last three layers w of the Fig. 8 network are trained
+by T = 50 steps of gradient descent with learned step γ on
+
+    g_S(w, λ) = CE on the support set S + Σ_j ρ_j ‖w_j − c_j‖²,
+
+and the upper level f is the cross-entropy of w_T on the task's query set Q. λ = {the two
+hyper-representation conv blocks, the centers c_j, the strengths ρ_j, γ}; its hypergradient
+is estimated with K-RMD (Eq. 8, back-propagating through the last K of the T inner steps;
+"full" = full RMD, Eq. 6) and averaged over the meta-batch, then λ takes an Adam step.
+Meta-training runs on `tf_bilevel.BilevelTrainer` (hyper_model = blocks 1–2, inner_model =
+blocks 3–4 + classifier, named hyperparameters c and ρ, learned γ). The short-horizon
+baseline runs full RMD with T = 1 (and is also evaluated with T = 1). See
+experiments/fewshot_model.py for the network and our reading of the paper's choices (fixed
+w_0, per-layer ρ_j, BatchNorm with per-task batch statistics and exact second derivatives,
+mean instead of summed support loss).
+
+Datasets.
+* omniglot (the paper): tfds `omniglot`, train + test = 1623 characters, gray, 28×28,
+  character split 1200 / 100 / 323 (meta-train / meta-val / meta-test), no augmentation.
+  The meta-val pool is not used for model selection (we report λ at the end).
+* mnist / fashion_mnist (offline substitute, real data): the 10 classes are split into 5
+  meta-train and 5 meta-test classes, and every class is expanded into 4 classes by 90°
+  rotations (`--rotations`, the standard trick for Omniglot; the rotations of a class stay in
+  its pool), giving 20 + 20 classes, so 5-way tasks have C(20, 5) class subsets. (For MNIST,
+  a 180°-rotated 6 resembles a 9: with the default split these digits may sit in different
+  pools; Fashion-MNIST has no such pair.)
+
+Evaluation: the mean query accuracy (± 95% interval) of λ at the end of meta-training on
+`--eval_tasks` (120) fixed meta-test tasks, each solved by the method's T inner steps. Fig. 7:
+(1) test accuracy (on the first `--curve_eval_tasks` of those tasks) and (2) query
+("validation") error of the meta-training tasks vs hyper-iteration, (3) cosine between the
+K-RMD and the full-RMD hypergradient on the same meta-batch every `--exact_every` iterations
+(the trainer's `diagnostics_every`), (4) the relative ℓ2 error of K-RMD vs full RMD as a
+function of K at the final λ of `--export_run`, with the learned ρ and with ρ = 0
+(`--rho_zero_ablation`), computed with `tfb.hypergradient_fn` on the same problem.
+
+The learned hyper-representation is exported with `trainer.export` (SavedModel, endpoint
+"serve") to `--export_dir`, reloaded with tf.saved_model.load and keras.layers.TFSMLayer, and
+its embeddings are compared bit for bit with the in-memory model's and with the per-task
+representation used in meta-training (results.json "export").
+
+Speed: s/iter is the median wall time of a hyper-step during training (steps that also ran
+the full-RMD diagnostic excluded), and again with the methods interleaved after training
+(`--timing_rounds`), so that all methods see the same machine load. The hyper-step runs
+without XLA by default (`--jit_compile`): on the 2-core CPU machines here XLA was measured
+3–4x slower for these small convolutions, and a `tf.map_fn` over tasks under XLA ~15x slower.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+
+import tf_bilevel as tfb
+from experiments import datasets
+from experiments import fewshot_model as fsm
+
+FLAGS = flags.FLAGS
+
+DATASETS = ("omniglot", "mnist", "fashion_mnist")
+# Table 4 of the paper (Omniglot, 5-way 1-shot): accuracy %, hyper-iterations, s/iter.
+PAPER_TABLE4 = [
+    {"method": "1-RMD", "accuracy": 95.6, "iterations": 5000, "sec_per_iter": 0.4},
+    {"method": "10-RMD", "accuracy": 96.3, "iterations": 5000, "sec_per_iter": 0.7},
+    {"method": "25-RMD", "accuracy": 96.1, "iterations": 5000, "sec_per_iter": 1.3},
+    {"method": "Full RMD", "accuracy": 95.8, "iterations": 5000, "sec_per_iter": 2.2},
+    {"method": "1-RMD", "accuracy": 97.7, "iterations": 15000, "sec_per_iter": 0.4},
+    {"method": "10-RMD", "accuracy": 97.8, "iterations": 15000, "sec_per_iter": 0.7},
+    {"method": "Short horizon", "accuracy": 96.6, "iterations": 15000, "sec_per_iter": 0.1},
+]
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Defines the program's flags in `fv` (tests use their own FlagValues)."""
+    flags.DEFINE_enum("dataset", "omniglot", list(DATASETS), "Meta-learning dataset (omniglot = the paper).",
+                      flag_values=fv)
+    flags.DEFINE_integer("n_way", 5, "Classes per task.", flag_values=fv)
+    flags.DEFINE_integer("k_shot", 1, "Training (support) examples per class.", flag_values=fv)
+    flags.DEFINE_integer("n_query", 15, "Validation (query) examples per class.", flag_values=fv)
+    flags.DEFINE_integer("inner_steps", 50, "T, inner gradient steps per task.", flag_values=fv)
+    flags.DEFINE_list("truncate", ["1", "10", "25", "full"], "K values; 'full' = full RMD (K = T).", flag_values=fv)
+    flags.DEFINE_bool("short_horizon", True, "Also run the short-horizon baseline (full RMD, T = 1).", flag_values=fv)
+    flags.DEFINE_integer("meta_batch_size", 4, "Tasks per hyper-iteration.", flag_values=fv)
+    flags.DEFINE_integer("hyper_iterations", 5000, "Hyper-iterations per run.", flag_values=fv)
+    flags.DEFINE_float("outer_lr", 1e-3, "Adam learning rate on the raw hyperparameters.", flag_values=fv)
+    flags.DEFINE_float("init_inner_lr", 0.1, "Initial γ.", flag_values=fv)
+    flags.DEFINE_float("init_rho", 0.01, "Initial ρ_j.", flag_values=fv)
+    flags.DEFINE_integer("channels", 64, "Kernels per conv layer (Fig. 8: 64).", flag_values=fv)
+    flags.DEFINE_integer("image_size", 28, "Images are resized to this (Omniglot: 28).", flag_values=fv)
+    flags.DEFINE_list("class_split", None,
+                      "Classes in meta-train, meta-val, meta-test (before rotations); default "
+                      "1200,100,323 for omniglot and 5,0,5 for (fashion_)mnist.", flag_values=fv)
+    flags.DEFINE_bool("rotations", None, "Add 90/180/270° rotations as new classes "
+                      "(default: off for omniglot as in the paper, on for (fashion_)mnist).", flag_values=fv)
+    flags.DEFINE_integer("eval_tasks", 120, "Meta-test tasks for the final accuracy (paper: 120).", flag_values=fv)
+    flags.DEFINE_integer("curve_eval_tasks", 40, "Meta-test tasks for the accuracy curve (Fig. 7, plot 1).",
+                      flag_values=fv)
+    flags.DEFINE_integer("eval_every", 250, "Evaluate the accuracy curve every N hyper-iterations (0: never).",
+                      flag_values=fv)
+    flags.DEFINE_integer("exact_every", 50, "Cosine with full RMD every N hyper-iterations (0: never).", flag_values=fv)
+    flags.DEFINE_list("relerr_truncations", ["1", "2", "5", "10", "20", "30", "40", "50"],
+                      "K values of Fig. 7, plot 4 (relative error vs K).", flag_values=fv)
+    flags.DEFINE_integer("relerr_tasks", 4, "Meta-training tasks averaged for Fig. 7, plot 4.", flag_values=fv)
+    flags.DEFINE_bool("rho_zero_ablation", True, "Fig. 7, plot 4 also with ρ = 0 (no regularization).", flag_values=fv)
+    flags.DEFINE_list("relerr_rho_scales", [], "Fig. 7, plot 4 also with ρ multiplied by these factors "
+                      "(e.g. 100: a strongly regularized inner problem).", flag_values=fv)
+    flags.DEFINE_integer("timing_rounds", 5, "After training: rounds of one hyper-step per method, "
+                         "interleaved, for s/iter measured under the same machine load (0: skip).", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "tfds data_dir (default: datasets.default_data_dir()).", flag_values=fv)
+    flags.DEFINE_string("local_dir", None, "Folder with (fashion_)mnist IDX .gz files.", flag_values=fv)
+    flags.DEFINE_string("export_dir", None, "SavedModel path of the hyper-representation "
+                        "(default: <output_dir>/hyper_representation).", flag_values=fv)
+    flags.DEFINE_string("export_run", "full", "Run whose λ is exported and used for Fig. 7 plot 4 "
+                        "(a --truncate value or 'short_horizon'; falls back to the first run).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the class split, the tasks and the initial λ.", flag_values=fv)
+    flags.DEFINE_string("output_dir", "/tmp/omniglot", "Where results.json and the PNGs go.", flag_values=fv)
+    flags.DEFINE_bool("jit_compile", False, "XLA-compile the hyper-step and evaluation (slower on CPU here).",
+                      flag_values=fv)
+    flags.DEFINE_bool("quick", False, "Tiny budget (tests): 8 channels, T=3, 4 hyper-iterations, few tasks.",
+                      flag_values=fv)
+
+
+# --------------------------------------------------------------------------
+# Data.
+# --------------------------------------------------------------------------
+
+
+class MetaData:
+    """Images, labels and the disjoint class pools of meta-train / meta-val / meta-test."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, pools: dict, description: str):
+        self.images, self.labels, self.pools, self.description = images, labels, pools, description
+
+    def episodes(self, pool: str, cfg: dict, *, seed: int, num_episodes: Optional[int],
+                 meta_batch_size: Optional[int]) -> tf.data.Dataset:
+        n_query = cfg["n_query"]
+        return datasets.make_episodes(
+            self.images, self.labels, self.pools[pool], n_way=cfg["n_way"], k_shot=cfg["k_shot"],
+            n_query=n_query, seed=seed, num_episodes=num_episodes, meta_batch_size=meta_batch_size,
+        )
+
+
+def load_meta_data(cfg: dict) -> MetaData:
+    name = cfg["dataset"]
+    if name == "omniglot":
+        images, labels = datasets.load_omniglot(data_dir=cfg["data_dir"], image_size=cfg["image_size"])
+        source = "tfds omniglot (train + test), grayscale"
+    else:
+        data = datasets.load_image_classification(
+            name, data_dir=cfg["data_dir"], local_dir=cfg["local_dir"],
+            image_size=None if cfg["image_size"] == 28 else cfg["image_size"],
+        )
+        images = np.concatenate([data["train"][0], data["test"][0]])
+        labels = np.concatenate([data["train"][1], data["test"][1]])
+        source = f"tfds {name} (train + test)"
+    sizes = dict(zip(("train", "val", "test"), (int(s) for s in cfg["class_split"])))
+    base = datasets.class_split(labels, sizes, seed=cfg["seed"])
+    num_base = int(labels.max()) + 1
+    if cfg["rotations"]:
+        images, labels = datasets.add_rotations(images, labels)
+        pools = {k: datasets.rotated_classes(v, num_base) for k, v in base.items()}
+    else:
+        pools = base
+    description = (
+        f"{source}, {cfg['image_size']}x{cfg['image_size']}; base classes "
+        f"{ {k: len(v) for k, v in base.items()} }"
+        + (f", x4 by 90-degree rotations -> { {k: len(v) for k, v in pools.items()} } classes"
+           if cfg["rotations"] else "")
+    )
+    return MetaData(images, labels, pools, description)
+
+
+def as_task(batch: dict) -> fsm.Task:
+    return fsm.Task(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
+
+
+def as_trainer_element(batch: dict) -> tuple:
+    """make_episodes element -> the BilevelTrainer's ((x_inner, y_inner), (x_outer, y_outer))."""
+    return (batch["support_x"], batch["support_y"]), (batch["query_x"], batch["query_y"])
+
+
+def stack_tasks(tasks: Sequence[fsm.Task]) -> fsm.Task:
+    return fsm.Task(*[tf.stack(list(x)) for x in zip(*tasks)])
+
+
+# --------------------------------------------------------------------------
+# Meta-training one method (T, K) with tf_bilevel.BilevelTrainer.
+# --------------------------------------------------------------------------
+
+
+def build_problem(cfg: dict) -> fsm.FewShotProblem:
+    """Fresh Fig. 8 models; the same seeds give every method the same initial λ and w_0."""
+    hyper = fsm.build_hyper_model(channels=cfg["channels"], image_size=cfg["image_size"], seed=cfg["seed"])
+    inner = fsm.build_inner_model(cfg["n_way"], channels=cfg["channels"], input_size=cfg["image_size"] // 4,
+                                  seed=cfg["seed"] + 10)
+    return fsm.FewShotProblem(hyper, inner)
+
+
+def evaluate_tasks(trainer: Any, tasks: Sequence[fsm.Task], batch_size: int) -> np.ndarray:
+    """Query accuracy of each task after T inner steps on its support set (trainer.predict)."""
+    stacked = stack_tasks(tasks)
+    # Full task elements (the query labels are not used by predict).
+    ds = tf.data.Dataset.from_tensor_slices(
+        ((stacked.support_x, stacked.support_y), (stacked.query_x, stacked.query_y))).batch(batch_size)
+    logits = trainer.predict(ds, verbose=0)
+    return (np.argmax(logits, axis=-1) == stacked.query_y.numpy()).mean(axis=1)
+
+
+class Recorder(keras.callbacks.Callback):
+    """Per-step wall time, per-epoch metrics (query error, cosine with full RMD), the test
+    accuracy curve, and a progress line."""
+
+    def __init__(self, label: str, total: int, chunk: int, curve_tasks: list, batch_size: int,
+                 diagnostics_every: Optional[int]):
+        super().__init__()
+        self.label, self.total, self.chunk = label, total, chunk
+        self.curve_tasks, self.batch_size, self.diagnostics_every = curve_tasks, batch_size, diagnostics_every
+        self.tty = sys.stdout.isatty()
+        self.rec = {"epoch_end_it": [], "query_error": [], "outer_loss": [], "cos_it": [], "cosine": [],
+                    "curve_it": [], "curve_test_acc": []}
+        self.step_times: list[float] = []
+        self.start = time.perf_counter()
+
+    def _curve(self, it: int) -> None:
+        if self.curve_tasks:
+            self.rec["curve_it"].append(it)
+            acc = evaluate_tasks(self.model, self.curve_tasks, self.batch_size)
+            self.rec["curve_test_acc"].append(float(acc.mean()))
+
+    def on_train_begin(self, logs=None):
+        self._curve(0)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        it = self._epoch * self.chunk + batch  # 0-based hyper-iteration
+        diag = self.diagnostics_every is not None and it % self.diagnostics_every == 0
+        if it > 0 and not diag:  # skip tracing (first step) and steps that also ran full RMD
+            self.step_times.append(time.perf_counter() - self._t0)
+        if self.tty or (it + 1) % 50 == 0:
+            line = (f"{self.label} {it + 1:5d}/{self.total} [{time.perf_counter() - self.start:6.0f}s] "
+                    f"f={float(logs['loss']):.3f} query_acc(epoch)={float(logs['accuracy']):.3f}")
+            print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        it = (epoch + 1) * self.chunk
+        self.rec["epoch_end_it"].append(it)
+        self.rec["query_error"].append(1.0 - float(logs["accuracy"]))
+        self.rec["outer_loss"].append(float(logs["loss"]))
+        if "cosine_to_full_rmd" in logs:
+            self.rec["cos_it"].append(it)
+            self.rec["cosine"].append(float(logs["cosine_to_full_rmd"]))
+        self._curve(it)
+
+    def on_train_end(self, logs=None):
+        if self.tty:
+            print(flush=True)
+
+
+def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, train_ds: tf.data.Dataset,
+                 curve_tasks: list, test_tasks: list) -> tuple[fsm.FewShotProblem, Any, dict]:
+    """Meta-trains one method from the common initial λ; returns (problem, trainer, row)."""
+    problem = build_problem(cfg)
+    diagnostics_every = cfg["exact_every"] if (cfg["exact_every"] and truncate is not None) else None
+    trainer = problem.build_trainer(steps=steps, truncate=truncate, init_rho=cfg["init_rho"],
+                                    init_gamma=cfg["init_inner_lr"], diagnostics_every=diagnostics_every,
+                                    seed=cfg["seed"])
+    trainer.compile(optimizer=keras.optimizers.Adam(cfg["outer_lr"]), metrics=["accuracy"],
+                    jit_compile=cfg["jit_compile"])
+    total = cfg["hyper_iterations"]
+    chunk = cfg["eval_every"] if cfg["eval_every"] and cfg["eval_every"] < total else total
+    if total % chunk:
+        raise ValueError(f"--hyper_iterations={total} must be a multiple of --eval_every={chunk}")
+    recorder = Recorder(f"[{method_label(name)}]", total, chunk, curve_tasks if cfg["eval_every"] else [],
+                        cfg["meta_batch_size"], diagnostics_every)
+    trainer.fit(train_ds, epochs=total // chunk, steps_per_epoch=chunk, callbacks=[recorder], verbose=0)
+    acc = evaluate_tasks(trainer, test_tasks, cfg["meta_batch_size"])
+    values = trainer.hyperparameter_values()
+    rec = recorder.rec
+    rec["sec_per_iter"] = float(np.median(recorder.step_times)) if recorder.step_times else float("nan")
+    rec["sec_per_iter_mean"] = float(np.mean(recorder.step_times)) if recorder.step_times else float("nan")
+    row = {
+        "inner_steps": steps, "truncate": "full" if truncate is None else truncate, "iterations": total,
+        "test_accuracy": float(acc.mean()), "test_accuracy_ci95": confidence95(acc), "test_tasks": len(acc),
+        "final_gamma": float(values["inner_learning_rate"]),
+        "final_rho": [float(x) for x in values.get("user", values)["rho"]],
+        "record": rec,
+    }
+    return problem, trainer, row
+
+
+def method_name(steps: int, truncate: Optional[int], short: bool) -> str:
+    if short:
+        return "short_horizon"
+    return "full" if truncate is None else str(truncate)
+
+
+def method_label(name: str) -> str:
+    return {"full": "Full RMD", "short_horizon": "Short horizon (T=1)"}.get(name, f"{name}-RMD")
+
+
+def confidence95(acc: np.ndarray) -> float:
+    return float(1.96 * acc.std(ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else float("nan")
+
+
+def relative_error_vs_k(problem: fsm.FewShotProblem, raw: dict, tasks: fsm.Task, steps: int,
+                        truncations: Sequence[int], rho_scales: dict, jit_compile: bool) -> dict:
+    """Fig. 7, plot 4: ‖h_K − d_λ f‖ / ‖d_λ f‖ at λ on a fixed meta-batch, per K (core
+    estimators on the same problem as the trainer, see fewshot_model.FewShotProblem)."""
+    fns = {}
+    for k in sorted(set(truncations) | {steps}):
+        meta = fsm.MetaGradient(problem, steps=steps, truncate=None if k == steps else k)
+        # autograph=False: no tensor-dependent Python control flow here, and autograph would
+        # re-read the source files (wrong if they were edited while the program runs).
+        fns[k] = tf.function(lambda raw, tasks, s, meta=meta: meta.meta_batch(raw, tasks, s).grads,
+                             jit_compile=jit_compile, autograph=False)
+    out = {}
+    for label, scale in rho_scales.items():
+        s = tf.constant(scale, tf.nest.flatten(raw)[0].dtype)
+        exact = fns[steps](raw, tasks, s)
+        estimates = {k: fns[k](raw, tasks, s) for k in truncations}
+        out[label] = {
+            "K": [int(k) for k in truncations],
+            "relative_error": [float(tfb.diagnostics.relative_error(estimates[k], exact)) for k in truncations],
+            "cosine": [float(tfb.diagnostics.cosine_similarity(estimates[k], exact)) for k in truncations],
+            "exact_norm": float(tfb.diagnostics.global_norm(exact)),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------
+# Figures and table.
+# --------------------------------------------------------------------------
+
+
+def plot_fig7(results: dict, path: str) -> None:
+    from experiments.plotting import plt, save_figure
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for name, run in results["runs"].items():
+        rec, label = run["record"], method_label(name)
+        if rec["curve_it"]:
+            axes[0].plot(rec["curve_it"], 100 * np.array(rec["curve_test_acc"]), marker="o", ms=3, label=label)
+        axes[1].plot(rec["epoch_end_it"], rec["query_error"], marker=".", label=label)
+        if rec["cosine"]:
+            axes[2].plot(rec["cos_it"], rec["cosine"], marker=".", label=label)
+    relerr = results.get("relative_error_vs_K", {})
+    for label, curve in relerr.get("curves", {}).items():
+        # K = T is full RMD itself (error 0): only K < T is informative.
+        keep = [i for i, k in enumerate(curve["K"]) if k < relerr["inner_steps"]]
+        axes[3].semilogy([curve["K"][i] for i in keep], [curve["relative_error"][i] for i in keep],
+                         marker="o", label=label)
+    axes[0].set(xlabel="hyper-iteration", ylabel="test accuracy (%)",
+                title=f"meta-test tasks ({results['config']['curve_eval_tasks']})")
+    axes[1].set(xlabel="hyper-iteration", ylabel="query (validation) error",
+                title="meta-training tasks (mean over each logging interval)")
+    axes[2].set(xlabel="hyper-iteration", ylabel="cos(h_K, d_λ f)", title="cosine with full RMD")
+    axes[3].set(xlabel="K (reverse depth, K < T)", ylabel="‖h_K − d_λ f‖ / ‖d_λ f‖",
+                title="relative error vs K at the final λ")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"One-shot classification, {results['data_description']}", fontsize=9)
+    save_figure(fig, path)
+
+
+def table_rows(results: dict) -> list[dict]:
+    rows = []
+    interleaved = results.get("interleaved_sec_per_iter", {})
+    for name, run in results["runs"].items():
+        rows.append({"method": method_label(name), "accuracy": 100 * run["test_accuracy"],
+                     "ci95": 100 * run["test_accuracy_ci95"], "iterations": run["iterations"],
+                     "sec_per_iter": run["record"]["sec_per_iter"],
+                     "sec_per_iter_interleaved": interleaved.get(name, float("nan")),
+                     "inner_steps": run["inner_steps"]})
+    return rows
+
+
+def print_table(results: dict) -> None:
+    print(f"\nOne-shot classification: {results['data_description']}")
+    print(f"{'method':>22} {'accuracy %':>16} {'iter.':>7} {'s/iter':>8} {'interleaved':>12}")
+    for r in results["table4"]:
+        print(f"{r['method']:>22} {r['accuracy']:8.2f} ± {r['ci95']:5.2f} {r['iterations']:7d} "
+              f"{r['sec_per_iter']:8.3f} {r['sec_per_iter_interleaved']:12.3f}")
+    print("Paper (Omniglot):")
+    for r in PAPER_TABLE4:
+        print(f"{r['method']:>22} {r['accuracy']:8.1f} {r['iterations']:15d} {r['sec_per_iter']:8.1f}")
+
+
+# --------------------------------------------------------------------------
+# Driver.
+# --------------------------------------------------------------------------
+
+
+def parse_truncate(values: Sequence[str], steps: int) -> list[Optional[int]]:
+    out = []
+    for v in values:
+        if v.strip().lower() in ("full", "none"):
+            out.append(None)
+            continue
+        k = int(v)
+        if not 1 <= k <= steps:
+            raise ValueError(f"--truncate values must be in [1, --inner_steps={steps}] or 'full', got {v}")
+        out.append(None if k == steps else k)
+    return out
+
+
+def config_from_flags(fv: flags.FlagValues = FLAGS) -> dict:
+    names = ("dataset", "n_way", "k_shot", "n_query", "inner_steps", "truncate", "short_horizon",
+             "meta_batch_size", "hyper_iterations", "outer_lr", "init_inner_lr", "init_rho", "channels",
+             "image_size", "class_split", "rotations", "eval_tasks", "curve_eval_tasks", "eval_every",
+             "exact_every", "relerr_truncations", "relerr_tasks", "rho_zero_ablation", "relerr_rho_scales",
+             "timing_rounds", "data_dir",
+             "local_dir", "export_dir", "export_run", "seed", "output_dir", "jit_compile", "quick")
+    cfg = {name: fv[name].value for name in names}
+    omniglot = cfg["dataset"] == "omniglot"
+    if cfg["class_split"] is None:
+        cfg["class_split"] = ["1200", "100", "323"] if omniglot else ["5", "0", "5"]
+    if len(cfg["class_split"]) != 3:
+        raise ValueError(f"--class_split needs 3 numbers (train,val,test), got {cfg['class_split']}")
+    if cfg["rotations"] is None:
+        cfg["rotations"] = not omniglot
+    if cfg["quick"]:
+        cfg.update(channels=min(cfg["channels"], 8), inner_steps=min(cfg["inner_steps"], 3),
+                   hyper_iterations=min(cfg["hyper_iterations"], 4),
+                   meta_batch_size=min(cfg["meta_batch_size"], 2), n_query=min(cfg["n_query"], 3),
+                   eval_tasks=min(cfg["eval_tasks"], 4), curve_eval_tasks=min(cfg["curve_eval_tasks"], 2),
+                   eval_every=2, exact_every=min(cfg["exact_every"], 2), relerr_tasks=1,
+                   truncate=[t for t in cfg["truncate"] if t in ("1", "full")] or ["1", "full"],
+                   relerr_truncations=[k for k in cfg["relerr_truncations"] if int(k) <= 3],
+                   timing_rounds=min(cfg["timing_rounds"], 1))
+    if cfg["export_dir"] is None:
+        cfg["export_dir"] = os.path.join(cfg["output_dir"], "hyper_representation")
+    return cfg
+
+
+def run(cfg: dict) -> dict:
+    """The whole experiment; writes results.json (after every method), the figure and the export."""
+    os.makedirs(cfg["output_dir"], exist_ok=True)
+    T = cfg["inner_steps"]
+    methods = [(T, k, False) for k in parse_truncate(cfg["truncate"], T)]
+    if cfg["short_horizon"]:
+        methods.append((1, None, True))
+    relerr_ks = sorted({min(int(k), T) for k in cfg["relerr_truncations"]})
+
+    phases: dict = {}  # wall seconds per phase (tracing included), for budgeting runs
+    clock = time.perf_counter()
+    data = load_meta_data(cfg)
+    print(f"Data: {data.description}")
+    # Fixed task sets (stateless sampling: the same in every method and every process).
+    test_tasks = [as_task(b) for b in data.episodes("test", cfg, seed=cfg["seed"] + 1,
+                                                     num_episodes=cfg["eval_tasks"], meta_batch_size=None)]
+    curve_tasks = test_tasks[:cfg["curve_eval_tasks"]]
+    train_ds = data.episodes("train", cfg, seed=cfg["seed"], num_episodes=None,
+                             meta_batch_size=cfg["meta_batch_size"]).map(as_trainer_element)
+    relerr_batch = as_task(next(iter(data.episodes(
+        "train", cfg, seed=cfg["seed"] + 2, num_episodes=cfg["relerr_tasks"],
+        meta_batch_size=cfg["relerr_tasks"]))))
+
+    probe = build_problem(cfg)
+    raw0 = probe.initial_raw(init_rho=cfg["init_rho"], init_gamma=cfg["init_inner_lr"])
+    count = lambda tree: int(sum(np.prod(x.shape) for x in tf.nest.flatten(tree)))  # noqa: E731
+    results = {
+        "experiment": "one-shot classification (paper §4.3, Table 4, Fig. 7; appendix G.3)",
+        "engine": "tf_bilevel.BilevelTrainer (meta-training); tf_bilevel.hypergradient_fn on the same "
+                  "problem (Fig. 7 plot 4)",
+        "config": cfg,
+        "data_description": data.description,
+        "num_hyperparameters": count(raw0),
+        "num_parameters": count(probe.w0),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "tensorflow": tf.__version__},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "paper_table4_omniglot": PAPER_TABLE4,
+        "phase_seconds": phases,
+        "runs": {},
+    }
+    phases["data"] = time.perf_counter() - clock
+    print(f"λ: {results['num_hyperparameters']} hyperparameters, w: {results['num_parameters']} parameters")
+    trained = {}
+    for steps, k, short in methods:
+        name = method_name(steps, k, short)
+        clock = time.perf_counter()
+        problem, trainer, row = train_method(cfg, steps, k, name, train_ds, curve_tasks, test_tasks)
+        phases[f"method {name}"] = time.perf_counter() - clock
+        trained[name] = (problem, trainer)
+        results["runs"][name] = row
+        print(f"{method_label(name)}: test accuracy {100 * row['test_accuracy']:.2f} ± "
+              f"{100 * row['test_accuracy_ci95']:.2f}% on {row['test_tasks']} tasks, "
+              f"{row['record']['sec_per_iter']:.3f} s/iter")
+        results["table4"] = table_rows(results)
+        _write(results, cfg)
+
+    chosen = cfg["export_run"] if cfg["export_run"] in trained else next(iter(trained))
+    problem, trainer = trained[chosen]
+    scales = {"learned ρ": 1.0}
+    if cfg["rho_zero_ablation"]:
+        scales["ρ = 0"] = 0.0
+    for factor in cfg["relerr_rho_scales"]:
+        scales[f"ρ × {factor}"] = float(factor)
+    if relerr_ks:
+        # The K-RMD error is measured for the T-step problem even if the chosen run used T = 1.
+        clock = time.perf_counter()
+        results["relative_error_vs_K"] = {
+            "run": chosen, "inner_steps": T, "tasks": cfg["relerr_tasks"],
+            "curves": relative_error_vs_k(problem, problem.raw_from_trainer(trainer), relerr_batch, T,
+                                          relerr_ks, scales, cfg["jit_compile"]),
+        }
+        phases["relative error vs K"] = time.perf_counter() - clock
+        _write(results, cfg)
+
+    clock = time.perf_counter()
+    results["export"] = {"run": chosen, **export_and_check(problem, trainer, test_tasks[0], cfg["export_dir"])}
+    phases["export"] = time.perf_counter() - clock
+    print(f"Export: {results['export']}")
+    _write(results, cfg)
+    if cfg["timing_rounds"]:
+        clock = time.perf_counter()
+        results["interleaved_sec_per_iter"] = interleaved_timing(trained, train_ds, cfg["timing_rounds"])
+        phases["interleaved timing"] = time.perf_counter() - clock
+        results["table4"] = table_rows(results)
+        _write(results, cfg)
+    print_table(results)
+    plot_fig7(results, os.path.join(cfg["output_dir"], "fig7_one_shot.png"))
+    return results
+
+
+def interleaved_timing(trained: dict, train_ds: tf.data.Dataset, rounds: int) -> dict:
+    """Median wall time of one hyper-step (one `fit` call on one meta-batch, so it includes
+    Keras' per-call overhead) per method, the methods interleaved round by round so that
+    they see the same machine load. Runs after evaluation and export (it moves λ)."""
+    times: dict = {name: [] for name in trained}
+    batches = list(train_ds.take(rounds))
+    for r in range(rounds):
+        one = tf.data.Dataset.from_tensors(batches[r])
+        for name, (_, trainer) in trained.items():
+            start = time.perf_counter()
+            trainer.fit(one, epochs=1, verbose=0)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def export_and_check(problem: fsm.FewShotProblem, trainer: Any, task: fsm.Task, path: str) -> dict:
+    """trainer.export, reloaded and compared bit for bit with the in-memory hyper model and with
+    the per-task representation used in meta-training, on one task's images."""
+    images = np.concatenate([task.support_x.numpy(), task.query_x.numpy()])
+    trainer.export(path, verbose=False)
+    hyper = problem.hyper_model
+    per_task = tf.function(problem.represent, autograph=False)([v.value for v in hyper.trainable_variables],
+                                              tf.constant(images)).numpy()
+    return {"endpoint": "serve (BatchNorm with the statistics of the served batch)",
+            **fsm.check_export(hyper, path, images, training_embeddings=per_task)}
+
+
+def _write(results: dict, cfg: dict) -> None:
+    with open(os.path.join(cfg["output_dir"], "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+        run(config_from_flags())
+    except datasets.DataUnavailableError as err:
+        raise app.UsageError(str(err)) from None
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,352 @@
+"""Tests for experiments/omniglot.py and experiments/fewshot_model.py (offline, fast).
+
+References are independent of the estimators: the meta-objective F(λ) = f(w_T(λ), λ)
+re-computed by a plain unrolled loop (`fewshot_model.meta_loss`, hyper-representation
+re-applied inside the loop, no chain-rule trick) and differentiated by central finite
+differences in float64; the BilevelTrainer's hyper-step is compared with the core
+estimator on the same problem, under XLA.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import flags
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
+import keras  # noqa: E402
+
+import tf_bilevel as tfb  # noqa: E402
+from experiments import datasets as D  # noqa: E402
+from experiments import fewshot_model as fsm  # noqa: E402
+from experiments import omniglot as om  # noqa: E402
+
+MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+
+
+# --------------------------------------------------------------------------
+# A tiny float64 instance of the Fig. 8 network (16x16 images, 3 channels).
+# --------------------------------------------------------------------------
+
+
+def tiny_problem(n_way: int = 2, dtype: str = "float64", like: fsm.FewShotProblem = None) -> fsm.FewShotProblem:
+    """Fig. 8 at 16x16 with 3 channels; `like`: copy its weights (e.g. a float32 twin)."""
+    hyper = fsm.build_hyper_model(channels=3, image_size=16, seed=3, dtype=dtype)
+    inner = fsm.build_inner_model(n_way, channels=3, input_size=4, seed=7, dtype=dtype)
+    # A non-zero classifier so that every layer matters at w_0.
+    inner.layers[-1].kernel.assign(0.3 * np.random.default_rng(0).normal(size=inner.layers[-1].kernel.shape))
+    if like is not None:
+        for model, source in ((hyper, like.hyper_model), (inner, like.inner_model)):
+            for var, value in zip(model.trainable_variables, source.trainable_variables):
+                var.assign(tf.cast(value, var.dtype))
+    return fsm.FewShotProblem(hyper, inner)
+
+
+def tiny_tasks(num: int, n_way: int = 2, k_shot: int = 2, n_query: int = 3, dtype=tf.float64) -> fsm.Task:
+    """Tasks whose classes differ by a class-specific pattern (learnable, not separable by BN alone)."""
+    rng = np.random.default_rng(11)
+    patterns = rng.normal(size=(n_way, 16, 16, 1))
+
+    def images(n):
+        labels = np.repeat(np.arange(n_way), n)
+        x = patterns[labels] + 0.7 * rng.normal(size=(len(labels), 16, 16, 1))
+        return x, labels
+
+    parts = [images(k_shot) + images(n_query) for _ in range(num)]
+    return fsm.Task(*[tf.constant(np.stack([p[i] for p in parts]), dtype if i % 2 == 0 else tf.int64)
+                      for i in range(4)])
+
+
+def first(tasks: fsm.Task, i: int = 0) -> fsm.Task:
+    return fsm.Task(*[x[i] for x in tasks])
+
+
+def test_network_matches_the_appendix_counts():
+    """Fig. 8 with 64 channels: λ ≈ 110k (convs 1–2, centers, ρ, γ) and w ≈ 75k (appendix G.3)."""
+    problem = fsm.FewShotProblem(fsm.build_hyper_model(), fsm.build_inner_model(5))
+    raw = problem.initial_raw(init_rho=0.01, init_gamma=0.1)
+    size = lambda tree: sum(int(np.prod(x.shape)) for x in tf.nest.flatten(tree))  # noqa: E731
+    assert size(problem.w0) == 74309
+    assert size(raw) == 112009
+    assert problem.groups == [0, 0, 0, 1, 1, 1, 2, 2]  # conv3 + BN3, conv4 + BN4, classifier
+    x = tf.zeros([3, 28, 28, 1])
+    assert problem.represent(raw["hyper"], x).shape == (3, 7, 7, 64)
+    assert problem.logits(problem.w0, problem.represent(raw["hyper"], x)).shape == (3, 5)
+
+
+def fd_probes(problem, raw, task, T, grads):
+    """(analytic, central-difference) pairs for ρ_1..3, γ, three center entries (conv3, BN3
+    offset, classifier) and a conv1 kernel entry, F(λ) from the plain unrolled loop."""
+
+    def F(r):
+        return float(fsm.meta_loss(problem, tf.nest.map_structure(tf.constant, r), task, T))
+
+    probes = [("rho_raw", None, (i,)) for i in range(3)] + [("gamma_raw", None, ())]
+    probes += [("centers", 0, (1, 2, 0, 1)), ("centers", 2, (0,)), ("centers", 6, (1, 0)), ("hyper", 0, (0, 1, 0, 2))]
+    analytic, fd = [], []
+    eps = 1e-6
+    for key, leaf, index in probes:
+        def shifted(delta):
+            r = tf.nest.map_structure(lambda x: np.array(x, np.float64), raw)
+            target = r[key] if leaf is None else r[key][leaf]
+            target[index] += delta
+            return r
+
+        fd.append((F(shifted(eps)) - F(shifted(-eps))) / (2 * eps))
+        g = grads[key] if leaf is None else grads[key][leaf]
+        analytic.append(float(np.asarray(g)[index]))
+    return np.array(analytic), np.array(fd), F(raw)
+
+
+def perturbed_raw(problem):
+    raw = problem.initial_raw(init_rho=0.2, init_gamma=0.4)
+    raw["centers"] = [c + 0.05 * np.random.default_rng(i).normal(size=c.shape) for i, c in enumerate(raw["centers"])]
+    return raw
+
+
+def test_full_rmd_hypergradient_matches_finite_differences_float64():
+    """Full RMD (chain rule through the hyper-representation, per-task batch-statistics BN) equals
+    central differences of the directly computed F(λ) = f(w_T(λ), λ) for ρ, γ, centers and a conv
+    kernel entry; 2-RMD of the 3 steps is a different estimate that still points downhill."""
+    problem = tiny_problem()
+    T = 3
+    raw = perturbed_raw(problem)
+    task = first(tiny_tasks(1))
+    results = {}
+    for truncate in (None, 2):
+        meta = fsm.MetaGradient(problem, steps=T, truncate=truncate)
+        out = tf.function(meta.task_gradient, autograph=False)(raw, task)
+        assert int(out.nonfinite_step) == -1
+        results[truncate] = (out, tf.nest.pack_sequence_as(raw, out.grads))
+    analytic, fd, value = fd_probes(problem, raw, task, T, results[None][1])
+    np.testing.assert_allclose(float(results[None][0].outer_value), value, rtol=1e-10)
+    assert np.all(np.abs(fd) > 1e-6), fd  # every probe is a non-trivial check
+    np.testing.assert_allclose(analytic, fd, rtol=1e-5, atol=1e-9)
+    truncated, _, _ = fd_probes(problem, raw, task, T, results[2][1])
+    assert not np.allclose(truncated, fd, rtol=1e-3)
+    assert float(np.dot(truncated, fd)) > 0
+
+
+def test_xla_float32_hypergradient_with_per_task_batchnorm_matches_float64_reference():
+    """The compiled path (jit_compile=True; XLA has a MaxPoolGradGrad kernel for float32 only)
+    agrees with the float64 full RMD checked against finite differences above."""
+    p64 = tiny_problem(dtype="float64")
+    p32 = tiny_problem(dtype="float32", like=p64)
+    T = 3
+    raw64 = perturbed_raw(p64)
+    raw32 = tf.nest.map_structure(lambda x: tf.cast(x, tf.float32), raw64)
+    task64 = first(tiny_tasks(1))
+    task32 = fsm.Task(*[tf.cast(x, tf.float32) if x.dtype == tf.float64 else x for x in task64])
+    g64 = tf.function(fsm.MetaGradient(p64, steps=T, truncate=None).task_gradient, autograph=False)(raw64, task64).grads
+    out32 = tf.function(fsm.MetaGradient(p32, steps=T, truncate=None).task_gradient, jit_compile=True,
+                        autograph=False)(raw32, task32)
+    assert int(out32.nonfinite_step) == -1
+    assert float(tfb.diagnostics.relative_error(out32.grads, g64)) < 1e-4
+
+
+def test_trainer_hyper_step_equals_the_core_estimator():
+    """One BilevelTrainer step (SGD(1), meta-batch of 2 tasks, float32) moves every raw
+    hyperparameter by minus the core's task-averaged K-RMD hypergradient on the same problem
+    (float64), which the tests above check against finite differences. (Without XLA: compiling
+    the trainer's map_fn over tasks takes minutes on 2 loaded cores; the trainer's own tests
+    cover its XLA path.)"""
+    p64 = tiny_problem(dtype="float64")
+    p32 = tiny_problem(dtype="float32", like=p64)
+    T, K = 2, 1
+    tasks64 = tiny_tasks(2)
+    tasks32 = fsm.Task(*[tf.cast(x, tf.float32) if x.dtype == tf.float64 else x for x in tasks64])
+    raw64 = p64.initial_raw(init_rho=0.2, init_gamma=0.4)
+    meta = fsm.MetaGradient(p64, steps=T, truncate=K)
+    reference = tf.function(meta.meta_batch, autograph=False)(raw64, tasks64)
+    ref = tf.nest.pack_sequence_as(raw64, reference.grads)
+
+    trainer = p32.build_trainer(steps=T, truncate=K, init_rho=0.2, init_gamma=0.4)
+    trainer.compile(optimizer=keras.optimizers.SGD(1.0), jit_compile=False)
+    data = tf.data.Dataset.from_tensors(((tasks32.support_x, tasks32.support_y), (tasks32.query_x, tasks32.query_y)))
+    before = p32.initial_raw(init_rho=0.2, init_gamma=0.4)
+    trainer.fit(data, epochs=1, verbose=0)
+    after = p32.raw_from_trainer(trainer)
+    step = tf.nest.map_structure(lambda b, a: tf.cast(b, tf.float64) - tf.cast(a, tf.float64), before, after)
+    for key in ref:
+        assert float(tfb.diagnostics.relative_error(step[key], ref[key])) < 2e-4, key
+    assert not p32.inner_model.non_trainable_variables  # per-task BN: no moving statistics
+
+
+def test_exported_representation_reproduces_embeddings_bit_identically(tmp_path):
+    from tf_bilevel.keras import export_hyper_model
+
+    problem = tiny_problem(dtype="float32")
+    learned = [v * 1.3 + 0.01 for v in problem.initial_raw(init_rho=0.1, init_gamma=0.1)["hyper"]]
+    for var, value in zip(problem.hyper_model.trainable_variables, learned):
+        var.assign(value)
+    path = str(tmp_path / "rep")
+    export_hyper_model(problem.hyper_model, path)
+    images = np.random.default_rng(0).random((7, 16, 16, 1)).astype(np.float32)
+    per_task = tf.function(problem.represent, autograph=False)(learned, tf.constant(images)).numpy()
+    check = fsm.check_export(problem.hyper_model, path, images, training_embeddings=per_task)
+    assert check["saved_model_load_bit_identical"] and check["tfsmlayer_bit_identical"]
+    assert check["bit_identical_to_meta_training_representation"]
+    assert check["embedding_shape"] == [7, 4, 4, 3]
+
+
+def test_batch_statistics_normalization_has_exact_second_derivatives():
+    """Keras' BatchNormalization (tf.nn.moments: variance around stop_gradient(mean)) gets the
+    second derivative wrong; ours matches central differences of the inner gradient."""
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 2, 2, 3)))
+    ours = fsm.BatchStatisticsNormalization(dtype="float64")
+    keras_bn = keras.layers.BatchNormalization(epsilon=1e-3, dtype="float64")
+    for layer in (ours, keras_bn):
+        layer.build(x.shape)
+
+    def grad_functional(layer):
+        def fn(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.sin(layer(x, training=True)))
+            return tf.reduce_sum(tf.cos(tape.gradient(loss, x)))
+        return fn
+
+    def second_order_error(layer):
+        fn = grad_functional(layer)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = fn(x)
+        analytic = tape.gradient(value, x).numpy().ravel()[:4]
+        eps, fd = 1e-6, []
+        for i in range(4):
+            d = np.zeros(x.shape)
+            d.reshape(-1)[i] = eps
+            fd.append((float(fn(x + d)) - float(fn(x - d))) / (2 * eps))
+        return np.max(np.abs(analytic - np.array(fd)))
+
+    assert second_order_error(ours) < 1e-7
+    assert second_order_error(keras_bn) > 1e-3  # the reason for the custom layer
+
+
+# --------------------------------------------------------------------------
+# The program, end to end (--quick).
+# --------------------------------------------------------------------------
+
+
+def quick_config(tmp_path: Path, **overrides) -> dict:
+    """The program's flag defaults in --quick mode, as run() receives them."""
+    fv = flags.FlagValues()
+    om.define_flags(fv)
+    fv(["omniglot", "--quick", f"--output_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'tfds'}"]
+       + [f"--{k}={v}" for k, v in overrides.items()])
+    return om.config_from_flags(fv)
+
+
+def check_results(cfg: dict, methods: set) -> dict:
+    out = Path(cfg["output_dir"])
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "fig7_one_shot.png").stat().st_size > 0
+    assert set(results["runs"]) == methods
+    for name, run in results["runs"].items():
+        assert 0.0 <= run["test_accuracy"] <= 1.0 and run["test_tasks"] == cfg["eval_tasks"]
+        rec = run["record"]
+        assert rec["epoch_end_it"][-1] == cfg["hyper_iterations"]
+        assert len(rec["curve_test_acc"]) == cfg["hyper_iterations"] // cfg["eval_every"] + 1
+        assert run["final_gamma"] > 0 and min(run["final_rho"]) > 0
+        if run["truncate"] != "full" and cfg["exact_every"]:
+            assert rec["cosine"] and all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in rec["cosine"])
+    for curve in results.get("relative_error_vs_K", {}).get("curves", {}).values():
+        assert all(np.isfinite(curve["relative_error"]))
+    export = results["export"]
+    assert export["saved_model_load_bit_identical"] and export["tfsmlayer_bit_identical"]
+    assert export["bit_identical_to_meta_training_representation"]
+    return results
+
+
+def _fake_omniglot(per_class: int, num_classes: int):
+    """tfds `_as_dataset` replacement: Omniglot-like 105x105 RGB examples, label = i % C."""
+
+    def as_dataset(self, split, **kwargs):
+        offset = 0 if split == "train" else num_classes  # test split: other characters
+
+        def gen():
+            rng = np.random.default_rng(offset)
+            for i in range(per_class * num_classes):
+                yield {"image": rng.integers(0, 256, (105, 105, 3), dtype=np.uint8),
+                       "alphabet": np.int64(0), "alphabet_char_id": np.int64(i % 7),
+                       "label": np.int64(offset + i % num_classes)}
+
+        scalar = tf.TensorSpec((), tf.int64)
+        return tf.data.Dataset.from_generator(gen, output_signature={
+            "image": tf.TensorSpec((105, 105, 3), tf.uint8),
+            "alphabet": scalar, "alphabet_char_id": scalar, "label": scalar})
+
+    return as_dataset
+
+
+def test_quick_run_on_mock_omniglot(tmp_path, monkeypatch):
+    """The paper's path: tfds omniglot (mocked: 20 characters) -> 1200/100/323-style split."""
+    monkeypatch.setattr(D, "network_reachable", lambda *a, **k: True)  # tfds mock: no download
+    cfg = quick_config(tmp_path, dataset="omniglot", class_split="12,3,5", truncate="1",
+                       short_horizon=False, exact_every=0, relerr_truncations="", timing_rounds=0)
+    assert cfg["rotations"] is False and cfg["n_way"] == 5 and cfg["k_shot"] == 1
+    with tfds.testing.mock_data(as_dataset_fn=_fake_omniglot(per_class=6, num_classes=10)):
+        results = om.run(cfg)
+    assert "omniglot" in results["data_description"]
+    check_results(cfg, {"1"})
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">i4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def read_idx(path: Path, count: int) -> np.ndarray:
+    raw = gzip.open(path, "rb").read()
+    ndim = raw[3]
+    dims = np.frombuffer(raw, ">i4", count=ndim, offset=4)
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)[:count]
+
+
+@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
+def test_quick_run_on_real_mnist_episodes(tmp_path):
+    """Offline real data: 5-way 1-shot episodes over rotated real MNIST digits (first 1500 +
+    300 images), meta-train and meta-test on disjoint digits; 1-RMD with the cosine to full
+    RMD, relative error vs K with and without ρ."""
+    src = tmp_path / "mnist_subset"
+    src.mkdir()
+    for prefix, n in (("train", 1500), ("t10k", 300)):
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"{prefix}-{kind}-ubyte.gz"
+            write_idx(src / name, read_idx(MNIST_DIR / name, n))
+    cfg = quick_config(tmp_path, dataset="mnist", local_dir=src, truncate="1", short_horizon=False,
+                       relerr_truncations="1,3")
+    assert cfg["rotations"] is True and cfg["class_split"] == ["5", "0", "5"]
+    results = om.run(cfg)
+    assert "20" in results["data_description"]  # 5 digits x 4 rotations per pool
+    results = check_results(cfg, {"1"})
+    assert set(results["relative_error_vs_K"]["curves"]) == {"learned ρ", "ρ = 0"}
+    # K = T is full RMD itself: zero relative error.
+    for curve in results["relative_error_vs_K"]["curves"].values():
+        assert curve["K"][-1] == cfg["inner_steps"] and curve["relative_error"][-1] < 1e-6
+    assert set(results["interleaved_sec_per_iter"]) == {"1"}
+
+
+def test_data_pools_are_disjoint_after_rotations():
+    x = np.zeros((40, 4, 4, 1), np.uint8)
+    y = np.repeat(np.arange(10), 4)
+    base = D.class_split(y, {"train": 5, "val": 0, "test": 5}, seed=0)
+    data = om.MetaData(*D.add_rotations(x, y), {k: D.rotated_classes(v, 10) for k, v in base.items()}, "")
+    assert not set(data.pools["train"]) & set(data.pools["test"])
+    assert len(data.pools["train"]) == len(data.pools["test"]) == 20
+    assert set(data.pools["train"] % 10) == set(base["train"])
+
+
+def test_parse_truncate_and_bad_split():
+    assert om.parse_truncate(["1", "10", "full", "50"], 50) == [1, 10, None, None]
+    with pytest.raises(ValueError, match="inner_steps"):
+        om.parse_truncate(["60"], 50)
