@@ -172,7 +172,7 @@ def test_meta_batch_with_batchnorm_hyper_model_matches_finite_differences_and_ke
     keras.utils.set_random_seed(2)
     f64 = "float64"
     hyper = keras.Sequential([keras.layers.Dense(6, activation="tanh", dtype=f64), keras.layers.BatchNormalization(dtype=f64)])
-    inner = keras.Sequential([keras.layers.Dense(6, dtype=f64), keras.layers.BatchNormalization(dtype=f64),
+    inner = keras.Sequential([keras.layers.Dense(6, dtype=f64), tfb.keras.BatchNormalization(dtype=f64),
                               keras.layers.Activation("tanh", dtype=f64), keras.layers.Dense(3, dtype=f64)])
     trainer = tfb.BilevelTrainer(
         inner, hyper_model=hyper, inner_loss=CE, outer_loss=CE, steps=4, meta_batch=True,

@@ -1,15 +1,25 @@
 """Keras integration: `BilevelTrainer` (Keras 3), `LegacyBilevelTrainer` (tf-keras),
-`Hyperparameter` reparametrizations, second-order-safe losses and SavedModel export.
+`Hyperparameter` reparametrizations, second-order-safe losses and layers
+(`BatchNormalization`) and SavedModel export.
 
 `tf_bilevel.keras.legacy` (tf-keras) is imported only on first use.
 """
 
 from tf_bilevel.keras import losses
 from tf_bilevel.keras.export import export_hyper_model
+from tf_bilevel.keras.layers import BatchNormalization
 from tf_bilevel.keras.reparam import TRANSFORMS, Hyperparameter
 from tf_bilevel.keras.trainer import BilevelTrainer
 
-__all__ = ["BilevelTrainer", "Hyperparameter", "LegacyBilevelTrainer", "TRANSFORMS", "export_hyper_model", "losses"]
+__all__ = [
+    "BatchNormalization",
+    "BilevelTrainer",
+    "Hyperparameter",
+    "LegacyBilevelTrainer",
+    "TRANSFORMS",
+    "export_hyper_model",
+    "losses",
+]
 
 
 def __getattr__(name):

@@ -11,6 +11,7 @@ their variables in containers rather than attributes are not supported (a clear 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
@@ -20,6 +21,8 @@ from tf_bilevel.keras.reparam import Hyperparameter
 from tf_bilevel.keras.trainer_base import BilevelTrainerMixin
 
 import tf_keras
+
+_TF_KERAS_BATCH_NORMS = (tf_keras.layers.BatchNormalization, tf_keras.layers.experimental.SyncBatchNormalization)
 
 
 class _StateHolder:
@@ -153,6 +156,26 @@ class LegacyBilevelTrainer(BilevelTrainerMixin, tf_keras.Model):
             inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
             meta_batch=meta_batch, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
         )
+
+    def _warn_inexact_second_order(self) -> None:
+        # tf-keras' fused batch norm (4D/5D float16/32 inputs, the default there) has exact second
+        # derivatives; its non-fused path (other ranks, float64, renorm, virtual batches, ...) uses
+        # tf.nn.moments, which stops the gradient of the mean inside the variance.
+        layers = [
+            layer for layer in self.inner_model._flatten_layers(include_self=True, recursive=True)
+            if isinstance(layer, _TF_KERAS_BATCH_NORMS) and not getattr(layer, "fused", False)
+        ]
+        if layers:
+            names = ", ".join(repr(layer.name) for layer in layers)
+            warnings.warn(
+                f"inner_model {self.inner_model.name!r} contains non-fused tf_keras BatchNormalization layer(s) "
+                f"{names}: their second derivatives are inexact (tf.nn.moments stops the gradient of the mean "
+                "inside the variance), which biases hypergradients through the inner loop. Use fused batch "
+                "norm (4D/5D float32 inputs, fused=None or True), or Keras 3 with tf_bilevel.BilevelTrainer "
+                "and tf_bilevel.keras.BatchNormalization.",
+                UserWarning,
+                stacklevel=6,
+            )
 
     def export(self, filepath: str, input_signature=None, verbose: bool = True, **kwargs):
         """Exports the meta-learned hyper model as a SavedModel (see `tf_bilevel.keras.export_hyper_model`)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Union
 
 import keras
+import tensorflow as tf
 
 from tf_bilevel.keras.compat import Keras3Calls
 from tf_bilevel.keras.reparam import Hyperparameter
@@ -62,7 +63,26 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
     BatchNorm: both models run in training mode (per-task batch statistics). The inner
     model's moving statistics are discarded per task; the hyper model's moving statistics are
     updated with the mean over tasks of their training-mode updates, so that exported hyper
-    layers serve in inference mode.
+    layers serve in inference mode. In the inner model use `tf_bilevel.keras.BatchNormalization`
+    (a drop-in): `keras.layers.BatchNormalization`'s second derivatives are inexact, which
+    biases hypergradients (the trainer warns when it builds). The hyper model is differentiated
+    only once, so Keras' layer is exact there.
+
+    Resuming an interrupted `fit`: every piece of state is a variable that
+    `keras.callbacks.BackupAndRestore` saves (λ, the outer optimizer's slots, `meta_step`,
+    which also seeds the per-task RNG, the hyper model's statistics). A restarted run
+    resumes at the start of the epoch after the last saved one (Keras 3 restores the epoch,
+    not the batch: keep the default `save_freq="epoch"` and choose `steps_per_epoch` as the
+    checkpoint interval). A stream of tasks must also resume where it stopped: pass
+    `trainer.resumable(tasks)`, which starts the stream at element `meta_step`. With op
+    determinism (`tf.config.experimental.enable_op_determinism()`) the resumed run ends with
+    the same λ, bit for bit, as an uninterrupted one (tests/test_resume.py).
+
+    Distribution: create and compile the trainer under `strategy.scope()`
+    (`tf.distribute.MirroredStrategy`, `MultiWorkerMirroredStrategy`); each replica gets a
+    slice of the meta-batch (the element's task axis is the global batch) and λ gets the
+    mean hypergradient over all tasks. TF 2.21 on CPU cannot XLA-compile the replicated step
+    (no XLA:CPU kernels for collectives): use `jit_compile=False` there.
     """
 
     _calls = Keras3Calls
@@ -98,6 +118,24 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
             meta_batch=meta_batch, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
         )
 
+    def train_step(self, data):
+        return _for_multi_worker_reduction(super().train_step(data))
+
+    def test_step(self, data):
+        return _for_multi_worker_reduction(super().test_step(data))
+
+    def _warn_inexact_second_order(self) -> None:
+        from tf_bilevel.keras.layers import warn_inexact_batch_normalization
+
+        warn_inexact_batch_normalization(self.inner_model, stacklevel=5)  # at the user's fit/evaluate/predict
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # fit/evaluate/predict build the trainer from the dataset's element_spec first. Keras'
+        # symbolic build would pull (and drop) an element, and under MultiWorkerMirroredStrategy
+        # fails reducing it across workers (keras-team/keras#20585).
+        if not self.built:
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def export(self, filepath: str, format: str = "tf_saved_model", verbose: bool = True, input_signature=None, **kwargs):
         """Exports the meta-learned hyper model as a SavedModel (see `tf_bilevel.keras.export_hyper_model`)."""
         from tf_bilevel.keras.export import export_hyper_model
@@ -105,3 +143,13 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         if format != "tf_saved_model":
             raise ValueError(f"BilevelTrainer.export supports format='tf_saved_model' only, got {format!r}")
         return export_hyper_model(self, filepath, input_signature=input_signature, verbose=verbose)
+
+
+def _for_multi_worker_reduction(logs: dict) -> dict:
+    """Keras 3 reduces a step's logs across workers with `strategy.reduce("MEAN", v, axis=0)`
+    under a multi-worker `MultiWorkerMirroredStrategy`, which fails on scalars
+    (keras-team/keras#20585): give them a leading axis of length 1 there."""
+    strategy = tf.distribute.get_strategy()
+    if not (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode()):
+        return logs
+    return {name: tf.reshape(value, [1]) if value.shape.rank == 0 else value for name, value in logs.items()}

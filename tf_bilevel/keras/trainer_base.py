@@ -172,6 +172,33 @@ class BilevelTrainerMixin:
         user = values.pop("user")
         return {**user, **values}
 
+    def resumable(self, tasks: Any) -> tf.data.Dataset:
+        """A stream of tasks that starts where the last hyper-iteration stopped, for `fit`.
+
+        `tasks` is a `tf.data.Dataset` (one element per hyper-iteration; it is started at
+        element `meta_step` with `skip`, which still produces the skipped elements) or a
+        function `start -> tf.data.Dataset` (start: an int64 scalar tensor, e.g.
+        `lambda start: tf.data.Dataset.range(4 * start, 2**62).map(make_episode).batch(4)` for
+        meta-batches of episodes derived from their index, which jumps there directly).
+        `meta_step` is read when `fit` starts iterating, after `keras.callbacks.BackupAndRestore`
+        restored it, so a restarted run sees exactly the tasks the interrupted run had not
+        learned from yet. The stream continues across `fit` calls (it does not restart).
+        """
+        if isinstance(tasks, tf.data.Dataset):
+            start_at = lambda start: tasks.skip(start)  # noqa: E731
+        elif callable(tasks):
+            start_at = tasks
+        else:
+            raise TypeError(
+                "resumable(tasks): tasks must be a tf.data.Dataset of tasks or a function "
+                f"start -> tf.data.Dataset (start: the first hyper-iteration, an int64 tensor), got {tasks!r}"
+            )
+        meta_step = self.meta_step
+        # A captured variable is read when the iterator starts, not when the dataset is built.
+        return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(
+            lambda _: start_at(tf.cast(_read(meta_step), tf.int64))
+        )
+
     def build_from_spec(self, element_spec: Any) -> None:
         """Builds the models, the hyperparameter variables, the compiled metrics and the outer
         optimizer from a dataset's `element_spec` (done automatically by fit/evaluate/predict)."""
@@ -307,7 +334,10 @@ class BilevelTrainerMixin:
         self._update_hyper_state(apply, hyper_state, replica)
         if self.problem.inner_init == "warm_start":
             self._update_stored_inner(apply, final_params, replica)
-        self.meta_step.assign_add(1)
+        # Only once this step's element has arrived: a `resumable` stream reads meta_step when it
+        # starts, and nothing else orders the increment after the iterator's get_next.
+        with tf.control_dependencies([tf.nest.flatten(data)[0]]):
+            self.meta_step.assign_add(1)
 
         if num_replicas > 1:  # report the norm / diagnostics of the global (all-replica) mean
             grads = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
@@ -354,6 +384,11 @@ class BilevelTrainerMixin:
         return self._adapted_predictions(inputs)
 
     # -- internals --------------------------------------------------------------------------
+    def _warn_inexact_second_order(self) -> None:
+        """Warns (once, when the trainer builds) about inner-model layers whose second derivatives
+        are inexact (per flavor). Only the inner model matters: the hyper model is applied outside
+        the inner loop and differentiated once (d_λ f = (∂φ/∂λ)ᵀ d_φ f)."""
+
     def _adapted_predictions(self, data):
         task = self._as_task(data)
         inputs = self._step_inputs()
@@ -378,6 +413,7 @@ class BilevelTrainerMixin:
     def _create_hyperparameters(self) -> None:
         """The raw variables of λ (called once the models are built)."""
         self.problem.check_models()
+        self._warn_inexact_second_order()
         state = self._built_state
         state.specs = self.problem.hyper_specs()
         names = leaf_names(state.specs, "")

@@ -1,0 +1,194 @@
+"""No lost work (issue #3): a fit killed with SIGKILL and restarted with the same command ends
+with the same hyperparameters, bit for bit, as an uninterrupted run; non-finite
+hypergradients never reach λ.
+
+The kill test runs tests/resume_job.py (two fits: the deterministic hypercleaning regime and
+the stochastic regime, a stream of few-shot episodes) four times: an uninterrupted run in
+the background, and the same command three times in a row: killed in the middle of the
+first fit, killed in the middle of the second (after resuming and finishing the first), and
+run to the end. The job reports the step it reached in a marker file and waits there, so the
+kill lands between two checkpoints, with hyper-iterations done since the last one that must
+be redone (and tasks of the stream that must be seen again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+
+import tf_bilevel as tfb
+from tf_bilevel.keras import losses
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = Path(__file__).resolve().with_name("resume_job.py")
+FITS = ("hypercleaning", "meta")
+EPOCHS, STEPS_PER_EPOCH = 3, 4  # as in resume_job.py
+PAUSE_AFTER = 6  # a checkpoint after step 4, killed after step 6: steps 5-6 are lost
+TIMEOUT = 300
+
+
+def _start(workdir: Path, log: Path, pause: bool) -> subprocess.Popen:
+    command = [sys.executable, str(JOB), "--workdir", str(workdir)]
+    if pause:
+        command += ["--pause_after", ",".join(f"{name}={PAUSE_AFTER}" for name in FITS)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+    with open(log, "ab") as out:  # a file, not a pipe: nothing blocks on a full pipe
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
+def _kill_when_paused(process: subprocess.Popen, marker: Path, log: Path) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not marker.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the job exited ({process.returncode}) before reaching {marker.name}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the job did not reach {marker.name} within {TIMEOUT} s:\n{_tail(log)}")
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+
+
+def _finish(process: subprocess.Popen, log: Path) -> None:
+    try:
+        returncode = process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the job did not finish within {TIMEOUT} s:\n{_tail(log)}")
+    assert returncode == 0, _tail(log)
+
+
+def test_fit_killed_and_rerun_with_the_same_command_ends_bit_identical(tmp_path):
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    reference_log, log = tmp_path / "uninterrupted.log", tmp_path / "interrupted.log"
+    reference = _start(uninterrupted, reference_log, pause=False)
+    try:
+        # 1st run: killed after step 6 of the first fit (the last checkpoint holds step 4).
+        _kill_when_paused(_start(interrupted, log, pause=True), interrupted / "hypercleaning.paused", log)
+        assert (interrupted / "hypercleaning_backup").is_dir()
+        assert not (interrupted / "hypercleaning.npy").exists()
+        # 2nd run: resumes and finishes the first fit, killed after step 6 of the second.
+        _kill_when_paused(_start(interrupted, log, pause=True), interrupted / "meta.paused", log)
+        assert (interrupted / "hypercleaning.npy").exists() and not (interrupted / "meta.npy").exists()
+        # 3rd run: resumes the second fit and finishes.
+        _finish(_start(interrupted, log, pause=True), log)
+        _finish(reference, reference_log)
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+
+    for name in FITS:
+        resumed = np.load(interrupted / f"{name}.npy")
+        expected = np.load(uninterrupted / f"{name}.npy")
+        assert resumed.dtype == np.float32 and resumed.size > 1
+        assert np.array_equal(resumed, expected), f"{name}: max |Δλ| = {np.max(np.abs(resumed - expected))}"
+        assert np.array_equal(np.load(interrupted / f"{name}_optimizer.npy"), np.load(uninterrupted / f"{name}_optimizer.npy"))
+        summary = json.loads((interrupted / f"{name}.json").read_text())
+        reference_summary = json.loads((uninterrupted / f"{name}.json").read_text())
+        assert summary["meta_step"] == summary["optimizer_iterations"] == EPOCHS * STEPS_PER_EPOCH
+        assert reference_summary["epochs_run"] == EPOCHS
+        assert summary["epochs_run"] == EPOCHS - 1  # resumed after the checkpointed epoch
+        assert summary["last_epoch_loss"] == reference_summary["last_epoch_loss"]
+        assert not (interrupted / f"{name}_backup").exists()  # BackupAndRestore cleans up after a finished fit
+    assert "hypercleaning: finished earlier" in log.read_text()
+
+
+# ------------------------------------------------------------------------------------
+# trainer.resumable: where the stream starts.
+# ------------------------------------------------------------------------------------
+def _trainer(**kwargs):
+    ce = losses.sparse_categorical_crossentropy
+    return tfb.BilevelTrainer(keras.Sequential([keras.layers.Dense(2)]),
+                              **{"inner_loss": ce, "outer_loss": ce, "steps": 2, "hyperparameters": {"a": 1.0},
+                                 "inner_regularizer": lambda w, hp: 0.01 * hp["a"] * tf.reduce_sum(tf.square(w[0])),
+                                 **kwargs})
+
+
+def test_resumable_stream_starts_at_meta_step_when_iterated_not_when_built():
+    trainer = _trainer()
+    tasks = tf.data.Dataset.range(100)
+    from_dataset = trainer.resumable(tasks)
+    from_index = trainer.resumable(lambda start: tf.data.Dataset.range(start * 10, 10**6, 10))
+    trainer.meta_step.assign(7)  # e.g. restored by BackupAndRestore after the datasets were built
+    assert [int(x) for x in from_dataset.take(3)] == [7, 8, 9]
+    assert [int(x) for x in from_index.take(2)] == [70, 80]
+    trainer.meta_step.assign(0)
+    assert int(next(iter(from_dataset))) == 0
+    with pytest.raises(TypeError, match="resumable\\(tasks\\): tasks must be a tf.data.Dataset"):
+        trainer.resumable([1, 2, 3])
+
+
+def _indexed_task(i):
+    x = tf.random.stateless_normal([6, 3], seed=tf.stack([i, 0]))
+    return (x, tf.constant([0, 1, 0, 1, 0, 1])), (x + 0.1, tf.constant([0, 1, 0, 1, 0, 1]))
+
+
+def test_resumable_stream_feeds_the_first_step_the_task_at_meta_step():
+    """The increment of meta_step in a step must not overtake the stream's read of it (a race
+    that started resumed streams one element late, nondeterministically)."""
+    tasks = tf.data.Dataset.range(100).map(_indexed_task)
+    losses_by_stream = []
+    for resumed in (True, False):
+        keras.utils.set_random_seed(5)
+        trainer = _trainer()
+        trainer.compile(optimizer=keras.optimizers.SGD(0.1))
+        trainer.build_from_spec(tasks.element_spec)
+        if resumed:
+            trainer.meta_step.assign(3)  # as restored by BackupAndRestore
+        stream = trainer.resumable(tasks) if resumed else tasks.skip(3)
+        history = trainer.fit(stream, epochs=3, steps_per_epoch=1, verbose=0)
+        losses_by_stream.append(history.history["loss"])
+    assert losses_by_stream[0] == losses_by_stream[1]
+    assert len(set(losses_by_stream[0])) == 3  # the three tasks differ
+
+
+# ------------------------------------------------------------------------------------
+# Non-finite hypergradient with finite losses (test_trainer.py covers a NaN inner loss,
+# raise, and a NaN outer loss, skip).
+# ------------------------------------------------------------------------------------
+def _sqrt_penalty_trainer(on_nonfinite):
+    # g = CE + √a·‖W‖² at a = 0: g, w_T and f are finite, but d∇_w g/da = W/√a is not, so
+    # the hypergradient with respect to a is non-finite.
+    trainer = _trainer(hyperparameters={"a": 0.0, "b": 1.0}, on_nonfinite=on_nonfinite,
+                       inner_regularizer=lambda w, hp: tf.sqrt(hp["a"]) * tf.reduce_sum(tf.square(w[0])),
+                       inner_loss=lambda y, p, hp: hp["b"] * losses.sparse_categorical_crossentropy(y, p))
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1))
+    return trainer
+
+
+_DATA = tf.data.Dataset.from_tensors(
+    ((tf.ones([4, 3]), tf.constant([0, 1, 0, 1])), (tf.ones([4, 3]), tf.constant([0, 1, 0, 1])))).repeat(3)
+
+
+def test_nonfinite_hypergradient_raises_naming_the_step_and_leaves_hyperparameters_untouched():
+    trainer = _sqrt_penalty_trainer("raise")
+    trainer.build_from_spec(_DATA.element_spec)
+    before = [v.numpy().copy() for v in trainer.hyper_variables]
+    with pytest.raises(tfb.NonFiniteError, match=r"hyper-iteration 0 .*hypergradient is non-finite"):
+        trainer.fit(_DATA, verbose=0)
+    for value, variable in zip(before, trainer.hyper_variables):
+        np.testing.assert_array_equal(value, variable.numpy())
+    assert trainer.optimizer.iterations.numpy() == 0
+
+
+def test_nonfinite_hypergradient_update_is_skipped_when_asked():
+    trainer = _sqrt_penalty_trainer("skip")
+    history = trainer.fit(_DATA, verbose=0)
+    assert history.history["skipped_updates"] == [3.0]
+    assert trainer.optimizer.iterations.numpy() == 0 and trainer.meta_step.numpy() == 3
+    assert all(np.all(np.isfinite(v.numpy())) for v in trainer.hyper_variables)
