@@ -283,6 +283,30 @@ def test_calling_the_trainer_adapts_the_inner_model_to_the_inner_set():
     np.testing.assert_allclose(trainer(((x, y), xv)).numpy(), xv @ W + b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("meta_batch", [False, True])
+def test_predict_without_outer_labels_matches_predict_on_full_tasks_and_numpy(meta_batch):
+    # ((x_inner, y_inner), x_outer) elements: the outer labels are absent, so nothing may need them
+    # (the meta-batch path once probed the outer loss with x_outer standing in for y_outer).
+    tasks = [classification_data(seed, 8, 3, 2) for seed in (11, 12)]
+    trainer = tfb.BilevelTrainer(
+        keras.Sequential([keras.layers.Dense(2)]), hyperparameters={"l2": 0.2}, inner_loss=CE, outer_loss=CE,
+        inner_regularizer=lambda w, hp: hp["l2"] * tf.reduce_sum(tf.square(w[0])), steps=4,
+        inner_learning_rate=0.5, meta_batch=meta_batch)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+    if meta_batch:
+        x, y, xv, yv = (np.stack(parts) for parts in zip(*tasks))
+    else:
+        x, y, xv, yv = tasks[0]
+    without_labels = trainer.predict(tf.data.Dataset.from_tensors(((x, y), xv)), verbose=0)
+    with_labels = trainer.predict(tf.data.Dataset.from_tensors(((x, y), (xv, yv))), verbose=0)
+    np.testing.assert_array_equal(without_labels, with_labels)
+    W0, b0 = [w.astype(np.float64) for w in trainer.inner_model.get_weights()]
+    for i, (xi, yi, xvi, _) in enumerate(tasks if meta_batch else tasks[:1]):
+        W, b = numpy_inner_gd(W0, b0, xi.astype(np.float64), yi, np.ones(8), 0.5, 4, l2=0.2)
+        got = without_labels[i] if meta_batch else without_labels
+        np.testing.assert_allclose(got, xvi @ W + b, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------
 # Non-finite values: a clear error (default) or a skipped update (opt-in).
 # ------------------------------------------------------------------------------------

@@ -106,16 +106,17 @@ def _spec(x: tf.Tensor) -> tf.TensorSpec:
     return tf.TensorSpec(x.shape, x.dtype)
 
 
-def forward_probe(problem: KerasBilevelProblem, specs: dict, inputs: StepInputs, task: Task):
+def forward_probe(problem: KerasBilevelProblem, specs: dict, inputs: StepInputs, task: Task, with_loss: bool = True):
     """Specs of (f, outer predictions, hyper state, w0) for one task, from one forward pass at
     w0: `tf.map_fn` needs static output specs, and the inner loop need not run to know them.
-    The probe's ops have no consumer and are pruned from the compiled step."""
+    The probe's ops have no consumer and are pruned from the compiled step. `with_loss=False`
+    (predict: the outer labels are absent) skips f and returns None for its spec."""
     hp, hyper_state = problem.hparams(inputs.raw, specs, inputs.hyper_state, task.inner, task.outer)
     outer_batch = CoreBatch(task.outer, inputs.inner_state)
     w0 = problem.initial_params(inputs.stored_inner, tf.zeros([2], tf.int64))
     y_pred = problem.predict(w0, hp, outer_batch, "outer")
-    value = problem.outer_loss(w0, hp, outer_batch)
-    return _spec(value), _spec(y_pred), [_spec(x) for x in hyper_state], [_spec(x) for x in w0]
+    value = _spec(problem.outer_loss(w0, hp, outer_batch)) if with_loss else None
+    return value, _spec(y_pred), [_spec(x) for x in hyper_state], [_spec(x) for x in w0]
 
 
 class TaskEvaluation:

@@ -396,7 +396,7 @@ class BilevelTrainerMixin:
         seeds = self._task_seeds(task, tf.constant(-1, tf.int64))
         if not self.meta_batch:
             return predict(inputs, task, seeds[0])
-        signature = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task))[1]
+        signature = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task), with_loss=False)[1]
         return map_tasks(lambda t, s: predict(inputs, t, s), task, seeds, signature)
 
     def _as_task(self, data) -> data_lib.Task:
