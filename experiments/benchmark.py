@@ -182,7 +182,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[Timing, Any]:
 
 def stored_states(config: dict) -> Optional[float]:
     """Weight-sized states kept alive by the estimator (Table 1 space, in units of M)."""
-    kind, T, K = config["estimator"], config["steps"], config["truncate"]
+    kind, K = config["estimator"], config["truncate"]
     if kind == "floor":
         return 0
     if kind == "reverse":

@@ -83,6 +83,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
+from experiments.serialization import jsonable  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NORMALIZATIONS = ("mean", "mean_all", "sum")
@@ -701,23 +702,13 @@ def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Option
             "stored_state_bytes = K * |W| * 4"),
         "runtime_seconds": time.time() - start,
     }
-    results = _jsonable(results)
+    results = jsonable(results)
     results["figures"] = plot_figures(results, cfg.output_dir)
     with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
         json.dump(results, fh)
     print(format_table(results), flush=True)
     print(f"[hypercleaning] results.json and figures in {cfg.output_dir} ({results['runtime_seconds']:.0f} s)")
     return results
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.ndarray, np.generic)):
-        return x.tolist()
-    return x
 
 
 def _mib(value: Optional[float]) -> str:

@@ -52,7 +52,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -60,6 +60,7 @@ import tensorflow as tf
 import tf_bilevel as tfb
 from experiments import plotting
 from experiments.plotting import plt
+from experiments.serialization import jsonable
 
 OBJECTIVES = ("f", "f_tilde")
 QUICK = dict(hyper_iters=100, truncations=[1, 5, 100], fig1_truncations=[1, 5, 100], grid_size=81)
@@ -486,16 +487,6 @@ class ToyConfig:
         return cfg
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.ndarray, np.generic)):
-        return x.tolist()
-    return x
-
-
 def _progress_bar(target: int):
     return tf.keras.utils.Progbar(target, verbose=1 if sys.stdout.isatty() else 2, unit_name="hyper-iteration")
 
@@ -585,7 +576,7 @@ def run_experiment(cfg: ToyConfig, problem: Optional[ToyProblem] = None) -> dict
         "figures": {k: os.path.basename(v) for k, v in figures.items()},
         "runtime_seconds": time.time() - start_time,
     }
-    results = _jsonable(results)
+    results = jsonable(results)
     with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
         json.dump(results, fh)
     _print_summary(results)

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import datasets as D  # noqa: E402
+from idx_files import read_idx, write_idx  # noqa: E402
 
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(
@@ -31,22 +32,6 @@ needs_mnist = pytest.mark.skipif(
 # --------------------------------------------------------------------------
 # Helpers and fixtures.
 # --------------------------------------------------------------------------
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX .gz file with numpy alone (big-endian header)."""
-    raw = gzip.open(path, "rb").read()
-    ndim = raw[3]
-    dims = np.frombuffer(raw, ">i4", count=ndim, offset=4)
-    # Images skip 16 header bytes, labels 8.
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array as an IDX .gz file."""
-    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">i4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 def closed_port() -> int:

@@ -9,7 +9,6 @@ estimator on the same problem, under XLA.
 
 from __future__ import annotations
 
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ import tf_bilevel as tfb  # noqa: E402
 from experiments import datasets as D  # noqa: E402
 from experiments import fewshot_model as fsm  # noqa: E402
 from experiments import omniglot as om  # noqa: E402
+from idx_files import write_mnist_subset  # noqa: E402
 
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
@@ -299,30 +299,12 @@ def test_quick_run_on_mock_omniglot(tmp_path, monkeypatch):
     check_results(cfg, {"1"})
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">i4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def read_idx(path: Path, count: int) -> np.ndarray:
-    raw = gzip.open(path, "rb").read()
-    ndim = raw[3]
-    dims = np.frombuffer(raw, ">i4", count=ndim, offset=4)
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)[:count]
-
-
 @pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
 def test_quick_run_on_real_mnist_episodes(tmp_path):
     """Offline real data: 5-way 1-shot episodes over rotated real MNIST digits (first 1500 +
     300 images), meta-train and meta-test on disjoint digits; 1-RMD with the cosine to full
     RMD, relative error vs K with and without ρ."""
-    src = tmp_path / "mnist_subset"
-    src.mkdir()
-    for prefix, n in (("train", 1500), ("t10k", 300)):
-        for kind in ("images-idx3", "labels-idx1"):
-            name = f"{prefix}-{kind}-ubyte.gz"
-            write_idx(src / name, read_idx(MNIST_DIR / name, n))
+    src = write_mnist_subset(MNIST_DIR, tmp_path / "mnist_subset", train=1500, test=300)
     cfg = quick_config(tmp_path, dataset="mnist", local_dir=src, truncate="1", short_horizon=False,
                        relerr_truncations="1,3")
     assert cfg["rotations"] is True and cfg["class_split"] == ["5", "0", "5"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import datasets as D  # noqa: E402
 from experiments import features as F  # noqa: E402
 from experiments import task_interaction as ti  # noqa: E402
+from idx_files import write_mnist_subset  # noqa: E402
 
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
@@ -215,28 +215,10 @@ def test_quick_run_on_mock_cifar10_with_random_resnet50(tmp_path, monkeypatch):
     check_results(cfg)
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">i4").tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def read_idx(path: Path, count: int) -> np.ndarray:
-    raw = gzip.open(path, "rb").read()
-    ndim = raw[3]
-    dims = np.frombuffer(raw, ">i4", count=ndim, offset=4)
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)[:count]
-
-
 @pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
 def test_quick_run_on_real_mnist(tmp_path):
     """Offline real data: the first 1500 + 300 real MNIST images, pixel features."""
-    src = tmp_path / "mnist_subset"
-    src.mkdir()
-    for prefix, n in (("train", 1500), ("t10k", 300)):
-        for kind in ("images-idx3", "labels-idx1"):
-            name = f"{prefix}-{kind}-ubyte.gz"
-            write_idx(src / name, read_idx(MNIST_DIR / name, n))
+    src = write_mnist_subset(MNIST_DIR, tmp_path / "mnist_subset", train=1500, test=300)
     cfg = quick_config(tmp_path, dataset="mnist", features="pixels", local_dir=src)
     results = ti.run(cfg)
     assert results["num_examples"] == 1800 and results["feature_dim"] == 784
