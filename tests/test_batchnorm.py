@@ -248,3 +248,14 @@ def test_config_round_trip_and_keras_file(tmp_path):
     loaded = keras.saving.load_model(path)
     assert type(loaded.layers[-1]) is BatchNormalization
     np.testing.assert_array_equal(loaded(x, training=False), model(x, training=False))
+
+
+def test_layer_is_reachable_as_tfb_keras_after_a_plain_import():
+    # The README writes `tfb.keras.BatchNormalization`: it must work right after `import tf_bilevel`.
+    import subprocess
+    import sys
+
+    code = "import tf_bilevel as tfb; print(tfb.keras.BatchNormalization.__module__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "tf_bilevel.keras.layers"

@@ -16,10 +16,12 @@ _KERAS_EXPORTS = {
 
 
 def __getattr__(name):
-    if name in _KERAS_EXPORTS:
-        import importlib
+    import importlib
 
+    if name in _KERAS_EXPORTS:
         return getattr(importlib.import_module(_KERAS_EXPORTS[name]), name)
+    if name == "keras":  # `tfb.keras.BatchNormalization` etc. without importing tf_bilevel.keras first
+        return importlib.import_module("tf_bilevel.keras")
     raise AttributeError(f"module 'tf_bilevel' has no attribute {name!r}")
 
 
