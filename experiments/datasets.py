@@ -27,6 +27,8 @@ the same whether the data came from a tfds download or from local IDX files:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import os
@@ -333,17 +335,33 @@ def _default_local_dir(name: str) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _exclusive(data_dir: str, name: str):
+    """An inter-process lock per (data_dir, dataset): two programs preparing the same dataset
+    at once would race on tfds's final rename (FileExistsError)."""
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{name}.prepare.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _prepare_local(name: str, local_dir: str | os.PathLike, data_dir: str) -> tfds.core.DatasetBuilder:
     """Prepare `name` from local IDX files into data_dir (no-op if prepared)."""
     builder = _LOCAL_BUILDERS[name](local_dir=local_dir, data_dir=data_dir)
-    if not builder.is_prepared():
-        os.makedirs(data_dir, exist_ok=True)
-        # Gunzipped copies are only needed while preparing.
-        with tempfile.TemporaryDirectory(dir=data_dir, prefix="extract_") as tmp:
-            builder.download_and_prepare(
-                download_dir=tmp,
-                download_config=tfds.download.DownloadConfig(extract_dir=tmp),
-            )
+    if builder.is_prepared():
+        return builder
+    with _exclusive(data_dir, name):
+        builder = _LOCAL_BUILDERS[name](local_dir=local_dir, data_dir=data_dir)  # re-read: another process may be done
+        if not builder.is_prepared():
+            # Gunzipped copies are only needed while preparing.
+            with tempfile.TemporaryDirectory(dir=data_dir, prefix="extract_") as tmp:
+                builder.download_and_prepare(
+                    download_dir=tmp,
+                    download_config=tfds.download.DownloadConfig(extract_dir=tmp),
+                )
     return builder
 
 

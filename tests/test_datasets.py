@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import datasets as D  # noqa: E402
-from idx_files import read_idx, write_idx  # noqa: E402
+from idx_files import read_idx, write_idx, write_mnist_subset  # noqa: E402
 
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(
@@ -377,3 +377,22 @@ def test_rotations_add_classes_within_a_pool():
     assert xr.shape == (8, 4, 4, 1) and sorted(yr) == list(range(8))
     np.testing.assert_array_equal(xr[2], np.rot90(images[0], 1))
     np.testing.assert_array_equal(D.rotated_classes(np.array([1]), 2), [1, 3, 5, 7])
+
+
+@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
+def test_two_processes_preparing_the_same_data_dir_both_succeed(tmp_path):
+    # Two experiment programs started together on a fresh data_dir used to race on tfds's final
+    # rename (FileExistsError); preparation is now serialized by a lock file.
+    import subprocess
+
+    subset = write_mnist_subset(MNIST_DIR, tmp_path / "subset", train=1000, test=200)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from experiments import datasets as D; "
+            "b = D.get_prepared_builder('mnist', data_dir=sys.argv[2], local_dir=sys.argv[3]); "
+            "print(b.info.splits['train'].num_examples)")
+    repo = str(Path(__file__).resolve().parents[1])
+    runs = [subprocess.Popen([sys.executable, "-c", code, repo, str(tmp_path / "tfds"), str(subset)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == "1000"
