@@ -57,6 +57,19 @@ Usage:
   python -m experiments.hypercleaning                      # the paper: K ∈ {1,5,25,50,100}, R = 1000
   python -m experiments.hypercleaning --hyper_iterations=300 --truncate=1,5,100
   python -m experiments.hypercleaning --quick              # tiny budget (tests)
+Resuming: every --checkpoint_every hyper-iterations (default 50; 0: off) the running K saves λ,
+the outer Adam's variables (iteration counter, learning rate, moments) and its curves under
+<output_dir>/checkpoints/K<k>/ (a tf.train.Checkpoint and a JSON sidecar), and a finished K
+saves its result there. A run that was killed (even with SIGKILL) and is rerun with the SAME
+command skips the finished K's, resumes the running one from its last checkpoint, losing only
+the hyper-iterations since, and ends with the same results as an uninterrupted run: λ bit for
+bit on CPU, every curve and metric except the wall-clock timings (`timing.process_starts` lists
+the hyper-iterations that were a process's first, i.e. include tracing and XLA compilation; the
+steady-state medians leave them out). The interleaved timing and the memory probes run again
+after a restart. <output_dir>/checkpoints/fingerprint.json records the settings that affect the
+numbers (all but output_dir, truncate, timing/memory/data-location flags) and a hash of the data
+split; a rerun with other settings in the same --output_dir is refused with an error: delete
+<output_dir>/checkpoints to start over, or pick another --output_dir.
 Data: MNIST through tensorflow-datasets; offline, the IDX files of --mnist_dir (default: the
 shared folder of this project if present) are prepared by a local tfds builder
 (experiments/datasets.py). Without data or network the program exits with an error in seconds.
@@ -83,7 +96,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
-from experiments.serialization import jsonable  # noqa: E402
+from experiments.serialization import SettingsMismatchError, guard_settings, jsonable, write_json_atomically  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NORMALIZATIONS = ("mean", "mean_all", "sum")
@@ -146,6 +159,7 @@ class Config:
     mnist_dir: Optional[str] = None
     data_dir: Optional[str] = None
     jit_compile: bool = True
+    checkpoint_every: int = 50  # 0: no checkpoints (no resumption)
     preset: str = ""
 
     def validated(self) -> "Config":
@@ -179,6 +193,8 @@ class Config:
         cfg.f1_thresholds = sorted({float(t) for t in cfg.f1_thresholds} | {float(cfg.table_threshold)})
         if cfg.exact_every < 0 or cfg.eval_every < 1:
             raise ValueError("--exact_every must be >= 0 (0: only at the start and the end) and --eval_every >= 1")
+        if cfg.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
         return cfg
 
 
@@ -305,6 +321,109 @@ def global_norm(x: Any) -> float:
 
 
 # ----------------------------------------------------------------------------------------
+# Checkpoints: a killed run, rerun with the same command, resumes where it was.
+# ----------------------------------------------------------------------------------------
+CHECKPOINT_DIR = "checkpoints"
+# Config fields that cannot change any number of a K's run (where the data come from is
+# covered by the hash of the split; K itself names the folder).
+_NOT_FINGERPRINTED = ("output_dir", "truncate", "measure_memory", "memory_probe_calls", "timing_rounds",
+                      "mnist_dir", "data_dir", "checkpoint_every", "preset")
+PAUSE_SECONDS = 120  # --pause_after: nobody killed the program, exit with an error rather than hang
+
+
+def config_fingerprint(cfg: Config, arrays: dict) -> dict:
+    """The config fields that affect a K's results, and a hash of the data split (so that a
+    different MNIST copy or split is never resumed from the checkpoints of another)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in ("x_train", "y_train", "x_val", "y_val", "corrupted", "replaced"):
+        array = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
+    if arrays.get("y_test") is not None:
+        fields["n_test"] = int(len(arrays["y_test"]))
+    fields["data_sha256"] = digest.hexdigest()
+    return json.loads(json.dumps(jsonable(fields)))  # as it reads back from the file
+
+
+def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
+    """<output_dir>/checkpoints (None when --checkpoint_every=0), with the fingerprint of this
+    configuration; raises SettingsMismatchError when it holds checkpoints of another one."""
+    if cfg.checkpoint_every <= 0:
+        return None
+    root = Path(cfg.output_dir) / CHECKPOINT_DIR
+    guard_settings(root, config_fingerprint(cfg, arrays), what="the checkpoints")
+    return root
+
+
+class TruncationCheckpoint:
+    """The checkpoints of one K in <root>/K<k>: λ and the outer Adam's variables (iteration
+    counter, learning rate, moments) in a tf.train.Checkpoint, the Python-side state (curves,
+    η0, …) in the JSON sidecar state-<i>.json of checkpoint ckpt-<i>, i = hyper-iterations done,
+    and result.json once the K is finished.
+
+    The sidecar is written before its checkpoint and older sidecars are removed after it, so
+    the latest complete checkpoint always has its sidecar, wherever a kill lands."""
+
+    def __init__(self, root: Path, truncate: int):
+        self.directory = root / f"K{truncate}"
+        self.result_path = self.directory / "result.json"
+        self._manager: Optional[tf.train.CheckpointManager] = None
+
+    def result(self) -> Optional[dict]:
+        """The result of a finished K, None if it is not finished."""
+        return json.loads(self.result_path.read_text()) if self.result_path.exists() else None
+
+    def save_result(self, result: dict) -> None:
+        write_json_atomically(self.result_path, jsonable(result))
+
+    def attach(self, lam: tf.Variable, optimizer: keras.optimizers.Optimizer) -> None:
+        """Tracks λ and the (built) optimizer: what `save` writes and `restore` assigns."""
+        self._manager = tf.train.CheckpointManager(
+            tf.train.Checkpoint(lam=lam, optimizer=optimizer), str(self.directory), max_to_keep=1)
+
+    def _sidecar(self, done: int) -> Path:
+        return self.directory / f"state-{done}.json"
+
+    def latest_state(self) -> Optional[dict]:
+        """The sidecar of the latest checkpoint (None if there is none)."""
+        latest = tf.train.latest_checkpoint(str(self.directory))
+        if latest is None:
+            return None
+        done = int(latest.rsplit("-", 1)[1])
+        sidecar = self._sidecar(done)
+        if not sidecar.exists():
+            raise FileNotFoundError(f"{latest} has no sidecar {sidecar.name}: the checkpoint folder {self.directory} "
+                                    "is damaged; delete it to rerun this K from the start.")
+        return json.loads(sidecar.read_text())
+
+    def restore(self, done: int) -> None:
+        """Assigns λ and the optimizer's variables of checkpoint ckpt-<done>; all must be there."""
+        self._manager.checkpoint.restore(str(self.directory / f"ckpt-{done}")).assert_consumed()
+
+    def save(self, done: int, state: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(self._sidecar(done), jsonable({**state, "hyper_iteration": done}))
+        self._manager.save(checkpoint_number=done)
+        for old in self.directory.glob("state-*.json"):
+            if old.name != self._sidecar(done).name:
+                old.unlink()
+
+
+def _pause_to_be_killed(output_dir: str, truncate: int, done: int) -> None:
+    """--pause_after: write a marker and wait for a SIGKILL, once (not if the marker exists)."""
+    marker = Path(output_dir) / f"paused_K{truncate}_at_{done}"
+    if marker.exists():
+        return
+    write_json_atomically(marker, {"truncate": truncate, "hyper_iteration": done})
+    print(f"[hypercleaning] paused after hyper-iteration {done} of K={truncate} (--pause_after)", flush=True)
+    time.sleep(PAUSE_SECONDS)
+    os._exit(3)
+
+
+# ----------------------------------------------------------------------------------------
 # One K: the compiled hyper-iteration and its loop.
 # ----------------------------------------------------------------------------------------
 def make_hypergradient(problem: Problem, cfg: Config, truncate: Optional[int]) -> tfb.Hypergradient:
@@ -361,8 +480,8 @@ class Progress:
     """A tqdm-free progress line: redrawn in place on a terminal, one line every
     `log_seconds` (and at the end) in a log file."""
 
-    def __init__(self, target: int, label: str, log_seconds: float = 30.0):
-        self.target, self.label = target, label
+    def __init__(self, target: int, label: str, log_seconds: float = 30.0, initial: int = 0):
+        self.target, self.label, self.initial = target, label, initial
         self.interactive = sys.stdout.isatty()
         self.log_seconds = log_seconds
         self.start = self.last = time.perf_counter()
@@ -376,7 +495,7 @@ class Progress:
         if self.interactive and not final and now - self.last < 0.2:
             return
         self.last = now
-        rate = (now - self.start) / max(done, 1)
+        rate = (now - self.start) / max(done - self.initial, 1)  # this process's pace
         eta = rate * (self.target - done)
         width = 24
         filled = int(width * done / self.target)
@@ -387,27 +506,70 @@ class Progress:
               flush=True)
 
 
-def run_truncation(problem: Problem, cfg: Config, truncate: int,
-                   exact_hg: tfb.Hypergradient) -> tuple[dict, HyperStep]:
-    """R hyper-iterations of K-RMD from λ_0 = init_lambda; metrics at every λ_k, k = 0..R.
-    Returns the results and the compiled step (for the interleaved timing)."""
-    T, R = cfg.inner_steps, cfg.hyper_iterations
+def _build_step(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergradient, eta0: float) -> HyperStep:
+    """The compiled hyper-iteration of K = `truncate` at λ_0, with a fresh Adam of learning rate η0."""
     n = int(problem.train[1].shape[0])
+    lam = tf.Variable(tf.fill([n], tf.constant(cfg.init_lambda, tf.float32)), name=f"lambda_K{truncate}")
+    return HyperStep(hg, problem, lam, keras.optimizers.Adam(eta0, epsilon=cfg.adam_epsilon), cfg.jit_compile)
+
+
+def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.Hypergradient,
+                   checkpoints: Optional[Path] = None,
+                   pause_after: Optional[tuple[int, int]] = None) -> tuple[dict, HyperStep]:
+    """R hyper-iterations of K-RMD from λ_0 = init_lambda; metrics at every λ_k, k = 0..R.
+    Returns the results and the compiled step (for the interleaved timing).
+
+    With `checkpoints` (a folder from `prepare_checkpoints`), λ, Adam's state and the curves are
+    saved every cfg.checkpoint_every hyper-iterations and at the end, and the result once the
+    K is finished; a later call resumes from the latest checkpoint (or returns the finished
+    result, with a step restored at λ_R). `pause_after=(K, i)`: after hyper-iteration i of
+    this K, write a marker in output_dir and wait to be killed (tests)."""
+    T, R = cfg.inner_steps, cfg.hyper_iterations
+    store = TruncationCheckpoint(checkpoints, truncate) if checkpoints is not None else None
     hg = exact_hg if truncate == T else make_hypergradient(problem, cfg, truncate)
-    lam0 = tf.fill([n], tf.constant(cfg.init_lambda, tf.float32))
 
-    # η0 for this K (appendix G.1): the first update has norm --first_update_norm.
-    _, h0 = hg(problem.w0, lam0, problem.train, problem.val)
-    unit_norm = unit_lr_first_update_norm(h0, cfg.adam_epsilon)
-    eta0 = cfg.outer_lr if cfg.outer_lr is not None else cfg.first_update_norm / unit_norm
+    finished = store.result() if store is not None else None
+    if finished is not None:
+        # The timing phase needs a step: rebuilt at λ_R, the state of the last checkpoint
+        # (it may run further hyper-iterations: the result is recorded already).
+        step = _build_step(problem, cfg, truncate, hg, finished["outer_lr"])
+        store.attach(step.lam, step.optimizer)
+        store.restore(R)
+        print(f"[hypercleaning] K={truncate}: finished earlier ({store.result_path})", flush=True)
+        return finished, step
 
-    lam = tf.Variable(lam0, name=f"lambda_K{truncate}")
-    step = HyperStep(hg, problem, lam, keras.optimizers.Adam(eta0, epsilon=cfg.adam_epsilon), cfg.jit_compile)
+    state = store.latest_state() if store is not None else None
+    if state is None:
+        # η0 for this K (appendix G.1): the first update has norm --first_update_norm.
+        lam0 = tf.fill([int(problem.train[1].shape[0])], tf.constant(cfg.init_lambda, tf.float32))
+        _, h0 = hg(problem.w0, lam0, problem.train, problem.val)
+        unit_norm = unit_lr_first_update_norm(h0, cfg.adam_epsilon)
+        eta0 = cfg.outer_lr if cfg.outer_lr is not None else cfg.first_update_norm / unit_norm
+        initial_hypergrad_norm = global_norm(h0)
+    else:
+        eta0, unit_norm = state["outer_lr"], state["unit_lr_first_update_norm"]
+        initial_hypergrad_norm = state["initial_hypergrad_norm"]
+
+    step = _build_step(problem, cfg, truncate, hg, eta0)
+    lam = step.lam
+    if store is not None:
+        store.attach(lam, step.optimizer)
 
     curves = {key: [] for key in ("val_loss", "val_accuracy", "hypergrad_norm", "f1", "precision", "recall",
                                   "lambda_mean_corrupted", "lambda_mean_clean", "wall_seconds", "cpu_seconds")}
     test_iters, test_acc, exact_iters, exact_norms = [], [], [], []
-    exact_seconds = 0.0
+    exact_seconds, earlier_seconds, first = 0.0, 0.0, 0
+    process_starts = []  # hyper-iterations that were a process's first (they include tracing + XLA compile)
+    if state is not None:
+        first = state["hyper_iteration"]
+        store.restore(first)
+        curves = state["curves"]
+        test_iters, test_acc = state["test_iterations"], state["test_accuracy"]
+        exact_iters, exact_norms = state["exact_iterations"], state["exact_hypergrad_norm"]
+        exact_seconds, earlier_seconds = state["exact_hypergradient_seconds"], state["elapsed_seconds"]
+        process_starts = state["process_starts"]
+    if first < R:
+        process_starts.append(first)
 
     def record_lambda(k: int, lam_k: np.ndarray, W: np.ndarray) -> None:
         scores = flag_scores(lam_k, problem.corrupted, cfg.table_threshold)
@@ -427,10 +589,24 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int,
         exact_norms.append(global_norm(exact))
         exact_seconds += time.perf_counter() - start
 
-    bar = Progress(R, f"[hypercleaning] K={truncate}{' (full RMD)' if truncate == T else ''}: "
-                      f"{R} hyper-iterations, eta0={eta0:.4g}")
     start_total = time.perf_counter()
-    for k in range(R):
+
+    def checkpoint(done: int) -> None:
+        store.save(done, {
+            "outer_lr": eta0, "unit_lr_first_update_norm": unit_norm,
+            "initial_hypergrad_norm": initial_hypergrad_norm, "curves": curves,
+            "test_iterations": test_iters, "test_accuracy": test_acc, "exact_iterations": exact_iters,
+            "exact_hypergrad_norm": exact_norms, "exact_hypergradient_seconds": exact_seconds,
+            "elapsed_seconds": earlier_seconds + time.perf_counter() - start_total,
+            "process_starts": process_starts})
+
+    name = f"K={truncate}{' (full RMD)' if truncate == T else ''}"
+    if first:
+        label = f"[hypercleaning] resuming {name} at hyper-iteration {first}/{R}, eta0={eta0:.4g} ({store.directory})"
+    else:
+        label = f"[hypercleaning] {name}: {R} hyper-iterations, eta0={eta0:.4g}"
+    bar = Progress(R, label, initial=first)
+    for k in range(first, R):
         wall, cpu = time.perf_counter(), time.process_time()
         out = step()
         curves["wall_seconds"].append(time.perf_counter() - wall)
@@ -444,9 +620,14 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int,
             exact_norms.append(float(out["hypergrad_norm"]))
         elif k % max(cfg.exact_every, 1) == 0 and (cfg.exact_every or k == 0):
             record_exact(k, out["lam"])
-        steady = curves["wall_seconds"][1:] or curves["wall_seconds"]
+        steady = [s for i, s in enumerate(curves["wall_seconds"]) if i not in process_starts] or curves["wall_seconds"]
         bar.update(k + 1, val_loss=curves["val_loss"][-1], val_acc=curves["val_accuracy"][-1],
                    f1=curves["f1"][-1], s_per_it=float(np.median(steady)))
+        done = k + 1
+        if store is not None and (done % cfg.checkpoint_every == 0 or done == R):
+            checkpoint(done)
+        if pause_after == (truncate, done):
+            _pause_to_be_killed(cfg.output_dir, truncate, done)
 
     # Final point λ_R: ŵ(λ_R) with the compiled inner loop alone, its metrics and exact ‖d_λ f‖.
     lam_R = lam.numpy()
@@ -457,10 +638,12 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int,
     curves["val_accuracy"].append(accuracy(W_R, x_val.numpy(), y_val.numpy()))
     record_lambda(R, lam_R, W_R)
     record_exact(R, lam_R)
-    total_seconds = time.perf_counter() - start_total
+    total_seconds = earlier_seconds + time.perf_counter() - start_total
 
-    steady_wall = curves["wall_seconds"][1:] or curves["wall_seconds"]
-    steady_cpu = curves["cpu_seconds"][1:] or curves["cpu_seconds"]
+    # Steady state: without the first hyper-iteration of each process (trace + compile).
+    steady = [i for i in range(R) if i not in process_starts] or list(range(R))
+    steady_wall = [curves["wall_seconds"][i] for i in steady]
+    steady_cpu = [curves["cpu_seconds"][i] for i in steady]
     final = {
         "hyper_iteration": R,
         "test_accuracy": test_acc[-1] if test_acc else None,
@@ -474,13 +657,13 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int,
     }
     hist_edges = np.linspace(-12, 8, 81)
     clipped = np.clip(lam_R, hist_edges[0], hist_edges[-1])
-    return {
+    result = {
         "truncate": truncate,
         "full_rmd": truncate == T,
         "outer_lr": eta0,
         "unit_lr_first_update_norm": unit_norm,
         "first_update_norm": eta0 * unit_norm,
-        "initial_hypergrad_norm": global_norm(h0),
+        "initial_hypergrad_norm": initial_hypergrad_norm,
         "final": final,
         "timing": {
             "seconds_per_iteration_median": float(np.median(steady_wall)),
@@ -489,6 +672,7 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int,
             "first_iteration_seconds": curves["wall_seconds"][0],
             "exact_hypergradient_seconds": exact_seconds,
             "total_seconds": total_seconds,
+            "process_starts": process_starts,
         },
         "tracing_count": step.tracing_count,
         "curves": {**curves, "test_iterations": test_iters, "test_accuracy": test_acc,
@@ -498,7 +682,11 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int,
             "corrupted": np.histogram(clipped[problem.corrupted], hist_edges)[0].tolist(),
             "clean": np.histogram(clipped[~problem.corrupted], hist_edges)[0].tolist(),
         },
-    }, step
+    }
+    result = jsonable(result)  # the same values whether this K ran here or is read back from result.json
+    if store is not None:
+        store.save_result(result)
+    return result, step
 
 
 def time_interleaved(steps: dict[int, HyperStep], rounds: int) -> dict[int, dict]:
@@ -506,6 +694,9 @@ def time_interleaved(steps: dict[int, HyperStep], rounds: int) -> dict[int, dict
     a change of machine load (shared CPUs) hits every K alike; the ratios are the point."""
     wall = {k: [] for k in steps}
     cpu = {k: [] for k in steps}
+    for step in steps.values():
+        if step.tracing_count == 0:  # rebuilt for a K finished in an earlier process: compile first
+            step()
     for _ in range(rounds):
         for k, step in steps.items():
             start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -661,8 +852,11 @@ def _environment() -> dict:
     }
 
 
-def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None) -> dict:
-    """Runs every K, writes results.json and the figures to cfg.output_dir, returns results."""
+def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None,
+                   pause_after: Optional[tuple[int, int]] = None) -> dict:
+    """Runs every K, writes results.json and the figures to cfg.output_dir, returns results.
+    Resumes from the checkpoints in cfg.output_dir (see `run_truncation`); raises
+    SettingsMismatchError if they belong to another configuration."""
     cfg = cfg.validated()
     np.random.seed(cfg.seed)
     tf.random.set_seed(cfg.seed)
@@ -671,13 +865,15 @@ def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Option
     environment = _environment()
     if arrays is None:
         arrays, data_info = load_split(cfg)
+    checkpoints = prepare_checkpoints(cfg, arrays)  # before any work: a mismatch fails at once
     problem = build_problem(cfg, arrays)
     print(f"[hypercleaning] {data_info}", flush=True)
 
     exact_hg = make_hypergradient(problem, cfg, None)  # full RMD: Fig. 5, and K = T itself
     runs, steps = {}, {}
     for truncate in cfg.truncate:
-        runs[str(truncate)], steps[truncate] = run_truncation(problem, cfg, truncate, exact_hg)
+        runs[str(truncate)], steps[truncate] = run_truncation(problem, cfg, truncate, exact_hg, checkpoints,
+                                                              pause_after)
     if cfg.timing_rounds > 0:
         print(f"[hypercleaning] interleaved timing: {cfg.timing_rounds} rounds over K = {cfg.truncate}", flush=True)
         for truncate, timing in time_interleaved(steps, cfg.timing_rounds).items():
@@ -766,7 +962,7 @@ _FLAG_FIELDS = ("output_dir", "truncate", "hyper_iterations", "inner_steps", "in
                 "loss_normalization", "first_update_norm", "outer_lr", "adam_epsilon", "init_lambda",
                 "corruption", "n_train", "n_val", "seed", "f1_thresholds", "table_threshold", "exact_every",
                 "eval_every", "measure_memory", "memory_probe_calls", "timing_rounds", "mnist_dir", "data_dir",
-                "jit_compile")
+                "jit_compile", "checkpoint_every")
 
 
 def define_flags() -> None:
@@ -808,7 +1004,14 @@ def define_flags() -> None:
                         "then $TF_BILEVEL_MNIST_DIR or the project's shared data folder, then download).")
     flags.DEFINE_string("data_dir", d.data_dir, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
     flags.DEFINE_bool("jit_compile", d.jit_compile, "XLA-compile the hyper-iteration.")
+    flags.DEFINE_integer("checkpoint_every", d.checkpoint_every,
+                         "Save λ, the outer Adam's state and the curves of the running K every N hyper-iterations "
+                         "(and each finished K) under <output_dir>/checkpoints; rerunning the same command resumes "
+                         "from there (a finished K is not rerun; a run with another configuration in that folder "
+                         "is refused: delete it or pick another --output_dir). 0: no checkpoints.")
     flags.DEFINE_string("memory_probe", None, "Internal: JSON payload of one memory probe.")
+    flags.DEFINE_string("pause_after", None, "Internal (tests): K,ITER: after hyper-iteration ITER of K, write "
+                        "<output_dir>/paused_K<K>_at_<ITER> and wait to be killed (once: not if that file exists).")
 
 
 def config_from_flags() -> Config:
@@ -833,6 +1036,16 @@ def _run_memory_probe(payload: str) -> int:
     return 0
 
 
+def _parse_pause_after(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if not value:
+        return None
+    try:
+        truncate, done = (int(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"--pause_after must be K,ITER (two integers), got {value!r}") from None
+    return truncate, done
+
+
 def main(argv: Sequence[str]) -> int:
     from absl import app, flags, logging
 
@@ -846,12 +1059,16 @@ def main(argv: Sequence[str]) -> int:
         return _run_memory_probe(flags.FLAGS.memory_probe)
     try:
         cfg = config_from_flags().validated()
+        pause_after = _parse_pause_after(flags.FLAGS.pause_after)
     except ValueError as err:
         raise app.UsageError(str(err))
     try:
-        run_experiment(cfg)
+        run_experiment(cfg, pause_after=pause_after)
     except DataUnavailableError as err:
         print(f"hypercleaning: error: no MNIST data: {err}", file=sys.stderr, flush=True)
+        return 2
+    except SettingsMismatchError as err:
+        print(f"hypercleaning: error: {err}", file=sys.stderr, flush=True)
         return 2
     except tfb.NonFiniteError as err:
         hint = (" GD with --inner_lr=%g on the summed loss (--loss_normalization=sum) diverges: use the "

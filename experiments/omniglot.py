@@ -51,6 +51,22 @@ the full-RMD diagnostic excluded), and again with the methods interleaved after 
 (`--timing_rounds`), so that all methods see the same machine load. The hyper-step runs
 without XLA by default (`--jit_compile`): on the 2-core CPU machines here XLA was measured
 3–4x slower for these small convolutions, and a `tf.map_fn` over tasks under XLA ~15x slower.
+
+Resuming. The program can be killed at any time (even SIGKILL) and rerun with the same flags
+and --output_dir: it continues where it stopped and ends with the same results as an
+uninterrupted run (up to wall-clock timings; bit for bit under --deterministic). State lives
+in <output_dir>/resume:
+* backup/<method>: a `keras.callbacks.BackupAndRestore` checkpoint (λ, Adam's slots,
+  `meta_step`) at the end of every Keras epoch = --eval_every hyper-iterations (so
+  --eval_every=0 means no intermediate checkpoint); the task stream restarts at the restored
+  `meta_step` (`trainer.resumable`), so the rerun sees exactly the tasks it had not learned
+  from. At most one epoch of work is redone.
+* <method>.record.json: the Fig. 7 curves recorded so far (written at every epoch end).
+* <method>.weights.h5 + <method>.json: a finished method's trainer weights and results row;
+  a rerun skips its training and reloads the weights for Fig. 7 plot 4, the export and the
+  interleaved timing (these later phases are recomputed: they take seconds to minutes).
+* fingerprint.json: the result-affecting flags; a rerun with different ones stops with an
+  error rather than mixing two configurations (use a new --output_dir or delete that folder).
 """
 
 from __future__ import annotations
@@ -59,6 +75,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -71,6 +88,7 @@ from absl import app, flags, logging
 import tf_bilevel as tfb
 from experiments import datasets
 from experiments import fewshot_model as fsm
+from experiments.serialization import guard_settings, write_json_atomically
 
 FLAGS = flags.FLAGS
 
@@ -112,7 +130,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("eval_tasks", 120, "Meta-test tasks for the final accuracy (paper: 120).", flag_values=fv)
     flags.DEFINE_integer("curve_eval_tasks", 40, "Meta-test tasks for the accuracy curve (Fig. 7, plot 1).",
                       flag_values=fv)
-    flags.DEFINE_integer("eval_every", 250, "Evaluate the accuracy curve every N hyper-iterations (0: never).",
+    flags.DEFINE_integer("eval_every", 250, "Evaluate the accuracy curve every N hyper-iterations (0: never); "
+                         "also the checkpoint interval for resuming (0: no intermediate checkpoint).",
                       flag_values=fv)
     flags.DEFINE_integer("exact_every", 50, "Cosine with full RMD every N hyper-iterations (0: never).", flag_values=fv)
     flags.DEFINE_list("relerr_truncations", ["1", "2", "5", "10", "20", "30", "40", "50"],
@@ -130,11 +149,20 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("export_run", "full", "Run whose λ is exported and used for Fig. 7 plot 4 "
                         "(a --truncate value or 'short_horizon'; falls back to the first run).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the class split, the tasks and the initial λ.", flag_values=fv)
-    flags.DEFINE_string("output_dir", "/tmp/omniglot", "Where results.json and the PNGs go.", flag_values=fv)
+    flags.DEFINE_string("output_dir", "/tmp/omniglot", "Where results.json and the PNGs go; also the resume "
+                        "state (<output_dir>/resume): rerun the same command after an interruption to continue.",
+                        flag_values=fv)
     flags.DEFINE_bool("jit_compile", False, "XLA-compile the hyper-step and evaluation (slower on CPU here).",
                       flag_values=fv)
     flags.DEFINE_bool("quick", False, "Tiny budget (tests): 8 channels, T=3, 4 hyper-iterations, few tasks.",
                       flag_values=fv)
+    flags.DEFINE_bool("deterministic", False, "tf.config.experimental.enable_op_determinism(): a killed and "
+                      "resumed run ends bit-identical to an uninterrupted one (Keras then compiles without XLA).",
+                      flag_values=fv)
+    flags.DEFINE_string("pause_after", None, "Testing only: METHOD,ITER: after hyper-iteration ITER of METHOD "
+                        "(a --truncate value or 'short_horizon') write <output_dir>/resume/paused_METHOD_ITER "
+                        "and sleep, once (not if that file exists), so a test can kill the run at a known point. "
+                        "Rerunning resumes from the last checkpoint (see the module docstring).", flag_values=fv)
 
 
 # --------------------------------------------------------------------------
@@ -225,18 +253,29 @@ def evaluate_tasks(trainer: Any, tasks: Sequence[fsm.Task], batch_size: int) -> 
 
 class Recorder(keras.callbacks.Callback):
     """Per-step wall time, per-epoch metrics (query error, cosine with full RMD), the test
-    accuracy curve, and a progress line."""
+    accuracy curve, and a progress line. With `state_path`, the record is saved at every epoch
+    end and, in a resumed fit, reloaded and cut back to the restored `meta_step`.
+
+    Place it BEFORE `keras.callbacks.BackupAndRestore` in the callback list: its record is then
+    written before the checkpoint, so a kill in between leaves a record ahead of the
+    checkpoint (cut back on restart), never behind it."""
+
+    _CURVES = (("epoch_end_it", ("query_error", "outer_loss")), ("cos_it", ("cosine",)),
+               ("curve_it", ("curve_test_acc",)))
 
     def __init__(self, label: str, total: int, chunk: int, curve_tasks: list, batch_size: int,
-                 diagnostics_every: Optional[int]):
+                 diagnostics_every: Optional[int], state_path: Optional[str] = None):
         super().__init__()
         self.label, self.total, self.chunk = label, total, chunk
         self.curve_tasks, self.batch_size, self.diagnostics_every = curve_tasks, batch_size, diagnostics_every
+        self.state_path = state_path
         self.tty = sys.stdout.isatty()
         self.rec = {"epoch_end_it": [], "query_error": [], "outer_loss": [], "cos_it": [], "cosine": [],
                     "curve_it": [], "curve_test_acc": []}
         self.step_times: list[float] = []
+        self._step_its: list[int] = []  # the hyper-iteration of each step time
         self.start = time.perf_counter()
+        self._started = False
 
     def _curve(self, it: int) -> None:
         if self.curve_tasks:
@@ -244,8 +283,35 @@ class Recorder(keras.callbacks.Callback):
             acc = evaluate_tasks(self.model, self.curve_tasks, self.batch_size)
             self.rec["curve_test_acc"].append(float(acc.mean()))
 
-    def on_train_begin(self, logs=None):
-        self._curve(0)
+    def begin(self, epoch: int) -> None:
+        """First epoch of this fit (BackupAndRestore has restored by now): the initial curve
+        point in a fresh fit, the saved record cut back to `meta_step` in a resumed one."""
+        self._started, self._traced = True, False
+        step = int(self.model.meta_step.numpy())
+        if step != epoch * self.chunk:
+            raise RuntimeError(
+                f"{self.label}: the checkpoint holds meta_step={step} but epoch {epoch} "
+                f"(x {self.chunk} hyper-iterations): a corrupt backup (killed while it was written?). "
+                f"Delete {os.path.dirname(self.state_path or '') or 'the resume folder'} and rerun.")
+        if step == 0:
+            self._curve(0)
+            return
+        if not (self.state_path and os.path.exists(self.state_path)):
+            raise RuntimeError(f"{self.label}: resumed at hyper-iteration {step} but the record "
+                               f"{self.state_path} is missing; delete the resume folder and rerun.")
+        with open(self.state_path) as f:
+            saved = json.load(f)
+        for its, values in self._CURVES:
+            keep = [i for i, it in enumerate(saved["rec"][its]) if it <= step]
+            self.rec[its] = [saved["rec"][its][i] for i in keep]
+            for name in values:
+                self.rec[name] = [saved["rec"][name][i] for i in keep]
+        if self.rec["epoch_end_it"][-1:] != [step]:
+            raise RuntimeError(f"{self.label}: the record {self.state_path} stops before the checkpoint "
+                               f"(hyper-iteration {step}); delete the resume folder and rerun.")
+        self.step_times = [t for it, t in saved["step_times"] if it < step]
+        self._step_its = [it for it, _ in saved["step_times"] if it < step]
+        print(f"{self.label} resumed at hyper-iteration {step}/{self.total}", flush=True)
 
     def on_train_batch_begin(self, batch, logs=None):
         self._t0 = time.perf_counter()
@@ -253,8 +319,10 @@ class Recorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         it = self._epoch * self.chunk + batch  # 0-based hyper-iteration
         diag = self.diagnostics_every is not None and it % self.diagnostics_every == 0
-        if it > 0 and not diag:  # skip tracing (first step) and steps that also ran full RMD
+        if self._traced and not diag:  # skip tracing (first step of a fit) and steps that also ran full RMD
             self.step_times.append(time.perf_counter() - self._t0)
+            self._step_its.append(it)
+        self._traced = True
         if self.tty or (it + 1) % 50 == 0:
             line = (f"{self.label} {it + 1:5d}/{self.total} [{time.perf_counter() - self.start:6.0f}s] "
                     f"f={float(logs['loss']):.3f} query_acc(epoch)={float(logs['accuracy']):.3f}")
@@ -262,6 +330,8 @@ class Recorder(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        if not self._started:
+            self.begin(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
         it = (epoch + 1) * self.chunk
@@ -272,15 +342,46 @@ class Recorder(keras.callbacks.Callback):
             self.rec["cos_it"].append(it)
             self.rec["cosine"].append(float(logs["cosine_to_full_rmd"]))
         self._curve(it)
+        if self.state_path:
+            write_json_atomically(self.state_path, {"rec": self.rec,
+                                                    "step_times": list(zip(self._step_its, self.step_times))}, indent=1)
 
     def on_train_end(self, logs=None):
         if self.tty:
             print(flush=True)
 
 
-def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, train_ds: tf.data.Dataset,
-                 curve_tasks: list, test_tasks: list) -> tuple[fsm.FewShotProblem, Any, dict]:
-    """Meta-trains one method from the common initial λ; returns (problem, trainer, row)."""
+class PauseOnce(keras.callbacks.Callback):
+    """--pause_after (tests): after hyper-iteration `step` writes `marker` and sleeps until
+    killed, unless the marker exists (so the rerun goes past that step)."""
+
+    def __init__(self, marker: str, step: int, seconds: float = 300.0):
+        super().__init__()
+        self.marker, self.step, self.seconds = marker, step, seconds
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.meta_step.numpy()) != self.step or os.path.exists(self.marker):
+            return
+        with open(self.marker + ".partial", "w") as f:
+            f.write(str(self.step))
+        os.replace(self.marker + ".partial", self.marker)
+        print(f"paused: {self.marker}", flush=True)
+        time.sleep(self.seconds)
+        os._exit(3)  # nobody killed the run: fail rather than hang
+
+
+def parse_pause_after(value: Optional[str]) -> Optional[tuple[str, int]]:
+    if not value:
+        return None
+    parts = value.split(",")
+    if len(parts) != 2 or not parts[1].strip().isdigit():
+        raise ValueError(f"--pause_after must be METHOD,ITER (e.g. 1,3 or full,2), got {value!r}")
+    return parts[0].strip(), int(parts[1])
+
+
+def build_trainer(cfg: dict, steps: int, truncate: Optional[int],
+                  element_spec: Any) -> tuple[fsm.FewShotProblem, Any, Optional[int]]:
+    """A fresh, compiled and built trainer at the common initial λ: (problem, trainer, diagnostics_every)."""
     problem = build_problem(cfg)
     diagnostics_every = cfg["exact_every"] if (cfg["exact_every"] and truncate is not None) else None
     trainer = problem.build_trainer(steps=steps, truncate=truncate, init_rho=cfg["init_rho"],
@@ -288,13 +389,49 @@ def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, trai
                                     seed=cfg["seed"])
     trainer.compile(optimizer=keras.optimizers.Adam(cfg["outer_lr"]), metrics=["accuracy"],
                     jit_compile=cfg["jit_compile"])
+    trainer.build_from_spec(element_spec)  # BackupAndRestore / load_weights need the variables
+    return problem, trainer, diagnostics_every
+
+
+def resume_dir(cfg: dict) -> str:
+    return os.path.join(cfg["output_dir"], "resume")
+
+
+def load_finished_method(cfg: dict, steps: int, truncate: Optional[int], name: str,
+                         element_spec: Any) -> Optional[tuple[fsm.FewShotProblem, Any, dict]]:
+    """(problem, trainer, row) of a method finished by an earlier run of this --output_dir, or None."""
+    row_path = os.path.join(resume_dir(cfg), f"{name}.json")
+    if not os.path.exists(row_path):
+        return None
+    problem, trainer, _ = build_trainer(cfg, steps, truncate, element_spec)
+    trainer.load_weights(os.path.join(resume_dir(cfg), f"{name}.weights.h5"))
+    with open(row_path) as f:
+        return problem, trainer, json.load(f)
+
+
+def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, train_ds: tf.data.Dataset,
+                 curve_tasks: list, test_tasks: list) -> tuple[fsm.FewShotProblem, Any, dict]:
+    """Meta-trains one method from the common initial λ (or from its checkpoint in
+    <output_dir>/resume/backup/<name>); saves and returns (problem, trainer, row)."""
+    problem, trainer, diagnostics_every = build_trainer(cfg, steps, truncate, train_ds.element_spec)
     total = cfg["hyper_iterations"]
     chunk = cfg["eval_every"] if cfg["eval_every"] and cfg["eval_every"] < total else total
     if total % chunk:
         raise ValueError(f"--hyper_iterations={total} must be a multiple of --eval_every={chunk}")
+    state = resume_dir(cfg)
+    backup = os.path.join(state, "backup", name)
     recorder = Recorder(f"[{method_label(name)}]", total, chunk, curve_tasks if cfg["eval_every"] else [],
-                        cfg["meta_batch_size"], diagnostics_every)
-    trainer.fit(train_ds, epochs=total // chunk, steps_per_epoch=chunk, callbacks=[recorder], verbose=0)
+                        cfg["meta_batch_size"], diagnostics_every, os.path.join(state, f"{name}.record.json"))
+    # The backup is deleted below, once the row is saved (a kill right after fit loses nothing).
+    callbacks = [recorder, keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)]
+    pause = parse_pause_after(cfg.get("pause_after"))
+    if pause and pause[0] == name:
+        callbacks.append(PauseOnce(os.path.join(state, f"paused_{name}_{pause[1]}"), pause[1]))
+    trainer.fit(trainer.resumable(train_ds), epochs=total // chunk, steps_per_epoch=chunk,
+                callbacks=callbacks, verbose=0)
+    if not recorder._started:  # killed after the last checkpoint: fit had no epoch left to run
+        recorder.set_model(trainer)
+        recorder.begin(total // chunk)
     acc = evaluate_tasks(trainer, test_tasks, cfg["meta_batch_size"])
     values = trainer.hyperparameter_values()
     rec = recorder.rec
@@ -307,7 +444,29 @@ def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, trai
         "final_rho": [float(x) for x in values.get("user", values)["rho"]],
         "record": rec,
     }
+    # Weights first, the row last: the row's existence marks the method as finished.
+    weights = os.path.join(state, f"{name}.weights.h5")
+    trainer.save_weights(os.path.join(state, f"{name}.partial.weights.h5"))
+    os.replace(os.path.join(state, f"{name}.partial.weights.h5"), weights)
+    write_json_atomically(os.path.join(state, f"{name}.json"), row, indent=1)
+    shutil.rmtree(backup, ignore_errors=True)
+    if os.path.exists(recorder.state_path):
+        os.remove(recorder.state_path)
     return problem, trainer, row
+
+
+RESULT_KEYS = ("dataset", "n_way", "k_shot", "n_query", "inner_steps", "meta_batch_size", "hyper_iterations",
+               "outer_lr", "init_inner_lr", "init_rho", "channels", "image_size", "class_split", "rotations",
+               "eval_tasks", "curve_eval_tasks", "eval_every", "exact_every", "seed", "jit_compile",
+               "deterministic")
+
+
+def check_fingerprint(cfg: dict) -> None:
+    """Stores the flags that affect a method's training in <output_dir>/resume/fingerprint.json,
+    or checks them against the stored ones: a resumed run must not mix two configurations.
+    (--truncate / --short_horizon may change: each method has its own state. Data paths are
+    not compared, so the data may move.)"""
+    guard_settings(resume_dir(cfg), {f"--{k}": cfg.get(k) for k in RESULT_KEYS})
 
 
 def method_name(steps: int, truncate: Optional[int], short: bool) -> str:
@@ -433,7 +592,8 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> dict:
              "image_size", "class_split", "rotations", "eval_tasks", "curve_eval_tasks", "eval_every",
              "exact_every", "relerr_truncations", "relerr_tasks", "rho_zero_ablation", "relerr_rho_scales",
              "timing_rounds", "data_dir",
-             "local_dir", "export_dir", "export_run", "seed", "output_dir", "jit_compile", "quick")
+             "local_dir", "export_dir", "export_run", "seed", "output_dir", "jit_compile", "quick",
+             "deterministic", "pause_after")
     cfg = {name: fv[name].value for name in names}
     omniglot = cfg["dataset"] == "omniglot"
     if cfg["class_split"] is None:
@@ -459,10 +619,15 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> dict:
 def run(cfg: dict) -> dict:
     """The whole experiment; writes results.json (after every method), the figure and the export."""
     os.makedirs(cfg["output_dir"], exist_ok=True)
+    check_fingerprint(cfg)
     T = cfg["inner_steps"]
+    pause = parse_pause_after(cfg.get("pause_after"))
     methods = [(T, k, False) for k in parse_truncate(cfg["truncate"], T)]
     if cfg["short_horizon"]:
         methods.append((1, None, True))
+    names = [method_name(*m) for m in methods]
+    if pause and pause[0] not in names:
+        raise ValueError(f"--pause_after: unknown method {pause[0]!r}, expected one of {names}")
     relerr_ks = sorted({min(int(k), T) for k in cfg["relerr_truncations"]})
 
     phases: dict = {}  # wall seconds per phase (tracing included), for budgeting runs
@@ -502,7 +667,12 @@ def run(cfg: dict) -> dict:
     for steps, k, short in methods:
         name = method_name(steps, k, short)
         clock = time.perf_counter()
-        problem, trainer, row = train_method(cfg, steps, k, name, train_ds, curve_tasks, test_tasks)
+        finished = load_finished_method(cfg, steps, k, name, train_ds.element_spec)
+        if finished:
+            print(f"{method_label(name)}: finished by an earlier run, reloaded from {resume_dir(cfg)}")
+            problem, trainer, row = finished
+        else:
+            problem, trainer, row = train_method(cfg, steps, k, name, train_ds, curve_tasks, test_tasks)
         phases[f"method {name}"] = time.perf_counter() - clock
         trained[name] = (problem, trainer)
         results["runs"][name] = row
@@ -574,13 +744,14 @@ def export_and_check(problem: fsm.FewShotProblem, trainer: Any, task: fsm.Task, 
 
 
 def _write(results: dict, cfg: dict) -> None:
-    with open(os.path.join(cfg["output_dir"], "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json_atomically(os.path.join(cfg["output_dir"], "results.json"), results, indent=1)
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.deterministic:
+        tf.config.experimental.enable_op_determinism()
     try:
         run(config_from_flags())
     except datasets.DataUnavailableError as err:

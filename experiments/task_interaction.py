@@ -55,6 +55,14 @@ Outputs in --output_dir: results.json (per-trial and aggregated Table 3 rows, Fi
 curves of the diagnostic trial) and fig6_task_interaction.png (validation loss, ‖d_λ f‖
 of the exact full-RMD hypergradient, and cos(h, d_λ f) vs hyper-iteration; the exact one
 is computed every --exact_every hyper-iterations with tf_bilevel.diagnostics).
+
+Resuming. Every finished (trial, K) run is stored in <output_dir>/resume/trial<i>_<K>.json
+as soon as it ends. Killed at any time (even SIGKILL), the same command with the same
+--output_dir skips the stored runs and redoes only the unfinished one, ending with the same
+results.json as an uninterrupted run (up to wall-clock timings). <output_dir>/resume/
+fingerprint.json holds the result-affecting flags; a rerun with other ones stops with an
+error instead of mixing two configurations (--trials and --truncate may change: more trials
+or another K reuse the stored runs).
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ from absl import app, flags, logging
 
 import tf_bilevel as tfb
 from experiments import datasets, features
+from experiments.serialization import guard_settings, write_json_atomically
 
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
@@ -136,8 +145,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the data splits (trial i uses seed + i).",
                          flag_values=fv)
-    flags.DEFINE_string("output_dir", "/tmp/task_interaction", "Where results.json and PNGs go.",
-                        flag_values=fv)
+    flags.DEFINE_string("output_dir", "/tmp/task_interaction", "Where results.json and PNGs go; also "
+                        "every finished (trial, K) run (<output_dir>/resume): rerun the same command after "
+                        "an interruption to continue.", flag_values=fv)
+    flags.DEFINE_string("pause_after", None, "Testing only: TRIAL,K: once the run of that trial and K is "
+                        "stored, write <output_dir>/resume/paused_TRIAL_K and sleep, once (not if that file "
+                        "exists), so a test can kill the program at a known point.", flag_values=fv)
     flags.DEFINE_bool("jit_compile", True, "XLA-compile the hyper-step.", flag_values=fv)
     flags.DEFINE_bool("quick", False, "Tiny budget (tests): 2 trials, K in {1, full}, few "
                       "hyper-iterations.", flag_values=fv)
@@ -460,7 +473,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         "feature_scale", "m", "trials", "patience", "max_hyper_iterations", "truncate",
         "inner_steps", "inner_lr", "outer_lr", "init_coupling", "init_rho",
         "early_stopping_split", "early_stopping_metric", "min_delta", "exact_every", "diagnostic_trials",
-        "data_dir", "local_dir", "seed", "output_dir", "jit_compile", "quick")}
+        "data_dir", "local_dir", "seed", "output_dir", "jit_compile", "quick", "pause_after")}
     if cfg["m"] is None:
         cfg["m"] = PAPER_M.get(cfg["dataset"], 50)
     if cfg["quick"]:
@@ -524,10 +537,50 @@ def print_table(results: dict) -> None:
               f"{s['best_iteration_mean']:8.0f} {s['sec_per_iter_mean']:8.4f}")
 
 
+RESULT_KEYS = ("dataset", "features", "backbone", "weights", "image_size", "feature_scale", "m", "patience",
+               "max_hyper_iterations", "inner_steps", "inner_lr", "outer_lr", "init_coupling", "init_rho",
+               "early_stopping_split", "early_stopping_metric", "min_delta", "exact_every", "diagnostic_trials",
+               "seed", "jit_compile")
+
+
+def check_fingerprint(cfg: dict) -> str:
+    """Stores the result-affecting flags in <output_dir>/resume/fingerprint.json, or checks them
+    against the stored ones (a resumed run must not mix two configurations); returns the folder."""
+    state = os.path.join(cfg["output_dir"], "resume")
+    guard_settings(state, {f"--{k}": cfg.get(k) for k in RESULT_KEYS}, what="the runs")
+    return state
+
+
+def parse_pause_after(value: str | None) -> tuple[int, str] | None:
+    if not value:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not parts[0].isdigit():
+        raise ValueError(f"--pause_after must be TRIAL,K (e.g. 0,1 or 1,full), got {value!r}")
+    return int(parts[0]), parts[1]
+
+
+def _pause(state: str, trial: int, name: str, seconds: float = 300.0) -> None:
+    """--pause_after (tests): mark the point and wait to be killed, once."""
+    marker = os.path.join(state, f"paused_{trial}_{name}")
+    if os.path.exists(marker):
+        return
+    write_json_atomically(marker, {"trial": trial, "K": name}, indent=1)
+    print(f"paused: {marker}", flush=True)
+    time.sleep(seconds)
+    os._exit(3)  # nobody killed the program: fail rather than hang
+
+
 def run(cfg: dict) -> dict:
     """The whole experiment; writes results.json (after every trial) and the figure."""
     os.makedirs(cfg["output_dir"], exist_ok=True)
+    state = check_fingerprint(cfg)
+    pause = parse_pause_after(cfg.get("pause_after"))
     truncations = parse_truncate(cfg["truncate"], cfg["inner_steps"])
+    names = ["full" if k is None else str(k) for k in truncations]
+    if pause and (pause[1] not in names or not 0 <= pause[0] < cfg["trials"]):
+        raise ValueError(f"--pause_after={cfg['pause_after']}: expected TRIAL in [0, {cfg['trials']}) "
+                         f"and K in {names}")
     num_classes = NUM_CLASSES[cfg["dataset"]]
     x_all, y_all, desc = load_features(cfg)
     results = {
@@ -549,12 +602,21 @@ def run(cfg: dict) -> dict:
         split = {"trial": trial, "train": take(tr), "val": take(va), "test": take(te),
                  "num_tasks": num_classes, "dim": x_all.shape[1]}
         for k in truncations:
-            row = run_one(k, split, cfg, diagnostics=trial < cfg["diagnostic_trials"], cache=cache)
-            row["trial"] = trial
-            results["runs"]["full" if k is None else str(k)].append(row)
+            name = "full" if k is None else str(k)
+            stored = os.path.join(state, f"trial{trial}_{name}.json")
+            if os.path.exists(stored):  # finished by an earlier run of this --output_dir
+                with open(stored) as f:
+                    row = json.load(f)
+                print(f"[trial {trial} K={name}] finished by an earlier run, reloaded from {stored}")
+            else:
+                row = run_one(k, split, cfg, diagnostics=trial < cfg["diagnostic_trials"], cache=cache)
+                row["trial"] = trial
+                write_json_atomically(stored, row, indent=1)
+            results["runs"][name].append(row)
+            if pause == (trial, name):
+                _pause(state, trial, name)
         results["summary"] = {name: summarize(rows) for name, rows in results["runs"].items()}
-        with open(os.path.join(cfg["output_dir"], "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        write_json_atomically(os.path.join(cfg["output_dir"], "results.json"), results, indent=1)
     print_table(results)
     if cfg["diagnostic_trials"] > 0:
         plot_fig6(results, os.path.join(cfg["output_dir"], "fig6_task_interaction.png"))

@@ -1,5 +1,6 @@
 """Tests for experiments/hypercleaning.py (paper §4.2.1): the F1 of flagged examples against a
-hand-computed example, the losses against numpy, and `--quick` end to end on real MNIST."""
+hand-computed example, the losses against numpy, `--quick` end to end on real MNIST, and a run
+killed with SIGKILL and rerun with the same command against an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import tensorflow as tf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import hypercleaning as H  # noqa: E402
+from idx_files import write_mnist_subset  # noqa: E402
+import program_runs  # noqa: E402
 
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(
@@ -157,3 +160,106 @@ def test_missing_data_fails_fast_with_a_clear_error(tmp_path):
     assert "hypercleaning: error: no MNIST data" in done.stderr and "IDX" in done.stderr
     assert "Traceback" not in done.stderr
     print(f"failed in {elapsed:.1f} s")
+
+
+# ------------------------------------------------------------------------------------
+# Resumption: SIGKILL, rerun the same command, same results as an uninterrupted run.
+# ------------------------------------------------------------------------------------
+TIMING_ONLY = ("wall_seconds", "cpu_seconds")
+
+
+def _resume_command(tmp_path: Path, output_dir: Path, *extra: str) -> list:
+    # K = 1 finishes, K = 5 is killed after hyper-iteration 6 (checkpoints at 4 and 8: 5-6 are lost).
+    # A slice of real MNIST (2000 train/val examples drawn from 3000): a faster start for each process.
+    mnist = tmp_path / "mnist_subset"
+    if not mnist.is_dir():
+        write_mnist_subset(MNIST_DIR, mnist, train=3000, test=500)
+    return [sys.executable, "-m", "experiments.hypercleaning", "--quick", "--truncate=1,5", "--checkpoint_every=4",
+            f"--output_dir={output_dir}", f"--mnist_dir={mnist}", f"--data_dir={tmp_path / 'tfds'}", *extra]
+
+
+def _final_lambda(output_dir: Path, truncate: int) -> dict:
+    """λ_R and the outer Adam's variables, as saved in the last checkpoint of K (iteration 12)."""
+    reader = tf.train.load_checkpoint(str(output_dir / "checkpoints" / f"K{truncate}" / "ckpt-12"))
+    names = [n for n in reader.get_variable_to_shape_map() if n.startswith(("lam/", "optimizer/"))]
+    return {n: reader.get_tensor(n) for n in names}
+
+
+def _without_timings(run: dict) -> dict:
+    run = json.loads(json.dumps(run))
+    del run["timing"]
+    for key in TIMING_ONLY:
+        del run["curves"][key]
+    return run
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_killed_run_rerun_with_the_same_command_ends_identical(tmp_path):
+    interrupted, uninterrupted = tmp_path / "interrupted", tmp_path / "uninterrupted"
+    log = tmp_path / "interrupted.log"
+    command = _resume_command(tmp_path, interrupted, "--pause_after=5,6")
+    marker = interrupted / "paused_K5_at_6"
+
+    # 1st run: SIGKILL once it waits after hyper-iteration 6 of K = 5.
+    program_runs.kill_when_paused(program_runs.start(command, log), marker, log)
+    assert (interrupted / "checkpoints" / "K1" / "result.json").exists()
+    assert (interrupted / "checkpoints" / "K5" / "state-4.json").exists()  # the last checkpoint before the kill
+    assert not (interrupted / "results.json").exists()
+
+    # The uninterrupted reference (after the 1st run prepared the data: no two tfds builds at once),
+    # and the 2nd run of the same command, side by side.
+    reference_log = tmp_path / "uninterrupted.log"
+    reference = program_runs.start(_resume_command(tmp_path, uninterrupted), reference_log)
+    try:
+        program_runs.finish(program_runs.start(command, log), log)
+        program_runs.finish(reference, reference_log)
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+    text = log.read_text()
+    assert "K=1: finished earlier" in text
+    assert "resuming K=5 at hyper-iteration 4/12" in text
+
+    resumed = json.loads((interrupted / "results.json").read_text())
+    expected = json.loads((uninterrupted / "results.json").read_text())
+    assert set(resumed["runs"]) == set(expected["runs"]) == {"1", "5"}
+    for k in ("1", "5"):
+        assert len(resumed["runs"][k]["curves"]["val_loss"]) == 13  # λ_0 … λ_12, none lost or repeated
+        assert _without_timings(resumed["runs"][k]) == _without_timings(expected["runs"][k]), k
+        assert len(resumed["runs"][k]["timing"]["interleaved"]["wall_seconds"]) == 2  # timing ran for a skipped K too
+    assert resumed["runs"]["5"]["timing"]["process_starts"] == [0, 4]
+    assert expected["runs"]["5"]["timing"]["process_starts"] == [0]
+    # λ_R and Adam's state (iteration counter, learning rate, moments), bit for bit.
+    for k in (1, 5):
+        got, want = _final_lambda(interrupted, k), _final_lambda(uninterrupted, k)
+        assert set(got) == set(want) and "lam/.ATTRIBUTES/VARIABLE_VALUE" in got and len(got) == 5
+        for name in want:
+            assert np.array_equal(got[name], want[name]), f"K={k} {name}: max |Δ| = {np.max(np.abs(got[name] - want[name]))}"
+        assert int(got["optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"]) == 12
+
+
+def test_checkpoints_of_another_configuration_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    n, d = 20, 6
+    arrays = {"x_train": rng.normal(size=(n, d)).astype(np.float32), "y_train": rng.integers(0, 10, n),
+              "x_val": rng.normal(size=(n, d)).astype(np.float32), "y_val": rng.integers(0, 10, n),
+              "corrupted": rng.random(n) < 0.5, "replaced": rng.random(n) < 0.5}
+    cfg = H.Config(output_dir=str(tmp_path), truncate=[1, 5], n_train=n, n_val=n, checkpoint_every=4).validated()
+    root = H.prepare_checkpoints(cfg, arrays)
+    assert root == tmp_path / "checkpoints" and (root / "fingerprint.json").exists()
+    # What cannot change a K's numbers may change: the K list, timing, memory, the data's location.
+    same = H.Config(output_dir=str(tmp_path), truncate=[25], n_train=n, n_val=n, checkpoint_every=10,
+                    timing_rounds=0, measure_memory=False, mnist_dir="/elsewhere").validated()
+    assert H.prepare_checkpoints(same, arrays) == root
+    with pytest.raises(H.SettingsMismatchError) as err:
+        H.prepare_checkpoints(H.Config(**{**vars(cfg), "inner_lr": 0.5}).validated(), arrays)
+    message = str(err.value)
+    assert str(root) in message and "inner_lr: 1.0 then, 0.5 now" in message and "--output_dir" in message
+    # Other data (one label flipped) under the same flags: refused too.
+    other = dict(arrays, y_train=np.where(np.arange(n) == 0, (arrays["y_train"] + 1) % 10, arrays["y_train"]))
+    with pytest.raises(H.SettingsMismatchError, match="data_sha256"):
+        H.prepare_checkpoints(cfg, other)
+    # --checkpoint_every=0: no checkpoints, nothing checked.
+    assert H.prepare_checkpoints(H.Config(**{**vars(cfg), "inner_lr": 0.5, "checkpoint_every": 0}).validated(),
+                                 arrays) is None

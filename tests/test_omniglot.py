@@ -28,6 +28,7 @@ from experiments import datasets as D  # noqa: E402
 from experiments import fewshot_model as fsm  # noqa: E402
 from experiments import omniglot as om  # noqa: E402
 from idx_files import write_mnist_subset  # noqa: E402
+import program_runs  # noqa: E402
 
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
@@ -332,3 +333,77 @@ def test_parse_truncate_and_bad_split():
     assert om.parse_truncate(["1", "10", "full", "50"], 50) == [1, 10, None, None]
     with pytest.raises(ValueError, match="inner_steps"):
         om.parse_truncate(["60"], 50)
+
+
+# --------------------------------------------------------------------------
+# Resuming after SIGKILL (the program, as a subprocess).
+# --------------------------------------------------------------------------
+
+
+def _start_omniglot(args: list, log: Path):
+    return program_runs.start(["-m", "experiments.omniglot", *args], log)
+
+
+def _h5_leaves(path: Path) -> dict:
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
+def test_killed_run_rerun_with_the_same_command_ends_bit_identical(tmp_path):
+    """SIGKILL in the middle of the second method (after hyper-iteration 3 of 4; the checkpoint
+    holds 2), then the same command again: the first method is reloaded, not retrained, the
+    second resumes from its checkpoint, and the learned λ (all trainer weights), test
+    accuracies and Fig. 7 curves equal an uninterrupted run's, bit for bit (--deterministic)."""
+    src = write_mnist_subset(MNIST_DIR, tmp_path / "mnist_subset", train=1500, test=300)
+    common = ["--quick", "--dataset=mnist", f"--local_dir={src}",
+              "--truncate=1,full", "--noshort_horizon", "--relerr_truncations=", "--timing_rounds=0",
+              "--deterministic"]
+    reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+    logs = tmp_path / "uninterrupted.log", tmp_path / "resumed.log"
+    # Separate tfds folders: two processes preparing the same one race.
+    resumed_args = common + [f"--output_dir={resumed_dir}", f"--data_dir={tmp_path / 'tfds_resumed'}",
+                             "--pause_after=full,3"]
+    reference = _start_omniglot(common + [f"--output_dir={reference_dir}", f"--data_dir={tmp_path / 'tfds'}"],
+                               logs[0])
+    try:
+        first = _start_omniglot(resumed_args, logs[1])
+        program_runs.kill_when_paused(first, resumed_dir / "resume" / "paused_full_3", logs[1])
+        assert (resumed_dir / "resume" / "1.json").exists() and not (resumed_dir / "resume" / "full.json").exists()
+        assert (resumed_dir / "resume" / "backup" / "full").is_dir()
+        program_runs.finish(_start_omniglot(resumed_args, logs[1]), logs[1])
+        program_runs.finish(reference, logs[0])
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+    log = logs[1].read_text()
+    assert "1-RMD: finished by an earlier run" in log and "[Full RMD] resumed at hyper-iteration 2/4" in log
+    assert not (resumed_dir / "resume" / "backup" / "full").exists()
+
+    expected = json.loads((reference_dir / "results.json").read_text())
+    results = json.loads((resumed_dir / "results.json").read_text())
+    assert set(results["runs"]) == set(expected["runs"]) == {"1", "full"}
+    for name, run in expected["runs"].items():
+        timings = ("sec_per_iter", "sec_per_iter_mean")
+        strip = lambda row: {**row, "record": {k: v for k, v in row["record"].items() if k not in timings}}  # noqa: E731
+        assert strip(results["runs"][name]) == strip(run), name
+        assert len(run["record"]["curve_test_acc"]) == 3
+        weights, reference_weights = (_h5_leaves(d / "resume" / f"{name}.weights.h5") for d in (resumed_dir, reference_dir))
+        assert weights.keys() == reference_weights.keys() and len(weights) > 10
+        for key, value in reference_weights.items():
+            assert np.array_equal(weights[key], value), (name, key)
+    assert results["export"]["saved_model_load_bit_identical"]
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    cfg = quick_config(tmp_path)
+    om.check_fingerprint(cfg)
+    om.check_fingerprint(cfg)  # the same settings: fine
+    with pytest.raises(ValueError, match=r"--outer_lr: .*another --output_dir.*delete"):
+        om.check_fingerprint({**cfg, "outer_lr": 0.5})
+    with pytest.raises(ValueError, match="--pause_after must be METHOD,ITER"):
+        om.parse_pause_after("full")

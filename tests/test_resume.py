@@ -14,11 +14,7 @@ be redone (and tasks of the stream that must be seen again).
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,47 +26,20 @@ import keras
 import tf_bilevel as tfb
 from tf_bilevel.keras import losses
 
+import program_runs
+
 REPO = Path(__file__).resolve().parents[1]
 JOB = Path(__file__).resolve().with_name("resume_job.py")
 FITS = ("hypercleaning", "meta")
 EPOCHS, STEPS_PER_EPOCH = 3, 4  # as in resume_job.py
 PAUSE_AFTER = 6  # a checkpoint after step 4, killed after step 6: steps 5-6 are lost
-TIMEOUT = 300
 
 
 def _start(workdir: Path, log: Path, pause: bool) -> subprocess.Popen:
-    command = [sys.executable, str(JOB), "--workdir", str(workdir)]
+    command = [str(JOB), "--workdir", str(workdir)]
     if pause:
         command += ["--pause_after", ",".join(f"{name}={PAUSE_AFTER}" for name in FITS)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
-    with open(log, "ab") as out:  # a file, not a pipe: nothing blocks on a full pipe
-        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-3000:]
-
-
-def _kill_when_paused(process: subprocess.Popen, marker: Path, log: Path) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not marker.exists():
-        if process.poll() is not None:
-            pytest.fail(f"the job exited ({process.returncode}) before reaching {marker.name}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the job did not reach {marker.name} within {TIMEOUT} s:\n{_tail(log)}")
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    assert process.wait(timeout=60) == -signal.SIGKILL
-
-
-def _finish(process: subprocess.Popen, log: Path) -> None:
-    try:
-        returncode = process.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"the job did not finish within {TIMEOUT} s:\n{_tail(log)}")
-    assert returncode == 0, _tail(log)
+    return program_runs.start(command, log)
 
 
 def test_fit_killed_and_rerun_with_the_same_command_ends_bit_identical(tmp_path):
@@ -79,15 +48,15 @@ def test_fit_killed_and_rerun_with_the_same_command_ends_bit_identical(tmp_path)
     reference = _start(uninterrupted, reference_log, pause=False)
     try:
         # 1st run: killed after step 6 of the first fit (the last checkpoint holds step 4).
-        _kill_when_paused(_start(interrupted, log, pause=True), interrupted / "hypercleaning.paused", log)
+        program_runs.kill_when_paused(_start(interrupted, log, pause=True), interrupted / "hypercleaning.paused", log)
         assert (interrupted / "hypercleaning_backup").is_dir()
         assert not (interrupted / "hypercleaning.npy").exists()
         # 2nd run: resumes and finishes the first fit, killed after step 6 of the second.
-        _kill_when_paused(_start(interrupted, log, pause=True), interrupted / "meta.paused", log)
+        program_runs.kill_when_paused(_start(interrupted, log, pause=True), interrupted / "meta.paused", log)
         assert (interrupted / "hypercleaning.npy").exists() and not (interrupted / "meta.npy").exists()
         # 3rd run: resumes the second fit and finishes.
-        _finish(_start(interrupted, log, pause=True), log)
-        _finish(reference, reference_log)
+        program_runs.finish(_start(interrupted, log, pause=True), log)
+        program_runs.finish(reference, reference_log)
     finally:
         if reference.poll() is None:
             reference.kill()

@@ -18,6 +18,7 @@ from experiments import datasets as D  # noqa: E402
 from experiments import features as F  # noqa: E402
 from experiments import task_interaction as ti  # noqa: E402
 from idx_files import write_mnist_subset  # noqa: E402
+import program_runs  # noqa: E402
 
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
@@ -225,3 +226,58 @@ def test_quick_run_on_real_mnist(tmp_path):
     results = check_results(cfg)
     # Real digits with 5 labelled examples per class: far above chance (10%).
     assert results["summary"]["full"]["test_acc_mean"] > 0.4
+
+
+# --------------------------------------------------------------------------
+# Resuming after SIGKILL (the program, as a subprocess).
+# --------------------------------------------------------------------------
+
+
+def _start_task_interaction(args: list, log: Path):
+    return program_runs.start(["-m", "experiments.task_interaction", *args], log)
+
+
+@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
+def test_killed_run_rerun_with_the_same_command_ends_with_the_same_results(tmp_path):
+    """SIGKILL after the first (trial, K) run is stored, then the same command again: that run is
+    reloaded, not redone, and results.json equals an uninterrupted run's (timings aside)."""
+    src = write_mnist_subset(MNIST_DIR, tmp_path / "mnist_subset", train=1500, test=300)
+    common = ["--quick", "--dataset=mnist", "--features=pixels", f"--local_dir={src}"]
+    reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+    logs = tmp_path / "uninterrupted.log", tmp_path / "resumed.log"
+    # Separate tfds folders: two processes preparing the same one race.
+    resumed_args = common + [f"--output_dir={resumed_dir}", f"--data_dir={tmp_path / 'tfds_resumed'}",
+                             "--pause_after=0,1"]
+    reference = _start_task_interaction(common + [f"--output_dir={reference_dir}", f"--data_dir={tmp_path / 'tfds'}"],
+                               logs[0])
+    try:
+        first = _start_task_interaction(resumed_args, logs[1])
+        program_runs.kill_when_paused(first, resumed_dir / "resume" / "paused_0_1", logs[1])
+        assert sorted(p.name for p in (resumed_dir / "resume").glob("trial*.json")) == ["trial0_1.json"]
+        program_runs.finish(_start_task_interaction(resumed_args, logs[1]), logs[1])
+        program_runs.finish(reference, logs[0])
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+    log = logs[1].read_text()
+    assert log.count("[trial 0 K=1] finished by an earlier run") == 1
+    assert "[trial 0 K=full] finished by an earlier run" not in log
+
+    expected = json.loads((reference_dir / "results.json").read_text())
+    results = json.loads((resumed_dir / "results.json").read_text())
+    without_timing = lambda d: {k: v for k, v in d.items() if k not in ("sec_per_iter", "sec_per_iter_mean")}  # noqa: E731
+    assert set(results["runs"]) == set(expected["runs"]) == {"1", "full"}
+    for name, rows in expected["runs"].items():
+        assert len(rows) == 2
+        assert [without_timing(r) for r in results["runs"][name]] == [without_timing(r) for r in rows], name
+        assert without_timing(results["summary"][name]) == without_timing(expected["summary"][name])
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    cfg = quick_config(tmp_path)
+    ti.check_fingerprint(cfg)
+    ti.check_fingerprint({**cfg, "trials": 5})  # more trials reuse the stored runs
+    with pytest.raises(ValueError, match=r"--outer_lr: .*another --output_dir.*delete"):
+        ti.check_fingerprint({**cfg, "outer_lr": 0.5})
+    with pytest.raises(ValueError, match="--pause_after must be TRIAL,K"):
+        ti.parse_pause_after("full")
