@@ -96,7 +96,9 @@ import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
-from experiments.serialization import SettingsMismatchError, guard_settings, jsonable, write_json_atomically  # noqa: E402
+from experiments.run_state import (  # noqa: E402
+    SettingsMismatchError, guard_settings, jsonable, pause_to_be_killed, write_json_atomically,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NORMALIZATIONS = ("mean", "mean_all", "sum")
@@ -412,17 +414,6 @@ class TruncationCheckpoint:
                 old.unlink()
 
 
-def _pause_to_be_killed(output_dir: str, truncate: int, done: int) -> None:
-    """--pause_after: write a marker and wait for a SIGKILL, once (not if the marker exists)."""
-    marker = Path(output_dir) / f"paused_K{truncate}_at_{done}"
-    if marker.exists():
-        return
-    write_json_atomically(marker, {"truncate": truncate, "hyper_iteration": done})
-    print(f"[hypercleaning] paused after hyper-iteration {done} of K={truncate} (--pause_after)", flush=True)
-    time.sleep(PAUSE_SECONDS)
-    os._exit(3)
-
-
 # ----------------------------------------------------------------------------------------
 # One K: the compiled hyper-iteration and its loop.
 # ----------------------------------------------------------------------------------------
@@ -627,7 +618,7 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.H
         if store is not None and (done % cfg.checkpoint_every == 0 or done == R):
             checkpoint(done)
         if pause_after == (truncate, done):
-            _pause_to_be_killed(cfg.output_dir, truncate, done)
+            pause_to_be_killed(Path(cfg.output_dir) / f"paused_K{truncate}_at_{done}", PAUSE_SECONDS)
 
     # Final point λ_R: ŵ(λ_R) with the compiled inner loop alone, its metrics and exact ‖d_λ f‖.
     lam_R = lam.numpy()

@@ -88,7 +88,7 @@ from absl import app, flags, logging
 import tf_bilevel as tfb
 from experiments import datasets
 from experiments import fewshot_model as fsm
-from experiments.serialization import guard_settings, write_json_atomically
+from experiments.run_state import guard_settings, pause_to_be_killed, write_json_atomically
 
 FLAGS = flags.FLAGS
 
@@ -360,14 +360,8 @@ class PauseOnce(keras.callbacks.Callback):
         self.marker, self.step, self.seconds = marker, step, seconds
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.meta_step.numpy()) != self.step or os.path.exists(self.marker):
-            return
-        with open(self.marker + ".partial", "w") as f:
-            f.write(str(self.step))
-        os.replace(self.marker + ".partial", self.marker)
-        print(f"paused: {self.marker}", flush=True)
-        time.sleep(self.seconds)
-        os._exit(3)  # nobody killed the run: fail rather than hang
+        if int(self.model.meta_step.numpy()) == self.step:
+            pause_to_be_killed(self.marker, self.seconds)
 
 
 def parse_pause_after(value: Optional[str]) -> Optional[tuple[str, int]]:

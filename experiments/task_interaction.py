@@ -80,7 +80,7 @@ from absl import app, flags, logging
 
 import tf_bilevel as tfb
 from experiments import datasets, features
-from experiments.serialization import guard_settings, write_json_atomically
+from experiments.run_state import guard_settings, pause_to_be_killed, write_json_atomically
 
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
@@ -560,17 +560,6 @@ def parse_pause_after(value: str | None) -> tuple[int, str] | None:
     return int(parts[0]), parts[1]
 
 
-def _pause(state: str, trial: int, name: str, seconds: float = 300.0) -> None:
-    """--pause_after (tests): mark the point and wait to be killed, once."""
-    marker = os.path.join(state, f"paused_{trial}_{name}")
-    if os.path.exists(marker):
-        return
-    write_json_atomically(marker, {"trial": trial, "K": name}, indent=1)
-    print(f"paused: {marker}", flush=True)
-    time.sleep(seconds)
-    os._exit(3)  # nobody killed the program: fail rather than hang
-
-
 def run(cfg: dict) -> dict:
     """The whole experiment; writes results.json (after every trial) and the figure."""
     os.makedirs(cfg["output_dir"], exist_ok=True)
@@ -614,7 +603,7 @@ def run(cfg: dict) -> dict:
                 write_json_atomically(stored, row, indent=1)
             results["runs"][name].append(row)
             if pause == (trial, name):
-                _pause(state, trial, name)
+                pause_to_be_killed(os.path.join(state, f"paused_{trial}_{name}"))
         results["summary"] = {name: summarize(rows) for name, rows in results["runs"].items()}
         write_json_atomically(os.path.join(cfg["output_dir"], "results.json"), results, indent=1)
     print_table(results)

@@ -60,7 +60,7 @@ import tensorflow as tf
 import tf_bilevel as tfb
 from experiments import plotting
 from experiments.plotting import plt
-from experiments.serialization import jsonable
+from experiments.run_state import jsonable
 
 OBJECTIVES = ("f", "f_tilde")
 QUICK = dict(hyper_iters=100, truncations=[1, 5, 100], fig1_truncations=[1, 5, 100], grid_size=81)

@@ -21,12 +21,8 @@ import tensorflow_datasets as tfds
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import datasets as D  # noqa: E402
-from idx_files import read_idx, write_idx, write_mnist_subset  # noqa: E402
+from offline_data import MNIST_DIR, needs_mnist, fake_omniglot, read_idx, write_idx, write_mnist_subset  # noqa: E402
 
-MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
-needs_mnist = pytest.mark.skipif(
-    not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent"
-)
 
 
 # --------------------------------------------------------------------------
@@ -234,30 +230,8 @@ def test_mock_respects_the_reachability_check(tmp_path):
             D.load_image_classification("cifar100", data_dir=str(tmp_path))
 
 
-def _fake_omniglot(per_class: int, num_classes: int):
-    """tfds `_as_dataset` replacement: Omniglot-like examples, label = i % C."""
-
-    def as_dataset(self, split, **kwargs):
-        offset = 0 if split == "train" else num_classes  # test: other characters
-        n = per_class * num_classes
-
-        def gen():
-            rng = np.random.default_rng(offset)
-            for i in range(n):
-                yield {"image": rng.integers(0, 256, (105, 105, 3), dtype=np.uint8),
-                       "alphabet": np.int64(0), "alphabet_char_id": np.int64(i % 7),
-                       "label": np.int64(offset + i % num_classes)}
-
-        scalar = tf.TensorSpec((), tf.int64)
-        return tf.data.Dataset.from_generator(gen, output_signature={
-            "image": tf.TensorSpec((105, 105, 3), tf.uint8),
-            "alphabet": scalar, "alphabet_char_id": scalar, "label": scalar})
-
-    return as_dataset
-
-
 def test_omniglot_through_tfds_mock_into_episodes(tmp_path, local_http_server):
-    with tfds.testing.mock_data(as_dataset_fn=_fake_omniglot(per_class=6, num_classes=10)):
+    with tfds.testing.mock_data(as_dataset_fn=fake_omniglot(per_class=6, num_classes=10)):
         x, y = D.load_omniglot(data_dir=str(tmp_path), image_size=28)
     assert x.shape == (120, 28, 28, 1) and x.dtype == np.uint8
     assert sorted(np.unique(y)) == list(range(20))

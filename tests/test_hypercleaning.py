@@ -18,13 +18,9 @@ import tensorflow as tf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import hypercleaning as H  # noqa: E402
-from idx_files import write_mnist_subset  # noqa: E402
+from offline_data import MNIST_DIR, needs_mnist, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
-MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
-needs_mnist = pytest.mark.skipif(
-    not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent"
-)
 
 
 def _env() -> dict:

@@ -27,10 +27,9 @@ import tf_bilevel as tfb  # noqa: E402
 from experiments import datasets as D  # noqa: E402
 from experiments import fewshot_model as fsm  # noqa: E402
 from experiments import omniglot as om  # noqa: E402
-from idx_files import write_mnist_subset  # noqa: E402
+from offline_data import MNIST_DIR, fake_omniglot, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
-MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
 
 # --------------------------------------------------------------------------
@@ -267,34 +266,13 @@ def check_results(cfg: dict, methods: set) -> dict:
     return results
 
 
-def _fake_omniglot(per_class: int, num_classes: int):
-    """tfds `_as_dataset` replacement: Omniglot-like 105x105 RGB examples, label = i % C."""
-
-    def as_dataset(self, split, **kwargs):
-        offset = 0 if split == "train" else num_classes  # test split: other characters
-
-        def gen():
-            rng = np.random.default_rng(offset)
-            for i in range(per_class * num_classes):
-                yield {"image": rng.integers(0, 256, (105, 105, 3), dtype=np.uint8),
-                       "alphabet": np.int64(0), "alphabet_char_id": np.int64(i % 7),
-                       "label": np.int64(offset + i % num_classes)}
-
-        scalar = tf.TensorSpec((), tf.int64)
-        return tf.data.Dataset.from_generator(gen, output_signature={
-            "image": tf.TensorSpec((105, 105, 3), tf.uint8),
-            "alphabet": scalar, "alphabet_char_id": scalar, "label": scalar})
-
-    return as_dataset
-
-
 def test_quick_run_on_mock_omniglot(tmp_path, monkeypatch):
     """The paper's path: tfds omniglot (mocked: 20 characters) -> 1200/100/323-style split."""
     monkeypatch.setattr(D, "network_reachable", lambda *a, **k: True)  # tfds mock: no download
     cfg = quick_config(tmp_path, dataset="omniglot", class_split="12,3,5", truncate="1",
                        short_horizon=False, exact_every=0, relerr_truncations="", timing_rounds=0)
     assert cfg["rotations"] is False and cfg["n_way"] == 5 and cfg["k_shot"] == 1
-    with tfds.testing.mock_data(as_dataset_fn=_fake_omniglot(per_class=6, num_classes=10)):
+    with tfds.testing.mock_data(as_dataset_fn=fake_omniglot(per_class=6, num_classes=10)):
         results = om.run(cfg)
     assert "omniglot" in results["data_description"]
     check_results(cfg, {"1"})

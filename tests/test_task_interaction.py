@@ -17,10 +17,9 @@ sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import datasets as D  # noqa: E402
 from experiments import features as F  # noqa: E402
 from experiments import task_interaction as ti  # noqa: E402
-from idx_files import write_mnist_subset  # noqa: E402
+from offline_data import MNIST_DIR, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
-MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
 
 def quick_config(tmp_path: Path, **overrides) -> dict:

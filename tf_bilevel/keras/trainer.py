@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 
 from tf_bilevel.keras.compat import Keras3Calls
+from tf_bilevel.keras.layers import warn_inexact_batch_normalization
 from tf_bilevel.keras.reparam import Hyperparameter
 from tf_bilevel.keras.trainer_base import BilevelTrainerMixin
 
@@ -125,8 +126,6 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         return _for_multi_worker_reduction(super().test_step(data))
 
     def _warn_inexact_second_order(self) -> None:
-        from tf_bilevel.keras.layers import warn_inexact_batch_normalization
-
         warn_inexact_batch_normalization(self.inner_model, stacklevel=5)  # at the user's fit/evaluate/predict
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):

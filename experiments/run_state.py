@@ -1,10 +1,12 @@
-"""Results and resume state as JSON: NumPy values made JSON-able, kill-safe writes, and the
-guard that keeps a resumed run from mixing two configurations."""
+"""What the experiment programs keep on disk to resume: NumPy values made JSON-able, kill-safe
+writes, the guard that keeps a resumed run from mixing two configurations, and the test hook
+that stops a run at a known point to be killed."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -53,3 +55,14 @@ def guard_settings(state_dir: str | os.PathLike, settings: dict, what: str = "th
         raise SettingsMismatchError(
             f"{state_dir} holds {what} of a run with other settings ({details}). Resuming would mix two "
             f"runs: rerun with the original flags, use another --output_dir, or delete {state_dir} to start over.")
+
+
+def pause_to_be_killed(marker: str | os.PathLike, seconds: float = 300.0) -> None:
+    """--pause_after (tests): writes `marker` and waits to be killed, once: a rerun that finds the
+    marker goes on. Nobody killing the program within `seconds` is a failure (exit 3), not a hang."""
+    if os.path.exists(marker):
+        return
+    write_json_atomically(marker, {"paused": True})
+    print(f"paused: {marker} (--pause_after)", flush=True)
+    time.sleep(seconds)
+    os._exit(3)
