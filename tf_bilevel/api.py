@@ -13,9 +13,12 @@ from tf_bilevel.dynamics.loops import earliest_nonfinite, run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
 from tf_bilevel.dynamics.transition import BatchAtStep, Transition, gather_step
 from tf_bilevel.estimators import forward_hypergradient, implicit_hypergradient, reverse_hypergradient
+from tf_bilevel.estimators.reverse import profile_step
 from tf_bilevel.problem import BilevelProblem
 
 ESTIMATORS = ("reverse", "checkpointed", "forward", "implicit_cg", "neumann")
+BACKWARD_PASSES = ("auto", "store", "recompute")
+DEFAULT_MEMORY_BUDGET = 2**30  # bytes of stored per-step intermediates "auto" allows (1 GiB)
 
 
 class NonFiniteError(FloatingPointError):
@@ -80,9 +83,16 @@ class Hypergradient:
         jit_compile: bool,
         check_numerics: bool,
         per_step_batches: Union[bool, BatchAtStep] = False,
+        backward: str = "auto",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
         self.problem = problem
         self.per_step_batches = per_step_batches
+        self.backward = backward
+        self.memory_budget = memory_budget
+        # What "auto" chose at the last trace ("store" or "recompute"), with its estimate.
+        self.backward_used: Optional[str] = None
+        self.step_residual_bytes: Optional[int] = None
         batch_at_step = gather_step if per_step_batches is True else (per_step_batches or None)
         self.transition = Transition(problem, optimizer, batch_at_step)
         self.steps = steps
@@ -166,6 +176,7 @@ class Hypergradient:
                 steps=T, truncate=self.truncate,
                 checkpoint_segment=self._checkpoint_segment() if self.estimator == "checkpointed" else None,
                 opt_state=opt_state,
+                store_intermediates=self._stores_intermediates(params, hparams, inner_batch, opt_state),
             )
         elif self.estimator == "forward":
             out = forward_hypergradient(
@@ -185,6 +196,22 @@ class Hypergradient:
         return HypergradientResult(out.outer_value, hypergrad, out.final_params, marker, out.final_opt_state)
 
     # -- helpers ----------------------------------------------------------------------
+    def _stores_intermediates(self, params, hparams, inner_batch, opt_state) -> bool:
+        """The backward pass of "reverse": "store" when asked, or ("auto") when K times the
+        per-step residuals fit in memory_budget; "recompute" (O(MK)) otherwise."""
+        if self.estimator != "reverse":
+            self.backward_used = "recompute"
+            return False
+        if self.backward == "auto":
+            state = self.transition.init_state(self.problem.initial_params(params, hparams), opt_state)
+            profile = profile_step(self.transition, state, hparams, inner_batch)
+            self.step_residual_bytes = profile.residual_bytes
+            store = profile.storable and self.truncate * profile.residual_bytes <= self.memory_budget
+        else:
+            store = self.backward == "store"
+        self.backward_used = "store" if store else "recompute"
+        return store
+
     def _check_per_step_batch(self, inner_batch: Any) -> None:
         """per_step_batches=True: every inner_batch leaf must have a leading axis of length T."""
         if self.per_step_batches is not True:
@@ -279,6 +306,8 @@ def hypergradient_fn(
     checkpoint_every: Optional[int] = None,
     check_numerics: bool = True,
     per_step_batches: Union[bool, BatchAtStep] = False,
+    backward: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> Hypergradient:
     """Builds a compiled estimator of d_λ f(ŵ(λ), λ), ŵ = w_T after `steps` inner steps.
 
@@ -304,6 +333,15 @@ def hypergradient_fn(
         checkpointed recomputation. "implicit_cg"/"neumann" solve Eq. 11 with the last
         step's batch. A function `(inner_batch, step) -> batch of that step` selects it
         otherwise (e.g. part of the batch per step, or a random seed derived from the step).
+      backward: the backward pass of estimator="reverse" through the last K steps. "recompute":
+        explicit VJPs from the K stored states, O(MK) memory, each step recomputed once.
+        "store": TF differentiates the recorded K steps keeping every intermediate (no
+        recomputation, ~1 forward pass per step less; memory K × per-step residuals). Under
+        XLA it fails to compile when a step's inner gradient computes shapes or permutations
+        (tf.transpose, broadcasting, concat: tensorflow/tensorflow#62861). "auto" (default):
+        "store" when the traced step has none of those ops and K × (its residual bytes) ≤
+        memory_budget, else "recompute". `hg.backward_used` tells which one ran.
+      memory_budget: bytes of stored intermediates "auto" may use (default 1 GiB).
 
     Returns:
       A `Hypergradient`; `hg(params, hparams[, inner_batch, outer_batch])` returns
@@ -332,6 +370,15 @@ def hypergradient_fn(
             "pass exactly one of learning_rate= (plain gradient descent) or inner_optimizer= "
             "(e.g. tf_bilevel.momentum(0.1))"
         )
+    if backward not in BACKWARD_PASSES:
+        raise ValueError(f"backward must be one of {BACKWARD_PASSES}, got {backward!r}")
+    if backward == "store" and estimator != "reverse":
+        raise ValueError(
+            f"backward='store' applies to estimator='reverse' only (estimator={estimator!r} has its own "
+            "memory profile): leave backward='auto'."
+        )
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
+        raise ValueError(f"memory_budget must be a non-negative int (bytes), got {memory_budget!r}")
     if not (isinstance(per_step_batches, bool) or callable(per_step_batches)):
         raise TypeError(
             "per_step_batches must be True (one minibatch per inner step on the leading axis of inner_batch), "
@@ -355,4 +402,6 @@ def hypergradient_fn(
         jit_compile=bool(jit_compile),
         check_numerics=check_numerics,
         per_step_batches=per_step_batches,
+        backward=backward,
+        memory_budget=memory_budget,
     )
