@@ -6,7 +6,7 @@
 """
 
 from tf_bilevel.keras import losses
-from tf_bilevel.keras.export import export_hyper_model
+from tf_bilevel.keras.export import export_hyper_model, load_hyper_model
 from tf_bilevel.keras.layers import BatchNormalization
 from tf_bilevel.keras.reparam import TRANSFORMS, Hyperparameter
 from tf_bilevel.keras.trainer import BilevelTrainer
@@ -18,6 +18,7 @@ __all__ = [
     "LegacyBilevelTrainer",
     "TRANSFORMS",
     "export_hyper_model",
+    "load_hyper_model",
     "losses",
 ]
 
