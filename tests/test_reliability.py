@@ -311,6 +311,13 @@ def test_trainer_refuses_a_meaningless_inner_learning_rate(bad, error, match):
                            hyperparameters={"a": 1.0}, inner_learning_rate=bad)
 
 
+def test_trainer_proximal_strength_accepts_numpy_and_refuses_nan():
+    kwargs = dict(inner_loss=CE, outer_loss=CE, steps=2)
+    tfb.BilevelTrainer(keras.Sequential([keras.layers.Dense(2)]), proximal_strength=np.float32(0.5), **kwargs)
+    with pytest.raises(ValueError, match=r"proximal_strength must be a positive number"):
+        tfb.BilevelTrainer(keras.Sequential([keras.layers.Dense(2)]), proximal_strength=float("nan"), **kwargs)
+
+
 def test_meta_batch_on_unbatched_tasks_suggests_batching():
     trainer = tfb.BilevelTrainer(keras.Sequential([keras.layers.Dense(2)]), inner_loss=CE, outer_loss=CE, steps=2,
                                  hyperparameters={"a": 1.0}, meta_batch=True)
