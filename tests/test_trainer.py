@@ -395,7 +395,7 @@ def _trainer(**overrides):
 @pytest.mark.parametrize(
     "overrides, error, pattern",
     [
-        (dict(steps=0), ValueError, "steps must be a positive Python int"),
+        (dict(steps=0), ValueError, "steps must be a positive integer"),
         (dict(truncate=5), ValueError, "truncate=5 is larger than steps=3"),
         (dict(estimator="magic"), ValueError, "estimator must be one of"),
         (dict(on_nonfinite="ignore"), ValueError, "on_nonfinite must be 'raise'"),

@@ -8,6 +8,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import tensorflow as tf
 
+from tf_bilevel import _validate
 from tf_bilevel._tree import leaf_names
 from tf_bilevel.dynamics.loops import earliest_nonfinite, run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
@@ -36,12 +37,6 @@ class HypergradientResult(NamedTuple):
     final_opt_state: Any = ()
 
 
-def _require_positive_int(value: Any, name: str, meaning: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive Python int ({meaning}), got {value!r}")
-    return value
-
-
 def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = None) -> Any:
     """Validates the leaves of params/hparams and converts them to tensors."""
     leaves = tf.nest.flatten(structure)
@@ -50,6 +45,11 @@ def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = No
     names = leaf_names(structure, role)
     tensors = []
     for name, leaf in zip(names, leaves):
+        if leaf is None:
+            raise ValueError(
+                f"{name} is None: every leaf of {role} must be a floating-point tensor. Give it a value "
+                f"(e.g. tf.zeros(shape)) or remove the entry from {role}."
+            )
         if isinstance(leaf, tf.Variable):
             if role == "hparams" and not leaf.trainable:
                 raise ValueError(
@@ -58,7 +58,10 @@ def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = No
                 )
             if passed_variables is not None:
                 passed_variables[id(leaf)] = name
-        tensor = tf.convert_to_tensor(leaf)
+        try:
+            tensor = tf.convert_to_tensor(leaf)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} cannot be converted to a tensor ({type(leaf).__name__}: {err})") from None
         if not tensor.dtype.is_floating:
             raise TypeError(
                 f"{name} has dtype {tensor.dtype.name}; {role} must be floating-point to be "
@@ -124,10 +127,14 @@ class Hypergradient:
         """Like `__call__`, also returning w_T, the inner optimizer's final state and the
         non-finite marker. `opt_state` (e.g. a previous result's `final_opt_state`) continues
         the inner optimizer instead of starting it fresh."""
-        self.problem.passed_variables = {}
-        params = _as_tensors(params, "params", self.problem.passed_variables)
-        hparams = _as_tensors(hparams, "hparams", self.problem.passed_variables)
+        passed: dict = {}
+        params = _as_tensors(params, "params", passed)
+        hparams = _as_tensors(hparams, "hparams", passed)
+        # On every call, not only when tracing: a variable that an earlier trace saw read
+        # through a closure may be passed now, and no retrace would see it.
+        self.problem.check_not_read_through_closure(passed)
         result = self._compiled(params, hparams, inner_batch, outer_batch, opt_state=opt_state)
+        self.problem.check_not_read_through_closure(passed)  # read by the trace just made
         if self.check_numerics:
             if tf.executing_eagerly():
                 self._raise_if_nonfinite(int(result.nonfinite_step))
@@ -164,11 +171,13 @@ class Hypergradient:
         self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *, opt_state: Any = None
     ) -> HypergradientResult:
         """Builds the estimator's ops in the current graph and returns its result."""
-        params = _as_tensors(params, "params")
-        hparams = tf.nest.map_structure(tf.identity, _as_tensors(hparams, "hparams"))
+        passed: dict = {}
+        params = _as_tensors(params, "params", passed)
+        hparams = tf.nest.map_structure(tf.identity, _as_tensors(hparams, "hparams", passed))
         self._check_per_step_batch(inner_batch)
         opt_state = self._checked_opt_state(params, opt_state)
         self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state)
+        self.problem.check_not_read_through_closure(passed)  # variables passed inside a user's graph
         T = self.steps
         if self.estimator in ("reverse", "checkpointed"):
             out = reverse_hypergradient(
@@ -259,9 +268,20 @@ class Hypergradient:
             tape.watch(flat_hp)
             w0 = self.problem.initial_params(params, hparams)
             state, _ = self.transition(self.transition.init_state(w0, opt_state), hparams, tf.constant(0), inner_batch)
+            flat_w1 = tf.nest.flatten(state.params)
+            tape.watch(flat_w1)
             value = self.problem.outer(state.params, hparams, outer_batch)
-        grads = tape.gradient(value, flat_hp)
+        grads_w, grads = tape.gradient(value, (flat_w1, flat_hp))
         unreached = [name for name, g in zip(leaf_names(hparams, "hparams"), grads) if g is None]
+        if unreached and all(g is None for g in grads_w):
+            # The hyperparameters may well be used (by inner_loss): f just ignores w.
+            constant = all(g is None for g in grads)
+            raise ValueError(
+                f"outer_loss does not depend on params{' or hparams (does it return a constant?)' if constant else ''}, "
+                f"so {', '.join(unreached)}, acting through the inner problem, cannot change it: its "
+                "hypergradient would be silently zero. Compute outer_loss from its params argument "
+                "(the inner solution w_T)."
+            )
         if unreached:
             raise ValueError(
                 f"{', '.join(unreached)} not reached by the losses: neither inner_loss, the inner "
@@ -319,11 +339,12 @@ def hypergradient_fn(
         `(step, hparams) -> γ` to learn it. Exactly one of learning_rate / inner_optimizer.
       inner_optimizer: a `tf_bilevel.sgd/momentum/adam(...)` update rule.
       truncate: K. "reverse"/"checkpointed": back-propagate through the last K steps only
-        (K-RMD, Eq. 8); None means K = T (full RMD, Eq. 6). "implicit_cg"/"neumann": the
-        number of CG iterations / Neumann terms (default T).
+        (K-RMD, Eq. 8), 1 <= K <= T; None means K = T (full RMD, Eq. 6). "implicit_cg"/"neumann":
+        the number of CG iterations / Neumann terms at w_T (default T, but not bounded by T:
+        e.g. steps=10, truncate=50 solves the linear system of Eq. 11 more accurately).
       estimator: "reverse" | "checkpointed" | "forward" (FMD, Eq. 7) | "implicit_cg" |
         "neumann" (Eq. 11 at w_T, Eq. 12).
-      jit_compile: compile with XLA.
+      jit_compile: compile with XLA (True/False; anything else is a TypeError).
       init_params: optional w0 = Ξ0(params, hparams), e.g. a learned initialization (B0 term).
       checkpoint_every: states per recomputed segment for "checkpointed" (default ⌈√K⌉).
       check_numerics: raise `NonFiniteError` naming the inner step where a loss became NaN/Inf.
@@ -347,24 +368,16 @@ def hypergradient_fn(
       A `Hypergradient`; `hg(params, hparams[, inner_batch, outer_batch])` returns
       `(outer_value, hypergrad)` with hypergrad structured like hparams.
     """
-    steps = _require_positive_int(steps, "steps", "the number T of inner steps")
-    if estimator not in ESTIMATORS:
+    steps = _validate.positive_int(steps, "steps", "the number T of inner steps")
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if truncate is None:
-        truncate = steps
-    else:
-        truncate = _require_positive_int(truncate, "truncate", "K, the number of steps to back-propagate through")
-        if truncate > steps:
-            raise ValueError(
-                f"truncate={truncate} is larger than steps={steps}: K-RMD back-propagates through the "
-                f"last K of the T inner steps, so 1 <= truncate <= steps. Use truncate=None for full RMD."
-            )
-    if estimator == "forward" and truncate != steps:
-        raise ValueError("estimator='forward' computes the exact hypergradient: leave truncate=None")
+    truncate = _checked_truncate(truncate, steps, estimator)
     if checkpoint_every is not None:
         if estimator != "checkpointed":
             raise ValueError("checkpoint_every only applies to estimator='checkpointed'")
-        _require_positive_int(checkpoint_every, "checkpoint_every", "states per recomputed segment")
+        checkpoint_every = _validate.positive_int(checkpoint_every, "checkpoint_every", "states per recomputed segment")
+    jit_compile = _validate.boolean(jit_compile, "jit_compile")
+    check_numerics = _validate.boolean(check_numerics, "check_numerics")
     if (learning_rate is None) == (inner_optimizer is None):
         raise ValueError(
             "pass exactly one of learning_rate= (plain gradient descent) or inner_optimizer= "
@@ -384,7 +397,10 @@ def hypergradient_fn(
             "per_step_batches must be True (one minibatch per inner step on the leading axis of inner_batch), "
             f"False, or a function (inner_batch, step) -> batch of that step, got {per_step_batches!r}"
         )
-    optimizer = sgd(learning_rate) if inner_optimizer is None else inner_optimizer
+    if inner_optimizer is None:
+        optimizer = sgd(_validate.learning_rate(learning_rate, "learning_rate"))
+    else:
+        optimizer = inner_optimizer
     if not isinstance(optimizer, InnerOptimizer):
         raise TypeError(f"inner_optimizer must be a tf_bilevel.InnerOptimizer (sgd/momentum/adam), got {optimizer!r}")
     if estimator == "neumann" and optimizer.learning_rate is None:
@@ -399,9 +415,29 @@ def hypergradient_fn(
         truncate=truncate,
         estimator=estimator,
         checkpoint_every=checkpoint_every,
-        jit_compile=bool(jit_compile),
+        jit_compile=jit_compile,
         check_numerics=check_numerics,
         per_step_batches=per_step_batches,
         backward=backward,
         memory_budget=memory_budget,
     )
+
+
+def _checked_truncate(truncate: Optional[int], steps: int, estimator: str) -> int:
+    """K: the steps back-propagated through (reverse/checkpointed, 1 <= K <= T), or the number
+    of CG iterations / Neumann terms (implicit_cg/neumann: any K >= 1, unrelated to T)."""
+    if truncate is None:
+        return steps
+    if estimator in ("implicit_cg", "neumann"):
+        return _validate.positive_int(
+            truncate, "truncate", f"the number of {'CG iterations' if estimator == 'implicit_cg' else 'Neumann terms'}"
+        )
+    truncate = _validate.positive_int(truncate, "truncate", "K, the number of steps to back-propagate through")
+    if estimator == "forward" and truncate != steps:
+        raise ValueError("estimator='forward' computes the exact hypergradient: leave truncate=None")
+    if truncate > steps:
+        raise ValueError(
+            f"truncate={truncate} is larger than steps={steps}: K-RMD back-propagates through the "
+            f"last K of the T inner steps, so 1 <= truncate <= steps. Use truncate=None for full RMD."
+        )
+    return truncate

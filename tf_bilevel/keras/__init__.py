@@ -7,7 +7,7 @@
 
 from tf_bilevel.keras import losses
 from tf_bilevel.keras.data import online_tasks
-from tf_bilevel.keras.export import export_hyper_model
+from tf_bilevel.keras.export import export_hyper_model, load_hyper_model
 from tf_bilevel.keras.layers import BatchNormalization
 from tf_bilevel.keras.reparam import TRANSFORMS, Hyperparameter
 from tf_bilevel.keras.trainer import BilevelTrainer
@@ -19,6 +19,7 @@ __all__ = [
     "LegacyBilevelTrainer",
     "TRANSFORMS",
     "export_hyper_model",
+    "load_hyper_model",
     "losses",
     "online_tasks",
 ]

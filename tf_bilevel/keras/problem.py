@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
+from tf_bilevel import _validate
+from tf_bilevel._autograph import leave_unparsable_unconverted
 from tf_bilevel.keras.data import Batch
 from tf_bilevel.keras.losses import SECOND_ORDER_HINT
 from tf_bilevel.keras.reparam import Hyperparameter, as_hyperparameter
@@ -111,10 +114,13 @@ class KerasBilevelProblem:
         self.hyper_model = hyper_model
         _require_callable(inner_loss, "inner_loss", "(y_true, y_pred[, hparams]) -> per-example losses or scalar")
         _require_callable(outer_loss, "outer_loss", "(y_true, y_pred[, hparams]) -> per-example losses or scalar")
-        self.inner_loss_fn, self.outer_loss_fn = inner_loss, outer_loss
+        # The user's functions are called from AutoGraph-converted code (Keras traces train_step
+        # with AutoGraph): one it cannot parse (a lambda typed in a REPL) would log a warning.
+        self.inner_loss_fn = leave_unparsable_unconverted(inner_loss)
+        self.outer_loss_fn = leave_unparsable_unconverted(outer_loss)
         if inner_regularizer is not None:
             _require_callable(inner_regularizer, "inner_regularizer", "(inner_weights, hparams) -> scalar")
-        self.inner_regularizer = inner_regularizer
+        self.inner_regularizer = None if inner_regularizer is None else leave_unparsable_unconverted(inner_regularizer)
 
         if hyperparameters is None:
             hyperparameters = {}
@@ -133,23 +139,27 @@ class KerasBilevelProblem:
             for name, value in hyperparameters.items()
         }
 
-        if proximal_strength is not None and not (isinstance(proximal_strength, (int, float)) and proximal_strength > 0):
+        if proximal_strength is not None and not (
+            _validate.is_real_number(proximal_strength) and np.isfinite(proximal_strength) and proximal_strength > 0
+        ):
             raise ValueError(
                 f"proximal_strength must be a positive number (the initial ρ of Σ_j ρ_j‖w_j − c_j‖²), "
                 f"got {proximal_strength!r}; use None for no proximal term."
             )
         self.proximal_strength = proximal_strength
 
-        if isinstance(inner_learning_rate, bool) or not (
-            isinstance(inner_learning_rate, (int, float, Hyperparameter)) or callable(inner_learning_rate)
+        if not (
+            _validate.is_real_number(inner_learning_rate)
+            or isinstance(inner_learning_rate, Hyperparameter)
+            or callable(inner_learning_rate)
         ):
             raise TypeError(
                 "inner_learning_rate must be a positive number, a tf_bilevel.Hyperparameter (learned γ, e.g. "
                 f"Hyperparameter(0.1, transform='softplus')) or a schedule step -> γ, got {inner_learning_rate!r}"
             )
-        if isinstance(inner_learning_rate, (int, float)) and not inner_learning_rate > 0:
-            raise ValueError(f"inner_learning_rate must be > 0, got {inner_learning_rate!r}")
-        self.inner_learning_rate = inner_learning_rate
+        if _validate.is_real_number(inner_learning_rate):
+            inner_learning_rate = _validate.learning_rate(inner_learning_rate, "inner_learning_rate")
+        self.inner_learning_rate = leave_unparsable_unconverted(inner_learning_rate)
 
         if isinstance(inner_optimizer, str):
             if inner_optimizer not in INNER_OPTIMIZERS:
@@ -168,7 +178,7 @@ class KerasBilevelProblem:
                 f"inner_init must be one of {INNER_INITS} or a callable (seed, stored_weights) -> weights, "
                 f"got {inner_init!r}"
             )
-        self.inner_init = inner_init
+        self.inner_init = inner_init if isinstance(inner_init, str) else leave_unparsable_unconverted(inner_init)
 
     # -- structure of λ ---------------------------------------------------------------
     def check_models(self) -> None:
@@ -199,6 +209,26 @@ class KerasBilevelProblem:
                 "hyperparameters λ, so they must be trainable (set hyper_model.trainable = True), or pass no "
                 "hyper_model."
             )
+
+    def build_models(self, x: Any) -> Any:
+        """Builds both models on example inputs (inference mode: no side effects) and returns the
+        inner model's output; a hyper model output that the inner model cannot take is named."""
+        if self.hyper_model is None:
+            return self.inner_model(x)
+        features = self.hyper_model(x)
+        try:
+            return self.inner_model(features)
+        except (ValueError, TypeError) as err:
+            shapes = [list(f.shape) for f in tf.nest.flatten(features)]
+            in_shapes = [list(v.shape) for v in tf.nest.flatten(x)]
+            expected = _expected_input_shapes(self.inner_model)
+            wants = f"expects inputs of shape {expected}" if expected else "cannot take them"
+            raise ValueError(
+                f"hyper_model {self.hyper_model.name!r} outputs shape {shapes[0] if len(shapes) == 1 else shapes} "
+                f"(for inputs of shape {in_shapes[0] if len(in_shapes) == 1 else in_shapes}), but inner_model "
+                f"{self.inner_model.name!r} {wants}: the hyper model's output is the inner model's input "
+                f"(None = any size). Make the two agree. Keras said: {_first_line(err)}"
+            ) from err
 
     def hyper_specs(self) -> dict:
         """The Hyperparameter specs of every λ leaf owned by the trainer (not the hyper model)."""
@@ -330,6 +360,25 @@ class KerasBilevelProblem:
             weights = tf.reshape(weights, [-1] + [1] * (values.shape.rank - 1))
             values = values * weights  # Keras' "sum_over_batch_size": mean of weighted losses
         return tf.reduce_mean(values) if values.shape.rank != 0 else values
+
+
+def _expected_input_shapes(model: Any) -> Optional[list]:
+    """The input shapes a built functional/Sequential model declares (batch axis None), if any."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    if not inputs:
+        return None
+    shapes = [[None] + list(i.shape)[1:] for i in tf.nest.flatten(inputs)]
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
+def _first_line(err: Exception) -> str:
+    """The informative part of a Keras error (its own message, without ANSI codes or call args)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Exception encountered")]
+    return next((line for line in lines if "incompatible" in line or "expected" in line), lines[0] if lines else repr(err))
 
 
 def _numpy(variables: list) -> list:

@@ -284,8 +284,7 @@ class BilevelTrainerMixin:
         # Variables are created in the strategy the trainer was created under (tf.distribute).
         with self.distribute_strategy.scope():
             x_inner = data_lib.zeros_like_spec(task.inner.x)
-            features = self.hyper_model(x_inner) if self.hyper_model is not None else x_inner
-            y_pred = self.inner_model(features)  # builds both models (inference mode: no side effects)
+            y_pred = self.problem.build_models(x_inner)  # builds both models (inference mode: no side effects)
             if not self._hyperparameters_created:
                 self._built_state.input_spec = tf.nest.map_structure(
                     lambda s: tf.TensorSpec([None] + s.shape.as_list()[1:], s.dtype), task.inner.x
