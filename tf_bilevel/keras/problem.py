@@ -203,15 +203,21 @@ class KerasBilevelProblem:
         return hp, list(hyper_state)
 
     # -- the core's g, f, Ξ0, γ -----------------------------------------------------------
-    def predict(self, params: list, hp: dict, batch: CoreBatch, which: str) -> tf.Tensor:
+    def predict(self, params: list, hp: dict, batch: CoreBatch, which: str, with_losses: bool = False):
+        """The inner model's outputs; with `with_losses`, also the list of its own losses."""
         x = hp["features"][which] if self.hyper_model is not None else batch.data.x
+        if with_losses:
+            outputs, _, layer_losses = self.calls.call(self.inner_model, params, batch.inner_state, x, True, return_losses=True)
+            return outputs, list(layer_losses)
         outputs, _ = self.calls.call(self.inner_model, params, batch.inner_state, x, True)
         return outputs
 
     def inner_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
-        """g(w, λ)."""
-        y_pred = self.predict(params, hp, batch, "inner")
+        """g(w, λ), including the inner model's own losses (layer regularizers, `add_loss`)."""
+        y_pred, layer_losses = self.predict(params, hp, batch, "inner", with_losses=True)
         loss = self._user_loss(self.inner_loss_fn, "inner_loss", batch.data, y_pred, hp["user"])
+        if layer_losses:
+            loss = loss + sum_layer_losses(layer_losses, loss.dtype)
         if self.inner_regularizer is not None:
             penalty = tf.convert_to_tensor(self.inner_regularizer(list(params), hp["user"]))
             if penalty.shape.rank != 0:
@@ -264,6 +270,7 @@ class KerasBilevelProblem:
 
     # -- helpers ------------------------------------------------------------------------
     def _user_loss(self, fn: Callable, role: str, data: Batch, y_pred: tf.Tensor, user_hp: dict) -> tf.Tensor:
+        y_pred = full_precision(y_pred)
         values = fn(data.y, y_pred, user_hp) if _num_positional_args(fn) >= 3 else fn(data.y, y_pred)
         values = tf.convert_to_tensor(values)
         if not values.dtype.is_floating:
@@ -278,6 +285,22 @@ class KerasBilevelProblem:
             weights = tf.reshape(weights, [-1] + [1] * (values.shape.rank - 1))
             values = values * weights  # Keras' "sum_over_batch_size": mean of weighted losses
         return tf.reduce_mean(values) if values.shape.rank != 0 else values
+
+
+LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def full_precision(x: Any) -> Any:
+    """float16/bfloat16 tensors cast to float32 (others unchanged): under a mixed-precision policy
+    the inner model computes in its compute dtype, but the losses, and so g, f and the
+    hypergradient, are float32, as in Keras' own losses."""
+    return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32) if t.dtype in LOW_PRECISION else t, x)
+
+
+def sum_layer_losses(losses: list, dtype: tf.DType) -> tf.Tensor:
+    """Σ of a model's losses (`model.losses`: regularizers, `add_loss`) in `dtype`. They are part
+    of g only: f is the plain outer loss, as Keras' validation loss is (regularizers excluded)."""
+    return tf.add_n([tf.cast(tf.reduce_sum(tf.convert_to_tensor(x)), dtype) for x in losses])
 
 
 def _numpy(variables: list) -> list:

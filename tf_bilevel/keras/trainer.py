@@ -110,7 +110,7 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         seed: int = 0,
         name: Optional[str] = None,
     ):
-        super().__init__(name=name or "bilevel_trainer")
+        super().__init__(name=name or "bilevel_trainer", dtype="float32")
         self._init_bilevel(
             inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps, truncate=truncate,
             estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
