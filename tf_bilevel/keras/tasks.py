@@ -34,6 +34,7 @@ class TaskResult(NamedTuple):
     hyper_state: list  # the hyper model's non-trainable values after this task (BN statistics)
     final_params: list  # w_T
     reference: list  # full-RMD d f / d(raw λ) when requested, else zeros; [] without diagnostics
+    inner_value: tf.Tensor  # g(w_T, λ) on the inner batch (the `inner_loss` log)
 
 
 class TaskHypergradient:
@@ -87,9 +88,10 @@ class TaskHypergradient:
             ref_hp = tf.cond(with_reference, full_rmd, skipped)
             reference = tape.gradient(flat_hp, flat_raw, output_gradients=ref_hp)
         y_pred = problem.predict(result.final_params, hp, outer_batch, "outer")
+        inner_value = problem.inner_loss(result.final_params, hp, inner_batch)
         return TaskResult(
             result.outer_value, list(grads), result.nonfinite_step, y_pred, hyper_state,
-            list(result.final_params), list(reference),
+            list(result.final_params), list(reference), inner_value,
         )
 
     def output_signature(self, inputs: StepInputs, task: Task) -> TaskResult:
@@ -98,7 +100,7 @@ class TaskHypergradient:
         flat_raw = [_spec(x) for x in tf.nest.flatten(inputs.raw)]
         return TaskResult(
             value, flat_raw, tf.TensorSpec([], tf.int32), y_pred, hyper_state, w0,
-            flat_raw if self.reference is not None else [],
+            flat_raw if self.reference is not None else [], value,
         )
 
 
@@ -120,20 +122,24 @@ def forward_probe(problem: KerasBilevelProblem, specs: dict, inputs: StepInputs,
 
 
 class TaskEvaluation:
-    """f(w_T, λ) and the outer predictions for one task: T inner steps, no tape (Keras `evaluate`)."""
+    """f(w_T, λ), g(w_T, λ) and the outer predictions for one task: T inner steps, no tape (Keras `evaluate`)."""
 
     def __init__(self, problem: KerasBilevelProblem, specs: dict, hypergradient: Any):
         self.problem = problem
         self.specs = specs
         self.hypergradient = hypergradient
 
-    def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         hp, _ = self.problem.hparams(inputs.raw, self.specs, inputs.hyper_state, task.inner, task.outer)
         w0 = self.problem.initial_params(inputs.stored_inner, seed)
         inner_batch = CoreBatch(task.inner, inputs.inner_state)
         outer_batch = CoreBatch(task.outer, inputs.inner_state)
         w_T = self.hypergradient.solve_uncompiled(w0, hp, inner_batch)
-        return self.problem.outer_loss(w_T, hp, outer_batch), self.problem.predict(w_T, hp, outer_batch, "outer")
+        return (
+            self.problem.outer_loss(w_T, hp, outer_batch),
+            self.problem.inner_loss(w_T, hp, inner_batch),
+            self.problem.predict(w_T, hp, outer_batch, "outer"),
+        )
 
 
 class TaskPrediction:
