@@ -73,7 +73,9 @@ def _run_one_step(kind, data, jit_compile, dtype="float64"):
     """One hyper-iteration with SGD(1): returns (w_T kernel, d f / d ν, history)."""
     x, y, xv, yv, W0, b0 = data
     regularizer = keras.regularizers.L2(C) if kind == "kernel_regularizer" else None
-    layers = [keras.Input((D,), dtype=dtype), keras.layers.Dense(K, dtype=dtype, kernel_regularizer=regularizer)]
+    activity = keras.regularizers.L2(C) if kind == "activity_regularizer" else None
+    layers = [keras.Input((D,), dtype=dtype),
+              keras.layers.Dense(K, dtype=dtype, kernel_regularizer=regularizer, activity_regularizer=activity)]
     if kind == "add_loss":
         layers.append(OutputPenalty(dtype=dtype))
     model = keras.Sequential(layers)
@@ -83,6 +85,8 @@ def _run_one_step(kind, data, jit_compile, dtype="float64"):
         value = hp["w"] * CE(y_true, logits)
         if kind == "add_loss_equivalent":  # mean_i (w_i CE_i + C mean_j z_ij²) = mean(w CE) + C mean(z²)
             value = value + C * tf.reduce_mean(tf.square(logits), axis=-1)
+        if kind == "activity_equivalent":  # Keras: C·Σ z² / batch size = mean_i C Σ_j z_ij²
+            value = value + C * tf.reduce_sum(tf.square(logits), axis=-1)
         return value
 
     trainer = tfb.BilevelTrainer(
@@ -130,7 +134,7 @@ def test_kernel_regularizer_counts_in_g_like_the_equivalent_inner_regularizer_wi
         assert float(layer_grad @ v) == pytest.approx((f[0] - f[1]) / 2e-6, rel=1e-6)
 
 
-def test_add_loss_layer_counts_in_g_like_the_equivalent_inner_loss_term():
+def test_add_loss_layer_and_activity_regularizer_count_in_g_like_the_equivalent_inner_loss_terms():
     data = _data(2)
     layer_w, layer_grad, layer_logs = _run_one_step("add_loss", data, jit_compile=False)
     explicit_w, explicit_grad, explicit_logs = _run_one_step("add_loss_equivalent", data, jit_compile=False)
@@ -139,6 +143,11 @@ def test_add_loss_layer_counts_in_g_like_the_equivalent_inner_loss_term():
     np.testing.assert_allclose(layer_grad, explicit_grad, rtol=1e-10, atol=1e-14)
     assert layer_logs["inner_loss"][0] == pytest.approx(explicit_logs["inner_loss"][0], rel=1e-12)
     assert np.abs(layer_w - plain_w).max() > 1e-3 and np.abs(layer_grad - plain_grad).max() > 1e-5
+    activity_w, activity_grad, _ = _run_one_step("activity_regularizer", data, jit_compile=False)
+    equivalent_w, equivalent_grad, _ = _run_one_step("activity_equivalent", data, jit_compile=False)
+    np.testing.assert_allclose(activity_w, equivalent_w, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(activity_grad, equivalent_grad, rtol=1e-10, atol=1e-14)
+    assert np.abs(activity_w - plain_w).max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------

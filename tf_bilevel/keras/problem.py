@@ -5,8 +5,13 @@
          + named `Hyperparameter`s (per-example weights, regularization strengths, …)
          + optionally the inner learning rate γ, proximal centers/strengths (§4.3) and a
            learned initialization w0 = Ξ0(λ) (the B0 term of Eq. 5),
-    g(w, λ) = mean inner_loss(y, inner_model(x; w)) + inner_regularizer(w, λ) + Σ_j ρ_j‖w_j − c_j‖²
+    g(w, λ) = mean inner_loss(y, inner_model(x; w)) + Σ inner_model.losses(w)
+              + inner_regularizer(w, λ) + Σ_j ρ_j‖w_j − c_j‖²
     f(w, λ) = mean outer_loss(y, inner_model(x; w))          (on the outer batch)
+
+where inner_model.losses are the model's layer regularizers and `add_loss` terms at w (f
+excludes them, as Keras' validation loss does); under mixed precision the predictions are cast
+to float32 before the losses.
 
 with x replaced by hyper_model(x; λ) when a hyper model is given. The hyper model is
 applied once per task, outside the inner loop (λ is fixed while w is trained): its outputs
