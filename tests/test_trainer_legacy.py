@@ -66,9 +66,10 @@ def test_mixed_float16_hypergradient_matches_float32(legacy):
     assert r["relative_error"] < 1e-2, r
 
 
-def test_log_names_and_save_error(legacy):
+def test_log_names_histograms_and_save_error(legacy):
     assert {"loss", "outer_loss", "inner_loss", "hp/inner_learning_rate"} <= set(legacy["history_keys"])
     assert "save_weights" in legacy["save_error"] and "BackupAndRestore" in legacy["save_error"]
+    assert legacy["histograms"] == [[0, "hp/w"], [1, "hp/w"]]
 
 
 def test_wrong_flavor_nonfinite_checkpoint_and_export(legacy):
@@ -228,7 +229,13 @@ def _main(out_dir: str) -> None:
         inner_loss=lambda y_, p, hp: hp["w"] * CE(y_, p), outer_loss=CE, steps=2,
         inner_learning_rate=tfb.Hyperparameter(0.5, transform="softplus"))
     logged.compile(optimizer=keras2.optimizers.SGD(0.1))
-    results["history_keys"] = sorted(logged.fit(tf.data.Dataset.from_tensors(element), verbose=0).history)
+    log_dir = os.path.join(out_dir, "tb")
+    history = logged.fit(tf.data.Dataset.from_tensors(element).repeat(2), epochs=2, steps_per_epoch=1, verbose=0,
+                         callbacks=[tfb.keras.HyperparameterHistograms(log_dir)])  # a Keras 3 class, tf-keras fit
+    results["history_keys"] = sorted(history.history)
+    results["histograms"] = sorted(
+        (event.step, value.tag) for path in Path(log_dir, "train").glob("events.out.tfevents.*")
+        for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value)
     try:
         logged.save(os.path.join(out_dir, "trainer.keras"))
         results["save_error"] = ""

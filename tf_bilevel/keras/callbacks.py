@@ -28,7 +28,8 @@ def require_tensorboard(what: str) -> None:
 
 
 class HyperparameterHistograms(keras.callbacks.Callback):
-    """Writes every non-scalar hyperparameter as a TensorBoard histogram each `freq` epochs.
+    """Writes every non-scalar hyperparameter as a TensorBoard histogram each `freq` epochs
+    (for `BilevelTrainer` and `LegacyBilevelTrainer`).
 
     Tags are `hp/<name>` (nested lists: `hp/<name>/<i>`), the step is the epoch, and the events
     go to `<log_dir>/train`, next to `keras.callbacks.TensorBoard(log_dir)`'s epoch scalars (the
@@ -52,6 +53,18 @@ class HyperparameterHistograms(keras.callbacks.Callback):
         self.names = None if names is None else list(names)
         self.include_scalars = include_scalars
         self._writer = None
+
+    # tf-keras' CallbackList asks its callbacks these: the same class serves LegacyBilevelTrainer.
+    _supports_tf_logs = False
+
+    def _implements_train_batch_hooks(self) -> bool:
+        return False
+
+    def _implements_test_batch_hooks(self) -> bool:
+        return False
+
+    def _implements_predict_batch_hooks(self) -> bool:
+        return False
 
     def on_train_begin(self, logs=None):
         if not hasattr(self.model, "hyperparameter_values"):
