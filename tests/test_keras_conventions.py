@@ -191,7 +191,7 @@ def mixed_problem():
 
 
 @pytest.mark.parametrize("policy, compute_dtype, tolerance", [
-    ("mixed_float16", "float16", 1e-2), ("mixed_bfloat16", "bfloat16", 5e-2)])
+    ("mixed_float16", "float16", 1e-2), ("mixed_bfloat16", "bfloat16", 2e-2)])  # measured 7e-4, 4.5e-3
 def test_mixed_precision_hypergradient_matches_float32_with_xla(
         mixed_problem, restore_policy, policy, compute_dtype, tolerance):
     data, weights, reference, reference_logs = mixed_problem
