@@ -5,8 +5,13 @@
          + named `Hyperparameter`s (per-example weights, regularization strengths, …)
          + optionally the inner learning rate γ, proximal centers/strengths (§4.3) and a
            learned initialization w0 = Ξ0(λ) (the B0 term of Eq. 5),
-    g(w, λ) = mean inner_loss(y, inner_model(x; w)) + inner_regularizer(w, λ) + Σ_j ρ_j‖w_j − c_j‖²
+    g(w, λ) = mean inner_loss(y, inner_model(x; w)) + Σ inner_model.losses(w)
+              + inner_regularizer(w, λ) + Σ_j ρ_j‖w_j − c_j‖²
     f(w, λ) = mean outer_loss(y, inner_model(x; w))          (on the outer batch)
+
+where inner_model.losses are the model's layer regularizers and `add_loss` terms at w (f
+excludes them, as Keras' validation loss does); under mixed precision the predictions are cast
+to float32 before the losses.
 
 with x replaced by hyper_model(x; λ) when a hyper model is given. The hyper model is
 applied once per task, outside the inner loop (λ is fixed while w is trained): its outputs
@@ -267,16 +272,25 @@ class KerasBilevelProblem:
     def inner_batch(self, data: Batch, inner_state: list, seed: tf.Tensor) -> CoreBatch:
         return CoreBatch(data, inner_state, seed)
 
+    def last_step_batch(self, batch: CoreBatch, steps: int) -> CoreBatch:
+        """The batch of the last inner step (online: its minibatch), for g(w_T) in the logs."""
+        return self.batch_at_step(batch, tf.constant(steps - 1))
+
     def outer_batch(self, data: Batch, inner_state: list, seed: tf.Tensor) -> CoreBatch:
         """The outer batch's seed is folded with -1: no inner step draws the same randomness."""
         return CoreBatch(data, inner_state, fold_seed(seed, -1))
 
-    def predict(self, params: list, hp: dict, batch: CoreBatch, which: str) -> tf.Tensor:
+    def predict(self, params: list, hp: dict, batch: CoreBatch, which: str, with_losses: bool = False):
+        """The inner model's outputs; with `with_losses`, also the list of its own losses."""
         x = hp["features"][which] if self.hyper_model is not None else batch.data.x
         # Online, f is a validation loss of the model being trained: inference mode, as Keras
         # validates. Per task (episodic), both run in training mode (per-task BatchNorm statistics).
         training = not (self.online and which == "outer")
-        outputs, _ = self.calls.call(self.inner_model, params, self._seeded_state(batch), x, training)
+        state = self._seeded_state(batch)
+        if with_losses:
+            outputs, _, layer_losses = self.calls.call(self.inner_model, params, state, x, training, return_losses=True)
+            return outputs, list(layer_losses)
+        outputs, _ = self.calls.call(self.inner_model, params, state, x, training)
         return outputs
 
     def _seeded_state(self, batch: CoreBatch) -> list:
@@ -291,9 +305,11 @@ class KerasBilevelProblem:
         return state
 
     def inner_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
-        """g(w, λ)."""
-        y_pred = self.predict(params, hp, batch, "inner")
+        """g(w, λ), including the inner model's own losses (layer regularizers, `add_loss`)."""
+        y_pred, layer_losses = self.predict(params, hp, batch, "inner", with_losses=True)
         loss = self._user_loss(self.inner_loss_fn, "inner_loss", batch.data, y_pred, hp["user"])
+        if layer_losses:
+            loss = loss + sum_layer_losses(layer_losses, loss.dtype)
         if self.inner_regularizer is not None:
             penalty = tf.convert_to_tensor(self.inner_regularizer(list(params), hp["user"]))
             if penalty.shape.rank != 0:
@@ -346,6 +362,7 @@ class KerasBilevelProblem:
 
     # -- helpers ------------------------------------------------------------------------
     def _user_loss(self, fn: Callable, role: str, data: Batch, y_pred: tf.Tensor, user_hp: dict) -> tf.Tensor:
+        y_pred = full_precision(y_pred)
         values = fn(data.y, y_pred, user_hp) if _num_positional_args(fn) >= 3 else fn(data.y, y_pred)
         values = tf.convert_to_tensor(values)
         if not values.dtype.is_floating:
@@ -379,6 +396,22 @@ def _first_line(err: Exception) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Exception encountered")]
     return next((line for line in lines if "incompatible" in line or "expected" in line), lines[0] if lines else repr(err))
+
+
+LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def full_precision(x: Any) -> Any:
+    """float16/bfloat16 tensors cast to float32 (others unchanged): under a mixed-precision policy
+    the inner model computes in its compute dtype, but the losses, and so g, f and the
+    hypergradient, are float32, as in Keras' own losses."""
+    return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32) if t.dtype in LOW_PRECISION else t, x)
+
+
+def sum_layer_losses(losses: list, dtype: tf.DType) -> tf.Tensor:
+    """Σ of a model's losses (`model.losses`: regularizers, `add_loss`) in `dtype`. They are part
+    of g only: f is the plain outer loss, as Keras' validation loss is (regularizers excluded)."""
+    return tf.add_n([tf.cast(tf.reduce_sum(tf.convert_to_tensor(x)), dtype) for x in losses])
 
 
 def _numpy(variables: list) -> list:
