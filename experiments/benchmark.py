@@ -20,9 +20,10 @@ diverges). For each configuration, in a FRESH process (one subprocess per config
 Configurations: floor; "reverse" K-RMD (Eq. 8) for each K of --truncate below T, and full RMD
 (K = T, Eq. 6); "checkpointed" full RMD; "forward" FMD (Eq. 7) with λ restricted to the weights
 of the first --forward_hparams examples (the other weights frozen at σ(0): same M and inner cost,
-N small); "implicit_cg" (Eq. 11, --cg_iterations CG steps); and "reverse_autodiff", a prototype
-K-RMD that lets TF differentiate a tf.while_loop over the last K steps (TF stores every
-intermediate of those steps) instead of the engine's explicit per-step VJPs.
+N small); "implicit_cg" (Eq. 11, at most --cg_iterations CG steps, relative tolerance 1e-10);
+"reverse" runs the engine's default backward pass (backward="auto": on this problem "store",
+TF differentiating the recorded K steps and keeping every intermediate) and
+"reverse_recompute" the explicit per-step VJPs (backward="recompute", O(MK) memory).
 
   python -m experiments.benchmark                       # T = 100 and 1000, writes out/benchmark
   python -m experiments.benchmark --steps=100 --estimators=floor,reverse
@@ -59,12 +60,11 @@ from experiments._memory import PeakMemory  # noqa: E402
 from experiments.run_state import (  # noqa: E402
     STATE_ERRORS, exclusive_output_dir, exit_with_error, write_atomically, write_json_atomically,
 )
-from tf_bilevel.dynamics.loops import run  # noqa: E402
 
 ESTIMATORS = (
-    "floor", "reverse", "checkpointed", "forward", "implicit_cg", "reverse_autodiff",
+    "floor", "reverse", "checkpointed", "forward", "implicit_cg", "reverse_recompute",
 )
-_REVERSE_PROTOTYPES = ("reverse_autodiff",)  # built on an engine "reverse" hg
+_REVERSE_VARIANTS = ("reverse_recompute",)  # engine "reverse" with backward="recompute"
 RESULT_MARKER = "BENCHMARK_WORKER_RESULT "
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ FLAGS = flags.FLAGS
 
 
 # Targets of the project (issue #2): reported, never asserted.
-TIME_TARGETS = (("K<=5", 1.15), ("K=25", 1.5), ("full RMD", 2.5))
+TIME_TARGETS = (("K<=5", 1.10), ("K=25", 1.35), ("full RMD", 2.0))  # issue #9
 MEMORY_TOLERANCE = 0.10
 COMPILE_TARGET_SECONDS = 5.0
 
@@ -136,38 +136,6 @@ def hypercleaning_problem(
 
 
 # ----------------------------------------------------------------------------------------
-# Prototype: K-RMD by TF autodiff of the last K steps (for comparison with the engine).
-# ----------------------------------------------------------------------------------------
-
-
-def autodiff_hypergradient_fn(hg: tfb.api.Hypergradient) -> Callable:
-    """K-RMD (Eq. 8) with the last K steps in a tf.while_loop under one GradientTape.
-
-    TF's while-loop gradient stacks every intermediate of the K steps (logits, softmax, ...),
-    so nothing is recomputed in the backward pass, at the price of O(K · activations) memory
-    instead of the engine's O(K · M). No B0 term: valid for problems without init_params.
-    """
-    transition, problem, T, K = hg.transition, hg.problem, hg.steps, hg.truncate
-
-    @tf.function(jit_compile=True)
-    def compute(params, hparams, inner_batch, outer_batch):
-        state = transition.init_state(problem.initial_params(params, hparams))
-        state, _ = run(transition, state, hparams, inner_batch, start=0, num_steps=T - K, max_steps=T - K)
-        with tf.GradientTape() as tape:
-            tape.watch(hparams)
-
-            def body(i, state):
-                new_state, _ = transition(state, hparams, T - K + i, inner_batch)
-                return i + 1, new_state
-
-            _, state = tf.while_loop(lambda i, _: i < K, body, (tf.constant(0), state), maximum_iterations=K)
-            value = problem.outer(state.params, hparams, outer_batch)
-        return value, tape.gradient(value, hparams)
-
-    return compute
-
-
-# ----------------------------------------------------------------------------------------
 # One configuration, measured in the current (fresh) process.
 # ----------------------------------------------------------------------------------------
 
@@ -192,8 +160,6 @@ def stored_states(config: dict) -> Optional[float]:
     kind, K = config["estimator"], config["truncate"]
     if kind == "floor":
         return 0
-    if kind == "reverse":
-        return K
     if kind == "checkpointed":
         segment = max(1, math.ceil(math.sqrt(K)))
         return math.ceil(K / segment) + segment
@@ -201,28 +167,32 @@ def stored_states(config: dict) -> Optional[float]:
         return 2  # w_t and one tangent column
     if kind == "implicit_cg":
         return 4  # x, r, p, H p
-    return None  # reverse_autodiff: K steps of every intermediate, not just w_t
+    if kind == "reverse_recompute":
+        return K
+    return None  # reverse with backward="store": K steps of every intermediate, not just w_t
 
 
 def build(config: dict, problem: Problem) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """(hypergradient call, floor call) for `config`, both compiled with XLA."""
     kind = config["estimator"]
-    engine_estimator = "reverse" if kind == "floor" or kind in _REVERSE_PROTOTYPES else kind
+    engine_estimator = "reverse" if kind == "floor" or kind in _REVERSE_VARIANTS else kind
     truncate = config["truncate"]
-    full_rmd = kind in ("reverse", "checkpointed") and truncate == config["steps"]
+    full_rmd = kind in ("reverse", "checkpointed") + _REVERSE_VARIANTS and truncate == config["steps"]
+    solver = {}
+    if kind == "implicit_cg":
+        solver, truncate = {"iterations": truncate}, None
     if kind == "forward" or full_rmd:
         truncate = None
     hg = tfb.hypergradient_fn(
         problem.inner_loss, problem.outer_loss, steps=config["steps"], learning_rate=config["learning_rate"],
         truncate=truncate, estimator=engine_estimator, jit_compile=True,
+        backward="recompute" if kind == "reverse_recompute" else "auto", **solver,
     )
+    build.last_hypergradient = hg  # measure() reports which backward pass "auto" chose
     args = (problem.params, problem.hparams, problem.inner_batch, problem.outer_batch)
     floor = lambda: hg.solve(*args[:3])  # noqa: E731
     if kind == "floor":
         return floor, floor
-    if kind == "reverse_autodiff":
-        compute = autodiff_hypergradient_fn(hg)
-        return (lambda: compute(*args)), floor
     return (lambda: hg(*args)), floor
 
 
@@ -285,6 +255,7 @@ def measure(config: dict) -> dict:
         "stored_states": states,
         "stored_state_bytes": None if states is None else states * num_params * 4,
         "num_params": num_params,
+        "backward_used": getattr(build.last_hypergradient, "backward_used", None),
         "num_hparams": int(problem.hparams.shape.num_elements()),
         "outer_value": outer_value,
         "hypergrad_norm": hypergrad_norm,
@@ -321,7 +292,7 @@ def configurations(settings: dict) -> list[dict]:
             add("forward", T, None, f"forward N={settings['forward_hparams']}")
         add("implicit_cg", T, settings["cg_iterations"], f"implicit_cg K={settings['cg_iterations']}")
         for K in truncations + ([T] if full_ok else []):
-            add("reverse_autodiff", T, K, f"reverse_autodiff K={K}" + (" (full)" if K == T else ""))
+            add("reverse_recompute", T, K, f"reverse_recompute K={K}" + (" (full)" if K == T else ""))
     return configs
 
 
@@ -380,10 +351,10 @@ def summarize(results: list[dict], settings: dict) -> dict:
     time_checks = []
     for T in steps:
         for r in results:
-            if r["steps"] != T or "error" in r or r["estimator"] not in ("reverse",) + _REVERSE_PROTOTYPES:
+            if r["steps"] != T or "error" in r or r["estimator"] not in ("reverse",) + _REVERSE_VARIANTS:
                 continue
             K = r["truncate"]
-            target = 2.5 if K == T else 1.15 if K <= 5 else 1.5 if K <= 25 else None
+            target = 2.0 if K == T else 1.10 if K <= 5 else 1.35 if K <= 25 else None
             if target is not None:
                 time_checks.append({
                     "label": r["label"], "steps": T, "truncate": K, "target": target,
@@ -435,7 +406,7 @@ def summarize(results: list[dict], settings: dict) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["", "Time / floor vs targets (K<=5: 1.15, K=25: 1.5, full: 2.5), median wall time [median CPU time]:"]
+    lines = ["", "Time / floor vs targets (K<=5: 1.10, K=25: 1.35, full: 2.0), median wall time [median CPU time]:"]
     for c in summary["time_vs_targets"]:
         lines.append(
             f"  T={c['steps']:<5} {c['label']:<32} {c['time_over_floor']:.2f} <= {c['target']}: "
@@ -483,7 +454,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
-    for estimator, marker in (("reverse", "o"), ("reverse_autodiff", "s")):
+    for estimator, marker in (("reverse", "o"), ("reverse_recompute", "s")):
         for T in sorted({r["steps"] for r in results}):
             rows = sorted((r for r in results if r["estimator"] == estimator and r["steps"] == T and "error" not in r),
                           key=lambda r: r["truncate"])

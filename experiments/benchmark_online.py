@@ -4,7 +4,7 @@ One hyper-iteration of `BilevelTrainer(..., online=True)`: T inner minibatch ste
 the K-RMD backward pass through the last K of them, and the outer Adam update of λ (per-layer
 weight decay and the learning rate). The reference is what the user would run instead: T plain
 Keras train steps (`model.fit`'s compiled train function, SGD with momentum, the same weight
-decay as a loss term) of the same model on the same minibatches. Both compiled with XLA, timed
+decay as a loss term) of the same model on the same minibatches. Both compiled with XLA (and, as a second table, both without), timed
 alternately in ONE process (so that machine load hits both alike), medians of wall time:
 
     ratio = time(one hyper-iteration) / time(T plain train steps)
@@ -77,8 +77,9 @@ def _sync(logs) -> None:
     tf.nest.map_structure(lambda v: np.asarray(v), logs)  # block on the results
 
 
-def measure(T: int, K: int, settings: dict) -> dict:
-    """Times and memory of one (T, K) configuration, bilevel and plain, in this process."""
+def measure(T: int, K: int, settings: dict, jit_compile: bool = True) -> dict:
+    """Times and memory of one (T, K) configuration, bilevel and plain, in this process, both
+    compiled with XLA or both without."""
     size, batch = settings["image_size"], settings["batch_size"]
     rng = np.random.default_rng(settings["seed"])
     x = rng.random((T * batch, size, size, 1), dtype=np.float32)
@@ -96,7 +97,7 @@ def measure(T: int, K: int, settings: dict) -> dict:
         hyperparameters={"weight_decay": tfb.Hyperparameter(np.full(num_kernels, WEIGHT_DECAY), transform="exp")},
         inner_regularizer=lambda w, hp: kernels_penalty(w, hp["weight_decay"]),
     )
-    trainer.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=True)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
     tasks = iter(tfb.keras.online_tasks(train, val, steps=T))
     trainer.build_from_spec(tfb.keras.online_tasks(train, val, steps=T).element_spec)
     hyper_step = trainer.make_train_function()
@@ -110,7 +111,7 @@ def measure(T: int, K: int, settings: dict) -> dict:
         plain.compile(
             optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            jit_compile=True, steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile, steps_per_execution=steps_per_execution,
         )
         return plain
 
@@ -138,7 +139,7 @@ def measure(T: int, K: int, settings: dict) -> dict:
             times[name].append(_timed(fn))
     median = {name: statistics.median(values) for name, values in times.items()}
     return {
-        "T": T, "K": K,
+        "T": T, "K": K, "jit_compile": jit_compile,
         "median_seconds": median,
         "times_seconds": times,
         "first_call_seconds": first,
@@ -156,14 +157,14 @@ def _mb(value) -> str:
 
 def format_table(results: list[dict]) -> str:
     lines = [
-        "  T   K | hyper-iter ms | T plain steps ms (per-step / fused) | ratio per-step | ratio fused | target | peak MB bilevel / plain",
+        "XLA   T   K | hyper-iter ms | T plain steps ms (per-step / fused) | ratio per-step | ratio fused | target | peak MB bilevel / plain",
         "-" * 122,
     ]
     for r in results:
         m, mem = r["median_seconds"], r["allocator_peak_growth_bytes"]
         target = "" if r["target"] is None else f"<= {r['target']:.1f} {'met' if r['ratio_to_plain_per_step'] <= r['target'] else 'MISSED'}"
         lines.append(
-            f"{r['T']:3d} {r['K']:3d} | {1e3 * m['bilevel']:13.1f} | {1e3 * m['plain_per_step']:16.1f} / {1e3 * m['plain_fused']:8.1f}"
+            f"{'on ' if r['jit_compile'] else 'off'} {r['T']:3d} {r['K']:3d} | {1e3 * m['bilevel']:13.1f} | {1e3 * m['plain_per_step']:16.1f} / {1e3 * m['plain_fused']:8.1f}"
             f"         | {r['ratio_to_plain_per_step']:14.2f} | {r['ratio_to_plain_fused']:11.2f} | {target:10s} | "
             f"{_mb(mem['bilevel'])} / {_mb(mem['plain_per_step'])}"
         )
@@ -175,7 +176,7 @@ def make_settings(configs: list, repeats: int, quick: bool) -> dict:
     settings = {
         "configs": [tuple(int(v) for v in c.split("x")) for c in configs],
         "image_size": 28, "batch_size": 128, "filters": 32, "dense_units": 128,
-        "repeats": repeats, "seed": 0,
+        "repeats": repeats, "seed": 0, "jit_compile": [True, False],
     }
     if quick:
         settings.update(configs=[(2, 1), (1, 1)], image_size=12, batch_size=16, filters=4, dense_units=8, repeats=2)
@@ -183,7 +184,7 @@ def make_settings(configs: list, repeats: int, quick: bool) -> dict:
 
 
 def run(settings: dict, output_dir: Path) -> dict:
-    results = [measure(T, K, settings) for T, K in settings["configs"]]
+    results = [measure(T, K, settings, jit) for jit in settings["jit_compile"] for T, K in settings["configs"]]
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "tensorflow": tf.__version__, "keras": keras.__version__},

@@ -46,8 +46,8 @@ CONFIGS = {
         1e-12,
     ),
     "forward": ({"estimator": "forward"}, lambda r: r.implicit_hypergradient(), 1e-10),
-    "implicit_cg": ({"estimator": "implicit_cg", "truncate": DIM}, lambda r: r.implicit_hypergradient(), 1e-8),
-    "neumann": ({"estimator": "neumann", "truncate": STEPS}, lambda r: r.implicit_hypergradient(), 1e-10),
+    "implicit_cg": ({"estimator": "implicit_cg", "iterations": DIM}, lambda r: r.implicit_hypergradient(), 1e-8),
+    "neumann": ({"estimator": "neumann", "iterations": STEPS}, lambda r: r.implicit_hypergradient(), 1e-10),
 }
 
 

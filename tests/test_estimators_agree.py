@@ -134,11 +134,11 @@ def test_ridge_inner_loop_converges(ridge):
 
 def test_implicit_cg_with_dim_w_iterations_matches_closed_form(ridge):
     exact = ridge.implicit_hypergradient()
-    result = _ridge_hypergradient(ridge, "implicit_cg", truncate=ridge.X.shape[1])
+    result = _ridge_hypergradient(ridge, "implicit_cg", tolerance=None, iterations=ridge.X.shape[1])
     np.testing.assert_allclose(result.hypergrad["log_l2"].numpy(), exact, rtol=0, atol=1e-8)
     np.testing.assert_allclose(float(result.outer_value), ridge.outer_value(ridge.w_star()), rtol=1e-12)
     # fewer CG iterations than dim(w) is not exact on this problem
-    fewer = _ridge_hypergradient(ridge, "implicit_cg", truncate=ridge.X.shape[1] - 2)
+    fewer = _ridge_hypergradient(ridge, "implicit_cg", tolerance=None, iterations=ridge.X.shape[1] - 2)
     assert np.linalg.norm(fewer.hypergrad["log_l2"].numpy() - exact) > 1e-6
 
 
@@ -146,7 +146,7 @@ def test_neumann_is_the_numpy_partial_sum_and_converges(ridge):
     exact = ridge.implicit_hypergradient()
     errors = []
     for K in (1, 4, 16, 64, RIDGE_STEPS):
-        h = _ridge_hypergradient(ridge, "neumann", truncate=K).hypergrad["log_l2"].numpy()
+        h = _ridge_hypergradient(ridge, "neumann", iterations=K, tolerance=None).hypergrad["log_l2"].numpy()
         np.testing.assert_allclose(h, ridge.neumann_hypergradient(K), rtol=0, atol=1e-12, err_msg=f"K={K}")
         errors.append(np.linalg.norm(h - exact))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
@@ -163,6 +163,44 @@ def test_full_rmd_at_convergence_matches_implicit_closed_form(ridge):
 def test_neumann_with_K_terms_equals_K_rmd_at_convergence(ridge, K):
     """Prop. 3.6: h_{T−K} = ∇λf + B∞ Σ_{k<K} A∞^k ∇wf when w_{T−K} … w_T = w*."""
     h_rmd = _ridge_hypergradient(ridge, "reverse", truncate=K).hypergrad["log_l2"].numpy()
-    h_neumann = _ridge_hypergradient(ridge, "neumann", truncate=K).hypergrad["log_l2"].numpy()
+    h_neumann = _ridge_hypergradient(ridge, "neumann", iterations=K, tolerance=None).hypergrad["log_l2"].numpy()
     np.testing.assert_allclose(h_rmd, h_neumann, rtol=0, atol=1e-12)
     np.testing.assert_allclose(h_rmd, ridge.neumann_hypergradient(K), rtol=0, atol=1e-12)
+
+
+def test_implicit_cg_stops_at_the_tolerance_with_the_same_accuracy(ridge):
+    """CG with a relative-residual tolerance stops before the iteration bound and still solves
+    Eq. 11 (reported in solver_iterations); without a tolerance it runs every iteration."""
+    dim = ridge.X.shape[1]
+    bound = 10 * dim
+    stopped = _ridge_hypergradient(ridge, "implicit_cg", iterations=bound, tolerance=1e-10)
+    exhaustive = _ridge_hypergradient(ridge, "implicit_cg", iterations=bound, tolerance=None)
+    assert 1 <= int(stopped.solver_iterations) <= dim + 1 < bound
+    assert int(exhaustive.solver_iterations) == bound
+    np.testing.assert_allclose(
+        stopped.hypergrad["log_l2"].numpy(), ridge.implicit_hypergradient(), rtol=1e-8
+    )
+
+
+def test_neumann_stops_when_its_terms_are_below_the_tolerance(ridge):
+    full = _ridge_hypergradient(ridge, "neumann", iterations=100000, tolerance=1e-12)
+    used = int(full.solver_iterations)
+    assert 1 < used < 100000
+    np.testing.assert_allclose(full.hypergrad["log_l2"].numpy(), ridge.neumann_hypergradient(used), rtol=1e-12, atol=1e-14)
+
+
+def test_reverse_estimators_report_no_solver_iterations(ridge):
+    assert int(_ridge_hypergradient(ridge, "reverse").solver_iterations) == -1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"estimator": "implicit_cg", "truncate": 5}, r"truncate does not apply.*iterations=5"),
+        ({"estimator": "reverse", "iterations": 5}, "iterations applies to"),
+        ({"estimator": "implicit_cg", "tolerance": 2.0}, "tolerance must be"),
+    ],
+)
+def test_solver_arguments_are_checked(ridge, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tfb.hypergradient_fn(ridge.inner_loss, ridge.outer_loss, steps=RIDGE_STEPS, learning_rate=ridge.learning_rate, **kwargs)

@@ -72,12 +72,12 @@ def test_implicit_estimators_use_the_last_batch(jit_compile):
     w_T, _ = closed_form(T)
     exact_at_last = (w_T - C) * S[-1]
     cg = tfb.hypergradient_fn(
-        inner_loss, outer_loss, steps=T, learning_rate=GAMMA, truncate=3, estimator="implicit_cg",
+        inner_loss, outer_loss, steps=T, learning_rate=GAMMA, iterations=3, estimator="implicit_cg",
         jit_compile=jit_compile, per_step_batches=True,
     )
     np.testing.assert_allclose(cg(tf.constant(W0), tf.constant(LAM), batches())[1].numpy(), exact_at_last, rtol=1e-10)
     neumann = tfb.hypergradient_fn(
-        inner_loss, outer_loss, steps=T, learning_rate=GAMMA, truncate=4, estimator="neumann",
+        inner_loss, outer_loss, steps=T, learning_rate=GAMMA, iterations=4, tolerance=None, estimator="neumann",
         jit_compile=jit_compile, per_step_batches=True,
     )
     series = 1 - (1 - GAMMA) ** 4  # γ Σ_{k<4} (1−γ)^k

@@ -207,13 +207,13 @@ def test_implicit_iterations_are_not_bounded_by_steps(estimator, iterations):
     hg = tfb.hypergradient_fn(
         lambda p, h: 0.5 * tf.tensordot(p, tf.linalg.matvec(A_t, p), 1) - tf.tensordot(h, p, 1),
         lambda p, h: 0.5 * tf.reduce_sum((p - c_t) ** 2),
-        steps=steps, learning_rate=gamma, estimator=estimator, truncate=iterations, jit_compile=True,
+        steps=steps, learning_rate=gamma, estimator=estimator, iterations=iterations, jit_compile=True,
     )
     _, grad = hg(tf.zeros(3, tf.float64), tf.constant(lam))
     np.testing.assert_allclose(grad.numpy(), expected, rtol=1e-8, atol=1e-10)
     # One iteration is not enough: the iteration count is really what was asked for.
     short = tfb.hypergradient_fn(hg.problem.inner_loss, hg.problem.outer_loss, steps=steps, learning_rate=gamma,
-                                 estimator=estimator, truncate=1, jit_compile=False)
+                                 estimator=estimator, iterations=1, jit_compile=False)
     assert np.max(np.abs(short(tf.zeros(3, tf.float64), tf.constant(lam))[1].numpy() - expected)) > 1e-3
 
 

@@ -35,6 +35,9 @@ class HypergradientResult(NamedTuple):
     # The inner optimizer's state after step T (momentum, Adam moments): pass it back as
     # `opt_state` to continue the inner optimization in the next call (online bilevel).
     final_opt_state: Any = ()
+    # implicit_cg / neumann: the CG iterations / Neumann terms actually used (≤ iterations,
+    # fewer when the tolerance was met); -1 for the other estimators.
+    solver_iterations: Any = -1
 
 
 def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = None) -> Any:
@@ -88,8 +91,12 @@ class Hypergradient:
         per_step_batches: Union[bool, BatchAtStep] = False,
         backward: str = "auto",
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        iterations: Optional[int] = None,
+        tolerance: Optional[float] = None,
     ):
         self.problem = problem
+        self.iterations = iterations
+        self.tolerance = tolerance
         self.per_step_batches = per_step_batches
         self.backward = backward
         self.memory_budget = memory_budget
@@ -194,15 +201,17 @@ class Hypergradient:
         else:
             out = implicit_hypergradient(
                 self.transition, params, hparams, inner_batch, outer_batch, steps=T,
-                iterations=self.truncate, solver="cg" if self.estimator == "implicit_cg" else "neumann",
-                opt_state=opt_state,
+                iterations=self.iterations, solver="cg" if self.estimator == "implicit_cg" else "neumann",
+                opt_state=opt_state, tolerance=self.tolerance,
             )
         marker = out.nonfinite_step
         marker = earliest_nonfinite(marker, tf.where(tf.math.is_finite(out.outer_value), -1, T))
         grads_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in out.hypergrad])
         marker = earliest_nonfinite(marker, tf.where(grads_finite, -1, T + 1))
         hypergrad = tf.nest.pack_sequence_as(hparams, out.hypergrad)
-        return HypergradientResult(out.outer_value, hypergrad, out.final_params, marker, out.final_opt_state)
+        return HypergradientResult(
+            out.outer_value, hypergrad, out.final_params, marker, out.final_opt_state, out.solver_iterations
+        )
 
     # -- helpers ----------------------------------------------------------------------
     def _stores_intermediates(self, params, hparams, inner_batch, opt_state) -> bool:
@@ -328,6 +337,8 @@ def hypergradient_fn(
     per_step_batches: Union[bool, BatchAtStep] = False,
     backward: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    iterations: Optional[int] = None,
+    tolerance: Optional[float] = 1e-10,
 ) -> Hypergradient:
     """Builds a compiled estimator of d_λ f(ŵ(λ), λ), ŵ = w_T after `steps` inner steps.
 
@@ -339,9 +350,7 @@ def hypergradient_fn(
         `(step, hparams) -> γ` to learn it. Exactly one of learning_rate / inner_optimizer.
       inner_optimizer: a `tf_bilevel.sgd/momentum/adam(...)` update rule.
       truncate: K. "reverse"/"checkpointed": back-propagate through the last K steps only
-        (K-RMD, Eq. 8), 1 <= K <= T; None means K = T (full RMD, Eq. 6). "implicit_cg"/"neumann":
-        the number of CG iterations / Neumann terms at w_T (default T, but not bounded by T:
-        e.g. steps=10, truncate=50 solves the linear system of Eq. 11 more accurately).
+        (K-RMD, Eq. 8), 1 <= K <= T; None means K = T (full RMD, Eq. 6).
       estimator: "reverse" | "checkpointed" | "forward" (FMD, Eq. 7) | "implicit_cg" |
         "neumann" (Eq. 11 at w_T, Eq. 12).
       jit_compile: compile with XLA (True/False; anything else is a TypeError).
@@ -363,6 +372,12 @@ def hypergradient_fn(
         "store" when the traced step has none of those ops and K × (its residual bytes) ≤
         memory_budget, else "recompute". `hg.backward_used` tells which one ran.
       memory_budget: bytes of stored intermediates "auto" may use (default 1 GiB).
+      iterations: "implicit_cg"/"neumann" only: the most CG iterations / Neumann terms for the
+        linear system of Eq. 11 at w_T (default T; not bounded by T). A static bound: the
+        solver is a tf.while_loop with maximum_iterations, under XLA too.
+      tolerance: "implicit_cg"/"neumann": stop once the relative residual ‖r‖/‖b‖ (CG) or the
+        relative norm of the next Neumann term is ≤ tolerance (None: always run `iterations`).
+        `hg.detailed(...).solver_iterations` reports the number used.
 
     Returns:
       A `Hypergradient`; `hg(params, hparams[, inner_batch, outer_batch])` returns
@@ -372,6 +387,7 @@ def hypergradient_fn(
     if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     truncate = _checked_truncate(truncate, steps, estimator)
+    iterations, tolerance = _checked_solver(iterations, tolerance, steps, estimator)
     if checkpoint_every is not None:
         if estimator != "checkpointed":
             raise ValueError("checkpoint_every only applies to estimator='checkpointed'")
@@ -420,17 +436,20 @@ def hypergradient_fn(
         per_step_batches=per_step_batches,
         backward=backward,
         memory_budget=memory_budget,
+        iterations=iterations,
+        tolerance=tolerance,
     )
 
 
 def _checked_truncate(truncate: Optional[int], steps: int, estimator: str) -> int:
-    """K: the steps back-propagated through (reverse/checkpointed, 1 <= K <= T), or the number
-    of CG iterations / Neumann terms (implicit_cg/neumann: any K >= 1, unrelated to T)."""
+    """K: the steps back-propagated through (reverse/checkpointed, 1 <= K <= T)."""
     if truncate is None:
         return steps
     if estimator in ("implicit_cg", "neumann"):
-        return _validate.positive_int(
-            truncate, "truncate", f"the number of {'CG iterations' if estimator == 'implicit_cg' else 'Neumann terms'}"
+        raise ValueError(
+            f"estimator={estimator!r} does not back-propagate through steps, so truncate does not apply: "
+            f"give the number of {'CG iterations' if estimator == 'implicit_cg' else 'Neumann terms'} as "
+            f"iterations={truncate} (and optionally tolerance=)."
         )
     truncate = _validate.positive_int(truncate, "truncate", "K, the number of steps to back-propagate through")
     if estimator == "forward" and truncate != steps:
@@ -441,3 +460,23 @@ def _checked_truncate(truncate: Optional[int], steps: int, estimator: str) -> in
             f"last K of the T inner steps, so 1 <= truncate <= steps. Use truncate=None for full RMD."
         )
     return truncate
+
+
+def _checked_solver(iterations: Any, tolerance: Any, steps: int, estimator: str) -> tuple[Optional[int], Optional[float]]:
+    """(iterations, tolerance) of the implicit estimators' linear solver; (None, None) otherwise."""
+    if estimator not in ("implicit_cg", "neumann"):
+        if iterations is not None:
+            raise ValueError(
+                f"iterations applies to estimator='implicit_cg'/'neumann' only; estimator={estimator!r} "
+                "takes truncate=K (the steps to back-propagate through)."
+            )
+        return None, None
+    meaning = "the most CG iterations" if estimator == "implicit_cg" else "the most Neumann terms"
+    iterations = steps if iterations is None else _validate.positive_int(iterations, "iterations", meaning)
+    if tolerance is not None:
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (0 <= tolerance < 1):
+            raise ValueError(
+                f"tolerance must be a relative residual in [0, 1) (e.g. 1e-10) or None to run all iterations, got {tolerance!r}"
+            )
+        tolerance = float(tolerance)
+    return iterations, tolerance

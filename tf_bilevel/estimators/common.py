@@ -17,6 +17,7 @@ class EstimatorOutput(NamedTuple):
     final_params: Any
     nonfinite_step: tf.Tensor
     final_opt_state: Any = ()
+    solver_iterations: Any = -1  # CG iterations / Neumann terms used (implicit estimators), else -1
 
 
 def internal_copy(structure: Any) -> Any:

@@ -2,15 +2,15 @@
 
     d_λ f = ∇λ f − ∇λw g (∇ww g)^{-1} ∇w f                      (Eq. 11)
 
-with the inverse-Hessian-vector product from K conjugate-gradient iterations, or from K terms
-of the Neumann series of Eq. 12, (∇ww g)^{-1} ≈ γ Σ_{k<K} (I − γ∇ww g)^k. Hessian-vector
+with the inverse-Hessian-vector product from at most K conjugate-gradient iterations, or K terms
+of the Neumann series of Eq. 12 (both stop early at a relative tolerance), (∇ww g)^{-1} ≈ γ Σ_{k<K} (I − γ∇ww g)^k. Hessian-vector
 products use nested tapes. These assume w_T is a stationary point of g; they give no
 gradient for hyperparameters of the inner optimizer itself (e.g. a learned γ).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import tensorflow as tf
 
@@ -49,37 +49,61 @@ def mixed_vector_product(problem, params: Any, hparams: Any, batch: Any, vector:
     return fill_none_with_zeros(tape.gradient(grad_dot_v, flat_hp), flat_hp)
 
 
-def conjugate_gradient(matvec, b: list, iterations: int) -> list:
-    """K iterations of CG on H x = b from x = 0 (H symmetric positive definite)."""
+def _norm(v: list) -> tf.Tensor:
+    return tf.sqrt(vdot(v, v))
+
+
+def conjugate_gradient(matvec, b: list, iterations: int, tolerance: Optional[float] = None) -> tuple[list, tf.Tensor]:
+    """CG on H x = b from x = 0 (H symmetric positive definite): at most `iterations` steps,
+    stopping once ‖r‖ ≤ tolerance·‖b‖ (relative residual; None: all steps). Returns (x, steps run)."""
     x = [tf.zeros_like(v) for v in b]
     r = list(b)
     p = list(b)
     rs = vdot(r, r)
+    threshold = _threshold(b, tolerance)
 
-    def body(x, r, p, rs):
+    def body(k, x, r, p, rs):
         hp = matvec(p)
         step = tf.math.divide_no_nan(rs, vdot(p, hp))
         x = axpy(step, p, x)
         r = axpy(-step, hp, r)
         rs_new = vdot(r, r)
         p = axpy(tf.math.divide_no_nan(rs_new, rs), p, r)
-        return x, r, p, rs_new
+        return k + 1, x, r, p, rs_new
 
-    x, _, _, _ = tf.while_loop(lambda *_: True, body, (x, r, p, rs), maximum_iterations=iterations)
-    return x
+    def not_converged(k, x, r, p, rs):
+        return rs > threshold
+
+    used, x, _, _, _ = tf.while_loop(not_converged, body, (tf.constant(0), x, r, p, rs), maximum_iterations=iterations)
+    return x, used
 
 
-def neumann_series(matvec, b: list, iterations: int, step_size: tf.Tensor) -> list:
-    """γ Σ_{k<K} (I − γH)^k b (Eq. 12 with A∞ = I − γH)."""
+def _threshold(b: list, tolerance: Optional[float]) -> tf.Tensor:
+    """(tolerance·‖b‖)², compared with squared residual norms; −1 (never met) without a tolerance."""
+    bb = vdot(b, b)
+    if tolerance is None:
+        return -tf.ones_like(bb)
+    return tf.cast(tolerance, bb.dtype) ** 2 * bb
 
-    def body(term, total):
+
+def neumann_series(
+    matvec, b: list, iterations: int, step_size: tf.Tensor, tolerance: Optional[float] = None
+) -> tuple[list, tf.Tensor]:
+    """γ Σ_{k<K} (I − γH)^k b (Eq. 12 with A∞ = I − γH), stopping early once a term's norm is
+    ≤ tolerance·‖b‖ (None: all K terms). Returns (the sum, the number of terms)."""
+    threshold = _threshold(b, tolerance)
+
+    def body(k, term, total):
         term = axpy(-step_size, matvec(term), term)
-        return term, [a + t for a, t in zip(total, term)]
+        return k + 1, term, [a + t for a, t in zip(total, term)]
 
-    total = list(b)
+    def not_converged(k, term, total):
+        return vdot(term, term) > threshold
+
+    total, used = list(b), tf.constant(1)
     if iterations > 1:
-        _, total = tf.while_loop(lambda *_: True, body, (list(b), total), maximum_iterations=iterations - 1)
-    return [cast_scalar(step_size, t.dtype) * t for t in total]
+        used, _, total = tf.while_loop(not_converged, body, (used, list(b), total), maximum_iterations=iterations - 1)
+    return [cast_scalar(step_size, t.dtype) * t for t in total], used
 
 
 def implicit_hypergradient(
@@ -93,6 +117,7 @@ def implicit_hypergradient(
     iterations: int,
     solver: str,
     opt_state: Any = None,
+    tolerance: Optional[float] = None,
 ) -> EstimatorOutput:
     """Eq. 11 at w_T = the result of T inner steps, solved by 'cg' or 'neumann'.
 
@@ -112,9 +137,10 @@ def implicit_hypergradient(
         return hessian_vector_product(problem, w_T, hparams, inner_batch, v)
 
     if solver == "cg":
-        solution = conjugate_gradient(matvec, grad_w, iterations)
+        solution, used = conjugate_gradient(matvec, grad_w, iterations, tolerance)
     else:
         gamma = resolve_learning_rate(transition.optimizer.learning_rate, tf.constant(steps - 1), hparams)
-        solution = neumann_series(matvec, grad_w, iterations, gamma if not tf.is_tensor(gamma) else tf.stop_gradient(gamma))
+        gamma = gamma if not tf.is_tensor(gamma) else tf.stop_gradient(gamma)
+        solution, used = neumann_series(matvec, grad_w, iterations, gamma, tolerance)
     cross = mixed_vector_product(problem, w_T, hparams, inner_batch, solution)
-    return EstimatorOutput(value, [g - c for g, c in zip(grad_hp, cross)], w_T, marker, final.opt_state)
+    return EstimatorOutput(value, [g - c for g, c in zip(grad_hp, cross)], w_T, marker, final.opt_state, used)
