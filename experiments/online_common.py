@@ -293,6 +293,19 @@ def final_row(recorder: EpochRecorder, **extra: Any) -> dict:
             "train_seconds": rec["train_seconds"][-1], "record": rec, **extra}
 
 
+def fit_keras(model: keras.Model, method: str, train: tuple, *, test: tuple, val: tuple, epochs: int,
+              steps_per_epoch: int, batch_size: int, seed: int, store: MethodStore) -> EpochRecorder:
+    """Plain Keras training of a compiled, built `model` on minibatches of `train`, resumable
+    per epoch (the stream restarts at the restored `optimizer.iterations`); returns the record."""
+    stream = resumable_stream(lambda start: minibatch_stream(*train, batch_size, seed, start),
+                              model.optimizer.iterations)
+    recorder = EpochRecorder(f"[{method}]", epochs, steps_per_epoch, model, test, val, store.record_path(method))
+    model.fit(stream.prefetch(2), epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
+              callbacks=store.callbacks(method, recorder), verbose=0)
+    recorder.finish()
+    return recorder
+
+
 def sparse_ce_logits() -> keras.losses.Loss:
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

@@ -264,18 +264,12 @@ def run_bilevel(cfg: Config, data: dict, steps: int, store: oc.MethodStore) -> d
 
 
 def fit_plain(cfg: Config, data: dict, method: str, weight_decays: Sequence[float], lr: float,
-              store: oc.MethodStore) -> tuple[oc.EpochRecorder, keras.Model]:
+              store: oc.MethodStore) -> oc.EpochRecorder:
     """Trains the CNN with fixed hyperparameters for --epochs epochs (resumable), as Keras does."""
     model = compile_plain(oc.build_on(build_cnn(weight_decays, cfg.seed), (28, 28, 1)), cfg, lr)
-    steps_per_epoch = len(data["train"][1]) // cfg.batch_size
-    stream = oc.resumable_stream(lambda start: oc.minibatch_stream(*data["train"], cfg.batch_size, cfg.seed, start),
-                                 model.optimizer.iterations)
-    recorder = oc.EpochRecorder(f"[{method}]", cfg.epochs, steps_per_epoch, model, data["test"], data["val"],
-                                store.record_path(method))
-    model.fit(stream.prefetch(2), epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-              callbacks=store.callbacks(method, recorder), verbose=0)
-    recorder.finish()
-    return recorder, model
+    return oc.fit_keras(model, method, data["train"], test=data["test"], val=data["val"], epochs=cfg.epochs,
+                        steps_per_epoch=len(data["train"][1]) // cfg.batch_size, batch_size=cfg.batch_size,
+                        seed=cfg.seed, store=store)
 
 
 def run_default(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
@@ -283,7 +277,7 @@ def run_default(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
         print("[default] finished earlier", flush=True)
         return row
     hp = {"weight_decay": [cfg.init_weight_decay] * NUM_LAYERS, "learning_rate": cfg.init_lr}
-    recorder, _ = fit_plain(cfg, data, "default", hp["weight_decay"], hp["learning_rate"], store)
+    recorder = fit_plain(cfg, data, "default", hp["weight_decay"], hp["learning_rate"], store)
     return store.save("default", oc.final_row(recorder, hyperparameters=hp))
 
 
@@ -343,14 +337,14 @@ def run_tuner(cfg: Config, data: dict, kind: str, store: oc.MethodStore) -> dict
     print(f"[{kind}] search", flush=True)
     tuner.search(oc.minibatch_stream(*data["train"], cfg.batch_size, cfg.seed).prefetch(2),
                  steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, validation_data=data["val"],
-                 validation_batch_size=1000, callbacks=[log], verbose=0)
+                 validation_batch_size=1000, callbacks=[log], shuffle=False, verbose=0)
     trials = log.entries()
     best = tuner.get_best_hyperparameters(1)[0].values
     hp = {"weight_decay": [best[f"weight_decay_{l}"] for l in range(NUM_LAYERS)],
           "learning_rate": best["learning_rate"]}
     search_seconds = float(sum(t["fit_seconds"] for t in trials))
     print(f"[{kind}] {len(trials)} fits in {search_seconds:.0f} s; best {hp}; retraining", flush=True)
-    recorder, _ = fit_plain(cfg, data, f"{kind}_retrain", hp["weight_decay"], hp["learning_rate"], store)
+    recorder = fit_plain(cfg, data, f"{kind}_retrain", hp["weight_decay"], hp["learning_rate"], store)
     row = oc.final_row(recorder, hyperparameters=hp, trials=trials, search_seconds=search_seconds,
                        retrain_seconds=recorder.rec["train_seconds"][-1],
                        total_seconds=search_seconds + recorder.rec["train_seconds"][-1], num_fits=len(trials))
@@ -556,6 +550,7 @@ def main(argv: Sequence[str]) -> int:
     from experiments.datasets import DataUnavailableError
 
     logging.set_verbosity(logging.WARNING)
+    tf.get_logger().setLevel("ERROR")  # Keras' retracing notes on the evaluation batches are noise here
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
