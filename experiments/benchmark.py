@@ -27,6 +27,9 @@ intermediate of those steps) instead of the engine's explicit per-step VJPs.
   python -m experiments.benchmark                       # T = 100 and 1000, writes out/benchmark
   python -m experiments.benchmark --steps=100 --estimators=floor,reverse
   python -m experiments.benchmark --quick               # tiny sizes (used by the tests)
+
+`--suites=online` (also run by default) adds the online step (experiments/benchmark_online.py):
+one hyper-iteration of BilevelTrainer(online=True) on a CNN over T plain Keras train steps.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
+from experiments import benchmark_online  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
 from tf_bilevel.dynamics.loops import run  # noqa: E402
 
@@ -567,6 +571,9 @@ def define_flags() -> None:
     flags.DEFINE_string("output_dir", "out/benchmark", "Where results.json and benchmark.png are written.")
     flags.DEFINE_integer("seed", 0, "Seed of the random data.")
     flags.DEFINE_string("worker", None, "Internal: JSON configuration to measure in this process.")
+    flags.DEFINE_list("suites", ["estimators", "online"], "estimators: the Table 1 problem above; online: one "
+                      "online hyper-iteration of a CNN over T plain Keras train steps (experiments/benchmark_online.py).")
+    benchmark_online.define_online_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -575,6 +582,18 @@ def main(argv: list[str]) -> None:
         print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.worker))), flush=True)
         return
 
+    unknown = sorted(set(FLAGS.suites) - {"estimators", "online"})
+    if unknown:
+        raise app.UsageError(f"--suites: unknown {unknown}; choose from estimators, online")
+    if "estimators" in FLAGS.suites:
+        run_estimator_suite()
+    if "online" in FLAGS.suites:
+        benchmark_online.run(
+            benchmark_online.make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick), Path(FLAGS.output_dir)
+        )
+
+
+def run_estimator_suite() -> None:
     settings = settings_from_flags()
     machine = machine_info()
     configs = configurations(settings)

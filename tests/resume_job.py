@@ -7,6 +7,10 @@ Two fits run one after the other, each resumable with `keras.callbacks.BackupAnd
 
 * hypercleaning: the deterministic regime, one fixed (training, validation) pair repeated;
   per-example weights σ(λ_i), Adam on λ.
+* online: tune while you train (online=True): a network with Dropout trained by momentum on
+  shuffled minibatches (seeded), T = 3 minibatches per hyper-iteration, a learned weight decay;
+  the inner model's weights and the inner optimizer's momentum continue across
+  hyper-iterations and must resume exactly too (they are saved with λ).
 * meta: the stochastic regime, an endless stream of few-shot episodes (episode i drawn from
   stateless seeds of i) in meta-batches of 2, a hyper model, a learned inner learning rate,
   w0 redrawn per task (seeded by meta_step), Adam on λ. `trainer.resumable(...)` starts the
@@ -41,7 +45,7 @@ from tf_bilevel.keras import losses
 
 EPOCHS, STEPS_PER_EPOCH = 3, 4  # 12 hyper-iterations per fit, a checkpoint every 4
 PAUSE_SECONDS = 120  # nobody killed the job: exit with an error rather than hang
-FITS = ("hypercleaning", "meta")
+FITS = ("hypercleaning", "meta", "online")
 
 
 def _episode(index):
@@ -86,6 +90,26 @@ def meta():
     return trainer, trainer.resumable(episodes)
 
 
+def online():
+    """(trainer, dataset): tune while you train, minibatches from an ordinary tf.data pipeline."""
+    rng = np.random.default_rng(1)
+    n, dim, classes = 96, 6, 3
+    teacher = rng.normal(size=(dim, classes))
+    x, x_val = rng.normal(size=(2, n, dim)).astype("float32")
+    y, y_val = (x @ teacher).argmax(-1), (x_val @ teacher).argmax(-1)
+    ce = losses.sparse_categorical_crossentropy
+    model = keras.Sequential([keras.layers.Dense(8, activation="relu"), keras.layers.Dropout(0.3), keras.layers.Dense(classes)])
+    trainer = tfb.BilevelTrainer(
+        model, inner_loss=ce, outer_loss=ce, steps=3, truncate=2, online=True, inner_optimizer="momentum",
+        hyperparameters={"decay": tfb.Hyperparameter(1e-2, transform="exp")},
+        inner_regularizer=lambda w, hp: hp["decay"] * tf.add_n([tf.reduce_sum(tf.square(v)) for v in w]),
+        inner_learning_rate=0.1, seed=5)
+    trainer.compile(optimizer=keras.optimizers.Adam(0.05))
+    train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(n, seed=3).batch(16, drop_remainder=True)
+    val = tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(32)
+    return trainer, trainer.resumable(tfb.keras.online_tasks(train, val, steps=3))
+
+
 class PauseOnce(keras.callbacks.Callback):
     """Writes `marker` after hyper-iteration `step` and waits to be killed, unless it exists."""
 
@@ -121,7 +145,7 @@ def run_fit(name: str, workdir: Path, pause_after: dict) -> None:
         print(f"{name}: finished earlier", flush=True)
         return
     keras.utils.set_random_seed(FITS.index(name))  # the same initial weights however the job got here
-    trainer, tasks = {"hypercleaning": hypercleaning, "meta": meta}[name]()
+    trainer, tasks = {"hypercleaning": hypercleaning, "meta": meta, "online": online}[name]()
     callbacks = [keras.callbacks.BackupAndRestore(str(workdir / f"{name}_backup"))]
     if name in pause_after:
         callbacks.append(PauseOnce(workdir / f"{name}.paused", pause_after[name]))
@@ -136,7 +160,9 @@ def run_fit(name: str, workdir: Path, pause_after: dict) -> None:
     _write_atomically(workdir / f"{name}.json", lambda path: path.write_text(json.dumps(summary)))
     _write_atomically(workdir / f"{name}_optimizer.npy", _save_npy(flat(trainer.optimizer.variables)))
     # Last: its existence marks the fit as finished.
-    _write_atomically(workdir / f"{name}.npy", _save_npy(np.concatenate([np.ravel(v.numpy()) for v in trainer.hyper_variables])))
+    # λ, the inner model's weights (trained in place when online) and the inner optimizer's state.
+    state = trainer.hyper_variables + trainer.inner_model.trainable_variables + trainer.inner_optimizer_variables
+    _write_atomically(workdir / f"{name}.npy", _save_npy(np.concatenate([np.ravel(v.numpy()) for v in state])))
     print(f"{name}: {summary}", flush=True)
 
 

@@ -134,3 +134,12 @@ def test_program_end_to_end(tmp_path):
     assert memory["full_rmd_growth"]["expected_increase_bytes"] == 2 * results[0]["num_params"] * 4
     [compile_check] = summary["compile_full_rmd"]
     assert compile_check["steps"] == 2 and isinstance(compile_check["met"], bool)
+    # The online suite (run by default): one hyper-iteration over T plain Keras steps, in one process.
+    online = json.loads((tmp_path / "online_results.json").read_text())
+    assert [(r["T"], r["K"]) for r in online["results"]] == [(2, 1), (1, 1)]
+    for r in online["results"]:
+        assert set(r["median_seconds"]) == {"bilevel", "plain_per_step", "plain_fused"}
+        assert all(v > 0 for v in r["median_seconds"].values())
+        assert r["ratio_to_plain_per_step"] == r["median_seconds"]["bilevel"] / r["median_seconds"]["plain_per_step"]
+        assert r["num_params"] > 0
+    assert "ratio per-step" in done.stdout

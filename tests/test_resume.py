@@ -2,11 +2,11 @@
 with the same hyperparameters, bit for bit, as an uninterrupted run; non-finite
 hypergradients never reach λ.
 
-The kill test runs tests/resume_job.py (two fits: the deterministic hypercleaning regime and
-the stochastic regime, a stream of few-shot episodes) four times: an uninterrupted run in
-the background, and the same command three times in a row: killed in the middle of the
-first fit, killed in the middle of the second (after resuming and finishing the first), and
-run to the end. The job reports the step it reached in a marker file and waits there, so the
+The kill test runs tests/resume_job.py (three fits: the deterministic hypercleaning regime,
+the stochastic regime of a stream of few-shot episodes, and online training of a network with
+Dropout on shuffled minibatches) five times: an uninterrupted run in the background, and the
+same command four times in a row: killed in the middle of each fit in turn (after resuming and
+finishing the previous one), and run to the end. The job reports the step it reached in a marker file and waits there, so the
 kill lands between two checkpoints, with hyper-iterations done since the last one that must
 be redone (and tasks of the stream that must be seen again).
 """
@@ -30,7 +30,7 @@ import program_runs
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = Path(__file__).resolve().with_name("resume_job.py")
-FITS = ("hypercleaning", "meta")
+FITS = ("hypercleaning", "meta", "online")
 EPOCHS, STEPS_PER_EPOCH = 3, 4  # as in resume_job.py
 PAUSE_AFTER = 6  # a checkpoint after step 4, killed after step 6: steps 5-6 are lost
 
@@ -54,7 +54,10 @@ def test_fit_killed_and_rerun_with_the_same_command_ends_bit_identical(tmp_path)
         # 2nd run: resumes and finishes the first fit, killed after step 6 of the second.
         program_runs.kill_when_paused(_start(interrupted, log, pause=True), interrupted / "meta.paused", log)
         assert (interrupted / "hypercleaning.npy").exists() and not (interrupted / "meta.npy").exists()
-        # 3rd run: resumes the second fit and finishes.
+        # 3rd run: resumes and finishes the second fit, killed after step 6 of the third (online).
+        program_runs.kill_when_paused(_start(interrupted, log, pause=True), interrupted / "online.paused", log)
+        assert (interrupted / "meta.npy").exists() and not (interrupted / "online.npy").exists()
+        # 4th run: resumes the online fit (weights, momentum, λ, stream position) and finishes.
         program_runs.finish(_start(interrupted, log, pause=True), log)
         program_runs.finish(reference, reference_log)
     finally:

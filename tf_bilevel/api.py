@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import tensorflow as tf
 
 from tf_bilevel._tree import leaf_names
 from tf_bilevel.dynamics.loops import earliest_nonfinite, run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
-from tf_bilevel.dynamics.transition import Transition
+from tf_bilevel.dynamics.transition import BatchAtStep, Transition, gather_step
 from tf_bilevel.estimators import forward_hypergradient, implicit_hypergradient, reverse_hypergradient
 from tf_bilevel.problem import BilevelProblem
 
@@ -28,6 +28,9 @@ class HypergradientResult(NamedTuple):
     final_params: Any
     # -1: all finite; t < T: g(w_t) was the first non-finite inner loss; T: f(w_T); T+1: hypergradient.
     nonfinite_step: tf.Tensor
+    # The inner optimizer's state after step T (momentum, Adam moments): pass it back as
+    # `opt_state` to continue the inner optimization in the next call (online bilevel).
+    final_opt_state: Any = ()
 
 
 def _require_positive_int(value: Any, name: str, meaning: str) -> int:
@@ -76,9 +79,12 @@ class Hypergradient:
         checkpoint_every: Optional[int],
         jit_compile: bool,
         check_numerics: bool,
+        per_step_batches: Union[bool, BatchAtStep] = False,
     ):
         self.problem = problem
-        self.transition = Transition(problem, optimizer)
+        self.per_step_batches = per_step_batches
+        batch_at_step = gather_step if per_step_batches is True else (per_step_batches or None)
+        self.transition = Transition(problem, optimizer, batch_at_step)
         self.steps = steps
         self.truncate = truncate
         self.estimator = estimator
@@ -97,17 +103,21 @@ class Hypergradient:
         )
 
     # -- eager entry points -------------------------------------------------------------
-    def __call__(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None):
+    def __call__(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *, opt_state: Any = None):
         """Returns (f(w_T, λ), hypergradient), the hypergradient with the structure of hparams."""
-        result = self.detailed(params, hparams, inner_batch, outer_batch)
+        result = self.detailed(params, hparams, inner_batch, outer_batch, opt_state=opt_state)
         return result.outer_value, result.hypergrad
 
-    def detailed(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None) -> HypergradientResult:
-        """Like `__call__`, also returning w_T and the non-finite marker."""
+    def detailed(
+        self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *, opt_state: Any = None
+    ) -> HypergradientResult:
+        """Like `__call__`, also returning w_T, the inner optimizer's final state and the
+        non-finite marker. `opt_state` (e.g. a previous result's `final_opt_state`) continues
+        the inner optimizer instead of starting it fresh."""
         self.problem.passed_variables = {}
         params = _as_tensors(params, "params", self.problem.passed_variables)
         hparams = _as_tensors(hparams, "hparams", self.problem.passed_variables)
-        result = self._compiled(params, hparams, inner_batch, outer_batch)
+        result = self._compiled(params, hparams, inner_batch, outer_batch, opt_state=opt_state)
         if self.check_numerics:
             if tf.executing_eagerly():
                 self._raise_if_nonfinite(int(result.nonfinite_step))
@@ -131,6 +141,7 @@ class Hypergradient:
     # -- graph builders (call these inside your own tf.function, e.g. a Keras train_step) ---
     @tf.autograph.experimental.do_not_convert
     def solve_uncompiled(self, params: Any, hparams: Any, inner_batch: Any = None) -> Any:
+        self._check_per_step_batch(inner_batch)
         w0 = self.problem.initial_params(params, hparams)
         final, _ = run(
             self.transition, self.transition.init_state(w0), hparams, inner_batch,
@@ -139,44 +150,88 @@ class Hypergradient:
         return final.params
 
     @tf.autograph.experimental.do_not_convert
-    def compute(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None) -> HypergradientResult:
+    def compute(
+        self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *, opt_state: Any = None
+    ) -> HypergradientResult:
         """Builds the estimator's ops in the current graph and returns its result."""
         params = _as_tensors(params, "params")
         hparams = tf.nest.map_structure(tf.identity, _as_tensors(hparams, "hparams"))
-        self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch)
+        self._check_per_step_batch(inner_batch)
+        opt_state = self._checked_opt_state(params, opt_state)
+        self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state)
         T = self.steps
         if self.estimator in ("reverse", "checkpointed"):
             out = reverse_hypergradient(
                 self.transition, params, hparams, inner_batch, outer_batch,
                 steps=T, truncate=self.truncate,
                 checkpoint_segment=self._checkpoint_segment() if self.estimator == "checkpointed" else None,
+                opt_state=opt_state,
             )
         elif self.estimator == "forward":
-            out = forward_hypergradient(self.transition, params, hparams, inner_batch, outer_batch, steps=T)
+            out = forward_hypergradient(
+                self.transition, params, hparams, inner_batch, outer_batch, steps=T, opt_state=opt_state
+            )
         else:
             out = implicit_hypergradient(
                 self.transition, params, hparams, inner_batch, outer_batch, steps=T,
                 iterations=self.truncate, solver="cg" if self.estimator == "implicit_cg" else "neumann",
+                opt_state=opt_state,
             )
         marker = out.nonfinite_step
         marker = earliest_nonfinite(marker, tf.where(tf.math.is_finite(out.outer_value), -1, T))
         grads_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in out.hypergrad])
         marker = earliest_nonfinite(marker, tf.where(grads_finite, -1, T + 1))
         hypergrad = tf.nest.pack_sequence_as(hparams, out.hypergrad)
-        return HypergradientResult(out.outer_value, hypergrad, out.final_params, marker)
+        return HypergradientResult(out.outer_value, hypergrad, out.final_params, marker, out.final_opt_state)
 
     # -- helpers ----------------------------------------------------------------------
+    def _check_per_step_batch(self, inner_batch: Any) -> None:
+        """per_step_batches=True: every inner_batch leaf must have a leading axis of length T."""
+        if self.per_step_batches is not True:
+            return
+        if inner_batch is None:
+            raise ValueError(
+                "per_step_batches=True but no inner_batch was passed: pass one minibatch per inner step, "
+                f"every leaf stacked on a leading axis of length steps={self.steps}."
+            )
+        for name, leaf in zip(leaf_names(inner_batch, "inner_batch"), tf.nest.flatten(inner_batch)):
+            shape = tf.TensorShape(getattr(leaf, "shape", None))
+            if shape.rank == 0 or (shape.rank is not None and shape[0] is not None and shape[0] != self.steps):
+                raise ValueError(
+                    f"per_step_batches=True: {name} has shape {shape}, but its leading axis must be the "
+                    f"inner step (length steps={self.steps}): stack one minibatch per step, e.g. "
+                    f"dataset.batch(batch_size).batch({self.steps}, drop_remainder=True)."
+                )
+
+    def _checked_opt_state(self, params: Any, opt_state: Any) -> Any:
+        """The given inner optimizer state as tensors, checked against a fresh one's structure."""
+        if opt_state is None:
+            return None
+        fresh = self.transition.optimizer.init(params)
+        try:
+            tf.nest.assert_same_structure(fresh, opt_state)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"opt_state does not have the structure of the inner optimizer's state ({err}); pass "
+                "the final_opt_state of a previous result of this estimator."
+            ) from None
+        for name, given, expected in zip(leaf_names(opt_state, "opt_state"), tf.nest.flatten(opt_state), tf.nest.flatten(fresh)):
+            given = tf.convert_to_tensor(given)
+            if not given.shape.is_compatible_with(expected.shape):
+                raise ValueError(f"{name} has shape {given.shape}, the inner optimizer's state has {expected.shape}")
+        return tf.nest.map_structure(lambda g, e: tf.cast(g, e.dtype), opt_state, fresh)
+
     def _checkpoint_segment(self) -> int:
         return self.checkpoint_every or max(1, math.ceil(math.sqrt(self.truncate)))
 
-    def _check_every_hparam_reaches_outer(self, params, hparams, inner_batch, outer_batch) -> None:
+    def _check_every_hparam_reaches_outer(self, params, hparams, inner_batch, outer_batch, opt_state=None) -> None:
         """Trace-time probe through Ξ0, one step and f: a leaf with no path to f is a mistake.
         (Its ops have no consumer, so they are pruned from the compiled function.)"""
         flat_hp = tf.nest.flatten(hparams)
         with tf.GradientTape() as tape:
             tape.watch(flat_hp)
             w0 = self.problem.initial_params(params, hparams)
-            state, _ = self.transition(self.transition.init_state(w0), hparams, tf.constant(0), inner_batch)
+            state, _ = self.transition(self.transition.init_state(w0, opt_state), hparams, tf.constant(0), inner_batch)
             value = self.problem.outer(state.params, hparams, outer_batch)
         grads = tape.gradient(value, flat_hp)
         unreached = [name for name, g in zip(leaf_names(hparams, "hparams"), grads) if g is None]
@@ -223,6 +278,7 @@ def hypergradient_fn(
     init_params: Optional[Callable[[Any, Any], Any]] = None,
     checkpoint_every: Optional[int] = None,
     check_numerics: bool = True,
+    per_step_batches: Union[bool, BatchAtStep] = False,
 ) -> Hypergradient:
     """Builds a compiled estimator of d_λ f(ŵ(λ), λ), ŵ = w_T after `steps` inner steps.
 
@@ -242,6 +298,12 @@ def hypergradient_fn(
       init_params: optional w0 = Ξ0(params, hparams), e.g. a learned initialization (B0 term).
       checkpoint_every: states per recomputed segment for "checkpointed" (default ⌈√K⌉).
       check_numerics: raise `NonFiniteError` naming the inner step where a loss became NaN/Inf.
+      per_step_batches: True: stochastic inner problem, g_t(w, λ) on minibatch t. Every leaf
+        of `inner_batch` has a leading axis of length `steps` and inner step t (0-based) uses
+        element t, in the forward pass, in that step's VJP (A_t, B_t of Eq. 6) and in
+        checkpointed recomputation. "implicit_cg"/"neumann" solve Eq. 11 with the last
+        step's batch. A function `(inner_batch, step) -> batch of that step` selects it
+        otherwise (e.g. part of the batch per step, or a random seed derived from the step).
 
     Returns:
       A `Hypergradient`; `hg(params, hparams[, inner_batch, outer_batch])` returns
@@ -270,6 +332,11 @@ def hypergradient_fn(
             "pass exactly one of learning_rate= (plain gradient descent) or inner_optimizer= "
             "(e.g. tf_bilevel.momentum(0.1))"
         )
+    if not (isinstance(per_step_batches, bool) or callable(per_step_batches)):
+        raise TypeError(
+            "per_step_batches must be True (one minibatch per inner step on the leading axis of inner_batch), "
+            f"False, or a function (inner_batch, step) -> batch of that step, got {per_step_batches!r}"
+        )
     optimizer = sgd(learning_rate) if inner_optimizer is None else inner_optimizer
     if not isinstance(optimizer, InnerOptimizer):
         raise TypeError(f"inner_optimizer must be a tf_bilevel.InnerOptimizer (sgd/momentum/adam), got {optimizer!r}")
@@ -287,4 +354,5 @@ def hypergradient_fn(
         checkpoint_every=checkpoint_every,
         jit_compile=bool(jit_compile),
         check_numerics=check_numerics,
+        per_step_batches=per_step_batches,
     )

@@ -98,6 +98,10 @@ def momentum(learning_rate: LearningRate, beta: float = 0.9, nesterov: bool = Fa
 class AdamState(NamedTuple):
     mu: Params
     nu: Params
+    # Steps taken so far (float: it is a leaf of the back-propagated state; exact below 2^24).
+    # In the state, not taken from the step index, so that a continued run (opt_state=...)
+    # keeps counting and its bias correction does not restart.
+    count: tf.Tensor
 
 
 def adam(
@@ -117,20 +121,22 @@ def adam(
 
     def init(params: Params) -> AdamState:
         zeros = tf.nest.map_structure(tf.zeros_like, params)
-        return AdamState(mu=zeros, nu=tf.nest.map_structure(tf.zeros_like, params))
+        return AdamState(mu=zeros, nu=tf.nest.map_structure(tf.zeros_like, params), count=tf.zeros([], tf.float32))
 
     def update(grads, state, params, hparams, step):
         mu = tf.nest.map_structure(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, grads)
         nu = tf.nest.map_structure(lambda v, g: b2 * v + (1.0 - b2) * tf.square(g), state.nu, grads)
         lr = resolve_learning_rate(learning_rate, step, hparams)
 
+        count = state.count + 1.0
+
         def leaf_update(m, v):
-            count = tf.cast(step + 1, m.dtype)
+            count_m = tf.cast(count, m.dtype)
             # cast_scalar, not tf.cast: tf.cast(0.9, tf.float64) rounds 0.9 through float32
-            m_hat = m / (1.0 - tf.pow(cast_scalar(b1, m.dtype), count))
-            v_hat = v / (1.0 - tf.pow(cast_scalar(b2, m.dtype), count))
+            m_hat = m / (1.0 - tf.pow(cast_scalar(b1, m.dtype), count_m))
+            v_hat = v / (1.0 - tf.pow(cast_scalar(b2, m.dtype), count_m))
             return -cast_scalar(lr, m.dtype) * m_hat / (tf.sqrt(v_hat + eps_root) + eps)
 
-        return tf.nest.map_structure(leaf_update, mu, nu), AdamState(mu, nu)
+        return tf.nest.map_structure(leaf_update, mu, nu), AdamState(mu, nu, count)
 
     return InnerOptimizer(init, update)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
@@ -18,19 +18,42 @@ class InnerState(NamedTuple):
     opt_state: Any
 
 
-class Transition:
-    """Ξ_{t+1}: maps (w_t, opt_state_t) to (w_{t+1}, opt_state_{t+1}) for a given λ."""
+BatchAtStep = Callable[[Any, tf.Tensor], Any]
 
-    def __init__(self, problem: BilevelProblem, optimizer: InnerOptimizer):
+
+def gather_step(batch: Any, step: tf.Tensor) -> Any:
+    """Element `step` of every leaf's leading axis (a per-step minibatch), gathered in-graph."""
+    return tf.nest.map_structure(lambda x: tf.gather(x, step), batch)
+
+
+class Transition:
+    """Ξ_{t+1}: maps (w_t, opt_state_t) to (w_{t+1}, opt_state_{t+1}) for a given λ.
+
+    `batch_at_step(inner_batch, t)` selects the data of step t (stochastic inner problems:
+    g_t(w, λ) on minibatch t); None means every step sees the whole inner batch. Every pass
+    (forward, each step's VJP, checkpointed recomputation, forward mode) goes through
+    `__call__` with the absolute step index, so they all see the same batch for a step.
+    """
+
+    def __init__(self, problem: BilevelProblem, optimizer: InnerOptimizer, batch_at_step: Optional[BatchAtStep] = None):
         self.problem = problem
         self.optimizer = optimizer
+        self.batch_at_step = batch_at_step
 
-    def init_state(self, params: Any) -> InnerState:
-        return InnerState(params, self.optimizer.init(params))
+    def init_state(self, params: Any, opt_state: Any = None) -> InnerState:
+        """(w0, optimizer state): a fresh optimizer state unless one is given (to continue a run)."""
+        return InnerState(params, self.optimizer.init(params) if opt_state is None else opt_state)
+
+    def batch_at(self, batch: Any, step: Any) -> Any:
+        """The inner batch that step `step` (0-based) uses."""
+        if self.batch_at_step is None or batch is None:
+            return batch
+        return self.batch_at_step(batch, tf.convert_to_tensor(step, tf.int32))
 
     def __call__(self, state: InnerState, hparams: Any, step: tf.Tensor, batch: Any = None):
         """Returns (next state, g(w_t, λ)). The inner tape is what makes B_t, A_t second-order."""
         params = state.params
+        batch = self.batch_at(batch, step)
         with tf.GradientTape() as tape:
             tape.watch(params)
             loss = self.problem.inner(params, hparams, batch)

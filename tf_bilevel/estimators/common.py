@@ -16,6 +16,7 @@ class EstimatorOutput(NamedTuple):
     hypergrad: list  # flat, in tf.nest order of hparams
     final_params: Any
     nonfinite_step: tf.Tensor
+    final_opt_state: Any = ()
 
 
 def internal_copy(structure: Any) -> Any:

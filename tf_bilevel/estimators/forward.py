@@ -33,7 +33,8 @@ def _jvp(fn, primals: list, tangents: list):
 
 
 def forward_hypergradient(
-    transition: Transition, params: Any, hparams: Any, inner_batch: Any, outer_batch: Any, *, steps: int
+    transition: Transition, params: Any, hparams: Any, inner_batch: Any, outer_batch: Any, *, steps: int,
+    opt_state: Any = None,
 ) -> EstimatorOutput:
     """d_λ f = Z_T ∇w f + ∇λ f, computed column by column in a `tf.while_loop` over N."""
     problem = transition.problem
@@ -47,7 +48,7 @@ def forward_hypergradient(
         hp_flat = tf.nest.flatten(hp)
         hp_dot = _basis_vector(i, hp_flat)
         w0, w0_dot = _jvp(lambda: problem.initial_params(params, hp), hp_flat, hp_dot)
-        state = transition.init_state(w0)
+        state = transition.init_state(w0, opt_state)
         state_dot = type(state)(w0_dot, tf.nest.map_structure(tf.zeros_like, state.opt_state))
 
         def body(t, state, state_dot, marker):
@@ -74,21 +75,21 @@ def forward_hypergradient(
             tf.nest.flatten(state.params) + hp_out_flat,
             tf.nest.flatten(state_dot.params) + _basis_vector(i, hp_out_flat),
         )
-        return value, d_value, state.params, marker
+        return value, d_value, state, marker
 
-    def loop_body(i, column_values, value, final_params, marker):
-        value, d_value, final_params, col_marker = column(i)
-        return i + 1, column_values.write(i, d_value), value, final_params, earliest_nonfinite(marker, col_marker)
+    def loop_body(i, column_values, value, final_state, marker):
+        value, d_value, final_state, col_marker = column(i)
+        return i + 1, column_values.write(i, d_value), value, final_state, earliest_nonfinite(marker, col_marker)
 
     # The first column is peeled off the loop: it fixes the dtypes of the loop variables.
-    value, d_value, final_params, marker = column(tf.constant(0))
+    value, d_value, final_state, marker = column(tf.constant(0))
     column_values = tf.TensorArray(d_value.dtype, size=num_hparams).write(0, d_value)
-    _, column_values, value, final_params, marker = tf.while_loop(
+    _, column_values, value, final_state, marker = tf.while_loop(
         lambda i, *_: i < num_hparams,
         loop_body,
-        (tf.constant(1), column_values, value, final_params, marker),
+        (tf.constant(1), column_values, value, final_state, marker),
         maximum_iterations=max(num_hparams - 1, 1),
     )
     flat_h = tf.split(column_values.stack(), [int(x.shape.num_elements()) for x in flat_hp])
     h = [tf.cast(tf.reshape(part, x.shape), x.dtype) for part, x in zip(flat_h, flat_hp)]
-    return EstimatorOutput(value, fill_none_with_zeros(h, flat_hp), final_params, marker)
+    return EstimatorOutput(value, fill_none_with_zeros(h, flat_hp), final_state.params, marker, final_state.opt_state)

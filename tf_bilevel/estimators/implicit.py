@@ -92,14 +92,20 @@ def implicit_hypergradient(
     steps: int,
     iterations: int,
     solver: str,
+    opt_state: Any = None,
 ) -> EstimatorOutput:
-    """Eq. 11 at w_T = the result of T inner steps, solved by 'cg' or 'neumann'."""
+    """Eq. 11 at w_T = the result of T inner steps, solved by 'cg' or 'neumann'.
+
+    With per-step minibatches the linear system is that of the last step's objective
+    g_{T−1}(w_T, λ): the batch the last inner step used, whose Hessian is also the one in the
+    last VJP of K-RMD."""
     problem = transition.problem
     w0 = problem.initial_params(params, hparams)
     final, marker = run(
-        transition, transition.init_state(w0), hparams, inner_batch, start=0, num_steps=steps, max_steps=steps
+        transition, transition.init_state(w0, opt_state), hparams, inner_batch, start=0, num_steps=steps, max_steps=steps
     )
     w_T = final.params
+    inner_batch = transition.batch_at(inner_batch, steps - 1)
     value, grad_w, grad_hp = outer_value_and_grads(problem, w_T, hparams, outer_batch)
 
     def matvec(v):
@@ -111,4 +117,4 @@ def implicit_hypergradient(
         gamma = resolve_learning_rate(transition.optimizer.learning_rate, tf.constant(steps - 1), hparams)
         solution = neumann_series(matvec, grad_w, iterations, gamma if not tf.is_tensor(gamma) else tf.stop_gradient(gamma))
     cross = mixed_vector_product(problem, w_T, hparams, inner_batch, solution)
-    return EstimatorOutput(value, [g - c for g, c in zip(grad_hp, cross)], w_T, marker)
+    return EstimatorOutput(value, [g - c for g, c in zip(grad_hp, cross)], w_T, marker, final.opt_state)

@@ -106,16 +106,18 @@ def reverse_hypergradient(
     steps: int,
     truncate: int,
     checkpoint_segment: Optional[int] = None,
+    opt_state: Any = None,
 ) -> EstimatorOutput:
     """h_{T−K} of Eq. 8 (= d_λ f of Eq. 5/6 when K = T, including the B0 term).
 
     With `checkpoint_segment=c`, only every c-th of the last K states is stored and each
     segment is recomputed in the backward pass (O(M(K/c + c)) memory, one extra forward pass).
+    `opt_state` continues the inner optimizer from a given state (None: a fresh one).
     """
     problem = transition.problem
     T, K = steps, truncate
     w0 = problem.initial_params(params, hparams)
-    state = transition.init_state(w0)
+    state = transition.init_state(w0, opt_state)
     state, marker = run(transition, state, hparams, inner_batch, start=0, num_steps=T - K, max_steps=T - K)
     if checkpoint_segment is None:
         final, trajectory, marker_k = run_and_record(
@@ -142,4 +144,4 @@ def reverse_hypergradient(
     if K == T:  # the B0 term of Eq. 5 belongs to full RMD only
         num_param_leaves = len(tf.nest.flatten(w0))
         h = [a + b for a, b in zip(h, init_vjp(problem, params, hparams, alpha[:num_param_leaves]))]
-    return EstimatorOutput(value, h, final.params, marker)
+    return EstimatorOutput(value, h, final.params, marker, final.opt_state)

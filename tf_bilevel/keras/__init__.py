@@ -6,6 +6,7 @@
 """
 
 from tf_bilevel.keras import losses
+from tf_bilevel.keras.data import online_tasks
 from tf_bilevel.keras.export import export_hyper_model
 from tf_bilevel.keras.layers import BatchNormalization
 from tf_bilevel.keras.reparam import TRANSFORMS, Hyperparameter
@@ -19,6 +20,7 @@ __all__ = [
     "TRANSFORMS",
     "export_hyper_model",
     "losses",
+    "online_tasks",
 ]
 
 

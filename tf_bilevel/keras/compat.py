@@ -73,6 +73,41 @@ class Keras3Calls:
         return list(layer.non_trainable_variables)
 
     @staticmethod
+    def clone(layer: Any) -> Any:
+        """A copy of a model with the same weights (trainable and not)."""
+        import keras
+
+        try:
+            copy = keras.models.clone_model(layer)
+        except Exception as err:  # subclassed models cannot be cloned from their config
+            raise ValueError(
+                f"cannot copy inner_model {layer.name!r} ({err}); give it a get_config, or use a "
+                "Sequential/functional model"
+            ) from None
+        copy.set_weights(layer.get_weights())
+        return copy
+
+    @staticmethod
+    def seed_state_positions(layer: Any) -> list:
+        """Indices, in `layer.non_trainable_variables`, of the states of its `SeedGenerator`s."""
+        ids = {
+            id(generator.state)
+            for sub in layer._flatten_layers(include_self=True)
+            for generator in getattr(sub, "_seed_generators", [])
+        }
+        return [i for i, v in enumerate(layer.non_trainable_variables) if id(v) in ids]
+
+    @staticmethod
+    def variable_owners(layer: Any, positions: list) -> list:
+        """Names of the sublayers owning the non-trainable variables at `positions`."""
+        wanted = {id(layer.non_trainable_variables[i]) for i in positions}
+        owners = []
+        for sub in layer._flatten_layers(include_self=False):
+            if any(id(v) in wanted for v in sub._non_trainable_variables) and sub.name not in owners:
+                owners.append(sub.name)
+        return owners or [layer.name]
+
+    @staticmethod
     def call(layer: Any, trainable_values: list, non_trainable_values: list, x: Any, training: bool):
         """Returns (outputs, updated non-trainable values); the layer's variables are untouched."""
         kwargs = {"training": training} if accepts_training(layer) else {}

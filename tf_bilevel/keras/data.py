@@ -123,3 +123,53 @@ def element_spec_of(dataset: Any, argument: str) -> Any:
                 f"{argument}: dataset leaves must be dense tensors, got {leaf!r}. {ELEMENT_HELP}"
             )
     return spec
+
+
+def as_inner_batch(data: Any, argument: str) -> Batch:
+    """(x, y[, sample_weight]) as tensors, for one task's inner batch."""
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+        raise ValueError(f"{argument} must be (x, y) or (x, y, sample_weight), got {_describe(data)}")
+    return _as_batch(tuple(tf.nest.map_structure(tf.convert_to_tensor, tuple(data))), "inner", data)
+
+
+def check_online_spec(task: Task, steps: int) -> None:
+    """online=True: the inner part stacks `steps` minibatches on axis 0."""
+    for leaf in tf.nest.flatten(task.inner):
+        shape = leaf.shape
+        if shape.rank is None or shape.rank < 2 or shape[0] != steps:
+            raise ValueError(
+                f"online=True: each element's inner part must hold steps={steps} minibatches stacked on "
+                f"axis 0, got a leaf of shape {shape}. Build the stream with "
+                f"tf_bilevel.keras.online_tasks(train_dataset, validation_dataset, steps={steps}), from a "
+                "training dataset of minibatches of a fixed size (batch(n, drop_remainder=True))."
+            )
+
+
+def online_tasks(train: tf.data.Dataset, validation: tf.data.Dataset, *, steps: int) -> tf.data.Dataset:
+    """The element stream of `BilevelTrainer(..., online=True)` from ordinary pipelines.
+
+    `train` yields minibatches `(x, y[, sample_weight])` of a fixed size (batch with
+    `drop_remainder=True`); shuffling, augmentation and batching stay yours. `validation`
+    yields the batches of the outer loss. Element k of the result is
+    `((x[steps, b, ...], y[steps, b]), (x_val, y_val))`: training minibatches
+    k·steps … k·steps + steps − 1 (train is repeated: the stream is endless, so give `fit`
+    `steps_per_epoch`, e.g. `len(train) // steps` for epochs over the training set) and
+    validation batch k (validation is repeated too).
+
+    For an exact resume after an interruption pass `trainer.resumable(online_tasks(...))`,
+    and make the pipelines deterministic (a `seed=` in `shuffle` and in random augmentation).
+    """
+    for dataset, name in ((train, "train"), (validation, "validation")):
+        if not isinstance(dataset, tf.data.Dataset):
+            raise TypeError(f"online_tasks: {name} must be a tf.data.Dataset of batches, got {type(dataset).__name__}")
+        _as_batch(dataset.element_spec, name, dataset.element_spec)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"online_tasks: steps must be a positive int (T, the trainer's steps), got {steps!r}")
+    for leaf in tf.nest.flatten(train.element_spec):
+        if leaf.shape.rank is None or leaf.shape.rank < 1 or leaf.shape[0] is None:
+            raise ValueError(
+                f"online_tasks: train must yield minibatches of a fixed size, got a leaf of shape {leaf.shape}: "
+                "batch it with drop_remainder=True (e.g. train.batch(128, drop_remainder=True))."
+            )
+    inner = train.repeat().batch(steps, drop_remainder=True)
+    return tf.data.Dataset.zip((inner, validation.repeat()))

@@ -99,6 +99,41 @@ class LegacyCalls:
         return list(layer.non_trainable_variables)
 
     @staticmethod
+    def clone(layer: Any) -> Any:
+        try:
+            copy = tf_keras.models.clone_model(layer)
+        except Exception as err:
+            raise ValueError(f"cannot copy inner_model {layer.name!r} ({err}); use a Sequential/functional model") from None
+        copy.set_weights(layer.get_weights())
+        return copy
+
+    @staticmethod
+    def seed_state_positions(layer: Any) -> list:
+        """tf-keras' random layers draw from an RNG the functional call cannot replay, so a
+        step's VJP would see a different mask than its forward pass: they are refused."""
+        random_layers = [
+            sub.name for sub in layer._flatten_layers(include_self=True, recursive=True)
+            if getattr(sub, "_random_generator", None) is not None
+        ]
+        if random_layers:
+            raise ValueError(
+                f"LegacyBilevelTrainer: inner_model layer(s) {random_layers} draw random numbers (Dropout, "
+                "noise, augmentation), which the tf-keras path cannot make identical in an inner step and "
+                "its recomputation in the backward pass. Use Keras 3 and tf_bilevel.BilevelTrainer (fresh, "
+                "reproducible masks per inner step) or remove the layer from the inner model."
+            )
+        return []
+
+    @staticmethod
+    def variable_owners(layer: Any, positions: list) -> list:
+        wanted = {id(layer.non_trainable_variables[i]) for i in positions}
+        owners = [
+            sub.name for sub in layer._flatten_layers(include_self=False, recursive=True)
+            if any(id(v) in wanted for v in sub.non_trainable_variables)
+        ]
+        return owners or [layer.name]
+
+    @staticmethod
     def call(layer: Any, trainable_values: list, non_trainable_values: list, x: Any, training: bool):
         trainable = LegacyCalls.trainable(layer)
         non_trainable = LegacyCalls.non_trainable(layer)
@@ -143,6 +178,7 @@ class LegacyBilevelTrainer(BilevelTrainerMixin, tf_keras.Model):
         inner_optimizer: Union[str, Callable] = "sgd",
         inner_init: Union[str, Callable] = "fixed",
         meta_batch: bool = False,
+        online: bool = False,
         diagnostics_every: Optional[int] = None,
         on_nonfinite: str = "raise",
         seed: int = 0,
@@ -154,7 +190,7 @@ class LegacyBilevelTrainer(BilevelTrainerMixin, tf_keras.Model):
             estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
             inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
             inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
-            meta_batch=meta_batch, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
+            meta_batch=meta_batch, online=online, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
         )
 
     def _warn_inexact_second_order(self) -> None:

@@ -36,10 +36,17 @@ INNER_OPTIMIZERS = {"sgd": tfb.sgd, "momentum": tfb.momentum, "adam": tfb.adam}
 
 
 class CoreBatch(NamedTuple):
-    """What the core passes to the losses: the data and the inner model's non-trainable state."""
+    """What the core passes to the losses: the data, the inner model's non-trainable state and
+    the stateless seed of this task (of this inner step once `batch_at_step` has run)."""
 
     data: Batch
     inner_state: list
+    seed: tf.Tensor
+
+
+def fold_seed(seed: tf.Tensor, index: Any) -> tf.Tensor:
+    """A new stateless seed from (seed, index), identical under TF and XLA (explicit philox)."""
+    return tf.random.experimental.stateless_fold_in(seed, tf.cast(index, tf.int64), alg="philox")
 
 
 def _num_positional_args(fn: Callable) -> int:
@@ -95,8 +102,11 @@ class KerasBilevelProblem:
         inner_learning_rate: Union[float, Hyperparameter, Callable] = 0.1,
         inner_optimizer: Union[str, Callable] = "sgd",
         inner_init: Union[str, Callable] = "fixed",
+        online: bool = False,
     ):
         self.calls = calls
+        self.online = bool(online)
+        self.seed_positions: list = []  # indices of RNG seed states among the inner model's non-trainable values
         self.inner_model = inner_model
         self.hyper_model = hyper_model
         _require_callable(inner_loss, "inner_loss", "(y_true, y_pred[, hparams]) -> per-example losses or scalar")
@@ -169,6 +179,20 @@ class KerasBilevelProblem:
                 "optimize in the inner problem (is it frozen with trainable=False?). The inner model's "
                 "trainable weights are w; put frozen feature layers in hyper_model instead."
             )
+        self.seed_positions = self.calls.seed_state_positions(self.inner_model)
+        if self.online:
+            stateful = [
+                i for i in range(len(self.calls.non_trainable(self.inner_model))) if i not in self.seed_positions
+            ]
+            if stateful:
+                owners = self.calls.variable_owners(self.inner_model, stateful)
+                raise ValueError(
+                    f"online=True: inner_model layer(s) {owners} keep non-trainable state (e.g. "
+                    "BatchNormalization's moving statistics), which online training does not update "
+                    "across inner steps yet, so the trained model would serve with stale statistics. "
+                    "Use a layer without such state (LayerNormalization, GroupNormalization) or "
+                    "online=False."
+                )
         if self.hyper_model is not None and not self.calls.trainable(self.hyper_model):
             raise ValueError(
                 f"hyper_model {self.hyper_model.name!r} has no trainable weights: its weights are the "
@@ -203,10 +227,38 @@ class KerasBilevelProblem:
         return hp, list(hyper_state)
 
     # -- the core's g, f, Ξ0, γ -----------------------------------------------------------
+    def batch_at_step(self, batch: CoreBatch, step: tf.Tensor) -> CoreBatch:
+        """The core's per-step batch selector: minibatch `step` in online mode (a gather in the
+        compiled loop) and, always, a seed folded with the step, so that Dropout draws a fresh
+        mask at every inner step, the same in the step's forward pass and its recomputation."""
+        data = tf.nest.map_structure(lambda x: tf.gather(x, step), batch.data) if self.online else batch.data
+        return CoreBatch(data, batch.inner_state, fold_seed(batch.seed, step))
+
+    def inner_batch(self, data: Batch, inner_state: list, seed: tf.Tensor) -> CoreBatch:
+        return CoreBatch(data, inner_state, seed)
+
+    def outer_batch(self, data: Batch, inner_state: list, seed: tf.Tensor) -> CoreBatch:
+        """The outer batch's seed is folded with -1: no inner step draws the same randomness."""
+        return CoreBatch(data, inner_state, fold_seed(seed, -1))
+
     def predict(self, params: list, hp: dict, batch: CoreBatch, which: str) -> tf.Tensor:
         x = hp["features"][which] if self.hyper_model is not None else batch.data.x
-        outputs, _ = self.calls.call(self.inner_model, params, batch.inner_state, x, True)
+        # Online, f is a validation loss of the model being trained: inference mode, as Keras
+        # validates. Per task (episodic), both run in training mode (per-task BatchNorm statistics).
+        training = not (self.online and which == "outer")
+        outputs, _ = self.calls.call(self.inner_model, params, self._seeded_state(batch), x, training)
         return outputs
+
+    def _seeded_state(self, batch: CoreBatch) -> list:
+        """The inner model's non-trainable values with every RNG seed state (Dropout, noise
+        layers) replaced by one derived from the batch's seed: stateless_call would otherwise
+        reuse the stored seed, i.e. the same mask at every step and every hyper-iteration."""
+        if not self.seed_positions:
+            return batch.inner_state
+        state = list(batch.inner_state)
+        for j, i in enumerate(self.seed_positions):
+            state[i] = tf.cast(fold_seed(batch.seed, j), state[i].dtype)
+        return state
 
     def inner_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
         """g(w, λ)."""
@@ -259,7 +311,7 @@ class KerasBilevelProblem:
         return tfb.hypergradient_fn(
             self.inner_loss, self.outer_loss, steps=steps, truncate=truncate, estimator=estimator,
             inner_optimizer=self.inner_optimizer, init_params=self.init_params(), jit_compile=False,
-            check_numerics=check_numerics,
+            check_numerics=check_numerics, per_step_batches=self.batch_at_step,
         )
 
     # -- helpers ------------------------------------------------------------------------

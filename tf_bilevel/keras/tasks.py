@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import tensorflow as tf
 
 from tf_bilevel.keras.data import Task
-from tf_bilevel.keras.problem import CoreBatch, KerasBilevelProblem, explain_second_order
+from tf_bilevel.keras.problem import KerasBilevelProblem, explain_second_order
 
 
 class StepInputs(NamedTuple):
@@ -24,6 +24,7 @@ class StepInputs(NamedTuple):
     stored_inner: list  # the inner model's stored trainable weights (source of w0)
     inner_state: list  # the inner model's non-trainable values (BatchNorm statistics)
     hyper_state: list  # the hyper model's non-trainable values
+    inner_opt_state: Any = None  # online: the inner optimizer's state to continue from
 
 
 class TaskResult(NamedTuple):
@@ -34,6 +35,7 @@ class TaskResult(NamedTuple):
     hyper_state: list  # the hyper model's non-trainable values after this task (BN statistics)
     final_params: list  # w_T
     reference: list  # full-RMD d f / d(raw λ) when requested, else zeros; [] without diagnostics
+    final_opt_state: list  # online: the inner optimizer's state after step T, flat; else []
 
 
 class TaskHypergradient:
@@ -61,10 +63,10 @@ class TaskHypergradient:
             raw = tf.nest.pack_sequence_as(inputs.raw, flat_raw)
             hp, hyper_state = problem.hparams(raw, self.specs, inputs.hyper_state, task.inner, task.outer)
         w0 = problem.initial_params(inputs.stored_inner, seed)
-        inner_batch = CoreBatch(task.inner, inputs.inner_state)
-        outer_batch = CoreBatch(task.outer, inputs.inner_state)
+        inner_batch = problem.inner_batch(task.inner, inputs.inner_state, seed)
+        outer_batch = problem.outer_batch(task.outer, inputs.inner_state, seed)
         try:
-            result = self.hypergradient.compute(w0, hp, inner_batch, outer_batch)
+            result = self.hypergradient.compute(w0, hp, inner_batch, outer_batch, opt_state=inputs.inner_opt_state)
         except LookupError as err:  # "Gradient explicitly disabled" (fused cross-entropy)
             raise explain_second_order(err) from None
         flat_hp = tf.nest.flatten(hp)
@@ -87,9 +89,10 @@ class TaskHypergradient:
             ref_hp = tf.cond(with_reference, full_rmd, skipped)
             reference = tape.gradient(flat_hp, flat_raw, output_gradients=ref_hp)
         y_pred = problem.predict(result.final_params, hp, outer_batch, "outer")
+        final_opt_state = tf.nest.flatten(result.final_opt_state) if inputs.inner_opt_state is not None else []
         return TaskResult(
             result.outer_value, list(grads), result.nonfinite_step, y_pred, hyper_state,
-            list(result.final_params), list(reference),
+            list(result.final_params), list(reference), final_opt_state,
         )
 
     def output_signature(self, inputs: StepInputs, task: Task) -> TaskResult:
@@ -98,7 +101,7 @@ class TaskHypergradient:
         flat_raw = [_spec(x) for x in tf.nest.flatten(inputs.raw)]
         return TaskResult(
             value, flat_raw, tf.TensorSpec([], tf.int32), y_pred, hyper_state, w0,
-            flat_raw if self.reference is not None else [],
+            flat_raw if self.reference is not None else [], [],
         )
 
 
@@ -112,8 +115,9 @@ def forward_probe(problem: KerasBilevelProblem, specs: dict, inputs: StepInputs,
     The probe's ops have no consumer and are pruned from the compiled step. `with_loss=False`
     (predict: the outer labels are absent) skips f and returns None for its spec."""
     hp, hyper_state = problem.hparams(inputs.raw, specs, inputs.hyper_state, task.inner, task.outer)
-    outer_batch = CoreBatch(task.outer, inputs.inner_state)
-    w0 = problem.initial_params(inputs.stored_inner, tf.zeros([2], tf.int64))
+    seed = tf.zeros([2], tf.int64)
+    outer_batch = problem.outer_batch(task.outer, inputs.inner_state, seed)
+    w0 = problem.initial_params(inputs.stored_inner, seed)
     y_pred = problem.predict(w0, hp, outer_batch, "outer")
     value = _spec(problem.outer_loss(w0, hp, outer_batch)) if with_loss else None
     return value, _spec(y_pred), [_spec(x) for x in hyper_state], [_spec(x) for x in w0]
@@ -129,10 +133,8 @@ class TaskEvaluation:
 
     def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         hp, _ = self.problem.hparams(inputs.raw, self.specs, inputs.hyper_state, task.inner, task.outer)
-        w0 = self.problem.initial_params(inputs.stored_inner, seed)
-        inner_batch = CoreBatch(task.inner, inputs.inner_state)
-        outer_batch = CoreBatch(task.outer, inputs.inner_state)
-        w_T = self.hypergradient.solve_uncompiled(w0, hp, inner_batch)
+        w_T = adapted_weights(self.problem, self.hypergradient, inputs, task, seed, hp)
+        outer_batch = self.problem.outer_batch(task.outer, inputs.inner_state, seed)
         return self.problem.outer_loss(w_T, hp, outer_batch), self.problem.predict(w_T, hp, outer_batch, "outer")
 
 
@@ -146,9 +148,17 @@ class TaskPrediction:
 
     def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor) -> tf.Tensor:
         hp, _ = self.problem.hparams(inputs.raw, self.specs, inputs.hyper_state, task.inner, task.outer)
-        w0 = self.problem.initial_params(inputs.stored_inner, seed)
-        w_T = self.hypergradient.solve_uncompiled(w0, hp, CoreBatch(task.inner, inputs.inner_state))
-        return self.problem.predict(w_T, hp, CoreBatch(task.outer, inputs.inner_state), "outer")
+        w_T = adapted_weights(self.problem, self.hypergradient, inputs, task, seed, hp)
+        return self.problem.predict(w_T, hp, self.problem.outer_batch(task.outer, inputs.inner_state, seed), "outer")
+
+
+def adapted_weights(problem: KerasBilevelProblem, hypergradient: Any, inputs: StepInputs, task: Task, seed, hp) -> list:
+    """The weights `evaluate`/`predict` use: w_T after T steps on the task's inner batch, or,
+    online, the current weights of the model being trained (evaluating must not train it)."""
+    if problem.online:
+        return list(inputs.stored_inner)
+    w0 = problem.initial_params(inputs.stored_inner, seed)
+    return hypergradient.solve_uncompiled(w0, hp, problem.inner_batch(task.inner, inputs.inner_state, seed))
 
 
 def map_tasks(fn: Callable, tasks: Task, seeds: tf.Tensor, signature: Any) -> Any:

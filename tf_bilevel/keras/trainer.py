@@ -50,6 +50,14 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         "learned" (w0 is a hyperparameter, MAML-style), or `(seed, stored) -> weights`.
       meta_batch: every element holds a stack of tasks on axis 0; the hypergradient is their
         mean (computed in one compiled step with `tf.map_fn`).
+      online: tune while you train. Each element holds `steps` training minibatches stacked
+        on axis 0 and one validation batch (`tf_bilevel.keras.online_tasks(train, val,
+        steps=T)`); inner step t uses minibatch t, and the inner model's weights and the
+        inner optimizer's state (momentum, Adam moments) continue from one hyper-iteration
+        to the next. The inner model's variables hold the current w, so after `fit` it is
+        trained (`inner_model.evaluate/predict/save` work directly). With online=False
+        (the default, episodic), the inner model is each task's starting point w0 and is
+        not trained by `fit`: `adapted_inner_model(task)` returns a trained copy.
       diagnostics_every: every N steps also compute the full-RMD hypergradient and report
         `cosine_to_full_rmd` / `relative_error_to_full_rmd` (Figs. 6–7). Costly.
       on_nonfinite: "raise" (default: `tfb.NonFiniteError` naming the step, λ not updated)
@@ -105,6 +113,7 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         inner_optimizer: Union[str, Callable] = "sgd",
         inner_init: Union[str, Callable] = "fixed",
         meta_batch: bool = False,
+        online: bool = False,
         diagnostics_every: Optional[int] = None,
         on_nonfinite: str = "raise",
         seed: int = 0,
@@ -116,7 +125,7 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
             estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
             inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
             inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
-            meta_batch=meta_batch, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
+            meta_batch=meta_batch, online=online, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
         )
 
     def train_step(self, data):

@@ -57,6 +57,28 @@ def _all_finite(tensors: list) -> tf.Tensor:
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
 
 
+def _check_online_arguments(online: Any, *, meta_batch: Any, inner_init: Any, hyper_model: Any) -> None:
+    if not isinstance(online, bool):
+        raise TypeError(f"online must be True or False, got {online!r}")
+    if not online:
+        return
+    if meta_batch:
+        raise ValueError(
+            "online=True trains one model on one stream of minibatches: meta_batch=True (a stack of "
+            "independent tasks per element) does not apply. Use meta_batch=False."
+        )
+    if inner_init != "fixed":
+        raise ValueError(
+            f"online=True continues from the inner model's current weights, so inner_init={inner_init!r} "
+            "does not apply: leave inner_init at its default ('fixed')."
+        )
+    if hyper_model is not None:
+        raise ValueError(
+            "online=True does not support a hyper_model yet (it would be applied to every inner "
+            "minibatch); learn named hyperparameters=..., or use online=False for a meta-learned representation."
+        )
+
+
 def _variable_name(path: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]+", "_", path).strip("_")
 
@@ -84,6 +106,7 @@ class BilevelTrainerMixin:
         inner_optimizer: Any,
         inner_init: Any,
         meta_batch: bool,
+        online: bool,
         diagnostics_every: Optional[int],
         on_nonfinite: str,
         seed: int,
@@ -109,11 +132,12 @@ class BilevelTrainerMixin:
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be a Python int, got {seed!r}")
+        _check_online_arguments(online, meta_batch=meta_batch, inner_init=inner_init, hyper_model=hyper_model)
         self.problem = KerasBilevelProblem(
             self._calls, inner_model, inner_loss, outer_loss,
             hyper_model=hyper_model, hyperparameters=hyperparameters, inner_regularizer=inner_regularizer,
             proximal_strength=proximal_strength, inner_learning_rate=inner_learning_rate,
-            inner_optimizer=inner_optimizer, inner_init=inner_init,
+            inner_optimizer=inner_optimizer, inner_init=inner_init, online=online,
         )
         # Validates steps / truncate / estimator now, with the core's messages.
         self.hypergradient = self.problem.build_hypergradient(
@@ -128,6 +152,7 @@ class BilevelTrainerMixin:
         self.hyper_model = hyper_model
         self.steps, self.truncate, self.estimator = steps, self.hypergradient.truncate, estimator
         self.meta_batch = bool(meta_batch)
+        self.online = bool(online)
         self.diagnostics_every = diagnostics_every
         self.on_nonfinite = on_nonfinite
         self.seed = seed
@@ -162,6 +187,13 @@ class BilevelTrainerMixin:
         self._require_built("hyper_variables")
         return tf.nest.flatten(self._built_state.raw)
 
+    @property
+    def inner_optimizer_variables(self) -> list:
+        """online=True: the variables holding the inner optimizer's state (momentum, Adam
+        moments) between hyper-iterations; [] otherwise (each task starts it fresh)."""
+        self._require_built("inner_optimizer_variables")
+        return list(self._built_state.inner_opt_vars)
+
     def hyperparameter_values(self) -> dict:
         """The current values λ = transform(ν) of the named hyperparameters, plus (if used)
         "inner_learning_rate", "centers", "strengths" and "init", as tensors."""
@@ -171,6 +203,41 @@ class BilevelTrainerMixin:
         values = tf.nest.map_structure(lambda spec, v: spec.value_from_raw(_read(v)), state.specs, raw)
         user = values.pop("user")
         return {**user, **values}
+
+    def adapted_inner_model(self, inner_data: Any) -> Any:
+        """A copy of `inner_model` trained on one task's inner batch `(x, y[, sample_weight])`
+        for `steps` inner steps with the current λ, exactly as `fit` trains it per task.
+
+        With online=False the inner model itself is only each task's starting point w0; this
+        gives the trained weights w_T of a task. With online=True the inner model is trained
+        in place: use `inner_model` directly."""
+        self._require_built("adapted_inner_model")
+        if self.online:
+            raise ValueError("adapted_inner_model: with online=True the inner model itself is trained; use trainer.inner_model")
+        if self.meta_batch:
+            raise ValueError("adapted_inner_model takes one task's inner batch (x, y); with meta_batch=True pass task i's tensors")
+        batch = data_lib.as_inner_batch(inner_data, "adapted_inner_model(inner_data)")
+        trained = self._adapt_function(batch)
+        copy = self._calls.clone(self.inner_model)
+        for variable, value in zip(self._calls.trainable(copy), trained):
+            variable.assign(value)
+        return copy
+
+    def _adapt_function(self, batch: Any) -> list:
+        task = data_lib.Task(batch, batch)
+        inputs = self._step_inputs()
+        state = self._built_state
+        fn = getattr(state, "adapt_fn", None)
+        if fn is None:
+            def adapt(inputs, task):
+                hp, _ = self.problem.hparams(inputs.raw, state.specs, inputs.hyper_state, task.inner, task.outer)
+                seed = self._task_seeds(task, tf.constant(-1, tf.int64))[0]
+                w0 = self.problem.initial_params(inputs.stored_inner, seed)
+                inner_batch = self.problem.inner_batch(task.inner, inputs.inner_state, seed)
+                return self.hypergradient.solve_uncompiled(w0, hp, inner_batch)
+
+            fn = state.adapt_fn = tf.function(adapt, autograph=False)
+        return fn(inputs, task)
 
     def resumable(self, tasks: Any) -> tf.data.Dataset:
         """A stream of tasks that starts where the last hyper-iteration stopped, for `fit`.
@@ -206,6 +273,14 @@ class BilevelTrainerMixin:
         if self.meta_batch:
             data_lib.num_tasks(task)
             task = data_lib.unstack_spec(task)
+        if self.online:
+            if self.distribute_strategy.num_replicas_in_sync > 1:
+                raise ValueError(
+                    "online=True runs under a single replica for now: the per-replica split of an element "
+                    "would cut its step axis. Create the trainer outside the multi-device strategy."
+                )
+            data_lib.check_online_spec(task, self.steps)
+            task = data_lib.Task(data_lib.unstack_spec(task.inner), task.outer)
         # Variables are created in the strategy the trainer was created under (tf.distribute).
         with self.distribute_strategy.scope():
             x_inner = data_lib.zeros_like_spec(task.inner.x)
@@ -332,8 +407,11 @@ class BilevelTrainerMixin:
         scaled = [g / tf.cast(num_replicas, g.dtype) for g in grads]
         self._apply_if(apply, scaled)
         self._update_hyper_state(apply, hyper_state, replica)
-        if self.problem.inner_init == "warm_start":
+        if self.problem.inner_init == "warm_start" or self.online:
             self._update_stored_inner(apply, final_params, replica)
+        if self.online:
+            for variable, value in zip(self._built_state.inner_opt_vars, result.final_opt_state):
+                variable.assign(tf.where(apply, value, _read(variable)))
         # Only once this step's element has arrived: a `resumable` stream reads meta_step when it
         # starts, and nothing else orders the increment after the iterator's get_next.
         with tf.control_dependencies([tf.nest.flatten(data)[0]]):
@@ -431,6 +509,7 @@ class BilevelTrainerMixin:
         state.raw_names = [f"hyper_model weight {v.name!r}" for v in hyper_vars] + [
             _describe_leaf(name) for name in names
         ]
+        state.inner_opt_vars = self._create_inner_optimizer_state() if self.online else []
         if not tf.nest.flatten(state.raw):
             raise ValueError(
                 "there are no hyperparameters to learn: pass a hyper_model (with trainable weights), "
@@ -439,12 +518,32 @@ class BilevelTrainerMixin:
             )
         self._hyperparameters_created = True
 
+    def _create_inner_optimizer_state(self) -> list:
+        """online=True: variables holding the inner optimizer's state between hyper-iterations
+        (checkpointed with the rest, so a resumed run continues the same momentum)."""
+        weights = [_read(v) for v in self._calls.trainable(self.inner_model)]
+        fresh = self.problem.inner_optimizer.init(weights)
+        self._built_state.inner_opt_structure = fresh
+        return [
+            self.add_weight(
+                name=f"inner_optimizer_state_{i}", shape=x.shape, dtype=x.dtype,
+                initializer=_constant(np.asarray(x)), trainable=False,
+                aggregation=self._calls.first_replica_aggregation,
+            )
+            for i, x in enumerate(tf.nest.flatten(fresh))
+        ]
+
     def _step_inputs(self) -> StepInputs:
         raw = tf.nest.map_structure(_read, self._built_state.raw)
         inner_state = [_read(v) for v in self._calls.non_trainable(self.inner_model)]
         hyper_state = [_read(v) for v in self._calls.non_trainable(self.hyper_model)] if self.hyper_model is not None else []
         stored = [_read(v) for v in self._calls.trainable(self.inner_model)]
-        return StepInputs(raw, stored, inner_state, hyper_state)
+        opt_state = None
+        if self.online:
+            opt_state = tf.nest.pack_sequence_as(
+                self._built_state.inner_opt_structure, [_read(v) for v in self._built_state.inner_opt_vars]
+            )
+        return StepInputs(raw, stored, inner_state, hyper_state, opt_state)
 
     def _task_seeds(self, task: data_lib.Task, step: tf.Tensor) -> tf.Tensor:
         """Stateless seeds fold_in(fold_in((seed, 0), step), global task index), one per task."""
@@ -501,7 +600,8 @@ class BilevelTrainerMixin:
             variable.assign(tf.where(apply, value, _read(variable)))
 
     def _update_stored_inner(self, apply: tf.Tensor, final_params: list, replica: Any) -> None:
-        """inner_init='warm_start': the next tasks start from the mean w_T of this meta-batch."""
+        """inner_init='warm_start': the next tasks start from the mean w_T of this meta-batch;
+        online: the inner model's variables hold the current w (meta_batch is off there)."""
         for variable, value in zip(self._calls.trainable(self.inner_model), final_params):
             value = replica.all_reduce(tf.distribute.ReduceOp.MEAN, value)
             variable.assign(tf.where(apply, value, _read(variable)))
