@@ -31,12 +31,6 @@ import tensorflow as tf
 import tf_bilevel as tfb
 from experiments.run_state import pause_to_be_killed, write_json_atomically
 
-# The online mode of the trainer (issue #11 §2): w and the inner optimizer's state continue
-# across hyper-iterations, and each element holds T minibatches. Until it exists the programs
-# run a stand-in (inner_init="warm_start": w continues, the momentum restarts every
-# hyper-iteration, and the T inner steps reuse one minibatch), to exercise the plumbing only.
-ONLINE_MODE = hasattr(tfb.keras, "online_tasks")
-
 
 # ----------------------------------------------------------------------------------------
 # Data streams.
@@ -73,30 +67,16 @@ def minibatch_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def resumable_stream(make: Callable[[tf.Tensor], tf.data.Dataset], position: tf.Variable) -> tf.data.Dataset:
-    """`make(position)` with the variable read when iteration starts (after BackupAndRestore
-    restored it), as `BilevelTrainer.resumable` does for tasks."""
-    return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(
-        lambda _: make(tf.cast(tf.convert_to_tensor(position), tf.int64)))
-
-
 def online_task_stream(train: tuple, val: tuple, *, steps: int, batch_size: int, val_batch_size: int,
                        seed: int, start: Any) -> tf.data.Dataset:
-    """The trainer's elements from hyper-iteration `start` on: T training minibatches and one
-    validation batch each (`tfb.keras.online_tasks`); the stand-in (see ONLINE_MODE) takes the
-    first minibatch of each group of T instead."""
+    """The elements of `BilevelTrainer(online=True)` from hyper-iteration `start` on
+    (`tfb.keras.online_tasks`): training minibatches start·T … start·T + T − 1 and validation
+    batch `start` (a seeded stream of its own), so `trainer.resumable(lambda start: ...)`
+    jumps straight to where an interrupted run stopped."""
     start = tf.cast(start, tf.int64)
     train_ds = minibatch_stream(*train, batch_size, seed, start * steps)
     val_ds = minibatch_stream(*val, min(val_batch_size, len(val[0])), seed + 1, start)
-    if ONLINE_MODE:
-        return tfb.keras.online_tasks(train_ds, val_ds, steps=steps).prefetch(2)
-    grouped = train_ds.batch(steps, drop_remainder=True).map(lambda x, y: (x[0], y[0]))
-    return tf.data.Dataset.zip((grouped, val_ds)).prefetch(2)
-
-
-def online_trainer_options() -> dict:
-    """The BilevelTrainer arguments that select online training (or its stand-in)."""
-    return {"online": True} if ONLINE_MODE else {"inner_init": "warm_start"}
+    return tfb.keras.online_tasks(train_ds, val_ds, steps=steps).prefetch(2)
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,9 +221,12 @@ class MethodStore:
     def record_path(self, method: str) -> str:
         return os.path.join(self.root, f"{method}.record.json")
 
+    def backup_dir(self, method: str) -> str:
+        return os.path.join(self.root, "backup", method)
+
     def callbacks(self, method: str, recorder: EpochRecorder) -> list:
         """[recorder, BackupAndRestore, (PauseOnce)] for one method's fit."""
-        backup = keras.callbacks.BackupAndRestore(os.path.join(self.root, "backup", method), delete_checkpoint=False)
+        backup = keras.callbacks.BackupAndRestore(self.backup_dir(method), delete_checkpoint=False)
         callbacks = [recorder, backup]
         if self.pause and self.pause[0] == method:
             callbacks.append(PauseOnce(os.path.join(self.root, f"paused_{method}_{self.pause[1]}"), self.pause[1]))
@@ -282,7 +265,6 @@ def environment() -> dict:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "load_average": load,
-        "online_mode": ONLINE_MODE,
     }
 
 
@@ -293,15 +275,43 @@ def final_row(recorder: EpochRecorder, **extra: Any) -> dict:
             "train_seconds": rec["train_seconds"][-1], "record": rec, **extra}
 
 
+def restored_epoch(backup_dir: str) -> int:
+    """The epoch a BackupAndRestore checkpoint in `backup_dir` resumes at (0 if none)."""
+    path = os.path.join(backup_dir, "training_metadata.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f)["epoch"])
+
+
+class CheckRestoredPosition(keras.callbacks.Callback):
+    """After BackupAndRestore (place it later in the list): the restored optimizer step must be
+    where the data stream was started, else the run would silently see other minibatches."""
+
+    def __init__(self, expected: int):
+        super().__init__()
+        self.expected = expected
+
+    def on_train_begin(self, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step != self.expected:
+            raise RuntimeError(f"the restored checkpoint is at SGD step {step}, not {self.expected} (its metadata was "
+                               "damaged?): delete the method's folder under <output_dir>/resume/backup and rerun.")
+
+
 def fit_keras(model: keras.Model, method: str, train: tuple, *, test: tuple, val: tuple, epochs: int,
               steps_per_epoch: int, batch_size: int, seed: int, store: MethodStore) -> EpochRecorder:
     """Plain Keras training of a compiled, built `model` on minibatches of `train`, resumable
-    per epoch (the stream restarts at the restored `optimizer.iterations`); returns the record."""
-    stream = resumable_stream(lambda start: minibatch_stream(*train, batch_size, seed, start),
-                              model.optimizer.iterations)
+    per epoch; returns the record. The stream starts at the checkpoint's epoch, read from the
+    backup's metadata before fit (a tf.data function reading `optimizer.iterations` at run time
+    saw a wrong value once prefetching or callbacks were involved: other minibatches)."""
+    start = restored_epoch(store.backup_dir(method)) * steps_per_epoch
+    stream = minibatch_stream(*train, batch_size, seed, start)
     recorder = EpochRecorder(f"[{method}]", epochs, steps_per_epoch, model, test, val, store.record_path(method))
+    callbacks = store.callbacks(method, recorder)
+    callbacks.insert(2, CheckRestoredPosition(start))
     model.fit(stream.prefetch(2), epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
-              callbacks=store.callbacks(method, recorder), verbose=0)
+              callbacks=callbacks, verbose=0)
     recorder.finish()
     return recorder
 

@@ -246,7 +246,7 @@ def run_bilevel(cfg: Config, data: dict, steps: int, store: oc.MethodStore) -> d
         inner_regularizer=weight_decay_regularizer(kernel_indices(model)),
         inner_learning_rate=tfb.Hyperparameter(cfg.init_lr, transform="exp"),
         inner_optimizer=lambda lr: tfb.momentum(lr, beta=cfg.momentum),
-        seed=cfg.seed, **oc.online_trainer_options())
+        seed=cfg.seed, online=True)
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.outer_lr), metrics=["accuracy"], jit_compile=cfg.jit_compile)
     steps_per_epoch = len(data["train"][1]) // (cfg.batch_size * steps)
     tasks = trainer.resumable(lambda start: oc.online_task_stream(
@@ -260,7 +260,7 @@ def run_bilevel(cfg: Config, data: dict, steps: int, store: oc.MethodStore) -> d
     recorder.finish()
     return store.save(method, oc.final_row(
         recorder, steps=steps, truncate=steps, hyper_iterations=cfg.epochs * steps_per_epoch,
-        hyperparameters=hp_summary(trainer.hyperparameter_values()), online_mode=oc.ONLINE_MODE))
+        hyperparameters=hp_summary(trainer.hyperparameter_values())))
 
 
 def fit_plain(cfg: Config, data: dict, method: str, weight_decays: Sequence[float], lr: float,
@@ -467,7 +467,7 @@ def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Option
     guard_settings(store.root, settings_fingerprint(cfg), "the runs")
     if arrays is None:
         arrays, data_info = load_data(cfg)
-    print(f"[online_hpo] {data_info}; online mode: {oc.ONLINE_MODE}", flush=True)
+    print(f"[online_hpo] {data_info}", flush=True)
     methods: dict[str, dict] = {}
     if "bilevel" in cfg.methods:
         for steps in cfg.truncate:

@@ -231,7 +231,7 @@ def run_mwn(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
         steps=1, truncate=1,
         hyperparameters={"weighting": [tfb.Hyperparameter(t, transform="identity") for t in theta0]},
         inner_learning_rate=cfg.lr, inner_optimizer=lambda lr: tfb.momentum(lr, beta=cfg.momentum),
-        seed=cfg.seed, **oc.online_trainer_options())
+        seed=cfg.seed, online=True)
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.outer_lr), metrics=["accuracy"], jit_compile=cfg.jit_compile)
     steps_per_epoch = len(data["train"][1]) // cfg.batch_size
     tasks = trainer.resumable(lambda start: oc.online_task_stream(
@@ -260,7 +260,7 @@ def run_mwn(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
                "histogram_right": np.histogram(v[~wrong], np.linspace(0, 1, 21))[0].tolist()}
     return store.save("mwn", oc.final_row(recorder, hyper_iterations=cfg.epochs * steps_per_epoch,
                                           loss_grid=LOSS_GRID.tolist(), example_weights=weights,
-                                          theta=[t.tolist() for t in theta], online_mode=oc.ONLINE_MODE))
+                                          theta=[t.tolist() for t in theta]))
 
 
 def run_plain(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict:
@@ -356,7 +356,7 @@ def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Option
     guard_settings(store.root, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "the runs")
     if arrays is None:
         arrays, data_info = load_data(cfg)
-    print(f"[reweighting] {data_info}; online mode: {oc.ONLINE_MODE}", flush=True)
+    print(f"[reweighting] {data_info}", flush=True)
     methods = {}
     if "mwn" in cfg.methods:
         methods["mwn"] = run_mwn(cfg, arrays, store)
