@@ -97,3 +97,38 @@ def test_quick_end_to_end_on_real_mnist(tmp_path):
     assert set(results["target"]) == {"gain_points", "reached"}
     for name in results["figures"].values():
         assert (out / name).stat().st_size > 1000
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_killed_runs_rerun_with_the_same_command_end_identical(tmp_path):
+    # Killed twice (in the bilevel run after its epoch-3 checkpoint, then in the plain noisy run
+    # after epoch 2), rerun: the same curves, θ and weights as an uninterrupted run.
+    subset = write_mnist_subset(MNIST_DIR, tmp_path / "mnist", train=4000, test=1000)
+
+    def command(out, *extra):
+        return ["-m", "experiments.reweighting", "--quick", "--epochs=4", "--methods=mwn,noisy",
+                f"--output_dir={out}", f"--local_dir={subset}", f"--data_dir={tmp_path / 'tfds'}", *extra]
+
+    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+    log = tmp_path / "interrupted.log"
+    program_runs.kill_when_paused(program_runs.start(command(interrupted, "--pause_after=mwn,3"), log),
+                                  interrupted / "resume" / "paused_mwn_3", log)
+    program_runs.kill_when_paused(program_runs.start(command(interrupted, "--pause_after=noisy,2"), log),
+                                  interrupted / "resume" / "paused_noisy_2", log)
+    program_runs.finish(program_runs.start(command(interrupted), log), log)
+    reference_log = tmp_path / "reference.log"
+    program_runs.finish(program_runs.start(command(reference), reference_log), reference_log)
+    text = log.read_text()
+    assert "[mwn] resumed at epoch 3/4" in text and "[noisy] resumed at epoch 2/4" in text
+    assert "[mwn] finished earlier" in text
+
+    got = json.loads((interrupted / "results.json").read_text())["methods"]
+    want = json.loads((reference / "results.json").read_text())["methods"]
+    for name in ("mwn", "noisy"):
+        for key in ("epoch", "test_accuracy", "val_accuracy"):
+            assert got[name]["record"][key] == want[name]["record"][key], (name, key)
+    assert got["mwn"]["record"]["hp_iteration"] == want["mwn"]["record"]["hp_iteration"]
+    np.testing.assert_allclose(np.concatenate([np.ravel(t) for t in got["mwn"]["theta"]]),
+                               np.concatenate([np.ravel(t) for t in want["mwn"]["theta"]]), rtol=1e-6, atol=1e-7)
+    assert got["mwn"]["example_weights"]["histogram_wrong"] == want["mwn"]["example_weights"]["histogram_wrong"]
