@@ -6,7 +6,6 @@ Fashion-MNIST with every method (KerasTuner included)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
