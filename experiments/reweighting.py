@@ -17,13 +17,19 @@ example's loss ℓ_i = CE(x_i, ỹ_i; w); its weights θ = {W₁, b₁, W₂, b�
 hyperparameters (`Hyperparameter(..., transform="identity")`) and V is evaluated inside the
 3-argument inner loss, so no hyper_model is needed:
 
-    g(w, θ) = (1/B) Σ_i v_i ℓ_i,   v_i = V(sg(ℓ_i); θ) / ((1/B) Σ_j V(sg(ℓ_j); θ))   (minibatch)
+    g(w, θ) = (1/B) Σ_i V(sg(ℓ_i); θ) ℓ_i                     (minibatch of B noisy examples)
     f(w)    = mean CE on a batch of --val_batch_size clean validation examples.
 
 sg = stop_gradient: as in Meta-Weight-Net, the weight is a function of the loss value, not a
-path for w's gradient. The weights are normalized over the minibatch (MWN's official code);
-the inner step is w ← w − γ(βv + ∇_w g). θ takes an Adam step (--outer_lr) per hyper-iteration
-on the 1-RMD hypergradient (T = K = 1, paper Eq. 8), online: w and the momentum continue across
+path for w's gradient. The weights are not normalized (the paper's formula; the inner step is
+w ← w − γ(βv + ∇_w g)). MWN's code divides them by their minibatch mean
+(--weight_normalization=mean); here that diverged: once V is near 0 for the well-fit examples,
+the few remaining ones get weights of 10-100, i.e. a far larger step (MNIST, 30 epochs, on
+2026-12-02, loaded machine: with "mean" and --outer_lr=1e-4, test accuracy 96.4% at epoch 6,
+then 9.8% from epoch 21 on; with 1e-3 V collapsed to 1 everywhere by epoch 6; with "none" and
+1e-3: 96.4% at the end, wrong labels weighted 0.04 on average and right ones 1.00).
+
+θ takes an Adam step (--outer_lr) per hyper-iteration on the 1-RMD hypergradient (T = K = 1, paper Eq. 8), online: w and the momentum continue across
 hyper-iterations, each on the next minibatch (`BilevelTrainer(online=True)`), so one run trains
 the classifier and learns θ together (MWN's alternating scheme).
 
@@ -87,6 +93,7 @@ class Config:
     lr: float = 0.05
     momentum: float = 0.9
     weighting_hidden: int = 100
+    weight_normalization: str = "none"
     outer_lr: float = 1e-3
     hp_every: int = 100
     seed: int = 0
@@ -114,6 +121,8 @@ class Config:
                 raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
         if not 0 <= cfg.momentum < 1:
             raise ValueError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+        if cfg.weight_normalization not in NORMALIZATIONS:
+            raise ValueError(f"--weight_normalization must be one of {NORMALIZATIONS}, got {cfg.weight_normalization!r}")
         return cfg
 
 
@@ -200,12 +209,23 @@ def weighting_net(theta: Sequence[Any], losses: Any) -> Any:
     return tf.sigmoid(tf.matmul(h, w2) + b2)[:, 0]
 
 
-def weighted_inner_loss(y_true: tf.Tensor, logits: tf.Tensor, hp: dict) -> tf.Tensor:
-    """v_i ℓ_i with v = V(sg(ℓ); θ) normalized to mean 1 over the minibatch (the trainer
-    averages the returned per-example values)."""
-    losses = tfb.keras.losses.sparse_categorical_crossentropy(y_true, logits)
-    v = weighting_net(hp["weighting"], tf.stop_gradient(losses))
-    return losses * v / (tf.reduce_mean(v) + 1e-8)
+NORMALIZATIONS = ("none", "mean")
+
+
+def make_inner_loss(normalization: str):
+    """inner_loss(y, logits, hp) = v_i ℓ_i per example (the trainer averages them), with
+    v = V(sg(ℓ); θ) ("none", the paper's formula) or V / mean_batch(V) ("mean", MWN's code)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+    def inner_loss(y_true: tf.Tensor, logits: tf.Tensor, hp: dict) -> tf.Tensor:
+        losses = tfb.keras.losses.sparse_categorical_crossentropy(y_true, logits)
+        v = weighting_net(hp["weighting"], tf.stop_gradient(losses))
+        if normalization == "mean":
+            v = v / (tf.reduce_mean(v) + 1e-8)
+        return losses * v
+
+    return inner_loss
 
 
 def weights_of(model: keras.Model, theta: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -227,7 +247,7 @@ def run_mwn(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
     model = build_mlp(cfg)
     theta0 = initial_weighting(cfg.weighting_hidden, cfg.seed)
     trainer = tfb.BilevelTrainer(
-        model, inner_loss=weighted_inner_loss, outer_loss=tfb.keras.losses.sparse_categorical_crossentropy,
+        model, inner_loss=make_inner_loss(cfg.weight_normalization), outer_loss=tfb.keras.losses.sparse_categorical_crossentropy,
         steps=1, truncate=1,
         hyperparameters={"weighting": [tfb.Hyperparameter(t, transform="identity") for t in theta0]},
         inner_learning_rate=cfg.lr, inner_optimizer=lambda lr: tfb.momentum(lr, beta=cfg.momentum),
@@ -381,7 +401,7 @@ def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Option
 # absl entry point.
 # ----------------------------------------------------------------------------------------
 _FLAG_FIELDS = ("output_dir", "dataset", "methods", "noise", "n_val", "n_train", "n_test", "epochs", "batch_size",
-                "val_batch_size", "hidden", "lr", "momentum", "weighting_hidden", "outer_lr", "hp_every", "seed",
+                "val_batch_size", "hidden", "lr", "momentum", "weighting_hidden", "weight_normalization", "outer_lr", "hp_every", "seed",
                 "jit_compile", "local_dir", "data_dir")
 
 
@@ -406,6 +426,9 @@ def define_flags() -> None:
     flags.DEFINE_float("lr", d.lr, "Inner SGD learning rate γ (every method).")
     flags.DEFINE_float("momentum", d.momentum, "Heavy-ball momentum β.")
     flags.DEFINE_integer("weighting_hidden", d.weighting_hidden, "Hidden units of the weighting network V.")
+    flags.DEFINE_enum("weight_normalization", d.weight_normalization, list(NORMALIZATIONS),
+                      "none: g = mean V(ℓ_i)ℓ_i (the paper); mean: weights divided by their minibatch mean "
+                      "(MWN's code; unstable here, see the docstring).")
     flags.DEFINE_float("outer_lr", d.outer_lr, "Adam step on θ (the weighting network).")
     flags.DEFINE_integer("hp_every", d.hp_every, "Record V on a loss grid every N hyper-iterations.")
     flags.DEFINE_integer("seed", d.seed, "Seed of the split, the noise, the initial weights and the batch order.")

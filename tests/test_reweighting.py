@@ -36,22 +36,24 @@ def test_split_is_class_balanced_and_disjoint():
     assert len(np.intersect1d(val, train)) == 0 and len(val) + len(train) == len(labels)
 
 
-def test_weighted_inner_loss_matches_numpy_and_treats_weights_as_constants():
+@pytest.mark.parametrize("normalization", R.NORMALIZATIONS)
+def test_weighted_inner_loss_matches_numpy_and_treats_weights_as_constants(normalization):
     rng = np.random.default_rng(0)
     theta = [t.astype(np.float32) for t in R.initial_weighting(7, seed=0)]
     logits = tf.constant(rng.normal(size=(6, 4)).astype(np.float32))
     y = tf.constant([0, 1, 2, 3, 0, 1])
     with tf.GradientTape() as tape:
         tape.watch(logits)
-        values = R.weighted_inner_loss(y, logits, {"weighting": [tf.constant(t) for t in theta]})
+        values = R.make_inner_loss(normalization)(y, logits, {"weighting": [tf.constant(t) for t in theta]})
         mean = tf.reduce_mean(values)
-    # NumPy: ℓ_i, v_i = V(ℓ_i) / mean_j V(ℓ_j), and d/dlogits of mean(v ℓ) with v held fixed.
+    # NumPy: ℓ_i, v_i = V(ℓ_i) (/ mean_j V(ℓ_j)), and d/dlogits of mean(v ℓ) with v held fixed.
     z = logits.numpy().astype(np.float64)
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     losses = -np.log(p[np.arange(6), y.numpy()])
     v = R.weighting_net([t.astype(np.float64) for t in theta], losses)
-    v = v / v.mean()
+    if normalization == "mean":
+        v = v / v.mean()
     np.testing.assert_allclose(values.numpy(), v * losses, rtol=1e-5)
     expected_grad = v[:, None] * (p - np.eye(4)[y.numpy()]) / 6
     np.testing.assert_allclose(tape.gradient(mean, logits).numpy(), expected_grad, rtol=1e-4, atol=1e-7)
@@ -64,6 +66,8 @@ def test_config_validation_names_the_flag():
         R.Config(n_val=1005).validated()
     with pytest.raises(ValueError, match="--methods"):
         R.Config(methods=("mwn", "coteaching")).validated()
+    with pytest.raises(ValueError, match="--weight_normalization"):
+        R.Config(weight_normalization="sum").validated()
 
 
 @needs_mnist
