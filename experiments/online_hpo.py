@@ -4,6 +4,7 @@ Fashion-MNIST, learned online with K-RMD, against the default hyperparameters an
 
     python -m experiments.online_hpo                    # the full comparison (see PRESETS)
     python -m experiments.online_hpo --truncate=1 --methods=bilevel,default
+    python -m experiments.online_hpo --truncate=1,20:1 --methods=bilevel   # T = 20 with K = 1
     python -m experiments.online_hpo --quick            # tiny budget (tests, ~1-2 minutes)
 
 The network: conv 3x3x32 - maxpool - conv 3x3x64 - maxpool - dense 128 - dense 10 (ReLU; no
@@ -17,10 +18,11 @@ Keras' SGD(momentum=0.9) for a constant γ) on minibatches of 128 of the trainin
 i.e. Keras' `kernel_regularizer=L2(λ_l)`, and γ = exp(ν_γ) is learned too.
 
 Methods (results.json "methods"):
-* bilevel_T<T> (one per --truncate value; T = K): `tf_bilevel.BilevelTrainer(online=True)`.
+* bilevel_T<T> (one per --truncate value T, with K = T; "T:K" gives bilevel_T<T>_K<K>, K < T):
+  `tf_bilevel.BilevelTrainer(online=True)`.
   Each hyper-iteration runs T inner momentum steps on the next T minibatches, continuing w and
-  the momentum from the previous hyper-iteration, back-propagates through all T of them
-  (K-RMD with K = T, paper Eq. 8; over the whole training this is a truncated
+  the momentum from the previous hyper-iteration, back-propagates through the last K of them
+  (K-RMD, paper Eq. 8; over the whole training this is a truncated
   back-propagation through the training run) and takes an Adam step (--outer_lr) on ν from
   the cross-entropy of w_T on a validation batch of --val_batch_size. One run: the model
   that is trained is the one we test, after --epochs passes (n_train // (128 T)
@@ -92,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 class Config:
     output_dir: str = "out/online_hpo"
     methods: Sequence[str] = METHODS
-    truncate: Sequence[int] = (1, 5, 20)
+    truncate: Sequence[Any] = (1, 5, 20)  # T (K = T) or "T:K"
     epochs: int = 10
     batch_size: int = 128
     val_batch_size: int = 256
@@ -120,9 +122,9 @@ class Config:
         bad = [m for m in cfg.methods if m not in METHODS]
         if bad or not cfg.methods:
             raise ValueError(f"--methods: choose from {list(METHODS)}, got {list(self.methods)}")
-        cfg.truncate = tuple(sorted({int(t) for t in cfg.truncate}))
-        if "bilevel" in cfg.methods and (not cfg.truncate or min(cfg.truncate) < 1):
-            raise ValueError(f"--truncate: every T = K must be >= 1, got {list(self.truncate)}")
+        cfg.truncate = tuple(sorted({parse_truncation(t) for t in cfg.truncate}))
+        if "bilevel" in cfg.methods and not cfg.truncate:
+            raise ValueError("--truncate: give at least one T (or T:K)")
         for name in ("epochs", "batch_size", "val_batch_size", "n_val", "tuner_trials", "hp_every"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
@@ -139,6 +141,26 @@ class Config:
         if not 0 <= cfg.momentum < 1:
             raise ValueError(f"--momentum must be in [0, 1), got {cfg.momentum}")
         return cfg
+
+
+def parse_truncation(value: Any) -> tuple[int, int]:
+    """T (K = T), "T:K" or (T, K) -> (T, K) with 1 <= K <= T."""
+    try:
+        if isinstance(value, (tuple, list)):
+            steps, truncate = (int(v) for v in value)
+        elif isinstance(value, str) and ":" in value:
+            steps, truncate = (int(v) for v in value.split(":"))
+        else:
+            steps = truncate = int(value)
+    except ValueError:
+        raise ValueError(f"--truncate: each entry is T or T:K (integers), got {value!r}") from None
+    if not 1 <= truncate <= steps:
+        raise ValueError(f"--truncate: each entry needs 1 <= K <= T, got {value!r}")
+    return steps, truncate
+
+
+def method_name(steps: int, truncate: int) -> str:
+    return f"bilevel_T{steps}" if truncate == steps else f"bilevel_T{steps}_K{truncate}"
 
 
 def apply_preset(cfg: Config, preset: str, explicit: Sequence[str] = ()) -> Config:
@@ -170,9 +192,10 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
         "val": (oc.scale_images(x[val_idx]), y[val_idx].astype(np.int32)),
         "test": (oc.scale_images(x_test[:n_test]), y_test[:n_test].astype(np.int32)),
     }
-    if len(arrays["train"][1]) < cfg.batch_size * max(cfg.truncate or (1,)):
+    longest = max((t for t, _ in cfg.truncate), default=1)
+    if len(arrays["train"][1]) < cfg.batch_size * longest:
         raise ValueError(f"{len(arrays['train'][1])} training images do not fill one hyper-iteration of "
-                         f"T={max(cfg.truncate)} minibatches of {cfg.batch_size}")
+                         f"T={longest} minibatches of {cfg.batch_size}")
     info = {"dataset": "fashion_mnist", "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
             "source": cfg.fashion_mnist_dir or "tfds data_dir / default local folders"}
     return arrays, info
@@ -231,16 +254,18 @@ def hp_summary(values: dict) -> dict:
             "learning_rate": float(values["inner_learning_rate"])}
 
 
-def run_bilevel(cfg: Config, data: dict, steps: int, store: oc.MethodStore) -> dict:
-    """One online run with T = K = `steps`; the trained CNN is tested after --epochs passes."""
-    method = f"bilevel_T{steps}"
+def run_bilevel(cfg: Config, data: dict, steps: int, store: oc.MethodStore, truncate: Optional[int] = None) -> dict:
+    """One online run with T = `steps` and K = `truncate` (default T); the trained CNN is tested
+    after --epochs passes."""
+    truncate = steps if truncate is None else truncate
+    method = method_name(steps, truncate)
     if (row := store.row(method)) is not None:
         print(f"[{method}] finished earlier", flush=True)
         return row
     model = oc.build_on(build_cnn(None, cfg.seed), (28, 28, 1))
     ce = tfb.keras.losses.sparse_categorical_crossentropy
     trainer = tfb.BilevelTrainer(
-        model, inner_loss=ce, outer_loss=ce, steps=steps, truncate=steps,
+        model, inner_loss=ce, outer_loss=ce, steps=steps, truncate=truncate,
         hyperparameters={"weight_decay": tfb.Hyperparameter(np.full(NUM_LAYERS, cfg.init_weight_decay),
                                                             transform="exp")},
         inner_regularizer=weight_decay_regularizer(kernel_indices(model)),
@@ -259,7 +284,7 @@ def run_bilevel(cfg: Config, data: dict, steps: int, store: oc.MethodStore) -> d
                 callbacks=store.callbacks(method, recorder), verbose=0)
     recorder.finish()
     return store.save(method, oc.final_row(
-        recorder, steps=steps, truncate=steps, hyper_iterations=cfg.epochs * steps_per_epoch,
+        recorder, steps=steps, truncate=truncate, hyper_iterations=cfg.epochs * steps_per_epoch,
         hyperparameters=hp_summary(trainer.hyperparameter_values())))
 
 
@@ -470,8 +495,8 @@ def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Option
     print(f"[online_hpo] {data_info}", flush=True)
     methods: dict[str, dict] = {}
     if "bilevel" in cfg.methods:
-        for steps in cfg.truncate:
-            methods[f"bilevel_T{steps}"] = run_bilevel(cfg, arrays, steps, store)
+        for steps, truncate in cfg.truncate:
+            methods[method_name(steps, truncate)] = run_bilevel(cfg, arrays, steps, store, truncate)
     if "default" in cfg.methods:
         methods["default"] = run_default(cfg, arrays, store)
     for kind in ("random_search", "hyperband"):
@@ -505,7 +530,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", d.output_dir, "results.json, PNGs, resume state and KerasTuner's folder.")
     flags.DEFINE_list("methods", list(d.methods), f"Any of {list(METHODS)}.")
-    flags.DEFINE_list("truncate", [str(t) for t in d.truncate], "T = K of each bilevel run.")
+    flags.DEFINE_list("truncate", [str(t) for t in d.truncate], "Each bilevel run: T (inner steps per "
+                      "hyper-iteration, back-propagated through all of them, K = T) or T:K (the last K only).")
     flags.DEFINE_integer("epochs", d.epochs, "Passes over the training split (every method; Hyperband's max_epochs).")
     flags.DEFINE_integer("batch_size", d.batch_size, "Training minibatch size.")
     flags.DEFINE_integer("val_batch_size", d.val_batch_size, "Validation examples per hyper-iteration (outer loss).")
@@ -536,7 +562,7 @@ def config_from_flags() -> Config:
 
     F = flags.FLAGS
     values = {name: getattr(F, name) for name in _FLAG_FIELDS}
-    values["truncate"] = [int(t) for t in F.truncate]
+    values["truncate"] = list(F.truncate)
     values["methods"] = tuple(F.methods)
     for name in ("weight_decay_range", "lr_range"):
         values[name] = tuple(float(v) for v in getattr(F, name))

@@ -84,6 +84,10 @@ def test_config_validation_names_the_flag():
         H.Config(lr_range=(0.3, 0.001)).validated()
     with pytest.raises(ValueError, match="--truncate"):
         H.Config(truncate=(0,)).validated()
+    with pytest.raises(ValueError, match="--truncate"):
+        H.Config(truncate=("5:6",)).validated()
+    assert H.Config(truncate=("20:1", 5, "1")).validated().truncate == ((1, 1), (5, 5), (20, 1))
+    assert H.method_name(20, 1) == "bilevel_T20_K1" and H.method_name(5, 5) == "bilevel_T5"
     cfg = H.apply_preset(H.Config(), "quick", explicit=["epochs"])
     assert cfg.epochs == H.Config().epochs and cfg.tuner_trials == 2
 
