@@ -56,6 +56,9 @@ import tensorflow as tf  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from experiments import benchmark_online  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
+from experiments.run_state import (  # noqa: E402
+    STATE_ERRORS, exclusive_output_dir, exit_with_error, write_atomically, write_json_atomically,
+)
 from tf_bilevel.dynamics.loops import run  # noqa: E402
 
 ESTIMATORS = (
@@ -501,7 +504,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle("K-RMD cost vs K (hypercleaning-sized problem)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -585,20 +588,21 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(FLAGS.suites) - {"estimators", "online"})
     if unknown:
         raise app.UsageError(f"--suites: unknown {unknown}; choose from estimators, online")
-    if "estimators" in FLAGS.suites:
-        run_estimator_suite()
-    if "online" in FLAGS.suites:
-        benchmark_online.run(
-            benchmark_online.make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick), Path(FLAGS.output_dir)
-        )
-
-
-def run_estimator_suite() -> None:
-    settings = settings_from_flags()
-    machine = machine_info()
-    configs = configurations(settings)
     output_dir = Path(FLAGS.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_output_dir(output_dir, "experiments.benchmark"):
+            if "estimators" in FLAGS.suites:
+                settings = settings_from_flags()
+                run_benchmark(settings, machine_info(), configurations(settings), output_dir)
+            if "online" in FLAGS.suites:
+                settings = benchmark_online.make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick)
+                benchmark_online.run(settings, output_dir)
+    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
+        sys.exit(exit_with_error("benchmark", err))
+
+
+def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path) -> None:
+    """Measures every configuration (one fresh process each), writes results.json and the figure."""
     print(f"{len(configs)} configurations, one fresh process each; machine: {machine['platform']}, "
           f"{machine['cpu_count']} CPUs, TF {machine['tensorflow']}", flush=True)
     results = []
@@ -640,7 +644,7 @@ def run_estimator_suite() -> None:
         "summary": summary,
         "table": table,
     }
-    (output_dir / "results.json").write_text(json.dumps(report, indent=2))
+    write_json_atomically(output_dir / "results.json", report, indent=2)
     plot(results, output_dir / "benchmark.png")
     print(f"\nwrote {output_dir / 'results.json'} and {output_dir / 'benchmark.png'}")
 

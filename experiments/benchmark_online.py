@@ -21,10 +21,10 @@ allocator peak during a steady-state call (the working set), for both.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,6 +39,7 @@ import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
+from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
 from tf_bilevel.keras.losses import sparse_categorical_crossentropy  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -190,7 +191,7 @@ def run(settings: dict, output_dir: Path) -> dict:
         "results": results,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "online_results.json").write_text(json.dumps(report, indent=2))
+    write_json_atomically(output_dir / "online_results.json", report, indent=2)
     print(format_table(results))
     print(f"wrote {output_dir / 'online_results.json'}")
     return report
@@ -210,7 +211,12 @@ def define_online_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    run(make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick), Path(FLAGS.output_dir))
+    output_dir = Path(FLAGS.output_dir)
+    try:
+        with exclusive_output_dir(output_dir, "experiments.benchmark_online"):
+            run(make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick), output_dir)
+    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
+        sys.exit(exit_with_error("benchmark_online", err))
 
 
 if __name__ == "__main__":

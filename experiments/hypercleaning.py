@@ -69,7 +69,10 @@ steady-state medians leave them out). The interleaved timing and the memory prob
 after a restart. <output_dir>/checkpoints/fingerprint.json records the settings that affect the
 numbers (all but output_dir, truncate, timing/memory/data-location flags) and a hash of the data
 split; a rerun with other settings in the same --output_dir is refused with an error: delete
-<output_dir>/checkpoints to start over, or pick another --output_dir.
+<output_dir>/checkpoints (or rerun with --restart) to start over, or pick another --output_dir.
+A damaged state file (truncated, garbage) stops the run with an error naming it and what to delete.
+One run at a time per --output_dir: a run holds an exclusive lock on <output_dir>/.lock, and a
+second run on the same folder is refused at once with the PID of the running one.
 Data: MNIST through tensorflow-datasets; offline, the IDX files of --mnist_dir (default: the
 shared folder of this project if present) are prepared by a local tfds builder
 (experiments/datasets.py). Without data or network the program exits with an error in seconds.
@@ -96,8 +99,9 @@ import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
-from experiments.run_state import (  # noqa: E402
-    SettingsMismatchError, guard_settings, jsonable, pause_to_be_killed, write_json_atomically,
+from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
+    RESTART_HINT, STATE_ERRORS, SettingsMismatchError, damaged, discard_state, exclusive_output_dir, exit_with_error,
+    guard_settings, jsonable, pause_to_be_killed, read_state_json, reading_state, write_json_atomically,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -367,43 +371,77 @@ class TruncationCheckpoint:
     and result.json once the K is finished.
 
     The sidecar is written before its checkpoint and older sidecars are removed after it, so
-    the latest complete checkpoint always has its sidecar, wherever a kill lands."""
+    the latest complete checkpoint always has its sidecar, wherever a kill lands. A damaged
+    file (truncated, garbage) is a StateFileError naming it: deleting the K's folder reruns
+    that K from the start."""
+
+    _RESULT_KEYS = ("truncate", "outer_lr", "final", "timing", "curves")
+    _STATE_KEYS = ("hyper_iteration", "outer_lr", "unit_lr_first_update_norm", "initial_hypergrad_norm", "curves",
+                   "test_iterations", "test_accuracy", "exact_iterations", "exact_hypergrad_norm",
+                   "exact_hypergradient_seconds", "elapsed_seconds", "process_starts")
 
     def __init__(self, root: Path, truncate: int):
+        self.truncate = truncate
         self.directory = root / f"K{truncate}"
         self.result_path = self.directory / "result.json"
         self._manager: Optional[tf.train.CheckpointManager] = None
+        self.remedy = f"delete {self.directory} to rerun K={truncate} from the start, {RESTART_HINT}"
 
     def result(self) -> Optional[dict]:
         """The result of a finished K, None if it is not finished."""
-        return json.loads(self.result_path.read_text()) if self.result_path.exists() else None
+        if not self.result_path.exists():
+            return None
+        result = read_state_json(self.result_path, self.remedy, self._RESULT_KEYS)
+        if result["truncate"] != self.truncate:
+            raise damaged(self.result_path, f"it holds K={result['truncate']!r}", self.remedy)
+        return result
 
     def save_result(self, result: dict) -> None:
         write_json_atomically(self.result_path, jsonable(result))
 
     def attach(self, lam: tf.Variable, optimizer: keras.optimizers.Optimizer) -> None:
         """Tracks λ and the (built) optimizer: what `save` writes and `restore` assigns."""
-        self._manager = tf.train.CheckpointManager(
-            tf.train.Checkpoint(lam=lam, optimizer=optimizer), str(self.directory), max_to_keep=1)
+        with self._reading_checkpoint_state():
+            self._manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(lam=lam, optimizer=optimizer), str(self.directory), max_to_keep=1)
+
+    def _reading_checkpoint_state(self):
+        """TF parses <directory>/checkpoint (the index of checkpoints) as text: garbage raises."""
+        return reading_state(self.directory / "checkpoint", self.remedy,
+                             (tf.errors.OpError, ValueError, UnicodeDecodeError, OSError))
 
     def _sidecar(self, done: int) -> Path:
         return self.directory / f"state-{done}.json"
 
     def latest_state(self) -> Optional[dict]:
         """The sidecar of the latest checkpoint (None if there is none)."""
-        latest = tf.train.latest_checkpoint(str(self.directory))
+        index = self.directory / "checkpoint"
+        with self._reading_checkpoint_state():
+            latest = tf.train.latest_checkpoint(str(self.directory))
         if latest is None:
+            if index.exists():  # TF ignores an index it cannot parse (a truncated one, say)
+                raise damaged(index, "TensorFlow cannot parse it", self.remedy)
             return None
-        done = int(latest.rsplit("-", 1)[1])
+        try:
+            done = int(latest.rsplit("-", 1)[1])
+        except ValueError:
+            raise damaged(index, f"it names the checkpoint {latest!r}", self.remedy) from None
         sidecar = self._sidecar(done)
         if not sidecar.exists():
-            raise FileNotFoundError(f"{latest} has no sidecar {sidecar.name}: the checkpoint folder {self.directory} "
-                                    "is damaged; delete it to rerun this K from the start.")
-        return json.loads(sidecar.read_text())
+            raise damaged(self.directory, f"checkpoint {Path(latest).name} has no sidecar {sidecar.name}", self.remedy)
+        state = read_state_json(sidecar, self.remedy, self._STATE_KEYS)
+        if state["hyper_iteration"] != done:
+            raise damaged(sidecar, f"it holds hyper-iteration {state['hyper_iteration']!r}, not {done}", self.remedy)
+        return state
 
     def restore(self, done: int) -> None:
-        """Assigns λ and the optimizer's variables of checkpoint ckpt-<done>; all must be there."""
-        self._manager.checkpoint.restore(str(self.directory / f"ckpt-{done}")).assert_consumed()
+        """Assigns λ and the optimizer's variables of checkpoint ckpt-<done>; all must be there
+        (TF checks the checksums of what it reads)."""
+        prefix = self.directory / f"ckpt-{done}"
+        # IndexError: TF's reader of a truncated data file; AssertionError: something not restored.
+        with reading_state(f"the checkpoint {prefix} ({prefix.name}.index, {prefix.name}.data-*)", self.remedy,
+                           (tf.errors.OpError, IndexError, AssertionError, ValueError, OSError)):
+            self._manager.checkpoint.restore(str(prefix)).assert_consumed()
 
     def save(self, done: int, state: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -844,14 +882,23 @@ def _environment() -> dict:
 
 
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None,
-                   pause_after: Optional[tuple[int, int]] = None) -> dict:
+                   pause_after: Optional[tuple[int, int]] = None, restart: bool = False) -> dict:
     """Runs every K, writes results.json and the figures to cfg.output_dir, returns results.
-    Resumes from the checkpoints in cfg.output_dir (see `run_truncation`); raises
-    SettingsMismatchError if they belong to another configuration."""
+    Resumes from the checkpoints in cfg.output_dir (see `run_truncation`; `restart`: deletes them
+    first); raises SettingsMismatchError if they belong to another configuration, StateFileError
+    if one is damaged, OutputDirError if another run uses cfg.output_dir (an exclusive lock is
+    held for the whole run) or it cannot be written."""
     cfg = cfg.validated()
+    with exclusive_output_dir(cfg.output_dir, "experiments.hypercleaning"):
+        if restart:
+            discard_state(Path(cfg.output_dir) / CHECKPOINT_DIR)
+        return _run_experiment(cfg, arrays, data_info, pause_after)
+
+
+def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dict],
+                    pause_after: Optional[tuple[int, int]]) -> dict:
     np.random.seed(cfg.seed)
     tf.random.set_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     start = time.time()
     environment = _environment()
     if arrays is None:
@@ -891,8 +938,7 @@ def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Option
     }
     results = jsonable(results)
     results["figures"] = plot_figures(results, cfg.output_dir)
-    with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
-        json.dump(results, fh)
+    write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results)
     print(format_table(results), flush=True)
     print(f"[hypercleaning] results.json and figures in {cfg.output_dir} ({results['runtime_seconds']:.0f} s)")
     return results
@@ -1000,6 +1046,7 @@ def define_flags() -> None:
                          "(and each finished K) under <output_dir>/checkpoints; rerunning the same command resumes "
                          "from there (a finished K is not rerun; a run with another configuration in that folder "
                          "is refused: delete it or pick another --output_dir). 0: no checkpoints.")
+    flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/checkpoints) and start over.")
     flags.DEFINE_string("memory_probe", None, "Internal: JSON payload of one memory probe.")
     flags.DEFINE_string("pause_after", None, "Internal (tests): K,ITER: after hyper-iteration ITER of K, write "
                         "<output_dir>/paused_K<K>_at_<ITER> and wait to be killed (once: not if that file exists).")
@@ -1054,13 +1101,12 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as err:
         raise app.UsageError(str(err))
     try:
-        run_experiment(cfg, pause_after=pause_after)
+        run_experiment(cfg, pause_after=pause_after, restart=flags.FLAGS.restart)
     except DataUnavailableError as err:
         print(f"hypercleaning: error: no MNIST data: {err}", file=sys.stderr, flush=True)
         return 2
-    except SettingsMismatchError as err:
-        print(f"hypercleaning: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    except STATE_ERRORS as err:  # damaged state, settings mismatch, output folder busy or not writable
+        return exit_with_error("hypercleaning", err)
     except tfb.NonFiniteError as err:
         hint = (" GD with --inner_lr=%g on the summed loss (--loss_normalization=sum) diverges: use the "
                 "default --loss_normalization=mean_all or --inner_lr of about 1/n_train." % cfg.inner_lr

@@ -67,11 +67,14 @@ in <output_dir>/resume:
   interleaved timing (these later phases are recomputed: they take seconds to minutes).
 * fingerprint.json: the result-affecting flags; a rerun with different ones stops with an
   error rather than mixing two configurations (use a new --output_dir or delete that folder).
+A damaged state file (truncated, garbage) stops the run with an error naming it and what to
+delete; --restart deletes <output_dir>/resume and starts over. One run at a time per
+--output_dir: a run holds an exclusive lock on <output_dir>/.lock, and a second run on the same
+folder is refused at once with the PID of the running one.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -88,7 +91,10 @@ from absl import app, flags, logging
 import tf_bilevel as tfb
 from experiments import datasets
 from experiments import fewshot_model as fsm
-from experiments.run_state import guard_settings, pause_to_be_killed, write_json_atomically
+from experiments.run_state import (
+    RESTART_HINT, STATE_ERRORS, StateFileError, damaged, discard_state, exclusive_output_dir, exit_with_error,
+    guard_settings, pause_to_be_killed, read_state_json, reading_state, write_atomically, write_json_atomically,
+)
 
 FLAGS = flags.FLAGS
 
@@ -163,6 +169,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                         "(a --truncate value or 'short_horizon') write <output_dir>/resume/paused_METHOD_ITER "
                         "and sleep, once (not if that file exists), so a test can kill the run at a known point. "
                         "Rerunning resumes from the last checkpoint (see the module docstring).", flag_values=fv)
+    flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.",
+                      flag_values=fv)
 
 
 # --------------------------------------------------------------------------
@@ -264,9 +272,13 @@ class Recorder(keras.callbacks.Callback):
                ("curve_it", ("curve_test_acc",)))
 
     def __init__(self, label: str, total: int, chunk: int, curve_tasks: list, batch_size: int,
-                 diagnostics_every: Optional[int], state_path: Optional[str] = None):
+                 diagnostics_every: Optional[int], state_path: Optional[str] = None,
+                 backup_dir: Optional[str] = None):
         super().__init__()
         self.label, self.total, self.chunk = label, total, chunk
+        self.backup_dir = backup_dir
+        # Both go together: the record without the backup (or the reverse) cannot be resumed.
+        self.remedy = (f"delete {backup_dir} and {state_path} to train this method from the start, {RESTART_HINT}")
         self.curve_tasks, self.batch_size, self.diagnostics_every = curve_tasks, batch_size, diagnostics_every
         self.state_path = state_path
         self.tty = sys.stdout.isatty()
@@ -289,29 +301,35 @@ class Recorder(keras.callbacks.Callback):
         self._started, self._traced = True, False
         step = int(self.model.meta_step.numpy())
         if step != epoch * self.chunk:
-            raise RuntimeError(
-                f"{self.label}: the checkpoint holds meta_step={step} but epoch {epoch} "
-                f"(x {self.chunk} hyper-iterations): a corrupt backup (killed while it was written?). "
-                f"Delete {os.path.dirname(self.state_path or '') or 'the resume folder'} and rerun.")
+            raise StateFileError(
+                f"{self.label}: the backup {self.backup_dir} holds meta_step={step} but epoch {epoch} "
+                f"(x {self.chunk} hyper-iterations): it is damaged (killed while it was written?). "
+                f"To go on: {self.remedy}.")
         if step == 0:
             self._curve(0)
             return
         if not (self.state_path and os.path.exists(self.state_path)):
-            raise RuntimeError(f"{self.label}: resumed at hyper-iteration {step} but the record "
-                               f"{self.state_path} is missing; delete the resume folder and rerun.")
-        with open(self.state_path) as f:
-            saved = json.load(f)
+            raise StateFileError(f"{self.label}: resumed at hyper-iteration {step} but the record "
+                                 f"{self.state_path} is missing. To go on: {self.remedy}.")
+        saved = read_state_json(self.state_path, self.remedy, ("rec", "step_times"))
+        try:
+            self._restore_record(saved, step)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise damaged(self.state_path, f"not the record this program writes ({type(err).__name__}: {err})",
+                          self.remedy) from None
+        print(f"{self.label} resumed at hyper-iteration {step}/{self.total}", flush=True)
+
+    def _restore_record(self, saved: dict, step: int) -> None:
+        """The saved record cut back to hyper-iteration `step` (the checkpoint's)."""
         for its, values in self._CURVES:
             keep = [i for i, it in enumerate(saved["rec"][its]) if it <= step]
             self.rec[its] = [saved["rec"][its][i] for i in keep]
             for name in values:
                 self.rec[name] = [saved["rec"][name][i] for i in keep]
         if self.rec["epoch_end_it"][-1:] != [step]:
-            raise RuntimeError(f"{self.label}: the record {self.state_path} stops before the checkpoint "
-                               f"(hyper-iteration {step}); delete the resume folder and rerun.")
+            raise damaged(self.state_path, f"it stops before the checkpoint (hyper-iteration {step})", self.remedy)
         self.step_times = [t for it, t in saved["step_times"] if it < step]
         self._step_its = [it for it, _ in saved["step_times"] if it < step]
-        print(f"{self.label} resumed at hyper-iteration {step}/{self.total}", flush=True)
 
     def on_train_batch_begin(self, batch, logs=None):
         self._t0 = time.perf_counter()
@@ -349,6 +367,18 @@ class Recorder(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.tty:
             print(flush=True)
+
+
+class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """keras.callbacks.BackupAndRestore whose restore of a damaged backup (truncated weights,
+    garbage metadata) is a StateFileError naming the folder and what to do, not a traceback
+    from h5py or json."""
+
+    def on_train_begin(self, logs=None):
+        remedy = (f"delete {self.backup_dir} and the method's .record.json next to it to train it from the "
+                  f"start, {RESTART_HINT}")
+        with reading_state(self.backup_dir, remedy, (OSError, ValueError, KeyError, TypeError)):
+            super().on_train_begin(logs)
 
 
 class PauseOnce(keras.callbacks.Callback):
@@ -397,10 +427,13 @@ def load_finished_method(cfg: dict, steps: int, truncate: Optional[int], name: s
     row_path = os.path.join(resume_dir(cfg), f"{name}.json")
     if not os.path.exists(row_path):
         return None
+    weights = os.path.join(resume_dir(cfg), f"{name}.weights.h5")
+    remedy = f"delete {row_path} (and {os.path.basename(weights)}) to train method {name} again, {RESTART_HINT}"
+    row = read_state_json(row_path, remedy, ROW_KEYS)
     problem, trainer, _ = build_trainer(cfg, steps, truncate, element_spec)
-    trainer.load_weights(os.path.join(resume_dir(cfg), f"{name}.weights.h5"))
-    with open(row_path) as f:
-        return problem, trainer, json.load(f)
+    with reading_state(weights, remedy):  # h5py: OSError when truncated or garbage; Keras: ValueError
+        trainer.load_weights(weights)
+    return problem, trainer, row
 
 
 def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, train_ds: tf.data.Dataset,
@@ -415,9 +448,10 @@ def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, trai
     state = resume_dir(cfg)
     backup = os.path.join(state, "backup", name)
     recorder = Recorder(f"[{method_label(name)}]", total, chunk, curve_tasks if cfg["eval_every"] else [],
-                        cfg["meta_batch_size"], diagnostics_every, os.path.join(state, f"{name}.record.json"))
+                        cfg["meta_batch_size"], diagnostics_every, os.path.join(state, f"{name}.record.json"),
+                        backup)
     # The backup is deleted below, once the row is saved (a kill right after fit loses nothing).
-    callbacks = [recorder, keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)]
+    callbacks = [recorder, CheckedBackupAndRestore(backup, delete_checkpoint=False)]
     pause = parse_pause_after(cfg.get("pause_after"))
     if pause and pause[0] == name:
         callbacks.append(PauseOnce(os.path.join(state, f"paused_{name}_{pause[1]}"), pause[1]))
@@ -439,9 +473,7 @@ def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, trai
         "record": rec,
     }
     # Weights first, the row last: the row's existence marks the method as finished.
-    weights = os.path.join(state, f"{name}.weights.h5")
-    trainer.save_weights(os.path.join(state, f"{name}.partial.weights.h5"))
-    os.replace(os.path.join(state, f"{name}.partial.weights.h5"), weights)
+    write_atomically(os.path.join(state, f"{name}.weights.h5"), trainer.save_weights)
     write_json_atomically(os.path.join(state, f"{name}.json"), row, indent=1)
     shutil.rmtree(backup, ignore_errors=True)
     if os.path.exists(recorder.state_path):
@@ -449,6 +481,9 @@ def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, trai
     return problem, trainer, row
 
 
+# The keys of a finished method's row that this program reads back.
+ROW_KEYS = ("inner_steps", "truncate", "iterations", "test_accuracy", "test_accuracy_ci95", "test_tasks",
+            "final_gamma", "final_rho", "record")
 RESULT_KEYS = ("dataset", "n_way", "k_shot", "n_query", "inner_steps", "meta_batch_size", "hyper_iterations",
                "outer_lr", "init_inner_lr", "init_rho", "channels", "image_size", "class_split", "rotations",
                "eval_tasks", "curve_eval_tasks", "eval_every", "exact_every", "seed", "jit_compile",
@@ -587,7 +622,7 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> dict:
              "exact_every", "relerr_truncations", "relerr_tasks", "rho_zero_ablation", "relerr_rho_scales",
              "timing_rounds", "data_dir",
              "local_dir", "export_dir", "export_run", "seed", "output_dir", "jit_compile", "quick",
-             "deterministic", "pause_after")
+             "deterministic", "pause_after", "restart")
     cfg = {name: fv[name].value for name in names}
     omniglot = cfg["dataset"] == "omniglot"
     if cfg["class_split"] is None:
@@ -611,8 +646,16 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> dict:
 
 
 def run(cfg: dict) -> dict:
-    """The whole experiment; writes results.json (after every method), the figure and the export."""
-    os.makedirs(cfg["output_dir"], exist_ok=True)
+    """The whole experiment; writes results.json (after every method), the figure and the export.
+    Holds an exclusive lock on cfg["output_dir"] meanwhile (OutputDirError if another run does);
+    cfg["restart"]: deletes the saved state first."""
+    with exclusive_output_dir(cfg["output_dir"], "experiments.omniglot"):
+        if cfg.get("restart"):
+            discard_state(resume_dir(cfg))
+        return _run(cfg)
+
+
+def _run(cfg: dict) -> dict:
     check_fingerprint(cfg)
     T = cfg["inner_steps"]
     pause = parse_pause_after(cfg.get("pause_after"))
@@ -741,7 +784,7 @@ def _write(results: dict, cfg: dict) -> None:
     write_json_atomically(os.path.join(cfg["output_dir"], "results.json"), results, indent=1)
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str]) -> int:
     del argv
     logging.set_verbosity(logging.WARNING)
     if FLAGS.deterministic:
@@ -750,6 +793,9 @@ def main(argv: Sequence[str]) -> None:
         run(config_from_flags())
     except datasets.DataUnavailableError as err:
         raise app.UsageError(str(err)) from None
+    except STATE_ERRORS as err:  # damaged state, settings mismatch, output folder busy or not writable
+        return exit_with_error("omniglot", err)
+    return 0
 
 
 if __name__ == "__main__":

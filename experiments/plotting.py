@@ -15,6 +15,8 @@ matplotlib.use("Agg")  # the programs run headless (CI, servers): never open a w
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.run_state import write_atomically  # noqa: E402
+
 __all__ = ["plt", "save_figure", "semilogy_curves", "truncation_colors", "truncation_label"]
 
 
@@ -62,6 +64,6 @@ def save_figure(fig, path: str, dpi: int = 130) -> str:
     """Writes `fig` as PNG to `path` (creating its folder), closes it, returns the path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi, format="png")
+    write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=dpi, format="png"))
     plt.close(fig)
     return path

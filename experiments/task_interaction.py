@@ -62,12 +62,14 @@ as soon as it ends. Killed at any time (even SIGKILL), the same command with the
 results.json as an uninterrupted run (up to wall-clock timings). <output_dir>/resume/
 fingerprint.json holds the result-affecting flags; a rerun with other ones stops with an
 error instead of mixing two configurations (--trials and --truncate may change: more trials
-or another K reuse the stored runs).
+or another K reuse the stored runs). A damaged state file (truncated, garbage) stops the run
+with an error naming it and what to delete; --restart deletes <output_dir>/resume and starts
+over. One run at a time per --output_dir: a run holds an exclusive lock on <output_dir>/.lock,
+and a second run on the same folder is refused at once with the PID of the running one.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -80,7 +82,10 @@ from absl import app, flags, logging
 
 import tf_bilevel as tfb
 from experiments import datasets, features
-from experiments.run_state import guard_settings, pause_to_be_killed, write_json_atomically
+from experiments.run_state import (
+    RESTART_HINT, STATE_ERRORS, damaged, discard_state, exclusive_output_dir, exit_with_error, guard_settings,
+    pause_to_be_killed, read_state_json, reading_state, write_atomically, write_json_atomically,
+)
 
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
@@ -151,6 +156,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("pause_after", None, "Testing only: TRIAL,K: once the run of that trial and K is "
                         "stored, write <output_dir>/resume/paused_TRIAL_K and sleep, once (not if that file "
                         "exists), so a test can kill the program at a known point.", flag_values=fv)
+    flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.",
+                      flag_values=fv)
     flags.DEFINE_bool("jit_compile", True, "XLA-compile the hyper-step.", flag_values=fv)
     flags.DEFINE_bool("quick", False, "Tiny budget (tests): 2 trials, K in {1, full}, few "
                       "hyper-iterations.", flag_values=fv)
@@ -340,7 +347,12 @@ def _pretrained_features(images: np.ndarray, cfg: dict) -> tuple[np.ndarray, str
         cache = os.path.join(cfg["feature_cache_dir"],
                              f"{cfg['dataset']}_{cfg['backbone']}_{tag}_{cfg['image_size']}.npy")
         if os.path.isfile(cache):
-            return np.load(cache), desc
+            remedy = "delete it to extract the features again"
+            with reading_state(cache, remedy, (OSError, ValueError, EOFError)):
+                cached = np.load(cache)
+            if cached.shape[0] != len(images):
+                raise damaged(cache, f"{cached.shape[0]} rows for {len(images)} images", remedy)
+            return cached, desc
     extractor = features.build_extractor(cfg["backbone"], weights=weights,
                                          image_size=cfg["image_size"])
     bar = tf.keras.utils.Progbar(len(images), verbose=1 if sys.stdout.isatty() else 2)
@@ -348,7 +360,7 @@ def _pretrained_features(images: np.ndarray, cfg: dict) -> tuple[np.ndarray, str
     x = features.extract_features(images, extractor, progress=bar.update)
     if cache:
         os.makedirs(cfg["feature_cache_dir"], exist_ok=True)
-        np.save(cache, x)
+        write_atomically(cache, lambda temporary: np.save(temporary, x))
     return x, desc
 
 
@@ -473,7 +485,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         "feature_scale", "m", "trials", "patience", "max_hyper_iterations", "truncate",
         "inner_steps", "inner_lr", "outer_lr", "init_coupling", "init_rho",
         "early_stopping_split", "early_stopping_metric", "min_delta", "exact_every", "diagnostic_trials",
-        "data_dir", "local_dir", "seed", "output_dir", "jit_compile", "quick", "pause_after")}
+        "data_dir", "local_dir", "seed", "output_dir", "jit_compile", "quick", "pause_after", "restart")}
     if cfg["m"] is None:
         cfg["m"] = PAPER_M.get(cfg["dataset"], 50)
     if cfg["quick"]:
@@ -522,7 +534,7 @@ def plot_fig6(results: dict, path: str) -> None:
     fig.suptitle(f"Task interaction, {results['config']['dataset']} "
                  f"({results['features_description']}), trial 0")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -560,9 +572,31 @@ def parse_pause_after(value: str | None) -> tuple[int, str] | None:
     return int(parts[0]), parts[1]
 
 
+# The keys of a stored (trial, K) run that this program reads back.
+ROW_KEYS = ("trial", "test_acc", "initial_test_acc", "val_acc", "val_loss", "iterations", "best_iteration",
+            "sec_per_iter")
+
+
 def run(cfg: dict) -> dict:
-    """The whole experiment; writes results.json (after every trial) and the figure."""
-    os.makedirs(cfg["output_dir"], exist_ok=True)
+    """The whole experiment; writes results.json (after every trial) and the figure. Holds an
+    exclusive lock on cfg["output_dir"] meanwhile (OutputDirError if another run does);
+    cfg["restart"]: deletes the saved state first."""
+    with exclusive_output_dir(cfg["output_dir"], "experiments.task_interaction"):
+        if cfg.get("restart"):
+            discard_state(os.path.join(cfg["output_dir"], "resume"))
+        return _run(cfg)
+
+
+def load_stored_run(path: str, trial: int) -> dict:
+    """A (trial, K) run stored by an earlier run of this --output_dir."""
+    remedy = f"delete it to redo that run, {RESTART_HINT}"
+    row = read_state_json(path, remedy, ROW_KEYS)
+    if row["trial"] != trial:
+        raise damaged(path, f"it holds trial {row['trial']!r}", remedy)
+    return row
+
+
+def _run(cfg: dict) -> dict:
     state = check_fingerprint(cfg)
     pause = parse_pause_after(cfg.get("pause_after"))
     truncations = parse_truncate(cfg["truncate"], cfg["inner_steps"])
@@ -594,8 +628,7 @@ def run(cfg: dict) -> dict:
             name = "full" if k is None else str(k)
             stored = os.path.join(state, f"trial{trial}_{name}.json")
             if os.path.exists(stored):  # finished by an earlier run of this --output_dir
-                with open(stored) as f:
-                    row = json.load(f)
+                row = load_stored_run(stored, trial)
                 print(f"[trial {trial} K={name}] finished by an earlier run, reloaded from {stored}")
             else:
                 row = run_one(k, split, cfg, diagnostics=trial < cfg["diagnostic_trials"], cache=cache)
@@ -612,10 +645,14 @@ def run(cfg: dict) -> dict:
     return results
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str]) -> int:
     del argv
     logging.set_verbosity(logging.WARNING)
-    run(config_from_flags())
+    try:
+        run(config_from_flags())
+    except STATE_ERRORS as err:  # damaged state, settings mismatch, output folder busy or not writable
+        return exit_with_error("task_interaction", err)
+    return 0
 
 
 if __name__ == "__main__":

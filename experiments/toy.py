@@ -47,7 +47,6 @@ Usage:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -60,7 +59,9 @@ import tensorflow as tf
 import tf_bilevel as tfb
 from experiments import plotting
 from experiments.plotting import plt
-from experiments.run_state import jsonable
+from experiments.run_state import (
+    STATE_ERRORS, exclusive_output_dir, exit_with_error, jsonable, write_json_atomically,
+)
 
 OBJECTIVES = ("f", "f_tilde")
 QUICK = dict(hyper_iters=100, truncations=[1, 5, 100], fig1_truncations=[1, 5, 100], grid_size=81)
@@ -492,12 +493,18 @@ def _progress_bar(target: int):
 
 
 def run_experiment(cfg: ToyConfig, problem: Optional[ToyProblem] = None) -> dict:
-    """Runs everything behind Figs. 1–4, writes results.json and fig1..fig4.png, returns results."""
+    """Runs everything behind Figs. 1–4, writes results.json and fig1..fig4.png, returns results.
+    One run at a time per output folder: an exclusive lock on it is held meanwhile
+    (run_state.OutputDirError if another run holds it, or the folder cannot be written)."""
     problem = problem or ToyProblem()
     cfg = cfg.validated(problem)
+    with exclusive_output_dir(cfg.output_dir, "experiments.toy"):
+        return _run_experiment(cfg, problem)
+
+
+def _run_experiment(cfg: ToyConfig, problem: ToyProblem) -> dict:
     np.random.seed(cfg.seed)
     tf.random.set_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     T = problem.steps
     start_time = time.time()
     est = Estimators(problem, cfg.jit_compile)
@@ -577,8 +584,7 @@ def run_experiment(cfg: ToyConfig, problem: Optional[ToyProblem] = None) -> dict
         "runtime_seconds": time.time() - start_time,
     }
     results = jsonable(results)
-    with open(os.path.join(cfg.output_dir, "results.json"), "w") as fh:
-        json.dump(results, fh)
+    write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results)
     _print_summary(results)
     return results
 
@@ -626,7 +632,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("quick", False, "Tiny budget for tests: 100 hyper-iterations, K in {1, 5, 100}, coarse grids.")
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str]) -> int:
     from absl import app, flags
 
     if len(argv) > 1:
@@ -644,7 +650,11 @@ def main(argv: Sequence[str]) -> None:
         jit_compile=F.jit_compile,
         quick=F.quick,
     )
-    run_experiment(cfg)
+    try:
+        run_experiment(cfg)
+    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
+        return exit_with_error("toy", err)
+    return 0
 
 
 if __name__ == "__main__":

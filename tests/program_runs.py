@@ -32,8 +32,9 @@ def tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:]
 
 
-def kill_when_paused(process: subprocess.Popen, marker: Path, log: Path, timeout: float = TIMEOUT) -> None:
-    """Waits until the program writes `marker` (it then waits to be killed), then SIGKILLs it."""
+def wait_for(process: subprocess.Popen, marker: Path, log: Path, timeout: float = TIMEOUT) -> None:
+    """Waits until the program writes `marker` (--pause_after: it then waits to be killed, or
+    for <marker>.continue)."""
     deadline = time.monotonic() + timeout
     while not marker.exists():
         if process.poll() is not None:
@@ -42,6 +43,11 @@ def kill_when_paused(process: subprocess.Popen, marker: Path, log: Path, timeout
             process.kill()
             pytest.fail(f"the program did not reach {marker.name} within {timeout} s:\n{tail(log)}")
         time.sleep(0.05)
+
+
+def kill_when_paused(process: subprocess.Popen, marker: Path, log: Path, timeout: float = TIMEOUT) -> None:
+    """Waits until the program writes `marker` (it then waits to be killed), then SIGKILLs it."""
+    wait_for(process, marker, log, timeout)
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
 
@@ -54,3 +60,27 @@ def finish(process: subprocess.Popen, log: Path, timeout: float = TIMEOUT) -> No
         process.kill()
         pytest.fail(f"the program did not finish within {timeout} s:\n{tail(log)}")
     assert returncode == 0, tail(log)
+
+
+def run(command: list, log: Path, timeout: float = TIMEOUT) -> tuple[int, str]:
+    """Runs the program to its end: (exit status, its output, stdout and stderr together)."""
+    start_at = log.stat().st_size if log.exists() else 0
+    process = start(command, log)
+    try:
+        returncode = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the program did not finish within {timeout} s:\n{tail(log)}")
+    return returncode, log.read_bytes()[start_at:].decode(errors="replace")
+
+
+def assert_clear_error(returncode: int, output: str, *fragments: str) -> str:
+    """The program failed (non-zero exit) with one `<program>: error: ...` line containing every
+    fragment, and no traceback; returns that line."""
+    assert returncode not in (0, None), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if ": error: " in line]
+    assert len(lines) == 1, output[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

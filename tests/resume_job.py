@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
+from experiments.run_state import write_atomically
 from tf_bilevel.keras import losses
 
 EPOCHS, STEPS_PER_EPOCH = 3, 4  # 12 hyper-iterations per fit, a checkpoint every 4
@@ -126,10 +127,9 @@ class PauseOnce(keras.callbacks.Callback):
 
 
 def _write_atomically(path: Path, write) -> None:
-    """A kill never leaves a half-written result: write aside, then rename."""
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
+    """A kill never leaves a half-written result: the experiment programs' writer (a unique
+    temporary name aside, then rename)."""
+    write_atomically(path, lambda temporary: write(Path(temporary)))
 
 
 def _save_npy(array: np.ndarray):

@@ -93,3 +93,36 @@ def test_export_of_a_functional_layer_and_of_a_trainer_without_hyper_model(tmp_p
                                hyperparameters={"a": 1.0})
     with pytest.raises(ValueError, match="no hyper_model"):
         plain.export(str(tmp_path / "none"))
+
+
+def test_documented_reload_idioms_work_as_written(tmp_path):
+    """The lines of tf_bilevel/keras/export.py's docstring, verbatim, each in one expression
+    (no other reference to the loaded object exists, so a freed variable would fail the call)."""
+    import gc
+
+    inputs = keras.Input([6])
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="tanh")(inputs))
+    path = str(tmp_path / "served")
+    export_hyper_model(model, path)
+    x = tf.reshape(tf.range(12, dtype=tf.float32), [2, 6]) / 10.0
+    expected = _served_by_the_original(model, x)
+
+    features = tfb.keras.load_hyper_model(path)(x)  # keeps what it loaded
+    np.testing.assert_array_equal(features.numpy(), expected)
+    served = tfb.keras.load_hyper_model(path)
+    gc.collect()
+    np.testing.assert_array_equal(served(x).numpy(), expected)
+    assert len(served.variables) == 2  # kernel and bias
+
+    loaded = tf.saved_model.load(path); features = loaded.serve(x)  # noqa: E702 - the documented line
+    np.testing.assert_array_equal(features.numpy(), expected)
+
+    (features,) = tf.saved_model.load(path).signatures["serving_default"](x).values()
+    np.testing.assert_array_equal(features.numpy(), expected)
+
+    layer = keras.layers.TFSMLayer(path, call_endpoint="serve")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x)), expected)
+
+    tf.saved_model.save(tf.Module(), str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="no 'serve' endpoint"):
+        tfb.keras.load_hyper_model(str(tmp_path / "plain"))

@@ -110,7 +110,11 @@ def test_readme_hypercleaning_example_learns_to_downweight_corrupted_labels_with
     result = trainer.evaluate(held_out, verbose=0, return_dict=True)
     assert result["loss"] == pytest.approx(numpy_ce(W, b, x_val, y_val), rel=1e-4)
     assert result["accuracy"] == pytest.approx(np.mean((x_val @ W + b).argmax(-1) == y_val), abs=1e-6)
-    assert set(result) == {"loss", "accuracy"}
+    assert set(result) == {"loss", "outer_loss", "inner_loss", "accuracy"}
+    assert result["outer_loss"] == result["loss"]
+    p_train = _softmax(x_train @ W + b)
+    inner = float(np.mean(weights * -np.log(p_train[np.arange(500), y_train])))
+    assert result["inner_loss"] == pytest.approx(inner, rel=1e-4)  # g(w_T, λ) on the inner batch
     assert history.history["val_loss"][-1] == pytest.approx(result["loss"], rel=1e-5)
 
 
@@ -395,7 +399,7 @@ def _trainer(**overrides):
 @pytest.mark.parametrize(
     "overrides, error, pattern",
     [
-        (dict(steps=0), ValueError, "steps must be a positive Python int"),
+        (dict(steps=0), ValueError, "steps must be a positive integer"),
         (dict(truncate=5), ValueError, "truncate=5 is larger than steps=3"),
         (dict(estimator="magic"), ValueError, "estimator must be one of"),
         (dict(on_nonfinite="ignore"), ValueError, "on_nonfinite must be 'raise'"),

@@ -50,6 +50,28 @@ def test_batchnorm_meta_batch_hypergradient_equals_the_keras3_path(legacy):
     assert r["gradient_norm"] > 1e-3
 
 
+def test_layer_regularizers_and_add_loss_count_in_g_like_the_explicit_terms(legacy):
+    r = legacy["layer_losses"]
+    for pair in ("kernel_regularizer_vs_inner_regularizer", "add_loss_vs_inner_loss_term", "kernel_regularizer_vs_keras3"):
+        assert r[pair]["w_T"] <= 1e-6 and r[pair]["hypergradient"] <= 1e-6, (pair, r[pair])
+    assert r["kernel_regularizer_vs_none"]["w_T"] > 1e-2 and r["kernel_regularizer_vs_none"]["hypergradient"] > 1e-4
+    assert r["add_loss_vs_none"]["w_T"] > 1e-3 and r["add_loss_vs_none"]["hypergradient"] > 1e-5
+    assert r["outer_loss_is_plain"] is True
+    assert "'bad_loss'" in r["callable_add_loss_error"] and "not a weight regularizer" in r["callable_add_loss_error"]
+
+
+def test_mixed_float16_hypergradient_matches_float32(legacy):
+    r = legacy["mixed_float16"]
+    assert r["compute_dtype"] == "float16" and r["optimizer"] == "SGD" and r["hyper_dtypes"] == ["float32"]
+    assert r["relative_error"] < 1e-2, r
+
+
+def test_log_names_histograms_and_save_error(legacy):
+    assert {"loss", "outer_loss", "inner_loss", "hp/inner_learning_rate"} <= set(legacy["history_keys"])
+    assert "save_weights" in legacy["save_error"] and "BackupAndRestore" in legacy["save_error"]
+    assert legacy["histograms"] == [[0, "hp/w"], [1, "hp/w"]]
+
+
 def test_wrong_flavor_nonfinite_checkpoint_and_export(legacy):
     assert "LegacyBilevelTrainer works with tf-keras" in legacy["wrong_flavor_error"]
     assert "use tf_bilevel.BilevelTrainer" in legacy["wrong_flavor_error"]
@@ -195,7 +217,149 @@ def _main(out_dir: str) -> None:
     served = tf.function(lambda t: legacy_trainer.hyper_model(t, training=False))(probe)
     results["export_bit_identical"] = bool(np.array_equal(loaded.serve(probe).numpy(), served.numpy()))
 
+    # 7. Layer regularizers and add_loss in g (not in f), against the explicit formulations and Keras 3.
+    results["layer_losses"] = _layer_losses(keras2, keras3, tfb, CE)
+
+    # 8. Mixed precision (float16 compute) against float32.
+    results["mixed_float16"] = _mixed_float16(keras2, tfb, CE)
+
+    # 9. Log names (outer/inner loss, scalar hyperparameters) and the save() error.
+    logged = tfb.LegacyBilevelTrainer(
+        keras2.Sequential([keras2.layers.Dense(c)]), hyperparameters={"w": np.full(n, 0.5)},
+        inner_loss=lambda y_, p, hp: hp["w"] * CE(y_, p), outer_loss=CE, steps=2,
+        inner_learning_rate=tfb.Hyperparameter(0.5, transform="softplus"))
+    logged.compile(optimizer=keras2.optimizers.SGD(0.1))
+    log_dir = os.path.join(out_dir, "tb")
+    history = logged.fit(tf.data.Dataset.from_tensors(element).repeat(2), epochs=2, steps_per_epoch=1, verbose=0,
+                         callbacks=[tfb.keras.HyperparameterHistograms(log_dir)])  # a Keras 3 class, tf-keras fit
+    results["history_keys"] = sorted(history.history)
+    results["histograms"] = sorted(
+        (event.step, value.tag) for path in Path(log_dir, "train").glob("events.out.tfevents.*")
+        for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value)
+    try:
+        logged.save(os.path.join(out_dir, "trainer.keras"))
+        results["save_error"] = ""
+    except NotImplementedError as err:
+        results["save_error"] = str(err)
+
     Path(out_dir, "results.json").write_text(json.dumps(results))
+
+
+def _one_step(trainer, element):
+    """(w_T kernel, d f / d ν, logged f) of one hyper-iteration with SGD(1) and warm start."""
+    import numpy as np
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensors(element)
+    trainer.build_from_spec(dataset.element_spec)
+    before = [v.numpy().copy() for v in trainer.hyper_variables]
+    loss = trainer.fit(dataset, verbose=0).history["loss"][0]
+    grad = np.concatenate([(b - v.numpy()).ravel() for b, v in zip(before, trainer.hyper_variables)])
+    return trainer.inner_model.get_weights()[0], grad, loss
+
+
+def _layer_losses(keras2, keras3, tfb, CE) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    n, d, k, steps, strength = 16, 4, 5, 4, 0.25
+    rng = np.random.default_rng(0)
+    x, xv = rng.normal(size=(2, n, d)).astype("float32")
+    element = ((x, rng.integers(0, k, n)), (xv, rng.integers(0, k, n)))
+    weights = [(0.3 * rng.normal(size=(d, k))).astype("float32"), np.zeros(k, "float32")]
+
+    class Penalty(keras2.layers.Layer):
+        def call(self, z):
+            self.add_loss(strength * tf.reduce_mean(tf.square(z)))
+            return z
+
+    def run(kind, k_=keras2, trainer_class=tfb.LegacyBilevelTrainer):
+        regularizer = k_.regularizers.L2(strength) if kind == "kernel_regularizer" else None
+        layers = [k_.Input((d,)), k_.layers.Dense(k, kernel_regularizer=regularizer)]
+        layers += [Penalty()] if kind == "add_loss" else []
+        model = k_.Sequential(layers)
+        model.set_weights(weights)
+
+        def inner_loss(y_true, logits, hp):
+            value = hp["w"] * CE(y_true, logits)
+            if kind == "inner_loss_term":
+                value = value + strength * tf.reduce_mean(tf.square(logits), axis=-1)
+            return value
+
+        explicit = (lambda w, hp: strength * tf.reduce_sum(tf.square(w[0]))) if kind == "inner_regularizer" else None
+        trainer = trainer_class(
+            model, hyperparameters={"w": tfb.Hyperparameter(np.full(n, 0.5), transform="sigmoid")},
+            inner_loss=inner_loss, outer_loss=CE, steps=steps, inner_learning_rate=0.5, inner_init="warm_start",
+            inner_regularizer=explicit)
+        trainer.compile(optimizer=k_.optimizers.SGD(1.0), jit_compile=kind == "kernel_regularizer")
+        return _one_step(trainer, element)
+
+    runs = {kind: run(kind) for kind in ("kernel_regularizer", "inner_regularizer", "none", "add_loss", "inner_loss_term")}
+    runs["keras3"] = run("kernel_regularizer", keras3, tfb.BilevelTrainer)
+
+    def differences(a, b):
+        (wa, ga, _), (wb, gb, _) = runs[a], runs[b]
+        return {"w_T": float(np.max(np.abs(wa - wb))), "hypergradient": float(np.max(np.abs(ga - gb)))}
+
+    result = {
+        "kernel_regularizer_vs_inner_regularizer": differences("kernel_regularizer", "inner_regularizer"),
+        "kernel_regularizer_vs_keras3": differences("kernel_regularizer", "keras3"),
+        "kernel_regularizer_vs_none": differences("kernel_regularizer", "none"),
+        "add_loss_vs_inner_loss_term": differences("add_loss", "inner_loss_term"),
+        "add_loss_vs_none": differences("add_loss", "none"),
+    }
+    # f is the plain cross-entropy at w_T: the same for the layer and the explicit regularizer (whose
+    # inner_regularizer is never part of f).
+    result["outer_loss_is_plain"] = abs(runs["kernel_regularizer"][2] - runs["inner_regularizer"][2]) < 1e-6
+
+    # A callable add_loss that is not a weight regularizer cannot be evaluated at w_t: refused.
+    dense = keras2.layers.Dense(k)
+    model = keras2.Sequential([keras2.Input((d,)), dense], name="bad_loss")
+    model.add_loss(lambda: tf.reduce_sum(dense.kernel))
+    bad = tfb.LegacyBilevelTrainer(model, hyperparameters={"w": np.full(n, 0.5)},
+                                   inner_loss=lambda y_, p, hp: hp["w"] * CE(y_, p), outer_loss=CE, steps=2)
+    bad.compile(optimizer=keras2.optimizers.SGD(0.1))
+    try:
+        bad.fit(tf.data.Dataset.from_tensors(element), verbose=0)
+        result["callable_add_loss_error"] = ""
+    except ValueError as err:
+        result["callable_add_loss_error"] = str(err)
+    return result
+
+
+def _mixed_float16(keras2, tfb, CE) -> dict:
+    import numpy as np
+
+    n, d, k = 32, 5, 3
+    rng = np.random.default_rng(0)
+    x, xv = rng.normal(size=(2, n, d)).astype("float32")
+    element = ((x, rng.integers(0, k, n)), (xv, rng.integers(0, k, n)))
+    keras2.utils.set_random_seed(0)
+    weights = keras2.Sequential([keras2.Input((d,)), keras2.layers.Dense(8), keras2.layers.Dense(k)]).get_weights()
+
+    def run(policy):
+        keras2.mixed_precision.set_global_policy(policy)
+        try:
+            model = keras2.Sequential([
+                keras2.Input((d,)), keras2.layers.Dense(8, activation="tanh", kernel_regularizer=keras2.regularizers.L2(0.01)),
+                keras2.layers.Dense(k)])
+            model.set_weights(weights)
+            trainer = tfb.LegacyBilevelTrainer(
+                model, hyperparameters={"w": tfb.Hyperparameter(np.full(n, 0.5), transform="sigmoid")},
+                inner_loss=lambda y_, p, hp: hp["w"] * CE(y_, p), outer_loss=CE, steps=5, inner_learning_rate=0.5)
+            trainer.compile(optimizer=keras2.optimizers.SGD(1.0))
+            return trainer, _one_step(trainer, element)[1]
+        finally:
+            keras2.mixed_precision.set_global_policy("float32")
+
+    _, reference = run("float32")
+    trainer, grad = run("mixed_float16")
+    return {
+        "compute_dtype": trainer.inner_model.layers[0].compute_dtype,
+        "optimizer": type(trainer.optimizer).__name__,
+        "hyper_dtypes": sorted({v.dtype.name for v in trainer.hyper_variables}),
+        "relative_error": float(np.linalg.norm(grad - reference) / np.linalg.norm(reference)),
+    }
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ def __getattr__(name):
     raise AttributeError(f"module 'tf_bilevel' has no attribute {name!r}")
 
 
+def __dir__():
+    # The lazily resolved names too (tab completion, dir(tf_bilevel)).
+    return sorted(set(globals()) | set(__all__) | set(_KERAS_EXPORTS) | {"keras"})
+
+
 __all__ = [
     "BilevelTrainer",
     "ESTIMATORS",

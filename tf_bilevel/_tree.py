@@ -22,7 +22,7 @@ def leaf_names(structure: Any, root: str) -> list[str]:
             fields = getattr(node, "_fields", None)
             for i, child in enumerate(node):
                 visit(child, f"{path}.{fields[i]}" if fields else f"{path}[{i}]")
-        elif node is not None:
+        else:  # None too: tf.nest.flatten keeps it as a leaf (and the caller rejects it by name)
             names.append(path)
 
     visit(structure, root)

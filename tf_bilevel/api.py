@@ -8,14 +8,18 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import tensorflow as tf
 
+from tf_bilevel import _validate
 from tf_bilevel._tree import leaf_names
 from tf_bilevel.dynamics.loops import earliest_nonfinite, run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
 from tf_bilevel.dynamics.transition import BatchAtStep, Transition, gather_step
 from tf_bilevel.estimators import forward_hypergradient, implicit_hypergradient, reverse_hypergradient
+from tf_bilevel.estimators.reverse import profile_step
 from tf_bilevel.problem import BilevelProblem
 
 ESTIMATORS = ("reverse", "checkpointed", "forward", "implicit_cg", "neumann")
+BACKWARD_PASSES = ("auto", "store", "recompute")
+DEFAULT_MEMORY_BUDGET = 2**30  # bytes of stored per-step intermediates "auto" allows (1 GiB)
 
 
 class NonFiniteError(FloatingPointError):
@@ -33,12 +37,6 @@ class HypergradientResult(NamedTuple):
     final_opt_state: Any = ()
 
 
-def _require_positive_int(value: Any, name: str, meaning: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive Python int ({meaning}), got {value!r}")
-    return value
-
-
 def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = None) -> Any:
     """Validates the leaves of params/hparams and converts them to tensors."""
     leaves = tf.nest.flatten(structure)
@@ -47,6 +45,11 @@ def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = No
     names = leaf_names(structure, role)
     tensors = []
     for name, leaf in zip(names, leaves):
+        if leaf is None:
+            raise ValueError(
+                f"{name} is None: every leaf of {role} must be a floating-point tensor. Give it a value "
+                f"(e.g. tf.zeros(shape)) or remove the entry from {role}."
+            )
         if isinstance(leaf, tf.Variable):
             if role == "hparams" and not leaf.trainable:
                 raise ValueError(
@@ -55,7 +58,10 @@ def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = No
                 )
             if passed_variables is not None:
                 passed_variables[id(leaf)] = name
-        tensor = tf.convert_to_tensor(leaf)
+        try:
+            tensor = tf.convert_to_tensor(leaf)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} cannot be converted to a tensor ({type(leaf).__name__}: {err})") from None
         if not tensor.dtype.is_floating:
             raise TypeError(
                 f"{name} has dtype {tensor.dtype.name}; {role} must be floating-point to be "
@@ -80,9 +86,16 @@ class Hypergradient:
         jit_compile: bool,
         check_numerics: bool,
         per_step_batches: Union[bool, BatchAtStep] = False,
+        backward: str = "auto",
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
     ):
         self.problem = problem
         self.per_step_batches = per_step_batches
+        self.backward = backward
+        self.memory_budget = memory_budget
+        # What "auto" chose at the last trace ("store" or "recompute"), with its estimate.
+        self.backward_used: Optional[str] = None
+        self.step_residual_bytes: Optional[int] = None
         batch_at_step = gather_step if per_step_batches is True else (per_step_batches or None)
         self.transition = Transition(problem, optimizer, batch_at_step)
         self.steps = steps
@@ -114,10 +127,14 @@ class Hypergradient:
         """Like `__call__`, also returning w_T, the inner optimizer's final state and the
         non-finite marker. `opt_state` (e.g. a previous result's `final_opt_state`) continues
         the inner optimizer instead of starting it fresh."""
-        self.problem.passed_variables = {}
-        params = _as_tensors(params, "params", self.problem.passed_variables)
-        hparams = _as_tensors(hparams, "hparams", self.problem.passed_variables)
+        passed: dict = {}
+        params = _as_tensors(params, "params", passed)
+        hparams = _as_tensors(hparams, "hparams", passed)
+        # On every call, not only when tracing: a variable that an earlier trace saw read
+        # through a closure may be passed now, and no retrace would see it.
+        self.problem.check_not_read_through_closure(passed)
         result = self._compiled(params, hparams, inner_batch, outer_batch, opt_state=opt_state)
+        self.problem.check_not_read_through_closure(passed)  # read by the trace just made
         if self.check_numerics:
             if tf.executing_eagerly():
                 self._raise_if_nonfinite(int(result.nonfinite_step))
@@ -154,11 +171,13 @@ class Hypergradient:
         self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *, opt_state: Any = None
     ) -> HypergradientResult:
         """Builds the estimator's ops in the current graph and returns its result."""
-        params = _as_tensors(params, "params")
-        hparams = tf.nest.map_structure(tf.identity, _as_tensors(hparams, "hparams"))
+        passed: dict = {}
+        params = _as_tensors(params, "params", passed)
+        hparams = tf.nest.map_structure(tf.identity, _as_tensors(hparams, "hparams", passed))
         self._check_per_step_batch(inner_batch)
         opt_state = self._checked_opt_state(params, opt_state)
         self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state)
+        self.problem.check_not_read_through_closure(passed)  # variables passed inside a user's graph
         T = self.steps
         if self.estimator in ("reverse", "checkpointed"):
             out = reverse_hypergradient(
@@ -166,6 +185,7 @@ class Hypergradient:
                 steps=T, truncate=self.truncate,
                 checkpoint_segment=self._checkpoint_segment() if self.estimator == "checkpointed" else None,
                 opt_state=opt_state,
+                store_intermediates=self._stores_intermediates(params, hparams, inner_batch, opt_state),
             )
         elif self.estimator == "forward":
             out = forward_hypergradient(
@@ -185,6 +205,22 @@ class Hypergradient:
         return HypergradientResult(out.outer_value, hypergrad, out.final_params, marker, out.final_opt_state)
 
     # -- helpers ----------------------------------------------------------------------
+    def _stores_intermediates(self, params, hparams, inner_batch, opt_state) -> bool:
+        """The backward pass of "reverse": "store" when asked, or ("auto") when K times the
+        per-step residuals fit in memory_budget; "recompute" (O(MK)) otherwise."""
+        if self.estimator != "reverse":
+            self.backward_used = "recompute"
+            return False
+        if self.backward == "auto":
+            state = self.transition.init_state(self.problem.initial_params(params, hparams), opt_state)
+            profile = profile_step(self.transition, state, hparams, inner_batch)
+            self.step_residual_bytes = profile.residual_bytes
+            store = profile.storable and self.truncate * profile.residual_bytes <= self.memory_budget
+        else:
+            store = self.backward == "store"
+        self.backward_used = "store" if store else "recompute"
+        return store
+
     def _check_per_step_batch(self, inner_batch: Any) -> None:
         """per_step_batches=True: every inner_batch leaf must have a leading axis of length T."""
         if self.per_step_batches is not True:
@@ -232,9 +268,20 @@ class Hypergradient:
             tape.watch(flat_hp)
             w0 = self.problem.initial_params(params, hparams)
             state, _ = self.transition(self.transition.init_state(w0, opt_state), hparams, tf.constant(0), inner_batch)
+            flat_w1 = tf.nest.flatten(state.params)
+            tape.watch(flat_w1)
             value = self.problem.outer(state.params, hparams, outer_batch)
-        grads = tape.gradient(value, flat_hp)
+        grads_w, grads = tape.gradient(value, (flat_w1, flat_hp))
         unreached = [name for name, g in zip(leaf_names(hparams, "hparams"), grads) if g is None]
+        if unreached and all(g is None for g in grads_w):
+            # The hyperparameters may well be used (by inner_loss): f just ignores w.
+            constant = all(g is None for g in grads)
+            raise ValueError(
+                f"outer_loss does not depend on params{' or hparams (does it return a constant?)' if constant else ''}, "
+                f"so {', '.join(unreached)}, acting through the inner problem, cannot change it: its "
+                "hypergradient would be silently zero. Compute outer_loss from its params argument "
+                "(the inner solution w_T)."
+            )
         if unreached:
             raise ValueError(
                 f"{', '.join(unreached)} not reached by the losses: neither inner_loss, the inner "
@@ -279,6 +326,8 @@ def hypergradient_fn(
     checkpoint_every: Optional[int] = None,
     check_numerics: bool = True,
     per_step_batches: Union[bool, BatchAtStep] = False,
+    backward: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> Hypergradient:
     """Builds a compiled estimator of d_λ f(ŵ(λ), λ), ŵ = w_T after `steps` inner steps.
 
@@ -290,11 +339,12 @@ def hypergradient_fn(
         `(step, hparams) -> γ` to learn it. Exactly one of learning_rate / inner_optimizer.
       inner_optimizer: a `tf_bilevel.sgd/momentum/adam(...)` update rule.
       truncate: K. "reverse"/"checkpointed": back-propagate through the last K steps only
-        (K-RMD, Eq. 8); None means K = T (full RMD, Eq. 6). "implicit_cg"/"neumann": the
-        number of CG iterations / Neumann terms (default T).
+        (K-RMD, Eq. 8), 1 <= K <= T; None means K = T (full RMD, Eq. 6). "implicit_cg"/"neumann":
+        the number of CG iterations / Neumann terms at w_T (default T, but not bounded by T:
+        e.g. steps=10, truncate=50 solves the linear system of Eq. 11 more accurately).
       estimator: "reverse" | "checkpointed" | "forward" (FMD, Eq. 7) | "implicit_cg" |
         "neumann" (Eq. 11 at w_T, Eq. 12).
-      jit_compile: compile with XLA.
+      jit_compile: compile with XLA (True/False; anything else is a TypeError).
       init_params: optional w0 = Ξ0(params, hparams), e.g. a learned initialization (B0 term).
       checkpoint_every: states per recomputed segment for "checkpointed" (default ⌈√K⌉).
       check_numerics: raise `NonFiniteError` naming the inner step where a loss became NaN/Inf.
@@ -304,40 +354,53 @@ def hypergradient_fn(
         checkpointed recomputation. "implicit_cg"/"neumann" solve Eq. 11 with the last
         step's batch. A function `(inner_batch, step) -> batch of that step` selects it
         otherwise (e.g. part of the batch per step, or a random seed derived from the step).
+      backward: the backward pass of estimator="reverse" through the last K steps. "recompute":
+        explicit VJPs from the K stored states, O(MK) memory, each step recomputed once.
+        "store": TF differentiates the recorded K steps keeping every intermediate (no
+        recomputation, ~1 forward pass per step less; memory K × per-step residuals). Under
+        XLA it fails to compile when a step's inner gradient computes shapes or permutations
+        (tf.transpose, broadcasting, concat: tensorflow/tensorflow#62861). "auto" (default):
+        "store" when the traced step has none of those ops and K × (its residual bytes) ≤
+        memory_budget, else "recompute". `hg.backward_used` tells which one ran.
+      memory_budget: bytes of stored intermediates "auto" may use (default 1 GiB).
 
     Returns:
       A `Hypergradient`; `hg(params, hparams[, inner_batch, outer_batch])` returns
       `(outer_value, hypergrad)` with hypergrad structured like hparams.
     """
-    steps = _require_positive_int(steps, "steps", "the number T of inner steps")
-    if estimator not in ESTIMATORS:
+    steps = _validate.positive_int(steps, "steps", "the number T of inner steps")
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if truncate is None:
-        truncate = steps
-    else:
-        truncate = _require_positive_int(truncate, "truncate", "K, the number of steps to back-propagate through")
-        if truncate > steps:
-            raise ValueError(
-                f"truncate={truncate} is larger than steps={steps}: K-RMD back-propagates through the "
-                f"last K of the T inner steps, so 1 <= truncate <= steps. Use truncate=None for full RMD."
-            )
-    if estimator == "forward" and truncate != steps:
-        raise ValueError("estimator='forward' computes the exact hypergradient: leave truncate=None")
+    truncate = _checked_truncate(truncate, steps, estimator)
     if checkpoint_every is not None:
         if estimator != "checkpointed":
             raise ValueError("checkpoint_every only applies to estimator='checkpointed'")
-        _require_positive_int(checkpoint_every, "checkpoint_every", "states per recomputed segment")
+        checkpoint_every = _validate.positive_int(checkpoint_every, "checkpoint_every", "states per recomputed segment")
+    jit_compile = _validate.boolean(jit_compile, "jit_compile")
+    check_numerics = _validate.boolean(check_numerics, "check_numerics")
     if (learning_rate is None) == (inner_optimizer is None):
         raise ValueError(
             "pass exactly one of learning_rate= (plain gradient descent) or inner_optimizer= "
             "(e.g. tf_bilevel.momentum(0.1))"
         )
+    if backward not in BACKWARD_PASSES:
+        raise ValueError(f"backward must be one of {BACKWARD_PASSES}, got {backward!r}")
+    if backward == "store" and estimator != "reverse":
+        raise ValueError(
+            f"backward='store' applies to estimator='reverse' only (estimator={estimator!r} has its own "
+            "memory profile): leave backward='auto'."
+        )
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
+        raise ValueError(f"memory_budget must be a non-negative int (bytes), got {memory_budget!r}")
     if not (isinstance(per_step_batches, bool) or callable(per_step_batches)):
         raise TypeError(
             "per_step_batches must be True (one minibatch per inner step on the leading axis of inner_batch), "
             f"False, or a function (inner_batch, step) -> batch of that step, got {per_step_batches!r}"
         )
-    optimizer = sgd(learning_rate) if inner_optimizer is None else inner_optimizer
+    if inner_optimizer is None:
+        optimizer = sgd(_validate.learning_rate(learning_rate, "learning_rate"))
+    else:
+        optimizer = inner_optimizer
     if not isinstance(optimizer, InnerOptimizer):
         raise TypeError(f"inner_optimizer must be a tf_bilevel.InnerOptimizer (sgd/momentum/adam), got {optimizer!r}")
     if estimator == "neumann" and optimizer.learning_rate is None:
@@ -352,7 +415,29 @@ def hypergradient_fn(
         truncate=truncate,
         estimator=estimator,
         checkpoint_every=checkpoint_every,
-        jit_compile=bool(jit_compile),
+        jit_compile=jit_compile,
         check_numerics=check_numerics,
         per_step_batches=per_step_batches,
+        backward=backward,
+        memory_budget=memory_budget,
     )
+
+
+def _checked_truncate(truncate: Optional[int], steps: int, estimator: str) -> int:
+    """K: the steps back-propagated through (reverse/checkpointed, 1 <= K <= T), or the number
+    of CG iterations / Neumann terms (implicit_cg/neumann: any K >= 1, unrelated to T)."""
+    if truncate is None:
+        return steps
+    if estimator in ("implicit_cg", "neumann"):
+        return _validate.positive_int(
+            truncate, "truncate", f"the number of {'CG iterations' if estimator == 'implicit_cg' else 'Neumann terms'}"
+        )
+    truncate = _validate.positive_int(truncate, "truncate", "K, the number of steps to back-propagate through")
+    if estimator == "forward" and truncate != steps:
+        raise ValueError("estimator='forward' computes the exact hypergradient: leave truncate=None")
+    if truncate > steps:
+        raise ValueError(
+            f"truncate={truncate} is larger than steps={steps}: K-RMD back-propagates through the "
+            f"last K of the T inner steps, so 1 <= truncate <= steps. Use truncate=None for full RMD."
+        )
+    return truncate

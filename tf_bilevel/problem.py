@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import inspect
+
 import tensorflow as tf
 
 from tf_bilevel._autograph import convert_user_function
@@ -41,12 +43,15 @@ class BilevelProblem:
                 raise TypeError(f"{name} must be a callable (params, hparams[, batch]) -> scalar, got {fn!r}")
         if init_params is not None and not callable(init_params):
             raise TypeError(f"init_params must be a callable (params, hparams) -> params, got {init_params!r}")
+        # (required, maximum) positional arguments, to explain a missing/unexpected batch.
+        self._arity = {"inner_loss": _positional_arity(inner_loss), "outer_loss": _positional_arity(outer_loss)}
         self.inner_loss = convert_user_function(inner_loss)
         self.outer_loss = convert_user_function(outer_loss)
         self.init_params = None if init_params is None else convert_user_function(init_params)
-        # ids of the tf.Variables the caller passed as params/hparams: reading them through a
-        # closure inside a loss would bypass the hypergradient, so it is an error.
-        self.passed_variables: dict[int, str] = {}
+        # The tf.Variables the losses read through closures (seen when they are traced), by id.
+        # Passing one of them as params/hparams is an error on every call: the loss would read
+        # the variable, not the argument, and the hypergradient would miss that path.
+        self.closure_variables: dict[int, tuple[str, tf.Variable]] = {}
 
     def inner(self, params: Params, hparams: HParams, batch: Batch = None) -> tf.Tensor:
         """g(w, λ)."""
@@ -70,12 +75,45 @@ class BilevelProblem:
                 raise ValueError(f"init_params returned shape {a.shape} for {name}, which has shape {b.shape}")
         return tf.nest.map_structure(lambda a, b: tf.cast(a, b.dtype), w0, params)
 
+    def check_not_read_through_closure(self, passed_variables: dict[int, str]) -> None:
+        """Raises if a variable passed as params/hparams (id -> leaf name) is one a loss reads
+        through a closure (a dict lookup per passed variable: cheap enough for every call)."""
+        for var_id, name in passed_variables.items():
+            if var_id in self.closure_variables:
+                role = self.closure_variables[var_id][0]
+                raise ValueError(
+                    f"{role} reads the tf.Variable passed as {name} through a closure, so the "
+                    f"hypergradient cannot flow through it. Use the tensor argument "
+                    f"{role}(params, hparams) receives instead of the variable."
+                )
+
+    def _check_arity(self, role: str, batch: Batch) -> None:
+        required, maximum = self._arity[role]
+        which = "inner_batch" if role == "inner_loss" else "outer_batch"
+        if batch is None and required >= 3:
+            raise TypeError(
+                f"{role} takes a batch argument {role}(params, hparams, batch) but no {which} was "
+                f"given: call hg(params, hparams, inner_batch, outer_batch), or give the batch "
+                f"argument a default."
+            )
+        if batch is not None and maximum is not None and maximum < 3:
+            raise TypeError(
+                f"{which} was given but {role} takes only (params, hparams): add a batch argument "
+                f"{role}(params, hparams, batch), or do not pass {which}."
+            )
+
     def _call_loss(self, fn, role: str, params, hparams, batch) -> tf.Tensor:
         graph = tf.compat.v1.get_default_graph()
         first_new_op = len(graph.get_operations()) if not tf.executing_eagerly() else 0
+        self._check_arity(role, batch)
         with tf.GradientTape(watch_accessed_variables=True) as probe:
             value = fn(params, hparams) if batch is None else fn(params, hparams, batch)
-        value = tf.convert_to_tensor(value)
+        if value is None:
+            raise TypeError(f"{role} returned None: it must return a scalar tensor (is a `return` missing?)")
+        try:
+            value = tf.convert_to_tensor(value)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{role} must return a scalar tensor, got {type(value).__name__}: {err}") from None
         if value.shape.rank != 0:
             raise ValueError(
                 f"{role} must return a scalar, got shape {value.shape}; reduce it (e.g. tf.reduce_mean)."
@@ -83,13 +121,7 @@ class BilevelProblem:
         if not value.dtype.is_floating:
             raise TypeError(f"{role} must return a floating-point scalar, got dtype {value.dtype.name}")
         for var in probe.watched_variables():
-            name = self.passed_variables.get(id(var))
-            if name is not None:
-                raise ValueError(
-                    f"{role} reads the tf.Variable passed as {name} through a closure, so the "
-                    f"hypergradient cannot flow through it. Use the tensor argument "
-                    f"{role}(params, hparams) receives instead of the variable."
-                )
+            self.closure_variables.setdefault(id(var), (role, var))
         if not tf.executing_eagerly():
             for op in graph.get_operations()[first_new_op:]:
                 if op.type in _ASSIGN_OPS:
@@ -100,3 +132,15 @@ class BilevelProblem:
                         "from the `params` argument (for Keras models: model.stateless_call)."
                     )
         return value
+
+
+def _positional_arity(fn: Callable) -> tuple[int, Optional[int]]:
+    """(required, maximum) positional arguments of `fn`; (0, None) if it has no signature."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return 0, None
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return 0, None
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return sum(1 for p in positional if p.default is p.empty), len(positional)

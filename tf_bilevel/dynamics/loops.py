@@ -18,7 +18,7 @@ def earliest_nonfinite(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     return tf.where(both, tf.minimum(a, b), tf.maximum(a, b))
 
 
-def _mark_nonfinite(marker: tf.Tensor, loss: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+def mark_nonfinite(marker: tf.Tensor, loss: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
     return tf.where((marker < 0) & ~tf.math.is_finite(loss), step, marker)
 
 
@@ -44,7 +44,7 @@ def run(
 
     def body(i, state, marker):
         new_state, loss = transition(state, hparams, start + i, batch)
-        return i + 1, new_state, _mark_nonfinite(marker, loss, start + i)
+        return i + 1, new_state, mark_nonfinite(marker, loss, start + i)
 
     _, state, marker = tf.while_loop(
         lambda i, *_: i < num_steps,
@@ -86,7 +86,7 @@ def run_and_record(
     def body(i, state, arrays, marker):
         arrays = [ta.write(i, x) for ta, x in zip(arrays, tf.nest.flatten(state))]
         new_state, loss = transition(state, hparams, start + i, batch)
-        return i + 1, new_state, arrays, _mark_nonfinite(marker, loss, start + i)
+        return i + 1, new_state, arrays, mark_nonfinite(marker, loss, start + i)
 
     _, state, arrays, marker = tf.while_loop(
         lambda i, *_: i < num_steps,

@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Union
 
 import tensorflow as tf
 
+from tf_bilevel import _validate
 from tf_bilevel._autograph import convert_user_function
 
 Params = Any
@@ -69,6 +70,7 @@ def _scaled(lr: Any, tree: Params) -> Params:
 
 def sgd(learning_rate: LearningRate) -> InnerOptimizer:
     """Gradient descent: w_{t+1} = w_t − γ_t ∇w g(w_t, λ) (the transition of Prop. 3.1)."""
+    learning_rate = _validate.learning_rate(learning_rate, "sgd(learning_rate=...)")
 
     def init(params: Params) -> tuple:
         return ()
@@ -81,6 +83,10 @@ def sgd(learning_rate: LearningRate) -> InnerOptimizer:
 
 def momentum(learning_rate: LearningRate, beta: float = 0.9, nesterov: bool = False) -> InnerOptimizer:
     """Heavy-ball momentum: v ← βv + g, w ← w − γv (Nesterov: w ← w − γ(g + βv))."""
+    learning_rate = _validate.learning_rate(learning_rate, "momentum(learning_rate=...)")
+    # β ≥ 1 makes v grow without bound (and β < 0 oscillates): a finite but meaningless w_T.
+    beta = float(_validate.real_in_range(beta, "momentum(beta=...)", low=0.0, high=1.0, meaning="the decay of v"))
+    nesterov = _validate.boolean(nesterov, "momentum(nesterov=...)")
 
     def init(params: Params) -> Params:
         return tf.nest.map_structure(tf.zeros_like, params)
@@ -113,6 +119,11 @@ def adam(
 ) -> InnerOptimizer:
     """Adam with bias correction; ``eps_root`` inside the square root keeps the second-order
     terms finite where a gradient entry is exactly zero (d√ν/dν is infinite at ν = 0)."""
+    learning_rate = _validate.learning_rate(learning_rate, "adam(learning_rate=...)")
+    b1 = float(_validate.real_in_range(b1, "adam(b1=...)", low=0.0, high=1.0, meaning="the decay of the first moment"))
+    b2 = float(_validate.real_in_range(b2, "adam(b2=...)", low=0.0, high=1.0, meaning="the decay of the second moment"))
+    eps = float(_validate.real_in_range(eps, "adam(eps=...)", low=0.0, meaning="added to the denominator"))
+    eps_root = float(_validate.real_in_range(eps_root, "adam(eps_root=...)", meaning="added inside the square root"))
     if eps_root <= 0:
         raise ValueError(
             f"adam(eps_root={eps_root}): eps_root must be > 0, otherwise hypergradients through "

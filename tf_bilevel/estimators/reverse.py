@@ -1,22 +1,29 @@
 """Reverse-mode hypergradients: full RMD (Eq. 6), K-RMD (Eq. 8) and checkpointed RMD.
 
-The backward pass is explicit: the last K states are stored in the forward pass (O(MK)
-memory, Table 1) and Eq. 6 is applied one VJP per step, each VJP recomputing ∇w g under a
-nested tape. The first T−K steps run with no tape at all.
+Two backward passes over the last K steps (the first T−K steps run with no tape at all):
+
+* "recompute": explicit. The last K states are stored in the forward pass (O(MK) memory,
+  Table 1) and Eq. 6 is applied one VJP per step, each VJP recomputing the step (∇w g under
+  a nested tape) from its stored state.
+* "store": TF differentiates the recorded while_loop of the K steps, which keeps every
+  intermediate of every step (activations, the inner gradient's residuals): no recomputation
+  (one fewer forward pass per step), O(K · per-step residuals) memory.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import tensorflow as tf
 
-from tf_bilevel.dynamics.loops import Trajectory, earliest_nonfinite, run, run_and_record
+from tf_bilevel._tree import fill_none_with_zeros
+from tf_bilevel.dynamics.loops import Trajectory, earliest_nonfinite, mark_nonfinite, run, run_and_record
 from tf_bilevel.dynamics.transition import Transition
 from tf_bilevel.estimators.common import (
     EstimatorOutput,
     init_vjp,
+    internal_copy,
     outer_value_and_grads,
     state_cotangent,
     step_vjp,
@@ -96,6 +103,32 @@ def _checkpointed_backward(transition, checkpoints, hparams, batch, *, start, tr
     return alpha, h
 
 
+def _differentiate_stored_steps(transition, state, hparams, inner_batch, outer_batch, *, start, K):
+    """f(w_T), ∇λ of it through the K steps from `state` (the sum of Eq. 8's terms plus ∇λf), its
+    gradient α with respect to `state` (for the B0 term) and the final state, by TF autodiff."""
+    problem = transition.problem
+    # Copies: w0 may be a hyperparameter tensor itself (a learned init); the tape must tell
+    # the path through the state (α, for the B0 term) from the direct one.
+    state, hparams = internal_copy(state), internal_copy(hparams)
+    flat_state, flat_hp = tf.nest.flatten(state), tf.nest.flatten(hparams)
+    with tf.GradientTape() as tape:
+        tape.watch(flat_state)
+        tape.watch(flat_hp)
+        state_in = tf.nest.pack_sequence_as(state, flat_state)
+        hp = tf.nest.pack_sequence_as(hparams, flat_hp)
+
+        def body(i, state, marker):
+            new_state, loss = transition(state, hp, start + i, inner_batch)
+            return i + 1, new_state, mark_nonfinite(marker, loss, start + i)
+
+        _, final, marker = tf.while_loop(
+            lambda i, *_: i < K, body, (tf.constant(0), state_in, tf.constant(-1)), maximum_iterations=K
+        )
+        value = problem.outer(final.params, hp, outer_batch)
+    d_state, h = tape.gradient(value, (flat_state, flat_hp))
+    return value, fill_none_with_zeros(h, flat_hp), fill_none_with_zeros(d_state, flat_state), final, marker
+
+
 def reverse_hypergradient(
     transition: Transition,
     params: Any,
@@ -107,18 +140,29 @@ def reverse_hypergradient(
     truncate: int,
     checkpoint_segment: Optional[int] = None,
     opt_state: Any = None,
+    store_intermediates: bool = False,
 ) -> EstimatorOutput:
     """h_{T−K} of Eq. 8 (= d_λ f of Eq. 5/6 when K = T, including the B0 term).
 
     With `checkpoint_segment=c`, only every c-th of the last K states is stored and each
     segment is recomputed in the backward pass (O(M(K/c + c)) memory, one extra forward pass).
     `opt_state` continues the inner optimizer from a given state (None: a fresh one).
+    `store_intermediates=True` uses the "store" backward pass (see the module docstring).
     """
     problem = transition.problem
     T, K = steps, truncate
     w0 = problem.initial_params(params, hparams)
     state = transition.init_state(w0, opt_state)
     state, marker = run(transition, state, hparams, inner_batch, start=0, num_steps=T - K, max_steps=T - K)
+    if store_intermediates and checkpoint_segment is None:
+        value, h, alpha, final, marker_k = _differentiate_stored_steps(
+            transition, state, hparams, inner_batch, outer_batch, start=T - K, K=K
+        )
+        if K == T:
+            num_param_leaves = len(tf.nest.flatten(w0))
+            h = [a + b for a, b in zip(h, init_vjp(problem, params, hparams, alpha[:num_param_leaves]))]
+        final = tf.nest.map_structure(tf.stop_gradient, final)
+        return EstimatorOutput(value, h, final.params, earliest_nonfinite(marker, marker_k), final.opt_state)
     if checkpoint_segment is None:
         final, trajectory, marker_k = run_and_record(
             transition, state, hparams, inner_batch, start=T - K, num_steps=K, max_steps=K
@@ -145,3 +189,45 @@ def reverse_hypergradient(
         num_param_leaves = len(tf.nest.flatten(w0))
         h = [a + b for a, b in zip(h, init_vjp(problem, params, hparams, alpha[:num_param_leaves]))]
     return EstimatorOutput(value, h, final.params, marker, final.opt_state)
+
+
+# Ops whose values XLA needs at compile time (shapes, permutations) and that a step's inner
+# gradient computes inside the loop body: differentiating the recorded loop accumulates them
+# per iteration, and XLA then refuses to compile (tensorflow/tensorflow#62861).
+_XLA_UNSAFE_WHEN_STORED = frozenset(
+    {"InvertPermutation", "ConcatOffset", "BroadcastGradientArgs", "Shape", "ShapeN", "Size", "Rank", "Range", "DynamicStitch"}
+)
+
+
+class StepProfile(NamedTuple):
+    residual_bytes: int  # upper bound on what the "store" backward keeps per step
+    storable: bool  # False: a step computes a shape-like value that XLA cannot accumulate
+
+
+def profile_step(transition: Transition, state: Any, hparams: Any, batch: Any) -> StepProfile:
+    """Traces one inner step in a scratch graph (nothing runs): the bytes of every floating-point
+    tensor it produces (its forward ops and the inner gradient's), and whether the "store"
+    backward pass can compile with XLA."""
+
+    def spec(x):
+        if x is None:
+            return None
+        x = tf.convert_to_tensor(x)
+        return tf.TensorSpec(x.shape, x.dtype)
+
+    def one_step(state, hparams, batch):
+        with tf.GradientTape() as tape:
+            tape.watch(tf.nest.flatten(state))
+            tape.watch(tf.nest.flatten(hparams))
+            new_state, _ = transition(state, hparams, tf.constant(0), batch)
+        return new_state
+
+    specs = tf.nest.map_structure(spec, (state, hparams, batch))
+    graph = tf.function(one_step, autograph=False).get_concrete_function(*specs).graph
+    total, storable = 0, True
+    for op in graph.get_operations():
+        storable = storable and op.type not in _XLA_UNSAFE_WHEN_STORED
+        for out in op.outputs:
+            if out.dtype.is_floating and out.shape.is_fully_defined():
+                total += out.shape.num_elements() * out.dtype.size
+    return StepProfile(total, storable)

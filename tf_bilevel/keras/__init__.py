@@ -1,13 +1,14 @@
 """Keras integration: `BilevelTrainer` (Keras 3), `LegacyBilevelTrainer` (tf-keras),
 `Hyperparameter` reparametrizations, second-order-safe losses and layers
-(`BatchNormalization`) and SavedModel export.
+(`BatchNormalization`), the `HyperparameterHistograms` callback and SavedModel export.
 
 `tf_bilevel.keras.legacy` (tf-keras) is imported only on first use.
 """
 
 from tf_bilevel.keras import losses
+from tf_bilevel.keras.callbacks import HyperparameterHistograms
 from tf_bilevel.keras.data import online_tasks
-from tf_bilevel.keras.export import export_hyper_model
+from tf_bilevel.keras.export import export_hyper_model, load_hyper_model
 from tf_bilevel.keras.layers import BatchNormalization
 from tf_bilevel.keras.reparam import TRANSFORMS, Hyperparameter
 from tf_bilevel.keras.trainer import BilevelTrainer
@@ -16,9 +17,11 @@ __all__ = [
     "BatchNormalization",
     "BilevelTrainer",
     "Hyperparameter",
+    "HyperparameterHistograms",
     "LegacyBilevelTrainer",
     "TRANSFORMS",
     "export_hyper_model",
+    "load_hyper_model",
     "losses",
     "online_tasks",
 ]
@@ -30,3 +33,7 @@ def __getattr__(name):
 
         return LegacyBilevelTrainer
     raise AttributeError(f"module 'tf_bilevel.keras' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

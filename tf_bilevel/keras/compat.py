@@ -108,7 +108,14 @@ class Keras3Calls:
         return owners or [layer.name]
 
     @staticmethod
-    def call(layer: Any, trainable_values: list, non_trainable_values: list, x: Any, training: bool):
-        """Returns (outputs, updated non-trainable values); the layer's variables are untouched."""
+    def call(
+        layer: Any, trainable_values: list, non_trainable_values: list, x: Any, training: bool,
+        return_losses: bool = False,
+    ):
+        """Returns (outputs, updated non-trainable values[, losses]); the layer's variables are
+        untouched. `losses`: the layer's `add_loss` terms, activity regularizers and weight
+        regularizers, evaluated at the given weight values (so differentiable in them)."""
         kwargs = {"training": training} if accepts_training(layer) else {}
+        if return_losses:
+            kwargs["return_losses"] = True
         return layer.stateless_call(list(trainable_values), list(non_trainable_values), x, **kwargs)

@@ -73,24 +73,38 @@ def num_tasks(task: Task) -> Optional[int]:
     Raises ValueError if leaves disagree or have no task axis.
     """
     sizes = set()
-    for leaf in tf.nest.flatten(task):
-        if leaf is None:
-            continue
+    for name, leaf in _named_leaves(task):
         shape = leaf.shape
-        if shape.rank is not None and shape.rank < 1:
+        # [tasks, examples, ...]: a leaf of rank < 2 has no examples axis once the task axis is
+        # removed, so the element is most likely one unbatched task.
+        if shape.rank is not None and shape.rank < 2:
             raise ValueError(
-                f"meta_batch=True but a dataset leaf has shape {shape}: every leaf needs a leading task "
-                "axis. Batch the task dataset, e.g. tasks.batch(4, drop_remainder=True), or use "
-                "meta_batch=False for one task per element."
+                f"meta_batch=True but {name} has shape {list(shape)}: with meta_batch=True every leaf is "
+                "[tasks, examples, ...], so this looks like one task per element. Batch the task dataset, "
+                "e.g. tasks.batch(4, drop_remainder=True), or use meta_batch=False for one task per element."
             )
         if shape.rank is not None and shape[0] is not None:
             sizes.add(shape[0])
     if len(sizes) > 1:
         raise ValueError(
             f"meta_batch=True but the leaves of a dataset element have different leading sizes {sorted(sizes)}: "
-            "all inner and outer tensors must be stacked over the same tasks (axis 0)."
+            "all inner and outer tensors must be stacked over the same tasks (axis 0). If each element is a "
+            "single task, batch the dataset (tasks.batch(4, drop_remainder=True)) or use meta_batch=False."
         )
     return sizes.pop() if sizes else None
+
+
+def _named_leaves(task: Task) -> list:
+    """(name, leaf) for every present leaf of a task, e.g. ("y_inner", <spec>)."""
+    named = []
+    for part, batch in (("inner", task.inner), ("outer", task.outer)):
+        for field, value in (("x", batch.x), ("y", batch.y), ("sample_weight", batch.weights)):
+            if value is None:
+                continue
+            flat = tf.nest.flatten(value)
+            for i, leaf in enumerate(flat):
+                named.append((f"{field}_{part}" + (f"[{i}]" if len(flat) > 1 else ""), leaf))
+    return named
 
 
 def unstack_spec(spec: Any) -> Any:

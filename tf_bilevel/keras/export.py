@@ -2,14 +2,22 @@
 network, appendix G.3) as a SavedModel with a serving signature.
 
 The exported function is the hyper model in inference mode (`training=False`: BatchNorm
-uses the moving statistics the trainer accumulated). Reload it with
-`tf.saved_model.load(path).serve(x)` / `.signatures["serving_default"]`, or
-`keras.layers.TFSMLayer(path, call_endpoint="serve")`.
+uses the moving statistics the trainer accumulated). Reload it with any of
+
+    features = tfb.keras.load_hyper_model(path)(x)                      # keeps what it loaded
+    loaded = tf.saved_model.load(path); features = loaded.serve(x)      # keep `loaded` alive
+    (features,) = tf.saved_model.load(path).signatures["serving_default"](x).values()
+    layer = keras.layers.TFSMLayer(path, call_endpoint="serve")         # a Keras layer
+
+but not `tf.saved_model.load(path).serve(x)` in one expression: TF functions hold only weak
+references to the variables they read, the loaded object (which owns them) is freed as soon
+as `.serve` has been looked up, and the call fails with "Called a function referencing
+variables which have been deleted".
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import tensorflow as tf
 
@@ -85,3 +93,37 @@ def export_hyper_model(
         archive.write_out(filepath, verbose=verbose)
     else:
         archive.write_out(filepath)
+
+
+class LoadedHyperModel:
+    """The "serve" endpoint of an exported hyper model, holding the loaded SavedModel (which
+    owns the variables the endpoint reads), so that it can be used in one expression."""
+
+    def __init__(self, loaded: Any, path: str):
+        self.loaded = loaded
+        self.path = path
+        self._serve = getattr(loaded, ENDPOINT)
+
+    def __call__(self, *inputs: Union[tf.Tensor, Any]) -> tf.Tensor:
+        """The hyper model in inference mode on `inputs` (as many as the exported signature)."""
+        return self._serve(*inputs)
+
+    @property
+    def variables(self) -> list:
+        return list(self.loaded.variables)
+
+    def __repr__(self) -> str:
+        return f"LoadedHyperModel({self.path!r})"
+
+
+def load_hyper_model(filepath: str) -> LoadedHyperModel:
+    """Reloads a SavedModel written by `export_hyper_model` / `trainer.export` as a callable:
+    `load_hyper_model(path)(x)` works in one expression (unlike `tf.saved_model.load(path).serve(x)`,
+    see the module docstring)."""
+    loaded = tf.saved_model.load(filepath)
+    if not hasattr(loaded, ENDPOINT):
+        raise ValueError(
+            f"load_hyper_model({filepath!r}): this SavedModel has no {ENDPOINT!r} endpoint; was it written by "
+            "tf_bilevel.keras.export_hyper_model / trainer.export? Use tf.saved_model.load for other SavedModels."
+        )
+    return LoadedHyperModel(loaded, str(filepath))

@@ -11,6 +11,7 @@ their variables in containers rather than attributes are not supported (a clear 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, Optional, Union
 
@@ -20,7 +21,14 @@ from tf_bilevel.keras.compat import TF_KERAS, accepts_training
 from tf_bilevel.keras.reparam import Hyperparameter
 from tf_bilevel.keras.trainer_base import BilevelTrainerMixin
 
-import tf_keras
+try:
+    import tf_keras
+    from tf_keras.src.mixed_precision import autocast_variable
+except ImportError as err:  # an optional dependency: name the extra that installs it
+    raise ImportError(
+        "tf_bilevel.LegacyBilevelTrainer (tf-keras, Keras 2) needs the tf-keras package, which is not "
+        f'installed ({err}). Install it with: pip install "tf_bilevel[legacy]"'
+    ) from err
 
 _TF_KERAS_BATCH_NORMS = (tf_keras.layers.BatchNormalization, tf_keras.layers.experimental.SyncBatchNormalization)
 
@@ -72,6 +80,58 @@ def _attribute_slots(model: Any, variables: list) -> list:
                 "Conv2D, BatchNormalization, …) or Keras 3 (tf_bilevel.BilevelTrainer, which uses stateless_call)."
             )
     return slots
+
+
+def _as_read_by(owner: Any, variable: Any, replacement: Any) -> Any:
+    """What `owner.<attribute>` must be: under a mixed-precision policy tf-keras reads an
+    AutoCastVariable in the layer's compute dtype, so a float32 weight value is cast likewise."""
+    if isinstance(variable, autocast_variable.AutoCastVariable) and not isinstance(replacement, _StateHolder):
+        compute = tf.as_dtype(getattr(owner, "compute_dtype", None) or replacement.dtype)
+        if compute.is_floating and compute != replacement.dtype:
+            return tf.cast(replacement, compute)
+    return replacement
+
+
+def _layer_losses(model: Any, values: dict) -> list:
+    """The losses tf-keras' `model.losses` would hold after the call, at the given weight values:
+    the `add_loss` tensors of the call (activity regularizers included), and the weight
+    regularizers re-evaluated on the substituted values (tf-keras binds them to the variable
+    objects, which would silently give them no gradient in w)."""
+    losses = []
+    for sub in model._flatten_layers(include_self=True, recursive=True):
+        eager = list(sub._eager_losses)
+        losses.extend(eager)
+        for callable_loss in sub._callable_losses:
+            losses.append(_weight_regularization(sub, callable_loss, values))
+        if sub._losses and not eager:
+            raise ValueError(
+                f"tf-keras layer {sub.name!r} of inner_model {model.name!r} holds losses added outside of "
+                "call() (symbolic tensors from build() or construction), which cannot be evaluated at the inner "
+                "weights w_t. Add them inside call(), as kernel_regularizer=... or in inner_regularizer."
+            )
+    return losses
+
+
+def _weight_regularization(layer: Any, callable_loss: Any, values: dict) -> tf.Tensor:
+    """A weight regularizer of `layer` (tf-keras: partial(_tag_callable, partial(_loss_for_variable,
+    variable))) evaluated at the variable's substituted value."""
+    fn = callable_loss
+    if isinstance(fn, functools.partial) and getattr(fn.func, "__name__", "") == "_tag_callable" and fn.args:
+        fn = fn.args[0]
+    if (
+        isinstance(fn, functools.partial)
+        and getattr(fn.func, "__name__", "") == "_loss_for_variable"
+        and len(fn.args) == 1
+        and id(fn.args[0]) in values
+    ):
+        value = values[id(fn.args[0])]
+        return fn.func(value.value if isinstance(value, _StateHolder) else value)
+    raise ValueError(
+        f"tf-keras layer {layer.name!r} has a loss added as a callable (add_loss(lambda: ...)) that is not a "
+        "weight regularizer: the tf-keras path cannot evaluate it at the inner weights w_t (it would silently "
+        "use the stored weights). Use kernel_regularizer=... on the layer, add_loss(tensor) inside call(), "
+        "inner_regularizer=..., or Keras 3 (tf_bilevel.BilevelTrainer)."
+    )
 
 
 class LegacyCalls:
@@ -134,7 +194,11 @@ class LegacyCalls:
         return owners or [layer.name]
 
     @staticmethod
-    def call(layer: Any, trainable_values: list, non_trainable_values: list, x: Any, training: bool):
+    def call(
+        layer: Any, trainable_values: list, non_trainable_values: list, x: Any, training: bool,
+        return_losses: bool = False,
+    ):
+        """As `Keras3Calls.call`: (outputs, updated non-trainable values[, losses])."""
         trainable = LegacyCalls.trainable(layer)
         non_trainable = LegacyCalls.non_trainable(layer)
         if len(trainable_values) != len(trainable) or len(non_trainable_values) != len(non_trainable):
@@ -143,16 +207,26 @@ class LegacyCalls:
         replacements = [tf.convert_to_tensor(t) for t in trainable_values] + holders
         slots = _attribute_slots(layer, trainable + non_trainable)
         originals = [[(owner, name, getattr(owner, name)) for owner, name in found] for found in slots]
+        if return_losses:
+            layer._clear_losses()  # only this call's add_loss terms (an enclosing call does not clear them)
         try:
             for found, replacement in zip(slots, replacements):
                 for owner, name in found:
-                    object.__setattr__(owner, name, replacement)  # bypasses tf-keras' weight tracking
+                    # bypasses tf-keras' weight tracking
+                    object.__setattr__(owner, name, _as_read_by(owner, getattr(owner, name), replacement))
             kwargs = {"training": training} if accepts_training(layer) else {}
             outputs = layer(x, **kwargs)
+            if return_losses:
+                values = {id(v): r for v, r in zip(trainable + non_trainable, replacements)}
+                losses = _layer_losses(layer, values)
         finally:
             for restore in originals:
                 for owner, name, original in restore:
                     object.__setattr__(owner, name, original)
+            if return_losses:
+                layer._clear_losses()  # no graph tensors left behind in the layers
+        if return_losses:
+            return outputs, [h.value for h in holders], losses
         return outputs, [h.value for h in holders]
 
 
@@ -184,7 +258,7 @@ class LegacyBilevelTrainer(BilevelTrainerMixin, tf_keras.Model):
         seed: int = 0,
         name: Optional[str] = None,
     ):
-        super().__init__(name=name or "bilevel_trainer")
+        super().__init__(name=name or "bilevel_trainer", dtype="float32")
         self._init_bilevel(
             inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps, truncate=truncate,
             estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,

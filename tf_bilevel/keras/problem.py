@@ -5,8 +5,13 @@
          + named `Hyperparameter`s (per-example weights, regularization strengths, …)
          + optionally the inner learning rate γ, proximal centers/strengths (§4.3) and a
            learned initialization w0 = Ξ0(λ) (the B0 term of Eq. 5),
-    g(w, λ) = mean inner_loss(y, inner_model(x; w)) + inner_regularizer(w, λ) + Σ_j ρ_j‖w_j − c_j‖²
+    g(w, λ) = mean inner_loss(y, inner_model(x; w)) + Σ inner_model.losses(w)
+              + inner_regularizer(w, λ) + Σ_j ρ_j‖w_j − c_j‖²
     f(w, λ) = mean outer_loss(y, inner_model(x; w))          (on the outer batch)
+
+where inner_model.losses are the model's layer regularizers and `add_loss` terms at w (f
+excludes them, as Keras' validation loss does); under mixed precision the predictions are cast
+to float32 before the losses.
 
 with x replaced by hyper_model(x; λ) when a hyper model is given. The hyper model is
 applied once per task, outside the inner loop (λ is fixed while w is trained): its outputs
@@ -20,12 +25,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
+from tf_bilevel import _validate
+from tf_bilevel._autograph import leave_unparsable_unconverted
 from tf_bilevel.keras.data import Batch
 from tf_bilevel.keras.losses import SECOND_ORDER_HINT
 from tf_bilevel.keras.reparam import Hyperparameter, as_hyperparameter
@@ -111,10 +119,13 @@ class KerasBilevelProblem:
         self.hyper_model = hyper_model
         _require_callable(inner_loss, "inner_loss", "(y_true, y_pred[, hparams]) -> per-example losses or scalar")
         _require_callable(outer_loss, "outer_loss", "(y_true, y_pred[, hparams]) -> per-example losses or scalar")
-        self.inner_loss_fn, self.outer_loss_fn = inner_loss, outer_loss
+        # The user's functions are called from AutoGraph-converted code (Keras traces train_step
+        # with AutoGraph): one it cannot parse (a lambda typed in a REPL) would log a warning.
+        self.inner_loss_fn = leave_unparsable_unconverted(inner_loss)
+        self.outer_loss_fn = leave_unparsable_unconverted(outer_loss)
         if inner_regularizer is not None:
             _require_callable(inner_regularizer, "inner_regularizer", "(inner_weights, hparams) -> scalar")
-        self.inner_regularizer = inner_regularizer
+        self.inner_regularizer = None if inner_regularizer is None else leave_unparsable_unconverted(inner_regularizer)
 
         if hyperparameters is None:
             hyperparameters = {}
@@ -133,23 +144,27 @@ class KerasBilevelProblem:
             for name, value in hyperparameters.items()
         }
 
-        if proximal_strength is not None and not (isinstance(proximal_strength, (int, float)) and proximal_strength > 0):
+        if proximal_strength is not None and not (
+            _validate.is_real_number(proximal_strength) and np.isfinite(proximal_strength) and proximal_strength > 0
+        ):
             raise ValueError(
                 f"proximal_strength must be a positive number (the initial ρ of Σ_j ρ_j‖w_j − c_j‖²), "
                 f"got {proximal_strength!r}; use None for no proximal term."
             )
         self.proximal_strength = proximal_strength
 
-        if isinstance(inner_learning_rate, bool) or not (
-            isinstance(inner_learning_rate, (int, float, Hyperparameter)) or callable(inner_learning_rate)
+        if not (
+            _validate.is_real_number(inner_learning_rate)
+            or isinstance(inner_learning_rate, Hyperparameter)
+            or callable(inner_learning_rate)
         ):
             raise TypeError(
                 "inner_learning_rate must be a positive number, a tf_bilevel.Hyperparameter (learned γ, e.g. "
                 f"Hyperparameter(0.1, transform='softplus')) or a schedule step -> γ, got {inner_learning_rate!r}"
             )
-        if isinstance(inner_learning_rate, (int, float)) and not inner_learning_rate > 0:
-            raise ValueError(f"inner_learning_rate must be > 0, got {inner_learning_rate!r}")
-        self.inner_learning_rate = inner_learning_rate
+        if _validate.is_real_number(inner_learning_rate):
+            inner_learning_rate = _validate.learning_rate(inner_learning_rate, "inner_learning_rate")
+        self.inner_learning_rate = leave_unparsable_unconverted(inner_learning_rate)
 
         if isinstance(inner_optimizer, str):
             if inner_optimizer not in INNER_OPTIMIZERS:
@@ -168,7 +183,7 @@ class KerasBilevelProblem:
                 f"inner_init must be one of {INNER_INITS} or a callable (seed, stored_weights) -> weights, "
                 f"got {inner_init!r}"
             )
-        self.inner_init = inner_init
+        self.inner_init = inner_init if isinstance(inner_init, str) else leave_unparsable_unconverted(inner_init)
 
     # -- structure of λ ---------------------------------------------------------------
     def check_models(self) -> None:
@@ -199,6 +214,26 @@ class KerasBilevelProblem:
                 "hyperparameters λ, so they must be trainable (set hyper_model.trainable = True), or pass no "
                 "hyper_model."
             )
+
+    def build_models(self, x: Any) -> Any:
+        """Builds both models on example inputs (inference mode: no side effects) and returns the
+        inner model's output; a hyper model output that the inner model cannot take is named."""
+        if self.hyper_model is None:
+            return self.inner_model(x)
+        features = self.hyper_model(x)
+        try:
+            return self.inner_model(features)
+        except (ValueError, TypeError) as err:
+            shapes = [list(f.shape) for f in tf.nest.flatten(features)]
+            in_shapes = [list(v.shape) for v in tf.nest.flatten(x)]
+            expected = _expected_input_shapes(self.inner_model)
+            wants = f"expects inputs of shape {expected}" if expected else "cannot take them"
+            raise ValueError(
+                f"hyper_model {self.hyper_model.name!r} outputs shape {shapes[0] if len(shapes) == 1 else shapes} "
+                f"(for inputs of shape {in_shapes[0] if len(in_shapes) == 1 else in_shapes}), but inner_model "
+                f"{self.inner_model.name!r} {wants}: the hyper model's output is the inner model's input "
+                f"(None = any size). Make the two agree. Keras said: {_first_line(err)}"
+            ) from err
 
     def hyper_specs(self) -> dict:
         """The Hyperparameter specs of every λ leaf owned by the trainer (not the hyper model)."""
@@ -237,16 +272,25 @@ class KerasBilevelProblem:
     def inner_batch(self, data: Batch, inner_state: list, seed: tf.Tensor) -> CoreBatch:
         return CoreBatch(data, inner_state, seed)
 
+    def last_step_batch(self, batch: CoreBatch, steps: int) -> CoreBatch:
+        """The batch of the last inner step (online: its minibatch), for g(w_T) in the logs."""
+        return self.batch_at_step(batch, tf.constant(steps - 1))
+
     def outer_batch(self, data: Batch, inner_state: list, seed: tf.Tensor) -> CoreBatch:
         """The outer batch's seed is folded with -1: no inner step draws the same randomness."""
         return CoreBatch(data, inner_state, fold_seed(seed, -1))
 
-    def predict(self, params: list, hp: dict, batch: CoreBatch, which: str) -> tf.Tensor:
+    def predict(self, params: list, hp: dict, batch: CoreBatch, which: str, with_losses: bool = False):
+        """The inner model's outputs; with `with_losses`, also the list of its own losses."""
         x = hp["features"][which] if self.hyper_model is not None else batch.data.x
         # Online, f is a validation loss of the model being trained: inference mode, as Keras
         # validates. Per task (episodic), both run in training mode (per-task BatchNorm statistics).
         training = not (self.online and which == "outer")
-        outputs, _ = self.calls.call(self.inner_model, params, self._seeded_state(batch), x, training)
+        state = self._seeded_state(batch)
+        if with_losses:
+            outputs, _, layer_losses = self.calls.call(self.inner_model, params, state, x, training, return_losses=True)
+            return outputs, list(layer_losses)
+        outputs, _ = self.calls.call(self.inner_model, params, state, x, training)
         return outputs
 
     def _seeded_state(self, batch: CoreBatch) -> list:
@@ -261,9 +305,11 @@ class KerasBilevelProblem:
         return state
 
     def inner_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
-        """g(w, λ)."""
-        y_pred = self.predict(params, hp, batch, "inner")
+        """g(w, λ), including the inner model's own losses (layer regularizers, `add_loss`)."""
+        y_pred, layer_losses = self.predict(params, hp, batch, "inner", with_losses=True)
         loss = self._user_loss(self.inner_loss_fn, "inner_loss", batch.data, y_pred, hp["user"])
+        if layer_losses:
+            loss = loss + sum_layer_losses(layer_losses, loss.dtype)
         if self.inner_regularizer is not None:
             penalty = tf.convert_to_tensor(self.inner_regularizer(list(params), hp["user"]))
             if penalty.shape.rank != 0:
@@ -316,6 +362,7 @@ class KerasBilevelProblem:
 
     # -- helpers ------------------------------------------------------------------------
     def _user_loss(self, fn: Callable, role: str, data: Batch, y_pred: tf.Tensor, user_hp: dict) -> tf.Tensor:
+        y_pred = full_precision(y_pred)
         values = fn(data.y, y_pred, user_hp) if _num_positional_args(fn) >= 3 else fn(data.y, y_pred)
         values = tf.convert_to_tensor(values)
         if not values.dtype.is_floating:
@@ -330,6 +377,41 @@ class KerasBilevelProblem:
             weights = tf.reshape(weights, [-1] + [1] * (values.shape.rank - 1))
             values = values * weights  # Keras' "sum_over_batch_size": mean of weighted losses
         return tf.reduce_mean(values) if values.shape.rank != 0 else values
+
+
+def _expected_input_shapes(model: Any) -> Optional[list]:
+    """The input shapes a built functional/Sequential model declares (batch axis None), if any."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    if not inputs:
+        return None
+    shapes = [[None] + list(i.shape)[1:] for i in tf.nest.flatten(inputs)]
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
+def _first_line(err: Exception) -> str:
+    """The informative part of a Keras error (its own message, without ANSI codes or call args)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Exception encountered")]
+    return next((line for line in lines if "incompatible" in line or "expected" in line), lines[0] if lines else repr(err))
+
+
+LOW_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def full_precision(x: Any) -> Any:
+    """float16/bfloat16 tensors cast to float32 (others unchanged): under a mixed-precision policy
+    the inner model computes in its compute dtype, but the losses, and so g, f and the
+    hypergradient, are float32, as in Keras' own losses."""
+    return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32) if t.dtype in LOW_PRECISION else t, x)
+
+
+def sum_layer_losses(losses: list, dtype: tf.DType) -> tf.Tensor:
+    """Σ of a model's losses (`model.losses`: regularizers, `add_loss`) in `dtype`. They are part
+    of g only: f is the plain outer loss, as Keras' validation loss is (regularizers excluded)."""
+    return tf.add_n([tf.cast(tf.reduce_sum(tf.convert_to_tensor(x)), dtype) for x in losses])
 
 
 def _numpy(variables: list) -> list:

@@ -108,6 +108,7 @@ class Hyperparameter:
         self.bounds = bounds
         self.constraint = constraint
         self.dtype = tf.as_dtype(dtype).name
+        self._check_round_trip()
 
     @property
     def shape(self) -> tuple:
@@ -120,6 +121,24 @@ class Hyperparameter:
             low, high = self.bounds
             value = (value - low) / (high - low)
         return TRANSFORMS[self.transform].inverse(value).astype(self.dtype)
+
+    def _check_round_trip(self) -> None:
+        """The value λ0 = transform(ν0) actually used, computed in `dtype`, must still lie in the
+        domain: e.g. sigmoid(logit(1 − 1e-9)) is exactly 1.0 in float32, where the sigmoid is
+        saturated (zero gradient) and λ is outside (0, 1)."""
+        with tf.init_scope():  # eager even if constructed inside a tf.function
+            raw = self.raw_initial()
+            value = np.asarray(self.value_from_raw(tf.constant(raw)), dtype=np.float64)
+        if np.all(np.isfinite(raw)) and np.all(np.isfinite(value)) and _in_domain(self.transform, value, self.bounds):
+            return
+        domain = TRANSFORMS[self.transform].domain if self.bounds is None else f"in {self.bounds}"
+        worst = value.flat[int(np.argmax(np.abs(value - self.initial)))] if value.size else value
+        raise ValueError(
+            f"Hyperparameter(initial=..., transform={self.transform!r}, dtype={self.dtype!r}): the initial "
+            f"value does not survive {self.dtype}: stored as transform(ν0) it becomes {float(worst)!r}, which is not "
+            f"{domain} (the transform saturates there and its gradient vanishes). Start further from the "
+            f"boundary of the domain, or use dtype='float64'."
+        )
 
     def value_from_raw(self, raw: tf.Tensor) -> tf.Tensor:
         """λ = transform(ν), differentiable in ν."""

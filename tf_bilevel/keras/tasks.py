@@ -36,6 +36,7 @@ class TaskResult(NamedTuple):
     final_params: list  # w_T
     reference: list  # full-RMD d f / d(raw λ) when requested, else zeros; [] without diagnostics
     final_opt_state: list  # online: the inner optimizer's state after step T, flat; else []
+    inner_value: tf.Tensor  # g(w_T, λ) on the inner batch (the `inner_loss` log)
 
 
 class TaskHypergradient:
@@ -90,9 +91,10 @@ class TaskHypergradient:
             reference = tape.gradient(flat_hp, flat_raw, output_gradients=ref_hp)
         y_pred = problem.predict(result.final_params, hp, outer_batch, "outer")
         final_opt_state = tf.nest.flatten(result.final_opt_state) if inputs.inner_opt_state is not None else []
+        inner_value = problem.inner_loss(result.final_params, hp, problem.last_step_batch(inner_batch, self.hypergradient.steps))
         return TaskResult(
             result.outer_value, list(grads), result.nonfinite_step, y_pred, hyper_state,
-            list(result.final_params), list(reference), final_opt_state,
+            list(result.final_params), list(reference), final_opt_state, inner_value,
         )
 
     def output_signature(self, inputs: StepInputs, task: Task) -> TaskResult:
@@ -101,7 +103,7 @@ class TaskHypergradient:
         flat_raw = [_spec(x) for x in tf.nest.flatten(inputs.raw)]
         return TaskResult(
             value, flat_raw, tf.TensorSpec([], tf.int32), y_pred, hyper_state, w0,
-            flat_raw if self.reference is not None else [], [],
+            flat_raw if self.reference is not None else [], [], value,
         )
 
 
@@ -124,18 +126,23 @@ def forward_probe(problem: KerasBilevelProblem, specs: dict, inputs: StepInputs,
 
 
 class TaskEvaluation:
-    """f(w_T, λ) and the outer predictions for one task: T inner steps, no tape (Keras `evaluate`)."""
+    """f(w_T, λ), g(w_T, λ) and the outer predictions for one task: T inner steps, no tape (Keras `evaluate`)."""
 
     def __init__(self, problem: KerasBilevelProblem, specs: dict, hypergradient: Any):
         self.problem = problem
         self.specs = specs
         self.hypergradient = hypergradient
 
-    def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         hp, _ = self.problem.hparams(inputs.raw, self.specs, inputs.hyper_state, task.inner, task.outer)
         w_T = adapted_weights(self.problem, self.hypergradient, inputs, task, seed, hp)
+        inner_batch = self.problem.inner_batch(task.inner, inputs.inner_state, seed)
         outer_batch = self.problem.outer_batch(task.outer, inputs.inner_state, seed)
-        return self.problem.outer_loss(w_T, hp, outer_batch), self.problem.predict(w_T, hp, outer_batch, "outer")
+        return (
+            self.problem.outer_loss(w_T, hp, outer_batch),
+            self.problem.inner_loss(w_T, hp, self.problem.last_step_batch(inner_batch, self.hypergradient.steps)),
+            self.problem.predict(w_T, hp, outer_batch, "outer"),
+        )
 
 
 class TaskPrediction:

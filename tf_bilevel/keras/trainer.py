@@ -64,8 +64,17 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         or "skip" (skip that update, count it in the `skipped_updates` metric).
       seed: seed of the per-task stateless RNG.
 
-    Reported metrics: `loss` (outer loss f at w_T), `hypergradient_norm` (‖d_ν f‖ of the raw
-    variables), the compiled metrics on the outer predictions, and the optional diagnostics.
+    Reported metrics: `loss` = `outer_loss` (outer loss f at w_T; monitor `val_loss` with
+    `EarlyStopping` when there is validation data), `inner_loss` (g at w_T on the inner batch),
+    `hypergradient_norm` (‖d_ν f‖ of the raw variables), `hp/<name>` (scalar hyperparameter
+    values; vector ones via `tf_bilevel.keras.HyperparameterHistograms`), the compiled metrics on
+    the outer predictions, and the optional diagnostics (see `tf_bilevel.keras.conventions`).
+
+    The inner model's own losses (`kernel_regularizer`, activity regularizers, `add_loss`) are
+    part of g (and of its second derivatives), not of f. Under a mixed-precision policy the models
+    compute in float16/bfloat16 and the losses, λ and the hypergradient are float32 (no loss
+    scaling: pass a plain outer optimizer). `save`/`get_config` are not supported (a clear
+    error): use `save_weights`, `BackupAndRestore` or `export`.
     Pass `compile(..., jit_compile=True)` for XLA: Keras' default "auto" turns XLA off on
     CPU-only machines.
 
@@ -119,7 +128,7 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         seed: int = 0,
         name: Optional[str] = None,
     ):
-        super().__init__(name=name or "bilevel_trainer")
+        super().__init__(name=name or "bilevel_trainer", dtype="float32")
         self._init_bilevel(
             inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps, truncate=truncate,
             estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,

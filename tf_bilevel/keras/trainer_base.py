@@ -23,6 +23,7 @@ import tensorflow as tf
 from tf_bilevel import diagnostics
 from tf_bilevel._tree import leaf_names
 from tf_bilevel.api import NonFiniteError
+from tf_bilevel.keras import conventions
 from tf_bilevel.keras import data as data_lib
 from tf_bilevel.keras.problem import KerasBilevelProblem
 from tf_bilevel.keras.tasks import (
@@ -170,7 +171,9 @@ class BilevelTrainerMixin:
             name="nonfinite_code", shape=(), dtype="int32", initializer=_constant(-1), trainable=False, aggregation=first
         )
         metrics = self._calls.metrics_module()
-        self._loss_metric = metrics.Mean(name="loss")
+        self._loss_metric = metrics.Mean(name="loss")  # = outer_loss, under Keras' name (see conventions.py)
+        self._outer_loss_metric = metrics.Mean(name="outer_loss")
+        self._inner_loss_metric = metrics.Mean(name="inner_loss")
         self._norm_metric = metrics.Mean(name="hypergradient_norm")
         self._diagnostic_metrics = (
             [metrics.Mean(name="cosine_to_full_rmd"), metrics.Mean(name="relative_error_to_full_rmd")]
@@ -284,8 +287,7 @@ class BilevelTrainerMixin:
         # Variables are created in the strategy the trainer was created under (tf.distribute).
         with self.distribute_strategy.scope():
             x_inner = data_lib.zeros_like_spec(task.inner.x)
-            features = self.hyper_model(x_inner) if self.hyper_model is not None else x_inner
-            y_pred = self.inner_model(features)  # builds both models (inference mode: no side effects)
+            y_pred = self.problem.build_models(x_inner)  # builds both models (inference mode: no side effects)
             if not self._hyperparameters_created:
                 self._built_state.input_spec = tf.nest.map_structure(
                     lambda s: tf.TensorSpec([None] + s.shape.as_list()[1:], s.dtype), task.inner.x
@@ -332,6 +334,17 @@ class BilevelTrainerMixin:
         self.build_from_spec(self._as_task_spec(spec))
         return super().predict(x, *args, **kwargs)
 
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        conventions.refuse_loss_scaling(getattr(self, "optimizer", None))
+
+    def save(self, filepath: Any, *args, **kwargs):
+        """Not supported (a clear error): see `tf_bilevel.keras.conventions.SAVE_MESSAGE`."""
+        raise NotImplementedError(conventions.SAVE_MESSAGE.format(cls=type(self).__name__, method="save"))
+
+    def get_config(self):
+        raise NotImplementedError(conventions.SAVE_MESSAGE.format(cls=type(self).__name__, method="get_config"))
+
     def make_train_function(self, force: bool = False):
         if self.train_function is not None and not force:
             return self.train_function
@@ -348,7 +361,8 @@ class BilevelTrainerMixin:
 
     @property
     def metrics(self) -> list:
-        own = [self._loss_metric, self._norm_metric, *self._diagnostic_metrics]
+        own = [self._loss_metric, self._outer_loss_metric, self._inner_loss_metric, self._norm_metric,
+               *self._diagnostic_metrics]
         if self._skipped_metric is not None:
             own.append(self._skipped_metric)
         others = [m for m in super().metrics if all(m is not o for o in own) and m.name != "loss"]
@@ -371,6 +385,7 @@ class BilevelTrainerMixin:
             signature = task_fn.output_signature(inputs, first_task(task))
             results = map_tasks(lambda t, s: task_fn(inputs, t, s, with_reference), task, seeds, signature)
             outer_value = tf.reduce_mean(results.outer_value)
+            inner_value = tf.reduce_mean(results.inner_value)
             grads = [tf.reduce_mean(g, axis=0) for g in results.grads]
             reference = [tf.reduce_mean(g, axis=0) for g in results.reference]
             marker = earliest_marker(results.nonfinite_step)
@@ -382,6 +397,7 @@ class BilevelTrainerMixin:
             seed = self._task_seeds(task, step)[0]
             result = task_fn(inputs, task, seed, with_reference)
             outer_value, grads, reference = result.outer_value, result.grads, result.reference
+            inner_value = result.inner_value
             marker, hyper_state, final_params = result.nonfinite_step, result.hyper_state, result.final_params
             y_true, y_pred, sample_weight = task.outer.y, result.y_pred, task.outer.weights
 
@@ -421,7 +437,7 @@ class BilevelTrainerMixin:
             grads = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
             reference = replica.all_reduce(tf.distribute.ReduceOp.MEAN, reference) if reference else reference
         weight = tf.cast(finite, tf.float32)
-        self._loss_metric.update_state(tf.where(finite, outer_value, 0.0), sample_weight=weight)
+        self._update_loss_metrics(finite, outer_value, inner_value)
         self._norm_metric.update_state(
             tf.where(finite, tf.cast(diagnostics.global_norm(grads), tf.float32), 0.0), sample_weight=weight
         )
@@ -431,7 +447,8 @@ class BilevelTrainerMixin:
             rel_error = tf.cast(diagnostics.relative_error(grads, reference), tf.float32)
             self._diagnostic_metrics[0].update_state(tf.where(computed > 0, cosine, 0.0), sample_weight=computed)
             self._diagnostic_metrics[1].update_state(tf.where(computed > 0, rel_error, 0.0), sample_weight=computed)
-        return self._compute_metrics_if(finite, y_true, y_pred, sample_weight)
+        logs = self._compute_metrics_if(finite, y_true, y_pred, sample_weight)
+        return {**logs, **conventions.scalar_hyperparameter_logs(self.hyperparameter_values())}
 
     def test_step(self, data):
         task = data_lib.parse_task(data)
@@ -439,15 +456,16 @@ class BilevelTrainerMixin:
         evaluate = TaskEvaluation(self.problem, self._built_state.specs, self.hypergradient)
         seeds = self._task_seeds(task, tf.constant(-1, tf.int64))
         if self.meta_batch:
-            signature = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task))[:2]
-            values, y_preds = map_tasks(lambda t, s: evaluate(inputs, t, s), task, seeds, signature)
-            value = tf.reduce_mean(values)
+            probe = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task))
+            signature = (probe[0], probe[0], probe[1])
+            values, inner_values, y_preds = map_tasks(lambda t, s: evaluate(inputs, t, s), task, seeds, signature)
+            value, inner_value = tf.reduce_mean(values), tf.reduce_mean(inner_values)
             y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(y_preds)
             sample_weight = None if task.outer.weights is None else _merge_task_axis(task.outer.weights)
         else:
-            value, y_pred = evaluate(inputs, task, seeds[0])
+            value, inner_value, y_pred = evaluate(inputs, task, seeds[0])
             y_true, sample_weight = task.outer.y, task.outer.weights
-        self._loss_metric.update_state(value)
+        self._update_loss_metrics(tf.constant(True), value, inner_value)
         logs = self.compute_metrics(None, y_true, y_pred, sample_weight)
         return {k: v for k, v in logs.items() if k not in _TRAIN_ONLY_METRICS}
 
@@ -462,6 +480,13 @@ class BilevelTrainerMixin:
         return self._adapted_predictions(inputs)
 
     # -- internals --------------------------------------------------------------------------
+    def _update_loss_metrics(self, finite: tf.Tensor, outer_value: tf.Tensor, inner_value: tf.Tensor) -> None:
+        """loss = outer_loss = f(w_T, λ), inner_loss = g(w_T, λ); a non-finite step counts for nothing."""
+        weight = tf.cast(finite, tf.float32)
+        for metric, value in ((self._loss_metric, outer_value), (self._outer_loss_metric, outer_value),
+                              (self._inner_loss_metric, inner_value)):
+            metric.update_state(tf.where(finite, tf.cast(value, tf.float32), 0.0), sample_weight=weight)
+
     def _warn_inexact_second_order(self) -> None:
         """Warns (once, when the trainer builds) about inner-model layers whose second derivatives
         are inexact (per flavor). Only the inner model matters: the hyper model is applied outside
