@@ -16,7 +16,6 @@ exactly where the checkpoint was taken.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -29,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments.run_state import pause_to_be_killed, write_json_atomically
+from experiments.run_state import RESTART_HINT, pause_to_be_killed, read_state_json, write_json_atomically
 
 
 # ----------------------------------------------------------------------------------------
@@ -123,8 +122,8 @@ class EpochRecorder(keras.callbacks.Callback):
         if not (self.state_path and os.path.exists(self.state_path)):
             raise RuntimeError(f"{self.label}: resumed at epoch {epoch} but the record {self.state_path} is "
                                "missing; delete the resume folder and rerun.")
-        with open(self.state_path) as f:
-            saved = json.load(f)
+        saved = read_state_json(self.state_path, f"delete {os.path.dirname(self.state_path)} to start over, {RESTART_HINT}",
+                                ("epoch", "train_seconds", "test_accuracy", "val_accuracy", "hp_iteration", "hp"))
         keep = [i for i, e in enumerate(saved["epoch"]) if e <= epoch]
         for key in ("epoch", "train_seconds", "test_accuracy", "val_accuracy"):
             self.rec[key] = [saved[key][i] for i in keep]
@@ -215,8 +214,7 @@ class MethodStore:
         path = os.path.join(self.root, f"{method}.json")
         if not os.path.exists(path):
             return None
-        with open(path) as f:
-            return json.load(f)
+        return read_state_json(path, f"delete it to rerun {method}, {RESTART_HINT}", ("test_accuracy", "record"))
 
     def record_path(self, method: str) -> str:
         return os.path.join(self.root, f"{method}.record.json")
@@ -280,8 +278,7 @@ def restored_epoch(backup_dir: str) -> int:
     path = os.path.join(backup_dir, "training_metadata.json")
     if not os.path.exists(path):
         return 0
-    with open(path) as f:
-        return int(json.load(f)["epoch"])
+    return int(read_state_json(path, f"delete {backup_dir} to redo that method, {RESTART_HINT}", ("epoch",))["epoch"])
 
 
 class CheckRestoredPosition(keras.callbacks.Callback):

@@ -51,7 +51,8 @@ hyperparameters.png (λ_l and γ against hyper-iteration, tuner optima dashed).
 
 Resuming: rerun the same command after a kill; every method continues from its last epoch
 (experiments/online_common.py), KerasTuner from its finished trials (its own state in
-<output_dir>/tuner). <output_dir>/resume/fingerprint.json refuses other settings.
+<output_dir>/tuner). <output_dir>/resume/fingerprint.json refuses other settings; --restart
+discards the saved state; one run at a time per --output_dir (an exclusive lock).
 Data: Fashion-MNIST through tensorflow-datasets (experiments/datasets.py); offline, the IDX
 files of --fashion_mnist_dir (default: the Debian package's /usr/share/datasets/fashion-mnist,
 `apt-get install dataset-fashion-mnist`) are prepared by a local tfds builder.
@@ -74,7 +75,9 @@ import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
 from experiments import online_common as oc  # noqa: E402
-from experiments.run_state import SettingsMismatchError, guard_settings, jsonable, write_json_atomically  # noqa: E402
+from experiments.run_state import (  # noqa: E402
+    STATE_ERRORS, discard_state, exclusive_output_dir, exit_with_error, guard_settings, jsonable, write_json_atomically,
+)
 
 METHODS = ("bilevel", "default", "random_search", "hyperband")
 NUM_LAYERS = 4  # kernels: conv1, conv2, dense, classifier
@@ -481,9 +484,18 @@ def format_table(results: dict) -> str:
 
 
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None,
-                   pause_after: Optional[str] = None) -> dict:
-    """Runs the selected methods (skipping finished ones), writes results.json and the figures."""
+                   pause_after: Optional[str] = None, restart: bool = False) -> dict:
+    """Runs the selected methods (skipping finished ones), writes results.json and the figures;
+    holds an exclusive lock on cfg.output_dir; `restart` discards the saved state first."""
     cfg = cfg.validated()
+    with exclusive_output_dir(cfg.output_dir, "experiments.online_hpo"):
+        if restart:
+            discard_state(os.path.join(cfg.output_dir, "resume"))
+            discard_state(os.path.join(cfg.output_dir, "tuner"))
+        return _run(cfg, arrays, data_info, pause_after)
+
+
+def _run(cfg: Config, arrays: Optional[dict], data_info: Optional[dict], pause_after: Optional[str]) -> dict:
     start = time.time()
     env = oc.environment()
     keras.utils.set_random_seed(cfg.seed)
@@ -553,6 +565,7 @@ def define_flags() -> None:
     flags.DEFINE_string("fashion_mnist_dir", None, "Folder with the 4 Fashion-MNIST IDX .gz files "
                         "(default: tfds data_dir, then /usr/share/datasets/fashion-mnist).")
     flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
+    flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume and /tuner) and start over.")
     flags.DEFINE_string("pause_after", None, "Internal (tests): METHOD,EPOCH: after that epoch's checkpoint, write "
                         "<output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
 
@@ -585,13 +598,12 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as err:
         raise app.UsageError(str(err))
     try:
-        run_experiment(cfg, pause_after=flags.FLAGS.pause_after)
+        run_experiment(cfg, pause_after=flags.FLAGS.pause_after, restart=flags.FLAGS.restart)
     except DataUnavailableError as err:
         print(f"online_hpo: error: no Fashion-MNIST data: {err}", file=sys.stderr, flush=True)
         return 2
-    except SettingsMismatchError as err:
-        print(f"online_hpo: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    except STATE_ERRORS as err:
+        return exit_with_error("online_hpo", err)
     return 0
 
 

@@ -45,7 +45,7 @@ its normalized form), V on a grid of losses during training; figures: test accur
 noisy examples (weighting.png). Target of issue #11: MWN ≥ 5 points above "noisy".
 
 Resuming, data, XLA: as experiments/online_hpo.py (rerun the same command after a kill;
---jit_compile is off by default).
+--restart starts over; --jit_compile is off by default).
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
 from experiments import online_common as oc  # noqa: E402
-from experiments.run_state import SettingsMismatchError, guard_settings, jsonable, write_json_atomically  # noqa: E402
+from experiments.run_state import (  # noqa: E402
+    STATE_ERRORS, discard_state, exclusive_output_dir, exit_with_error, guard_settings, jsonable, write_json_atomically,
+)
 
 METHODS = ("mwn", "noisy", "clean")
 DATASETS = ("mnist", "fashion_mnist")
@@ -365,8 +367,16 @@ def format_table(results: dict) -> str:
 
 
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None,
-                   pause_after: Optional[str] = None) -> dict:
+                   pause_after: Optional[str] = None, restart: bool = False) -> dict:
+    """Runs the methods (skipping finished ones), writes results.json and the figures, under an exclusive lock on cfg.output_dir; `restart` discards the saved state first."""
     cfg = cfg.validated()
+    with exclusive_output_dir(cfg.output_dir, "experiments.reweighting"):
+        if restart:
+            discard_state(os.path.join(cfg.output_dir, "resume"))
+        return _run(cfg, arrays, data_info, pause_after)
+
+
+def _run(cfg: Config, arrays: Optional[dict], data_info: Optional[dict], pause_after: Optional[str]) -> dict:
     start = time.time()
     env = oc.environment()
     keras.utils.set_random_seed(cfg.seed)
@@ -436,6 +446,7 @@ def define_flags() -> None:
     flags.DEFINE_string("local_dir", None, "Folder with the dataset's 4 IDX .gz files (default: tfds data_dir, "
                         "then the project's MNIST folder / /usr/share/datasets/fashion-mnist).")
     flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
+    flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.")
     flags.DEFINE_string("pause_after", None, "Internal (tests): METHOD,EPOCH: after that epoch's checkpoint, write "
                         "<output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
 
@@ -465,13 +476,12 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as err:
         raise app.UsageError(str(err))
     try:
-        run_experiment(cfg, pause_after=flags.FLAGS.pause_after)
+        run_experiment(cfg, pause_after=flags.FLAGS.pause_after, restart=flags.FLAGS.restart)
     except DataUnavailableError as err:
         print(f"reweighting: error: no {flags.FLAGS.dataset} data: {err}", file=sys.stderr, flush=True)
         return 2
-    except SettingsMismatchError as err:
-        print(f"reweighting: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    except STATE_ERRORS as err:
+        return exit_with_error("reweighting", err)
     return 0
 
 

@@ -136,3 +136,16 @@ def test_killed_runs_rerun_with_the_same_command_end_identical(tmp_path):
     np.testing.assert_allclose(np.concatenate([np.ravel(t) for t in got["mwn"]["theta"]]),
                                np.concatenate([np.ravel(t) for t in want["mwn"]["theta"]]), rtol=1e-6, atol=1e-7)
     assert got["mwn"]["example_weights"]["histogram_wrong"] == want["mwn"]["example_weights"]["histogram_wrong"]
+
+
+def test_damaged_state_and_a_busy_output_dir_are_clear_errors(tmp_path):
+    from experiments import run_state
+
+    cfg = R.Config(output_dir=str(tmp_path), methods=("noisy",))
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "resume" / "noisy.json").write_text('{"test_accuracy": 0.9, "rec')  # killed mid-write by hand
+    with pytest.raises(run_state.StateFileError, match=r"noisy\.json is damaged.*--restart"):
+        R.run_experiment(cfg, arrays={}, data_info={})
+    with run_state.exclusive_output_dir(tmp_path, "another run"):
+        with pytest.raises(run_state.OutputDirError, match="in use by another run"):
+            R.run_experiment(cfg, arrays={}, data_info={})
