@@ -19,7 +19,7 @@ from tf_bilevel.problem import BilevelProblem
 
 ESTIMATORS = ("reverse", "checkpointed", "forward", "implicit_cg", "neumann")
 BACKWARD_PASSES = ("auto", "store", "recompute")
-DEFAULT_MEMORY_BUDGET = 2**30  # bytes of stored per-step intermediates "auto" allows (1 GiB)
+DEFAULT_MEMORY_BUDGET = 2**28  # bytes of stored per-step intermediates "auto" allows (256 MiB)
 
 
 class NonFiniteError(FloatingPointError):
@@ -371,7 +371,7 @@ def hypergradient_fn(
         (tf.transpose, broadcasting, concat: tensorflow/tensorflow#62861). "auto" (default):
         "store" when the traced step has none of those ops and K × (its residual bytes) ≤
         memory_budget, else "recompute". `hg.backward_used` tells which one ran.
-      memory_budget: bytes of stored intermediates "auto" may use (default 1 GiB).
+      memory_budget: bytes of stored intermediates "auto" may use (default 256 MiB).
       iterations: "implicit_cg"/"neumann" only: the most CG iterations / Neumann terms for the
         linear system of Eq. 11 at w_T (default T; not bounded by T). A static bound: the
         solver is a tf.while_loop with maximum_iterations, under XLA too.
