@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import benchmark_online  # noqa: E402
+from experiments import benchmark_cnn, benchmark_online  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
 from experiments.run_state import (  # noqa: E402
     STATE_ERRORS, exclusive_output_dir, exit_with_error, write_atomically, write_json_atomically,
@@ -575,8 +575,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the random data.")
     flags.DEFINE_string("worker", None, "Internal: JSON configuration to measure in this process.")
     flags.DEFINE_list("suites", ["estimators", "online"], "estimators: the Table 1 problem above; online: one "
-                      "online hyper-iteration of a CNN over T plain Keras train steps (experiments/benchmark_online.py).")
+                      "online hyper-iteration of a CNN over T plain Keras train steps (experiments/benchmark_online.py); "
+                      "cnn: K-RMD vs full RMD time and memory on a 6.4M-parameter CNN (experiments/benchmark_cnn.py).")
     benchmark_online.define_online_flags()
+    benchmark_cnn.define_cnn_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -585,9 +587,9 @@ def main(argv: list[str]) -> None:
         print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.worker))), flush=True)
         return
 
-    unknown = sorted(set(FLAGS.suites) - {"estimators", "online"})
+    unknown = sorted(set(FLAGS.suites) - {"estimators", "online", "cnn"})
     if unknown:
-        raise app.UsageError(f"--suites: unknown {unknown}; choose from estimators, online")
+        raise app.UsageError(f"--suites: unknown {unknown}; choose from estimators, online, cnn")
     output_dir = Path(FLAGS.output_dir)
     try:
         with exclusive_output_dir(output_dir, "experiments.benchmark"):
@@ -597,6 +599,8 @@ def main(argv: list[str]) -> None:
             if "online" in FLAGS.suites:
                 settings = benchmark_online.make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick)
                 benchmark_online.run(settings, output_dir)
+            if "cnn" in FLAGS.suites:
+                benchmark_cnn.run(benchmark_cnn.make_settings(FLAGS.quick), output_dir, FLAGS.worker_timeout)
     except STATE_ERRORS as err:  # the output folder is busy or cannot be written
         sys.exit(exit_with_error("benchmark", err))
 
