@@ -204,8 +204,8 @@ def stored_states(config: dict) -> Optional[float]:
     return None  # reverse_autodiff: K steps of every intermediate, not just w_t
 
 
-def build(config: dict, problem: Problem) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """(hypergradient call, floor call) for `config`, both compiled with XLA."""
+def build(config: dict, problem: Problem) -> tuple[tfb.api.Hypergradient, Callable[[], Any], Callable[[], Any]]:
+    """(hg, hypergradient call, floor call) for `config`, both calls compiled with XLA."""
     kind = config["estimator"]
     engine_estimator = "reverse" if kind == "floor" or kind in _REVERSE_PROTOTYPES else kind
     truncate = config["truncate"]
@@ -214,16 +214,16 @@ def build(config: dict, problem: Problem) -> tuple[Callable[[], Any], Callable[[
         truncate = None
     hg = tfb.hypergradient_fn(
         problem.inner_loss, problem.outer_loss, steps=config["steps"], learning_rate=config["learning_rate"],
-        truncate=truncate, estimator=engine_estimator, jit_compile=True,
+        truncate=truncate, estimator=engine_estimator, jit_compile=True, backward=config.get("backward") or "auto",
     )
     args = (problem.params, problem.hparams, problem.inner_batch, problem.outer_batch)
     floor = lambda: hg.solve(*args[:3])  # noqa: E731
     if kind == "floor":
-        return floor, floor
+        return hg, floor, floor
     if kind == "reverse_autodiff":
         compute = autodiff_hypergradient_fn(hg)
-        return (lambda: compute(*args)), floor
-    return (lambda: hg(*args)), floor
+        return hg, (lambda: compute(*args)), floor
+    return hg, (lambda: hg(*args)), floor
 
 
 def measure(config: dict) -> dict:
@@ -235,7 +235,7 @@ def measure(config: dict) -> dict:
     _block(tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
     with PeakMemory() as first_memory:
         wall, cpu = time.perf_counter(), time.process_time()
-        fn, floor = build(config, problem)
+        hg, fn, floor = build(config, problem)
         first_out = _block(fn())
         first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
     with PeakMemory() as steady_memory:
@@ -283,6 +283,7 @@ def measure(config: dict) -> dict:
         "first_call_allocator_peak_growth_bytes": first_memory.allocator_peak_growth,
         "allocator_peak_growth_bytes": steady_memory.allocator_peak_growth,
         "stored_states": states,
+        "backward_used": hg.backward_used if config["estimator"] == "reverse" else None,
         "stored_state_bytes": None if states is None else states * num_params * 4,
         "num_params": num_params,
         "num_hparams": int(problem.hparams.shape.num_elements()),
@@ -305,8 +306,13 @@ def configurations(settings: dict) -> list[dict]:
     configs = []
 
     def add(estimator: str, T: int, K: Optional[int], label: str) -> None:
-        if estimator in wanted:
-            configs.append({**base, "estimator": estimator, "steps": T, "truncate": K, "label": label})
+        if estimator not in wanted:
+            return
+        # "reverse": once per backward pass of --backward (issue #9 §1: memory of both modes).
+        for backward in settings.get("backward", ["auto"]) if estimator == "reverse" else [None]:
+            suffix = "" if backward in (None, "auto") else f" [{backward}]"
+            configs.append({**base, "estimator": estimator, "steps": T, "truncate": K, "label": label + suffix,
+                            "backward": backward})
 
     for T in settings["steps"]:
         full_ok = T <= settings["max_full_steps"]
@@ -483,18 +489,20 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
-    for estimator, marker in (("reverse", "o"), ("reverse_autodiff", "s")):
+    lines = [("reverse", "o", "recompute"), ("reverse", "^", "store"), ("reverse", "o", "auto"), ("reverse_autodiff", "s", None)]
+    for estimator, marker, backward in lines:
         for T in sorted({r["steps"] for r in results}):
-            rows = sorted((r for r in results if r["estimator"] == estimator and r["steps"] == T and "error" not in r),
-                          key=lambda r: r["truncate"])
+            rows = sorted((r for r in results if r["estimator"] == estimator and r["steps"] == T and "error" not in r
+                           and r.get("backward") == backward), key=lambda r: r["truncate"])
             if not rows:
                 continue
+            label = f"{estimator}{'' if backward in (None, 'auto') else f' [{backward}]'} T={T}"
             Ks = [r["truncate"] for r in rows]
             # CPU time: the wall-time ratio is distorted by other processes on a shared machine.
-            ax_time.plot(Ks, [r["cpu_over_floor"] for r in rows], marker=marker, label=f"{estimator} T={T}")
+            ax_time.plot(Ks, [r["cpu_over_floor"] for r in rows], marker=marker, label=label)
             mem = [r["allocator_peak_growth_bytes"] for r in rows]
             if all(m is not None for m in mem):
-                ax_mem.plot(Ks, [m / 2**20 for m in mem], marker=marker, label=f"{estimator} T={T}")
+                ax_mem.plot(Ks, [m / 2**20 for m in mem], marker=marker, label=label)
     ax_mem.set_yscale("log")
     for ax, ylabel in ((ax_time, "time / floor (median CPU time)"), (ax_mem, "allocator peak growth (MB)")):
         ax.set_xscale("log")
@@ -534,6 +542,7 @@ def settings_from_flags() -> dict:
         "cg_iterations": FLAGS.cg_iterations,
         "max_full_steps": FLAGS.max_full_steps,
         "max_forward_steps": FLAGS.max_forward_steps,
+        "backward": list(FLAGS.backward),
         "seed": FLAGS.seed,
         "quick": FLAGS.quick,
     }
@@ -549,6 +558,8 @@ def settings_from_flags() -> dict:
     for name in ("steps", "truncate"):
         if any(v < 1 for v in settings[name]):
             raise app.UsageError(f"--{name} must be positive integers, got {settings[name]}")
+    if set(settings["backward"]) - {"auto", "store", "recompute"}:
+        raise app.UsageError(f"--backward: choose from auto, store, recompute, got {settings['backward']}")
     if settings["forward_hparams"] > settings["num_examples"]:
         raise app.UsageError("--forward_hparams cannot exceed --num_examples")
     return settings
@@ -569,6 +580,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("cg_iterations", 25, "CG iterations of implicit_cg.")
     flags.DEFINE_integer("max_full_steps", 1000, "Run full RMD (reverse, checkpointed, autodiff) only for T <= this.")
     flags.DEFINE_integer("max_forward_steps", 1000, "Run forward mode only for T <= this.")
+    flags.DEFINE_list("backward", ["recompute", "store"], "Backward passes of the 'reverse' configurations "
+                      "(hypergradient_fn's backward=; each is run and labelled [recompute] / [store]).")
     flags.DEFINE_integer("worker_timeout", 7200, "Seconds before a configuration's process is killed.")
     flags.DEFINE_bool("quick", False, "Tiny sizes and budgets, to test the program.")
     flags.DEFINE_string("output_dir", "out/benchmark", "Where results.json and benchmark.png are written.")

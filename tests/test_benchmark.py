@@ -92,6 +92,8 @@ def test_configurations_cover_the_spec():
                     max_full_steps=4, max_forward_steps=4)
     labels = {(c["steps"], c["label"]) for c in B.configurations(settings)}
     assert (4, "reverse K=1") in labels and (8, "reverse K=4") in labels
+    both = [c["label"] for c in B.configurations({**settings, "backward": ["recompute", "store"]}) if c["steps"] == 4]
+    assert "reverse K=1 [recompute]" in both and "reverse K=1 [store]" in both and "checkpointed full K=T=4" in both
     assert (4, "reverse full K=T=4") in labels and (4, "checkpointed full K=T=4") in labels
     assert (8, "reverse full K=T=8") not in labels and (8, "forward N=2") not in labels  # skipped by flags
     assert not any("K=100" in label for _, label in labels)  # K >= T is not a truncation
@@ -103,7 +105,7 @@ def test_program_end_to_end(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", "--quick", "--steps=2,4", "--truncate=1",
-         "--estimators=reverse", f"--output_dir={tmp_path}"],
+         "--estimators=reverse", "--backward=store", f"--output_dir={tmp_path}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -125,6 +127,7 @@ def test_program_end_to_end(tmp_path):
             assert r[key] is None or r[key] >= 0
         assert math.isfinite(r["outer_value"]) and r["hypergrad_norm"] > 0
         assert r["stored_state_bytes"] == r["truncate"] * r["num_params"] * 4
+        assert r["backward"] == r["backward_used"] == "store" and r["label"].endswith(" [store]")
     summary = report["summary"]
     assert {(c["steps"], c["truncate"]) for c in summary["time_vs_targets"]} == {(2, 1), (2, 2), (4, 1), (4, 4)}
     assert all(isinstance(c["met"], bool) for c in summary["time_vs_targets"])
