@@ -20,10 +20,9 @@ diverges). For each configuration, in a FRESH process (one subprocess per config
 Configurations: floor; "reverse" K-RMD (Eq. 8) for each K of --truncate below T, and full RMD
 (K = T, Eq. 6); "checkpointed" full RMD; "forward" FMD (Eq. 7) with λ restricted to the weights
 of the first --forward_hparams examples (the other weights frozen at σ(0): same M and inner cost,
-N small); "implicit_cg" (Eq. 11, at most --cg_iterations CG steps, relative tolerance 1e-10);
-"reverse" runs the engine's default backward pass (backward="auto": on this problem "store",
-TF differentiating the recorded K steps and keeping every intermediate) and
-"reverse_recompute" the explicit per-step VJPs (backward="recompute", O(MK) memory).
+N small); "implicit_cg" (Eq. 11, --cg_iterations CG steps); and "reverse_autodiff", a prototype
+K-RMD that lets TF differentiate a tf.while_loop over the last K steps (TF stores every
+intermediate of those steps) instead of the engine's explicit per-step VJPs.
 
   python -m experiments.benchmark                       # T = 100 and 1000, writes out/benchmark
   python -m experiments.benchmark --steps=100 --estimators=floor,reverse
@@ -55,16 +54,17 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import benchmark_online  # noqa: E402
+from experiments import benchmark_cnn, benchmark_online  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
 from experiments.run_state import (  # noqa: E402
     STATE_ERRORS, exclusive_output_dir, exit_with_error, write_atomically, write_json_atomically,
 )
+from tf_bilevel.dynamics.loops import run  # noqa: E402
 
 ESTIMATORS = (
-    "floor", "reverse", "checkpointed", "forward", "implicit_cg", "reverse_recompute",
+    "floor", "reverse", "checkpointed", "forward", "implicit_cg", "reverse_autodiff",
 )
-_REVERSE_VARIANTS = ("reverse_recompute",)  # engine "reverse" with backward="recompute"
+_REVERSE_PROTOTYPES = ("reverse_autodiff",)  # built on an engine "reverse" hg
 RESULT_MARKER = "BENCHMARK_WORKER_RESULT "
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,6 +136,38 @@ def hypercleaning_problem(
 
 
 # ----------------------------------------------------------------------------------------
+# Prototype: K-RMD by TF autodiff of the last K steps (for comparison with the engine).
+# ----------------------------------------------------------------------------------------
+
+
+def autodiff_hypergradient_fn(hg: tfb.api.Hypergradient) -> Callable:
+    """K-RMD (Eq. 8) with the last K steps in a tf.while_loop under one GradientTape.
+
+    TF's while-loop gradient stacks every intermediate of the K steps (logits, softmax, ...),
+    so nothing is recomputed in the backward pass, at the price of O(K · activations) memory
+    instead of the engine's O(K · M). No B0 term: valid for problems without init_params.
+    """
+    transition, problem, T, K = hg.transition, hg.problem, hg.steps, hg.truncate
+
+    @tf.function(jit_compile=True)
+    def compute(params, hparams, inner_batch, outer_batch):
+        state = transition.init_state(problem.initial_params(params, hparams))
+        state, _ = run(transition, state, hparams, inner_batch, start=0, num_steps=T - K, max_steps=T - K)
+        with tf.GradientTape() as tape:
+            tape.watch(hparams)
+
+            def body(i, state):
+                new_state, _ = transition(state, hparams, T - K + i, inner_batch)
+                return i + 1, new_state
+
+            _, state = tf.while_loop(lambda i, _: i < K, body, (tf.constant(0), state), maximum_iterations=K)
+            value = problem.outer(state.params, hparams, outer_batch)
+        return value, tape.gradient(value, hparams)
+
+    return compute
+
+
+# ----------------------------------------------------------------------------------------
 # One configuration, measured in the current (fresh) process.
 # ----------------------------------------------------------------------------------------
 
@@ -160,6 +192,8 @@ def stored_states(config: dict) -> Optional[float]:
     kind, K = config["estimator"], config["truncate"]
     if kind == "floor":
         return 0
+    if kind == "reverse":
+        return K
     if kind == "checkpointed":
         segment = max(1, math.ceil(math.sqrt(K)))
         return math.ceil(K / segment) + segment
@@ -167,33 +201,33 @@ def stored_states(config: dict) -> Optional[float]:
         return 2  # w_t and one tangent column
     if kind == "implicit_cg":
         return 4  # x, r, p, H p
-    if kind == "reverse_recompute":
-        return K
-    return None  # reverse with backward="store": K steps of every intermediate, not just w_t
+    return None  # reverse_autodiff: K steps of every intermediate, not just w_t
 
 
-def build(config: dict, problem: Problem) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """(hypergradient call, floor call) for `config`, both compiled with XLA."""
+def build(config: dict, problem: Problem) -> tuple[tfb.api.Hypergradient, Callable[[], Any], Callable[[], Any]]:
+    """(hg, hypergradient call, floor call) for `config`, both calls compiled with XLA."""
     kind = config["estimator"]
-    engine_estimator = "reverse" if kind == "floor" or kind in _REVERSE_VARIANTS else kind
+    engine_estimator = "reverse" if kind == "floor" or kind in _REVERSE_PROTOTYPES else kind
     truncate = config["truncate"]
-    full_rmd = kind in ("reverse", "checkpointed") + _REVERSE_VARIANTS and truncate == config["steps"]
+    full_rmd = kind in ("reverse", "checkpointed") and truncate == config["steps"]
     solver = {}
-    if kind == "implicit_cg":
+    if kind == "implicit_cg":  # at most K CG iterations, stopping at the default tolerance
         solver, truncate = {"iterations": truncate}, None
     if kind == "forward" or full_rmd:
         truncate = None
     hg = tfb.hypergradient_fn(
         problem.inner_loss, problem.outer_loss, steps=config["steps"], learning_rate=config["learning_rate"],
-        truncate=truncate, estimator=engine_estimator, jit_compile=True,
-        backward="recompute" if kind == "reverse_recompute" else "auto", **solver,
+        truncate=truncate, estimator=engine_estimator, jit_compile=True, backward=config.get("backward") or "auto",
+        **solver,
     )
-    build.last_hypergradient = hg  # measure() reports which backward pass "auto" chose
     args = (problem.params, problem.hparams, problem.inner_batch, problem.outer_batch)
     floor = lambda: hg.solve(*args[:3])  # noqa: E731
     if kind == "floor":
-        return floor, floor
-    return (lambda: hg(*args)), floor
+        return hg, floor, floor
+    if kind == "reverse_autodiff":
+        compute = autodiff_hypergradient_fn(hg)
+        return hg, (lambda: compute(*args)), floor
+    return hg, (lambda: hg(*args)), floor
 
 
 def measure(config: dict) -> dict:
@@ -205,7 +239,7 @@ def measure(config: dict) -> dict:
     _block(tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
     with PeakMemory() as first_memory:
         wall, cpu = time.perf_counter(), time.process_time()
-        fn, floor = build(config, problem)
+        hg, fn, floor = build(config, problem)
         first_out = _block(fn())
         first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
     with PeakMemory() as steady_memory:
@@ -253,9 +287,9 @@ def measure(config: dict) -> dict:
         "first_call_allocator_peak_growth_bytes": first_memory.allocator_peak_growth,
         "allocator_peak_growth_bytes": steady_memory.allocator_peak_growth,
         "stored_states": states,
+        "backward_used": hg.backward_used if config["estimator"] == "reverse" else None,
         "stored_state_bytes": None if states is None else states * num_params * 4,
         "num_params": num_params,
-        "backward_used": getattr(build.last_hypergradient, "backward_used", None),
         "num_hparams": int(problem.hparams.shape.num_elements()),
         "outer_value": outer_value,
         "hypergrad_norm": hypergrad_norm,
@@ -276,8 +310,13 @@ def configurations(settings: dict) -> list[dict]:
     configs = []
 
     def add(estimator: str, T: int, K: Optional[int], label: str) -> None:
-        if estimator in wanted:
-            configs.append({**base, "estimator": estimator, "steps": T, "truncate": K, "label": label})
+        if estimator not in wanted:
+            return
+        # "reverse": once per backward pass of --backward (issue #9 §1: memory of both modes).
+        for backward in settings.get("backward", ["auto"]) if estimator == "reverse" else [None]:
+            suffix = "" if backward in (None, "auto") else f" [{backward}]"
+            configs.append({**base, "estimator": estimator, "steps": T, "truncate": K, "label": label + suffix,
+                            "backward": backward})
 
     for T in settings["steps"]:
         full_ok = T <= settings["max_full_steps"]
@@ -292,7 +331,7 @@ def configurations(settings: dict) -> list[dict]:
             add("forward", T, None, f"forward N={settings['forward_hparams']}")
         add("implicit_cg", T, settings["cg_iterations"], f"implicit_cg K={settings['cg_iterations']}")
         for K in truncations + ([T] if full_ok else []):
-            add("reverse_recompute", T, K, f"reverse_recompute K={K}" + (" (full)" if K == T else ""))
+            add("reverse_autodiff", T, K, f"reverse_autodiff K={K}" + (" (full)" if K == T else ""))
     return configs
 
 
@@ -351,7 +390,7 @@ def summarize(results: list[dict], settings: dict) -> dict:
     time_checks = []
     for T in steps:
         for r in results:
-            if r["steps"] != T or "error" in r or r["estimator"] not in ("reverse",) + _REVERSE_VARIANTS:
+            if r["steps"] != T or "error" in r or r["estimator"] not in ("reverse",) + _REVERSE_PROTOTYPES:
                 continue
             K = r["truncate"]
             target = 2.0 if K == T else 1.10 if K <= 5 else 1.35 if K <= 25 else None
@@ -454,18 +493,20 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
-    for estimator, marker in (("reverse", "o"), ("reverse_recompute", "s")):
+    lines = [("reverse", "o", "recompute"), ("reverse", "^", "store"), ("reverse", "o", "auto"), ("reverse_autodiff", "s", None)]
+    for estimator, marker, backward in lines:
         for T in sorted({r["steps"] for r in results}):
-            rows = sorted((r for r in results if r["estimator"] == estimator and r["steps"] == T and "error" not in r),
-                          key=lambda r: r["truncate"])
+            rows = sorted((r for r in results if r["estimator"] == estimator and r["steps"] == T and "error" not in r
+                           and r.get("backward") == backward), key=lambda r: r["truncate"])
             if not rows:
                 continue
+            label = f"{estimator}{'' if backward in (None, 'auto') else f' [{backward}]'} T={T}"
             Ks = [r["truncate"] for r in rows]
             # CPU time: the wall-time ratio is distorted by other processes on a shared machine.
-            ax_time.plot(Ks, [r["cpu_over_floor"] for r in rows], marker=marker, label=f"{estimator} T={T}")
+            ax_time.plot(Ks, [r["cpu_over_floor"] for r in rows], marker=marker, label=label)
             mem = [r["allocator_peak_growth_bytes"] for r in rows]
             if all(m is not None for m in mem):
-                ax_mem.plot(Ks, [m / 2**20 for m in mem], marker=marker, label=f"{estimator} T={T}")
+                ax_mem.plot(Ks, [m / 2**20 for m in mem], marker=marker, label=label)
     ax_mem.set_yscale("log")
     for ax, ylabel in ((ax_time, "time / floor (median CPU time)"), (ax_mem, "allocator peak growth (MB)")):
         ax.set_xscale("log")
@@ -505,6 +546,7 @@ def settings_from_flags() -> dict:
         "cg_iterations": FLAGS.cg_iterations,
         "max_full_steps": FLAGS.max_full_steps,
         "max_forward_steps": FLAGS.max_forward_steps,
+        "backward": list(FLAGS.backward),
         "seed": FLAGS.seed,
         "quick": FLAGS.quick,
     }
@@ -520,6 +562,8 @@ def settings_from_flags() -> dict:
     for name in ("steps", "truncate"):
         if any(v < 1 for v in settings[name]):
             raise app.UsageError(f"--{name} must be positive integers, got {settings[name]}")
+    if set(settings["backward"]) - {"auto", "store", "recompute"}:
+        raise app.UsageError(f"--backward: choose from auto, store, recompute, got {settings['backward']}")
     if settings["forward_hparams"] > settings["num_examples"]:
         raise app.UsageError("--forward_hparams cannot exceed --num_examples")
     return settings
@@ -540,14 +584,18 @@ def define_flags() -> None:
     flags.DEFINE_integer("cg_iterations", 25, "CG iterations of implicit_cg.")
     flags.DEFINE_integer("max_full_steps", 1000, "Run full RMD (reverse, checkpointed, autodiff) only for T <= this.")
     flags.DEFINE_integer("max_forward_steps", 1000, "Run forward mode only for T <= this.")
+    flags.DEFINE_list("backward", ["recompute", "store"], "Backward passes of the 'reverse' configurations "
+                      "(hypergradient_fn's backward=; each is run and labelled [recompute] / [store]).")
     flags.DEFINE_integer("worker_timeout", 7200, "Seconds before a configuration's process is killed.")
     flags.DEFINE_bool("quick", False, "Tiny sizes and budgets, to test the program.")
     flags.DEFINE_string("output_dir", "out/benchmark", "Where results.json and benchmark.png are written.")
     flags.DEFINE_integer("seed", 0, "Seed of the random data.")
     flags.DEFINE_string("worker", None, "Internal: JSON configuration to measure in this process.")
     flags.DEFINE_list("suites", ["estimators", "online"], "estimators: the Table 1 problem above; online: one "
-                      "online hyper-iteration of a CNN over T plain Keras train steps (experiments/benchmark_online.py).")
+                      "online hyper-iteration of a CNN over T plain Keras train steps (experiments/benchmark_online.py); "
+                      "cnn: K-RMD vs full RMD time and memory on a 6.4M-parameter CNN (experiments/benchmark_cnn.py).")
     benchmark_online.define_online_flags()
+    benchmark_cnn.define_cnn_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -556,9 +604,9 @@ def main(argv: list[str]) -> None:
         print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.worker))), flush=True)
         return
 
-    unknown = sorted(set(FLAGS.suites) - {"estimators", "online"})
+    unknown = sorted(set(FLAGS.suites) - {"estimators", "online", "cnn"})
     if unknown:
-        raise app.UsageError(f"--suites: unknown {unknown}; choose from estimators, online")
+        raise app.UsageError(f"--suites: unknown {unknown}; choose from estimators, online, cnn")
     output_dir = Path(FLAGS.output_dir)
     try:
         with exclusive_output_dir(output_dir, "experiments.benchmark"):
@@ -568,6 +616,8 @@ def main(argv: list[str]) -> None:
             if "online" in FLAGS.suites:
                 settings = benchmark_online.make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick)
                 benchmark_online.run(settings, output_dir)
+            if "cnn" in FLAGS.suites:
+                benchmark_cnn.run(benchmark_cnn.make_settings(FLAGS.quick), output_dir, FLAGS.worker_timeout)
     except STATE_ERRORS as err:  # the output folder is busy or cannot be written
         sys.exit(exit_with_error("benchmark", err))
 

@@ -42,6 +42,19 @@ def test_problem_has_hypercleaning_structure():
     np.testing.assert_allclose(small.inner_loss(small.params, small.hparams, small.inner_batch), g, rtol=1e-6)
 
 
+@pytest.mark.parametrize("truncate", [2, 5])  # K-RMD and full RMD (K = T = 5)
+def test_autodiff_prototype_matches_engine(truncate):
+    """The prototype (TF autodiff of the last K steps) is a second, independent K-RMD estimator."""
+    p = B.hypercleaning_problem(**TINY)
+    hparams = tf.constant(np.random.default_rng(1).standard_normal(24).astype(np.float32))
+    hg = tfb.hypergradient_fn(p.inner_loss, p.outer_loss, steps=5, learning_rate=1.0, truncate=truncate)
+    value, grad = hg(p.params, hparams, p.inner_batch, p.outer_batch)
+    value_ad, grad_ad = B.autodiff_hypergradient_fn(hg)(p.params, hparams, p.inner_batch, p.outer_batch)
+    np.testing.assert_allclose(value_ad.numpy(), value.numpy(), rtol=1e-6)
+    assert np.linalg.norm(grad.numpy()) > 0
+    np.testing.assert_allclose(grad_ad.numpy(), grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
 def test_peak_memory_sees_a_large_allocation():
     size = 64 * 2**20
     with PeakMemory() as process_probe:
@@ -58,7 +71,7 @@ def test_peak_memory_sees_a_large_allocation():
 
 @pytest.mark.parametrize(
     "estimator,truncate",
-    [("floor", None), ("checkpointed", 6), ("forward", None), ("implicit_cg", 3), ("reverse_recompute", 2), ("reverse", 6)],
+    [("floor", None), ("checkpointed", 6), ("forward", None), ("implicit_cg", 3), ("reverse_autodiff", 2)],
 )
 def test_measure_each_estimator_in_process(estimator, truncate):
     r = B.measure(_config(estimator, 6, truncate))
@@ -79,6 +92,8 @@ def test_configurations_cover_the_spec():
                     max_full_steps=4, max_forward_steps=4)
     labels = {(c["steps"], c["label"]) for c in B.configurations(settings)}
     assert (4, "reverse K=1") in labels and (8, "reverse K=4") in labels
+    both = [c["label"] for c in B.configurations({**settings, "backward": ["recompute", "store"]}) if c["steps"] == 4]
+    assert "reverse K=1 [recompute]" in both and "reverse K=1 [store]" in both and "checkpointed full K=T=4" in both
     assert (4, "reverse full K=T=4") in labels and (4, "checkpointed full K=T=4") in labels
     assert (8, "reverse full K=T=8") not in labels and (8, "forward N=2") not in labels  # skipped by flags
     assert not any("K=100" in label for _, label in labels)  # K >= T is not a truncation
@@ -90,7 +105,7 @@ def test_program_end_to_end(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", "--quick", "--steps=2,4", "--truncate=1",
-         "--estimators=reverse", f"--output_dir={tmp_path}"],
+         "--estimators=reverse", "--backward=store", f"--output_dir={tmp_path}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -111,8 +126,8 @@ def test_program_end_to_end(tmp_path):
         for key in ("process_peak_growth_bytes", "allocator_peak_growth_bytes"):
             assert r[key] is None or r[key] >= 0
         assert math.isfinite(r["outer_value"]) and r["hypergrad_norm"] > 0
-        # The default backward ("auto") stores every intermediate on this problem: not M-sized states.
-        assert r["backward_used"] == "store" and r["stored_state_bytes"] is None
+        assert r["stored_state_bytes"] == r["truncate"] * r["num_params"] * 4
+        assert r["backward"] == r["backward_used"] == "store" and r["label"].endswith(" [store]")
     summary = report["summary"]
     assert {(c["steps"], c["truncate"]) for c in summary["time_vs_targets"]} == {(2, 1), (2, 2), (4, 1), (4, 4)}
     assert all(isinstance(c["met"], bool) for c in summary["time_vs_targets"])
@@ -131,3 +146,97 @@ def test_program_end_to_end(tmp_path):
         assert r["ratio_to_plain_per_step"] == r["median_seconds"]["bilevel"] / r["median_seconds"]["plain_per_step"]
         assert r["num_params"] > 0
     assert "ratio per-step" in done.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# The cnn suite (experiments/benchmark_cnn.py).
+# ----------------------------------------------------------------------------------------
+from experiments import benchmark_cnn as C  # noqa: E402
+
+
+@pytest.mark.parametrize("size,stride", [(8, 2), (7, 2), (6, 1)])
+def test_patch_conv_is_conv2d(size, stride):
+    """The benchmark's convolution (a matmul over patches) against tf.nn.conv2d, value and gradients."""
+    rng = np.random.default_rng(size)
+    x = tf.constant(rng.standard_normal((2, size, size, 3)).astype(np.float32))
+    kernel = tf.constant(rng.standard_normal((3, 3, 3, 4)).astype(np.float32))
+    results = []
+    for conv in (C.patch_conv, lambda x, k, s: tf.nn.conv2d(x, k, s, "SAME")):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            y = conv(x, kernel, stride)
+            loss = tf.reduce_sum(tf.sin(y))
+        results.append([y, *tape.gradient(loss, [x, kernel])])
+    assert results[0][0].shape == (2, -(-size // stride), -(-size // stride), 4)
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_cnn_hypergradient_store_recompute_and_forward_agree():
+    """On the tiny CNN: both backward passes of full RMD and forward mode (Eq. 7) give one
+    hypergradient of the per-kernel log weight decays; the conv2d form gives the same f."""
+    p = C.cnn_problem(**C.QUICK_SIZE, seed=0)
+    assert p.hparams.shape == (4,) and C.num_params(p.params) == 295  # 2 conv + 2 dense kernels
+    args = (p.params, p.hparams, p.inner_batch, p.outer_batch)
+    grads = {}
+    # Forward mode without XLA: under XLA, TF lowers the strided slices' gradient to
+    # XlaDynamicUpdateSlice, which has no gradient for forward mode's second differentiation.
+    for name, kwargs in (("store", dict(backward="store", jit_compile=True)),
+                         ("recompute", dict(backward="recompute", jit_compile=True)),
+                         ("forward", dict(estimator="forward", jit_compile=False))):
+        hg = tfb.hypergradient_fn(p.inner_loss, p.outer_loss, steps=4, learning_rate=0.5, **kwargs)
+        value, grads[name] = hg(*args)
+        assert name == "forward" or hg.backward_used == name
+    assert np.abs(grads["forward"].numpy()).max() > 1e-7
+    for name in ("store", "recompute"):
+        np.testing.assert_allclose(grads[name].numpy(), grads["forward"].numpy(), rtol=2e-3, atol=1e-9)
+    q = C.cnn_problem(**C.QUICK_SIZE, seed=0, conv="conv2d")
+    np.testing.assert_allclose(q.outer_loss(q.params, q.hparams, q.outer_batch).numpy(),
+                               p.outer_loss(p.params, p.hparams, p.outer_batch).numpy(), rtol=1e-5)
+
+
+def test_cnn_configurations():
+    settings = dict(C.QUICK_SIZE, steps=[4, 8], truncate=[1, 5, 25], backward=["recompute", "store"],
+                    max_full_steps=8, max_store_full_steps=4, learning_rate=0.1, repeats=2, seed=0, conv="patches")
+    labels = [(c["steps"], c["label"]) for c in C.configurations(settings)]
+    assert labels[:8] == [(4, "floor (hg.solve)"), (4, "1-RMD [recompute]"), (4, "1-RMD [store]"),
+                          (4, "full RMD [recompute]"), (4, "full RMD [store]"), (4, "checkpointed full RMD"),
+                          (8, "floor (hg.solve)"), (8, "1-RMD [recompute]")]
+    assert (8, "5-RMD [store]") in labels and (8, "full RMD [recompute]") in labels
+    assert (8, "full RMD [store]") not in labels and not any("25-RMD" in label for _, label in labels)
+
+
+@pytest.mark.slow
+def test_cnn_suite_end_to_end(tmp_path):
+    """`python -m experiments.benchmark --suites=cnn --quick`: fresh processes, table, summary, JSON."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--suites=cnn", "--quick", "--cnn_steps=2,3",
+         "--cnn_truncate=1", "--cnn_max_full_steps=2", "--cnn_backward=store", f"--output_dir={tmp_path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| T | configuration |" in done.stdout and "Allocator peak of K-RMD" in done.stdout
+    report = json.loads((tmp_path / "cnn_results.json").read_text())
+    assert not (tmp_path / "results.json").exists()  # only the cnn suite ran
+    results = report["results"]
+    assert [(r["steps"], r["estimator"], r["truncate"], r["backward"]) for r in results] == [
+        (2, "floor", None, None), (2, "reverse", 1, "store"), (2, "reverse", 2, "store"),
+        (2, "checkpointed", 2, "recompute"), (3, "floor", None, None), (3, "reverse", 1, "store"),
+    ]  # (recompute is run in test_cnn_hypergradient_store_recompute_and_forward_agree)
+    for r in results:
+        assert "error" not in r, r.get("error")
+        assert r["median_seconds"] > 0 and math.isfinite(r["time_over_floor"]) and r["compile_seconds"] >= 0
+        assert r["num_params"] == 295 and r["stored_state_bytes"] == r["stored_states"] * 295 * 4
+        for key in ("process_peak_growth_bytes", "allocator_peak_growth_bytes"):
+            assert r[key] is None or r[key] >= 0
+        if r["estimator"] == "floor":
+            assert r["backward_used"] is None and r["outer_value"] is None
+        else:
+            assert r["backward_used"] == r["backward"] and r["hypergrad_norm"] > 0
+        if r["estimator"] == "reverse":  # the patches' concat: ConcatOffset in the gradient
+            assert r["auto_backward"] == "recompute" and r["step_storable"] is False
+    summary = report["summary"]
+    assert [(e["backward"], e["truncate"]) for e in summary["krmd_flat_in_T"]] == [("store", 1)]
+    assert [(e["backward"], e["steps"], e["truncate"]) for e in summary["full_over_5rmd"]] == [("store", 2, 1)]
+    assert summary["full_rmd_growth"] == []  # full RMD at one T only

@@ -1,0 +1,493 @@
+r"""Time and memory of reverse-mode hypergradients on a CNN big enough that O(MK) memory matters.
+
+The problem (issue #9 §4): a CNN on CIFAR-sized random images (32×32×3, a fixed batch of 128,
+10 random classes) whose weights are the inner parameters, M ≈ 6.4M, as plain tensors:
+five 3×3 convolutions with stride 2 (16, 32, 128, 512, 1024 filters: 32×32 → 1×1), a dense
+layer of 1024 units and the 10 logits, ReLU. The hyperparameters are the log weight decays of
+the 7 kernels (paper §4.2-style per-layer regularization):
+
+    g(w, λ) = CE(w; x, y) + Σ_l exp(λ_l) ‖W_l‖²,   f(w) = CE(w; x_val, y_val),
+
+T steps of plain gradient descent from a fixed He initialization. The stored state of a step
+is w itself (M floats), so Table 1's memory is K·M for K-RMD (flat in T) and T·M for full RMD.
+
+Each configuration runs in a FRESH process (like experiments/benchmark.py): the floor
+(`hg.solve`, the T inner steps compiled with no tape), K-RMD for K in --cnn_truncate, full RMD
+(K = T) and checkpointed full RMD, each reverse configuration with backward="recompute" (the
+explicit O(MK) backward) and backward="store" (TF differentiates the recorded K steps and keeps
+their intermediates); all compiled with XLA. Reported per configuration: median wall time and
+its ratio to the floor (timed alternately in the same process), compile time, the TF CPU
+allocator's peak during a steady-state call (the working set) and the process RSS high-water
+mark of the first call (including tracing and compilation). `hg.backward_used` is recorded,
+and `auto_backward` says what backward="auto" would pick (its profile of one step).
+
+Convolutions are written as one matmul over 3×3 patches gathered by strided slices (the
+"patches" form, identical to tf.nn.conv2d): on CPU, XLA runs the input-gradient convolution
+of tf.nn.conv2d ~40× slower inside a while loop than outside one, which made one inner step
+inside the compiled loop ~65× slower than the same step unrolled (measured: 2.35 s vs 0.035 s). `--cnn_conv=conv2d` runs
+the tf.nn.conv2d form anyway.
+
+  python -m experiments.benchmark --suites=cnn            # the full suite (see README: Benchmark)
+  python -m experiments.benchmark_cnn --quick             # tiny CNN (used by the tests)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+from absl import app, flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tf_bilevel as tfb  # noqa: E402
+from experiments._memory import PeakMemory  # noqa: E402
+from tf_bilevel.estimators.reverse import profile_step  # noqa: E402
+from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
+
+FLAGS = flags.FLAGS
+RESULT_MARKER = "CNN_BENCHMARK_RESULT "
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MEMORY_GOAL, GOAL_TRUNCATE = 10.0, 5  # full RMD ≥ 10× the allocator peak of 5-RMD at the same T (issue #9): reported only
+MEMORY_TOLERANCE = 0.10  # K-RMD peak at the largest T within 10% of the smallest T: "flat"
+
+FULL_SIZE = dict(image_size=32, batch_size=128, filters=[16, 32, 128, 512, 1024], dense=[1024], num_classes=10)
+QUICK_SIZE = dict(image_size=8, batch_size=8, filters=[2, 4], dense=[8], num_classes=3)
+
+
+# ----------------------------------------------------------------------------------------
+# The problem.
+# ----------------------------------------------------------------------------------------
+
+
+def patch_conv(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
+    """SAME convolution (= tf.nn.conv2d(x, kernel, stride, "SAME")) as one matmul over the
+    k×k patches, gathered by strided slices: no convolution op, so that neither it nor its
+    first and second derivatives hit XLA:CPU's slow convolutions inside while loops."""
+    k, size = kernel.shape[0], x.shape[1]
+    out = -(-size // stride)
+    pad = max((out - 1) * stride + k - size, 0)
+    x = tf.pad(x, [[0, 0], [pad // 2, pad - pad // 2], [pad // 2, pad - pad // 2], [0, 0]])
+    end = stride * (out - 1) + 1
+    patches = tf.concat([x[:, i:i + end:stride, j:j + end:stride, :] for i in range(k) for j in range(k)], axis=-1)
+    y = tf.reshape(patches, [-1, patches.shape[-1]]) @ tf.reshape(kernel, [-1, kernel.shape[-1]])
+    return tf.reshape(y, [x.shape[0], out, out, kernel.shape[-1]])
+
+
+def _conv2d(x: tf.Tensor, kernel: tf.Tensor, stride: int) -> tf.Tensor:
+    return tf.nn.conv2d(x, kernel, stride, "SAME")
+
+
+CONVOLUTIONS = {"patches": patch_conv, "conv2d": _conv2d}
+
+
+class Problem(NamedTuple):
+    inner_loss: Callable[..., tf.Tensor]
+    outer_loss: Callable[..., tf.Tensor]
+    params: dict  # layer name -> weight tensor
+    hparams: tf.Tensor  # log weight decay of each kernel
+    inner_batch: dict
+    outer_batch: dict
+
+
+def cnn_params(image_size: int, filters: list, dense: list, num_classes: int, seed: int) -> dict:
+    """He-initialized weights of the CNN: 3×3 stride-2 convolutions, then dense layers."""
+    rng = np.random.default_rng(seed)
+    params, channels, size = {}, 3, image_size
+
+    def add(name, shape, fan_in):
+        params[f"{name}/kernel"] = tf.constant(rng.normal(0, math.sqrt(2 / fan_in), shape).astype(np.float32))
+        params[f"{name}/bias"] = tf.zeros(shape[-1:], tf.float32)
+
+    for i, width in enumerate(filters):
+        add(f"conv{i}", (3, 3, channels, width), 9 * channels)
+        channels, size = width, -(-size // 2)
+    units = [size * size * channels, *dense, num_classes]
+    for j in range(len(units) - 1):
+        add(f"dense{j}", (units[j], units[j + 1]), units[j])
+    return params
+
+
+def cnn_problem(
+    image_size: int, batch_size: int, filters: list, dense: list, num_classes: int, seed: int,
+    conv: str = "patches", weight_decay: float = 5e-4,
+) -> Problem:
+    """The benchmark's bilevel problem (module docstring) on random data, λ_l = log(weight_decay)."""
+    convolve = CONVOLUTIONS[conv]
+    num_convs, num_dense = len(filters), len(dense) + 1
+    params = cnn_params(image_size, filters, dense, num_classes, seed)
+    kernels = [name for name in params if name.endswith("/kernel")]
+    rng = np.random.default_rng(seed + 1)
+
+    def batch():
+        return {
+            "x": tf.constant(rng.standard_normal((batch_size, image_size, image_size, 3)).astype(np.float32)),
+            "y": tf.constant(rng.integers(0, num_classes, batch_size).astype(np.int32)),
+        }
+
+    def logits(w, x):
+        h = x
+        for i in range(num_convs):
+            h = tf.nn.relu(tf.nn.bias_add(convolve(h, w[f"conv{i}/kernel"], 2), w[f"conv{i}/bias"]))
+        h = tf.reshape(h, [h.shape[0], -1])
+        for j in range(num_dense):
+            h = tf.nn.bias_add(h @ w[f"dense{j}/kernel"], w[f"dense{j}/bias"])
+            h = tf.nn.relu(h) if j < num_dense - 1 else h
+        return h
+
+    def cross_entropy(w, data):
+        # log_softmax + one-hot: the fused sparse softmax CE has no second derivative in TF.
+        log_probs = tf.nn.log_softmax(logits(w, data["x"]))
+        return -tf.reduce_mean(tf.reduce_sum(tf.one_hot(data["y"], num_classes) * log_probs, axis=1))
+
+    def inner_loss(w, log_decays, data):
+        penalty = tf.add_n([tf.exp(log_decays[i]) * tf.reduce_sum(tf.square(w[name])) for i, name in enumerate(kernels)])
+        return cross_entropy(w, data) + penalty
+
+    def outer_loss(w, log_decays, data):
+        return cross_entropy(w, data)
+
+    hparams = tf.fill([len(kernels)], float(np.log(weight_decay)))
+    return Problem(inner_loss, outer_loss, params, hparams, batch(), batch())
+
+
+def num_params(params: dict) -> int:
+    return int(sum(v.shape.num_elements() for v in params.values()))
+
+
+# ----------------------------------------------------------------------------------------
+# One configuration, measured in the current (fresh) process.
+# ----------------------------------------------------------------------------------------
+
+
+class Timing(NamedTuple):
+    wall: float
+    cpu: float  # process CPU time, all threads
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Timing, list]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = [np.asarray(x) for x in tf.nest.flatten(fn())]  # blocks on the result
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu), out
+
+
+def stored_states(config: dict) -> int:
+    """Weight-sized states the explicit backward keeps (Table 1, in units of M)."""
+    kind, K = config["estimator"], config["truncate"]
+    if kind == "floor":
+        return 0
+    if kind == "checkpointed":
+        segment = max(1, math.ceil(math.sqrt(K)))
+        return math.ceil(K / segment) + segment
+    return K
+
+
+def build(config: dict, problem: Problem) -> tuple[tfb.api.Hypergradient, Callable, Callable]:
+    """(hg, hypergradient call, floor call), compiled with XLA."""
+    kind, T, K = config["estimator"], config["steps"], config["truncate"]
+    hg = tfb.hypergradient_fn(
+        problem.inner_loss, problem.outer_loss, steps=T, learning_rate=config["learning_rate"],
+        truncate=None if K in (None, T) else K, estimator="reverse" if kind == "floor" else kind,
+        backward=config["backward"] or "auto", jit_compile=True,
+    )
+    floor = lambda: hg.solve(problem.params, problem.hparams, problem.inner_batch)  # noqa: E731
+    if kind == "floor":
+        return hg, floor, floor
+    return hg, (lambda: hg(problem.params, problem.hparams, problem.inner_batch, problem.outer_batch)), floor
+
+
+def auto_choice(problem: Problem, config: dict) -> dict:
+    """What backward="auto" picks for this K: a trace of the estimator (nothing is compiled or run)."""
+    T, K = config["steps"], config["truncate"]
+    hg = tfb.hypergradient_fn(
+        problem.inner_loss, problem.outer_loss, steps=T, learning_rate=config["learning_rate"],
+        truncate=None if K == T else K, backward="auto",
+    )
+    args = (problem.params, problem.hparams, problem.inner_batch, problem.outer_batch)
+    tf.function(hg.compute, autograph=False).get_concrete_function(*args)
+    profile = profile_step(hg.transition, hg.transition.init_state(problem.params), problem.hparams, problem.inner_batch)
+    return {"auto_backward": hg.backward_used, "step_residual_bytes": profile.residual_bytes,
+            "step_storable": profile.storable, "memory_budget_bytes": hg.memory_budget}
+
+
+def measure(config: dict) -> dict:
+    """Times and memory of one configuration (call in a fresh process)."""
+    problem = cnn_problem(**{k: config[k] for k in FULL_SIZE}, seed=config["seed"], conv=config["conv"])
+    np.asarray(tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
+    with PeakMemory() as first_memory:
+        wall, cpu = time.perf_counter(), time.process_time()
+        hg, fn, floor = build(config, problem)
+        _, first_out = _timed(fn)
+        first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
+    with PeakMemory() as steady_memory:
+        _timed(fn)
+    is_floor = config["estimator"] == "floor"
+    floor_first = first if is_floor else _timed(floor)[0]
+    times, floor_times = [], []
+    for _ in range(config["repeats"]):  # alternate, so that a change of machine load hits both alike
+        if not is_floor:
+            floor_times.append(_timed(floor)[0])
+        times.append(_timed(fn)[0])
+    floor_times = floor_times or times
+    median = Timing(*(statistics.median(t[i] for t in times) for i in range(2)))
+    floor_median = Timing(*(statistics.median(t[i] for t in floor_times) for i in range(2)))
+    M = num_params(problem.params)
+    result = {
+        **config,
+        "times_seconds": [t.wall for t in times],
+        "floor_times_seconds": [t.wall for t in floor_times],
+        "median_seconds": median.wall,
+        "floor_median_seconds": floor_median.wall,
+        "time_over_floor": median.wall / floor_median.wall,
+        "cpu_over_floor": median.cpu / floor_median.cpu,
+        "first_call_seconds": first.wall,
+        "compile_seconds": max(first.wall - median.wall, 0.0),
+        "floor_compile_seconds": max(floor_first.wall - floor_median.wall, 0.0),
+        "rss_before_bytes": first_memory.rss_before,
+        "process_peak_growth_bytes": first_memory.process_peak_growth,
+        "allocator_peak_growth_bytes": steady_memory.allocator_peak_growth,
+        "backward_used": None if is_floor else hg.backward_used,
+        "num_params": M,
+        "num_hparams": int(problem.hparams.shape.num_elements()),
+        "stored_states": stored_states(config),
+        "stored_state_bytes": stored_states(config) * M * 4,
+        "outer_value": None if is_floor else float(first_out[0]),
+        "hypergrad_norm": None if is_floor else float(np.linalg.norm(np.concatenate([h.ravel() for h in first_out[1:]]))),
+    }
+    if config["estimator"] == "reverse":
+        result.update(auto_choice(problem, config))
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# The driver: one subprocess per configuration, then the table, summary and JSON.
+# ----------------------------------------------------------------------------------------
+
+
+def configurations(settings: dict) -> list[dict]:
+    base = {key: settings[key] for key in (*FULL_SIZE, "learning_rate", "repeats", "seed", "conv")}
+    configs = []
+
+    def add(estimator, T, K, backward, label):
+        configs.append({**base, "estimator": estimator, "steps": T, "truncate": K, "backward": backward, "label": label})
+
+    for T in settings["steps"]:
+        add("floor", T, None, None, "floor (hg.solve)")
+        for K in sorted(k for k in settings["truncate"] if k < T):
+            for backward in settings["backward"]:
+                add("reverse", T, K, backward, f"{K}-RMD [{backward}]")
+        if T <= settings["max_full_steps"]:
+            for backward in settings["backward"]:
+                if backward != "store" or T <= settings["max_store_full_steps"]:
+                    add("reverse", T, T, backward, f"full RMD [{backward}]")
+            add("checkpointed", T, T, "recompute", "checkpointed full RMD")
+    return configs
+
+
+def run_worker(config: dict, timeout: float) -> dict:
+    """Measures `config` in a fresh Python process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = [sys.executable, "-m", "experiments.benchmark_cnn", f"--cnn_worker={json.dumps(config)}"]
+    try:
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**config, "error": f"timed out after {timeout:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    return {**config, "error": f"worker exited with {done.returncode}: {done.stderr.strip()[-2000:]}"}
+
+
+def _mb(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def format_table(results: list[dict]) -> str:
+    lines = ["| T | configuration | backward used (auto) | median s | × floor | compile s | alloc peak MB "
+             "| RSS peak MB | stored states MB |", "|" + "---|" * 9]
+    for r in results:
+        if "error" in r:
+            message = r["error"].strip().splitlines()[-1][:80] if r["error"].strip() else "?"
+            lines.append(f"| {r['steps']} | {r['label']} | ERROR: {message} |" + " |" * 6)
+            continue
+        used = r["backward_used"] or "-"
+        if r.get("auto_backward"):
+            used += f" ({r['auto_backward']})"
+        lines.append(
+            f"| {r['steps']} | {r['label']} | {used} | {r['median_seconds']:.2f} | {r['time_over_floor']:.2f} | "
+            f"{r['compile_seconds']:.1f} | {_mb(r['allocator_peak_growth_bytes'])} | "
+            f"{_mb(r['process_peak_growth_bytes'])} | {_mb(r['stored_state_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _find(results: list, estimator: str, T: int, K: int, backward: str) -> Optional[dict]:
+    for r in results:
+        if (r["estimator"], r["steps"], r["truncate"], r["backward"]) == (estimator, T, K, backward) and "error" not in r:
+            return r
+    return None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def summarize(results: list[dict], settings: dict) -> dict:
+    """K-RMD peak memory at the largest vs the smallest T (flat: Table 1), full RMD's growth in T
+    and full RMD / 5-RMD at each T (goal ≥ 10; the smallest K when 5 is not run), per backward mode."""
+    steps = sorted(settings["steps"])
+    small, large = steps[0], steps[-1]
+    key = "allocator_peak_growth_bytes"
+    goal_K = GOAL_TRUNCATE if GOAL_TRUNCATE in settings["truncate"] else min(settings["truncate"])
+    flat, growth, goal = [], [], []
+    for backward in settings["backward"]:
+        for K in sorted(k for k in settings["truncate"] if k < small):
+            a, b = _find(results, "reverse", small, K, backward), _find(results, "reverse", large, K, backward)
+            if a and b and large > small:
+                ratio = _ratio(b[key], a[key])
+                flat.append({"backward": backward, "truncate": K, f"T={small}": a[key], f"T={large}": b[key],
+                             "ratio": ratio, "flat": None if ratio is None else abs(ratio - 1) <= MEMORY_TOLERANCE})
+        full = [r for T in steps if (r := _find(results, "reverse", T, T, backward))]
+        if len(full) >= 2:
+            growth.append({"backward": backward, "steps": [r["steps"] for r in full], "peaks": [r[key] for r in full],
+                           "ratio": _ratio(full[-1][key], full[0][key])})
+        for T in steps:
+            a, b = _find(results, "reverse", T, T, backward), _find(results, "reverse", T, goal_K, backward)
+            if a and b:
+                ratio = _ratio(a[key], b[key])
+                goal.append({"backward": backward, "steps": T, "truncate": goal_K, "full_rmd": a[key], "krmd": b[key], "ratio": ratio,
+                             "goal": MEMORY_GOAL, "met": None if ratio is None else ratio >= MEMORY_GOAL})
+    return {"krmd_flat_in_T": flat, "full_rmd_growth": growth, "full_over_5rmd": goal}
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["", "Allocator peak of K-RMD at the largest T / the smallest T (flat: within 10%):"]
+    for e in summary["krmd_flat_in_T"]:
+        verdict = "n/a" if e["flat"] is None else "flat" if e["flat"] else "NOT flat"
+        lines.append(f"  K={e['truncate']:<3} [{e['backward']}] {e['ratio'] or float('nan'):.3f} ({verdict})")
+    for e in summary["full_rmd_growth"]:
+        peaks = ", ".join(f"T={T}: {_mb(p)} MB" for T, p in zip(e["steps"], e["peaks"]))
+        lines.append(f"Full RMD [{e['backward']}] allocator peak {peaks} (×{e['ratio'] or float('nan'):.2f})")
+    for e in summary["full_over_5rmd"]:
+        verdict = "n/a" if e["met"] is None else "met" if e["met"] else "MISSED"
+        lines.append(f"Full RMD / {e['truncate']}-RMD allocator peak at T={e['steps']} [{e['backward']}]: "
+                     f"{e['ratio'] or float('nan'):.1f}× (goal >= {e['goal']:.0f}×: {verdict})")
+    return "\n".join(lines)
+
+
+def run(settings: dict, output_dir: Path, timeout: float = 7200.0) -> dict:
+    """Measures every configuration (one fresh process each) and writes cnn_results.json."""
+    configs = configurations(settings)
+    M = num_params(cnn_params(settings["image_size"], settings["filters"], settings["dense"], settings["num_classes"], 0))
+    print(f"cnn suite: M = {M} inner parameters, {len(configs)} configurations, one fresh process each", flush=True)
+    results, started = [], time.perf_counter()
+    for i, config in enumerate(configs, 1):
+        print(f"[{i}/{len(configs)}] T={config['steps']} {config['label']} ...", end=" ", flush=True)
+        result = run_worker(config, timeout)
+        results.append(result)
+        if "error" in result:
+            print(f"ERROR {result['error'].strip().splitlines()[-1] if result['error'].strip() else ''}", flush=True)
+        else:
+            print(f"{result['median_seconds']:.2f} s = {result['time_over_floor']:.2f}× floor, "
+                  f"alloc peak {_mb(result['allocator_peak_growth_bytes'])} MB, "
+                  f"RSS peak {_mb(result['process_peak_growth_bytes'])} MB "
+                  f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
+    summary = summarize(results, settings)
+    table = format_table(results)
+    print()
+    print(table)
+    print(format_summary(summary))
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "tensorflow": tf.__version__,
+                    "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "settings": settings,
+        "problem": {"description": __doc__.split("\n\n")[1], "num_params": M, "dtype": "float32", "jit_compile": True},
+        "results": results,
+        "summary": summary,
+        "table": table,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(output_dir / "cnn_results.json", report, indent=2)
+    print(f"wrote {output_dir / 'cnn_results.json'}")
+    return report
+
+
+def make_settings(quick: bool) -> dict:
+    """The suite's settings from the --cnn_* flags; --quick: the tiny CNN (explicit flags still apply)."""
+    settings = {
+        **(QUICK_SIZE if quick else FULL_SIZE),
+        "steps": [int(s) for s in FLAGS.cnn_steps],
+        "truncate": [int(k) for k in FLAGS.cnn_truncate],
+        "backward": list(FLAGS.cnn_backward),
+        "max_full_steps": FLAGS.cnn_max_full_steps,
+        "max_store_full_steps": FLAGS.cnn_max_store_full_steps,
+        "learning_rate": FLAGS.cnn_learning_rate,
+        "repeats": FLAGS.cnn_repeats,
+        "conv": FLAGS.cnn_conv,
+        "seed": 0,
+        "quick": quick,
+    }
+    if quick:
+        settings["repeats"] = min(settings["repeats"], 2)
+        for name, value in (("cnn_steps", [4, 8]), ("cnn_truncate", [1, 2])):
+            if not FLAGS[name].present:
+                settings[name[4:]] = value
+    unknown = sorted(set(settings["backward"]) - {"recompute", "store", "auto"})
+    if unknown:
+        raise app.UsageError(f"--cnn_backward: unknown {unknown}; choose from recompute, store, auto")
+    if settings["conv"] not in CONVOLUTIONS:
+        raise app.UsageError(f"--cnn_conv must be one of {sorted(CONVOLUTIONS)}, got {settings['conv']!r}")
+    for name in ("steps", "truncate"):
+        if not settings[name] or any(v < 1 for v in settings[name]):
+            raise app.UsageError(f"--cnn_{name} must be positive integers, got {settings[name]}")
+    return settings
+
+
+def define_cnn_flags() -> None:
+    """The flags this suite adds to `python -m experiments.benchmark` too."""
+    flags.DEFINE_list("cnn_steps", ["100", "500"], "cnn suite: numbers T of inner steps.")
+    flags.DEFINE_list("cnn_truncate", ["1", "5", "25"], "cnn suite: K of K-RMD (K < T; full RMD K = T is added).")
+    flags.DEFINE_list("cnn_backward", ["recompute", "store"], "cnn suite: backward passes of the reverse configurations.")
+    flags.DEFINE_integer("cnn_max_full_steps", 500, "cnn suite: full and checkpointed RMD only for T <= this.")
+    flags.DEFINE_integer("cnn_max_store_full_steps", 100, "cnn suite: full RMD with backward='store' only for T <= "
+                         "this (it keeps every step's intermediates: ~100 MB per step on the full CNN).")
+    flags.DEFINE_float("cnn_learning_rate", 0.02, "cnn suite: inner step size.")
+    flags.DEFINE_integer("cnn_repeats", 3, "cnn suite: timed calls per configuration after warm-up (median).")
+    flags.DEFINE_string("cnn_conv", "patches", "cnn suite: 'patches' (matmul over patches) or 'conv2d' (tf.nn.conv2d).")
+    flags.DEFINE_string("cnn_worker", None, "Internal: JSON configuration to measure in this process.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    if FLAGS.cnn_worker is not None:
+        print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.cnn_worker))), flush=True)
+        return
+    output_dir = Path(FLAGS.output_dir)
+    try:
+        with exclusive_output_dir(output_dir, "experiments.benchmark_cnn"):
+            run(make_settings(FLAGS.quick), output_dir)
+    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
+        sys.exit(exit_with_error("benchmark_cnn", err))
+
+
+if __name__ == "__main__":
+    define_cnn_flags()
+    flags.DEFINE_bool("quick", False, "Tiny CNN and budgets, to test the program.")
+    flags.DEFINE_string("output_dir", "out/benchmark", "Where cnn_results.json is written.")
+    app.run(main)
