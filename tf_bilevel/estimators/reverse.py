@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional
 import tensorflow as tf
 
 from tf_bilevel._tree import fill_none_with_zeros
-from tf_bilevel.dynamics.loops import Trajectory, earliest_nonfinite, mark_nonfinite, run, run_and_record
+from tf_bilevel.dynamics.loops import Trajectory, earliest_nonfinite, mark_nonfinite, run, run_and_record, step_loop
 from tf_bilevel.dynamics.transition import Transition
 from tf_bilevel.estimators.common import (
     EstimatorOutput,
@@ -51,8 +51,8 @@ def backprop_through(
         d_state, d_hp = step_vjp(transition, state, hparams, start + index, batch, alpha)
         return i + 1, d_state, [a + b for a, b in zip(h, d_hp)]
 
-    _, alpha, h = tf.while_loop(
-        lambda i, *_: i < num_steps, body, (tf.constant(0), alpha, h), maximum_iterations=max_steps
+    _, alpha, h = step_loop(
+        lambda i, *_: i < num_steps, body, (tf.constant(0), alpha, h), num_steps=num_steps, max_steps=max_steps
     )
     return alpha, h
 
@@ -121,8 +121,8 @@ def _differentiate_stored_steps(transition, state, hparams, inner_batch, outer_b
             new_state, loss = transition(state, hp, start + i, inner_batch)
             return i + 1, new_state, mark_nonfinite(marker, loss, start + i)
 
-        _, final, marker = tf.while_loop(
-            lambda i, *_: i < K, body, (tf.constant(0), state_in, tf.constant(-1)), maximum_iterations=K
+        _, final, marker = step_loop(
+            lambda i, *_: i < K, body, (tf.constant(0), state_in, tf.constant(-1)), num_steps=K, max_steps=K
         )
         value = problem.outer(final.params, hp, outer_batch)
     d_state, h = tape.gradient(value, (flat_state, flat_hp))
