@@ -27,6 +27,10 @@ from tf_bilevel.keras import conventions
 from tf_bilevel.keras import data as data_lib
 from tf_bilevel.keras.problem import KerasBilevelProblem
 from tf_bilevel.keras.tasks import (
+    BUILTIN_INNER_OPTIMIZERS,
+    META_BATCH_MODES,
+    StackedHypergradient,
+    StackedTasks,
     StepInputs,
     TaskEvaluation,
     TaskHypergradient,
@@ -35,6 +39,9 @@ from tf_bilevel.keras.tasks import (
     first_task,
     forward_probe,
     map_tasks,
+    choose_meta_batch_path,
+    stacked_evaluation,
+    stacked_prediction,
 )
 
 ON_NONFINITE = ("raise", "skip")
@@ -108,6 +115,7 @@ class BilevelTrainerMixin:
         inner_init: Any,
         meta_batch: bool,
         online: bool,
+        meta_batch_mode: str = "auto",
         diagnostics_every: Optional[int],
         on_nonfinite: str,
         seed: int,
@@ -134,6 +142,15 @@ class BilevelTrainerMixin:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be a Python int, got {seed!r}")
         _check_online_arguments(online, meta_batch=meta_batch, inner_init=inner_init, hyper_model=hyper_model)
+        if meta_batch_mode not in META_BATCH_MODES:
+            raise ValueError(
+                f"meta_batch_mode must be one of {META_BATCH_MODES} ('auto': one stacked inner loop for all "
+                f"tasks where that computes the same mean, else tf.map_fn), got {meta_batch_mode!r}"
+            )
+        self.meta_batch_mode = meta_batch_mode
+        self._builtin_inner_optimizer = isinstance(inner_optimizer, str) and inner_optimizer in BUILTIN_INNER_OPTIMIZERS
+        # The path the last traced meta-batch step took ("stacked" | "map_fn"); None before.
+        self.meta_batch_path: Optional[str] = None
         self.problem = KerasBilevelProblem(
             self._calls, inner_model, inner_loss, outer_loss,
             hyper_model=hyper_model, hyperparameters=hyperparameters, inner_regularizer=inner_regularizer,
@@ -382,16 +399,23 @@ class BilevelTrainerMixin:
         )
         if self.meta_batch:
             seeds = self._task_seeds(task, step)
-            signature = task_fn.output_signature(inputs, first_task(task))
-            results = map_tasks(lambda t, s: task_fn(inputs, t, s, with_reference), task, seeds, signature)
-            outer_value = tf.reduce_mean(results.outer_value)
-            inner_value = tf.reduce_mean(results.inner_value)
-            grads = [tf.reduce_mean(g, axis=0) for g in results.grads]
-            reference = [tf.reduce_mean(g, axis=0) for g in results.reference]
-            marker = earliest_marker(results.nonfinite_step)
-            hyper_state = [_mean_over_tasks(x) for x in results.hyper_state]
-            final_params = [tf.reduce_mean(w, axis=0) for w in results.final_params]
-            y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(results.y_pred)
+            if self._choose_meta_batch_path(task) == "stacked":
+                result = StackedHypergradient(task_fn, data_lib.num_tasks(task))(inputs, task, seeds, with_reference)
+                outer_value, inner_value, grads, reference = result.outer_value, result.inner_value, result.grads, result.reference
+                marker, hyper_state, final_params = result.nonfinite_step, result.hyper_state, result.final_params
+                y_pred = result.y_pred
+            else:
+                signature = task_fn.output_signature(inputs, first_task(task))
+                results = map_tasks(lambda t, s: task_fn(inputs, t, s, with_reference), task, seeds, signature)
+                outer_value = tf.reduce_mean(results.outer_value)
+                inner_value = tf.reduce_mean(results.inner_value)
+                grads = [tf.reduce_mean(g, axis=0) for g in results.grads]
+                reference = [tf.reduce_mean(g, axis=0) for g in results.reference]
+                marker = earliest_marker(results.nonfinite_step)
+                hyper_state = [_mean_over_tasks(x) for x in results.hyper_state]
+                final_params = [tf.reduce_mean(w, axis=0) for w in results.final_params]
+                y_pred = results.y_pred
+            y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(y_pred)
             sample_weight = None if task.outer.weights is None else _merge_task_axis(task.outer.weights)
         else:
             seed = self._task_seeds(task, step)[0]
@@ -455,7 +479,14 @@ class BilevelTrainerMixin:
         inputs = self._step_inputs()
         evaluate = TaskEvaluation(self.problem, self._built_state.specs, self.hypergradient)
         seeds = self._task_seeds(task, tf.constant(-1, tf.int64))
-        if self.meta_batch:
+        if self.meta_batch and self._choose_meta_batch_path(task) == "stacked":
+            stacked = StackedTasks(self.problem, data_lib.num_tasks(task))
+            value, inner_value, y_preds = stacked_evaluation(
+                stacked, self._built_state.specs, self.hypergradient, inputs, task, seeds
+            )
+            y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(y_preds)
+            sample_weight = None if task.outer.weights is None else _merge_task_axis(task.outer.weights)
+        elif self.meta_batch:
             probe = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task))
             signature = (probe[0], probe[0], probe[1])
             values, inner_values, y_preds = map_tasks(lambda t, s: evaluate(inputs, t, s), task, seeds, signature)
@@ -499,8 +530,18 @@ class BilevelTrainerMixin:
         seeds = self._task_seeds(task, tf.constant(-1, tf.int64))
         if not self.meta_batch:
             return predict(inputs, task, seeds[0])
+        if self._choose_meta_batch_path(task) == "stacked":
+            stacked = StackedTasks(self.problem, data_lib.num_tasks(task))
+            return stacked_prediction(stacked, self._built_state.specs, self.hypergradient, inputs, task, seeds)
         signature = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task), with_loss=False)[1]
         return map_tasks(lambda t, s: predict(inputs, t, s), task, seeds, signature)
+
+    def _choose_meta_batch_path(self, task: data_lib.Task) -> str:
+        """"stacked" or "map_fn" for this (traced) meta-batch; recorded in `meta_batch_path`."""
+        self.meta_batch_path = choose_meta_batch_path(
+            self.meta_batch_mode, data_lib.num_tasks(task), self.estimator, self._builtin_inner_optimizer
+        )
+        return self.meta_batch_path
 
     def _as_task(self, data) -> data_lib.Task:
         """((x_inner, y_inner), x_outer) or a full task element -> Task (y_outer unused)."""
