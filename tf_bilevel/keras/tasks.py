@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import tensorflow as tf
 
 from tf_bilevel.keras.data import Task
-from tf_bilevel.keras.problem import KerasBilevelProblem, explain_second_order
+from tf_bilevel.keras.problem import CoreBatch, KerasBilevelProblem, explain_second_order, fold_seed
 
 
 class StepInputs(NamedTuple):
@@ -239,14 +239,19 @@ def task_slice(tasks: Task, b: int) -> Task:
 
 
 class StackedTasks:
-    """B tasks as one problem for the core: params = [w_1, ..., w_B] (one list per task),
-    hp = λ's shared leaves + per-task hyper-model features, batches = one CoreBatch per task;
-    g = Σ_b g_b(w_b) (so each task's inner step is its own), f = (1/B) Σ_b f_b(w_b) (so the
-    hypergradient is the mean over tasks)."""
+    """B tasks as one problem for the core: params = the inner weights stacked [B, ...], hp =
+    λ's shared leaves + the hyper-model features stacked [B, n, ...], one CoreBatch of the
+    stacked data with seeds [B, 2]; g = Σ_b g_b(w_b) (so each task's inner step is its own),
+    f = (1/B) Σ_b f_b(w_b) (so the hypergradient is the mean over tasks).
+
+    The inner model runs once for all tasks (`batched.batched_call`: one batched product per
+    Dense/Conv2D layer) when it supports that (`self.batched`), else once per task on its
+    slice of the weights (any model: Dropout, BatchNormalization, layer losses, ...)."""
 
     def __init__(self, problem: KerasBilevelProblem, num_tasks: int):
         self.problem = problem
         self.num_tasks = num_tasks
+        self.batched = _batchable(problem)
         self._built: dict = {}
 
     # -- λ and the data of B tasks ------------------------------------------------------------
@@ -255,54 +260,107 @@ class StackedTasks:
         per_task = [self.problem.hparams(raw, specs, hyper_state, t.inner, t.outer) for t in self._tasks(tasks)]
         hp = dict(per_task[0][0])  # the shared leaves (the same values in every task)
         if self.problem.hyper_model is not None:
-            hp["features"] = [h["features"] for h, _ in per_task]
+            hp["features"] = tf.nest.map_structure(lambda *f: tf.stack(f), *[h["features"] for h, _ in per_task])
         return hp, [state for _, state in per_task]
 
     def task_hp(self, hp: dict, b: int) -> dict:
         if self.problem.hyper_model is None:
             return hp
-        return {**hp, "features": hp["features"][b]}
+        return {**hp, "features": tf.nest.map_structure(lambda f: f[b], hp["features"])}
 
     def _tasks(self, tasks: Task) -> list:
         return [task_slice(tasks, b) for b in range(self.num_tasks)]
 
-    def batches(self, tasks: Task, inner_state: list, seeds: tf.Tensor) -> tuple[list, list]:
-        inner = [self.problem.inner_batch(t.inner, inner_state, seeds[b]) for b, t in enumerate(self._tasks(tasks))]
-        outer = [self.problem.outer_batch(t.outer, inner_state, seeds[b]) for b, t in enumerate(self._tasks(tasks))]
-        return inner, outer
+    def batches(self, tasks: Task, inner_state: list, seeds: tf.Tensor) -> tuple[CoreBatch, CoreBatch]:
+        """The stacked inner and outer batches (the outer seeds folded as in `outer_batch`)."""
+        outer_seeds = tf.stack([self.problem.outer_batch(tasks.outer, inner_state, seeds[b]).seed for b in range(self.num_tasks)])
+        return CoreBatch(tasks.inner, inner_state, seeds), CoreBatch(tasks.outer, inner_state, outer_seeds)
+
+    def task_batch(self, batch: CoreBatch, b: int) -> CoreBatch:
+        return CoreBatch(tf.nest.map_structure(lambda x: x[b], batch.data), batch.inner_state, batch.seed[b])
 
     def initial_params(self, stored: list, seeds: tf.Tensor) -> list:
-        return [self.problem.initial_params(stored, seeds[b]) for b in range(self.num_tasks)]
+        per_task = [self.problem.initial_params(stored, seeds[b]) for b in range(self.num_tasks)]
+        return [tf.stack(ws) for ws in zip(*per_task)]
+
+    @staticmethod
+    def task_params(params: list, b: int) -> list:
+        return [w[b] for w in params]
 
     # -- the core's g, f, Ξ0 and per-step batches -------------------------------------------------
-    def inner_loss(self, params: list, hp: dict, batches: list) -> tf.Tensor:
-        return tf.add_n([self.problem.inner_loss(w, self.task_hp(hp, b), batches[b]) for b, w in enumerate(params)])
+    def inner_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
+        if not self.batched:
+            return tf.add_n([
+                self.problem.inner_loss(self.task_params(params, b), self.task_hp(hp, b), self.task_batch(batch, b))
+                for b in range(self.num_tasks)
+            ])
+        problem = self.problem
+        y_pred = self._batched_predictions(params, hp, batch, "inner")
+        loss = tf.add_n(self._user_losses(problem.inner_loss_fn, "inner_loss", batch, y_pred, hp))
+        if problem.inner_regularizer is not None:
+            penalties = [tf.convert_to_tensor(problem.inner_regularizer(self.task_params(params, b), hp["user"]))
+                         for b in range(self.num_tasks)]
+            if penalties[0].shape.rank != 0:
+                raise ValueError(f"inner_regularizer must return a scalar, got shape {penalties[0].shape}")
+            loss = loss + tf.cast(tf.add_n(penalties), loss.dtype)
+        if problem.proximal_strength is not None:  # Σ_b Σ_j ρ_j ‖w_j,b − c_j‖²: c_j broadcast over tasks
+            loss = loss + tf.add_n([
+                tf.cast(hp["strengths"][j], loss.dtype) * tf.cast(tf.reduce_sum(tf.square(w - c)), loss.dtype)
+                for j, (w, c) in enumerate(zip(params, hp["centers"]))
+            ])
+        return loss
 
-    def outer_loss(self, params: list, hp: dict, batches: list) -> tf.Tensor:
-        return tf.add_n(self.outer_values(params, hp, batches)) / self.num_tasks
+    def outer_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
+        return tf.add_n(self.outer_values(params, hp, batch)) / self.num_tasks
 
-    def outer_values(self, params: list, hp: dict, batches: list) -> list:
-        return [self.problem.outer_loss(w, self.task_hp(hp, b), batches[b]) for b, w in enumerate(params)]
-
-    def inner_values(self, params: list, hp: dict, batches: list, steps: int) -> list:
-        """g_b(w_b) on each task's last-step batch (the `inner_loss` log)."""
+    def outer_values(self, params: list, hp: dict, batch: CoreBatch) -> list:
+        if self.batched:
+            y_pred = self._batched_predictions(params, hp, batch, "outer")
+            return self._user_losses(self.problem.outer_loss_fn, "outer_loss", batch, y_pred, hp)
         return [
-            self.problem.inner_loss(w, self.task_hp(hp, b), self.problem.last_step_batch(batches[b], steps))
-            for b, w in enumerate(params)
+            self.problem.outer_loss(self.task_params(params, b), self.task_hp(hp, b), self.task_batch(batch, b))
+            for b in range(self.num_tasks)
         ]
 
-    def predictions(self, params: list, hp: dict, batches: list) -> tf.Tensor:
-        """[B, n, ...]: each task's outer predictions at its weights."""
-        return tf.stack([self.problem.predict(w, self.task_hp(hp, b), batches[b], "outer") for b, w in enumerate(params)])
+    def inner_values(self, params: list, hp: dict, batch: CoreBatch, steps: int) -> list:
+        """g_b(w_b) on each task's last-step batch (the `inner_loss` log)."""
+        last = self.batch_at_step(batch, tf.constant(steps - 1))
+        return [
+            self.problem.inner_loss(self.task_params(params, b), self.task_hp(hp, b), self.task_batch(last, b))
+            for b in range(self.num_tasks)
+        ]
 
-    def batch_at_step(self, batches: list, step: tf.Tensor) -> list:
-        return [self.problem.batch_at_step(batch, step) for batch in batches]
+    def predictions(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
+        """[B, n, ...]: each task's outer predictions at its weights."""
+        if self.batched:
+            return self._batched_predictions(params, hp, batch, "outer")
+        return tf.stack([
+            self.problem.predict(self.task_params(params, b), self.task_hp(hp, b), self.task_batch(batch, b), "outer")
+            for b in range(self.num_tasks)
+        ])
+
+    def _batched_predictions(self, params: list, hp: dict, batch: CoreBatch, which: str) -> tf.Tensor:
+        from tf_bilevel.keras.batched import batched_call
+
+        x = hp["features"][which] if self.problem.hyper_model is not None else batch.data.x
+        return batched_call(self.problem.inner_model, params, x)
+
+    def _user_losses(self, fn: Callable, role: str, batch: CoreBatch, y_pred: tf.Tensor, hp: dict) -> list:
+        return [
+            self.problem._user_loss(fn, role, self.task_batch(batch, b).data, y_pred[b], hp["user"])
+            for b in range(self.num_tasks)
+        ]
+
+    def batch_at_step(self, batch: CoreBatch, step: tf.Tensor) -> CoreBatch:
+        """Every task's seed folded with the step (Dropout: a fresh mask per step and task)."""
+        seeds = tf.stack([fold_seed(batch.seed[b], step) for b in range(self.num_tasks)])
+        return CoreBatch(batch.data, batch.inner_state, seeds)
 
     def init_params(self) -> Optional[Callable]:
         single = self.problem.init_params()
         if single is None:
             return None
-        return lambda params, hp: [single(w, hp) for w in params]
+        return lambda params, hp: [tf.stack([w] * self.num_tasks) for w in single(None, hp)]
 
     def hypergradient(self, like: Any) -> Any:
         """The core estimator of the stacked problem with the settings of `like` (the trainer's
@@ -319,6 +377,19 @@ class StackedTasks:
                 backward=like.backward, memory_budget=like.memory_budget,
             )
         return self._built[key]
+
+
+def _batchable(problem: KerasBilevelProblem) -> bool:
+    """Whether the inner model runs batched over tasks (Keras 3, supported layers, no state)."""
+    from tf_bilevel.keras.batched import NotBatchable, check_batchable
+
+    if problem.calls.flavor != "keras3":
+        return False
+    try:
+        check_batchable(problem.inner_model)
+    except NotBatchable:
+        return False
+    return True
 
 
 def mean_hyper_state(states: list) -> list:
@@ -362,11 +433,11 @@ class StackedHypergradient:
                 return [tf.zeros_like(x) for x in flat_hp]
 
             reference = tape.gradient(flat_hp, flat_raw, output_gradients=tf.cond(with_reference, full_rmd, skipped))
-        final = [list(w) for w in result.final_params]
+        final = list(result.final_params)
         inner_values = stacked.inner_values(final, hp, inner_batch, task_fn.hypergradient.steps)
         return TaskResult(
             result.outer_value, list(grads), result.nonfinite_step, stacked.predictions(final, hp, outer_batch),
-            mean_hyper_state(hyper_states), [tf.add_n(list(ws)) / len(ws) for ws in zip(*final)],
+            mean_hyper_state(hyper_states), [tf.reduce_mean(w, axis=0) for w in final],
             list(reference), [], tf.add_n(inner_values) / len(inner_values),
         )
 
@@ -375,7 +446,7 @@ def stacked_adapted(stacked: StackedTasks, hypergradient: Any, inputs: StepInput
     """w_T of every task from one stacked inner loop (no tape)."""
     inner_batch, _ = stacked.batches(tasks, inputs.inner_state, seeds)
     w0 = stacked.initial_params(inputs.stored_inner, seeds)
-    return [list(w) for w in stacked.hypergradient(hypergradient).solve_uncompiled(w0, hp, inner_batch)]
+    return list(stacked.hypergradient(hypergradient).solve_uncompiled(w0, hp, inner_batch))
 
 
 def stacked_evaluation(stacked: StackedTasks, specs: dict, hypergradient: Any, inputs: StepInputs, tasks: Task, seeds):

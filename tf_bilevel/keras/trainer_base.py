@@ -28,6 +28,7 @@ from tf_bilevel.keras import data as data_lib
 from tf_bilevel.keras.problem import KerasBilevelProblem
 from tf_bilevel.keras.tasks import (
     BUILTIN_INNER_OPTIMIZERS,
+    TaskResult,
     META_BATCH_MODES,
     StackedHypergradient,
     StackedTasks,
@@ -393,37 +394,13 @@ class BilevelTrainerMixin:
         with_reference = (
             tf.equal(step % self.diagnostics_every, 0) if self.diagnostics_every is not None else tf.constant(False)
         )
-        state = self._built_state
-        task_fn = TaskHypergradient(
-            self.problem, state.specs, state.raw_names, self.hypergradient, self.reference_hypergradient
-        )
+        result = self._element_hypergradient(task, inputs, step, with_reference)
+        outer_value, inner_value, grads, reference = result.outer_value, result.inner_value, result.grads, result.reference
+        marker, hyper_state, final_params, y_pred = result.nonfinite_step, result.hyper_state, result.final_params, result.y_pred
+        y_true, sample_weight = task.outer.y, task.outer.weights
         if self.meta_batch:
-            seeds = self._task_seeds(task, step)
-            if self._choose_meta_batch_path(task) == "stacked":
-                result = StackedHypergradient(task_fn, data_lib.num_tasks(task))(inputs, task, seeds, with_reference)
-                outer_value, inner_value, grads, reference = result.outer_value, result.inner_value, result.grads, result.reference
-                marker, hyper_state, final_params = result.nonfinite_step, result.hyper_state, result.final_params
-                y_pred = result.y_pred
-            else:
-                signature = task_fn.output_signature(inputs, first_task(task))
-                results = map_tasks(lambda t, s: task_fn(inputs, t, s, with_reference), task, seeds, signature)
-                outer_value = tf.reduce_mean(results.outer_value)
-                inner_value = tf.reduce_mean(results.inner_value)
-                grads = [tf.reduce_mean(g, axis=0) for g in results.grads]
-                reference = [tf.reduce_mean(g, axis=0) for g in results.reference]
-                marker = earliest_marker(results.nonfinite_step)
-                hyper_state = [_mean_over_tasks(x) for x in results.hyper_state]
-                final_params = [tf.reduce_mean(w, axis=0) for w in results.final_params]
-                y_pred = results.y_pred
-            y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(y_pred)
-            sample_weight = None if task.outer.weights is None else _merge_task_axis(task.outer.weights)
-        else:
-            seed = self._task_seeds(task, step)[0]
-            result = task_fn(inputs, task, seed, with_reference)
-            outer_value, grads, reference = result.outer_value, result.grads, result.reference
-            inner_value = result.inner_value
-            marker, hyper_state, final_params = result.nonfinite_step, result.hyper_state, result.final_params
-            y_true, y_pred, sample_weight = task.outer.y, result.y_pred, task.outer.weights
+            y_true = _merge_task_axis(y_true)
+            sample_weight = None if sample_weight is None else _merge_task_axis(sample_weight)
 
         replica = tf.distribute.get_replica_context()
         local_finite = (marker < 0) & tf.math.is_finite(outer_value) & _all_finite(grads)
@@ -473,6 +450,53 @@ class BilevelTrainerMixin:
             self._diagnostic_metrics[1].update_state(tf.where(computed > 0, rel_error, 0.0), sample_weight=computed)
         logs = self._compute_metrics_if(finite, y_true, y_pred, sample_weight)
         return {**logs, **conventions.scalar_hyperparameter_logs(self.hyperparameter_values())}
+
+    def _element_hypergradient(self, task: data_lib.Task, inputs: StepInputs, step: tf.Tensor,
+                               with_reference: tf.Tensor) -> TaskResult:
+        """One element's hypergradient (the mean over its tasks), f, g, w_T, the hyper model's
+        state and the outer predictions (tasks merged on axis 0), nothing updated."""
+        state = self._built_state
+        task_fn = TaskHypergradient(
+            self.problem, state.specs, state.raw_names, self.hypergradient, self.reference_hypergradient
+        )
+        if not self.meta_batch:
+            return task_fn(inputs, task, self._task_seeds(task, step)[0], with_reference)
+        seeds = self._task_seeds(task, step)
+        if self._choose_meta_batch_path(task) == "stacked":
+            result = StackedHypergradient(task_fn, data_lib.num_tasks(task))(inputs, task, seeds, with_reference)
+            return result._replace(y_pred=_merge_task_axis(result.y_pred))
+        signature = task_fn.output_signature(inputs, first_task(task))
+        results = map_tasks(lambda t, s: task_fn(inputs, t, s, with_reference), task, seeds, signature)
+        return TaskResult(
+            tf.reduce_mean(results.outer_value),
+            [tf.reduce_mean(g, axis=0) for g in results.grads],
+            earliest_marker(results.nonfinite_step),
+            _merge_task_axis(results.y_pred),
+            [_mean_over_tasks(x) for x in results.hyper_state],
+            [tf.reduce_mean(w, axis=0) for w in results.final_params],
+            [tf.reduce_mean(g, axis=0) for g in results.reference],
+            [],
+            tf.reduce_mean(results.inner_value),
+        )
+
+    def hypergradient_of(self, data: Any) -> list:
+        """The hypergradient d f / dν that `fit` would apply for one dataset element (the mean
+        over its tasks with meta_batch=True), at the current λ, with nothing updated: one tensor
+        per variable of `hyper_variables`. Compiled like `fit` (compile(jit_compile=...)); the
+        per-task seeds are those of the current `meta_step`."""
+        data = tf.nest.map_structure(tf.convert_to_tensor, data)
+        self.build_from_spec(tf.nest.map_structure(lambda x: tf.TensorSpec(x.shape, x.dtype), data))
+        state = self._built_state
+        fn = getattr(state, "hypergradient_of_fn", None)
+        if fn is None:
+            def compute(data):
+                task = data_lib.parse_task(data)
+                return self._element_hypergradient(task, self._step_inputs(), _read(self.meta_step), tf.constant(False)).grads
+
+            fn = state.hypergradient_of_fn = tf.function(
+                compute, jit_compile=bool(getattr(self, "jit_compile", False)), autograph=False
+            )
+        return list(fn(data))
 
     def test_step(self, data):
         task = data_lib.parse_task(data)
