@@ -279,7 +279,8 @@ class FewShotProblem:
 
     # -- the same problem as a tf_bilevel.BilevelTrainer ----------------------------------
     def build_trainer(self, *, steps: int, truncate: Optional[int], init_rho: float, init_gamma: float,
-                      diagnostics_every: Optional[int] = None, seed: int = 0) -> "tfb.BilevelTrainer":
+                      diagnostics_every: Optional[int] = None, seed: int = 0,
+                      meta_batch_mode: str = "auto") -> "tfb.BilevelTrainer":
         """A `BilevelTrainer` (meta-batch of tasks) for this problem: named hyperparameters
         "c" (centers) and "rho" (softplus), learned γ (softplus), w_0 = stored inner weights."""
         from tf_bilevel.keras import Hyperparameter, losses
@@ -300,7 +301,7 @@ class FewShotProblem:
             },
             inner_regularizer=proximal,
             inner_learning_rate=Hyperparameter(init_gamma, transform="softplus", dtype=dtype),
-            diagnostics_every=diagnostics_every, seed=seed,
+            diagnostics_every=diagnostics_every, seed=seed, meta_batch_mode=meta_batch_mode,
         )
 
     def raw_from_trainer(self, trainer: Any) -> dict:

@@ -251,12 +251,24 @@ class StackedTasks:
     def __init__(self, problem: KerasBilevelProblem, num_tasks: int):
         self.problem = problem
         self.num_tasks = num_tasks
-        self.batched = _batchable(problem)
+        self.batched = _batchable(problem, problem.inner_model)
+        self.batched_hyper = problem.hyper_model is not None and _batchable(problem, problem.hyper_model)
         self._built: dict = {}
 
     # -- λ and the data of B tasks ------------------------------------------------------------
     def hparams(self, raw: dict, specs: dict, hyper_state: list, tasks: Task) -> tuple[dict, list]:
-        """The stacked hp and, per task, the hyper model's state after its calls on that task."""
+        """The stacked hp and, per task, the hyper model's state after its calls on that task.
+        A stateless hyper model that `batched_call` supports runs once for all tasks (its
+        weights broadcast over tasks), else once per task."""
+        problem = self.problem
+        if problem.hyper_model is not None and self.batched_hyper:
+            from tf_bilevel.keras.batched import batched_call
+
+            hp, _ = problem.hparams(raw, specs, hyper_state, None, None, with_features=False)
+            weights = [tf.broadcast_to(w, [self.num_tasks] + w.shape.as_list()) for w in raw["hyper_model"]]
+            hp["features"] = {which: batched_call(problem.hyper_model, weights, batch.x)
+                              for which, batch in (("inner", tasks.inner), ("outer", tasks.outer))}
+            return hp, [list(hyper_state)] * self.num_tasks
         per_task = [self.problem.hparams(raw, specs, hyper_state, t.inner, t.outer) for t in self._tasks(tasks)]
         hp = dict(per_task[0][0])  # the shared leaves (the same values in every task)
         if self.problem.hyper_model is not None:
@@ -379,14 +391,14 @@ class StackedTasks:
         return self._built[key]
 
 
-def _batchable(problem: KerasBilevelProblem) -> bool:
-    """Whether the inner model runs batched over tasks (Keras 3, supported layers, no state)."""
+def _batchable(problem: KerasBilevelProblem, model: Any) -> bool:
+    """Whether `model` runs batched over tasks (Keras 3, supported layers, no state)."""
     from tf_bilevel.keras.batched import NotBatchable, check_batchable
 
     if problem.calls.flavor != "keras3":
         return False
     try:
-        check_batchable(problem.inner_model)
+        check_batchable(model)
     except NotBatchable:
         return False
     return True
