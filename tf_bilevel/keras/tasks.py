@@ -10,9 +10,11 @@ traces its step; `BilevelTrainer(meta_batch_mode=...)` forces one):
   The tasks are independent, so ∇_{w_b} g = ∇ g_b (each task takes its own inner steps) and
   the Hessian of g is block-diagonal: every estimator whose recursion is linear per block
   (reverse, checkpointed, forward) returns exactly the mean of the per-task hypergradients.
-  One inner loop runs all tasks, their model calls side by side in each step (unrolled in
-  the graph), instead of a loop over tasks around B inner loops: under XLA on CPU the nested
-  loop of `tf.map_fn` was 3–15× slower than without XLA for the one-shot network.
+  One inner loop runs all tasks instead of a loop over tasks around B inner loops (under XLA
+  on CPU the nested loop of `tf.map_fn` was 3–15× slower than without XLA for the one-shot
+  network). The inner model (and a stateless hyper model) runs once for all tasks when
+  `batched.batched_call` supports its layers (Dense/Conv2D as one batched product), else once
+  per task on its slice of the stacked weights (any model; unrolled in the graph).
 * "map_fn": `tf.map_fn` over tasks (one compiled loop over tasks, B inner loops). Used where
   the stacked problem is not the same computation: "implicit_cg"/"neumann" (their solvers'
   inner products and stopping rules would couple the tasks), a user-defined inner_optimizer
