@@ -30,6 +30,8 @@ intermediate of those steps) instead of the engine's explicit per-step VJPs.
 
 `--suites=online` (also run by default) adds the online step (experiments/benchmark_online.py):
 one hyper-iteration of BilevelTrainer(online=True) on a CNN over T plain Keras train steps.
+`--suites=metabatch` (not run by default) adds the meta-batch sweep (experiments/benchmark_metabatch.py):
+BilevelTrainer(meta_batch=True) on the one-shot network, B in {1, 4, 16}, with and without XLA.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import benchmark_cnn, benchmark_online  # noqa: E402
+from experiments import benchmark_cnn, benchmark_metabatch, benchmark_online  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
 from experiments.run_state import (  # noqa: E402
     STATE_ERRORS, exclusive_output_dir, exit_with_error, write_atomically, write_json_atomically,
@@ -593,9 +595,11 @@ def define_flags() -> None:
     flags.DEFINE_string("worker", None, "Internal: JSON configuration to measure in this process.")
     flags.DEFINE_list("suites", ["estimators", "online"], "estimators: the Table 1 problem above; online: one "
                       "online hyper-iteration of a CNN over T plain Keras train steps (experiments/benchmark_online.py); "
-                      "cnn: K-RMD vs full RMD time and memory on a 6.4M-parameter CNN (experiments/benchmark_cnn.py).")
+                      "cnn: K-RMD vs full RMD time and memory on a 6.4M-parameter CNN (experiments/benchmark_cnn.py); "
+                      "metabatch: the meta-batch sweep of the one-shot network (experiments/benchmark_metabatch.py).")
     benchmark_online.define_online_flags()
     benchmark_cnn.define_cnn_flags()
+    benchmark_metabatch.define_metabatch_flags()
 
 
 def main(argv: list[str]) -> None:
@@ -604,9 +608,9 @@ def main(argv: list[str]) -> None:
         print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.worker))), flush=True)
         return
 
-    unknown = sorted(set(FLAGS.suites) - {"estimators", "online", "cnn"})
+    unknown = sorted(set(FLAGS.suites) - {"estimators", "online", "cnn", "metabatch"})
     if unknown:
-        raise app.UsageError(f"--suites: unknown {unknown}; choose from estimators, online, cnn")
+        raise app.UsageError(f"--suites: unknown {unknown}; choose from estimators, online, cnn, metabatch")
     output_dir = Path(FLAGS.output_dir)
     try:
         with exclusive_output_dir(output_dir, "experiments.benchmark"):
@@ -618,6 +622,8 @@ def main(argv: list[str]) -> None:
                 benchmark_online.run(settings, output_dir)
             if "cnn" in FLAGS.suites:
                 benchmark_cnn.run(benchmark_cnn.make_settings(FLAGS.quick), output_dir, FLAGS.worker_timeout)
+            if "metabatch" in FLAGS.suites:
+                benchmark_metabatch.run(benchmark_metabatch.settings_from_flags(), output_dir)
     except STATE_ERRORS as err:  # the output folder is busy or cannot be written
         sys.exit(exit_with_error("benchmark", err))
 

@@ -51,7 +51,6 @@ import tf_bilevel as tfb
 __all__ = [
     "BatchStatisticsNormalization",
     "FewShotProblem",
-    "MetaGradient",
     "build_hyper_model",
     "build_inner_model",
     "check_export",
@@ -59,6 +58,7 @@ __all__ = [
     "inverse_softplus",
     "layer_groups",
     "meta_loss",
+    "scaled_rho",
 ]
 
 
@@ -94,6 +94,16 @@ class BatchStatisticsNormalization(keras.layers.Layer):
         mean = keras.ops.mean(x, axis=axes, keepdims=True)
         variance = keras.ops.mean(keras.ops.square(x - mean), axis=axes, keepdims=True)
         return (x - mean) * keras.ops.rsqrt(variance + self.epsilon) * self.gamma + self.beta
+
+    def batched_call(self, weights, x):
+        """B tasks at once (tf_bilevel.keras.batched): x [B, n, ..., C], γ and β [B, C], each
+        task normalized with its own batch statistics."""
+        axes = list(range(1, len(x.shape) - 1))
+        mean = keras.ops.mean(x, axis=axes, keepdims=True)
+        variance = keras.ops.mean(keras.ops.square(x - mean), axis=axes, keepdims=True)
+        shape = [-1] + [1] * (len(x.shape) - 2) + [x.shape[-1]]
+        gamma, beta = (keras.ops.reshape(w, shape) for w in weights)
+        return (x - mean) * keras.ops.rsqrt(variance + self.epsilon) * gamma + beta
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
@@ -172,11 +182,6 @@ def cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     return -tf.reduce_mean(tf.gather(log_p, tf.cast(labels, tf.int32), axis=1, batch_dims=1))
 
 
-def accuracy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    pred = tf.argmax(logits, axis=-1, output_type=tf.int64)
-    return tf.reduce_mean(tf.cast(tf.equal(pred, tf.cast(labels, tf.int64)), logits.dtype))
-
-
 # --------------------------------------------------------------------------
 # The bilevel problem on plain tensors.
 # --------------------------------------------------------------------------
@@ -190,8 +195,8 @@ class Task(NamedTuple):
 
 
 class FewShotProblem:
-    """g, f and γ of §4.3 on plain tensors, for `tfb.hypergradient_fn` (the reference
-    implementation of what `build_trainer` trains; used for diagnostics and tests).
+    """g, f and γ of §4.3 on plain tensors, for `tfb.hypergradient_fn`: an independent
+    implementation of what `build_trainer` trains, used as the reference in the tests.
 
     Raw hyperparameters:
       "hyper":   the hyper model's trainable values (λ_l1, λ_l2);
@@ -274,7 +279,8 @@ class FewShotProblem:
 
     # -- the same problem as a tf_bilevel.BilevelTrainer ----------------------------------
     def build_trainer(self, *, steps: int, truncate: Optional[int], init_rho: float, init_gamma: float,
-                      diagnostics_every: Optional[int] = None, seed: int = 0) -> "tfb.BilevelTrainer":
+                      diagnostics_every: Optional[int] = None, seed: int = 0,
+                      meta_batch_mode: str = "auto") -> "tfb.BilevelTrainer":
         """A `BilevelTrainer` (meta-batch of tasks) for this problem: named hyperparameters
         "c" (centers) and "rho" (softplus), learned γ (softplus), w_0 = stored inner weights."""
         from tf_bilevel.keras import Hyperparameter, losses
@@ -295,7 +301,7 @@ class FewShotProblem:
             },
             inner_regularizer=proximal,
             inner_learning_rate=Hyperparameter(init_gamma, transform="softplus", dtype=dtype),
-            diagnostics_every=diagnostics_every, seed=seed,
+            diagnostics_every=diagnostics_every, seed=seed, meta_batch_mode=meta_batch_mode,
         )
 
     def raw_from_trainer(self, trainer: Any) -> dict:
@@ -312,75 +318,33 @@ class FewShotProblem:
         }
 
 
+class scaled_rho:
+    """Context manager: the trainer's ρ_j multiplied by `scale` while inside (ρ = softplus(ν):
+    ν is set to softplus⁻¹(scale·ρ); scale = 0 gives ρ = 0 exactly, and d f/dν_ρ = 0, through
+    a ν so negative that softplus and its derivative underflow to 0), restored on exit."""
+
+    def __init__(self, trainer: Any, scale: float):
+        names = [v.name.split("/")[-1] for v in trainer.hyper_variables]
+        if "user_rho" not in names:
+            raise ValueError(f"the trainer has no hyperparameter 'rho' (its variables: {names})")
+        self.variable = trainer.hyper_variables[names.index("user_rho")]
+        self.scale = float(scale)
+
+    def __enter__(self):
+        self.saved = tf.identity(self.variable)
+        rho = tf.cast(tf.nn.softplus(self.saved), tf.float64) * self.scale
+        raw = _inverse_softplus_tensor(tf.maximum(rho, 1e-300)) if self.scale > 0 else tf.fill(rho.shape, -1e4)
+        self.variable.assign(tf.cast(raw, self.variable.dtype))
+        return self
+
+    def __exit__(self, *exc):
+        self.variable.assign(self.saved)
+        return False
+
+
 def _inverse_softplus_tensor(y: tf.Tensor) -> tf.Tensor:
     """x with softplus(x) = y > 0, stable for small and large y."""
     return y + tf.math.log(-tf.math.expm1(-y))
-
-
-# --------------------------------------------------------------------------
-# One task and a meta-batch of tasks.
-# --------------------------------------------------------------------------
-
-
-class TaskOutput(NamedTuple):
-    outer_value: tf.Tensor  # f(w_T, λ) on the query set
-    query_accuracy: tf.Tensor
-    grads: list  # d f / d raw λ, flat (tf.nest order of raw)
-    nonfinite_step: tf.Tensor
-
-
-class MetaGradient:
-    """Mean over a meta-batch of tasks of d f / d(raw λ), with the core's K-RMD estimator.
-
-    `task_gradient` runs one task; `meta_batch` averages it over a meta-batch. Both only
-    build ops: call them inside a `tf.function` (with or without jit_compile).
-    """
-
-    def __init__(self, problem: FewShotProblem, *, steps: int, truncate: Optional[int]):
-        self.problem = problem
-        self.steps = steps
-        self.truncate = truncate
-        self.hg = problem.hypergradient_fn(steps=steps, truncate=truncate)
-
-    def task_gradient(self, raw: dict, task: Task, rho_scale: Any = 1.0) -> TaskOutput:
-        flat_raw = tf.nest.flatten(raw)
-        with tf.GradientTape() as tape:
-            tape.watch(flat_raw)
-            hp = self.problem.core_hparams(tf.nest.pack_sequence_as(raw, flat_raw), task.support_x,
-                                           task.query_x, rho_scale)
-        result = self.hg.compute(self.problem.w0, hp, task.support_y, task.query_y)
-        grads = tape.gradient(tf.nest.flatten(hp), flat_raw,
-                              output_gradients=tf.nest.flatten(result.hypergrad),
-                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        acc = accuracy(self.problem.logits(result.final_params, hp["phi_query"]), task.query_y)
-        return TaskOutput(result.outer_value, acc, list(grads), result.nonfinite_step)
-
-    def meta_batch(self, raw: dict, tasks: Task, rho_scale: Any = 1.0) -> TaskOutput:
-        """Task outputs averaged over the leading (task) axis; the earliest non-finite marker.
-
-        The tasks are unrolled in the graph (the meta-batch is small and static): on CPU this
-        measured ~15x faster than `tf.map_fn` under XLA for this network, and a bit faster
-        without XLA (see experiments/omniglot.py)."""
-        num = tasks.support_x.shape[0]
-        if num is None:
-            raise ValueError("the meta-batch size must be static (batch tasks with drop_remainder=True)")
-        outs = [self.task_gradient(raw, Task(*[x[i] for x in tasks]), rho_scale) for i in range(num)]
-        markers = tf.stack([o.nonfinite_step for o in outs])
-        big = tf.int32.max
-        earliest = tf.reduce_min(tf.where(markers >= 0, markers, big))
-        return TaskOutput(
-            tf.add_n([o.outer_value for o in outs]) / num,
-            tf.add_n([o.query_accuracy for o in outs]) / num,
-            [tf.add_n(list(g)) / num for g in zip(*[o.grads for o in outs])],
-            tf.where(earliest == big, -1, earliest),
-        )
-
-    def evaluate_task(self, raw: dict, task: Task) -> tuple[tf.Tensor, tf.Tensor]:
-        """(f(w_T), query accuracy) of one task: T inner steps from w_0, no tape."""
-        hp = self.problem.core_hparams(raw, task.support_x, task.query_x)
-        w_T = self.hg.solve_uncompiled(self.problem.w0, hp, task.support_y)
-        logits = self.problem.logits(w_T, hp["phi_query"])
-        return cross_entropy(logits, task.query_y), accuracy(logits, task.query_y)
 
 
 def meta_loss(problem: FewShotProblem, raw: dict, task: Task, steps: int, rho_scale: float = 1.0) -> tf.Tensor:

@@ -39,7 +39,7 @@ Evaluation: the mean query accuracy (± 95% interval) of λ at the end of meta-t
 K-RMD and the full-RMD hypergradient on the same meta-batch every `--exact_every` iterations
 (the trainer's `diagnostics_every`), (4) the relative ℓ2 error of K-RMD vs full RMD as a
 function of K at the final λ of `--export_run`, with the learned ρ and with ρ = 0
-(`--rho_zero_ablation`), computed with `tfb.hypergradient_fn` on the same problem.
+(`--rho_zero_ablation`), from `BilevelTrainer.hypergradient_of` (one trainer per K, same λ).
 
 The learned hyper-representation is exported with `trainer.export` (SavedModel, endpoint
 "serve") to `--export_dir`, reloaded with tf.saved_model.load and keras.layers.TFSMLayer, and
@@ -50,7 +50,9 @@ Speed: s/iter is the median wall time of a hyper-step during training (steps tha
 the full-RMD diagnostic excluded), and again with the methods interleaved after training
 (`--timing_rounds`), so that all methods see the same machine load. The hyper-step runs
 without XLA by default (`--jit_compile`): on the 2-core CPU machines here XLA was measured
-3–4x slower for these small convolutions, and a `tf.map_fn` over tasks under XLA ~15x slower.
+3–4x slower for these small convolutions. The trainer runs the meta-batch as one stacked
+inner loop over all tasks (`meta_batch_path == "stacked"`), not a `tf.map_fn` over tasks,
+which under XLA was ~15x slower (the meta-batch sweep of `experiments.benchmark --suites=metabatch`).
 
 Resuming. The program can be killed at any time (even SIGKILL) and rerun with the same flags
 and --output_dir: it continues where it stopped and ends with the same results as an
@@ -512,26 +514,32 @@ def confidence95(acc: np.ndarray) -> float:
     return float(1.96 * acc.std(ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else float("nan")
 
 
-def relative_error_vs_k(problem: fsm.FewShotProblem, raw: dict, tasks: fsm.Task, steps: int,
+def relative_error_vs_k(problem: fsm.FewShotProblem, trainer: Any, tasks: fsm.Task, steps: int,
                         truncations: Sequence[int], rho_scales: dict, jit_compile: bool) -> dict:
-    """Fig. 7, plot 4: ‖h_K − d_λ f‖ / ‖d_λ f‖ at λ on a fixed meta-batch, per K (core
-    estimators on the same problem as the trainer, see fewshot_model.FewShotProblem)."""
-    fns = {}
+    """Fig. 7, plot 4: ‖h_K − d_λ f‖ / ‖d_λ f‖ at the trainer's λ on a fixed meta-batch, per K:
+    `hypergradient_of` of one BilevelTrainer per K on the same models, sharing that λ (the
+    gradient with respect to the raw variables ν, as the optimizer receives it)."""
+    element = ((tasks.support_x, tasks.support_y), (tasks.query_x, tasks.query_y))
+    lam = [tf.identity(v) for v in trainer.hyper_variables]
+    trainers = {}
     for k in sorted(set(truncations) | {steps}):
-        meta = fsm.MetaGradient(problem, steps=steps, truncate=None if k == steps else k)
-        # autograph=False: no tensor-dependent Python control flow here, and autograph would
-        # re-read the source files (wrong if they were edited while the program runs).
-        fns[k] = tf.function(lambda raw, tasks, s, meta=meta: meta.meta_batch(raw, tasks, s).grads,
-                             jit_compile=jit_compile, autograph=False)
+        t = problem.build_trainer(steps=steps, truncate=None if k == steps else k, init_rho=1.0, init_gamma=1.0)
+        t.compile(jit_compile=jit_compile)
+        t.build_from_spec(tf.nest.map_structure(lambda x: tf.TensorSpec(x.shape, x.dtype), element))
+        for variable, value in zip(t.hyper_variables, lam):
+            variable.assign(value)
+        trainers[k] = t
     out = {}
     for label, scale in rho_scales.items():
-        s = tf.constant(scale, tf.nest.flatten(raw)[0].dtype)
-        exact = fns[steps](raw, tasks, s)
-        estimates = {k: fns[k](raw, tasks, s) for k in truncations}
+        hypergradients = {}
+        for k, t in trainers.items():
+            with fsm.scaled_rho(t, scale):
+                hypergradients[k] = t.hypergradient_of(element)
+        exact = hypergradients[steps]
         out[label] = {
             "K": [int(k) for k in truncations],
-            "relative_error": [float(tfb.diagnostics.relative_error(estimates[k], exact)) for k in truncations],
-            "cosine": [float(tfb.diagnostics.cosine_similarity(estimates[k], exact)) for k in truncations],
+            "relative_error": [float(tfb.diagnostics.relative_error(hypergradients[k], exact)) for k in truncations],
+            "cosine": [float(tfb.diagnostics.cosine_similarity(hypergradients[k], exact)) for k in truncations],
             "exact_norm": float(tfb.diagnostics.global_norm(exact)),
         }
     return out
@@ -686,8 +694,8 @@ def _run(cfg: dict) -> dict:
     count = lambda tree: int(sum(np.prod(x.shape) for x in tf.nest.flatten(tree)))  # noqa: E731
     results = {
         "experiment": "one-shot classification (paper §4.3, Table 4, Fig. 7; appendix G.3)",
-        "engine": "tf_bilevel.BilevelTrainer (meta-training); tf_bilevel.hypergradient_fn on the same "
-                  "problem (Fig. 7 plot 4)",
+        "engine": "tf_bilevel.BilevelTrainer (meta-training, evaluation and Fig. 7 plot 4: "
+                  "hypergradient_of)",
         "config": cfg,
         "data_description": data.description,
         "num_hyperparameters": count(raw0),
@@ -731,7 +739,7 @@ def _run(cfg: dict) -> dict:
         clock = time.perf_counter()
         results["relative_error_vs_K"] = {
             "run": chosen, "inner_steps": T, "tasks": cfg["relerr_tasks"],
-            "curves": relative_error_vs_k(problem, problem.raw_from_trainer(trainer), relerr_batch, T,
+            "curves": relative_error_vs_k(problem, trainer, relerr_batch, T,
                                           relerr_ks, scales, cfg["jit_compile"]),
         }
         phases["relative error vs K"] = time.perf_counter() - clock

@@ -240,3 +240,29 @@ def test_cnn_suite_end_to_end(tmp_path):
     assert [(e["backward"], e["truncate"]) for e in summary["krmd_flat_in_T"]] == [("store", 1)]
     assert [(e["backward"], e["steps"], e["truncate"]) for e in summary["full_over_5rmd"]] == [("store", 2, 1)]
     assert summary["full_rmd_growth"] == []  # full RMD at one T only
+
+
+def test_metabatch_suite_quick(tmp_path):
+    """`python -m experiments.benchmark --suites=metabatch --quick`: the meta-batch sweep (B, XLA
+    on/off) of the one-shot network in one process, table and JSON with the ratios."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--quick", "--suites=metabatch", f"--output_dir={tmp_path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "per-task / B=1" in done.stdout and "Targets (XLA)" in done.stdout
+    report = json.loads((tmp_path / "metabatch_results.json").read_text())
+    rows = report["results"]
+    assert [(r["T"], r["path"], r["jit_compile"], r["meta_batch"]) for r in rows] == [
+        (2, "stacked", True, 1), (2, "stacked", True, 2), (2, "stacked", False, 1), (2, "stacked", False, 2),
+    ]
+    by_config = {(r["jit_compile"], r["meta_batch"]): r for r in rows}
+    for r in rows:
+        assert r["path_used"] == "stacked" and r["median_seconds"] > 0 and r["num_inner_params"] > 0
+        assert r["per_task_seconds"] == r["median_seconds"] / r["meta_batch"]
+        assert r["xla_over_no_xla"] == by_config[(True, r["meta_batch"])]["median_seconds"] / by_config[(False, r["meta_batch"])]["median_seconds"]
+        assert r["per_task_over_smallest_batch"] == r["per_task_seconds"] / by_config[(r["jit_compile"], 1)]["per_task_seconds"]
+    [check] = report["summary"]
+    assert check["meta_batch"] == 2 and isinstance(check["batching_met"], bool) and isinstance(check["xla_met"], bool)
+    assert not (tmp_path / "results.json").exists()  # the estimators suite was not asked for

@@ -112,72 +112,127 @@ def perturbed_raw(problem):
     return raw
 
 
+def element(tasks: fsm.Task) -> tuple:
+    return (tasks.support_x, tasks.support_y), (tasks.query_x, tasks.query_y)
+
+
+def trainer_at(problem, raw, tasks: fsm.Task, *, steps, truncate, jit_compile):
+    """problem.build_trainer (the experiment's trainer) with λ set to `raw` (fsm structure)."""
+    trainer = problem.build_trainer(steps=steps, truncate=truncate, init_rho=1.0, init_gamma=1.0)
+    trainer.compile(optimizer=keras.optimizers.SGD(1.0), jit_compile=jit_compile)
+    trainer.build_from_spec(tf.nest.map_structure(lambda x: tf.TensorSpec(x.shape, x.dtype), element(tasks)))
+    named = trainer_variables(problem, trainer)
+    for v, value in zip(named["centers"], raw["centers"]):
+        v.assign(tf.cast(value, v.dtype))
+    named["rho_raw"].assign(tf.cast(raw["rho_raw"], named["rho_raw"].dtype))
+    named["gamma_raw"].assign(tf.cast(raw["gamma_raw"], named["gamma_raw"].dtype))
+    for v, value in zip(problem.hyper_model.trainable_variables, raw["hyper"]):
+        v.assign(tf.cast(value, v.dtype))
+    return trainer
+
+
+def trainer_variables(problem, trainer) -> dict:
+    """The trainer's raw variables in fsm's raw structure (ν_ρ, ν_γ are the softplus raws)."""
+    by_name = {v.name.split("/")[-1]: v for v in trainer.hyper_variables}
+    return {
+        "hyper": list(problem.hyper_model.trainable_variables),
+        "centers": [by_name[f"user_c_{i}"] for i in range(len(problem.w0))],
+        "rho_raw": by_name["user_rho"],
+        "gamma_raw": by_name["inner_learning_rate"],
+    }
+
+
+def trainer_hypergradient(problem, trainer, tasks: fsm.Task) -> dict:
+    """trainer.hypergradient_of on a meta-batch, in fsm's raw structure."""
+    grads = trainer.hypergradient_of(element(tasks))
+    by_id = {id(v): g for v, g in zip(trainer.hyper_variables, grads)}
+    return tf.nest.map_structure(lambda v: by_id[id(v)].numpy(), trainer_variables(problem, trainer))
+
+
+def core_meta_gradient(problem, raw, tasks: fsm.Task, steps, truncate) -> dict:
+    """Mean over tasks of d f / d raw λ from the core estimator on FewShotProblem's own
+    formulation (independent of the trainer): per task, hp = core_hparams(raw), the core's
+    hypergradient, and the chain rule back to raw."""
+    hg = problem.hypergradient_fn(steps=steps, truncate=truncate)
+
+    def one(task):
+        flat = tf.nest.flatten(raw)
+        with tf.GradientTape() as tape:
+            tape.watch(flat)
+            hp = problem.core_hparams(tf.nest.pack_sequence_as(raw, flat), task.support_x, task.query_x)
+        result = hg.compute(problem.w0, hp, task.support_y, task.query_y)
+        return tape.gradient(tf.nest.flatten(hp), flat, output_gradients=tf.nest.flatten(result.hypergrad))
+
+    def mean(tasks):
+        per_task = [one(first(tasks, i)) for i in range(tasks.support_x.shape[0])]
+        return [tf.add_n(list(g)) / len(per_task) for g in zip(*per_task)]
+
+    raw = tf.nest.map_structure(tf.constant, raw)
+    return tf.nest.pack_sequence_as(raw, tf.function(mean, autograph=False)(tasks))
+
+
+def stacked(task: fsm.Task) -> fsm.Task:
+    return fsm.Task(*[x[None] for x in task])
+
+
 def test_full_rmd_hypergradient_matches_finite_differences_float64():
-    """Full RMD (chain rule through the hyper-representation, per-task batch-statistics BN) equals
-    central differences of the directly computed F(λ) = f(w_T(λ), λ) for ρ, γ, centers and a conv
-    kernel entry; 2-RMD of the 3 steps is a different estimate that still points downhill."""
+    """The experiment's trainer (full RMD through the hyper-representation, per-task batch-statistics
+    BN) equals central differences of the directly computed F(λ) = f(w_T(λ), λ) for ρ, γ, centers
+    and a conv kernel entry; 2-RMD of the 3 steps is a different estimate that still points downhill."""
     problem = tiny_problem()
     T = 3
     raw = perturbed_raw(problem)
     task = first(tiny_tasks(1))
     results = {}
     for truncate in (None, 2):
-        meta = fsm.MetaGradient(problem, steps=T, truncate=truncate)
-        out = tf.function(meta.task_gradient, autograph=False)(raw, task)
-        assert int(out.nonfinite_step) == -1
-        results[truncate] = (out, tf.nest.pack_sequence_as(raw, out.grads))
-    analytic, fd, value = fd_probes(problem, raw, task, T, results[None][1])
-    np.testing.assert_allclose(float(results[None][0].outer_value), value, rtol=1e-10)
+        trainer = trainer_at(problem, raw, stacked(task), steps=T, truncate=truncate, jit_compile=False)
+        results[truncate] = trainer_hypergradient(problem, trainer, stacked(task))
+        assert trainer.meta_batch_path == "stacked"
+    analytic, fd, value = fd_probes(problem, raw, task, T, results[None])
     assert np.all(np.abs(fd) > 1e-6), fd  # every probe is a non-trivial check
     np.testing.assert_allclose(analytic, fd, rtol=1e-5, atol=1e-9)
-    truncated, _, _ = fd_probes(problem, raw, task, T, results[2][1])
+    truncated, _, _ = fd_probes(problem, raw, task, T, results[2])
     assert not np.allclose(truncated, fd, rtol=1e-3)
     assert float(np.dot(truncated, fd)) > 0
 
 
-def test_xla_float32_hypergradient_with_per_task_batchnorm_matches_float64_reference():
-    """The compiled path (jit_compile=True; XLA has a MaxPoolGradGrad kernel for float32 only)
-    agrees with the float64 full RMD checked against finite differences above."""
+def test_xla_float32_trainer_hypergradient_with_per_task_batchnorm_matches_float64_reference():
+    """The compiled path (jit_compile=True; XLA has a MaxPoolGradGrad kernel for float32 only) on
+    a meta-batch of 2 tasks agrees with the float64 core estimator on fewshot_model's own
+    formulation (the test above checks the float64 trainer against finite differences)."""
     p64 = tiny_problem(dtype="float64")
     p32 = tiny_problem(dtype="float32", like=p64)
-    T = 3
+    T, K = 3, 2
     raw64 = perturbed_raw(p64)
-    raw32 = tf.nest.map_structure(lambda x: tf.cast(x, tf.float32), raw64)
-    task64 = first(tiny_tasks(1))
-    task32 = fsm.Task(*[tf.cast(x, tf.float32) if x.dtype == tf.float64 else x for x in task64])
-    g64 = tf.function(fsm.MetaGradient(p64, steps=T, truncate=None).task_gradient, autograph=False)(raw64, task64).grads
-    out32 = tf.function(fsm.MetaGradient(p32, steps=T, truncate=None).task_gradient, jit_compile=True,
-                        autograph=False)(raw32, task32)
-    assert int(out32.nonfinite_step) == -1
-    assert float(tfb.diagnostics.relative_error(out32.grads, g64)) < 1e-4
-
-
-def test_trainer_hyper_step_equals_the_core_estimator():
-    """One BilevelTrainer step (SGD(1), meta-batch of 2 tasks, float32) moves every raw
-    hyperparameter by minus the core's task-averaged K-RMD hypergradient on the same problem
-    (float64), which the tests above check against finite differences. (Without XLA: compiling
-    the trainer's map_fn over tasks takes minutes on 2 loaded cores; the trainer's own tests
-    cover its XLA path.)"""
-    p64 = tiny_problem(dtype="float64")
-    p32 = tiny_problem(dtype="float32", like=p64)
-    T, K = 2, 1
     tasks64 = tiny_tasks(2)
     tasks32 = fsm.Task(*[tf.cast(x, tf.float32) if x.dtype == tf.float64 else x for x in tasks64])
-    raw64 = p64.initial_raw(init_rho=0.2, init_gamma=0.4)
-    meta = fsm.MetaGradient(p64, steps=T, truncate=K)
-    reference = tf.function(meta.meta_batch, autograph=False)(raw64, tasks64)
-    ref = tf.nest.pack_sequence_as(raw64, reference.grads)
-
-    trainer = p32.build_trainer(steps=T, truncate=K, init_rho=0.2, init_gamma=0.4)
-    trainer.compile(optimizer=keras.optimizers.SGD(1.0), jit_compile=False)
-    data = tf.data.Dataset.from_tensors(((tasks32.support_x, tasks32.support_y), (tasks32.query_x, tasks32.query_y)))
-    before = p32.initial_raw(init_rho=0.2, init_gamma=0.4)
-    trainer.fit(data, epochs=1, verbose=0)
-    after = p32.raw_from_trainer(trainer)
-    step = tf.nest.map_structure(lambda b, a: tf.cast(b, tf.float64) - tf.cast(a, tf.float64), before, after)
-    for key in ref:
-        assert float(tfb.diagnostics.relative_error(step[key], ref[key])) < 2e-4, key
+    reference = core_meta_gradient(p64, raw64, tasks64, T, K)
+    trainer = trainer_at(p32, raw64, tasks32, steps=T, truncate=K, jit_compile=True)
+    got = trainer_hypergradient(p32, trainer, tasks32)
+    assert trainer.meta_batch_path == "stacked"
+    for key in reference:
+        assert float(tfb.diagnostics.relative_error(tf.nest.flatten(got[key]), tf.nest.flatten(reference[key]))) < 2e-4, key
     assert not p32.inner_model.non_trainable_variables  # per-task BN: no moving statistics
+
+
+def test_trainer_hyper_step_applies_its_hypergradient():
+    """One `fit` step with SGD(1) moves every raw hyperparameter by minus `hypergradient_of`."""
+    problem = tiny_problem(dtype="float32")
+    T, K = 2, 1
+    tasks = fsm.Task(*[tf.cast(x, tf.float32) if x.dtype == tf.float64 else x for x in tiny_tasks(2)])
+    trainer = trainer_at(problem, problem.initial_raw(init_rho=0.2, init_gamma=0.4), tasks, steps=T, truncate=K,
+                         jit_compile=False)  # the test above covers XLA
+    before = [v.numpy().copy() for v in trainer.hyper_variables]
+    expected = trainer_hypergradient(problem, trainer, tasks)
+    data = tf.data.Dataset.from_tensors(element(tasks))
+    trainer.fit(data, epochs=1, verbose=0)
+    moved = [b - v.numpy() for b, v in zip(before, trainer.hyper_variables)]
+    by_id = {id(v): m for v, m in zip(trainer.hyper_variables, moved)}
+    step = tf.nest.map_structure(lambda v: by_id[id(v)], trainer_variables(problem, trainer))
+    for key in expected:
+        np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in tf.nest.flatten(step[key])]),
+                                   np.concatenate([np.ravel(x) for x in tf.nest.flatten(expected[key])]),
+                                   rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_exported_representation_reproduces_embeddings_bit_identically(tmp_path):

@@ -252,6 +252,7 @@ class LegacyBilevelTrainer(BilevelTrainerMixin, tf_keras.Model):
         inner_optimizer: Union[str, Callable] = "sgd",
         inner_init: Union[str, Callable] = "fixed",
         meta_batch: bool = False,
+        meta_batch_mode: str = "auto",
         online: bool = False,
         diagnostics_every: Optional[int] = None,
         on_nonfinite: str = "raise",
@@ -264,7 +265,7 @@ class LegacyBilevelTrainer(BilevelTrainerMixin, tf_keras.Model):
             estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
             inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
             inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
-            meta_batch=meta_batch, online=online, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
+            meta_batch=meta_batch, meta_batch_mode=meta_batch_mode, online=online, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
         )
 
     def _warn_inexact_second_order(self) -> None:

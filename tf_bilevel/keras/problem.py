@@ -251,11 +251,13 @@ class KerasBilevelProblem:
             specs["init"] = [Hyperparameter(w, dtype=w.dtype.name) for w in inner_weights]
         return specs
 
-    def hparams(self, raw: dict, specs: dict, hyper_state: list, task_inner: Batch, task_outer: Batch):
+    def hparams(self, raw: dict, specs: dict, hyper_state: list, task_inner: Batch, task_outer: Batch,
+                with_features: bool = True):
         """λ as the core sees it, from the raw values (differentiable); also the hyper model's
-        updated non-trainable state (BatchNorm statistics) after its calls on this task."""
+        updated non-trainable state (BatchNorm statistics) after its calls on this task.
+        `with_features=False`: without the hyper model's features (the caller computes them)."""
         hp = tf.nest.map_structure(lambda spec, v: spec.value_from_raw(v), specs, {k: raw[k] for k in specs})
-        if self.hyper_model is not None:
+        if self.hyper_model is not None and with_features:
             features_inner, hyper_state = self.calls.call(self.hyper_model, raw["hyper_model"], hyper_state, task_inner.x, True)
             features_outer, hyper_state = self.calls.call(self.hyper_model, raw["hyper_model"], hyper_state, task_outer.x, True)
             hp["features"] = {"inner": features_inner, "outer": features_outer}
@@ -354,8 +356,11 @@ class KerasBilevelProblem:
         return lr
 
     def build_hypergradient(self, *, steps: int, truncate: Optional[int], estimator: str, check_numerics: bool):
+        # The trainer's `truncate` is the implicit estimators' number of solver iterations.
+        implicit = estimator in ("implicit_cg", "neumann")
         return tfb.hypergradient_fn(
-            self.inner_loss, self.outer_loss, steps=steps, truncate=truncate, estimator=estimator,
+            self.inner_loss, self.outer_loss, steps=steps, estimator=estimator,
+            truncate=None if implicit else truncate, iterations=truncate if implicit else None,
             inner_optimizer=self.inner_optimizer, init_params=self.init_params(), jit_compile=False,
             check_numerics=check_numerics, per_step_batches=self.batch_at_step,
         )

@@ -2,9 +2,27 @@
 
 Everything here builds graph ops on plain tensors (no variable reads, no assignments), so it
 can run inside a Keras `train_step`, under XLA, and per replica under `tf.distribute`.
-A meta-batch is mapped with `tf.map_fn` (one compiled loop over tasks): `tf.vectorized_map`
-cannot vectorize it (the inner model's weights differ per task, which pfor rejects for
-Conv2D, and the TensorArrays of the reverse pass do not compile under XLA).
+A meta-batch of B tasks runs on one of two paths (`meta_batch_path`, chosen when the trainer
+traces its step; `BilevelTrainer(meta_batch_mode=...)` forces one):
+
+* "stacked": the meta-batch is ONE bilevel problem (`StackedTasks`) whose inner weights are the
+  B tasks' weights (w_1, ..., w_B), with g = Σ_b g_b(w_b, λ) and f = (1/B) Σ_b f_b(w_b, λ).
+  The tasks are independent, so ∇_{w_b} g = ∇ g_b (each task takes its own inner steps) and
+  the Hessian of g is block-diagonal: every estimator whose recursion is linear per block
+  (reverse, checkpointed, forward) returns exactly the mean of the per-task hypergradients.
+  One inner loop runs all tasks instead of a loop over tasks around B inner loops (under XLA
+  on CPU the nested loop of `tf.map_fn` was 3–15× slower than without XLA for the one-shot
+  network). The inner model (and a stateless hyper model) runs once for all tasks when
+  `batched.batched_call` supports its layers (Dense/Conv2D as one batched product), else once
+  per task on its slice of the stacked weights (any model; unrolled in the graph).
+* "map_fn": `tf.map_fn` over tasks (one compiled loop over tasks, B inner loops). Used where
+  the stacked problem is not the same computation: "implicit_cg"/"neumann" (their solvers'
+  inner products and stopping rules would couple the tasks), a user-defined inner_optimizer
+  (its update may couple weights, e.g. global-norm clipping), an unknown (dynamic) or large
+  (> MAX_STACKED_TASKS: the graph grows with B) number of tasks.
+`tf.vectorized_map` does not apply to either: the inner model's weights differ per task, which
+pfor cannot vectorize for Conv2D (it falls back to a loop), and the TensorArrays of the
+reverse pass do not compile under XLA.
 """
 
 from __future__ import annotations
@@ -14,7 +32,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import tensorflow as tf
 
 from tf_bilevel.keras.data import Task
-from tf_bilevel.keras.problem import KerasBilevelProblem, explain_second_order
+from tf_bilevel.keras.problem import CoreBatch, KerasBilevelProblem, explain_second_order, fold_seed
 
 
 class StepInputs(NamedTuple):
@@ -72,13 +90,7 @@ class TaskHypergradient:
             raise explain_second_order(err) from None
         flat_hp = tf.nest.flatten(hp)
         grads = tape.gradient(flat_hp, flat_raw, output_gradients=tf.nest.flatten(result.hypergrad))
-        unreached = [name for name, g in zip(self.raw_names, grads) if g is None]
-        if unreached:
-            raise ValueError(
-                f"{', '.join(unreached)} not reached by the losses: no path leads from it to the outer "
-                "loss, so its hypergradient would be silently zero. Use it (in a loss, the regularizer "
-                "or the hyper model's output), freeze it (trainable=False) or remove it."
-            )
+        self.check_reached(grads)
         reference = []
         if self.reference is not None:
             def full_rmd():
@@ -96,6 +108,15 @@ class TaskHypergradient:
             result.outer_value, list(grads), result.nonfinite_step, y_pred, hyper_state,
             list(result.final_params), list(reference), final_opt_state, inner_value,
         )
+
+    def check_reached(self, grads: list) -> None:
+        unreached = [name for name, g in zip(self.raw_names, grads) if g is None]
+        if unreached:
+            raise ValueError(
+                f"{', '.join(unreached)} not reached by the losses: no path leads from it to the outer "
+                "loss, so its hypergradient would be silently zero. Use it (in a loss, the regularizer "
+                "or the hyper model's output), freeze it (trainable=False) or remove it."
+            )
 
     def output_signature(self, inputs: StepInputs, task: Task) -> TaskResult:
         """Static specs of a TaskResult, from a forward probe at w0 (its ops are unused, pruned)."""
@@ -183,3 +204,278 @@ def earliest_marker(markers: tf.Tensor) -> tf.Tensor:
     big = tf.int32.max
     earliest = tf.reduce_min(tf.where(markers >= 0, markers, big))
     return tf.where(earliest == big, -1, earliest)
+
+
+# -- the meta-batch as one stacked bilevel problem ---------------------------------------------
+
+META_BATCH_MODES = ("auto", "stacked", "map_fn")
+MAX_STACKED_TASKS = 64  # "auto" above this: the stacked graph (B model calls per step) grows with B
+BUILTIN_INNER_OPTIMIZERS = ("sgd", "momentum", "adam")  # elementwise updates: tasks stay independent
+PER_TASK_ESTIMATORS = ("reverse", "checkpointed", "forward")  # linear recursions per block of w
+
+
+def choose_meta_batch_path(mode: str, num_tasks: Optional[int], estimator: str, builtin_optimizer: bool) -> str:
+    """"stacked" or "map_fn" for `meta_batch_mode` (see the module docstring); a forced
+    "stacked" that would not compute the per-task mean is an error naming the reason."""
+    reasons = []
+    if estimator not in PER_TASK_ESTIMATORS:
+        reasons.append(f"estimator={estimator!r} (its solver's inner products would couple the tasks)")
+    if num_tasks is None:
+        reasons.append("the number of tasks per element is not static (batch with drop_remainder=True)")
+    if mode == "map_fn":
+        return "map_fn"
+    if mode == "stacked":
+        if reasons:
+            raise ValueError(
+                f"meta_batch_mode='stacked' does not apply: {'; '.join(reasons)}. Use meta_batch_mode='auto' "
+                "(it falls back to tf.map_fn there) or 'map_fn'."
+            )
+        return "stacked"
+    if reasons or not builtin_optimizer or num_tasks > MAX_STACKED_TASKS:
+        return "map_fn"
+    return "stacked"
+
+
+def task_slice(tasks: Task, b: int) -> Task:
+    return tf.nest.map_structure(lambda x: x[b], tasks)
+
+
+class StackedTasks:
+    """B tasks as one problem for the core: params = the inner weights stacked [B, ...], hp =
+    λ's shared leaves + the hyper-model features stacked [B, n, ...], one CoreBatch of the
+    stacked data with seeds [B, 2]; g = Σ_b g_b(w_b) (so each task's inner step is its own),
+    f = (1/B) Σ_b f_b(w_b) (so the hypergradient is the mean over tasks).
+
+    The inner model runs once for all tasks (`batched.batched_call`: one batched product per
+    Dense/Conv2D layer) when it supports that (`self.batched`), else once per task on its
+    slice of the weights (any model: Dropout, BatchNormalization, layer losses, ...)."""
+
+    def __init__(self, problem: KerasBilevelProblem, num_tasks: int):
+        self.problem = problem
+        self.num_tasks = num_tasks
+        self.batched = _batchable(problem, problem.inner_model)
+        self.batched_hyper = problem.hyper_model is not None and _batchable(problem, problem.hyper_model)
+        self._built: dict = {}
+
+    # -- λ and the data of B tasks ------------------------------------------------------------
+    def hparams(self, raw: dict, specs: dict, hyper_state: list, tasks: Task) -> tuple[dict, list]:
+        """The stacked hp and, per task, the hyper model's state after its calls on that task.
+        A stateless hyper model that `batched_call` supports runs once for all tasks (its
+        weights broadcast over tasks), else once per task."""
+        problem = self.problem
+        if problem.hyper_model is not None and self.batched_hyper:
+            from tf_bilevel.keras.batched import batched_call
+
+            hp, _ = problem.hparams(raw, specs, hyper_state, None, None, with_features=False)
+            weights = [tf.broadcast_to(w, [self.num_tasks] + w.shape.as_list()) for w in raw["hyper_model"]]
+            hp["features"] = {which: batched_call(problem.hyper_model, weights, batch.x)
+                              for which, batch in (("inner", tasks.inner), ("outer", tasks.outer))}
+            return hp, [list(hyper_state)] * self.num_tasks
+        per_task = [self.problem.hparams(raw, specs, hyper_state, t.inner, t.outer) for t in self._tasks(tasks)]
+        hp = dict(per_task[0][0])  # the shared leaves (the same values in every task)
+        if self.problem.hyper_model is not None:
+            hp["features"] = tf.nest.map_structure(lambda *f: tf.stack(f), *[h["features"] for h, _ in per_task])
+        return hp, [state for _, state in per_task]
+
+    def task_hp(self, hp: dict, b: int) -> dict:
+        if self.problem.hyper_model is None:
+            return hp
+        return {**hp, "features": tf.nest.map_structure(lambda f: f[b], hp["features"])}
+
+    def _tasks(self, tasks: Task) -> list:
+        return [task_slice(tasks, b) for b in range(self.num_tasks)]
+
+    def batches(self, tasks: Task, inner_state: list, seeds: tf.Tensor) -> tuple[CoreBatch, CoreBatch]:
+        """The stacked inner and outer batches (the outer seeds folded as in `outer_batch`)."""
+        outer_seeds = tf.stack([self.problem.outer_batch(tasks.outer, inner_state, seeds[b]).seed for b in range(self.num_tasks)])
+        return CoreBatch(tasks.inner, inner_state, seeds), CoreBatch(tasks.outer, inner_state, outer_seeds)
+
+    def task_batch(self, batch: CoreBatch, b: int) -> CoreBatch:
+        return CoreBatch(tf.nest.map_structure(lambda x: x[b], batch.data), batch.inner_state, batch.seed[b])
+
+    def initial_params(self, stored: list, seeds: tf.Tensor) -> list:
+        per_task = [self.problem.initial_params(stored, seeds[b]) for b in range(self.num_tasks)]
+        return [tf.stack(ws) for ws in zip(*per_task)]
+
+    @staticmethod
+    def task_params(params: list, b: int) -> list:
+        return [w[b] for w in params]
+
+    # -- the core's g, f, Ξ0 and per-step batches -------------------------------------------------
+    def inner_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
+        if not self.batched:
+            return tf.add_n([
+                self.problem.inner_loss(self.task_params(params, b), self.task_hp(hp, b), self.task_batch(batch, b))
+                for b in range(self.num_tasks)
+            ])
+        problem = self.problem
+        y_pred = self._batched_predictions(params, hp, batch, "inner")
+        loss = tf.add_n(self._user_losses(problem.inner_loss_fn, "inner_loss", batch, y_pred, hp))
+        if problem.inner_regularizer is not None:
+            penalties = [tf.convert_to_tensor(problem.inner_regularizer(self.task_params(params, b), hp["user"]))
+                         for b in range(self.num_tasks)]
+            if penalties[0].shape.rank != 0:
+                raise ValueError(f"inner_regularizer must return a scalar, got shape {penalties[0].shape}")
+            loss = loss + tf.cast(tf.add_n(penalties), loss.dtype)
+        if problem.proximal_strength is not None:  # Σ_b Σ_j ρ_j ‖w_j,b − c_j‖²: c_j broadcast over tasks
+            loss = loss + tf.add_n([
+                tf.cast(hp["strengths"][j], loss.dtype) * tf.cast(tf.reduce_sum(tf.square(w - c)), loss.dtype)
+                for j, (w, c) in enumerate(zip(params, hp["centers"]))
+            ])
+        return loss
+
+    def outer_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
+        return tf.add_n(self.outer_values(params, hp, batch)) / self.num_tasks
+
+    def outer_values(self, params: list, hp: dict, batch: CoreBatch) -> list:
+        if self.batched:
+            y_pred = self._batched_predictions(params, hp, batch, "outer")
+            return self._user_losses(self.problem.outer_loss_fn, "outer_loss", batch, y_pred, hp)
+        return [
+            self.problem.outer_loss(self.task_params(params, b), self.task_hp(hp, b), self.task_batch(batch, b))
+            for b in range(self.num_tasks)
+        ]
+
+    def inner_values(self, params: list, hp: dict, batch: CoreBatch, steps: int) -> list:
+        """g_b(w_b) on each task's last-step batch (the `inner_loss` log)."""
+        last = self.batch_at_step(batch, tf.constant(steps - 1))
+        return [
+            self.problem.inner_loss(self.task_params(params, b), self.task_hp(hp, b), self.task_batch(last, b))
+            for b in range(self.num_tasks)
+        ]
+
+    def predictions(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
+        """[B, n, ...]: each task's outer predictions at its weights."""
+        if self.batched:
+            return self._batched_predictions(params, hp, batch, "outer")
+        return tf.stack([
+            self.problem.predict(self.task_params(params, b), self.task_hp(hp, b), self.task_batch(batch, b), "outer")
+            for b in range(self.num_tasks)
+        ])
+
+    def _batched_predictions(self, params: list, hp: dict, batch: CoreBatch, which: str) -> tf.Tensor:
+        from tf_bilevel.keras.batched import batched_call
+
+        x = hp["features"][which] if self.problem.hyper_model is not None else batch.data.x
+        return batched_call(self.problem.inner_model, params, x)
+
+    def _user_losses(self, fn: Callable, role: str, batch: CoreBatch, y_pred: tf.Tensor, hp: dict) -> list:
+        return [
+            self.problem._user_loss(fn, role, self.task_batch(batch, b).data, y_pred[b], hp["user"])
+            for b in range(self.num_tasks)
+        ]
+
+    def batch_at_step(self, batch: CoreBatch, step: tf.Tensor) -> CoreBatch:
+        """Every task's seed folded with the step (Dropout: a fresh mask per step and task)."""
+        seeds = tf.stack([fold_seed(batch.seed[b], step) for b in range(self.num_tasks)])
+        return CoreBatch(batch.data, batch.inner_state, seeds)
+
+    def init_params(self) -> Optional[Callable]:
+        single = self.problem.init_params()
+        if single is None:
+            return None
+        return lambda params, hp: [tf.stack([w] * self.num_tasks) for w in single(None, hp)]
+
+    def hypergradient(self, like: Any) -> Any:
+        """The core estimator of the stacked problem with the settings of `like` (the trainer's
+        per-task estimator), built once."""
+        key = (like.steps, like.truncate, like.estimator)
+        if key not in self._built:
+            import tf_bilevel as tfb
+
+            self._built[key] = tfb.hypergradient_fn(
+                self.inner_loss, self.outer_loss, steps=like.steps, truncate=like.truncate,
+                estimator=like.estimator, inner_optimizer=self.problem.inner_optimizer,
+                init_params=self.init_params(), jit_compile=False, check_numerics=False,
+                per_step_batches=self.batch_at_step, checkpoint_every=like.checkpoint_every,
+                backward=like.backward, memory_budget=like.memory_budget,
+            )
+        return self._built[key]
+
+
+def _batchable(problem: KerasBilevelProblem, model: Any) -> bool:
+    """Whether `model` runs batched over tasks (Keras 3, supported layers, no state)."""
+    from tf_bilevel.keras.batched import NotBatchable, check_batchable
+
+    if problem.calls.flavor != "keras3":
+        return False
+    try:
+        check_batchable(model)
+    except NotBatchable:
+        return False
+    return True
+
+
+def mean_hyper_state(states: list) -> list:
+    """Per-task hyper-model states [[v_1..]_b] -> their mean (non-float values: task 0's)."""
+    return [tf.add_n(list(vs)) / len(vs) if vs[0].dtype.is_floating else vs[0] for vs in zip(*states)]
+
+
+class StackedHypergradient:
+    """The mean hypergradient of a meta-batch through `StackedTasks` (one inner loop for all
+    tasks). Returns a TaskResult of means over tasks (y_pred stacked [B, n, ...])."""
+
+    def __init__(self, task_fn: TaskHypergradient, num_tasks: int):
+        self.task_fn = task_fn
+        self.stacked = StackedTasks(task_fn.problem, num_tasks)
+
+    def __call__(self, inputs: StepInputs, tasks: Task, seeds: tf.Tensor, with_reference: tf.Tensor) -> TaskResult:
+        task_fn, stacked = self.task_fn, self.stacked
+        flat_raw = tf.nest.flatten(inputs.raw)
+        with tf.GradientTape(persistent=task_fn.reference is not None) as tape:
+            tape.watch(flat_raw)
+            raw = tf.nest.pack_sequence_as(inputs.raw, flat_raw)
+            hp, hyper_states = stacked.hparams(raw, task_fn.specs, inputs.hyper_state, tasks)
+        w0 = stacked.initial_params(inputs.stored_inner, seeds)
+        inner_batch, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
+        hypergradient = stacked.hypergradient(task_fn.hypergradient)
+        try:
+            result = hypergradient.compute(w0, hp, inner_batch, outer_batch)
+        except LookupError as err:  # "Gradient explicitly disabled" (fused cross-entropy)
+            raise explain_second_order(err) from None
+        flat_hp = tf.nest.flatten(hp)
+        grads = tape.gradient(flat_hp, flat_raw, output_gradients=tf.nest.flatten(result.hypergrad))
+        task_fn.check_reached(grads)
+        reference = []
+        if task_fn.reference is not None:
+            full = stacked.hypergradient(task_fn.reference)
+
+            def full_rmd():
+                return tf.nest.flatten(full.compute(w0, hp, inner_batch, outer_batch).hypergrad)
+
+            def skipped():
+                return [tf.zeros_like(x) for x in flat_hp]
+
+            reference = tape.gradient(flat_hp, flat_raw, output_gradients=tf.cond(with_reference, full_rmd, skipped))
+        final = list(result.final_params)
+        inner_values = stacked.inner_values(final, hp, inner_batch, task_fn.hypergradient.steps)
+        return TaskResult(
+            result.outer_value, list(grads), result.nonfinite_step, stacked.predictions(final, hp, outer_batch),
+            mean_hyper_state(hyper_states), [tf.reduce_mean(w, axis=0) for w in final],
+            list(reference), [], tf.add_n(inner_values) / len(inner_values),
+        )
+
+
+def stacked_adapted(stacked: StackedTasks, hypergradient: Any, inputs: StepInputs, tasks: Task, seeds, hp) -> list:
+    """w_T of every task from one stacked inner loop (no tape)."""
+    inner_batch, _ = stacked.batches(tasks, inputs.inner_state, seeds)
+    w0 = stacked.initial_params(inputs.stored_inner, seeds)
+    return list(stacked.hypergradient(hypergradient).solve_uncompiled(w0, hp, inner_batch))
+
+
+def stacked_evaluation(stacked: StackedTasks, specs: dict, hypergradient: Any, inputs: StepInputs, tasks: Task, seeds):
+    """(mean f, mean g, stacked outer predictions) of a meta-batch (Keras `evaluate`)."""
+    hp, _ = stacked.hparams(inputs.raw, specs, inputs.hyper_state, tasks)
+    w_T = stacked_adapted(stacked, hypergradient, inputs, tasks, seeds, hp)
+    inner_batch, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
+    values = stacked.outer_values(w_T, hp, outer_batch)
+    inner_values = stacked.inner_values(w_T, hp, inner_batch, hypergradient.steps)
+    return (tf.add_n(values) / len(values), tf.add_n(inner_values) / len(inner_values),
+            stacked.predictions(w_T, hp, outer_batch))
+
+
+def stacked_prediction(stacked: StackedTasks, specs: dict, hypergradient: Any, inputs: StepInputs, tasks: Task, seeds):
+    hp, _ = stacked.hparams(inputs.raw, specs, inputs.hyper_state, tasks)
+    w_T = stacked_adapted(stacked, hypergradient, inputs, tasks, seeds, hp)
+    _, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
+    return stacked.predictions(w_T, hp, outer_batch)

@@ -49,7 +49,13 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         (seed, meta_step, task)), "warm_start" (the mean w_T of the previous step) or
         "learned" (w0 is a hyperparameter, MAML-style), or `(seed, stored) -> weights`.
       meta_batch: every element holds a stack of tasks on axis 0; the hypergradient is their
-        mean (computed in one compiled step with `tf.map_fn`).
+        mean, computed in one compiled step.
+      meta_batch_mode: "auto" | "stacked" | "map_fn": how. "stacked" runs the meta-batch as one
+        bilevel problem over the tasks' stacked weights (one inner loop; the inner/hyper model
+        batched over tasks when its layers allow, see tf_bilevel/keras/batched.py); "map_fn"
+        maps the single-task step over tasks. "auto" stacks unless the estimator is
+        "implicit_cg"/"neumann", the inner optimizer is user-defined or the task count is not
+        static. `trainer.meta_batch_path` records the path taken.
       online: tune while you train. Each element holds `steps` training minibatches stacked
         on axis 0 and one validation batch (`tf_bilevel.keras.online_tasks(train, val,
         steps=T)`); inner step t uses minibatch t, and the inner model's weights and the
@@ -122,6 +128,7 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         inner_optimizer: Union[str, Callable] = "sgd",
         inner_init: Union[str, Callable] = "fixed",
         meta_batch: bool = False,
+        meta_batch_mode: str = "auto",
         online: bool = False,
         diagnostics_every: Optional[int] = None,
         on_nonfinite: str = "raise",
@@ -134,7 +141,7 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
             estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
             inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
             inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
-            meta_batch=meta_batch, online=online, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
+            meta_batch=meta_batch, meta_batch_mode=meta_batch_mode, online=online, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
         )
 
     def train_step(self, data):

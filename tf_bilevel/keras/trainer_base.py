@@ -27,6 +27,11 @@ from tf_bilevel.keras import conventions
 from tf_bilevel.keras import data as data_lib
 from tf_bilevel.keras.problem import KerasBilevelProblem
 from tf_bilevel.keras.tasks import (
+    BUILTIN_INNER_OPTIMIZERS,
+    TaskResult,
+    META_BATCH_MODES,
+    StackedHypergradient,
+    StackedTasks,
     StepInputs,
     TaskEvaluation,
     TaskHypergradient,
@@ -35,6 +40,9 @@ from tf_bilevel.keras.tasks import (
     first_task,
     forward_probe,
     map_tasks,
+    choose_meta_batch_path,
+    stacked_evaluation,
+    stacked_prediction,
 )
 
 ON_NONFINITE = ("raise", "skip")
@@ -108,6 +116,7 @@ class BilevelTrainerMixin:
         inner_init: Any,
         meta_batch: bool,
         online: bool,
+        meta_batch_mode: str = "auto",
         diagnostics_every: Optional[int],
         on_nonfinite: str,
         seed: int,
@@ -134,6 +143,15 @@ class BilevelTrainerMixin:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be a Python int, got {seed!r}")
         _check_online_arguments(online, meta_batch=meta_batch, inner_init=inner_init, hyper_model=hyper_model)
+        if meta_batch_mode not in META_BATCH_MODES:
+            raise ValueError(
+                f"meta_batch_mode must be one of {META_BATCH_MODES} ('auto': one stacked inner loop for all "
+                f"tasks where that computes the same mean, else tf.map_fn), got {meta_batch_mode!r}"
+            )
+        self.meta_batch_mode = meta_batch_mode
+        self._builtin_inner_optimizer = isinstance(inner_optimizer, str) and inner_optimizer in BUILTIN_INNER_OPTIMIZERS
+        # The path the last traced meta-batch step took ("stacked" | "map_fn"); None before.
+        self.meta_batch_path: Optional[str] = None
         self.problem = KerasBilevelProblem(
             self._calls, inner_model, inner_loss, outer_loss,
             hyper_model=hyper_model, hyperparameters=hyperparameters, inner_regularizer=inner_regularizer,
@@ -376,30 +394,13 @@ class BilevelTrainerMixin:
         with_reference = (
             tf.equal(step % self.diagnostics_every, 0) if self.diagnostics_every is not None else tf.constant(False)
         )
-        state = self._built_state
-        task_fn = TaskHypergradient(
-            self.problem, state.specs, state.raw_names, self.hypergradient, self.reference_hypergradient
-        )
+        result = self._element_hypergradient(task, inputs, step, with_reference)
+        outer_value, inner_value, grads, reference = result.outer_value, result.inner_value, result.grads, result.reference
+        marker, hyper_state, final_params, y_pred = result.nonfinite_step, result.hyper_state, result.final_params, result.y_pred
+        y_true, sample_weight = task.outer.y, task.outer.weights
         if self.meta_batch:
-            seeds = self._task_seeds(task, step)
-            signature = task_fn.output_signature(inputs, first_task(task))
-            results = map_tasks(lambda t, s: task_fn(inputs, t, s, with_reference), task, seeds, signature)
-            outer_value = tf.reduce_mean(results.outer_value)
-            inner_value = tf.reduce_mean(results.inner_value)
-            grads = [tf.reduce_mean(g, axis=0) for g in results.grads]
-            reference = [tf.reduce_mean(g, axis=0) for g in results.reference]
-            marker = earliest_marker(results.nonfinite_step)
-            hyper_state = [_mean_over_tasks(x) for x in results.hyper_state]
-            final_params = [tf.reduce_mean(w, axis=0) for w in results.final_params]
-            y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(results.y_pred)
-            sample_weight = None if task.outer.weights is None else _merge_task_axis(task.outer.weights)
-        else:
-            seed = self._task_seeds(task, step)[0]
-            result = task_fn(inputs, task, seed, with_reference)
-            outer_value, grads, reference = result.outer_value, result.grads, result.reference
-            inner_value = result.inner_value
-            marker, hyper_state, final_params = result.nonfinite_step, result.hyper_state, result.final_params
-            y_true, y_pred, sample_weight = task.outer.y, result.y_pred, task.outer.weights
+            y_true = _merge_task_axis(y_true)
+            sample_weight = None if sample_weight is None else _merge_task_axis(sample_weight)
 
         replica = tf.distribute.get_replica_context()
         local_finite = (marker < 0) & tf.math.is_finite(outer_value) & _all_finite(grads)
@@ -450,12 +451,66 @@ class BilevelTrainerMixin:
         logs = self._compute_metrics_if(finite, y_true, y_pred, sample_weight)
         return {**logs, **conventions.scalar_hyperparameter_logs(self.hyperparameter_values())}
 
+    def _element_hypergradient(self, task: data_lib.Task, inputs: StepInputs, step: tf.Tensor,
+                               with_reference: tf.Tensor) -> TaskResult:
+        """One element's hypergradient (the mean over its tasks), f, g, w_T, the hyper model's
+        state and the outer predictions (tasks merged on axis 0), nothing updated."""
+        state = self._built_state
+        task_fn = TaskHypergradient(
+            self.problem, state.specs, state.raw_names, self.hypergradient, self.reference_hypergradient
+        )
+        if not self.meta_batch:
+            return task_fn(inputs, task, self._task_seeds(task, step)[0], with_reference)
+        seeds = self._task_seeds(task, step)
+        if self._choose_meta_batch_path(task) == "stacked":
+            result = StackedHypergradient(task_fn, data_lib.num_tasks(task))(inputs, task, seeds, with_reference)
+            return result._replace(y_pred=_merge_task_axis(result.y_pred))
+        signature = task_fn.output_signature(inputs, first_task(task))
+        results = map_tasks(lambda t, s: task_fn(inputs, t, s, with_reference), task, seeds, signature)
+        return TaskResult(
+            tf.reduce_mean(results.outer_value),
+            [tf.reduce_mean(g, axis=0) for g in results.grads],
+            earliest_marker(results.nonfinite_step),
+            _merge_task_axis(results.y_pred),
+            [_mean_over_tasks(x) for x in results.hyper_state],
+            [tf.reduce_mean(w, axis=0) for w in results.final_params],
+            [tf.reduce_mean(g, axis=0) for g in results.reference],
+            [],
+            tf.reduce_mean(results.inner_value),
+        )
+
+    def hypergradient_of(self, data: Any) -> list:
+        """The hypergradient d f / dν that `fit` would apply for one dataset element (the mean
+        over its tasks with meta_batch=True), at the current λ, with nothing updated: one tensor
+        per variable of `hyper_variables`. Compiled like `fit` (compile(jit_compile=...)); the
+        per-task seeds are those of the current `meta_step`."""
+        data = tf.nest.map_structure(tf.convert_to_tensor, data)
+        self.build_from_spec(tf.nest.map_structure(lambda x: tf.TensorSpec(x.shape, x.dtype), data))
+        state = self._built_state
+        fn = getattr(state, "hypergradient_of_fn", None)
+        if fn is None:
+            def compute(data):
+                task = data_lib.parse_task(data)
+                return self._element_hypergradient(task, self._step_inputs(), _read(self.meta_step), tf.constant(False)).grads
+
+            fn = state.hypergradient_of_fn = tf.function(
+                compute, jit_compile=bool(getattr(self, "jit_compile", False)), autograph=False
+            )
+        return list(fn(data))
+
     def test_step(self, data):
         task = data_lib.parse_task(data)
         inputs = self._step_inputs()
         evaluate = TaskEvaluation(self.problem, self._built_state.specs, self.hypergradient)
         seeds = self._task_seeds(task, tf.constant(-1, tf.int64))
-        if self.meta_batch:
+        if self.meta_batch and self._choose_meta_batch_path(task) == "stacked":
+            stacked = StackedTasks(self.problem, data_lib.num_tasks(task))
+            value, inner_value, y_preds = stacked_evaluation(
+                stacked, self._built_state.specs, self.hypergradient, inputs, task, seeds
+            )
+            y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(y_preds)
+            sample_weight = None if task.outer.weights is None else _merge_task_axis(task.outer.weights)
+        elif self.meta_batch:
             probe = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task))
             signature = (probe[0], probe[0], probe[1])
             values, inner_values, y_preds = map_tasks(lambda t, s: evaluate(inputs, t, s), task, seeds, signature)
@@ -499,8 +554,18 @@ class BilevelTrainerMixin:
         seeds = self._task_seeds(task, tf.constant(-1, tf.int64))
         if not self.meta_batch:
             return predict(inputs, task, seeds[0])
+        if self._choose_meta_batch_path(task) == "stacked":
+            stacked = StackedTasks(self.problem, data_lib.num_tasks(task))
+            return stacked_prediction(stacked, self._built_state.specs, self.hypergradient, inputs, task, seeds)
         signature = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task), with_loss=False)[1]
         return map_tasks(lambda t, s: predict(inputs, t, s), task, seeds, signature)
+
+    def _choose_meta_batch_path(self, task: data_lib.Task) -> str:
+        """"stacked" or "map_fn" for this (traced) meta-batch; recorded in `meta_batch_path`."""
+        self.meta_batch_path = choose_meta_batch_path(
+            self.meta_batch_mode, data_lib.num_tasks(task), self.estimator, self._builtin_inner_optimizer
+        )
+        return self.meta_batch_path
 
     def _as_task(self, data) -> data_lib.Task:
         """((x_inner, y_inner), x_outer) or a full task element -> Task (y_outer unused)."""
