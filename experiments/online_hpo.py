@@ -342,7 +342,13 @@ class TrialLog(keras.callbacks.Callback):
 def run_tuner(cfg: Config, data: dict, kind: str, store: oc.MethodStore) -> dict:
     """KerasTuner search (resumable through its own directory), then the best configuration
     retrained like the default method."""
-    import keras_tuner as kt
+    try:
+        import keras_tuner as kt
+    except ImportError:
+        raise SystemExit(
+            "online_hpo: the KerasTuner baselines need keras-tuner: pip install \"tf_bilevel[baselines]\" "
+            "(or run --methods=bilevel,default)"
+        ) from None
 
     if (row := store.row(kind)) is not None:
         print(f"[{kind}] finished earlier", flush=True)
