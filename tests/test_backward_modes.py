@@ -123,3 +123,16 @@ def test_auto_recomputes_when_a_step_computes_shapes_that_xla_cannot_accumulate(
     hg = tfb.hypergradient_fn(inner, lambda w, hp: tf.reduce_sum(w ** 2), steps=3, learning_rate=0.1, jit_compile=True)
     _, grads = hg(tf.ones([4, 3], tf.float64), tf.ones([3, 10], tf.float64))
     assert hg.backward_used == "recompute" and np.all(np.isfinite(grads.numpy()))
+
+
+def test_residual_estimate_counts_what_a_step_computes_not_its_inputs():
+    """The step's batch is an input of every step, not a per-step residual: a 4 MB batch read
+    through a 2-row slice leaves a few hundred bytes per step."""
+    big = {"x": tf.constant(RNG.normal(size=(100_000, 5)))}
+
+    def inner(w, hp, batch):
+        return hp * tf.reduce_sum((batch["x"][:2] @ w) ** 2)
+
+    hg = tfb.hypergradient_fn(inner, lambda w, hp: tf.reduce_sum(w ** 2), steps=3, learning_rate=0.1)
+    hg(tf.ones([5, 1], tf.float64), tf.constant(1.0, tf.float64), big)
+    assert hg.backward_used == "store" and hg.step_residual_bytes < 10_000

@@ -227,6 +227,8 @@ def profile_step(transition: Transition, state: Any, hparams: Any, batch: Any) -
     total, storable = 0, True
     for op in graph.get_operations():
         storable = storable and op.type not in _XLA_UNSAFE_WHEN_STORED
+        if op.type in ("Placeholder", "Const"):  # the step's inputs and constants are not stored per step
+            continue
         for out in op.outputs:
             if out.dtype.is_floating and out.shape.is_fully_defined():
                 total += out.shape.num_elements() * out.dtype.size
