@@ -495,8 +495,7 @@ class HyperStep:
         out = {k: v.numpy() for k, v in out.items()}  # also blocks until the step is done
         if out["nonfinite_step"] >= 0:
             raise tfb.NonFiniteError(
-                f"non-finite value in the hyper-iteration (marker {int(out['nonfinite_step'])}: inner step "
-                f"< {self.hg.steps}, {self.hg.steps} = outer loss, {self.hg.steps + 1} = hypergradient). "
+                f"non-finite value in the hyper-iteration: {tfb.nonfinite.describe(out['nonfinite_step'], self.hg.steps)} "
                 "Lower --inner_lr or use --loss_normalization=mean.")
         return out
 

@@ -417,8 +417,8 @@ def run_one(truncate: int | None, split: dict, cfg: dict, *, diagnostics: bool,
         if it > 0:  # the first call includes tracing + XLA compilation
             step_times.append(time.perf_counter() - start)
         if marker >= 0:
-            raise tfb.NonFiniteError(f"{label} non-finite value at hyper-iteration {it} "
-                                     f"(inner step marker {marker} of T={T}); lower --outer_lr, "
+            raise tfb.NonFiniteError(f"{label} non-finite value at hyper-iteration {it}: "
+                                     f"{tfb.nonfinite.describe(marker, T)} Lower --outer_lr, "
                                      "--init_coupling or --feature_scale")
         if it == 0:
             initial_test_acc = 1.0 - float(test_metrics(w_t, *test)[0])

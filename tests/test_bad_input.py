@@ -55,8 +55,11 @@ def _case_id(kwargs: dict) -> str:
         ({"estimator": "neumann", "inner_optimizer": tfb.adam(0.1)}, ValueError, r"estimator='neumann'.*learning_rate="),
         ({"estimator": "neumann", "inner_optimizer": tfb.momentum(0.1)}, ValueError, r"estimator='neumann'"),
         ({"estimator": "forward", "truncate": 2}, ValueError, r"estimator='forward'.*truncate=None"),
-        ({"checkpoint_every": 2}, ValueError, r"checkpoint_every only applies to estimator='checkpointed'"),
-        ({"estimator": "checkpointed", "checkpoint_every": 0}, ValueError, r"checkpoint_every must be a positive"),
+        ({"segment_length": 2}, ValueError, r"segment_length only applies to estimator='checkpointed'"),
+        ({"estimator": "checkpointed", "segment_length": 0}, ValueError, r"segment_length must be a positive"),
+        # The old name of segment_length: an error naming the new one, not a silent alias.
+        ({"estimator": "checkpointed", "checkpoint_every": 2}, TypeError, r"'checkpoint_every', which was renamed 'segment_length'.*segment_length=2"),
+        ({"segment_lenght": 2}, TypeError, r"unexpected keyword argument 'segment_lenght'"),
         ({"init_params": 3.0}, TypeError, r"init_params must be a callable"),
     ],
     ids=lambda x: _case_id(x) if isinstance(x, dict) else "",

@@ -41,7 +41,7 @@ CONFIGS = {
     "reverse_K5": ({"estimator": "reverse", "truncate": 5}, lambda r: r.neumann_hypergradient(5), 1e-12),
     "checkpointed": ({"estimator": "checkpointed"}, lambda r: r.implicit_hypergradient(), 1e-10),
     "checkpointed_K5": (
-        {"estimator": "checkpointed", "truncate": 5, "checkpoint_every": 2},
+        {"estimator": "checkpointed", "truncate": 5, "segment_length": 2},
         lambda r: r.neumann_hypergradient(5),
         1e-12,
     ),

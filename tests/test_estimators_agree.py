@@ -74,38 +74,38 @@ def _hypergradient(estimator, *, optimizer=None, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "optimizer_name, checkpoint_every",
+    "optimizer_name, segment_length",
     # None = the default segment ⌈√T⌉ = 5, which does not divide T = 24; 1 stores every state.
     [("sgd", (None, 1, 7)), ("momentum", (None,))],
     ids=["sgd", "momentum"],
 )
-def test_forward_equals_reverse_equals_checkpointed(optimizer_name, checkpoint_every):
+def test_forward_equals_reverse_equals_checkpointed(optimizer_name, segment_length):
     optimizer = None if optimizer_name == "sgd" else tfb.momentum(0.3, beta=0.8)
     value_fwd, h_fwd = _hypergradient("forward", optimizer=optimizer)
     value_rev, h_rev = _hypergradient("reverse", optimizer=optimizer)
     assert np.linalg.norm(h_rev) > 1e-3  # a non-trivial hypergradient
     np.testing.assert_allclose(value_rev, value_fwd, rtol=1e-12)
     np.testing.assert_allclose(h_rev, h_fwd, rtol=0, atol=1e-8 * max(1.0, np.abs(h_fwd).max()))
-    for every in checkpoint_every:
-        value_ckpt, h_ckpt = _hypergradient("checkpointed", optimizer=optimizer, checkpoint_every=every)
+    for every in segment_length:
+        value_ckpt, h_ckpt = _hypergradient("checkpointed", optimizer=optimizer, segment_length=every)
         np.testing.assert_allclose(value_ckpt, value_rev, rtol=1e-12)
-        np.testing.assert_allclose(h_ckpt, h_rev, rtol=0, atol=1e-10, err_msg=f"checkpoint_every={every}")
+        np.testing.assert_allclose(h_ckpt, h_rev, rtol=0, atol=1e-10, err_msg=f"segment_length={every}")
 
 
 @pytest.mark.parametrize(
-    "K, checkpoint_every",
+    "K, segment_length",
     # segments longer than K, not dividing K (5 = 2+2+1, default ⌈√5⌉ = 3 → 3+2, 12 = 5+5+2), one per step
     [(1, (3,)), (5, (None, 2)), (12, (5, 1))],
     ids=["K1", "K5", "K12"],
 )
-def test_truncated_reverse_equals_truncated_checkpointed(K, checkpoint_every):
+def test_truncated_reverse_equals_truncated_checkpointed(K, segment_length):
     _, h_rev = _hypergradient("reverse", truncate=K)
     if K == 12:  # truncation changes the answer (so the comparison is not vacuous)
         _, h_full = _hypergradient("reverse")
         assert np.linalg.norm(h_rev - h_full) > 1e-6
-    for every in checkpoint_every:
-        _, h_ckpt = _hypergradient("checkpointed", truncate=K, checkpoint_every=every)
-        np.testing.assert_allclose(h_ckpt, h_rev, rtol=0, atol=1e-10, err_msg=f"K={K}, checkpoint_every={every}")
+    for every in segment_length:
+        _, h_ckpt = _hypergradient("checkpointed", truncate=K, segment_length=every)
+        np.testing.assert_allclose(h_ckpt, h_rev, rtol=0, atol=1e-10, err_msg=f"K={K}, segment_length={every}")
 
 
 # ---------------------------------------------------------------------------------------

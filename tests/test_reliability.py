@@ -105,6 +105,37 @@ def test_variable_read_through_a_closure_is_an_error_on_a_later_call_too():
     assert hg.tracing_count == 1  # the check is not a retrace
 
 
+def test_passed_variables_are_per_call_not_shared_across_calls_or_hypergradients():
+    """Which variables a call passes is that call's own state. (It was once an attribute of the
+    problem, reset by every eager call and read when tracing: `hg.compute` in a user's graph
+    then checked against the variables of the last eager call, of any Hypergradient of the
+    problem, and raised falsely or missed the error.) Two Hypergradients on one problem."""
+    from tf_bilevel.api import Hypergradient
+    from tf_bilevel.problem import BilevelProblem
+
+    v = tf.Variable([1.0, 2.0])
+
+    def closure_inner(p, h):
+        return tf.reduce_sum((p["w"] - h["target"]) ** 2) + tf.reduce_sum((p["w"] - v) ** 2)
+
+    problem = BilevelProblem(closure_inner, outer)
+    settings = dict(steps=4, truncate=4, estimator="reverse", segment_length=None, jit_compile=False, check_numerics=True)
+    eager_hg, graph_hg = Hypergradient(problem, tfb.sgd(0.1), **settings), Hypergradient(problem, tfb.sgd(0.1), **settings)
+    params, constant = {"w": tf.constant([0.5, -0.5])}, {"target": tf.constant([1.0, 2.0])}
+    message = r"inner_loss reads the tf.Variable passed as hparams\['target'\] through a closure"
+
+    # An eager call passing v fails; a graph built afterwards that passes a constant does not.
+    with pytest.raises(ValueError, match=message):
+        eager_hg(params, {"target": v})
+    in_graph = tf.function(lambda p, h: graph_hg.compute(p, h).hypergrad)(params, constant)
+    np.testing.assert_allclose(in_graph["target"].numpy(), eager_hg(params, constant)[1]["target"].numpy(), rtol=1e-6)
+
+    # An eager call passing a constant succeeds; a graph built afterwards that passes v fails.
+    eager_hg(params, constant)
+    with pytest.raises(ValueError, match=message):
+        tf.function(lambda p, h: graph_hg.compute(p, h).hypergrad)(params, {"target": v})
+
+
 def test_hyperparameter_that_does_not_survive_float32_is_refused():
     with pytest.raises(ValueError, match=r"does not survive float32.*becomes 1\.0.*in \(0, 1\).*dtype='float64'"):
         tfb.Hyperparameter(1 - 1e-9, transform="sigmoid")
@@ -125,8 +156,8 @@ def test_numpy_scalars_are_accepted_and_give_the_python_number_result():
         value, grad = build(steps=steps, truncate=truncate, learning_rate=lr)(params, hparams)
         np.testing.assert_allclose(value.numpy(), expected[0].numpy(), rtol=1e-6)
         np.testing.assert_allclose(grad["target"].numpy(), expected[1]["target"].numpy(), rtol=1e-6)
-    hg = build(steps=np.int64(6), estimator="checkpointed", checkpoint_every=np.int64(2))
-    assert isinstance(hg.steps, int) and isinstance(hg.checkpoint_every, int)
+    hg = build(steps=np.int64(6), estimator="checkpointed", segment_length=np.int64(2))
+    assert isinstance(hg.steps, int) and isinstance(hg.segment_length, int)
     full = build(steps=6)(params, hparams)[1]
     np.testing.assert_allclose(hg(params, hparams)[1]["target"].numpy(), full["target"].numpy(), rtol=1e-6)
     value32, _ = build(learning_rate=np.float32(0.1))(params, hparams)

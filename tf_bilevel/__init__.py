@@ -1,7 +1,7 @@
 """tf_bilevel: gradient-based bilevel optimization for TensorFlow/Keras with truncated
 back-propagation (K-RMD; Shaban, Cheng, Hatch & Boots, AISTATS 2019)."""
 
-from tf_bilevel import diagnostics
+from tf_bilevel import diagnostics, nonfinite
 from tf_bilevel.api import ESTIMATORS, Hypergradient, HypergradientResult, NonFiniteError, hypergradient_fn
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, adam, momentum, sgd
 
@@ -43,5 +43,6 @@ __all__ = [
     "diagnostics",
     "hypergradient_fn",
     "momentum",
+    "nonfinite",
     "sgd",
 ]

@@ -8,9 +8,9 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import tensorflow as tf
 
-from tf_bilevel import _validate
+from tf_bilevel import _validate, nonfinite
 from tf_bilevel._tree import leaf_names
-from tf_bilevel.dynamics.loops import earliest_nonfinite, run
+from tf_bilevel.dynamics.loops import run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
 from tf_bilevel.dynamics.transition import BatchAtStep, Transition, gather_step
 from tf_bilevel.estimators import forward_hypergradient, implicit_hypergradient, reverse_hypergradient
@@ -23,14 +23,16 @@ DEFAULT_MEMORY_BUDGET = 2**28  # bytes of stored per-step intermediates "auto" a
 
 
 class NonFiniteError(FloatingPointError):
-    """The inner loop, the outer loss or the hypergradient produced NaN or Inf."""
+    """The inner loop, the outer loss or the hypergradient produced NaN or Inf (which one:
+    `HypergradientResult.nonfinite_step`, decoded by `tf_bilevel.nonfinite.describe`)."""
 
 
 class HypergradientResult(NamedTuple):
     outer_value: tf.Tensor
     hypergrad: Any
     final_params: Any
-    # -1: all finite; t < T: g(w_t) was the first non-finite inner loss; T: f(w_T); T+1: hypergradient.
+    # tf_bilevel.nonfinite's marker. -1: all finite; t < T: g(w_t) was the first non-finite
+    # inner loss; T: f(w_T); T+1: the hypergradient.
     nonfinite_step: tf.Tensor
     # The inner optimizer's state after step T (momentum, Adam moments): pass it back as
     # `opt_state` to continue the inner optimization in the next call (online bilevel).
@@ -85,7 +87,7 @@ class Hypergradient:
         steps: int,
         truncate: int,
         estimator: str,
-        checkpoint_every: Optional[int],
+        segment_length: Optional[int],
         jit_compile: bool,
         check_numerics: bool,
         per_step_batches: Union[bool, BatchAtStep] = False,
@@ -108,7 +110,7 @@ class Hypergradient:
         self.steps = steps
         self.truncate = truncate
         self.estimator = estimator
-        self.checkpoint_every = checkpoint_every
+        self.segment_length = segment_length  # None: ⌈√K⌉ (see _segment_length)
         self.check_numerics = check_numerics
         self.jit_compile = jit_compile
         # partial, not the bound method: TF counts traces per code object, so bound methods of
@@ -147,7 +149,7 @@ class Hypergradient:
                 self._raise_if_nonfinite(int(result.nonfinite_step))
             else:
                 assertion = tf.debugging.assert_less(
-                    result.nonfinite_step, 0, message=self._nonfinite_message_graph()
+                    result.nonfinite_step, 0, message=nonfinite.describe_graph(self.steps)
                 )
                 with tf.control_dependencies([assertion]):
                     result = tf.nest.map_structure(tf.identity, result)
@@ -190,7 +192,7 @@ class Hypergradient:
             out = reverse_hypergradient(
                 self.transition, params, hparams, inner_batch, outer_batch,
                 steps=T, truncate=self.truncate,
-                checkpoint_segment=self._checkpoint_segment() if self.estimator == "checkpointed" else None,
+                segment_length=self._segment_length() if self.estimator == "checkpointed" else None,
                 opt_state=opt_state,
                 store_intermediates=self._stores_intermediates(params, hparams, inner_batch, opt_state),
             )
@@ -204,10 +206,9 @@ class Hypergradient:
                 iterations=self.iterations, solver="cg" if self.estimator == "implicit_cg" else "neumann",
                 opt_state=opt_state, tolerance=self.tolerance,
             )
-        marker = out.nonfinite_step
-        marker = earliest_nonfinite(marker, tf.where(tf.math.is_finite(out.outer_value), -1, T))
-        grads_finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in out.hypergrad])
-        marker = earliest_nonfinite(marker, tf.where(grads_finite, -1, T + 1))
+        # In the order of computation: inner steps (the estimator's marker), f(w_T), hypergradient.
+        marker = nonfinite.mark(out.nonfinite_step, out.outer_value, nonfinite.at_outer_loss(T))
+        marker = nonfinite.mark(marker, out.hypergrad, nonfinite.at_hypergradient(T))
         hypergrad = tf.nest.pack_sequence_as(hparams, out.hypergrad)
         return HypergradientResult(
             out.outer_value, hypergrad, out.final_params, marker, out.final_opt_state, out.solver_iterations
@@ -266,8 +267,8 @@ class Hypergradient:
                 raise ValueError(f"{name} has shape {given.shape}, the inner optimizer's state has {expected.shape}")
         return tf.nest.map_structure(lambda g, e: tf.cast(g, e.dtype), opt_state, fresh)
 
-    def _checkpoint_segment(self) -> int:
-        return self.checkpoint_every or max(1, math.ceil(math.sqrt(self.truncate)))
+    def _segment_length(self) -> int:
+        return self.segment_length or max(1, math.ceil(math.sqrt(self.truncate)))
 
     def _check_every_hparam_reaches_outer(self, params, hparams, inner_batch, outer_batch, opt_state=None) -> None:
         """Trace-time probe through Ξ0, one step and f: a leaf with no path to f is a mistake.
@@ -298,27 +299,9 @@ class Hypergradient:
                 "be silently zero. Use it in one of them or remove it from hparams."
             )
 
-    def _describe_nonfinite(self, step: int) -> str:
-        T = self.steps
-        if step < T:
-            return (
-                f"inner_loss became non-finite (NaN/Inf) at inner step {step} of steps={T}: the inner "
-                "optimization diverged. Lower the inner learning rate, or check inputs for NaN/Inf."
-            )
-        if step == T:
-            return f"outer_loss is non-finite (NaN/Inf) at w_T (after steps={T}); check outer_loss and its data."
-        return "the hypergradient is non-finite (NaN/Inf) although the losses are finite."
-
-    def _raise_if_nonfinite(self, step: int) -> None:
-        if step >= 0:
-            raise NonFiniteError(self._describe_nonfinite(step))
-
-    def _nonfinite_message_graph(self) -> str:
-        return (
-            "tf_bilevel: non-finite value in the bilevel computation; nonfinite_step < steps is the "
-            f"inner step where inner_loss became NaN/Inf, {self.steps} means outer_loss, "
-            f"{self.steps + 1} the hypergradient"
-        )
+    def _raise_if_nonfinite(self, marker: int) -> None:
+        if marker != nonfinite.NONE:
+            raise NonFiniteError(nonfinite.describe(marker, self.steps))
 
 
 def hypergradient_fn(
@@ -332,13 +315,14 @@ def hypergradient_fn(
     estimator: str = "reverse",
     jit_compile: bool = True,
     init_params: Optional[Callable[[Any, Any], Any]] = None,
-    checkpoint_every: Optional[int] = None,
+    segment_length: Optional[int] = None,
     check_numerics: bool = True,
     per_step_batches: Union[bool, BatchAtStep] = False,
     backward: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     iterations: Optional[int] = None,
     tolerance: Optional[float] = 1e-10,
+    **removed: Any,  # only to name the new name of a renamed argument (a TypeError)
 ) -> Hypergradient:
     """Builds a compiled estimator of d_λ f(ŵ(λ), λ), ŵ = w_T after `steps` inner steps.
 
@@ -355,7 +339,9 @@ def hypergradient_fn(
         "neumann" (Eq. 11 at w_T, Eq. 12).
       jit_compile: compile with XLA (True/False; anything else is a TypeError).
       init_params: optional w0 = Ξ0(params, hparams), e.g. a learned initialization (B0 term).
-      checkpoint_every: states per recomputed segment for "checkpointed" (default ⌈√K⌉).
+      segment_length: "checkpointed" only: the steps per segment, c. The state at the start of
+        every segment is stored, and the backward pass recomputes one segment at a time
+        (O(M(K/c + c)) memory; default c = ⌈√K⌉). Formerly `checkpoint_every`.
       check_numerics: raise `NonFiniteError` naming the inner step where a loss became NaN/Inf.
       per_step_batches: True: stochastic inner problem, g_t(w, λ) on minibatch t. Every leaf
         of `inner_batch` has a leading axis of length `steps` and inner step t (0-based) uses
@@ -383,15 +369,16 @@ def hypergradient_fn(
       A `Hypergradient`; `hg(params, hparams[, inner_batch, outer_batch])` returns
       `(outer_value, hypergrad)` with hypergrad structured like hparams.
     """
+    _reject_unknown_arguments(removed)
     steps = _validate.positive_int(steps, "steps", "the number T of inner steps")
     if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     truncate = _checked_truncate(truncate, steps, estimator)
     iterations, tolerance = _checked_solver(iterations, tolerance, steps, estimator)
-    if checkpoint_every is not None:
+    if segment_length is not None:
         if estimator != "checkpointed":
-            raise ValueError("checkpoint_every only applies to estimator='checkpointed'")
-        checkpoint_every = _validate.positive_int(checkpoint_every, "checkpoint_every", "states per recomputed segment")
+            raise ValueError("segment_length only applies to estimator='checkpointed'")
+        segment_length = _validate.positive_int(segment_length, "segment_length", "steps per recomputed segment")
     jit_compile = _validate.boolean(jit_compile, "jit_compile")
     check_numerics = _validate.boolean(check_numerics, "check_numerics")
     if (learning_rate is None) == (inner_optimizer is None):
@@ -430,7 +417,7 @@ def hypergradient_fn(
         steps=steps,
         truncate=truncate,
         estimator=estimator,
-        checkpoint_every=checkpoint_every,
+        segment_length=segment_length,
         jit_compile=jit_compile,
         check_numerics=check_numerics,
         per_step_batches=per_step_batches,
@@ -439,6 +426,23 @@ def hypergradient_fn(
         iterations=iterations,
         tolerance=tolerance,
     )
+
+
+# Keyword arguments that were renamed (pre-1.0: no silent alias): old name -> new name.
+_RENAMED_ARGUMENTS = {"checkpoint_every": "segment_length"}
+
+
+def _reject_unknown_arguments(removed: dict) -> None:
+    """A TypeError for a keyword argument hypergradient_fn does not take, naming the new
+    name of a renamed one."""
+    for name in removed:
+        if name in _RENAMED_ARGUMENTS:
+            new = _RENAMED_ARGUMENTS[name]
+            raise TypeError(
+                f"hypergradient_fn() got the keyword argument {name!r}, which was renamed {new!r} "
+                f"(the steps per recomputed segment of estimator='checkpointed'): pass {new}={removed[name]!r}."
+            )
+        raise TypeError(f"hypergradient_fn() got an unexpected keyword argument {name!r}")
 
 
 def _checked_truncate(truncate: Optional[int], steps: int, estimator: str) -> int:

@@ -7,20 +7,8 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
+from tf_bilevel import nonfinite
 from tf_bilevel.dynamics.transition import InnerState, Transition
-
-NO_NONFINITE = -1
-
-
-def earliest_nonfinite(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    """The earlier of two 'first non-finite step' markers, where -1 means none."""
-    both = (a >= 0) & (b >= 0)
-    return tf.where(both, tf.minimum(a, b), tf.maximum(a, b))
-
-
-def mark_nonfinite(marker: tf.Tensor, loss: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    return tf.where((marker < 0) & ~tf.math.is_finite(loss), step, marker)
-
 
 def step_loop(cond, body, loop_vars: tuple, *, num_steps: Any, max_steps: int):
     """`tf.while_loop(cond, body, loop_vars, maximum_iterations=max_steps)`, except that a loop
@@ -44,9 +32,10 @@ def run(
 ) -> tuple[InnerState, tf.Tensor]:
     """Applies `num_steps` (≤ `max_steps`) transitions from step `start`, recording no tape.
 
-    Returns the final state and the first step whose inner loss was non-finite (-1 if none).
+    Returns the final state and the non-finite marker of these steps (`tf_bilevel.nonfinite`:
+    the first step whose inner loss was NaN/Inf, -1 if none).
     """
-    marker = tf.constant(NO_NONFINITE, tf.int32)
+    marker = tf.constant(nonfinite.NONE, tf.int32)
     if max_steps == 0:
         return state, marker
     hparams = tf.nest.map_structure(tf.stop_gradient, hparams)
@@ -54,7 +43,7 @@ def run(
 
     def body(i, state, marker):
         new_state, loss = transition(state, hparams, start + i, batch)
-        return i + 1, new_state, mark_nonfinite(marker, loss, start + i)
+        return i + 1, new_state, nonfinite.mark(marker, loss, start + i)
 
     _, state, marker = step_loop(
         lambda i, *_: i < num_steps, body, (tf.constant(0), state, marker), num_steps=num_steps, max_steps=max_steps
@@ -93,12 +82,12 @@ def run_and_record(
     def body(i, state, arrays, marker):
         arrays = [ta.write(i, x) for ta, x in zip(arrays, tf.nest.flatten(state))]
         new_state, loss = transition(state, hparams, start + i, batch)
-        return i + 1, new_state, arrays, mark_nonfinite(marker, loss, start + i)
+        return i + 1, new_state, arrays, nonfinite.mark(marker, loss, start + i)
 
     _, state, arrays, marker = step_loop(
         lambda i, *_: i < num_steps,
         body,
-        (tf.constant(0), state, arrays, tf.constant(NO_NONFINITE, tf.int32)),
+        (tf.constant(0), state, arrays, tf.constant(nonfinite.NONE, tf.int32)),
         num_steps=num_steps,
         max_steps=max_steps,
     )

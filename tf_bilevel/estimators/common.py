@@ -15,7 +15,7 @@ class EstimatorOutput(NamedTuple):
     outer_value: tf.Tensor
     hypergrad: list  # flat, in tf.nest order of hparams
     final_params: Any
-    nonfinite_step: tf.Tensor
+    nonfinite_step: tf.Tensor  # the marker of tf_bilevel.nonfinite (-1: all finite)
     final_opt_state: Any = ()
     solver_iterations: Any = -1  # CG iterations / Neumann terms used (implicit estimators), else -1
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_bilevel import nonfinite
 from tf_bilevel._tree import fill_none_with_zeros
-from tf_bilevel.dynamics.loops import NO_NONFINITE, earliest_nonfinite
 from tf_bilevel.dynamics.transition import Transition
 from tf_bilevel.estimators.common import EstimatorOutput, internal_copy
 
@@ -59,13 +59,13 @@ def forward_hypergradient(
             (new_state, loss), (new_dot, _) = _jvp(
                 lambda: transition(state, hp_in, t, inner_batch), primals, tangents
             )
-            marker = tf.where((marker < 0) & ~tf.math.is_finite(loss), t, marker)
+            marker = nonfinite.mark(marker, loss, t)
             return t + 1, new_state, new_dot, marker
 
         _, state, state_dot, marker = tf.while_loop(
             lambda t, *_: t < steps,
             body,
-            (tf.constant(0), state, state_dot, tf.constant(NO_NONFINITE)),
+            (tf.constant(0), state, state_dot, tf.constant(nonfinite.NONE)),
             maximum_iterations=steps,
         )
         hp_out = internal_copy(hparams)
@@ -79,7 +79,7 @@ def forward_hypergradient(
 
     def loop_body(i, column_values, value, final_state, marker):
         value, d_value, final_state, col_marker = column(i)
-        return i + 1, column_values.write(i, d_value), value, final_state, earliest_nonfinite(marker, col_marker)
+        return i + 1, column_values.write(i, d_value), value, final_state, nonfinite.earliest(marker, col_marker)
 
     # The first column is peeled off the loop: it fixes the dtypes of the loop variables.
     value, d_value, final_state, marker = column(tf.constant(0))

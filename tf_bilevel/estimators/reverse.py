@@ -17,8 +17,9 @@ from typing import Any, NamedTuple, Optional
 
 import tensorflow as tf
 
+from tf_bilevel import nonfinite
 from tf_bilevel._tree import fill_none_with_zeros
-from tf_bilevel.dynamics.loops import Trajectory, earliest_nonfinite, mark_nonfinite, run, run_and_record, step_loop
+from tf_bilevel.dynamics.loops import Trajectory, run, run_and_record, step_loop
 from tf_bilevel.dynamics.transition import Transition
 from tf_bilevel.estimators.common import (
     EstimatorOutput,
@@ -69,12 +70,12 @@ def _checkpointed_forward(transition, state, hparams, batch, *, start, truncate,
         state, seg_marker = run(
             transition, state, hparams, batch, start=start + j * segment, num_steps=length, max_steps=segment
         )
-        return j + 1, state, arrays, earliest_nonfinite(marker, seg_marker)
+        return j + 1, state, arrays, nonfinite.earliest(marker, seg_marker)
 
     _, state, arrays, marker = tf.while_loop(
         lambda j, *_: j < num_segments,
         body,
-        (tf.constant(0), state, arrays, tf.constant(-1)),
+        (tf.constant(0), state, arrays, tf.constant(nonfinite.NONE)),
         maximum_iterations=num_segments,
     )
     return state, Trajectory(arrays, state), marker
@@ -119,10 +120,10 @@ def _differentiate_stored_steps(transition, state, hparams, inner_batch, outer_b
 
         def body(i, state, marker):
             new_state, loss = transition(state, hp, start + i, inner_batch)
-            return i + 1, new_state, mark_nonfinite(marker, loss, start + i)
+            return i + 1, new_state, nonfinite.mark(marker, loss, start + i)
 
         _, final, marker = step_loop(
-            lambda i, *_: i < K, body, (tf.constant(0), state_in, tf.constant(-1)), num_steps=K, max_steps=K
+            lambda i, *_: i < K, body, (tf.constant(0), state_in, tf.constant(nonfinite.NONE)), num_steps=K, max_steps=K
         )
         value = problem.outer(final.params, hp, outer_batch)
     d_state, h = tape.gradient(value, (flat_state, flat_hp))
@@ -138,14 +139,14 @@ def reverse_hypergradient(
     *,
     steps: int,
     truncate: int,
-    checkpoint_segment: Optional[int] = None,
+    segment_length: Optional[int] = None,
     opt_state: Any = None,
     store_intermediates: bool = False,
 ) -> EstimatorOutput:
     """h_{T−K} of Eq. 8 (= d_λ f of Eq. 5/6 when K = T, including the B0 term).
 
-    With `checkpoint_segment=c`, only every c-th of the last K states is stored and each
-    segment is recomputed in the backward pass (O(M(K/c + c)) memory, one extra forward pass).
+    With `segment_length=c` (checkpointed RMD), only every c-th of the last K states is stored
+    and each segment of c steps is recomputed in the backward pass (O(M(K/c + c)) memory, one extra forward pass).
     `opt_state` continues the inner optimizer from a given state (None: a fresh one).
     `store_intermediates=True` uses the "store" backward pass (see the module docstring).
     """
@@ -154,7 +155,7 @@ def reverse_hypergradient(
     w0 = problem.initial_params(params, hparams)
     state = transition.init_state(w0, opt_state)
     state, marker = run(transition, state, hparams, inner_batch, start=0, num_steps=T - K, max_steps=T - K)
-    if store_intermediates and checkpoint_segment is None:
+    if store_intermediates and segment_length is None:
         value, h, alpha, final, marker_k = _differentiate_stored_steps(
             transition, state, hparams, inner_batch, outer_batch, start=T - K, K=K
         )
@@ -162,20 +163,20 @@ def reverse_hypergradient(
             num_param_leaves = len(tf.nest.flatten(w0))
             h = [a + b for a, b in zip(h, init_vjp(problem, params, hparams, alpha[:num_param_leaves]))]
         final = tf.nest.map_structure(tf.stop_gradient, final)
-        return EstimatorOutput(value, h, final.params, earliest_nonfinite(marker, marker_k), final.opt_state)
-    if checkpoint_segment is None:
+        return EstimatorOutput(value, h, final.params, nonfinite.earliest(marker, marker_k), final.opt_state)
+    if segment_length is None:
         final, trajectory, marker_k = run_and_record(
             transition, state, hparams, inner_batch, start=T - K, num_steps=K, max_steps=K
         )
     else:
         final, trajectory, marker_k = _checkpointed_forward(
-            transition, state, hparams, inner_batch, start=T - K, truncate=K, segment=checkpoint_segment
+            transition, state, hparams, inner_batch, start=T - K, truncate=K, segment=segment_length
         )
-    marker = earliest_nonfinite(marker, marker_k)
+    marker = nonfinite.earliest(marker, marker_k)
 
     value, grad_w, grad_hp = outer_value_and_grads(problem, final.params, hparams, outer_batch)
     alpha = state_cotangent(grad_w, final)
-    if checkpoint_segment is None:
+    if segment_length is None:
         alpha, h = backprop_through(
             transition, trajectory, hparams, inner_batch,
             start=T - K, num_steps=K, max_steps=K, alpha=alpha, h=grad_hp,
@@ -183,7 +184,7 @@ def reverse_hypergradient(
     else:
         alpha, h = _checkpointed_backward(
             transition, trajectory, hparams, inner_batch,
-            start=T - K, truncate=K, segment=checkpoint_segment, alpha=alpha, h=grad_hp,
+            start=T - K, truncate=K, segment=segment_length, alpha=alpha, h=grad_hp,
         )
     if K == T:  # the B0 term of Eq. 5 belongs to full RMD only
         num_param_leaves = len(tf.nest.flatten(w0))

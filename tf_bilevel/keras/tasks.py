@@ -31,6 +31,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
+from tf_bilevel import nonfinite
 from tf_bilevel.keras.data import Task
 from tf_bilevel.keras.problem import CoreBatch, KerasBilevelProblem, explain_second_order, fold_seed
 
@@ -201,9 +202,7 @@ def first_task(tasks: Task) -> Task:
 
 def earliest_marker(markers: tf.Tensor) -> tf.Tensor:
     """The earliest non-negative marker over tasks (-1 if none)."""
-    big = tf.int32.max
-    earliest = tf.reduce_min(tf.where(markers >= 0, markers, big))
-    return tf.where(earliest == big, -1, earliest)
+    return nonfinite.earliest_of(markers)
 
 
 # -- the meta-batch as one stacked bilevel problem ---------------------------------------------
@@ -387,7 +386,7 @@ class StackedTasks:
                 self.inner_loss, self.outer_loss, steps=like.steps, truncate=like.truncate,
                 estimator=like.estimator, inner_optimizer=self.problem.inner_optimizer,
                 init_params=self.init_params(), jit_compile=False, check_numerics=False,
-                per_step_batches=self.batch_at_step, checkpoint_every=like.checkpoint_every,
+                per_step_batches=self.batch_at_step, segment_length=like.segment_length,
                 backward=like.backward, memory_budget=like.memory_budget,
             )
         return self._built[key]

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 
-from tf_bilevel import diagnostics
+from tf_bilevel import diagnostics, nonfinite
 from tf_bilevel._tree import leaf_names
 from tf_bilevel.api import NonFiniteError
 from tf_bilevel.keras import conventions
@@ -407,8 +407,8 @@ class BilevelTrainerMixin:
         # Every replica must take the same decision: a failure anywhere skips the update everywhere.
         failures = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(~local_finite, tf.int32))
         finite = tf.equal(failures, 0)
-        code = tf.where(local_finite, -1, tf.where(marker >= 0, marker, self.steps + 1))
-        code = tf.reduce_max(replica.all_gather(code[None], axis=0))
+        code = nonfinite.mark(marker, [outer_value, *grads], nonfinite.at_hypergradient(self.steps))
+        code = nonfinite.earliest_of(replica.all_gather(code[None], axis=0))
         if self.on_nonfinite == "raise":
             # After a recorded failure, later steps of the same execution do not update either.
             apply = finite & (_read(self._nonfinite_at) < 0)
@@ -707,7 +707,7 @@ class BilevelTrainerMixin:
         self._nonfinite_code.assign(-1)
         raise NonFiniteError(
             f"BilevelTrainer: non-finite value at hyper-iteration {at} (trainer.meta_step): "
-            f"{self.hypergradient._describe_nonfinite(code)} The hyperparameters were not updated at that "
+            f"{nonfinite.describe(code, self.steps)} The hyperparameters were not updated at that "
             "step. Pass on_nonfinite='skip' to skip such steps and continue instead."
         )
 
