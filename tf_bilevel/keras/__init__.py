@@ -1,6 +1,7 @@
 """Keras integration: `BilevelTrainer` (Keras 3), `LegacyBilevelTrainer` (tf-keras),
-`Hyperparameter` reparametrizations, second-order-safe losses and layers
-(`BatchNormalization`), the `HyperparameterHistograms` callback and SavedModel export.
+`TrainerSpec` (their validated arguments), `Hyperparameter` reparametrizations,
+second-order-safe losses and layers (`BatchNormalization`), the `HyperparameterHistograms`
+callback and SavedModel export.
 
 `tf_bilevel.keras.legacy` (tf-keras) is imported only on first use.
 """
@@ -11,6 +12,7 @@ from tf_bilevel.keras.data import online_tasks
 from tf_bilevel.keras.export import export_hyper_model, load_hyper_model
 from tf_bilevel.keras.layers import BatchNormalization
 from tf_bilevel.keras.reparam import TRANSFORMS, Hyperparameter
+from tf_bilevel.keras.spec import TrainerSpec
 from tf_bilevel.keras.trainer import BilevelTrainer
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "HyperparameterHistograms",
     "LegacyBilevelTrainer",
     "TRANSFORMS",
+    "TrainerSpec",
     "export_hyper_model",
     "load_hyper_model",
     "losses",

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import tensorflow as tf
 
 from tf_bilevel.keras.compat import TF_KERAS, accepts_training
-from tf_bilevel.keras.reparam import Hyperparameter
 from tf_bilevel.keras.trainer_base import BilevelTrainerMixin
 
 try:
@@ -231,42 +230,10 @@ class LegacyCalls:
 
 
 class LegacyBilevelTrainer(BilevelTrainerMixin, tf_keras.Model):
-    """`tf_bilevel.BilevelTrainer` for tf-keras (Keras 2) models; same arguments and behaviour."""
+    """`tf_bilevel.BilevelTrainer` for tf-keras (Keras 2) models: the same arguments (documented
+    there, validated by `tf_bilevel.keras.spec.TrainerSpec`) and behaviour."""
 
     _calls = LegacyCalls
-
-    def __init__(
-        self,
-        inner_model: Any,
-        *,
-        inner_loss: Callable,
-        outer_loss: Callable,
-        steps: int,
-        truncate: Optional[int] = None,
-        estimator: str = "reverse",
-        hyper_model: Any = None,
-        hyperparameters: Optional[dict] = None,
-        inner_regularizer: Optional[Callable] = None,
-        proximal_strength: Optional[float] = None,
-        inner_learning_rate: Union[float, Hyperparameter, Callable] = 0.1,
-        inner_optimizer: Union[str, Callable] = "sgd",
-        inner_init: Union[str, Callable] = "fixed",
-        meta_batch: bool = False,
-        meta_batch_mode: str = "auto",
-        online: bool = False,
-        diagnostics_every: Optional[int] = None,
-        on_nonfinite: str = "raise",
-        seed: int = 0,
-        name: Optional[str] = None,
-    ):
-        super().__init__(name=name or "bilevel_trainer", dtype="float32")
-        self._init_bilevel(
-            inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps, truncate=truncate,
-            estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
-            inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
-            inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
-            meta_batch=meta_batch, meta_batch_mode=meta_batch_mode, online=online, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
-        )
 
     def _warn_inexact_second_order(self) -> None:
         # tf-keras' fused batch norm (4D/5D float16/32 inputs, the default there) has exact second
@@ -294,5 +261,3 @@ class LegacyBilevelTrainer(BilevelTrainerMixin, tf_keras.Model):
 
         return export_hyper_model(self, filepath, input_signature=input_signature, verbose=verbose)
 
-
-BilevelTrainer = LegacyBilevelTrainer

@@ -26,21 +26,18 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from tf_bilevel import _validate
 from tf_bilevel._autograph import leave_unparsable_unconverted
 from tf_bilevel.keras.data import Batch
 from tf_bilevel.keras.losses import SECOND_ORDER_HINT
-from tf_bilevel.keras.reparam import Hyperparameter, as_hyperparameter
+from tf_bilevel.keras.reparam import Hyperparameter
+from tf_bilevel.keras.spec import INNER_OPTIMIZERS, TrainerSpec
 
-INNER_INITS = ("fixed", "random", "warm_start", "learned")
-RESERVED_NAMES = ("inner_learning_rate", "centers", "strengths", "init", "features")
-INNER_OPTIMIZERS = {"sgd": tfb.sgd, "momentum": tfb.momentum, "adam": tfb.adam}
 
 
 class CoreBatch(NamedTuple):
@@ -69,11 +66,6 @@ def _num_positional_args(fn: Callable) -> int:
     return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
 
 
-def _require_callable(fn: Any, argument: str, signature: str) -> None:
-    if not callable(fn):
-        raise TypeError(f"{argument} must be a callable {signature}, got {fn!r}")
-
-
 def glorot_redraw(values: list, seed: tf.Tensor) -> list:
     """Fresh Glorot-uniform kernels (rank ≥ 2) from a stateless seed; vectors (biases, BatchNorm
     γ/β) keep their stored values. Deterministic given `seed` (no RNG state to checkpoint) for a
@@ -96,93 +88,29 @@ def glorot_redraw(values: list, seed: tf.Tensor) -> list:
 class KerasBilevelProblem:
     """Validates the Keras description and provides g, f, Ξ0 and γ for `tfb.hypergradient_fn`."""
 
-    def __init__(
-        self,
-        calls: Any,
-        inner_model: Any,
-        inner_loss: Callable,
-        outer_loss: Callable,
-        *,
-        hyper_model: Any = None,
-        hyperparameters: Optional[dict] = None,
-        inner_regularizer: Optional[Callable] = None,
-        proximal_strength: Optional[float] = None,
-        inner_learning_rate: Union[float, Hyperparameter, Callable] = 0.1,
-        inner_optimizer: Union[str, Callable] = "sgd",
-        inner_init: Union[str, Callable] = "fixed",
-        online: bool = False,
-    ):
+    def __init__(self, calls: Any, spec: TrainerSpec):
+        """`spec`: the trainer's validated arguments (`tf_bilevel.keras.spec.TrainerSpec`)."""
         self.calls = calls
-        self.online = bool(online)
+        self.online = spec.online
         self.seed_positions: list = []  # indices of RNG seed states among the inner model's non-trainable values
-        self.inner_model = inner_model
-        self.hyper_model = hyper_model
-        _require_callable(inner_loss, "inner_loss", "(y_true, y_pred[, hparams]) -> per-example losses or scalar")
-        _require_callable(outer_loss, "outer_loss", "(y_true, y_pred[, hparams]) -> per-example losses or scalar")
+        self.inner_model = spec.inner_model
+        self.hyper_model = spec.hyper_model
         # The user's functions are called from AutoGraph-converted code (Keras traces train_step
         # with AutoGraph): one it cannot parse (a lambda typed in a REPL) would log a warning.
-        self.inner_loss_fn = leave_unparsable_unconverted(inner_loss)
-        self.outer_loss_fn = leave_unparsable_unconverted(outer_loss)
-        if inner_regularizer is not None:
-            _require_callable(inner_regularizer, "inner_regularizer", "(inner_weights, hparams) -> scalar")
-        self.inner_regularizer = None if inner_regularizer is None else leave_unparsable_unconverted(inner_regularizer)
-
-        if hyperparameters is None:
-            hyperparameters = {}
-        if not isinstance(hyperparameters, dict) or not all(isinstance(k, str) for k in hyperparameters):
-            raise TypeError(
-                "hyperparameters must be a dict {name: tf_bilevel.Hyperparameter(...) (or a nested list of them)}, "
-                f"got {hyperparameters!r}"
-            )
-        clashes = sorted(set(hyperparameters) & set(RESERVED_NAMES))
-        if clashes:
-            raise ValueError(
-                f"hyperparameters: the names {clashes} are reserved ({', '.join(RESERVED_NAMES)}); rename them."
-            )
-        self.user_specs = {
-            name: tf.nest.map_structure(lambda v, n=name: as_hyperparameter(v, f"hyperparameters[{n!r}]"), value)
-            for name, value in hyperparameters.items()
-        }
-
-        if proximal_strength is not None and not (
-            _validate.is_real_number(proximal_strength) and np.isfinite(proximal_strength) and proximal_strength > 0
-        ):
-            raise ValueError(
-                f"proximal_strength must be a positive number (the initial ρ of Σ_j ρ_j‖w_j − c_j‖²), "
-                f"got {proximal_strength!r}; use None for no proximal term."
-            )
-        self.proximal_strength = proximal_strength
-
-        if not (
-            _validate.is_real_number(inner_learning_rate)
-            or isinstance(inner_learning_rate, Hyperparameter)
-            or callable(inner_learning_rate)
-        ):
-            raise TypeError(
-                "inner_learning_rate must be a positive number, a tf_bilevel.Hyperparameter (learned γ, e.g. "
-                f"Hyperparameter(0.1, transform='softplus')) or a schedule step -> γ, got {inner_learning_rate!r}"
-            )
-        if _validate.is_real_number(inner_learning_rate):
-            inner_learning_rate = _validate.learning_rate(inner_learning_rate, "inner_learning_rate")
-        self.inner_learning_rate = leave_unparsable_unconverted(inner_learning_rate)
-
+        self.inner_loss_fn = leave_unparsable_unconverted(spec.inner_loss)
+        self.outer_loss_fn = leave_unparsable_unconverted(spec.outer_loss)
+        regularizer = spec.inner_regularizer
+        self.inner_regularizer = None if regularizer is None else leave_unparsable_unconverted(regularizer)
+        self.user_specs = spec.hyperparameters
+        self.proximal_strength = spec.proximal_strength
+        self.inner_learning_rate = leave_unparsable_unconverted(spec.inner_learning_rate)
+        inner_optimizer = spec.inner_optimizer
         if isinstance(inner_optimizer, str):
-            if inner_optimizer not in INNER_OPTIMIZERS:
-                raise ValueError(
-                    f"inner_optimizer must be one of {sorted(INNER_OPTIMIZERS)} or a function "
-                    f"learning_rate -> tf_bilevel.InnerOptimizer, got {inner_optimizer!r}"
-                )
             inner_optimizer = INNER_OPTIMIZERS[inner_optimizer]
-        _require_callable(inner_optimizer, "inner_optimizer", "learning_rate -> tf_bilevel.InnerOptimizer")
         self.inner_optimizer = inner_optimizer(self._core_learning_rate())
         if not isinstance(self.inner_optimizer, tfb.InnerOptimizer):
             raise TypeError(f"inner_optimizer must return a tf_bilevel.InnerOptimizer, got {self.inner_optimizer!r}")
-
-        if not (inner_init in INNER_INITS or callable(inner_init)):
-            raise ValueError(
-                f"inner_init must be one of {INNER_INITS} or a callable (seed, stored_weights) -> weights, "
-                f"got {inner_init!r}"
-            )
+        inner_init = spec.inner_init
         self.inner_init = inner_init if isinstance(inner_init, str) else leave_unparsable_unconverted(inner_init)
 
     # -- structure of λ ---------------------------------------------------------------

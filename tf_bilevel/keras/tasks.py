@@ -27,12 +27,13 @@ reverse pass do not compile under XLA.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
 from tf_bilevel import nonfinite
 from tf_bilevel.keras.data import Task
+from tf_bilevel.keras.data import num_tasks as count_tasks
 from tf_bilevel.keras.problem import CoreBatch, KerasBilevelProblem, explain_second_order, fold_seed
 
 
@@ -58,22 +59,35 @@ class TaskResult(NamedTuple):
     inner_value: tf.Tensor  # g(w_T, λ) on the inner batch (the `inner_loss` log)
 
 
-class TaskHypergradient:
-    """d_λ f for one task, through the core estimator and the chain rule to the raw variables."""
+class TaskFunction:
+    """One per-task computation of the trainer, with what it needs fixed once the
+    hyperparameters exist: built once per trainer (`task_functions`) and reused by every
+    traced step. Subclasses define how it runs on one dataset element, for each path of
+    `run_on_element`:
+
+    * `__call__(inputs, task, seed, *extra)`: one task;
+    * `stacked(stacked, inputs, tasks, seeds, *extra)`: a meta-batch as one `StackedTasks` problem;
+    * `output_signature(inputs, task)` and `combine(per_task)`: a meta-batch through
+      `tf.map_fn` (static output specs; the per-task results stacked -> the element's result).
+    """
 
     def __init__(
         self,
         problem: KerasBilevelProblem,
         specs: dict,
-        raw_names: list,
         hypergradient: Any,
+        raw_names: Sequence[str] = (),
         reference: Optional[Any] = None,
     ):
         self.problem = problem
-        self.specs = specs
-        self.raw_names = raw_names
-        self.hypergradient = hypergradient
-        self.reference = reference
+        self.specs = specs  # the Hyperparameter specs of λ's leaves
+        self.hypergradient = hypergradient  # the core estimator of one task
+        self.raw_names = list(raw_names)  # the raw variables' names in the user's terms (errors)
+        self.reference = reference  # diagnostics: the full-RMD estimator, else None
+
+
+class TaskHypergradient(TaskFunction):
+    """d_λ f for one task, through the core estimator and the chain rule to the raw variables."""
 
     def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor, with_reference: tf.Tensor) -> TaskResult:
         problem = self.problem
@@ -108,6 +122,59 @@ class TaskHypergradient:
         return TaskResult(
             result.outer_value, list(grads), result.nonfinite_step, y_pred, hyper_state,
             list(result.final_params), list(reference), final_opt_state, inner_value,
+        )
+
+    def stacked(self, stacked: StackedTasks, inputs: StepInputs, tasks: Task, seeds: tf.Tensor,
+                with_reference: tf.Tensor) -> TaskResult:
+        """The mean hypergradient of a meta-batch through `StackedTasks` (one inner loop for all
+        tasks): a TaskResult of means over tasks (y_pred stacked [B, n, ...])."""
+        flat_raw = tf.nest.flatten(inputs.raw)
+        with tf.GradientTape(persistent=self.reference is not None) as tape:
+            tape.watch(flat_raw)
+            raw = tf.nest.pack_sequence_as(inputs.raw, flat_raw)
+            hp, hyper_states = stacked.hparams(raw, self.specs, inputs.hyper_state, tasks)
+        w0 = stacked.initial_params(inputs.stored_inner, seeds)
+        inner_batch, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
+        hypergradient = stacked.hypergradient(self.hypergradient)
+        try:
+            result = hypergradient.compute(w0, hp, inner_batch, outer_batch)
+        except LookupError as err:  # "Gradient explicitly disabled" (fused cross-entropy)
+            raise explain_second_order(err) from None
+        flat_hp = tf.nest.flatten(hp)
+        grads = tape.gradient(flat_hp, flat_raw, output_gradients=tf.nest.flatten(result.hypergrad))
+        self.check_reached(grads)
+        reference = []
+        if self.reference is not None:
+            full = stacked.hypergradient(self.reference)
+
+            def full_rmd():
+                return tf.nest.flatten(full.compute(w0, hp, inner_batch, outer_batch).hypergrad)
+
+            def skipped():
+                return [tf.zeros_like(x) for x in flat_hp]
+
+            reference = tape.gradient(flat_hp, flat_raw, output_gradients=tf.cond(with_reference, full_rmd, skipped))
+        final = list(result.final_params)
+        inner_values = stacked.inner_values(final, hp, inner_batch, self.hypergradient.steps)
+        return TaskResult(
+            result.outer_value, list(grads), result.nonfinite_step, stacked.predictions(final, hp, outer_batch),
+            mean_hyper_state(hyper_states), [tf.reduce_mean(w, axis=0) for w in final],
+            list(reference), [], tf.add_n(inner_values) / len(inner_values),
+        )
+
+    def combine(self, results: TaskResult) -> TaskResult:
+        """The per-task results of `tf.map_fn` (stacked on axis 0) -> their means over tasks
+        (y_pred stays stacked [B, n, ...]), as `stacked` returns them."""
+        return TaskResult(
+            tf.reduce_mean(results.outer_value),
+            [tf.reduce_mean(g, axis=0) for g in results.grads],
+            earliest_marker(results.nonfinite_step),
+            results.y_pred,
+            [_mean_over_tasks(x) for x in results.hyper_state],
+            [tf.reduce_mean(w, axis=0) for w in results.final_params],
+            [tf.reduce_mean(g, axis=0) for g in results.reference],
+            [],
+            tf.reduce_mean(results.inner_value),
         )
 
     def check_reached(self, grads: list) -> None:
@@ -147,13 +214,8 @@ def forward_probe(problem: KerasBilevelProblem, specs: dict, inputs: StepInputs,
     return value, _spec(y_pred), [_spec(x) for x in hyper_state], [_spec(x) for x in w0]
 
 
-class TaskEvaluation:
+class TaskEvaluation(TaskFunction):
     """f(w_T, λ), g(w_T, λ) and the outer predictions for one task: T inner steps, no tape (Keras `evaluate`)."""
-
-    def __init__(self, problem: KerasBilevelProblem, specs: dict, hypergradient: Any):
-        self.problem = problem
-        self.specs = specs
-        self.hypergradient = hypergradient
 
     def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         hp, _ = self.problem.hparams(inputs.raw, self.specs, inputs.hyper_state, task.inner, task.outer)
@@ -166,19 +228,76 @@ class TaskEvaluation:
             self.problem.predict(w_T, hp, outer_batch, "outer"),
         )
 
+    def stacked(self, stacked: StackedTasks, inputs: StepInputs, tasks: Task, seeds: tf.Tensor):
+        """(mean f, mean g, stacked outer predictions) of a meta-batch."""
+        hp, _ = stacked.hparams(inputs.raw, self.specs, inputs.hyper_state, tasks)
+        w_T = stacked_adapted(stacked, self.hypergradient, inputs, tasks, seeds, hp)
+        inner_batch, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
+        values = stacked.outer_values(w_T, hp, outer_batch)
+        inner_values = stacked.inner_values(w_T, hp, inner_batch, self.hypergradient.steps)
+        return (tf.add_n(values) / len(values), tf.add_n(inner_values) / len(inner_values),
+                stacked.predictions(w_T, hp, outer_batch))
 
-class TaskPrediction:
+    def output_signature(self, inputs: StepInputs, task: Task) -> tuple:
+        value, y_pred, _, _ = forward_probe(self.problem, self.specs, inputs, task)
+        return value, value, y_pred
+
+    def combine(self, results: tuple) -> tuple:
+        values, inner_values, y_preds = results
+        return tf.reduce_mean(values), tf.reduce_mean(inner_values), y_preds
+
+
+class TaskPrediction(TaskFunction):
     """Outer predictions of the inner model after T steps on the task's inner batch (no tape)."""
-
-    def __init__(self, problem: KerasBilevelProblem, specs: dict, hypergradient: Any):
-        self.problem = problem
-        self.specs = specs
-        self.hypergradient = hypergradient
 
     def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor) -> tf.Tensor:
         hp, _ = self.problem.hparams(inputs.raw, self.specs, inputs.hyper_state, task.inner, task.outer)
         w_T = adapted_weights(self.problem, self.hypergradient, inputs, task, seed, hp)
         return self.problem.predict(w_T, hp, self.problem.outer_batch(task.outer, inputs.inner_state, seed), "outer")
+
+    def stacked(self, stacked: StackedTasks, inputs: StepInputs, tasks: Task, seeds: tf.Tensor) -> tf.Tensor:
+        """The outer predictions of every task, stacked [B, n, ...]."""
+        hp, _ = stacked.hparams(inputs.raw, self.specs, inputs.hyper_state, tasks)
+        w_T = stacked_adapted(stacked, self.hypergradient, inputs, tasks, seeds, hp)
+        _, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
+        return stacked.predictions(w_T, hp, outer_batch)
+
+    def output_signature(self, inputs: StepInputs, task: Task) -> tf.TensorSpec:
+        return forward_probe(self.problem, self.specs, inputs, task, with_loss=False)[1]
+
+    def combine(self, results: tf.Tensor) -> tf.Tensor:
+        return results
+
+
+class TaskFunctions(NamedTuple):
+    """The trainer's three task functions (fit, evaluate, predict), sharing one setup."""
+
+    hypergradient: TaskHypergradient
+    evaluation: TaskEvaluation
+    prediction: TaskPrediction
+
+
+def task_functions(problem: KerasBilevelProblem, specs: dict, hypergradient: Any, raw_names: Sequence[str],
+                   reference: Optional[Any] = None) -> TaskFunctions:
+    """Built once, when the trainer creates its hyperparameters (`specs`, `raw_names` are known then)."""
+    return TaskFunctions(
+        TaskHypergradient(problem, specs, hypergradient, raw_names, reference),
+        TaskEvaluation(problem, specs, hypergradient),
+        TaskPrediction(problem, specs, hypergradient),
+    )
+
+
+def run_on_element(fn: TaskFunction, inputs: StepInputs, tasks: Task, seeds: tf.Tensor, path: Optional[str],
+                   *extra: Any) -> Any:
+    """`fn` on one dataset element: one task (`path` None: `seeds[0]`), or a meta-batch as one
+    stacked problem (`path` "stacked") or mapped over its tasks ("map_fn"), its results combined
+    (means over tasks, outer predictions stacked [B, n, ...]). `extra`: `fn`'s further arguments."""
+    if path is None:
+        return fn(inputs, tasks, seeds[0], *extra)
+    if path == "stacked":
+        return fn.stacked(StackedTasks(fn.problem, count_tasks(tasks)), inputs, tasks, seeds, *extra)
+    signature = fn.output_signature(inputs, first_task(tasks))
+    return fn.combine(map_tasks(lambda t, s: fn(inputs, t, s, *extra), tasks, seeds, signature))
 
 
 def adapted_weights(problem: KerasBilevelProblem, hypergradient: Any, inputs: StepInputs, task: Task, seed, hp) -> list:
@@ -196,6 +315,10 @@ def map_tasks(fn: Callable, tasks: Task, seeds: tf.Tensor, signature: Any) -> An
     return tf.map_fn(body, (tasks, seeds), fn_output_signature=signature)
 
 
+def _mean_over_tasks(x: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(x, axis=0) if x.dtype.is_floating else x[0]
+
+
 def first_task(tasks: Task) -> Task:
     return tf.nest.map_structure(lambda x: x[0], tasks)
 
@@ -207,9 +330,7 @@ def earliest_marker(markers: tf.Tensor) -> tf.Tensor:
 
 # -- the meta-batch as one stacked bilevel problem ---------------------------------------------
 
-META_BATCH_MODES = ("auto", "stacked", "map_fn")
 MAX_STACKED_TASKS = 64  # "auto" above this: the stacked graph (B model calls per step) grows with B
-BUILTIN_INNER_OPTIMIZERS = ("sgd", "momentum", "adam")  # elementwise updates: tasks stay independent
 PER_TASK_ESTIMATORS = ("reverse", "checkpointed", "forward")  # linear recursions per block of w
 
 
@@ -410,71 +531,8 @@ def mean_hyper_state(states: list) -> list:
     return [tf.add_n(list(vs)) / len(vs) if vs[0].dtype.is_floating else vs[0] for vs in zip(*states)]
 
 
-class StackedHypergradient:
-    """The mean hypergradient of a meta-batch through `StackedTasks` (one inner loop for all
-    tasks). Returns a TaskResult of means over tasks (y_pred stacked [B, n, ...])."""
-
-    def __init__(self, task_fn: TaskHypergradient, num_tasks: int):
-        self.task_fn = task_fn
-        self.stacked = StackedTasks(task_fn.problem, num_tasks)
-
-    def __call__(self, inputs: StepInputs, tasks: Task, seeds: tf.Tensor, with_reference: tf.Tensor) -> TaskResult:
-        task_fn, stacked = self.task_fn, self.stacked
-        flat_raw = tf.nest.flatten(inputs.raw)
-        with tf.GradientTape(persistent=task_fn.reference is not None) as tape:
-            tape.watch(flat_raw)
-            raw = tf.nest.pack_sequence_as(inputs.raw, flat_raw)
-            hp, hyper_states = stacked.hparams(raw, task_fn.specs, inputs.hyper_state, tasks)
-        w0 = stacked.initial_params(inputs.stored_inner, seeds)
-        inner_batch, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
-        hypergradient = stacked.hypergradient(task_fn.hypergradient)
-        try:
-            result = hypergradient.compute(w0, hp, inner_batch, outer_batch)
-        except LookupError as err:  # "Gradient explicitly disabled" (fused cross-entropy)
-            raise explain_second_order(err) from None
-        flat_hp = tf.nest.flatten(hp)
-        grads = tape.gradient(flat_hp, flat_raw, output_gradients=tf.nest.flatten(result.hypergrad))
-        task_fn.check_reached(grads)
-        reference = []
-        if task_fn.reference is not None:
-            full = stacked.hypergradient(task_fn.reference)
-
-            def full_rmd():
-                return tf.nest.flatten(full.compute(w0, hp, inner_batch, outer_batch).hypergrad)
-
-            def skipped():
-                return [tf.zeros_like(x) for x in flat_hp]
-
-            reference = tape.gradient(flat_hp, flat_raw, output_gradients=tf.cond(with_reference, full_rmd, skipped))
-        final = list(result.final_params)
-        inner_values = stacked.inner_values(final, hp, inner_batch, task_fn.hypergradient.steps)
-        return TaskResult(
-            result.outer_value, list(grads), result.nonfinite_step, stacked.predictions(final, hp, outer_batch),
-            mean_hyper_state(hyper_states), [tf.reduce_mean(w, axis=0) for w in final],
-            list(reference), [], tf.add_n(inner_values) / len(inner_values),
-        )
-
-
 def stacked_adapted(stacked: StackedTasks, hypergradient: Any, inputs: StepInputs, tasks: Task, seeds, hp) -> list:
     """w_T of every task from one stacked inner loop (no tape)."""
     inner_batch, _ = stacked.batches(tasks, inputs.inner_state, seeds)
     w0 = stacked.initial_params(inputs.stored_inner, seeds)
     return list(stacked.hypergradient(hypergradient).solve_uncompiled(w0, hp, inner_batch))
-
-
-def stacked_evaluation(stacked: StackedTasks, specs: dict, hypergradient: Any, inputs: StepInputs, tasks: Task, seeds):
-    """(mean f, mean g, stacked outer predictions) of a meta-batch (Keras `evaluate`)."""
-    hp, _ = stacked.hparams(inputs.raw, specs, inputs.hyper_state, tasks)
-    w_T = stacked_adapted(stacked, hypergradient, inputs, tasks, seeds, hp)
-    inner_batch, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
-    values = stacked.outer_values(w_T, hp, outer_batch)
-    inner_values = stacked.inner_values(w_T, hp, inner_batch, hypergradient.steps)
-    return (tf.add_n(values) / len(values), tf.add_n(inner_values) / len(inner_values),
-            stacked.predictions(w_T, hp, outer_batch))
-
-
-def stacked_prediction(stacked: StackedTasks, specs: dict, hypergradient: Any, inputs: StepInputs, tasks: Task, seeds):
-    hp, _ = stacked.hparams(inputs.raw, specs, inputs.hyper_state, tasks)
-    w_T = stacked_adapted(stacked, hypergradient, inputs, tasks, seeds, hp)
-    _, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
-    return stacked.predictions(w_T, hp, outer_batch)

@@ -3,14 +3,11 @@ Keras 3 model whose `fit` runs hyper-iterations."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
-
 import keras
 import tensorflow as tf
 
 from tf_bilevel.keras.compat import Keras3Calls
 from tf_bilevel.keras.layers import warn_inexact_batch_normalization
-from tf_bilevel.keras.reparam import Hyperparameter
 from tf_bilevel.keras.trainer_base import BilevelTrainerMixin
 
 
@@ -109,40 +106,7 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
     (no XLA:CPU kernels for collectives): use `jit_compile=False` there.
     """
 
-    _calls = Keras3Calls
-
-    def __init__(
-        self,
-        inner_model: keras.layers.Layer,
-        *,
-        inner_loss: Callable,
-        outer_loss: Callable,
-        steps: int,
-        truncate: Optional[int] = None,
-        estimator: str = "reverse",
-        hyper_model: Optional[keras.layers.Layer] = None,
-        hyperparameters: Optional[dict] = None,
-        inner_regularizer: Optional[Callable] = None,
-        proximal_strength: Optional[float] = None,
-        inner_learning_rate: Union[float, Hyperparameter, Callable] = 0.1,
-        inner_optimizer: Union[str, Callable] = "sgd",
-        inner_init: Union[str, Callable] = "fixed",
-        meta_batch: bool = False,
-        meta_batch_mode: str = "auto",
-        online: bool = False,
-        diagnostics_every: Optional[int] = None,
-        on_nonfinite: str = "raise",
-        seed: int = 0,
-        name: Optional[str] = None,
-    ):
-        super().__init__(name=name or "bilevel_trainer", dtype="float32")
-        self._init_bilevel(
-            inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps, truncate=truncate,
-            estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
-            inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
-            inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
-            meta_batch=meta_batch, meta_batch_mode=meta_batch_mode, online=online, diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
-        )
+    _calls = Keras3Calls  # the constructor (BilevelTrainerMixin.__init__) forwards into a TrainerSpec
 
     def train_step(self, data):
         return _for_multi_worker_reduction(super().train_step(data))

@@ -15,7 +15,7 @@ non-finite record.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -26,35 +26,22 @@ from tf_bilevel.api import NonFiniteError
 from tf_bilevel.keras import conventions
 from tf_bilevel.keras import data as data_lib
 from tf_bilevel.keras.problem import KerasBilevelProblem
+from tf_bilevel.keras.reparam import Hyperparameter
+from tf_bilevel.keras.spec import TrainerSpec
 from tf_bilevel.keras.tasks import (
-    BUILTIN_INNER_OPTIMIZERS,
-    TaskResult,
-    META_BATCH_MODES,
-    StackedHypergradient,
-    StackedTasks,
     StepInputs,
-    TaskEvaluation,
-    TaskHypergradient,
-    TaskPrediction,
-    earliest_marker,
-    first_task,
-    forward_probe,
-    map_tasks,
+    TaskFunction,
+    TaskResult,
     choose_meta_batch_path,
-    stacked_evaluation,
-    stacked_prediction,
+    run_on_element,
+    task_functions,
 )
 
-ON_NONFINITE = ("raise", "skip")
 _TRAIN_ONLY_METRICS = ("hypergradient_norm", "cosine_to_full_rmd", "relative_error_to_full_rmd", "skipped_updates")
 
 
 def _read(variable: Any) -> tf.Tensor:
     return tf.convert_to_tensor(variable)
-
-
-def _mean_over_tasks(x: tf.Tensor) -> tf.Tensor:
-    return tf.reduce_mean(x, axis=0) if x.dtype.is_floating else x[0]
 
 
 def _merge_task_axis(x: tf.Tensor) -> tf.Tensor:
@@ -66,115 +53,69 @@ def _all_finite(tensors: list) -> tf.Tensor:
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
 
 
-def _check_online_arguments(online: Any, *, meta_batch: Any, inner_init: Any, hyper_model: Any) -> None:
-    if not isinstance(online, bool):
-        raise TypeError(f"online must be True or False, got {online!r}")
-    if not online:
-        return
-    if meta_batch:
-        raise ValueError(
-            "online=True trains one model on one stream of minibatches: meta_batch=True (a stack of "
-            "independent tasks per element) does not apply. Use meta_batch=False."
-        )
-    if inner_init != "fixed":
-        raise ValueError(
-            f"online=True continues from the inner model's current weights, so inner_init={inner_init!r} "
-            "does not apply: leave inner_init at its default ('fixed')."
-        )
-    if hyper_model is not None:
-        raise ValueError(
-            "online=True does not support a hyper_model yet (it would be applied to every inner "
-            "minibatch); learn named hyperparameters=..., or use online=False for a meta-learned representation."
-        )
-
-
 def _variable_name(path: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]+", "_", path).strip("_")
 
 
 class BilevelTrainerMixin:
-    """Shared implementation; see `tf_bilevel.BilevelTrainer` for the public documentation."""
+    """Shared implementation, the constructor included (both flavors take the same arguments);
+    see `tf_bilevel.BilevelTrainer` for the public documentation."""
 
     _calls: Any = None  # the flavor's functional-call adapter (compat.Keras3Calls / legacy.LegacyCalls)
 
     # -- construction ---------------------------------------------------------------------
-    def _init_bilevel(
+    def __init__(
         self,
         inner_model: Any,
         *,
-        inner_loss: Any,
-        outer_loss: Any,
+        inner_loss: Callable,
+        outer_loss: Callable,
         steps: int,
-        truncate: Optional[int],
-        estimator: str,
-        hyper_model: Any,
-        hyperparameters: Optional[dict],
-        inner_regularizer: Any,
-        proximal_strength: Optional[float],
-        inner_learning_rate: Any,
-        inner_optimizer: Any,
-        inner_init: Any,
-        meta_batch: bool,
-        online: bool,
+        truncate: Optional[int] = None,
+        estimator: str = "reverse",
+        hyper_model: Any = None,
+        hyperparameters: Optional[dict] = None,
+        inner_regularizer: Optional[Callable] = None,
+        proximal_strength: Optional[float] = None,
+        inner_learning_rate: Union[float, Hyperparameter, Callable] = 0.1,
+        inner_optimizer: Union[str, Callable] = "sgd",
+        inner_init: Union[str, Callable] = "fixed",
+        meta_batch: bool = False,
         meta_batch_mode: str = "auto",
-        diagnostics_every: Optional[int],
-        on_nonfinite: str,
-        seed: int,
-    ) -> None:
-        from tf_bilevel.keras.compat import require_layer
+        online: bool = False,
+        diagnostics_every: Optional[int] = None,
+        on_nonfinite: str = "raise",
+        seed: int = 0,
+        name: Optional[str] = None,
+    ):
+        """The arguments are documented in `tf_bilevel.BilevelTrainer` and validated, once, by
+        `tf_bilevel.keras.spec.TrainerSpec` (held as `trainer.spec`)."""
+        super().__init__(name=name or "bilevel_trainer", dtype="float32")
+        self._init_bilevel(TrainerSpec(
+            self._calls.flavor, inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps,
+            truncate=truncate, estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
+            inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
+            inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
+            meta_batch=meta_batch, meta_batch_mode=meta_batch_mode, online=online,
+            diagnostics_every=diagnostics_every, on_nonfinite=on_nonfinite, seed=seed,
+        ))
 
-        require_layer(inner_model, "inner_model", self._calls.flavor)
-        if hyper_model is not None:
-            require_layer(hyper_model, "hyper_model", self._calls.flavor)
-            if hyper_model is inner_model:
-                raise ValueError("hyper_model and inner_model must be different layers (λ and w are disjoint)")
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(
-                f"on_nonfinite must be 'raise' (stop with an error naming the step) or 'skip' (skip the "
-                f"hyperparameter update of that step), got {on_nonfinite!r}"
-            )
-        if diagnostics_every is not None and (
-            isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int) or diagnostics_every < 1
-        ):
-            raise ValueError(
-                f"diagnostics_every must be None or a positive int (compare with full RMD every N steps), "
-                f"got {diagnostics_every!r}"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be a Python int, got {seed!r}")
-        _check_online_arguments(online, meta_batch=meta_batch, inner_init=inner_init, hyper_model=hyper_model)
-        if meta_batch_mode not in META_BATCH_MODES:
-            raise ValueError(
-                f"meta_batch_mode must be one of {META_BATCH_MODES} ('auto': one stacked inner loop for all "
-                f"tasks where that computes the same mean, else tf.map_fn), got {meta_batch_mode!r}"
-            )
-        self.meta_batch_mode = meta_batch_mode
-        self._builtin_inner_optimizer = isinstance(inner_optimizer, str) and inner_optimizer in BUILTIN_INNER_OPTIMIZERS
+    def _init_bilevel(self, spec: TrainerSpec) -> None:
+        self.spec = spec
         # The path the last traced meta-batch step took ("stacked" | "map_fn"); None before.
         self.meta_batch_path: Optional[str] = None
-        self.problem = KerasBilevelProblem(
-            self._calls, inner_model, inner_loss, outer_loss,
-            hyper_model=hyper_model, hyperparameters=hyperparameters, inner_regularizer=inner_regularizer,
-            proximal_strength=proximal_strength, inner_learning_rate=inner_learning_rate,
-            inner_optimizer=inner_optimizer, inner_init=inner_init, online=online,
-        )
+        self.problem = KerasBilevelProblem(self._calls, spec)
         # Validates steps / truncate / estimator now, with the core's messages.
         self.hypergradient = self.problem.build_hypergradient(
-            steps=steps, truncate=truncate, estimator=estimator, check_numerics=False
+            steps=spec.steps, truncate=spec.truncate, estimator=spec.estimator, check_numerics=False
         )
         self.reference_hypergradient = (
-            self.problem.build_hypergradient(steps=steps, truncate=None, estimator="reverse", check_numerics=False)
-            if diagnostics_every is not None
+            self.problem.build_hypergradient(steps=spec.steps, truncate=None, estimator="reverse", check_numerics=False)
+            if spec.diagnostics_every is not None
             else None
         )
-        self.inner_model = inner_model
-        self.hyper_model = hyper_model
-        self.steps, self.truncate, self.estimator = steps, self.hypergradient.truncate, estimator
-        self.meta_batch = bool(meta_batch)
-        self.online = bool(online)
-        self.diagnostics_every = diagnostics_every
-        self.on_nonfinite = on_nonfinite
-        self.seed = seed
+        self.inner_model = spec.inner_model
+        self.hyper_model = spec.hyper_model
         self._hyperparameters_created = False
         self._built_state = _Untracked()  # raw λ variables, specs, names: kept out of Keras' tracking
 
@@ -195,10 +136,10 @@ class BilevelTrainerMixin:
         self._norm_metric = metrics.Mean(name="hypergradient_norm")
         self._diagnostic_metrics = (
             [metrics.Mean(name="cosine_to_full_rmd"), metrics.Mean(name="relative_error_to_full_rmd")]
-            if diagnostics_every is not None
+            if spec.diagnostics_every is not None
             else []
         )
-        self._skipped_metric = metrics.Sum(name="skipped_updates") if on_nonfinite == "skip" else None
+        self._skipped_metric = metrics.Sum(name="skipped_updates") if spec.on_nonfinite == "skip" else None
 
     # -- public helpers -----------------------------------------------------------------
     @property
@@ -233,9 +174,9 @@ class BilevelTrainerMixin:
         gives the trained weights w_T of a task. With online=True the inner model is trained
         in place: use `inner_model` directly."""
         self._require_built("adapted_inner_model")
-        if self.online:
+        if self.spec.online:
             raise ValueError("adapted_inner_model: with online=True the inner model itself is trained; use trainer.inner_model")
-        if self.meta_batch:
+        if self.spec.meta_batch:
             raise ValueError("adapted_inner_model takes one task's inner batch (x, y); with meta_batch=True pass task i's tensors")
         batch = data_lib.as_inner_batch(inner_data, "adapted_inner_model(inner_data)")
         trained = self._adapt_function(batch)
@@ -291,16 +232,16 @@ class BilevelTrainerMixin:
         """Builds the models, the hyperparameter variables, the compiled metrics and the outer
         optimizer from a dataset's `element_spec` (done automatically by fit/evaluate/predict)."""
         task = data_lib.parse_task(element_spec)
-        if self.meta_batch:
+        if self.spec.meta_batch:
             data_lib.num_tasks(task)
             task = data_lib.unstack_spec(task)
-        if self.online:
+        if self.spec.online:
             if self.distribute_strategy.num_replicas_in_sync > 1:
                 raise ValueError(
                     "online=True runs under a single replica for now: the per-replica split of an element "
                     "would cut its step axis. Create the trainer outside the multi-device strategy."
                 )
-            data_lib.check_online_spec(task, self.steps)
+            data_lib.check_online_spec(task, self.spec.steps)
             task = data_lib.Task(data_lib.unstack_spec(task.inner), task.outer)
         # Variables are created in the strategy the trainer was created under (tf.distribute).
         with self.distribute_strategy.scope():
@@ -388,96 +329,24 @@ class BilevelTrainerMixin:
 
     # -- steps -----------------------------------------------------------------------------
     def train_step(self, data):
+        """One hyper-iteration: the element's hypergradient, the (cross-replica) decision to
+        apply it, the update of λ and of the trainer's state, then the metrics."""
         task = data_lib.parse_task(data)
-        inputs = self._step_inputs()
         step = _read(self.meta_step)
-        with_reference = (
-            tf.equal(step % self.diagnostics_every, 0) if self.diagnostics_every is not None else tf.constant(False)
-        )
-        result = self._element_hypergradient(task, inputs, step, with_reference)
-        outer_value, inner_value, grads, reference = result.outer_value, result.inner_value, result.grads, result.reference
-        marker, hyper_state, final_params, y_pred = result.nonfinite_step, result.hyper_state, result.final_params, result.y_pred
-        y_true, sample_weight = task.outer.y, task.outer.weights
-        if self.meta_batch:
-            y_true = _merge_task_axis(y_true)
-            sample_weight = None if sample_weight is None else _merge_task_axis(sample_weight)
-
-        replica = tf.distribute.get_replica_context()
-        local_finite = (marker < 0) & tf.math.is_finite(outer_value) & _all_finite(grads)
-        # Every replica must take the same decision: a failure anywhere skips the update everywhere.
-        failures = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(~local_finite, tf.int32))
-        finite = tf.equal(failures, 0)
-        code = nonfinite.mark(marker, [outer_value, *grads], nonfinite.at_hypergradient(self.steps))
-        code = nonfinite.earliest_of(replica.all_gather(code[None], axis=0))
-        if self.on_nonfinite == "raise":
-            # After a recorded failure, later steps of the same execution do not update either.
-            apply = finite & (_read(self._nonfinite_at) < 0)
-            failed_now = ~finite & (_read(self._nonfinite_at) < 0)
-            self._nonfinite_at.assign(tf.where(failed_now, step, _read(self._nonfinite_at)))
-            self._nonfinite_code.assign(tf.where(failed_now, code, _read(self._nonfinite_code)))
-        else:
-            apply = finite
-            self._skipped_metric.update_state(tf.cast(~finite, tf.float32))
-
-        # Mean over tasks here; the optimizer all-reduces a SUM over replicas: scale by 1/R.
-        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        scaled = [g / tf.cast(num_replicas, g.dtype) for g in grads]
-        self._apply_if(apply, scaled)
-        self._update_hyper_state(apply, hyper_state, replica)
-        if self.problem.inner_init == "warm_start" or self.online:
-            self._update_stored_inner(apply, final_params, replica)
-        if self.online:
-            for variable, value in zip(self._built_state.inner_opt_vars, result.final_opt_state):
-                variable.assign(tf.where(apply, value, _read(variable)))
+        with_reference = self._diagnostics_due(step)
+        result = self._element_hypergradient(task, step, with_reference)
+        apply, finite = self._decide_update(result.nonfinite_step, result.outer_value, result.grads, step)
+        self._apply_update(apply, result)
         # Only once this step's element has arrived: a `resumable` stream reads meta_step when it
         # starts, and nothing else orders the increment after the iterator's get_next.
         with tf.control_dependencies([tf.nest.flatten(data)[0]]):
             self.meta_step.assign_add(1)
+        return self._update_train_metrics(finite, task, result, with_reference)
 
-        if num_replicas > 1:  # report the norm / diagnostics of the global (all-replica) mean
-            grads = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
-            reference = replica.all_reduce(tf.distribute.ReduceOp.MEAN, reference) if reference else reference
-        weight = tf.cast(finite, tf.float32)
-        self._update_loss_metrics(finite, outer_value, inner_value)
-        self._norm_metric.update_state(
-            tf.where(finite, tf.cast(diagnostics.global_norm(grads), tf.float32), 0.0), sample_weight=weight
-        )
-        if reference:
-            computed = weight * tf.cast(with_reference, tf.float32)
-            cosine = tf.cast(diagnostics.cosine_similarity(grads, reference), tf.float32)
-            rel_error = tf.cast(diagnostics.relative_error(grads, reference), tf.float32)
-            self._diagnostic_metrics[0].update_state(tf.where(computed > 0, cosine, 0.0), sample_weight=computed)
-            self._diagnostic_metrics[1].update_state(tf.where(computed > 0, rel_error, 0.0), sample_weight=computed)
-        logs = self._compute_metrics_if(finite, y_true, y_pred, sample_weight)
-        return {**logs, **conventions.scalar_hyperparameter_logs(self.hyperparameter_values())}
-
-    def _element_hypergradient(self, task: data_lib.Task, inputs: StepInputs, step: tf.Tensor,
-                               with_reference: tf.Tensor) -> TaskResult:
+    def _element_hypergradient(self, task: data_lib.Task, step: tf.Tensor, with_reference: tf.Tensor) -> TaskResult:
         """One element's hypergradient (the mean over its tasks), f, g, w_T, the hyper model's
-        state and the outer predictions (tasks merged on axis 0), nothing updated."""
-        state = self._built_state
-        task_fn = TaskHypergradient(
-            self.problem, state.specs, state.raw_names, self.hypergradient, self.reference_hypergradient
-        )
-        if not self.meta_batch:
-            return task_fn(inputs, task, self._task_seeds(task, step)[0], with_reference)
-        seeds = self._task_seeds(task, step)
-        if self._choose_meta_batch_path(task) == "stacked":
-            result = StackedHypergradient(task_fn, data_lib.num_tasks(task))(inputs, task, seeds, with_reference)
-            return result._replace(y_pred=_merge_task_axis(result.y_pred))
-        signature = task_fn.output_signature(inputs, first_task(task))
-        results = map_tasks(lambda t, s: task_fn(inputs, t, s, with_reference), task, seeds, signature)
-        return TaskResult(
-            tf.reduce_mean(results.outer_value),
-            [tf.reduce_mean(g, axis=0) for g in results.grads],
-            earliest_marker(results.nonfinite_step),
-            _merge_task_axis(results.y_pred),
-            [_mean_over_tasks(x) for x in results.hyper_state],
-            [tf.reduce_mean(w, axis=0) for w in results.final_params],
-            [tf.reduce_mean(g, axis=0) for g in results.reference],
-            [],
-            tf.reduce_mean(results.inner_value),
-        )
+        state and the outer predictions (stacked [B, n, ...] with meta_batch), nothing updated."""
+        return self._run_tasks(self._built_state.tasks.hypergradient, task, step, with_reference)
 
     def hypergradient_of(self, data: Any) -> list:
         """The hypergradient d f / dν that `fit` would apply for one dataset element (the mean
@@ -491,7 +360,7 @@ class BilevelTrainerMixin:
         if fn is None:
             def compute(data):
                 task = data_lib.parse_task(data)
-                return self._element_hypergradient(task, self._step_inputs(), _read(self.meta_step), tf.constant(False)).grads
+                return self._element_hypergradient(task, _read(self.meta_step), tf.constant(False)).grads
 
             fn = state.hypergradient_of_fn = tf.function(
                 compute, jit_compile=bool(getattr(self, "jit_compile", False)), autograph=False
@@ -500,26 +369,9 @@ class BilevelTrainerMixin:
 
     def test_step(self, data):
         task = data_lib.parse_task(data)
-        inputs = self._step_inputs()
-        evaluate = TaskEvaluation(self.problem, self._built_state.specs, self.hypergradient)
-        seeds = self._task_seeds(task, tf.constant(-1, tf.int64))
-        if self.meta_batch and self._choose_meta_batch_path(task) == "stacked":
-            stacked = StackedTasks(self.problem, data_lib.num_tasks(task))
-            value, inner_value, y_preds = stacked_evaluation(
-                stacked, self._built_state.specs, self.hypergradient, inputs, task, seeds
-            )
-            y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(y_preds)
-            sample_weight = None if task.outer.weights is None else _merge_task_axis(task.outer.weights)
-        elif self.meta_batch:
-            probe = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task))
-            signature = (probe[0], probe[0], probe[1])
-            values, inner_values, y_preds = map_tasks(lambda t, s: evaluate(inputs, t, s), task, seeds, signature)
-            value, inner_value = tf.reduce_mean(values), tf.reduce_mean(inner_values)
-            y_true, y_pred = _merge_task_axis(task.outer.y), _merge_task_axis(y_preds)
-            sample_weight = None if task.outer.weights is None else _merge_task_axis(task.outer.weights)
-        else:
-            value, inner_value, y_pred = evaluate(inputs, task, seeds[0])
-            y_true, sample_weight = task.outer.y, task.outer.weights
+        evaluation = self._built_state.tasks.evaluation
+        value, inner_value, y_pred = self._run_tasks(evaluation, task, tf.constant(-1, tf.int64))
+        y_true, y_pred, sample_weight = self._outer_targets(task, y_pred)
         self._update_loss_metrics(tf.constant(True), value, inner_value)
         logs = self.compute_metrics(None, y_true, y_pred, sample_weight)
         return {k: v for k, v in logs.items() if k not in _TRAIN_ONLY_METRICS}
@@ -534,7 +386,83 @@ class BilevelTrainerMixin:
         self._require_built("call")
         return self._adapted_predictions(inputs)
 
-    # -- internals --------------------------------------------------------------------------
+    # -- the steps' parts ---------------------------------------------------------------------
+    def _run_tasks(self, fn: TaskFunction, task: data_lib.Task, step: tf.Tensor, *extra: Any) -> Any:
+        """`fn` on this element with the seeds of `step`: one task, or the meta-batch on the
+        path `_choose_meta_batch_path` picks (see `tasks.run_on_element`)."""
+        inputs = self._step_inputs()
+        seeds = self._task_seeds(task, step)
+        path = self._choose_meta_batch_path(task) if self.spec.meta_batch else None
+        return run_on_element(fn, inputs, task, seeds, path, *extra)
+
+    def _diagnostics_due(self, step: tf.Tensor) -> tf.Tensor:
+        """Whether this step also computes the full-RMD hypergradient (`diagnostics_every`)."""
+        every = self.spec.diagnostics_every
+        return tf.equal(step % every, 0) if every is not None else tf.constant(False)
+
+    def _decide_update(self, marker: tf.Tensor, outer_value: tf.Tensor, grads: list,
+                       step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(apply, finite): whether to update λ at this step, and whether the step was finite on
+        every replica. on_nonfinite="raise" records the first failure (step and marker) for
+        `_raise_if_nonfinite`; later steps of the same execution do not update either."""
+        replica = tf.distribute.get_replica_context()
+        local_finite = (marker < 0) & tf.math.is_finite(outer_value) & _all_finite(grads)
+        # Every replica must take the same decision: a failure anywhere skips the update everywhere.
+        failures = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(~local_finite, tf.int32))
+        finite = tf.equal(failures, 0)
+        code = nonfinite.mark(marker, [outer_value, *grads], nonfinite.at_hypergradient(self.spec.steps))
+        code = nonfinite.earliest_of(replica.all_gather(code[None], axis=0))
+        if self.spec.on_nonfinite != "raise":
+            return finite, finite
+        # After a recorded failure, later steps of the same execution do not update either.
+        apply = finite & (_read(self._nonfinite_at) < 0)
+        failed_now = ~finite & (_read(self._nonfinite_at) < 0)
+        self._nonfinite_at.assign(tf.where(failed_now, step, _read(self._nonfinite_at)))
+        self._nonfinite_code.assign(tf.where(failed_now, code, _read(self._nonfinite_code)))
+        return apply, finite
+
+    def _apply_update(self, apply: tf.Tensor, result: TaskResult) -> None:
+        """When `apply`: λ (the outer optimizer), the hyper model's BatchNorm statistics and, with
+        inner_init="warm_start" or online, the stored inner weights (online: and the inner
+        optimizer's state). Otherwise nothing changes."""
+        replica = tf.distribute.get_replica_context()
+        # Mean over tasks here; the optimizer all-reduces a SUM over replicas: scale by 1/R.
+        num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        scaled = [g / tf.cast(num_replicas, g.dtype) for g in result.grads]
+        self._apply_if(apply, scaled)
+        self._update_hyper_state(apply, result.hyper_state, replica)
+        if self.problem.inner_init == "warm_start" or self.spec.online:
+            self._update_stored_inner(apply, result.final_params, replica)
+        if self.spec.online:
+            for variable, value in zip(self._built_state.inner_opt_vars, result.final_opt_state):
+                variable.assign(tf.where(apply, value, _read(variable)))
+
+    def _update_train_metrics(self, finite: tf.Tensor, task: data_lib.Task, result: TaskResult,
+                              with_reference: tf.Tensor) -> dict:
+        """The step's logs: f, g, ‖hypergradient‖, the diagnostics, the skipped count, the
+        compiled metrics (a non-finite step counts for nothing) and the scalar λ."""
+        grads, reference = result.grads, result.reference
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1:  # the global (all-replica) mean
+            replica = tf.distribute.get_replica_context()
+            grads = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
+            reference = replica.all_reduce(tf.distribute.ReduceOp.MEAN, reference) if reference else reference
+        if self._skipped_metric is not None:
+            self._skipped_metric.update_state(tf.cast(~finite, tf.float32))
+        weight = tf.cast(finite, tf.float32)
+        self._update_loss_metrics(finite, result.outer_value, result.inner_value)
+        self._norm_metric.update_state(
+            tf.where(finite, tf.cast(diagnostics.global_norm(grads), tf.float32), 0.0), sample_weight=weight
+        )
+        if reference:
+            computed = weight * tf.cast(with_reference, tf.float32)
+            cosine = tf.cast(diagnostics.cosine_similarity(grads, reference), tf.float32)
+            rel_error = tf.cast(diagnostics.relative_error(grads, reference), tf.float32)
+            self._diagnostic_metrics[0].update_state(tf.where(computed > 0, cosine, 0.0), sample_weight=computed)
+            self._diagnostic_metrics[1].update_state(tf.where(computed > 0, rel_error, 0.0), sample_weight=computed)
+        y_true, y_pred, sample_weight = self._outer_targets(task, result.y_pred)
+        logs = self._compute_metrics_if(finite, y_true, y_pred, sample_weight)
+        return {**logs, **conventions.scalar_hyperparameter_logs(self.hyperparameter_values())}
+
     def _update_loss_metrics(self, finite: tf.Tensor, outer_value: tf.Tensor, inner_value: tf.Tensor) -> None:
         """loss = outer_loss = f(w_T, λ), inner_loss = g(w_T, λ); a non-finite step counts for nothing."""
         weight = tf.cast(finite, tf.float32)
@@ -542,28 +470,28 @@ class BilevelTrainerMixin:
                               (self._inner_loss_metric, inner_value)):
             metric.update_state(tf.where(finite, tf.cast(value, tf.float32), 0.0), sample_weight=weight)
 
+    def _outer_targets(self, task: data_lib.Task, y_pred: tf.Tensor) -> tuple:
+        """(y_true, y_pred, sample_weight) of the outer batch for the compiled metrics; with
+        meta_batch, the tasks merged into one batch ([B, n, ...] -> [B·n, ...])."""
+        y_true, sample_weight = task.outer.y, task.outer.weights
+        if not self.spec.meta_batch:
+            return y_true, y_pred, sample_weight
+        sample_weight = None if sample_weight is None else _merge_task_axis(sample_weight)
+        return _merge_task_axis(y_true), _merge_task_axis(y_pred), sample_weight
+
     def _warn_inexact_second_order(self) -> None:
         """Warns (once, when the trainer builds) about inner-model layers whose second derivatives
         are inexact (per flavor). Only the inner model matters: the hyper model is applied outside
         the inner loop and differentiated once (d_λ f = (∂φ/∂λ)ᵀ d_φ f)."""
 
     def _adapted_predictions(self, data):
-        task = self._as_task(data)
-        inputs = self._step_inputs()
-        predict = TaskPrediction(self.problem, self._built_state.specs, self.hypergradient)
-        seeds = self._task_seeds(task, tf.constant(-1, tf.int64))
-        if not self.meta_batch:
-            return predict(inputs, task, seeds[0])
-        if self._choose_meta_batch_path(task) == "stacked":
-            stacked = StackedTasks(self.problem, data_lib.num_tasks(task))
-            return stacked_prediction(stacked, self._built_state.specs, self.hypergradient, inputs, task, seeds)
-        signature = forward_probe(self.problem, self._built_state.specs, inputs, first_task(task), with_loss=False)[1]
-        return map_tasks(lambda t, s: predict(inputs, t, s), task, seeds, signature)
+        return self._run_tasks(self._built_state.tasks.prediction, self._as_task(data), tf.constant(-1, tf.int64))
 
     def _choose_meta_batch_path(self, task: data_lib.Task) -> str:
         """"stacked" or "map_fn" for this (traced) meta-batch; recorded in `meta_batch_path`."""
+        spec = self.spec
         self.meta_batch_path = choose_meta_batch_path(
-            self.meta_batch_mode, data_lib.num_tasks(task), self.estimator, self._builtin_inner_optimizer
+            spec.meta_batch_mode, data_lib.num_tasks(task), spec.estimator, spec.builtin_inner_optimizer
         )
         return self.meta_batch_path
 
@@ -599,7 +527,10 @@ class BilevelTrainerMixin:
         state.raw_names = [f"hyper_model weight {v.name!r}" for v in hyper_vars] + [
             _describe_leaf(name) for name in names
         ]
-        state.inner_opt_vars = self._create_inner_optimizer_state() if self.online else []
+        state.inner_opt_vars = self._create_inner_optimizer_state() if self.spec.online else []
+        state.tasks = task_functions(
+            self.problem, state.specs, self.hypergradient, state.raw_names, self.reference_hypergradient
+        )
         if not tf.nest.flatten(state.raw):
             raise ValueError(
                 "there are no hyperparameters to learn: pass a hyper_model (with trainable weights), "
@@ -629,7 +560,7 @@ class BilevelTrainerMixin:
         hyper_state = [_read(v) for v in self._calls.non_trainable(self.hyper_model)] if self.hyper_model is not None else []
         stored = [_read(v) for v in self._calls.trainable(self.inner_model)]
         opt_state = None
-        if self.online:
+        if self.spec.online:
             opt_state = tf.nest.pack_sequence_as(
                 self._built_state.inner_opt_structure, [_read(v) for v in self._built_state.inner_opt_vars]
             )
@@ -638,11 +569,11 @@ class BilevelTrainerMixin:
     def _task_seeds(self, task: data_lib.Task, step: tf.Tensor) -> tf.Tensor:
         """Stateless seeds fold_in(fold_in((seed, 0), step), global task index), one per task."""
         leaf = tf.nest.flatten(task.inner)[0]
-        count = (leaf.shape[0] or tf.shape(leaf)[0]) if self.meta_batch else 1
+        count = (leaf.shape[0] or tf.shape(leaf)[0]) if self.spec.meta_batch else 1
         replica = tf.distribute.get_replica_context()
         offset = tf.cast(replica.replica_id_in_sync_group, tf.int64) * tf.cast(count, tf.int64)
         step_seed = tf.random.experimental.stateless_fold_in(
-            tf.constant([self.seed, 0], tf.int64), tf.cast(step, tf.int64), alg="philox"
+            tf.constant([self.spec.seed, 0], tf.int64), tf.cast(step, tf.int64), alg="philox"
         )
         indices = offset + tf.range(tf.cast(count, tf.int64), dtype=tf.int64)
         return tf.map_fn(
@@ -697,7 +628,7 @@ class BilevelTrainerMixin:
             variable.assign(tf.where(apply, value, _read(variable)))
 
     def _raise_if_nonfinite(self) -> None:
-        if self.on_nonfinite != "raise":
+        if self.spec.on_nonfinite != "raise":
             return
         at = int(self._nonfinite_at.numpy())
         if at < 0:
@@ -707,7 +638,7 @@ class BilevelTrainerMixin:
         self._nonfinite_code.assign(-1)
         raise NonFiniteError(
             f"BilevelTrainer: non-finite value at hyper-iteration {at} (trainer.meta_step): "
-            f"{nonfinite.describe(code, self.steps)} The hyperparameters were not updated at that "
+            f"{nonfinite.describe(code, self.spec.steps)} The hyperparameters were not updated at that "
             "step. Pass on_nonfinite='skip' to skip such steps and continue instead."
         )
 
