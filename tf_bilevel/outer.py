@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 import tensorflow as tf
 
 from tf_bilevel import _validate
+from tf_bilevel._autograph import convert_user_function
 from tf_bilevel._tree import leaf_names
 from tf_bilevel.api import Hypergradient, HypergradientResult, NonFiniteError
 from tf_bilevel.dynamics.optimizers import InnerOptimizer
@@ -150,6 +151,9 @@ class HyperStep:
         # k: hyper-steps applied (a Keras optimizer counts too, but only its own applications).
         self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="hyper_step_iterations")
         self.metrics = metrics
+        # The step is traced without AutoGraph (as the engine); the metrics are converted on
+        # their own, so Python `if` on tensors works in them, as in the losses.
+        self._metrics = convert_user_function(metrics) if metrics is not None else None
         self.jit_compile = hypergradient.jit_compile if jit_compile is None else _validate.boolean(
             jit_compile, "HyperStep(jit_compile=...)")
         self.check_numerics = hypergradient.check_numerics if check_numerics is None else _validate.boolean(
@@ -225,7 +229,7 @@ class HyperStep:
         for variable, old in zip(state, before):
             variable.assign(tf.where(finite, variable, old))
         self.iterations.assign_add(tf.cast(finite, tf.int64))
-        metrics = dict(self.metrics(result, inner_batch, outer_batch)) if self.metrics is not None else {}
+        metrics = dict(self._metrics(result, inner_batch, outer_batch)) if self._metrics is not None else {}
         return HyperStepResult(lam, result.outer_value, result.hypergrad, result.final_params,
                                result.nonfinite_step, step, metrics)
 
