@@ -104,8 +104,14 @@ def test_a_given_variable_is_updated_in_place():
     inner, outer, train, val, w0 = _problem()
     lam = tf.Variable(tf.zeros([N]))
     step = tfb.HyperStep(_hypergradient(False, inner=inner, outer=outer), lam, keras.optimizers.Adam(0.1))
+    snapshot = step.state
     step(w0, train, val)
     assert step.hparams is lam and not np.all(lam.numpy() == 0)
+    assert int(step.iterations) == 1 and int(step.optimizer.iterations) == 1
+    step.assign(snapshot)  # back to λ_0 and a fresh Adam
+    assert np.all(lam.numpy() == 0) and int(step.iterations) == 0 and int(step.optimizer.iterations) == 0
+    with pytest.raises(ValueError, match=r"HyperStep\(optimizer=\.\.\.\).*already built on other variables"):
+        tfb.HyperStep(step.hypergradient, tf.zeros([N]), step.optimizer)
 
 
 def _run(directory, optimizer_name, steps, *, settings=None, jit_compile=True):

@@ -139,6 +139,12 @@ class HyperStep:
         if self._keras:
             if not optimizer.built:
                 optimizer.build(self._flat_hparams)  # its variables must exist before tracing
+            built_on = getattr(optimizer, "_trainable_variables", None)  # Keras 3: what build() received
+            if built_on is not None and [id(v) for v in built_on] != [id(v) for v in self._flat_hparams]:
+                raise ValueError(
+                    "HyperStep(optimizer=...): the Keras optimizer is already built on other variables than "
+                    "hparams; pass a fresh optimizer (it is built here on λ's variables)"
+                )
             self._opt_state = None
         elif isinstance(optimizer, InnerOptimizer):
             initial = optimizer.init(tf.nest.map_structure(tf.convert_to_tensor, self.hparams))
