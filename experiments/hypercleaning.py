@@ -99,6 +99,7 @@ import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
+from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
 from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
     RESTART_HINT, STATE_ERRORS, SettingsMismatchError, damaged, discard_state, exclusive_output_dir, exit_with_error,
     guard_settings, jsonable, pause_to_be_killed, read_state_json, reading_state, write_json_atomically,
@@ -216,11 +217,12 @@ def apply_preset(cfg: Config, preset: str, explicit: Sequence[str] = ()) -> Conf
 # The problem.
 # ----------------------------------------------------------------------------------------
 def cross_entropy(W: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-    """Per-example −log softmax(W x)[y]. log_softmax + one-hot, not the fused sparse softmax
-    CE op, whose second derivative TF disables; one-hot (not gather) keeps the backward pass
-    free of scatter ops, which XLA on CPU runs slowly."""
-    log_probs = tf.nn.log_softmax(tf.matmul(x, W, transpose_b=True))
-    return -tf.reduce_sum(tf.one_hot(y, tf.shape(W)[0], dtype=log_probs.dtype) * log_probs, axis=1)
+    """Per-example −log softmax(W x)[y]: the library's log_softmax cross-entropy of the one-hot
+    labels. One-hot, not a gather, keeps the backward pass free of scatter ops, which XLA on CPU
+    runs slowly. (TF 2.21 differentiates the fused tf.nn.sparse_softmax_cross_entropy_with_logits
+    twice as well, eagerly and under XLA: its Hessian-vector products equal this form's.)"""
+    logits = tf.matmul(x, W, transpose_b=True)
+    return categorical_crossentropy(tf.one_hot(y, tf.shape(W)[0], dtype=logits.dtype), logits)
 
 
 def make_losses(regularization: float, normalization: str, n_train: int) -> tuple[Callable, Callable]:
@@ -322,10 +324,6 @@ def accuracy(W: np.ndarray, x: np.ndarray, y: np.ndarray, chunk: int = 20000) ->
     return correct / len(x)
 
 
-def global_norm(x: Any) -> float:
-    return float(np.sqrt(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in tf.nest.flatten(x))))
-
-
 # ----------------------------------------------------------------------------------------
 # Checkpoints: a killed run, rerun with the same command, resumes where it was.
 # ----------------------------------------------------------------------------------------
@@ -364,11 +362,67 @@ def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
     return root
 
 
+CURVES = ("val_loss", "val_accuracy", "hypergrad_norm", "f1", "precision", "recall", "lambda_mean_corrupted",
+          "lambda_mean_clean", "wall_seconds", "cpu_seconds")
+
+
+@dataclasses.dataclass
+class TruncationRecord:
+    """What a K's run records besides λ and Adam's state (those are in the tf.train.Checkpoint):
+    η0, the curves over λ_0 … λ_R, the exact ‖d_λ f‖ and the timings. Saved as the JSON sidecar
+    of each checkpoint and rebuilt from it on resumption (`from_state`)."""
+
+    outer_lr: float
+    unit_lr_first_update_norm: float
+    initial_hypergrad_norm: float
+    curves: dict = dataclasses.field(default_factory=lambda: {key: [] for key in CURVES})
+    test_iterations: list = dataclasses.field(default_factory=list)
+    test_accuracy: list = dataclasses.field(default_factory=list)
+    exact_iterations: list = dataclasses.field(default_factory=list)
+    exact_hypergrad_norm: list = dataclasses.field(default_factory=list)
+    exact_hypergradient_seconds: float = 0.0
+    elapsed_seconds: float = 0.0  # of the processes before this one, until their last checkpoint
+    process_starts: list = dataclasses.field(default_factory=list)  # hyper-iterations that were a process's first
+
+    @classmethod
+    def from_state(cls, state: dict) -> "TruncationRecord":
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+
+    def add_step(self, out: dict, wall_seconds: float, cpu_seconds: float) -> None:
+        """The metrics of hyper-iteration k taken at λ_k (by the compiled step)."""
+        self.curves["wall_seconds"].append(wall_seconds)
+        self.curves["cpu_seconds"].append(cpu_seconds)
+        self.curves["val_loss"].append(float(out["val_loss"]))
+        self.curves["val_accuracy"].append(float(out["val_acc"]))
+        self.curves["hypergrad_norm"].append(float(out["hypergrad_norm"]))
+
+    def add_lambda(self, k: int, lam_k: np.ndarray, W: np.ndarray, problem: Problem, cfg: Config) -> None:
+        """The flagging scores of λ_k, and the test accuracy of ŵ(λ_k) every --eval_every."""
+        scores = flag_scores(lam_k, problem.corrupted, cfg.table_threshold)
+        for key in ("f1", "precision", "recall"):
+            self.curves[key].append(scores[key])
+        self.curves["lambda_mean_corrupted"].append(float(lam_k[problem.corrupted].mean()))
+        self.curves["lambda_mean_clean"].append(float(lam_k[~problem.corrupted].mean()))
+        if (k % cfg.eval_every == 0 or k == cfg.hyper_iterations) and problem.x_test is not None:
+            self.test_iterations.append(k)
+            self.test_accuracy.append(accuracy(W, problem.x_test, problem.y_test))
+
+    def add_exact(self, k: int, norm: float, seconds: float = 0.0) -> None:
+        self.exact_iterations.append(k)
+        self.exact_hypergrad_norm.append(norm)
+        self.exact_hypergradient_seconds += seconds
+
+    def steady(self, key: str, total: int) -> list:
+        """The curve `key` without each process's first hyper-iteration (trace + XLA compile)."""
+        steady = [i for i in range(total) if i not in self.process_starts] or list(range(total))
+        return [self.curves[key][i] for i in steady]
+
+
 class TruncationCheckpoint:
     """The checkpoints of one K in <root>/K<k>: λ and the outer Adam's variables (iteration
-    counter, learning rate, moments) in a tf.train.Checkpoint, the Python-side state (curves,
-    η0, …) in the JSON sidecar state-<i>.json of checkpoint ckpt-<i>, i = hyper-iterations done,
-    and result.json once the K is finished.
+    counter, learning rate, moments) in a tf.train.Checkpoint, the Python-side state (a
+    `TruncationRecord`) in the JSON sidecar state-<i>.json of checkpoint ckpt-<i>, i =
+    hyper-iterations done, and result.json once the K is finished.
 
     The sidecar is written before its checkpoint and older sidecars are removed after it, so
     the latest complete checkpoint always has its sidecar, wherever a kill lands. A damaged
@@ -376,9 +430,7 @@ class TruncationCheckpoint:
     that K from the start."""
 
     _RESULT_KEYS = ("truncate", "outer_lr", "final", "timing", "curves")
-    _STATE_KEYS = ("hyper_iteration", "outer_lr", "unit_lr_first_update_norm", "initial_hypergrad_norm", "curves",
-                   "test_iterations", "test_accuracy", "exact_iterations", "exact_hypergrad_norm",
-                   "exact_hypergradient_seconds", "elapsed_seconds", "process_starts")
+    _STATE_KEYS = ("hyper_iteration", *(f.name for f in dataclasses.fields(TruncationRecord)))
 
     def __init__(self, root: Path, truncate: int):
         self.truncate = truncate
@@ -399,11 +451,16 @@ class TruncationCheckpoint:
     def save_result(self, result: dict) -> None:
         write_json_atomically(self.result_path, jsonable(result))
 
-    def attach(self, lam: tf.Variable, optimizer: keras.optimizers.Optimizer) -> None:
-        """Tracks λ and the (built) optimizer: what `save` writes and `restore` assigns."""
+    def attach(self, lam: tf.Variable, optimizer: keras.optimizers.Optimizer, **more: Any) -> None:
+        """Tracks λ and the (built) optimizer, and `more` (e.g. the hyper-step counter): what
+        `save` writes and `restore` assigns."""
         with self._reading_checkpoint_state():
             self._manager = tf.train.CheckpointManager(
-                tf.train.Checkpoint(lam=lam, optimizer=optimizer), str(self.directory), max_to_keep=1)
+                tf.train.Checkpoint(lam=lam, optimizer=optimizer, **more), str(self.directory), max_to_keep=1)
+
+    def attach_step(self, step: tfb.HyperStep) -> None:
+        """`attach` for a hyper-step: its λ, its Keras optimizer and its counter."""
+        self.attach(step.hparams, step.optimizer, iterations=step.iterations)
 
     def _reading_checkpoint_state(self):
         """TF parses <directory>/checkpoint (the index of checkpoints) as text: garbage raises."""
@@ -453,7 +510,7 @@ class TruncationCheckpoint:
 
 
 # ----------------------------------------------------------------------------------------
-# One K: the compiled hyper-iteration and its loop.
+# One K: the compiled hyper-iteration (tfb.HyperStep) and its loop.
 # ----------------------------------------------------------------------------------------
 def make_hypergradient(problem: Problem, cfg: Config, truncate: Optional[int]) -> tfb.Hypergradient:
     return tfb.hypergradient_fn(
@@ -468,82 +525,57 @@ def unit_lr_first_update_norm(hypergrad: tf.Tensor, epsilon: float) -> float:
     scratch = tf.Variable(tf.zeros_like(hypergrad))
     optimizer = keras.optimizers.Adam(1.0, epsilon=epsilon)
     optimizer.apply([hypergrad], [scratch])
-    return global_norm(scratch.numpy())
+    return float(tfb.diagnostics.global_norm(scratch))
 
 
-class HyperStep:
-    """One hyper-iteration, XLA-compiled: w_T and h_{T−K}(λ_k) (Eq. 8), then λ ← Adam(λ, h)."""
-
-    def __init__(self, hg: tfb.Hypergradient, problem: Problem, lam: tf.Variable, optimizer, jit_compile: bool):
-        self.hg, self.problem, self.lam, self.optimizer = hg, problem, lam, optimizer
-        optimizer.build([lam])  # optimizer variables must exist before tracing
-        self._step = tf.function(self._hyper_step, jit_compile=jit_compile)
-
-    def _hyper_step(self, w0, train, val):
-        lam_k = tf.identity(self.lam)
-        res = self.hg.compute(w0, lam_k, train, val)
-        self.optimizer.apply([res.hypergrad], [self.lam])
-        W = res.final_params
-        x_val, y_val = val
-        predictions = tf.argmax(tf.matmul(x_val, W, transpose_b=True), axis=1, output_type=y_val.dtype)
-        val_acc = tf.reduce_mean(tf.cast(tf.equal(predictions, y_val), tf.float32))
-        return {"lam": lam_k, "val_loss": res.outer_value, "val_acc": val_acc, "W": W,
-                "hypergrad_norm": tf.norm(res.hypergrad), "nonfinite_step": res.nonfinite_step}
-
-    def __call__(self) -> dict:
-        out = self._step(self.problem.w0, self.problem.train, self.problem.val)
-        out = {k: v.numpy() for k, v in out.items()}  # also blocks until the step is done
-        if out["nonfinite_step"] >= 0:
-            raise tfb.NonFiniteError(
-                f"non-finite value in the hyper-iteration: {tfb.nonfinite.describe(out['nonfinite_step'], self.hg.steps)} "
-                "Lower --inner_lr or use --loss_normalization=mean.")
-        return out
-
-    @property
-    def tracing_count(self) -> int:
-        return self._step.experimental_get_tracing_count()
+def validation_metrics(result: tfb.HypergradientResult, inner_batch: tuple, outer_batch: tuple) -> dict:
+    """Inside the compiled hyper-step: the validation accuracy of w_T(λ_k) and ‖h(λ_k)‖."""
+    x_val, y_val = outer_batch
+    W = result.final_params
+    predictions = tf.argmax(tf.matmul(x_val, W, transpose_b=True), axis=1, output_type=y_val.dtype)
+    return {"val_acc": tf.reduce_mean(tf.cast(tf.equal(predictions, y_val), tf.float32)),
+            "hypergrad_norm": tf.norm(result.hypergrad)}
 
 
-class Progress:
-    """A tqdm-free progress line: redrawn in place on a terminal, one line every
-    `log_seconds` (and at the end) in a log file."""
-
-    def __init__(self, target: int, label: str, log_seconds: float = 30.0, initial: int = 0):
-        self.target, self.label, self.initial = target, label, initial
-        self.interactive = sys.stdout.isatty()
-        self.log_seconds = log_seconds
-        self.start = self.last = time.perf_counter()
-        print(label, flush=True)
-
-    def update(self, done: int, **metrics: float) -> None:
-        now = time.perf_counter()
-        final = done >= self.target
-        if not (final or self.interactive or now - self.last >= self.log_seconds):
-            return
-        if self.interactive and not final and now - self.last < 0.2:
-            return
-        self.last = now
-        rate = (now - self.start) / max(done - self.initial, 1)  # this process's pace
-        eta = rate * (self.target - done)
-        width = 24
-        filled = int(width * done / self.target)
-        text = (f"  [{'=' * filled}{'.' * (width - filled)}] {done}/{self.target} "
-                + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-                + f" elapsed={now - self.start:.0f}s eta={eta:.0f}s")
-        print(("\r" + text) if self.interactive else text, end="\n" if final or not self.interactive else "",
-              flush=True)
-
-
-def _build_step(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergradient, eta0: float) -> HyperStep:
-    """The compiled hyper-iteration of K = `truncate` at λ_0, with a fresh Adam of learning rate η0."""
+def build_step(problem: Problem, cfg: Config, hg: tfb.Hypergradient, eta0: float, name: str) -> tfb.HyperStep:
+    """The compiled hyper-iteration (w_T, h_{T−K}(λ_k) of Eq. 8, then λ ← Adam(λ, h)) at λ_0,
+    with a fresh Adam of learning rate η0."""
     n = int(problem.train[1].shape[0])
-    lam = tf.Variable(tf.fill([n], tf.constant(cfg.init_lambda, tf.float32)), name=f"lambda_K{truncate}")
-    return HyperStep(hg, problem, lam, keras.optimizers.Adam(eta0, epsilon=cfg.adam_epsilon), cfg.jit_compile)
+    lam = tf.Variable(tf.fill([n], tf.constant(cfg.init_lambda, tf.float32)), name=name)
+    return tfb.HyperStep(hg, lam, keras.optimizers.Adam(eta0, epsilon=cfg.adam_epsilon),
+                         jit_compile=cfg.jit_compile, metrics=validation_metrics)
+
+
+def hyper_iteration(step: tfb.HyperStep, problem: Problem) -> dict:
+    """One hyper-iteration as NumPy values (which also waits for it to finish): λ_k, f(w_T),
+    the validation accuracy, w_T and ‖h‖."""
+    result = step(problem.w0, problem.train, problem.val)
+    return {"lam": result.hparams.numpy(), "val_loss": result.outer_value.numpy(),
+            "val_acc": result.metrics["val_acc"].numpy(), "W": result.final_params.numpy(),
+            "hypergrad_norm": result.metrics["hypergrad_norm"].numpy()}
+
+
+def exact_norm(exact_hg: tfb.Hypergradient, problem: Problem, lam: np.ndarray) -> tuple[float, float]:
+    """(‖d_λ f(λ)‖ of full RMD, the seconds it took): Fig. 5."""
+    start = time.perf_counter()
+    _, exact = exact_hg(problem.w0, tf.constant(lam), problem.train, problem.val)
+    return float(tfb.diagnostics.global_norm(exact)), time.perf_counter() - start
+
+
+def _fresh_record(problem: Problem, cfg: Config, hg: tfb.Hypergradient) -> TruncationRecord:
+    """η0 for this K (appendix G.1): the first Adam update has norm --first_update_norm
+    (unless --outer_lr fixes it)."""
+    lam0 = tf.fill([int(problem.train[1].shape[0])], tf.constant(cfg.init_lambda, tf.float32))
+    _, h0 = hg(problem.w0, lam0, problem.train, problem.val)
+    unit_norm = unit_lr_first_update_norm(h0, cfg.adam_epsilon)
+    eta0 = cfg.outer_lr if cfg.outer_lr is not None else cfg.first_update_norm / unit_norm
+    return TruncationRecord(outer_lr=eta0, unit_lr_first_update_norm=unit_norm,
+                            initial_hypergrad_norm=float(tfb.diagnostics.global_norm(h0)))
 
 
 def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.Hypergradient,
                    checkpoints: Optional[Path] = None,
-                   pause_after: Optional[tuple[int, int]] = None) -> tuple[dict, HyperStep]:
+                   pause_after: Optional[tuple[int, int]] = None) -> tuple[dict, tfb.HyperStep]:
     """R hyper-iterations of K-RMD from λ_0 = init_lambda; metrics at every λ_k, k = 0..R.
     Returns the results and the compiled step (for the interleaved timing).
 
@@ -555,131 +587,87 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.H
     T, R = cfg.inner_steps, cfg.hyper_iterations
     store = TruncationCheckpoint(checkpoints, truncate) if checkpoints is not None else None
     hg = exact_hg if truncate == T else make_hypergradient(problem, cfg, truncate)
+    name = f"lambda_K{truncate}"
 
     finished = store.result() if store is not None else None
     if finished is not None:
         # The timing phase needs a step: rebuilt at λ_R, the state of the last checkpoint
         # (it may run further hyper-iterations: the result is recorded already).
-        step = _build_step(problem, cfg, truncate, hg, finished["outer_lr"])
-        store.attach(step.lam, step.optimizer)
+        step = build_step(problem, cfg, hg, finished["outer_lr"], name)
+        store.attach_step(step)
         store.restore(R)
         print(f"[hypercleaning] K={truncate}: finished earlier ({store.result_path})", flush=True)
         return finished, step
 
     state = store.latest_state() if store is not None else None
-    if state is None:
-        # η0 for this K (appendix G.1): the first update has norm --first_update_norm.
-        lam0 = tf.fill([int(problem.train[1].shape[0])], tf.constant(cfg.init_lambda, tf.float32))
-        _, h0 = hg(problem.w0, lam0, problem.train, problem.val)
-        unit_norm = unit_lr_first_update_norm(h0, cfg.adam_epsilon)
-        eta0 = cfg.outer_lr if cfg.outer_lr is not None else cfg.first_update_norm / unit_norm
-        initial_hypergrad_norm = global_norm(h0)
-    else:
-        eta0, unit_norm = state["outer_lr"], state["unit_lr_first_update_norm"]
-        initial_hypergrad_norm = state["initial_hypergrad_norm"]
-
-    step = _build_step(problem, cfg, truncate, hg, eta0)
-    lam = step.lam
+    record = _fresh_record(problem, cfg, hg) if state is None else TruncationRecord.from_state(state)
+    step = build_step(problem, cfg, hg, record.outer_lr, name)
+    first = 0
     if store is not None:
-        store.attach(lam, step.optimizer)
-
-    curves = {key: [] for key in ("val_loss", "val_accuracy", "hypergrad_norm", "f1", "precision", "recall",
-                                  "lambda_mean_corrupted", "lambda_mean_clean", "wall_seconds", "cpu_seconds")}
-    test_iters, test_acc, exact_iters, exact_norms = [], [], [], []
-    exact_seconds, earlier_seconds, first = 0.0, 0.0, 0
-    process_starts = []  # hyper-iterations that were a process's first (they include tracing + XLA compile)
-    if state is not None:
-        first = state["hyper_iteration"]
-        store.restore(first)
-        curves = state["curves"]
-        test_iters, test_acc = state["test_iterations"], state["test_accuracy"]
-        exact_iters, exact_norms = state["exact_iterations"], state["exact_hypergrad_norm"]
-        exact_seconds, earlier_seconds = state["exact_hypergradient_seconds"], state["elapsed_seconds"]
-        process_starts = state["process_starts"]
+        store.attach_step(step)
+        if state is not None:
+            first = state["hyper_iteration"]
+            store.restore(first)
     if first < R:
-        process_starts.append(first)
+        record.process_starts.append(first)
 
-    def record_lambda(k: int, lam_k: np.ndarray, W: np.ndarray) -> None:
-        scores = flag_scores(lam_k, problem.corrupted, cfg.table_threshold)
-        for key in ("f1", "precision", "recall"):
-            curves[key].append(scores[key])
-        curves["lambda_mean_corrupted"].append(float(lam_k[problem.corrupted].mean()))
-        curves["lambda_mean_clean"].append(float(lam_k[~problem.corrupted].mean()))
-        if (k % cfg.eval_every == 0 or k == R) and problem.x_test is not None:
-            test_iters.append(k)
-            test_acc.append(accuracy(W, problem.x_test, problem.y_test))
-
-    def record_exact(k: int, lam_k: np.ndarray) -> None:
-        nonlocal exact_seconds
-        start = time.perf_counter()
-        _, exact = exact_hg(problem.w0, tf.constant(lam_k), problem.train, problem.val)
-        exact_iters.append(k)
-        exact_norms.append(global_norm(exact))
-        exact_seconds += time.perf_counter() - start
-
-    start_total = time.perf_counter()
-
-    def checkpoint(done: int) -> None:
-        store.save(done, {
-            "outer_lr": eta0, "unit_lr_first_update_norm": unit_norm,
-            "initial_hypergrad_norm": initial_hypergrad_norm, "curves": curves,
-            "test_iterations": test_iters, "test_accuracy": test_acc, "exact_iterations": exact_iters,
-            "exact_hypergrad_norm": exact_norms, "exact_hypergradient_seconds": exact_seconds,
-            "elapsed_seconds": earlier_seconds + time.perf_counter() - start_total,
-            "process_starts": process_starts})
-
-    name = f"K={truncate}{' (full RMD)' if truncate == T else ''}"
+    title = f"K={truncate}{' (full RMD)' if truncate == T else ''}"
     if first:
-        label = f"[hypercleaning] resuming {name} at hyper-iteration {first}/{R}, eta0={eta0:.4g} ({store.directory})"
+        label = (f"[hypercleaning] resuming {title} at hyper-iteration {first}/{R}, eta0={record.outer_lr:.4g} "
+                 f"({store.directory})")
     else:
-        label = f"[hypercleaning] {name}: {R} hyper-iterations, eta0={eta0:.4g}"
-    bar = Progress(R, label, initial=first)
+        label = f"[hypercleaning] {title}: {R} hyper-iterations, eta0={record.outer_lr:.4g}"
+    bar = tfb.Progress(R, initial=first, label=label, unit_name="it")
+    earlier_seconds, start_total = record.elapsed_seconds, time.perf_counter()
     for k in range(first, R):
         wall, cpu = time.perf_counter(), time.process_time()
-        out = step()
-        curves["wall_seconds"].append(time.perf_counter() - wall)
-        curves["cpu_seconds"].append(time.process_time() - cpu)
-        curves["val_loss"].append(float(out["val_loss"]))
-        curves["val_accuracy"].append(float(out["val_acc"]))
-        curves["hypergrad_norm"].append(float(out["hypergrad_norm"]))
-        record_lambda(k, out["lam"], out["W"])
+        out = hyper_iteration(step, problem)
+        record.add_step(out, time.perf_counter() - wall, time.process_time() - cpu)
+        record.add_lambda(k, out["lam"], out["W"], problem, cfg)
         if truncate == T:  # the step's own hypergradient is the exact one
-            exact_iters.append(k)
-            exact_norms.append(float(out["hypergrad_norm"]))
+            record.add_exact(k, float(out["hypergrad_norm"]))
         elif k % max(cfg.exact_every, 1) == 0 and (cfg.exact_every or k == 0):
-            record_exact(k, out["lam"])
-        steady = [s for i, s in enumerate(curves["wall_seconds"]) if i not in process_starts] or curves["wall_seconds"]
-        bar.update(k + 1, val_loss=curves["val_loss"][-1], val_acc=curves["val_accuracy"][-1],
-                   f1=curves["f1"][-1], s_per_it=float(np.median(steady)))
+            record.add_exact(k, *exact_norm(exact_hg, problem, out["lam"]))
+        bar.update(k + 1, val_loss=record.curves["val_loss"][-1], val_acc=record.curves["val_accuracy"][-1],
+                   f1=record.curves["f1"][-1])
         done = k + 1
         if store is not None and (done % cfg.checkpoint_every == 0 or done == R):
-            checkpoint(done)
+            record.elapsed_seconds = earlier_seconds + time.perf_counter() - start_total
+            store.save(done, dataclasses.asdict(record))
         if pause_after == (truncate, done):
             pause_to_be_killed(Path(cfg.output_dir) / f"paused_K{truncate}_at_{done}", PAUSE_SECONDS)
 
-    # Final point λ_R: ŵ(λ_R) with the compiled inner loop alone, its metrics and exact ‖d_λ f‖.
-    lam_R = lam.numpy()
+    result = _final_result(problem, cfg, truncate, hg, exact_hg, step, record,
+                           earlier_seconds + time.perf_counter() - start_total)
+    if store is not None:
+        store.save_result(result)
+    return result, step
+
+
+def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergradient, exact_hg: tfb.Hypergradient,
+                  step: tfb.HyperStep, record: TruncationRecord, total_seconds: float) -> dict:
+    """The final point λ_R (ŵ(λ_R) with the compiled inner loop alone, its metrics and exact
+    ‖d_λ f‖, added to `record`) and the K's result."""
+    R = cfg.hyper_iterations
+    lam_R = step.hparams.numpy()
     W_R = hg.solve(problem.w0, tf.constant(lam_R), problem.train).numpy()
     x_val, y_val = problem.val
     val_loss_R = float(problem.outer_loss(tf.constant(W_R), None, problem.val))
+    curves = record.curves
     curves["val_loss"].append(val_loss_R)
     curves["val_accuracy"].append(accuracy(W_R, x_val.numpy(), y_val.numpy()))
-    record_lambda(R, lam_R, W_R)
-    record_exact(R, lam_R)
-    total_seconds = earlier_seconds + time.perf_counter() - start_total
+    record.add_lambda(R, lam_R, W_R, problem, cfg)
+    record.add_exact(R, *exact_norm(exact_hg, problem, lam_R))
 
-    # Steady state: without the first hyper-iteration of each process (trace + compile).
-    steady = [i for i in range(R) if i not in process_starts] or list(range(R))
-    steady_wall = [curves["wall_seconds"][i] for i in steady]
-    steady_cpu = [curves["cpu_seconds"][i] for i in steady]
+    steady_wall, steady_cpu = record.steady("wall_seconds", R), record.steady("cpu_seconds", R)
     final = {
         "hyper_iteration": R,
-        "test_accuracy": test_acc[-1] if test_acc else None,
+        "test_accuracy": record.test_accuracy[-1] if record.test_accuracy else None,
         "val_accuracy": curves["val_accuracy"][-1],
         "val_loss": val_loss_R,
         "flagging": {str(t): flag_scores(lam_R, problem.corrupted, t) for t in cfg.f1_thresholds},
         "flagging_vs_replaced": {str(t): flag_scores(lam_R, problem.replaced, t) for t in cfg.f1_thresholds},
-        "exact_hypergrad_norm": exact_norms[-1],
+        "exact_hypergrad_norm": record.exact_hypergrad_norm[-1],
         "lambda_mean_corrupted": curves["lambda_mean_corrupted"][-1],
         "lambda_mean_clean": curves["lambda_mean_clean"][-1],
     }
@@ -687,48 +675,45 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.H
     clipped = np.clip(lam_R, hist_edges[0], hist_edges[-1])
     result = {
         "truncate": truncate,
-        "full_rmd": truncate == T,
-        "outer_lr": eta0,
-        "unit_lr_first_update_norm": unit_norm,
-        "first_update_norm": eta0 * unit_norm,
-        "initial_hypergrad_norm": initial_hypergrad_norm,
+        "full_rmd": truncate == cfg.inner_steps,
+        "outer_lr": record.outer_lr,
+        "unit_lr_first_update_norm": record.unit_lr_first_update_norm,
+        "first_update_norm": record.outer_lr * record.unit_lr_first_update_norm,
+        "initial_hypergrad_norm": record.initial_hypergrad_norm,
         "final": final,
         "timing": {
             "seconds_per_iteration_median": float(np.median(steady_wall)),
             "seconds_per_iteration_mean": float(np.mean(steady_wall)),
             "cpu_seconds_per_iteration_median": float(np.median(steady_cpu)),
             "first_iteration_seconds": curves["wall_seconds"][0],
-            "exact_hypergradient_seconds": exact_seconds,
+            "exact_hypergradient_seconds": record.exact_hypergradient_seconds,
             "total_seconds": total_seconds,
-            "process_starts": process_starts,
+            "process_starts": record.process_starts,
         },
         "tracing_count": step.tracing_count,
-        "curves": {**curves, "test_iterations": test_iters, "test_accuracy": test_acc,
-                   "exact_iterations": exact_iters, "exact_hypergrad_norm": exact_norms},
+        "curves": {**curves, "test_iterations": record.test_iterations, "test_accuracy": record.test_accuracy,
+                   "exact_iterations": record.exact_iterations, "exact_hypergrad_norm": record.exact_hypergrad_norm},
         "lambda_histogram": {
             "edges": hist_edges.tolist(),
             "corrupted": np.histogram(clipped[problem.corrupted], hist_edges)[0].tolist(),
             "clean": np.histogram(clipped[~problem.corrupted], hist_edges)[0].tolist(),
         },
     }
-    result = jsonable(result)  # the same values whether this K ran here or is read back from result.json
-    if store is not None:
-        store.save_result(result)
-    return result, step
+    return jsonable(result)  # the same values whether this K ran here or is read back from result.json
 
 
-def time_interleaved(steps: dict[int, HyperStep], rounds: int) -> dict[int, dict]:
+def time_interleaved(steps: dict[int, tfb.HyperStep], problem: Problem, rounds: int) -> dict[int, dict]:
     """Seconds per hyper-iteration of every K, timed round-robin (K1, K2, …, K1, K2, …) so that
     a change of machine load (shared CPUs) hits every K alike; the ratios are the point."""
     wall = {k: [] for k in steps}
     cpu = {k: [] for k in steps}
     for step in steps.values():
         if step.tracing_count == 0:  # rebuilt for a K finished in an earlier process: compile first
-            step()
+            hyper_iteration(step, problem)
     for _ in range(rounds):
         for k, step in steps.items():
             start_wall, start_cpu = time.perf_counter(), time.process_time()
-            step()
+            hyper_iteration(step, problem)
             wall[k].append(time.perf_counter() - start_wall)
             cpu[k].append(time.process_time() - start_cpu)
     return {k: {"rounds": rounds, "seconds_per_iteration_median": float(np.median(wall[k])),
@@ -752,8 +737,10 @@ def memory_probe(cfg: Config, arrays: dict, truncate: int) -> dict:
             hg = make_hypergradient(problem, cfg, None)
             call = lambda: hg.solve(problem.w0, tf.identity(lam), problem.train).numpy()  # noqa: E731
         else:
-            hg = make_hypergradient(problem, cfg, truncate)
-            call = HyperStep(hg, problem, lam, keras.optimizers.Adam(0.1, epsilon=cfg.adam_epsilon), cfg.jit_compile)
+            step = tfb.HyperStep(make_hypergradient(problem, cfg, truncate), lam,
+                                 keras.optimizers.Adam(0.1, epsilon=cfg.adam_epsilon), jit_compile=cfg.jit_compile,
+                                 metrics=validation_metrics)
+            call = lambda: hyper_iteration(step, problem)  # noqa: E731
         call()
     with PeakMemory() as steady:
         for _ in range(cfg.memory_probe_calls):
@@ -913,7 +900,7 @@ def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dic
                                                               pause_after)
     if cfg.timing_rounds > 0:
         print(f"[hypercleaning] interleaved timing: {cfg.timing_rounds} rounds over K = {cfg.truncate}", flush=True)
-        for truncate, timing in time_interleaved(steps, cfg.timing_rounds).items():
+        for truncate, timing in time_interleaved(steps, problem, cfg.timing_rounds).items():
             runs[str(truncate)]["timing"]["interleaved"] = timing
     memory = measure_memory(cfg, arrays) if cfg.measure_memory else {}
     environment["load_average_end"] = os.getloadavg()

@@ -4,6 +4,8 @@ back-propagation (K-RMD; Shaban, Cheng, Hatch & Boots, AISTATS 2019)."""
 from tf_bilevel import diagnostics, nonfinite
 from tf_bilevel.api import ESTIMATORS, Hypergradient, HypergradientResult, NonFiniteError, hypergradient_fn
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, adam, momentum, sgd
+from tf_bilevel.outer import HyperStep, HyperStepResult, HyperStepState
+from tf_bilevel.resume import HyperStepCheckpoint, SettingsMismatchError, guard_settings
 
 __version__ = "0.1.0"
 
@@ -12,6 +14,7 @@ _KERAS_EXPORTS = {
     "BilevelTrainer": "tf_bilevel.keras.trainer",
     "LegacyBilevelTrainer": "tf_bilevel.keras.legacy",
     "Hyperparameter": "tf_bilevel.keras.reparam",
+    "Progress": "tf_bilevel.progress",  # keras.utils.Progbar
 }
 
 
@@ -37,10 +40,17 @@ __all__ = [
     "LegacyBilevelTrainer",
     "Hypergradient",
     "HypergradientResult",
+    "HyperStep",
+    "HyperStepCheckpoint",
+    "HyperStepResult",
+    "HyperStepState",
     "InnerOptimizer",
     "NonFiniteError",
+    "Progress",
+    "SettingsMismatchError",
     "adam",
     "diagnostics",
+    "guard_settings",
     "hypergradient_fn",
     "momentum",
     "nonfinite",

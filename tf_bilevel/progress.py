@@ -1,0 +1,72 @@
+"""Progress of a functional loop (hyper-steps, say) on Keras' `Progbar`.
+
+`keras.utils.Progbar` is what `fit` shows; for a hand-written loop it lacks two things this
+wrapper adds: a loop resumed at step `initial` (the bar counts from there, and its time per step
+and ETA use this process's steps only), and log files (a redrawn line on a terminal; one line
+every `log_seconds` and at the end when stdout is not a terminal, without carriage returns).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import keras
+
+
+class _ResumedProgbar(keras.utils.Progbar):
+    """Progbar whose time per step counts the steps after `initial` only."""
+
+    def __init__(self, target: int, initial: int, **kwargs):
+        super().__init__(target, **kwargs)
+        self._initial = initial
+
+    def _estimate_step_duration(self, current, now):
+        return super()._estimate_step_duration(current - self._initial, now)
+
+
+class Progress:
+    """A progress bar for steps `initial+1 … target` of a loop.
+
+    ```
+    bar = tfb.Progress(R, label="hypercleaning K=5")
+    for k in range(R):
+        result = step(params, batch, val_batch)
+        bar.update(k + 1, val_loss=float(result.outer_value))
+    ```
+
+    Args:
+      target: the step count at the end (e.g. R hyper-iterations).
+      initial: steps done before this process (a resumed loop).
+      label: printed once, above the bar.
+      log_seconds: when stdout is not a terminal, the seconds between two printed lines.
+      unit_name: what a step is called in the time per step ("step" → "12ms/step").
+
+    `update(done, **metrics)` shows the metrics' latest values (not running means).
+    """
+
+    def __init__(self, target: int, *, initial: int = 0, label: Optional[str] = None, log_seconds: float = 30.0,
+                 unit_name: str = "step"):
+        if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+            raise ValueError(f"Progress(target=...) must be a positive int (the steps at the end), got {target!r}")
+        if isinstance(initial, bool) or not isinstance(initial, int) or not 0 <= initial <= target:
+            raise ValueError(f"Progress(initial=...) must be an int in [0, target={target}], got {initial!r}")
+        if not log_seconds >= 0:
+            raise ValueError(f"Progress(log_seconds=...) must be >= 0 seconds, got {log_seconds!r}")
+        self.target, self.initial = target, initial
+        self.interactive = hasattr(sys.stdout, "isatty") and sys.stdout.isatty()
+        if label:
+            print(label, flush=True)
+        self._bar = _ResumedProgbar(target, initial, interval=0.05 if self.interactive else log_seconds,
+                                    stateful_metrics=(), unit_name=unit_name)
+        # Progbar redraws with \b and \r whenever the `posix` module is loaded (always on Linux):
+        # a log file would get one endless line. Redraw on a terminal only.
+        self._bar._dynamic_display = self.interactive
+        self._bar._seen_so_far = initial
+        self._bar._last_update = 0.0
+
+    def update(self, done: int, **metrics: float) -> None:
+        """Step `done` finished, with these metric values (floats)."""
+        self._bar.stateful_metrics.update(metrics)  # latest values, not running means
+        self._bar.update(done, [(name, float(value)) for name, value in metrics.items()])
+        sys.stdout.flush()
