@@ -23,8 +23,8 @@ training set. C couples the per-class weight vectors, pulling the models of simi
 classes together. The per-class biases b are neither coupled nor regularized. C_ii
 multiplies ‖w_i − w_i‖² = 0, so the diagonal of B gets a zero hypergradient. The paper's
 outer loss says "linear regression loss", which we read as a slip: f is the validation
-cross-entropy (as in Franceschi et al.). Both losses use log_softmax + gather, because
-TF disables the second derivative of the fused softmax cross-entropy.
+cross-entropy (as in Franceschi et al.). Both losses use tf_bilevel.keras.losses (log_softmax
+based: twice differentiable on every TF version; TF 2.21's fused op is too, older ones not).
 
 Data (appendix G.2). Per trial, balanced training and validation sets of m examples each
 (m/V per class; m = 50 for CIFAR-10, m = 300 for CIFAR-100) are drawn from the whole
@@ -82,6 +82,7 @@ from absl import app, flags, logging
 
 import tf_bilevel as tfb
 from experiments import datasets, features
+from tf_bilevel.keras import inverse_softplus, losses
 from experiments.run_state import (
     RESTART_HINT, STATE_ERRORS, damaged, discard_state, exclusive_output_dir, exit_with_error, guard_settings,
     pause_to_be_killed, read_state_json, reading_state, write_atomically, write_json_atomically,
@@ -168,11 +169,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 # --------------------------------------------------------------------------
 
 
-def inverse_softplus(y: float) -> float:
-    """x with softplus(x) = y (> 0)."""
-    return float(np.log(np.expm1(y)))
-
-
 def coupling_matrix(b: tf.Tensor) -> tf.Tensor:
     """C = A + Aᵀ with A = softplus(B): symmetric and entrywise positive (appendix G.2)."""
     a = tf.nn.softplus(b)
@@ -193,9 +189,9 @@ def pairwise_coupling(w: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
 
 
 def cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    """Mean CE via log_softmax + gather (twice differentiable, unlike the fused TF op)."""
-    log_p = tf.nn.log_softmax(logits)
-    return -tf.reduce_mean(tf.gather(log_p, labels, axis=1, batch_dims=1))
+    """Mean cross-entropy over the examples (the library's log_softmax form: RMD differentiates
+    ∇_w g once more, and it is twice differentiable on every TF version)."""
+    return tf.reduce_mean(losses.sparse_categorical_crossentropy(labels, logits))
 
 
 def logits_of(params: dict, x: tf.Tensor) -> tf.Tensor:
@@ -252,8 +248,8 @@ def initial_params(num_tasks: int, dim: int, dtype=tf.float32) -> dict:
 
 def initial_hparams(num_tasks: int, init_coupling: float, init_rho: float, dtype=tf.float32) -> dict:
     """λ_0 = {B, ν} giving C_ij = init_coupling (i ≠ j) and ρ = init_rho."""
-    b = tf.fill([num_tasks, num_tasks], inverse_softplus(init_coupling / 2.0))
-    return {"B": tf.cast(b, dtype), "nu": tf.constant(inverse_softplus(init_rho), dtype)}
+    b = tf.fill([num_tasks, num_tasks], float(inverse_softplus(init_coupling / 2.0)))
+    return {"B": tf.cast(b, dtype), "nu": tf.constant(float(inverse_softplus(init_rho)), dtype)}
 
 
 def make_hypergradient(truncate: int | None, *, steps: int, inner_lr: float,
