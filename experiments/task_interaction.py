@@ -74,7 +74,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -264,30 +264,22 @@ def make_hypergradient(truncate: int | None, *, steps: int, inner_lr: float,
 # --------------------------------------------------------------------------
 
 
-def adam_init(hparams: Any) -> dict:
-    """Adam state (first/second moments, step count) for `hparams`."""
-    zeros = tf.nest.map_structure(tf.zeros_like, hparams)
-    return {"m": zeros, "v": zeros, "t": tf.constant(0.0)}
-
-
-def adam_update(hparams: Any, grads: Any, state: dict, lr: float,
-                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
-    """One Adam step (Kingma & Ba; Keras's update rule). Written with plain tensors so the
-    hypergradient and the λ update compile into one XLA program per hyper-iteration."""
-    t = state["t"] + 1.0
-    m = tf.nest.map_structure(lambda m, g: beta1 * m + (1 - beta1) * g, state["m"], grads)
-    v = tf.nest.map_structure(lambda v, g: beta2 * v + (1 - beta2) * g * g, state["v"], grads)
-    step = lr * tf.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-    new = tf.nest.map_structure(lambda p, m, v: p - step * m / (tf.sqrt(v) + eps), hparams, m, v)
-    return new, {"m": m, "v": v, "t": t}
+def outer_adam(outer_lr: float) -> tfb.InnerOptimizer:
+    """Adam on λ (appendix G): the library's differentiable Adam (`tfb.adam`), here on the
+    outer problem, so that the hypergradient and the λ update compile into one XLA program
+    per hyper-iteration. Its state is `.init(λ)`; λ_{t+1} = λ_t + `.update(h_t, ...)[0]`."""
+    return tfb.adam(outer_lr)
 
 
 def make_hyper_step(hg: tfb.Hypergradient, outer_lr: float, jit_compile: bool = True) -> Callable:
-    """(w0, λ_t, adam, train, val) -> λ_{t+1}, adam, f(ŵ(λ_t)), val error, h_t, ŵ(λ_t), marker."""
+    """(w0, λ_t, adam, train, val) -> λ_{t+1}, adam, f(ŵ(λ_t)), val error, h_t, ŵ(λ_t), marker;
+    adam: the state `outer_adam(outer_lr).init(λ_0)`."""
+    adam = outer_adam(outer_lr)
 
-    def step(w0, hparams, adam, inner_batch, outer_batch):
+    def step(w0, hparams, adam_state, inner_batch, outer_batch):
         res = hg.compute(w0, hparams, inner_batch, outer_batch)
-        new_hparams, new_adam = adam_update(hparams, res.hypergrad, adam, outer_lr)
+        updates, new_adam = adam.update(res.hypergrad, adam_state, hparams, None, adam_state.count)
+        new_hparams = tf.nest.map_structure(tf.add, hparams, updates)
         val_err = error_rate(res.final_params, *outer_batch)
         return (new_hparams, new_adam, res.outer_value, val_err, res.hypergrad,
                 res.final_params, res.nonfinite_step)
@@ -395,7 +387,7 @@ def run_one(truncate: int | None, split: dict, cfg: dict, *, diagnostics: bool,
 
     w0 = initial_params(v, d)
     hparams = initial_hparams(v, cfg["init_coupling"], cfg["init_rho"])
-    adam = adam_init(hparams)
+    adam = outer_adam(cfg["outer_lr"]).init(hparams)
     train, val, test = split["train"], split["val"], split["test"]
     by_test = cfg["early_stopping_split"] == "test"
     improved = make_improvement_rule(cfg["early_stopping_metric"], cfg["min_delta"])
