@@ -20,9 +20,8 @@ diverges). For each configuration, in a FRESH process (one subprocess per config
 Configurations: floor; "reverse" K-RMD (Eq. 8) for each K of --truncate below T, and full RMD
 (K = T, Eq. 6); "checkpointed" full RMD; "forward" FMD (Eq. 7) with λ restricted to the weights
 of the first --forward_hparams examples (the other weights frozen at σ(0): same M and inner cost,
-N small); "implicit_cg" (Eq. 11, --cg_iterations CG steps); and "reverse_autodiff", a prototype
-K-RMD that lets TF differentiate a tf.while_loop over the last K steps (TF stores every
-intermediate of those steps) instead of the engine's explicit per-step VJPs.
+N small); and "implicit_cg" (Eq. 11, --cg_iterations CG steps). "reverse" runs once per backward
+pass of --backward ("store" keeps every intermediate of the last K steps, "recompute" only w_t).
 
   python -m experiments.benchmark                       # T = 100 and 1000, writes out/benchmark
   python -m experiments.benchmark --steps=100 --estimators=floor,reverse
@@ -61,12 +60,9 @@ from experiments._memory import PeakMemory  # noqa: E402
 from experiments.run_state import (  # noqa: E402
     STATE_ERRORS, exclusive_output_dir, exit_with_error, write_atomically, write_json_atomically,
 )
-from tf_bilevel.dynamics.loops import run  # noqa: E402
+from tf_bilevel.keras import losses  # noqa: E402  (imported here, not inside a measured call)
 
-ESTIMATORS = (
-    "floor", "reverse", "checkpointed", "forward", "implicit_cg", "reverse_autodiff",
-)
-_REVERSE_PROTOTYPES = ("reverse_autodiff",)  # built on an engine "reverse" hg
+ESTIMATORS = ("floor", "reverse", "checkpointed", "forward", "implicit_cg")
 RESULT_MARKER = "BENCHMARK_WORKER_RESULT "
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,9 +89,9 @@ class Problem(NamedTuple):
 
 
 def _cross_entropy(W: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-    # log_softmax + gather: the fused sparse softmax CE has no second derivative in TF.
-    log_probs = tf.nn.log_softmax(tf.matmul(x, W, transpose_b=True))
-    return -tf.reduce_sum(tf.one_hot(y, W.shape[0], dtype=log_probs.dtype) * log_probs, axis=1)
+    """Per-example CE of the logits W x (the library's log_softmax form, one-hot targets)."""
+    logits = tf.matmul(x, W, transpose_b=True)
+    return losses.categorical_crossentropy(tf.one_hot(y, W.shape[0], dtype=logits.dtype), logits)
 
 
 def hypercleaning_problem(
@@ -138,38 +134,6 @@ def hypercleaning_problem(
 
 
 # ----------------------------------------------------------------------------------------
-# Prototype: K-RMD by TF autodiff of the last K steps (for comparison with the engine).
-# ----------------------------------------------------------------------------------------
-
-
-def autodiff_hypergradient_fn(hg: tfb.api.Hypergradient) -> Callable:
-    """K-RMD (Eq. 8) with the last K steps in a tf.while_loop under one GradientTape.
-
-    TF's while-loop gradient stacks every intermediate of the K steps (logits, softmax, ...),
-    so nothing is recomputed in the backward pass, at the price of O(K · activations) memory
-    instead of the engine's O(K · M). No B0 term: valid for problems without init_params.
-    """
-    transition, problem, T, K = hg.transition, hg.problem, hg.steps, hg.truncate
-
-    @tf.function(jit_compile=True)
-    def compute(params, hparams, inner_batch, outer_batch):
-        state = transition.init_state(problem.initial_params(params, hparams))
-        state, _ = run(transition, state, hparams, inner_batch, start=0, num_steps=T - K, max_steps=T - K)
-        with tf.GradientTape() as tape:
-            tape.watch(hparams)
-
-            def body(i, state):
-                new_state, _ = transition(state, hparams, T - K + i, inner_batch)
-                return i + 1, new_state
-
-            _, state = tf.while_loop(lambda i, _: i < K, body, (tf.constant(0), state), maximum_iterations=K)
-            value = problem.outer(state.params, hparams, outer_batch)
-        return value, tape.gradient(value, hparams)
-
-    return compute
-
-
-# ----------------------------------------------------------------------------------------
 # One configuration, measured in the current (fresh) process.
 # ----------------------------------------------------------------------------------------
 
@@ -203,13 +167,13 @@ def stored_states(config: dict) -> Optional[float]:
         return 2  # w_t and one tangent column
     if kind == "implicit_cg":
         return 4  # x, r, p, H p
-    return None  # reverse_autodiff: K steps of every intermediate, not just w_t
+    return None
 
 
-def build(config: dict, problem: Problem) -> tuple[tfb.api.Hypergradient, Callable[[], Any], Callable[[], Any]]:
+def build(config: dict, problem: Problem) -> tuple[tfb.Hypergradient, Callable[[], Any], Callable[[], Any]]:
     """(hg, hypergradient call, floor call) for `config`, both calls compiled with XLA."""
     kind = config["estimator"]
-    engine_estimator = "reverse" if kind == "floor" or kind in _REVERSE_PROTOTYPES else kind
+    engine_estimator = "reverse" if kind == "floor" else kind
     truncate = config["truncate"]
     full_rmd = kind in ("reverse", "checkpointed") and truncate == config["steps"]
     solver = {}
@@ -226,9 +190,6 @@ def build(config: dict, problem: Problem) -> tuple[tfb.api.Hypergradient, Callab
     floor = lambda: hg.solve(*args[:3])  # noqa: E731
     if kind == "floor":
         return hg, floor, floor
-    if kind == "reverse_autodiff":
-        compute = autodiff_hypergradient_fn(hg)
-        return hg, (lambda: compute(*args)), floor
     return hg, (lambda: hg(*args)), floor
 
 
@@ -332,8 +293,6 @@ def configurations(settings: dict) -> list[dict]:
         if T <= settings["max_forward_steps"]:
             add("forward", T, None, f"forward N={settings['forward_hparams']}")
         add("implicit_cg", T, settings["cg_iterations"], f"implicit_cg K={settings['cg_iterations']}")
-        for K in truncations + ([T] if full_ok else []):
-            add("reverse_autodiff", T, K, f"reverse_autodiff K={K}" + (" (full)" if K == T else ""))
     return configs
 
 
@@ -392,7 +351,7 @@ def summarize(results: list[dict], settings: dict) -> dict:
     time_checks = []
     for T in steps:
         for r in results:
-            if r["steps"] != T or "error" in r or r["estimator"] not in ("reverse",) + _REVERSE_PROTOTYPES:
+            if r["steps"] != T or "error" in r or r["estimator"] != "reverse":
                 continue
             K = r["truncate"]
             target = 2.0 if K == T else 1.10 if K <= 5 else 1.35 if K <= 25 else None
@@ -495,7 +454,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
-    lines = [("reverse", "o", "recompute"), ("reverse", "^", "store"), ("reverse", "o", "auto"), ("reverse_autodiff", "s", None)]
+    lines = [("reverse", "o", "recompute"), ("reverse", "^", "store"), ("reverse", "o", "auto")]
     for estimator, marker, backward in lines:
         for T in sorted({r["steps"] for r in results}):
             rows = sorted((r for r in results if r["estimator"] == estimator and r["steps"] == T and "error" not in r
@@ -584,7 +543,7 @@ def define_flags() -> None:
     flags.DEFINE_float("max_seconds_per_config", 900.0, "Fewer repeats (at least 3) for slower configurations.")
     flags.DEFINE_integer("forward_hparams", 8, "N for forward mode: λ restricted to the first N example weights.")
     flags.DEFINE_integer("cg_iterations", 25, "CG iterations of implicit_cg.")
-    flags.DEFINE_integer("max_full_steps", 1000, "Run full RMD (reverse, checkpointed, autodiff) only for T <= this.")
+    flags.DEFINE_integer("max_full_steps", 1000, "Run full RMD (reverse, checkpointed) only for T <= this.")
     flags.DEFINE_integer("max_forward_steps", 1000, "Run forward mode only for T <= this.")
     flags.DEFINE_list("backward", ["recompute", "store"], "Backward passes of the 'reverse' configurations "
                       "(hypergradient_fn's backward=; each is run and labelled [recompute] / [store]).")

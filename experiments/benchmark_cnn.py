@@ -55,6 +55,7 @@ import tensorflow as tf  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
 from tf_bilevel.estimators.reverse import profile_step  # noqa: E402
+from tf_bilevel.keras import losses  # noqa: E402
 from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -147,10 +148,8 @@ def cnn_problem(
             h = tf.nn.relu(h) if j < num_dense - 1 else h
         return h
 
-    def cross_entropy(w, data):
-        # log_softmax + one-hot: the fused sparse softmax CE has no second derivative in TF.
-        log_probs = tf.nn.log_softmax(logits(w, data["x"]))
-        return -tf.reduce_mean(tf.reduce_sum(tf.one_hot(data["y"], num_classes) * log_probs, axis=1))
+    def cross_entropy(w, data):  # the library's log_softmax form, one-hot targets (no scatter in the backward pass)
+        return tf.reduce_mean(losses.categorical_crossentropy(tf.one_hot(data["y"], num_classes), logits(w, data["x"])))
 
     def inner_loss(w, log_decays, data):
         penalty = tf.add_n([tf.exp(log_decays[i]) * tf.reduce_sum(tf.square(w[name])) for i, name in enumerate(kernels)])

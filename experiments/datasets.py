@@ -41,7 +41,7 @@ import tempfile
 import threading
 import urllib.parse
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -656,7 +656,7 @@ def _class_index_table(labels: np.ndarray, classes: np.ndarray) -> tuple[np.ndar
     return table, counts
 
 
-def make_episodes(
+def episode_sampler(
     images: np.ndarray,
     labels: np.ndarray,
     classes: np.ndarray,
@@ -665,21 +665,17 @@ def make_episodes(
     k_shot: int,
     n_query: int,
     seed: int = 0,
-    num_episodes: int | None = None,
-    meta_batch_size: int | None = None,
     normalize: bool = True,
     return_classes: bool = False,
-) -> tf.data.Dataset:
-    """N-way K-shot episodes from the classes in `classes`, as a tf.data.Dataset.
+) -> Callable[[tf.Tensor], dict]:
+    """`episode(i)`: N-way K-shot episode i (i: an int64 scalar tensor) from the classes in
+    `classes`, a pure function of (seed, i), for `tf_bilevel.keras.episodes` or `make_episodes`.
 
-    Each element is {"support_x": [N*K, ...], "support_y": [N*K],
-    "query_x": [N*Q, ...], "query_y": [N*Q]} (class-major order; labels
-    relabelled 0..N-1 in a random class order), plus "classes": [N] original
-    ids if `return_classes`. Batched to [B, ...] if `meta_batch_size`.
-
-    Sampling is pure TF with stateless random ops keyed on (seed, episode
-    index): episode i is the same on every pass and in every run, and no
-    Python runs per element. `num_episodes=None` gives an infinite stream.
+    An episode is {"support_x": [N*K, ...], "support_y": [N*K], "query_x": [N*Q, ...],
+    "query_y": [N*Q]} (class-major order; labels relabelled 0..N-1 in a random class order),
+    plus "classes": [N] original ids if `return_classes`. Sampling is pure TF with stateless
+    random ops keyed on (seed, i): episode i is the same on every pass and in every run, and
+    no Python runs per episode.
     """
     classes = np.asarray(classes)
     if n_way > len(classes):
@@ -703,7 +699,7 @@ def make_episodes(
     width = table.shape[1]
 
     def episode(i):
-        key = tf.stack([tf.constant(seed, tf.int64), i])
+        key = tf.stack([tf.constant(seed, tf.int64), tf.cast(i, tf.int64)])
         class_seed, example_seed = tf.unstack(tf.random.experimental.stateless_split(key, 2))
         chosen = tf.argsort(tf.random.stateless_uniform([len(classes)], class_seed))[:n_way]
         # Random keys per slot; padding slots get keys > 1 so they sort last.
@@ -722,6 +718,29 @@ def make_episodes(
             out["classes"] = tf.gather(classes_t, chosen)
         return out
 
+    return episode
+
+
+def make_episodes(
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: np.ndarray,
+    *,
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    seed: int = 0,
+    num_episodes: int | None = None,
+    meta_batch_size: int | None = None,
+    normalize: bool = True,
+    return_classes: bool = False,
+) -> tf.data.Dataset:
+    """The episodes of `episode_sampler` (same arguments) 0, 1, ... as a tf.data.Dataset,
+    batched to [B, ...] if `meta_batch_size`. `num_episodes=None` gives an infinite stream.
+    (A stream that can start at any episode: `tf_bilevel.keras.episodes(episode_sampler(...))`.)
+    """
+    episode = episode_sampler(images, labels, classes, n_way=n_way, k_shot=k_shot, n_query=n_query, seed=seed,
+                              normalize=normalize, return_classes=return_classes)
     ds = tf.data.Dataset.range(num_episodes) if num_episodes else tf.data.Dataset.counter()
     ds = ds.map(episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if meta_batch_size:

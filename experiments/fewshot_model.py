@@ -47,6 +47,8 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
+from tf_bilevel.keras import inverse_softplus, losses
+from tf_bilevel.keras.layers import batch_moments
 
 __all__ = [
     "BatchStatisticsNormalization",
@@ -55,7 +57,6 @@ __all__ = [
     "build_inner_model",
     "check_export",
     "cross_entropy",
-    "inverse_softplus",
     "layer_groups",
     "meta_loss",
     "scaled_rho",
@@ -71,13 +72,15 @@ class BatchStatisticsNormalization(keras.layers.Layer):
     """BatchNorm that always normalizes with the statistics of the batch it is given (one
     task's support or query set), in training and in inference, with learned scale/offset.
 
-    Why not `keras.layers.BatchNormalization`: its TF backend (like `tf.nn.moments`) computes
-    the variance around `stop_gradient(mean)`. First derivatives stay exact (the variance is
-    stationary in the mean), but second derivatives are wrong, and RMD differentiates ∇_w g
-    once more (the A_t, B_t of Eq. 6): hypergradients through such a layer in the inner loop
-    do not match finite differences (tests/test_omniglot.py). Here the mean is not stopped.
-    Having no moving statistics also makes the exported model serve exactly the per-task
-    embeddings used in meta-training and meta-testing.
+    Its moments are `tf_bilevel.keras.layers.batch_moments`, those of
+    `tf_bilevel.keras.BatchNormalization` in training mode: the variance is not taken around
+    `stop_gradient(mean)` as in `keras.layers.BatchNormalization`, whose second derivatives
+    are wrong, and RMD differentiates ∇_w g once more (the A_t, B_t of Eq. 6; see
+    tests/test_omniglot.py). Why not `tf_bilevel.keras.BatchNormalization` itself: that one
+    keeps moving statistics and serves with them, while here the exported model serves
+    exactly the per-task (transductive) embeddings used in meta-training and meta-testing;
+    and a layer without state runs in the trainer's stacked meta-batch path
+    (`tf_bilevel.keras.batched`, through `batched_call`).
     """
 
     def __init__(self, epsilon: float = 1e-3, **kwargs):
@@ -90,17 +93,13 @@ class BatchStatisticsNormalization(keras.layers.Layer):
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
 
     def call(self, x):
-        axes = list(range(len(x.shape) - 1))
-        mean = keras.ops.mean(x, axis=axes, keepdims=True)
-        variance = keras.ops.mean(keras.ops.square(x - mean), axis=axes, keepdims=True)
+        mean, variance = batch_moments(x, list(range(len(x.shape) - 1)), keepdims=True)
         return (x - mean) * keras.ops.rsqrt(variance + self.epsilon) * self.gamma + self.beta
 
     def batched_call(self, weights, x):
         """B tasks at once (tf_bilevel.keras.batched): x [B, n, ..., C], γ and β [B, C], each
         task normalized with its own batch statistics."""
-        axes = list(range(1, len(x.shape) - 1))
-        mean = keras.ops.mean(x, axis=axes, keepdims=True)
-        variance = keras.ops.mean(keras.ops.square(x - mean), axis=axes, keepdims=True)
+        mean, variance = batch_moments(x, list(range(1, len(x.shape) - 1)), keepdims=True)
         shape = [-1] + [1] * (len(x.shape) - 2) + [x.shape[-1]]
         gamma, beta = (keras.ops.reshape(w, shape) for w in weights)
         return (x - mean) * keras.ops.rsqrt(variance + self.epsilon) * gamma + beta
@@ -170,16 +169,10 @@ def layer_groups(model: keras.Model) -> list[int]:
     return groups
 
 
-def inverse_softplus(y: float) -> float:
-    """x with softplus(x) = y (> 0)."""
-    return float(np.log(np.expm1(y)))
-
-
 def cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    """Mean k-way cross-entropy via log_softmax + gather: TF disables the second derivative of
-    the fused sparse softmax cross-entropy op, and RMD differentiates ∇_w g once more."""
-    log_p = tf.nn.log_softmax(logits)
-    return -tf.reduce_mean(tf.gather(log_p, tf.cast(labels, tf.int32), axis=1, batch_dims=1))
+    """Mean k-way cross-entropy: the trainer's loss (`tf_bilevel.keras.losses`, log_softmax
+    based, twice differentiable on every TF version: RMD differentiates ∇_w g once more)."""
+    return tf.reduce_mean(losses.sparse_categorical_crossentropy(labels, logits))
 
 
 # --------------------------------------------------------------------------
@@ -223,8 +216,8 @@ class FewShotProblem:
         return {
             "hyper": [tf.identity(v.value) for v in self.hyper_model.trainable_variables],
             "centers": [tf.identity(w) for w in self.w0],
-            "rho_raw": tf.fill([self.num_layers], tf.constant(inverse_softplus(init_rho), dtype)),
-            "gamma_raw": tf.constant(inverse_softplus(init_gamma), dtype),
+            "rho_raw": tf.fill([self.num_layers], tf.constant(float(inverse_softplus(init_rho)), dtype)),
+            "gamma_raw": tf.constant(float(inverse_softplus(init_gamma)), dtype),
         }
 
     # -- networks ---------------------------------------------------------------------
@@ -283,7 +276,7 @@ class FewShotProblem:
                       meta_batch_mode: str = "auto") -> "tfb.BilevelTrainer":
         """A `BilevelTrainer` (meta-batch of tasks) for this problem: named hyperparameters
         "c" (centers) and "rho" (softplus), learned γ (softplus), w_0 = stored inner weights."""
-        from tf_bilevel.keras import Hyperparameter, losses
+        from tf_bilevel.keras import Hyperparameter
 
         dtype = self.w0[0].dtype.name
 
@@ -309,7 +302,7 @@ class FewShotProblem:
         values = trainer.hyperparameter_values()
         named = values.get("user", values)  # named hyperparameters (top level in newer trainers)
         dtype = self.w0[0].dtype
-        inv = lambda x: tf.cast(_inverse_softplus_tensor(tf.cast(x, tf.float64)), dtype)  # noqa: E731
+        inv = lambda x: tf.constant(inverse_softplus(np.asarray(x, np.float64)), dtype)  # noqa: E731
         return {
             "hyper": [tf.identity(v.value) for v in self.hyper_model.trainable_variables],
             "centers": [tf.identity(c) for c in named["c"]],
@@ -333,18 +326,13 @@ class scaled_rho:
     def __enter__(self):
         self.saved = tf.identity(self.variable)
         rho = tf.cast(tf.nn.softplus(self.saved), tf.float64) * self.scale
-        raw = _inverse_softplus_tensor(tf.maximum(rho, 1e-300)) if self.scale > 0 else tf.fill(rho.shape, -1e4)
+        raw = inverse_softplus(np.maximum(rho.numpy(), 1e-300)) if self.scale > 0 else np.full(rho.shape, -1e4)
         self.variable.assign(tf.cast(raw, self.variable.dtype))
         return self
 
     def __exit__(self, *exc):
         self.variable.assign(self.saved)
         return False
-
-
-def _inverse_softplus_tensor(y: tf.Tensor) -> tf.Tensor:
-    """x with softplus(x) = y > 0, stable for small and large y."""
-    return y + tf.math.log(-tf.math.expm1(-y))
 
 
 def meta_loss(problem: FewShotProblem, raw: dict, task: Task, steps: int, rho_scale: float = 1.0) -> tf.Tensor:

@@ -83,7 +83,7 @@ import platform
 import shutil
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import keras
 import numpy as np
@@ -193,6 +193,14 @@ class MetaData:
             self.images, self.labels, self.pools[pool], n_way=cfg["n_way"], k_shot=cfg["k_shot"],
             n_query=n_query, seed=seed, num_episodes=num_episodes, meta_batch_size=meta_batch_size,
         )
+
+    def training_stream(self, cfg: dict, *, seed: int) -> Callable[[Any], tf.data.Dataset]:
+        """`start -> dataset` of the trainer's meta-batches from hyper-iteration `start` on (the
+        episodes of `episodes("train", ...)`, as trainer elements): `trainer.resumable` jumps
+        to a resumed run's hyper-iteration instead of drawing and dropping the earlier ones."""
+        sampler = datasets.episode_sampler(self.images, self.labels, self.pools["train"], n_way=cfg["n_way"],
+                                           k_shot=cfg["k_shot"], n_query=cfg["n_query"], seed=seed)
+        return tfb.keras.episodes(lambda i: as_trainer_element(sampler(i)), batch=cfg["meta_batch_size"])
 
 
 def load_meta_data(cfg: dict) -> MetaData:
@@ -438,11 +446,13 @@ def load_finished_method(cfg: dict, steps: int, truncate: Optional[int], name: s
     return problem, trainer, row
 
 
-def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, train_ds: tf.data.Dataset,
-                 curve_tasks: list, test_tasks: list) -> tuple[fsm.FewShotProblem, Any, dict]:
+def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str,
+                 train_stream: Callable[[Any], tf.data.Dataset], curve_tasks: list,
+                 test_tasks: list) -> tuple[fsm.FewShotProblem, Any, dict]:
     """Meta-trains one method from the common initial λ (or from its checkpoint in
-    <output_dir>/resume/backup/<name>); saves and returns (problem, trainer, row)."""
-    problem, trainer, diagnostics_every = build_trainer(cfg, steps, truncate, train_ds.element_spec)
+    <output_dir>/resume/backup/<name>) on `train_stream` (start -> meta-batches from there);
+    saves and returns (problem, trainer, row)."""
+    problem, trainer, diagnostics_every = build_trainer(cfg, steps, truncate, train_stream(0).element_spec)
     total = cfg["hyper_iterations"]
     chunk = cfg["eval_every"] if cfg["eval_every"] and cfg["eval_every"] < total else total
     if total % chunk:
@@ -457,7 +467,7 @@ def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str, trai
     pause = parse_pause_after(cfg.get("pause_after"))
     if pause and pause[0] == name:
         callbacks.append(PauseOnce(os.path.join(state, f"paused_{name}_{pause[1]}"), pause[1]))
-    trainer.fit(trainer.resumable(train_ds), epochs=total // chunk, steps_per_epoch=chunk,
+    trainer.fit(trainer.resumable(train_stream), epochs=total // chunk, steps_per_epoch=chunk,
                 callbacks=callbacks, verbose=0)
     if not recorder._started:  # killed after the last checkpoint: fit had no epoch left to run
         recorder.set_model(trainer)
@@ -683,8 +693,8 @@ def _run(cfg: dict) -> dict:
     test_tasks = [as_task(b) for b in data.episodes("test", cfg, seed=cfg["seed"] + 1,
                                                      num_episodes=cfg["eval_tasks"], meta_batch_size=None)]
     curve_tasks = test_tasks[:cfg["curve_eval_tasks"]]
-    train_ds = data.episodes("train", cfg, seed=cfg["seed"], num_episodes=None,
-                             meta_batch_size=cfg["meta_batch_size"]).map(as_trainer_element)
+    train_stream = data.training_stream(cfg, seed=cfg["seed"])
+    train_ds = train_stream(0)
     relerr_batch = as_task(next(iter(data.episodes(
         "train", cfg, seed=cfg["seed"] + 2, num_episodes=cfg["relerr_tasks"],
         meta_batch_size=cfg["relerr_tasks"]))))
@@ -717,7 +727,7 @@ def _run(cfg: dict) -> dict:
             print(f"{method_label(name)}: finished by an earlier run, reloaded from {resume_dir(cfg)}")
             problem, trainer, row = finished
         else:
-            problem, trainer, row = train_method(cfg, steps, k, name, train_ds, curve_tasks, test_tasks)
+            problem, trainer, row = train_method(cfg, steps, k, name, train_stream, curve_tasks, test_tasks)
         phases[f"method {name}"] = time.perf_counter() - clock
         trained[name] = (problem, trainer)
         results["runs"][name] = row

@@ -23,8 +23,8 @@ training set. C couples the per-class weight vectors, pulling the models of simi
 classes together. The per-class biases b are neither coupled nor regularized. C_ii
 multiplies ‖w_i − w_i‖² = 0, so the diagonal of B gets a zero hypergradient. The paper's
 outer loss says "linear regression loss", which we read as a slip: f is the validation
-cross-entropy (as in Franceschi et al.). Both losses use log_softmax + gather, because
-TF disables the second derivative of the fused softmax cross-entropy.
+cross-entropy (as in Franceschi et al.). Both losses use tf_bilevel.keras.losses (log_softmax
+based: twice differentiable on every TF version; TF 2.21's fused op is too, older ones not).
 
 Data (appendix G.2). Per trial, balanced training and validation sets of m examples each
 (m/V per class; m = 50 for CIFAR-10, m = 300 for CIFAR-100) are drawn from the whole
@@ -74,7 +74,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -82,6 +82,7 @@ from absl import app, flags, logging
 
 import tf_bilevel as tfb
 from experiments import datasets, features
+from tf_bilevel.keras import inverse_softplus, losses
 from experiments.run_state import (
     RESTART_HINT, STATE_ERRORS, damaged, discard_state, exclusive_output_dir, exit_with_error, guard_settings,
     pause_to_be_killed, read_state_json, reading_state, write_atomically, write_json_atomically,
@@ -168,11 +169,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 # --------------------------------------------------------------------------
 
 
-def inverse_softplus(y: float) -> float:
-    """x with softplus(x) = y (> 0)."""
-    return float(np.log(np.expm1(y)))
-
-
 def coupling_matrix(b: tf.Tensor) -> tf.Tensor:
     """C = A + Aᵀ with A = softplus(B): symmetric and entrywise positive (appendix G.2)."""
     a = tf.nn.softplus(b)
@@ -193,9 +189,9 @@ def pairwise_coupling(w: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
 
 
 def cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    """Mean CE via log_softmax + gather (twice differentiable, unlike the fused TF op)."""
-    log_p = tf.nn.log_softmax(logits)
-    return -tf.reduce_mean(tf.gather(log_p, labels, axis=1, batch_dims=1))
+    """Mean cross-entropy over the examples (the library's log_softmax form: RMD differentiates
+    ∇_w g once more, and it is twice differentiable on every TF version)."""
+    return tf.reduce_mean(losses.sparse_categorical_crossentropy(labels, logits))
 
 
 def logits_of(params: dict, x: tf.Tensor) -> tf.Tensor:
@@ -252,8 +248,8 @@ def initial_params(num_tasks: int, dim: int, dtype=tf.float32) -> dict:
 
 def initial_hparams(num_tasks: int, init_coupling: float, init_rho: float, dtype=tf.float32) -> dict:
     """λ_0 = {B, ν} giving C_ij = init_coupling (i ≠ j) and ρ = init_rho."""
-    b = tf.fill([num_tasks, num_tasks], inverse_softplus(init_coupling / 2.0))
-    return {"B": tf.cast(b, dtype), "nu": tf.constant(inverse_softplus(init_rho), dtype)}
+    b = tf.fill([num_tasks, num_tasks], float(inverse_softplus(init_coupling / 2.0)))
+    return {"B": tf.cast(b, dtype), "nu": tf.constant(float(inverse_softplus(init_rho)), dtype)}
 
 
 def make_hypergradient(truncate: int | None, *, steps: int, inner_lr: float,
@@ -268,30 +264,22 @@ def make_hypergradient(truncate: int | None, *, steps: int, inner_lr: float,
 # --------------------------------------------------------------------------
 
 
-def adam_init(hparams: Any) -> dict:
-    """Adam state (first/second moments, step count) for `hparams`."""
-    zeros = tf.nest.map_structure(tf.zeros_like, hparams)
-    return {"m": zeros, "v": zeros, "t": tf.constant(0.0)}
-
-
-def adam_update(hparams: Any, grads: Any, state: dict, lr: float,
-                beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8):
-    """One Adam step (Kingma & Ba; Keras's update rule). Written with plain tensors so the
-    hypergradient and the λ update compile into one XLA program per hyper-iteration."""
-    t = state["t"] + 1.0
-    m = tf.nest.map_structure(lambda m, g: beta1 * m + (1 - beta1) * g, state["m"], grads)
-    v = tf.nest.map_structure(lambda v, g: beta2 * v + (1 - beta2) * g * g, state["v"], grads)
-    step = lr * tf.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
-    new = tf.nest.map_structure(lambda p, m, v: p - step * m / (tf.sqrt(v) + eps), hparams, m, v)
-    return new, {"m": m, "v": v, "t": t}
+def outer_adam(outer_lr: float) -> tfb.InnerOptimizer:
+    """Adam on λ (appendix G): the library's differentiable Adam (`tfb.adam`), here on the
+    outer problem, so that the hypergradient and the λ update compile into one XLA program
+    per hyper-iteration. Its state is `.init(λ)`; λ_{t+1} = λ_t + `.update(h_t, ...)[0]`."""
+    return tfb.adam(outer_lr)
 
 
 def make_hyper_step(hg: tfb.Hypergradient, outer_lr: float, jit_compile: bool = True) -> Callable:
-    """(w0, λ_t, adam, train, val) -> λ_{t+1}, adam, f(ŵ(λ_t)), val error, h_t, ŵ(λ_t), marker."""
+    """(w0, λ_t, adam, train, val) -> λ_{t+1}, adam, f(ŵ(λ_t)), val error, h_t, ŵ(λ_t), marker;
+    adam: the state `outer_adam(outer_lr).init(λ_0)`."""
+    adam = outer_adam(outer_lr)
 
-    def step(w0, hparams, adam, inner_batch, outer_batch):
+    def step(w0, hparams, adam_state, inner_batch, outer_batch):
         res = hg.compute(w0, hparams, inner_batch, outer_batch)
-        new_hparams, new_adam = adam_update(hparams, res.hypergrad, adam, outer_lr)
+        updates, new_adam = adam.update(res.hypergrad, adam_state, hparams, None, adam_state.count)
+        new_hparams = tf.nest.map_structure(tf.add, hparams, updates)
         val_err = error_rate(res.final_params, *outer_batch)
         return (new_hparams, new_adam, res.outer_value, val_err, res.hypergrad,
                 res.final_params, res.nonfinite_step)
@@ -399,7 +387,7 @@ def run_one(truncate: int | None, split: dict, cfg: dict, *, diagnostics: bool,
 
     w0 = initial_params(v, d)
     hparams = initial_hparams(v, cfg["init_coupling"], cfg["init_rho"])
-    adam = adam_init(hparams)
+    adam = outer_adam(cfg["outer_lr"]).init(hparams)
     train, val, test = split["train"], split["val"], split["test"]
     by_test = cfg["early_stopping_split"] == "test"
     improved = make_improvement_rule(cfg["early_stopping_metric"], cfg["min_delta"])

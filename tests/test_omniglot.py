@@ -362,6 +362,22 @@ def test_data_pools_are_disjoint_after_rotations():
     assert set(data.pools["train"] % 10) == set(base["train"])
 
 
+def test_training_stream_started_at_k_is_the_episode_stream_from_meta_batch_k_on():
+    """A resumed run jumps to its hyper-iteration (tfb.keras.episodes): the meta-batches it
+    gets are exactly those the uninterrupted run gets there, i.e. make_episodes' stream."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(60, 4, 4, 1)).astype(np.uint8)
+    y = np.repeat(np.arange(10), 6)
+    data = om.MetaData(x, y, {"train": np.arange(6), "test": np.arange(6, 10)}, "")
+    cfg = {"n_way": 3, "k_shot": 1, "n_query": 2, "meta_batch_size": 2}
+    stream = data.training_stream(cfg, seed=4)
+    reference = list(data.episodes("train", cfg, seed=4, num_episodes=None, meta_batch_size=2)
+                     .map(om.as_trainer_element).take(6))
+    for k in (0, 3):
+        for got, want in zip(stream(k).take(6 - k), reference[k:], strict=True):
+            tf.nest.map_structure(lambda a, b: np.testing.assert_array_equal(a.numpy(), b.numpy()), got, want)
+
+
 def test_parse_truncate_and_bad_split():
     assert om.parse_truncate(["1", "10", "full", "50"], 50) == [1, 10, None, None]
     with pytest.raises(ValueError, match="inner_steps"):

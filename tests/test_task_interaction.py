@@ -143,7 +143,9 @@ def test_truncated_hypergradient_approaches_full_rmd_and_matches_forward_mode(ti
     assert err_1 > err_15 > 0
 
 
-def test_adam_update_matches_keras_adam():
+def test_outer_adam_matches_keras_adam():
+    """λ's update is the library's Adam (tfb.adam, as the outer optimizer): Keras' Adam steps,
+    up to where ε enters (ε·sqrt(1 − β₂ᵗ) vs ε, and ε_root = 1e-12 under the square root)."""
     import keras
 
     rng = np.random.default_rng(0)
@@ -151,10 +153,13 @@ def test_adam_update_matches_keras_adam():
     grads = [rng.normal(size=(3, 2)).astype(np.float32) for _ in range(4)]
     var = keras.Variable(init)
     opt = keras.optimizers.Adam(learning_rate=0.05, epsilon=1e-8)
-    hp, state = {"x": tf.constant(init)}, ti.adam_init({"x": tf.constant(init)})
+    adam = ti.outer_adam(0.05)
+    hp = {"x": tf.constant(init)}
+    state = adam.init(hp)
     for g in grads:
         opt.apply_gradients([(tf.constant(g), var)])
-        hp, state = ti.adam_update(hp, {"x": tf.constant(g)}, state, 0.05)
+        updates, state = adam.update({"x": tf.constant(g)}, state, hp, None, state.count)
+        hp = {"x": hp["x"] + updates["x"]}
     np.testing.assert_allclose(hp["x"].numpy(), var.numpy(), rtol=1e-5, atol=1e-6)
 
 

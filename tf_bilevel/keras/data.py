@@ -9,7 +9,8 @@ of tasks (e.g. `tasks.batch(4, drop_remainder=True)`).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import sys
+from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
@@ -187,3 +188,37 @@ def online_tasks(train: tf.data.Dataset, validation: tf.data.Dataset, *, steps: 
             )
     inner = train.repeat().batch(steps, drop_remainder=True)
     return tf.data.Dataset.zip((inner, validation.repeat()))
+
+
+def episodes(
+    make_episode: Callable[[tf.Tensor], Any], *, batch: Optional[int] = None, count: Optional[int] = None
+) -> Callable[[Any], tf.data.Dataset]:
+    """An episode stream that starts at any hyper-iteration: `stream(start) -> tf.data.Dataset`.
+
+    `make_episode(i)` builds episode i (i: an int64 scalar tensor) as a pure function of i:
+    its randomness from stateless ops seeded with i (e.g.
+    `tf.random.stateless_uniform(shape, seed=tf.stack([seed, i]))`), so that episode i is the
+    same in every run. Element s of `stream(start)`, for s = start, start + 1, ..., is episode
+    s, or with `batch=B` the meta-batch of episodes s·B … s·B + B − 1 stacked on a new axis 0
+    (for `meta_batch=True`). The stream is endless; `count` ends it after `count` elements
+    (counted from s = 0). `stream(start)` builds only the episodes from there on, so
+    `trainer.resumable(stream)` jumps to the hyper-iteration a resumed run starts at, where a
+    `tf.data.Dataset` is started with `skip`, which still produces every skipped episode.
+    Episodes are built in parallel, in order (`map(..., deterministic=True)`).
+    """
+    if not callable(make_episode):
+        raise TypeError(f"episodes(make_episode=...): expected a function i -> episode i, got {make_episode!r}")
+    for name, value in (("batch", batch), ("count", count)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"episodes({name}={value!r}): must be a positive int or None")
+    per_element = batch or 1
+    stop = sys.maxsize if count is None else count * per_element
+
+    def stream(start: Any = 0) -> tf.data.Dataset:
+        first = tf.cast(start, tf.int64) * per_element
+        ds = tf.data.Dataset.range(first, stop).map(make_episode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if batch:
+            ds = ds.batch(batch, drop_remainder=True)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    return stream

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import keras
 from keras import ops
 
-__all__ = ["BatchNormalization", "warn_inexact_batch_normalization"]
+__all__ = ["BatchNormalization", "batch_moments", "warn_inexact_batch_normalization"]
 
 _FLOAT16_MAX = 65504.0
 
@@ -17,6 +17,16 @@ BATCH_NORM_HINT = (
     "inexact (tf.nn.moments stops the gradient of the mean inside the variance), which biases "
     "hypergradients through the inner loop"
 )
+
+
+def batch_moments(x: Any, axes: Any, keepdims: bool = False) -> tuple:
+    """(mean(x), mean((x − mean(x))²)) over `axes`, with no gradient stopped: exact second
+    derivatives, unlike `tf.nn.moments` and Keras' BatchNormalization, which compute the
+    variance around `stop_gradient(mean)` (exact first derivatives only). For layers that
+    normalize inside the inner model, e.g. with the statistics of each task's batch."""
+    mean = ops.mean(x, axis=axes, keepdims=True)
+    variance = ops.mean(ops.square(x - mean), axis=axes, keepdims=keepdims)
+    return (mean if keepdims else ops.squeeze(mean, axis=axes)), variance
 
 
 @keras.saving.register_keras_serializable(package="tf_bilevel")
@@ -42,9 +52,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         # already upcasts the inputs, so this is a safeguard).
         low_precision = dtype in ("float16", "bfloat16")
         x = ops.cast(inputs, "float32") if low_precision else inputs
-        mean = ops.mean(x, axis=self._reduction_axes, keepdims=True)
-        variance = ops.mean(ops.square(x - mean), axis=self._reduction_axes)
-        mean = ops.squeeze(mean, axis=self._reduction_axes)
+        mean, variance = batch_moments(x, self._reduction_axes)
         if low_precision:  # clipped to float16's range before the cast back, as Keras does
             mean = ops.cast(ops.clip(mean, -_FLOAT16_MAX, _FLOAT16_MAX), dtype)
             variance = ops.cast(ops.clip(variance, -_FLOAT16_MAX, _FLOAT16_MAX), dtype)

@@ -21,8 +21,12 @@ class _Transform(NamedTuple):
     domain: str  # for error messages
 
 
-def _inverse_softplus(x: np.ndarray) -> np.ndarray:
-    return x + np.log(-np.expm1(-x))  # log(exp(x) − 1), stable for large x
+def inverse_softplus(x: Any) -> np.ndarray:
+    """ν with softplus(ν) = x, for x > 0 (a number or array; in NumPy, float64): the raw value
+    that starts a softplus-transformed hyperparameter at x. log(eˣ − 1), written
+    x + log(−expm1(−x)) so that it neither overflows for large x nor loses digits for small x."""
+    x = np.asarray(x, dtype=np.float64)
+    return x + np.log(-np.expm1(-x))
 
 
 def _logit(x: np.ndarray) -> np.ndarray:
@@ -35,14 +39,14 @@ def _symmetric(a: tf.Tensor) -> tf.Tensor:
 
 TRANSFORMS: dict[str, _Transform] = {
     "identity": _Transform(lambda v: v, lambda x: x, "any real value"),
-    "softplus": _Transform(tf.nn.softplus, _inverse_softplus, "> 0"),
+    "softplus": _Transform(tf.nn.softplus, inverse_softplus, "> 0"),
     "exp": _Transform(tf.exp, np.log, "> 0"),
     "sigmoid": _Transform(tf.sigmoid, _logit, "in (0, 1)"),
     # C = A + Aᵀ: any symmetric matrix.
     "symmetric": _Transform(_symmetric, lambda c: c / 2.0, "a symmetric matrix"),
     # C = A + Aᵀ with A = softplus(B): symmetric with positive entries (paper G.2, task interaction).
     "symmetric_softplus": _Transform(
-        lambda b: _symmetric(tf.nn.softplus(b)), lambda c: _inverse_softplus(c / 2.0), "a symmetric matrix with entries > 0"
+        lambda b: _symmetric(tf.nn.softplus(b)), lambda c: inverse_softplus(c / 2.0), "a symmetric matrix with entries > 0"
     ),
 }
 
