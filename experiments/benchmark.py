@@ -573,6 +573,8 @@ def settings_from_flags() -> dict:
 
 def define_flags() -> None:
     """Defines the program's flags (called under __main__, so importing the module defines none)."""
+    from experiments._cli import define_internal
+
     flags.DEFINE_list("steps", ["100", "1000"], "Numbers T of inner steps.")
     flags.DEFINE_list("truncate", ["1", "5", "25", "100"], "K of K-RMD (K < T; full RMD K = T is always added).")
     flags.DEFINE_list("estimators", list(ESTIMATORS), f"Configurations to run, from {ESTIMATORS}.")
@@ -589,10 +591,12 @@ def define_flags() -> None:
     flags.DEFINE_list("backward", ["recompute", "store"], "Backward passes of the 'reverse' configurations "
                       "(hypergradient_fn's backward=; each is run and labelled [recompute] / [store]).")
     flags.DEFINE_integer("worker_timeout", 7200, "Seconds before a configuration's process is killed.")
-    flags.DEFINE_bool("quick", False, "Tiny sizes and budgets, to test the program.")
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the sizes and budgets above; quick: tiny sizes "
+                      "and budgets, to test the program.")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", "out/benchmark", "Where results.json and benchmark.png are written.")
     flags.DEFINE_integer("seed", 0, "Seed of the random data.")
-    flags.DEFINE_string("worker", None, "Internal: JSON configuration to measure in this process.")
+    define_internal(flags.DEFINE_string, "worker", None, "JSON configuration to measure in this process.")
     flags.DEFINE_list("suites", ["estimators", "online"], "estimators: the Table 1 problem above; online: one "
                       "online hyper-iteration of a CNN over T plain Keras train steps (experiments/benchmark_online.py); "
                       "cnn: K-RMD vs full RMD time and memory on a 6.4M-parameter CNN (experiments/benchmark_cnn.py); "
@@ -604,6 +608,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     if FLAGS.worker is not None:
         print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.worker))), flush=True)
         return

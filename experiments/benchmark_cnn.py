@@ -461,6 +461,8 @@ def make_settings(quick: bool) -> dict:
 
 def define_cnn_flags() -> None:
     """The flags this suite adds to `python -m experiments.benchmark` too."""
+    from experiments._cli import define_internal
+
     flags.DEFINE_list("cnn_steps", ["100", "500"], "cnn suite: numbers T of inner steps.")
     flags.DEFINE_list("cnn_truncate", ["1", "5", "25"], "cnn suite: K of K-RMD (K < T; full RMD K = T is added).")
     flags.DEFINE_list("cnn_backward", ["recompute", "store"], "cnn suite: backward passes of the reverse configurations.")
@@ -470,11 +472,12 @@ def define_cnn_flags() -> None:
     flags.DEFINE_float("cnn_learning_rate", 0.02, "cnn suite: inner step size.")
     flags.DEFINE_integer("cnn_repeats", 3, "cnn suite: timed calls per configuration after warm-up (median).")
     flags.DEFINE_string("cnn_conv", "patches", "cnn suite: 'patches' (matmul over patches) or 'conv2d' (tf.nn.conv2d).")
-    flags.DEFINE_string("cnn_worker", None, "Internal: JSON configuration to measure in this process.")
+    define_internal(flags.DEFINE_string, "cnn_worker", None, "JSON configuration to measure in this process.")
 
 
 def main(argv: list[str]) -> None:
     del argv
+    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     if FLAGS.cnn_worker is not None:
         print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.cnn_worker))), flush=True)
         return
@@ -488,6 +491,8 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_cnn_flags()
-    flags.DEFINE_bool("quick", False, "Tiny CNN and budgets, to test the program.")
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the CNN and budgets above; quick: tiny CNN and "
+                      "budgets, to test the program.")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", "out/benchmark", "Where cnn_results.json is written.")
     app.run(main)

@@ -195,7 +195,9 @@ def run(settings: dict, output_dir: Path) -> dict:
 def define_flags() -> None:
     define_metabatch_flags()
     flags.DEFINE_integer("repeats", 5, "Timed calls per configuration after warm-up (median reported).")
-    flags.DEFINE_bool("quick", False, "Tiny sizes and budgets, to test the program.")
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the sizes and budgets above; quick: tiny sizes "
+                      "and budgets, to test the program.")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", "out/benchmark", "Where metabatch_results.json is written.")
 
 
@@ -214,6 +216,7 @@ def settings_from_flags() -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
+    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     output_dir = Path(FLAGS.output_dir)
     try:
         with exclusive_output_dir(output_dir, "experiments.benchmark_metabatch"):

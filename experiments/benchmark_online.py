@@ -201,7 +201,9 @@ def run(settings: dict, output_dir: Path) -> dict:
 def define_flags() -> None:
     define_online_flags()
     flags.DEFINE_integer("repeats", 7, "Timed calls per configuration after warm-up (median reported).")
-    flags.DEFINE_bool("quick", False, "Tiny sizes and budgets, to test the program.")
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the sizes and budgets above; quick: tiny sizes "
+                      "and budgets, to test the program.")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", "out/benchmark", "Where online_results.json is written.")
 
 
@@ -212,6 +214,7 @@ def define_online_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     output_dir = Path(FLAGS.output_dir)
     try:
         with exclusive_output_dir(output_dir, "experiments.benchmark_online"):

@@ -126,7 +126,7 @@ PAPER_F1_THRESHOLDS = {  # K -> {threshold: F1}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's settings are the defaults of Config.
-    "paper": {},
+    "full": {},
     # The README's first command: a real result in a few minutes on 2 CPU cores.
     "readme": dict(truncate=(1, 5, 100), hyper_iterations=100, exact_every=10, eval_every=10),
     # Tests: a small problem, a handful of hyper-iterations.
@@ -162,10 +162,10 @@ class Config:
     measure_memory: bool = True
     memory_probe_calls: int = 3
     timing_rounds: int = 5
-    mnist_dir: Optional[str] = None
+    local_dir: Optional[str] = None  # folder of MNIST IDX files (--local_dir)
     data_dir: Optional[str] = None
     jit_compile: bool = True
-    checkpoint_every: int = 50  # 0: no checkpoints (no resumption)
+    checkpoint_every: int = 50  # --save_every: hyper-iterations between saves (0: no resumption)
     preset: str = ""
 
     def validated(self) -> "Config":
@@ -200,7 +200,7 @@ class Config:
         if cfg.exact_every < 0 or cfg.eval_every < 1:
             raise ValueError("--exact_every must be >= 0 (0: only at the start and the end) and --eval_every >= 1")
         if cfg.checkpoint_every < 0:
-            raise ValueError(f"--checkpoint_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
+            raise ValueError(f"--save_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
         return cfg
 
 
@@ -277,7 +277,7 @@ def load_split(cfg: Config) -> tuple[dict, dict]:
     `datasets.DataUnavailableError` within seconds when there is no data and no network."""
     from experiments import datasets
 
-    data = datasets.load_image_classification("mnist", data_dir=cfg.data_dir, local_dir=cfg.mnist_dir)
+    data = datasets.load_image_classification("mnist", data_dir=cfg.data_dir, local_dir=cfg.local_dir)
     split = datasets.hypercleaning_split(
         *data["train"], *data["test"], n_train=cfg.n_train, n_val=cfg.n_val, corruption=cfg.corruption,
         seed=cfg.seed, num_classes=10,
@@ -285,7 +285,8 @@ def load_split(cfg: Config) -> tuple[dict, dict]:
     arrays = split._asdict()
     info = {
         "dataset": "mnist (tensorflow-datasets)",
-        "mnist_dir": cfg.mnist_dir,
+        "source": datasets.data_source("mnist"),
+        "local_dir": cfg.local_dir,
         "data_dir": cfg.data_dir or datasets.default_data_dir(),
         "n_train": int(len(split.y_train)),
         "n_val": int(len(split.y_val)),
@@ -333,7 +334,7 @@ CHECKPOINT_DIR = "checkpoints"
 # Config fields that cannot change any number of a K's run (where the data come from is
 # covered by the hash of the split; K itself names the folder).
 _NOT_FINGERPRINTED = ("output_dir", "truncate", "measure_memory", "memory_probe_calls", "timing_rounds",
-                      "mnist_dir", "data_dir", "checkpoint_every", "preset")
+                      "local_dir", "data_dir", "checkpoint_every", "preset")
 PAUSE_SECONDS = 120  # --pause_after: nobody killed the program, exit with an error rather than hang
 
 
@@ -355,7 +356,7 @@ def config_fingerprint(cfg: Config, arrays: dict) -> dict:
 
 
 def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
-    """<output_dir>/checkpoints (None when --checkpoint_every=0), with the fingerprint of this
+    """<output_dir>/checkpoints (None when --save_every=0), with the fingerprint of this
     configuration; raises SettingsMismatchError when it holds checkpoints of another one."""
     if cfg.checkpoint_every <= 0:
         return None
@@ -998,16 +999,19 @@ def format_table(results: dict) -> str:
 _FLAG_FIELDS = ("output_dir", "truncate", "hyper_iterations", "inner_steps", "inner_lr", "regularization",
                 "loss_normalization", "first_update_norm", "outer_lr", "adam_epsilon", "init_lambda",
                 "corruption", "n_train", "n_val", "seed", "f1_thresholds", "table_threshold", "exact_every",
-                "eval_every", "measure_memory", "memory_probe_calls", "timing_rounds", "mnist_dir", "data_dir",
+                "eval_every", "measure_memory", "memory_probe_calls", "timing_rounds", "local_dir", "data_dir",
                 "jit_compile", "checkpoint_every")
+_FLAG_NAMES = {"checkpoint_every": "save_every"}  # Config field -> flag, where they differ
 
 
 def define_flags() -> None:
     from absl import flags
 
+    from experiments._cli import define_internal
+
     d = Config()
-    flags.DEFINE_enum("preset", "paper", sorted(PRESETS),
-                      "paper: the paper's settings (defaults); readme: K in {1,5,100}, 100 hyper-iterations "
+    flags.DEFINE_enum("preset", "full", sorted(PRESETS),
+                      "full: the paper's settings (the defaults); readme: K in {1,5,100}, 100 hyper-iterations "
                       "(a few minutes); quick: tiny budget for tests. Explicit flags override the preset.")
     flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", d.output_dir, "Where results.json and the PNG figures are written.")
@@ -1037,31 +1041,31 @@ def define_flags() -> None:
     flags.DEFINE_integer("memory_probe_calls", d.memory_probe_calls, "Steady-state calls per memory probe.")
     flags.DEFINE_integer("timing_rounds", d.timing_rounds, "Extra hyper-iterations per K, timed round-robin "
                          "over the K values after the runs (s/it in the table; 0: use the runs' own median).")
-    flags.DEFINE_string("mnist_dir", d.mnist_dir, "Folder with the 4 MNIST IDX .gz files (default: tfds data_dir, "
+    flags.DEFINE_string("local_dir", d.local_dir, "Folder with the 4 MNIST IDX .gz files (default: tfds data_dir, "
                         "then $TF_BILEVEL_MNIST_DIR or the project's shared data folder, then download).")
     flags.DEFINE_string("data_dir", d.data_dir, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
     flags.DEFINE_bool("jit_compile", d.jit_compile, "XLA-compile the hyper-iteration.")
-    flags.DEFINE_integer("checkpoint_every", d.checkpoint_every,
+    flags.DEFINE_integer("save_every", d.checkpoint_every,
                          "Save λ, the outer Adam's state and the curves of the running K every N hyper-iterations "
                          "(and each finished K) under <output_dir>/checkpoints; rerunning the same command resumes "
                          "from there (a finished K is not rerun; a run with another configuration in that folder "
                          "is refused: delete it or pick another --output_dir). 0: no checkpoints.")
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/checkpoints) and start over.")
-    flags.DEFINE_string("memory_probe", None, "Internal: JSON payload of one memory probe.")
-    flags.DEFINE_string("pause_after", None, "Internal (tests): K,ITER: after hyper-iteration ITER of K, write "
-                        "<output_dir>/paused_K<K>_at_<ITER> and wait to be killed (once: not if that file exists).")
+    define_internal(flags.DEFINE_string, "memory_probe", None, "JSON payload of one memory probe.")
+    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) K,ITER: after hyper-iteration ITER of K, "
+                    "write <output_dir>/paused_K<K>_at_<ITER> and wait to be killed (once: not if that file exists).")
 
 
 def config_from_flags() -> Config:
     from absl import flags
 
     F = flags.FLAGS
-    values = {name: getattr(F, name) for name in _FLAG_FIELDS}
+    values = {name: getattr(F, _FLAG_NAMES.get(name, name)) for name in _FLAG_FIELDS}
     values["truncate"] = [int(k) for k in F.truncate]
     values["f1_thresholds"] = [float(t) for t in F.f1_thresholds]
     cfg = Config(**values)
     preset = "quick" if F.quick else F.preset
-    explicit = [name for name in _FLAG_FIELDS if F[name].present]
+    explicit = [name for name in _FLAG_FIELDS if F[_FLAG_NAMES.get(name, name)].present]
     return apply_preset(cfg, preset, explicit)
 
 

@@ -115,6 +115,8 @@ PAPER_TABLE4 = [
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     """Defines the program's flags in `fv` (tests use their own FlagValues)."""
+    from experiments._cli import define_internal
+
     flags.DEFINE_enum("dataset", "omniglot", list(DATASETS), "Meta-learning dataset (omniglot = the paper).",
                       flag_values=fv)
     flags.DEFINE_integer("n_way", 5, "Classes per task.", flag_values=fv)
@@ -157,20 +159,21 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("export_run", "full", "Run whose λ is exported and used for Fig. 7 plot 4 "
                         "(a --truncate value or 'short_horizon'; falls back to the first run).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the class split, the tasks and the initial λ.", flag_values=fv)
-    flags.DEFINE_string("output_dir", "/tmp/omniglot", "Where results.json and the PNGs go; also the resume "
+    flags.DEFINE_string("output_dir", "out/omniglot", "Where results.json and the PNGs go; also the resume "
                         "state (<output_dir>/resume): rerun the same command after an interruption to continue.",
                         flag_values=fv)
     flags.DEFINE_bool("jit_compile", False, "XLA-compile the hyper-step and evaluation (slower on CPU here).",
                       flag_values=fv)
-    flags.DEFINE_bool("quick", False, "Tiny budget (tests): 8 channels, T=3, 4 hyper-iterations, few tasks.",
-                      flag_values=fv)
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
+                      "budget for tests (8 channels, T=3, 4 hyper-iterations, few tasks).", flag_values=fv)
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.", flag_values=fv)
     flags.DEFINE_bool("deterministic", False, "tf.config.experimental.enable_op_determinism(): a killed and "
                       "resumed run ends bit-identical to an uninterrupted one (Keras then compiles without XLA).",
                       flag_values=fv)
-    flags.DEFINE_string("pause_after", None, "Testing only: METHOD,ITER: after hyper-iteration ITER of METHOD "
-                        "(a --truncate value or 'short_horizon') write <output_dir>/resume/paused_METHOD_ITER "
-                        "and sleep, once (not if that file exists), so a test can kill the run at a known point. "
-                        "Rerunning resumes from the last checkpoint (see the module docstring).", flag_values=fv)
+    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) METHOD,ITER: after hyper-iteration ITER of "
+                    "METHOD (a --truncate value or 'short_horizon') write <output_dir>/resume/paused_METHOD_ITER "
+                    "and sleep, once (not if that file exists), so a test can kill the run at a known point.",
+                    flag_values=fv)
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.",
                       flag_values=fv)
 
@@ -632,6 +635,7 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> dict:
              "local_dir", "export_dir", "export_run", "seed", "output_dir", "jit_compile", "quick",
              "deterministic", "pause_after", "restart")
     cfg = {name: fv[name].value for name in names}
+    cfg["quick"] = cfg["quick"] or fv["preset"].value == "quick"
     omniglot = cfg["dataset"] == "omniglot"
     if cfg["class_split"] is None:
         cfg["class_split"] = ["1200", "100", "323"] if omniglot else ["5", "0", "5"]
@@ -678,7 +682,7 @@ def _run(cfg: dict) -> dict:
     phases: dict = {}  # wall seconds per phase (tracing included), for budgeting runs
     clock = time.perf_counter()
     data = load_meta_data(cfg)
-    print(f"Data: {data.description}")
+    print(f"Data: {data.description}; from {datasets.data_source(cfg['dataset'])}")
     # Fixed task sets (stateless sampling: the same in every method and every process).
     test_tasks = [as_task(b) for b in data.episodes("test", cfg, seed=cfg["seed"] + 1,
                                                      num_episodes=cfg["eval_tasks"], meta_batch_size=None)]
@@ -698,6 +702,7 @@ def _run(cfg: dict) -> dict:
                   "hypergradient_of)",
         "config": cfg,
         "data_description": data.description,
+        "data_source": datasets.data_source(cfg["dataset"]),
         "num_hyperparameters": count(raw0),
         "num_parameters": count(probe.w0),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "tensorflow": tf.__version__},

@@ -115,7 +115,7 @@ class Config:
     hp_every: int = 10
     seed: int = 0
     jit_compile: bool = False  # XLA on CPU: ~15x slower for the conv second derivatives (docstring)
-    fashion_mnist_dir: Optional[str] = None
+    local_dir: Optional[str] = None  # folder of Fashion-MNIST IDX files (--local_dir)
     data_dir: Optional[str] = None
     preset: str = ""
 
@@ -181,7 +181,7 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
     The validation split is a seeded random subset of the training split."""
     from experiments import datasets
 
-    data = datasets.load_image_classification("fashion_mnist", data_dir=cfg.data_dir, local_dir=cfg.fashion_mnist_dir)
+    data = datasets.load_image_classification("fashion_mnist", data_dir=cfg.data_dir, local_dir=cfg.local_dir)
     (x, y), (x_test, y_test) = data["train"], data["test"]
     if cfg.n_val >= len(y):
         raise ValueError(f"--n_val={cfg.n_val} leaves no training images out of {len(y)}")
@@ -200,7 +200,7 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
         raise ValueError(f"{len(arrays['train'][1])} training images do not fill one hyper-iteration of "
                          f"T={longest} minibatches of {cfg.batch_size}")
     info = {"dataset": "fashion_mnist", "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
-            "source": cfg.fashion_mnist_dir or "tfds data_dir / default local folders"}
+            "source": datasets.data_source("fashion_mnist")}
     return arrays, info
 
 
@@ -471,7 +471,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
 
 def settings_fingerprint(cfg: Config) -> dict:
     """The settings that change a method's numbers (not output_dir, methods, truncate, data location)."""
-    skip = {"output_dir", "methods", "truncate", "fashion_mnist_dir", "data_dir", "preset"}
+    skip = {"output_dir", "methods", "truncate", "local_dir", "data_dir", "preset"}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
@@ -536,11 +536,13 @@ def _run(cfg: Config, arrays: Optional[dict], data_info: Optional[dict], pause_a
 # ----------------------------------------------------------------------------------------
 _FLAG_FIELDS = ("output_dir", "methods", "truncate", "epochs", "batch_size", "val_batch_size", "n_val", "n_train",
                 "n_test", "init_weight_decay", "init_lr", "momentum", "weight_decay_range", "lr_range", "outer_lr",
-                "tuner_trials", "hyperband_factor", "hp_every", "seed", "jit_compile", "fashion_mnist_dir", "data_dir")
+                "tuner_trials", "hyperband_factor", "hp_every", "seed", "jit_compile", "local_dir", "data_dir")
 
 
 def define_flags() -> None:
     from absl import flags
+
+    from experiments._cli import define_internal
 
     d = Config()
     flags.DEFINE_enum("preset", "full", sorted(PRESETS), "full: T=K in {1,5,20}, 10 epochs, all methods; "
@@ -568,12 +570,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", d.seed, "Seed of the split, the initial weights and the minibatch order.")
     flags.DEFINE_bool("jit_compile", d.jit_compile, "XLA-compile the train steps (all methods alike; off by "
                       "default: slower on CPU for this CNN, see the docstring).")
-    flags.DEFINE_string("fashion_mnist_dir", None, "Folder with the 4 Fashion-MNIST IDX .gz files "
+    flags.DEFINE_string("local_dir", None, "Folder with the 4 Fashion-MNIST IDX .gz files "
                         "(default: tfds data_dir, then /usr/share/datasets/fashion-mnist).")
     flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume and /tuner) and start over.")
-    flags.DEFINE_string("pause_after", None, "Internal (tests): METHOD,EPOCH: after that epoch's checkpoint, write "
-                        "<output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
+    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) METHOD,EPOCH: after that epoch's checkpoint, "
+                    "write <output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
 
 
 def config_from_flags() -> Config:

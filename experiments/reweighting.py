@@ -173,7 +173,7 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
         "train_clean_labels": y_clean,
         "corrupted": y_noisy != y_clean,
     }
-    info = {"dataset": cfg.dataset, "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
+    info = {"dataset": cfg.dataset, "source": datasets.data_source(cfg.dataset), "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
             "noise": cfg.noise, "wrong_labels": int(arrays["corrupted"].sum()),
             "wrong_fraction": float(arrays["corrupted"].mean())}
     return arrays, info
@@ -418,6 +418,8 @@ _FLAG_FIELDS = ("output_dir", "dataset", "methods", "noise", "n_val", "n_train",
 def define_flags() -> None:
     from absl import flags
 
+    from experiments._cli import define_internal
+
     d = Config()
     flags.DEFINE_enum("preset", "full", sorted(PRESETS), "full: the defaults; quick: tiny budget (tests). "
                       "Explicit flags override the preset.")
@@ -447,8 +449,8 @@ def define_flags() -> None:
                         "then the project's MNIST folder / /usr/share/datasets/fashion-mnist).")
     flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.")
-    flags.DEFINE_string("pause_after", None, "Internal (tests): METHOD,EPOCH: after that epoch's checkpoint, write "
-                        "<output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
+    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) METHOD,EPOCH: after that epoch's checkpoint, "
+                    "write <output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
 
 
 def config_from_flags() -> Config:

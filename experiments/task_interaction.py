@@ -103,6 +103,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """Defines the program's flags in `fv`. Called by the entry point, not at import, so
     that several experiment modules (each with --seed, --output_dir, ...) can be imported
     in one process, e.g. by pytest."""
+    from experiments._cli import define_internal
+
     flags.DEFINE_enum("dataset", "cifar10", list(NUM_CLASSES), "tfds dataset.", flag_values=fv)
     flags.DEFINE_enum("features", "pretrained", ["pretrained", "pixels"],
                       "pretrained: pooled features of an ImageNet CNN (paper); pixels: raw pixels.",
@@ -150,17 +152,18 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the data splits (trial i uses seed + i).",
                          flag_values=fv)
-    flags.DEFINE_string("output_dir", "/tmp/task_interaction", "Where results.json and PNGs go; also "
+    flags.DEFINE_string("output_dir", "out/task_interaction", "Where results.json and PNGs go; also "
                         "every finished (trial, K) run (<output_dir>/resume): rerun the same command after "
                         "an interruption to continue.", flag_values=fv)
-    flags.DEFINE_string("pause_after", None, "Testing only: TRIAL,K: once the run of that trial and K is "
-                        "stored, write <output_dir>/resume/paused_TRIAL_K and sleep, once (not if that file "
-                        "exists), so a test can kill the program at a known point.", flag_values=fv)
+    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) TRIAL,K: once the run of that trial and K "
+                    "is stored, write <output_dir>/resume/paused_TRIAL_K and sleep, once (not if that file "
+                    "exists), so a test can kill the program at a known point.", flag_values=fv)
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.",
                       flag_values=fv)
     flags.DEFINE_bool("jit_compile", True, "XLA-compile the hyper-step.", flag_values=fv)
-    flags.DEFINE_bool("quick", False, "Tiny budget (tests): 2 trials, K in {1, full}, few "
-                      "hyper-iterations.", flag_values=fv)
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
+                      "budget for tests (2 trials, K in {1, full}, few hyper-iterations).", flag_values=fv)
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.", flag_values=fv)
 
 
 # --------------------------------------------------------------------------
@@ -486,6 +489,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         "inner_steps", "inner_lr", "outer_lr", "init_coupling", "init_rho",
         "early_stopping_split", "early_stopping_metric", "min_delta", "exact_every", "diagnostic_trials",
         "data_dir", "local_dir", "seed", "output_dir", "jit_compile", "quick", "pause_after", "restart")}
+    cfg["quick"] = cfg["quick"] or flag_values["preset"].value == "quick"
     if cfg["m"] is None:
         cfg["m"] = PAPER_M.get(cfg["dataset"], 50)
     if cfg["quick"]:
@@ -606,9 +610,11 @@ def _run(cfg: dict) -> dict:
                          f"and K in {names}")
     num_classes = NUM_CLASSES[cfg["dataset"]]
     x_all, y_all, desc = load_features(cfg)
+    print(f"Data: {cfg['dataset']} from {datasets.data_source(cfg['dataset'])}", flush=True)
     results = {
         "experiment": "task_interaction (paper §4.2.2, Table 3, Fig. 6)",
-        "config": cfg, "features_description": desc, "num_examples": int(len(y_all)),
+        "config": cfg, "data_source": datasets.data_source(cfg["dataset"]),
+        "features_description": desc, "num_examples": int(len(y_all)),
         "feature_dim": int(x_all.shape[1]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "tensorflow": tf.__version__},

@@ -616,7 +616,7 @@ def _print_summary(results: dict) -> None:
 def define_flags() -> None:
     from absl import flags
 
-    defaults = ToyConfig(output_dir="/tmp/tf_bilevel/toy")
+    defaults = ToyConfig(output_dir="out/toy")
     flags.DEFINE_string("output_dir", defaults.output_dir, "Where results.json and fig1..fig4.png are written.")
     flags.DEFINE_integer("hyper_iters", defaults.hyper_iters, "Hyper-iterations R per trajectory (Figs. 2–4).")
     flags.DEFINE_list("truncations", [str(k) for k in defaults.truncations],
@@ -629,7 +629,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("grid_size", defaults.grid_size, "Contour grid resolution per axis.")
     flags.DEFINE_integer("seed", defaults.seed, "Recorded and used to seed numpy/TF (the problem is deterministic).")
     flags.DEFINE_bool("jit_compile", defaults.jit_compile, "XLA-compile the hypergradient estimators.")
-    flags.DEFINE_bool("quick", False, "Tiny budget for tests: 100 hyper-iterations, K in {1, 5, 100}, coarse grids.")
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
+                      "budget for tests (100 hyper-iterations, K in {1, 5, 100}, coarse grids).")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -648,7 +650,7 @@ def main(argv: Sequence[str]) -> int:
         grid_size=F.grid_size,
         seed=F.seed,
         jit_compile=F.jit_compile,
-        quick=F.quick,
+        quick=F.quick or F.preset == "quick",
     )
     try:
         run_experiment(cfg)
