@@ -1,37 +1,14 @@
 r"""Time and memory of the hypergradient estimators on the hypercleaning-sized problem (Table 1).
 
-The problem has the sizes of data hypercleaning (paper §4.2.1) on random data:
-W ∈ R^{10×785} (M = 7850), λ ∈ R^5000 (N = 5000),
+Measures each estimator configuration (floor, K-RMD, full, checkpointed and autodiff RMD,
+forward mode, implicit CG) in a fresh process: time per hypergradient over the floor of T plain
+inner steps, compile time and peak memory; writes results.json and benchmark.png to
+--output_dir. --suites adds the online, CNN and meta-batch suites. What each measures: RESULTS.md,
+"Benchmarks: what is measured"; the numbers: README, "Benchmark".
 
-    g(W, λ) = mean_i σ(λ_i) CE(W x_i, y_i) + 0.001 ‖W‖²_F,   f(W) = mean_j CE(W x_j, y_j),
-
-T steps of gradient descent with γ = 1 (the mean rather than the paper's sum: γ = 1 on the sum
-diverges). For each configuration, in a FRESH process (one subprocess per configuration):
-
-  * median wall time per hypergradient after warm-up, blocked on the result, and its ratio to the
-    floor (`hg.solve`: the T inner steps compiled with no tape), timed alternately in the same
-    process so that load from other processes affects both alike; also the ratio of the fastest
-    calls and of the median process CPU times (all threads), which a loaded machine distorts less;
-  * compile time = first call − median steady-state call (wall and CPU);
-  * peak memory growth: process RSS high-water mark of the first call (build + trace + compile +
-    run) minus the RSS before building, and the TF CPU allocator's peak during a steady-state
-    call (the working set: the stored states of Table 1, without compiler memory).
-
-Configurations: floor; "reverse" K-RMD (Eq. 8) for each K of --truncate below T, and full RMD
-(K = T, Eq. 6); "checkpointed" full RMD; "forward" FMD (Eq. 7) with λ restricted to the weights
-of the first --forward_hparams examples (the other weights frozen at σ(0): same M and inner cost,
-N small); "implicit_cg" (Eq. 11, --cg_iterations CG steps); and "reverse_autodiff", a prototype
-K-RMD that lets TF differentiate a tf.while_loop over the last K steps (TF stores every
-intermediate of those steps) instead of the engine's explicit per-step VJPs.
-
-  python -m experiments.benchmark                       # T = 100 and 1000, writes out/benchmark
-  python -m experiments.benchmark --steps=100 --estimators=floor,reverse
-  python -m experiments.benchmark --quick               # tiny sizes (used by the tests)
-
-`--suites=online` (also run by default) adds the online step (experiments/benchmark_online.py):
-one hyper-iteration of BilevelTrainer(online=True) on a CNN over T plain Keras train steps.
-`--suites=metabatch` (not run by default) adds the meta-batch sweep (experiments/benchmark_metabatch.py):
-BilevelTrainer(meta_batch=True) on the one-shot network, B in {1, 4, 16}, with and without XLA.
+  tfb-benchmark                                  # T = 100 and 1000 (or: python -m experiments.benchmark)
+  tfb-benchmark --steps=100 --estimators=floor,reverse
+  tfb-benchmark --preset=quick                   # tiny sizes (tests)
 """
 
 from __future__ import annotations

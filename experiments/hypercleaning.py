@@ -1,81 +1,14 @@
 r"""Data hypercleaning on MNIST with K-RMD (paper §4.2.1: Table 2, Fig. 5; appendix G.1).
 
-A linear classifier W ∈ R^{10×785} (784 pixels in [0, 1] plus a constant 1) is trained on 5000
-class-balanced MNIST examples whose labels were replaced by uniformly random ones with
-probability ½. Every training example i has a weight σ(λ_i), λ ∈ R^5000, tuned to minimize the
-cross-entropy of ŵ(λ) on 5000 clean validation examples:
+Learns one weight per training example (5000 MNIST examples, half of the labels redrawn) so that
+a linear classifier trained by T gradient steps on the weighted loss fits 5000 clean validation
+examples; prints Table 2 (accuracies, validation loss, F1 of flagging the corrupted labels, time
+and memory per K) and writes results.json and figures to --output_dir. A killed run continues
+when the same command is rerun. Setup, choices and measured results: RESULTS.md, "Data hypercleaning".
 
-    g(W, λ) = (1/n) [ Σ_i −σ(λ_i) log softmax(W x_i)[y_i] + ρ ‖W‖²_F ],   ρ = 0.001, n = 5000
-    f(W)    = (1/m) Σ_j −log softmax(W x_j)[y_j]                          (∇λ f = 0)
-    ŵ(λ)    = w_T: T = 100 steps of gradient descent on g, γ = 1, w_0 = 0.
-
-Scaling of g. The paper prints the plain sum Σ_i with γ = 1, which diverges at once (the
-curvature of the summed data term is ≈ n · 0.1 · ½ · λ_max(E x xᵀ) ≈ 10⁴ at W = 0). We divide
-the WHOLE paper objective by n (`--loss_normalization=mean_all`, default): the data term is the
-mean over the n training examples and the regularizer is scaled too (ρ/n = 2·10⁻⁷). This is the
-paper's g, unchanged up to a constant factor, with GD step γ = 1 on g/n, i.e. step 1/n on the
-printed sum: same minimizer, same trajectory. The alternative that keeps ρ = 0.001 next to the
-mean data term (`--loss_normalization=mean`) regularizes more and reproduces Table 2 less well:
-its validation loss plateaus ≈ 0.02 higher (0.405 vs 0.389 for K = T, 0.438 vs 0.419 for K = 1
-at comparable budgets; RESULTS.md). `sum` is the formula as printed (use a step ≈ 1/n).
-
-Hypergradients: `tf_bilevel.hypergradient_fn(..., truncate=K)` — K-RMD, Eq. 8, back-propagating
-through the last K of the T steps (K = T is full RMD, Eq. 6). The cross-entropy is built from
-`tf.nn.log_softmax` (the fused softmax-CE op has no second derivative in TF). A hyper-iteration
-(T inner steps, the K-step backward pass and the outer Adam update of λ) is ONE XLA-compiled
-call (`hg.compute` inside `tf.function(jit_compile=True)`); data are arguments, so nothing is
-retraced (tracing counts go to results.json).
-
-Outer optimizer: Adam on λ, 1000 hyper-iterations, λ_0 = 0 (σ = ½: every example starts with
-the same weight; the paper states no other start). Appendix G.1 tunes the initial meta learning
-rate η0 per K "so that the norm of the initial update was roughly the same for each K": here
-η0(K) = --first_update_norm / ‖u_K‖, where u_K is Adam's first update with learning rate 1
-applied to h_{T−K}(λ_0). Adam's first step is ≈ η0·sign(h) (elementwise normalization), so η0
-ends up nearly the same for every K; the tuning matters only through Adam's ε and coordinates
-whose hypergradient is exactly 0. The default target √n (η0 ≈ 1) is the one that reproduces the
-appendix's observations: F1 converged by 150 hyper-iterations and insensitive to the threshold
-(at 150 hyper-iterations, K = 1: η0 ≈ 0.1 gives F1 0.72 at τ = −3, still rising; η0 ≈ 0.3
-gives 0.74 / 0.85 / 0.93 at τ = −4 / −3 / −1; η0 ≈ 1 gives 0.90 / 0.91 / 0.91; RESULTS.md).
-`--outer_lr` fixes η0 for every K instead.
-
-Metrics (Table 2; ground truth of F1 = examples whose label actually changed, i.e. replaced and
-not redrawn as the true label; the replaced-set F1 is in results.json too):
-  * test accuracy (the 60000 MNIST images outside train/val: 50000 of the training split plus
-    the 10000 test images), validation accuracy and loss f, at ŵ(λ_R) after R hyper-iterations;
-  * F1 of flagging example i as corrupted when λ_i < τ, τ ∈ {−4, −3, −1} (τ = −3 ⇔ σ(λ_i) < σ(−3)
-    ≈ 0.047 is the Table 2 column, the others appendix G.1);
-  * wall and CPU seconds per hyper-iteration (median after the compiling first one), and peak
-    memory per K, measured in a FRESH subprocess per K (and one for `hg.solve` alone, the floor):
-    the peak of TF's CPU allocator during steady-state hyper-iterations (the working set: data
-    excluded, stored states included), the RSS high-water-mark growth of the first call (trace +
-    XLA compile + run; VmHWM reset through /proc/self/clear_refs), and the K·M·4 stored bytes;
-  * Fig. 5: ‖d_λ f‖ of the EXACT (full-RMD) hypergradient at the K-RMD iterates λ_k, every
-    --exact_every hyper-iterations (every one for K = T, where it is the K-RMD estimate itself).
-
-Usage:
-  python -m experiments.hypercleaning --preset=readme      # K ∈ {1, 5, 100}, 100 hyper-iterations
-  python -m experiments.hypercleaning                      # the paper: K ∈ {1,5,25,50,100}, R = 1000
-  python -m experiments.hypercleaning --hyper_iterations=300 --truncate=1,5,100
-  python -m experiments.hypercleaning --quick              # tiny budget (tests)
-Resuming: every --checkpoint_every hyper-iterations (default 50; 0: off) the running K saves λ,
-the outer Adam's variables (iteration counter, learning rate, moments) and its curves under
-<output_dir>/checkpoints/K<k>/ (a tf.train.Checkpoint and a JSON sidecar), and a finished K
-saves its result there. A run that was killed (even with SIGKILL) and is rerun with the SAME
-command skips the finished K's, resumes the running one from its last checkpoint, losing only
-the hyper-iterations since, and ends with the same results as an uninterrupted run: λ bit for
-bit on CPU, every curve and metric except the wall-clock timings (`timing.process_starts` lists
-the hyper-iterations that were a process's first, i.e. include tracing and XLA compilation; the
-steady-state medians leave them out). The interleaved timing and the memory probes run again
-after a restart. <output_dir>/checkpoints/fingerprint.json records the settings that affect the
-numbers (all but output_dir, truncate, timing/memory/data-location flags) and a hash of the data
-split; a rerun with other settings in the same --output_dir is refused with an error: delete
-<output_dir>/checkpoints (or rerun with --restart) to start over, or pick another --output_dir.
-A damaged state file (truncated, garbage) stops the run with an error naming it and what to delete.
-One run at a time per --output_dir: a run holds an exclusive lock on <output_dir>/.lock, and a
-second run on the same folder is refused at once with the PID of the running one.
-Data: MNIST through tensorflow-datasets; offline, the IDX files of --mnist_dir (default: the
-shared folder of this project if present) are prepared by a local tfds builder
-(experiments/datasets.py). Without data or network the program exits with an error in seconds.
+  tfb-hypercleaning --preset=readme   # K in {1, 5, 100}, 100 hyper-iterations (a few minutes)
+  tfb-hypercleaning                   # the paper: K in {1, 5, 25, 50, 100}, 1000 hyper-iterations
+  (or python -m experiments.hypercleaning ...)
 """
 
 from __future__ import annotations
