@@ -17,7 +17,7 @@ over tasks) and/or "map_fn" (the old tf.map_fn over tasks, for comparison; slow 
 
   python -m experiments.benchmark --suites=metabatch     # the same, from the benchmark program
   python -m experiments.benchmark_metabatch              # T in {10, 50}, B in {1, 4, 16}
-  python -m experiments.benchmark_metabatch --quick      # tiny sizes (used by the tests)
+  python -m experiments.benchmark_metabatch --preset=quick  # tiny sizes (used by the tests)
 """
 
 from __future__ import annotations

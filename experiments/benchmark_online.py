@@ -15,7 +15,7 @@ allocator peak during a steady-state call (the working set), for both.
 
   python -m experiments.benchmark --suites=online        # the same, from the benchmark program
   python -m experiments.benchmark_online                 # T=K=1, T=20 with K in {1, 5, 20}
-  python -m experiments.benchmark_online --quick         # tiny sizes (used by the tests)
+  python -m experiments.benchmark_online --preset=quick  # tiny sizes (used by the tests)
 """
 
 from __future__ import annotations
