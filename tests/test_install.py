@@ -59,7 +59,7 @@ def test_console_script_help_lists_the_flags_but_not_the_internal_ones(installed
     assert help_text.startswith("Data hypercleaning on MNIST"), help_text[:500]
     for flag in ("--preset", "--output_dir", "--local_dir", "--save_every", "--truncate"):
         assert flag in help_text, flag
-    for internal in ("--memory_probe", "--pause_after", "--checkpoint_every", "--mnist_dir"):
+    for internal in ("--memory_probe:", "--pause_after:", "--checkpoint_every:", "--mnist_dir:"):  # `--name: help`
         assert internal not in help_text, internal
 
 
@@ -73,4 +73,4 @@ def test_console_script_runs_a_quick_program_from_another_directory(installed, t
 def test_python_m_runs_the_installed_module_from_another_directory(installed, tmp_path):
     done = run(installed, [sys.executable, "-m", "experiments.online_hpo", "--help"], tmp_path)
     assert done.returncode == HELP_EXIT_STATUS, done.stderr[-3000:]
-    assert "--local_dir" in done.stdout and "--pause_after" not in done.stdout
+    assert "--local_dir:" in done.stdout and "--pause_after:" not in done.stdout
