@@ -1,36 +1,14 @@
 r"""Time and memory of the hypergradient estimators on the hypercleaning-sized problem (Table 1).
 
-The problem has the sizes of data hypercleaning (paper §4.2.1) on random data:
-W ∈ R^{10×785} (M = 7850), λ ∈ R^5000 (N = 5000),
+Measures each estimator configuration (floor, K-RMD, full and checkpointed RMD,
+forward mode, implicit CG) in a fresh process: time per hypergradient over the floor of T plain
+inner steps, compile time and peak memory; writes results.json and benchmark.png to
+--output_dir. --suites adds the online, CNN and meta-batch suites. What each measures: RESULTS.md,
+"Benchmarks: what is measured"; the numbers: README, "Benchmark".
 
-    g(W, λ) = mean_i σ(λ_i) CE(W x_i, y_i) + 0.001 ‖W‖²_F,   f(W) = mean_j CE(W x_j, y_j),
-
-T steps of gradient descent with γ = 1 (the mean rather than the paper's sum: γ = 1 on the sum
-diverges). For each configuration, in a FRESH process (one subprocess per configuration):
-
-  * median wall time per hypergradient after warm-up, blocked on the result, and its ratio to the
-    floor (`hg.solve`: the T inner steps compiled with no tape), timed alternately in the same
-    process so that load from other processes affects both alike; also the ratio of the fastest
-    calls and of the median process CPU times (all threads), which a loaded machine distorts less;
-  * compile time = first call − median steady-state call (wall and CPU);
-  * peak memory growth: process RSS high-water mark of the first call (build + trace + compile +
-    run) minus the RSS before building, and the TF CPU allocator's peak during a steady-state
-    call (the working set: the stored states of Table 1, without compiler memory).
-
-Configurations: floor; "reverse" K-RMD (Eq. 8) for each K of --truncate below T, and full RMD
-(K = T, Eq. 6); "checkpointed" full RMD; "forward" FMD (Eq. 7) with λ restricted to the weights
-of the first --forward_hparams examples (the other weights frozen at σ(0): same M and inner cost,
-N small); and "implicit_cg" (Eq. 11, --cg_iterations CG steps). "reverse" runs once per backward
-pass of --backward ("store" keeps every intermediate of the last K steps, "recompute" only w_t).
-
-  python -m experiments.benchmark                       # T = 100 and 1000, writes out/benchmark
-  python -m experiments.benchmark --steps=100 --estimators=floor,reverse
-  python -m experiments.benchmark --quick               # tiny sizes (used by the tests)
-
-`--suites=online` (also run by default) adds the online step (experiments/benchmark_online.py):
-one hyper-iteration of BilevelTrainer(online=True) on a CNN over T plain Keras train steps.
-`--suites=metabatch` (not run by default) adds the meta-batch sweep (experiments/benchmark_metabatch.py):
-BilevelTrainer(meta_batch=True) on the one-shot network, B in {1, 4, 16}, with and without XLA.
+  tfb-benchmark                                  # T = 100 and 1000 (or: python -m experiments.benchmark)
+  tfb-benchmark --steps=100 --estimators=floor,reverse
+  tfb-benchmark --preset=quick                   # tiny sizes (tests)
 """
 
 from __future__ import annotations
@@ -532,6 +510,8 @@ def settings_from_flags() -> dict:
 
 def define_flags() -> None:
     """Defines the program's flags (called under __main__, so importing the module defines none)."""
+    from experiments._cli import define_internal
+
     flags.DEFINE_list("steps", ["100", "1000"], "Numbers T of inner steps.")
     flags.DEFINE_list("truncate", ["1", "5", "25", "100"], "K of K-RMD (K < T; full RMD K = T is always added).")
     flags.DEFINE_list("estimators", list(ESTIMATORS), f"Configurations to run, from {ESTIMATORS}.")
@@ -548,10 +528,12 @@ def define_flags() -> None:
     flags.DEFINE_list("backward", ["recompute", "store"], "Backward passes of the 'reverse' configurations "
                       "(hypergradient_fn's backward=; each is run and labelled [recompute] / [store]).")
     flags.DEFINE_integer("worker_timeout", 7200, "Seconds before a configuration's process is killed.")
-    flags.DEFINE_bool("quick", False, "Tiny sizes and budgets, to test the program.")
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the sizes and budgets above; quick: tiny sizes "
+                      "and budgets, to test the program.")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", "out/benchmark", "Where results.json and benchmark.png are written.")
     flags.DEFINE_integer("seed", 0, "Seed of the random data.")
-    flags.DEFINE_string("worker", None, "Internal: JSON configuration to measure in this process.")
+    define_internal(flags.DEFINE_string, "worker", None, "JSON configuration to measure in this process.")
     flags.DEFINE_list("suites", ["estimators", "online"], "estimators: the Table 1 problem above; online: one "
                       "online hyper-iteration of a CNN over T plain Keras train steps (experiments/benchmark_online.py); "
                       "cnn: K-RMD vs full RMD time and memory on a 6.4M-parameter CNN (experiments/benchmark_cnn.py); "
@@ -563,6 +545,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     if FLAGS.worker is not None:
         print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.worker))), flush=True)
         return

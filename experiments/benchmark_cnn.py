@@ -1,34 +1,12 @@
 r"""Time and memory of reverse-mode hypergradients on a CNN big enough that O(MK) memory matters.
 
-The problem (issue #9 §4): a CNN on CIFAR-sized random images (32×32×3, a fixed batch of 128,
-10 random classes) whose weights are the inner parameters, M ≈ 6.4M, as plain tensors:
-five 3×3 convolutions with stride 2 (16, 32, 128, 512, 1024 filters: 32×32 → 1×1), a dense
-layer of 1024 units and the 10 logits, ReLU. The hyperparameters are the log weight decays of
-the 7 kernels (paper §4.2-style per-layer regularization):
+The cnn suite of the benchmark: K-RMD, full and checkpointed RMD (backward "recompute" and
+"store") on a 6.4M-parameter CNN over random CIFAR-sized images, each configuration in a fresh
+process; writes cnn_results.json to --output_dir. What it measures: RESULTS.md, "Benchmarks:
+what is measured"; the numbers: README, "Benchmark".
 
-    g(w, λ) = CE(w; x, y) + Σ_l exp(λ_l) ‖W_l‖²,   f(w) = CE(w; x_val, y_val),
-
-T steps of plain gradient descent from a fixed He initialization. The stored state of a step
-is w itself (M floats), so Table 1's memory is K·M for K-RMD (flat in T) and T·M for full RMD.
-
-Each configuration runs in a FRESH process (like experiments/benchmark.py): the floor
-(`hg.solve`, the T inner steps compiled with no tape), K-RMD for K in --cnn_truncate, full RMD
-(K = T) and checkpointed full RMD, each reverse configuration with backward="recompute" (the
-explicit O(MK) backward) and backward="store" (TF differentiates the recorded K steps and keeps
-their intermediates); all compiled with XLA. Reported per configuration: median wall time and
-its ratio to the floor (timed alternately in the same process), compile time, the TF CPU
-allocator's peak during a steady-state call (the working set) and the process RSS high-water
-mark of the first call (including tracing and compilation). `hg.backward_used` is recorded,
-and `auto_backward` says what backward="auto" would pick (its profile of one step).
-
-Convolutions are written as one matmul over 3×3 patches gathered by strided slices (the
-"patches" form, identical to tf.nn.conv2d): on CPU, XLA runs the input-gradient convolution
-of tf.nn.conv2d ~40× slower inside a while loop than outside one, which made one inner step
-inside the compiled loop ~65× slower than the same step unrolled (measured: 2.35 s vs 0.035 s). `--cnn_conv=conv2d` runs
-the tf.nn.conv2d form anyway.
-
-  python -m experiments.benchmark --suites=cnn            # the full suite (see README: Benchmark)
-  python -m experiments.benchmark_cnn --quick             # tiny CNN (used by the tests)
+  python -m experiments.benchmark --suites=cnn            # the full suite
+  python -m experiments.benchmark_cnn --preset=quick      # tiny CNN (tests)
 """
 
 from __future__ import annotations
@@ -460,6 +438,8 @@ def make_settings(quick: bool) -> dict:
 
 def define_cnn_flags() -> None:
     """The flags this suite adds to `python -m experiments.benchmark` too."""
+    from experiments._cli import define_internal
+
     flags.DEFINE_list("cnn_steps", ["100", "500"], "cnn suite: numbers T of inner steps.")
     flags.DEFINE_list("cnn_truncate", ["1", "5", "25"], "cnn suite: K of K-RMD (K < T; full RMD K = T is added).")
     flags.DEFINE_list("cnn_backward", ["recompute", "store"], "cnn suite: backward passes of the reverse configurations.")
@@ -469,11 +449,12 @@ def define_cnn_flags() -> None:
     flags.DEFINE_float("cnn_learning_rate", 0.02, "cnn suite: inner step size.")
     flags.DEFINE_integer("cnn_repeats", 3, "cnn suite: timed calls per configuration after warm-up (median).")
     flags.DEFINE_string("cnn_conv", "patches", "cnn suite: 'patches' (matmul over patches) or 'conv2d' (tf.nn.conv2d).")
-    flags.DEFINE_string("cnn_worker", None, "Internal: JSON configuration to measure in this process.")
+    define_internal(flags.DEFINE_string, "cnn_worker", None, "JSON configuration to measure in this process.")
 
 
 def main(argv: list[str]) -> None:
     del argv
+    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     if FLAGS.cnn_worker is not None:
         print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.cnn_worker))), flush=True)
         return
@@ -487,6 +468,8 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_cnn_flags()
-    flags.DEFINE_bool("quick", False, "Tiny CNN and budgets, to test the program.")
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the CNN and budgets above; quick: tiny CNN and "
+                      "budgets, to test the program.")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", "out/benchmark", "Where cnn_results.json is written.")
     app.run(main)

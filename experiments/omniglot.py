@@ -1,78 +1,15 @@
 r"""One-shot classification (paper §4.3, Table 4, Fig. 7; appendix G.3) with K-RMD.
 
-    python -m experiments.omniglot                                   # the paper (needs tfds omniglot)
-    python -m experiments.omniglot --dataset=fashion_mnist           # offline, real data
-    python -m experiments.omniglot --quick --dataset=mnist           # smoke test
+Meta-learns a hyper-representation (two conv blocks) and per-task regularization for 5-way
+1-shot tasks with tf_bilevel.BilevelTrainer, for several truncations K and a short-horizon
+baseline; prints Table 4, writes results.json and the Fig. 7 PNG to --output_dir and exports the
+hyper-representation as a SavedModel. A killed run continues when the same command is rerun.
+Datasets, evaluation, resumption and the measured results: RESULTS.md, "One-shot classification".
 
-Each hyper-iteration samples a meta-batch of N-way K-shot tasks (5-way 1-shot, 15 query
-examples per class). Per task, the last three layers w of the Fig. 8 network are trained
-by T = 50 steps of gradient descent with learned step γ on
-
-    g_S(w, λ) = CE on the support set S + Σ_j ρ_j ‖w_j − c_j‖²,
-
-and the upper level f is the cross-entropy of w_T on the task's query set Q. λ = {the two
-hyper-representation conv blocks, the centers c_j, the strengths ρ_j, γ}; its hypergradient
-is estimated with K-RMD (Eq. 8, back-propagating through the last K of the T inner steps;
-"full" = full RMD, Eq. 6) and averaged over the meta-batch, then λ takes an Adam step.
-Meta-training runs on `tf_bilevel.BilevelTrainer` (hyper_model = blocks 1–2, inner_model =
-blocks 3–4 + classifier, named hyperparameters c and ρ, learned γ). The short-horizon
-baseline runs full RMD with T = 1 (and is also evaluated with T = 1). See
-experiments/fewshot_model.py for the network and our reading of the paper's choices (fixed
-w_0, per-layer ρ_j, BatchNorm with per-task batch statistics and exact second derivatives,
-mean instead of summed support loss).
-
-Datasets.
-* omniglot (the paper): tfds `omniglot`, train + test = 1623 characters, gray, 28×28,
-  character split 1200 / 100 / 323 (meta-train / meta-val / meta-test), no augmentation.
-  The meta-val pool is not used for model selection (we report λ at the end).
-* mnist / fashion_mnist (offline substitute, real data): the 10 classes are split into 5
-  meta-train and 5 meta-test classes, and every class is expanded into 4 classes by 90°
-  rotations (`--rotations`, the standard trick for Omniglot; the rotations of a class stay in
-  its pool), giving 20 + 20 classes, so 5-way tasks have C(20, 5) class subsets. (For MNIST,
-  a 180°-rotated 6 resembles a 9: with the default split these digits may sit in different
-  pools; Fashion-MNIST has no such pair.)
-
-Evaluation: the mean query accuracy (± 95% interval) of λ at the end of meta-training on
-`--eval_tasks` (120) fixed meta-test tasks, each solved by the method's T inner steps. Fig. 7:
-(1) test accuracy (on the first `--curve_eval_tasks` of those tasks) and (2) query
-("validation") error of the meta-training tasks vs hyper-iteration, (3) cosine between the
-K-RMD and the full-RMD hypergradient on the same meta-batch every `--exact_every` iterations
-(the trainer's `diagnostics_every`), (4) the relative ℓ2 error of K-RMD vs full RMD as a
-function of K at the final λ of `--export_run`, with the learned ρ and with ρ = 0
-(`--rho_zero_ablation`), from `BilevelTrainer.hypergradient_of` (one trainer per K, same λ).
-
-The learned hyper-representation is exported with `trainer.export` (SavedModel, endpoint
-"serve") to `--export_dir`, reloaded with tf.saved_model.load and keras.layers.TFSMLayer, and
-its embeddings are compared bit for bit with the in-memory model's and with the per-task
-representation used in meta-training (results.json "export").
-
-Speed: s/iter is the median wall time of a hyper-step during training (steps that also ran
-the full-RMD diagnostic excluded), and again with the methods interleaved after training
-(`--timing_rounds`), so that all methods see the same machine load. The hyper-step runs
-without XLA by default (`--jit_compile`): on the 2-core CPU machines here XLA was measured
-3–4x slower for these small convolutions. The trainer runs the meta-batch as one stacked
-inner loop over all tasks (`meta_batch_path == "stacked"`), not a `tf.map_fn` over tasks,
-which under XLA was ~15x slower (the meta-batch sweep of `experiments.benchmark --suites=metabatch`).
-
-Resuming. The program can be killed at any time (even SIGKILL) and rerun with the same flags
-and --output_dir: it continues where it stopped and ends with the same results as an
-uninterrupted run (up to wall-clock timings; bit for bit under --deterministic). State lives
-in <output_dir>/resume:
-* backup/<method>: a `keras.callbacks.BackupAndRestore` checkpoint (λ, Adam's slots,
-  `meta_step`) at the end of every Keras epoch = --eval_every hyper-iterations (so
-  --eval_every=0 means no intermediate checkpoint); the task stream restarts at the restored
-  `meta_step` (`trainer.resumable`), so the rerun sees exactly the tasks it had not learned
-  from. At most one epoch of work is redone.
-* <method>.record.json: the Fig. 7 curves recorded so far (written at every epoch end).
-* <method>.weights.h5 + <method>.json: a finished method's trainer weights and results row;
-  a rerun skips its training and reloads the weights for Fig. 7 plot 4, the export and the
-  interleaved timing (these later phases are recomputed: they take seconds to minutes).
-* fingerprint.json: the result-affecting flags; a rerun with different ones stops with an
-  error rather than mixing two configurations (use a new --output_dir or delete that folder).
-A damaged state file (truncated, garbage) stops the run with an error naming it and what to
-delete; --restart deletes <output_dir>/resume and starts over. One run at a time per
---output_dir: a run holds an exclusive lock on <output_dir>/.lock, and a second run on the same
-folder is refused at once with the PID of the running one.
+  tfb-omniglot                            # the paper (needs tfds omniglot)
+  tfb-omniglot --dataset=fashion_mnist    # offline, real data
+  tfb-omniglot --preset=quick --dataset=mnist
+  (or python -m experiments.omniglot ...)
 """
 
 from __future__ import annotations
@@ -115,6 +52,8 @@ PAPER_TABLE4 = [
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     """Defines the program's flags in `fv` (tests use their own FlagValues)."""
+    from experiments._cli import define_internal
+
     flags.DEFINE_enum("dataset", "omniglot", list(DATASETS), "Meta-learning dataset (omniglot = the paper).",
                       flag_values=fv)
     flags.DEFINE_integer("n_way", 5, "Classes per task.", flag_values=fv)
@@ -157,20 +96,21 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("export_run", "full", "Run whose λ is exported and used for Fig. 7 plot 4 "
                         "(a --truncate value or 'short_horizon'; falls back to the first run).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the class split, the tasks and the initial λ.", flag_values=fv)
-    flags.DEFINE_string("output_dir", "/tmp/omniglot", "Where results.json and the PNGs go; also the resume "
+    flags.DEFINE_string("output_dir", "out/omniglot", "Where results.json and the PNGs go; also the resume "
                         "state (<output_dir>/resume): rerun the same command after an interruption to continue.",
                         flag_values=fv)
     flags.DEFINE_bool("jit_compile", False, "XLA-compile the hyper-step and evaluation (slower on CPU here).",
                       flag_values=fv)
-    flags.DEFINE_bool("quick", False, "Tiny budget (tests): 8 channels, T=3, 4 hyper-iterations, few tasks.",
-                      flag_values=fv)
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
+                      "budget for tests (8 channels, T=3, 4 hyper-iterations, few tasks).", flag_values=fv)
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.", flag_values=fv)
     flags.DEFINE_bool("deterministic", False, "tf.config.experimental.enable_op_determinism(): a killed and "
                       "resumed run ends bit-identical to an uninterrupted one (Keras then compiles without XLA).",
                       flag_values=fv)
-    flags.DEFINE_string("pause_after", None, "Testing only: METHOD,ITER: after hyper-iteration ITER of METHOD "
-                        "(a --truncate value or 'short_horizon') write <output_dir>/resume/paused_METHOD_ITER "
-                        "and sleep, once (not if that file exists), so a test can kill the run at a known point. "
-                        "Rerunning resumes from the last checkpoint (see the module docstring).", flag_values=fv)
+    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) METHOD,ITER: after hyper-iteration ITER of "
+                    "METHOD (a --truncate value or 'short_horizon') write <output_dir>/resume/paused_METHOD_ITER "
+                    "and sleep, once (not if that file exists), so a test can kill the run at a known point.",
+                    flag_values=fv)
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.",
                       flag_values=fv)
 
@@ -642,6 +582,7 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> dict:
              "local_dir", "export_dir", "export_run", "seed", "output_dir", "jit_compile", "quick",
              "deterministic", "pause_after", "restart")
     cfg = {name: fv[name].value for name in names}
+    cfg["quick"] = cfg["quick"] or fv["preset"].value == "quick"
     omniglot = cfg["dataset"] == "omniglot"
     if cfg["class_split"] is None:
         cfg["class_split"] = ["1200", "100", "323"] if omniglot else ["5", "0", "5"]
@@ -688,7 +629,7 @@ def _run(cfg: dict) -> dict:
     phases: dict = {}  # wall seconds per phase (tracing included), for budgeting runs
     clock = time.perf_counter()
     data = load_meta_data(cfg)
-    print(f"Data: {data.description}")
+    print(f"Data: {data.description}; from {datasets.data_source(cfg['dataset'])}")
     # Fixed task sets (stateless sampling: the same in every method and every process).
     test_tasks = [as_task(b) for b in data.episodes("test", cfg, seed=cfg["seed"] + 1,
                                                      num_episodes=cfg["eval_tasks"], meta_batch_size=None)]
@@ -708,6 +649,7 @@ def _run(cfg: dict) -> dict:
                   "hypergradient_of)",
         "config": cfg,
         "data_description": data.description,
+        "data_source": datasets.data_source(cfg["dataset"]),
         "num_hyperparameters": count(raw0),
         "num_parameters": count(probe.w0),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "tensorflow": tf.__version__},

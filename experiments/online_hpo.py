@@ -1,61 +1,16 @@
 r"""Tune while you train: per-layer weight decay and the learning rate of a small CNN on
-Fashion-MNIST, learned online with K-RMD, against the default hyperparameters and KerasTuner
-(issue #11 §5).
+Fashion-MNIST, learned online with K-RMD, against the defaults and KerasTuner (issue #11 §5).
 
-    python -m experiments.online_hpo                    # the full comparison (see PRESETS)
-    python -m experiments.online_hpo --truncate=1 --methods=bilevel,default
-    python -m experiments.online_hpo --truncate=1,20:1 --methods=bilevel   # T = 20 with K = 1
-    python -m experiments.online_hpo --quick            # tiny budget (tests, ~1-2 minutes)
+Trains the CNN once per method (bilevel online for each --truncate, the default
+hyperparameters, KerasTuner RandomSearch and Hyperband) and compares test accuracy against
+training wall-clock; writes results.json and figures to --output_dir. A killed run continues
+when the same command is rerun. Methods, settings and the measured results: RESULTS.md, "Online
+hyperparameter optimization of a CNN vs KerasTuner".
 
-The network: conv 3x3x32 - maxpool - conv 3x3x64 - maxpool - dense 128 - dense 10 (ReLU; no
-dropout or BatchNorm), the same initial weights for every method (seeded initializers). It is
-trained by minibatch SGD with heavy-ball momentum β = 0.9 (v ← βv + g, w ← w − γv, which is
-Keras' SGD(momentum=0.9) for a constant γ) on minibatches of 128 of the training split minus
---n_val validation images, for --epochs passes; test = the 10 000 test images. The inner loss is
-
-    g(w, λ) = mean CE(minibatch; w) + Σ_l λ_l ‖W_l‖²,    λ_l = exp(ν_l)   (one per kernel W_l),
-
-i.e. Keras' `kernel_regularizer=L2(λ_l)`, and γ = exp(ν_γ) is learned too.
-
-Methods (results.json "methods"):
-* bilevel_T<T> (one per --truncate value T, with K = T; "T:K" gives bilevel_T<T>_K<K>, K < T):
-  `tf_bilevel.BilevelTrainer(online=True)`.
-  Each hyper-iteration runs T inner momentum steps on the next T minibatches, continuing w and
-  the momentum from the previous hyper-iteration, back-propagates through the last K of them
-  (K-RMD, paper Eq. 8; over the whole training this is a truncated
-  back-propagation through the training run) and takes an Adam step (--outer_lr) on ν from
-  the cross-entropy of w_T on a validation batch of --val_batch_size. One run: the model
-  that is trained is the one we test, after --epochs passes (n_train // (128 T)
-  hyper-iterations per epoch).
-* default: plain `model.fit` with the initial hyperparameters (λ_l = --init_weight_decay,
-  γ = --init_lr), same epochs.
-* random_search: KerasTuner RandomSearch, --tuner_trials trials of --epochs epochs each,
-  objective val_accuracy on the same validation split; hyperband: KerasTuner Hyperband with
-  max_epochs = --epochs (factor --hyperband_factor, one iteration). Search space: every λ_l
-  log-uniform in --weight_decay_range, γ log-uniform in --lr_range (the bilevel run starts
-  inside it but is not confined to it). The best configuration is then retrained from the
-  common initial weights for --epochs epochs and tested exactly like the others.
-
-XLA: off by default (--jit_compile, for every method alike). On the 2-core CPU machines here a
-T = K = 1 hyper-iteration of this CNN took ~4.4 s under XLA against ~0.26 s without (XLA:CPU's
-convolutions in the second-order backward pass), and a plain Keras step 2x longer under XLA.
-
-Wall-clock: training time only (the per-epoch evaluations for the curves are excluded),
-including tracing / XLA compilation of the first epoch; for the tuners, the sum over trials of
-their fit time (KerasTuner's own bookkeeping between trials excluded: a lower bound) plus the
-retraining. `target` in results.json checks the issue's goal per T: test accuracy within 0.2
-points of the best tuner's and at most one third of its wall-clock. Figures:
-accuracy_vs_wallclock.png (test accuracy against training seconds: per epoch for the trained
-models; for the tuners the best-so-far trial by validation accuracy, then the retraining) and
-hyperparameters.png (λ_l and γ against hyper-iteration, tuner optima dashed).
-
-Resuming: rerun the same command after a kill; every method continues from its last epoch
-(experiments/online_common.py), KerasTuner from its finished trials (its own state in
-<output_dir>/tuner). <output_dir>/resume/fingerprint.json refuses other settings; --restart
-discards the saved state; one run at a time per --output_dir (an exclusive lock).
-Data: Fashion-MNIST through tensorflow-datasets (experiments/datasets.py); offline, the IDX
-files of --fashion_mnist_dir (default: the Debian package's /usr/share/datasets/fashion-mnist,
-`apt-get install dataset-fashion-mnist`) are prepared by a local tfds builder.
+  tfb-online-hpo                                     # the full comparison
+  tfb-online-hpo --truncate=1,20:1 --methods=bilevel # T = 1, and T = 20 with K = 1
+  tfb-online-hpo --preset=quick                      # tiny budget (tests)
+  (or python -m experiments.online_hpo ...)
 """
 
 from __future__ import annotations
@@ -114,8 +69,8 @@ class Config:
     hyperband_factor: int = 3
     hp_every: int = 10
     seed: int = 0
-    jit_compile: bool = False  # XLA on CPU: ~15x slower for the conv second derivatives (docstring)
-    fashion_mnist_dir: Optional[str] = None
+    jit_compile: bool = False  # XLA on CPU: ~15x slower for the conv second derivatives (RESULTS.md)
+    local_dir: Optional[str] = None  # folder of Fashion-MNIST IDX files (--local_dir)
     data_dir: Optional[str] = None
     preset: str = ""
 
@@ -181,7 +136,7 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
     The validation split is a seeded random subset of the training split."""
     from experiments import datasets
 
-    data = datasets.load_image_classification("fashion_mnist", data_dir=cfg.data_dir, local_dir=cfg.fashion_mnist_dir)
+    data = datasets.load_image_classification("fashion_mnist", data_dir=cfg.data_dir, local_dir=cfg.local_dir)
     (x, y), (x_test, y_test) = data["train"], data["test"]
     if cfg.n_val >= len(y):
         raise ValueError(f"--n_val={cfg.n_val} leaves no training images out of {len(y)}")
@@ -200,7 +155,7 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
         raise ValueError(f"{len(arrays['train'][1])} training images do not fill one hyper-iteration of "
                          f"T={longest} minibatches of {cfg.batch_size}")
     info = {"dataset": "fashion_mnist", "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
-            "source": cfg.fashion_mnist_dir or "tfds data_dir / default local folders"}
+            "source": datasets.data_source("fashion_mnist")}
     return arrays, info
 
 
@@ -471,7 +426,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
 
 def settings_fingerprint(cfg: Config) -> dict:
     """The settings that change a method's numbers (not output_dir, methods, truncate, data location)."""
-    skip = {"output_dir", "methods", "truncate", "fashion_mnist_dir", "data_dir", "preset"}
+    skip = {"output_dir", "methods", "truncate", "local_dir", "data_dir", "preset"}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
@@ -536,11 +491,13 @@ def _run(cfg: Config, arrays: Optional[dict], data_info: Optional[dict], pause_a
 # ----------------------------------------------------------------------------------------
 _FLAG_FIELDS = ("output_dir", "methods", "truncate", "epochs", "batch_size", "val_batch_size", "n_val", "n_train",
                 "n_test", "init_weight_decay", "init_lr", "momentum", "weight_decay_range", "lr_range", "outer_lr",
-                "tuner_trials", "hyperband_factor", "hp_every", "seed", "jit_compile", "fashion_mnist_dir", "data_dir")
+                "tuner_trials", "hyperband_factor", "hp_every", "seed", "jit_compile", "local_dir", "data_dir")
 
 
 def define_flags() -> None:
     from absl import flags
+
+    from experiments._cli import define_internal
 
     d = Config()
     flags.DEFINE_enum("preset", "full", sorted(PRESETS), "full: T=K in {1,5,20}, 10 epochs, all methods; "
@@ -567,13 +524,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("hp_every", d.hp_every, "Record the hyperparameters every N hyper-iterations.")
     flags.DEFINE_integer("seed", d.seed, "Seed of the split, the initial weights and the minibatch order.")
     flags.DEFINE_bool("jit_compile", d.jit_compile, "XLA-compile the train steps (all methods alike; off by "
-                      "default: slower on CPU for this CNN, see the docstring).")
-    flags.DEFINE_string("fashion_mnist_dir", None, "Folder with the 4 Fashion-MNIST IDX .gz files "
+                      "default: slower on CPU for this CNN, see RESULTS.md).")
+    flags.DEFINE_string("local_dir", None, "Folder with the 4 Fashion-MNIST IDX .gz files "
                         "(default: tfds data_dir, then /usr/share/datasets/fashion-mnist).")
     flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume and /tuner) and start over.")
-    flags.DEFINE_string("pause_after", None, "Internal (tests): METHOD,EPOCH: after that epoch's checkpoint, write "
-                        "<output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
+    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) METHOD,EPOCH: after that epoch's checkpoint, "
+                    "write <output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
 
 
 def config_from_flags() -> Config:

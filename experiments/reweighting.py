@@ -1,51 +1,15 @@
 r"""Learning to reweight examples under label noise, online with 1-RMD (issue #11 §5).
 
-    python -m experiments.reweighting                   # MNIST, 40% symmetric noise (see PRESETS)
-    python -m experiments.reweighting --dataset=fashion_mnist
-    python -m experiments.reweighting --quick           # tiny budget (tests)
+Trains an MLP on MNIST with 40% symmetric label noise while a Meta-Weight-Net weighting network
+(its weights are named hyperparameters of the inner loss) learns per-example weights from a small
+clean validation set, against plain training on the noisy and on the clean examples; writes
+results.json and figures to --output_dir. A killed run continues when the same command is rerun.
+Model, method and the measured results: RESULTS.md, "Learning to reweight examples".
 
-Data: the training split minus --n_val class-balanced clean validation examples (1000: 100 per
-class); every training label is, with probability --noise (0.4), replaced by a uniformly drawn
-OTHER class (symmetric noise: about 40% of the labels are wrong); test = the 10 000 test images.
-
-Model: an MLP 784-256-256-10 (ReLU), trained by minibatch SGD with heavy-ball momentum on
-minibatches of 128 noisy examples, the same initial weights for every method.
-
-Meta-Weight-Net (Shu et al. 2019) with the trainer's API. The per-example weights come from a
-small weighting network V(ℓ; θ) = sigmoid(W₂ relu(W₁ ℓ + b₁) + b₂) (1-100-1) applied to each
-example's loss ℓ_i = CE(x_i, ỹ_i; w); its weights θ = {W₁, b₁, W₂, b₂} are named
-hyperparameters (`Hyperparameter(..., transform="identity")`) and V is evaluated inside the
-3-argument inner loss, so no hyper_model is needed:
-
-    g(w, θ) = (1/B) Σ_i V(sg(ℓ_i); θ) ℓ_i                     (minibatch of B noisy examples)
-    f(w)    = mean CE on a batch of --val_batch_size clean validation examples.
-
-sg = stop_gradient: as in Meta-Weight-Net, the weight is a function of the loss value, not a
-path for w's gradient. The weights are not normalized (the paper's formula; the inner step is
-w ← w − γ(βv + ∇_w g)). MWN's code divides them by their minibatch mean
-(--weight_normalization=mean); here that diverged: once V is near 0 for the well-fit examples,
-the few remaining ones get weights of 10-100, i.e. a far larger step (MNIST, 30 epochs, on
-2026-12-02, loaded machine: with "mean" and --outer_lr=1e-4, test accuracy 96.4% at epoch 6,
-then 9.8% from epoch 21 on; with 1e-3 V collapsed to 1 everywhere by epoch 6; with "none" and
-1e-3: 96.4% at the end, wrong labels weighted 0.04 on average and right ones 1.00).
-
-θ takes an Adam step (--outer_lr) per hyper-iteration on the 1-RMD hypergradient (T = K = 1, paper Eq. 8), online: w and the momentum continue across
-hyper-iterations, each on the next minibatch (`BilevelTrainer(online=True)`), so one run trains
-the classifier and learns θ together (MWN's alternating scheme).
-
-Baselines, same network, optimizer, epochs and initial weights: "noisy" (plain training on the
-noisy labels; results.json also reports its test accuracy at the epoch of best clean-validation
-accuracy, i.e. early stopping on the same 1000 clean examples) and "clean" (plain training on
-the 1000 clean examples alone, for the same number of SGD steps).
-
-Reported (results.json): test accuracy per method (final and per epoch), the weight V gives to
-the training examples whose label is wrong vs right under the final model and θ (mean V and
-its normalized form), V on a grid of losses during training; figures: test accuracy per epoch
-(test_accuracy.png), the learned weighting function over training and the weights of clean vs
-noisy examples (weighting.png). Target of issue #11: MWN ≥ 5 points above "noisy".
-
-Resuming, data, XLA: as experiments/online_hpo.py (rerun the same command after a kill;
---restart starts over; --jit_compile is off by default).
+  tfb-reweighting                          # MNIST, 40% symmetric noise
+  tfb-reweighting --dataset=fashion_mnist
+  tfb-reweighting --preset=quick           # tiny budget (tests)
+  (or python -m experiments.reweighting ...)
 """
 
 from __future__ import annotations
@@ -173,7 +137,7 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
         "train_clean_labels": y_clean,
         "corrupted": y_noisy != y_clean,
     }
-    info = {"dataset": cfg.dataset, "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
+    info = {"dataset": cfg.dataset, "source": datasets.data_source(cfg.dataset), "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
             "noise": cfg.noise, "wrong_labels": int(arrays["corrupted"].sum()),
             "wrong_fraction": float(arrays["corrupted"].mean())}
     return arrays, info
@@ -418,6 +382,8 @@ _FLAG_FIELDS = ("output_dir", "dataset", "methods", "noise", "n_val", "n_train",
 def define_flags() -> None:
     from absl import flags
 
+    from experiments._cli import define_internal
+
     d = Config()
     flags.DEFINE_enum("preset", "full", sorted(PRESETS), "full: the defaults; quick: tiny budget (tests). "
                       "Explicit flags override the preset.")
@@ -438,7 +404,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("weighting_hidden", d.weighting_hidden, "Hidden units of the weighting network V.")
     flags.DEFINE_enum("weight_normalization", d.weight_normalization, list(NORMALIZATIONS),
                       "none: g = mean V(ℓ_i)ℓ_i (the paper); mean: weights divided by their minibatch mean "
-                      "(MWN's code; unstable here, see the docstring).")
+                      "(MWN's code; unstable here, see RESULTS.md).")
     flags.DEFINE_float("outer_lr", d.outer_lr, "Adam step on θ (the weighting network).")
     flags.DEFINE_integer("hp_every", d.hp_every, "Record V on a loss grid every N hyper-iterations.")
     flags.DEFINE_integer("seed", d.seed, "Seed of the split, the noise, the initial weights and the batch order.")
@@ -447,8 +413,8 @@ def define_flags() -> None:
                         "then the project's MNIST folder / /usr/share/datasets/fashion-mnist).")
     flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.")
-    flags.DEFINE_string("pause_after", None, "Internal (tests): METHOD,EPOCH: after that epoch's checkpoint, write "
-                        "<output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
+    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) METHOD,EPOCH: after that epoch's checkpoint, "
+                    "write <output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
 
 
 def config_from_flags() -> Config:

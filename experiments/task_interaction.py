@@ -1,71 +1,13 @@
 r"""Task interaction (paper §4.2.2, Table 3, Fig. 6; appendix G.2) with K-RMD.
 
-    python -m experiments.task_interaction --dataset=cifar10 --features=pretrained
-    python -m experiments.task_interaction --dataset=fashion_mnist --features=pixels  # offline
+Learns a task-similarity matrix and a regularizer coupling per-class linear models on few
+examples, with early stopping, over several trials and truncations K; prints Table 3 and writes
+results.json and the Fig. 6 PNG to --output_dir. A killed run continues when the same command is
+rerun. The problem, our reading of it and the measured results: RESULTS.md, "Task interaction".
 
-The problem (Franceschi et al. 2017, §5.2, as restated by the paper). The lower level
-learns V linear models w = {w_v}, coupled by a learned task-similarity matrix C:
-
-    g(w, λ) = l(w) + Σ_{i,j} C_ij ‖w_i − w_j‖² + ρ Σ_v ‖w_v‖²,
-    C = A + Aᵀ, A_ij = softplus(B_ij),  ρ = softplus(ν),  λ = {B, ν}   (appendix G.2),
-
-solved by T = 100 steps of gradient descent with γ = 0.1 from w_0 = 0, giving ŵ(λ). The
-upper level f(ŵ) is the cross-entropy of ŵ on a validation set, minimized with Adam
-(appendix G) using K-RMD hypergradients (Eq. 8; "full" = full RMD, Eq. 6).
-
-Our reading of "task" and "l(w)". The paper calls l(w) "the training loss of the
-multi-class linear logistic regression model", says g learns "V different linear models",
-and sums the coupling over 1 ≤ i, j ≤ K with K the number of classes. Following
-Franceschi et al., the tasks are the classes: task v is "is this image of class v?", its
-linear model is the v-th row w_v ∈ R^d of the weight matrix W ∈ R^{V×d} (V = number of
-classes), logits = x Wᵀ + b, and l is the mean multi-class cross-entropy over the
-training set. C couples the per-class weight vectors, pulling the models of similar
-classes together. The per-class biases b are neither coupled nor regularized. C_ii
-multiplies ‖w_i − w_i‖² = 0, so the diagonal of B gets a zero hypergradient. The paper's
-outer loss says "linear regression loss", which we read as a slip: f is the validation
-cross-entropy (as in Franceschi et al.). Both losses use tf_bilevel.keras.losses (log_softmax
-based: twice differentiable on every TF version; TF 2.21's fused op is too, older ones not).
-
-Data (appendix G.2). Per trial, balanced training and validation sets of m examples each
-(m/V per class; m = 50 for CIFAR-10, m = 300 for CIFAR-100) are drawn from the whole
-dataset (tfds train + test), and all remaining examples form the test set. Every
-truncation K sees the same split in a given trial (paired comparison). Features:
-`--features=pretrained` uses the average-pooled output of an ImageNet-pretrained CNN
-(the paper: ResNet-18; Keras has none, so the default is ResNet50, see
-experiments/features.py); `--features=pixels` uses raw pixels. Either way features are
-L2-normalized per example and scaled by --feature_scale (no dataset statistics, so the
-fixed γ = 0.1 of the paper stays stable for any extractor).
-
-Early stopping. The appendix stops "when the testing error does not improve for 500
-hyper-iterations", i.e. it selects the stopping point on the test set. That leaks test
-information into the reported test accuracy, so by default we stop on the validation
-set instead (--early_stopping_split=validation); --early_stopping_split=test reproduces
-the paper's literal protocol. With m = 50 validation examples the error moves in steps of
-2%, so "improves" means: a lower error, or the same error and a loss lower by more than
---min_delta (--early_stopping_metric=loss uses the loss alone). The reported test
-accuracy is that of ŵ(λ_best) at the best hyper-iteration; "iterations" counts the
-hyper-iterations run (best + patience + 1, or the cap --max_hyper_iterations).
-
-Settings the paper leaves open (flags; our defaults): λ_0 gives C_ij = 1e-3 and ρ = 1e-3
-(--init_coupling, --init_rho: weak coupling at the start; a uniform C_ij above 1/(2Vγ)
-would make the inner descent diverge), Adam step 0.01 (--outer_lr), feature scale 8
-(--feature_scale). The biases, w_0 = 0 and the mean (not summed) losses are ours too.
-
-Outputs in --output_dir: results.json (per-trial and aggregated Table 3 rows, Fig. 6
-curves of the diagnostic trial) and fig6_task_interaction.png (validation loss, ‖d_λ f‖
-of the exact full-RMD hypergradient, and cos(h, d_λ f) vs hyper-iteration; the exact one
-is computed every --exact_every hyper-iterations with tf_bilevel.diagnostics).
-
-Resuming. Every finished (trial, K) run is stored in <output_dir>/resume/trial<i>_<K>.json
-as soon as it ends. Killed at any time (even SIGKILL), the same command with the same
---output_dir skips the stored runs and redoes only the unfinished one, ending with the same
-results.json as an uninterrupted run (up to wall-clock timings). <output_dir>/resume/
-fingerprint.json holds the result-affecting flags; a rerun with other ones stops with an
-error instead of mixing two configurations (--trials and --truncate may change: more trials
-or another K reuse the stored runs). A damaged state file (truncated, garbage) stops the run
-with an error naming it and what to delete; --restart deletes <output_dir>/resume and starts
-over. One run at a time per --output_dir: a run holds an exclusive lock on <output_dir>/.lock,
-and a second run on the same folder is refused at once with the PID of the running one.
+  tfb-task-interaction --dataset=cifar10 --features=pretrained    # the paper (needs tfds CIFAR)
+  tfb-task-interaction --dataset=fashion_mnist --features=pixels  # offline, real data
+  (or python -m experiments.task_interaction ...)
 """
 
 from __future__ import annotations
@@ -104,6 +46,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """Defines the program's flags in `fv`. Called by the entry point, not at import, so
     that several experiment modules (each with --seed, --output_dir, ...) can be imported
     in one process, e.g. by pytest."""
+    from experiments._cli import define_internal
+
     flags.DEFINE_enum("dataset", "cifar10", list(NUM_CLASSES), "tfds dataset.", flag_values=fv)
     flags.DEFINE_enum("features", "pretrained", ["pretrained", "pixels"],
                       "pretrained: pooled features of an ImageNet CNN (paper); pixels: raw pixels.",
@@ -151,17 +95,18 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                         flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the data splits (trial i uses seed + i).",
                          flag_values=fv)
-    flags.DEFINE_string("output_dir", "/tmp/task_interaction", "Where results.json and PNGs go; also "
+    flags.DEFINE_string("output_dir", "out/task_interaction", "Where results.json and PNGs go; also "
                         "every finished (trial, K) run (<output_dir>/resume): rerun the same command after "
                         "an interruption to continue.", flag_values=fv)
-    flags.DEFINE_string("pause_after", None, "Testing only: TRIAL,K: once the run of that trial and K is "
-                        "stored, write <output_dir>/resume/paused_TRIAL_K and sleep, once (not if that file "
-                        "exists), so a test can kill the program at a known point.", flag_values=fv)
+    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) TRIAL,K: once the run of that trial and K "
+                    "is stored, write <output_dir>/resume/paused_TRIAL_K and sleep, once (not if that file "
+                    "exists), so a test can kill the program at a known point.", flag_values=fv)
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.",
                       flag_values=fv)
     flags.DEFINE_bool("jit_compile", True, "XLA-compile the hyper-step.", flag_values=fv)
-    flags.DEFINE_bool("quick", False, "Tiny budget (tests): 2 trials, K in {1, full}, few "
-                      "hyper-iterations.", flag_values=fv)
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
+                      "budget for tests (2 trials, K in {1, full}, few hyper-iterations).", flag_values=fv)
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.", flag_values=fv)
 
 
 # --------------------------------------------------------------------------
@@ -474,6 +419,7 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         "inner_steps", "inner_lr", "outer_lr", "init_coupling", "init_rho",
         "early_stopping_split", "early_stopping_metric", "min_delta", "exact_every", "diagnostic_trials",
         "data_dir", "local_dir", "seed", "output_dir", "jit_compile", "quick", "pause_after", "restart")}
+    cfg["quick"] = cfg["quick"] or flag_values["preset"].value == "quick"
     if cfg["m"] is None:
         cfg["m"] = PAPER_M.get(cfg["dataset"], 50)
     if cfg["quick"]:
@@ -594,9 +540,11 @@ def _run(cfg: dict) -> dict:
                          f"and K in {names}")
     num_classes = NUM_CLASSES[cfg["dataset"]]
     x_all, y_all, desc = load_features(cfg)
+    print(f"Data: {cfg['dataset']} from {datasets.data_source(cfg['dataset'])}", flush=True)
     results = {
         "experiment": "task_interaction (paper §4.2.2, Table 3, Fig. 6)",
-        "config": cfg, "features_description": desc, "num_examples": int(len(y_all)),
+        "config": cfg, "data_source": datasets.data_source(cfg["dataset"]),
+        "features_description": desc, "num_examples": int(len(y_all)),
         "feature_dim": int(x_all.shape[1]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "tensorflow": tf.__version__},

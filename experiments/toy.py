@@ -1,47 +1,11 @@
 r"""The toy problem of §4.1 (Figs. 1–4): K-RMD on a 2-D bilevel problem with closed forms.
 
-    f(ŵ, λ) = ‖ŵ‖² + 10‖sin ŵ‖²,      f̃(ŵ, λ) = f(ŵ, λ) + 5‖λ − (1, 0)‖²   (∇λ f̃ ≠ 0)
-    g(w, λ) = ½ (w − λ)ᵀ G (w − λ),    G = diag(1, ½)
-    ŵ = w_T: T = 100 steps of gradient descent on g, γ = 0.1, w0 = (2, 2); float64 throughout.
+Runs K-RMD hyper-descent on the paper's 2-D quadratic inner problem for several K, checks every
+hypergradient against the closed form, and writes Figs. 1–4 and results.json to --output_dir.
+The problem, the choices the paper leaves open and the measured results: RESULTS.md, "Toy problem".
 
-Every hypergradient comes from `tf_bilevel.hypergradient_fn` (estimator="reverse"): K-RMD
-(Eq. 8) with `truncate=K`, the exact d_λf with full RMD (`truncate=None`, Eq. 6). One compiled
-estimator per K is built once and reused at every hyper-iteration (λ is a tensor argument, so
-nothing is retraced; the tracing counts are written to results.json).
-
-Closed forms (G is diagonal, so everything is elementwise): ŵ = C w0 + (I − C) λ with
-C = (I − γG)^T; A_t = I − γG, B_t = γG, B_0 = 0, hence
-    h_{T−K} = ∇λ f + (I − (I − γG)^K) ∇ŵ f(ŵ),     d_λ f = h_{−1} = ∇λ f + (I − C) ∇ŵ f(ŵ).
-They are used only to cross-check the engine, for contour plots, for ‖∇ŵ f‖ in the bound of
-Prop. 3.1, and to seed the search for the optimal λ.
-
-Figures (PNG in --output_dir, numbers behind them in results.json):
-  fig1  graph of f, and ‖h_{T−K} − d_λf‖ with the bound of Eq. 10 at λ = (1, 1) vs K.
-  fig2  descent ratio h_{T−K}ᵀ d_λf / ‖d_λf‖² at the iterates λ_τ of the 1-RMD trajectory, for f
-        (Lemma 3.2: stays away from 0) and for f̃ (can become negative).
-  fig3  biased convergence on f̃ (Theorem 3.5): trajectories for each K on the contour of
-        F̃(λ) = f̃(ŵ(λ), λ), the optimum (red X), F̃ − F̃* vs τ and the final distance to λ* vs K.
-  fig4  convergence on f (Theorem 3.4): trajectories, ‖d_λ f(λ_τ)‖ and F(λ_τ) − F* vs τ.
-
-Choices the paper leaves open (all flags):
-  * Meta step η_τ = η0 / √τ with η0 = 0.6 / ‖h_{T−K}(λ_1)‖ for each K (footnote 4).
-  * Start λ_1 = (−1, 1) for both f and f̃. From there 1-RMD on f̃ crosses the optimum and keeps
-    moving away from it, which is where its direction is an ascent direction of F̃ (the negative
-    ratios of Fig. 2, right). From λ_1 = (1, 1) every trajectory approaches its limit from the
-    side where K-RMD and the exact gradient agree, so that ratio stays ≥ 0 (the limits and the
-    bias of Fig. 3 are the same).
-  * The optimal λ (red X of Fig. 3, F* of Fig. 4) is found by a grid search of the closed-form
-    F over [−3, 3]² (outside it the penalty / ‖ŵ‖² terms exceed the grid minimum), refined by
-    gradient descent with the exact full-RMD hypergradient until ‖d_λ f‖ ≤ 1e-12. For f it is
-    also known exactly (ŵ = 0, λ* = −C w0 / (I − C)) and both are reported.
-  * A 1-RMD trajectory is always run, since Fig. 2 is evaluated along it.
-
-The problem is deterministic: --seed is only recorded (and seeds numpy/TF) for uniformity with
-the other programs.
-
-Usage:
-  python -m experiments.toy --output_dir=/tmp/toy            # full run (paper settings)
-  python -m experiments.toy --output_dir=/tmp/toy --quick    # 100 hyper-iterations, K ∈ {1, 5, T}
+  tfb-toy                   # the paper's settings (or: python -m experiments.toy)
+  tfb-toy --preset=quick    # 100 hyper-iterations, K in {1, 5, T} (tests)
 """
 
 from __future__ import annotations
@@ -616,7 +580,7 @@ def _print_summary(results: dict) -> None:
 def define_flags() -> None:
     from absl import flags
 
-    defaults = ToyConfig(output_dir="/tmp/tf_bilevel/toy")
+    defaults = ToyConfig(output_dir="out/toy")
     flags.DEFINE_string("output_dir", defaults.output_dir, "Where results.json and fig1..fig4.png are written.")
     flags.DEFINE_integer("hyper_iters", defaults.hyper_iters, "Hyper-iterations R per trajectory (Figs. 2–4).")
     flags.DEFINE_list("truncations", [str(k) for k in defaults.truncations],
@@ -629,7 +593,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("grid_size", defaults.grid_size, "Contour grid resolution per axis.")
     flags.DEFINE_integer("seed", defaults.seed, "Recorded and used to seed numpy/TF (the problem is deterministic).")
     flags.DEFINE_bool("jit_compile", defaults.jit_compile, "XLA-compile the hypergradient estimators.")
-    flags.DEFINE_bool("quick", False, "Tiny budget for tests: 100 hyper-iterations, K in {1, 5, 100}, coarse grids.")
+    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
+                      "budget for tests (100 hyper-iterations, K in {1, 5, 100}, coarse grids).")
+    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -648,7 +614,7 @@ def main(argv: Sequence[str]) -> int:
         grid_size=F.grid_size,
         seed=F.seed,
         jit_compile=F.jit_compile,
-        quick=F.quick,
+        quick=F.quick or F.preset == "quick",
     )
     try:
         run_experiment(cfg)

@@ -121,7 +121,7 @@ def test_prepared_data_is_the_stock_tfds_dataset_and_cached(mnist):
     np.testing.assert_array_equal(again["test"][0], data["test"][0])
 
 
-@pytest.mark.parametrize("name, hint", [("mnist", "--mnist_dir"),
+@pytest.mark.parametrize("name, hint", [("mnist", "--local_dir"),
                                         ("fashion_mnist", "dataset-fashion-mnist"),
                                         ("cifar10", "data_dir")])
 def test_no_data_and_no_network_fails_fast(tmp_path, name, hint):

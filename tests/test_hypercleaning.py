@@ -87,7 +87,7 @@ def test_config_validation_names_the_flag():
 def test_quick_end_to_end_on_real_mnist(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "experiments.hypercleaning", "--quick", f"--output_dir={out}",
-               f"--mnist_dir={MNIST_DIR}", f"--data_dir={tmp_path / 'tfds'}", "--truncate=1,100"]
+               f"--local_dir={MNIST_DIR}", f"--data_dir={tmp_path / 'tfds'}", "--truncate=1,100"]
     done = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Table 2 after 12 hyper-iterations" in done.stdout
@@ -148,7 +148,7 @@ def test_missing_data_fails_fast_with_a_clear_error(tmp_path):
     empty.mkdir()
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.hypercleaning", "--quick", f"--mnist_dir={empty}",
+        [sys.executable, "-m", "experiments.hypercleaning", "--quick", f"--local_dir={empty}",
          f"--data_dir={tmp_path / 'tfds'}", f"--output_dir={tmp_path / 'out'}"],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - start
@@ -170,8 +170,8 @@ def _resume_command(tmp_path: Path, output_dir: Path, *extra: str) -> list:
     mnist = tmp_path / "mnist_subset"
     if not mnist.is_dir():
         write_mnist_subset(MNIST_DIR, mnist, train=3000, test=500)
-    return [sys.executable, "-m", "experiments.hypercleaning", "--quick", "--truncate=1,5", "--checkpoint_every=4",
-            f"--output_dir={output_dir}", f"--mnist_dir={mnist}", f"--data_dir={tmp_path / 'tfds'}", *extra]
+    return [sys.executable, "-m", "experiments.hypercleaning", "--quick", "--truncate=1,5", "--save_every=4",
+            f"--output_dir={output_dir}", f"--local_dir={mnist}", f"--data_dir={tmp_path / 'tfds'}", *extra]
 
 
 def _final_lambda(output_dir: Path, truncate: int) -> dict:
@@ -246,7 +246,7 @@ def test_checkpoints_of_another_configuration_are_refused(tmp_path):
     assert root == tmp_path / "checkpoints" and (root / "fingerprint.json").exists()
     # What cannot change a K's numbers may change: the K list, timing, memory, the data's location.
     same = H.Config(output_dir=str(tmp_path), truncate=[25], n_train=n, n_val=n, checkpoint_every=10,
-                    timing_rounds=0, measure_memory=False, mnist_dir="/elsewhere").validated()
+                    timing_rounds=0, measure_memory=False, local_dir="/elsewhere").validated()
     assert H.prepare_checkpoints(same, arrays) == root
     with pytest.raises(H.SettingsMismatchError) as err:
         H.prepare_checkpoints(H.Config(**{**vars(cfg), "inner_lr": 0.5}).validated(), arrays)
@@ -256,6 +256,6 @@ def test_checkpoints_of_another_configuration_are_refused(tmp_path):
     other = dict(arrays, y_train=np.where(np.arange(n) == 0, (arrays["y_train"] + 1) % 10, arrays["y_train"]))
     with pytest.raises(H.SettingsMismatchError, match="data_sha256"):
         H.prepare_checkpoints(cfg, other)
-    # --checkpoint_every=0: no checkpoints, nothing checked.
+    # --save_every=0 (checkpoint_every=0): no checkpoints, nothing checked.
     assert H.prepare_checkpoints(H.Config(**{**vars(cfg), "inner_lr": 0.5, "checkpoint_every": 0}).validated(),
                                  arrays) is None

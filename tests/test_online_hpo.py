@@ -98,7 +98,7 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     subset = write_mnist_subset(FASHION_DIR, tmp_path / "fashion", train=3000, test=1000)
     out = tmp_path / "out"
     log = tmp_path / "log.txt"
-    command = ["-m", "experiments.online_hpo", "--quick", f"--output_dir={out}", f"--fashion_mnist_dir={subset}",
+    command = ["-m", "experiments.online_hpo", "--quick", f"--output_dir={out}", f"--local_dir={subset}",
                f"--data_dir={tmp_path / 'tfds'}"]
     program_runs.finish(program_runs.start(command, log), log)
     results = json.loads((out / "results.json").read_text())

@@ -279,8 +279,8 @@ def test_task_interaction_damaged_state_is_named_and_restart_recovers(tmp_path, 
 
 
 def _hypercleaning(mnist: Path, tfds: Path, out: Path) -> list:
-    return ["-m", "experiments.hypercleaning", "--quick", "--truncate=5", "--checkpoint_every=4", "--timing_rounds=0",
-            "--nomeasure_memory", f"--mnist_dir={mnist}", f"--data_dir={tfds}", f"--output_dir={out}"]
+    return ["-m", "experiments.hypercleaning", "--quick", "--truncate=5", "--save_every=4", "--timing_rounds=0",
+            "--nomeasure_memory", f"--local_dir={mnist}", f"--data_dir={tfds}", f"--output_dir={out}"]
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +363,7 @@ def test_output_dir_under_a_regular_file_is_one_clear_line(tmp_path, program):
     out = a_file / "out"
     command = ["-m", f"experiments.{program}", "--quick", f"--output_dir={out}"]
     if program == "hypercleaning":
-        command.append(f"--mnist_dir={MNIST_DIR}")
+        command.append(f"--local_dir={MNIST_DIR}")
     returncode, output = program_runs.run(command, tmp_path / "log")
     program_runs.assert_clear_error(returncode, output, f"{program}: error: --output_dir={out} cannot be used",
                                     f"{a_file} is a file, not a folder")
