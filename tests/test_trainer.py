@@ -417,6 +417,24 @@ def test_invalid_arguments_are_rejected_at_construction(overrides, error, patter
         _trainer(**overrides)
 
 
+def test_both_trainers_take_one_signature_and_keep_the_validated_arguments_as_a_frozen_spec():
+    import dataclasses
+    import inspect
+
+    from tf_bilevel.keras import legacy
+
+    assert inspect.signature(legacy.LegacyBilevelTrainer) == inspect.signature(tfb.BilevelTrainer)
+    assert not hasattr(legacy, "BilevelTrainer")  # one name, one class
+    trainer = _trainer(hyperparameters={"a": 1.0}, inner_learning_rate=np.float32(0.5), meta_batch=1)
+    spec = trainer.spec
+    assert isinstance(spec, tfb.keras.TrainerSpec)
+    assert (spec.steps, spec.truncate, spec.on_nonfinite, spec.meta_batch) == (3, None, "raise", True)
+    assert isinstance(spec.hyperparameters["a"], Hyperparameter)  # numbers converted once, here
+    assert spec.inner_learning_rate == pytest.approx(0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.steps = 4
+
+
 def test_hyperparameter_outside_its_domain_is_rejected():
     with pytest.raises(ValueError, match=r"must be in \(0, 1\) for transform='sigmoid'"):
         Hyperparameter(1.5, transform="sigmoid")
