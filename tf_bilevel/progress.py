@@ -63,7 +63,6 @@ class Progress:
         # a log file would get one endless line. Redraw on a terminal only.
         self._bar._dynamic_display = self.interactive
         self._bar._seen_so_far = initial
-        self._bar._last_update = 0.0
 
     def update(self, done: int, **metrics: float) -> None:
         """Step `done` finished, with these metric values (floats)."""
