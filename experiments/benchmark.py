@@ -204,7 +204,7 @@ def measure(config: dict) -> dict:
         outer_value, hypergrad_norm = None, None
     else:
         outer_value, hypergrad = float(first_out[0]), first_out[1:]
-        hypergrad_norm = float(np.sqrt(sum(np.sum(np.square(h, dtype=np.float64)) for h in hypergrad)))
+        hypergrad_norm = float(tfb.diagnostics.global_norm(hypergrad))
     num_params = int(problem.params.shape.num_elements())
     states = stored_states(config)
     return {

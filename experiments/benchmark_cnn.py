@@ -241,7 +241,7 @@ def measure(config: dict) -> dict:
         "stored_states": stored_states(config),
         "stored_state_bytes": stored_states(config) * M * 4,
         "outer_value": None if is_floor else float(first_out[0]),
-        "hypergrad_norm": None if is_floor else float(np.linalg.norm(np.concatenate([h.ravel() for h in first_out[1:]]))),
+        "hypergrad_norm": None if is_floor else float(tfb.diagnostics.global_norm(first_out[1:])),
     }
     if config["estimator"] == "reverse":
         result.update(auto_choice(problem, config))
