@@ -1,5 +1,7 @@
 """The README's Python examples run as written (they are the public API's documentation)."""
 
+# bazel: tf  (the examples import TensorFlow in subprocesses: a large test)
+
 from __future__ import annotations
 
 import re

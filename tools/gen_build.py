@@ -16,7 +16,8 @@ Targets written (Bazel's native Python rules, so no rules_python is needed):
   tests/, the pytest runner and pyproject.toml (pytest's configuration);
 * ``//:test_NAME``         py_test per ``tests/test_NAME.py``, run through pytest by
   ``tools/bazel_pytest_main.py``. Tests that import TensorFlow (or the packages
-  built on it) are tagged ``tf`` and sized ``large``; the others are ``small``.
+  built on it, or say ``# bazel: tf``) are tagged ``tf`` and sized ``large``; the
+  others are ``small``.
 
 Every test depends on every library: the tree is small, and a test that runs an
 experiment in a subprocess imports more than its own import lines show.
@@ -52,7 +53,8 @@ SYNC_TEST_DATA_GLOBS = ("tf_bilevel/**/*.py", "tests/**/*.py", "experiments/**/*
 _MAIN_GUARD = re.compile(r"^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:", re.MULTILINE)
 _USES_TF = re.compile(
     r"^\s*(?:import|from)\s+(?:tensorflow|tensorflow_datasets|keras|tf_keras|tf_bilevel|"
-    r"experiments|benchmarks)\b|['\"]-m['\"]\s*,\s*['\"](?:experiments|benchmarks)\.",
+    r"experiments|benchmarks)\b|['\"]-m['\"]\s*,\s*['\"](?:experiments|benchmarks)\.|"
+    r"^#\s*bazel:\s*tf\b",  # a test that runs TensorFlow another way (e.g. README code in subprocesses)
     re.MULTILINE,
 )
 _RULES = ("py_library", "py_binary", "py_test")
