@@ -29,7 +29,7 @@ def define_internal(define: Callable[..., Any], name: str, default: Any, help: s
     """`define(name, default, help)` (an absl `flags.DEFINE_*`) for a flag that only tests and the
     program's own worker processes pass: registered under this module rather than the program, so
     `--help` (the main module's flags) leaves it out; `--helpfull` still lists it."""
-    return define(name, default, f"Internal: {help}", module_name=__name__, **kwargs)
+    return define(name, default, help=f"Internal: {help}", module_name=__name__, **kwargs)
 
 
 def _run(module: str) -> None:

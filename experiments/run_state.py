@@ -245,3 +245,14 @@ def pause_to_be_killed(marker: str | os.PathLike, seconds: float = 300.0) -> Non
             return
         time.sleep(0.05)
     os._exit(3)
+
+
+def parse_pause_after(value: Optional[str], what: str = "METHOD,ITER") -> Optional[tuple[str, int]]:
+    """--pause_after (tests): 'NAME,N' as (NAME, N), None when unset. `what` names the two parts
+    in the error (e.g. 'K,ITER', 'METHOD,EPOCH')."""
+    if not value:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) != 2 or not parts[0] or not parts[1].isdigit():
+        raise ValueError(f"--pause_after must be {what} (e.g. 1,3), got {value!r}")
+    return parts[0], int(parts[1])
