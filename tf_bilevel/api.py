@@ -42,8 +42,12 @@ class HypergradientResult(NamedTuple):
     solver_iterations: Any = -1
 
 
-def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = None) -> Any:
-    """Validates the leaves of params/hparams and converts them to tensors."""
+def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = None, *,
+                differentiated: Optional[bool] = None) -> Any:
+    """Validates the leaves of params/hparams and converts them to tensors. `differentiated`
+    (default: role == "hparams"): variables among them must be trainable."""
+    if differentiated is None:
+        differentiated = role == "hparams"
     leaves = tf.nest.flatten(structure)
     if not leaves:
         raise ValueError(f"{role} is empty: pass at least one tensor")
@@ -56,7 +60,7 @@ def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = No
                 f"(e.g. tf.zeros(shape)) or remove the entry from {role}."
             )
         if isinstance(leaf, tf.Variable):
-            if role == "hparams" and not leaf.trainable:
+            if differentiated and not leaf.trainable:
                 raise ValueError(
                     f"{name} is a non-trainable tf.Variable ({leaf.name}); hyperparameters must be "
                     "differentiable: make it trainable=True or pass it as a constant outside hparams."

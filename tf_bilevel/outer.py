@@ -26,7 +26,7 @@ from tf_bilevel import _validate
 from tf_bilevel._autograph import convert_user_function
 from tf_bilevel._tree import leaf_names
 from tf_bilevel import nonfinite
-from tf_bilevel.api import Hypergradient, HypergradientResult, NonFiniteError
+from tf_bilevel.api import Hypergradient, HypergradientResult, NonFiniteError, _as_tensors
 from tf_bilevel.dynamics.optimizers import InnerOptimizer
 
 # metrics(result, inner_batch, outer_batch) -> {name: tensor}, computed inside the compiled call.
@@ -63,27 +63,14 @@ def _is_keras_optimizer(optimizer: Any) -> bool:
 
 
 def _as_variables(hparams: Any) -> Any:
-    """hparams as tf.Variables: given variables are used (and updated) as they are."""
-    leaves = tf.nest.flatten(hparams)
-    if not leaves:
-        raise ValueError("HyperStep(hparams=...) is empty: pass λ_0, a tensor or a nested structure of tensors")
-    variables = []
-    for name, leaf in zip(leaf_names(hparams, "hparams"), leaves):
-        if isinstance(leaf, tf.Variable):
-            if not leaf.trainable:
-                raise ValueError(f"HyperStep(hparams=...): {name} is a non-trainable tf.Variable; make it trainable=True")
-            variables.append(leaf)
-            continue
-        try:
-            value = tf.convert_to_tensor(leaf)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"HyperStep(hparams=...): {name} cannot be converted to a tensor ({err})") from None
-        if not value.dtype.is_floating:
-            raise TypeError(
-                f"HyperStep(hparams=...): {name} has dtype {value.dtype.name}; hyperparameters must be "
-                "floating-point (e.g. tf.cast(x, tf.float32))"
-            )
-        variables.append(tf.Variable(value, name=name.replace("[", "_").replace("]", "").replace("'", "")))
+    """hparams as tf.Variables: given variables are used (and updated) as they are. The leaves
+    are checked as `hypergradient_fn` checks hparams (floating, trainable variables)."""
+    tensors = tf.nest.flatten(_as_tensors(hparams, "HyperStep(hparams=...)", differentiated=True))
+    variables = [
+        leaf if isinstance(leaf, tf.Variable)
+        else tf.Variable(tensor, name=name.replace("[", "_").replace("]", "").replace("'", ""))
+        for name, leaf, tensor in zip(leaf_names(hparams, "hparams"), tf.nest.flatten(hparams), tensors)
+    ]
     return tf.nest.pack_sequence_as(hparams, variables)
 
 
