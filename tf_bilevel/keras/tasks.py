@@ -91,53 +91,56 @@ class TaskHypergradient(TaskFunction):
 
     def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor, with_reference: tf.Tensor) -> TaskResult:
         problem = self.problem
-        flat_raw = tf.nest.flatten(inputs.raw)
-        with tf.GradientTape(persistent=self.reference is not None) as tape:
-            tape.watch(flat_raw)
-            raw = tf.nest.pack_sequence_as(inputs.raw, flat_raw)
-            hp, hyper_state = problem.hparams(raw, self.specs, inputs.hyper_state, task.inner, task.outer)
         w0 = problem.initial_params(inputs.stored_inner, seed)
         inner_batch = problem.inner_batch(task.inner, inputs.inner_state, seed)
         outer_batch = problem.outer_batch(task.outer, inputs.inner_state, seed)
-        try:
-            result = self.hypergradient.compute(w0, hp, inner_batch, outer_batch, opt_state=inputs.inner_opt_state)
-        except LookupError as err:  # "Gradient explicitly disabled" (fused cross-entropy)
-            raise explain_second_order(err) from None
-        flat_hp = tf.nest.flatten(hp)
-        grads = tape.gradient(flat_hp, flat_raw, output_gradients=tf.nest.flatten(result.hypergrad))
-        self.check_reached(grads)
-        reference = []
-        if self.reference is not None:
-            def full_rmd():
-                return tf.nest.flatten(self.reference.compute(w0, hp, inner_batch, outer_batch).hypergrad)
-
-            def skipped():
-                return [tf.zeros_like(x) for x in flat_hp]
-
-            ref_hp = tf.cond(with_reference, full_rmd, skipped)
-            reference = tape.gradient(flat_hp, flat_raw, output_gradients=ref_hp)
+        hp, hyper_state, result, grads, reference = self._hypergradients_of_raw(
+            inputs.raw,
+            lambda raw: problem.hparams(raw, self.specs, inputs.hyper_state, task.inner, task.outer),
+            lambda estimator, hp: estimator.compute(w0, hp, inner_batch, outer_batch, opt_state=inputs.inner_opt_state),
+            with_reference,
+        )
         y_pred = problem.predict(result.final_params, hp, outer_batch, "outer")
         final_opt_state = tf.nest.flatten(result.final_opt_state) if inputs.inner_opt_state is not None else []
         inner_value = problem.inner_loss(result.final_params, hp, problem.last_step_batch(inner_batch, self.hypergradient.steps))
         return TaskResult(
-            result.outer_value, list(grads), result.nonfinite_step, y_pred, hyper_state,
-            list(result.final_params), list(reference), final_opt_state, inner_value,
+            result.outer_value, grads, result.nonfinite_step, y_pred, hyper_state,
+            list(result.final_params), reference, final_opt_state, inner_value,
         )
 
     def stacked(self, stacked: StackedTasks, inputs: StepInputs, tasks: Task, seeds: tf.Tensor,
                 with_reference: tf.Tensor) -> TaskResult:
         """The mean hypergradient of a meta-batch through `StackedTasks` (one inner loop for all
         tasks): a TaskResult of means over tasks (y_pred stacked [B, n, ...])."""
-        flat_raw = tf.nest.flatten(inputs.raw)
-        with tf.GradientTape(persistent=self.reference is not None) as tape:
-            tape.watch(flat_raw)
-            raw = tf.nest.pack_sequence_as(inputs.raw, flat_raw)
-            hp, hyper_states = stacked.hparams(raw, self.specs, inputs.hyper_state, tasks)
         w0 = stacked.initial_params(inputs.stored_inner, seeds)
         inner_batch, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
-        hypergradient = stacked.hypergradient(self.hypergradient)
+        hp, hyper_states, result, grads, reference = self._hypergradients_of_raw(
+            inputs.raw,
+            lambda raw: stacked.hparams(raw, self.specs, inputs.hyper_state, tasks),
+            lambda estimator, hp: stacked.hypergradient(estimator).compute(w0, hp, inner_batch, outer_batch),
+            with_reference,
+        )
+        final = list(result.final_params)
+        inner_values = stacked.inner_values(final, hp, inner_batch, self.hypergradient.steps)
+        return TaskResult(
+            result.outer_value, grads, result.nonfinite_step, stacked.predictions(final, hp, outer_batch),
+            mean_hyper_state(hyper_states), [tf.reduce_mean(w, axis=0) for w in final],
+            reference, [], tf.add_n(inner_values) / len(inner_values),
+        )
+
+    def _hypergradients_of_raw(self, raw: Any, hparams_of: Callable, compute: Callable,
+                               with_reference: tf.Tensor) -> tuple:
+        """The estimator's d_λ f chained to the raw variables (eq. 6 for λ = hparams_of(raw), then
+        the tape of that map), and, when the trainer has a full-RMD reference and `with_reference`
+        is true, the reference's the same way (zeros otherwise). `compute(estimator, λ)` runs one
+        core estimator. Returns (λ, hyper_state, the estimator's result, raw grads, raw reference
+        grads or [])."""
+        flat_raw = tf.nest.flatten(raw)
+        with tf.GradientTape(persistent=self.reference is not None) as tape:
+            tape.watch(flat_raw)
+            hp, hyper_state = hparams_of(tf.nest.pack_sequence_as(raw, flat_raw))
         try:
-            result = hypergradient.compute(w0, hp, inner_batch, outer_batch)
+            result = compute(self.hypergradient, hp)
         except LookupError as err:  # "Gradient explicitly disabled" (fused cross-entropy)
             raise explain_second_order(err) from None
         flat_hp = tf.nest.flatten(hp)
@@ -145,22 +148,14 @@ class TaskHypergradient(TaskFunction):
         self.check_reached(grads)
         reference = []
         if self.reference is not None:
-            full = stacked.hypergradient(self.reference)
-
             def full_rmd():
-                return tf.nest.flatten(full.compute(w0, hp, inner_batch, outer_batch).hypergrad)
+                return tf.nest.flatten(compute(self.reference, hp).hypergrad)
 
             def skipped():
                 return [tf.zeros_like(x) for x in flat_hp]
 
             reference = tape.gradient(flat_hp, flat_raw, output_gradients=tf.cond(with_reference, full_rmd, skipped))
-        final = list(result.final_params)
-        inner_values = stacked.inner_values(final, hp, inner_batch, self.hypergradient.steps)
-        return TaskResult(
-            result.outer_value, list(grads), result.nonfinite_step, stacked.predictions(final, hp, outer_batch),
-            mean_hyper_state(hyper_states), [tf.reduce_mean(w, axis=0) for w in final],
-            list(reference), [], tf.add_n(inner_values) / len(inner_values),
-        )
+        return hp, hyper_state, result, list(grads), list(reference)
 
     def combine(self, results: TaskResult) -> TaskResult:
         """The per-task results of `tf.map_fn` (stacked on axis 0) -> their means over tasks
