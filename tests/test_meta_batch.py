@@ -143,7 +143,7 @@ def test_auto_chooses_the_path_and_a_forced_stacked_path_that_does_not_apply_is_
 def test_auto_path_of_a_trainer_falls_back_to_map_fn_for_a_custom_inner_optimizer_and_implicit_cg():
     tasks = _tasks(2)
     for kwargs, path in (({"inner_optimizer": lambda lr: tfb.sgd(lr)}, "map_fn"),
-                         ({"estimator": "implicit_cg", "truncate": 3}, "map_fn"), ({}, "stacked")):
+                         ({"estimator": "implicit_cg", "iterations": 3}, "map_fn"), ({}, "stacked")):
         trainer = _dense_trainer("auto", jit_compile=False, **kwargs)  # the choice does not depend on XLA
         _one_step(trainer, tasks)
         assert trainer.meta_batch_path == path, kwargs

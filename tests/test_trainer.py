@@ -401,6 +401,10 @@ def _trainer(**overrides):
     [
         (dict(steps=0), ValueError, "steps must be a positive integer"),
         (dict(truncate=5), ValueError, "truncate=5 is larger than steps=3"),
+        (dict(estimator="implicit_cg", truncate=2), ValueError, "truncate does not apply.*iterations=2"),
+        (dict(iterations=2), ValueError, "iterations applies to estimator='implicit_cg'/'neumann' only"),
+        (dict(estimator="neumann", iterations=0), ValueError, "iterations must be a positive integer"),
+        (dict(estimator="implicit_cg", tolerance=2.0), ValueError, "tolerance must be a relative residual"),
         (dict(estimator="magic"), ValueError, "estimator must be one of"),
         (dict(on_nonfinite="ignore"), ValueError, "on_nonfinite must be 'raise'"),
         (dict(diagnostics_every=0), ValueError, "diagnostics_every must be None or a positive int"),
@@ -433,6 +437,16 @@ def test_both_trainers_take_one_signature_and_keep_the_validated_arguments_as_a_
     assert spec.inner_learning_rate == pytest.approx(0.5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.steps = 4
+
+
+def test_implicit_estimators_take_the_solver_settings_as_iterations_and_tolerance():
+    """`iterations`/`tolerance` reach the core estimator unchanged (truncate is K-RMD's K only)."""
+    trainer = _trainer(estimator="implicit_cg", iterations=2, tolerance=None)
+    assert (trainer.spec.iterations, trainer.spec.tolerance) == (2, None)
+    assert (trainer.hypergradient.iterations, trainer.hypergradient.tolerance) == (2, None)
+    default = _trainer(estimator="neumann")
+    assert (default.hypergradient.iterations, default.hypergradient.tolerance) == (3, 1e-10)  # steps, core default
+    assert _trainer(truncate=2).hypergradient.iterations is None
 
 
 def test_hyperparameter_outside_its_domain_is_rejected():

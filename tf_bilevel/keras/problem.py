@@ -283,12 +283,11 @@ class KerasBilevelProblem:
             return lambda step, hp: lr(step, hp["user"])
         return lr
 
-    def build_hypergradient(self, *, steps: int, truncate: Optional[int], estimator: str, check_numerics: bool):
-        # The trainer's `truncate` is the implicit estimators' number of solver iterations.
-        implicit = estimator in ("implicit_cg", "neumann")
+    def build_hypergradient(self, *, steps: int, truncate: Optional[int], estimator: str,
+                            iterations: Optional[int], tolerance: Optional[float], check_numerics: bool):
         return tfb.hypergradient_fn(
-            self.inner_loss, self.outer_loss, steps=steps, estimator=estimator,
-            truncate=None if implicit else truncate, iterations=truncate if implicit else None,
+            self.inner_loss, self.outer_loss, steps=steps, estimator=estimator, truncate=truncate,
+            iterations=iterations, tolerance=tolerance,
             inner_optimizer=self.inner_optimizer, init_params=self.init_params(), jit_compile=False,
             check_numerics=check_numerics, per_step_batches=self.batch_at_step,
         )

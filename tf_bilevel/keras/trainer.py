@@ -29,8 +29,11 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         crossentropy. `hparams` is the dict of named hyperparameter values.
       outer_loss: same signature, evaluated on the outer batch at w_T (the objective f).
       steps: T, inner steps per task.
-      truncate: K (K-RMD); None = full RMD.
+      truncate: K (K-RMD); None = full RMD. "reverse"/"checkpointed" only.
       estimator: "reverse" | "checkpointed" | "forward" | "implicit_cg" | "neumann".
+      iterations, tolerance: "implicit_cg"/"neumann" only: the most CG iterations / Neumann
+        terms (default `steps`) and the relative residual to stop at (None: run them all), as
+        in `tfb.hypergradient_fn`.
       hyper_model: optional Keras layer mapping inputs to the inner model's inputs; its
         trainable weights are hyperparameters (e.g. the hyper-representation convs, G.3).
       hyperparameters: `{name: Hyperparameter(initial, transform=...)}` (or numbers/arrays,

@@ -73,6 +73,8 @@ class BilevelTrainerMixin:
         steps: int,
         truncate: Optional[int] = None,
         estimator: str = "reverse",
+        iterations: Optional[int] = None,
+        tolerance: Optional[float] = 1e-10,
         hyper_model: Any = None,
         hyperparameters: Optional[dict] = None,
         inner_regularizer: Optional[Callable] = None,
@@ -93,7 +95,7 @@ class BilevelTrainerMixin:
         super().__init__(name=name or "bilevel_trainer", dtype="float32")
         self._init_bilevel(TrainerSpec(
             self._calls.flavor, inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps,
-            truncate=truncate, estimator=estimator, hyper_model=hyper_model, hyperparameters=hyperparameters,
+            truncate=truncate, estimator=estimator, iterations=iterations, tolerance=tolerance, hyper_model=hyper_model, hyperparameters=hyperparameters,
             inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
             inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
             meta_batch=meta_batch, meta_batch_mode=meta_batch_mode, online=online,
@@ -105,12 +107,16 @@ class BilevelTrainerMixin:
         # The path the last traced meta-batch step took ("stacked" | "map_fn"); None before.
         self.meta_batch_path: Optional[str] = None
         self.problem = KerasBilevelProblem(self._calls, spec)
-        # Validates steps / truncate / estimator now, with the core's messages.
+        # Validates steps / truncate / estimator / iterations / tolerance now, with the core's messages.
         self.hypergradient = self.problem.build_hypergradient(
-            steps=spec.steps, truncate=spec.truncate, estimator=spec.estimator, check_numerics=False
+            steps=spec.steps, truncate=spec.truncate, estimator=spec.estimator, iterations=spec.iterations,
+            tolerance=spec.tolerance, check_numerics=False,
         )
         self.reference_hypergradient = (
-            self.problem.build_hypergradient(steps=spec.steps, truncate=None, estimator="reverse", check_numerics=False)
+            self.problem.build_hypergradient(
+                steps=spec.steps, truncate=None, estimator="reverse", iterations=None, tolerance=None,
+                check_numerics=False,
+            )
             if spec.diagnostics_every is not None
             else None
         )
