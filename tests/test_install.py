@@ -74,3 +74,22 @@ def test_python_m_runs_the_installed_module_from_another_directory(installed, tm
     done = run(installed, [sys.executable, "-m", "experiments.online_hpo", "--help"], tmp_path)
     assert done.returncode == HELP_EXIT_STATUS, done.stderr[-3000:]
     assert "--local_dir:" in done.stdout and "--pause_after:" not in done.stdout
+
+
+def test_console_scripts_and_programs_name_the_same_modules(monkeypatch):
+    """pyproject's [project.scripts] and experiments._cli.PROGRAMS are one list: each tfb-*
+    command is declared in both, and its entry point runs the module PROGRAMS names."""
+    import tomllib
+
+    from experiments import _cli
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == set(_cli.PROGRAMS)
+    ran = []
+    monkeypatch.setattr(_cli, "_run", ran.append)
+    for script, target in scripts.items():
+        module, function = target.split(":")
+        assert module == "experiments._cli"
+        getattr(_cli, function)()
+        assert ran[-1] == _cli.PROGRAMS[script], script
+        assert (REPO / (_cli.PROGRAMS[script].replace(".", "/") + ".py")).exists()
