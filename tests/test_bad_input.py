@@ -7,26 +7,7 @@ import pytest
 import tensorflow as tf
 
 import tf_bilevel as tfb
-
-
-def inner(params, hparams):
-    return tf.reduce_sum((params["w"] - hparams["target"]) ** 2) + tf.exp(hparams["log_l2"]) * tf.reduce_sum(params["w"] ** 2)
-
-
-def outer(params, hparams):
-    return tf.reduce_sum((params["w"] - 1.0) ** 2)
-
-
-def start():
-    return {"w": tf.constant([0.5, -0.5])}, {"target": tf.constant([1.0, 2.0]), "log_l2": tf.constant(-1.0)}
-
-
-def build(inner_loss=inner, outer_loss=outer, **kwargs):
-    kwargs.setdefault("steps", 4)
-    if "inner_optimizer" not in kwargs:
-        kwargs.setdefault("learning_rate", 0.1)
-    kwargs.setdefault("jit_compile", False)
-    return tfb.hypergradient_fn(inner_loss, outer_loss, **kwargs)
+from quadratic_problem import build, inner, outer, start
 
 
 # -- arguments of hypergradient_fn (checked before anything is traced) ---------------------

@@ -517,3 +517,31 @@ def test_unreached_hyperparameter_and_disabled_second_derivative_are_explained()
     no_hessian.compile(optimizer="sgd")
     with pytest.raises(ValueError, match="inner_loss: .*Gradient explicitly disabled.*tf_bilevel.keras.losses"):
         no_hessian.fit(SMALL, verbose=0)
+
+
+def test_both_flavors_clone_a_model_with_its_weights_or_name_it_when_they_cannot():
+    import tf_keras
+
+    from tf_bilevel.keras.compat import Keras3Calls
+    from tf_bilevel.keras.legacy import LegacyCalls
+
+    for calls, module in ((Keras3Calls, keras), (LegacyCalls, tf_keras)):
+        model = module.Sequential([module.Input((2,)), module.layers.Dense(3), module.layers.BatchNormalization()])
+        copy = calls.clone(model)
+        assert copy is not model and isinstance(copy, module.Model)
+        for a, b in zip(model.get_weights(), copy.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        assert len(calls.trainable(copy)) == 4 and len(calls.non_trainable(copy)) == 2
+
+        class NoConfig(module.Model):
+            def __init__(self):
+                super().__init__(name="no_config")
+                self.dense = module.layers.Dense(1)
+
+            def call(self, x):
+                return self.dense(x)
+
+        subclassed = NoConfig()
+        subclassed(np.zeros((1, 2), "float32"))
+        with pytest.raises(ValueError, match="(?s)cannot copy inner_model 'no_config'.*Sequential/functional"):
+            calls.clone(subclassed)

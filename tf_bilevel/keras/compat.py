@@ -48,11 +48,48 @@ def accepts_training(layer: Any) -> bool:
         return False
 
 
-class Keras3Calls:
+class FlavorCalls:
+    """What the two flavors' adapters (`Keras3Calls`, `legacy.LegacyCalls`) do alike; each
+    names its Keras through `models_module`."""
+
+    @staticmethod
+    def models_module() -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def trainable(layer: Any) -> list:
+        return list(layer.trainable_variables)
+
+    @staticmethod
+    def non_trainable(layer: Any) -> list:
+        return list(layer.non_trainable_variables)
+
+    @classmethod
+    def clone(cls, layer: Any) -> Any:
+        """A copy of a model with the same weights (trainable and not)."""
+        try:
+            copy = cls.models_module().clone_model(layer)
+            # (tf-keras clones a subclassed model unbuilt: then it cannot take the weights)
+            copy.set_weights(layer.get_weights())
+        except Exception as err:  # subclassed models cannot be cloned from their config
+            raise ValueError(
+                f"cannot copy inner_model {layer.name!r} ({err}); give it a get_config, or use a "
+                "Sequential/functional model"
+            ) from None
+        return copy
+
+
+class Keras3Calls(FlavorCalls):
     """Functional calls of Keras 3 layers (`stateless_call`)."""
 
     flavor = KERAS3
     first_replica_aggregation = "only_first_replica"
+
+    @staticmethod
+    def models_module() -> Any:
+        import keras
+
+        return keras.models
 
     @staticmethod
     def metrics_module():
@@ -63,29 +100,6 @@ class Keras3Calls:
     @staticmethod
     def optimizer_built(optimizer: Any) -> bool:
         return bool(optimizer.built)
-
-    @staticmethod
-    def trainable(layer: Any) -> list:
-        return list(layer.trainable_variables)
-
-    @staticmethod
-    def non_trainable(layer: Any) -> list:
-        return list(layer.non_trainable_variables)
-
-    @staticmethod
-    def clone(layer: Any) -> Any:
-        """A copy of a model with the same weights (trainable and not)."""
-        import keras
-
-        try:
-            copy = keras.models.clone_model(layer)
-        except Exception as err:  # subclassed models cannot be cloned from their config
-            raise ValueError(
-                f"cannot copy inner_model {layer.name!r} ({err}); give it a get_config, or use a "
-                "Sequential/functional model"
-            ) from None
-        copy.set_weights(layer.get_weights())
-        return copy
 
     @staticmethod
     def seed_state_positions(layer: Any) -> list:

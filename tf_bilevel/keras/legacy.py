@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tf_bilevel.keras.compat import TF_KERAS, accepts_training
+from tf_bilevel.keras.compat import TF_KERAS, FlavorCalls, accepts_training
 from tf_bilevel.keras.trainer_base import BilevelTrainerMixin
 
 try:
@@ -133,11 +133,15 @@ def _weight_regularization(layer: Any, callable_loss: Any, values: dict) -> tf.T
     )
 
 
-class LegacyCalls:
+class LegacyCalls(FlavorCalls):
     """Functional calls of tf-keras layers by attribute substitution."""
 
     flavor = TF_KERAS
     first_replica_aggregation = tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+    @staticmethod
+    def models_module() -> Any:
+        return tf_keras.models
 
     @staticmethod
     def metrics_module():
@@ -148,23 +152,6 @@ class LegacyCalls:
         if not hasattr(optimizer, "_build_index_dict"):  # tf_keras.optimizers.legacy.*: lazy slots
             return True
         return bool(getattr(optimizer, "_built", False))
-
-    @staticmethod
-    def trainable(layer: Any) -> list:
-        return list(layer.trainable_variables)
-
-    @staticmethod
-    def non_trainable(layer: Any) -> list:
-        return list(layer.non_trainable_variables)
-
-    @staticmethod
-    def clone(layer: Any) -> Any:
-        try:
-            copy = tf_keras.models.clone_model(layer)
-        except Exception as err:
-            raise ValueError(f"cannot copy inner_model {layer.name!r} ({err}); use a Sequential/functional model") from None
-        copy.set_weights(layer.get_weights())
-        return copy
 
     @staticmethod
     def seed_state_positions(layer: Any) -> list:
