@@ -22,13 +22,13 @@ import tensorflow as tf
 
 import tf_bilevel as tfb
 from experiments import plotting
+from experiments.config import config_from_flags, define_flags, option
 from experiments.plotting import plt
 from experiments.run_state import (
     STATE_ERRORS, exclusive_output_dir, exit_with_error, jsonable, write_json_atomically,
 )
 
 OBJECTIVES = ("f", "f_tilde")
-QUICK = dict(hyper_iters=100, truncations=[1, 5, 100], fig1_truncations=[1, 5, 100], grid_size=81)
 FIG1_LAMBDA = (1.0, 1.0)
 _OPTIMUM_BOX = (-3.0, 3.0)
 _OPTIMUM_STEP = 0.02  # < 2 / max curvature of F̃ on the box (≈ 32): plain GD converges.
@@ -417,21 +417,29 @@ def plot_fig4(problem: ToyProblem, fig4: dict, colors: dict, path: str, grid_siz
 # ----------------------------------------------------------------------------------------
 # The program.
 # ----------------------------------------------------------------------------------------
+PRESETS = {"full": {},  # the paper's settings (the defaults)
+           "quick": dict(hyper_iters=100, truncations=(1, 5, 100), fig1_truncations=(1, 5, 100), grid_size=81)}
+
+
 @dataclasses.dataclass
 class ToyConfig:
-    output_dir: str
-    hyper_iters: int = 1000
-    truncations: Sequence[int] = (1, 2, 5, 10, 25, 50, 100)
-    fig1_truncations: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 95, 99, 100)
-    init_lambda: Sequence[float] = (-1.0, 1.0)
-    first_step_norm: float = 0.6
-    grid_size: int = 201
-    seed: int = 0
-    jit_compile: bool = True
-    quick: bool = False
+    output_dir: str = option("out/toy", "Where results.json and fig1..fig4.png are written.", result=False)
+    hyper_iters: int = option(1000, "Hyper-iterations R per trajectory (Figs. 2–4).")
+    truncations: Sequence[int] = option((1, 2, 5, 10, 25, 50, 100), "K values for Figs. 2–4 (K = T = 100 is "
+                                        "full RMD; K = 1 is always added).")
+    fig1_truncations: Sequence[int] = option(
+        (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 95, 99, 100),
+        "K values for Fig. 1 (each K compiles its own estimator).")
+    init_lambda: Sequence[float] = option((-1.0, 1.0), "Start λ_1 of every trajectory.")
+    first_step_norm: float = option(0.6, "‖η_1 h_{T−K}(λ_1)‖: η0 is tuned per K to give this first step "
+                                    "(footnote 4).")
+    grid_size: int = option(201, "Contour grid resolution per axis.")
+    seed: int = option(0, "Recorded and used to seed numpy/TF (the problem is deterministic).")
+    jit_compile: bool = option(True, "XLA-compile the hypergradient estimators.")
+    preset: str = "full"
 
     def validated(self, problem: ToyProblem) -> "ToyConfig":
-        cfg = dataclasses.replace(self, **QUICK) if self.quick else dataclasses.replace(self)
+        cfg = dataclasses.replace(self)
         T = problem.steps
         for name in ("truncations", "fig1_truncations"):
             ks = sorted({int(k) for k in getattr(cfg, name)})
@@ -573,58 +581,22 @@ def _print_summary(results: dict) -> None:
     print(f"[toy] tracing counts per K: {results['tracing_counts']}; runtime {results['runtime_seconds']:.1f} s")
 
 
-# ----------------------------------------------------------------------------------------
-# absl entry point. The flags are defined only when run as a program, so that importing this
-# module (e.g. from tests next to other experiment modules) cannot collide with their flags.
-# ----------------------------------------------------------------------------------------
-def define_flags() -> None:
-    from absl import flags
-
-    defaults = ToyConfig(output_dir="out/toy")
-    flags.DEFINE_string("output_dir", defaults.output_dir, "Where results.json and fig1..fig4.png are written.")
-    flags.DEFINE_integer("hyper_iters", defaults.hyper_iters, "Hyper-iterations R per trajectory (Figs. 2–4).")
-    flags.DEFINE_list("truncations", [str(k) for k in defaults.truncations],
-                      "K values for Figs. 2–4 (K = T = 100 is full RMD; K = 1 is always added).")
-    flags.DEFINE_list("fig1_truncations", [str(k) for k in defaults.fig1_truncations],
-                      "K values for Fig. 1 (each K compiles its own estimator).")
-    flags.DEFINE_list("init_lambda", [str(x) for x in defaults.init_lambda], "Start λ_1 of every trajectory.")
-    flags.DEFINE_float("first_step_norm", defaults.first_step_norm,
-                       "‖η_1 h_{T−K}(λ_1)‖: η0 is tuned per K to give this first step (footnote 4).")
-    flags.DEFINE_integer("grid_size", defaults.grid_size, "Contour grid resolution per axis.")
-    flags.DEFINE_integer("seed", defaults.seed, "Recorded and used to seed numpy/TF (the problem is deterministic).")
-    flags.DEFINE_bool("jit_compile", defaults.jit_compile, "XLA-compile the hypergradient estimators.")
-    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
-                      "budget for tests (100 hyper-iterations, K in {1, 5, 100}, coarse grids).")
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
-
-
 def main(argv: Sequence[str]) -> int:
-    from absl import app, flags
+    from absl import app
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    F = flags.FLAGS
-    cfg = ToyConfig(
-        output_dir=F.output_dir,
-        hyper_iters=F.hyper_iters,
-        truncations=[int(k) for k in F.truncations],
-        fig1_truncations=[int(k) for k in F.fig1_truncations],
-        init_lambda=[float(x) for x in F.init_lambda],
-        first_step_norm=F.first_step_norm,
-        grid_size=F.grid_size,
-        seed=F.seed,
-        jit_compile=F.jit_compile,
-        quick=F.quick or F.preset == "quick",
-    )
     try:
-        run_experiment(cfg)
+        run_experiment(config_from_flags(ToyConfig, PRESETS))
     except STATE_ERRORS as err:  # the output folder is busy or cannot be written
         return exit_with_error("toy", err)
+    except ValueError as err:
+        raise app.UsageError(str(err))
     return 0
 
 
 if __name__ == "__main__":
     from absl import app
 
-    define_flags()
+    define_flags(ToyConfig, PRESETS)
     app.run(main)
