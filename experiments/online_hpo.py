@@ -16,9 +16,7 @@ hyperparameter optimization of a CNN vs KerasTuner".
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 from typing import Any, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,7 +28,6 @@ import tensorflow as tf  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from experiments import online_common as oc  # noqa: E402
 from experiments.config import define_flags, option  # noqa: E402
-from experiments.run_state import write_json_atomically  # noqa: E402
 
 METHODS = ("bilevel", "default", "random_search", "hyperband")
 TUNERS = ("random_search", "hyperband")
@@ -239,36 +236,6 @@ def run_default(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
     return oc.final_row(recorder, hyperparameters=hp)
 
 
-class TrialLog(keras.callbacks.Callback):
-    """Appends one line per KerasTuner fit to a JSON file: its fit seconds, best validation
-    accuracy (KerasTuner's score) and the test accuracy of the model it ends with (evaluated
-    outside the timed span). KerasTuner deep-copies callbacks per trial; this one is shared."""
-
-    def __init__(self, path: str, test: tuple):
-        super().__init__()
-        self.path, self.test = path, test
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def entries(self) -> list:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return json.load(f)
-
-    def on_train_begin(self, logs=None):
-        self._t0, self._best = time.perf_counter(), -1.0
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._best = max(self._best, float((logs or {}).get("val_accuracy", -1.0)))
-
-    def on_train_end(self, logs=None):
-        seconds = time.perf_counter() - self._t0
-        entry = {"fit_seconds": seconds, "val_accuracy": self._best, "test_accuracy": oc.accuracy(self.model, *self.test)}
-        write_json_atomically(self.path, self.entries() + [entry])
-
-
 def run_tuner(cfg: Config, data: dict, kind: str, store: oc.MethodStore) -> dict:
     """KerasTuner search (resumable through its own directory), then the best configuration
     retrained like the default method."""
@@ -292,7 +259,7 @@ def run_tuner(cfg: Config, data: dict, kind: str, store: oc.MethodStore) -> dict
     else:
         tuner = kt.Hyperband(build, max_epochs=cfg.epochs, factor=cfg.hyperband_factor, hyperband_iterations=1,
                              **common)
-    log = TrialLog(os.path.join(store.root, f"{kind}.trials.json"), data["test"])
+    log = oc.TrialLog(os.path.join(store.root, f"{kind}.trials.json"), data["test"])
     steps_per_epoch = len(data["train"][1]) // cfg.batch_size
     print(f"[{kind}] search", flush=True)
     tuner.search(oc.minibatch_stream(*data["train"], cfg.batch_size, cfg.seed).prefetch(2),
@@ -305,10 +272,9 @@ def run_tuner(cfg: Config, data: dict, kind: str, store: oc.MethodStore) -> dict
     search_seconds = float(sum(t["fit_seconds"] for t in trials))
     print(f"[{kind}] {len(trials)} fits in {search_seconds:.0f} s; best {hp}; retraining", flush=True)
     recorder = fit_plain(cfg, data, f"{kind}_retrain", hp["weight_decay"], hp["learning_rate"], store)
-    row = oc.final_row(recorder, hyperparameters=hp, trials=trials, search_seconds=search_seconds,
-                       retrain_seconds=recorder.rec["train_seconds"][-1],
-                       total_seconds=search_seconds + recorder.rec["train_seconds"][-1], num_fits=len(trials))
-    return row
+    return oc.final_row(recorder, hyperparameters=hp, trials=trials, search_seconds=search_seconds,
+                        retrain_seconds=recorder.rec["train_seconds"][-1],
+                        total_seconds=search_seconds + recorder.rec["train_seconds"][-1], num_fits=len(trials))
 
 
 # ----------------------------------------------------------------------------------------
@@ -321,7 +287,7 @@ def wallclock(row: dict) -> float:
 def target_check(methods: dict) -> dict:
     """Issue #11's goal per bilevel run: within 0.2 points of the best tuner's test accuracy,
     in at most a third of that tuner's wall-clock."""
-    tuners = {k: v for k, v in methods.items() if k in ("random_search", "hyperband")}
+    tuners = {k: v for k, v in methods.items() if k in TUNERS}
     if not tuners:
         return {}
     best_name = max(tuners, key=lambda k: tuners[k]["test_accuracy"])
@@ -340,9 +306,10 @@ def target_check(methods: dict) -> dict:
 def plot_figures(results: dict, output_dir: str) -> dict:
     from experiments import plotting
 
-    plt = plotting.plt
-    methods = results["methods"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plt, methods, cfg = plotting.plt, results["methods"], results["config"]
+    budget = (f"{cfg['epochs']} epochs of {results['data']['n_train']} images, batch {cfg['batch_size']}; "
+              f"RandomSearch {cfg['tuner_trials']} trials, Hyperband factor {cfg['hyperband_factor']}")
+    fig, ax = plt.subplots(figsize=(8, 5))
     for name, row in methods.items():
         rec = row["record"]
         xs = np.asarray(rec["train_seconds"], float)
@@ -355,42 +322,48 @@ def plot_figures(results: dict, output_dir: str) -> dict:
                     best_val, best_test = trial["val_accuracy"], trial["test_accuracy"]
                 curve_x.append(t)
                 curve_y.append(best_test)
-            line, = ax.step(curve_x, curve_y, where="post", label=f"{name}: search (best trial so far)")
-            ax.plot(row["search_seconds"] + xs[1:], ys[1:], "o-", color=line.get_color(), ms=3,
+            line, = ax.step(curve_x, curve_y, "x", where="post", ls="--", label=f"{name}: search (best trial so far)")
+            ax.plot(row["search_seconds"] + xs[1:], ys[1:], "o-", color=line.get_color(), ms=4,
                     label=f"{name}: best config retrained")
         else:
-            ax.plot(xs, ys, "o-", ms=3, label=name)
+            ax.plot(xs, ys, "o-", ms=4, label=name)
     ax.set_xlim(left=0)
-    ax.set_xlabel("training wall-clock (s)")
-    ax.set_ylabel("test accuracy")
+    ax.set_xlabel("training wall-clock (s; evaluation excluded)")
+    ax.set_ylabel("test accuracy (fraction)")
     shown = [a for row in methods.values() for a in row["record"]["test_accuracy"][1:] if a is not None]
     if shown:  # the epoch-0 points (untrained, ~0.1) would squash the interesting range
         ax.set_ylim(max(0.0, min(shown) - 0.02), min(1.0, max(shown) + 0.01))
+    ax.set_title(f"Fashion-MNIST CNN: test accuracy vs wall-clock\n{budget}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, loc="lower right")
     figures = {"accuracy_vs_wallclock": plotting.save_figure(fig, os.path.join(output_dir, "accuracy_vs_wallclock.png"))}
 
     runs = {k: v for k, v in methods.items() if k.startswith("bilevel_T") and v["record"]["hp"]}
     if runs:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
         for (name, row), color in zip(runs.items(), plt.get_cmap("viridis")(np.linspace(0, 0.85, len(runs)))):
             its = row["steps"] * np.asarray(row["record"]["hp_iteration"])  # minibatches seen
             decay = np.asarray([h["weight_decay"] for h in row["record"]["hp"]])
+            marker = "." if len(its) <= 50 else None
             for l in range(decay.shape[1]):
-                axes[0].semilogy(its, decay[:, l], color=color, ls=["-", "--", ":", "-."][l % 4],
+                axes[0].semilogy(its, decay[:, l], color=color, ls=["-", "--", ":", "-."][l % 4], marker=marker,
                                  label=f"{name} layer {l + 1}")
-            axes[1].semilogy(its, [h["learning_rate"] for h in row["record"]["hp"]], color=color, label=name)
-        for name in ("random_search", "hyperband"):
+            axes[1].semilogy(its, [h["learning_rate"] for h in row["record"]["hp"]], color=color, marker=marker,
+                             label=name)
+        for name in TUNERS:
             if name in methods:
                 hp = methods[name]["hyperparameters"]
                 axes[1].axhline(hp["learning_rate"], color="gray", ls="--" if name == "hyperband" else ":",
                                 lw=1, label=f"{name} best")
-        axes[0].set_title("per-layer weight decay λ_l (log scale)")
-        axes[1].set_title("learning rate γ")
-        for ax in axes:
-            ax.set_xlabel("training minibatches (hyper-iteration x T)")
+        axes[0].set_ylabel("per-layer weight decay λ_l (log scale)")
+        axes[1].set_ylabel("learning rate γ (log scale)")
+        for ax, title in zip(axes, ("weight decay of each kernel", "inner learning rate")):
+            ax.set_title(title)
+            ax.set_xlabel("training minibatches (hyper-iteration × T)")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=7, ncol=2 if ax is axes[0] else 1)
+        fig.suptitle(f"Hyperparameters learned online (K-RMD), recorded every {cfg['hp_every']} hyper-iterations; "
+                     f"{cfg['epochs']} epochs", fontsize=10)
         figures["hyperparameters"] = plotting.save_figure(fig, os.path.join(output_dir, "hyperparameters.png"))
     return {k: os.path.basename(v) for k, v in figures.items()}
 

@@ -1,9 +1,9 @@
 r"""Learning to reweight examples under label noise, online with 1-RMD (issue #11 §5).
 
-Trains an MLP on MNIST whose labels are 40 percent symmetric noise while a Meta-Weight-Net weighting network
-(its weights are named hyperparameters of the inner loss) learns per-example weights from a small
-clean validation set, against plain training on the noisy and on the clean examples; writes
-results.json and figures to --output_dir. A killed run continues when the same command is rerun.
+Trains an MLP on MNIST whose labels are 40 percent symmetric noise while a Meta-Weight-Net
+weighting network (its weights are named hyperparameters of the inner loss) learns per-example
+weights from a small clean validation set, against plain training on the noisy and on the clean
+examples; writes results.json and figures to --output_dir. A killed run continues when the same command is rerun.
 Model, method and the measured results: RESULTS.md, "Learning to reweight examples".
 
   tfb-reweighting                          # MNIST, 40 percent symmetric noise
@@ -247,28 +247,30 @@ def run_plain(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> di
 def plot_figures(results: dict, output_dir: str) -> dict:
     from experiments import plotting
 
-    plt = plotting.plt
-    methods = results["methods"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    plt, methods, cfg, data = plotting.plt, results["methods"], results["config"], results["data"]
+    budget = (f"{data['dataset']}, {data['n_train']} training labels ({100 * data['wrong_fraction']:.0f}% wrong), "
+              f"{cfg['epochs']} epochs of batch {cfg['batch_size']}, T = K = 1")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, row in methods.items():
         rec = row["record"]
-        ax.plot(rec["epoch"][1:], rec["test_accuracy"][1:], "o-", ms=3, label=name)
-    ax.set_xlabel("epoch (passes over the noisy training set; 'clean': same SGD steps)")
-    ax.set_ylabel("test accuracy")
+        ax.plot(rec["epoch"][1:], rec["test_accuracy"][1:], "o-", ms=4, label=name)
+    ax.set_xlabel("epoch (passes over the noisy training set; 'clean': as many SGD steps)")
+    ax.set_ylabel("test accuracy (fraction)")
+    ax.set_title(f"Learning to reweight: test accuracy\n{budget}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     figures = {"test_accuracy": plotting.save_figure(fig, os.path.join(output_dir, "test_accuracy.png"))}
     if "mwn" in methods:
         row = methods["mwn"]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
         hp, its = row["record"]["hp"], row["record"]["hp_iteration"]
         chosen = sorted(set(np.linspace(0, len(hp) - 1, min(6, len(hp))).astype(int)))
         for c, i in zip(plt.get_cmap("viridis")(np.linspace(0, 0.9, len(chosen))), chosen):
-            axes[0].plot(row["loss_grid"], hp[i]["grid_weights"], color=c, label=f"hyper-iteration {its[i]}")
-        axes[0].set_xlabel("per-example loss ℓ")
-        axes[0].set_ylabel("V(ℓ; θ)")
-        axes[0].set_title("learned weighting function")
-        axes[0].legend(fontsize=7)
+            axes[0].plot(row["loss_grid"], hp[i]["grid_weights"], ".-", color=c, label=f"hyper-iteration {its[i]}")
+        axes[0].set_xlabel("per-example training loss ℓ (cross-entropy, nats)")
+        axes[0].set_ylabel("weight V(ℓ; θ)")
+        axes[0].set_title("learned weighting function during training")
+        axes[0].legend(fontsize=8)
         w = row["example_weights"]
         bins = np.asarray(w["histogram_bins"])
         centers, width = (bins[1:] + bins[:-1]) / 2, bins[1] - bins[0]
@@ -276,8 +278,12 @@ def plot_figures(results: dict, output_dir: str) -> dict:
         axes[1].bar(centers + width / 4, w["histogram_wrong"], width / 2, label="wrong label")
         axes[1].set_yscale("log")
         axes[1].set_xlabel("weight V(ℓ_i) under the final model")
-        axes[1].set_title("training examples")
+        axes[1].set_ylabel("training examples (log scale)")
+        axes[1].set_title("weights of the training examples after training")
         axes[1].legend()
+        for ax in axes:
+            ax.grid(True, alpha=0.3)
+        fig.suptitle(f"Meta-Weight-Net weighting V: {budget}", fontsize=10)
         figures["weighting"] = plotting.save_figure(fig, os.path.join(output_dir, "weighting.png"))
     return {k: os.path.basename(v) for k, v in figures.items()}
 
