@@ -1,16 +1,17 @@
 """What the two online applications (experiments/online_hpo.py, experiments/reweighting.py)
 share: resumable minibatch streams, the online task stream of the trainer, a per-epoch recorder
 (test / validation accuracy against training wall-clock, hyperparameters against
-hyper-iteration) that survives SIGKILL, and per-method result files.
+hyper-iteration) that survives SIGKILL, per-method result files, and the program around the
+methods (`run_program`: lock, --restart, settings fingerprint, results.json; `main`).
 
 Resuming. Each method of a program trains with `keras.callbacks.BackupAndRestore` under
 <output_dir>/resume/backup/<method> (one checkpoint per Keras epoch) and keeps its curves in
 <output_dir>/resume/<method>.record.json, written at every epoch end BEFORE the checkpoint
 (place the recorder first in the callback list), so that a restart cuts the record back to the
 restored epoch. A finished method's row is <output_dir>/resume/<method>.json: a rerun of the
-same command skips it. The minibatch streams are functions of the position in the stream (the
-permutation of epoch e is drawn from the stateless seed (seed, e)), so a restarted fit starts
-exactly where the checkpoint was taken.
+same command skips it (`MethodStore.run_once`). The minibatch streams are functions of the
+position in the stream (the permutation of epoch e is drawn from the stateless seed (seed, e)),
+so a restarted fit starts exactly where the checkpoint was taken.
 """
 
 from __future__ import annotations

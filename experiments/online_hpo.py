@@ -309,7 +309,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
     plt, methods, cfg = plotting.plt, results["methods"], results["config"]
     budget = (f"{cfg['epochs']} epochs of {results['data']['n_train']} images, batch {cfg['batch_size']}; "
               f"RandomSearch {cfg['tuner_trials']} trials, Hyperband factor {cfg['hyperband_factor']}")
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10.5, 5))
     for name, row in methods.items():
         rec = row["record"]
         xs = np.asarray(rec["train_seconds"], float)
@@ -326,7 +326,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
             ax.plot(row["search_seconds"] + xs[1:], ys[1:], "o-", color=line.get_color(), ms=4,
                     label=f"{name}: best config retrained")
         else:
-            ax.plot(xs, ys, "o-", ms=4, label=name)
+            ax.plot(xs, ys, "o-", ms=4, label=f"{name} (T={row['steps']}, K={row['truncate']})" if "steps" in row else name)
     ax.set_xlim(left=0)
     ax.set_xlabel("training wall-clock (s; evaluation excluded)")
     ax.set_ylabel("test accuracy (fraction)")
@@ -335,7 +335,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
         ax.set_ylim(max(0.0, min(shown) - 0.02), min(1.0, max(shown) + 0.01))
     ax.set_title(f"Fashion-MNIST CNN: test accuracy vs wall-clock\n{budget}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a curve
     figures = {"accuracy_vs_wallclock": plotting.save_figure(fig, os.path.join(output_dir, "accuracy_vs_wallclock.png"))}
 
     runs = {k: v for k, v in methods.items() if k.startswith("bilevel_T") and v["record"]["hp"]}
@@ -355,8 +355,8 @@ def plot_figures(results: dict, output_dir: str) -> dict:
                 hp = methods[name]["hyperparameters"]
                 axes[1].axhline(hp["learning_rate"], color="gray", ls="--" if name == "hyperband" else ":",
                                 lw=1, label=f"{name} best")
-        axes[0].set_ylabel("per-layer weight decay λ_l (log scale)")
-        axes[1].set_ylabel("learning rate γ (log scale)")
+        axes[0].set_ylabel(r"per-layer weight decay $\lambda_l$ (log scale)")
+        axes[1].set_ylabel(r"learning rate $\gamma$ (log scale)")
         for ax, title in zip(axes, ("weight decay of each kernel", "inner learning rate")):
             ax.set_title(title)
             ax.set_xlabel("training minibatches (hyper-iteration × T)")
