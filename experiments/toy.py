@@ -537,11 +537,13 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        run_experiment(config_from_flags(ToyConfig, PRESETS))
-    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
-        return exit_with_error("toy", err)
+        cfg = config_from_flags(ToyConfig, PRESETS).validated(ToyProblem())
     except ValueError as err:
         raise app.UsageError(str(err))
+    try:
+        run_experiment(cfg)
+    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
+        return exit_with_error("toy", err)
     return 0
 
 
