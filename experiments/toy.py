@@ -36,9 +36,7 @@ _OPTIMUM_TOL = 1e-12
 _RATIO_MIN_GRAD = 1e-9  # below this ‖d_λ f‖ is round-off level and the ratio is noise.
 
 
-# ----------------------------------------------------------------------------------------
-# The problem.
-# ----------------------------------------------------------------------------------------
+# -- The problem. ------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ToyProblem:
     """The §4.1 problem; `penalty` weights the ‖λ − anchor‖² term of f̃ (f has weight 0)."""
@@ -114,9 +112,7 @@ class ToyProblem:
         return -C * np.asarray(self.w0) / (1.0 - C)
 
 
-# ----------------------------------------------------------------------------------------
-# Hypergradients from the engine.
-# ----------------------------------------------------------------------------------------
+# -- Hypergradients from the engine. -----------------------------------------------------
 class Estimators(dict):
     """K → compiled `tfb.Hypergradient`, built on first use; K = T is full RMD (exact)."""
 
@@ -140,9 +136,7 @@ class Estimators(dict):
         return {k: hg.tracing_count for k, hg in sorted(self.items())}
 
 
-# ----------------------------------------------------------------------------------------
-# Experiments.
-# ----------------------------------------------------------------------------------------
+# -- Experiments. ------------------------------------------------------------------------
 def truncation_error_at(problem: ToyProblem, est: Estimators, truncations: Sequence[int], lam) -> dict:
     """Fig. 1 (right): ‖h_{T−K} − d_λ f‖ and the bound of Eq. 10 at λ, for each K."""
     T = problem.steps
@@ -184,8 +178,13 @@ def run_trajectory(problem: ToyProblem, est: Estimators, objective: str, truncat
     lambdas, values, exact_grads, grads = [], [], [], []
     ratios = {k: [] for k in probe_truncations}
     eta0 = None
-    for tau in range(1, iterations + 1):
+    for tau in range(1, iterations + 2):  # τ = R + 1: only λ_{R+1}, F and d_λ f there
         value, exact = est.evaluate(T, lam, batch)
+        lambdas.append(lam)
+        values.append(value)
+        exact_grads.append(exact)
+        if tau > iterations:
+            break
         h = exact if truncate == T else est.evaluate(truncate, lam, batch)[1]
         if eta0 is None:
             norm = np.linalg.norm(h)
@@ -195,17 +194,10 @@ def run_trajectory(problem: ToyProblem, est: Estimators, objective: str, truncat
         for k in probe_truncations:
             hk = h if k == truncate else exact if k == T else est.evaluate(k, lam, batch)[1]
             ratios[k].append(float(tfb.diagnostics.descent_ratio(hk, exact)))
-        lambdas.append(lam)
-        values.append(value)
-        exact_grads.append(exact)
         grads.append(h)
         lam = lam - eta0 / math.sqrt(tau) * h
         if progress is not None:
             progress.add(1)
-    value, exact = est.evaluate(T, lam, batch)  # the final iterate λ_{R+1}
-    lambdas.append(lam)
-    values.append(value)
-    exact_grads.append(exact)
     # λ_1 … λ_{R+1}, F(λ_τ) for τ = 1 … R+1, h_{T−K}(λ_τ) for τ = 1 … R.
     return {"truncate": truncate, "eta0": eta0, "lambdas": np.array(lambdas), "values": np.array(values),
             "exact_grad_norms": np.linalg.norm(exact_grads, axis=1), "exact_grads": np.array(exact_grads),
@@ -238,9 +230,7 @@ def find_optimum(problem: ToyProblem, est: Estimators, objective: str, grid_size
     return result
 
 
-# ----------------------------------------------------------------------------------------
-# Figures.
-# ----------------------------------------------------------------------------------------
+# -- Figures. ----------------------------------------------------------------------------
 def _plot_box(points: np.ndarray, margin: float = 0.3, min_span: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Bounding box of `points` plus a margin, widened to at least `min_span` per axis."""
     lo, hi = points.min(axis=0) - margin, points.max(axis=0) + margin
@@ -381,9 +371,7 @@ def plot_fig4(problem: ToyProblem, fig4: dict, colors: dict, path: str, grid_siz
     return plotting.save_figure(fig, path)
 
 
-# ----------------------------------------------------------------------------------------
-# The program.
-# ----------------------------------------------------------------------------------------
+# -- The program. ------------------------------------------------------------------------
 PRESETS = {"full": {},  # the paper's settings (the defaults)
            "quick": dict(hyper_iters=100, truncations=(1, 5, 100), fig1_truncations=(1, 5, 100), grid_size=81)}
 
@@ -479,16 +467,12 @@ def _run_experiment(cfg: ToyConfig, problem: ToyProblem) -> dict:
     fig3, fig4 = summary("f_tilde"), summary("f")
 
     # Cross-check every engine hypergradient of the trajectories against the closed form.
-    max_diff_exact, max_diff_truncated = 0.0, 0.0
-    for objective in OBJECTIVES:
-        for k_str, run in runs[objective].items():
-            lam = run["lambdas"]
-            exact_cf = problem.truncated_hypergradient(lam, T, objective)
-            trunc_cf = problem.truncated_hypergradient(lam[:-1], int(k_str), objective)
-            max_diff_exact = max(max_diff_exact, float(np.max(np.abs(run["exact_grads"] - exact_cf))))
-            max_diff_truncated = max(max_diff_truncated, float(np.max(np.abs(run["hypergrads"] - trunc_cf))))
-    crosscheck = {"max_abs_diff_exact_vs_closed_form": max_diff_exact,
-                  "max_abs_diff_truncated_vs_closed_form": max_diff_truncated,
+    def max_diff(key: str, k_of: Callable[[str], int], until: Optional[int]) -> float:
+        return max(float(np.max(np.abs(run[key] - problem.truncated_hypergradient(run["lambdas"][:until], k_of(k), o))))
+                   for o in OBJECTIVES for k, run in runs[o].items())
+
+    crosscheck = {"max_abs_diff_exact_vs_closed_form": max_diff("exact_grads", lambda k: T, None),
+                  "max_abs_diff_truncated_vs_closed_form": max_diff("hypergrads", int, -1),
                   "fig1_exact_vs_closed_form": float(np.max(np.abs(fig1["exact_hypergradient"]
                                                                    - fig1["exact_hypergradient_closed_form"]))),
                   "fig1_w_hat_vs_closed_form": float(np.max(np.abs(fig1["w_hat_engine"] - fig1["w_hat_closed_form"])))}
