@@ -9,6 +9,7 @@ hyperparameter optimization of a CNN vs KerasTuner".
 
   tfb-online-hpo                                     # the full comparison
   tfb-online-hpo --truncate=1,20:1 --methods=bilevel # T = 1, and T = 20 with K = 1
+  tfb-online-hpo --preset=bilevel_only               # T = K = 1 against the default only
   tfb-online-hpo --preset=quick                      # tiny budget (tests)
   (or python -m experiments.online_hpo ...)
 """
