@@ -11,11 +11,11 @@ The problem, the choices the paper leaves open and the measured results: RESULTS
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
-import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -168,7 +168,7 @@ def truncation_error_at(problem: ToyProblem, est: Estimators, truncations: Seque
 
 def run_trajectory(problem: ToyProblem, est: Estimators, objective: str, truncate: int, lam1: Sequence[float],
                    iterations: int, first_step_norm: float, probe_truncations: Sequence[int] = (),
-                   progress: Optional[Any] = None) -> dict:
+                   progress: Optional[Callable[[], None]] = None) -> dict:
     """λ_{τ+1} = λ_τ − η_τ h_{T−K}(λ_τ), η_τ = η0/√τ, η0 = first_step_norm / ‖h_{T−K}(λ_1)‖
     (footnote 4). Records λ_τ, F(λ_τ), h_{T−K}, the exact d_λ f (full RMD) and, for every K in
     `probe_truncations`, the descent ratio h_{T−K}ᵀ d_λf / ‖d_λf‖² at λ_τ (Fig. 2)."""
@@ -197,7 +197,7 @@ def run_trajectory(problem: ToyProblem, est: Estimators, objective: str, truncat
         grads.append(h)
         lam = lam - eta0 / math.sqrt(tau) * h
         if progress is not None:
-            progress.add(1)
+            progress()
     # λ_1 … λ_{R+1}, F(λ_τ) for τ = 1 … R+1, h_{T−K}(λ_τ) for τ = 1 … R.
     return {"truncate": truncate, "eta0": eta0, "lambdas": np.array(lambdas), "values": np.array(values),
             "exact_grad_norms": np.linalg.norm(exact_grads, axis=1), "exact_grads": np.array(exact_grads),
@@ -415,10 +415,6 @@ class ToyConfig:
         return cfg
 
 
-def _progress_bar(target: int):
-    return tf.keras.utils.Progbar(target, verbose=1 if sys.stdout.isatty() else 2, unit_name="hyper-iteration")
-
-
 def run_experiment(cfg: ToyConfig, problem: Optional[ToyProblem] = None) -> dict:
     """Runs everything behind Figs. 1–4, writes results.json and fig1..fig4.png, returns results
     (under an exclusive lock on the output folder: run_state.OutputDirError if another run holds
@@ -441,10 +437,12 @@ def _run_experiment(cfg: ToyConfig, problem: ToyProblem) -> dict:
 
     runs, optima, fig2 = {}, {}, {}
     for objective in OBJECTIVES:
-        print(f"[toy] {objective}: {cfg.hyper_iters} hyper-iterations for K in {cfg.truncations}", flush=True)
-        bar = _progress_bar(cfg.hyper_iters * len(cfg.truncations))
+        bar = tfb.Progress(cfg.hyper_iters * len(cfg.truncations), unit_name="hyper-iteration",
+                           label=f"[toy] {objective}: {cfg.hyper_iters} hyper-iterations for K in {cfg.truncations}")
+        done = itertools.count(1)
         runs[objective] = {str(k): run_trajectory(problem, est, objective, k, cfg.init_lambda, cfg.hyper_iters,
-                                                  cfg.first_step_norm, cfg.truncations if k == 1 else (), bar)
+                                                  cfg.first_step_norm, cfg.truncations if k == 1 else (),
+                                                  lambda: bar.update(next(done)))
                            for k in cfg.truncations}
         optima[objective] = find_optimum(problem, est, objective, cfg.grid_size)
         one = runs[objective]["1"]
