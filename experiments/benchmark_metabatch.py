@@ -22,9 +22,7 @@ over tasks) and/or "map_fn" (the old tf.map_fn over tasks, for comparison; slow 
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +38,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from experiments import fewshot_model as fsm  # noqa: E402
+from experiments import provenance  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
 from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
 
@@ -179,8 +178,7 @@ def run(settings: dict, output_dir: Path) -> dict:
     rows = [row for steps in settings["steps"] for row in measure(steps, settings)]
     checks = summary(rows, settings)
     report = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "tensorflow": tf.__version__, "keras": keras.__version__},
+        "environment": provenance.environment(),
         "settings": settings,
         "results": rows,
         "summary": checks,

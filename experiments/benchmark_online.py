@@ -20,9 +20,7 @@ allocator peak during a steady-state call (the working set), for both.
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,9 +36,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
+from experiments import provenance  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
 from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
-from tf_bilevel.keras.losses import sparse_categorical_crossentropy  # noqa: E402
 
 FLAGS = flags.FLAGS
 TARGETS = {(20, 1): 1.3, (1, 1): 5.0}  # (T, K) -> ratio target of the issue: reported, never asserted
@@ -91,7 +89,8 @@ def measure(T: int, K: int, settings: dict, jit_compile: bool = True) -> dict:
 
     model = cnn(size, settings["dense_units"], settings["filters"], settings["seed"])
     trainer = tfb.BilevelTrainer(
-        model, inner_loss=sparse_categorical_crossentropy, outer_loss=sparse_categorical_crossentropy,
+        model, inner_loss=tfb.keras.losses.sparse_categorical_crossentropy,
+        outer_loss=tfb.keras.losses.sparse_categorical_crossentropy,
         steps=T, truncate=K, online=True, inner_optimizer="momentum",
         inner_learning_rate=tfb.Hyperparameter(LEARNING_RATE, transform="exp"),
         hyperparameters={"weight_decay": tfb.Hyperparameter(np.full(num_kernels, WEIGHT_DECAY), transform="exp")},
@@ -186,8 +185,7 @@ def make_settings(configs: list, repeats: int, quick: bool) -> dict:
 def run(settings: dict, output_dir: Path) -> dict:
     results = [measure(T, K, settings, jit) for jit in settings["jit_compile"] for T, K in settings["configs"]]
     report = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "tensorflow": tf.__version__, "keras": keras.__version__},
+        "environment": provenance.environment(),
         "settings": {**settings, "configs": [list(c) for c in settings["configs"]]},
         "results": results,
     }

@@ -77,6 +77,7 @@ def define_flags(config_class: type, presets: Presets, default_preset: str = "fu
 
     from experiments._cli import define_internal
 
+    flags.disclaim_key_flags()  # the flags belong to the caller (the program): --help lists them
     if default_preset not in presets:
         raise ValueError(f"default_preset={default_preset!r} is not one of the presets {sorted(presets)}")
     into = {} if flag_values is None else {"flag_values": flag_values}

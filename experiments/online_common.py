@@ -1,23 +1,24 @@
 """What the two online applications (experiments/online_hpo.py, experiments/reweighting.py)
 share: resumable minibatch streams, the online task stream of the trainer, a per-epoch recorder
 (test / validation accuracy against training wall-clock, hyperparameters against
-hyper-iteration) that survives SIGKILL, and per-method result files.
+hyper-iteration) that survives SIGKILL, per-method result files, and the program around the
+methods (`run_program`: lock, --restart, settings fingerprint, results.json; `main`).
 
 Resuming. Each method of a program trains with `keras.callbacks.BackupAndRestore` under
 <output_dir>/resume/backup/<method> (one checkpoint per Keras epoch) and keeps its curves in
 <output_dir>/resume/<method>.record.json, written at every epoch end BEFORE the checkpoint
 (place the recorder first in the callback list), so that a restart cuts the record back to the
 restored epoch. A finished method's row is <output_dir>/resume/<method>.json: a rerun of the
-same command skips it. The minibatch streams are functions of the position in the stream (the
-permutation of epoch e is drawn from the stateless seed (seed, e)), so a restarted fit starts
-exactly where the checkpoint was taken.
+same command skips it (`MethodStore.run_once`). The minibatch streams are functions of the
+position in the stream (the permutation of epoch e is drawn from the stateless seed (seed, e)),
+so a restarted fit starts exactly where the checkpoint was taken.
 """
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
+import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -28,7 +29,12 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments.run_state import RESTART_HINT, pause_to_be_killed, read_state_json, write_json_atomically
+from experiments import provenance
+from experiments.config import config_from_flags, option, result_settings
+from experiments.run_state import (
+    RESTART_HINT, STATE_ERRORS, discard_state, exclusive_output_dir, exit_with_error, guard_settings, jsonable,
+    parse_pause_after, pause_to_be_killed, read_state_json, write_json_atomically,
+)
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,6 +205,36 @@ class PauseOnce(keras.callbacks.Callback):
             pause_to_be_killed(self.marker)
 
 
+class TrialLog(keras.callbacks.Callback):
+    """Appends one entry per fit (e.g. a KerasTuner trial) to a JSON file: its fit seconds, best validation
+    accuracy (KerasTuner's score) and the test accuracy of the model it ends with (evaluated
+    outside the timed span). KerasTuner deep-copies callbacks per trial; this one is shared."""
+
+    def __init__(self, path: str, test: tuple):
+        super().__init__()
+        self.path, self.test = path, test
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def entries(self) -> list:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return json.load(f)
+
+    def on_train_begin(self, logs=None):
+        self._t0, self._best = time.perf_counter(), -1.0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._best = max(self._best, float((logs or {}).get("val_accuracy", -1.0)))
+
+    def on_train_end(self, logs=None):
+        seconds = time.perf_counter() - self._t0
+        entry = {"fit_seconds": seconds, "val_accuracy": self._best, "test_accuracy": accuracy(self.model, *self.test)}
+        write_json_atomically(self.path, self.entries() + [entry])
+
+
 # ----------------------------------------------------------------------------------------
 # Methods, results.
 # ----------------------------------------------------------------------------------------
@@ -208,7 +244,14 @@ class MethodStore:
     def __init__(self, output_dir: str, pause_after: Optional[str] = None):
         self.root = os.path.join(output_dir, "resume")
         os.makedirs(self.root, exist_ok=True)
-        self.pause = parse_pause_after(pause_after)
+        self.pause = parse_pause_after(pause_after, "METHOD,EPOCH")
+
+    def run_once(self, method: str, train: Callable[[], dict]) -> dict:
+        """The row of `method`: the stored one if it finished earlier, else `train()`'s, stored."""
+        if (row := self.row(method)) is not None:
+            print(f"[{method}] finished earlier", flush=True)
+            return row
+        return self.save(method, train())
 
     def row(self, method: str) -> Optional[dict]:
         path = os.path.join(self.root, f"{method}.json")
@@ -237,33 +280,6 @@ class MethodStore:
         if os.path.exists(self.record_path(method)):
             os.remove(self.record_path(method))
         return row
-
-
-def parse_pause_after(value: Optional[str]) -> Optional[tuple[str, int]]:
-    if not value:
-        return None
-    parts = value.split(",")
-    if len(parts) != 2 or not parts[1].strip().isdigit():
-        raise ValueError(f"--pause_after must be METHOD,EPOCH (e.g. default,1), got {value!r}")
-    return parts[0].strip(), int(parts[1])
-
-
-def environment() -> dict:
-    """Date, machine and library versions for results.json (RESULTS.md cites them)."""
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "load_average": load,
-    }
 
 
 def final_row(recorder: EpochRecorder, **extra: Any) -> dict:
@@ -313,6 +329,24 @@ def fit_keras(model: keras.Model, method: str, train: tuple, *, test: tuple, val
     return recorder
 
 
+def fit_online(trainer: tfb.BilevelTrainer, model: keras.Model, method: str, data: dict, cfg: Any,
+               store: MethodStore, hyperparameters: Callable[[dict], dict], steps: int = 1) -> EpochRecorder:
+    """`BilevelTrainer(online=True)` on `data` for cfg.epochs passes of T = `steps` minibatches
+    per hyper-iteration, resumable per epoch; `model` is the trainer's inner model (evaluated
+    by the recorder); returns the record."""
+    steps_per_epoch = len(data["train"][1]) // (cfg.batch_size * steps)
+    tasks = trainer.resumable(lambda start: online_task_stream(
+        data["train"], data["val"], steps=steps, batch_size=cfg.batch_size, val_batch_size=cfg.val_batch_size,
+        seed=cfg.seed, start=start))
+    trainer.build_from_spec(tasks.element_spec)
+    recorder = EpochRecorder(f"[{method}]", cfg.epochs, steps_per_epoch, model, data["test"], data["val"],
+                             store.record_path(method), hp_every=cfg.hp_every, hyperparameters=hyperparameters)
+    trainer.fit(tasks, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, callbacks=store.callbacks(method, recorder),
+                verbose=0)
+    recorder.finish()
+    return recorder
+
+
 def sparse_ce_logits() -> keras.losses.Loss:
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -321,3 +355,89 @@ def build_on(model: keras.Model, x_shape: Sequence[int]) -> keras.Model:
     """Builds `model` (BackupAndRestore needs the variables before fit)."""
     model(np.zeros((1, *x_shape), np.float32))
     return model
+
+
+# ----------------------------------------------------------------------------------------
+# The program around the methods.
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StateOptions:
+    """The Config fields of both programs that only steer the saved state."""
+
+    restart: bool = option(False, "Delete the saved state (<output_dir>/resume, and online_hpo's "
+                           "<output_dir>/tuner) and start over.", result=False)
+    pause_after: Optional[str] = option(None, "(tests) METHOD,EPOCH: after that epoch's checkpoint, write "
+                                        "<output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).",
+                                        internal=True, result=False)
+
+
+def check_ranges(cfg: Any, at_least_one: Sequence[str] = (), positive: Sequence[str] = ()) -> None:
+    """ValueError naming the flag when a field of `at_least_one` is < 1 or one of `positive` is <= 0;
+    also checks --pause_after and --momentum (in [0, 1))."""
+    for name in at_least_one:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.momentum < 1:
+        raise ValueError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    parse_pause_after(cfg.pause_after, "METHOD,EPOCH")
+
+
+def run_program(program: str, cfg: Any, *, run_methods: Callable[[Any, dict, MethodStore], dict],
+                load_data: Callable[[Any], tuple[dict, dict]], target: Callable[[dict], dict],
+                plot_figures: Callable[[dict, str], dict], format_table: Callable[[dict], str],
+                arrays: Optional[dict] = None, data_info: Optional[dict] = None,
+                state_dirs: Sequence[str] = ("resume",)) -> dict:
+    """Under an exclusive lock on cfg.output_dir (its `state_dirs` discarded first with
+    --restart): checks the settings against the saved state's, runs the methods (finished ones
+    are read back), writes results.json and the figures, prints the table; returns the results."""
+    with exclusive_output_dir(cfg.output_dir, f"experiments.{program}"):
+        if cfg.restart:
+            for name in state_dirs:
+                discard_state(os.path.join(cfg.output_dir, name))
+        start = time.time()
+        env = provenance.environment()
+        keras.utils.set_random_seed(cfg.seed)
+        store = MethodStore(cfg.output_dir, cfg.pause_after)
+        guard_settings(store.root, result_settings(cfg), "the runs")
+        if arrays is None:
+            arrays, data_info = load_data(cfg)
+        print(f"[{program}] {data_info}", flush=True)
+        methods = run_methods(cfg, arrays, store)
+        env["load_average_end"] = list(os.getloadavg())
+        results = jsonable({"config": dataclasses.asdict(cfg), "data": data_info, "environment": env,
+                            "methods": methods, "target": target(methods), "runtime_seconds": time.time() - start})
+        results["figures"] = plot_figures(results, cfg.output_dir)
+        write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results, indent=1)
+        print(format_table(results), flush=True)
+        print(f"[{program}] results.json and figures in {cfg.output_dir} ({results['runtime_seconds']:.0f} s)",
+              flush=True)
+        return results
+
+
+def main(argv: Sequence[str], program: str, config_class: type, presets: dict,
+         run_experiment: Callable[[Any], dict], dataset: Callable[[Any], str]) -> int:
+    """The absl main of an online program: the Config from the flags (a bad value is a usage
+    error naming the flag), then the run; missing data and unusable state are one-line errors."""
+    from absl import app, logging
+
+    from experiments.datasets import DataUnavailableError
+
+    logging.set_verbosity(logging.WARNING)
+    tf.get_logger().setLevel("ERROR")  # Keras' retracing notes on the evaluation batches are noise here
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        cfg = config_from_flags(config_class, presets).validated()
+    except ValueError as err:
+        raise app.UsageError(str(err))
+    try:
+        run_experiment(cfg)
+    except DataUnavailableError as err:
+        print(f"{program}: error: no {dataset(cfg)} data: {err}", file=sys.stderr, flush=True)
+        return 2
+    except STATE_ERRORS as err:
+        return exit_with_error(program, err)
+    return 0

@@ -1,12 +1,12 @@
 r"""Learning to reweight examples under label noise, online with 1-RMD (issue #11 §5).
 
-Trains an MLP on MNIST with 40% symmetric label noise while a Meta-Weight-Net weighting network
-(its weights are named hyperparameters of the inner loss) learns per-example weights from a small
-clean validation set, against plain training on the noisy and on the clean examples; writes
-results.json and figures to --output_dir. A killed run continues when the same command is rerun.
+Trains an MLP on MNIST whose labels are 40 percent symmetric noise while a Meta-Weight-Net
+weighting network (its weights are named hyperparameters of the inner loss) learns per-example
+weights from a small clean validation set, against plain training on the noisy and on the clean
+examples; writes results.json and figures to --output_dir. A killed run continues when the same command is rerun.
 Model, method and the measured results: RESULTS.md, "Learning to reweight examples".
 
-  tfb-reweighting                          # MNIST, 40% symmetric noise
+  tfb-reweighting                          # MNIST, 40 percent symmetric noise
   tfb-reweighting --dataset=fashion_mnist
   tfb-reweighting --preset=quick           # tiny budget (tests)
   (or python -m experiments.reweighting ...)
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-import time
 from typing import Any, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,12 +26,11 @@ import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
 from experiments import online_common as oc  # noqa: E402
-from experiments.run_state import (  # noqa: E402
-    STATE_ERRORS, discard_state, exclusive_output_dir, exit_with_error, guard_settings, jsonable, write_json_atomically,
-)
+from experiments.config import define_flags, option  # noqa: E402
 
 METHODS = ("mwn", "noisy", "clean")
 DATASETS = ("mnist", "fashion_mnist")
+NORMALIZATIONS = ("none", "mean")
 LOSS_GRID = np.linspace(0.0, 8.0, 33)  # where V(ℓ) is recorded during training
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -44,33 +41,37 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass
-class Config:
-    output_dir: str = "out/reweighting"
-    dataset: str = "mnist"
-    methods: Sequence[str] = METHODS
-    noise: float = 0.4
-    n_val: int = 1000
-    n_train: Optional[int] = None  # None: every training image outside the validation set
-    n_test: Optional[int] = None
-    epochs: int = 30
-    batch_size: int = 128
-    val_batch_size: int = 100
-    hidden: int = 256
-    lr: float = 0.05
-    momentum: float = 0.9
-    weighting_hidden: int = 100
-    weight_normalization: str = "none"
-    outer_lr: float = 1e-3
-    hp_every: int = 100
-    seed: int = 0
-    jit_compile: bool = False
-    local_dir: Optional[str] = None
-    data_dir: Optional[str] = None
-    preset: str = ""
+class Config(oc.StateOptions):
+    output_dir: str = option("out/reweighting", "results.json, PNGs and the resume state.", result=False)
+    dataset: str = option("mnist", "tfds dataset (offline: local IDX files).", choices=DATASETS)
+    methods: Sequence[str] = option(METHODS, f"Any of {list(METHODS)}.", result=False)
+    noise: float = option(0.4, "Probability that a training label is replaced by another class.")
+    n_val: int = option(1000, "Clean validation examples (class-balanced, from the training split).")
+    n_train: Optional[int] = option(None, "Use only this many noisy training examples (default: all the others).")
+    n_test: Optional[int] = option(None, "Use only this many test images (default: all 10 000).")
+    epochs: int = option(30, "Passes over the noisy training set (every method: same SGD steps).")
+    batch_size: int = option(128, "Training minibatch size.")
+    val_batch_size: int = option(100, "Clean examples per hyper-iteration (outer loss).")
+    hidden: int = option(256, "Width of the MLP's two hidden layers.")
+    lr: float = option(0.05, "Inner SGD learning rate γ (every method).")
+    momentum: float = option(0.9, "Heavy-ball momentum β.")
+    weighting_hidden: int = option(100, "Hidden units of the weighting network V.")
+    weight_normalization: str = option(
+        "none", "none: g = mean V(ℓ_i)ℓ_i (the paper); mean: weights divided by their minibatch mean "
+        "(MWN's code; unstable here, see RESULTS.md).", choices=NORMALIZATIONS)
+    outer_lr: float = option(1e-3, "Adam step on θ (the weighting network).")
+    hp_every: int = option(100, "Record V on a loss grid every N hyper-iterations.")
+    seed: int = option(0, "Seed of the split, the noise, the initial weights and the batch order.")
+    jit_compile: bool = option(False, "XLA-compile the train steps (all methods alike).")
+    local_dir: Optional[str] = option(None, "Folder with the dataset's 4 IDX .gz files (default: tfds data_dir, "
+                                      "then the project's MNIST folder / /usr/share/datasets/fashion-mnist).",
+                                      result=False)
+    data_dir: Optional[str] = option(None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).",
+                                     result=False)
+    preset: str = "full"
 
     def validated(self) -> "Config":
-        cfg = dataclasses.replace(self)
-        cfg.methods = tuple(dict.fromkeys(cfg.methods))
+        cfg = dataclasses.replace(self, methods=tuple(dict.fromkeys(self.methods)))
         if not cfg.methods or any(m not in METHODS for m in cfg.methods):
             raise ValueError(f"--methods: choose from {list(METHODS)}, got {list(self.methods)}")
         if cfg.dataset not in DATASETS:
@@ -79,23 +80,11 @@ class Config:
             raise ValueError(f"--noise is the probability of a wrong label, in [0, 0.9), got {cfg.noise}")
         if cfg.n_val < 10 or cfg.n_val % 10:
             raise ValueError(f"--n_val must be a positive multiple of 10 (class-balanced), got {cfg.n_val}")
-        for name in ("epochs", "batch_size", "val_batch_size", "hidden", "weighting_hidden", "hp_every"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-        for name in ("lr", "outer_lr"):
-            if not getattr(cfg, name) > 0:
-                raise ValueError(f"--{name} must be > 0, got {getattr(cfg, name)}")
-        if not 0 <= cfg.momentum < 1:
-            raise ValueError(f"--momentum must be in [0, 1), got {cfg.momentum}")
         if cfg.weight_normalization not in NORMALIZATIONS:
             raise ValueError(f"--weight_normalization must be one of {NORMALIZATIONS}, got {cfg.weight_normalization!r}")
+        oc.check_ranges(cfg, ("epochs", "batch_size", "val_batch_size", "hidden", "weighting_hidden", "hp_every"),
+                        ("lr", "outer_lr"))
         return cfg
-
-
-def apply_preset(cfg: Config, preset: str, explicit: Sequence[str] = ()) -> Config:
-    if preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    return dataclasses.replace(cfg, preset=preset, **{k: v for k, v in PRESETS[preset].items() if k not in explicit})
 
 
 # ----------------------------------------------------------------------------------------
@@ -175,9 +164,6 @@ def weighting_net(theta: Sequence[Any], losses: Any) -> Any:
     return tf.sigmoid(tf.matmul(h, w2) + b2)[:, 0]
 
 
-NORMALIZATIONS = ("none", "mean")
-
-
 def make_inner_loss(normalization: str):
     """inner_loss(y, logits, hp) = v_i ℓ_i per example (the trainer averages them), with
     v = V(sg(ℓ); θ) ("none", the paper's formula) or V / mean_batch(V) ("mean", MWN's code)."""
@@ -207,54 +193,38 @@ def weights_of(model: keras.Model, theta: Sequence[np.ndarray], x: np.ndarray, y
 # Methods.
 # ----------------------------------------------------------------------------------------
 def run_mwn(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
-    if (row := store.row("mwn")) is not None:
-        print("[mwn] finished earlier", flush=True)
-        return row
     model = build_mlp(cfg)
     theta0 = initial_weighting(cfg.weighting_hidden, cfg.seed)
     trainer = tfb.BilevelTrainer(
-        model, inner_loss=make_inner_loss(cfg.weight_normalization), outer_loss=tfb.keras.losses.sparse_categorical_crossentropy,
-        steps=1, truncate=1,
+        model, inner_loss=make_inner_loss(cfg.weight_normalization),
+        outer_loss=tfb.keras.losses.sparse_categorical_crossentropy, steps=1, truncate=1,
         hyperparameters={"weighting": [tfb.Hyperparameter(t, transform="identity") for t in theta0]},
         inner_learning_rate=cfg.lr, inner_optimizer=lambda lr: tfb.momentum(lr, beta=cfg.momentum),
         seed=cfg.seed, online=True)
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.outer_lr), metrics=["accuracy"], jit_compile=cfg.jit_compile)
-    steps_per_epoch = len(data["train"][1]) // cfg.batch_size
-    tasks = trainer.resumable(lambda start: oc.online_task_stream(
-        data["train"], data["val"], steps=1, batch_size=cfg.batch_size, val_batch_size=cfg.val_batch_size,
-        seed=cfg.seed, start=start))
-    trainer.build_from_spec(tasks.element_spec)
 
     def on_grid(values: dict) -> dict:
         theta = [np.asarray(t, np.float64) for t in values["weighting"]]
         return {"grid_weights": weighting_net(theta, LOSS_GRID).tolist()}
 
-    recorder = oc.EpochRecorder("[mwn]", cfg.epochs, steps_per_epoch, model, data["test"], data["val"],
-                                store.record_path("mwn"), hp_every=cfg.hp_every, hyperparameters=on_grid)
-    trainer.fit(tasks, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                callbacks=store.callbacks("mwn", recorder), verbose=0)
-    recorder.finish()
+    recorder = oc.fit_online(trainer, model, "mwn", data, cfg, store, on_grid)
     theta = [np.asarray(t) for t in trainer.hyperparameter_values()["weighting"]]
     v = weights_of(model, theta, *data["train"])
     wrong = data["corrupted"]
     normalized = v / v.mean()
+    bins = np.linspace(0, 1, 21)
     weights = {"mean_weight_wrong_labels": float(v[wrong].mean()), "mean_weight_right_labels": float(v[~wrong].mean()),
                "mean_normalized_weight_wrong_labels": float(normalized[wrong].mean()),
                "mean_normalized_weight_right_labels": float(normalized[~wrong].mean()),
-               "histogram_bins": np.linspace(0, 1, 21).tolist(),
-               "histogram_wrong": np.histogram(v[wrong], np.linspace(0, 1, 21))[0].tolist(),
-               "histogram_right": np.histogram(v[~wrong], np.linspace(0, 1, 21))[0].tolist()}
-    return store.save("mwn", oc.final_row(recorder, hyper_iterations=cfg.epochs * steps_per_epoch,
-                                          loss_grid=LOSS_GRID.tolist(), example_weights=weights,
-                                          theta=[t.tolist() for t in theta]))
+               "histogram_bins": bins.tolist(), "histogram_wrong": np.histogram(v[wrong], bins)[0].tolist(),
+               "histogram_right": np.histogram(v[~wrong], bins)[0].tolist()}
+    return oc.final_row(recorder, hyper_iterations=recorder.epochs * recorder.steps_per_epoch,
+                        loss_grid=LOSS_GRID.tolist(), example_weights=weights, theta=[t.tolist() for t in theta])
 
 
 def run_plain(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict:
     """Plain SGD with momentum on the noisy labels ("noisy") or on the clean validation set
     alone ("clean", for the same number of steps)."""
-    if (row := store.row(method)) is not None:
-        print(f"[{method}] finished earlier", flush=True)
-        return row
     model = build_mlp(cfg)
     model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=cfg.momentum), loss=oc.sparse_ce_logits(),
                   metrics=["accuracy"], jit_compile=cfg.jit_compile)
@@ -268,7 +238,7 @@ def run_plain(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> di
         best = int(np.argmax(val))
         row["early_stopped"] = {"epoch": best + 1, "val_accuracy": val[best],
                                 "test_accuracy": recorder.rec["test_accuracy"][1 + best]}
-    return store.save(method, row)
+    return row
 
 
 # ----------------------------------------------------------------------------------------
@@ -277,28 +247,30 @@ def run_plain(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> di
 def plot_figures(results: dict, output_dir: str) -> dict:
     from experiments import plotting
 
-    plt = plotting.plt
-    methods = results["methods"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    plt, methods, cfg, data = plotting.plt, results["methods"], results["config"], results["data"]
+    budget = (f"{data['dataset']}, {data['n_train']} training labels ({100 * data['wrong_fraction']:.0f}% wrong), "
+              f"{cfg['epochs']} epochs of batch {cfg['batch_size']}, T = K = 1")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, row in methods.items():
         rec = row["record"]
-        ax.plot(rec["epoch"][1:], rec["test_accuracy"][1:], "o-", ms=3, label=name)
-    ax.set_xlabel("epoch (passes over the noisy training set; 'clean': same SGD steps)")
-    ax.set_ylabel("test accuracy")
+        ax.plot(rec["epoch"][1:], rec["test_accuracy"][1:], "o-", ms=4, label=name)
+    ax.set_xlabel("epoch (passes over the noisy training set; 'clean': as many SGD steps)")
+    ax.set_ylabel("test accuracy (fraction)")
+    ax.set_title(f"Learning to reweight: test accuracy\n{budget}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     figures = {"test_accuracy": plotting.save_figure(fig, os.path.join(output_dir, "test_accuracy.png"))}
     if "mwn" in methods:
         row = methods["mwn"]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
         hp, its = row["record"]["hp"], row["record"]["hp_iteration"]
         chosen = sorted(set(np.linspace(0, len(hp) - 1, min(6, len(hp))).astype(int)))
         for c, i in zip(plt.get_cmap("viridis")(np.linspace(0, 0.9, len(chosen))), chosen):
-            axes[0].plot(row["loss_grid"], hp[i]["grid_weights"], color=c, label=f"hyper-iteration {its[i]}")
-        axes[0].set_xlabel("per-example loss ℓ")
-        axes[0].set_ylabel("V(ℓ; θ)")
-        axes[0].set_title("learned weighting function")
-        axes[0].legend(fontsize=7)
+            axes[0].plot(row["loss_grid"], hp[i]["grid_weights"], ".-", color=c, label=f"hyper-iteration {its[i]}")
+        axes[0].set_xlabel("per-example training loss ℓ (cross-entropy, nats)")
+        axes[0].set_ylabel("weight V(ℓ; θ)")
+        axes[0].set_title("learned weighting function during training")
+        axes[0].legend(fontsize=8)
         w = row["example_weights"]
         bins = np.asarray(w["histogram_bins"])
         centers, width = (bins[1:] + bins[:-1]) / 2, bins[1] - bins[0]
@@ -306,8 +278,12 @@ def plot_figures(results: dict, output_dir: str) -> dict:
         axes[1].bar(centers + width / 4, w["histogram_wrong"], width / 2, label="wrong label")
         axes[1].set_yscale("log")
         axes[1].set_xlabel("weight V(ℓ_i) under the final model")
-        axes[1].set_title("training examples")
+        axes[1].set_ylabel("training examples (log scale)")
+        axes[1].set_title("weights of the training examples after training")
         axes[1].legend()
+        for ax in axes:
+            ax.grid(True, alpha=0.3)
+        fig.suptitle(f"Meta-Weight-Net weighting V: {budget}", fontsize=10)
         figures["weighting"] = plotting.save_figure(fig, os.path.join(output_dir, "weighting.png"))
     return {k: os.path.basename(v) for k, v in figures.items()}
 
@@ -330,129 +306,34 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None,
-                   pause_after: Optional[str] = None, restart: bool = False) -> dict:
-    """Runs the methods (skipping finished ones), writes results.json and the figures, under an exclusive lock on cfg.output_dir; `restart` discards the saved state first."""
-    cfg = cfg.validated()
-    with exclusive_output_dir(cfg.output_dir, "experiments.reweighting"):
-        if restart:
-            discard_state(os.path.join(cfg.output_dir, "resume"))
-        return _run(cfg, arrays, data_info, pause_after)
-
-
-def _run(cfg: Config, arrays: Optional[dict], data_info: Optional[dict], pause_after: Optional[str]) -> dict:
-    start = time.time()
-    env = oc.environment()
-    keras.utils.set_random_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    store = oc.MethodStore(cfg.output_dir, pause_after)
-    skip = {"output_dir", "methods", "local_dir", "data_dir", "preset"}
-    guard_settings(store.root, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "the runs")
-    if arrays is None:
-        arrays, data_info = load_data(cfg)
-    print(f"[reweighting] {data_info}", flush=True)
+def run_methods(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
     methods = {}
     if "mwn" in cfg.methods:
-        methods["mwn"] = run_mwn(cfg, arrays, store)
+        methods["mwn"] = store.run_once("mwn", lambda: run_mwn(cfg, data, store))
     for method in ("noisy", "clean"):
         if method in cfg.methods:
-            methods[method] = run_plain(cfg, arrays, method, store)
-    target = {}
-    if "mwn" in methods and "noisy" in methods:
-        gain = 100 * (methods["mwn"]["test_accuracy"] - methods["noisy"]["test_accuracy"])
-        target = {"gain_points": gain, "reached": bool(gain >= 5.0)}
-    env["load_average_end"] = os.getloadavg()
-    results = jsonable({"config": dataclasses.asdict(cfg), "data": data_info, "environment": env,
-                        "methods": methods, "target": target, "runtime_seconds": time.time() - start})
-    results["figures"] = plot_figures(results, cfg.output_dir)
-    write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results, indent=1)
-    print(format_table(results), flush=True)
-    print(f"[reweighting] results.json and figures in {cfg.output_dir} ({results['runtime_seconds']:.0f} s)", flush=True)
-    return results
+            methods[method] = store.run_once(method, lambda: run_plain(cfg, data, method, store))
+    return methods
 
 
-# ----------------------------------------------------------------------------------------
-# absl entry point.
-# ----------------------------------------------------------------------------------------
-_FLAG_FIELDS = ("output_dir", "dataset", "methods", "noise", "n_val", "n_train", "n_test", "epochs", "batch_size",
-                "val_batch_size", "hidden", "lr", "momentum", "weighting_hidden", "weight_normalization", "outer_lr", "hp_every", "seed",
-                "jit_compile", "local_dir", "data_dir")
+def target(methods: dict) -> dict:
+    """Issue #11's goal: Meta-Weight-Net at least 5 points of test accuracy over noisy training."""
+    if "mwn" not in methods or "noisy" not in methods:
+        return {}
+    gain = 100 * (methods["mwn"]["test_accuracy"] - methods["noisy"]["test_accuracy"])
+    return {"gain_points": gain, "reached": bool(gain >= 5.0)}
 
 
-def define_flags() -> None:
-    from absl import flags
-
-    from experiments._cli import define_internal
-
-    d = Config()
-    flags.DEFINE_enum("preset", "full", sorted(PRESETS), "full: the defaults; quick: tiny budget (tests). "
-                      "Explicit flags override the preset.")
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
-    flags.DEFINE_string("output_dir", d.output_dir, "results.json, PNGs and the resume state.")
-    flags.DEFINE_enum("dataset", d.dataset, list(DATASETS), "tfds dataset (offline: local IDX files).")
-    flags.DEFINE_list("methods", list(d.methods), f"Any of {list(METHODS)}.")
-    flags.DEFINE_float("noise", d.noise, "Probability that a training label is replaced by another class.")
-    flags.DEFINE_integer("n_val", d.n_val, "Clean validation examples (class-balanced, from the training split).")
-    flags.DEFINE_integer("n_train", None, "Use only this many noisy training examples (default: all the others).")
-    flags.DEFINE_integer("n_test", None, "Use only this many test images (default: all 10 000).")
-    flags.DEFINE_integer("epochs", d.epochs, "Passes over the noisy training set (every method: same SGD steps).")
-    flags.DEFINE_integer("batch_size", d.batch_size, "Training minibatch size.")
-    flags.DEFINE_integer("val_batch_size", d.val_batch_size, "Clean examples per hyper-iteration (outer loss).")
-    flags.DEFINE_integer("hidden", d.hidden, "Width of the MLP's two hidden layers.")
-    flags.DEFINE_float("lr", d.lr, "Inner SGD learning rate γ (every method).")
-    flags.DEFINE_float("momentum", d.momentum, "Heavy-ball momentum β.")
-    flags.DEFINE_integer("weighting_hidden", d.weighting_hidden, "Hidden units of the weighting network V.")
-    flags.DEFINE_enum("weight_normalization", d.weight_normalization, list(NORMALIZATIONS),
-                      "none: g = mean V(ℓ_i)ℓ_i (the paper); mean: weights divided by their minibatch mean "
-                      "(MWN's code; unstable here, see RESULTS.md).")
-    flags.DEFINE_float("outer_lr", d.outer_lr, "Adam step on θ (the weighting network).")
-    flags.DEFINE_integer("hp_every", d.hp_every, "Record V on a loss grid every N hyper-iterations.")
-    flags.DEFINE_integer("seed", d.seed, "Seed of the split, the noise, the initial weights and the batch order.")
-    flags.DEFINE_bool("jit_compile", d.jit_compile, "XLA-compile the train steps (all methods alike).")
-    flags.DEFINE_string("local_dir", None, "Folder with the dataset's 4 IDX .gz files (default: tfds data_dir, "
-                        "then the project's MNIST folder / /usr/share/datasets/fashion-mnist).")
-    flags.DEFINE_string("data_dir", None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
-    flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.")
-    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) METHOD,EPOCH: after that epoch's checkpoint, "
-                    "write <output_dir>/resume/paused_METHOD_EPOCH and wait to be killed (once).")
-
-
-def config_from_flags() -> Config:
-    from absl import flags
-
-    F = flags.FLAGS
-    values = {name: getattr(F, name) for name in _FLAG_FIELDS}
-    values["methods"] = tuple(F.methods)
-    explicit = [name for name in _FLAG_FIELDS if F[name].present]
-    return apply_preset(Config(**values), "quick" if F.quick else F.preset, explicit)
-
-
-def main(argv: Sequence[str]) -> int:
-    from absl import app, flags, logging
-
-    from experiments.datasets import DataUnavailableError
-
-    logging.set_verbosity(logging.WARNING)
-    tf.get_logger().setLevel("ERROR")
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        cfg = config_from_flags().validated()
-        oc.parse_pause_after(flags.FLAGS.pause_after)
-    except ValueError as err:
-        raise app.UsageError(str(err))
-    try:
-        run_experiment(cfg, pause_after=flags.FLAGS.pause_after, restart=flags.FLAGS.restart)
-    except DataUnavailableError as err:
-        print(f"reweighting: error: no {flags.FLAGS.dataset} data: {err}", file=sys.stderr, flush=True)
-        return 2
-    except STATE_ERRORS as err:
-        return exit_with_error("reweighting", err)
-    return 0
+def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None) -> dict:
+    """Runs the methods (skipping finished ones), writes results.json and the figures, under an
+    exclusive lock on cfg.output_dir; --restart discards the saved state first."""
+    return oc.run_program("reweighting", cfg.validated(), run_methods=run_methods, load_data=load_data,
+                          target=target, plot_figures=plot_figures, format_table=format_table,
+                          arrays=arrays, data_info=data_info)
 
 
 if __name__ == "__main__":
     from absl import app
 
-    define_flags()
-    app.run(main)
+    define_flags(Config, PRESETS)
+    app.run(lambda argv: oc.main(argv, "reweighting", Config, PRESETS, run_experiment, lambda cfg: cfg.dataset))

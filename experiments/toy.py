@@ -11,24 +11,24 @@ The problem, the choices the paper leaves open and the measured results: RESULTS
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
-import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
 from experiments import plotting
+from experiments.config import config_from_flags, define_flags, option
 from experiments.plotting import plt
 from experiments.run_state import (
     STATE_ERRORS, exclusive_output_dir, exit_with_error, jsonable, write_json_atomically,
 )
 
 OBJECTIVES = ("f", "f_tilde")
-QUICK = dict(hyper_iters=100, truncations=[1, 5, 100], fig1_truncations=[1, 5, 100], grid_size=81)
 FIG1_LAMBDA = (1.0, 1.0)
 _OPTIMUM_BOX = (-3.0, 3.0)
 _OPTIMUM_STEP = 0.02  # < 2 / max curvature of F̃ on the box (≈ 32): plain GD converges.
@@ -36,9 +36,7 @@ _OPTIMUM_TOL = 1e-12
 _RATIO_MIN_GRAD = 1e-9  # below this ‖d_λ f‖ is round-off level and the ratio is noise.
 
 
-# ----------------------------------------------------------------------------------------
-# The problem.
-# ----------------------------------------------------------------------------------------
+# -- The problem. ------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ToyProblem:
     """The §4.1 problem; `penalty` weights the ‖λ − anchor‖² term of f̃ (f has weight 0)."""
@@ -114,29 +112,19 @@ class ToyProblem:
         return -C * np.asarray(self.w0) / (1.0 - C)
 
 
-# ----------------------------------------------------------------------------------------
-# Hypergradients from the engine.
-# ----------------------------------------------------------------------------------------
+# -- Hypergradients from the engine. -----------------------------------------------------
 class Estimators(dict):
     """K → compiled `tfb.Hypergradient`, built on first use; K = T is full RMD (exact)."""
 
     def __init__(self, problem: ToyProblem, jit_compile: bool):
         super().__init__()
-        self.problem = problem
-        self.jit_compile = jit_compile
-        self.w0 = tf.constant(problem.w0, tf.float64)
+        self.problem, self.jit_compile, self.w0 = problem, jit_compile, tf.constant(problem.w0, tf.float64)
 
     def __missing__(self, truncate: int) -> tfb.Hypergradient:
         T = self.problem.steps
         self[truncate] = tfb.hypergradient_fn(
-            self.problem.inner_loss,
-            self.problem.outer_loss,
-            steps=T,
-            learning_rate=self.problem.learning_rate,
-            truncate=None if truncate == T else truncate,
-            estimator="reverse",
-            jit_compile=self.jit_compile,
-        )
+            self.problem.inner_loss, self.problem.outer_loss, steps=T, learning_rate=self.problem.learning_rate,
+            truncate=None if truncate == T else truncate, estimator="reverse", jit_compile=self.jit_compile)
         return self[truncate]
 
     def evaluate(self, truncate: int, lam: np.ndarray, batch: dict) -> tuple[float, np.ndarray]:
@@ -148,9 +136,7 @@ class Estimators(dict):
         return {k: hg.tracing_count for k, hg in sorted(self.items())}
 
 
-# ----------------------------------------------------------------------------------------
-# Experiments.
-# ----------------------------------------------------------------------------------------
+# -- Experiments. ------------------------------------------------------------------------
 def truncation_error_at(problem: ToyProblem, est: Estimators, truncations: Sequence[int], lam) -> dict:
     """Fig. 1 (right): ‖h_{T−K} − d_λ f‖ and the bound of Eq. 10 at λ, for each K."""
     T = problem.steps
@@ -171,34 +157,18 @@ def truncation_error_at(problem: ToyProblem, est: Estimators, truncations: Seque
         hypergrads[k] = h
         errors.append(float(np.linalg.norm(h - exact)))
         bounds.append(bound(k))
-    return {
-        "lambda": lam,
-        "w_hat_engine": w_hat,
-        "w_hat_closed_form": problem.inner_solution(lam),
-        "outer_grad_norm": outer_grad_norm,
-        "strong_convexity": problem.strong_convexity,
-        "max_b_norm": problem.max_b_norm,
-        "exact_hypergradient": exact,
-        "exact_hypergradient_closed_form": problem.truncated_hypergradient(lam, T, "f"),
-        "truncations": list(truncations),
-        "hypergradients": {str(k): v for k, v in hypergrads.items()},
-        "errors": errors,
-        "bounds": bounds,
-        "bound_curve": {"truncations": list(range(1, T + 1)), "bounds": [bound(k) for k in range(1, T + 1)]},
-    }
+    return {"lambda": lam, "w_hat_engine": w_hat, "w_hat_closed_form": problem.inner_solution(lam),
+            "outer_grad_norm": outer_grad_norm, "strong_convexity": problem.strong_convexity,
+            "max_b_norm": problem.max_b_norm, "exact_hypergradient": exact,
+            "exact_hypergradient_closed_form": problem.truncated_hypergradient(lam, T, "f"),
+            "truncations": list(truncations), "hypergradients": {str(k): v for k, v in hypergrads.items()},
+            "errors": errors, "bounds": bounds,
+            "bound_curve": {"truncations": list(range(1, T + 1)), "bounds": [bound(k) for k in range(1, T + 1)]}}
 
 
-def run_trajectory(
-    problem: ToyProblem,
-    est: Estimators,
-    objective: str,
-    truncate: int,
-    lam1: Sequence[float],
-    iterations: int,
-    first_step_norm: float,
-    probe_truncations: Sequence[int] = (),
-    progress=None,
-) -> dict:
+def run_trajectory(problem: ToyProblem, est: Estimators, objective: str, truncate: int, lam1: Sequence[float],
+                   iterations: int, first_step_norm: float, probe_truncations: Sequence[int] = (),
+                   progress: Optional[Callable[[], None]] = None) -> dict:
     """λ_{τ+1} = λ_τ − η_τ h_{T−K}(λ_τ), η_τ = η0/√τ, η0 = first_step_norm / ‖h_{T−K}(λ_1)‖
     (footnote 4). Records λ_τ, F(λ_τ), h_{T−K}, the exact d_λ f (full RMD) and, for every K in
     `probe_truncations`, the descent ratio h_{T−K}ᵀ d_λf / ‖d_λf‖² at λ_τ (Fig. 2)."""
@@ -208,8 +178,13 @@ def run_trajectory(
     lambdas, values, exact_grads, grads = [], [], [], []
     ratios = {k: [] for k in probe_truncations}
     eta0 = None
-    for tau in range(1, iterations + 1):
+    for tau in range(1, iterations + 2):  # τ = R + 1: only λ_{R+1}, F and d_λ f there
         value, exact = est.evaluate(T, lam, batch)
+        lambdas.append(lam)
+        values.append(value)
+        exact_grads.append(exact)
+        if tau > iterations:
+            break
         h = exact if truncate == T else est.evaluate(truncate, lam, batch)[1]
         if eta0 is None:
             norm = np.linalg.norm(h)
@@ -219,27 +194,14 @@ def run_trajectory(
         for k in probe_truncations:
             hk = h if k == truncate else exact if k == T else est.evaluate(k, lam, batch)[1]
             ratios[k].append(float(tfb.diagnostics.descent_ratio(hk, exact)))
-        lambdas.append(lam)
-        values.append(value)
-        exact_grads.append(exact)
         grads.append(h)
         lam = lam - eta0 / math.sqrt(tau) * h
         if progress is not None:
-            progress.add(1)
-    value, exact = est.evaluate(T, lam, batch)  # the final iterate λ_{R+1}
-    lambdas.append(lam)
-    values.append(value)
-    exact_grads.append(exact)
-    return {
-        "truncate": truncate,
-        "eta0": eta0,
-        "lambdas": np.array(lambdas),  # λ_1 … λ_{R+1}
-        "values": np.array(values),  # F(λ_τ), τ = 1 … R+1
-        "exact_grad_norms": np.linalg.norm(exact_grads, axis=1),
-        "exact_grads": np.array(exact_grads),
-        "hypergrads": np.array(grads),  # h_{T−K}(λ_τ), τ = 1 … R
-        "ratios": {str(k): v for k, v in ratios.items()},
-    }
+            progress()
+    # λ_1 … λ_{R+1}, F(λ_τ) for τ = 1 … R+1, h_{T−K}(λ_τ) for τ = 1 … R.
+    return {"truncate": truncate, "eta0": eta0, "lambdas": np.array(lambdas), "values": np.array(values),
+            "exact_grad_norms": np.linalg.norm(exact_grads, axis=1), "exact_grads": np.array(exact_grads),
+            "hypergrads": np.array(grads), "ratios": {str(k): v for k, v in ratios.items()}}
 
 
 def find_optimum(problem: ToyProblem, est: Estimators, objective: str, grid_size: int) -> dict:
@@ -257,27 +219,18 @@ def find_optimum(problem: ToyProblem, est: Estimators, objective: str, grid_size
             break
         lam = lam - _OPTIMUM_STEP * d
     value, d = est.evaluate(problem.steps, lam, batch)
-    result = {
-        "lambda": lam,
-        "value": value,
-        "exact_grad_norm": float(np.linalg.norm(d)),
-        "grid_start": start,
-        "refinement_iterations": iterations,
-        "method": (
-            f"argmin of the closed-form objective on a {len(axis)}x{len(axis)} grid over "
-            f"[{_OPTIMUM_BOX[0]}, {_OPTIMUM_BOX[1]}]^2, refined by gradient descent (step "
-            f"{_OPTIMUM_STEP}) with the exact full-RMD hypergradient until ||d_lambda f|| <= {_OPTIMUM_TOL}"
-        ),
-    }
+    result = {"lambda": lam, "value": value, "exact_grad_norm": float(np.linalg.norm(d)), "grid_start": start,
+              "refinement_iterations": iterations,
+              "method": f"argmin of the closed-form objective on a {len(axis)}x{len(axis)} grid over "
+                        f"[{_OPTIMUM_BOX[0]}, {_OPTIMUM_BOX[1]}]^2, refined by gradient descent (step "
+                        f"{_OPTIMUM_STEP}) with the exact full-RMD hypergradient until ||d_lambda f|| <= {_OPTIMUM_TOL}"}
     if objective == "f":
         result["lambda_closed_form"] = problem.optimum_of_f()
         result["value_closed_form"] = 0.0
     return result
 
 
-# ----------------------------------------------------------------------------------------
-# Figures.
-# ----------------------------------------------------------------------------------------
+# -- Figures. ----------------------------------------------------------------------------
 def _plot_box(points: np.ndarray, margin: float = 0.3, min_span: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Bounding box of `points` plus a margin, widened to at least `min_span` per axis."""
     lo, hi = points.min(axis=0) - margin, points.max(axis=0) + margin
@@ -285,153 +238,163 @@ def _plot_box(points: np.ndarray, margin: float = 0.3, min_span: float = 0.0) ->
     return lo - pad, hi + pad
 
 
+def _budget(problem: ToyProblem, iterations: Optional[int] = None) -> str:
+    """The budget for a figure's title: T, γ (and the R hyper-iterations of each K)."""
+    text = f"T = {problem.steps} inner steps, γ = {problem.learning_rate:g}"
+    return text + (f", R = {iterations} hyper-iterations per K" if iterations else "")
+
+
 def _contour(ax, problem: ToyProblem, objective: str, lo, hi, grid_size: int, floor: float) -> None:
     """Filled contour of log(F − F* + 1e-2) so both the bowl and the ripples show."""
-    xs, ys = np.linspace(lo[0], hi[0], grid_size), np.linspace(lo[1], hi[1], grid_size)
-    X, Y = np.meshgrid(xs, ys)
-    Z = problem.objective(np.stack([X, Y], axis=-1), objective)
-    ax.contourf(X, Y, np.log(Z - floor + 1e-2), levels=25, cmap="Greys_r", alpha=0.55)
-    ax.contour(X, Y, np.log(Z - floor + 1e-2), levels=25, colors="k", linewidths=0.3, alpha=0.4)
+    X, Y = np.meshgrid(np.linspace(lo[0], hi[0], grid_size), np.linspace(lo[1], hi[1], grid_size))
+    Z = np.log(problem.objective(np.stack([X, Y], axis=-1), objective) - floor + 1e-2)
+    ax.contourf(X, Y, Z, levels=25, cmap="Greys_r", alpha=0.55)
+    ax.contour(X, Y, Z, levels=25, colors="k", linewidths=0.3, alpha=0.4)
     ax.set_xlabel(r"$\lambda_1$")
     ax.set_ylabel(r"$\lambda_2$")
     ax.set_aspect("equal")
 
 
 def plot_fig1(problem: ToyProblem, fig1: dict, path: str, grid_size: int) -> str:
-    fig = plt.figure(figsize=(11, 4.6))
+    fig = plt.figure(figsize=(12, 5))
     ax = fig.add_subplot(1, 2, 1, projection="3d")
-    axis = np.linspace(-4, 4, grid_size)
-    X, Y = np.meshgrid(axis, axis)
+    X, Y = np.meshgrid(np.linspace(-4, 4, grid_size), np.linspace(-4, 4, grid_size))
     W = np.stack([X, Y], axis=-1)
-    Z = np.sum(W**2 + problem.sine_weight * np.sin(W) ** 2, axis=-1)
-    ax.plot_surface(X, Y, Z, cmap="viridis", linewidth=0, antialiased=True, rcount=80, ccount=80)
+    ax.plot_surface(X, Y, np.sum(W**2 + problem.sine_weight * np.sin(W) ** 2, axis=-1), cmap="viridis",
+                    linewidth=0, antialiased=True, rcount=80, ccount=80)
     ax.set_xlabel(r"$w_1$")
     ax.set_ylabel(r"$w_2$")
-    ax.set_title(r"$f(w) = \|w\|^2 + 10\|\sin w\|^2$")
+    ax.set_zlabel(r"$f(w)$")
+    ax.set_title(r"outer objective $f(w) = \|w\|^2 + 10\|\sin w\|^2$")
 
     ax = fig.add_subplot(1, 2, 2)
     curve = fig1["bound_curve"]
     ax.semilogy(curve["truncations"], curve["bounds"], "r-", label="bound (Eq. 10)")
     ks, errs = np.array(fig1["truncations"]), np.array(fig1["errors"])
-    keep = errs > 0
-    ax.semilogy(ks[keep], errs[keep], "bo-", ms=3.5, label=r"$\|h_{T-K} - d_\lambda f\|$ (engine)")
-    ax.set_xlabel("K (reverse steps)")
+    keep = errs > 0  # K = T is exact: error 0, not on a log axis
+    ax.semilogy(ks[keep], errs[keep], "bo-", ms=4, label=r"$\|h_{T-K} - d_\lambda f\|$ (engine; 0 at K = T)")
+    ax.set_xlabel("K (reverse steps back-propagated)")
+    ax.set_ylabel("hypergradient error (log scale)")
     ax.set_title(r"Prop. 3.1 at $\lambda = (%g, %g)$" % tuple(fig1["lambda"]))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    fig.suptitle(f"Fig. 1: truncation error of K-RMD ({_budget(problem)})")
     return plotting.save_figure(fig, path)
 
 
 def plot_fig2(problem: ToyProblem, fig2: dict, colors: dict, path: str) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, objective, name in zip(axes, OBJECTIVES, ("f", r"\tilde f")):
         data = fig2[objective]
         reliable = np.array(data["reliable"])
         for k_str, ratio in data["ratios"].items():
-            k = int(k_str)
             tau = np.arange(1, len(ratio) + 1)
-            ax.plot(tau[reliable], np.array(ratio)[reliable], color=colors[k],
-                    label=plotting.truncation_label(k, problem.steps))
+            ax.plot(tau[reliable], np.array(ratio)[reliable], color=colors[int(k_str)],
+                    label=plotting.truncation_label(int(k_str), problem.steps))
         ax.axhline(0.0, color="r", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_xlabel(r"hyper-iteration $\tau$ (1-RMD trajectory)")
-        ax.set_ylabel(r"$h_{T-K}^\top d_\lambda f / \|d_\lambda f\|^2$")
+        ax.set_ylabel(r"descent ratio $h_{T-K}^\top d_\lambda f / \|d_\lambda f\|^2$")
         note = "" if reliable.all() else rf" (shown while $\|d_\lambda f\|$ > {_RATIO_MIN_GRAD:g}; below: round-off)"
         ax.set_title(f"${name}$" + note, fontsize=10)
         ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Fig. 2: is $h_{{T-K}}$ a descent direction? ({_budget(problem, len(tau))})")
     return plotting.save_figure(fig, path)
 
 
 def _trajectories(ax, runs: dict, colors: dict, steps: int) -> None:
     for k_str, run in runs.items():
-        lam = np.asarray(run["lambdas"])
-        k = int(k_str)
+        lam, k = np.asarray(run["lambdas"]), int(k_str)
         ax.plot(lam[:, 0], lam[:, 1], ".-", ms=2.5, lw=1.0, color=colors[k], label=plotting.truncation_label(k, steps))
         ax.plot(lam[-1, 0], lam[-1, 1], "o", ms=5, mfc="none", color=colors[k])
     first = np.asarray(next(iter(runs.values()))["lambdas"])[0]
     ax.plot(first[0], first[1], "ks", ms=6, label=r"$\lambda_1$")
 
 
+def _curves(ax, runs: dict, colors: dict, steps: int, values: Callable[[dict], np.ndarray], ylabel: str,
+            title: str) -> None:
+    """One log-scale curve per K against the hyper-iteration, with a legend."""
+    labels = {k: plotting.truncation_label(int(k), steps) for k in runs}
+    plotting.semilogy_curves(ax, {labels[k]: values(r) for k, r in runs.items()},
+                             colors={labels[k]: colors[int(k)] for k in runs},
+                             xlabel=r"hyper-iteration $\tau$", ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+
+
 def plot_fig3(problem: ToyProblem, fig3: dict, colors: dict, path: str, grid_size: int) -> str:
-    runs, opt = fig3["runs"], fig3["optimum"]
-    T = problem.steps
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    runs, opt, T = fig3["runs"], fig3["optimum"], problem.steps
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     points = np.concatenate([np.asarray(r["lambdas"]) for r in runs.values()] + [np.asarray(opt["lambda"])[None]])
     lo, hi = _plot_box(points)
     _contour(axes[0], problem, "f_tilde", lo, hi, grid_size, opt["value"])
     _trajectories(axes[0], runs, colors, T)
     axes[0].plot(*opt["lambda"], "rx", ms=13, mew=3, label=r"optimal $\lambda$")
-    axes[0].set_title(r"K-RMD on $\tilde F(\lambda)$")
+    axes[0].set_title(r"K-RMD on $\tilde F(\lambda)$ (contours: log scale)")
     axes[0].legend(fontsize=7, loc="best")
-
-    plotting.semilogy_curves(
-        axes[1],
-        {plotting.truncation_label(int(k), T): np.asarray(r["values"]) - fig3["f_star"] for k, r in runs.items()},
-        colors={plotting.truncation_label(int(k), T): colors[int(k)] for k in runs},
-        xlabel=r"hyper-iteration $\tau$", ylabel=r"$\tilde F(\lambda_\tau) - \tilde F^*$", title="biased convergence")
+    _curves(axes[1], runs, colors, T, lambda r: np.asarray(r["values"]) - fig3["f_star"],
+            r"$\tilde F(\lambda_\tau) - \tilde F^*$", "biased convergence")
     axes[1].set_xscale("log")
-
     ks = [int(k) for k in runs]
     axes[2].semilogy(ks, fig3["final_distance_to_optimum"], "bo-", label=r"$\|\lambda_{R+1} - \lambda^*\|$")
     axes[2].semilogy(ks, fig3["final_exact_grad_norm"], "gs--", label=r"$\|d_\lambda \tilde f(\lambda_{R+1})\|$")
-    axes[2].set_xlabel("K")
+    axes[2].set_xlabel("K (reverse steps back-propagated)")
+    axes[2].set_ylabel("at the last iterate (log scale)")
     axes[2].set_title("bias of the K-RMD limit")
     axes[2].grid(True, which="both", alpha=0.3)
     axes[2].legend()
+    fig.suptitle(rf"Fig. 3: K-RMD on $\tilde F$ ($\nabla_\lambda \tilde f \neq 0$): {_budget(problem, len(runs[str(ks[0])]['values']) - 1)}")
     return plotting.save_figure(fig, path)
 
 
 def plot_fig4(problem: ToyProblem, fig4: dict, colors: dict, path: str, grid_size: int, arrows: int = 5) -> str:
-    runs, opt = fig4["runs"], fig4["optimum"]
-    T = problem.steps
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    points = np.concatenate([np.asarray(r["lambdas"]) for r in runs.values()])
-    lo, hi = _plot_box(points, min_span=3.5)  # wide enough to show the ripples and saddles of F
-    _contour(axes[0], problem, "f", lo, hi, grid_size, opt["value"])
+    runs, opt, T = fig4["runs"], fig4["optimum"], problem.steps
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    lo, hi = _plot_box(np.concatenate([np.asarray(r["lambdas"]) for r in runs.values()]), min_span=3.5)
+    _contour(axes[0], problem, "f", lo, hi, grid_size, opt["value"])  # wide enough to show ripples and saddles
     _trajectories(axes[0], runs, colors, T)
     axes[0].plot(*opt["lambda"], "rx", ms=11, mew=2.5, label=r"optimal $\lambda$")
     # −h_{T−1} (blue) vs −d_λ f (red) at the first 1-RMD iterates: h_{T−1} is a descent direction.
-    one = runs["1"]
-    lam, h, d = (np.asarray(one[key])[:arrows] for key in ("lambdas", "hypergrads", "exact_grads"))
+    lam, h, d = (np.asarray(runs["1"][key])[:arrows] for key in ("lambdas", "hypergrads", "exact_grads"))
     scale = 0.12 * np.linalg.norm(hi - lo)
     for vec, color, label in ((h, "b", r"$-h_{T-1}$"), (d, "r", r"$-d_\lambda f$")):
         unit = -vec / np.linalg.norm(vec, axis=1, keepdims=True) * scale
         axes[0].quiver(lam[:, 0], lam[:, 1], unit[:, 0], unit[:, 1], color=color, angles="xy",
                        scale_units="xy", scale=1, width=0.004, alpha=0.8, label=label)
-    axes[0].set_title(r"K-RMD on $F(\lambda)$")
+    axes[0].set_title(r"K-RMD on $F(\lambda)$ (contours: log scale)")
     axes[0].legend(fontsize=7, loc="best")
-
-    labels = {k: plotting.truncation_label(int(k), T) for k in runs}
-    label_colors = {labels[k]: colors[int(k)] for k in runs}
-    plotting.semilogy_curves(
-        axes[1], {labels[k]: r["exact_grad_norms"] for k, r in runs.items()}, colors=label_colors,
-        xlabel=r"hyper-iteration $\tau$", ylabel=r"$\|d_\lambda f(\lambda_\tau)\|$", title="exact gradient norm")
-    plotting.semilogy_curves(
-        axes[2], {labels[k]: np.asarray(r["values"]) - fig4["f_star"] for k, r in runs.items()}, colors=label_colors,
-        xlabel=r"hyper-iteration $\tau$", ylabel=r"$F(\lambda_\tau) - F^*$", title="objective gap")
-    axes[2].legend(fontsize=8)
+    _curves(axes[1], runs, colors, T, lambda r: r["exact_grad_norms"], r"$\|d_\lambda f(\lambda_\tau)\|$",
+            "exact gradient norm")
+    _curves(axes[2], runs, colors, T, lambda r: np.asarray(r["values"]) - fig4["f_star"],
+            r"$F(\lambda_\tau) - F^*$", "objective gap")
+    fig.suptitle(rf"Fig. 4: K-RMD on $F$ ($\nabla_\lambda f = 0$): {_budget(problem, len(runs['1']['values']) - 1)}")
     return plotting.save_figure(fig, path)
 
 
-# ----------------------------------------------------------------------------------------
-# The program.
-# ----------------------------------------------------------------------------------------
+# -- The program. ------------------------------------------------------------------------
+PRESETS = {"full": {},  # the paper's settings (the defaults)
+           "quick": dict(hyper_iters=100, truncations=(1, 5, 100), fig1_truncations=(1, 5, 100), grid_size=81)}
+
+
 @dataclasses.dataclass
 class ToyConfig:
-    output_dir: str
-    hyper_iters: int = 1000
-    truncations: Sequence[int] = (1, 2, 5, 10, 25, 50, 100)
-    fig1_truncations: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 95, 99, 100)
-    init_lambda: Sequence[float] = (-1.0, 1.0)
-    first_step_norm: float = 0.6
-    grid_size: int = 201
-    seed: int = 0
-    jit_compile: bool = True
-    quick: bool = False
+    output_dir: str = option("out/toy", "Where results.json and fig1..fig4.png are written.", result=False)
+    hyper_iters: int = option(1000, "Hyper-iterations R per trajectory (Figs. 2–4).")
+    truncations: Sequence[int] = option((1, 2, 5, 10, 25, 50, 100), "K values for Figs. 2–4 (K = T = 100 is "
+                                        "full RMD; K = 1 is always added).")
+    fig1_truncations: Sequence[int] = option(
+        (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 95, 99, 100),
+        "K values for Fig. 1 (each K compiles its own estimator).")
+    init_lambda: Sequence[float] = option((-1.0, 1.0), "Start λ_1 of every trajectory.")
+    first_step_norm: float = option(0.6, "‖η_1 h_{T−K}(λ_1)‖: η0 is tuned per K to give this first step "
+                                    "(footnote 4).")
+    grid_size: int = option(201, "Contour grid resolution per axis.")
+    seed: int = option(0, "Recorded and used to seed numpy/TF (the problem is deterministic).")
+    jit_compile: bool = option(True, "XLA-compile the hypergradient estimators.")
+    preset: str = "full"
 
     def validated(self, problem: ToyProblem) -> "ToyConfig":
-        cfg = dataclasses.replace(self, **QUICK) if self.quick else dataclasses.replace(self)
+        cfg = dataclasses.replace(self)
         T = problem.steps
         for name in ("truncations", "fig1_truncations"):
             ks = sorted({int(k) for k in getattr(cfg, name)})
@@ -452,14 +415,10 @@ class ToyConfig:
         return cfg
 
 
-def _progress_bar(target: int):
-    return tf.keras.utils.Progbar(target, verbose=1 if sys.stdout.isatty() else 2, unit_name="hyper-iteration")
-
-
 def run_experiment(cfg: ToyConfig, problem: Optional[ToyProblem] = None) -> dict:
-    """Runs everything behind Figs. 1–4, writes results.json and fig1..fig4.png, returns results.
-    One run at a time per output folder: an exclusive lock on it is held meanwhile
-    (run_state.OutputDirError if another run holds it, or the folder cannot be written)."""
+    """Runs everything behind Figs. 1–4, writes results.json and fig1..fig4.png, returns results
+    (under an exclusive lock on the output folder: run_state.OutputDirError if another run holds
+    it or the folder cannot be written)."""
     problem = problem or ToyProblem()
     cfg = cfg.validated(problem)
     with exclusive_output_dir(cfg.output_dir, "experiments.toy"):
@@ -478,76 +437,57 @@ def _run_experiment(cfg: ToyConfig, problem: ToyProblem) -> dict:
 
     runs, optima, fig2 = {}, {}, {}
     for objective in OBJECTIVES:
-        print(f"[toy] {objective}: {cfg.hyper_iters} hyper-iterations for K in {cfg.truncations}", flush=True)
-        bar = _progress_bar(cfg.hyper_iters * len(cfg.truncations))
-        runs[objective] = {
-            str(k): run_trajectory(
-                problem, est, objective, k, cfg.init_lambda, cfg.hyper_iters, cfg.first_step_norm,
-                probe_truncations=cfg.truncations if k == 1 else (), progress=bar)
-            for k in cfg.truncations
-        }
+        bar = tfb.Progress(cfg.hyper_iters * len(cfg.truncations), unit_name="hyper-iteration",
+                           label=f"[toy] {objective}: {cfg.hyper_iters} hyper-iterations for K in {cfg.truncations}")
+        done = itertools.count(1)
+        runs[objective] = {str(k): run_trajectory(problem, est, objective, k, cfg.init_lambda, cfg.hyper_iters,
+                                                  cfg.first_step_norm, cfg.truncations if k == 1 else (),
+                                                  lambda: bar.update(next(done)))
+                           for k in cfg.truncations}
         optima[objective] = find_optimum(problem, est, objective, cfg.grid_size)
         one = runs[objective]["1"]
         reliable = one["exact_grad_norms"][:-1] > _RATIO_MIN_GRAD
-        fig2[objective] = {
-            "lambdas": one["lambdas"][:-1],
-            "exact_grad_norms": one["exact_grad_norms"][:-1],
-            "ratios": one["ratios"],
-            "reliable": reliable,
-            "min_ratio": {k: float(np.min(np.asarray(r)[reliable])) for k, r in one["ratios"].items()},
-        }
+        fig2[objective] = {"lambdas": one["lambdas"][:-1], "exact_grad_norms": one["exact_grad_norms"][:-1],
+                           "ratios": one["ratios"], "reliable": reliable,
+                           "min_ratio": {k: float(np.min(np.asarray(r)[reliable])) for k, r in one["ratios"].items()}}
 
     def summary(objective):
         opt = optima[objective]
         # F* for the gaps: exact for f (ŵ = 0 is reachable, F* = 0); the refined optimum for f̃.
         f_star = opt.get("value_closed_form", opt["value"])
-        out = {"optimum": opt, "f_star": f_star, "runs": runs[objective]}
-        out["final_lambda"] = {k: r["lambdas"][-1] for k, r in runs[objective].items()}
-        out["final_distance_to_optimum"] = [float(np.linalg.norm(r["lambdas"][-1] - opt["lambda"])) for r in runs[objective].values()]
-        out["final_exact_grad_norm"] = [float(r["exact_grad_norms"][-1]) for r in runs[objective].values()]
-        out["final_value_gap"] = [float(r["values"][-1] - f_star) for r in runs[objective].values()]
-        return out
+        mine = runs[objective]
+        return {"optimum": opt, "f_star": f_star, "runs": mine,
+                "final_lambda": {k: r["lambdas"][-1] for k, r in mine.items()},
+                "final_distance_to_optimum": [float(np.linalg.norm(r["lambdas"][-1] - opt["lambda"])) for r in mine.values()],
+                "final_exact_grad_norm": [float(r["exact_grad_norms"][-1]) for r in mine.values()],
+                "final_value_gap": [float(r["values"][-1] - f_star) for r in mine.values()]}
 
     fig3, fig4 = summary("f_tilde"), summary("f")
 
     # Cross-check every engine hypergradient of the trajectories against the closed form.
-    max_diff_exact, max_diff_truncated = 0.0, 0.0
-    for objective in OBJECTIVES:
-        for k_str, run in runs[objective].items():
-            lam = run["lambdas"]
-            exact_cf = problem.truncated_hypergradient(lam, T, objective)
-            trunc_cf = problem.truncated_hypergradient(lam[:-1], int(k_str), objective)
-            max_diff_exact = max(max_diff_exact, float(np.max(np.abs(run["exact_grads"] - exact_cf))))
-            max_diff_truncated = max(max_diff_truncated, float(np.max(np.abs(run["hypergrads"] - trunc_cf))))
-    crosscheck = {
-        "max_abs_diff_exact_vs_closed_form": max_diff_exact,
-        "max_abs_diff_truncated_vs_closed_form": max_diff_truncated,
-        "fig1_exact_vs_closed_form": float(np.max(np.abs(fig1["exact_hypergradient"] - fig1["exact_hypergradient_closed_form"]))),
-        "fig1_w_hat_vs_closed_form": float(np.max(np.abs(fig1["w_hat_engine"] - fig1["w_hat_closed_form"]))),
-    }
+    def max_diff(key: str, k_of: Callable[[str], int], until: Optional[int]) -> float:
+        return max(float(np.max(np.abs(run[key] - problem.truncated_hypergradient(run["lambdas"][:until], k_of(k), o))))
+                   for o in OBJECTIVES for k, run in runs[o].items())
+
+    crosscheck = {"max_abs_diff_exact_vs_closed_form": max_diff("exact_grads", lambda k: T, None),
+                  "max_abs_diff_truncated_vs_closed_form": max_diff("hypergrads", int, -1),
+                  "fig1_exact_vs_closed_form": float(np.max(np.abs(fig1["exact_hypergradient"]
+                                                                   - fig1["exact_hypergradient_closed_form"]))),
+                  "fig1_w_hat_vs_closed_form": float(np.max(np.abs(fig1["w_hat_engine"] - fig1["w_hat_closed_form"])))}
     if max(crosscheck.values()) > 1e-8:
         print(f"[toy] WARNING: engine and closed form disagree: {crosscheck}", flush=True)
 
     colors = plotting.truncation_colors(sorted(set(cfg.truncations) | {T}), T)
-    figures = {
-        "fig1": plot_fig1(problem, fig1, os.path.join(cfg.output_dir, "fig1.png"), min(cfg.grid_size, 121)),
-        "fig2": plot_fig2(problem, fig2, colors, os.path.join(cfg.output_dir, "fig2.png")),
-        "fig3": plot_fig3(problem, fig3, colors, os.path.join(cfg.output_dir, "fig3.png"), cfg.grid_size),
-        "fig4": plot_fig4(problem, fig4, colors, os.path.join(cfg.output_dir, "fig4.png"), cfg.grid_size),
-    }
-    results = {
-        "config": dataclasses.asdict(cfg),
-        "problem": dataclasses.asdict(problem),
-        "fig1": fig1,
-        "fig2": fig2,
-        "fig3": fig3,
-        "fig4": fig4,
-        "closed_form_crosscheck": crosscheck,
-        "tracing_counts": {str(k): v for k, v in est.tracing_counts().items()},
-        "figures": {k: os.path.basename(v) for k, v in figures.items()},
-        "runtime_seconds": time.time() - start_time,
-    }
-    results = jsonable(results)
+    path = lambda name: os.path.join(cfg.output_dir, f"{name}.png")  # noqa: E731
+    figures = {"fig1": plot_fig1(problem, fig1, path("fig1"), min(cfg.grid_size, 121)),
+               "fig2": plot_fig2(problem, fig2, colors, path("fig2")),
+               "fig3": plot_fig3(problem, fig3, colors, path("fig3"), cfg.grid_size),
+               "fig4": plot_fig4(problem, fig4, colors, path("fig4"), cfg.grid_size)}
+    results = jsonable({"config": dataclasses.asdict(cfg), "problem": dataclasses.asdict(problem), "fig1": fig1,
+                        "fig2": fig2, "fig3": fig3, "fig4": fig4, "closed_form_crosscheck": crosscheck,
+                        "tracing_counts": {str(k): v for k, v in est.tracing_counts().items()},
+                        "figures": {k: os.path.basename(v) for k, v in figures.items()},
+                        "runtime_seconds": time.time() - start_time})
     write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results)
     _print_summary(results)
     return results
@@ -573,49 +513,15 @@ def _print_summary(results: dict) -> None:
     print(f"[toy] tracing counts per K: {results['tracing_counts']}; runtime {results['runtime_seconds']:.1f} s")
 
 
-# ----------------------------------------------------------------------------------------
-# absl entry point. The flags are defined only when run as a program, so that importing this
-# module (e.g. from tests next to other experiment modules) cannot collide with their flags.
-# ----------------------------------------------------------------------------------------
-def define_flags() -> None:
-    from absl import flags
-
-    defaults = ToyConfig(output_dir="out/toy")
-    flags.DEFINE_string("output_dir", defaults.output_dir, "Where results.json and fig1..fig4.png are written.")
-    flags.DEFINE_integer("hyper_iters", defaults.hyper_iters, "Hyper-iterations R per trajectory (Figs. 2–4).")
-    flags.DEFINE_list("truncations", [str(k) for k in defaults.truncations],
-                      "K values for Figs. 2–4 (K = T = 100 is full RMD; K = 1 is always added).")
-    flags.DEFINE_list("fig1_truncations", [str(k) for k in defaults.fig1_truncations],
-                      "K values for Fig. 1 (each K compiles its own estimator).")
-    flags.DEFINE_list("init_lambda", [str(x) for x in defaults.init_lambda], "Start λ_1 of every trajectory.")
-    flags.DEFINE_float("first_step_norm", defaults.first_step_norm,
-                       "‖η_1 h_{T−K}(λ_1)‖: η0 is tuned per K to give this first step (footnote 4).")
-    flags.DEFINE_integer("grid_size", defaults.grid_size, "Contour grid resolution per axis.")
-    flags.DEFINE_integer("seed", defaults.seed, "Recorded and used to seed numpy/TF (the problem is deterministic).")
-    flags.DEFINE_bool("jit_compile", defaults.jit_compile, "XLA-compile the hypergradient estimators.")
-    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
-                      "budget for tests (100 hyper-iterations, K in {1, 5, 100}, coarse grids).")
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
-
-
 def main(argv: Sequence[str]) -> int:
-    from absl import app, flags
+    from absl import app
 
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    F = flags.FLAGS
-    cfg = ToyConfig(
-        output_dir=F.output_dir,
-        hyper_iters=F.hyper_iters,
-        truncations=[int(k) for k in F.truncations],
-        fig1_truncations=[int(k) for k in F.fig1_truncations],
-        init_lambda=[float(x) for x in F.init_lambda],
-        first_step_norm=F.first_step_norm,
-        grid_size=F.grid_size,
-        seed=F.seed,
-        jit_compile=F.jit_compile,
-        quick=F.quick or F.preset == "quick",
-    )
+    try:
+        cfg = config_from_flags(ToyConfig, PRESETS).validated(ToyProblem())
+    except ValueError as err:
+        raise app.UsageError(str(err))
     try:
         run_experiment(cfg)
     except STATE_ERRORS as err:  # the output folder is busy or cannot be written
@@ -626,5 +532,5 @@ def main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     from absl import app
 
-    define_flags()
+    define_flags(ToyConfig, PRESETS)
     app.run(main)

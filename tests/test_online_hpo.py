@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import online_common as oc  # noqa: E402
 from experiments import online_hpo as H  # noqa: E402
+from experiments.config import apply_preset  # noqa: E402
 from offline_data import write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
@@ -88,7 +89,7 @@ def test_config_validation_names_the_flag():
         H.Config(truncate=("5:6",)).validated()
     assert H.Config(truncate=("20:1", 5, "1")).validated().truncate == ((1, 1), (5, 5), (20, 1))
     assert H.method_name(20, 1) == "bilevel_T20_K1" and H.method_name(5, 5) == "bilevel_T5"
-    cfg = H.apply_preset(H.Config(), "quick", explicit=["epochs"])
+    cfg = apply_preset(H.Config(), H.PRESETS, "quick", explicit=["epochs"])
     assert cfg.epochs == H.Config().epochs and cfg.tuner_trials == 2
 
 
