@@ -7,7 +7,8 @@ the same whether the data came from a tfds download or from local IDX files:
   data source in this order and never hangs when offline:
 
   1. ``local_dir`` (MNIST / Fashion-MNIST IDX ``.gz`` files) if given;
-  2. a dataset already prepared by tfds in ``data_dir``;
+  2. a dataset already prepared by tfds in ``data_dir`` (MNIST / Fashion-MNIST there must
+     have the stock split sizes: a subset found there is an error naming the fix);
   3. default local folders (``$TF_BILEVEL_MNIST_DIR``, ``<repo>/../shared/data/
      mnist``, ``$TF_BILEVEL_FASHION_MNIST_DIR``, ``/usr/share/datasets/
      fashion-mnist``);
@@ -20,6 +21,8 @@ the same whether the data came from a tfds download or from local IDX files:
   builder (``tfds.image_classification.MNIST`` / ``FashionMNIST``) and only
   swaps the download for a local extraction, so the prepared dataset has the
   stock name, version and features and later calls (and ``tfds.load``) find it.
+  Files that are a subset (other split sizes) are prepared under
+  ``data_dir/idx_subsets/<name>-<hash>`` instead, one folder per set of files.
 
 * ``hypercleaning_split`` builds the data-hypercleaning problem (paper §4.2.1).
 * ``class_split`` / ``make_episodes`` build N-way K-shot meta-learning tasks.
@@ -113,6 +116,16 @@ _HOW_TO = {
 
 class DataUnavailableError(RuntimeError):
     """No local copy of a dataset and no network to download it."""
+
+
+# The split sizes of the stock datasets: only IDX files of exactly these sizes are prepared under
+# the stock name at the root of data_dir (where tfds.load and later runs find them); a subset is
+# prepared in a folder of its own, so that it never passes for the whole dataset.
+STOCK_SIZES = {
+    "mnist": {"train": 60000, "test": 10000},
+    "fashion_mnist": {"train": 60000, "test": 10000},
+}
+SUBSETS_DIR = "idx_subsets"
 
 
 # Where each dataset came from, as get_prepared_builder last found it in this process (programs
@@ -232,7 +245,8 @@ class _LocalIdxMixin:
 
     `_info`, name and version stay the stock ones, so the prepared dataset is
     the registered one (`tfds.load(name, data_dir=...)` reads it). Because it
-    is stored under the stock name, `local_dir` must hold the right dataset.
+    is stored under the stock name, `local_dir` must hold the right dataset
+    (`_prepare_local` stores subsets elsewhere).
     """
 
     def __init__(self, *, local_dir: str | os.PathLike, **kwargs):
@@ -373,16 +387,57 @@ def _exclusive(data_dir: str, name: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _split_sizes(builder: tfds.core.DatasetBuilder) -> dict[str, int]:
+    return {split: int(info.num_examples) for split, info in builder.info.splits.items()}
+
+
+def _files_digest(files: dict[str, Path]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(files):
+        digest.update(key.encode())
+        digest.update(files[key].read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _local_data_dir(name: str, local_dir: str | os.PathLike, data_dir: str) -> str:
+    """Where IDX files in `local_dir` are prepared: data_dir itself for the whole dataset (the
+    stock split sizes), else data_dir/idx_subsets/<name>-<hash of the files>."""
+    files = _find_idx_files(local_dir)
+    if files is None:
+        return data_dir  # the builder names the missing files
+    sizes = {split: _idx_count(files[f"{split}_labels"]) for split in ("train", "test")}
+    if sizes == STOCK_SIZES.get(name):
+        return data_dir
+    return os.path.join(data_dir, SUBSETS_DIR, f"{name}-{_files_digest(files)}")
+
+
+def _check_stock_sizes(name: str, builder: tfds.core.DatasetBuilder, data_dir: str) -> None:
+    """A copy under the stock name in data_dir must be the whole dataset: older versions of these
+    programs prepared subsets of the IDX files there, which later runs took for the real one."""
+    expected, found = STOCK_SIZES.get(name), _split_sizes(builder)
+    if expected is not None and any(found.get(split) != size for split, size in expected.items()):
+        where = os.path.join(data_dir, name)
+        raise DataUnavailableError(
+            f"{where} holds a {name} with splits {found}, not the stock {expected}: it was prepared from a "
+            f"subset of the IDX files. Delete {where} (it is prepared again from the local files or "
+            "downloaded), or pass another --data_dir."
+        )
+
+
 def _prepare_local(name: str, local_dir: str | os.PathLike, data_dir: str) -> tfds.core.DatasetBuilder:
-    """Prepare `name` from local IDX files into data_dir (no-op if prepared)."""
-    builder = _LOCAL_BUILDERS[name](local_dir=local_dir, data_dir=data_dir)
+    """Prepare `name` from local IDX files (no-op if prepared): into data_dir when they are the
+    whole dataset, into a folder of their own under data_dir when they are a subset."""
+    target = _local_data_dir(name, local_dir, data_dir)
+    builder = _LOCAL_BUILDERS[name](local_dir=local_dir, data_dir=target)
     if builder.is_prepared():
+        if target == data_dir:
+            _check_stock_sizes(name, builder, data_dir)
         return builder
-    with _exclusive(data_dir, name):
-        builder = _LOCAL_BUILDERS[name](local_dir=local_dir, data_dir=data_dir)  # re-read: another process may be done
+    with _exclusive(target, name):
+        builder = _LOCAL_BUILDERS[name](local_dir=local_dir, data_dir=target)  # re-read: another process may be done
         if not builder.is_prepared():
             # Gunzipped copies are only needed while preparing.
-            with tempfile.TemporaryDirectory(dir=data_dir, prefix="extract_") as tmp:
+            with tempfile.TemporaryDirectory(dir=target, prefix="extract_") as tmp:
                 builder.download_and_prepare(
                     download_dir=tmp,
                     download_config=tfds.download.DownloadConfig(extract_dir=tmp),
@@ -415,6 +470,7 @@ def get_prepared_builder(
         return builder
     builder = tfds.builder(name, data_dir=data_dir)
     if builder.is_prepared():
+        _check_stock_sizes(name, builder, data_dir)
         try:
             origin = _source_file(data_dir, name).read_text().strip()
         except OSError:

@@ -163,10 +163,39 @@ def test_local_fashion_mnist_builder_on_small_idx_files(tmp_path):
         key = lambda xs, ys: sorted(  # noqa: E731
             (a.tobytes(), int(b)) for a, b in zip(xs, ys))
         assert key(x[..., 0], y) == key(want_x, want_y)
-    builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+    # A subset is prepared as the stock dataset (same builder, features), in a folder of its
+    # own: it must not pass for the whole Fashion-MNIST at the root of data_dir.
+    assert not tfds.builder("fashion_mnist", data_dir=data_dir).is_prepared()
+    (subset_dir,) = (Path(data_dir) / D.SUBSETS_DIR).iterdir()
+    builder = tfds.builder("fashion_mnist", data_dir=str(subset_dir))
     assert type(builder) is tfds.image_classification.FashionMNIST
     assert builder.is_prepared()
     assert builder.info.features["label"].names[0] == "T-shirt/top"
+
+
+def test_two_subsets_in_one_data_dir_each_give_their_own_data_and_leave_the_root_clean(tmp_path):
+    """Before, a second --local_dir silently got the first one's prepared copy, and a later run
+    without --local_dir took a subset for the whole MNIST."""
+    data_dir = str(tmp_path / "tfds")
+    first, second = write_small_idx_dir(tmp_path / "a", seed=1), write_small_idx_dir(tmp_path / "b", seed=2)
+    got_first = D.load_image_classification("mnist", data_dir=data_dir, local_dir=tmp_path / "a")
+    got_second = D.load_image_classification("mnist", data_dir=data_dir, local_dir=tmp_path / "b")
+    for got, want in ((got_first, first), (got_second, second)):
+        assert sorted(got["train"][1].tolist()) == sorted(want["train"][1].tolist())
+        assert sorted(x.tobytes() for x in got["train"][0][..., 0]) == sorted(x.tobytes() for x in want["train"][0])
+    assert not tfds.builder("mnist", data_dir=data_dir).is_prepared()
+    assert len(list((Path(data_dir) / D.SUBSETS_DIR).iterdir())) == 2
+
+
+def test_a_subset_prepared_under_the_stock_name_by_an_older_version_is_refused(tmp_path, monkeypatch):
+    write_small_idx_dir(tmp_path / "src")
+    data_dir = str(tmp_path / "tfds")
+    old = D.LocalMNIST(local_dir=tmp_path / "src", data_dir=data_dir)  # as the old code prepared it
+    old.download_and_prepare(download_dir=str(tmp_path / "dl"),
+                             download_config=tfds.download.DownloadConfig(extract_dir=str(tmp_path / "dl")))
+    monkeypatch.setattr(D, "LOCAL_SOURCES", {})
+    with pytest.raises(D.DataUnavailableError, match=r"holds a mnist with splits .*not the stock .*Delete .*mnist"):
+        D.load_image_classification("mnist", data_dir=data_dir)
 
 
 def test_default_local_dir_from_environment(tmp_path, monkeypatch):
