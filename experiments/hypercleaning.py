@@ -14,11 +14,9 @@ when the same command is rerun. Setup, choices and measured results: RESULTS.md,
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,9 +31,12 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
+from experiments import config, provenance  # noqa: E402
+from experiments.config import option, result_settings  # noqa: E402
 from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
     RESTART_HINT, STATE_ERRORS, SettingsMismatchError, damaged, discard_state, exclusive_output_dir, exit_with_error,
-    guard_settings, jsonable, pause_to_be_killed, read_state_json, reading_state, write_json_atomically,
+    guard_settings, jsonable, parse_pause_after, pause_to_be_killed, read_state_json, reading_state,
+    write_json_atomically,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,33 +75,46 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Config:
-    output_dir: str = "out/hypercleaning"
-    truncate: Sequence[int] = (1, 5, 25, 50, 100)
-    hyper_iterations: int = 1000
-    inner_steps: int = 100
-    inner_lr: float = 1.0
-    regularization: float = 0.001
-    loss_normalization: str = "mean_all"
-    first_update_norm: Optional[float] = None  # None: √n_train (η0 ≈ 1)
-    outer_lr: Optional[float] = None  # fixed η0 for every K (disables the per-K tuning)
-    adam_epsilon: float = 1e-8
-    init_lambda: float = 0.0
-    corruption: float = 0.5
-    n_train: int = 5000
-    n_val: int = 5000
-    seed: int = 0
-    f1_thresholds: Sequence[float] = (-4.0, -3.0, -1.0)
-    table_threshold: float = -3.0
-    exact_every: int = 25
-    eval_every: int = 25
-    measure_memory: bool = True
-    memory_probe_calls: int = 3
-    timing_rounds: int = 5
-    local_dir: Optional[str] = None  # folder of MNIST IDX files (--local_dir)
-    data_dir: Optional[str] = None
-    jit_compile: bool = True
-    checkpoint_every: int = 50  # --save_every: hyper-iterations between saves (0: no resumption)
-    preset: str = ""
+    output_dir: str = option("out/hypercleaning", "Where results.json and the PNG figures are written.", result=False)
+    truncate: Sequence[int] = option((1, 5, 25, 50, 100), "K values of K-RMD (K = inner_steps is full RMD).",
+                                     result=False)  # K names its own checkpoint folder
+    hyper_iterations: int = option(1000, "Outer (Adam) iterations R per K.")
+    inner_steps: int = option(100, "T, gradient-descent steps of the inner problem.")
+    inner_lr: float = option(1.0, "γ, inner step size.")
+    regularization: float = option(0.001, "ρ of ρ‖W‖²_F in g.")
+    loss_normalization: str = option(
+        "mean_all", "mean: (1/n)Σσ(λ_i)ℓ_i + ρ‖W‖²; mean_all: (1/n)(Σσ(λ_i)ℓ_i + ρ‖W‖²); sum: the paper's formula "
+        "as printed (diverges with γ = 1).", choices=NORMALIZATIONS)
+    first_update_norm: Optional[float] = option(
+        None, "Target ‖first Adam update of λ‖ used to tune η0 per K (appendix G.1); default √n_train, i.e. η0 ≈ 1.")
+    outer_lr: Optional[float] = option(None, "Fixed η0 for every K (disables the per-K tuning).")
+    adam_epsilon: float = option(1e-8, "ε of the outer Adam.")
+    init_lambda: float = option(0.0, "λ_0 for every example (0: σ = ½).")
+    corruption: float = option(0.5, "Probability that a training label is redrawn uniformly.")
+    n_train: int = option(5000, "Training examples (class-balanced, multiple of 10).")
+    n_val: int = option(5000, "Validation examples (class-balanced, multiple of 10).")
+    seed: int = option(0, "Seed of the split / corruption (and numpy/TF).")
+    f1_thresholds: Sequence[float] = option((-4.0, -3.0, -1.0), "Thresholds τ: flag λ_i < τ (appendix G.1).")
+    table_threshold: float = option(-3.0, "τ of the Table 2 F1 column and the F1 curves.")
+    exact_every: int = option(25, "Exact (full-RMD) ‖d_λ f‖ every N hyper-iterations (Fig. 5); 0: only at the "
+                              "start and the end.")
+    eval_every: int = option(25, "Test accuracy every N hyper-iterations.")
+    measure_memory: bool = option(True, "Peak memory per K, one fresh subprocess per K.", result=False)
+    memory_probe_calls: int = option(3, "Steady-state calls per memory probe.", result=False)
+    timing_rounds: int = option(5, "Extra hyper-iterations per K, timed round-robin over the K values after the "
+                                "runs (s/it in the table; 0: use the runs' own median).", result=False)
+    local_dir: Optional[str] = option(
+        None, "Folder with the 4 MNIST IDX .gz files (default: tfds data_dir, then $TF_BILEVEL_MNIST_DIR or the "
+        "project's shared data folder, then download).", result=False)  # the data's hash is fingerprinted
+    data_dir: Optional[str] = option(None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).",
+                                     result=False)
+    jit_compile: bool = option(True, "XLA-compile the hyper-iteration.")
+    save_every: int = option(
+        50, "Save λ, the outer Adam's state and the curves of the running K every N hyper-iterations (and each "
+        "finished K) under <output_dir>/checkpoints; rerunning the same command resumes from there (a finished K "
+        "is not rerun; a run with another configuration in that folder is refused: delete it or pick another "
+        "--output_dir). 0: no checkpoints.", result=False)
+    preset: str = "full"
 
     def validated(self) -> "Config":
         cfg = dataclasses.replace(self)
@@ -133,17 +147,9 @@ class Config:
         cfg.f1_thresholds = sorted({float(t) for t in cfg.f1_thresholds} | {float(cfg.table_threshold)})
         if cfg.exact_every < 0 or cfg.eval_every < 1:
             raise ValueError("--exact_every must be >= 0 (0: only at the start and the end) and --eval_every >= 1")
-        if cfg.checkpoint_every < 0:
-            raise ValueError(f"--save_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
+        if cfg.save_every < 0:
+            raise ValueError(f"--save_every must be >= 0 (0: no checkpoints), got {cfg.save_every}")
         return cfg
-
-
-def apply_preset(cfg: Config, preset: str, explicit: Sequence[str] = ()) -> Config:
-    """`cfg` with the preset's values, except for the fields in `explicit` (set by the user)."""
-    if preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    values = {k: v for k, v in PRESETS[preset].items() if k not in explicit}
-    return dataclasses.replace(cfg, preset=preset, **values)
 
 
 # ----------------------------------------------------------------------------------------
@@ -262,16 +268,12 @@ def accuracy(W: np.ndarray, x: np.ndarray, y: np.ndarray, chunk: int = 20000) ->
 # Checkpoints: a killed run, rerun with the same command, resumes where it was.
 # ----------------------------------------------------------------------------------------
 CHECKPOINT_DIR = "checkpoints"
-# Config fields that cannot change any number of a K's run (where the data come from is
-# covered by the hash of the split; K itself names the folder).
-_NOT_FINGERPRINTED = ("output_dir", "truncate", "measure_memory", "memory_probe_calls", "timing_rounds",
-                      "local_dir", "data_dir", "checkpoint_every", "preset")
 PAUSE_SECONDS = 120  # --pause_after: nobody killed the program, exit with an error rather than hang
 
 
-def config_fingerprint(cfg: Config, arrays: dict) -> dict:
-    """The config fields that affect a K's results, and a hash of the data split (so that a
-    different MNIST copy or split is never resumed from the checkpoints of another)."""
+def data_sha256(arrays: dict) -> str:
+    """A hash of the data split: a different MNIST copy or split is never resumed from the
+    checkpoints of another."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -279,20 +281,18 @@ def config_fingerprint(cfg: Config, arrays: dict) -> dict:
         array = np.ascontiguousarray(arrays[key])
         digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
         digest.update(array.tobytes())
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
-    if arrays.get("y_test") is not None:
-        fields["n_test"] = int(len(arrays["y_test"]))
-    fields["data_sha256"] = digest.hexdigest()
-    return json.loads(json.dumps(jsonable(fields)))  # as it reads back from the file
+    return digest.hexdigest()
 
 
 def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
     """<output_dir>/checkpoints (None when --save_every=0), with the fingerprint of this
     configuration; raises SettingsMismatchError when it holds checkpoints of another one."""
-    if cfg.checkpoint_every <= 0:
+    if cfg.save_every <= 0:
         return None
     root = Path(cfg.output_dir) / CHECKPOINT_DIR
-    guard_settings(root, config_fingerprint(cfg, arrays), what="the checkpoints")
+    n_test = None if arrays.get("y_test") is None else int(len(arrays["y_test"]))
+    settings = result_settings(cfg, data_sha256=data_sha256(arrays), n_test=n_test)
+    guard_settings(root, settings, what="the checkpoints")
     return root
 
 
@@ -514,7 +514,7 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.H
     Returns the results and the compiled step (for the interleaved timing).
 
     With `checkpoints` (a folder from `prepare_checkpoints`), λ, Adam's state and the curves are
-    saved every cfg.checkpoint_every hyper-iterations and at the end, and the result once the
+    saved every cfg.save_every hyper-iterations and at the end, and the result once the
     K is finished; a later call resumes from the latest checkpoint (or returns the finished
     result, with a step restored at λ_R). `pause_after=(K, i)`: after hyper-iteration i of
     this K, write a marker in output_dir and wait to be killed (tests)."""
@@ -565,7 +565,7 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.H
         bar.update(k + 1, val_loss=record.curves["val_loss"][-1], val_acc=record.curves["val_accuracy"][-1],
                    f1=record.curves["f1"][-1])
         done = k + 1
-        if store is not None and (done % cfg.checkpoint_every == 0 or done == R):
+        if store is not None and (done % cfg.save_every == 0 or done == R):
             record.elapsed_seconds = earlier_seconds + time.perf_counter() - start_total
             store.save(done, dataclasses.asdict(record))
         if pause_after == (truncate, done):
@@ -785,22 +785,6 @@ def plot_figures(results: dict, output_dir: str) -> dict:
 # ----------------------------------------------------------------------------------------
 # The experiment.
 # ----------------------------------------------------------------------------------------
-def _environment() -> dict:
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "load_average": load,
-    }
-
-
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None,
                    pause_after: Optional[tuple[int, int]] = None, restart: bool = False) -> dict:
     """Runs every K, writes results.json and the figures to cfg.output_dir, returns results.
@@ -820,7 +804,7 @@ def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dic
     np.random.seed(cfg.seed)
     tf.random.set_seed(cfg.seed)
     start = time.time()
-    environment = _environment()
+    environment = provenance.environment()
     if arrays is None:
         arrays, data_info = load_split(cfg)
     checkpoints = prepare_checkpoints(cfg, arrays)  # before any work: a mismatch fails at once
@@ -915,77 +899,16 @@ def format_table(results: dict) -> str:
 # absl entry point. Flags are defined only when run as a program, so that importing this module
 # (tests, other programs) cannot collide with other modules' flags.
 # ----------------------------------------------------------------------------------------
-_FLAG_FIELDS = ("output_dir", "truncate", "hyper_iterations", "inner_steps", "inner_lr", "regularization",
-                "loss_normalization", "first_update_norm", "outer_lr", "adam_epsilon", "init_lambda",
-                "corruption", "n_train", "n_val", "seed", "f1_thresholds", "table_threshold", "exact_every",
-                "eval_every", "measure_memory", "memory_probe_calls", "timing_rounds", "local_dir", "data_dir",
-                "jit_compile", "checkpoint_every")
-_FLAG_NAMES = {"checkpoint_every": "save_every"}  # Config field -> flag, where they differ
-
-
 def define_flags() -> None:
     from absl import flags
 
     from experiments._cli import define_internal
 
-    d = Config()
-    flags.DEFINE_enum("preset", "full", sorted(PRESETS),
-                      "full: the paper's settings (the defaults); readme: K in {1,5,100}, 100 hyper-iterations "
-                      "(a few minutes); quick: tiny budget for tests. Explicit flags override the preset.")
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
-    flags.DEFINE_string("output_dir", d.output_dir, "Where results.json and the PNG figures are written.")
-    flags.DEFINE_list("truncate", [str(k) for k in d.truncate], "K values of K-RMD (K = inner_steps is full RMD).")
-    flags.DEFINE_integer("hyper_iterations", d.hyper_iterations, "Outer (Adam) iterations R per K.")
-    flags.DEFINE_integer("inner_steps", d.inner_steps, "T, gradient-descent steps of the inner problem.")
-    flags.DEFINE_float("inner_lr", d.inner_lr, "γ, inner step size.")
-    flags.DEFINE_float("regularization", d.regularization, "ρ of ρ‖W‖²_F in g.")
-    flags.DEFINE_enum("loss_normalization", d.loss_normalization, list(NORMALIZATIONS),
-                      "mean: (1/n)Σσ(λ_i)ℓ_i + ρ‖W‖²; mean_all: (1/n)(Σσ(λ_i)ℓ_i + ρ‖W‖²); sum: the paper's "
-                      "formula as printed (diverges with γ = 1).")
-    flags.DEFINE_float("first_update_norm", None, "Target ‖first Adam update of λ‖ used to tune η0 per K "
-                       "(appendix G.1); default √n_train, i.e. η0 ≈ 1.")
-    flags.DEFINE_float("outer_lr", None, "Fixed η0 for every K (disables the per-K tuning).")
-    flags.DEFINE_float("adam_epsilon", d.adam_epsilon, "ε of the outer Adam.")
-    flags.DEFINE_float("init_lambda", d.init_lambda, "λ_0 for every example (0: σ = ½).")
-    flags.DEFINE_float("corruption", d.corruption, "Probability that a training label is redrawn uniformly.")
-    flags.DEFINE_integer("n_train", d.n_train, "Training examples (class-balanced, multiple of 10).")
-    flags.DEFINE_integer("n_val", d.n_val, "Validation examples (class-balanced, multiple of 10).")
-    flags.DEFINE_integer("seed", d.seed, "Seed of the split / corruption (and numpy/TF).")
-    flags.DEFINE_list("f1_thresholds", [str(t) for t in d.f1_thresholds], "Thresholds τ: flag λ_i < τ (appendix G.1).")
-    flags.DEFINE_float("table_threshold", d.table_threshold, "τ of the Table 2 F1 column and the F1 curves.")
-    flags.DEFINE_integer("exact_every", d.exact_every, "Exact (full-RMD) ‖d_λ f‖ every N hyper-iterations (Fig. 5); "
-                         "0: only at the start and the end.")
-    flags.DEFINE_integer("eval_every", d.eval_every, "Test accuracy every N hyper-iterations.")
-    flags.DEFINE_bool("measure_memory", d.measure_memory, "Peak memory per K, one fresh subprocess per K.")
-    flags.DEFINE_integer("memory_probe_calls", d.memory_probe_calls, "Steady-state calls per memory probe.")
-    flags.DEFINE_integer("timing_rounds", d.timing_rounds, "Extra hyper-iterations per K, timed round-robin "
-                         "over the K values after the runs (s/it in the table; 0: use the runs' own median).")
-    flags.DEFINE_string("local_dir", d.local_dir, "Folder with the 4 MNIST IDX .gz files (default: tfds data_dir, "
-                        "then $TF_BILEVEL_MNIST_DIR or the project's shared data folder, then download).")
-    flags.DEFINE_string("data_dir", d.data_dir, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
-    flags.DEFINE_bool("jit_compile", d.jit_compile, "XLA-compile the hyper-iteration.")
-    flags.DEFINE_integer("save_every", d.checkpoint_every,
-                         "Save λ, the outer Adam's state and the curves of the running K every N hyper-iterations "
-                         "(and each finished K) under <output_dir>/checkpoints; rerunning the same command resumes "
-                         "from there (a finished K is not rerun; a run with another configuration in that folder "
-                         "is refused: delete it or pick another --output_dir). 0: no checkpoints.")
+    config.define_flags(Config, PRESETS)
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/checkpoints) and start over.")
     define_internal(flags.DEFINE_string, "memory_probe", None, "JSON payload of one memory probe.")
     define_internal(flags.DEFINE_string, "pause_after", None, "(tests) K,ITER: after hyper-iteration ITER of K, "
                     "write <output_dir>/paused_K<K>_at_<ITER> and wait to be killed (once: not if that file exists).")
-
-
-def config_from_flags() -> Config:
-    from absl import flags
-
-    F = flags.FLAGS
-    values = {name: getattr(F, _FLAG_NAMES.get(name, name)) for name in _FLAG_FIELDS}
-    values["truncate"] = [int(k) for k in F.truncate]
-    values["f1_thresholds"] = [float(t) for t in F.f1_thresholds]
-    cfg = Config(**values)
-    preset = "quick" if F.quick else F.preset
-    explicit = [name for name in _FLAG_FIELDS if F[_FLAG_NAMES.get(name, name)].present]
-    return apply_preset(cfg, preset, explicit)
 
 
 def _run_memory_probe(payload: str) -> int:
@@ -998,13 +921,10 @@ def _run_memory_probe(payload: str) -> int:
 
 
 def _parse_pause_after(value: Optional[str]) -> Optional[tuple[int, int]]:
-    if not value:
-        return None
-    try:
-        truncate, done = (int(v) for v in value.split(","))
-    except ValueError:
-        raise ValueError(f"--pause_after must be K,ITER (two integers), got {value!r}") from None
-    return truncate, done
+    pause = parse_pause_after(value, "K,ITER")
+    if pause is not None and not pause[0].isdigit():
+        raise ValueError(f"--pause_after must be K,ITER (two integers), got {value!r}")
+    return None if pause is None else (int(pause[0]), pause[1])
 
 
 def main(argv: Sequence[str]) -> int:
@@ -1019,7 +939,7 @@ def main(argv: Sequence[str]) -> int:
     if flags.FLAGS.memory_probe:
         return _run_memory_probe(flags.FLAGS.memory_probe)
     try:
-        cfg = config_from_flags().validated()
+        cfg = config.config_from_flags(Config, PRESETS).validated()
         pause_after = _parse_pause_after(flags.FLAGS.pause_after)
     except ValueError as err:
         raise app.UsageError(str(err))
