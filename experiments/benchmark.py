@@ -13,13 +13,10 @@ inner steps, compile time and peak memory; writes results.json and benchmark.png
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,16 +30,15 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import benchmark_cnn, benchmark_metabatch, benchmark_online  # noqa: E402
+from experiments import benchmark_cnn, benchmark_metabatch, benchmark_online, provenance  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
+from experiments.subprocesses import print_result, run_each  # noqa: E402
 from experiments.run_state import (  # noqa: E402
     STATE_ERRORS, exclusive_output_dir, exit_with_error, write_atomically, write_json_atomically,
 )
 from tf_bilevel.keras import losses  # noqa: E402  (imported here, not inside a measured call)
 
 ESTIMATORS = ("floor", "reverse", "checkpointed", "forward", "implicit_cg")
-RESULT_MARKER = "BENCHMARK_WORKER_RESULT "
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 FLAGS = flags.FLAGS
 
@@ -274,22 +270,6 @@ def configurations(settings: dict) -> list[dict]:
     return configs
 
 
-def run_worker(config: dict, timeout: float) -> dict:
-    """Measures `config` in a fresh Python process."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    command = [sys.executable, "-m", "experiments.benchmark", f"--worker={json.dumps(config)}"]
-    try:
-        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**config, "error": f"timed out after {timeout:.0f} s"}
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    return {**config, "error": f"worker exited with {done.returncode}: {done.stderr.strip()[-2000:]}"}
-
-
 def _mb(value: Optional[float]) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
@@ -459,17 +439,6 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
 def settings_from_flags() -> dict:
     settings = {
         "steps": [int(s) for s in FLAGS.steps],
@@ -547,7 +516,7 @@ def main(argv: list[str]) -> None:
     del argv
     FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     if FLAGS.worker is not None:
-        print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.worker))), flush=True)
+        print_result(measure(json.loads(FLAGS.worker)))
         return
 
     unknown = sorted(set(FLAGS.suites) - {"estimators", "online", "cnn", "metabatch"})
@@ -558,7 +527,7 @@ def main(argv: list[str]) -> None:
         with exclusive_output_dir(output_dir, "experiments.benchmark"):
             if "estimators" in FLAGS.suites:
                 settings = settings_from_flags()
-                run_benchmark(settings, machine_info(), configurations(settings), output_dir)
+                run_benchmark(settings, provenance.environment(), configurations(settings), output_dir)
             if "online" in FLAGS.suites:
                 settings = benchmark_online.make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick)
                 benchmark_online.run(settings, output_dir)
@@ -574,29 +543,20 @@ def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path
     """Measures every configuration (one fresh process each), writes results.json and the figure."""
     print(f"{len(configs)} configurations, one fresh process each; machine: {machine['platform']}, "
           f"{machine['cpu_count']} CPUs, TF {machine['tensorflow']}", flush=True)
-    results = []
-    started = time.perf_counter()
-    for i, config in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] T={config['steps']} {config['label']} ...", end=" ", flush=True)
-        result = run_worker(config, FLAGS.worker_timeout)
-        results.append(result)
-        if "error" in result:
-            print(f"ERROR {result['error'].splitlines()[-1] if result['error'] else ''}", flush=True)
-        else:
-            print(f"{result['median_seconds']:.3f} s = {result['time_over_floor']:.2f}× floor "
-                  f"(CPU {result['cpu_over_floor']:.2f}×), "
-                  f"compile {result['compile_seconds']:.1f} s, "
-                  f"alloc peak {_mb(result['allocator_peak_growth_bytes'])} MB "
-                  f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
-
-    machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results = run_each(
+        configs, "experiments.benchmark", "worker", FLAGS.worker_timeout,
+        describe=lambda c: f"T={c['steps']} {c['label']}",
+        report=lambda r: (f"{r['median_seconds']:.3f} s = {r['time_over_floor']:.2f}× floor "
+                          f"(CPU {r['cpu_over_floor']:.2f}×), compile {r['compile_seconds']:.1f} s, "
+                          f"alloc peak {_mb(r['allocator_peak_growth_bytes'])} MB"))
+    machine["load_average_end"] = list(os.getloadavg())
     summary = summarize(results, settings)
     table = format_table(results)
     print()
     print(table)
     print(format_summary(summary))
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": machine["date"],
         "machine": machine,
         "settings": settings,
         "problem": {

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,15 +32,14 @@ import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
 from experiments import config, provenance  # noqa: E402
 from experiments.config import option, result_settings  # noqa: E402
+from experiments.subprocesses import print_result, run_fresh  # noqa: E402
 from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
     RESTART_HINT, STATE_ERRORS, SettingsMismatchError, damaged, discard_state, exclusive_output_dir, exit_with_error,
     guard_settings, jsonable, parse_pause_after, pause_to_be_killed, read_state_json, reading_state,
     write_json_atomically,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NORMALIZATIONS = ("mean", "mean_all", "sum")
-PROBE_MARKER = "HYPERCLEANING_MEMORY_PROBE "
 
 # Table 2 (after 1000 hyper-iterations) and the appendix G.1 F1 table (150 hyper-iterations).
 PAPER_TABLE2 = {
@@ -698,26 +696,13 @@ def measure_memory(cfg: Config, arrays: dict, timeout: float = 900.0) -> dict:
     data_path = os.path.join(cfg.output_dir, "_memory_probe_data.npz")
     keys = ("x_train", "y_train", "x_val", "y_val", "corrupted", "replaced")
     np.savez(data_path, **{k: arrays[k] for k in keys})
-    probe_cfg = dataclasses.asdict(cfg)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     results = {}
     try:
         for truncate in [0] + list(cfg.truncate):
-            payload = json.dumps({"config": probe_cfg, "data": data_path, "truncate": truncate})
-            command = [sys.executable, "-m", "experiments.hypercleaning", f"--memory_probe={payload}"]
             label = "floor (hg.solve)" if truncate == 0 else f"K={truncate}"
             print(f"[hypercleaning] memory probe {label} in a fresh process", flush=True)
-            try:
-                done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                results[str(truncate)] = {"error": f"timed out after {timeout:.0f} s"}
-                continue
-            lines = [line for line in done.stdout.splitlines() if line.startswith(PROBE_MARKER)]
-            if done.returncode or not lines:
-                results[str(truncate)] = {"error": (done.stderr or done.stdout)[-2000:]}
-            else:
-                results[str(truncate)] = json.loads(lines[-1][len(PROBE_MARKER):])
+            payload = {"config": dataclasses.asdict(cfg), "data": data_path, "truncate": truncate}
+            results[str(truncate)] = run_fresh("experiments.hypercleaning", "memory_probe", payload, timeout)
     finally:
         os.remove(data_path)
     return results
@@ -916,7 +901,7 @@ def _run_memory_probe(payload: str) -> int:
     cfg = Config(**spec["config"])
     with np.load(spec["data"]) as data:
         arrays = {k: data[k] for k in data.files}
-    print(PROBE_MARKER + json.dumps(memory_probe(cfg, arrays, int(spec["truncate"]))), flush=True)
+    print_result(memory_probe(cfg, arrays, int(spec["truncate"])))
     return 0
 
 
