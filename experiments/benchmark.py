@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ import tf_bilevel as tfb  # noqa: E402
 from experiments import benchmark_cnn, benchmark_metabatch, benchmark_online, provenance  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
 from experiments.subprocesses import print_result, run_each  # noqa: E402
+from experiments.timing import Timing, alternate, timed  # noqa: E402
+from experiments.timing import median as timing_median  # noqa: E402
 from experiments.run_state import (  # noqa: E402
     STATE_ERRORS, exclusive_output_dir, exit_with_error, write_atomically, write_json_atomically,
 )
@@ -112,21 +113,6 @@ def hypercleaning_problem(
 # ----------------------------------------------------------------------------------------
 
 
-def _block(result: Any) -> Any:
-    return [np.asarray(x.numpy()) for x in tf.nest.flatten(result)]
-
-
-class Timing(NamedTuple):
-    wall: float
-    cpu: float  # process CPU time, all threads: much less sensitive to other processes' load
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[Timing, Any]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = _block(fn())
-    return Timing(time.perf_counter() - wall, time.process_time() - cpu), out
-
-
 def stored_states(config: dict) -> Optional[float]:
     """Weight-sized states kept alive by the estimator (Table 1 space, in units of M)."""
     kind, K = config["estimator"], config["truncate"]
@@ -173,27 +159,21 @@ def measure(config: dict) -> dict:
         config["num_examples"], config["num_features"], config["num_classes"], config["seed"],
         num_hparams=config["forward_hparams"] if config["estimator"] == "forward" else None,
     )
-    _block(tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
+    timed(lambda: tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
     with PeakMemory() as first_memory:
         wall, cpu = time.perf_counter(), time.process_time()
         hg, fn, floor = build(config, problem)
-        first_out = _block(fn())
+        _, first_out = timed(fn)
         first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
     with PeakMemory() as steady_memory:
-        warm, _ = _timed(fn)
+        warm, _ = timed(fn)
     is_floor = config["estimator"] == "floor"
-    floor_first = first if is_floor else _timed(floor)[0]
+    floor_first = first if is_floor else timed(floor)[0]
 
-    estimate = warm.wall + (0.0 if is_floor else _timed(floor)[0].wall)
+    estimate = warm.wall + (0.0 if is_floor else timed(floor)[0].wall)
     repeats = max(min(config["repeats"], int(config["max_seconds"] // max(estimate, 1e-9))), min(3, config["repeats"]))
-    times, floor_times = [], []
-    for _ in range(repeats):  # alternate, so that a change of machine load hits both alike
-        if not is_floor:
-            floor_times.append(_timed(floor)[0])
-        times.append(_timed(fn)[0])
-    floor_times = floor_times or times
-    median = Timing(*(statistics.median(t[i] for t in times) for i in range(2)))
-    floor_median = Timing(*(statistics.median(t[i] for t in floor_times) for i in range(2)))
+    times, floor_times = alternate(fn, None if is_floor else floor, repeats)
+    median, floor_median = timing_median(times), timing_median(floor_times)
     fastest, floor_fastest = min(t.wall for t in times), min(t.wall for t in floor_times)
 
     if is_floor:

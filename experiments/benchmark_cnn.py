@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import tf_bilevel as tfb  # noqa: E402
 from experiments import provenance  # noqa: E402
 from experiments._memory import PeakMemory  # noqa: E402
 from experiments.subprocesses import print_result, run_each  # noqa: E402
+from experiments.timing import Timing, alternate, timed  # noqa: E402
+from experiments.timing import median as timing_median  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402
 from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
 
@@ -145,17 +146,6 @@ def num_params(params: dict) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-class Timing(NamedTuple):
-    wall: float
-    cpu: float  # process CPU time, all threads
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[Timing, list]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = [np.asarray(x) for x in tf.nest.flatten(fn())]  # blocks on the result
-    return Timing(time.perf_counter() - wall, time.process_time() - cpu), out
-
-
 def stored_states(config: dict) -> int:
     """Weight-sized states the explicit backward keeps (Table 1, in units of M)."""
     kind, K = config["estimator"], config["truncate"]
@@ -201,20 +191,14 @@ def measure(config: dict) -> dict:
     with PeakMemory() as first_memory:
         wall, cpu = time.perf_counter(), time.process_time()
         hg, fn, floor = build(config, problem)
-        _, first_out = _timed(fn)
+        _, first_out = timed(fn)
         first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
     with PeakMemory() as steady_memory:
-        _timed(fn)
+        timed(fn)
     is_floor = config["estimator"] == "floor"
-    floor_first = first if is_floor else _timed(floor)[0]
-    times, floor_times = [], []
-    for _ in range(config["repeats"]):  # alternate, so that a change of machine load hits both alike
-        if not is_floor:
-            floor_times.append(_timed(floor)[0])
-        times.append(_timed(fn)[0])
-    floor_times = floor_times or times
-    median = Timing(*(statistics.median(t[i] for t in times) for i in range(2)))
-    floor_median = Timing(*(statistics.median(t[i] for t in floor_times) for i in range(2)))
+    floor_first = first if is_floor else timed(floor)[0]
+    times, floor_times = alternate(fn, None if is_floor else floor, config["repeats"])
+    median, floor_median = timing_median(times), timing_median(floor_times)
     M = num_params(problem.params)
     result = {
         **config,

@@ -31,12 +31,14 @@ import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
 from experiments import config, provenance  # noqa: E402
+from experiments._memory import PROBE_METHOD, probe  # noqa: E402
+from experiments.checkpoint_store import SidecarCheckpoint  # noqa: E402
 from experiments.config import option, result_settings  # noqa: E402
 from experiments.subprocesses import print_result, run_fresh  # noqa: E402
+from experiments.timing import round_robin  # noqa: E402
 from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
     RESTART_HINT, STATE_ERRORS, SettingsMismatchError, damaged, discard_state, exclusive_output_dir, exit_with_error,
-    guard_settings, jsonable, parse_pause_after, pause_to_be_killed, read_state_json, reading_state,
-    write_json_atomically,
+    guard_settings, jsonable, parse_pause_after, pause_to_be_killed, write_json_atomically,
 )
 
 NORMALIZATIONS = ("mean", "mean_all", "sum")
@@ -350,95 +352,30 @@ class TruncationRecord:
         return [self.curves[key][i] for i in steady]
 
 
-class TruncationCheckpoint:
-    """The checkpoints of one K in <root>/K<k>: λ and the outer Adam's variables (iteration
-    counter, learning rate, moments) in a tf.train.Checkpoint, the Python-side state (a
-    `TruncationRecord`) in the JSON sidecar state-<i>.json of checkpoint ckpt-<i>, i =
-    hyper-iterations done, and result.json once the K is finished.
-
-    The sidecar is written before its checkpoint and older sidecars are removed after it, so
-    the latest complete checkpoint always has its sidecar, wherever a kill lands. A damaged
-    file (truncated, garbage) is a StateFileError naming it: deleting the K's folder reruns
-    that K from the start."""
-
-    _RESULT_KEYS = ("truncate", "outer_lr", "final", "timing", "curves")
-    _STATE_KEYS = ("hyper_iteration", *(f.name for f in dataclasses.fields(TruncationRecord)))
+class TruncationCheckpoint(SidecarCheckpoint):
+    """The checkpoints of one K in <root>/K<k> (see `SidecarCheckpoint`): λ and the outer Adam's
+    variables, a `TruncationRecord` as the sidecar state-<i>.json of ckpt-<i> (i = hyper-iterations
+    done), result.json once the K is finished. Deleting the K's folder reruns that K."""
 
     def __init__(self, root: Path, truncate: int):
+        directory = root / f"K{truncate}"
+        super().__init__(directory, f"delete {directory} to rerun K={truncate} from the start, {RESTART_HINT}",
+                         state_keys=[f.name for f in dataclasses.fields(TruncationRecord)],
+                         result_keys=("truncate", "outer_lr", "final", "timing", "curves"), counter="hyper_iteration")
         self.truncate = truncate
-        self.directory = root / f"K{truncate}"
-        self.result_path = self.directory / "result.json"
-        self._manager: Optional[tf.train.CheckpointManager] = None
-        self.remedy = f"delete {self.directory} to rerun K={truncate} from the start, {RESTART_HINT}"
 
     def result(self) -> Optional[dict]:
-        """The result of a finished K, None if it is not finished."""
-        if not self.result_path.exists():
-            return None
-        result = read_state_json(self.result_path, self.remedy, self._RESULT_KEYS)
-        if result["truncate"] != self.truncate:
+        result = super().result()
+        if result is not None and result["truncate"] != self.truncate:
             raise damaged(self.result_path, f"it holds K={result['truncate']!r}", self.remedy)
         return result
 
-    def save_result(self, result: dict) -> None:
-        write_json_atomically(self.result_path, jsonable(result))
-
     def attach(self, lam: tf.Variable, optimizer: keras.optimizers.Optimizer, **more: Any) -> None:
-        """Tracks λ and the (built) optimizer, and `more` (e.g. the hyper-step counter): what
-        `save` writes and `restore` assigns."""
-        with self._reading_checkpoint_state():
-            self._manager = tf.train.CheckpointManager(
-                tf.train.Checkpoint(lam=lam, optimizer=optimizer, **more), str(self.directory), max_to_keep=1)
+        super().attach(lam=lam, optimizer=optimizer, **more)
 
     def attach_step(self, step: tfb.HyperStep) -> None:
         """`attach` for a hyper-step: its λ, its Keras optimizer and its counter."""
         self.attach(step.hparams, step.optimizer, iterations=step.iterations)
-
-    def _reading_checkpoint_state(self):
-        """TF parses <directory>/checkpoint (the index of checkpoints) as text: garbage raises."""
-        return reading_state(self.directory / "checkpoint", self.remedy,
-                             (tf.errors.OpError, ValueError, UnicodeDecodeError, OSError))
-
-    def _sidecar(self, done: int) -> Path:
-        return self.directory / f"state-{done}.json"
-
-    def latest_state(self) -> Optional[dict]:
-        """The sidecar of the latest checkpoint (None if there is none)."""
-        index = self.directory / "checkpoint"
-        with self._reading_checkpoint_state():
-            latest = tf.train.latest_checkpoint(str(self.directory))
-        if latest is None:
-            if index.exists():  # TF ignores an index it cannot parse (a truncated one, say)
-                raise damaged(index, "TensorFlow cannot parse it", self.remedy)
-            return None
-        try:
-            done = int(latest.rsplit("-", 1)[1])
-        except ValueError:
-            raise damaged(index, f"it names the checkpoint {latest!r}", self.remedy) from None
-        sidecar = self._sidecar(done)
-        if not sidecar.exists():
-            raise damaged(self.directory, f"checkpoint {Path(latest).name} has no sidecar {sidecar.name}", self.remedy)
-        state = read_state_json(sidecar, self.remedy, self._STATE_KEYS)
-        if state["hyper_iteration"] != done:
-            raise damaged(sidecar, f"it holds hyper-iteration {state['hyper_iteration']!r}, not {done}", self.remedy)
-        return state
-
-    def restore(self, done: int) -> None:
-        """Assigns λ and the optimizer's variables of checkpoint ckpt-<done>; all must be there
-        (TF checks the checksums of what it reads)."""
-        prefix = self.directory / f"ckpt-{done}"
-        # IndexError: TF's reader of a truncated data file; AssertionError: something not restored.
-        with reading_state(f"the checkpoint {prefix} ({prefix.name}.index, {prefix.name}.data-*)", self.remedy,
-                           (tf.errors.OpError, IndexError, AssertionError, ValueError, OSError)):
-            self._manager.checkpoint.restore(str(prefix)).assert_consumed()
-
-    def save(self, done: int, state: dict) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(self._sidecar(done), jsonable({**state, "hyper_iteration": done}))
-        self._manager.save(checkpoint_number=done)
-        for old in self.directory.glob("state-*.json"):
-            if old.name != self._sidecar(done).name:
-                old.unlink()
 
 
 # ----------------------------------------------------------------------------------------
@@ -635,22 +572,15 @@ def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergra
 
 
 def time_interleaved(steps: dict[int, tfb.HyperStep], problem: Problem, rounds: int) -> dict[int, dict]:
-    """Seconds per hyper-iteration of every K, timed round-robin (K1, K2, …, K1, K2, …) so that
-    a change of machine load (shared CPUs) hits every K alike; the ratios are the point."""
-    wall = {k: [] for k in steps}
-    cpu = {k: [] for k in steps}
+    """Seconds per hyper-iteration of every K, timed round-robin so that a change of machine load
+    (shared CPUs) hits every K alike; the ratios are the point."""
     for step in steps.values():
         if step.tracing_count == 0:  # rebuilt for a K finished in an earlier process: compile first
             hyper_iteration(step, problem)
-    for _ in range(rounds):
-        for k, step in steps.items():
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            hyper_iteration(step, problem)
-            wall[k].append(time.perf_counter() - start_wall)
-            cpu[k].append(time.process_time() - start_cpu)
-    return {k: {"rounds": rounds, "seconds_per_iteration_median": float(np.median(wall[k])),
-                "cpu_seconds_per_iteration_median": float(np.median(cpu[k])), "wall_seconds": wall[k]}
-            for k in steps}
+    timings = round_robin({k: (lambda step=step: hyper_iteration(step, problem)) for k, step in steps.items()}, rounds)
+    return {k: {"rounds": rounds, "seconds_per_iteration_median": float(np.median([t.wall for t in ts])),
+                "cpu_seconds_per_iteration_median": float(np.median([t.cpu for t in ts])),
+                "wall_seconds": [t.wall for t in ts]} for k, ts in timings.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -659,35 +589,19 @@ def time_interleaved(steps: dict[int, tfb.HyperStep], problem: Problem, rounds: 
 def memory_probe(cfg: Config, arrays: dict, truncate: int) -> dict:
     """Memory of one configuration in THIS process (call it in a fresh one): truncate = 0 runs
     `hg.solve` (T inner steps, no tape: the floor), otherwise the compiled hyper-iteration."""
-    from experiments._memory import PeakMemory, current_rss, peak_rss
-
     problem = build_problem(cfg, arrays)
     tf.reduce_sum(problem.train[0]).numpy()  # start the TF runtime before measuring
-    lam = tf.Variable(tf.fill([len(arrays["y_train"])], tf.constant(cfg.init_lambda, tf.float32)))
-    with PeakMemory() as first:
+    lam = tf.fill([len(arrays["y_train"])], tf.constant(cfg.init_lambda, tf.float32))
+
+    def build():
         if truncate == 0:
             hg = make_hypergradient(problem, cfg, None)
-            call = lambda: hg.solve(problem.w0, tf.identity(lam), problem.train).numpy()  # noqa: E731
-        else:
-            step = tfb.HyperStep(make_hypergradient(problem, cfg, truncate), lam,
-                                 keras.optimizers.Adam(0.1, epsilon=cfg.adam_epsilon), jit_compile=cfg.jit_compile,
-                                 metrics=validation_metrics)
-            call = lambda: hyper_iteration(step, problem)  # noqa: E731
-        call()
-    with PeakMemory() as steady:
-        for _ in range(cfg.memory_probe_calls):
-            call()
-    num_params = int(problem.w0.shape.num_elements())
-    return {
-        "truncate": truncate,
-        "rss_before_bytes": first.rss_before,
-        "first_call_peak_growth_bytes": first.process_peak_growth,
-        "steady_peak_growth_bytes": steady.process_peak_growth,
-        "steady_allocator_peak_growth_bytes": steady.allocator_peak_growth,
-        "final_rss_bytes": current_rss(),
-        "process_peak_rss_bytes": peak_rss() if not first.peak_was_reset else None,
-        "stored_state_bytes": truncate * num_params * 4,
-    }
+            return lambda: hg.solve(problem.w0, lam, problem.train).numpy()
+        step = build_step(problem, cfg, make_hypergradient(problem, cfg, truncate), 0.1, "lambda")
+        return lambda: hyper_iteration(step, problem)
+
+    return {"truncate": truncate, **probe(build, cfg.memory_probe_calls),
+            "stored_state_bytes": truncate * int(problem.w0.shape.num_elements()) * 4}
 
 
 def measure_memory(cfg: Config, arrays: dict, timeout: float = 900.0) -> dict:
@@ -816,13 +730,7 @@ def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dic
                   "note": "Table 2 after 1000 hyper-iterations; F1-threshold table after 150 (appendix G.1)"},
         "runs": runs,
         "memory": memory,
-        "memory_method": (
-            "fresh subprocess per K (truncate 0 = hg.solve alone, the floor). steady_allocator_peak_growth: "
-            "peak minus current bytes of TF's CPU allocator (tf.config.experimental.get_memory_info, after "
-            "reset_memory_stats) over steady-state hyper-iterations = the working set of tensors and XLA "
-            "buffers; first_call / steady_peak_growth: process RSS high-water mark (VmHWM, reset via "
-            "/proc/self/clear_refs) minus RSS before, first call = build + trace + XLA compile + run; "
-            "stored_state_bytes = K * |W| * 4"),
+        "memory_method": f"{PROBE_METHOD}; truncate 0 = hg.solve alone (the floor); stored_state_bytes = K * |W| * 4",
         "runtime_seconds": time.time() - start,
     }
     results = jsonable(results)
