@@ -126,3 +126,21 @@ def probe(build: Callable[[], Callable[[], object]], steady_calls: int) -> dict:
         "final_rss_bytes": current_rss(),
         "process_peak_rss_bytes": peak_rss() if not first.peak_was_reset else None,
     }
+
+
+def mib(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def format_probes(probes: dict, names: dict) -> list[str]:
+    """Text lines of `probe` records (each may be {"error": ...}): `names[key]` names each."""
+    lines = ["Memory, fresh process each (MiB): TF allocator peak of a steady call (working set) | RSS peak "
+             "growth of the first call (incl. XLA compile) / of steady calls | stored states"]
+    for key, record in probes.items():
+        if "error" in record:
+            lines.append(f"  {names[key]:>7}: error {record['error'][-200:]}")
+        else:
+            lines.append(f"  {names[key]:>7}: {mib(record['steady_allocator_peak_growth_bytes']):>6} | "
+                         f"{mib(record['first_call_peak_growth_bytes']):>7} / "
+                         f"{mib(record['steady_peak_growth_bytes']):>5} | {mib(record.get('stored_state_bytes'))}")
+    return lines

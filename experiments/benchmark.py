@@ -34,9 +34,7 @@ from experiments._memory import PeakMemory  # noqa: E402
 from experiments.subprocesses import print_result, run_each  # noqa: E402
 from experiments.timing import Timing, alternate, timed  # noqa: E402
 from experiments.timing import median as timing_median  # noqa: E402
-from experiments.run_state import (  # noqa: E402
-    STATE_ERRORS, exclusive_output_dir, exit_with_error, write_atomically, write_json_atomically,
-)
+from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402  (imported here, not inside a measured call)
 
 ESTIMATORS = ("floor", "reverse", "checkpointed", "forward", "implicit_cg")
@@ -385,38 +383,33 @@ def _ok(flag: Optional[bool]) -> str:
     return "n/a" if flag is None else "met" if flag else "MISSED"
 
 
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
+def plot(results: list[dict], settings: dict, path: Path) -> None:
+    """Time over the floor and allocator peak of reverse mode vs K, one line per (backward, T)."""
+    from experiments import plotting
+    from experiments.plotting import plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
-    lines = [("reverse", "o", "recompute"), ("reverse", "^", "store"), ("reverse", "o", "auto")]
-    for estimator, marker, backward in lines:
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 5))
+    for backward, marker in (("recompute", "o"), ("store", "^"), ("auto", "s")):
         for T in sorted({r["steps"] for r in results}):
-            rows = sorted((r for r in results if r["estimator"] == estimator and r["steps"] == T and "error" not in r
+            rows = sorted((r for r in results if r["estimator"] == "reverse" and r["steps"] == T and "error" not in r
                            and r.get("backward") == backward), key=lambda r: r["truncate"])
             if not rows:
                 continue
-            label = f"{estimator}{'' if backward in (None, 'auto') else f' [{backward}]'} T={T}"
+            label = f"reverse{'' if backward == 'auto' else f' [{backward}]'} T={T}"
             Ks = [r["truncate"] for r in rows]
             # CPU time: the wall-time ratio is distorted by other processes on a shared machine.
-            ax_time.plot(Ks, [r["cpu_over_floor"] for r in rows], marker=marker, label=label)
+            plotting.plot_curve(ax_time, Ks, [r["cpu_over_floor"] for r in rows], marker=marker, label=label)
             mem = [r["allocator_peak_growth_bytes"] for r in rows]
             if all(m is not None for m in mem):
-                ax_mem.plot(Ks, [m / 2**20 for m in mem], marker=marker, label=label)
-    ax_mem.set_yscale("log")
-    for ax, ylabel in ((ax_time, "time / floor (median CPU time)"), (ax_mem, "allocator peak growth (MB)")):
+                plotting.plot_curve(ax_mem, Ks, [m / 2**20 for m in mem], marker=marker, label=label, log=True)
+    for ax, ylabel in ((ax_time, "time / floor (median CPU time, floor = T plain steps)"),
+                       (ax_mem, "TF allocator peak growth (MB)")):
         ax.set_xscale("log")
-        ax.set_xlabel("K (back-propagated steps)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("K-RMD cost vs K (hypercleaning-sized problem)")
-    fig.tight_layout()
-    write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
-    plt.close(fig)
+        plotting.label_axes(ax, "K (back-propagated steps; K = T is full RMD)", ylabel)
+    size = f"W {settings['num_classes']}×{settings['num_features']}, λ ∈ R^{settings['num_examples']}"
+    fig.suptitle(f"K-RMD cost vs K on the hypercleaning-sized problem\n({size}; T = "
+                 f"{', '.join(map(str, settings['steps']))}; median of up to {settings['repeats']} calls)")
+    plotting.save_figure(fig, str(path), dpi=110)
 
 
 def settings_from_flags() -> dict:
@@ -554,7 +547,7 @@ def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path
         "table": table,
     }
     write_json_atomically(output_dir / "results.json", report, indent=2)
-    plot(results, output_dir / "benchmark.png")
+    plot(results, settings, output_dir / "benchmark.png")
     print(f"\nwrote {output_dir / 'results.json'} and {output_dir / 'benchmark.png'}")
 
 

@@ -10,12 +10,25 @@ checks the checksums of the variables it restores.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from experiments.run_state import damaged, jsonable, read_state_json, reading_state, write_json_atomically
+
+
+def arrays_sha256(arrays: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """A hash of the arrays `keys` (names, dtypes, shapes and bytes), for a settings fingerprint:
+    a run on other data is never resumed from the state of another."""
+    digest = hashlib.sha256()
+    for key in keys:
+        array = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 class SidecarCheckpoint:

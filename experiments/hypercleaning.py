@@ -31,8 +31,8 @@ import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
 from experiments import config, provenance  # noqa: E402
-from experiments._memory import PROBE_METHOD, probe  # noqa: E402
-from experiments.checkpoint_store import SidecarCheckpoint  # noqa: E402
+from experiments._memory import PROBE_METHOD, format_probes, mib, probe  # noqa: E402
+from experiments.checkpoint_store import SidecarCheckpoint, arrays_sha256  # noqa: E402
 from experiments.config import option, result_settings  # noqa: E402
 from experiments.subprocesses import print_result, run_fresh  # noqa: E402
 from experiments.timing import round_robin  # noqa: E402
@@ -42,6 +42,7 @@ from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: 
 )
 
 NORMALIZATIONS = ("mean", "mean_all", "sum")
+SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "corrupted", "replaced")  # what a K's run depends on
 
 # Table 2 (after 1000 hyper-iterations) and the appendix G.1 F1 table (150 hyper-iterations).
 PAPER_TABLE2 = {
@@ -256,12 +257,8 @@ def flag_scores(lam: np.ndarray, corrupted: np.ndarray, threshold: float) -> dic
     return {"precision": precision, "recall": recall, "f1": f1, "flagged": tp + fp, "tp": tp, "fp": fp, "fn": fn}
 
 
-def accuracy(W: np.ndarray, x: np.ndarray, y: np.ndarray, chunk: int = 20000) -> float:
-    correct = 0
-    for start in range(0, len(x), chunk):
-        logits = x[start:start + chunk] @ W.T
-        correct += int(np.sum(np.argmax(logits, axis=1) == y[start:start + chunk]))
-    return correct / len(x)
+def accuracy(W: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    return int(np.sum(np.argmax(x @ W.T, axis=1) == y)) / len(x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,19 +268,6 @@ CHECKPOINT_DIR = "checkpoints"
 PAUSE_SECONDS = 120  # --pause_after: nobody killed the program, exit with an error rather than hang
 
 
-def data_sha256(arrays: dict) -> str:
-    """A hash of the data split: a different MNIST copy or split is never resumed from the
-    checkpoints of another."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key in ("x_train", "y_train", "x_val", "y_val", "corrupted", "replaced"):
-        array = np.ascontiguousarray(arrays[key])
-        digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
     """<output_dir>/checkpoints (None when --save_every=0), with the fingerprint of this
     configuration; raises SettingsMismatchError when it holds checkpoints of another one."""
@@ -291,7 +275,7 @@ def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
         return None
     root = Path(cfg.output_dir) / CHECKPOINT_DIR
     n_test = None if arrays.get("y_test") is None else int(len(arrays["y_test"]))
-    settings = result_settings(cfg, data_sha256=data_sha256(arrays), n_test=n_test)
+    settings = result_settings(cfg, data_sha256=arrays_sha256(arrays, SPLIT_KEYS), n_test=n_test)
     guard_settings(root, settings, what="the checkpoints")
     return root
 
@@ -540,8 +524,9 @@ def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergra
         "lambda_mean_corrupted": curves["lambda_mean_corrupted"][-1],
         "lambda_mean_clean": curves["lambda_mean_clean"][-1],
     }
-    hist_edges = np.linspace(-12, 8, 81)
-    clipped = np.clip(lam_R, hist_edges[0], hist_edges[-1])
+    # Bins over the whole range of λ_R (whole units): no value is clipped into an edge bin.
+    low, high = math.floor(lam_R.min()), max(math.ceil(lam_R.max()), math.floor(lam_R.min()) + 1)
+    hist_edges = np.linspace(low, high, 61)
     result = {
         "truncate": truncate,
         "full_rmd": truncate == cfg.inner_steps,
@@ -564,8 +549,8 @@ def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergra
                    "exact_iterations": record.exact_iterations, "exact_hypergrad_norm": record.exact_hypergrad_norm},
         "lambda_histogram": {
             "edges": hist_edges.tolist(),
-            "corrupted": np.histogram(clipped[problem.corrupted], hist_edges)[0].tolist(),
-            "clean": np.histogram(clipped[~problem.corrupted], hist_edges)[0].tolist(),
+            "corrupted": np.histogram(lam_R[problem.corrupted], hist_edges)[0].tolist(),
+            "clean": np.histogram(lam_R[~problem.corrupted], hist_edges)[0].tolist(),
         },
     }
     return jsonable(result)  # the same values whether this K ran here or is read back from result.json
@@ -608,8 +593,7 @@ def measure_memory(cfg: Config, arrays: dict, timeout: float = 900.0) -> dict:
     """`memory_probe` for the floor and every K, each in a fresh subprocess."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     data_path = os.path.join(cfg.output_dir, "_memory_probe_data.npz")
-    keys = ("x_train", "y_train", "x_val", "y_val", "corrupted", "replaced")
-    np.savez(data_path, **{k: arrays[k] for k in keys})
+    np.savez(data_path, **{k: arrays[k] for k in SPLIT_KEYS})
     results = {}
     try:
         for truncate in [0] + list(cfg.truncate):
@@ -626,58 +610,59 @@ def measure_memory(cfg: Config, arrays: dict, timeout: float = 900.0) -> dict:
 # Figures.
 # ----------------------------------------------------------------------------------------
 def plot_figures(results: dict, output_dir: str) -> dict:
+    """Fig. 5, the learning curves and the histograms of λ_R, as PNGs in `output_dir`."""
     from experiments import plotting
     from experiments.plotting import plt
 
-    T = results["config"]["inner_steps"]
-    runs = results["runs"]
+    cfg, runs = results["config"], results["runs"]
+    T, R = cfg["inner_steps"], cfg["hyper_iterations"]
     ks = sorted(int(k) for k in runs)
     colors = plotting.truncation_colors(ks, T)
     label = lambda k: plotting.truncation_label(k, T)  # noqa: E731
+    budget = f"T={T} inner steps, R={R} hyper-iterations, n={results['data']['n_train']}"
     figures = {}
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 5))
     for k in ks:
         c = runs[str(k)]["curves"]
-        values = np.asarray(c["exact_hypergrad_norm"], np.float64)
-        keep = values > 0
-        ax.semilogy(np.asarray(c["exact_iterations"])[keep], values[keep], color=colors[k], lw=1.3, label=label(k))
-    ax.set_xlabel("hyper-iteration")
-    ax.set_ylabel(r"$\|d_\lambda f\|$ (exact, full RMD)")
-    ax.set_title("Fig. 5: hypercleaning")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    figures["fig5"] = plotting.save_figure(fig, os.path.join(output_dir, "fig5_exact_hypergradient_norm.png"), dpi=100)
+        plotting.plot_curve(ax, c["exact_iterations"], c["exact_hypergrad_norm"], color=colors[k], label=label(k),
+                            log=True)
+    plotting.label_axes(ax, "hyper-iteration k", r"$\|d_\lambda f(\lambda_k)\|$ (exact, full RMD)",
+                        f"Fig. 5: exact hypergradient norm at the K-RMD iterates\n{budget}")
+    figures["fig5"] = plotting.save_figure(fig, os.path.join(output_dir, "fig5_exact_hypergradient_norm.png"))
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    thr = cfg["table_threshold"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for k in ks:
         c = runs[str(k)]["curves"]
         x = np.arange(len(c["val_loss"]))
-        axes[0].plot(x, c["val_loss"], color=colors[k], lw=1.2, label=label(k))
-        axes[1].plot(c["test_iterations"], 100 * np.asarray(c["test_accuracy"]), color=colors[k], lw=1.2, label=label(k))
-        axes[2].plot(x, c["f1"], color=colors[k], lw=1.2, label=label(k))
-    thr = results["config"]["table_threshold"]
-    for ax, title in zip(axes, ("validation loss f", "test accuracy (%)", f"F1 of flags λ_i < {thr:g}")):
-        ax.set_title(title)
-        ax.set_xlabel("hyper-iteration")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[2].legend(fontsize=8)
-    figures["curves"] = plotting.save_figure(fig, os.path.join(output_dir, "hypercleaning_curves.png"), dpi=90)
+        plotting.plot_curve(axes[0], x, c["val_loss"], color=colors[k], label=label(k), log=True)
+        plotting.plot_curve(axes[1], c["test_iterations"], 100 * np.asarray(c["test_accuracy"]), color=colors[k],
+                            label=label(k))
+        plotting.plot_curve(axes[2], x, c["f1"], color=colors[k], label=label(k))
+    for ax, ylabel in zip(axes, ("validation loss f(w_T(λ_k))", "test accuracy of ŵ(λ_k) (%)",
+                                 f"F1 of flagging λ_i < {thr:g} as corrupted")):
+        plotting.label_axes(ax, "hyper-iteration k", ylabel)
+    fig.suptitle(f"Hypercleaning learning curves ({budget})")
+    figures["curves"] = plotting.save_figure(fig, os.path.join(output_dir, "hypercleaning_curves.png"))
 
-    fig, axes = plt.subplots(1, len(ks), figsize=(2.8 * len(ks), 2.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.6 * len(ks), 4.6), squeeze=False)
+    styles = dict(zip(cfg["f1_thresholds"], ("--", ":", "-.", (0, (5, 1, 1, 1)))))
     for ax, k in zip(axes[0], ks):
-        hist = runs[str(k)]["lambda_histogram"]
-        edges = np.asarray(hist["edges"])
-        ax.stairs(hist["clean"], edges, label="clean", color="tab:blue")
-        ax.stairs(hist["corrupted"], edges, label="corrupted", color="tab:red")
-        for t in results["config"]["f1_thresholds"]:
-            ax.axvline(t, color="gray", lw=0.8, ls=":")
-        ax.set_title(label(k), fontsize=9)
-        ax.set_xlabel(r"$\lambda_i$ (clipped to [-12, 8])")
-    axes[0][0].legend(fontsize=7)
-    axes[0][0].set_ylabel("examples")
-    figures["lambda_histograms"] = plotting.save_figure(fig, os.path.join(output_dir, "lambda_histograms.png"), dpi=80)
+        run = runs[str(k)]
+        hist, edges = run["lambda_histogram"], np.asarray(run["lambda_histogram"]["edges"])
+        ax.stairs(hist["clean"], edges, label="clean label", color="tab:blue", lw=1.5)
+        ax.stairs(hist["corrupted"], edges, label="corrupted label", color="tab:red", lw=1.5)
+        for t, style in styles.items():
+            f1 = run["final"]["flagging"][str(float(t))]["f1"]
+            ax.axvline(t, color="black" if t == thr else "gray", lw=1.2 if t == thr else 0.9, ls=style,
+                       label=f"τ = {t:g} ({'Table 2, ' if t == thr else ''}F1 {f1:.2f})")
+        plotting.label_axes(ax, rf"$\lambda_i$ after R={R} hyper-iterations (weight $\sigma(\lambda_i)$)",
+                            "training examples", label(k), legend=False)
+        ax.set_ylim(0, 1.5 * max(max(hist["clean"]), max(hist["corrupted"]), 1))  # room for the legend
+        ax.legend(fontsize=8, loc="upper center", ncol=2, framealpha=0.9)
+    fig.suptitle(f"Learned example weights: flag λ_i < τ as corrupted ({budget})")
+    figures["lambda_histograms"] = plotting.save_figure(fig, os.path.join(output_dir, "lambda_histograms.png"))
     return {k: os.path.basename(v) for k, v in figures.items()}
 
 
@@ -741,10 +726,6 @@ def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dic
     return results
 
 
-def _mib(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.1f}"
-
-
 def format_table(results: dict) -> str:
     """Table 2 (measured | paper), F1 at the thresholds, time and memory per K, as text."""
     runs, memory = results["runs"], results.get("memory", {})
@@ -766,7 +747,7 @@ def format_table(results: dict) -> str:
             f"{fin['val_loss']:>7.3f} | {pget('val_loss', '.3f'):>5} "
             f"{fin['flagging'][table_thr]['f1']:>4.2f} | {pget('f1', '.2f'):>4} "
             f"{timing['seconds_per_iteration_median']:>6.3f} {timing['cpu_seconds_per_iteration_median']:>8.3f} "
-            f"{_mib(mem.get('steady_allocator_peak_growth_bytes')):>8}")
+            f"{mib(mem.get('steady_allocator_peak_growth_bytes')):>8}")
     lines.append("F1 of flagging λ_i < τ (measured | paper, appendix G.1 after 150 hyper-iterations)")
     lines.append(f"{'K':>4} " + " ".join(f"{'τ=' + format(t, 'g'):>12}" for t in thresholds))
     for k, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
@@ -775,16 +756,7 @@ def format_table(results: dict) -> str:
                  else f"{run['final']['flagging'][str(t)]['f1']:.2f} |   -" for t in thresholds]
         lines.append(f"{k:>4} " + " ".join(f"{c:>12}" for c in cells))
     if memory:
-        lines.append("Memory, fresh process per K (MiB): TF allocator peak of a steady call (working set) | "
-                     "RSS peak growth of the first call (incl. XLA compile) / of steady calls | stored states K·|W|·4")
-        for k, mem in sorted(memory.items(), key=lambda kv: int(kv[0])):
-            name = "floor" if k == "0" else f"K={k}"
-            if "error" in mem:
-                lines.append(f"  {name:>7}: error {mem['error'][-200:]}")
-            else:
-                lines.append(f"  {name:>7}: {_mib(mem['steady_allocator_peak_growth_bytes']):>6} | "
-                             f"{_mib(mem['first_call_peak_growth_bytes']):>7} / {_mib(mem['steady_peak_growth_bytes']):>5} | "
-                             f"{_mib(mem['stored_state_bytes'])}")
+        lines += format_probes(memory, {k: "floor" if k == "0" else f"K={k}" for k in memory})
     return "\n".join(lines)
 
 
