@@ -389,22 +389,33 @@ def plot(results: list[dict], settings: dict, path: Path) -> None:
     from experiments.plotting import plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 5))
-    for backward, marker in (("recompute", "o"), ("store", "^"), ("auto", "s")):
-        for T in sorted({r["steps"] for r in results}):
+    steps = sorted({r["steps"] for r in results})
+    Ks, drew_memory = set(), False
+    for backward, marker, style in (("recompute", "o", "-"), ("store", "^", "--"), ("auto", "s", ":")):
+        for i, T in enumerate(steps):
             rows = sorted((r for r in results if r["estimator"] == "reverse" and r["steps"] == T and "error" not in r
                            and r.get("backward") == backward), key=lambda r: r["truncate"])
             if not rows:
                 continue
-            label = f"reverse{'' if backward == 'auto' else f' [{backward}]'} T={T}"
-            Ks = [r["truncate"] for r in rows]
+            line = dict(marker=marker, ls=style, color=f"C{i}",
+                        label=f"reverse{'' if backward == 'auto' else f' [{backward}]'} T={T}")
+            Ks.update(r["truncate"] for r in rows)
             # CPU time: the wall-time ratio is distorted by other processes on a shared machine.
-            plotting.plot_curve(ax_time, Ks, [r["cpu_over_floor"] for r in rows], marker=marker, label=label)
-            mem = [r["allocator_peak_growth_bytes"] for r in rows]
-            if all(m is not None for m in mem):
-                plotting.plot_curve(ax_mem, Ks, [m / 2**20 for m in mem], marker=marker, label=label, log=True)
+            plotting.plot_curve(ax_time, [r["truncate"] for r in rows], [r["cpu_over_floor"] for r in rows], **line)
+            mem = [(r["truncate"], r["allocator_peak_growth_bytes"] / 2**20) for r in rows
+                   if r["allocator_peak_growth_bytes"]]
+            if mem:
+                plotting.plot_curve(ax_mem, *zip(*mem), log=True, **line)
+                drew_memory = True
+    if not drew_memory:
+        ax_mem.text(0.5, 0.5, "no allocator growth measured\n(0 or unavailable at these sizes)", ha="center",
+                    va="center", transform=ax_mem.transAxes)
+        ax_mem.set_yticks([])
     for ax, ylabel in ((ax_time, "time / floor (median CPU time, floor = T plain steps)"),
                        (ax_mem, "TF allocator peak growth (MB)")):
         ax.set_xscale("log")
+        ax.set_xticks(sorted(Ks), [str(k) for k in sorted(Ks)])
+        ax.minorticks_off()
         plotting.label_axes(ax, "K (back-propagated steps; K = T is full RMD)", ylabel)
     size = f"W {settings['num_classes']}×{settings['num_features']}, λ ∈ R^{settings['num_examples']}"
     fig.suptitle(f"K-RMD cost vs K on the hypercleaning-sized problem\n({size}; T = "
