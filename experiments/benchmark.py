@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -30,9 +29,8 @@ import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
 from experiments import benchmark_cnn, benchmark_metabatch, benchmark_online, provenance  # noqa: E402
-from experiments._memory import PeakMemory  # noqa: E402
 from experiments.subprocesses import print_result, run_each  # noqa: E402
-from experiments.timing import Timing, alternate, timed  # noqa: E402
+from experiments.timing import against_floor, timed  # noqa: E402
 from experiments.timing import median as timing_median  # noqa: E402
 from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402  (imported here, not inside a measured call)
@@ -158,19 +156,15 @@ def measure(config: dict) -> dict:
         num_hparams=config["forward_hparams"] if config["estimator"] == "forward" else None,
     )
     timed(lambda: tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
-    with PeakMemory() as first_memory:
-        wall, cpu = time.perf_counter(), time.process_time()
-        hg, fn, floor = build(config, problem)
-        _, first_out = timed(fn)
-        first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
-    with PeakMemory() as steady_memory:
-        warm, _ = timed(fn)
     is_floor = config["estimator"] == "floor"
-    floor_first = first if is_floor else timed(floor)[0]
 
-    estimate = warm.wall + (0.0 if is_floor else timed(floor)[0].wall)
-    repeats = max(min(config["repeats"], int(config["max_seconds"] // max(estimate, 1e-9))), min(3, config["repeats"]))
-    times, floor_times = alternate(fn, None if is_floor else floor, repeats)
+    def repeats_for(warm, floor):  # fewer (at least 3) for slow configurations
+        estimate = warm.wall + (0.0 if is_floor else timed(floor)[0].wall)
+        return max(min(config["repeats"], int(config["max_seconds"] // max(estimate, 1e-9))), min(3, config["repeats"]))
+
+    run = against_floor(lambda: build(config, problem), is_floor, repeats_for)
+    hg, first, first_out, first_memory, steady_memory, floor_first, times, floor_times = run
+    repeats = len(times)
     median, floor_median = timing_median(times), timing_median(floor_times)
     fastest, floor_fastest = min(t.wall for t in times), min(t.wall for t in floor_times)
 

@@ -15,9 +15,8 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 from absl import app, flags
 
@@ -28,9 +27,8 @@ import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
 from experiments import provenance  # noqa: E402
-from experiments._memory import PeakMemory  # noqa: E402
 from experiments.subprocesses import print_result, run_each  # noqa: E402
-from experiments.timing import Timing, alternate, timed  # noqa: E402
+from experiments.timing import against_floor  # noqa: E402
 from experiments.timing import median as timing_median  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402
 from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
@@ -188,16 +186,9 @@ def measure(config: dict) -> dict:
     """Times and memory of one configuration (call in a fresh process)."""
     problem = cnn_problem(**{k: config[k] for k in FULL_SIZE}, seed=config["seed"], conv=config["conv"])
     np.asarray(tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
-    with PeakMemory() as first_memory:
-        wall, cpu = time.perf_counter(), time.process_time()
-        hg, fn, floor = build(config, problem)
-        _, first_out = timed(fn)
-        first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
-    with PeakMemory() as steady_memory:
-        timed(fn)
     is_floor = config["estimator"] == "floor"
-    floor_first = first if is_floor else timed(floor)[0]
-    times, floor_times = alternate(fn, None if is_floor else floor, config["repeats"])
+    run = against_floor(lambda: build(config, problem), is_floor, lambda warm, floor: config["repeats"])
+    hg, first, first_out, first_memory, steady_memory, floor_first, times, floor_times = run
     median, floor_median = timing_median(times), timing_median(floor_times)
     M = num_params(problem.params)
     result = {

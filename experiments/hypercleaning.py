@@ -8,6 +8,7 @@ when the same command is rerun. Setup, choices and measured results: RESULTS.md,
 
   tfb-hypercleaning --preset=readme   # K in {1, 5, 100}, 100 hyper-iterations (a few minutes)
   tfb-hypercleaning                   # the paper: K in {1, 5, 25, 50, 100}, 1000 hyper-iterations
+  tfb-hypercleaning --quick           # a tiny budget (tests); explicit flags override any preset
   (or python -m experiments.hypercleaning ...)
 """
 

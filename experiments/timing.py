@@ -46,3 +46,37 @@ def alternate(fn: Callable[[], Any], floor: Optional[Callable[[], Any]], repeats
             floor_times.append(timed(floor)[0])
         times.append(timed(fn)[0])
     return times, floor_times or times
+
+
+class FloorRun(NamedTuple):
+    """What `against_floor` measured: the built objects, the first call (build + trace + compile
+    + run) with its result, the memory of the first and of one steady call (PeakMemory), the
+    floor's first call, and the alternating timings."""
+
+    built: Any
+    first: Timing
+    first_out: list
+    first_memory: Any
+    steady_memory: Any
+    floor_first: Timing
+    times: list
+    floor_times: list
+
+
+def against_floor(build: Callable[[], tuple[Any, Callable[[], Any], Callable[[], Any]]], is_floor: bool,
+                  repeats: Callable[[Timing, Callable[[], Any]], int]) -> FloorRun:
+    """Measures `fn` against `floor` ((built, fn, floor) = build(), the build timed with the first
+    call): `repeats(steady timing, floor)` alternating calls of each. With `is_floor`, fn is the
+    floor itself and is timed alone."""
+    from experiments._memory import PeakMemory
+
+    with PeakMemory() as first_memory:
+        wall, cpu = time.perf_counter(), time.process_time()
+        built, fn, floor = build()
+        _, first_out = timed(fn)
+        first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
+    with PeakMemory() as steady_memory:
+        warm, _ = timed(fn)
+    floor_first = first if is_floor else timed(floor)[0]
+    times, floor_times = alternate(fn, None if is_floor else floor, repeats(warm, floor))
+    return FloorRun(built, first, first_out, first_memory, steady_memory, floor_first, times, floor_times)
