@@ -385,10 +385,10 @@ def plot(results: list[dict], settings: dict, path: Path) -> None:
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 5))
     steps = sorted({r["steps"] for r in results})
     Ks, drew_memory = set(), False
-    for backward, marker, style in (("recompute", "o", "-"), ("store", "^", "--"), ("auto", "s", ":")):
+    for backward, marker, style in (("recompute", "o", "-"), ("store", "^", "--"), ("auto", "s", "-")):
         for i, T in enumerate(steps):
             rows = sorted((r for r in results if r["estimator"] == "reverse" and r["steps"] == T and "error" not in r
-                           and r.get("backward") == backward), key=lambda r: r["truncate"])
+                           and (r.get("backward") or "auto") == backward), key=lambda r: r["truncate"])
             if not rows:
                 continue
             line = dict(marker=marker, ls=style, color=f"C{i}",
@@ -401,10 +401,11 @@ def plot(results: list[dict], settings: dict, path: Path) -> None:
             if mem:
                 plotting.plot_curve(ax_mem, *zip(*mem), log=True, **line)
                 drew_memory = True
-    if not drew_memory:
-        ax_mem.text(0.5, 0.5, "no allocator growth measured\n(0 or unavailable at these sizes)", ha="center",
-                    va="center", transform=ax_mem.transAxes)
-        ax_mem.set_yticks([])
+    for ax, drew, what in ((ax_time, bool(Ks), "no reverse-mode configuration ran"),
+                           (ax_mem, drew_memory, "no allocator growth measured\n(0 or unavailable at these sizes)")):
+        if not drew:
+            ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
     for ax, ylabel in ((ax_time, "time / floor (median CPU time, floor = T plain steps)"),
                        (ax_mem, "TF allocator peak growth (MB)")):
         ax.set_xscale("log")
