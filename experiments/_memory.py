@@ -14,7 +14,7 @@ Two views of "how much memory did this computation need":
 from __future__ import annotations
 
 import resource
-from typing import Optional
+from typing import Callable, Optional
 
 import tensorflow as tf
 
@@ -99,3 +99,48 @@ class PeakMemory:
             f"{prefix}_process_peak_growth_bytes": self.process_peak_growth,
             f"{prefix}_allocator_peak_growth_bytes": self.allocator_peak_growth,
         }
+
+
+# What `probe` records, for a results.json.
+PROBE_METHOD = (
+    "fresh subprocess per configuration. steady_allocator_peak_growth: peak minus current bytes of TF's CPU "
+    "allocator (tf.config.experimental.get_memory_info, after reset_memory_stats) over the steady-state calls = "
+    "the working set of tensors and XLA buffers; first_call / steady_peak_growth: process RSS high-water mark "
+    "(VmHWM, reset via /proc/self/clear_refs) minus RSS before, first call = build + trace + XLA compile + run")
+
+
+def probe(build: Callable[[], Callable[[], object]], steady_calls: int) -> dict:
+    """Memory of `call = build()` in THIS process (call it in a fresh one): the first call (with
+    the build: tracing and compilation) and `steady_calls` more, as bytes."""
+    with PeakMemory() as first:
+        call = build()
+        call()
+    with PeakMemory() as steady:
+        for _ in range(steady_calls):
+            call()
+    return {
+        "rss_before_bytes": first.rss_before,
+        "first_call_peak_growth_bytes": first.process_peak_growth,
+        "steady_peak_growth_bytes": steady.process_peak_growth,
+        "steady_allocator_peak_growth_bytes": steady.allocator_peak_growth,
+        "final_rss_bytes": current_rss(),
+        "process_peak_rss_bytes": peak_rss() if not first.peak_was_reset else None,
+    }
+
+
+def mib(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def format_probes(probes: dict, names: dict) -> list[str]:
+    """Text lines of `probe` records (each may be {"error": ...}): `names[key]` names each."""
+    lines = ["Memory, fresh process each (MiB): TF allocator peak of a steady call (working set) | RSS peak "
+             "growth of the first call (incl. XLA compile) / of steady calls | stored states"]
+    for key, record in probes.items():
+        if "error" in record:
+            lines.append(f"  {names[key]:>7}: error {record['error'][-200:]}")
+        else:
+            lines.append(f"  {names[key]:>7}: {mib(record['steady_allocator_peak_growth_bytes']):>6} | "
+                         f"{mib(record['first_call_peak_growth_bytes']):>7} / "
+                         f"{mib(record['steady_peak_growth_bytes']):>5} | {mib(record.get('stored_state_bytes'))}")
+    return lines

@@ -13,15 +13,10 @@ inner steps, compile time and peak memory; writes results.json and benchmark.png
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -33,16 +28,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import benchmark_cnn, benchmark_metabatch, benchmark_online  # noqa: E402
-from experiments._memory import PeakMemory  # noqa: E402
-from experiments.run_state import (  # noqa: E402
-    STATE_ERRORS, exclusive_output_dir, exit_with_error, write_atomically, write_json_atomically,
-)
+from experiments import benchmark_cnn, benchmark_metabatch, benchmark_online, provenance  # noqa: E402
+from experiments.subprocesses import print_result, run_each  # noqa: E402
+from experiments.timing import against_floor, timed  # noqa: E402
+from experiments.timing import median as timing_median  # noqa: E402
+from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402  (imported here, not inside a measured call)
 
 ESTIMATORS = ("floor", "reverse", "checkpointed", "forward", "implicit_cg")
-RESULT_MARKER = "BENCHMARK_WORKER_RESULT "
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 FLAGS = flags.FLAGS
 
@@ -116,21 +109,6 @@ def hypercleaning_problem(
 # ----------------------------------------------------------------------------------------
 
 
-def _block(result: Any) -> Any:
-    return [np.asarray(x.numpy()) for x in tf.nest.flatten(result)]
-
-
-class Timing(NamedTuple):
-    wall: float
-    cpu: float  # process CPU time, all threads: much less sensitive to other processes' load
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[Timing, Any]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = _block(fn())
-    return Timing(time.perf_counter() - wall, time.process_time() - cpu), out
-
-
 def stored_states(config: dict) -> Optional[float]:
     """Weight-sized states kept alive by the estimator (Table 1 space, in units of M)."""
     kind, K = config["estimator"], config["truncate"]
@@ -177,27 +155,17 @@ def measure(config: dict) -> dict:
         config["num_examples"], config["num_features"], config["num_classes"], config["seed"],
         num_hparams=config["forward_hparams"] if config["estimator"] == "forward" else None,
     )
-    _block(tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
-    with PeakMemory() as first_memory:
-        wall, cpu = time.perf_counter(), time.process_time()
-        hg, fn, floor = build(config, problem)
-        first_out = _block(fn())
-        first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
-    with PeakMemory() as steady_memory:
-        warm, _ = _timed(fn)
+    timed(lambda: tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
     is_floor = config["estimator"] == "floor"
-    floor_first = first if is_floor else _timed(floor)[0]
 
-    estimate = warm.wall + (0.0 if is_floor else _timed(floor)[0].wall)
-    repeats = max(min(config["repeats"], int(config["max_seconds"] // max(estimate, 1e-9))), min(3, config["repeats"]))
-    times, floor_times = [], []
-    for _ in range(repeats):  # alternate, so that a change of machine load hits both alike
-        if not is_floor:
-            floor_times.append(_timed(floor)[0])
-        times.append(_timed(fn)[0])
-    floor_times = floor_times or times
-    median = Timing(*(statistics.median(t[i] for t in times) for i in range(2)))
-    floor_median = Timing(*(statistics.median(t[i] for t in floor_times) for i in range(2)))
+    def repeats_for(warm, floor):  # fewer (at least 3) for slow configurations
+        estimate = warm.wall + (0.0 if is_floor else timed(floor)[0].wall)
+        return max(min(config["repeats"], int(config["max_seconds"] // max(estimate, 1e-9))), min(3, config["repeats"]))
+
+    run = against_floor(lambda: build(config, problem), is_floor, repeats_for)
+    hg, first, first_out, first_memory, steady_memory, floor_first, times, floor_times = run
+    repeats = len(times)
+    median, floor_median = timing_median(times), timing_median(floor_times)
     fastest, floor_fastest = min(t.wall for t in times), min(t.wall for t in floor_times)
 
     if is_floor:
@@ -272,22 +240,6 @@ def configurations(settings: dict) -> list[dict]:
             add("forward", T, None, f"forward N={settings['forward_hparams']}")
         add("implicit_cg", T, settings["cg_iterations"], f"implicit_cg K={settings['cg_iterations']}")
     return configs
-
-
-def run_worker(config: dict, timeout: float) -> dict:
-    """Measures `config` in a fresh Python process."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    command = [sys.executable, "-m", "experiments.benchmark", f"--worker={json.dumps(config)}"]
-    try:
-        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**config, "error": f"timed out after {timeout:.0f} s"}
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    return {**config, "error": f"worker exited with {done.returncode}: {done.stderr.strip()[-2000:]}"}
 
 
 def _mb(value: Optional[float]) -> str:
@@ -425,49 +377,45 @@ def _ok(flag: Optional[bool]) -> str:
     return "n/a" if flag is None else "met" if flag else "MISSED"
 
 
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
+def plot(results: list[dict], settings: dict, path: Path) -> None:
+    """Time over the floor and allocator peak of reverse mode vs K, one line per (backward, T)."""
+    from experiments import plotting
+    from experiments.plotting import plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
-    lines = [("reverse", "o", "recompute"), ("reverse", "^", "store"), ("reverse", "o", "auto")]
-    for estimator, marker, backward in lines:
-        for T in sorted({r["steps"] for r in results}):
-            rows = sorted((r for r in results if r["estimator"] == estimator and r["steps"] == T and "error" not in r
-                           and r.get("backward") == backward), key=lambda r: r["truncate"])
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 5))
+    steps = sorted({r["steps"] for r in results})
+    Ks, drew_memory = set(), False
+    for backward, marker, style in (("recompute", "o", "-"), ("store", "^", "--"), ("auto", "s", "-")):
+        for i, T in enumerate(steps):
+            rows = sorted((r for r in results if r["estimator"] == "reverse" and r["steps"] == T and "error" not in r
+                           and (r.get("backward") or "auto") == backward), key=lambda r: r["truncate"])
             if not rows:
                 continue
-            label = f"{estimator}{'' if backward in (None, 'auto') else f' [{backward}]'} T={T}"
-            Ks = [r["truncate"] for r in rows]
+            line = dict(marker=marker, ls=style, color=f"C{i}",
+                        label=f"reverse{'' if backward == 'auto' else f' [{backward}]'} T={T}")
+            Ks.update(r["truncate"] for r in rows)
             # CPU time: the wall-time ratio is distorted by other processes on a shared machine.
-            ax_time.plot(Ks, [r["cpu_over_floor"] for r in rows], marker=marker, label=label)
-            mem = [r["allocator_peak_growth_bytes"] for r in rows]
-            if all(m is not None for m in mem):
-                ax_mem.plot(Ks, [m / 2**20 for m in mem], marker=marker, label=label)
-    ax_mem.set_yscale("log")
-    for ax, ylabel in ((ax_time, "time / floor (median CPU time)"), (ax_mem, "allocator peak growth (MB)")):
+            plotting.plot_curve(ax_time, [r["truncate"] for r in rows], [r["cpu_over_floor"] for r in rows], **line)
+            mem = [(r["truncate"], r["allocator_peak_growth_bytes"] / 2**20) for r in rows
+                   if r["allocator_peak_growth_bytes"]]
+            if mem:
+                plotting.plot_curve(ax_mem, *zip(*mem), log=True, **line)
+                drew_memory = True
+    for ax, drew, what in ((ax_time, bool(Ks), "no reverse-mode configuration ran"),
+                           (ax_mem, drew_memory, "no allocator growth measured\n(0 or unavailable at these sizes)")):
+        if not drew:
+            ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+    for ax, ylabel in ((ax_time, "time / floor (median CPU time, floor = T plain steps)"),
+                       (ax_mem, "TF allocator peak growth (MB)")):
         ax.set_xscale("log")
-        ax.set_xlabel("K (back-propagated steps)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("K-RMD cost vs K (hypercleaning-sized problem)")
-    fig.tight_layout()
-    write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=120, format="png"))
-    plt.close(fig)
-
-
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
+        ax.set_xticks(sorted(Ks), [str(k) for k in sorted(Ks)])
+        ax.minorticks_off()
+        plotting.label_axes(ax, "K (back-propagated steps; K = T is full RMD)", ylabel)
+    size = f"W {settings['num_classes']}×{settings['num_features']}, λ ∈ R^{settings['num_examples']}"
+    fig.suptitle(f"K-RMD cost vs K on the hypercleaning-sized problem\n({size}; T = "
+                 f"{', '.join(map(str, settings['steps']))}; median of up to {settings['repeats']} calls)")
+    plotting.save_figure(fig, str(path), dpi=110)
 
 
 def settings_from_flags() -> dict:
@@ -547,7 +495,7 @@ def main(argv: list[str]) -> None:
     del argv
     FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     if FLAGS.worker is not None:
-        print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.worker))), flush=True)
+        print_result(measure(json.loads(FLAGS.worker)))
         return
 
     unknown = sorted(set(FLAGS.suites) - {"estimators", "online", "cnn", "metabatch"})
@@ -558,7 +506,7 @@ def main(argv: list[str]) -> None:
         with exclusive_output_dir(output_dir, "experiments.benchmark"):
             if "estimators" in FLAGS.suites:
                 settings = settings_from_flags()
-                run_benchmark(settings, machine_info(), configurations(settings), output_dir)
+                run_benchmark(settings, provenance.environment(), configurations(settings), output_dir)
             if "online" in FLAGS.suites:
                 settings = benchmark_online.make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick)
                 benchmark_online.run(settings, output_dir)
@@ -574,29 +522,20 @@ def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path
     """Measures every configuration (one fresh process each), writes results.json and the figure."""
     print(f"{len(configs)} configurations, one fresh process each; machine: {machine['platform']}, "
           f"{machine['cpu_count']} CPUs, TF {machine['tensorflow']}", flush=True)
-    results = []
-    started = time.perf_counter()
-    for i, config in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] T={config['steps']} {config['label']} ...", end=" ", flush=True)
-        result = run_worker(config, FLAGS.worker_timeout)
-        results.append(result)
-        if "error" in result:
-            print(f"ERROR {result['error'].splitlines()[-1] if result['error'] else ''}", flush=True)
-        else:
-            print(f"{result['median_seconds']:.3f} s = {result['time_over_floor']:.2f}× floor "
-                  f"(CPU {result['cpu_over_floor']:.2f}×), "
-                  f"compile {result['compile_seconds']:.1f} s, "
-                  f"alloc peak {_mb(result['allocator_peak_growth_bytes'])} MB "
-                  f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
-
-    machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results = run_each(
+        configs, "experiments.benchmark", "worker", FLAGS.worker_timeout,
+        describe=lambda c: f"T={c['steps']} {c['label']}",
+        report=lambda r: (f"{r['median_seconds']:.3f} s = {r['time_over_floor']:.2f}× floor "
+                          f"(CPU {r['cpu_over_floor']:.2f}×), compile {r['compile_seconds']:.1f} s, "
+                          f"alloc peak {_mb(r['allocator_peak_growth_bytes'])} MB"))
+    machine["load_average_end"] = list(os.getloadavg())
     summary = summarize(results, settings)
     table = format_table(results)
     print()
     print(table)
     print(format_summary(summary))
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": machine["date"],
         "machine": machine,
         "settings": settings,
         "problem": {
@@ -614,7 +553,7 @@ def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path
         "table": table,
     }
     write_json_atomically(output_dir / "results.json", report, indent=2)
-    plot(results, output_dir / "benchmark.png")
+    plot(results, settings, output_dir / "benchmark.png")
     print(f"\nwrote {output_dir / 'results.json'} and {output_dir / 'benchmark.png'}")
 
 

@@ -11,17 +11,12 @@ what is measured"; the numbers: README, "Benchmark".
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 from absl import app, flags
 
@@ -31,14 +26,14 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments._memory import PeakMemory  # noqa: E402
-from tf_bilevel.estimators.reverse import profile_step  # noqa: E402
+from experiments import provenance  # noqa: E402
+from experiments.subprocesses import print_result, run_each  # noqa: E402
+from experiments.timing import against_floor  # noqa: E402
+from experiments.timing import median as timing_median  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402
 from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
 
 FLAGS = flags.FLAGS
-RESULT_MARKER = "CNN_BENCHMARK_RESULT "
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MEMORY_GOAL, GOAL_TRUNCATE = 10.0, 5  # full RMD ≥ 10× the allocator peak of 5-RMD at the same T (issue #9): reported only
 MEMORY_TOLERANCE = 0.10  # K-RMD peak at the largest T within 10% of the smallest T: "flat"
 
@@ -149,17 +144,6 @@ def num_params(params: dict) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-class Timing(NamedTuple):
-    wall: float
-    cpu: float  # process CPU time, all threads
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[Timing, list]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = [np.asarray(x) for x in tf.nest.flatten(fn())]  # blocks on the result
-    return Timing(time.perf_counter() - wall, time.process_time() - cpu), out
-
-
 def stored_states(config: dict) -> int:
     """Weight-sized states the explicit backward keeps (Table 1, in units of M)."""
     kind, K = config["estimator"], config["truncate"]
@@ -194,32 +178,18 @@ def auto_choice(problem: Problem, config: dict) -> dict:
     )
     args = (problem.params, problem.hparams, problem.inner_batch, problem.outer_batch)
     tf.function(hg.compute, autograph=False).get_concrete_function(*args)
-    profile = profile_step(hg.transition, hg.transition.init_state(problem.params), problem.hparams, problem.inner_batch)
-    return {"auto_backward": hg.backward_used, "step_residual_bytes": profile.residual_bytes,
-            "step_storable": profile.storable, "memory_budget_bytes": hg.memory_budget}
+    return {"auto_backward": hg.backward_used, "step_residual_bytes": hg.step_residual_bytes,
+            "step_storable": hg.step_storable, "memory_budget_bytes": hg.memory_budget}
 
 
 def measure(config: dict) -> dict:
     """Times and memory of one configuration (call in a fresh process)."""
     problem = cnn_problem(**{k: config[k] for k in FULL_SIZE}, seed=config["seed"], conv=config["conv"])
     np.asarray(tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
-    with PeakMemory() as first_memory:
-        wall, cpu = time.perf_counter(), time.process_time()
-        hg, fn, floor = build(config, problem)
-        _, first_out = _timed(fn)
-        first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
-    with PeakMemory() as steady_memory:
-        _timed(fn)
     is_floor = config["estimator"] == "floor"
-    floor_first = first if is_floor else _timed(floor)[0]
-    times, floor_times = [], []
-    for _ in range(config["repeats"]):  # alternate, so that a change of machine load hits both alike
-        if not is_floor:
-            floor_times.append(_timed(floor)[0])
-        times.append(_timed(fn)[0])
-    floor_times = floor_times or times
-    median = Timing(*(statistics.median(t[i] for t in times) for i in range(2)))
-    floor_median = Timing(*(statistics.median(t[i] for t in floor_times) for i in range(2)))
+    run = against_floor(lambda: build(config, problem), is_floor, lambda warm, floor: config["repeats"])
+    hg, first, first_out, first_memory, steady_memory, floor_first, times, floor_times = run
+    median, floor_median = timing_median(times), timing_median(floor_times)
     M = num_params(problem.params)
     result = {
         **config,
@@ -271,22 +241,6 @@ def configurations(settings: dict) -> list[dict]:
                     add("reverse", T, T, backward, f"full RMD [{backward}]")
             add("checkpointed", T, T, "recompute", "checkpointed full RMD")
     return configs
-
-
-def run_worker(config: dict, timeout: float) -> dict:
-    """Measures `config` in a fresh Python process."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    command = [sys.executable, "-m", "experiments.benchmark_cnn", f"--cnn_worker={json.dumps(config)}"]
-    try:
-        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**config, "error": f"timed out after {timeout:.0f} s"}
-    for line in done.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    return {**config, "error": f"worker exited with {done.returncode}: {done.stderr.strip()[-2000:]}"}
 
 
 def _mb(value: Optional[float]) -> str:
@@ -371,28 +325,21 @@ def run(settings: dict, output_dir: Path, timeout: float = 7200.0) -> dict:
     configs = configurations(settings)
     M = num_params(cnn_params(settings["image_size"], settings["filters"], settings["dense"], settings["num_classes"], 0))
     print(f"cnn suite: M = {M} inner parameters, {len(configs)} configurations, one fresh process each", flush=True)
-    results, started = [], time.perf_counter()
-    for i, config in enumerate(configs, 1):
-        print(f"[{i}/{len(configs)}] T={config['steps']} {config['label']} ...", end=" ", flush=True)
-        result = run_worker(config, timeout)
-        results.append(result)
-        if "error" in result:
-            print(f"ERROR {result['error'].strip().splitlines()[-1] if result['error'].strip() else ''}", flush=True)
-        else:
-            print(f"{result['median_seconds']:.2f} s = {result['time_over_floor']:.2f}× floor, "
-                  f"alloc peak {_mb(result['allocator_peak_growth_bytes'])} MB, "
-                  f"RSS peak {_mb(result['process_peak_growth_bytes'])} MB "
-                  f"({time.perf_counter() - started:.0f} s elapsed)", flush=True)
+    machine = provenance.environment()
+    results = run_each(
+        configs, "experiments.benchmark_cnn", "cnn_worker", timeout, describe=lambda c: f"T={c['steps']} {c['label']}",
+        report=lambda r: (f"{r['median_seconds']:.2f} s = {r['time_over_floor']:.2f}× floor, "
+                          f"alloc peak {_mb(r['allocator_peak_growth_bytes'])} MB, "
+                          f"RSS peak {_mb(r['process_peak_growth_bytes'])} MB"))
+    machine["load_average_end"] = list(os.getloadavg())
     summary = summarize(results, settings)
     table = format_table(results)
     print()
     print(table)
     print(format_summary(summary))
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "tensorflow": tf.__version__,
-                    "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "date": machine["date"],
+        "machine": machine,
         "settings": settings,
         "problem": {"description": __doc__.split("\n\n")[1], "num_params": M, "dtype": "float32", "jit_compile": True},
         "results": results,
@@ -456,7 +403,7 @@ def main(argv: list[str]) -> None:
     del argv
     FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
     if FLAGS.cnn_worker is not None:
-        print(RESULT_MARKER + json.dumps(measure(json.loads(FLAGS.cnn_worker))), flush=True)
+        print_result(measure(json.loads(FLAGS.cnn_worker)))
         return
     output_dir = Path(FLAGS.output_dir)
     try:

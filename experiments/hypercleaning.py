@@ -8,18 +8,16 @@ when the same command is rerun. Setup, choices and measured results: RESULTS.md,
 
   tfb-hypercleaning --preset=readme   # K in {1, 5, 100}, 100 hyper-iterations (a few minutes)
   tfb-hypercleaning                   # the paper: K in {1, 5, 25, 50, 100}, 1000 hyper-iterations
+  tfb-hypercleaning --quick           # a tiny budget (tests); explicit flags override any preset
   (or python -m experiments.hypercleaning ...)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,14 +31,19 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
+from experiments import config, provenance  # noqa: E402
+from experiments._memory import PROBE_METHOD, format_probes, mib, probe  # noqa: E402
+from experiments.checkpoint_store import SidecarCheckpoint, arrays_sha256  # noqa: E402
+from experiments.config import option, result_settings  # noqa: E402
+from experiments.subprocesses import print_result, run_fresh  # noqa: E402
+from experiments.timing import round_robin  # noqa: E402
 from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
     RESTART_HINT, STATE_ERRORS, SettingsMismatchError, damaged, discard_state, exclusive_output_dir, exit_with_error,
-    guard_settings, jsonable, pause_to_be_killed, read_state_json, reading_state, write_json_atomically,
+    guard_settings, jsonable, parse_pause_after, pause_to_be_killed, write_json_atomically,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NORMALIZATIONS = ("mean", "mean_all", "sum")
-PROBE_MARKER = "HYPERCLEANING_MEMORY_PROBE "
+SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "corrupted", "replaced")  # what a K's run depends on
 
 # Table 2 (after 1000 hyper-iterations) and the appendix G.1 F1 table (150 hyper-iterations).
 PAPER_TABLE2 = {
@@ -74,33 +77,46 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Config:
-    output_dir: str = "out/hypercleaning"
-    truncate: Sequence[int] = (1, 5, 25, 50, 100)
-    hyper_iterations: int = 1000
-    inner_steps: int = 100
-    inner_lr: float = 1.0
-    regularization: float = 0.001
-    loss_normalization: str = "mean_all"
-    first_update_norm: Optional[float] = None  # None: √n_train (η0 ≈ 1)
-    outer_lr: Optional[float] = None  # fixed η0 for every K (disables the per-K tuning)
-    adam_epsilon: float = 1e-8
-    init_lambda: float = 0.0
-    corruption: float = 0.5
-    n_train: int = 5000
-    n_val: int = 5000
-    seed: int = 0
-    f1_thresholds: Sequence[float] = (-4.0, -3.0, -1.0)
-    table_threshold: float = -3.0
-    exact_every: int = 25
-    eval_every: int = 25
-    measure_memory: bool = True
-    memory_probe_calls: int = 3
-    timing_rounds: int = 5
-    local_dir: Optional[str] = None  # folder of MNIST IDX files (--local_dir)
-    data_dir: Optional[str] = None
-    jit_compile: bool = True
-    checkpoint_every: int = 50  # --save_every: hyper-iterations between saves (0: no resumption)
-    preset: str = ""
+    output_dir: str = option("out/hypercleaning", "Where results.json and the PNG figures are written.", result=False)
+    truncate: Sequence[int] = option((1, 5, 25, 50, 100), "K values of K-RMD (K = inner_steps is full RMD).",
+                                     result=False)  # K names its own checkpoint folder
+    hyper_iterations: int = option(1000, "Outer (Adam) iterations R per K.")
+    inner_steps: int = option(100, "T, gradient-descent steps of the inner problem.")
+    inner_lr: float = option(1.0, "γ, inner step size.")
+    regularization: float = option(0.001, "ρ of ρ‖W‖²_F in g.")
+    loss_normalization: str = option(
+        "mean_all", "mean: (1/n)Σσ(λ_i)ℓ_i + ρ‖W‖²; mean_all: (1/n)(Σσ(λ_i)ℓ_i + ρ‖W‖²); sum: the paper's formula "
+        "as printed (diverges with γ = 1).", choices=NORMALIZATIONS)
+    first_update_norm: Optional[float] = option(
+        None, "Target ‖first Adam update of λ‖ used to tune η0 per K (appendix G.1); default √n_train, i.e. η0 ≈ 1.")
+    outer_lr: Optional[float] = option(None, "Fixed η0 for every K (disables the per-K tuning).")
+    adam_epsilon: float = option(1e-8, "ε of the outer Adam.")
+    init_lambda: float = option(0.0, "λ_0 for every example (0: σ = ½).")
+    corruption: float = option(0.5, "Probability that a training label is redrawn uniformly.")
+    n_train: int = option(5000, "Training examples (class-balanced, multiple of 10).")
+    n_val: int = option(5000, "Validation examples (class-balanced, multiple of 10).")
+    seed: int = option(0, "Seed of the split / corruption (and numpy/TF).")
+    f1_thresholds: Sequence[float] = option((-4.0, -3.0, -1.0), "Thresholds τ: flag λ_i < τ (appendix G.1).")
+    table_threshold: float = option(-3.0, "τ of the Table 2 F1 column and the F1 curves.")
+    exact_every: int = option(25, "Exact (full-RMD) ‖d_λ f‖ every N hyper-iterations (Fig. 5); 0: only at the "
+                              "start and the end.")
+    eval_every: int = option(25, "Test accuracy every N hyper-iterations.")
+    measure_memory: bool = option(True, "Peak memory per K, one fresh subprocess per K.", result=False)
+    memory_probe_calls: int = option(3, "Steady-state calls per memory probe.", result=False)
+    timing_rounds: int = option(5, "Extra hyper-iterations per K, timed round-robin over the K values after the "
+                                "runs (s/it in the table; 0: use the runs' own median).", result=False)
+    local_dir: Optional[str] = option(
+        None, "Folder with the 4 MNIST IDX .gz files (default: tfds data_dir, then $TF_BILEVEL_MNIST_DIR or the "
+        "project's shared data folder, then download).", result=False)  # the data's hash is fingerprinted
+    data_dir: Optional[str] = option(None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).",
+                                     result=False)
+    jit_compile: bool = option(True, "XLA-compile the hyper-iteration.")
+    save_every: int = option(
+        50, "Save λ, the outer Adam's state and the curves of the running K every N hyper-iterations (and each "
+        "finished K) under <output_dir>/checkpoints; rerunning the same command resumes from there (a finished K "
+        "is not rerun; a run with another configuration in that folder is refused: delete it or pick another "
+        "--output_dir). 0: no checkpoints.", result=False)
+    preset: str = "full"
 
     def validated(self) -> "Config":
         cfg = dataclasses.replace(self)
@@ -133,17 +149,9 @@ class Config:
         cfg.f1_thresholds = sorted({float(t) for t in cfg.f1_thresholds} | {float(cfg.table_threshold)})
         if cfg.exact_every < 0 or cfg.eval_every < 1:
             raise ValueError("--exact_every must be >= 0 (0: only at the start and the end) and --eval_every >= 1")
-        if cfg.checkpoint_every < 0:
-            raise ValueError(f"--save_every must be >= 0 (0: no checkpoints), got {cfg.checkpoint_every}")
+        if cfg.save_every < 0:
+            raise ValueError(f"--save_every must be >= 0 (0: no checkpoints), got {cfg.save_every}")
         return cfg
-
-
-def apply_preset(cfg: Config, preset: str, explicit: Sequence[str] = ()) -> Config:
-    """`cfg` with the preset's values, except for the fields in `explicit` (set by the user)."""
-    if preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    values = {k: v for k, v in PRESETS[preset].items() if k not in explicit}
-    return dataclasses.replace(cfg, preset=preset, **values)
 
 
 # ----------------------------------------------------------------------------------------
@@ -250,49 +258,26 @@ def flag_scores(lam: np.ndarray, corrupted: np.ndarray, threshold: float) -> dic
     return {"precision": precision, "recall": recall, "f1": f1, "flagged": tp + fp, "tp": tp, "fp": fp, "fn": fn}
 
 
-def accuracy(W: np.ndarray, x: np.ndarray, y: np.ndarray, chunk: int = 20000) -> float:
-    correct = 0
-    for start in range(0, len(x), chunk):
-        logits = x[start:start + chunk] @ W.T
-        correct += int(np.sum(np.argmax(logits, axis=1) == y[start:start + chunk]))
-    return correct / len(x)
+def accuracy(W: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    return int(np.sum(np.argmax(x @ W.T, axis=1) == y)) / len(x)
 
 
 # ----------------------------------------------------------------------------------------
 # Checkpoints: a killed run, rerun with the same command, resumes where it was.
 # ----------------------------------------------------------------------------------------
 CHECKPOINT_DIR = "checkpoints"
-# Config fields that cannot change any number of a K's run (where the data come from is
-# covered by the hash of the split; K itself names the folder).
-_NOT_FINGERPRINTED = ("output_dir", "truncate", "measure_memory", "memory_probe_calls", "timing_rounds",
-                      "local_dir", "data_dir", "checkpoint_every", "preset")
 PAUSE_SECONDS = 120  # --pause_after: nobody killed the program, exit with an error rather than hang
-
-
-def config_fingerprint(cfg: Config, arrays: dict) -> dict:
-    """The config fields that affect a K's results, and a hash of the data split (so that a
-    different MNIST copy or split is never resumed from the checkpoints of another)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key in ("x_train", "y_train", "x_val", "y_val", "corrupted", "replaced"):
-        array = np.ascontiguousarray(arrays[key])
-        digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
-        digest.update(array.tobytes())
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
-    if arrays.get("y_test") is not None:
-        fields["n_test"] = int(len(arrays["y_test"]))
-    fields["data_sha256"] = digest.hexdigest()
-    return json.loads(json.dumps(jsonable(fields)))  # as it reads back from the file
 
 
 def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
     """<output_dir>/checkpoints (None when --save_every=0), with the fingerprint of this
     configuration; raises SettingsMismatchError when it holds checkpoints of another one."""
-    if cfg.checkpoint_every <= 0:
+    if cfg.save_every <= 0:
         return None
     root = Path(cfg.output_dir) / CHECKPOINT_DIR
-    guard_settings(root, config_fingerprint(cfg, arrays), what="the checkpoints")
+    n_test = None if arrays.get("y_test") is None else int(len(arrays["y_test"]))
+    settings = result_settings(cfg, data_sha256=arrays_sha256(arrays, SPLIT_KEYS), n_test=n_test)
+    guard_settings(root, settings, what="the checkpoints")
     return root
 
 
@@ -352,95 +337,30 @@ class TruncationRecord:
         return [self.curves[key][i] for i in steady]
 
 
-class TruncationCheckpoint:
-    """The checkpoints of one K in <root>/K<k>: λ and the outer Adam's variables (iteration
-    counter, learning rate, moments) in a tf.train.Checkpoint, the Python-side state (a
-    `TruncationRecord`) in the JSON sidecar state-<i>.json of checkpoint ckpt-<i>, i =
-    hyper-iterations done, and result.json once the K is finished.
-
-    The sidecar is written before its checkpoint and older sidecars are removed after it, so
-    the latest complete checkpoint always has its sidecar, wherever a kill lands. A damaged
-    file (truncated, garbage) is a StateFileError naming it: deleting the K's folder reruns
-    that K from the start."""
-
-    _RESULT_KEYS = ("truncate", "outer_lr", "final", "timing", "curves")
-    _STATE_KEYS = ("hyper_iteration", *(f.name for f in dataclasses.fields(TruncationRecord)))
+class TruncationCheckpoint(SidecarCheckpoint):
+    """The checkpoints of one K in <root>/K<k> (see `SidecarCheckpoint`): λ and the outer Adam's
+    variables, a `TruncationRecord` as the sidecar state-<i>.json of ckpt-<i> (i = hyper-iterations
+    done), result.json once the K is finished. Deleting the K's folder reruns that K."""
 
     def __init__(self, root: Path, truncate: int):
+        directory = root / f"K{truncate}"
+        super().__init__(directory, f"delete {directory} to rerun K={truncate} from the start, {RESTART_HINT}",
+                         state_keys=[f.name for f in dataclasses.fields(TruncationRecord)],
+                         result_keys=("truncate", "outer_lr", "final", "timing", "curves"), counter="hyper_iteration")
         self.truncate = truncate
-        self.directory = root / f"K{truncate}"
-        self.result_path = self.directory / "result.json"
-        self._manager: Optional[tf.train.CheckpointManager] = None
-        self.remedy = f"delete {self.directory} to rerun K={truncate} from the start, {RESTART_HINT}"
 
     def result(self) -> Optional[dict]:
-        """The result of a finished K, None if it is not finished."""
-        if not self.result_path.exists():
-            return None
-        result = read_state_json(self.result_path, self.remedy, self._RESULT_KEYS)
-        if result["truncate"] != self.truncate:
+        result = super().result()
+        if result is not None and result["truncate"] != self.truncate:
             raise damaged(self.result_path, f"it holds K={result['truncate']!r}", self.remedy)
         return result
 
-    def save_result(self, result: dict) -> None:
-        write_json_atomically(self.result_path, jsonable(result))
-
     def attach(self, lam: tf.Variable, optimizer: keras.optimizers.Optimizer, **more: Any) -> None:
-        """Tracks λ and the (built) optimizer, and `more` (e.g. the hyper-step counter): what
-        `save` writes and `restore` assigns."""
-        with self._reading_checkpoint_state():
-            self._manager = tf.train.CheckpointManager(
-                tf.train.Checkpoint(lam=lam, optimizer=optimizer, **more), str(self.directory), max_to_keep=1)
+        super().attach(lam=lam, optimizer=optimizer, **more)
 
     def attach_step(self, step: tfb.HyperStep) -> None:
         """`attach` for a hyper-step: its λ, its Keras optimizer and its counter."""
         self.attach(step.hparams, step.optimizer, iterations=step.iterations)
-
-    def _reading_checkpoint_state(self):
-        """TF parses <directory>/checkpoint (the index of checkpoints) as text: garbage raises."""
-        return reading_state(self.directory / "checkpoint", self.remedy,
-                             (tf.errors.OpError, ValueError, UnicodeDecodeError, OSError))
-
-    def _sidecar(self, done: int) -> Path:
-        return self.directory / f"state-{done}.json"
-
-    def latest_state(self) -> Optional[dict]:
-        """The sidecar of the latest checkpoint (None if there is none)."""
-        index = self.directory / "checkpoint"
-        with self._reading_checkpoint_state():
-            latest = tf.train.latest_checkpoint(str(self.directory))
-        if latest is None:
-            if index.exists():  # TF ignores an index it cannot parse (a truncated one, say)
-                raise damaged(index, "TensorFlow cannot parse it", self.remedy)
-            return None
-        try:
-            done = int(latest.rsplit("-", 1)[1])
-        except ValueError:
-            raise damaged(index, f"it names the checkpoint {latest!r}", self.remedy) from None
-        sidecar = self._sidecar(done)
-        if not sidecar.exists():
-            raise damaged(self.directory, f"checkpoint {Path(latest).name} has no sidecar {sidecar.name}", self.remedy)
-        state = read_state_json(sidecar, self.remedy, self._STATE_KEYS)
-        if state["hyper_iteration"] != done:
-            raise damaged(sidecar, f"it holds hyper-iteration {state['hyper_iteration']!r}, not {done}", self.remedy)
-        return state
-
-    def restore(self, done: int) -> None:
-        """Assigns λ and the optimizer's variables of checkpoint ckpt-<done>; all must be there
-        (TF checks the checksums of what it reads)."""
-        prefix = self.directory / f"ckpt-{done}"
-        # IndexError: TF's reader of a truncated data file; AssertionError: something not restored.
-        with reading_state(f"the checkpoint {prefix} ({prefix.name}.index, {prefix.name}.data-*)", self.remedy,
-                           (tf.errors.OpError, IndexError, AssertionError, ValueError, OSError)):
-            self._manager.checkpoint.restore(str(prefix)).assert_consumed()
-
-    def save(self, done: int, state: dict) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(self._sidecar(done), jsonable({**state, "hyper_iteration": done}))
-        self._manager.save(checkpoint_number=done)
-        for old in self.directory.glob("state-*.json"):
-            if old.name != self._sidecar(done).name:
-                old.unlink()
 
 
 # ----------------------------------------------------------------------------------------
@@ -514,7 +434,7 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.H
     Returns the results and the compiled step (for the interleaved timing).
 
     With `checkpoints` (a folder from `prepare_checkpoints`), λ, Adam's state and the curves are
-    saved every cfg.checkpoint_every hyper-iterations and at the end, and the result once the
+    saved every cfg.save_every hyper-iterations and at the end, and the result once the
     K is finished; a later call resumes from the latest checkpoint (or returns the finished
     result, with a step restored at λ_R). `pause_after=(K, i)`: after hyper-iteration i of
     this K, write a marker in output_dir and wait to be killed (tests)."""
@@ -565,7 +485,7 @@ def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.H
         bar.update(k + 1, val_loss=record.curves["val_loss"][-1], val_acc=record.curves["val_accuracy"][-1],
                    f1=record.curves["f1"][-1])
         done = k + 1
-        if store is not None and (done % cfg.checkpoint_every == 0 or done == R):
+        if store is not None and (done % cfg.save_every == 0 or done == R):
             record.elapsed_seconds = earlier_seconds + time.perf_counter() - start_total
             store.save(done, dataclasses.asdict(record))
         if pause_after == (truncate, done):
@@ -605,8 +525,9 @@ def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergra
         "lambda_mean_corrupted": curves["lambda_mean_corrupted"][-1],
         "lambda_mean_clean": curves["lambda_mean_clean"][-1],
     }
-    hist_edges = np.linspace(-12, 8, 81)
-    clipped = np.clip(lam_R, hist_edges[0], hist_edges[-1])
+    # Bins over the whole range of λ_R (whole units): no value is clipped into an edge bin.
+    low, high = math.floor(lam_R.min()), max(math.ceil(lam_R.max()), math.floor(lam_R.min()) + 1)
+    hist_edges = np.linspace(low, high, 61)
     result = {
         "truncate": truncate,
         "full_rmd": truncate == cfg.inner_steps,
@@ -629,30 +550,23 @@ def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergra
                    "exact_iterations": record.exact_iterations, "exact_hypergrad_norm": record.exact_hypergrad_norm},
         "lambda_histogram": {
             "edges": hist_edges.tolist(),
-            "corrupted": np.histogram(clipped[problem.corrupted], hist_edges)[0].tolist(),
-            "clean": np.histogram(clipped[~problem.corrupted], hist_edges)[0].tolist(),
+            "corrupted": np.histogram(lam_R[problem.corrupted], hist_edges)[0].tolist(),
+            "clean": np.histogram(lam_R[~problem.corrupted], hist_edges)[0].tolist(),
         },
     }
     return jsonable(result)  # the same values whether this K ran here or is read back from result.json
 
 
 def time_interleaved(steps: dict[int, tfb.HyperStep], problem: Problem, rounds: int) -> dict[int, dict]:
-    """Seconds per hyper-iteration of every K, timed round-robin (K1, K2, …, K1, K2, …) so that
-    a change of machine load (shared CPUs) hits every K alike; the ratios are the point."""
-    wall = {k: [] for k in steps}
-    cpu = {k: [] for k in steps}
+    """Seconds per hyper-iteration of every K, timed round-robin so that a change of machine load
+    (shared CPUs) hits every K alike; the ratios are the point."""
     for step in steps.values():
         if step.tracing_count == 0:  # rebuilt for a K finished in an earlier process: compile first
             hyper_iteration(step, problem)
-    for _ in range(rounds):
-        for k, step in steps.items():
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            hyper_iteration(step, problem)
-            wall[k].append(time.perf_counter() - start_wall)
-            cpu[k].append(time.process_time() - start_cpu)
-    return {k: {"rounds": rounds, "seconds_per_iteration_median": float(np.median(wall[k])),
-                "cpu_seconds_per_iteration_median": float(np.median(cpu[k])), "wall_seconds": wall[k]}
-            for k in steps}
+    timings = round_robin({k: (lambda step=step: hyper_iteration(step, problem)) for k, step in steps.items()}, rounds)
+    return {k: {"rounds": rounds, "seconds_per_iteration_median": float(np.median([t.wall for t in ts])),
+                "cpu_seconds_per_iteration_median": float(np.median([t.cpu for t in ts])),
+                "wall_seconds": [t.wall for t in ts]} for k, ts in timings.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -661,63 +575,33 @@ def time_interleaved(steps: dict[int, tfb.HyperStep], problem: Problem, rounds: 
 def memory_probe(cfg: Config, arrays: dict, truncate: int) -> dict:
     """Memory of one configuration in THIS process (call it in a fresh one): truncate = 0 runs
     `hg.solve` (T inner steps, no tape: the floor), otherwise the compiled hyper-iteration."""
-    from experiments._memory import PeakMemory, current_rss, peak_rss
-
     problem = build_problem(cfg, arrays)
     tf.reduce_sum(problem.train[0]).numpy()  # start the TF runtime before measuring
-    lam = tf.Variable(tf.fill([len(arrays["y_train"])], tf.constant(cfg.init_lambda, tf.float32)))
-    with PeakMemory() as first:
+    lam = tf.fill([len(arrays["y_train"])], tf.constant(cfg.init_lambda, tf.float32))
+
+    def build():
         if truncate == 0:
             hg = make_hypergradient(problem, cfg, None)
-            call = lambda: hg.solve(problem.w0, tf.identity(lam), problem.train).numpy()  # noqa: E731
-        else:
-            step = tfb.HyperStep(make_hypergradient(problem, cfg, truncate), lam,
-                                 keras.optimizers.Adam(0.1, epsilon=cfg.adam_epsilon), jit_compile=cfg.jit_compile,
-                                 metrics=validation_metrics)
-            call = lambda: hyper_iteration(step, problem)  # noqa: E731
-        call()
-    with PeakMemory() as steady:
-        for _ in range(cfg.memory_probe_calls):
-            call()
-    num_params = int(problem.w0.shape.num_elements())
-    return {
-        "truncate": truncate,
-        "rss_before_bytes": first.rss_before,
-        "first_call_peak_growth_bytes": first.process_peak_growth,
-        "steady_peak_growth_bytes": steady.process_peak_growth,
-        "steady_allocator_peak_growth_bytes": steady.allocator_peak_growth,
-        "final_rss_bytes": current_rss(),
-        "process_peak_rss_bytes": peak_rss() if not first.peak_was_reset else None,
-        "stored_state_bytes": truncate * num_params * 4,
-    }
+            return lambda: hg.solve(problem.w0, lam, problem.train).numpy()
+        step = build_step(problem, cfg, make_hypergradient(problem, cfg, truncate), 0.1, "lambda")
+        return lambda: hyper_iteration(step, problem)
+
+    return {"truncate": truncate, **probe(build, cfg.memory_probe_calls),
+            "stored_state_bytes": truncate * int(problem.w0.shape.num_elements()) * 4}
 
 
 def measure_memory(cfg: Config, arrays: dict, timeout: float = 900.0) -> dict:
     """`memory_probe` for the floor and every K, each in a fresh subprocess."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     data_path = os.path.join(cfg.output_dir, "_memory_probe_data.npz")
-    keys = ("x_train", "y_train", "x_val", "y_val", "corrupted", "replaced")
-    np.savez(data_path, **{k: arrays[k] for k in keys})
-    probe_cfg = dataclasses.asdict(cfg)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    np.savez(data_path, **{k: arrays[k] for k in SPLIT_KEYS})
     results = {}
     try:
         for truncate in [0] + list(cfg.truncate):
-            payload = json.dumps({"config": probe_cfg, "data": data_path, "truncate": truncate})
-            command = [sys.executable, "-m", "experiments.hypercleaning", f"--memory_probe={payload}"]
             label = "floor (hg.solve)" if truncate == 0 else f"K={truncate}"
             print(f"[hypercleaning] memory probe {label} in a fresh process", flush=True)
-            try:
-                done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                results[str(truncate)] = {"error": f"timed out after {timeout:.0f} s"}
-                continue
-            lines = [line for line in done.stdout.splitlines() if line.startswith(PROBE_MARKER)]
-            if done.returncode or not lines:
-                results[str(truncate)] = {"error": (done.stderr or done.stdout)[-2000:]}
-            else:
-                results[str(truncate)] = json.loads(lines[-1][len(PROBE_MARKER):])
+            payload = {"config": dataclasses.asdict(cfg), "data": data_path, "truncate": truncate}
+            results[str(truncate)] = run_fresh("experiments.hypercleaning", "memory_probe", payload, timeout)
     finally:
         os.remove(data_path)
     return results
@@ -727,80 +611,65 @@ def measure_memory(cfg: Config, arrays: dict, timeout: float = 900.0) -> dict:
 # Figures.
 # ----------------------------------------------------------------------------------------
 def plot_figures(results: dict, output_dir: str) -> dict:
+    """Fig. 5, the learning curves and the histograms of λ_R, as PNGs in `output_dir`."""
     from experiments import plotting
     from experiments.plotting import plt
 
-    T = results["config"]["inner_steps"]
-    runs = results["runs"]
+    cfg, runs = results["config"], results["runs"]
+    T, R = cfg["inner_steps"], cfg["hyper_iterations"]
     ks = sorted(int(k) for k in runs)
     colors = plotting.truncation_colors(ks, T)
     label = lambda k: plotting.truncation_label(k, T)  # noqa: E731
+    budget = f"T={T} inner steps, R={R} hyper-iterations, n={results['data']['n_train']}"
     figures = {}
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 5))
     for k in ks:
         c = runs[str(k)]["curves"]
-        values = np.asarray(c["exact_hypergrad_norm"], np.float64)
-        keep = values > 0
-        ax.semilogy(np.asarray(c["exact_iterations"])[keep], values[keep], color=colors[k], lw=1.3, label=label(k))
-    ax.set_xlabel("hyper-iteration")
-    ax.set_ylabel(r"$\|d_\lambda f\|$ (exact, full RMD)")
-    ax.set_title("Fig. 5: hypercleaning")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    figures["fig5"] = plotting.save_figure(fig, os.path.join(output_dir, "fig5_exact_hypergradient_norm.png"), dpi=100)
+        plotting.plot_curve(ax, c["exact_iterations"], c["exact_hypergrad_norm"], color=colors[k], label=label(k),
+                            log=True)
+    plotting.label_axes(ax, "hyper-iteration k", r"$\|d_\lambda f(\lambda_k)\|$ (exact, full RMD)",
+                        f"Fig. 5: exact hypergradient norm at the K-RMD iterates\n{budget}")
+    figures["fig5"] = plotting.save_figure(fig, os.path.join(output_dir, "fig5_exact_hypergradient_norm.png"))
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    thr = cfg["table_threshold"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for k in ks:
         c = runs[str(k)]["curves"]
         x = np.arange(len(c["val_loss"]))
-        axes[0].plot(x, c["val_loss"], color=colors[k], lw=1.2, label=label(k))
-        axes[1].plot(c["test_iterations"], 100 * np.asarray(c["test_accuracy"]), color=colors[k], lw=1.2, label=label(k))
-        axes[2].plot(x, c["f1"], color=colors[k], lw=1.2, label=label(k))
-    thr = results["config"]["table_threshold"]
-    for ax, title in zip(axes, ("validation loss f", "test accuracy (%)", f"F1 of flags λ_i < {thr:g}")):
-        ax.set_title(title)
-        ax.set_xlabel("hyper-iteration")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[2].legend(fontsize=8)
-    figures["curves"] = plotting.save_figure(fig, os.path.join(output_dir, "hypercleaning_curves.png"), dpi=90)
+        plotting.plot_curve(axes[0], x, c["val_loss"], color=colors[k], label=label(k), log=True)
+        plotting.plot_curve(axes[1], c["test_iterations"], 100 * np.asarray(c["test_accuracy"]), color=colors[k],
+                            label=label(k))
+        plotting.plot_curve(axes[2], x, c["f1"], color=colors[k], label=label(k))
+    for ax, ylabel in zip(axes, ("validation loss f(w_T(λ_k))", "test accuracy of ŵ(λ_k) (%)",
+                                 f"F1 of flagging λ_i < {thr:g} as corrupted")):
+        plotting.label_axes(ax, "hyper-iteration k", ylabel)
+    fig.suptitle(f"Hypercleaning learning curves ({budget})")
+    figures["curves"] = plotting.save_figure(fig, os.path.join(output_dir, "hypercleaning_curves.png"))
 
-    fig, axes = plt.subplots(1, len(ks), figsize=(2.8 * len(ks), 2.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.6 * len(ks), 4.6), squeeze=False)
+    styles = dict(zip(cfg["f1_thresholds"], ("--", ":", "-.", (0, (5, 1, 1, 1)))))
     for ax, k in zip(axes[0], ks):
-        hist = runs[str(k)]["lambda_histogram"]
-        edges = np.asarray(hist["edges"])
-        ax.stairs(hist["clean"], edges, label="clean", color="tab:blue")
-        ax.stairs(hist["corrupted"], edges, label="corrupted", color="tab:red")
-        for t in results["config"]["f1_thresholds"]:
-            ax.axvline(t, color="gray", lw=0.8, ls=":")
-        ax.set_title(label(k), fontsize=9)
-        ax.set_xlabel(r"$\lambda_i$ (clipped to [-12, 8])")
-    axes[0][0].legend(fontsize=7)
-    axes[0][0].set_ylabel("examples")
-    figures["lambda_histograms"] = plotting.save_figure(fig, os.path.join(output_dir, "lambda_histograms.png"), dpi=80)
+        run = runs[str(k)]
+        hist, edges = run["lambda_histogram"], np.asarray(run["lambda_histogram"]["edges"])
+        ax.stairs(hist["clean"], edges, label="clean label", color="tab:blue", lw=1.5)
+        ax.stairs(hist["corrupted"], edges, label="corrupted label", color="tab:red", lw=1.5)
+        for t, style in styles.items():
+            f1 = run["final"]["flagging"][str(float(t))]["f1"]
+            ax.axvline(t, color="black" if t == thr else "gray", lw=1.2 if t == thr else 0.9, ls=style,
+                       label=f"τ = {t:g} ({'Table 2, ' if t == thr else ''}F1 {f1:.2f})")
+        plotting.label_axes(ax, rf"$\lambda_i$ after R={R} hyper-iterations (weight $\sigma(\lambda_i)$)",
+                            "training examples", label(k), legend=False)
+        ax.set_ylim(0, 1.5 * max(max(hist["clean"]), max(hist["corrupted"]), 1))  # room for the legend
+        ax.legend(fontsize=8, loc="upper center", ncol=2, framealpha=0.9)
+    fig.suptitle(f"Learned example weights: flag λ_i < τ as corrupted ({budget})")
+    figures["lambda_histograms"] = plotting.save_figure(fig, os.path.join(output_dir, "lambda_histograms.png"))
     return {k: os.path.basename(v) for k, v in figures.items()}
 
 
 # ----------------------------------------------------------------------------------------
 # The experiment.
 # ----------------------------------------------------------------------------------------
-def _environment() -> dict:
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "load_average": load,
-    }
-
-
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None,
                    pause_after: Optional[tuple[int, int]] = None, restart: bool = False) -> dict:
     """Runs every K, writes results.json and the figures to cfg.output_dir, returns results.
@@ -820,7 +689,7 @@ def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dic
     np.random.seed(cfg.seed)
     tf.random.set_seed(cfg.seed)
     start = time.time()
-    environment = _environment()
+    environment = provenance.environment()
     if arrays is None:
         arrays, data_info = load_split(cfg)
     checkpoints = prepare_checkpoints(cfg, arrays)  # before any work: a mismatch fails at once
@@ -847,13 +716,7 @@ def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dic
                   "note": "Table 2 after 1000 hyper-iterations; F1-threshold table after 150 (appendix G.1)"},
         "runs": runs,
         "memory": memory,
-        "memory_method": (
-            "fresh subprocess per K (truncate 0 = hg.solve alone, the floor). steady_allocator_peak_growth: "
-            "peak minus current bytes of TF's CPU allocator (tf.config.experimental.get_memory_info, after "
-            "reset_memory_stats) over steady-state hyper-iterations = the working set of tensors and XLA "
-            "buffers; first_call / steady_peak_growth: process RSS high-water mark (VmHWM, reset via "
-            "/proc/self/clear_refs) minus RSS before, first call = build + trace + XLA compile + run; "
-            "stored_state_bytes = K * |W| * 4"),
+        "memory_method": f"{PROBE_METHOD}; truncate 0 = hg.solve alone (the floor); stored_state_bytes = K * |W| * 4",
         "runtime_seconds": time.time() - start,
     }
     results = jsonable(results)
@@ -862,10 +725,6 @@ def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dic
     print(format_table(results), flush=True)
     print(f"[hypercleaning] results.json and figures in {cfg.output_dir} ({results['runtime_seconds']:.0f} s)")
     return results
-
-
-def _mib(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
 def format_table(results: dict) -> str:
@@ -889,7 +748,7 @@ def format_table(results: dict) -> str:
             f"{fin['val_loss']:>7.3f} | {pget('val_loss', '.3f'):>5} "
             f"{fin['flagging'][table_thr]['f1']:>4.2f} | {pget('f1', '.2f'):>4} "
             f"{timing['seconds_per_iteration_median']:>6.3f} {timing['cpu_seconds_per_iteration_median']:>8.3f} "
-            f"{_mib(mem.get('steady_allocator_peak_growth_bytes')):>8}")
+            f"{mib(mem.get('steady_allocator_peak_growth_bytes')):>8}")
     lines.append("F1 of flagging λ_i < τ (measured | paper, appendix G.1 after 150 hyper-iterations)")
     lines.append(f"{'K':>4} " + " ".join(f"{'τ=' + format(t, 'g'):>12}" for t in thresholds))
     for k, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
@@ -898,16 +757,7 @@ def format_table(results: dict) -> str:
                  else f"{run['final']['flagging'][str(t)]['f1']:.2f} |   -" for t in thresholds]
         lines.append(f"{k:>4} " + " ".join(f"{c:>12}" for c in cells))
     if memory:
-        lines.append("Memory, fresh process per K (MiB): TF allocator peak of a steady call (working set) | "
-                     "RSS peak growth of the first call (incl. XLA compile) / of steady calls | stored states K·|W|·4")
-        for k, mem in sorted(memory.items(), key=lambda kv: int(kv[0])):
-            name = "floor" if k == "0" else f"K={k}"
-            if "error" in mem:
-                lines.append(f"  {name:>7}: error {mem['error'][-200:]}")
-            else:
-                lines.append(f"  {name:>7}: {_mib(mem['steady_allocator_peak_growth_bytes']):>6} | "
-                             f"{_mib(mem['first_call_peak_growth_bytes']):>7} / {_mib(mem['steady_peak_growth_bytes']):>5} | "
-                             f"{_mib(mem['stored_state_bytes'])}")
+        lines += format_probes(memory, {k: "floor" if k == "0" else f"K={k}" for k in memory})
     return "\n".join(lines)
 
 
@@ -915,77 +765,16 @@ def format_table(results: dict) -> str:
 # absl entry point. Flags are defined only when run as a program, so that importing this module
 # (tests, other programs) cannot collide with other modules' flags.
 # ----------------------------------------------------------------------------------------
-_FLAG_FIELDS = ("output_dir", "truncate", "hyper_iterations", "inner_steps", "inner_lr", "regularization",
-                "loss_normalization", "first_update_norm", "outer_lr", "adam_epsilon", "init_lambda",
-                "corruption", "n_train", "n_val", "seed", "f1_thresholds", "table_threshold", "exact_every",
-                "eval_every", "measure_memory", "memory_probe_calls", "timing_rounds", "local_dir", "data_dir",
-                "jit_compile", "checkpoint_every")
-_FLAG_NAMES = {"checkpoint_every": "save_every"}  # Config field -> flag, where they differ
-
-
 def define_flags() -> None:
     from absl import flags
 
     from experiments._cli import define_internal
 
-    d = Config()
-    flags.DEFINE_enum("preset", "full", sorted(PRESETS),
-                      "full: the paper's settings (the defaults); readme: K in {1,5,100}, 100 hyper-iterations "
-                      "(a few minutes); quick: tiny budget for tests. Explicit flags override the preset.")
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
-    flags.DEFINE_string("output_dir", d.output_dir, "Where results.json and the PNG figures are written.")
-    flags.DEFINE_list("truncate", [str(k) for k in d.truncate], "K values of K-RMD (K = inner_steps is full RMD).")
-    flags.DEFINE_integer("hyper_iterations", d.hyper_iterations, "Outer (Adam) iterations R per K.")
-    flags.DEFINE_integer("inner_steps", d.inner_steps, "T, gradient-descent steps of the inner problem.")
-    flags.DEFINE_float("inner_lr", d.inner_lr, "γ, inner step size.")
-    flags.DEFINE_float("regularization", d.regularization, "ρ of ρ‖W‖²_F in g.")
-    flags.DEFINE_enum("loss_normalization", d.loss_normalization, list(NORMALIZATIONS),
-                      "mean: (1/n)Σσ(λ_i)ℓ_i + ρ‖W‖²; mean_all: (1/n)(Σσ(λ_i)ℓ_i + ρ‖W‖²); sum: the paper's "
-                      "formula as printed (diverges with γ = 1).")
-    flags.DEFINE_float("first_update_norm", None, "Target ‖first Adam update of λ‖ used to tune η0 per K "
-                       "(appendix G.1); default √n_train, i.e. η0 ≈ 1.")
-    flags.DEFINE_float("outer_lr", None, "Fixed η0 for every K (disables the per-K tuning).")
-    flags.DEFINE_float("adam_epsilon", d.adam_epsilon, "ε of the outer Adam.")
-    flags.DEFINE_float("init_lambda", d.init_lambda, "λ_0 for every example (0: σ = ½).")
-    flags.DEFINE_float("corruption", d.corruption, "Probability that a training label is redrawn uniformly.")
-    flags.DEFINE_integer("n_train", d.n_train, "Training examples (class-balanced, multiple of 10).")
-    flags.DEFINE_integer("n_val", d.n_val, "Validation examples (class-balanced, multiple of 10).")
-    flags.DEFINE_integer("seed", d.seed, "Seed of the split / corruption (and numpy/TF).")
-    flags.DEFINE_list("f1_thresholds", [str(t) for t in d.f1_thresholds], "Thresholds τ: flag λ_i < τ (appendix G.1).")
-    flags.DEFINE_float("table_threshold", d.table_threshold, "τ of the Table 2 F1 column and the F1 curves.")
-    flags.DEFINE_integer("exact_every", d.exact_every, "Exact (full-RMD) ‖d_λ f‖ every N hyper-iterations (Fig. 5); "
-                         "0: only at the start and the end.")
-    flags.DEFINE_integer("eval_every", d.eval_every, "Test accuracy every N hyper-iterations.")
-    flags.DEFINE_bool("measure_memory", d.measure_memory, "Peak memory per K, one fresh subprocess per K.")
-    flags.DEFINE_integer("memory_probe_calls", d.memory_probe_calls, "Steady-state calls per memory probe.")
-    flags.DEFINE_integer("timing_rounds", d.timing_rounds, "Extra hyper-iterations per K, timed round-robin "
-                         "over the K values after the runs (s/it in the table; 0: use the runs' own median).")
-    flags.DEFINE_string("local_dir", d.local_dir, "Folder with the 4 MNIST IDX .gz files (default: tfds data_dir, "
-                        "then $TF_BILEVEL_MNIST_DIR or the project's shared data folder, then download).")
-    flags.DEFINE_string("data_dir", d.data_dir, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).")
-    flags.DEFINE_bool("jit_compile", d.jit_compile, "XLA-compile the hyper-iteration.")
-    flags.DEFINE_integer("save_every", d.checkpoint_every,
-                         "Save λ, the outer Adam's state and the curves of the running K every N hyper-iterations "
-                         "(and each finished K) under <output_dir>/checkpoints; rerunning the same command resumes "
-                         "from there (a finished K is not rerun; a run with another configuration in that folder "
-                         "is refused: delete it or pick another --output_dir). 0: no checkpoints.")
+    config.define_flags(Config, PRESETS)
     flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/checkpoints) and start over.")
     define_internal(flags.DEFINE_string, "memory_probe", None, "JSON payload of one memory probe.")
     define_internal(flags.DEFINE_string, "pause_after", None, "(tests) K,ITER: after hyper-iteration ITER of K, "
                     "write <output_dir>/paused_K<K>_at_<ITER> and wait to be killed (once: not if that file exists).")
-
-
-def config_from_flags() -> Config:
-    from absl import flags
-
-    F = flags.FLAGS
-    values = {name: getattr(F, _FLAG_NAMES.get(name, name)) for name in _FLAG_FIELDS}
-    values["truncate"] = [int(k) for k in F.truncate]
-    values["f1_thresholds"] = [float(t) for t in F.f1_thresholds]
-    cfg = Config(**values)
-    preset = "quick" if F.quick else F.preset
-    explicit = [name for name in _FLAG_FIELDS if F[_FLAG_NAMES.get(name, name)].present]
-    return apply_preset(cfg, preset, explicit)
 
 
 def _run_memory_probe(payload: str) -> int:
@@ -993,18 +782,15 @@ def _run_memory_probe(payload: str) -> int:
     cfg = Config(**spec["config"])
     with np.load(spec["data"]) as data:
         arrays = {k: data[k] for k in data.files}
-    print(PROBE_MARKER + json.dumps(memory_probe(cfg, arrays, int(spec["truncate"]))), flush=True)
+    print_result(memory_probe(cfg, arrays, int(spec["truncate"])))
     return 0
 
 
 def _parse_pause_after(value: Optional[str]) -> Optional[tuple[int, int]]:
-    if not value:
-        return None
-    try:
-        truncate, done = (int(v) for v in value.split(","))
-    except ValueError:
-        raise ValueError(f"--pause_after must be K,ITER (two integers), got {value!r}") from None
-    return truncate, done
+    pause = parse_pause_after(value, "K,ITER")
+    if pause is not None and not pause[0].isdigit():
+        raise ValueError(f"--pause_after must be K,ITER (two integers), got {value!r}")
+    return None if pause is None else (int(pause[0]), pause[1])
 
 
 def main(argv: Sequence[str]) -> int:
@@ -1019,7 +805,7 @@ def main(argv: Sequence[str]) -> int:
     if flags.FLAGS.memory_probe:
         return _run_memory_probe(flags.FLAGS.memory_probe)
     try:
-        cfg = config_from_flags().validated()
+        cfg = config.config_from_flags(Config, PRESETS).validated()
         pause_after = _parse_pause_after(flags.FLAGS.pause_after)
     except ValueError as err:
         raise app.UsageError(str(err))

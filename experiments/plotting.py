@@ -17,7 +17,10 @@ import numpy as np  # noqa: E402
 
 from experiments.run_state import write_atomically  # noqa: E402
 
-__all__ = ["plt", "save_figure", "semilogy_curves", "truncation_colors", "truncation_label"]
+__all__ = ["label_axes", "plot_curve", "plt", "save_figure", "semilogy_curves", "truncation_colors",
+           "truncation_label"]
+
+SPARSE_POINTS = 40  # curves with at most this many points get a marker at each
 
 
 def truncation_colors(truncations: Sequence[int], steps: int) -> dict[int, tuple]:
@@ -58,6 +61,29 @@ def semilogy_curves(
     if title:
         ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_curve(ax, x: Sequence[float], y: Sequence[float], *, log: bool = False, **kwargs) -> None:
+    """One line, with a marker at each point when it has few (sparse samples read as points,
+    not as a smooth curve); on a log axis, non-positive and non-finite values are left out."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    keep = np.isfinite(y) & ((y > 0) if log else True)
+    kwargs.setdefault("lw", 1.4)
+    if np.count_nonzero(keep) <= SPARSE_POINTS:
+        kwargs.setdefault("marker", "o")
+        kwargs.setdefault("ms", 3.5)
+    (ax.semilogy if log else ax.plot)(x[keep], y[keep], **kwargs)
+
+
+def label_axes(ax, xlabel: str, ylabel: str, title: str = "", legend: bool = True) -> None:
+    """Axis labels, title, grid, and a legend of the labelled lines placed where they leave room."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=9, loc="best")
 
 
 def save_figure(fig, path: str, dpi: int = 130) -> str:

@@ -90,6 +90,18 @@ def test_configurations_cover_the_spec():
     assert (8, "implicit_cg K=3") in labels and (8, "floor (hg.solve)") in labels
 
 
+def test_fresh_process_runner_reports_failures_as_errors():
+    """experiments.subprocesses.run_fresh: a worker that fails or takes too long is an entry with
+    the reason, never an exception that would lose the other configurations' results."""
+    from experiments import subprocesses
+
+    failed = subprocesses.run_fresh("experiments.no_such_module", "worker", {"a": 1}, timeout=120)
+    assert set(failed) == {"error"} and "worker exited with 1 (no result)" in failed["error"]
+    assert "No module named experiments.no_such_module" in failed["error"]
+    assert subprocesses.run_fresh("experiments.benchmark", "worker", {}, timeout=0.01) == {
+        "error": "timed out after 0 s"}
+
+
 def test_program_end_to_end(tmp_path):
     """`python -m experiments.benchmark --quick`: one fresh process per configuration, table and JSON."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

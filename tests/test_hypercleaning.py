@@ -18,6 +18,7 @@ import tensorflow as tf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import hypercleaning as H  # noqa: E402
+from experiments.config import apply_preset  # noqa: E402
 from offline_data import MNIST_DIR, needs_mnist, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
@@ -78,7 +79,7 @@ def test_config_validation_names_the_flag():
         H.Config(truncate=[0, 5]).validated()
     with pytest.raises(ValueError, match="--n_train"):
         H.Config(n_train=1234).validated()
-    cfg = H.apply_preset(H.Config(), "readme", explicit=["hyper_iterations"])
+    cfg = apply_preset(H.Config(), H.PRESETS, "readme", explicit=["hyper_iterations"])
     assert list(cfg.truncate) == [1, 5, 100] and cfg.hyper_iterations == 1000
 
 
@@ -241,11 +242,11 @@ def test_checkpoints_of_another_configuration_are_refused(tmp_path):
     arrays = {"x_train": rng.normal(size=(n, d)).astype(np.float32), "y_train": rng.integers(0, 10, n),
               "x_val": rng.normal(size=(n, d)).astype(np.float32), "y_val": rng.integers(0, 10, n),
               "corrupted": rng.random(n) < 0.5, "replaced": rng.random(n) < 0.5}
-    cfg = H.Config(output_dir=str(tmp_path), truncate=[1, 5], n_train=n, n_val=n, checkpoint_every=4).validated()
+    cfg = H.Config(output_dir=str(tmp_path), truncate=[1, 5], n_train=n, n_val=n, save_every=4).validated()
     root = H.prepare_checkpoints(cfg, arrays)
     assert root == tmp_path / "checkpoints" and (root / "fingerprint.json").exists()
     # What cannot change a K's numbers may change: the K list, timing, memory, the data's location.
-    same = H.Config(output_dir=str(tmp_path), truncate=[25], n_train=n, n_val=n, checkpoint_every=10,
+    same = H.Config(output_dir=str(tmp_path), truncate=[25], n_train=n, n_val=n, save_every=10,
                     timing_rounds=0, measure_memory=False, local_dir="/elsewhere").validated()
     assert H.prepare_checkpoints(same, arrays) == root
     with pytest.raises(H.SettingsMismatchError) as err:
@@ -256,6 +257,6 @@ def test_checkpoints_of_another_configuration_are_refused(tmp_path):
     other = dict(arrays, y_train=np.where(np.arange(n) == 0, (arrays["y_train"] + 1) % 10, arrays["y_train"]))
     with pytest.raises(H.SettingsMismatchError, match="data_sha256"):
         H.prepare_checkpoints(cfg, other)
-    # --save_every=0 (checkpoint_every=0): no checkpoints, nothing checked.
-    assert H.prepare_checkpoints(H.Config(**{**vars(cfg), "inner_lr": 0.5, "checkpoint_every": 0}).validated(),
+    # --save_every=0: no checkpoints, nothing checked.
+    assert H.prepare_checkpoints(H.Config(**{**vars(cfg), "inner_lr": 0.5, "save_every": 0}).validated(),
                                  arrays) is None

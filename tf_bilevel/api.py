@@ -106,9 +106,11 @@ class Hypergradient:
         self.per_step_batches = per_step_batches
         self.backward = backward
         self.memory_budget = memory_budget
-        # What "auto" chose at the last trace ("store" or "recompute"), with its estimate.
+        # What "auto" chose at the last trace ("store" or "recompute"), with what it was based on:
+        # the per-step residuals' bytes and whether XLA can store them at all.
         self.backward_used: Optional[str] = None
         self.step_residual_bytes: Optional[int] = None
+        self.step_storable: Optional[bool] = None
         batch_at_step = gather_step if per_step_batches is True else (per_step_batches or None)
         self.transition = Transition(problem, optimizer, batch_at_step)
         self.steps = steps
@@ -228,7 +230,7 @@ class Hypergradient:
         if self.backward == "auto":
             state = self.transition.init_state(self.problem.initial_params(params, hparams), opt_state)
             profile = profile_step(self.transition, state, hparams, inner_batch)
-            self.step_residual_bytes = profile.residual_bytes
+            self.step_residual_bytes, self.step_storable = profile.residual_bytes, profile.storable
             store = profile.storable and self.truncate * profile.residual_bytes <= self.memory_budget
         else:
             store = self.backward == "store"

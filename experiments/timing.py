@@ -1,0 +1,82 @@
+"""Wall and CPU time of calls that return TF values (the time includes waiting for them), and
+round-robin timing of several calls so that a change of machine load hits each alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+
+class Timing(NamedTuple):
+    wall: float
+    cpu: float  # process CPU time, all threads: much less sensitive to other processes' load
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Timing, list]:
+    """(the time of `fn()`, its result's leaves as NumPy arrays: converting them waits for them)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = [np.asarray(x) for x in tf.nest.flatten(fn())]
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu), out
+
+
+def round_robin(calls: Mapping[Hashable, Callable[[], Any]], rounds: int) -> dict[Hashable, list[Timing]]:
+    """`rounds` timings of every call, taken in turn (a, b, …, a, b, …)."""
+    timings = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            timings[key].append(timed(call)[0])
+    return timings
+
+
+def median(timings: Sequence[Timing]) -> Timing:
+    """The median wall and the median CPU time (each on its own)."""
+    return Timing(statistics.median(t.wall for t in timings), statistics.median(t.cpu for t in timings))
+
+
+def alternate(fn: Callable[[], Any], floor: Optional[Callable[[], Any]], repeats: int) -> tuple[list, list]:
+    """(timings of `fn`, of `floor`), `repeats` of each taken in turn so that a change of machine
+    load hits both alike; without a floor, its timings are fn's."""
+    times, floor_times = [], []
+    for _ in range(repeats):
+        if floor is not None:
+            floor_times.append(timed(floor)[0])
+        times.append(timed(fn)[0])
+    return times, floor_times or times
+
+
+class FloorRun(NamedTuple):
+    """What `against_floor` measured: the built objects, the first call (build + trace + compile
+    + run) with its result, the memory of the first and of one steady call (PeakMemory), the
+    floor's first call, and the alternating timings."""
+
+    built: Any
+    first: Timing
+    first_out: list
+    first_memory: Any
+    steady_memory: Any
+    floor_first: Timing
+    times: list
+    floor_times: list
+
+
+def against_floor(build: Callable[[], tuple[Any, Callable[[], Any], Callable[[], Any]]], is_floor: bool,
+                  repeats: Callable[[Timing, Callable[[], Any]], int]) -> FloorRun:
+    """Measures `fn` against `floor` ((built, fn, floor) = build(), the build timed with the first
+    call): `repeats(steady timing, floor)` alternating calls of each. With `is_floor`, fn is the
+    floor itself and is timed alone."""
+    from experiments._memory import PeakMemory
+
+    with PeakMemory() as first_memory:
+        wall, cpu = time.perf_counter(), time.process_time()
+        built, fn, floor = build()
+        _, first_out = timed(fn)
+        first = Timing(time.perf_counter() - wall, time.process_time() - cpu)
+    with PeakMemory() as steady_memory:
+        warm, _ = timed(fn)
+    floor_first = first if is_floor else timed(floor)[0]
+    times, floor_times = alternate(fn, None if is_floor else floor, repeats(warm, floor))
+    return FloorRun(built, first, first_out, first_memory, steady_memory, floor_first, times, floor_times)
