@@ -74,8 +74,6 @@ def define_flags(config_class: type, presets: Presets, default_preset: str = "fu
     """Registers --preset, --quick (= --preset=quick) and one absl flag per field of `config_class`
     (in absl's FLAGS unless `flag_values` is given), as flags of the calling module (so that the
     program's --help lists them)."""
-    import sys
-
     from absl import flags
 
     from experiments._cli import define_internal
@@ -83,15 +81,12 @@ def define_flags(config_class: type, presets: Presets, default_preset: str = "fu
     flags.disclaim_key_flags()  # the flags belong to the caller (the program): --help lists them
     if default_preset not in presets:
         raise ValueError(f"default_preset={default_preset!r} is not one of the presets {sorted(presets)}")
-    caller = sys._getframe(1).f_globals.get("__name__", "")
-    # absl files the flags of the program run as __main__ under sys.argv[0], and --help lists those.
-    module = {"module_name": sys.argv[0] if caller == "__main__" else caller}
     into = {} if flag_values is None else {"flag_values": flag_values}
     flags.DEFINE_enum("preset", default_preset, sorted(presets),
                       "A named set of defaults; explicit flags override it (see the module docstring).",
-                      **into, **module)
+                      **into)
     if "quick" in presets:
-        flags.DEFINE_bool("quick", False, "Same as --preset=quick.", **into, **module)
+        flags.DEFINE_bool("quick", False, "Same as --preset=quick.", **into)
     hints = typing.get_type_hints(config_class)
     for field in _flag_fields(config_class):
         kind, element = _kind(hints[field.name])
@@ -108,7 +103,7 @@ def define_flags(config_class: type, presets: Presets, default_preset: str = "fu
         if meta["internal"]:
             define_internal(define, name, default, meta["help"], **args)
         else:
-            define(name, default, help=meta["help"], **args, **module)
+            define(name, default, help=meta["help"], **args)
 
 
 def config_from_flags(config_class: type[ConfigT], presets: Presets, flag_values: Any = None) -> ConfigT:
