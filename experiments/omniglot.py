@@ -14,9 +14,9 @@ Datasets, evaluation, resumption and the measured results: RESULTS.md, "One-shot
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -28,14 +28,14 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 import tf_bilevel as tfb
-from experiments import datasets
+from experiments import config, datasets, provenance
 from experiments import fewshot_model as fsm
+from experiments.config import option
 from experiments.run_state import (
     RESTART_HINT, STATE_ERRORS, StateFileError, damaged, discard_state, exclusive_output_dir, exit_with_error,
-    guard_settings, pause_to_be_killed, read_state_json, reading_state, write_atomically, write_json_atomically,
+    guard_settings, parse_pause_after, pause_to_be_killed, read_state_json, reading_state, write_atomically,
+    write_json_atomically,
 )
-
-FLAGS = flags.FLAGS
 
 DATASETS = ("omniglot", "mnist", "fashion_mnist")
 # Table 4 of the paper (Omniglot, 5-way 1-shot): accuracy %, hyper-iterations, s/iter.
@@ -50,69 +50,69 @@ PAPER_TABLE4 = [
 ]
 
 
-def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-    """Defines the program's flags in `fv` (tests use their own FlagValues)."""
-    from experiments._cli import define_internal
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The run's settings; one flag per field (flag = field name)."""
+    dataset: str = option("omniglot", "Meta-learning dataset (omniglot = the paper).", choices=DATASETS)
+    n_way: int = option(5, "Classes per task.")
+    k_shot: int = option(1, "Training (support) examples per class.")
+    n_query: int = option(15, "Validation (query) examples per class.")
+    inner_steps: int = option(50, "T, inner gradient steps per task.")
+    # Each method has its own state: another set of methods resumes the stored ones.
+    truncate: Sequence[str] = option(("1", "10", "25", "full"), "K values; 'full' = full RMD (K = T).", result=False)
+    short_horizon: bool = option(True, "Also run the short-horizon baseline (full RMD, T = 1).", result=False)
+    meta_batch_size: int = option(4, "Tasks per hyper-iteration.")
+    hyper_iterations: int = option(5000, "Hyper-iterations per run.")
+    outer_lr: float = option(1e-3, "Adam learning rate on the raw hyperparameters.")
+    init_inner_lr: float = option(0.1, "Initial γ.")
+    init_rho: float = option(0.01, "Initial ρ_j.")
+    channels: int = option(64, "Kernels per conv layer (Fig. 8: 64).")
+    image_size: int = option(28, "Images are resized to this (Omniglot: 28).")
+    class_split: Optional[Sequence[int]] = option(
+        None, "Classes in meta-train, meta-val, meta-test (before rotations); default 1200,100,323 for omniglot "
+        "and 5,0,5 for (fashion_)mnist.")
+    rotations: Optional[bool] = option(None, "Add 90/180/270° rotations as new classes (default: off for omniglot "
+                                       "as in the paper, on for (fashion_)mnist).")
+    eval_tasks: int = option(120, "Meta-test tasks for the final accuracy (paper: 120).")
+    curve_eval_tasks: int = option(40, "Meta-test tasks for the accuracy curve (Fig. 7, plot 1).")
+    eval_every: int = option(250, "Evaluate the accuracy curve every N hyper-iterations (0: never); also the "
+                             "checkpoint interval for resuming (0: no intermediate checkpoint).")
+    exact_every: int = option(50, "Cosine with full RMD every N hyper-iterations (0: never).")
+    # Fig. 7 plot 4, the export and the timing are recomputed from the stored methods by every run.
+    relerr_truncations: Sequence[int] = option((1, 2, 5, 10, 20, 30, 40, 50),
+                                               "K values of Fig. 7, plot 4 (relative error vs K).", result=False)
+    relerr_tasks: int = option(4, "Meta-training tasks averaged for Fig. 7, plot 4.", result=False)
+    rho_zero_ablation: bool = option(True, "Fig. 7, plot 4 also with ρ = 0 (no regularization).", result=False)
+    relerr_rho_scales: Sequence[float] = option((), "Fig. 7, plot 4 also with ρ multiplied by these factors "
+                                                "(e.g. 100: a strongly regularized inner problem).", result=False)
+    timing_rounds: int = option(5, "After training: rounds of one hyper-step per method, interleaved, for s/iter "
+                                "measured under the same machine load (0: skip).", result=False)
+    data_dir: Optional[str] = option(None, "tfds data_dir (default: datasets.default_data_dir()).", result=False)
+    local_dir: Optional[str] = option(None, "Folder with (fashion_)mnist IDX .gz files.", result=False)
+    export_dir: Optional[str] = option(None, "SavedModel path of the hyper-representation (default: "
+                                       "<output_dir>/hyper_representation).", result=False)
+    export_run: str = option("full", "Run whose λ is exported and used for Fig. 7 plot 4 (a --truncate value or "
+                             "'short_horizon'; falls back to the first run).", result=False)
+    seed: int = option(0, "Seed of the class split, the tasks and the initial λ.")
+    output_dir: str = option("out/omniglot", "Where results.json and the PNGs go; also the resume state "
+                             "(<output_dir>/resume): rerun the same command after an interruption to continue.",
+                             result=False)
+    jit_compile: bool = option(False, "XLA-compile the hyper-step and evaluation (slower on CPU here).")
+    deterministic: bool = option(False, "tf.config.experimental.enable_op_determinism(): a killed and resumed run "
+                                 "ends bit-identical to an uninterrupted one (Keras then compiles without XLA).")
+    pause_after: Optional[str] = option(
+        None, "(tests) METHOD,ITER: after hyper-iteration ITER of METHOD (a --truncate value or 'short_horizon') "
+        "write <output_dir>/resume/paused_METHOD_ITER and sleep, once (not if that file exists), so a test can "
+        "kill the run at a known point.", internal=True, result=False)
+    restart: bool = option(False, "Delete the saved state (<output_dir>/resume) and start over.", result=False)
+    preset: str = "full"
 
-    flags.DEFINE_enum("dataset", "omniglot", list(DATASETS), "Meta-learning dataset (omniglot = the paper).",
-                      flag_values=fv)
-    flags.DEFINE_integer("n_way", 5, "Classes per task.", flag_values=fv)
-    flags.DEFINE_integer("k_shot", 1, "Training (support) examples per class.", flag_values=fv)
-    flags.DEFINE_integer("n_query", 15, "Validation (query) examples per class.", flag_values=fv)
-    flags.DEFINE_integer("inner_steps", 50, "T, inner gradient steps per task.", flag_values=fv)
-    flags.DEFINE_list("truncate", ["1", "10", "25", "full"], "K values; 'full' = full RMD (K = T).", flag_values=fv)
-    flags.DEFINE_bool("short_horizon", True, "Also run the short-horizon baseline (full RMD, T = 1).", flag_values=fv)
-    flags.DEFINE_integer("meta_batch_size", 4, "Tasks per hyper-iteration.", flag_values=fv)
-    flags.DEFINE_integer("hyper_iterations", 5000, "Hyper-iterations per run.", flag_values=fv)
-    flags.DEFINE_float("outer_lr", 1e-3, "Adam learning rate on the raw hyperparameters.", flag_values=fv)
-    flags.DEFINE_float("init_inner_lr", 0.1, "Initial γ.", flag_values=fv)
-    flags.DEFINE_float("init_rho", 0.01, "Initial ρ_j.", flag_values=fv)
-    flags.DEFINE_integer("channels", 64, "Kernels per conv layer (Fig. 8: 64).", flag_values=fv)
-    flags.DEFINE_integer("image_size", 28, "Images are resized to this (Omniglot: 28).", flag_values=fv)
-    flags.DEFINE_list("class_split", None,
-                      "Classes in meta-train, meta-val, meta-test (before rotations); default "
-                      "1200,100,323 for omniglot and 5,0,5 for (fashion_)mnist.", flag_values=fv)
-    flags.DEFINE_bool("rotations", None, "Add 90/180/270° rotations as new classes "
-                      "(default: off for omniglot as in the paper, on for (fashion_)mnist).", flag_values=fv)
-    flags.DEFINE_integer("eval_tasks", 120, "Meta-test tasks for the final accuracy (paper: 120).", flag_values=fv)
-    flags.DEFINE_integer("curve_eval_tasks", 40, "Meta-test tasks for the accuracy curve (Fig. 7, plot 1).",
-                      flag_values=fv)
-    flags.DEFINE_integer("eval_every", 250, "Evaluate the accuracy curve every N hyper-iterations (0: never); "
-                         "also the checkpoint interval for resuming (0: no intermediate checkpoint).",
-                      flag_values=fv)
-    flags.DEFINE_integer("exact_every", 50, "Cosine with full RMD every N hyper-iterations (0: never).", flag_values=fv)
-    flags.DEFINE_list("relerr_truncations", ["1", "2", "5", "10", "20", "30", "40", "50"],
-                      "K values of Fig. 7, plot 4 (relative error vs K).", flag_values=fv)
-    flags.DEFINE_integer("relerr_tasks", 4, "Meta-training tasks averaged for Fig. 7, plot 4.", flag_values=fv)
-    flags.DEFINE_bool("rho_zero_ablation", True, "Fig. 7, plot 4 also with ρ = 0 (no regularization).", flag_values=fv)
-    flags.DEFINE_list("relerr_rho_scales", [], "Fig. 7, plot 4 also with ρ multiplied by these factors "
-                      "(e.g. 100: a strongly regularized inner problem).", flag_values=fv)
-    flags.DEFINE_integer("timing_rounds", 5, "After training: rounds of one hyper-step per method, "
-                         "interleaved, for s/iter measured under the same machine load (0: skip).", flag_values=fv)
-    flags.DEFINE_string("data_dir", None, "tfds data_dir (default: datasets.default_data_dir()).", flag_values=fv)
-    flags.DEFINE_string("local_dir", None, "Folder with (fashion_)mnist IDX .gz files.", flag_values=fv)
-    flags.DEFINE_string("export_dir", None, "SavedModel path of the hyper-representation "
-                        "(default: <output_dir>/hyper_representation).", flag_values=fv)
-    flags.DEFINE_string("export_run", "full", "Run whose λ is exported and used for Fig. 7 plot 4 "
-                        "(a --truncate value or 'short_horizon'; falls back to the first run).", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Seed of the class split, the tasks and the initial λ.", flag_values=fv)
-    flags.DEFINE_string("output_dir", "out/omniglot", "Where results.json and the PNGs go; also the resume "
-                        "state (<output_dir>/resume): rerun the same command after an interruption to continue.",
-                        flag_values=fv)
-    flags.DEFINE_bool("jit_compile", False, "XLA-compile the hyper-step and evaluation (slower on CPU here).",
-                      flag_values=fv)
-    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
-                      "budget for tests (8 channels, T=3, 4 hyper-iterations, few tasks).", flag_values=fv)
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.", flag_values=fv)
-    flags.DEFINE_bool("deterministic", False, "tf.config.experimental.enable_op_determinism(): a killed and "
-                      "resumed run ends bit-identical to an uninterrupted one (Keras then compiles without XLA).",
-                      flag_values=fv)
-    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) METHOD,ITER: after hyper-iteration ITER of "
-                    "METHOD (a --truncate value or 'short_horizon') write <output_dir>/resume/paused_METHOD_ITER "
-                    "and sleep, once (not if that file exists), so a test can kill the run at a known point.",
-                    flag_values=fv)
-    flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.",
-                      flag_values=fv)
+
+# full: the paper's settings (the defaults); quick: a tiny budget for tests.
+PRESETS = {"full": {}, "quick": dict(
+    channels=8, inner_steps=3, hyper_iterations=4, meta_batch_size=2, n_query=3, eval_tasks=4, curve_eval_tasks=2,
+    eval_every=2, exact_every=2, relerr_tasks=1, truncate=("1", "full"), relerr_truncations=(1, 2),
+    timing_rounds=1)}
 
 
 # --------------------------------------------------------------------------
@@ -126,49 +126,49 @@ class MetaData:
     def __init__(self, images: np.ndarray, labels: np.ndarray, pools: dict, description: str):
         self.images, self.labels, self.pools, self.description = images, labels, pools, description
 
-    def episodes(self, pool: str, cfg: dict, *, seed: int, num_episodes: Optional[int],
+    def episodes(self, pool: str, cfg: Config, *, seed: int, num_episodes: Optional[int],
                  meta_batch_size: Optional[int]) -> tf.data.Dataset:
-        n_query = cfg["n_query"]
+        n_query = cfg.n_query
         return datasets.make_episodes(
-            self.images, self.labels, self.pools[pool], n_way=cfg["n_way"], k_shot=cfg["k_shot"],
+            self.images, self.labels, self.pools[pool], n_way=cfg.n_way, k_shot=cfg.k_shot,
             n_query=n_query, seed=seed, num_episodes=num_episodes, meta_batch_size=meta_batch_size,
         )
 
-    def training_stream(self, cfg: dict, *, seed: int) -> Callable[[Any], tf.data.Dataset]:
+    def training_stream(self, cfg: Config, *, seed: int) -> Callable[[Any], tf.data.Dataset]:
         """`start -> dataset` of the trainer's meta-batches from hyper-iteration `start` on (the
         episodes of `episodes("train", ...)`, as trainer elements): `trainer.resumable` jumps
         to a resumed run's hyper-iteration instead of drawing and dropping the earlier ones."""
-        sampler = datasets.episode_sampler(self.images, self.labels, self.pools["train"], n_way=cfg["n_way"],
-                                           k_shot=cfg["k_shot"], n_query=cfg["n_query"], seed=seed)
-        return tfb.keras.episodes(lambda i: as_trainer_element(sampler(i)), batch=cfg["meta_batch_size"])
+        sampler = datasets.episode_sampler(self.images, self.labels, self.pools["train"], n_way=cfg.n_way,
+                                           k_shot=cfg.k_shot, n_query=cfg.n_query, seed=seed)
+        return tfb.keras.episodes(lambda i: as_trainer_element(sampler(i)), batch=cfg.meta_batch_size)
 
 
-def load_meta_data(cfg: dict) -> MetaData:
-    name = cfg["dataset"]
+def load_meta_data(cfg: Config) -> MetaData:
+    name = cfg.dataset
     if name == "omniglot":
-        images, labels = datasets.load_omniglot(data_dir=cfg["data_dir"], image_size=cfg["image_size"])
+        images, labels = datasets.load_omniglot(data_dir=cfg.data_dir, image_size=cfg.image_size)
         source = "tfds omniglot (train + test), grayscale"
     else:
         data = datasets.load_image_classification(
-            name, data_dir=cfg["data_dir"], local_dir=cfg["local_dir"],
-            image_size=None if cfg["image_size"] == 28 else cfg["image_size"],
+            name, data_dir=cfg.data_dir, local_dir=cfg.local_dir,
+            image_size=None if cfg.image_size == 28 else cfg.image_size,
         )
         images = np.concatenate([data["train"][0], data["test"][0]])
         labels = np.concatenate([data["train"][1], data["test"][1]])
         source = f"tfds {name} (train + test)"
-    sizes = dict(zip(("train", "val", "test"), (int(s) for s in cfg["class_split"])))
-    base = datasets.class_split(labels, sizes, seed=cfg["seed"])
+    sizes = dict(zip(("train", "val", "test"), (int(s) for s in cfg.class_split)))
+    base = datasets.class_split(labels, sizes, seed=cfg.seed)
     num_base = int(labels.max()) + 1
-    if cfg["rotations"]:
+    if cfg.rotations:
         images, labels = datasets.add_rotations(images, labels)
         pools = {k: datasets.rotated_classes(v, num_base) for k, v in base.items()}
     else:
         pools = base
     description = (
-        f"{source}, {cfg['image_size']}x{cfg['image_size']}; base classes "
+        f"{source}, {cfg.image_size}x{cfg.image_size}; base classes "
         f"{ {k: len(v) for k, v in base.items()} }"
         + (f", x4 by 90-degree rotations -> { {k: len(v) for k, v in pools.items()} } classes"
-           if cfg["rotations"] else "")
+           if cfg.rotations else "")
     )
     return MetaData(images, labels, pools, description)
 
@@ -191,11 +191,11 @@ def stack_tasks(tasks: Sequence[fsm.Task]) -> fsm.Task:
 # --------------------------------------------------------------------------
 
 
-def build_problem(cfg: dict) -> fsm.FewShotProblem:
+def build_problem(cfg: Config) -> fsm.FewShotProblem:
     """Fresh Fig. 8 models; the same seeds give every method the same initial λ and w_0."""
-    hyper = fsm.build_hyper_model(channels=cfg["channels"], image_size=cfg["image_size"], seed=cfg["seed"])
-    inner = fsm.build_inner_model(cfg["n_way"], channels=cfg["channels"], input_size=cfg["image_size"] // 4,
-                                  seed=cfg["seed"] + 10)
+    hyper = fsm.build_hyper_model(channels=cfg.channels, image_size=cfg.image_size, seed=cfg.seed)
+    inner = fsm.build_inner_model(cfg.n_way, channels=cfg.channels, input_size=cfg.image_size // 4,
+                                  seed=cfg.seed + 10)
     return fsm.FewShotProblem(hyper, inner)
 
 
@@ -344,34 +344,25 @@ class PauseOnce(keras.callbacks.Callback):
             pause_to_be_killed(self.marker, self.seconds)
 
 
-def parse_pause_after(value: Optional[str]) -> Optional[tuple[str, int]]:
-    if not value:
-        return None
-    parts = value.split(",")
-    if len(parts) != 2 or not parts[1].strip().isdigit():
-        raise ValueError(f"--pause_after must be METHOD,ITER (e.g. 1,3 or full,2), got {value!r}")
-    return parts[0].strip(), int(parts[1])
-
-
-def build_trainer(cfg: dict, steps: int, truncate: Optional[int],
+def build_trainer(cfg: Config, steps: int, truncate: Optional[int],
                   element_spec: Any) -> tuple[fsm.FewShotProblem, Any, Optional[int]]:
     """A fresh, compiled and built trainer at the common initial λ: (problem, trainer, diagnostics_every)."""
     problem = build_problem(cfg)
-    diagnostics_every = cfg["exact_every"] if (cfg["exact_every"] and truncate is not None) else None
-    trainer = problem.build_trainer(steps=steps, truncate=truncate, init_rho=cfg["init_rho"],
-                                    init_gamma=cfg["init_inner_lr"], diagnostics_every=diagnostics_every,
-                                    seed=cfg["seed"])
-    trainer.compile(optimizer=keras.optimizers.Adam(cfg["outer_lr"]), metrics=["accuracy"],
-                    jit_compile=cfg["jit_compile"])
+    diagnostics_every = cfg.exact_every if (cfg.exact_every and truncate is not None) else None
+    trainer = problem.build_trainer(steps=steps, truncate=truncate, init_rho=cfg.init_rho,
+                                    init_gamma=cfg.init_inner_lr, diagnostics_every=diagnostics_every,
+                                    seed=cfg.seed)
+    trainer.compile(optimizer=keras.optimizers.Adam(cfg.outer_lr), metrics=["accuracy"],
+                    jit_compile=cfg.jit_compile)
     trainer.build_from_spec(element_spec)  # BackupAndRestore / load_weights need the variables
     return problem, trainer, diagnostics_every
 
 
-def resume_dir(cfg: dict) -> str:
-    return os.path.join(cfg["output_dir"], "resume")
+def resume_dir(cfg: Config) -> str:
+    return os.path.join(cfg.output_dir, "resume")
 
 
-def load_finished_method(cfg: dict, steps: int, truncate: Optional[int], name: str,
+def load_finished_method(cfg: Config, steps: int, truncate: Optional[int], name: str,
                          element_spec: Any) -> Optional[tuple[fsm.FewShotProblem, Any, dict]]:
     """(problem, trainer, row) of a method finished by an earlier run of this --output_dir, or None."""
     row_path = os.path.join(resume_dir(cfg), f"{name}.json")
@@ -386,25 +377,25 @@ def load_finished_method(cfg: dict, steps: int, truncate: Optional[int], name: s
     return problem, trainer, row
 
 
-def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str,
+def train_method(cfg: Config, steps: int, truncate: Optional[int], name: str,
                  train_stream: Callable[[Any], tf.data.Dataset], curve_tasks: list,
                  test_tasks: list) -> tuple[fsm.FewShotProblem, Any, dict]:
     """Meta-trains one method from the common initial λ (or from its checkpoint in
     <output_dir>/resume/backup/<name>) on `train_stream` (start -> meta-batches from there);
     saves and returns (problem, trainer, row)."""
     problem, trainer, diagnostics_every = build_trainer(cfg, steps, truncate, train_stream(0).element_spec)
-    total = cfg["hyper_iterations"]
-    chunk = cfg["eval_every"] if cfg["eval_every"] and cfg["eval_every"] < total else total
+    total = cfg.hyper_iterations
+    chunk = cfg.eval_every if cfg.eval_every and cfg.eval_every < total else total
     if total % chunk:
         raise ValueError(f"--hyper_iterations={total} must be a multiple of --eval_every={chunk}")
     state = resume_dir(cfg)
     backup = os.path.join(state, "backup", name)
-    recorder = Recorder(f"[{method_label(name)}]", total, chunk, curve_tasks if cfg["eval_every"] else [],
-                        cfg["meta_batch_size"], diagnostics_every, os.path.join(state, f"{name}.record.json"),
+    recorder = Recorder(f"[{method_label(name)}]", total, chunk, curve_tasks if cfg.eval_every else [],
+                        cfg.meta_batch_size, diagnostics_every, os.path.join(state, f"{name}.record.json"),
                         backup)
     # The backup is deleted below, once the row is saved (a kill right after fit loses nothing).
     callbacks = [recorder, CheckedBackupAndRestore(backup, delete_checkpoint=False)]
-    pause = parse_pause_after(cfg.get("pause_after"))
+    pause = parse_pause_after(cfg.pause_after, "METHOD,ITER")
     if pause and pause[0] == name:
         callbacks.append(PauseOnce(os.path.join(state, f"paused_{name}_{pause[1]}"), pause[1]))
     trainer.fit(trainer.resumable(train_stream), epochs=total // chunk, steps_per_epoch=chunk,
@@ -412,7 +403,7 @@ def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str,
     if not recorder._started:  # killed after the last checkpoint: fit had no epoch left to run
         recorder.set_model(trainer)
         recorder.begin(total // chunk)
-    acc = evaluate_tasks(trainer, test_tasks, cfg["meta_batch_size"])
+    acc = evaluate_tasks(trainer, test_tasks, cfg.meta_batch_size)
     values = trainer.hyperparameter_values()
     rec = recorder.rec
     rec["sec_per_iter"] = float(np.median(recorder.step_times)) if recorder.step_times else float("nan")
@@ -436,18 +427,12 @@ def train_method(cfg: dict, steps: int, truncate: Optional[int], name: str,
 # The keys of a finished method's row that this program reads back.
 ROW_KEYS = ("inner_steps", "truncate", "iterations", "test_accuracy", "test_accuracy_ci95", "test_tasks",
             "final_gamma", "final_rho", "record")
-RESULT_KEYS = ("dataset", "n_way", "k_shot", "n_query", "inner_steps", "meta_batch_size", "hyper_iterations",
-               "outer_lr", "init_inner_lr", "init_rho", "channels", "image_size", "class_split", "rotations",
-               "eval_tasks", "curve_eval_tasks", "eval_every", "exact_every", "seed", "jit_compile",
-               "deterministic")
 
 
-def check_fingerprint(cfg: dict) -> None:
-    """Stores the flags that affect a method's training in <output_dir>/resume/fingerprint.json,
-    or checks them against the stored ones: a resumed run must not mix two configurations.
-    (--truncate / --short_horizon may change: each method has its own state. Data paths are
-    not compared, so the data may move.)"""
-    guard_settings(resume_dir(cfg), {f"--{k}": cfg.get(k) for k in RESULT_KEYS})
+def check_fingerprint(cfg: Config) -> None:
+    """Stores the result-affecting settings in <output_dir>/resume/fingerprint.json, or checks them
+    against the stored ones: a resumed run must not mix two configurations."""
+    guard_settings(resume_dir(cfg), config.result_settings(cfg))
 
 
 def method_name(steps: int, truncate: Optional[int], short: bool) -> str:
@@ -573,87 +558,74 @@ def parse_truncate(values: Sequence[str], steps: int) -> list[Optional[int]]:
     return out
 
 
-def config_from_flags(fv: flags.FlagValues = FLAGS) -> dict:
-    names = ("dataset", "n_way", "k_shot", "n_query", "inner_steps", "truncate", "short_horizon",
-             "meta_batch_size", "hyper_iterations", "outer_lr", "init_inner_lr", "init_rho", "channels",
-             "image_size", "class_split", "rotations", "eval_tasks", "curve_eval_tasks", "eval_every",
-             "exact_every", "relerr_truncations", "relerr_tasks", "rho_zero_ablation", "relerr_rho_scales",
-             "timing_rounds", "data_dir",
-             "local_dir", "export_dir", "export_run", "seed", "output_dir", "jit_compile", "quick",
-             "deterministic", "pause_after", "restart")
-    cfg = {name: fv[name].value for name in names}
-    cfg["quick"] = cfg["quick"] or fv["preset"].value == "quick"
-    omniglot = cfg["dataset"] == "omniglot"
-    if cfg["class_split"] is None:
-        cfg["class_split"] = ["1200", "100", "323"] if omniglot else ["5", "0", "5"]
-    if len(cfg["class_split"]) != 3:
-        raise ValueError(f"--class_split needs 3 numbers (train,val,test), got {cfg['class_split']}")
-    if cfg["rotations"] is None:
-        cfg["rotations"] = not omniglot
-    if cfg["quick"]:
-        cfg.update(channels=min(cfg["channels"], 8), inner_steps=min(cfg["inner_steps"], 3),
-                   hyper_iterations=min(cfg["hyper_iterations"], 4),
-                   meta_batch_size=min(cfg["meta_batch_size"], 2), n_query=min(cfg["n_query"], 3),
-                   eval_tasks=min(cfg["eval_tasks"], 4), curve_eval_tasks=min(cfg["curve_eval_tasks"], 2),
-                   eval_every=2, exact_every=min(cfg["exact_every"], 2), relerr_tasks=1,
-                   truncate=[t for t in cfg["truncate"] if t in ("1", "full")] or ["1", "full"],
-                   relerr_truncations=[k for k in cfg["relerr_truncations"] if int(k) <= 3],
-                   timing_rounds=min(cfg["timing_rounds"], 1))
-    if cfg["export_dir"] is None:
-        cfg["export_dir"] = os.path.join(cfg["output_dir"], "hyper_representation")
+def define_flags(flag_values: Optional[flags.FlagValues] = None) -> None:
+    """Registers the program's flags (in `flag_values`, e.g. a test's own FlagValues)."""
+    config.define_flags(Config, PRESETS, flag_values=flag_values)
+
+
+def config_from_flags(flag_values: Optional[flags.FlagValues] = None) -> Config:
+    """The Config of the command line (preset, then explicit flags), dataset-dependent defaults filled in."""
+    cfg = config.config_from_flags(Config, PRESETS, flag_values)
+    omniglot = cfg.dataset == "omniglot"
+    cfg = dataclasses.replace(
+        cfg, class_split=cfg.class_split or ((1200, 100, 323) if omniglot else (5, 0, 5)),
+        rotations=(not omniglot) if cfg.rotations is None else cfg.rotations,
+        export_dir=cfg.export_dir or os.path.join(cfg.output_dir, "hyper_representation"))
+    if len(cfg.class_split) != 3:
+        raise ValueError(f"--class_split needs 3 numbers (train,val,test), got {cfg.class_split}")
+    parse_pause_after(cfg.pause_after, "METHOD,ITER")  # a bad value fails at start-up
     return cfg
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: Config) -> dict:
     """The whole experiment; writes results.json (after every method), the figure and the export.
-    Holds an exclusive lock on cfg["output_dir"] meanwhile (OutputDirError if another run does);
-    cfg["restart"]: deletes the saved state first."""
-    with exclusive_output_dir(cfg["output_dir"], "experiments.omniglot"):
-        if cfg.get("restart"):
+    Holds an exclusive lock on cfg.output_dir meanwhile (OutputDirError if another run does);
+    cfg.restart: deletes the saved state first."""
+    with exclusive_output_dir(cfg.output_dir, "experiments.omniglot"):
+        if cfg.restart:
             discard_state(resume_dir(cfg))
         return _run(cfg)
 
 
-def _run(cfg: dict) -> dict:
+def _run(cfg: Config) -> dict:
     check_fingerprint(cfg)
-    T = cfg["inner_steps"]
-    pause = parse_pause_after(cfg.get("pause_after"))
-    methods = [(T, k, False) for k in parse_truncate(cfg["truncate"], T)]
-    if cfg["short_horizon"]:
+    T = cfg.inner_steps
+    pause = parse_pause_after(cfg.pause_after, "METHOD,ITER")
+    methods = [(T, k, False) for k in parse_truncate(cfg.truncate, T)]
+    if cfg.short_horizon:
         methods.append((1, None, True))
     names = [method_name(*m) for m in methods]
     if pause and pause[0] not in names:
         raise ValueError(f"--pause_after: unknown method {pause[0]!r}, expected one of {names}")
-    relerr_ks = sorted({min(int(k), T) for k in cfg["relerr_truncations"]})
+    relerr_ks = sorted({min(int(k), T) for k in cfg.relerr_truncations})
 
     phases: dict = {}  # wall seconds per phase (tracing included), for budgeting runs
     clock = time.perf_counter()
     data = load_meta_data(cfg)
-    print(f"Data: {data.description}; from {datasets.data_source(cfg['dataset'])}")
+    print(f"Data: {data.description}; from {datasets.data_source(cfg.dataset)}")
     # Fixed task sets (stateless sampling: the same in every method and every process).
-    test_tasks = [as_task(b) for b in data.episodes("test", cfg, seed=cfg["seed"] + 1,
-                                                     num_episodes=cfg["eval_tasks"], meta_batch_size=None)]
-    curve_tasks = test_tasks[:cfg["curve_eval_tasks"]]
-    train_stream = data.training_stream(cfg, seed=cfg["seed"])
+    test_tasks = [as_task(b) for b in data.episodes("test", cfg, seed=cfg.seed + 1,
+                                                     num_episodes=cfg.eval_tasks, meta_batch_size=None)]
+    curve_tasks = test_tasks[:cfg.curve_eval_tasks]
+    train_stream = data.training_stream(cfg, seed=cfg.seed)
     train_ds = train_stream(0)
     relerr_batch = as_task(next(iter(data.episodes(
-        "train", cfg, seed=cfg["seed"] + 2, num_episodes=cfg["relerr_tasks"],
-        meta_batch_size=cfg["relerr_tasks"]))))
+        "train", cfg, seed=cfg.seed + 2, num_episodes=cfg.relerr_tasks,
+        meta_batch_size=cfg.relerr_tasks))))
 
     probe = build_problem(cfg)
-    raw0 = probe.initial_raw(init_rho=cfg["init_rho"], init_gamma=cfg["init_inner_lr"])
+    raw0 = probe.initial_raw(init_rho=cfg.init_rho, init_gamma=cfg.init_inner_lr)
     count = lambda tree: int(sum(np.prod(x.shape) for x in tf.nest.flatten(tree)))  # noqa: E731
     results = {
         "experiment": "one-shot classification (paper §4.3, Table 4, Fig. 7; appendix G.3)",
         "engine": "tf_bilevel.BilevelTrainer (meta-training, evaluation and Fig. 7 plot 4: "
                   "hypergradient_of)",
-        "config": cfg,
+        "config": dataclasses.asdict(cfg),
         "data_description": data.description,
-        "data_source": datasets.data_source(cfg["dataset"]),
+        "data_source": datasets.data_source(cfg.dataset),
         "num_hyperparameters": count(raw0),
         "num_parameters": count(probe.w0),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "tensorflow": tf.__version__},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": provenance.environment(),
         "paper_table4_omniglot": PAPER_TABLE4,
         "phase_seconds": phases,
         "runs": {},
@@ -679,37 +651,37 @@ def _run(cfg: dict) -> dict:
         results["table4"] = table_rows(results)
         _write(results, cfg)
 
-    chosen = cfg["export_run"] if cfg["export_run"] in trained else next(iter(trained))
+    chosen = cfg.export_run if cfg.export_run in trained else next(iter(trained))
     problem, trainer = trained[chosen]
     scales = {"learned ρ": 1.0}
-    if cfg["rho_zero_ablation"]:
+    if cfg.rho_zero_ablation:
         scales["ρ = 0"] = 0.0
-    for factor in cfg["relerr_rho_scales"]:
-        scales[f"ρ × {factor}"] = float(factor)
+    for factor in cfg.relerr_rho_scales:
+        scales[f"ρ × {factor:g}"] = factor
     if relerr_ks:
         # The K-RMD error is measured for the T-step problem even if the chosen run used T = 1.
         clock = time.perf_counter()
         results["relative_error_vs_K"] = {
-            "run": chosen, "inner_steps": T, "tasks": cfg["relerr_tasks"],
+            "run": chosen, "inner_steps": T, "tasks": cfg.relerr_tasks,
             "curves": relative_error_vs_k(problem, trainer, relerr_batch, T,
-                                          relerr_ks, scales, cfg["jit_compile"]),
+                                          relerr_ks, scales, cfg.jit_compile),
         }
         phases["relative error vs K"] = time.perf_counter() - clock
         _write(results, cfg)
 
     clock = time.perf_counter()
-    results["export"] = {"run": chosen, **export_and_check(problem, trainer, test_tasks[0], cfg["export_dir"])}
+    results["export"] = {"run": chosen, **export_and_check(problem, trainer, test_tasks[0], cfg.export_dir)}
     phases["export"] = time.perf_counter() - clock
     print(f"Export: {results['export']}")
     _write(results, cfg)
-    if cfg["timing_rounds"]:
+    if cfg.timing_rounds:
         clock = time.perf_counter()
-        results["interleaved_sec_per_iter"] = interleaved_timing(trained, train_ds, cfg["timing_rounds"])
+        results["interleaved_sec_per_iter"] = interleaved_timing(trained, train_ds, cfg.timing_rounds)
         phases["interleaved timing"] = time.perf_counter() - clock
         results["table4"] = table_rows(results)
         _write(results, cfg)
     print_table(results)
-    plot_fig7(results, os.path.join(cfg["output_dir"], "fig7_one_shot.png"))
+    plot_fig7(results, os.path.join(cfg.output_dir, "fig7_one_shot.png"))
     return results
 
 
@@ -740,17 +712,18 @@ def export_and_check(problem: fsm.FewShotProblem, trainer: Any, task: fsm.Task, 
             **fsm.check_export(hyper, path, images, training_embeddings=per_task)}
 
 
-def _write(results: dict, cfg: dict) -> None:
-    write_json_atomically(os.path.join(cfg["output_dir"], "results.json"), results, indent=1)
+def _write(results: dict, cfg: Config) -> None:
+    write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results, indent=1)
 
 
 def main(argv: Sequence[str]) -> int:
     del argv
     logging.set_verbosity(logging.WARNING)
-    if FLAGS.deterministic:
-        tf.config.experimental.enable_op_determinism()
     try:
-        run(config_from_flags())
+        cfg = config_from_flags()
+        if cfg.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        run(cfg)
     except datasets.DataUnavailableError as err:
         raise app.UsageError(str(err)) from None
     except STATE_ERRORS as err:  # damaged state, settings mismatch, output folder busy or not writable

@@ -12,18 +12,20 @@ rerun. The problem, our reading of it and the measured results: RESULTS.md, "Tas
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import platform
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
 import tf_bilevel as tfb
-from experiments import datasets, features
+from experiments import config, datasets, features, provenance
+from experiments.config import option
+from experiments.features import BACKBONES
 from tf_bilevel.keras import inverse_softplus, losses
 from experiments.run_state import (
     RESTART_HINT, STATE_ERRORS, damaged, discard_state, exclusive_output_dir, exit_with_error, guard_settings,
@@ -42,71 +44,63 @@ PAPER_TABLE3 = {
 }
 
 
-def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-    """Defines the program's flags in `fv`. Called by the entry point, not at import, so
-    that several experiment modules (each with --seed, --output_dir, ...) can be imported
-    in one process, e.g. by pytest."""
-    from experiments._cli import define_internal
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The run's settings; one flag per field (flag = field name)."""
+    dataset: str = option("cifar10", "tfds dataset.", choices=tuple(NUM_CLASSES))
+    features: str = option("pretrained", "pretrained: pooled features of an ImageNet CNN (paper); pixels: raw "
+                           "pixels.", choices=("pretrained", "pixels"))
+    backbone: str = option("resnet50", "Keras CNN for --features=pretrained (paper: ResNet-18, absent from Keras).",
+                           choices=BACKBONES)
+    weights: str = option("imagenet", "Backbone weights: imagenet, random (untrained; tests only), or a weights "
+                          "file path.")
+    image_size: int = option(224, "Images are resized to this for the backbone.")
+    feature_cache_dir: Optional[str] = option(None, "Cache extracted pretrained features here.", result=False)
+    feature_scale: float = option(8.0, "Features are L2-normalized, then multiplied by this.")
+    m: Optional[int] = option(None, "Training and validation set size each (balanced); default 50 for cifar10, "
+                              "300 for cifar100, 50 for (fashion_)mnist.")
+    # Every (trial, K) run is stored on its own: more trials or another K reuse the stored runs.
+    trials: int = option(10, "Independent trials (data splits).", result=False)
+    patience: int = option(500, "Stop after this many hyper-iterations without improvement.")
+    max_hyper_iterations: int = option(20000, "Cap on hyper-iterations per run.")
+    truncate: Sequence[str] = option(("1", "5", "25", "full"), "K values; 'full' = full RMD (K = T).", result=False)
+    inner_steps: int = option(100, "T, inner gradient-descent steps.")
+    inner_lr: float = option(0.1, "γ, inner learning rate.")
+    outer_lr: float = option(0.01, "Adam learning rate on λ = {B, ν}.")
+    init_coupling: float = option(1e-3, "Initial C_ij (i ≠ j): B_ij = softplus⁻¹(C_ij / 2).")
+    init_rho: float = option(1e-3, "Initial ρ: ν = softplus⁻¹(ρ).")
+    early_stopping_split: str = option("validation", "Split that drives early stopping (the paper literally uses "
+                                       "test).", choices=("validation", "test"))
+    early_stopping_metric: str = option("error", "error (ties broken by the loss; the paper: error) or loss.",
+                                        choices=("error", "loss"))
+    min_delta: float = option(1e-4, "A loss must drop by more than this to count as improved.")
+    exact_every: int = option(10, "Compute the exact (full RMD) hypergradient every N hyper-iterations for Fig. 6 "
+                              "(0: never).")
+    diagnostic_trials: int = option(1, "Trials that record the Fig. 6 diagnostics.")
+    data_dir: Optional[str] = option(None, "tfds data_dir (default: datasets.default_data_dir()).", result=False)
+    local_dir: Optional[str] = option(None, "Folder with (fashion_)mnist IDX .gz files.", result=False)
+    seed: int = option(0, "Seed of the data splits (trial i uses seed + i).")
+    output_dir: str = option("out/task_interaction", "Where results.json and PNGs go; also every finished "
+                             "(trial, K) run (<output_dir>/resume): rerun the same command after an interruption "
+                             "to continue.", result=False)
+    pause_after: Optional[str] = option(
+        None, "(tests) TRIAL,K: once the run of that trial and K is stored, write <output_dir>/resume/paused_TRIAL_K "
+        "and sleep, once (not if that file exists), so a test can kill the program at a known point.",
+        internal=True, result=False)
+    restart: bool = option(False, "Delete the saved state (<output_dir>/resume) and start over.", result=False)
+    jit_compile: bool = option(True, "XLA-compile the hyper-step.")
+    preset: str = "full"
 
-    flags.DEFINE_enum("dataset", "cifar10", list(NUM_CLASSES), "tfds dataset.", flag_values=fv)
-    flags.DEFINE_enum("features", "pretrained", ["pretrained", "pixels"],
-                      "pretrained: pooled features of an ImageNet CNN (paper); pixels: raw pixels.",
-                      flag_values=fv)
-    flags.DEFINE_enum("backbone", "resnet50", list(features.BACKBONES),
-                      "Keras CNN for --features=pretrained (paper: ResNet-18, absent from Keras).",
-                      flag_values=fv)
-    flags.DEFINE_string("weights", "imagenet", "Backbone weights: imagenet, random (untrained; "
-                        "tests only), or a weights file path.", flag_values=fv)
-    flags.DEFINE_integer("image_size", 224, "Images are resized to this for the backbone.",
-                         flag_values=fv)
-    flags.DEFINE_string("feature_cache_dir", None, "Cache extracted pretrained features here.",
-                        flag_values=fv)
-    flags.DEFINE_float("feature_scale", 8.0, "Features are L2-normalized, then multiplied by this.",
-                       flag_values=fv)
-    flags.DEFINE_integer("m", None, "Training and validation set size each (balanced); default "
-                         "50 for cifar10, 300 for cifar100, 50 for (fashion_)mnist.", flag_values=fv)
-    flags.DEFINE_integer("trials", 10, "Independent trials (data splits).", flag_values=fv)
-    flags.DEFINE_integer("patience", 500, "Stop after this many hyper-iterations without "
-                         "improvement.", flag_values=fv)
-    flags.DEFINE_integer("max_hyper_iterations", 20000, "Cap on hyper-iterations per run.",
-                         flag_values=fv)
-    flags.DEFINE_list("truncate", ["1", "5", "25", "full"], "K values; 'full' = full RMD (K = T).",
-                      flag_values=fv)
-    flags.DEFINE_integer("inner_steps", 100, "T, inner gradient-descent steps.", flag_values=fv)
-    flags.DEFINE_float("inner_lr", 0.1, "γ, inner learning rate.", flag_values=fv)
-    flags.DEFINE_float("outer_lr", 0.01, "Adam learning rate on λ = {B, ν}.", flag_values=fv)
-    flags.DEFINE_float("init_coupling", 1e-3, "Initial C_ij (i ≠ j): B_ij = softplus⁻¹(C_ij / 2).",
-                       flag_values=fv)
-    flags.DEFINE_float("init_rho", 1e-3, "Initial ρ: ν = softplus⁻¹(ρ).", flag_values=fv)
-    flags.DEFINE_enum("early_stopping_split", "validation", ["validation", "test"],
-                      "Split that drives early stopping (the paper literally uses test).",
-                      flag_values=fv)
-    flags.DEFINE_enum("early_stopping_metric", "error", ["error", "loss"],
-                      "error (ties broken by the loss; the paper: error) or loss.", flag_values=fv)
-    flags.DEFINE_float("min_delta", 1e-4, "A loss must drop by more than this to count as "
-                       "improved.", flag_values=fv)
-    flags.DEFINE_integer("exact_every", 10, "Compute the exact (full RMD) hypergradient every N "
-                         "hyper-iterations for Fig. 6 (0: never).", flag_values=fv)
-    flags.DEFINE_integer("diagnostic_trials", 1, "Trials that record the Fig. 6 diagnostics.",
-                         flag_values=fv)
-    flags.DEFINE_string("data_dir", None, "tfds data_dir (default: datasets.default_data_dir()).",
-                        flag_values=fv)
-    flags.DEFINE_string("local_dir", None, "Folder with (fashion_)mnist IDX .gz files.",
-                        flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Seed of the data splits (trial i uses seed + i).",
-                         flag_values=fv)
-    flags.DEFINE_string("output_dir", "out/task_interaction", "Where results.json and PNGs go; also "
-                        "every finished (trial, K) run (<output_dir>/resume): rerun the same command after "
-                        "an interruption to continue.", flag_values=fv)
-    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) TRIAL,K: once the run of that trial and K "
-                    "is stored, write <output_dir>/resume/paused_TRIAL_K and sleep, once (not if that file "
-                    "exists), so a test can kill the program at a known point.", flag_values=fv)
-    flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.",
-                      flag_values=fv)
-    flags.DEFINE_bool("jit_compile", True, "XLA-compile the hyper-step.", flag_values=fv)
-    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
-                      "budget for tests (2 trials, K in {1, full}, few hyper-iterations).", flag_values=fv)
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.", flag_values=fv)
+
+# full: the paper's settings (the defaults); quick: a tiny budget for tests.
+PRESETS = {"full": {}, "quick": dict(trials=2, max_hyper_iterations=12, patience=5, exact_every=3,
+                                     truncate=("1", "full"))}
+
+
+def define_flags(flag_values: Optional[flags.FlagValues] = None) -> None:
+    """Registers the program's flags (in `flag_values`, e.g. a test's own FlagValues). Called by the entry
+    point, not at import, so that several experiment modules can be imported in one process (pytest)."""
+    config.define_flags(Config, PRESETS, flag_values=flag_values)
 
 
 # --------------------------------------------------------------------------
@@ -257,28 +251,28 @@ def balanced_split(labels: np.ndarray, m: int, num_classes: int,
     return train, val, test
 
 
-def load_features(cfg: dict) -> tuple[np.ndarray, np.ndarray, str]:
+def load_features(cfg: Config) -> tuple[np.ndarray, np.ndarray, str]:
     """All images of the dataset (tfds train + test) as features [N, d] and labels [N]."""
-    data = datasets.load_image_classification(cfg["dataset"], data_dir=cfg["data_dir"],
-                                              local_dir=cfg["local_dir"])
+    data = datasets.load_image_classification(cfg.dataset, data_dir=cfg.data_dir,
+                                              local_dir=cfg.local_dir)
     images = np.concatenate([data["train"][0], data["test"][0]])
     labels = np.concatenate([data["train"][1], data["test"][1]])
-    if cfg["features"] == "pixels":
+    if cfg.features == "pixels":
         x, desc = features.pixel_features(images), "raw pixels"
     else:
         x, desc = _pretrained_features(images, cfg)
-    return features.normalize_features(x, cfg["feature_scale"]), labels, desc
+    return features.normalize_features(x, cfg.feature_scale), labels, desc
 
 
-def _pretrained_features(images: np.ndarray, cfg: dict) -> tuple[np.ndarray, str]:
-    weights = None if cfg["weights"] == "random" else cfg["weights"]
-    desc = (f"keras.applications {cfg['backbone']} average-pooled features, "
-            f"weights={cfg['weights']}, {cfg['image_size']}px")
+def _pretrained_features(images: np.ndarray, cfg: Config) -> tuple[np.ndarray, str]:
+    weights = None if cfg.weights == "random" else cfg.weights
+    desc = (f"keras.applications {cfg.backbone} average-pooled features, "
+            f"weights={cfg.weights}, {cfg.image_size}px")
     cache = None
-    if cfg["feature_cache_dir"] and weights is not None:
+    if cfg.feature_cache_dir and weights is not None:
         tag = "imagenet" if weights == "imagenet" else os.path.basename(weights)
-        cache = os.path.join(cfg["feature_cache_dir"],
-                             f"{cfg['dataset']}_{cfg['backbone']}_{tag}_{cfg['image_size']}.npy")
+        cache = os.path.join(cfg.feature_cache_dir,
+                             f"{cfg.dataset}_{cfg.backbone}_{tag}_{cfg.image_size}.npy")
         if os.path.isfile(cache):
             remedy = "delete it to extract the features again"
             with reading_state(cache, remedy, (OSError, ValueError, EOFError)):
@@ -286,13 +280,13 @@ def _pretrained_features(images: np.ndarray, cfg: dict) -> tuple[np.ndarray, str
             if cached.shape[0] != len(images):
                 raise damaged(cache, f"{cached.shape[0]} rows for {len(images)} images", remedy)
             return cached, desc
-    extractor = features.build_extractor(cfg["backbone"], weights=weights,
-                                         image_size=cfg["image_size"])
+    extractor = features.build_extractor(cfg.backbone, weights=weights,
+                                         image_size=cfg.image_size)
     bar = tf.keras.utils.Progbar(len(images), verbose=1 if sys.stdout.isatty() else 2)
     print(f"Extracting {desc} from {len(images)} images")
     x = features.extract_features(images, extractor, progress=bar.update)
     if cache:
-        os.makedirs(cfg["feature_cache_dir"], exist_ok=True)
+        os.makedirs(cfg.feature_cache_dir, exist_ok=True)
         write_atomically(cache, lambda temporary: np.save(temporary, x))
     return x, desc
 
@@ -315,27 +309,27 @@ class _Printer:
             print(f"{self.label} it {it:6d} {text}", flush=True)
 
 
-def run_one(truncate: int | None, split: dict, cfg: dict, *, diagnostics: bool,
+def run_one(truncate: int | None, split: dict, cfg: Config, *, diagnostics: bool,
             cache: dict) -> dict:
     """Hyper-optimize λ with K-RMD from λ_0 until early stopping; return the row's metrics."""
-    v, d, T = split["num_tasks"], split["dim"], cfg["inner_steps"]
+    v, d, T = split["num_tasks"], split["dim"], cfg.inner_steps
     key = ("step", truncate)
     if key not in cache:  # one compiled estimator per K, reused across trials (no retrace)
-        cache[key] = make_hyper_step(make_hypergradient(truncate, steps=T, inner_lr=cfg["inner_lr"],
-                                                        jit_compile=cfg["jit_compile"]),
-                                     cfg["outer_lr"], cfg["jit_compile"])
+        cache[key] = make_hyper_step(make_hypergradient(truncate, steps=T, inner_lr=cfg.inner_lr,
+                                                        jit_compile=cfg.jit_compile),
+                                     cfg.outer_lr, cfg.jit_compile)
     if diagnostics and "exact" not in cache:
-        cache["exact"] = make_hypergradient(None, steps=T, inner_lr=cfg["inner_lr"],
-                                            jit_compile=cfg["jit_compile"])
+        cache["exact"] = make_hypergradient(None, steps=T, inner_lr=cfg.inner_lr,
+                                            jit_compile=cfg.jit_compile)
     hyper_step = cache[key]
     test_metrics = cache.setdefault("test_metrics", tf.function(split_metrics))
 
     w0 = initial_params(v, d)
-    hparams = initial_hparams(v, cfg["init_coupling"], cfg["init_rho"])
-    adam = outer_adam(cfg["outer_lr"]).init(hparams)
+    hparams = initial_hparams(v, cfg.init_coupling, cfg.init_rho)
+    adam = outer_adam(cfg.outer_lr).init(hparams)
     train, val, test = split["train"], split["val"], split["test"]
-    by_test = cfg["early_stopping_split"] == "test"
-    improved = make_improvement_rule(cfg["early_stopping_metric"], cfg["min_delta"])
+    by_test = cfg.early_stopping_split == "test"
+    improved = make_improvement_rule(cfg.early_stopping_metric, cfg.min_delta)
 
     label = f"[trial {split['trial']} K={'full' if truncate is None else truncate}]"
     printer = _Printer(label)
@@ -343,7 +337,7 @@ def run_one(truncate: int | None, split: dict, cfg: dict, *, diagnostics: bool,
     curve = {"it": [], "val_loss": [], "exact_it": [], "exact_norm": [], "cosine": [], "h_norm": []}
     step_times, initial_test_acc = [], None
     it = 0
-    while it < cfg["max_hyper_iterations"] and it - best["it"] <= cfg["patience"]:
+    while it < cfg.max_hyper_iterations and it - best["it"] <= cfg.patience:
         start = time.perf_counter()
         hparams_next, adam, f_val, val_err, h, w_t, marker = hyper_step(w0, hparams, adam, train, val)
         f_val, val_err, marker = float(f_val), float(val_err), int(marker)
@@ -362,7 +356,7 @@ def run_one(truncate: int | None, split: dict, cfg: dict, *, diagnostics: bool,
         if diagnostics:
             curve["it"].append(it)
             curve["val_loss"].append(f_val)
-            if cfg["exact_every"] and it % cfg["exact_every"] == 0:
+            if cfg.exact_every and it % cfg.exact_every == 0:
                 exact = h if truncate is None else cache["exact"](w0, hparams, train, val)[1]
                 curve["exact_it"].append(it)
                 curve["exact_norm"].append(float(tfb.diagnostics.global_norm(exact)))
@@ -411,21 +405,11 @@ def parse_truncate(values: Sequence[str], steps: int) -> list[int | None]:
     return out
 
 
-def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
-    """The run configuration from parsed flags (--quick applied)."""
-    cfg = {name: flag_values[name].value for name in (
-        "dataset", "features", "backbone", "weights", "image_size", "feature_cache_dir",
-        "feature_scale", "m", "trials", "patience", "max_hyper_iterations", "truncate",
-        "inner_steps", "inner_lr", "outer_lr", "init_coupling", "init_rho",
-        "early_stopping_split", "early_stopping_metric", "min_delta", "exact_every", "diagnostic_trials",
-        "data_dir", "local_dir", "seed", "output_dir", "jit_compile", "quick", "pause_after", "restart")}
-    cfg["quick"] = cfg["quick"] or flag_values["preset"].value == "quick"
-    if cfg["m"] is None:
-        cfg["m"] = PAPER_M.get(cfg["dataset"], 50)
-    if cfg["quick"]:
-        cfg.update(trials=min(cfg["trials"], 2), max_hyper_iterations=min(cfg["max_hyper_iterations"], 12),
-                   patience=min(cfg["patience"], 5), exact_every=3,
-                   truncate=[t for t in cfg["truncate"] if t in ("1", "full")] or ["1", "full"])
+def config_from_flags(flag_values: Optional[flags.FlagValues] = None) -> Config:
+    """The Config of the command line (preset, then explicit flags), the dataset's default m filled in."""
+    cfg = config.config_from_flags(Config, PRESETS, flag_values)
+    if cfg.m is None:
+        cfg = dataclasses.replace(cfg, m=PAPER_M.get(cfg.dataset, 50))
     return cfg
 
 
@@ -483,17 +467,11 @@ def print_table(results: dict) -> None:
               f"{s['best_iteration_mean']:8.0f} {s['sec_per_iter_mean']:8.4f}")
 
 
-RESULT_KEYS = ("dataset", "features", "backbone", "weights", "image_size", "feature_scale", "m", "patience",
-               "max_hyper_iterations", "inner_steps", "inner_lr", "outer_lr", "init_coupling", "init_rho",
-               "early_stopping_split", "early_stopping_metric", "min_delta", "exact_every", "diagnostic_trials",
-               "seed", "jit_compile")
-
-
-def check_fingerprint(cfg: dict) -> str:
+def check_fingerprint(cfg: Config) -> str:
     """Stores the result-affecting flags in <output_dir>/resume/fingerprint.json, or checks them
     against the stored ones (a resumed run must not mix two configurations); returns the folder."""
-    state = os.path.join(cfg["output_dir"], "resume")
-    guard_settings(state, {f"--{k}": cfg.get(k) for k in RESULT_KEYS}, what="the runs")
+    state = os.path.join(cfg.output_dir, "resume")
+    guard_settings(state, config.result_settings(cfg), what="the runs")
     return state
 
 
@@ -511,13 +489,13 @@ ROW_KEYS = ("trial", "test_acc", "initial_test_acc", "val_acc", "val_loss", "ite
             "sec_per_iter")
 
 
-def run(cfg: dict) -> dict:
+def run(cfg: Config) -> dict:
     """The whole experiment; writes results.json (after every trial) and the figure. Holds an
-    exclusive lock on cfg["output_dir"] meanwhile (OutputDirError if another run does);
-    cfg["restart"]: deletes the saved state first."""
-    with exclusive_output_dir(cfg["output_dir"], "experiments.task_interaction"):
-        if cfg.get("restart"):
-            discard_state(os.path.join(cfg["output_dir"], "resume"))
+    exclusive lock on cfg.output_dir meanwhile (OutputDirError if another run does);
+    cfg.restart: deletes the saved state first."""
+    with exclusive_output_dir(cfg.output_dir, "experiments.task_interaction"):
+        if cfg.restart:
+            discard_state(os.path.join(cfg.output_dir, "resume"))
         return _run(cfg)
 
 
@@ -530,33 +508,31 @@ def load_stored_run(path: str, trial: int) -> dict:
     return row
 
 
-def _run(cfg: dict) -> dict:
+def _run(cfg: Config) -> dict:
     state = check_fingerprint(cfg)
-    pause = parse_pause_after(cfg.get("pause_after"))
-    truncations = parse_truncate(cfg["truncate"], cfg["inner_steps"])
+    pause = parse_pause_after(cfg.pause_after)
+    truncations = parse_truncate(cfg.truncate, cfg.inner_steps)
     names = ["full" if k is None else str(k) for k in truncations]
-    if pause and (pause[1] not in names or not 0 <= pause[0] < cfg["trials"]):
-        raise ValueError(f"--pause_after={cfg['pause_after']}: expected TRIAL in [0, {cfg['trials']}) "
+    if pause and (pause[1] not in names or not 0 <= pause[0] < cfg.trials):
+        raise ValueError(f"--pause_after={cfg.pause_after}: expected TRIAL in [0, {cfg.trials}) "
                          f"and K in {names}")
-    num_classes = NUM_CLASSES[cfg["dataset"]]
+    num_classes = NUM_CLASSES[cfg.dataset]
     x_all, y_all, desc = load_features(cfg)
-    print(f"Data: {cfg['dataset']} from {datasets.data_source(cfg['dataset'])}", flush=True)
+    print(f"Data: {cfg.dataset} from {datasets.data_source(cfg.dataset)}", flush=True)
     results = {
         "experiment": "task_interaction (paper §4.2.2, Table 3, Fig. 6)",
-        "config": cfg, "data_source": datasets.data_source(cfg["dataset"]),
+        "config": dataclasses.asdict(cfg), "data_source": datasets.data_source(cfg.dataset),
         "features_description": desc, "num_examples": int(len(y_all)),
         "feature_dim": int(x_all.shape[1]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "tensorflow": tf.__version__},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "paper_table3": PAPER_TABLE3.get(cfg["dataset"]),
+        "machine": provenance.environment(),
+        "paper_table3": PAPER_TABLE3.get(cfg.dataset),
         "runs": {("full" if k is None else str(k)): [] for k in truncations},
     }
     cache: dict = {}
     x_all_t = tf.constant(x_all)
-    for trial in range(cfg["trials"]):
-        rng = np.random.default_rng(cfg["seed"] + trial)
-        tr, va, te = balanced_split(y_all, cfg["m"], num_classes, rng)
+    for trial in range(cfg.trials):
+        rng = np.random.default_rng(cfg.seed + trial)
+        tr, va, te = balanced_split(y_all, cfg.m, num_classes, rng)
         take = lambda idx: (tf.gather(x_all_t, idx), tf.constant(y_all[idx]))  # noqa: E731
         split = {"trial": trial, "train": take(tr), "val": take(va), "test": take(te),
                  "num_tasks": num_classes, "dim": x_all.shape[1]}
@@ -567,17 +543,17 @@ def _run(cfg: dict) -> dict:
                 row = load_stored_run(stored, trial)
                 print(f"[trial {trial} K={name}] finished by an earlier run, reloaded from {stored}")
             else:
-                row = run_one(k, split, cfg, diagnostics=trial < cfg["diagnostic_trials"], cache=cache)
+                row = run_one(k, split, cfg, diagnostics=trial < cfg.diagnostic_trials, cache=cache)
                 row["trial"] = trial
                 write_json_atomically(stored, row, indent=1)
             results["runs"][name].append(row)
             if pause == (trial, name):
                 pause_to_be_killed(os.path.join(state, f"paused_{trial}_{name}"))
         results["summary"] = {name: summarize(rows) for name, rows in results["runs"].items()}
-        write_json_atomically(os.path.join(cfg["output_dir"], "results.json"), results, indent=1)
+        write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results, indent=1)
     print_table(results)
-    if cfg["diagnostic_trials"] > 0:
-        plot_fig6(results, os.path.join(cfg["output_dir"], "fig6_task_interaction.png"))
+    if cfg.diagnostic_trials > 0:
+        plot_fig6(results, os.path.join(cfg.output_dir, "fig6_task_interaction.png"))
     return results
 
 
