@@ -357,7 +357,7 @@ def test_data_pools_are_disjoint_after_rotations():
     x = np.zeros((40, 4, 4, 1), np.uint8)
     y = np.repeat(np.arange(10), 4)
     base = D.class_split(y, {"train": 5, "val": 0, "test": 5}, seed=0)
-    data = om.MetaData(*D.add_rotations(x, y), {k: D.rotated_classes(v, 10) for k, v in base.items()}, "")
+    data = fsm.MetaData(*D.add_rotations(x, y), {k: D.rotated_classes(v, 10) for k, v in base.items()}, "")
     assert not set(data.pools["train"]) & set(data.pools["test"])
     assert len(data.pools["train"]) == len(data.pools["test"]) == 20
     assert set(data.pools["train"] % 10) == set(base["train"])
@@ -369,11 +369,11 @@ def test_training_stream_started_at_k_is_the_episode_stream_from_meta_batch_k_on
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(60, 4, 4, 1)).astype(np.uint8)
     y = np.repeat(np.arange(10), 6)
-    data = om.MetaData(x, y, {"train": np.arange(6), "test": np.arange(6, 10)}, "")
-    cfg = om.Config(n_way=3, k_shot=1, n_query=2, meta_batch_size=2)
-    stream = data.training_stream(cfg, seed=4)
-    reference = list(data.episodes("train", cfg, seed=4, num_episodes=None, meta_batch_size=2)
-                     .map(om.as_trainer_element).take(6))
+    data = fsm.MetaData(x, y, {"train": np.arange(6), "test": np.arange(6, 10)}, "")
+    shape = dict(n_way=3, k_shot=1, n_query=2)
+    stream = data.training_stream(**shape, meta_batch_size=2, seed=4)
+    reference = list(data.episodes("train", **shape, seed=4, num_episodes=None, meta_batch_size=2)
+                     .map(fsm.as_trainer_element).take(6))
     for k in (0, 3):
         for got, want in zip(stream(k).take(6 - k), reference[k:], strict=True):
             tf.nest.map_structure(lambda a, b: np.testing.assert_array_equal(a.numpy(), b.numpy()), got, want)
