@@ -28,6 +28,7 @@ from experiments import config, datasets, provenance
 from experiments import fewshot_model as fsm
 from experiments.config import option, parse_truncate
 from experiments.keras_resume import MethodStore, PauseOnce, ResumableRecord
+from experiments.methods import method_label, method_name, method_styles
 from experiments.run_state import (
     STATE_ERRORS, discard_state, exclusive_output_dir, exit_with_error, guard_settings,
     parse_pause_after, write_json_atomically,
@@ -129,17 +130,7 @@ def task_shape(cfg: Config) -> dict:
     return dict(n_way=cfg.n_way, k_shot=cfg.k_shot, n_query=cfg.n_query)
 
 
-# --------------------------------------------------------------------------
-# Meta-training one method (T, K) with tf_bilevel.BilevelTrainer.
-# --------------------------------------------------------------------------
-
-
-def method_name(truncate: Optional[int], short: bool = False) -> str:
-    return "short_horizon" if short else "full" if truncate is None else str(truncate)
-
-
-def method_label(name: str) -> str:
-    return {"full": "Full RMD", "short_horizon": "Short horizon (T=1)"}.get(name, f"{name}-RMD")
+# --- Meta-training one method (T, K) with tf_bilevel.BilevelTrainer. ---------
 
 
 def build_problem(cfg: Config) -> fsm.FewShotProblem:
@@ -254,40 +245,53 @@ def resume_dir(cfg: Config) -> str:
     return os.path.join(cfg.output_dir, "resume")
 
 
-# --------------------------------------------------------------------------
-# Figures and table.
-# --------------------------------------------------------------------------
+# --- Figures and table. ------------------------------------------------------
 
 
 def plot_fig7(results: dict, path: str) -> None:
+    """Fig. 7: (1) meta-test accuracy, (2) meta-training query error, (3) cosine of K-RMD with full
+    RMD vs hyper-iteration, (4) relative error of K-RMD vs K at the final λ."""
+    from matplotlib.ticker import MaxNLocator
+
     from experiments.plotting import plt, save_figure
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    cfg, T = results["config"], results["config"]["inner_steps"]
+    styles = method_styles(list(results["runs"]), T)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    (acc, err), (cos, rel) = axes
     for name, run in results["runs"].items():
-        rec, label = run["record"], method_label(name)
+        rec, style = run["record"], styles[name]
         if rec["curve_it"]:
-            axes[0].plot(rec["curve_it"], 100 * np.array(rec["curve_test_acc"]), marker="o", ms=3, label=label)
-        axes[1].plot(rec["epoch_end_it"], rec["query_error"], marker=".", label=label)
+            acc.plot(rec["curve_it"], 100 * np.array(rec["curve_test_acc"]), **style)
+        err.plot(rec["epoch_end_it"], rec["query_error"], **style)
         if rec["cosine"]:
-            axes[2].plot(rec["cos_it"], rec["cosine"], marker=".", label=label)
+            cos.plot(rec["cos_it"], rec["cosine"], **style)
     relerr = results.get("relative_error_vs_K", {})
-    for label, curve in relerr.get("curves", {}).items():
-        # K = T is full RMD itself (error 0): only K < T is informative.
+    for (label, curve), ls, marker in zip(relerr.get("curves", {}).items(), ("-", "--", ":", "-."), "os^v"):
+        # K = T is full RMD itself (error 0): only K < T is informative. Curves may coincide: styles differ.
         keep = [i for i, k in enumerate(curve["K"]) if k < relerr["inner_steps"]]
-        axes[3].semilogy([curve["K"][i] for i in keep], [curve["relative_error"][i] for i in keep],
-                         marker="o", label=label)
-    axes[0].set(xlabel="hyper-iteration", ylabel="test accuracy (%)",
-                title=f"meta-test tasks ({results['config']['curve_eval_tasks']})")
-    axes[1].set(xlabel="hyper-iteration", ylabel="query (validation) error",
-                title="meta-training tasks (mean over each logging interval)")
-    axes[2].set(xlabel="hyper-iteration", ylabel="cos(h_K, d_λ f)", title="cosine with full RMD")
-    axes[3].set(xlabel="K (reverse depth, K < T)", ylabel="‖h_K − d_λ f‖ / ‖d_λ f‖",
-                title="relative error vs K at the final λ")
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
+        rel.semilogy([curve["K"][i] for i in keep], [curve["relative_error"][i] for i in keep], ls=ls,
+                     marker=marker, ms=6, mfc="none", label=label)
+    acc.set(xlabel="hyper-iteration", ylabel="query accuracy (%)",
+            title=f"(1) accuracy on {cfg['curve_eval_tasks']} meta-test tasks")
+    err.set(xlabel="hyper-iteration", ylabel="query error (fraction)",
+            title="(2) meta-training tasks (mean over each logging interval)")
+    cos.set(xlabel="hyper-iteration", ylabel="cos(h_K, d_λ f)",
+            title=f"(3) cosine with full RMD, same meta-batch (every {cfg['exact_every']} it., mean per interval)")
+    rel.set(xlabel="K (reverse steps, K < T)", ylabel="‖h_K − d_λ f‖ / ‖d_λ f‖",
+            title=f"(4) relative error, T = {T}, final λ of {method_label(relerr['run'])}, {relerr['tasks']} task(s)"
+            if relerr else "(4) relative error vs K (--relerr_truncations)")
+    for ax in (acc, err, cos, rel):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(f"One-shot classification, {results['data_description']}", fontsize=9)
+            ax.legend(loc="best", fontsize=9)
+        else:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"One-shot classification (Fig. 7), {cfg['dataset']}: {cfg['n_way']}-way {cfg['k_shot']}-shot, "
+                 f"T = {T} inner steps, {', '.join(method_label(n) for n in results['runs'])}, "
+                 f"{cfg['hyper_iterations']} hyper-iterations x {cfg['meta_batch_size']} tasks\n"
+                 f"{results['data_description']}", fontsize=11)
     save_figure(fig, path)
 
 
@@ -314,9 +318,7 @@ def print_table(results: dict) -> None:
         print(f"{r['method']:>22} {r['accuracy']:8.1f} {r['iterations']:15d} {r['sec_per_iter']:8.1f}")
 
 
-# --------------------------------------------------------------------------
-# Driver.
-# --------------------------------------------------------------------------
+# --- Driver. -----------------------------------------------------------------
 
 
 def run(cfg: Config) -> dict:
@@ -334,7 +336,7 @@ def _run(cfg: Config) -> dict:
     T = cfg.inner_steps
     methods = [(method_name(k), T, k) for k in parse_truncate(cfg.truncate, T)]
     if cfg.short_horizon:
-        methods.append((method_name(None, short=True), 1, None))
+        methods.append((method_name(None, short_horizon=True), 1, None))
     pause = parse_pause_after(cfg.pause_after, "METHOD,ITER")
     if pause and pause[0] not in [m[0] for m in methods]:
         raise ValueError(f"--pause_after: unknown method {pause[0]!r}, expected one of {[m[0] for m in methods]}")

@@ -26,6 +26,7 @@ import tf_bilevel as tfb
 from experiments import config, datasets, features, provenance
 from experiments.config import option, parse_truncate
 from experiments.features import BACKBONES
+from experiments.methods import method_label, method_name, method_styles
 from experiments.run_state import (
     RESTART_HINT, STATE_ERRORS, damaged, discard_state, exclusive_output_dir, exit_with_error, guard_settings,
     pause_to_be_killed, read_state_json, write_json_atomically,
@@ -318,14 +319,6 @@ def run_one(truncate: Optional[int], split: dict, cfg: Config, *, diagnostics: b
 # --- Tables, figure. ---------------------------------------------------------
 
 
-def method_name(truncate: Optional[int]) -> str:
-    return "full" if truncate is None else str(truncate)
-
-
-def method_label(name: str) -> str:
-    return "Full RMD" if name == "full" else f"{name}-RMD"
-
-
 def summarize(rows: list[dict]) -> dict:
     mean = lambda key: float(np.nanmean([r[key] for r in rows]))  # noqa: E731
     acc = np.array([r["test_acc"] for r in rows])
@@ -338,22 +331,20 @@ def summarize(rows: list[dict]) -> dict:
 def plot_fig6(results: dict, path: str) -> None:
     """Fig. 6 for the first trial: validation loss, ‖d_λ f‖ of the exact hypergradient and its cosine
     with each method's h vs hyper-iteration (markers where the sparse exact one was computed)."""
-    from experiments.plotting import plt, save_figure, truncation_colors
+    from experiments.plotting import plt, save_figure
 
     cfg, T = results["config"], results["config"]["inner_steps"]
-    ks = {name: T if name == "full" else int(name) for name in results["runs"]}
-    colors = truncation_colors(list(ks.values()), T)
+    styles = method_styles(list(results["runs"]), T)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for name, rows in results["runs"].items():
         curves = next((r["curves"] for r in rows if "curves" in r), None)
         if curves is None:
             continue
-        # Full RMD dashed: the darkest K's color is close to its black.
-        style = dict(label=method_label(name), color=colors[ks[name]], lw=1.5, ls="--" if name == "full" else "-")
-        axes[0].plot(curves["it"], curves["val_loss"], marker="." if len(curves["it"]) <= 50 else None, **style)
+        style = styles[name]
+        axes[0].plot(curves["it"], curves["val_loss"], **{**style, "marker": "." if len(curves["it"]) <= 50 else None})
         if curves["exact_it"]:
-            axes[1].semilogy(curves["exact_it"], curves["exact_norm"], marker="o", ms=4, **style)
-            axes[2].plot(curves["exact_it"], curves["cosine"], marker="o", ms=4, **style)
+            axes[1].semilogy(curves["exact_it"], curves["exact_norm"], **style)
+            axes[2].plot(curves["exact_it"], curves["cosine"], **style)
     axes[0].set(xlabel="hyper-iteration", ylabel="validation cross-entropy f(ŵ(λ)) (nats)",
                 title="outer objective")
     axes[1].set(xlabel="hyper-iteration", ylabel="‖d_λ f‖ (exact, full RMD)", title="norm of the exact hypergradient")
