@@ -14,6 +14,7 @@ seconds (instead of hanging in a download) when they are neither cached nor reac
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -143,7 +144,7 @@ def load_features(dataset: str, kind: str, *, scale: float, data_dir: Optional[s
     normalized features [N, d] (`kind`: "pixels" or "pretrained", the pooled output of `backbone`
     with `weights`: "imagenet", "random" (untrained; tests only) or a weights file), labels [N]
     and a description. Pretrained features are cached in `cache_dir` when it is given."""
-    from experiments import datasets
+    from experiments import datasets  # (imports tensorflow_datasets: only when data is loaded)
     from experiments.run_state import damaged, reading_state, write_atomically
 
     data = datasets.load_image_classification(dataset, data_dir=data_dir, local_dir=local_dir)
@@ -165,8 +166,6 @@ def load_features(dataset: str, kind: str, *, scale: float, data_dir: Optional[s
                 raise damaged(cache, f"{x.shape[0]} rows for {len(images)} images", remedy)
             return normalize_features(x, scale), labels, desc
     extractor = build_extractor(backbone, weights=loaded, image_size=image_size)
-    import sys
-
     bar = tf.keras.utils.Progbar(len(images), verbose=1 if sys.stdout.isatty() else 2)
     print(f"Extracting {desc} from {len(images)} images")
     x = extract_features(images, extractor, progress=bar.update)
