@@ -193,28 +193,13 @@ def make_hypergradient(truncate: Optional[int], *, steps: int, inner_lr: float,
                                 truncate=truncate, jit_compile=jit_compile)
 
 
-# --- Outer loop: Adam on λ (appendix G), one compiled hyper-step. ------------
+# --- Outer loop: Adam on λ (appendix G). ------------------------------------
 
 
 def outer_adam(outer_lr: float) -> tfb.InnerOptimizer:
     """Adam on λ (appendix G), `tfb.adam`: the hypergradient and the λ update compile into one
     program. Its state is `.init(λ)`; λ_{t+1} = λ_t + `.update(h_t, ...)[0]`."""
     return tfb.adam(outer_lr)
-
-
-def make_hyper_step(hg: tfb.Hypergradient, outer_lr: float, jit_compile: bool = True) -> Callable:
-    """(w0, λ_t, adam, train, val) -> λ_{t+1}, adam, f(ŵ(λ_t)), val error, h_t, ŵ(λ_t), marker;
-    adam: the state `outer_adam(outer_lr).init(λ_0)`."""
-    adam = outer_adam(outer_lr)
-
-    def step(w0, hparams, adam_state, inner_batch, outer_batch):
-        res = hg.compute(w0, hparams, inner_batch, outer_batch)
-        updates, new_adam = adam.update(res.hypergrad, adam_state, hparams, None, adam_state.count)
-        new_hparams = tf.nest.map_structure(tf.add, hparams, updates)
-        val_err = error_rate(res.final_params, *outer_batch)
-        return new_hparams, new_adam, res.outer_value, val_err, res.hypergrad, res.final_params, res.nonfinite_step
-
-    return tf.function(step, jit_compile=jit_compile)
 
 
 # --- Data. -------------------------------------------------------------------
@@ -244,11 +229,15 @@ def balanced_split(labels: np.ndarray, m: int, num_classes: int,
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_hyper_step(truncate: Optional[int], steps: int, inner_lr: float, outer_lr: float,
-                        jit_compile: bool) -> Callable:
-    """One compiled hyper-step per K, reused across trials (no retrace)."""
+def compiled_hyper_step(truncate: Optional[int], num_tasks: int, steps: int, inner_lr: float, outer_lr: float,
+                        jit_compile: bool) -> tfb.HyperStep:
+    """K-RMD hypergradient + Adam step on λ, compiled as one program (`tfb.HyperStep`, with the
+    validation error of ŵ(λ) as a metric); one per K, reused across trials (`run_one` resets its
+    state: no retrace)."""
     hg = make_hypergradient(truncate, steps=steps, inner_lr=inner_lr, jit_compile=jit_compile)
-    return make_hyper_step(hg, outer_lr, jit_compile)
+    return tfb.HyperStep(hg, initial_hparams(num_tasks, 1.0, 1.0), outer_adam(outer_lr), jit_compile=jit_compile,
+                         metrics=lambda result, _, val: {"val_err": error_rate(result.final_params, *val)},
+                         check_numerics=False)  # checked below, with what to change
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,10 +251,9 @@ compiled_metrics = tf.function(split_metrics)
 def run_one(truncate: Optional[int], split: dict, cfg: Config, *, diagnostics: bool) -> dict:
     """Hyper-optimize λ with K-RMD from λ_0 until early stopping; return the row's metrics."""
     v, T = split["num_tasks"], cfg.inner_steps
-    hyper_step = compiled_hyper_step(truncate, T, cfg.inner_lr, cfg.outer_lr, cfg.jit_compile)
-    w0 = initial_params(v, split["dim"])
-    hparams = initial_hparams(v, cfg.init_coupling, cfg.init_rho)
-    adam = outer_adam(cfg.outer_lr).init(hparams)
+    hyper_step = compiled_hyper_step(truncate, v, T, cfg.inner_lr, cfg.outer_lr, cfg.jit_compile)
+    w0, lam0 = initial_params(v, split["dim"]), initial_hparams(v, cfg.init_coupling, cfg.init_rho)
+    hyper_step.assign(tfb.HyperStepState(lam0, outer_adam(cfg.outer_lr).init(lam0), tf.constant(0, tf.int64)))
     train, val, test = split["train"], split["val"], split["test"]
     improved = make_improvement_rule(cfg.early_stopping_metric, cfg.min_delta)
     label = f"[trial {split['trial']} K={method_name(truncate)}]"
@@ -275,8 +263,9 @@ def run_one(truncate: Optional[int], split: dict, cfg: Config, *, diagnostics: b
     step_times, initial_test_acc, it = [], None, 0
     while it < cfg.max_hyper_iterations and it - best["it"] <= cfg.patience:
         start = time.perf_counter()
-        hparams_next, adam, f_val, val_err, h, w_t, marker = hyper_step(w0, hparams, adam, train, val)
-        f_val, val_err, marker = float(f_val), float(val_err), int(marker)
+        res = hyper_step(w0, train, val)  # at λ_it, then λ ← λ_it + Adam's update
+        hparams, h, w_t = res.hparams, res.hypergrad, res.final_params
+        f_val, val_err, marker = float(res.outer_value), float(res.metrics["val_err"]), int(res.nonfinite_step)
         if it > 0:  # the first call includes tracing + XLA compilation
             step_times.append(time.perf_counter() - start)
         if marker >= 0:
@@ -300,7 +289,6 @@ def run_one(truncate: Optional[int], split: dict, cfg: Config, *, diagnostics: b
                 curve["exact_norm"].append(float(tfb.diagnostics.global_norm(exact)))
                 curve["cosine"].append(float(tfb.diagnostics.cosine_similarity(h, exact)))
                 curve["h_norm"].append(float(tfb.diagnostics.global_norm(h)))
-        hparams = hparams_next
         it += 1
         bar.update(it, f=f_val, val_acc=1 - val_err)
     print(f"{label} stopped at hyper-iteration {it}; best {best['it']}", flush=True)
