@@ -153,3 +153,17 @@ def result_settings(cfg: Any, **extra: Any) -> dict:
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
               if f.metadata.get("result", True) and f.name != "preset"}
     return jsonable({**fields, **extra})
+
+
+def parse_truncate(values: Sequence[str], steps: int) -> list[Optional[int]]:
+    """A --truncate list ('full' or K in [1, T]) as K values, None for full RMD ('full', 'none' or K = T)."""
+    out = []
+    for value in values:
+        if value.strip().lower() in ("full", "none"):
+            out.append(None)
+            continue
+        k = _parse_element(value, int, "truncate")
+        if not 1 <= k <= steps:
+            raise ValueError(f"--truncate values must be in [1, --inner_steps={steps}] or 'full', got {value}")
+        out.append(None if k == steps else k)
+    return out

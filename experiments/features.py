@@ -14,7 +14,8 @@ seconds (instead of hanging in a download) when they are neither cached nor reac
 from __future__ import annotations
 
 import os
-from typing import Callable, NamedTuple
+import sys
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -25,6 +26,7 @@ __all__ = [
     "build_extractor",
     "ensure_weights_available",
     "extract_features",
+    "load_features",
     "normalize_features",
     "pixel_features",
 ]
@@ -133,3 +135,41 @@ def normalize_features(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (scale * x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def load_features(dataset: str, kind: str, *, scale: float, data_dir: Optional[str] = None,
+                  local_dir: Optional[str] = None, backbone: str = "resnet50", weights: str = "imagenet",
+                  image_size: int = 224, cache_dir: Optional[str] = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """All images of `dataset` (tfds train + test, `datasets.load_image_classification`) as
+    normalized features [N, d] (`kind`: "pixels" or "pretrained", the pooled output of `backbone`
+    with `weights`: "imagenet", "random" (untrained; tests only) or a weights file), labels [N]
+    and a description. Pretrained features are cached in `cache_dir` when it is given."""
+    from experiments import datasets  # (imports tensorflow_datasets: only when data is loaded)
+    from experiments.run_state import damaged, reading_state, write_atomically
+
+    data = datasets.load_image_classification(dataset, data_dir=data_dir, local_dir=local_dir)
+    images = np.concatenate([data["train"][0], data["test"][0]])
+    labels = np.concatenate([data["train"][1], data["test"][1]])
+    if kind == "pixels":
+        return normalize_features(pixel_features(images), scale), labels, "raw pixels"
+    loaded = None if weights == "random" else weights
+    desc = f"keras.applications {backbone} average-pooled features, weights={weights}, {image_size}px"
+    cache = None
+    if cache_dir and loaded is not None:
+        tag = "imagenet" if loaded == "imagenet" else os.path.basename(loaded)
+        cache = os.path.join(cache_dir, f"{dataset}_{backbone}_{tag}_{image_size}.npy")
+        if os.path.isfile(cache):
+            remedy = "delete it to extract the features again"
+            with reading_state(cache, remedy, (OSError, ValueError, EOFError)):
+                x = np.load(cache)
+            if x.shape[0] != len(images):
+                raise damaged(cache, f"{x.shape[0]} rows for {len(images)} images", remedy)
+            return normalize_features(x, scale), labels, desc
+    extractor = build_extractor(backbone, weights=loaded, image_size=image_size)
+    bar = tf.keras.utils.Progbar(len(images), verbose=1 if sys.stdout.isatty() else 2)
+    print(f"Extracting {desc} from {len(images)} images")
+    x = extract_features(images, extractor, progress=bar.update)
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        write_atomically(cache, lambda temporary: np.save(temporary, x))
+    return normalize_features(x, scale), labels, desc

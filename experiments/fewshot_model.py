@@ -40,25 +40,34 @@ it (the B_t terms of Eq. 8 for λ_l are (∂φ/∂λ_l)ᵀ times those for φ).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
+from experiments import datasets
 from tf_bilevel.keras import inverse_softplus, losses
 from tf_bilevel.keras.layers import batch_moments
 
 __all__ = [
     "BatchStatisticsNormalization",
     "FewShotProblem",
+    "MetaData",
+    "Task",
+    "as_task",
+    "as_trainer_element",
     "build_hyper_model",
     "build_inner_model",
     "check_export",
     "cross_entropy",
+    "evaluate_tasks",
+    "export_and_check",
     "layer_groups",
+    "load_meta_data",
     "meta_loss",
+    "relative_error_vs_k",
     "scaled_rho",
 ]
 
@@ -185,6 +194,74 @@ class Task(NamedTuple):
     support_y: tf.Tensor
     query_x: tf.Tensor
     query_y: tf.Tensor
+
+
+def as_task(batch: dict) -> Task:
+    """A `datasets.make_episodes` element as a Task."""
+    return Task(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
+
+
+def as_trainer_element(batch: dict) -> tuple:
+    """A `datasets.make_episodes` element as the BilevelTrainer's ((x_inner, y_inner), (x_outer, y_outer))."""
+    return (batch["support_x"], batch["support_y"]), (batch["query_x"], batch["query_y"])
+
+
+class MetaData:
+    """Images, labels and the disjoint class pools ("train", "val", "test") tasks are drawn from."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, pools: dict, description: str):
+        self.images, self.labels, self.pools, self.description = images, labels, pools, description
+
+    def episodes(self, pool: str, *, n_way: int, k_shot: int, n_query: int, seed: int,
+                 num_episodes: Optional[int], meta_batch_size: Optional[int]) -> tf.data.Dataset:
+        return datasets.make_episodes(self.images, self.labels, self.pools[pool], n_way=n_way, k_shot=k_shot,
+                                      n_query=n_query, seed=seed, num_episodes=num_episodes,
+                                      meta_batch_size=meta_batch_size)
+
+    def training_stream(self, *, n_way: int, k_shot: int, n_query: int, meta_batch_size: int,
+                        seed: int) -> Callable[[Any], tf.data.Dataset]:
+        """`start -> dataset` of the trainer's meta-batches from hyper-iteration `start` on (the
+        episodes of `episodes("train", ...)`, as trainer elements): `trainer.resumable` jumps
+        to a resumed run's hyper-iteration instead of drawing and dropping the earlier ones."""
+        sampler = datasets.episode_sampler(self.images, self.labels, self.pools["train"], n_way=n_way,
+                                           k_shot=k_shot, n_query=n_query, seed=seed)
+        return tfb.keras.episodes(lambda i: as_trainer_element(sampler(i)), batch=meta_batch_size)
+
+
+def load_meta_data(dataset: str, *, data_dir: Optional[str], local_dir: Optional[str], image_size: int,
+                   class_split: Sequence[int], rotations: bool, seed: int) -> MetaData:
+    """Omniglot (tfds, train + test) or (fashion_)mnist (train + test) with disjoint class pools of
+    `class_split` = (train, val, test) base classes; `rotations`: each class also as its 90/180/270°
+    rotations (new classes in the same pool)."""
+    if dataset == "omniglot":
+        images, labels = datasets.load_omniglot(data_dir=data_dir, image_size=image_size)
+        source = "tfds omniglot (train + test), grayscale"
+    else:
+        data = datasets.load_image_classification(dataset, data_dir=data_dir, local_dir=local_dir,
+                                                  image_size=None if image_size == 28 else image_size)
+        images = np.concatenate([data["train"][0], data["test"][0]])
+        labels = np.concatenate([data["train"][1], data["test"][1]])
+        source = f"tfds {dataset} (train + test)"
+    base = datasets.class_split(labels, dict(zip(("train", "val", "test"), class_split)), seed=seed)
+    pools = base
+    if rotations:
+        num_base = int(labels.max()) + 1
+        images, labels = datasets.add_rotations(images, labels)
+        pools = {k: datasets.rotated_classes(v, num_base) for k, v in base.items()}
+    description = (f"{source}, {image_size}x{image_size}; base classes { {k: len(v) for k, v in base.items()} }"
+                   + (f", x4 by 90-degree rotations -> { {k: len(v) for k, v in pools.items()} } classes"
+                      if rotations else ""))
+    return MetaData(images, labels, pools, description)
+
+
+def evaluate_tasks(trainer: Any, tasks: Sequence[Task], batch_size: int) -> np.ndarray:
+    """Query accuracy of each task after the trainer's T inner steps on its support set (trainer.predict)."""
+    stacked = Task(*[tf.stack(list(x)) for x in zip(*tasks)])
+    # Full task elements (predict does not use the query labels).
+    ds = tf.data.Dataset.from_tensor_slices(
+        ((stacked.support_x, stacked.support_y), (stacked.query_x, stacked.query_y))).batch(batch_size)
+    logits = trainer.predict(ds, verbose=0)
+    return (np.argmax(logits, axis=-1) == stacked.query_y.numpy()).mean(axis=1)
 
 
 class FewShotProblem:
@@ -383,4 +460,53 @@ def check_export(hyper_model: keras.Model, path: str, images: np.ndarray,
     }
     if training_embeddings is not None:
         out["bit_identical_to_meta_training_representation"] = bool(np.array_equal(training_embeddings, loaded))
+    return out
+
+
+def export_and_check(problem: FewShotProblem, trainer: Any, task: Task, path: str) -> dict:
+    """trainer.export, reloaded and compared bit for bit with the in-memory hyper model and with
+    the per-task representation used in meta-training, on one task's images."""
+    images = np.concatenate([task.support_x.numpy(), task.query_x.numpy()])
+    trainer.export(path, verbose=False)
+    hyper = problem.hyper_model
+    per_task = tf.function(problem.represent, autograph=False)([v.value for v in hyper.trainable_variables],
+                                                               tf.constant(images)).numpy()
+    return {"endpoint": "serve (BatchNorm with the statistics of the served batch)",
+            **check_export(hyper, path, images, training_embeddings=per_task)}
+
+
+# --------------------------------------------------------------------------
+# Fig. 7, plot 4: the error of K-RMD as a function of K.
+# --------------------------------------------------------------------------
+
+
+def relative_error_vs_k(problem: FewShotProblem, trainer: Any, tasks: Task, steps: int,
+                        truncations: Sequence[int], rho_scales: dict, jit_compile: bool) -> dict:
+    """‖h_K − d_λ f‖ / ‖d_λ f‖ at the trainer's λ on a fixed meta-batch, per K and per ρ scale
+    (`rho_scales`: label -> factor): `hypergradient_of` of one BilevelTrainer per K on the same
+    models, sharing that λ (the gradient with respect to the raw variables ν, as the optimizer
+    receives it)."""
+    element = ((tasks.support_x, tasks.support_y), (tasks.query_x, tasks.query_y))
+    lam = [tf.identity(v) for v in trainer.hyper_variables]
+    trainers = {}
+    for k in sorted(set(truncations) | {steps}):
+        t = problem.build_trainer(steps=steps, truncate=None if k == steps else k, init_rho=1.0, init_gamma=1.0)
+        t.compile(jit_compile=jit_compile)
+        t.build_from_spec(tf.nest.map_structure(lambda x: tf.TensorSpec(x.shape, x.dtype), element))
+        for variable, value in zip(t.hyper_variables, lam):
+            variable.assign(value)
+        trainers[k] = t
+    out = {}
+    for label, scale in rho_scales.items():
+        hypergradients = {}
+        for k, t in trainers.items():
+            with scaled_rho(t, scale):
+                hypergradients[k] = t.hypergradient_of(element)
+        exact = hypergradients[steps]
+        out[label] = {
+            "K": [int(k) for k in truncations],
+            "relative_error": [float(tfb.diagnostics.relative_error(hypergradients[k], exact)) for k in truncations],
+            "cosine": [float(tfb.diagnostics.cosine_similarity(hypergradients[k], exact)) for k in truncations],
+            "exact_norm": float(tfb.diagnostics.global_norm(exact)),
+        }
     return out

@@ -12,23 +12,26 @@ rerun. The problem, our reading of it and the measured results: RESULTS.md, "Tas
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-import platform
-import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags, logging
 
 import tf_bilevel as tfb
-from experiments import datasets, features
-from tf_bilevel.keras import inverse_softplus, losses
+from experiments import config, datasets, features, provenance
+from experiments.config import option, parse_truncate
+from experiments.features import BACKBONES
+from experiments.methods import method_label, method_name, method_styles
 from experiments.run_state import (
     RESTART_HINT, STATE_ERRORS, damaged, discard_state, exclusive_output_dir, exit_with_error, guard_settings,
-    pause_to_be_killed, read_state_json, reading_state, write_atomically, write_json_atomically,
+    pause_to_be_killed, read_state_json, write_json_atomically,
 )
+from tf_bilevel.keras import inverse_softplus, losses
 
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion_mnist": 10}
@@ -42,76 +45,66 @@ PAPER_TABLE3 = {
 }
 
 
-def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
-    """Defines the program's flags in `fv`. Called by the entry point, not at import, so
-    that several experiment modules (each with --seed, --output_dir, ...) can be imported
-    in one process, e.g. by pytest."""
-    from experiments._cli import define_internal
-
-    flags.DEFINE_enum("dataset", "cifar10", list(NUM_CLASSES), "tfds dataset.", flag_values=fv)
-    flags.DEFINE_enum("features", "pretrained", ["pretrained", "pixels"],
-                      "pretrained: pooled features of an ImageNet CNN (paper); pixels: raw pixels.",
-                      flag_values=fv)
-    flags.DEFINE_enum("backbone", "resnet50", list(features.BACKBONES),
-                      "Keras CNN for --features=pretrained (paper: ResNet-18, absent from Keras).",
-                      flag_values=fv)
-    flags.DEFINE_string("weights", "imagenet", "Backbone weights: imagenet, random (untrained; "
-                        "tests only), or a weights file path.", flag_values=fv)
-    flags.DEFINE_integer("image_size", 224, "Images are resized to this for the backbone.",
-                         flag_values=fv)
-    flags.DEFINE_string("feature_cache_dir", None, "Cache extracted pretrained features here.",
-                        flag_values=fv)
-    flags.DEFINE_float("feature_scale", 8.0, "Features are L2-normalized, then multiplied by this.",
-                       flag_values=fv)
-    flags.DEFINE_integer("m", None, "Training and validation set size each (balanced); default "
-                         "50 for cifar10, 300 for cifar100, 50 for (fashion_)mnist.", flag_values=fv)
-    flags.DEFINE_integer("trials", 10, "Independent trials (data splits).", flag_values=fv)
-    flags.DEFINE_integer("patience", 500, "Stop after this many hyper-iterations without "
-                         "improvement.", flag_values=fv)
-    flags.DEFINE_integer("max_hyper_iterations", 20000, "Cap on hyper-iterations per run.",
-                         flag_values=fv)
-    flags.DEFINE_list("truncate", ["1", "5", "25", "full"], "K values; 'full' = full RMD (K = T).",
-                      flag_values=fv)
-    flags.DEFINE_integer("inner_steps", 100, "T, inner gradient-descent steps.", flag_values=fv)
-    flags.DEFINE_float("inner_lr", 0.1, "γ, inner learning rate.", flag_values=fv)
-    flags.DEFINE_float("outer_lr", 0.01, "Adam learning rate on λ = {B, ν}.", flag_values=fv)
-    flags.DEFINE_float("init_coupling", 1e-3, "Initial C_ij (i ≠ j): B_ij = softplus⁻¹(C_ij / 2).",
-                       flag_values=fv)
-    flags.DEFINE_float("init_rho", 1e-3, "Initial ρ: ν = softplus⁻¹(ρ).", flag_values=fv)
-    flags.DEFINE_enum("early_stopping_split", "validation", ["validation", "test"],
-                      "Split that drives early stopping (the paper literally uses test).",
-                      flag_values=fv)
-    flags.DEFINE_enum("early_stopping_metric", "error", ["error", "loss"],
-                      "error (ties broken by the loss; the paper: error) or loss.", flag_values=fv)
-    flags.DEFINE_float("min_delta", 1e-4, "A loss must drop by more than this to count as "
-                       "improved.", flag_values=fv)
-    flags.DEFINE_integer("exact_every", 10, "Compute the exact (full RMD) hypergradient every N "
-                         "hyper-iterations for Fig. 6 (0: never).", flag_values=fv)
-    flags.DEFINE_integer("diagnostic_trials", 1, "Trials that record the Fig. 6 diagnostics.",
-                         flag_values=fv)
-    flags.DEFINE_string("data_dir", None, "tfds data_dir (default: datasets.default_data_dir()).",
-                        flag_values=fv)
-    flags.DEFINE_string("local_dir", None, "Folder with (fashion_)mnist IDX .gz files.",
-                        flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Seed of the data splits (trial i uses seed + i).",
-                         flag_values=fv)
-    flags.DEFINE_string("output_dir", "out/task_interaction", "Where results.json and PNGs go; also "
-                        "every finished (trial, K) run (<output_dir>/resume): rerun the same command after "
-                        "an interruption to continue.", flag_values=fv)
-    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) TRIAL,K: once the run of that trial and K "
-                    "is stored, write <output_dir>/resume/paused_TRIAL_K and sleep, once (not if that file "
-                    "exists), so a test can kill the program at a known point.", flag_values=fv)
-    flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/resume) and start over.",
-                      flag_values=fv)
-    flags.DEFINE_bool("jit_compile", True, "XLA-compile the hyper-step.", flag_values=fv)
-    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the paper's settings (the defaults); quick: tiny "
-                      "budget for tests (2 trials, K in {1, full}, few hyper-iterations).", flag_values=fv)
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.", flag_values=fv)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The run's settings; one flag per field (flag = field name)."""
+    dataset: str = option("cifar10", "tfds dataset.", choices=tuple(NUM_CLASSES))
+    features: str = option("pretrained", "pretrained: pooled features of an ImageNet CNN (paper); pixels: raw "
+                           "pixels.", choices=("pretrained", "pixels"))
+    backbone: str = option("resnet50", "Keras CNN for --features=pretrained (paper: ResNet-18, absent from Keras).",
+                           choices=BACKBONES)
+    weights: str = option("imagenet", "Backbone weights: imagenet, random (untrained; tests only), or a weights "
+                          "file path.")
+    image_size: int = option(224, "Images are resized to this for the backbone.")
+    feature_cache_dir: Optional[str] = option(None, "Cache extracted pretrained features here.", result=False)
+    feature_scale: float = option(8.0, "Features are L2-normalized, then multiplied by this.")
+    m: Optional[int] = option(None, "Training and validation set size each (balanced); default 50 for cifar10, "
+                              "300 for cifar100, 50 for (fashion_)mnist.")
+    # Every (trial, K) run is stored on its own: more trials or another K reuse the stored runs.
+    trials: int = option(10, "Independent trials (data splits).", result=False)
+    patience: int = option(500, "Stop after this many hyper-iterations without improvement.")
+    max_hyper_iterations: int = option(20000, "Cap on hyper-iterations per run.")
+    truncate: Sequence[str] = option(("1", "5", "25", "full"), "K values; 'full' = full RMD (K = T).", result=False)
+    inner_steps: int = option(100, "T, inner gradient-descent steps.")
+    inner_lr: float = option(0.1, "γ, inner learning rate.")
+    outer_lr: float = option(0.01, "Adam learning rate on λ = {B, ν}.")
+    init_coupling: float = option(1e-3, "Initial C_ij (i ≠ j): B_ij = softplus⁻¹(C_ij / 2).")
+    init_rho: float = option(1e-3, "Initial ρ: ν = softplus⁻¹(ρ).")
+    early_stopping_split: str = option("validation", "Split that drives early stopping (the paper literally uses "
+                                       "test).", choices=("validation", "test"))
+    early_stopping_metric: str = option("error", "error (ties broken by the loss; the paper: error) or loss.",
+                                        choices=("error", "loss"))
+    min_delta: float = option(1e-4, "A loss must drop by more than this to count as improved.")
+    exact_every: int = option(10, "Compute the exact (full RMD) hypergradient every N hyper-iterations for Fig. 6 "
+                              "(0: never).")
+    diagnostic_trials: int = option(1, "Trials that record the Fig. 6 diagnostics.")
+    data_dir: Optional[str] = option(None, "tfds data_dir (default: datasets.default_data_dir()).", result=False)
+    local_dir: Optional[str] = option(None, "Folder with (fashion_)mnist IDX .gz files.", result=False)
+    seed: int = option(0, "Seed of the data splits (trial i uses seed + i).")
+    output_dir: str = option("out/task_interaction", "Where results.json and PNGs go; also every finished "
+                             "(trial, K) run (<output_dir>/resume): rerun the same command after an interruption "
+                             "to continue.", result=False)
+    pause_after: Optional[str] = option(
+        None, "(tests) TRIAL,K: once the run of that trial and K is stored, write <output_dir>/resume/paused_TRIAL_K "
+        "and sleep, once (not if that file exists), so a test can kill the program at a known point.",
+        internal=True, result=False)
+    restart: bool = option(False, "Delete the saved state (<output_dir>/resume) and start over.", result=False)
+    jit_compile: bool = option(True, "XLA-compile the hyper-step.")
+    preset: str = "full"
 
 
-# --------------------------------------------------------------------------
-# The bilevel problem.
-# --------------------------------------------------------------------------
+# full: the paper's settings (the defaults); quick: a tiny budget for tests.
+PRESETS = {"full": {}, "quick": dict(trials=2, max_hyper_iterations=12, patience=5, exact_every=3,
+                                     truncate=("1", "full"))}
+
+
+def define_flags(flag_values: Optional[flags.FlagValues] = None) -> None:
+    """Registers the program's flags (in `flag_values`, e.g. a test's own FlagValues). Called by the entry
+    point, not at import, so that several experiment modules can be imported in one process (pytest)."""
+    config.define_flags(Config, PRESETS, flag_values=flag_values)
+
+
+# --- The bilevel problem. ----------------------------------------------------
 
 
 def coupling_matrix(b: tf.Tensor) -> tf.Tensor:
@@ -169,12 +162,8 @@ def split_metrics(params: dict, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, 
 
 
 def make_improvement_rule(metric: str, min_delta: float) -> Callable:
-    """improved((error, loss), best) for early stopping.
-
-    "error": lower error, or the same error and a loss lower by more than min_delta (on 50
-    validation examples the error moves in steps of 2%, so ties are common and the loss
-    breaks them). "loss": a loss lower by more than min_delta.
-    """
+    """improved((error, loss), best) for early stopping: "error": a lower error, or the same error and
+    a loss lower by more than min_delta (the loss breaks the frequent ties); "loss": the loss alone."""
     def improved(score: Sequence[float], best: Sequence[float] | None) -> bool:
         if best is None:
             return True
@@ -197,52 +186,31 @@ def initial_hparams(num_tasks: int, init_coupling: float, init_rho: float, dtype
     return {"B": tf.cast(b, dtype), "nu": tf.constant(float(inverse_softplus(init_rho)), dtype)}
 
 
-def make_hypergradient(truncate: int | None, *, steps: int, inner_lr: float,
+def make_hypergradient(truncate: Optional[int], *, steps: int, inner_lr: float,
                        jit_compile: bool = True) -> tfb.Hypergradient:
     """K-RMD (truncate=K) or full RMD (None) estimator of d_λ f for this problem."""
     return tfb.hypergradient_fn(inner_loss, outer_loss, steps=steps, learning_rate=inner_lr,
                                 truncate=truncate, jit_compile=jit_compile)
 
 
-# --------------------------------------------------------------------------
-# Outer loop: Adam on λ (appendix G), one compiled hyper-step.
-# --------------------------------------------------------------------------
+# --- Outer loop: Adam on λ (appendix G). ------------------------------------
 
 
 def outer_adam(outer_lr: float) -> tfb.InnerOptimizer:
-    """Adam on λ (appendix G): the library's differentiable Adam (`tfb.adam`), here on the
-    outer problem, so that the hypergradient and the λ update compile into one XLA program
-    per hyper-iteration. Its state is `.init(λ)`; λ_{t+1} = λ_t + `.update(h_t, ...)[0]`."""
+    """Adam on λ (appendix G), `tfb.adam`: the hypergradient and the λ update compile into one
+    program. Its state is `.init(λ)`; λ_{t+1} = λ_t + `.update(h_t, ...)[0]`."""
     return tfb.adam(outer_lr)
 
 
-def make_hyper_step(hg: tfb.Hypergradient, outer_lr: float, jit_compile: bool = True) -> Callable:
-    """(w0, λ_t, adam, train, val) -> λ_{t+1}, adam, f(ŵ(λ_t)), val error, h_t, ŵ(λ_t), marker;
-    adam: the state `outer_adam(outer_lr).init(λ_0)`."""
-    adam = outer_adam(outer_lr)
-
-    def step(w0, hparams, adam_state, inner_batch, outer_batch):
-        res = hg.compute(w0, hparams, inner_batch, outer_batch)
-        updates, new_adam = adam.update(res.hypergrad, adam_state, hparams, None, adam_state.count)
-        new_hparams = tf.nest.map_structure(tf.add, hparams, updates)
-        val_err = error_rate(res.final_params, *outer_batch)
-        return (new_hparams, new_adam, res.outer_value, val_err, res.hypergrad,
-                res.final_params, res.nonfinite_step)
-
-    return tf.function(step, jit_compile=jit_compile)
-
-
-# --------------------------------------------------------------------------
-# Data.
-# --------------------------------------------------------------------------
+# --- Data. -------------------------------------------------------------------
 
 
 def balanced_split(labels: np.ndarray, m: int, num_classes: int,
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Disjoint balanced train / val index sets of m each; the rest is the test set."""
     if m % num_classes:
-        raise ValueError(f"--m={m} must be a multiple of the number of classes ({num_classes}) "
-                         "so that the training and validation sets are balanced")
+        raise ValueError(f"--m={m} must be a multiple of the number of classes ({num_classes}) so that the "
+                         "training and validation sets are balanced")
     per = m // num_classes
     train, val = [], []
     for c in range(num_classes):
@@ -257,96 +225,47 @@ def balanced_split(labels: np.ndarray, m: int, num_classes: int,
     return train, val, test
 
 
-def load_features(cfg: dict) -> tuple[np.ndarray, np.ndarray, str]:
-    """All images of the dataset (tfds train + test) as features [N, d] and labels [N]."""
-    data = datasets.load_image_classification(cfg["dataset"], data_dir=cfg["data_dir"],
-                                              local_dir=cfg["local_dir"])
-    images = np.concatenate([data["train"][0], data["test"][0]])
-    labels = np.concatenate([data["train"][1], data["test"][1]])
-    if cfg["features"] == "pixels":
-        x, desc = features.pixel_features(images), "raw pixels"
-    else:
-        x, desc = _pretrained_features(images, cfg)
-    return features.normalize_features(x, cfg["feature_scale"]), labels, desc
+# --- One run: one trial, one K. ---------------------------------------------
 
 
-def _pretrained_features(images: np.ndarray, cfg: dict) -> tuple[np.ndarray, str]:
-    weights = None if cfg["weights"] == "random" else cfg["weights"]
-    desc = (f"keras.applications {cfg['backbone']} average-pooled features, "
-            f"weights={cfg['weights']}, {cfg['image_size']}px")
-    cache = None
-    if cfg["feature_cache_dir"] and weights is not None:
-        tag = "imagenet" if weights == "imagenet" else os.path.basename(weights)
-        cache = os.path.join(cfg["feature_cache_dir"],
-                             f"{cfg['dataset']}_{cfg['backbone']}_{tag}_{cfg['image_size']}.npy")
-        if os.path.isfile(cache):
-            remedy = "delete it to extract the features again"
-            with reading_state(cache, remedy, (OSError, ValueError, EOFError)):
-                cached = np.load(cache)
-            if cached.shape[0] != len(images):
-                raise damaged(cache, f"{cached.shape[0]} rows for {len(images)} images", remedy)
-            return cached, desc
-    extractor = features.build_extractor(cfg["backbone"], weights=weights,
-                                         image_size=cfg["image_size"])
-    bar = tf.keras.utils.Progbar(len(images), verbose=1 if sys.stdout.isatty() else 2)
-    print(f"Extracting {desc} from {len(images)} images")
-    x = features.extract_features(images, extractor, progress=bar.update)
-    if cache:
-        os.makedirs(cfg["feature_cache_dir"], exist_ok=True)
-        write_atomically(cache, lambda temporary: np.save(temporary, x))
-    return x, desc
+@functools.lru_cache(maxsize=None)
+def compiled_hyper_step(truncate: Optional[int], num_tasks: int, steps: int, inner_lr: float, outer_lr: float,
+                        jit_compile: bool) -> tfb.HyperStep:
+    """K-RMD hypergradient + Adam step on λ, compiled as one program (`tfb.HyperStep`, with the
+    validation error of ŵ(λ) as a metric); one per K, reused across trials (`run_one` resets its
+    state: no retrace)."""
+    hg = make_hypergradient(truncate, steps=steps, inner_lr=inner_lr, jit_compile=jit_compile)
+    return tfb.HyperStep(hg, initial_hparams(num_tasks, 1.0, 1.0), outer_adam(outer_lr), jit_compile=jit_compile,
+                         metrics=lambda result, _, val: {"val_err": error_rate(result.final_params, *val)},
+                         check_numerics=False)  # checked below, with what to change
 
 
-# --------------------------------------------------------------------------
-# One run: one trial, one K.
-# --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def compiled_exact(steps: int, inner_lr: float, jit_compile: bool) -> tfb.Hypergradient:
+    return make_hypergradient(None, steps=steps, inner_lr=inner_lr, jit_compile=jit_compile)
 
 
-class _Printer:
-    """One-line progress: rewritten in place on a terminal, periodic lines otherwise."""
-
-    def __init__(self, label: str, every: int = 100):
-        self.label, self.every, self.tty = label, every, sys.stdout.isatty()
-
-    def update(self, it: int, text: str, final: bool = False) -> None:
-        if self.tty:
-            print(f"\r{self.label} it {it:6d} {text}", end="\n" if final else "", flush=True)
-        elif final or it % self.every == 0:
-            print(f"{self.label} it {it:6d} {text}", flush=True)
+compiled_metrics = tf.function(split_metrics)
 
 
-def run_one(truncate: int | None, split: dict, cfg: dict, *, diagnostics: bool,
-            cache: dict) -> dict:
+def run_one(truncate: Optional[int], split: dict, cfg: Config, *, diagnostics: bool) -> dict:
     """Hyper-optimize λ with K-RMD from λ_0 until early stopping; return the row's metrics."""
-    v, d, T = split["num_tasks"], split["dim"], cfg["inner_steps"]
-    key = ("step", truncate)
-    if key not in cache:  # one compiled estimator per K, reused across trials (no retrace)
-        cache[key] = make_hyper_step(make_hypergradient(truncate, steps=T, inner_lr=cfg["inner_lr"],
-                                                        jit_compile=cfg["jit_compile"]),
-                                     cfg["outer_lr"], cfg["jit_compile"])
-    if diagnostics and "exact" not in cache:
-        cache["exact"] = make_hypergradient(None, steps=T, inner_lr=cfg["inner_lr"],
-                                            jit_compile=cfg["jit_compile"])
-    hyper_step = cache[key]
-    test_metrics = cache.setdefault("test_metrics", tf.function(split_metrics))
-
-    w0 = initial_params(v, d)
-    hparams = initial_hparams(v, cfg["init_coupling"], cfg["init_rho"])
-    adam = outer_adam(cfg["outer_lr"]).init(hparams)
+    v, T = split["num_tasks"], cfg.inner_steps
+    hyper_step = compiled_hyper_step(truncate, v, T, cfg.inner_lr, cfg.outer_lr, cfg.jit_compile)
+    w0, lam0 = initial_params(v, split["dim"]), initial_hparams(v, cfg.init_coupling, cfg.init_rho)
+    hyper_step.assign(tfb.HyperStepState(lam0, outer_adam(cfg.outer_lr).init(lam0), tf.constant(0, tf.int64)))
     train, val, test = split["train"], split["val"], split["test"]
-    by_test = cfg["early_stopping_split"] == "test"
-    improved = make_improvement_rule(cfg["early_stopping_metric"], cfg["min_delta"])
-
-    label = f"[trial {split['trial']} K={'full' if truncate is None else truncate}]"
-    printer = _Printer(label)
+    improved = make_improvement_rule(cfg.early_stopping_metric, cfg.min_delta)
+    label = f"[trial {split['trial']} K={method_name(truncate)}]"
+    bar = tfb.Progress(cfg.max_hyper_iterations, label=label)
     best = {"score": None, "it": -1}
     curve = {"it": [], "val_loss": [], "exact_it": [], "exact_norm": [], "cosine": [], "h_norm": []}
-    step_times, initial_test_acc = [], None
-    it = 0
-    while it < cfg["max_hyper_iterations"] and it - best["it"] <= cfg["patience"]:
+    step_times, initial_test_acc, it = [], None, 0
+    while it < cfg.max_hyper_iterations and it - best["it"] <= cfg.patience:
         start = time.perf_counter()
-        hparams_next, adam, f_val, val_err, h, w_t, marker = hyper_step(w0, hparams, adam, train, val)
-        f_val, val_err, marker = float(f_val), float(val_err), int(marker)
+        res = hyper_step(w0, train, val)  # at λ_it, then λ ← λ_it + Adam's update
+        hparams, h, w_t = res.hparams, res.hypergrad, res.final_params
+        f_val, val_err, marker = float(res.outer_value), float(res.metrics["val_err"]), int(res.nonfinite_step)
         if it > 0:  # the first call includes tracing + XLA compilation
             step_times.append(time.perf_counter() - start)
         if marker >= 0:
@@ -354,171 +273,120 @@ def run_one(truncate: int | None, split: dict, cfg: dict, *, diagnostics: bool,
                                      f"{tfb.nonfinite.describe(marker, T)} Lower --outer_lr, "
                                      "--init_coupling or --feature_scale")
         if it == 0:
-            initial_test_acc = 1.0 - float(test_metrics(w_t, *test)[0])
-        score = [float(t) for t in test_metrics(w_t, *test)] if by_test else [val_err, f_val]
+            initial_test_acc = 1.0 - float(compiled_metrics(w_t, *test)[0])
+        by_test = cfg.early_stopping_split == "test"
+        score = [float(t) for t in compiled_metrics(w_t, *test)] if by_test else [val_err, f_val]
         if improved(score, best["score"]):
-            best = {"score": score, "it": it, "val_loss": f_val, "val_acc": 1.0 - val_err,
-                    "params": w_t, "hparams": hparams}
+            best = {"score": score, "it": it, "val_loss": f_val, "val_acc": 1.0 - val_err, "params": w_t,
+                    "hparams": hparams}
         if diagnostics:
             curve["it"].append(it)
             curve["val_loss"].append(f_val)
-            if cfg["exact_every"] and it % cfg["exact_every"] == 0:
-                exact = h if truncate is None else cache["exact"](w0, hparams, train, val)[1]
+            if cfg.exact_every and it % cfg.exact_every == 0:
+                exact = h if truncate is None else compiled_exact(T, cfg.inner_lr, cfg.jit_compile)(
+                    w0, hparams, train, val)[1]
                 curve["exact_it"].append(it)
                 curve["exact_norm"].append(float(tfb.diagnostics.global_norm(exact)))
                 curve["cosine"].append(float(tfb.diagnostics.cosine_similarity(h, exact)))
                 curve["h_norm"].append(float(tfb.diagnostics.global_norm(h)))
-        hparams = hparams_next
         it += 1
-        printer.update(it, f"f={f_val:.4f} val_acc={1 - val_err:.3f} best_it={best['it']}")
-    printer.update(it, f"stopped; best_it={best['it']}", final=True)
-
-    c = coupling_matrix(best["hparams"]["B"]).numpy()
-    off = c[~np.eye(v, dtype=bool)]
+        bar.update(it, f=f_val, val_acc=1 - val_err)
+    print(f"{label} stopped at hyper-iteration {it}; best {best['it']}", flush=True)
+    off = coupling_matrix(best["hparams"]["B"]).numpy()[~np.eye(v, dtype=bool)]
     row = {
         "truncate": "full" if truncate is None else truncate,
-        "test_acc": 1.0 - float(test_metrics(best["params"], *test)[0]),
-        "initial_test_acc": initial_test_acc,
-        "val_acc": best["val_acc"],
-        "val_loss": best["val_loss"],
-        "best_iteration": best["it"],
-        "iterations": it,
+        "test_acc": 1.0 - float(compiled_metrics(best["params"], *test)[0]), "initial_test_acc": initial_test_acc,
+        "val_acc": best["val_acc"], "val_loss": best["val_loss"], "best_iteration": best["it"], "iterations": it,
         "sec_per_iter": float(np.mean(step_times)) if step_times else float("nan"),
         "rho": float(regularization(best["hparams"]["nu"])),
-        "coupling_offdiag": {"mean": float(off.mean()), "min": float(off.min()),
-                             "max": float(off.max())},
+        "coupling_offdiag": {"mean": float(off.mean()), "min": float(off.min()), "max": float(off.max())},
     }
-    if diagnostics:
-        row["curves"] = curve
-    return row
+    return {**row, "curves": curve} if diagnostics else row
 
 
-# --------------------------------------------------------------------------
-# Driver.
-# --------------------------------------------------------------------------
-
-
-def parse_truncate(values: Sequence[str], steps: int) -> list[int | None]:
-    out = []
-    for v in values:
-        if v.strip().lower() in ("full", "none", str(steps)):
-            out.append(None)
-        else:
-            k = int(v)
-            if not 1 <= k <= steps:
-                raise ValueError(f"--truncate values must be in [1, {steps}] or 'full', got {v}")
-            out.append(k)
-    return out
-
-
-def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
-    """The run configuration from parsed flags (--quick applied)."""
-    cfg = {name: flag_values[name].value for name in (
-        "dataset", "features", "backbone", "weights", "image_size", "feature_cache_dir",
-        "feature_scale", "m", "trials", "patience", "max_hyper_iterations", "truncate",
-        "inner_steps", "inner_lr", "outer_lr", "init_coupling", "init_rho",
-        "early_stopping_split", "early_stopping_metric", "min_delta", "exact_every", "diagnostic_trials",
-        "data_dir", "local_dir", "seed", "output_dir", "jit_compile", "quick", "pause_after", "restart")}
-    cfg["quick"] = cfg["quick"] or flag_values["preset"].value == "quick"
-    if cfg["m"] is None:
-        cfg["m"] = PAPER_M.get(cfg["dataset"], 50)
-    if cfg["quick"]:
-        cfg.update(trials=min(cfg["trials"], 2), max_hyper_iterations=min(cfg["max_hyper_iterations"], 12),
-                   patience=min(cfg["patience"], 5), exact_every=3,
-                   truncate=[t for t in cfg["truncate"] if t in ("1", "full")] or ["1", "full"])
-    return cfg
+# --- Tables, figure. ---------------------------------------------------------
 
 
 def summarize(rows: list[dict]) -> dict:
+    mean = lambda key: float(np.nanmean([r[key] for r in rows]))  # noqa: E731
     acc = np.array([r["test_acc"] for r in rows])
-    return {
-        "test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std()),
-        "initial_test_acc_mean": float(np.mean([r["initial_test_acc"] for r in rows])),
-        "val_acc_mean": float(np.mean([r["val_acc"] for r in rows])),
-        "val_loss_mean": float(np.mean([r["val_loss"] for r in rows])),
-        "iterations_mean": float(np.mean([r["iterations"] for r in rows])),
-        "best_iteration_mean": float(np.mean([r["best_iteration"] for r in rows])),
-        "sec_per_iter_mean": float(np.nanmean([r["sec_per_iter"] for r in rows])),
-        "trials": len(rows),
-    }
+    return {"test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std()),
+            **{f"{key}_mean": mean(key) for key in ("initial_test_acc", "val_acc", "val_loss", "iterations",
+                                                     "best_iteration", "sec_per_iter")},
+            "trials": len(rows)}
 
 
 def plot_fig6(results: dict, path: str) -> None:
-    import matplotlib
+    """Fig. 6 for the first trial: validation loss, ‖d_λ f‖ of the exact hypergradient and its cosine
+    with each method's h vs hyper-iteration (markers where the sparse exact one was computed)."""
+    from experiments.plotting import plt, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    cfg, T = results["config"], results["config"]["inner_steps"]
+    styles = method_styles(list(results["runs"]), T)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     for name, rows in results["runs"].items():
         curves = next((r["curves"] for r in rows if "curves" in r), None)
         if curves is None:
             continue
-        label = f"{name}-RMD" if name != "full" else "Full RMD"
-        axes[0].plot(curves["it"], curves["val_loss"], label=label)
+        style = styles[name]
+        axes[0].plot(curves["it"], curves["val_loss"], **{**style, "marker": "." if len(curves["it"]) <= 50 else None})
         if curves["exact_it"]:
-            axes[1].semilogy(curves["exact_it"], curves["exact_norm"], label=label)
-            axes[2].plot(curves["exact_it"], curves["cosine"], label=label)
-    axes[0].set(xlabel="hyper-iteration", ylabel="validation loss f")
-    axes[1].set(xlabel="hyper-iteration", ylabel="‖d_λ f‖ (exact)")
-    axes[2].set(xlabel="hyper-iteration", ylabel="cos(h, d_λ f)")
+            axes[1].semilogy(curves["exact_it"], curves["exact_norm"], **style)
+            axes[2].plot(curves["exact_it"], curves["cosine"], **style)
+    axes[0].set(xlabel="hyper-iteration", ylabel="validation cross-entropy f(ŵ(λ)) (nats)",
+                title="outer objective")
+    axes[1].set(xlabel="hyper-iteration", ylabel="‖d_λ f‖ (exact, full RMD)", title="norm of the exact hypergradient")
+    axes[2].set(xlabel="hyper-iteration", ylabel="cos(h_K, d_λ f)", title="cosine of K-RMD with the exact one")
     for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"Task interaction, {results['config']['dataset']} "
-                 f"({results['features_description']}), trial 0")
-    fig.tight_layout()
-    write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
-    plt.close(fig)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="best", fontsize=9)
+    fig.suptitle(f"Task interaction (Fig. 6), {cfg['dataset']} ({results['features_description']}), trial 0: "
+                 f"T = {T} inner steps, m = {cfg['m']}, K ∈ {{{', '.join(results['runs'])}}}, ≤ "
+                 f"{cfg['max_hyper_iterations']} hyper-iterations (patience {cfg['patience']}), exact d_λ f every "
+                 f"{cfg['exact_every']}", fontsize=10)
+    save_figure(fig, path, dpi=110)
 
 
 def print_table(results: dict) -> None:
-    print(f"\nTask interaction on {results['config']['dataset']} "
-          f"({results['features_description']}), m={results['config']['m']}")
+    cfg = results["config"]
+    print(f"\nTask interaction on {cfg['dataset']} ({results['features_description']}), m={cfg['m']}")
     print(f"{'method':>10} {'test acc %':>16} {'init acc %':>10} {'iters':>8} {'best it':>8} {'s/iter':>8}")
     for name, s in results["summary"].items():
-        label = "Full RMD" if name == "full" else f"{name}-RMD"
-        print(f"{label:>10} {100 * s['test_acc_mean']:8.2f} ± {100 * s['test_acc_std']:5.2f} "
+        print(f"{method_label(name):>10} {100 * s['test_acc_mean']:8.2f} ± {100 * s['test_acc_std']:5.2f} "
               f"{100 * s['initial_test_acc_mean']:10.2f} {s['iterations_mean']:8.0f} "
               f"{s['best_iteration_mean']:8.0f} {s['sec_per_iter_mean']:8.4f}")
 
 
-RESULT_KEYS = ("dataset", "features", "backbone", "weights", "image_size", "feature_scale", "m", "patience",
-               "max_hyper_iterations", "inner_steps", "inner_lr", "outer_lr", "init_coupling", "init_rho",
-               "early_stopping_split", "early_stopping_metric", "min_delta", "exact_every", "diagnostic_trials",
-               "seed", "jit_compile")
+# --- Driver. -----------------------------------------------------------------
 
 
-def check_fingerprint(cfg: dict) -> str:
-    """Stores the result-affecting flags in <output_dir>/resume/fingerprint.json, or checks them
+def config_from_flags(flag_values: Optional[flags.FlagValues] = None) -> Config:
+    """The Config of the command line (preset, then explicit flags), the dataset's default m filled in."""
+    cfg = config.config_from_flags(Config, PRESETS, flag_values)
+    if cfg.m is None:
+        cfg = dataclasses.replace(cfg, m=PAPER_M.get(cfg.dataset, 50))
+    return cfg
+
+
+def check_fingerprint(cfg: Config) -> str:
+    """Stores the result-affecting settings in <output_dir>/resume/fingerprint.json, or checks them
     against the stored ones (a resumed run must not mix two configurations); returns the folder."""
-    state = os.path.join(cfg["output_dir"], "resume")
-    guard_settings(state, {f"--{k}": cfg.get(k) for k in RESULT_KEYS}, what="the runs")
+    state = os.path.join(cfg.output_dir, "resume")
+    guard_settings(state, config.result_settings(cfg), what="the runs")
     return state
 
 
-def parse_pause_after(value: str | None) -> tuple[int, str] | None:
-    if not value:
-        return None
-    parts = [p.strip() for p in value.split(",")]
-    if len(parts) != 2 or not parts[0].isdigit():
+def parse_pause_after(value: Optional[str]) -> Optional[tuple[int, str]]:
+    """--pause_after TRIAL,K as (TRIAL, K); None when unset."""
+    parts = [p.strip() for p in value.split(",")] if value else None
+    if parts is not None and (len(parts) != 2 or not parts[0].isdigit()):
         raise ValueError(f"--pause_after must be TRIAL,K (e.g. 0,1 or 1,full), got {value!r}")
-    return int(parts[0]), parts[1]
+    return parts and (int(parts[0]), parts[1])
 
 
 # The keys of a stored (trial, K) run that this program reads back.
 ROW_KEYS = ("trial", "test_acc", "initial_test_acc", "val_acc", "val_loss", "iterations", "best_iteration",
             "sec_per_iter")
-
-
-def run(cfg: dict) -> dict:
-    """The whole experiment; writes results.json (after every trial) and the figure. Holds an
-    exclusive lock on cfg["output_dir"] meanwhile (OutputDirError if another run does);
-    cfg["restart"]: deletes the saved state first."""
-    with exclusive_output_dir(cfg["output_dir"], "experiments.task_interaction"):
-        if cfg.get("restart"):
-            discard_state(os.path.join(cfg["output_dir"], "resume"))
-        return _run(cfg)
 
 
 def load_stored_run(path: str, trial: int) -> dict:
@@ -530,54 +398,55 @@ def load_stored_run(path: str, trial: int) -> dict:
     return row
 
 
-def _run(cfg: dict) -> dict:
-    state = check_fingerprint(cfg)
-    pause = parse_pause_after(cfg.get("pause_after"))
-    truncations = parse_truncate(cfg["truncate"], cfg["inner_steps"])
-    names = ["full" if k is None else str(k) for k in truncations]
-    if pause and (pause[1] not in names or not 0 <= pause[0] < cfg["trials"]):
-        raise ValueError(f"--pause_after={cfg['pause_after']}: expected TRIAL in [0, {cfg['trials']}) "
-                         f"and K in {names}")
-    num_classes = NUM_CLASSES[cfg["dataset"]]
-    x_all, y_all, desc = load_features(cfg)
-    print(f"Data: {cfg['dataset']} from {datasets.data_source(cfg['dataset'])}", flush=True)
+def run(cfg: Config) -> dict:
+    """The whole experiment; writes results.json (after every trial) and the figure. Holds an
+    exclusive lock on cfg.output_dir meanwhile (OutputDirError if another run does);
+    cfg.restart: deletes the saved state first."""
+    with exclusive_output_dir(cfg.output_dir, "experiments.task_interaction"):
+        if cfg.restart:
+            discard_state(os.path.join(cfg.output_dir, "resume"))
+        return _run(cfg, check_fingerprint(cfg))
+
+
+def _run(cfg: Config, state: str) -> dict:
+    pause = parse_pause_after(cfg.pause_after)
+    truncations = parse_truncate(cfg.truncate, cfg.inner_steps)
+    names = [method_name(k) for k in truncations]
+    if pause and (pause[1] not in names or not 0 <= pause[0] < cfg.trials):
+        raise ValueError(f"--pause_after={cfg.pause_after}: expected TRIAL in [0, {cfg.trials}) and K in {names}")
+    x_all, y_all, desc = features.load_features(
+        cfg.dataset, cfg.features, scale=cfg.feature_scale, data_dir=cfg.data_dir, local_dir=cfg.local_dir,
+        backbone=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, cache_dir=cfg.feature_cache_dir)
+    print(f"Data: {cfg.dataset} from {datasets.data_source(cfg.dataset)}", flush=True)
     results = {
         "experiment": "task_interaction (paper §4.2.2, Table 3, Fig. 6)",
-        "config": cfg, "data_source": datasets.data_source(cfg["dataset"]),
-        "features_description": desc, "num_examples": int(len(y_all)),
-        "feature_dim": int(x_all.shape[1]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "tensorflow": tf.__version__},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "paper_table3": PAPER_TABLE3.get(cfg["dataset"]),
-        "runs": {("full" if k is None else str(k)): [] for k in truncations},
+        "config": dataclasses.asdict(cfg), "data_source": datasets.data_source(cfg.dataset),
+        "features_description": desc, "num_examples": int(len(y_all)), "feature_dim": int(x_all.shape[1]),
+        "machine": provenance.environment(), "paper_table3": PAPER_TABLE3.get(cfg.dataset),
+        "runs": {name: [] for name in names},
     }
-    cache: dict = {}
-    x_all_t = tf.constant(x_all)
-    for trial in range(cfg["trials"]):
-        rng = np.random.default_rng(cfg["seed"] + trial)
-        tr, va, te = balanced_split(y_all, cfg["m"], num_classes, rng)
-        take = lambda idx: (tf.gather(x_all_t, idx), tf.constant(y_all[idx]))  # noqa: E731
-        split = {"trial": trial, "train": take(tr), "val": take(va), "test": take(te),
-                 "num_tasks": num_classes, "dim": x_all.shape[1]}
-        for k in truncations:
-            name = "full" if k is None else str(k)
+    x_all_t, num_classes = tf.constant(x_all), NUM_CLASSES[cfg.dataset]
+    for trial in range(cfg.trials):
+        indices = balanced_split(y_all, cfg.m, num_classes, np.random.default_rng(cfg.seed + trial))
+        split = {"trial": trial, "num_tasks": num_classes, "dim": x_all.shape[1],
+                 **{part: (tf.gather(x_all_t, idx), tf.constant(y_all[idx]))
+                    for part, idx in zip(("train", "val", "test"), indices)}}
+        for k, name in zip(truncations, names):
             stored = os.path.join(state, f"trial{trial}_{name}.json")
             if os.path.exists(stored):  # finished by an earlier run of this --output_dir
                 row = load_stored_run(stored, trial)
                 print(f"[trial {trial} K={name}] finished by an earlier run, reloaded from {stored}")
             else:
-                row = run_one(k, split, cfg, diagnostics=trial < cfg["diagnostic_trials"], cache=cache)
-                row["trial"] = trial
+                row = {**run_one(k, split, cfg, diagnostics=trial < cfg.diagnostic_trials), "trial": trial}
                 write_json_atomically(stored, row, indent=1)
             results["runs"][name].append(row)
             if pause == (trial, name):
                 pause_to_be_killed(os.path.join(state, f"paused_{trial}_{name}"))
         results["summary"] = {name: summarize(rows) for name, rows in results["runs"].items()}
-        write_json_atomically(os.path.join(cfg["output_dir"], "results.json"), results, indent=1)
+        write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results, indent=1)
     print_table(results)
-    if cfg["diagnostic_trials"] > 0:
-        plot_fig6(results, os.path.join(cfg["output_dir"], "fig6_task_interaction.png"))
+    if cfg.diagnostic_trials > 0:
+        plot_fig6(results, os.path.join(cfg.output_dir, "fig6_task_interaction.png"))
     return results
 
 

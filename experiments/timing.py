@@ -1,11 +1,13 @@
-"""Wall and CPU time of calls that return TF values (the time includes waiting for them), and
-round-robin timing of several calls so that a change of machine load hits each alike."""
+"""Wall and CPU time of calls that return TF values (the time includes waiting for them),
+round-robin timing of several calls so that a change of machine load hits each alike, and the
+wall time per phase of a program for results.json. (Progress display: `tf_bilevel.Progress`.)"""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Any, Callable, Hashable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, MutableMapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -80,3 +82,25 @@ def against_floor(build: Callable[[], tuple[Any, Callable[[], Any], Callable[[],
     floor_first = first if is_floor else timed(floor)[0]
     times, floor_times = alternate(fn, None if is_floor else floor, repeats(warm, floor))
     return FloorRun(built, first, first_out, first_memory, steady_memory, floor_first, times, floor_times)
+
+
+@contextlib.contextmanager
+def phase(seconds: MutableMapping[str, float], name: str) -> Iterator[None]:
+    """Adds the wall time of the block to `seconds[name]` (tracing and compilation included)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def interleaved_median_seconds(steps: Mapping[str, Callable[[int], object]], rounds: int) -> dict[str, float]:
+    """Median wall time of `steps[name](round)` over `rounds` rounds, every round calling each step
+    once in turn: the methods share the machine's load instead of each getting its own."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(r)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}

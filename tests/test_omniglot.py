@@ -9,6 +9,7 @@ estimator on the same problem, under XLA.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -291,7 +292,7 @@ def test_batch_statistics_normalization_has_exact_second_derivatives():
 # --------------------------------------------------------------------------
 
 
-def quick_config(tmp_path: Path, **overrides) -> dict:
+def quick_config(tmp_path: Path, **overrides) -> om.Config:
     """The program's flag defaults in --quick mode, as run() receives them."""
     fv = flags.FlagValues()
     om.define_flags(fv)
@@ -300,18 +301,18 @@ def quick_config(tmp_path: Path, **overrides) -> dict:
     return om.config_from_flags(fv)
 
 
-def check_results(cfg: dict, methods: set) -> dict:
-    out = Path(cfg["output_dir"])
+def check_results(cfg: om.Config, methods: set) -> dict:
+    out = Path(cfg.output_dir)
     results = json.loads((out / "results.json").read_text())
     assert (out / "fig7_one_shot.png").stat().st_size > 0
     assert set(results["runs"]) == methods
     for name, run in results["runs"].items():
-        assert 0.0 <= run["test_accuracy"] <= 1.0 and run["test_tasks"] == cfg["eval_tasks"]
+        assert 0.0 <= run["test_accuracy"] <= 1.0 and run["test_tasks"] == cfg.eval_tasks
         rec = run["record"]
-        assert rec["epoch_end_it"][-1] == cfg["hyper_iterations"]
-        assert len(rec["curve_test_acc"]) == cfg["hyper_iterations"] // cfg["eval_every"] + 1
+        assert rec["epoch_end_it"][-1] == cfg.hyper_iterations
+        assert len(rec["curve_test_acc"]) == cfg.hyper_iterations // cfg.eval_every + 1
         assert run["final_gamma"] > 0 and min(run["final_rho"]) > 0
-        if run["truncate"] != "full" and cfg["exact_every"]:
+        if run["truncate"] != "full" and cfg.exact_every:
             assert rec["cosine"] and all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in rec["cosine"])
     for curve in results.get("relative_error_vs_K", {}).get("curves", {}).values():
         assert all(np.isfinite(curve["relative_error"]))
@@ -326,7 +327,7 @@ def test_quick_run_on_mock_omniglot(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "network_reachable", lambda *a, **k: True)  # tfds mock: no download
     cfg = quick_config(tmp_path, dataset="omniglot", class_split="12,3,5", truncate="1",
                        short_horizon=False, exact_every=0, relerr_truncations="", timing_rounds=0)
-    assert cfg["rotations"] is False and cfg["n_way"] == 5 and cfg["k_shot"] == 1
+    assert cfg.rotations is False and cfg.n_way == 5 and cfg.k_shot == 1
     with tfds.testing.mock_data(as_dataset_fn=fake_omniglot(per_class=6, num_classes=10)):
         results = om.run(cfg)
     assert "omniglot" in results["data_description"]
@@ -341,14 +342,14 @@ def test_quick_run_on_real_mnist_episodes(tmp_path):
     src = write_mnist_subset(MNIST_DIR, tmp_path / "mnist_subset", train=1500, test=300)
     cfg = quick_config(tmp_path, dataset="mnist", local_dir=src, truncate="1", short_horizon=False,
                        relerr_truncations="1,3")
-    assert cfg["rotations"] is True and cfg["class_split"] == ["5", "0", "5"]
+    assert cfg.rotations is True and cfg.class_split == (5, 0, 5)
     results = om.run(cfg)
     assert "20" in results["data_description"]  # 5 digits x 4 rotations per pool
     results = check_results(cfg, {"1"})
     assert set(results["relative_error_vs_K"]["curves"]) == {"learned ρ", "ρ = 0"}
     # K = T is full RMD itself: zero relative error.
     for curve in results["relative_error_vs_K"]["curves"].values():
-        assert curve["K"][-1] == cfg["inner_steps"] and curve["relative_error"][-1] < 1e-6
+        assert curve["K"][-1] == cfg.inner_steps and curve["relative_error"][-1] < 1e-6
     assert set(results["interleaved_sec_per_iter"]) == {"1"}
 
 
@@ -356,7 +357,7 @@ def test_data_pools_are_disjoint_after_rotations():
     x = np.zeros((40, 4, 4, 1), np.uint8)
     y = np.repeat(np.arange(10), 4)
     base = D.class_split(y, {"train": 5, "val": 0, "test": 5}, seed=0)
-    data = om.MetaData(*D.add_rotations(x, y), {k: D.rotated_classes(v, 10) for k, v in base.items()}, "")
+    data = fsm.MetaData(*D.add_rotations(x, y), {k: D.rotated_classes(v, 10) for k, v in base.items()}, "")
     assert not set(data.pools["train"]) & set(data.pools["test"])
     assert len(data.pools["train"]) == len(data.pools["test"]) == 20
     assert set(data.pools["train"] % 10) == set(base["train"])
@@ -368,11 +369,11 @@ def test_training_stream_started_at_k_is_the_episode_stream_from_meta_batch_k_on
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(60, 4, 4, 1)).astype(np.uint8)
     y = np.repeat(np.arange(10), 6)
-    data = om.MetaData(x, y, {"train": np.arange(6), "test": np.arange(6, 10)}, "")
-    cfg = {"n_way": 3, "k_shot": 1, "n_query": 2, "meta_batch_size": 2}
-    stream = data.training_stream(cfg, seed=4)
-    reference = list(data.episodes("train", cfg, seed=4, num_episodes=None, meta_batch_size=2)
-                     .map(om.as_trainer_element).take(6))
+    data = fsm.MetaData(x, y, {"train": np.arange(6), "test": np.arange(6, 10)}, "")
+    shape = dict(n_way=3, k_shot=1, n_query=2)
+    stream = data.training_stream(**shape, meta_batch_size=2, seed=4)
+    reference = list(data.episodes("train", **shape, seed=4, num_episodes=None, meta_batch_size=2)
+                     .map(fsm.as_trainer_element).take(6))
     for k in (0, 3):
         for got, want in zip(stream(k).take(6 - k), reference[k:], strict=True):
             tf.nest.map_structure(lambda a, b: np.testing.assert_array_equal(a.numpy(), b.numpy()), got, want)
@@ -452,7 +453,7 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     cfg = quick_config(tmp_path)
     om.check_fingerprint(cfg)
     om.check_fingerprint(cfg)  # the same settings: fine
-    with pytest.raises(ValueError, match=r"--outer_lr: .*another --output_dir.*delete"):
-        om.check_fingerprint({**cfg, "outer_lr": 0.5})
+    with pytest.raises(ValueError, match=r"outer_lr: .*another --output_dir.*delete"):
+        om.check_fingerprint(dataclasses.replace(cfg, outer_lr=0.5))
     with pytest.raises(ValueError, match="--pause_after must be METHOD,ITER"):
-        om.parse_pause_after("full")
+        quick_config(tmp_path, pause_after="full")

@@ -236,7 +236,7 @@ def test_second_run_on_the_output_dir_of_a_running_one_is_refused_and_the_first_
         if first.poll() is None:
             first.kill()
     fingerprint = json.loads((out / "resume" / "fingerprint.json").read_text())
-    assert fingerprint["--outer_lr"] == 0.01  # the first's (the default), not the refused 0.5
+    assert fingerprint["outer_lr"] == 0.01  # the first's (the default), not the refused 0.5
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["outer_lr"] == 0.01
     assert {name: len(rows) for name, rows in results["runs"].items()} == {"1": 2, "full": 2}

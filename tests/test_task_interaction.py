@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import program_runs  # noqa: E402
 
 
 
-def quick_config(tmp_path: Path, **overrides) -> dict:
+def quick_config(tmp_path: Path, **overrides) -> ti.Config:
     """The program's flag defaults in --quick mode, as run() receives them."""
     fv = flags.FlagValues()
     ti.define_flags(fv)
@@ -31,16 +32,16 @@ def quick_config(tmp_path: Path, **overrides) -> dict:
     return ti.config_from_flags(fv)
 
 
-def check_results(cfg: dict) -> dict:
-    out = Path(cfg["output_dir"])
+def check_results(cfg: ti.Config) -> dict:
+    out = Path(cfg.output_dir)
     results = json.loads((out / "results.json").read_text())
     assert (out / "fig6_task_interaction.png").stat().st_size > 0
     assert set(results["runs"]) == {"1", "full"}
     for name, rows in results["runs"].items():
-        assert len(rows) == cfg["trials"]
+        assert len(rows) == cfg.trials
         for row in rows:
             assert 0.0 <= row["test_acc"] <= 1.0 and 0.0 <= row["initial_test_acc"] <= 1.0
-            assert 1 <= row["iterations"] <= cfg["max_hyper_iterations"]
+            assert 1 <= row["iterations"] <= cfg.max_hyper_iterations
             assert row["rho"] > 0 and row["coupling_offdiag"]["min"] > 0
         curves = rows[0]["curves"]
         assert len(curves["val_loss"]) == rows[0]["iterations"]
@@ -280,8 +281,8 @@ def test_killed_run_rerun_with_the_same_command_ends_with_the_same_results(tmp_p
 def test_resume_refuses_a_different_configuration(tmp_path):
     cfg = quick_config(tmp_path)
     ti.check_fingerprint(cfg)
-    ti.check_fingerprint({**cfg, "trials": 5})  # more trials reuse the stored runs
-    with pytest.raises(ValueError, match=r"--outer_lr: .*another --output_dir.*delete"):
-        ti.check_fingerprint({**cfg, "outer_lr": 0.5})
+    ti.check_fingerprint(dataclasses.replace(cfg, trials=5))  # more trials reuse the stored runs
+    with pytest.raises(ValueError, match=r"outer_lr: .*another --output_dir.*delete"):
+        ti.check_fingerprint(dataclasses.replace(cfg, outer_lr=0.5))
     with pytest.raises(ValueError, match="--pause_after must be TRIAL,K"):
         ti.parse_pause_after("full")
