@@ -8,7 +8,7 @@ restart cuts the record back to the restored epoch, never finds it behind. A fin
 <root>/<method>.weights.h5 + <root>/<method>.json (its row, written last: its existence marks the
 method finished); `MethodStore` reads and writes these files. `PauseOnce` is the tests' hook
 that stops a fit at a known hyper-iteration or epoch to be killed there.
-(experiments/online_common.py has its own per-epoch copies of these pieces; it could adopt them.)
+(experiments/online_common.py's per-epoch store extends `MethodStore` and uses `PauseOnce`.)
 """
 
 from __future__ import annotations
@@ -200,6 +200,11 @@ class MethodStore:
     def save(self, method: str, model: keras.Model, row: dict) -> None:
         """Weights first, the row last (it marks the method finished); then drops backup and record."""
         write_atomically(self.path(method, ".weights.h5"), model.save_weights)
+        self.save_row(method, row)
+
+    def save_row(self, method: str, row: dict) -> None:
+        """Writes the finished method's row (its existence marks it finished), then drops its
+        backup and record."""
         write_json_atomically(self.path(method, ".json"), row, indent=1)
         shutil.rmtree(self.backup_dir(method), ignore_errors=True)
         if os.path.exists(self.record_path(method)):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -29,11 +28,11 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments import provenance
+from experiments import keras_resume, provenance
 from experiments.config import config_from_flags, option, result_settings
 from experiments.run_state import (
     RESTART_HINT, STATE_ERRORS, discard_state, exclusive_output_dir, exit_with_error, guard_settings, jsonable,
-    parse_pause_after, pause_to_be_killed, read_state_json, write_json_atomically,
+    parse_pause_after, read_state_json, write_json_atomically,
 )
 
 
@@ -192,19 +191,6 @@ class EpochRecorder(keras.callbacks.Callback):
         self.rec["hp"].append(self.hyperparameters(values))
 
 
-class PauseOnce(keras.callbacks.Callback):
-    """--pause_after (tests): at the end of epoch `epoch` (after its checkpoint: place it after
-    BackupAndRestore) writes `marker` and waits to be killed, once."""
-
-    def __init__(self, marker: str, epoch: int):
-        super().__init__()
-        self.marker, self.epoch = marker, epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epoch:
-            pause_to_be_killed(self.marker)
-
-
 class TrialLog(keras.callbacks.Callback):
     """Appends one entry per fit (e.g. a KerasTuner trial) to a JSON file: its fit seconds, best validation
     accuracy (KerasTuner's score) and the test accuracy of the model it ends with (evaluated
@@ -238,11 +224,12 @@ class TrialLog(keras.callbacks.Callback):
 # ----------------------------------------------------------------------------------------
 # Methods, results.
 # ----------------------------------------------------------------------------------------
-class MethodStore:
-    """<output_dir>/resume: the backup, record and result row of each method."""
+class MethodStore(keras_resume.MethodStore):
+    """<output_dir>/resume: the backup, record and result row of each method (no weights: the
+    row holds what the tables and figures need)."""
 
     def __init__(self, output_dir: str, pause_after: Optional[str] = None):
-        self.root = os.path.join(output_dir, "resume")
+        super().__init__(os.path.join(output_dir, "resume"))
         os.makedirs(self.root, exist_ok=True)
         self.pause = parse_pause_after(pause_after, "METHOD,EPOCH")
 
@@ -254,31 +241,22 @@ class MethodStore:
         return self.save(method, train())
 
     def row(self, method: str) -> Optional[dict]:
-        path = os.path.join(self.root, f"{method}.json")
-        if not os.path.exists(path):
+        if not self.finished(method):
             return None
-        return read_state_json(path, f"delete it to rerun {method}, {RESTART_HINT}", ("test_accuracy", "record"))
-
-    def record_path(self, method: str) -> str:
-        return os.path.join(self.root, f"{method}.record.json")
-
-    def backup_dir(self, method: str) -> str:
-        return os.path.join(self.root, "backup", method)
+        return read_state_json(self.path(method, ".json"), f"delete it to rerun {method}, {RESTART_HINT}",
+                               ("test_accuracy", "record"))
 
     def callbacks(self, method: str, recorder: EpochRecorder) -> list:
-        """[recorder, BackupAndRestore, (PauseOnce)] for one method's fit."""
-        backup = keras.callbacks.BackupAndRestore(self.backup_dir(method), delete_checkpoint=False)
-        callbacks = [recorder, backup]
+        """[recorder, BackupAndRestore (a damaged backup is a named error), (PauseOnce)] for one
+        method's fit: the record is written before the checkpoint."""
+        callbacks = [recorder, self.backup(method)]
         if self.pause and self.pause[0] == method:
-            callbacks.append(PauseOnce(os.path.join(self.root, f"paused_{method}_{self.pause[1]}"), self.pause[1]))
+            marker = os.path.join(self.root, f"paused_{method}_{self.pause[1]}")
+            callbacks.append(keras_resume.PauseOnce(marker, epoch=self.pause[1]))
         return callbacks
 
     def save(self, method: str, row: dict) -> dict:
-        """Stores the finished method's row (its existence marks it finished), drops its backup."""
-        write_json_atomically(os.path.join(self.root, f"{method}.json"), row, indent=1)
-        shutil.rmtree(os.path.join(self.root, "backup", method), ignore_errors=True)
-        if os.path.exists(self.record_path(method)):
-            os.remove(self.record_path(method))
+        self.save_row(method, row)
         return row
 
 
