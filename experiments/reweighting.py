@@ -258,7 +258,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
     ax.set_ylabel("test accuracy (fraction)")
     ax.set_title(f"Learning to reweight: test accuracy\n{budget}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower left")  # the noisy curve falls through the lower right
     figures = {"test_accuracy": plotting.save_figure(fig, os.path.join(output_dir, "test_accuracy.png"))}
     if "mwn" in methods:
         row = methods["mwn"]
