@@ -197,7 +197,7 @@ def test_progress_resumed_in_a_log_file(capsys):
         bar.update(done, val_loss=1.0 / done)
     out = capsys.readouterr().out
     assert out.startswith("resuming at 4/10\n")
-    assert "\r" not in out and "\b" not in out  # not a terminal: plain lines
+    assert "\r" not in out and "\b" not in out and "\x1b" not in out  # not a terminal: plain lines
     lines = [line for line in out.splitlines()[1:] if line.strip()]
     assert len(lines) == 2  # the first update, then (log_seconds later) only the last
     assert " 5/10" in lines[0] and "10/10" in lines[1]

@@ -3,15 +3,22 @@
 `keras.utils.Progbar` is what `fit` shows; for a hand-written loop it lacks two things this
 wrapper adds: a loop resumed at step `initial` (the bar counts from there, and its time per step
 and ETA use this process's steps only), and log files (a redrawn line on a terminal; one line
-every `log_seconds` and at the end when stdout is not a terminal, without carriage returns).
+every `log_seconds` and at the end when stdout is not a terminal, without carriage returns or
+colour codes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import sys
 from typing import Optional
 
 import keras
+
+
+_ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")  # Progbar's bold/colour codes: noise in a log file
 
 
 class _ResumedProgbar(keras.utils.Progbar):
@@ -67,5 +74,12 @@ class Progress:
     def update(self, done: int, **metrics: float) -> None:
         """Step `done` finished, with these metric values (floats)."""
         self._bar.stateful_metrics.update(metrics)  # latest values, not running means
-        self._bar.update(done, [(name, float(value)) for name, value in metrics.items()])
+        values = [(name, float(value)) for name, value in metrics.items()]
+        if self.interactive:
+            self._bar.update(done, values)
+        else:
+            line = io.StringIO()
+            with contextlib.redirect_stdout(line):
+                self._bar.update(done, values)
+            sys.stdout.write(_ANSI_STYLE.sub("", line.getvalue()))
         sys.stdout.flush()
