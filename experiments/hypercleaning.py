@@ -33,13 +33,13 @@ import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
 from experiments import config, provenance  # noqa: E402
 from experiments._memory import PROBE_METHOD, format_probes, mib, probe  # noqa: E402
-from experiments.checkpoint_store import SidecarCheckpoint, arrays_sha256  # noqa: E402
+from experiments.checkpoint_store import LoopClock, SidecarCheckpoint, arrays_sha256, run_resumable  # noqa: E402
 from experiments.config import option, result_settings  # noqa: E402
 from experiments.subprocesses import print_result, run_fresh  # noqa: E402
 from experiments.timing import round_robin  # noqa: E402
 from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
-    RESTART_HINT, STATE_ERRORS, SettingsMismatchError, damaged, discard_state, exclusive_output_dir, exit_with_error,
-    guard_settings, jsonable, parse_pause_after, pause_to_be_killed, write_json_atomically,
+    RESTART_HINT, STATE_ERRORS, SettingsMismatchError, discard_state, exclusive_output_dir, exit_with_error,
+    guard_settings, jsonable, parse_pause_after, write_json_atomically,
 )
 
 NORMALIZATIONS = ("mean", "mean_all", "sum")
@@ -288,8 +288,8 @@ CURVES = ("val_loss", "val_accuracy", "hypergrad_norm", "f1", "precision", "reca
 @dataclasses.dataclass
 class TruncationRecord:
     """What a K's run records besides λ and Adam's state (those are in the tf.train.Checkpoint):
-    η0, the curves over λ_0 … λ_R, the exact ‖d_λ f‖ and the timings. Saved as the JSON sidecar
-    of each checkpoint and rebuilt from it on resumption (`from_state`)."""
+    η0, the curves over λ_0 … λ_R, the exact ‖d_λ f‖ and their time. The JSON sidecar of each
+    checkpoint (with `LoopClock`'s keys), rebuilt from it on resumption (`from_state`)."""
 
     outer_lr: float
     unit_lr_first_update_norm: float
@@ -300,8 +300,6 @@ class TruncationRecord:
     exact_iterations: list = dataclasses.field(default_factory=list)
     exact_hypergrad_norm: list = dataclasses.field(default_factory=list)
     exact_hypergradient_seconds: float = 0.0
-    elapsed_seconds: float = 0.0  # of the processes before this one, until their last checkpoint
-    process_starts: list = dataclasses.field(default_factory=list)  # hyper-iterations that were a process's first
 
     @classmethod
     def from_state(cls, state: dict) -> "TruncationRecord":
@@ -331,11 +329,6 @@ class TruncationRecord:
         self.exact_hypergrad_norm.append(norm)
         self.exact_hypergradient_seconds += seconds
 
-    def steady(self, key: str, total: int) -> list:
-        """The curve `key` without each process's first hyper-iteration (trace + XLA compile)."""
-        steady = [i for i in range(total) if i not in self.process_starts] or list(range(total))
-        return [self.curves[key][i] for i in steady]
-
 
 class TruncationCheckpoint(SidecarCheckpoint):
     """The checkpoints of one K in <root>/K<k> (see `SidecarCheckpoint`): λ and the outer Adam's
@@ -345,22 +338,12 @@ class TruncationCheckpoint(SidecarCheckpoint):
     def __init__(self, root: Path, truncate: int):
         directory = root / f"K{truncate}"
         super().__init__(directory, f"delete {directory} to rerun K={truncate} from the start, {RESTART_HINT}",
-                         state_keys=[f.name for f in dataclasses.fields(TruncationRecord)],
-                         result_keys=("truncate", "outer_lr", "final", "timing", "curves"), counter="hyper_iteration")
-        self.truncate = truncate
-
-    def result(self) -> Optional[dict]:
-        result = super().result()
-        if result is not None and result["truncate"] != self.truncate:
-            raise damaged(self.result_path, f"it holds K={result['truncate']!r}", self.remedy)
-        return result
+                         state_keys=[*(f.name for f in dataclasses.fields(TruncationRecord)), *LoopClock.KEYS],
+                         result_keys=("outer_lr", "final", "timing", "curves"), counter="hyper_iteration",
+                         identity={"truncate": truncate})
 
     def attach(self, lam: tf.Variable, optimizer: keras.optimizers.Optimizer, **more: Any) -> None:
         super().attach(lam=lam, optimizer=optimizer, **more)
-
-    def attach_step(self, step: tfb.HyperStep) -> None:
-        """`attach` for a hyper-step: its λ, its Keras optimizer and its counter."""
-        self.attach(step.hparams, step.optimizer, iterations=step.iterations)
 
 
 # ----------------------------------------------------------------------------------------
@@ -416,90 +399,90 @@ def exact_norm(exact_hg: tfb.Hypergradient, problem: Problem, lam: np.ndarray) -
     return float(tfb.diagnostics.global_norm(exact)), time.perf_counter() - start
 
 
-def _fresh_record(problem: Problem, cfg: Config, hg: tfb.Hypergradient) -> TruncationRecord:
-    """η0 for this K (appendix G.1): the first Adam update has norm --first_update_norm
-    (unless --outer_lr fixes it)."""
-    lam0 = tf.fill([int(problem.train[1].shape[0])], tf.constant(cfg.init_lambda, tf.float32))
-    _, h0 = hg(problem.w0, lam0, problem.train, problem.val)
-    unit_norm = unit_lr_first_update_norm(h0, cfg.adam_epsilon)
-    eta0 = cfg.outer_lr if cfg.outer_lr is not None else cfg.first_update_norm / unit_norm
-    return TruncationRecord(outer_lr=eta0, unit_lr_first_update_norm=unit_norm,
-                            initial_hypergrad_norm=float(tfb.diagnostics.global_norm(h0)))
+class TruncationRun:
+    """The R hyper-iterations of one K as a `ResumableLoop`: the compiled step (`step`) and the
+    `TruncationRecord` of the metrics at every λ_k, k = 0..R."""
+
+    def __init__(self, problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.Hypergradient,
+                 store: Optional[TruncationCheckpoint]):
+        self.problem, self.cfg, self.truncate, self.exact_hg, self.store = problem, cfg, truncate, exact_hg, store
+        self.full_rmd = truncate == cfg.inner_steps
+        self.hg = exact_hg if self.full_rmd else make_hypergradient(problem, cfg, truncate)
+        self.title = f"K={truncate}{' (full RMD)' if self.full_rmd else ''}"
+        self.step: Optional[tfb.HyperStep] = None
+        self.record: Optional[TruncationRecord] = None
+
+    def _variables(self, eta0: float) -> dict:
+        self.step = build_step(self.problem, self.cfg, self.hg, eta0, f"lambda_K{self.truncate}")
+        return {"lam": self.step.hparams, "optimizer": self.step.optimizer, "iterations": self.step.iterations}
+
+    def build(self, state: Optional[dict]) -> dict:
+        self.record = self._fresh_record() if state is None else TruncationRecord.from_state(state)
+        return self._variables(self.record.outer_lr)
+
+    def build_finished(self, result: dict) -> dict:
+        # The timing phase needs a step: rebuilt at λ_R (it may run further hyper-iterations: the
+        # result is recorded already).
+        print(f"[hypercleaning] K={self.truncate}: finished earlier ({self.store.result_path})", flush=True)
+        return self._variables(result["outer_lr"])
+
+    def _fresh_record(self) -> TruncationRecord:
+        """η0 for this K (appendix G.1): the first Adam update has norm --first_update_norm
+        (unless --outer_lr fixes it)."""
+        problem, cfg = self.problem, self.cfg
+        lam0 = tf.fill([int(problem.train[1].shape[0])], tf.constant(cfg.init_lambda, tf.float32))
+        _, h0 = self.hg(problem.w0, lam0, problem.train, problem.val)
+        unit_norm = unit_lr_first_update_norm(h0, cfg.adam_epsilon)
+        eta0 = cfg.outer_lr if cfg.outer_lr is not None else cfg.first_update_norm / unit_norm
+        return TruncationRecord(outer_lr=eta0, unit_lr_first_update_norm=unit_norm,
+                                initial_hypergrad_norm=float(tfb.diagnostics.global_norm(h0)))
+
+    def describe(self, done: int) -> str:
+        R, eta0 = self.cfg.hyper_iterations, self.record.outer_lr
+        if done:
+            return f"[hypercleaning] resuming {self.title} at hyper-iteration {done}/{R}, eta0={eta0:.4g} ({self.store.directory})"
+        return f"[hypercleaning] {self.title}: {R} hyper-iterations, eta0={eta0:.4g}"
+
+    def iteration(self, k: int) -> dict:
+        record, problem, cfg = self.record, self.problem, self.cfg
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = hyper_iteration(self.step, problem)
+        record.add_step(out, time.perf_counter() - wall, time.process_time() - cpu)
+        record.add_lambda(k, out["lam"], out["W"], problem, cfg)
+        if self.full_rmd:  # the step's own hypergradient is the exact one
+            record.add_exact(k, float(out["hypergrad_norm"]))
+        elif k % max(cfg.exact_every, 1) == 0 and (cfg.exact_every or k == 0):
+            record.add_exact(k, *exact_norm(self.exact_hg, problem, out["lam"]))
+        curves = record.curves
+        return {"val_loss": curves["val_loss"][-1], "val_acc": curves["val_accuracy"][-1], "f1": curves["f1"][-1]}
+
+    def state(self) -> dict:
+        return dataclasses.asdict(self.record)
+
+    def result(self, clock: LoopClock) -> dict:
+        return _final_result(self.problem, self.cfg, self.truncate, self.hg, self.exact_hg, self.step, self.record,
+                             clock)
 
 
 def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.Hypergradient,
                    checkpoints: Optional[Path] = None,
                    pause_after: Optional[tuple[int, int]] = None) -> tuple[dict, tfb.HyperStep]:
-    """R hyper-iterations of K-RMD from λ_0 = init_lambda; metrics at every λ_k, k = 0..R.
-    Returns the results and the compiled step (for the interleaved timing).
-
-    With `checkpoints` (a folder from `prepare_checkpoints`), λ, Adam's state and the curves are
-    saved every cfg.save_every hyper-iterations and at the end, and the result once the
-    K is finished; a later call resumes from the latest checkpoint (or returns the finished
-    result, with a step restored at λ_R). `pause_after=(K, i)`: after hyper-iteration i of
-    this K, write a marker in output_dir and wait to be killed (tests)."""
-    T, R = cfg.inner_steps, cfg.hyper_iterations
+    """R hyper-iterations of K-RMD from λ_0 = init_lambda (`TruncationRun`), resumable with
+    `checkpoints` (a folder from `prepare_checkpoints`; see `run_resumable`, a checkpoint every
+    cfg.save_every). Returns the results and the compiled step (for the interleaved timing; at
+    λ_R for a K finished earlier). `pause_after=(K, i)`: after hyper-iteration i of this K,
+    write a marker in output_dir and wait to be killed (tests)."""
     store = TruncationCheckpoint(checkpoints, truncate) if checkpoints is not None else None
-    hg = exact_hg if truncate == T else make_hypergradient(problem, cfg, truncate)
-    name = f"lambda_K{truncate}"
-
-    finished = store.result() if store is not None else None
-    if finished is not None:
-        # The timing phase needs a step: rebuilt at λ_R, the state of the last checkpoint
-        # (it may run further hyper-iterations: the result is recorded already).
-        step = build_step(problem, cfg, hg, finished["outer_lr"], name)
-        store.attach_step(step)
-        store.restore(R)
-        print(f"[hypercleaning] K={truncate}: finished earlier ({store.result_path})", flush=True)
-        return finished, step
-
-    state = store.latest_state() if store is not None else None
-    record = _fresh_record(problem, cfg, hg) if state is None else TruncationRecord.from_state(state)
-    step = build_step(problem, cfg, hg, record.outer_lr, name)
-    first = 0
-    if store is not None:
-        store.attach_step(step)
-        if state is not None:
-            first = state["hyper_iteration"]
-            store.restore(first)
-    if first < R:
-        record.process_starts.append(first)
-
-    title = f"K={truncate}{' (full RMD)' if truncate == T else ''}"
-    if first:
-        label = (f"[hypercleaning] resuming {title} at hyper-iteration {first}/{R}, eta0={record.outer_lr:.4g} "
-                 f"({store.directory})")
-    else:
-        label = f"[hypercleaning] {title}: {R} hyper-iterations, eta0={record.outer_lr:.4g}"
-    bar = tfb.Progress(R, initial=first, label=label, unit_name="it")
-    earlier_seconds, start_total = record.elapsed_seconds, time.perf_counter()
-    for k in range(first, R):
-        wall, cpu = time.perf_counter(), time.process_time()
-        out = hyper_iteration(step, problem)
-        record.add_step(out, time.perf_counter() - wall, time.process_time() - cpu)
-        record.add_lambda(k, out["lam"], out["W"], problem, cfg)
-        if truncate == T:  # the step's own hypergradient is the exact one
-            record.add_exact(k, float(out["hypergrad_norm"]))
-        elif k % max(cfg.exact_every, 1) == 0 and (cfg.exact_every or k == 0):
-            record.add_exact(k, *exact_norm(exact_hg, problem, out["lam"]))
-        bar.update(k + 1, val_loss=record.curves["val_loss"][-1], val_acc=record.curves["val_accuracy"][-1],
-                   f1=record.curves["f1"][-1])
-        done = k + 1
-        if store is not None and (done % cfg.save_every == 0 or done == R):
-            record.elapsed_seconds = earlier_seconds + time.perf_counter() - start_total
-            store.save(done, dataclasses.asdict(record))
-        if pause_after == (truncate, done):
-            pause_to_be_killed(Path(cfg.output_dir) / f"paused_K{truncate}_at_{done}", PAUSE_SECONDS)
-
-    result = _final_result(problem, cfg, truncate, hg, exact_hg, step, record,
-                           earlier_seconds + time.perf_counter() - start_total)
-    if store is not None:
-        store.save_result(result)
-    return result, step
+    run = TruncationRun(problem, cfg, truncate, exact_hg, store)
+    pause = None
+    if pause_after is not None and pause_after[0] == truncate:
+        pause = (pause_after[1], Path(cfg.output_dir) / f"paused_K{truncate}_at_{pause_after[1]}")
+    result = run_resumable(run, store, cfg.hyper_iterations, cfg.save_every, pause=pause, pause_seconds=PAUSE_SECONDS)
+    return result, run.step
 
 
 def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergradient, exact_hg: tfb.Hypergradient,
-                  step: tfb.HyperStep, record: TruncationRecord, total_seconds: float) -> dict:
+                  step: tfb.HyperStep, record: TruncationRecord, clock: LoopClock) -> dict:
     """The final point λ_R (ŵ(λ_R) with the compiled inner loop alone, its metrics and exact
     ‖d_λ f‖, added to `record`) and the K's result."""
     R = cfg.hyper_iterations
@@ -513,7 +496,7 @@ def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergra
     record.add_lambda(R, lam_R, W_R, problem, cfg)
     record.add_exact(R, *exact_norm(exact_hg, problem, lam_R))
 
-    steady_wall, steady_cpu = record.steady("wall_seconds", R), record.steady("cpu_seconds", R)
+    steady_wall, steady_cpu = clock.steady(curves["wall_seconds"]), clock.steady(curves["cpu_seconds"])
     final = {
         "hyper_iteration": R,
         "test_accuracy": record.test_accuracy[-1] if record.test_accuracy else None,
@@ -542,8 +525,8 @@ def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergra
             "cpu_seconds_per_iteration_median": float(np.median(steady_cpu)),
             "first_iteration_seconds": curves["wall_seconds"][0],
             "exact_hypergradient_seconds": record.exact_hypergradient_seconds,
-            "total_seconds": total_seconds,
-            "process_starts": record.process_starts,
+            "total_seconds": clock.total_seconds,
+            "process_starts": clock.process_starts,
         },
         "tracing_count": step.tracing_count,
         "curves": {**curves, "test_iterations": record.test_iterations, "test_accuracy": record.test_accuracy,
