@@ -162,6 +162,16 @@ class LoopClock:
         keep = [i for i in range(len(per_iteration)) if i not in self.process_starts] or range(len(per_iteration))
         return [per_iteration[i] for i in keep]
 
+    def timing(self, wall_seconds: Sequence[float], cpu_seconds: Sequence[float]) -> dict:
+        """The time per iteration from each iteration's wall and CPU seconds: steady median and
+        mean (`steady`), steady CPU median, the first iteration's, the total, `process_starts`."""
+        steady_wall = self.steady(wall_seconds)
+        return {"seconds_per_iteration_median": float(np.median(steady_wall)),
+                "seconds_per_iteration_mean": float(np.mean(steady_wall)),
+                "cpu_seconds_per_iteration_median": float(np.median(self.steady(cpu_seconds))),
+                "first_iteration_seconds": wall_seconds[0], "total_seconds": self.total_seconds,
+                "process_starts": list(self.process_starts)}
+
 
 class ResumableLoop(Protocol):
     """What `run_resumable` runs: TF variables (checkpointed) and Python-side state (the sidecar)."""

@@ -140,6 +140,15 @@ def apply_preset(cfg: ConfigT, presets: Presets, preset: str, explicit: Sequence
     return dataclasses.replace(cfg, **values)
 
 
+def require(cfg: Any, **rules: tuple[bool, str]) -> None:
+    """Config validation: `field=(ok, what)` raises ValueError("--<flag> must be <what>, got
+    <value>") for the first rule whose `ok` is false."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for name, (ok, what) in rules.items():
+        if not ok:
+            raise ValueError(f"--{_flag_name(fields[name])} must be {what}, got {getattr(cfg, name)!r}")
+
+
 def jsonable(x: Any) -> Any:
     """`x` with tuples as lists and numpy scalars/arrays as Python values, as it reads back from JSON."""
     from experiments.run_state import jsonable as to_json

@@ -35,8 +35,8 @@ from experiments import config, provenance  # noqa: E402
 from experiments._memory import PROBE_METHOD, format_probes, mib, probe  # noqa: E402
 from experiments.checkpoint_store import LoopClock, SidecarCheckpoint, arrays_sha256, run_resumable  # noqa: E402
 from experiments.config import option, result_settings  # noqa: E402
-from experiments.subprocesses import print_result, run_fresh  # noqa: E402
-from experiments.timing import round_robin  # noqa: E402
+from experiments.subprocesses import load_arrays, print_result, run_each  # noqa: E402
+from experiments.timing import round_robin_medians  # noqa: E402
 from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
     RESTART_HINT, STATE_ERRORS, SettingsMismatchError, discard_state, exclusive_output_dir, exit_with_error,
     guard_settings, jsonable, parse_pause_after, write_json_atomically,
@@ -72,9 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# ----------------------------------------------------------------------------------------
-# Configuration.
-# ----------------------------------------------------------------------------------------
+# ---- Configuration.
 @dataclasses.dataclass
 class Config:
     output_dir: str = option("out/hypercleaning", "Where results.json and the PNG figures are written.", result=False)
@@ -121,42 +119,26 @@ class Config:
     def validated(self) -> "Config":
         cfg = dataclasses.replace(self)
         cfg.truncate = sorted({int(k) for k in cfg.truncate})
-        T = cfg.inner_steps
-        if T < 1:
-            raise ValueError(f"--inner_steps must be >= 1, got {T}")
-        bad = [k for k in cfg.truncate if not 1 <= k <= T]
-        if not cfg.truncate or bad:
-            raise ValueError(f"--truncate: every K must satisfy 1 <= K <= inner_steps={T} (K = T is full RMD); "
-                             f"got {bad or 'nothing'}")
-        if cfg.hyper_iterations < 1:
-            raise ValueError(f"--hyper_iterations must be >= 1, got {cfg.hyper_iterations}")
-        if cfg.loss_normalization not in NORMALIZATIONS:
-            raise ValueError(f"--loss_normalization must be one of {NORMALIZATIONS}, got {cfg.loss_normalization!r}")
-        for name in ("n_train", "n_val"):
-            value = getattr(cfg, name)
-            if value < 10 or value % 10:
-                raise ValueError(f"--{name} must be a positive multiple of 10 (class-balanced), got {value}")
-        if not 0.0 <= cfg.corruption <= 1.0:
-            raise ValueError(f"--corruption is a probability in [0, 1], got {cfg.corruption}")
-        if not cfg.inner_lr > 0:
-            raise ValueError(f"--inner_lr must be > 0, got {cfg.inner_lr}")
-        if cfg.first_update_norm is None:
-            cfg.first_update_norm = math.sqrt(cfg.n_train)
-        if not cfg.first_update_norm > 0:
-            raise ValueError(f"--first_update_norm must be > 0, got {cfg.first_update_norm}")
-        if cfg.outer_lr is not None and not cfg.outer_lr > 0:
-            raise ValueError(f"--outer_lr must be > 0 (or unset to tune η0 per K), got {cfg.outer_lr}")
+        T, first_update = cfg.inner_steps, cfg.first_update_norm
+        cfg.first_update_norm = math.sqrt(max(cfg.n_train, 0)) if first_update is None else first_update
+        config.require(
+            cfg, inner_steps=(T >= 1, ">= 1"),
+            truncate=(cfg.truncate and all(1 <= k <= T for k in cfg.truncate),
+                      f"K values with 1 <= K <= inner_steps={T} (K = T is full RMD)"),
+            hyper_iterations=(cfg.hyper_iterations >= 1, ">= 1"),
+            loss_normalization=(cfg.loss_normalization in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
+            n_train=(cfg.n_train >= 10 and cfg.n_train % 10 == 0, "a positive multiple of 10 (class-balanced)"),
+            n_val=(cfg.n_val >= 10 and cfg.n_val % 10 == 0, "a positive multiple of 10 (class-balanced)"),
+            corruption=(0.0 <= cfg.corruption <= 1.0, "a probability in [0, 1]"),
+            inner_lr=(cfg.inner_lr > 0, "> 0"), first_update_norm=(cfg.first_update_norm > 0, "> 0"),
+            outer_lr=(cfg.outer_lr is None or cfg.outer_lr > 0, "> 0 (or unset to tune η0 per K)"),
+            exact_every=(cfg.exact_every >= 0, ">= 0 (0: only at the start and the end)"),
+            eval_every=(cfg.eval_every >= 1, ">= 1"), save_every=(cfg.save_every >= 0, ">= 0 (0: no checkpoints)"))
         cfg.f1_thresholds = sorted({float(t) for t in cfg.f1_thresholds} | {float(cfg.table_threshold)})
-        if cfg.exact_every < 0 or cfg.eval_every < 1:
-            raise ValueError("--exact_every must be >= 0 (0: only at the start and the end) and --eval_every >= 1")
-        if cfg.save_every < 0:
-            raise ValueError(f"--save_every must be >= 0 (0: no checkpoints), got {cfg.save_every}")
         return cfg
 
 
-# ----------------------------------------------------------------------------------------
-# The problem.
-# ----------------------------------------------------------------------------------------
+# ---- The problem.
 def cross_entropy(W: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     """Per-example −log softmax(W x)[y]: the library's log_softmax cross-entropy of the one-hot
     labels. One-hot, not a gather, keeps the backward pass free of scatter ops, which XLA on CPU
@@ -241,9 +223,7 @@ def load_split(cfg: Config) -> tuple[dict, dict]:
     return arrays, info
 
 
-# ----------------------------------------------------------------------------------------
-# Metrics.
-# ----------------------------------------------------------------------------------------
+# ---- Metrics.
 def flag_scores(lam: np.ndarray, corrupted: np.ndarray, threshold: float) -> dict:
     """Precision, recall and F1 of flagging example i as corrupted when λ_i < threshold
     (σ(λ_i) < σ(threshold)); F1 = 2·TP / (2·TP + FP + FN), 0 when nothing is flagged or corrupted."""
@@ -262,9 +242,7 @@ def accuracy(W: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
     return int(np.sum(np.argmax(x @ W.T, axis=1) == y)) / len(x)
 
 
-# ----------------------------------------------------------------------------------------
-# Checkpoints: a killed run, rerun with the same command, resumes where it was.
-# ----------------------------------------------------------------------------------------
+# ---- Checkpoints: a killed run, rerun with the same command, resumes where it was.
 CHECKPOINT_DIR = "checkpoints"
 PAUSE_SECONDS = 120  # --pause_after: nobody killed the program, exit with an error rather than hang
 
@@ -346,9 +324,7 @@ class TruncationCheckpoint(SidecarCheckpoint):
         super().attach(lam=lam, optimizer=optimizer, **more)
 
 
-# ----------------------------------------------------------------------------------------
-# One K: the compiled hyper-iteration (tfb.HyperStep) and its loop.
-# ----------------------------------------------------------------------------------------
+# ---- One K: the compiled hyper-iteration (tfb.HyperStep) and its loop.
 def make_hypergradient(problem: Problem, cfg: Config, truncate: Optional[int]) -> tfb.Hypergradient:
     return tfb.hypergradient_fn(
         problem.inner_loss, problem.outer_loss, steps=cfg.inner_steps, learning_rate=cfg.inner_lr,
@@ -400,17 +376,29 @@ def exact_norm(exact_hg: tfb.Hypergradient, problem: Problem, lam: np.ndarray) -
 
 
 class TruncationRun:
-    """The R hyper-iterations of one K as a `ResumableLoop`: the compiled step (`step`) and the
-    `TruncationRecord` of the metrics at every λ_k, k = 0..R."""
+    """The R hyper-iterations of K-RMD for one K from λ_0 = init_lambda, a `ResumableLoop`: the
+    compiled step (`step`) and the `TruncationRecord` of the metrics at every λ_k, k = 0..R.
+    `run` runs it, resumably with `checkpoints` (the folder from `prepare_checkpoints`)."""
 
     def __init__(self, problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.Hypergradient,
-                 store: Optional[TruncationCheckpoint]):
-        self.problem, self.cfg, self.truncate, self.exact_hg, self.store = problem, cfg, truncate, exact_hg, store
+                 checkpoints: Optional[Path] = None):
+        self.problem, self.cfg, self.truncate, self.exact_hg = problem, cfg, truncate, exact_hg
+        self.store = TruncationCheckpoint(checkpoints, truncate) if checkpoints is not None else None
         self.full_rmd = truncate == cfg.inner_steps
         self.hg = exact_hg if self.full_rmd else make_hypergradient(problem, cfg, truncate)
         self.title = f"K={truncate}{' (full RMD)' if self.full_rmd else ''}"
         self.step: Optional[tfb.HyperStep] = None
         self.record: Optional[TruncationRecord] = None
+
+    def run(self, pause_after: Optional[tuple[int, int]] = None) -> dict:
+        """The K's result (see `run_resumable`: a checkpoint every --save_every; `self.step` is at
+        λ_R after, also for a K finished earlier). `pause_after=(K, i)`: after hyper-iteration i
+        of this K, write a marker in output_dir and wait to be killed (tests)."""
+        pause = None
+        if pause_after is not None and pause_after[0] == self.truncate:
+            pause = (pause_after[1], Path(self.cfg.output_dir) / f"paused_K{self.truncate}_at_{pause_after[1]}")
+        return run_resumable(self, self.store, self.cfg.hyper_iterations, self.cfg.save_every, pause=pause,
+                             pause_seconds=PAUSE_SECONDS)
 
     def _variables(self, eta0: float) -> dict:
         self.step = build_step(self.problem, self.cfg, self.hg, eta0, f"lambda_K{self.truncate}")
@@ -440,7 +428,8 @@ class TruncationRun:
     def describe(self, done: int) -> str:
         R, eta0 = self.cfg.hyper_iterations, self.record.outer_lr
         if done:
-            return f"[hypercleaning] resuming {self.title} at hyper-iteration {done}/{R}, eta0={eta0:.4g} ({self.store.directory})"
+            return (f"[hypercleaning] resuming {self.title} at hyper-iteration {done}/{R}, eta0={eta0:.4g} "
+                    f"({self.store.directory})")
         return f"[hypercleaning] {self.title}: {R} hyper-iterations, eta0={eta0:.4g}"
 
     def iteration(self, k: int) -> dict:
@@ -460,84 +449,50 @@ class TruncationRun:
         return dataclasses.asdict(self.record)
 
     def result(self, clock: LoopClock) -> dict:
-        return _final_result(self.problem, self.cfg, self.truncate, self.hg, self.exact_hg, self.step, self.record,
-                             clock)
-
-
-def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.Hypergradient,
-                   checkpoints: Optional[Path] = None,
-                   pause_after: Optional[tuple[int, int]] = None) -> tuple[dict, tfb.HyperStep]:
-    """R hyper-iterations of K-RMD from λ_0 = init_lambda (`TruncationRun`), resumable with
-    `checkpoints` (a folder from `prepare_checkpoints`; see `run_resumable`, a checkpoint every
-    cfg.save_every). Returns the results and the compiled step (for the interleaved timing; at
-    λ_R for a K finished earlier). `pause_after=(K, i)`: after hyper-iteration i of this K,
-    write a marker in output_dir and wait to be killed (tests)."""
-    store = TruncationCheckpoint(checkpoints, truncate) if checkpoints is not None else None
-    run = TruncationRun(problem, cfg, truncate, exact_hg, store)
-    pause = None
-    if pause_after is not None and pause_after[0] == truncate:
-        pause = (pause_after[1], Path(cfg.output_dir) / f"paused_K{truncate}_at_{pause_after[1]}")
-    result = run_resumable(run, store, cfg.hyper_iterations, cfg.save_every, pause=pause, pause_seconds=PAUSE_SECONDS)
-    return result, run.step
-
-
-def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergradient, exact_hg: tfb.Hypergradient,
-                  step: tfb.HyperStep, record: TruncationRecord, clock: LoopClock) -> dict:
-    """The final point λ_R (ŵ(λ_R) with the compiled inner loop alone, its metrics and exact
-    ‖d_λ f‖, added to `record`) and the K's result."""
-    R = cfg.hyper_iterations
-    lam_R = step.hparams.numpy()
-    W_R = hg.solve(problem.w0, tf.constant(lam_R), problem.train).numpy()
-    x_val, y_val = problem.val
-    val_loss_R = float(problem.outer_loss(tf.constant(W_R), None, problem.val))
-    curves = record.curves
-    curves["val_loss"].append(val_loss_R)
-    curves["val_accuracy"].append(accuracy(W_R, x_val.numpy(), y_val.numpy()))
-    record.add_lambda(R, lam_R, W_R, problem, cfg)
-    record.add_exact(R, *exact_norm(exact_hg, problem, lam_R))
-
-    steady_wall, steady_cpu = clock.steady(curves["wall_seconds"]), clock.steady(curves["cpu_seconds"])
-    final = {
-        "hyper_iteration": R,
-        "test_accuracy": record.test_accuracy[-1] if record.test_accuracy else None,
-        "val_accuracy": curves["val_accuracy"][-1],
-        "val_loss": val_loss_R,
-        "flagging": {str(t): flag_scores(lam_R, problem.corrupted, t) for t in cfg.f1_thresholds},
-        "flagging_vs_replaced": {str(t): flag_scores(lam_R, problem.replaced, t) for t in cfg.f1_thresholds},
-        "exact_hypergrad_norm": record.exact_hypergrad_norm[-1],
-        "lambda_mean_corrupted": curves["lambda_mean_corrupted"][-1],
-        "lambda_mean_clean": curves["lambda_mean_clean"][-1],
-    }
-    # Bins over the whole range of λ_R (whole units): no value is clipped into an edge bin.
-    low, high = math.floor(lam_R.min()), max(math.ceil(lam_R.max()), math.floor(lam_R.min()) + 1)
-    hist_edges = np.linspace(low, high, 61)
-    result = {
-        "truncate": truncate,
-        "full_rmd": truncate == cfg.inner_steps,
-        "outer_lr": record.outer_lr,
-        "unit_lr_first_update_norm": record.unit_lr_first_update_norm,
-        "first_update_norm": record.outer_lr * record.unit_lr_first_update_norm,
-        "initial_hypergrad_norm": record.initial_hypergrad_norm,
-        "final": final,
-        "timing": {
-            "seconds_per_iteration_median": float(np.median(steady_wall)),
-            "seconds_per_iteration_mean": float(np.mean(steady_wall)),
-            "cpu_seconds_per_iteration_median": float(np.median(steady_cpu)),
-            "first_iteration_seconds": curves["wall_seconds"][0],
-            "exact_hypergradient_seconds": record.exact_hypergradient_seconds,
-            "total_seconds": clock.total_seconds,
-            "process_starts": clock.process_starts,
-        },
-        "tracing_count": step.tracing_count,
-        "curves": {**curves, "test_iterations": record.test_iterations, "test_accuracy": record.test_accuracy,
-                   "exact_iterations": record.exact_iterations, "exact_hypergrad_norm": record.exact_hypergrad_norm},
-        "lambda_histogram": {
-            "edges": hist_edges.tolist(),
-            "corrupted": np.histogram(lam_R[problem.corrupted], hist_edges)[0].tolist(),
-            "clean": np.histogram(lam_R[~problem.corrupted], hist_edges)[0].tolist(),
-        },
-    }
-    return jsonable(result)  # the same values whether this K ran here or is read back from result.json
+        """The final point λ_R (ŵ(λ_R) with the compiled inner loop alone, its metrics and exact
+        ‖d_λ f‖, added to the record) and the K's result."""
+        problem, cfg, record, curves = self.problem, self.cfg, self.record, self.record.curves
+        R, lam_R = cfg.hyper_iterations, self.step.hparams.numpy()
+        W_R = self.hg.solve(problem.w0, tf.constant(lam_R), problem.train).numpy()
+        x_val, y_val = problem.val
+        val_loss_R = float(problem.outer_loss(tf.constant(W_R), None, problem.val))
+        curves["val_loss"].append(val_loss_R)
+        curves["val_accuracy"].append(accuracy(W_R, x_val.numpy(), y_val.numpy()))
+        record.add_lambda(R, lam_R, W_R, problem, cfg)
+        record.add_exact(R, *exact_norm(self.exact_hg, problem, lam_R))
+        final = {
+            "hyper_iteration": R,
+            "test_accuracy": record.test_accuracy[-1] if record.test_accuracy else None,
+            "val_accuracy": curves["val_accuracy"][-1],
+            "val_loss": val_loss_R,
+            "flagging": {str(t): flag_scores(lam_R, problem.corrupted, t) for t in cfg.f1_thresholds},
+            "flagging_vs_replaced": {str(t): flag_scores(lam_R, problem.replaced, t) for t in cfg.f1_thresholds},
+            "exact_hypergrad_norm": record.exact_hypergrad_norm[-1],
+            "lambda_mean_corrupted": curves["lambda_mean_corrupted"][-1],
+            "lambda_mean_clean": curves["lambda_mean_clean"][-1],
+        }
+        # Bins over the whole range of λ_R (whole units): no value is clipped into an edge bin.
+        low = math.floor(lam_R.min())
+        edges = np.linspace(low, max(math.ceil(lam_R.max()), low + 1), 61)
+        result = {
+            "truncate": self.truncate,
+            "full_rmd": self.full_rmd,
+            "outer_lr": record.outer_lr,
+            "unit_lr_first_update_norm": record.unit_lr_first_update_norm,
+            "first_update_norm": record.outer_lr * record.unit_lr_first_update_norm,
+            "initial_hypergrad_norm": record.initial_hypergrad_norm,
+            "final": final,
+            "timing": {**clock.timing(curves["wall_seconds"], curves["cpu_seconds"]),
+                       "exact_hypergradient_seconds": record.exact_hypergradient_seconds},
+            "tracing_count": self.step.tracing_count,
+            "curves": {**curves, "test_iterations": record.test_iterations, "test_accuracy": record.test_accuracy,
+                       "exact_iterations": record.exact_iterations,
+                       "exact_hypergrad_norm": record.exact_hypergrad_norm},
+            "lambda_histogram": {"edges": edges.tolist(),
+                                 "corrupted": np.histogram(lam_R[problem.corrupted], edges)[0].tolist(),
+                                 "clean": np.histogram(lam_R[~problem.corrupted], edges)[0].tolist()},
+        }
+        return jsonable(result)  # the same values whether this K ran here or is read back from result.json
 
 
 def time_interleaved(steps: dict[int, tfb.HyperStep], problem: Problem, rounds: int) -> dict[int, dict]:
@@ -546,15 +501,11 @@ def time_interleaved(steps: dict[int, tfb.HyperStep], problem: Problem, rounds: 
     for step in steps.values():
         if step.tracing_count == 0:  # rebuilt for a K finished in an earlier process: compile first
             hyper_iteration(step, problem)
-    timings = round_robin({k: (lambda step=step: hyper_iteration(step, problem)) for k, step in steps.items()}, rounds)
-    return {k: {"rounds": rounds, "seconds_per_iteration_median": float(np.median([t.wall for t in ts])),
-                "cpu_seconds_per_iteration_median": float(np.median([t.cpu for t in ts])),
-                "wall_seconds": [t.wall for t in ts]} for k, ts in timings.items()}
+    return round_robin_medians({k: (lambda step=step: hyper_iteration(step, problem)) for k, step in steps.items()},
+                               rounds)
 
 
-# ----------------------------------------------------------------------------------------
-# Peak memory per K, each in a fresh process.
-# ----------------------------------------------------------------------------------------
+# ---- Peak memory per K, each in a fresh process.
 def memory_probe(cfg: Config, arrays: dict, truncate: int) -> dict:
     """Memory of one configuration in THIS process (call it in a fresh one): truncate = 0 runs
     `hg.solve` (T inner steps, no tape: the floor), otherwise the compiled hyper-iteration."""
@@ -574,25 +525,20 @@ def memory_probe(cfg: Config, arrays: dict, truncate: int) -> dict:
 
 
 def measure_memory(cfg: Config, arrays: dict, timeout: float = 900.0) -> dict:
-    """`memory_probe` for the floor and every K, each in a fresh subprocess."""
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    data_path = os.path.join(cfg.output_dir, "_memory_probe_data.npz")
-    np.savez(data_path, **{k: arrays[k] for k in SPLIT_KEYS})
-    results = {}
-    try:
-        for truncate in [0] + list(cfg.truncate):
-            label = "floor (hg.solve)" if truncate == 0 else f"K={truncate}"
-            print(f"[hypercleaning] memory probe {label} in a fresh process", flush=True)
-            payload = {"config": dataclasses.asdict(cfg), "data": data_path, "truncate": truncate}
-            results[str(truncate)] = run_fresh("experiments.hypercleaning", "memory_probe", payload, timeout)
-    finally:
-        os.remove(data_path)
-    return results
+    """`memory_probe` for the floor (truncate 0) and every K, each in a fresh subprocess."""
+    configs = [{"config": dataclasses.asdict(cfg), "truncate": k} for k in (0, *cfg.truncate)]
+    records = run_each(configs, "experiments.hypercleaning", "memory_probe", timeout,
+                       describe=lambda c: f"[hypercleaning] memory probe {_probe_name(c['truncate'])}",
+                       report=lambda r: f"TF allocator peak {mib(r['steady_allocator_peak_growth_bytes'])} MiB",
+                       arrays={k: arrays[k] for k in SPLIT_KEYS}, arrays_dir=cfg.output_dir)
+    return {str(c["truncate"]): record for c, record in zip(configs, records)}
 
 
-# ----------------------------------------------------------------------------------------
-# Figures.
-# ----------------------------------------------------------------------------------------
+def _probe_name(truncate: int) -> str:
+    return "floor (hg.solve)" if truncate == 0 else f"K={truncate}"
+
+
+# ---- Figures.
 def plot_figures(results: dict, output_dir: str) -> dict:
     """Fig. 5, the learning curves and the histograms of λ_R, as PNGs in `output_dir`."""
     from experiments import plotting
@@ -650,13 +596,11 @@ def plot_figures(results: dict, output_dir: str) -> dict:
     return {k: os.path.basename(v) for k, v in figures.items()}
 
 
-# ----------------------------------------------------------------------------------------
-# The experiment.
-# ----------------------------------------------------------------------------------------
+# ---- The experiment.
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None,
                    pause_after: Optional[tuple[int, int]] = None, restart: bool = False) -> dict:
     """Runs every K, writes results.json and the figures to cfg.output_dir, returns results.
-    Resumes from the checkpoints in cfg.output_dir (see `run_truncation`; `restart`: deletes them
+    Resumes from the checkpoints in cfg.output_dir (see `TruncationRun.run`; `restart`: deletes them
     first); raises SettingsMismatchError if they belong to another configuration, StateFileError
     if one is damaged, OutputDirError if another run uses cfg.output_dir (an exclusive lock is
     held for the whole run) or it cannot be written."""
@@ -682,8 +626,8 @@ def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dic
     exact_hg = make_hypergradient(problem, cfg, None)  # full RMD: Fig. 5, and K = T itself
     runs, steps = {}, {}
     for truncate in cfg.truncate:
-        runs[str(truncate)], steps[truncate] = run_truncation(problem, cfg, truncate, exact_hg, checkpoints,
-                                                              pause_after)
+        run = TruncationRun(problem, cfg, truncate, exact_hg, checkpoints)
+        runs[str(truncate)], steps[truncate] = run.run(pause_after), run.step
     if cfg.timing_rounds > 0:
         print(f"[hypercleaning] interleaved timing: {cfg.timing_rounds} rounds over K = {cfg.truncate}", flush=True)
         for truncate, timing in time_interleaved(steps, problem, cfg.timing_rounds).items():
@@ -744,10 +688,8 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------
-# absl entry point. Flags are defined only when run as a program, so that importing this module
+# ---- absl entry point. Flags are defined only when run as a program: importing this module
 # (tests, other programs) cannot collide with other modules' flags.
-# ----------------------------------------------------------------------------------------
 def define_flags() -> None:
     from absl import flags
 
@@ -762,10 +704,7 @@ def define_flags() -> None:
 
 def _run_memory_probe(payload: str) -> int:
     spec = json.loads(payload)
-    cfg = Config(**spec["config"])
-    with np.load(spec["data"]) as data:
-        arrays = {k: data[k] for k in data.files}
-    print_result(memory_probe(cfg, arrays, int(spec["truncate"])))
+    print_result(memory_probe(Config(**spec["config"]), load_arrays(spec), int(spec["truncate"])))
     return 0
 
 

@@ -97,6 +97,15 @@ def test_presets_are_checked():
         ec.option([1, 2], "mutable")
 
 
+def test_require_names_the_flag_of_the_first_broken_rule():
+    cfg = Config(steps=0, save_every=-1)
+    ec.require(cfg, lr=(cfg.lr > 0, "> 0"))  # nothing broken: no error
+    with pytest.raises(ValueError, match=r"^--steps must be >= 1, got 0$"):
+        ec.require(cfg, lr=(True, "> 0"), steps=(cfg.steps >= 1, ">= 1"), save_every=(cfg.save_every >= 0, ">= 0"))
+    with pytest.raises(ValueError, match=r"^--checkpoint_period must be >= 0, got -1$"):  # the field's flag name
+        ec.require(cfg, save_every=(cfg.save_every >= 0, ">= 0"))
+
+
 def test_parse_pause_after():
     assert parse_pause_after(None) is None and parse_pause_after("") is None
     assert parse_pause_after("full, 2") == ("full", 2)
