@@ -97,6 +97,20 @@ def test_presets_are_checked():
         ec.option([1, 2], "mutable")
 
 
+def test_fields_without_a_preset_join_another_programs_flags(fresh_flags):
+    @dataclasses.dataclass
+    class Suite:
+        suite_steps: Sequence[int] = ec.option((10, 50), "T values.")
+        suite_repeats: int = ec.option(3, "Repeats.")
+
+    ec.define_flags(Config, PRESETS, flag_values=fresh_flags)
+    ec.define_fields(Suite, flag_values=fresh_flags)  # no second --preset/--quick: no clash
+    fresh_flags(["prog", "--quick", "--suite_steps=2,3"])
+    suite, explicit = ec.fields_from_flags(Suite, fresh_flags)
+    assert suite == Suite(suite_steps=(2, 3), suite_repeats=3) and explicit == ["suite_steps"]
+    assert ec.config_from_flags(Config, PRESETS, fresh_flags).steps == 3  # the program's preset still applies
+
+
 def test_require_names_the_flag_of_the_first_broken_rule():
     cfg = Config(steps=0, save_every=-1)
     ec.require(cfg, lr=(cfg.lr > 0, "> 0"))  # nothing broken: no error
