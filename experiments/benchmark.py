@@ -13,12 +13,13 @@ inner steps, compile time and peak memory; writes results.json and benchmark.png
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from absl import app, flags
 
@@ -28,7 +29,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import benchmark_cnn, benchmark_metabatch, benchmark_online, provenance  # noqa: E402
+from experiments import benchmark_cnn, benchmark_metabatch, benchmark_online, config, provenance  # noqa: E402
+from experiments.config import option  # noqa: E402
 from experiments.subprocesses import print_result, run_each  # noqa: E402
 from experiments.timing import against_floor, timed  # noqa: E402
 from experiments.timing import median as timing_median  # noqa: E402
@@ -418,74 +420,67 @@ def plot(results: list[dict], settings: dict, path: Path) -> None:
     plotting.save_figure(fig, str(path), dpi=110)
 
 
-def settings_from_flags() -> dict:
-    settings = {
-        "steps": [int(s) for s in FLAGS.steps],
-        "truncate": [int(k) for k in FLAGS.truncate],
-        "estimators": list(FLAGS.estimators),
-        "num_examples": FLAGS.num_examples,
-        "num_features": FLAGS.num_features,
-        "num_classes": FLAGS.num_classes,
-        "learning_rate": FLAGS.learning_rate,
-        "repeats": FLAGS.repeats,
-        "max_seconds_per_config": FLAGS.max_seconds_per_config,
-        "forward_hparams": FLAGS.forward_hparams,
-        "cg_iterations": FLAGS.cg_iterations,
-        "max_full_steps": FLAGS.max_full_steps,
-        "max_forward_steps": FLAGS.max_forward_steps,
-        "backward": list(FLAGS.backward),
-        "seed": FLAGS.seed,
-        "quick": FLAGS.quick,
-    }
-    if FLAGS.quick:  # tiny problem; explicit --steps/--truncate/--estimators still apply
-        settings.update(num_examples=48, num_features=9, num_classes=3, repeats=2, forward_hparams=2, cg_iterations=3)
-        if not FLAGS["steps"].present:
-            settings["steps"] = [4, 8]
-        if not FLAGS["truncate"].present:
-            settings["truncate"] = [1, 2, 4]
+SUITES = ("estimators", "online", "cnn", "metabatch")
+
+
+@dataclasses.dataclass
+class Config:
+    steps: Sequence[int] = option((100, 1000), "Numbers T of inner steps.")
+    truncate: Sequence[int] = option((1, 5, 25, 100), "K of K-RMD (K < T; full RMD K = T is always added).")
+    estimators: Sequence[str] = option(ESTIMATORS, f"Configurations to run, from {ESTIMATORS}.")
+    num_examples: int = option(5000, "Training (= validation) examples; N = num_examples.")
+    num_features: int = option(785, "Input features, including the constant 1.")
+    num_classes: int = option(10, "Classes (rows of W).")
+    learning_rate: float = option(1.0, "Inner step size γ.")
+    repeats: int = option(5, "Timed calls per configuration after warm-up (median reported).")
+    max_seconds_per_config: float = option(900.0, "Fewer repeats (at least 3) for slower configurations.")
+    forward_hparams: int = option(8, "N for forward mode: λ restricted to the first N example weights.")
+    cg_iterations: int = option(25, "CG iterations of implicit_cg.")
+    max_full_steps: int = option(1000, "Run full RMD (reverse, checkpointed) only for T <= this.")
+    max_forward_steps: int = option(1000, "Run forward mode only for T <= this.")
+    backward: Sequence[str] = option(("recompute", "store"), "Backward passes of the 'reverse' configurations "
+                                     "(hypergradient_fn's backward=; each is run and labelled [recompute] / [store]).")
+    worker_timeout: int = option(7200, "Seconds before a configuration's process is killed.")
+    output_dir: str = option("out/benchmark", "Where results.json and benchmark.png are written.")
+    seed: int = option(0, "Seed of the random data.")
+    suites: Sequence[str] = option(("estimators", "online"), "estimators: the Table 1 problem above; online: one "
+                                   "online hyper-iteration of a CNN over T plain Keras train steps "
+                                   "(experiments/benchmark_online.py); cnn: K-RMD vs full RMD time and memory on a "
+                                   "6.4M-parameter CNN (experiments/benchmark_cnn.py); metabatch: the meta-batch "
+                                   "sweep of the one-shot network (experiments/benchmark_metabatch.py).")
+    worker: Optional[str] = option(None, "JSON configuration to measure in this process.", internal=True)
+    preset: str = "full"
+
+
+# full: the sizes and budgets above; quick: tiny sizes and budgets, to test the program (explicit flags win).
+PRESETS = {"full": {}, "quick": dict(num_examples=48, num_features=9, num_classes=3, repeats=2, forward_hparams=2,
+                                     cg_iterations=3, steps=(4, 8), truncate=(1, 2, 4))}
+
+
+def estimator_settings(cfg: Config) -> dict:
+    """The estimators suite's settings (results.json's "settings"); ValueError names a bad flag."""
+    settings = {name: list(getattr(cfg, name)) if name in ("steps", "truncate", "estimators", "backward")
+                else getattr(cfg, name) for name in (
+                    "steps", "truncate", "estimators", "num_examples", "num_features", "num_classes", "learning_rate",
+                    "repeats", "max_seconds_per_config", "forward_hparams", "cg_iterations", "max_full_steps",
+                    "max_forward_steps", "backward", "seed")}
+    settings["quick"] = cfg.preset == "quick"
     unknown = sorted(set(settings["estimators"]) - set(ESTIMATORS))
     if unknown:
-        raise app.UsageError(f"--estimators: unknown {unknown}; choose from {ESTIMATORS}")
+        raise ValueError(f"--estimators: unknown {unknown}; choose from {ESTIMATORS}")
     for name in ("steps", "truncate"):
         if any(v < 1 for v in settings[name]):
-            raise app.UsageError(f"--{name} must be positive integers, got {settings[name]}")
+            raise ValueError(f"--{name} must be positive integers, got {settings[name]}")
     if set(settings["backward"]) - {"auto", "store", "recompute"}:
-        raise app.UsageError(f"--backward: choose from auto, store, recompute, got {settings['backward']}")
+        raise ValueError(f"--backward: choose from auto, store, recompute, got {settings['backward']}")
     if settings["forward_hparams"] > settings["num_examples"]:
-        raise app.UsageError("--forward_hparams cannot exceed --num_examples")
+        raise ValueError("--forward_hparams cannot exceed --num_examples")
     return settings
 
 
 def define_flags() -> None:
     """Defines the program's flags (called under __main__, so importing the module defines none)."""
-    from experiments._cli import define_internal
-
-    flags.DEFINE_list("steps", ["100", "1000"], "Numbers T of inner steps.")
-    flags.DEFINE_list("truncate", ["1", "5", "25", "100"], "K of K-RMD (K < T; full RMD K = T is always added).")
-    flags.DEFINE_list("estimators", list(ESTIMATORS), f"Configurations to run, from {ESTIMATORS}.")
-    flags.DEFINE_integer("num_examples", 5000, "Training (= validation) examples; N = num_examples.")
-    flags.DEFINE_integer("num_features", 785, "Input features, including the constant 1.")
-    flags.DEFINE_integer("num_classes", 10, "Classes (rows of W).")
-    flags.DEFINE_float("learning_rate", 1.0, "Inner step size γ.")
-    flags.DEFINE_integer("repeats", 5, "Timed calls per configuration after warm-up (median reported).")
-    flags.DEFINE_float("max_seconds_per_config", 900.0, "Fewer repeats (at least 3) for slower configurations.")
-    flags.DEFINE_integer("forward_hparams", 8, "N for forward mode: λ restricted to the first N example weights.")
-    flags.DEFINE_integer("cg_iterations", 25, "CG iterations of implicit_cg.")
-    flags.DEFINE_integer("max_full_steps", 1000, "Run full RMD (reverse, checkpointed) only for T <= this.")
-    flags.DEFINE_integer("max_forward_steps", 1000, "Run forward mode only for T <= this.")
-    flags.DEFINE_list("backward", ["recompute", "store"], "Backward passes of the 'reverse' configurations "
-                      "(hypergradient_fn's backward=; each is run and labelled [recompute] / [store]).")
-    flags.DEFINE_integer("worker_timeout", 7200, "Seconds before a configuration's process is killed.")
-    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the sizes and budgets above; quick: tiny sizes "
-                      "and budgets, to test the program.")
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
-    flags.DEFINE_string("output_dir", "out/benchmark", "Where results.json and benchmark.png are written.")
-    flags.DEFINE_integer("seed", 0, "Seed of the random data.")
-    define_internal(flags.DEFINE_string, "worker", None, "JSON configuration to measure in this process.")
-    flags.DEFINE_list("suites", ["estimators", "online"], "estimators: the Table 1 problem above; online: one "
-                      "online hyper-iteration of a CNN over T plain Keras train steps (experiments/benchmark_online.py); "
-                      "cnn: K-RMD vs full RMD time and memory on a 6.4M-parameter CNN (experiments/benchmark_cnn.py); "
-                      "metabatch: the meta-batch sweep of the one-shot network (experiments/benchmark_metabatch.py).")
+    config.define_flags(Config, PRESETS)
     benchmark_online.define_online_flags()
     benchmark_cnn.define_cnn_flags()
     benchmark_metabatch.define_metabatch_flags()
@@ -493,37 +488,41 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
-    if FLAGS.worker is not None:
-        print_result(measure(json.loads(FLAGS.worker)))
+    cfg = config.config_from_flags(Config, PRESETS)
+    quick = FLAGS.quick = cfg.preset == "quick"  # the suites' make_settings read FLAGS.quick
+    if cfg.worker is not None:
+        print_result(measure(json.loads(cfg.worker)))
         return
-
-    unknown = sorted(set(FLAGS.suites) - {"estimators", "online", "cnn", "metabatch"})
-    if unknown:
-        raise app.UsageError(f"--suites: unknown {unknown}; choose from estimators, online, cnn, metabatch")
-    output_dir = Path(FLAGS.output_dir)
+    unknown = sorted(set(cfg.suites) - set(SUITES))
+    try:
+        if unknown:
+            raise ValueError(f"--suites: unknown {unknown}; choose from {', '.join(SUITES)}")
+        settings = estimator_settings(cfg)
+    except ValueError as err:
+        raise app.UsageError(str(err))
+    output_dir = Path(cfg.output_dir)
     try:
         with exclusive_output_dir(output_dir, "experiments.benchmark"):
-            if "estimators" in FLAGS.suites:
-                settings = settings_from_flags()
-                run_benchmark(settings, provenance.environment(), configurations(settings), output_dir)
-            if "online" in FLAGS.suites:
-                settings = benchmark_online.make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick)
-                benchmark_online.run(settings, output_dir)
-            if "cnn" in FLAGS.suites:
-                benchmark_cnn.run(benchmark_cnn.make_settings(FLAGS.quick), output_dir, FLAGS.worker_timeout)
-            if "metabatch" in FLAGS.suites:
+            if "estimators" in cfg.suites:
+                run_benchmark(settings, provenance.environment(), configurations(settings), output_dir,
+                              cfg.worker_timeout)
+            if "online" in cfg.suites:
+                benchmark_online.run(benchmark_online.make_settings(FLAGS.online_configs, cfg.repeats, quick),
+                                     output_dir)
+            if "cnn" in cfg.suites:
+                benchmark_cnn.run(benchmark_cnn.make_settings(quick), output_dir, cfg.worker_timeout)
+            if "metabatch" in cfg.suites:
                 benchmark_metabatch.run(benchmark_metabatch.settings_from_flags(), output_dir)
     except STATE_ERRORS as err:  # the output folder is busy or cannot be written
         sys.exit(exit_with_error("benchmark", err))
 
 
-def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path) -> None:
+def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path, timeout: float = 7200) -> None:
     """Measures every configuration (one fresh process each), writes results.json and the figure."""
     print(f"{len(configs)} configurations, one fresh process each; machine: {machine['platform']}, "
           f"{machine['cpu_count']} CPUs, TF {machine['tensorflow']}", flush=True)
     results = run_each(
-        configs, "experiments.benchmark", "worker", FLAGS.worker_timeout,
+        configs, "experiments.benchmark", "worker", timeout,
         describe=lambda c: f"T={c['steps']} {c['label']}",
         report=lambda r: (f"{r['median_seconds']:.3f} s = {r['time_over_floor']:.2f}× floor "
                           f"(CPU {r['cpu_over_floor']:.2f}×), compile {r['compile_seconds']:.1f} s, "

@@ -11,12 +11,13 @@ what is measured"; the numbers: README, "Benchmark".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 from absl import app, flags
 
@@ -27,6 +28,7 @@ import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
 from experiments import provenance  # noqa: E402
+from experiments.config import define_fields, define_flags, fields_from_flags, option  # noqa: E402
 from experiments.subprocesses import print_result, run_each  # noqa: E402
 from experiments.timing import against_floor  # noqa: E402
 from experiments.timing import median as timing_median  # noqa: E402
@@ -352,25 +354,43 @@ def run(settings: dict, output_dir: Path, timeout: float = 7200.0) -> dict:
     return report
 
 
+@dataclasses.dataclass
+class CnnConfig:
+    """The flags this suite adds to `python -m experiments.benchmark` too."""
+
+    cnn_steps: Sequence[int] = option((100, 500), "cnn suite: numbers T of inner steps.")
+    cnn_truncate: Sequence[int] = option((1, 5, 25), "cnn suite: K of K-RMD (K < T; full RMD K = T is added).")
+    cnn_backward: Sequence[str] = option(("recompute", "store"),
+                                         "cnn suite: backward passes of the reverse configurations.")
+    cnn_max_full_steps: int = option(500, "cnn suite: full and checkpointed RMD only for T <= this.")
+    cnn_max_store_full_steps: int = option(100, "cnn suite: full RMD with backward='store' only for T <= this (it "
+                                           "keeps every step's intermediates: ~100 MB per step on the full CNN).")
+    cnn_learning_rate: float = option(0.02, "cnn suite: inner step size.")
+    cnn_repeats: int = option(3, "cnn suite: timed calls per configuration after warm-up (median).")
+    cnn_conv: str = option("patches", "cnn suite: 'patches' (matmul over patches) or 'conv2d' (tf.nn.conv2d).")
+    cnn_worker: Optional[str] = option(None, "JSON configuration to measure in this process.", internal=True)
+
+
 def make_settings(quick: bool) -> dict:
     """The suite's settings from the --cnn_* flags; --quick: the tiny CNN (explicit flags still apply)."""
+    cfg, explicit = fields_from_flags(CnnConfig)
     settings = {
         **(QUICK_SIZE if quick else FULL_SIZE),
-        "steps": [int(s) for s in FLAGS.cnn_steps],
-        "truncate": [int(k) for k in FLAGS.cnn_truncate],
-        "backward": list(FLAGS.cnn_backward),
-        "max_full_steps": FLAGS.cnn_max_full_steps,
-        "max_store_full_steps": FLAGS.cnn_max_store_full_steps,
-        "learning_rate": FLAGS.cnn_learning_rate,
-        "repeats": FLAGS.cnn_repeats,
-        "conv": FLAGS.cnn_conv,
+        "steps": list(cfg.cnn_steps),
+        "truncate": list(cfg.cnn_truncate),
+        "backward": list(cfg.cnn_backward),
+        "max_full_steps": cfg.cnn_max_full_steps,
+        "max_store_full_steps": cfg.cnn_max_store_full_steps,
+        "learning_rate": cfg.cnn_learning_rate,
+        "repeats": cfg.cnn_repeats,
+        "conv": cfg.cnn_conv,
         "seed": 0,
         "quick": quick,
     }
     if quick:
         settings["repeats"] = min(settings["repeats"], 2)
         for name, value in (("cnn_steps", [4, 8]), ("cnn_truncate", [1, 2])):
-            if not FLAGS[name].present:
+            if name not in explicit:
                 settings[name[4:]] = value
     unknown = sorted(set(settings["backward"]) - {"recompute", "store", "auto"})
     if unknown:
@@ -384,19 +404,18 @@ def make_settings(quick: bool) -> dict:
 
 
 def define_cnn_flags() -> None:
-    """The flags this suite adds to `python -m experiments.benchmark` too."""
-    from experiments._cli import define_internal
+    """The --cnn_* flags (`CnnConfig`), for this program and `python -m experiments.benchmark`."""
+    define_fields(CnnConfig)
 
-    flags.DEFINE_list("cnn_steps", ["100", "500"], "cnn suite: numbers T of inner steps.")
-    flags.DEFINE_list("cnn_truncate", ["1", "5", "25"], "cnn suite: K of K-RMD (K < T; full RMD K = T is added).")
-    flags.DEFINE_list("cnn_backward", ["recompute", "store"], "cnn suite: backward passes of the reverse configurations.")
-    flags.DEFINE_integer("cnn_max_full_steps", 500, "cnn suite: full and checkpointed RMD only for T <= this.")
-    flags.DEFINE_integer("cnn_max_store_full_steps", 100, "cnn suite: full RMD with backward='store' only for T <= "
-                         "this (it keeps every step's intermediates: ~100 MB per step on the full CNN).")
-    flags.DEFINE_float("cnn_learning_rate", 0.02, "cnn suite: inner step size.")
-    flags.DEFINE_integer("cnn_repeats", 3, "cnn suite: timed calls per configuration after warm-up (median).")
-    flags.DEFINE_string("cnn_conv", "patches", "cnn suite: 'patches' (matmul over patches) or 'conv2d' (tf.nn.conv2d).")
-    define_internal(flags.DEFINE_string, "cnn_worker", None, "JSON configuration to measure in this process.")
+
+@dataclasses.dataclass
+class StandaloneConfig:
+    output_dir: str = option("out/benchmark", "Where cnn_results.json is written.")
+    preset: str = "full"
+
+
+# full: the CNN and budgets above; quick: tiny CNN and budgets, to test the program.
+STANDALONE_PRESETS = {"full": {}, "quick": {}}
 
 
 def main(argv: list[str]) -> None:
@@ -415,8 +434,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_cnn_flags()
-    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the CNN and budgets above; quick: tiny CNN and "
-                      "budgets, to test the program.")
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
-    flags.DEFINE_string("output_dir", "out/benchmark", "Where cnn_results.json is written.")
+    define_flags(StandaloneConfig, STANDALONE_PRESETS)
     app.run(main)

@@ -76,8 +76,6 @@ def define_flags(config_class: type, presets: Presets, default_preset: str = "fu
     program's --help lists them)."""
     from absl import flags
 
-    from experiments._cli import define_internal
-
     flags.disclaim_key_flags()  # the flags belong to the caller (the program): --help lists them
     if default_preset not in presets:
         raise ValueError(f"default_preset={default_preset!r} is not one of the presets {sorted(presets)}")
@@ -87,6 +85,18 @@ def define_flags(config_class: type, presets: Presets, default_preset: str = "fu
                       **into)
     if "quick" in presets:
         flags.DEFINE_bool("quick", False, "Same as --preset=quick.", **into)
+    define_fields(config_class, flag_values)
+
+
+def define_fields(config_class: type, flag_values: Any = None) -> None:
+    """`define_flags` without --preset and --quick: one flag per field, for a group of flags that
+    joins another program's (e.g. a benchmark suite's); read them back with `fields_from_flags`."""
+    from absl import flags
+
+    from experiments._cli import define_internal
+
+    flags.disclaim_key_flags()
+    into = {} if flag_values is None else {"flag_values": flag_values}
     hints = typing.get_type_hints(config_class)
     for field in _flag_fields(config_class):
         kind, element = _kind(hints[field.name])
@@ -111,6 +121,16 @@ def config_from_flags(config_class: type[ConfigT], presets: Presets, flag_values
     from absl import flags
 
     F = flag_values if flag_values is not None else flags.FLAGS
+    cfg, explicit = fields_from_flags(config_class, F)
+    preset = "quick" if ("quick" in presets and F["quick"].value) else F["preset"].value
+    return apply_preset(cfg, presets, preset, explicit)
+
+
+def fields_from_flags(config_class: type[ConfigT], flag_values: Any = None) -> tuple[ConfigT, list[str]]:
+    """(the Config of the flags' values, the names of the fields given explicitly): no preset."""
+    from absl import flags
+
+    F = flag_values if flag_values is not None else flags.FLAGS
     hints = typing.get_type_hints(config_class)
     values, explicit = {}, []
     for field in _flag_fields(config_class):
@@ -122,8 +142,7 @@ def config_from_flags(config_class: type[ConfigT], presets: Presets, flag_values
         values[field.name] = value
         if F[name].present:
             explicit.append(field.name)
-    preset = "quick" if ("quick" in presets and F["quick"].value) else F["preset"].value
-    return apply_preset(config_class(**values), presets, preset, explicit)
+    return config_class(**values), explicit
 
 
 def apply_preset(cfg: ConfigT, presets: Presets, preset: str, explicit: Sequence[str] = ()) -> ConfigT:
@@ -138,6 +157,15 @@ def apply_preset(cfg: ConfigT, presets: Presets, preset: str, explicit: Sequence
     if "preset" in names:
         values["preset"] = preset
     return dataclasses.replace(cfg, **values)
+
+
+def require(cfg: Any, **rules: tuple[bool, str]) -> None:
+    """Config validation: `field=(ok, what)` raises ValueError("--<flag> must be <what>, got
+    <value>") for the first rule whose `ok` is false."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for name, (ok, what) in rules.items():
+        if not ok:
+            raise ValueError(f"--{_flag_name(fields[name])} must be {what}, got {getattr(cfg, name)!r}")
 
 
 def jsonable(x: Any) -> Any:

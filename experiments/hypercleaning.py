@@ -33,13 +33,13 @@ import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
 from experiments import config, provenance  # noqa: E402
 from experiments._memory import PROBE_METHOD, format_probes, mib, probe  # noqa: E402
-from experiments.checkpoint_store import SidecarCheckpoint, arrays_sha256  # noqa: E402
+from experiments.checkpoint_store import LoopClock, SidecarCheckpoint, arrays_sha256, run_resumable  # noqa: E402
 from experiments.config import option, result_settings  # noqa: E402
-from experiments.subprocesses import print_result, run_fresh  # noqa: E402
-from experiments.timing import round_robin  # noqa: E402
+from experiments.subprocesses import load_arrays, print_result, run_each  # noqa: E402
+from experiments.timing import round_robin_medians  # noqa: E402
 from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
-    RESTART_HINT, STATE_ERRORS, SettingsMismatchError, damaged, discard_state, exclusive_output_dir, exit_with_error,
-    guard_settings, jsonable, parse_pause_after, pause_to_be_killed, write_json_atomically,
+    RESTART_HINT, STATE_ERRORS, SettingsMismatchError, discard_state, exclusive_output_dir, exit_with_error,
+    guard_settings, jsonable, parse_pause_after, write_json_atomically,
 )
 
 NORMALIZATIONS = ("mean", "mean_all", "sum")
@@ -72,9 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# ----------------------------------------------------------------------------------------
-# Configuration.
-# ----------------------------------------------------------------------------------------
+# ---- Configuration.
 @dataclasses.dataclass
 class Config:
     output_dir: str = option("out/hypercleaning", "Where results.json and the PNG figures are written.", result=False)
@@ -121,42 +119,26 @@ class Config:
     def validated(self) -> "Config":
         cfg = dataclasses.replace(self)
         cfg.truncate = sorted({int(k) for k in cfg.truncate})
-        T = cfg.inner_steps
-        if T < 1:
-            raise ValueError(f"--inner_steps must be >= 1, got {T}")
-        bad = [k for k in cfg.truncate if not 1 <= k <= T]
-        if not cfg.truncate or bad:
-            raise ValueError(f"--truncate: every K must satisfy 1 <= K <= inner_steps={T} (K = T is full RMD); "
-                             f"got {bad or 'nothing'}")
-        if cfg.hyper_iterations < 1:
-            raise ValueError(f"--hyper_iterations must be >= 1, got {cfg.hyper_iterations}")
-        if cfg.loss_normalization not in NORMALIZATIONS:
-            raise ValueError(f"--loss_normalization must be one of {NORMALIZATIONS}, got {cfg.loss_normalization!r}")
-        for name in ("n_train", "n_val"):
-            value = getattr(cfg, name)
-            if value < 10 or value % 10:
-                raise ValueError(f"--{name} must be a positive multiple of 10 (class-balanced), got {value}")
-        if not 0.0 <= cfg.corruption <= 1.0:
-            raise ValueError(f"--corruption is a probability in [0, 1], got {cfg.corruption}")
-        if not cfg.inner_lr > 0:
-            raise ValueError(f"--inner_lr must be > 0, got {cfg.inner_lr}")
-        if cfg.first_update_norm is None:
-            cfg.first_update_norm = math.sqrt(cfg.n_train)
-        if not cfg.first_update_norm > 0:
-            raise ValueError(f"--first_update_norm must be > 0, got {cfg.first_update_norm}")
-        if cfg.outer_lr is not None and not cfg.outer_lr > 0:
-            raise ValueError(f"--outer_lr must be > 0 (or unset to tune η0 per K), got {cfg.outer_lr}")
+        T, first_update = cfg.inner_steps, cfg.first_update_norm
+        cfg.first_update_norm = math.sqrt(max(cfg.n_train, 0)) if first_update is None else first_update
+        config.require(
+            cfg, inner_steps=(T >= 1, ">= 1"),
+            truncate=(cfg.truncate and all(1 <= k <= T for k in cfg.truncate),
+                      f"K values with 1 <= K <= inner_steps={T} (K = T is full RMD)"),
+            hyper_iterations=(cfg.hyper_iterations >= 1, ">= 1"),
+            loss_normalization=(cfg.loss_normalization in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
+            n_train=(cfg.n_train >= 10 and cfg.n_train % 10 == 0, "a positive multiple of 10 (class-balanced)"),
+            n_val=(cfg.n_val >= 10 and cfg.n_val % 10 == 0, "a positive multiple of 10 (class-balanced)"),
+            corruption=(0.0 <= cfg.corruption <= 1.0, "a probability in [0, 1]"),
+            inner_lr=(cfg.inner_lr > 0, "> 0"), first_update_norm=(cfg.first_update_norm > 0, "> 0"),
+            outer_lr=(cfg.outer_lr is None or cfg.outer_lr > 0, "> 0 (or unset to tune η0 per K)"),
+            exact_every=(cfg.exact_every >= 0, ">= 0 (0: only at the start and the end)"),
+            eval_every=(cfg.eval_every >= 1, ">= 1"), save_every=(cfg.save_every >= 0, ">= 0 (0: no checkpoints)"))
         cfg.f1_thresholds = sorted({float(t) for t in cfg.f1_thresholds} | {float(cfg.table_threshold)})
-        if cfg.exact_every < 0 or cfg.eval_every < 1:
-            raise ValueError("--exact_every must be >= 0 (0: only at the start and the end) and --eval_every >= 1")
-        if cfg.save_every < 0:
-            raise ValueError(f"--save_every must be >= 0 (0: no checkpoints), got {cfg.save_every}")
         return cfg
 
 
-# ----------------------------------------------------------------------------------------
-# The problem.
-# ----------------------------------------------------------------------------------------
+# ---- The problem.
 def cross_entropy(W: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     """Per-example −log softmax(W x)[y]: the library's log_softmax cross-entropy of the one-hot
     labels. One-hot, not a gather, keeps the backward pass free of scatter ops, which XLA on CPU
@@ -241,9 +223,7 @@ def load_split(cfg: Config) -> tuple[dict, dict]:
     return arrays, info
 
 
-# ----------------------------------------------------------------------------------------
-# Metrics.
-# ----------------------------------------------------------------------------------------
+# ---- Metrics.
 def flag_scores(lam: np.ndarray, corrupted: np.ndarray, threshold: float) -> dict:
     """Precision, recall and F1 of flagging example i as corrupted when λ_i < threshold
     (σ(λ_i) < σ(threshold)); F1 = 2·TP / (2·TP + FP + FN), 0 when nothing is flagged or corrupted."""
@@ -262,9 +242,7 @@ def accuracy(W: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
     return int(np.sum(np.argmax(x @ W.T, axis=1) == y)) / len(x)
 
 
-# ----------------------------------------------------------------------------------------
-# Checkpoints: a killed run, rerun with the same command, resumes where it was.
-# ----------------------------------------------------------------------------------------
+# ---- Checkpoints: a killed run, rerun with the same command, resumes where it was.
 CHECKPOINT_DIR = "checkpoints"
 PAUSE_SECONDS = 120  # --pause_after: nobody killed the program, exit with an error rather than hang
 
@@ -288,8 +266,8 @@ CURVES = ("val_loss", "val_accuracy", "hypergrad_norm", "f1", "precision", "reca
 @dataclasses.dataclass
 class TruncationRecord:
     """What a K's run records besides λ and Adam's state (those are in the tf.train.Checkpoint):
-    η0, the curves over λ_0 … λ_R, the exact ‖d_λ f‖ and the timings. Saved as the JSON sidecar
-    of each checkpoint and rebuilt from it on resumption (`from_state`)."""
+    η0, the curves over λ_0 … λ_R, the exact ‖d_λ f‖ and their time. The JSON sidecar of each
+    checkpoint (with `LoopClock`'s keys), rebuilt from it on resumption (`from_state`)."""
 
     outer_lr: float
     unit_lr_first_update_norm: float
@@ -300,8 +278,6 @@ class TruncationRecord:
     exact_iterations: list = dataclasses.field(default_factory=list)
     exact_hypergrad_norm: list = dataclasses.field(default_factory=list)
     exact_hypergradient_seconds: float = 0.0
-    elapsed_seconds: float = 0.0  # of the processes before this one, until their last checkpoint
-    process_starts: list = dataclasses.field(default_factory=list)  # hyper-iterations that were a process's first
 
     @classmethod
     def from_state(cls, state: dict) -> "TruncationRecord":
@@ -331,11 +307,6 @@ class TruncationRecord:
         self.exact_hypergrad_norm.append(norm)
         self.exact_hypergradient_seconds += seconds
 
-    def steady(self, key: str, total: int) -> list:
-        """The curve `key` without each process's first hyper-iteration (trace + XLA compile)."""
-        steady = [i for i in range(total) if i not in self.process_starts] or list(range(total))
-        return [self.curves[key][i] for i in steady]
-
 
 class TruncationCheckpoint(SidecarCheckpoint):
     """The checkpoints of one K in <root>/K<k> (see `SidecarCheckpoint`): λ and the outer Adam's
@@ -345,27 +316,15 @@ class TruncationCheckpoint(SidecarCheckpoint):
     def __init__(self, root: Path, truncate: int):
         directory = root / f"K{truncate}"
         super().__init__(directory, f"delete {directory} to rerun K={truncate} from the start, {RESTART_HINT}",
-                         state_keys=[f.name for f in dataclasses.fields(TruncationRecord)],
-                         result_keys=("truncate", "outer_lr", "final", "timing", "curves"), counter="hyper_iteration")
-        self.truncate = truncate
-
-    def result(self) -> Optional[dict]:
-        result = super().result()
-        if result is not None and result["truncate"] != self.truncate:
-            raise damaged(self.result_path, f"it holds K={result['truncate']!r}", self.remedy)
-        return result
+                         state_keys=[*(f.name for f in dataclasses.fields(TruncationRecord)), *LoopClock.KEYS],
+                         result_keys=("outer_lr", "final", "timing", "curves"), counter="hyper_iteration",
+                         identity={"truncate": truncate})
 
     def attach(self, lam: tf.Variable, optimizer: keras.optimizers.Optimizer, **more: Any) -> None:
         super().attach(lam=lam, optimizer=optimizer, **more)
 
-    def attach_step(self, step: tfb.HyperStep) -> None:
-        """`attach` for a hyper-step: its λ, its Keras optimizer and its counter."""
-        self.attach(step.hparams, step.optimizer, iterations=step.iterations)
 
-
-# ----------------------------------------------------------------------------------------
-# One K: the compiled hyper-iteration (tfb.HyperStep) and its loop.
-# ----------------------------------------------------------------------------------------
+# ---- One K: the compiled hyper-iteration (tfb.HyperStep) and its loop.
 def make_hypergradient(problem: Problem, cfg: Config, truncate: Optional[int]) -> tfb.Hypergradient:
     return tfb.hypergradient_fn(
         problem.inner_loss, problem.outer_loss, steps=cfg.inner_steps, learning_rate=cfg.inner_lr,
@@ -416,145 +375,124 @@ def exact_norm(exact_hg: tfb.Hypergradient, problem: Problem, lam: np.ndarray) -
     return float(tfb.diagnostics.global_norm(exact)), time.perf_counter() - start
 
 
-def _fresh_record(problem: Problem, cfg: Config, hg: tfb.Hypergradient) -> TruncationRecord:
-    """η0 for this K (appendix G.1): the first Adam update has norm --first_update_norm
-    (unless --outer_lr fixes it)."""
-    lam0 = tf.fill([int(problem.train[1].shape[0])], tf.constant(cfg.init_lambda, tf.float32))
-    _, h0 = hg(problem.w0, lam0, problem.train, problem.val)
-    unit_norm = unit_lr_first_update_norm(h0, cfg.adam_epsilon)
-    eta0 = cfg.outer_lr if cfg.outer_lr is not None else cfg.first_update_norm / unit_norm
-    return TruncationRecord(outer_lr=eta0, unit_lr_first_update_norm=unit_norm,
-                            initial_hypergrad_norm=float(tfb.diagnostics.global_norm(h0)))
+class TruncationRun:
+    """The R hyper-iterations of K-RMD for one K from λ_0 = init_lambda, a `ResumableLoop`: the
+    compiled step (`step`) and the `TruncationRecord` of the metrics at every λ_k, k = 0..R.
+    `run` runs it, resumably with `checkpoints` (the folder from `prepare_checkpoints`)."""
 
+    def __init__(self, problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.Hypergradient,
+                 checkpoints: Optional[Path] = None):
+        self.problem, self.cfg, self.truncate, self.exact_hg = problem, cfg, truncate, exact_hg
+        self.store = TruncationCheckpoint(checkpoints, truncate) if checkpoints is not None else None
+        self.full_rmd = truncate == cfg.inner_steps
+        self.hg = exact_hg if self.full_rmd else make_hypergradient(problem, cfg, truncate)
+        self.title = f"K={truncate}{' (full RMD)' if self.full_rmd else ''}"
+        self.step: Optional[tfb.HyperStep] = None
+        self.record: Optional[TruncationRecord] = None
 
-def run_truncation(problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.Hypergradient,
-                   checkpoints: Optional[Path] = None,
-                   pause_after: Optional[tuple[int, int]] = None) -> tuple[dict, tfb.HyperStep]:
-    """R hyper-iterations of K-RMD from λ_0 = init_lambda; metrics at every λ_k, k = 0..R.
-    Returns the results and the compiled step (for the interleaved timing).
+    def run(self, pause_after: Optional[tuple[int, int]] = None) -> dict:
+        """The K's result (see `run_resumable`: a checkpoint every --save_every; `self.step` is at
+        λ_R after, also for a K finished earlier). `pause_after=(K, i)`: after hyper-iteration i
+        of this K, write a marker in output_dir and wait to be killed (tests)."""
+        pause = None
+        if pause_after is not None and pause_after[0] == self.truncate:
+            pause = (pause_after[1], Path(self.cfg.output_dir) / f"paused_K{self.truncate}_at_{pause_after[1]}")
+        return run_resumable(self, self.store, self.cfg.hyper_iterations, self.cfg.save_every, pause=pause,
+                             pause_seconds=PAUSE_SECONDS)
 
-    With `checkpoints` (a folder from `prepare_checkpoints`), λ, Adam's state and the curves are
-    saved every cfg.save_every hyper-iterations and at the end, and the result once the
-    K is finished; a later call resumes from the latest checkpoint (or returns the finished
-    result, with a step restored at λ_R). `pause_after=(K, i)`: after hyper-iteration i of
-    this K, write a marker in output_dir and wait to be killed (tests)."""
-    T, R = cfg.inner_steps, cfg.hyper_iterations
-    store = TruncationCheckpoint(checkpoints, truncate) if checkpoints is not None else None
-    hg = exact_hg if truncate == T else make_hypergradient(problem, cfg, truncate)
-    name = f"lambda_K{truncate}"
+    def _variables(self, eta0: float) -> dict:
+        self.step = build_step(self.problem, self.cfg, self.hg, eta0, f"lambda_K{self.truncate}")
+        return {"lam": self.step.hparams, "optimizer": self.step.optimizer, "iterations": self.step.iterations}
 
-    finished = store.result() if store is not None else None
-    if finished is not None:
-        # The timing phase needs a step: rebuilt at λ_R, the state of the last checkpoint
-        # (it may run further hyper-iterations: the result is recorded already).
-        step = build_step(problem, cfg, hg, finished["outer_lr"], name)
-        store.attach_step(step)
-        store.restore(R)
-        print(f"[hypercleaning] K={truncate}: finished earlier ({store.result_path})", flush=True)
-        return finished, step
+    def build(self, state: Optional[dict]) -> dict:
+        self.record = self._fresh_record() if state is None else TruncationRecord.from_state(state)
+        return self._variables(self.record.outer_lr)
 
-    state = store.latest_state() if store is not None else None
-    record = _fresh_record(problem, cfg, hg) if state is None else TruncationRecord.from_state(state)
-    step = build_step(problem, cfg, hg, record.outer_lr, name)
-    first = 0
-    if store is not None:
-        store.attach_step(step)
-        if state is not None:
-            first = state["hyper_iteration"]
-            store.restore(first)
-    if first < R:
-        record.process_starts.append(first)
+    def build_finished(self, result: dict) -> dict:
+        # The timing phase needs a step: rebuilt at λ_R (it may run further hyper-iterations: the
+        # result is recorded already).
+        print(f"[hypercleaning] K={self.truncate}: finished earlier ({self.store.result_path})", flush=True)
+        return self._variables(result["outer_lr"])
 
-    title = f"K={truncate}{' (full RMD)' if truncate == T else ''}"
-    if first:
-        label = (f"[hypercleaning] resuming {title} at hyper-iteration {first}/{R}, eta0={record.outer_lr:.4g} "
-                 f"({store.directory})")
-    else:
-        label = f"[hypercleaning] {title}: {R} hyper-iterations, eta0={record.outer_lr:.4g}"
-    bar = tfb.Progress(R, initial=first, label=label, unit_name="it")
-    earlier_seconds, start_total = record.elapsed_seconds, time.perf_counter()
-    for k in range(first, R):
+    def _fresh_record(self) -> TruncationRecord:
+        """η0 for this K (appendix G.1): the first Adam update has norm --first_update_norm
+        (unless --outer_lr fixes it)."""
+        problem, cfg = self.problem, self.cfg
+        lam0 = tf.fill([int(problem.train[1].shape[0])], tf.constant(cfg.init_lambda, tf.float32))
+        _, h0 = self.hg(problem.w0, lam0, problem.train, problem.val)
+        unit_norm = unit_lr_first_update_norm(h0, cfg.adam_epsilon)
+        eta0 = cfg.outer_lr if cfg.outer_lr is not None else cfg.first_update_norm / unit_norm
+        return TruncationRecord(outer_lr=eta0, unit_lr_first_update_norm=unit_norm,
+                                initial_hypergrad_norm=float(tfb.diagnostics.global_norm(h0)))
+
+    def describe(self, done: int) -> str:
+        R, eta0 = self.cfg.hyper_iterations, self.record.outer_lr
+        if done:
+            return (f"[hypercleaning] resuming {self.title} at hyper-iteration {done}/{R}, eta0={eta0:.4g} "
+                    f"({self.store.directory})")
+        return f"[hypercleaning] {self.title}: {R} hyper-iterations, eta0={eta0:.4g}"
+
+    def iteration(self, k: int) -> dict:
+        record, problem, cfg = self.record, self.problem, self.cfg
         wall, cpu = time.perf_counter(), time.process_time()
-        out = hyper_iteration(step, problem)
+        out = hyper_iteration(self.step, problem)
         record.add_step(out, time.perf_counter() - wall, time.process_time() - cpu)
         record.add_lambda(k, out["lam"], out["W"], problem, cfg)
-        if truncate == T:  # the step's own hypergradient is the exact one
+        if self.full_rmd:  # the step's own hypergradient is the exact one
             record.add_exact(k, float(out["hypergrad_norm"]))
         elif k % max(cfg.exact_every, 1) == 0 and (cfg.exact_every or k == 0):
-            record.add_exact(k, *exact_norm(exact_hg, problem, out["lam"]))
-        bar.update(k + 1, val_loss=record.curves["val_loss"][-1], val_acc=record.curves["val_accuracy"][-1],
-                   f1=record.curves["f1"][-1])
-        done = k + 1
-        if store is not None and (done % cfg.save_every == 0 or done == R):
-            record.elapsed_seconds = earlier_seconds + time.perf_counter() - start_total
-            store.save(done, dataclasses.asdict(record))
-        if pause_after == (truncate, done):
-            pause_to_be_killed(Path(cfg.output_dir) / f"paused_K{truncate}_at_{done}", PAUSE_SECONDS)
+            record.add_exact(k, *exact_norm(self.exact_hg, problem, out["lam"]))
+        curves = record.curves
+        return {"val_loss": curves["val_loss"][-1], "val_acc": curves["val_accuracy"][-1], "f1": curves["f1"][-1]}
 
-    result = _final_result(problem, cfg, truncate, hg, exact_hg, step, record,
-                           earlier_seconds + time.perf_counter() - start_total)
-    if store is not None:
-        store.save_result(result)
-    return result, step
+    def state(self) -> dict:
+        return dataclasses.asdict(self.record)
 
-
-def _final_result(problem: Problem, cfg: Config, truncate: int, hg: tfb.Hypergradient, exact_hg: tfb.Hypergradient,
-                  step: tfb.HyperStep, record: TruncationRecord, total_seconds: float) -> dict:
-    """The final point λ_R (ŵ(λ_R) with the compiled inner loop alone, its metrics and exact
-    ‖d_λ f‖, added to `record`) and the K's result."""
-    R = cfg.hyper_iterations
-    lam_R = step.hparams.numpy()
-    W_R = hg.solve(problem.w0, tf.constant(lam_R), problem.train).numpy()
-    x_val, y_val = problem.val
-    val_loss_R = float(problem.outer_loss(tf.constant(W_R), None, problem.val))
-    curves = record.curves
-    curves["val_loss"].append(val_loss_R)
-    curves["val_accuracy"].append(accuracy(W_R, x_val.numpy(), y_val.numpy()))
-    record.add_lambda(R, lam_R, W_R, problem, cfg)
-    record.add_exact(R, *exact_norm(exact_hg, problem, lam_R))
-
-    steady_wall, steady_cpu = record.steady("wall_seconds", R), record.steady("cpu_seconds", R)
-    final = {
-        "hyper_iteration": R,
-        "test_accuracy": record.test_accuracy[-1] if record.test_accuracy else None,
-        "val_accuracy": curves["val_accuracy"][-1],
-        "val_loss": val_loss_R,
-        "flagging": {str(t): flag_scores(lam_R, problem.corrupted, t) for t in cfg.f1_thresholds},
-        "flagging_vs_replaced": {str(t): flag_scores(lam_R, problem.replaced, t) for t in cfg.f1_thresholds},
-        "exact_hypergrad_norm": record.exact_hypergrad_norm[-1],
-        "lambda_mean_corrupted": curves["lambda_mean_corrupted"][-1],
-        "lambda_mean_clean": curves["lambda_mean_clean"][-1],
-    }
-    # Bins over the whole range of λ_R (whole units): no value is clipped into an edge bin.
-    low, high = math.floor(lam_R.min()), max(math.ceil(lam_R.max()), math.floor(lam_R.min()) + 1)
-    hist_edges = np.linspace(low, high, 61)
-    result = {
-        "truncate": truncate,
-        "full_rmd": truncate == cfg.inner_steps,
-        "outer_lr": record.outer_lr,
-        "unit_lr_first_update_norm": record.unit_lr_first_update_norm,
-        "first_update_norm": record.outer_lr * record.unit_lr_first_update_norm,
-        "initial_hypergrad_norm": record.initial_hypergrad_norm,
-        "final": final,
-        "timing": {
-            "seconds_per_iteration_median": float(np.median(steady_wall)),
-            "seconds_per_iteration_mean": float(np.mean(steady_wall)),
-            "cpu_seconds_per_iteration_median": float(np.median(steady_cpu)),
-            "first_iteration_seconds": curves["wall_seconds"][0],
-            "exact_hypergradient_seconds": record.exact_hypergradient_seconds,
-            "total_seconds": total_seconds,
-            "process_starts": record.process_starts,
-        },
-        "tracing_count": step.tracing_count,
-        "curves": {**curves, "test_iterations": record.test_iterations, "test_accuracy": record.test_accuracy,
-                   "exact_iterations": record.exact_iterations, "exact_hypergrad_norm": record.exact_hypergrad_norm},
-        "lambda_histogram": {
-            "edges": hist_edges.tolist(),
-            "corrupted": np.histogram(lam_R[problem.corrupted], hist_edges)[0].tolist(),
-            "clean": np.histogram(lam_R[~problem.corrupted], hist_edges)[0].tolist(),
-        },
-    }
-    return jsonable(result)  # the same values whether this K ran here or is read back from result.json
+    def result(self, clock: LoopClock) -> dict:
+        """The final point λ_R (ŵ(λ_R) with the compiled inner loop alone, its metrics and exact
+        ‖d_λ f‖, added to the record) and the K's result."""
+        problem, cfg, record, curves = self.problem, self.cfg, self.record, self.record.curves
+        R, lam_R = cfg.hyper_iterations, self.step.hparams.numpy()
+        W_R = self.hg.solve(problem.w0, tf.constant(lam_R), problem.train).numpy()
+        x_val, y_val = problem.val
+        val_loss_R = float(problem.outer_loss(tf.constant(W_R), None, problem.val))
+        curves["val_loss"].append(val_loss_R)
+        curves["val_accuracy"].append(accuracy(W_R, x_val.numpy(), y_val.numpy()))
+        record.add_lambda(R, lam_R, W_R, problem, cfg)
+        record.add_exact(R, *exact_norm(self.exact_hg, problem, lam_R))
+        final = {
+            "hyper_iteration": R,
+            "test_accuracy": record.test_accuracy[-1] if record.test_accuracy else None,
+            "val_accuracy": curves["val_accuracy"][-1],
+            "val_loss": val_loss_R,
+            "flagging": {str(t): flag_scores(lam_R, problem.corrupted, t) for t in cfg.f1_thresholds},
+            "flagging_vs_replaced": {str(t): flag_scores(lam_R, problem.replaced, t) for t in cfg.f1_thresholds},
+            "exact_hypergrad_norm": record.exact_hypergrad_norm[-1],
+            "lambda_mean_corrupted": curves["lambda_mean_corrupted"][-1],
+            "lambda_mean_clean": curves["lambda_mean_clean"][-1],
+        }
+        # Bins over the whole range of λ_R (whole units): no value is clipped into an edge bin.
+        low = math.floor(lam_R.min())
+        edges = np.linspace(low, max(math.ceil(lam_R.max()), low + 1), 61)
+        result = {
+            "truncate": self.truncate,
+            "full_rmd": self.full_rmd,
+            "outer_lr": record.outer_lr,
+            "unit_lr_first_update_norm": record.unit_lr_first_update_norm,
+            "first_update_norm": record.outer_lr * record.unit_lr_first_update_norm,
+            "initial_hypergrad_norm": record.initial_hypergrad_norm,
+            "final": final,
+            "timing": {**clock.timing(curves["wall_seconds"], curves["cpu_seconds"]),
+                       "exact_hypergradient_seconds": record.exact_hypergradient_seconds},
+            "tracing_count": self.step.tracing_count,
+            "curves": {**curves, "test_iterations": record.test_iterations, "test_accuracy": record.test_accuracy,
+                       "exact_iterations": record.exact_iterations,
+                       "exact_hypergrad_norm": record.exact_hypergrad_norm},
+            "lambda_histogram": {"edges": edges.tolist(),
+                                 "corrupted": np.histogram(lam_R[problem.corrupted], edges)[0].tolist(),
+                                 "clean": np.histogram(lam_R[~problem.corrupted], edges)[0].tolist()},
+        }
+        return jsonable(result)  # the same values whether this K ran here or is read back from result.json
 
 
 def time_interleaved(steps: dict[int, tfb.HyperStep], problem: Problem, rounds: int) -> dict[int, dict]:
@@ -563,15 +501,11 @@ def time_interleaved(steps: dict[int, tfb.HyperStep], problem: Problem, rounds: 
     for step in steps.values():
         if step.tracing_count == 0:  # rebuilt for a K finished in an earlier process: compile first
             hyper_iteration(step, problem)
-    timings = round_robin({k: (lambda step=step: hyper_iteration(step, problem)) for k, step in steps.items()}, rounds)
-    return {k: {"rounds": rounds, "seconds_per_iteration_median": float(np.median([t.wall for t in ts])),
-                "cpu_seconds_per_iteration_median": float(np.median([t.cpu for t in ts])),
-                "wall_seconds": [t.wall for t in ts]} for k, ts in timings.items()}
+    return round_robin_medians({k: (lambda step=step: hyper_iteration(step, problem)) for k, step in steps.items()},
+                               rounds)
 
 
-# ----------------------------------------------------------------------------------------
-# Peak memory per K, each in a fresh process.
-# ----------------------------------------------------------------------------------------
+# ---- Peak memory per K, each in a fresh process.
 def memory_probe(cfg: Config, arrays: dict, truncate: int) -> dict:
     """Memory of one configuration in THIS process (call it in a fresh one): truncate = 0 runs
     `hg.solve` (T inner steps, no tape: the floor), otherwise the compiled hyper-iteration."""
@@ -591,25 +525,20 @@ def memory_probe(cfg: Config, arrays: dict, truncate: int) -> dict:
 
 
 def measure_memory(cfg: Config, arrays: dict, timeout: float = 900.0) -> dict:
-    """`memory_probe` for the floor and every K, each in a fresh subprocess."""
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    data_path = os.path.join(cfg.output_dir, "_memory_probe_data.npz")
-    np.savez(data_path, **{k: arrays[k] for k in SPLIT_KEYS})
-    results = {}
-    try:
-        for truncate in [0] + list(cfg.truncate):
-            label = "floor (hg.solve)" if truncate == 0 else f"K={truncate}"
-            print(f"[hypercleaning] memory probe {label} in a fresh process", flush=True)
-            payload = {"config": dataclasses.asdict(cfg), "data": data_path, "truncate": truncate}
-            results[str(truncate)] = run_fresh("experiments.hypercleaning", "memory_probe", payload, timeout)
-    finally:
-        os.remove(data_path)
-    return results
+    """`memory_probe` for the floor (truncate 0) and every K, each in a fresh subprocess."""
+    configs = [{"config": dataclasses.asdict(cfg), "truncate": k} for k in (0, *cfg.truncate)]
+    records = run_each(configs, "experiments.hypercleaning", "memory_probe", timeout,
+                       describe=lambda c: f"[hypercleaning] memory probe {_probe_name(c['truncate'])}",
+                       report=lambda r: f"TF allocator peak {mib(r['steady_allocator_peak_growth_bytes'])} MiB",
+                       arrays={k: arrays[k] for k in SPLIT_KEYS}, arrays_dir=cfg.output_dir)
+    return {str(c["truncate"]): record for c, record in zip(configs, records)}
 
 
-# ----------------------------------------------------------------------------------------
-# Figures.
-# ----------------------------------------------------------------------------------------
+def _probe_name(truncate: int) -> str:
+    return "floor (hg.solve)" if truncate == 0 else f"K={truncate}"
+
+
+# ---- Figures.
 def plot_figures(results: dict, output_dir: str) -> dict:
     """Fig. 5, the learning curves and the histograms of λ_R, as PNGs in `output_dir`."""
     from experiments import plotting
@@ -667,13 +596,11 @@ def plot_figures(results: dict, output_dir: str) -> dict:
     return {k: os.path.basename(v) for k, v in figures.items()}
 
 
-# ----------------------------------------------------------------------------------------
-# The experiment.
-# ----------------------------------------------------------------------------------------
+# ---- The experiment.
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None,
                    pause_after: Optional[tuple[int, int]] = None, restart: bool = False) -> dict:
     """Runs every K, writes results.json and the figures to cfg.output_dir, returns results.
-    Resumes from the checkpoints in cfg.output_dir (see `run_truncation`; `restart`: deletes them
+    Resumes from the checkpoints in cfg.output_dir (see `TruncationRun.run`; `restart`: deletes them
     first); raises SettingsMismatchError if they belong to another configuration, StateFileError
     if one is damaged, OutputDirError if another run uses cfg.output_dir (an exclusive lock is
     held for the whole run) or it cannot be written."""
@@ -699,8 +626,8 @@ def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dic
     exact_hg = make_hypergradient(problem, cfg, None)  # full RMD: Fig. 5, and K = T itself
     runs, steps = {}, {}
     for truncate in cfg.truncate:
-        runs[str(truncate)], steps[truncate] = run_truncation(problem, cfg, truncate, exact_hg, checkpoints,
-                                                              pause_after)
+        run = TruncationRun(problem, cfg, truncate, exact_hg, checkpoints)
+        runs[str(truncate)], steps[truncate] = run.run(pause_after), run.step
     if cfg.timing_rounds > 0:
         print(f"[hypercleaning] interleaved timing: {cfg.timing_rounds} rounds over K = {cfg.truncate}", flush=True)
         for truncate, timing in time_interleaved(steps, problem, cfg.timing_rounds).items():
@@ -761,10 +688,8 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------
-# absl entry point. Flags are defined only when run as a program, so that importing this module
+# ---- absl entry point. Flags are defined only when run as a program: importing this module
 # (tests, other programs) cannot collide with other modules' flags.
-# ----------------------------------------------------------------------------------------
 def define_flags() -> None:
     from absl import flags
 
@@ -779,10 +704,7 @@ def define_flags() -> None:
 
 def _run_memory_probe(payload: str) -> int:
     spec = json.loads(payload)
-    cfg = Config(**spec["config"])
-    with np.load(spec["data"]) as data:
-        arrays = {k: data[k] for k in data.files}
-    print_result(memory_probe(cfg, arrays, int(spec["truncate"])))
+    print_result(memory_probe(Config(**spec["config"]), load_arrays(spec), int(spec["truncate"])))
     return 0
 
 

@@ -4,7 +4,8 @@ before cannot leak into the next measurement's time or peak memory.
 The driver calls `run_fresh("experiments.benchmark", "worker", config, timeout)`: it runs
 `python -m experiments.benchmark --worker=<config as JSON>` from the repository root, and the
 worker answers with `print_result(value)`. `run_each` does that for a list of configurations
-and prints one progress line per configuration.
+and prints one progress line per configuration; with `arrays=` (data the driver has, e.g. a
+dataset split), the workers read them from an .npz file (`load_arrays`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_MARKER = "EXPERIMENT_WORKER_RESULT "
@@ -46,10 +49,20 @@ def run_fresh(module: str, flag: str, payload: Any, timeout: float) -> dict:
 
 
 def run_each(configs: Sequence[dict], module: str, flag: str, timeout: float,
-             describe: Callable[[dict], str], report: Callable[[dict], str]) -> list[dict]:
+             describe: Callable[[dict], str], report: Callable[[dict], str],
+             arrays: Optional[Mapping[str, np.ndarray]] = None, arrays_dir: str | os.PathLike = ".") -> list[dict]:
     """`run_fresh` for every configuration in turn, printing `[i/n] describe(config) ...` and then
     `report(result)` or the error's last line. A failed configuration's entry is the
-    configuration with its "error"."""
+    configuration with its "error". `arrays`: written to an .npz file in `arrays_dir` (removed
+    at the end) whose path every configuration gets as "arrays" (`load_arrays` reads it)."""
+    if arrays is not None:
+        os.makedirs(arrays_dir, exist_ok=True)
+        path = os.path.join(os.path.abspath(arrays_dir), f"_worker_arrays_{os.getpid()}.npz")
+        np.savez(path, **arrays)
+        try:
+            return run_each([{**config, "arrays": path} for config in configs], module, flag, timeout, describe, report)
+        finally:
+            os.remove(path)
     results, started = [], time.perf_counter()
     for i, config in enumerate(configs, 1):
         print(f"[{i}/{len(configs)}] {describe(config)} ...", end=" ", flush=True)
@@ -62,3 +75,9 @@ def run_each(configs: Sequence[dict], module: str, flag: str, timeout: float,
             print(f"{report(result)} ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
         results.append(result)
     return results
+
+
+def load_arrays(config: dict) -> dict[str, np.ndarray]:
+    """In a worker of `run_each(..., arrays=...)`: the arrays of its configuration."""
+    with np.load(config["arrays"]) as data:
+        return {key: data[key] for key in data.files}

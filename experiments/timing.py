@@ -34,6 +34,15 @@ def round_robin(calls: Mapping[Hashable, Callable[[], Any]], rounds: int) -> dic
     return timings
 
 
+def round_robin_medians(calls: Mapping[Hashable, Callable[[], Any]], rounds: int,
+                        unit: str = "iteration") -> dict[Hashable, dict]:
+    """`round_robin`, per call: the rounds, the median wall and CPU seconds (as
+    seconds_per_<unit>_median, cpu_seconds_per_<unit>_median) and every wall time."""
+    return {key: {"rounds": rounds, f"seconds_per_{unit}_median": float(np.median([t.wall for t in ts])),
+                  f"cpu_seconds_per_{unit}_median": float(np.median([t.cpu for t in ts])),
+                  "wall_seconds": [t.wall for t in ts]} for key, ts in round_robin(calls, rounds).items()}
+
+
 def median(timings: Sequence[Timing]) -> Timing:
     """The median wall and the median CPU time (each on its own)."""
     return Timing(statistics.median(t.wall for t in timings), statistics.median(t.cpu for t in timings))

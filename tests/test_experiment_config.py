@@ -97,6 +97,29 @@ def test_presets_are_checked():
         ec.option([1, 2], "mutable")
 
 
+def test_fields_without_a_preset_join_another_programs_flags(fresh_flags):
+    @dataclasses.dataclass
+    class Suite:
+        suite_steps: Sequence[int] = ec.option((10, 50), "T values.")
+        suite_repeats: int = ec.option(3, "Repeats.")
+
+    ec.define_flags(Config, PRESETS, flag_values=fresh_flags)
+    ec.define_fields(Suite, flag_values=fresh_flags)  # no second --preset/--quick: no clash
+    fresh_flags(["prog", "--quick", "--suite_steps=2,3"])
+    suite, explicit = ec.fields_from_flags(Suite, fresh_flags)
+    assert suite == Suite(suite_steps=(2, 3), suite_repeats=3) and explicit == ["suite_steps"]
+    assert ec.config_from_flags(Config, PRESETS, fresh_flags).steps == 3  # the program's preset still applies
+
+
+def test_require_names_the_flag_of_the_first_broken_rule():
+    cfg = Config(steps=0, save_every=-1)
+    ec.require(cfg, lr=(cfg.lr > 0, "> 0"))  # nothing broken: no error
+    with pytest.raises(ValueError, match=r"^--steps must be >= 1, got 0$"):
+        ec.require(cfg, lr=(True, "> 0"), steps=(cfg.steps >= 1, ">= 1"), save_every=(cfg.save_every >= 0, ">= 0"))
+    with pytest.raises(ValueError, match=r"^--checkpoint_period must be >= 0, got -1$"):  # the field's flag name
+        ec.require(cfg, save_every=(cfg.save_every >= 0, ">= 0"))
+
+
 def test_parse_pause_after():
     assert parse_pause_after(None) is None and parse_pause_after("") is None
     assert parse_pause_after("full, 2") == ("full", 2)
