@@ -85,9 +85,9 @@ def test_store_matches_forward_mode_exactly():
 
 def test_auto_stores_within_the_budget_and_recomputes_beyond_it():
     hg, _ = _run("auto", learning_rate=0.3, truncate=4)
-    assert hg.backward_used == "store" and 0 < hg.step_residual_bytes < 10**6
+    assert hg.backward_used == "store" and 0 < hg.step_residual_bytes < 10**6 and hg.step_storable is True
     tight, _ = _run("auto", learning_rate=0.3, truncate=4, memory_budget=4 * hg.step_residual_bytes - 1)
-    assert tight.backward_used == "recompute"
+    assert tight.backward_used == "recompute" and tight.step_storable is True  # the budget decided
     assert _run("recompute", learning_rate=0.3)[0].backward_used == "recompute"
 
 
@@ -122,7 +122,7 @@ def test_auto_recomputes_when_a_step_computes_shapes_that_xla_cannot_accumulate(
 
     hg = tfb.hypergradient_fn(inner, lambda w, hp: tf.reduce_sum(w ** 2), steps=3, learning_rate=0.1, jit_compile=True)
     _, grads = hg(tf.ones([4, 3], tf.float64), tf.ones([3, 10], tf.float64))
-    assert hg.backward_used == "recompute" and np.all(np.isfinite(grads.numpy()))
+    assert hg.backward_used == "recompute" and hg.step_storable is False and np.all(np.isfinite(grads.numpy()))
 
 
 def test_residual_estimate_counts_what_a_step_computes_not_its_inputs():
