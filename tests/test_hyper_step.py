@@ -4,6 +4,8 @@ guard_settings (refuse other settings) and tfb.Progress (Keras' Progbar for func
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 
 import keras
 import numpy as np
@@ -158,6 +160,62 @@ def test_settings_guard_refuses_a_mismatch_naming_it(tmp_path):
     assert "delete" in message
     with pytest.raises(TypeError, match="settings must be a dict"):
         tfb.guard_settings(tmp_path / "x", [("lr", 0.1)])
+
+
+def _guard_at_barrier(barrier, directory: str, who: int, rounds: int, results) -> None:
+    """Worker: in each round, waits for the other process at `barrier`, then calls
+    guard_settings({"who": who}) on that round's folder and reports whether it was accepted."""
+    from tf_bilevel.resume import SettingsMismatchError, guard_settings
+
+    for r in range(rounds):
+        barrier.wait()
+        try:
+            guard_settings(os.path.join(directory, str(r)), {"who": who})
+            results.put((r, who, "accepted"))
+        except SettingsMismatchError:
+            results.put((r, who, "refused"))
+
+
+@pytest.mark.slow
+def test_settings_guard_first_writer_wins_when_two_processes_start_together(tmp_path):
+    """Two processes with different settings released at one barrier onto one fresh folder, 10
+    times: exactly one is accepted and its settings are the stored ones; the other gets
+    SettingsMismatchError (before the atomic create, both were accepted in 10 of 10 tries)."""
+    rounds = 10
+    context = multiprocessing.get_context("spawn")  # no fork of a process running TensorFlow
+    barrier, results = context.Barrier(2), context.Queue()
+    workers = [context.Process(target=_guard_at_barrier, args=(barrier, str(tmp_path), who, rounds, results))
+               for who in (0, 1)]
+    for worker in workers:
+        worker.start()
+    try:
+        outcomes = [results.get(timeout=300) for _ in range(2 * rounds)]
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+    assert all(worker.exitcode == 0 for worker in workers)
+    for r in range(rounds):
+        got = {who: outcome for rr, who, outcome in outcomes if rr == r}
+        assert sorted(got.values()) == ["accepted", "refused"], (r, got)
+        winner = next(who for who, outcome in got.items() if outcome == "accepted")
+        assert json.loads((tmp_path / str(r) / "settings.json").read_text()) == {"who": winner}
+        assert os.listdir(tmp_path / str(r)) == ["settings.json"]  # no temporary file left behind
+
+
+def test_settings_guard_without_hard_links_still_creates_once(tmp_path, monkeypatch):
+    """Where the filesystem refuses hard links, the exclusive create of settings.json decides."""
+    def no_links(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    tfb.guard_settings(tmp_path, {"lr": 0.1})
+    tfb.guard_settings(tmp_path, {"lr": 0.1})
+    with pytest.raises(tfb.SettingsMismatchError, match="lr: 0.1 then, 0.2 now"):
+        tfb.guard_settings(tmp_path, {"lr": 0.2})
+    assert os.listdir(tmp_path) == ["settings.json"]
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"lr": 0.1}
 
 
 def test_nonfinite_step_leaves_the_state_unchanged_and_names_the_step():

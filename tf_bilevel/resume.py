@@ -76,16 +76,50 @@ def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
         raise
 
 
+def _create_json_exclusively(path: str, value: Any) -> bool:
+    """Creates `path` holding `value` as JSON unless it exists; True if this call created it.
+
+    The file is written and flushed under a temporary name, then hard-linked to `path`: link
+    fails if `path` exists, so of two processes creating it at once exactly one wins, and a
+    reader never sees it half-written. (Where the filesystem has no hard links, an O_EXCL create
+    of `path` itself decides the winner.)"""
+    directory, name = os.path.split(path)
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=f"-{name}")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temporary, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (EPERM, ENOTSUP, ...)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump(value, f, default=_json_default)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+    finally:
+        os.remove(temporary)
+
+
 def guard_settings(directory: str | os.PathLike, settings: Mapping[str, Any], *, what: str = "the checkpoints") -> None:
     """On the first call for `directory`, stores `settings` in <directory>/settings.json; later,
-    raises `SettingsMismatchError` if they differ from the stored ones. Pass every setting that
+    raises `SettingsMismatchError` if they differ from the stored ones. The first writer wins:
+    of processes starting together on one fresh folder, one stores its settings and the others
+    are checked against them. Pass every setting that
     changes the numbers (learning rates, T, K, seeds, a hash of the data), none that does not
     (output paths, logging), so that resuming never mixes two configurations."""
     settings = _as_json(settings, "settings")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, SETTINGS_FILE)
-    if not os.path.exists(path):
-        write_json_atomically(path, settings)
+    if not os.path.exists(path) and _create_json_exclusively(path, settings):
         return
     try:
         with open(path) as f:
