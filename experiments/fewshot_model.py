@@ -47,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments import datasets
+from experiments import datasets, kanji_strokes
 from tf_bilevel.keras import inverse_softplus, losses
 from tf_bilevel.keras.layers import batch_moments
 
@@ -230,12 +230,18 @@ class MetaData:
 
 def load_meta_data(dataset: str, *, data_dir: Optional[str], local_dir: Optional[str], image_size: int,
                    class_split: Sequence[int], rotations: bool, seed: int) -> MetaData:
-    """Omniglot (tfds, train + test) or (fashion_)mnist (train + test) with disjoint class pools of
+    """Omniglot (tfds, train + test), kanji_strokes (its Omniglot-shaped offline substitute,
+    experiments/kanji_strokes.py) or (fashion_)mnist (train + test) with disjoint class pools of
     `class_split` = (train, val, test) base classes; `rotations`: each class also as its 90/180/270°
     rotations (new classes in the same pool)."""
     if dataset == "omniglot":
         images, labels = datasets.load_omniglot(data_dir=data_dir, image_size=image_size)
         source = "tfds omniglot (train + test), grayscale"
+    elif dataset == kanji_strokes.NAME:
+        images, labels = kanji_strokes.load_kanji_strokes(data_dir=data_dir, image_size=image_size)
+        source = (f"tfds {kanji_strokes.NAME} ({kanji_strokes.NUM_CHARACTERS} characters x {kanji_strokes.NUM_DRAWERS} "
+                  f"drawers, rendered from {kanji_strokes.DEBIAN_PACKAGE}'s strokes; synthetic, not Omniglot), "
+                  f"{kanji_strokes.IMAGE_SIZE}x{kanji_strokes.IMAGE_SIZE} resized")
     else:
         data = datasets.load_image_classification(dataset, data_dir=data_dir, local_dir=local_dir,
                                                   image_size=None if image_size == 28 else image_size)

@@ -7,6 +7,8 @@ hyper-representation as a SavedModel. A killed run continues when the same comma
 Datasets, evaluation, resumption and the measured results: RESULTS.md, "One-shot classification".
 
   tfb-omniglot                            # the paper (needs tfds omniglot)
+  tfb-omniglot --dataset=kanji_strokes    # offline, Omniglot-shaped: 1623 characters x 20 drawers
+                                          # rendered from Debian python3-kanjidraw's strokes
   tfb-omniglot --dataset=fashion_mnist    # offline, real data
   tfb-omniglot --preset=quick --dataset=mnist
   (or python -m experiments.omniglot ...)
@@ -35,7 +37,9 @@ from experiments.run_state import (
 )
 from experiments.timing import interleaved_median_seconds, phase
 
-DATASETS = ("omniglot", "mnist", "fashion_mnist")
+DATASETS = ("omniglot", "kanji_strokes", "mnist", "fashion_mnist")
+# Omniglot-shaped sets (1623 characters, the paper's split, no rotations).
+CHARACTER_SETS = ("omniglot", "kanji_strokes")
 # Table 4 of the paper (Omniglot, 5-way 1-shot): accuracy %, hyper-iterations, s/iter.
 PAPER_TABLE4 = [{"method": m, "accuracy": a, "iterations": i, "sec_per_iter": t} for m, a, i, t in (
     ("1-RMD", 95.6, 5000, 0.4), ("10-RMD", 96.3, 5000, 0.7), ("25-RMD", 96.1, 5000, 1.3), ("Full RMD", 95.8, 5000, 2.2),
@@ -45,7 +49,9 @@ PAPER_TABLE4 = [{"method": m, "accuracy": a, "iterations": i, "sec_per_iter": t}
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The run's settings; one flag per field (flag = field name)."""
-    dataset: str = option("omniglot", "Meta-learning dataset (omniglot = the paper).", choices=DATASETS)
+    dataset: str = option("omniglot", "Meta-learning dataset (omniglot = the paper; kanji_strokes = an offline "
+                          "Omniglot-shaped set rendered from Debian python3-kanjidraw, see "
+                          "experiments/kanji_strokes.py).", choices=DATASETS)
     n_way: int = option(5, "Classes per task.")
     k_shot: int = option(1, "Training (support) examples per class.")
     n_query: int = option(15, "Validation (query) examples per class.")
@@ -62,10 +68,11 @@ class Config:
     image_size: int = option(28, "Images are resized to this (Omniglot: 28).")
     class_split: Optional[Sequence[int]] = option(
         None, "Classes in meta-train, meta-val, meta-test (before rotations); default 1200,100,323 for omniglot "
-        "and 5,0,5 for (fashion_)mnist.")
+        "and kanji_strokes, 5,0,5 for (fashion_)mnist.")
     rotations: Optional[bool] = option(None, "Add 90/180/270° rotations as new classes (default: off for omniglot "
-                                       "as in the paper, on for (fashion_)mnist).")
-    eval_tasks: int = option(120, "Meta-test tasks for the final accuracy (paper: 120).")
+                                       "and kanji_strokes as in the paper, on for (fashion_)mnist).")
+    eval_tasks: Optional[int] = option(None, "Meta-test tasks for the final accuracy, with a 95% interval (default: "
+                                       "120 as the paper; 600 for kanji_strokes).")
     curve_eval_tasks: int = option(40, "Meta-test tasks for the accuracy curve (Fig. 7, plot 1).")
     eval_every: int = option(250, "Evaluate the accuracy curve every N hyper-iterations (0: never); also the "
                              "checkpoint interval for resuming (0: no intermediate checkpoint).")
@@ -115,10 +122,11 @@ def define_flags(flag_values: Optional[flags.FlagValues] = None) -> None:
 def config_from_flags(flag_values: Optional[flags.FlagValues] = None) -> Config:
     """The Config of the command line (preset, then explicit flags), dataset-dependent defaults filled in."""
     cfg = config.config_from_flags(Config, PRESETS, flag_values)
-    omniglot = cfg.dataset == "omniglot"
+    characters = cfg.dataset in CHARACTER_SETS
     cfg = dataclasses.replace(
-        cfg, class_split=cfg.class_split or ((1200, 100, 323) if omniglot else (5, 0, 5)),
-        rotations=(not omniglot) if cfg.rotations is None else cfg.rotations,
+        cfg, class_split=cfg.class_split or ((1200, 100, 323) if characters else (5, 0, 5)),
+        rotations=(not characters) if cfg.rotations is None else cfg.rotations,
+        eval_tasks=(600 if cfg.dataset == "kanji_strokes" else 120) if cfg.eval_tasks is None else cfg.eval_tasks,
         export_dir=cfg.export_dir or os.path.join(cfg.output_dir, "hyper_representation"))
     if len(cfg.class_split) != 3:
         raise ValueError(f"--class_split needs 3 numbers (train,val,test), got {cfg.class_split}")
