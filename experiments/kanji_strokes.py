@@ -85,8 +85,7 @@ def read_strokes(path: Optional[os.PathLike] = None) -> dict[str, np.ndarray]:
     path = Path(path or DATA_JSON)
     if not path.is_file():
         raise datasets.DataUnavailableError(_missing_message(path))
-    raw = path.read_bytes()
-    by_count = json.loads(raw)
+    by_count = json.loads(path.read_bytes())
     return {kanji: np.asarray(strokes, np.float64)
             for group in by_count.values() for kanji, strokes in group.items()}
 
@@ -237,6 +236,7 @@ class KanjiStrokes(tfds.core.GeneratorBasedBuilder):
     """tfds `kanji_strokes`: 1 623 characters × 20 drawers rendered from python3-kanjidraw's strokes
     (module docstring). Prepared from the local file only; nothing is downloaded."""
 
+    # tfds reuses a prepared set of the same version: bump it with any change to what is rendered.
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "1623 kanji of <= 10 strokes x 20 drawers, 105x105."}
 
@@ -255,7 +255,7 @@ class KanjiStrokes(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download
-        strokes = read_strokes()
+        strokes = read_strokes()  # names the Debian package if the file is missing
         digest = hashlib.sha256(DATA_JSON.read_bytes()).hexdigest()
         if digest != DATA_SHA256:
             raise datasets.DataUnavailableError(
