@@ -139,6 +139,9 @@ def forward_hypergradient(
         )
         return t + 1, new_state, new_dot, nonfinite.mark(marker, loss, t)
 
+    if tf.executing_eagerly():
+        # vectorized_map traces its function on every call when run eagerly: trace the step once.
+        body = tf.function(body, autograph=False)
     _, state, state_dot, marker = step_loop(
         lambda t, *_: t < steps,
         body,
