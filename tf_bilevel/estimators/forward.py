@@ -23,6 +23,7 @@ from tf_bilevel import nonfinite
 from tf_bilevel.dynamics.loops import step_loop
 from tf_bilevel.dynamics.optimizers import cast_scalar
 from tf_bilevel.dynamics.transition import InnerState, Transition
+from tf_bilevel.estimators import _pfor_conv
 from tf_bilevel.estimators.common import EstimatorOutput, internal_copy, outer_value_and_grads
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -97,6 +98,7 @@ def forward_hypergradient(
     `tangents`: Z of a previous call (`InnerState` of [N, ...] leaves, the previous result's
     `final_tangents`), multiplied by `forget`; None starts from zero. Either way Z_0 is then the
     total derivative of w0 = Ξ0(params, λ): J_params Ξ0 · (μZ) + B_0."""
+    _pfor_conv.install()
     problem = transition.problem
     flat_hp = tf.nest.flatten(hparams)
     n = num_hparams(hparams)
