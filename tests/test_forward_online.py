@@ -364,3 +364,29 @@ def test_a_cnn_step_with_all_columns_has_no_loop_and_matches_column_by_column_jv
         first.final_params, hp, (x, y), (x[0], y[0]), opt_state=first.final_opt_state, tangents=first.final_tangents,
     ))
     assert "Conv2DBackpropFilter" in types and not [t for t in types if "While" in t]
+
+
+@pytest.mark.slow
+def test_benchmark_program_runs_quick(tmp_path):
+    """`python -m experiments.benchmark_forward --quick`: table and JSON (sizes tiny; not timed here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark_forward", "--quick", f"--output_dir={tmp_path}"],
+        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ratio one pass" in done.stdout and "uses a while_loop" not in done.stderr
+    report = json.loads((tmp_path / "forward_results.json").read_text())
+    assert [r["jit_compile"] for r in report["results"]] == [True, False]
+    for r in report["results"]:
+        assert r["num_hparams"] == 6 and r["target"] == 7 and r["num_params"] > 0
+        assert set(r["median_seconds"]) == {"plain", "one_pass", "n_reruns"} and min(r["median_seconds"].values()) > 0
+        assert r["ratio_one_pass"] == r["median_seconds"]["one_pass"] / r["median_seconds"]["plain"]
+        assert r["relative_difference_one_pass_vs_reruns"] < 1e-4  # the two ways agree
+        assert r["tracing_count"] == 2  # fresh + continued, no retracing while timed
