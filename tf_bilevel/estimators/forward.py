@@ -31,7 +31,10 @@ _ZERO = tf.UnconnectedGradients.ZERO
 
 def num_hparams(hparams: Any) -> int:
     """N, the number of hyperparameter coordinates (tangent columns)."""
-    return sum(int(x.shape.num_elements()) for x in tf.nest.flatten(hparams))
+    flat = tf.nest.flatten(hparams)
+    if any(not x.shape.is_fully_defined() for x in flat):
+        raise ValueError("estimator='forward' needs hyperparameters with fully defined shapes (N is static)")
+    return sum(int(x.shape.num_elements()) for x in flat)
 
 
 def tangent_bytes(state: Any, columns: int) -> int:
@@ -105,9 +108,8 @@ def forward_hypergradient(
     hp_basis = basis(hparams)
 
     hp = internal_copy(hparams)
-    fresh = transition.init_state(params, opt_state)
     if tangents is None:
-        carried = zero_tangents(fresh, n)
+        carried = zero_tangents(transition.init_state(params, opt_state), n)
     elif forget == 1.0:
         carried = tangents
     else:
