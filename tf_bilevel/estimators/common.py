@@ -18,6 +18,7 @@ class EstimatorOutput(NamedTuple):
     nonfinite_step: tf.Tensor  # the marker of tf_bilevel.nonfinite (-1: all finite)
     final_opt_state: Any = ()
     solver_iterations: Any = -1  # CG iterations / Neumann terms used (implicit estimators), else -1
+    final_tangents: Any = ()  # forward mode: Z_T = d(w_T, opt_state_T)/dλ, [N, ...] per leaf
 
 
 def internal_copy(structure: Any) -> Any:
