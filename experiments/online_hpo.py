@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import os
 import time
@@ -37,8 +38,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
+from experiments import keras_resume  # noqa: E402
 from experiments import online_common as oc  # noqa: E402
 from experiments.config import define_flags, option  # noqa: E402
+from experiments.run_state import (  # noqa: E402
+    RESTART_HINT, StateFileError, damaged, read_state_json, write_json_atomically,
+)
 
 NETWORKS = ("cnn", "cnn_bn")
 TUNERS = ("hyperband", "random_search", "bayesian")  # run order: the cheaper search first
@@ -408,6 +413,98 @@ def run_plain(cfg: Config, data: dict, network: str, method: str, store: oc.Meth
     return oc.final_row(recorder, hyperparameters=hp)
 
 
+class TrialRecord(keras.callbacks.Callback):
+    """One KerasTuner trial's curve (cumulative fit seconds, validation accuracy per epoch) in
+    `path`, written at every epoch end before the trial's checkpoint and, when the trial resumes
+    from its checkpoint, cut back to the restored epoch; at the end of the trial its entry in the
+    trials log `log_path` (fit seconds over every session, best validation accuracy: KerasTuner's
+    score, and the test accuracy of the model it ends with, evaluated outside the timed span).
+    KerasTuner deep-copies callbacks per trial: the state lives in the files."""
+
+    def __init__(self, path: str, log_path: str, test: tuple, trial_id: str, initial_epoch: int, backup_dir: str):
+        super().__init__()
+        self.path, self.log_path, self.test, self.trial_id = path, log_path, test, trial_id
+        self.initial_epoch, self.backup_dir = initial_epoch, backup_dir
+
+    def on_train_begin(self, logs=None):
+        restored = oc.restored_epoch(self.backup_dir)
+        self.rec = {"epoch": [self.initial_epoch], "seconds": [0.0], "val_accuracy": [None]}
+        if restored > self.initial_epoch:
+            saved = read_state_json(self.path, f"delete {self.backup_dir} to rerun the trial, {RESTART_HINT}",
+                                       ("epoch", "seconds", "val_accuracy"))
+            keep = [i for i, e in enumerate(saved["epoch"]) if e <= restored]
+            self.rec = {k: [saved[k][i] for i in keep] for k in self.rec}
+            if self.rec["epoch"][-1] != restored:
+                raise StateFileError(f"{self.path} stops before the trial's checkpoint (epoch {restored}): delete "
+                                        f"{self.backup_dir} to rerun the trial, {RESTART_HINT}")
+            print(f"[trial {self.trial_id}] resumed at epoch {restored}", flush=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rec["epoch"].append(epoch + 1)
+        self.rec["seconds"].append(self.rec["seconds"][-1] + time.perf_counter() - self._t0)
+        self.rec["val_accuracy"].append(float((logs or {}).get("val_accuracy", -1.0)))
+        write_json_atomically(self.path, self.rec)
+
+    def on_train_end(self, logs=None):
+        entry = {"trial_id": self.trial_id, "fit_seconds": self.rec["seconds"][-1], "val_accuracy": self.best(),
+                 "test_accuracy": oc.accuracy(self.model, *self.test)}
+        entries = [e for e in trial_entries(self.log_path) if e.get("trial_id") != self.trial_id]
+        write_json_atomically(self.log_path, entries + [entry])
+
+    def best(self) -> float:
+        return max([v for v in self.rec["val_accuracy"] if v is not None], default=-1.0)
+
+
+def trial_entries(path: str) -> list:
+    """The trials log (a JSON list; [] before the first trial ends)."""
+    if not os.path.exists(path):
+        return []
+    remedy = f"delete it and the tuner's folder to redo the search, {RESTART_HINT}"
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except ValueError as err:
+        raise damaged(path, f"not valid JSON: {err}", remedy) from None
+    if not isinstance(entries, list):
+        raise damaged(path, f"a JSON {type(entries).__name__} where a list was written", remedy)
+    return entries
+
+
+def resumable_tuner(tuner_class: type) -> type:
+    """`tuner_class` whose trials resume per epoch: each trial fits with a BackupAndRestore of its
+    own under <project>/backup/<trial id>, on the minibatch stream from where the checkpoint was
+    taken, with a TrialRecord. KerasTuner itself reruns a trial interrupted by a kill (its
+    retry queue); with the checkpoint that rerun continues from the last finished epoch. The
+    objective reported is the best validation accuracy over all the trial's epochs (the
+    resumed part's History alone would miss the epochs before the kill). Set `trial_setup`
+    (stream(start) -> dataset, steps_per_epoch, test, log_path, pause_epoch) before `search`."""
+
+    class Resumable(tuner_class):
+        def run_trial(self, trial, *args, **kwargs):
+            setup = self.trial_setup
+            backup = os.path.join(self.project_dir, "backup", trial.trial_id)
+            os.makedirs(os.path.dirname(backup), exist_ok=True)
+            initial = int(trial.hyperparameters.values.get("tuner/initial_epoch", 0))
+            restored = oc.restored_epoch(backup)
+            start = max(0, restored - initial) * setup["steps_per_epoch"]
+            record = TrialRecord(os.path.join(self.project_dir, "backup", f"{trial.trial_id}.record.json"),
+                                 setup["log_path"], setup["test"], trial.trial_id, initial, backup)
+            callbacks = [record, keras_resume.CheckedBackupAndRestore(
+                backup, f"delete {backup} to rerun the trial, {RESTART_HINT}", delete_checkpoint=True)]
+            if setup.get("pause_epoch"):
+                callbacks.append(keras_resume.PauseOnce(setup["pause_marker"], epoch=setup["pause_epoch"]))
+            kwargs["callbacks"] = callbacks + list(kwargs.get("callbacks", []))
+            super().run_trial(trial, setup["stream"](start), *args[1:], **kwargs)
+            curve = read_state_json(record.path, f"delete {backup} to rerun the trial, {RESTART_HINT}", ("val_accuracy",))
+            return {"val_accuracy": max([v for v in curve["val_accuracy"] if v is not None], default=-1.0)}
+
+    Resumable.__name__ = Resumable.__qualname__ = f"Resumable{tuner_class.__name__}"
+    return Resumable
+
+
 def make_tuner(cfg: Config, network: str, kind: str, build: Callable) -> Any:
     try:
         import keras_tuner as kt
@@ -419,10 +516,11 @@ def make_tuner(cfg: Config, network: str, kind: str, build: Callable) -> Any:
     common = dict(objective="val_accuracy", seed=cfg.seeds[0], directory=os.path.join(cfg.output_dir, "tuner", network),
                   project_name=kind, overwrite=False)
     if kind == "random_search":
-        return kt.RandomSearch(build, max_trials=cfg.tuner_trials, **common)
+        return resumable_tuner(kt.RandomSearch)(build, max_trials=cfg.tuner_trials, **common)
     if kind == "bayesian":
-        return kt.BayesianOptimization(build, max_trials=cfg.bayesian_trials, **common)
-    return kt.Hyperband(build, max_epochs=cfg.epochs, factor=cfg.hyperband_factor, hyperband_iterations=1, **common)
+        return resumable_tuner(kt.BayesianOptimization)(build, max_trials=cfg.bayesian_trials, **common)
+    return resumable_tuner(kt.Hyperband)(build, max_epochs=cfg.epochs, factor=cfg.hyperband_factor,
+                                         hyperband_iterations=1, **common)
 
 
 def run_search(cfg: Config, data: dict, network: str, kind: str, store: oc.MethodStore) -> dict:
@@ -436,14 +534,24 @@ def run_search(cfg: Config, data: dict, network: str, kind: str, store: oc.Metho
         return compile_plain(build_cnn(decays, seed, network), cfg, lr)
 
     tuner = make_tuner(cfg, network, kind, build)
-    log = oc.TrialLog(store.path(search_key(network, kind), ".trials.json"), data["test"])
+    key = search_key(network, kind)
+    log_path = store.path(key, ".trials.json")
     steps_per_epoch = len(data["train"][1]) // cfg.batch_size
+    pause = store.pause if store.pause and store.pause[0] == key else None
+    tuner.trial_setup = dict(
+        stream=lambda start: oc.minibatch_stream(*data["train"], cfg.batch_size, seed, start).prefetch(2),
+        steps_per_epoch=steps_per_epoch, test=data["test"], log_path=log_path,
+        pause_epoch=pause[1] if pause else None, pause_marker=os.path.join(store.root, f"paused_{key}_{pause[1]}")
+        if pause else None)
     load_start, t0 = os.getloadavg(), time.time()
-    print(f"[{network}.{kind}] search", flush=True)
-    tuner.search(oc.minibatch_stream(*data["train"], cfg.batch_size, seed).prefetch(2),
-                 steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, validation_data=data["val"],
-                 validation_batch_size=1000, callbacks=[log], shuffle=False, verbose=0)
-    trials = log.entries()
+    print(f"[{key}] search", flush=True)
+    tuner.search(None, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, validation_data=data["val"],
+                 validation_batch_size=1000, shuffle=False, verbose=0)
+    failed = [t.trial_id for t in tuner.oracle.trials.values() if t.status == "FAILED"]
+    if failed:  # KerasTuner logs a failing trial and goes on: its "best" would be a silent wrong answer
+        raise RuntimeError(f"[{key}] KerasTuner trial(s) {failed} failed (their errors are above); fix the cause and "
+                           f"rerun (the finished trials are kept), or delete {tuner.project_dir} to redo the search.")
+    trials = trial_entries(log_path)
     best = tuner.get_best_hyperparameters(1)[0].values
     hp = {"weight_decay": [best[f"weight_decay_{l}"] for l in range(NUM_LAYERS)],
           "learning_rate": best["learning_rate"]}

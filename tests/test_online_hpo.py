@@ -28,6 +28,7 @@ from offline_data import write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+SLOW = 1800  # seconds: a whole --quick program on 2 shared cores (program_runs.TIMEOUT is 300)
 needs_fashion = pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
                                    reason="Debian package dataset-fashion-mnist is not installed")
 
@@ -231,7 +232,7 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     out = tmp_path / "out"
     log = tmp_path / "log.txt"
     baselines = _quick(out, subset, tmp_path, "--methods=default,default_cosine,random_search,hyperband,bayesian")
-    program_runs.finish(program_runs.start(baselines, log), log)
+    program_runs.finish(program_runs.start(baselines, log), log, timeout=SLOW)
     results = json.loads((out / "results.json").read_text())
     groups = results["methods"]
     assert set(groups) == {f"{n}/{m}" for n in H.NETWORKS
@@ -263,7 +264,8 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
 
     # The tf_bilevel methods on the CNN (forward ones only if the library has them), same folder.
     bilevel = "bilevel,krmd_wd" + (",forward,forward_forget" if H.has_online_forward() else "")
-    program_runs.finish(program_runs.start(_quick(out, subset, tmp_path, f"--methods={bilevel}", "--networks=cnn"), log), log)
+    program_runs.finish(program_runs.start(_quick(out, subset, tmp_path, f"--methods={bilevel}", "--networks=cnn"), log), log,
+                        timeout=SLOW)
     groups = json.loads((out / "results.json").read_text())["methods"]
     for name in bilevel.replace("bilevel,", "bilevel_T1,").split(","):
         for row in groups[f"cnn/{name}"]["runs"].values():
@@ -274,7 +276,7 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     assert (out / "hyperparameters.png").stat().st_size > 1000
 
     # A rerun of the baselines finds every run finished (and each search) and rewrites the same table.
-    program_runs.finish(program_runs.start(baselines, log), log)
+    program_runs.finish(program_runs.start(baselines, log), log, timeout=SLOW)
     assert log.read_text().count("finished earlier") == 2 * (5 * 2 + 3)
     again = json.loads((out / "results.json").read_text())["methods"]
     assert {k: v["summary"] for k, v in again.items()} == {k: v["summary"] for k, v in results["methods"].items()}
@@ -303,3 +305,31 @@ def test_a_killed_run_resumes_per_method_and_seed(tmp_path):
     for seed in ("0", "1"):
         for key in ("epoch", "test_accuracy", "val_accuracy"):
             assert got[seed]["record"][key] == want[seed]["record"][key], (seed, key)
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_a_killed_tuner_search_resumes_its_trial_from_the_last_epoch(tmp_path):
+    # SIGKILL after epoch 1 of the first RandomSearch trial; the rerun continues that trial from its
+    # checkpoint (KerasTuner reruns it, our BackupAndRestore restores it): the same trials, scores
+    # and best configuration as a search never killed.
+    subset = write_mnist_subset(FASHION_DIR, tmp_path / "fashion", train=3000, test=1000)
+    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+    extra = ("--methods=random_search", "--networks=cnn", "--seeds=0")
+    log = tmp_path / "interrupted.log"
+    program_runs.kill_when_paused(
+        program_runs.start(_quick(interrupted, subset, tmp_path, *extra, "--pause_after=cnn.random_search.search,1"),
+                           log),
+        interrupted / "resume" / "paused_cnn.random_search.search_1", log)
+    program_runs.finish(program_runs.start(_quick(interrupted, subset, tmp_path, *extra), log), log)
+    reference_log = tmp_path / "reference.log"
+    program_runs.finish(program_runs.start(_quick(reference, subset, tmp_path, *extra), reference_log), reference_log)
+    assert "resumed at epoch 1" in log.read_text()
+    got = json.loads((interrupted / "results.json").read_text())["methods"]["cnn/random_search"]
+    want = json.loads((reference / "results.json").read_text())["methods"]["cnn/random_search"]
+    assert got["search"]["num_fits"] == want["search"]["num_fits"] == 2
+    for a, b in zip(got["search"]["trials"], want["search"]["trials"]):
+        assert a["trial_id"] == b["trial_id"] and a["val_accuracy"] == b["val_accuracy"], (a, b)
+        assert a["test_accuracy"] == b["test_accuracy"] and a["fit_seconds"] > 0
+    assert got["search"]["hyperparameters"] == want["search"]["hyperparameters"]
+    assert got["runs"]["0"]["test_accuracy"] == want["runs"]["0"]["test_accuracy"]
