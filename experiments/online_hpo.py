@@ -8,7 +8,7 @@ test accuracy and the training wall clock as mean ± std over the seeds. A Keras
 once per network (seeded with the first seed); its best configuration is retrained with every
 seed. Writes results.json and figures to --output_dir. A killed run continues when the same
 command is rerun: finished (network, method, seed) runs are read back, the interrupted one
-continues from its last epoch (KerasTuner: from its last finished trial). Methods, settings and
+continues from its last epoch (a KerasTuner trial too). Methods, settings and
 the measured results: RESULTS.md, "Online hyperparameter optimization of a CNN vs KerasTuner".
 
   tfb-online-hpo                                                # every method, both networks, 3 seeds
@@ -301,9 +301,11 @@ def online_batch_norm_refusal() -> Optional[str]:
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), tfb.keras.BatchNormalization(),
                               keras.layers.Dense(2)])
     ce = tfb.keras.losses.sparse_categorical_crossentropy
-    try:
-        tfb.BilevelTrainer(model, inner_loss=ce, outer_loss=ce, steps=1, online=True, inner_learning_rate=0.1,
-                           hyperparameters={"weight_decay": tfb.Hyperparameter(1e-4, transform="exp")})
+    batches = tf.data.Dataset.from_tensors((tf.zeros([2, 4]), tf.zeros([2], tf.int32))).repeat()
+    try:  # the library checks the inner model's state once the models are built
+        trainer = tfb.BilevelTrainer(model, inner_loss=ce, outer_loss=ce, steps=1, online=True, inner_learning_rate=0.1,
+                                     hyperparameters={"weight_decay": tfb.Hyperparameter(1e-4, transform="exp")})
+        trainer.build_from_spec(tfb.keras.online_tasks(batches, batches, steps=1).element_spec)
     except ValueError as err:
         return str(err)
     return None
@@ -313,17 +315,20 @@ def check_available(cfg: Config) -> None:
     """NotAvailableError naming every selected (network, method) the installed tf_bilevel cannot
     run, before anything trains."""
     problems = []
-    if {"forward", "forward_forget"} & set(cfg.methods) and not has_online_forward():
-        problems.append("methods forward, forward_forget need BilevelTrainer(online=True, estimator=\"forward\", "
-                        "forget=μ) (issue #16 §3), which is not available in this tf_bilevel yet")
-    if "cnn_bn" in cfg.networks and set(BILEVEL) & set(cfg.methods):
+    forward = [m for m in ("forward", "forward_forget") if m in cfg.methods]
+    if forward and not has_online_forward():
+        problems.append(f"method(s) {', '.join(forward)} need BilevelTrainer(online=True, estimator=\"forward\", "
+                        "forget=μ) (issue #16 §3), which is not available in this tf_bilevel yet: leave them out of "
+                        "--methods")
+    bilevel = [m for m in BILEVEL if m in cfg.methods]
+    if "cnn_bn" in cfg.networks and bilevel:
         refusal = online_batch_norm_refusal()
         if refusal is not None:
-            problems.append("network cnn_bn with the tf_bilevel methods needs BatchNorm in an online inner model "
-                            f"(issue #16 §4), which is not available in this tf_bilevel yet: {refusal}")
+            problems.append(f"network cnn_bn with the tf_bilevel method(s) {', '.join(bilevel)} needs BatchNorm in an "
+                            "online inner model (issue #16 §4), which is not available in this tf_bilevel yet "
+                            f"(the library says: {refusal}): run them with --networks=cnn")
     if problems:
-        raise NotAvailableError("; ".join(problems) + ". Leave those out (e.g. --methods=default,random_search,"
-                                "hyperband, or --networks=cnn).")
+        raise NotAvailableError("; ".join(problems) + ".")
 
 
 # ----------------------------------------------------------------------------------------
