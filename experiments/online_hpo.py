@@ -524,9 +524,11 @@ def make_tuner(cfg: Config, network: str, kind: str, build: Callable) -> Any:
         return resumable_tuner(kt.RandomSearch)(build, max_trials=cfg.tuner_trials, **common)
     if kind == "bayesian":
         try:
-            import scipy  # noqa: F401  (KerasTuner's Bayesian oracle needs it)
+            import scipy  # noqa: F401  (KerasTuner's Bayesian oracle needs both)
+            import sklearn  # noqa: F401
         except ImportError:
-            raise SystemExit("online_hpo: method bayesian needs scipy: pip install \"keras-tuner[bayesian]\" "
+            raise SystemExit("online_hpo: method bayesian needs scipy and scikit-learn: pip install "
+                             "\"keras-tuner[bayesian]\" "
                              "(or leave bayesian out of --methods)") from None
         return resumable_tuner(kt.BayesianOptimization)(build, max_trials=cfg.bayesian_trials, **common)
     return resumable_tuner(kt.Hyperband)(build, max_epochs=cfg.epochs, factor=cfg.hyperband_factor,
