@@ -595,7 +595,8 @@ def run_methods(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
             hp = None
             if method in TUNERS:
                 search = store.run_once(search_key(network, method), timed_run(
-                    lambda: run_search(cfg, data, network, method, store)))
+                    lambda: run_search(cfg, data, network, method, store)),
+                    required=("hyperparameters", "trials", "search_seconds"))
                 group["search"] = search
                 hp = search["hyperparameters"]
             for seed in cfg.seeds:
