@@ -233,18 +233,19 @@ class MethodStore(keras_resume.MethodStore):
         os.makedirs(self.root, exist_ok=True)
         self.pause = parse_pause_after(pause_after, "METHOD,EPOCH")
 
-    def run_once(self, method: str, train: Callable[[], dict]) -> dict:
-        """The row of `method`: the stored one if it finished earlier, else `train()`'s, stored."""
-        if (row := self.row(method)) is not None:
+    def run_once(self, method: str, train: Callable[[], dict],
+                 required: Sequence[str] = ("test_accuracy", "record")) -> dict:
+        """The row of `method`: the stored one if it finished earlier, else `train()`'s, stored.
+        `required`: the keys a stored row must have (else it is a damaged state file)."""
+        if (row := self.row(method, required)) is not None:
             print(f"[{method}] finished earlier", flush=True)
             return row
         return self.save(method, train())
 
-    def row(self, method: str) -> Optional[dict]:
+    def row(self, method: str, required: Sequence[str] = ("test_accuracy", "record")) -> Optional[dict]:
         if not self.finished(method):
             return None
-        return read_state_json(self.path(method, ".json"), f"delete it to rerun {method}, {RESTART_HINT}",
-                               ("test_accuracy", "record"))
+        return read_state_json(self.path(method, ".json"), f"delete it to rerun {method}, {RESTART_HINT}", required)
 
     def callbacks(self, method: str, recorder: EpochRecorder) -> list:
         """[recorder, BackupAndRestore (a damaged backup is a named error), (PauseOnce)] for one

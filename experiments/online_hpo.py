@@ -1,24 +1,35 @@
-r"""Tune while you train: per-layer weight decay and the learning rate of a small CNN on
-Fashion-MNIST, learned online with K-RMD, against the defaults and KerasTuner (issue #11 §5).
+r"""Tune while you train: per-layer weight decay and the learning rate of a small CNN (with or
+without BatchNorm) on Fashion-MNIST, learned online by tf_bilevel, against the default
+hyperparameters and KerasTuner, over several seeds (issue #16 §5; first version issue #11 §5).
 
-Trains the CNN once per method (bilevel online for each --truncate, the default
-hyperparameters, KerasTuner RandomSearch and Hyperband) and compares test accuracy against
-training wall-clock; writes results.json and figures to --output_dir. A killed run continues
-when the same command is rerun. Methods, settings and the measured results: RESULTS.md, "Online
-hyperparameter optimization of a CNN vs KerasTuner".
+Every method is trained once per --networks entry and per --seeds entry (the seed sets the initial
+weights and the minibatch order; the validation split is --split_seed's); the table reports the
+test accuracy and the training wall clock as mean ± std over the seeds. A KerasTuner search runs
+once per network (seeded with the first seed); its best configuration is retrained with every
+seed. Writes results.json and figures to --output_dir. A killed run continues when the same
+command is rerun: finished (network, method, seed) runs are read back, the interrupted one
+continues from its last epoch (a KerasTuner trial too). Methods, settings and
+the measured results: RESULTS.md, "Online hyperparameter optimization of a CNN vs KerasTuner".
 
-  tfb-online-hpo                                     # the full comparison
-  tfb-online-hpo --truncate=1,20:1 --methods=bilevel # T = 1, and T = 20 with K = 1
-  tfb-online-hpo --preset=bilevel_only               # T = K = 1 against the default only
-  tfb-online-hpo --preset=quick                      # tiny budget (tests)
+  tfb-online-hpo                                                # every method, both networks, 3 seeds
+  tfb-online-hpo --methods=default,random_search,hyperband     # the baselines only
+  tfb-online-hpo --networks=cnn --seeds=0 --methods=bilevel    # one greedy T = K = 1 run
+  tfb-online-hpo --preset=quick                                 # tiny budget (tests)
   (or python -m experiments.online_hpo ...)
+
+Methods whose tf_bilevel features are not in the installed library (online forward mode with
+`forget`; BatchNorm in an online inner model) are refused by name before anything trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+import math
 import os
-from typing import Any, Optional, Sequence
+import time
+from typing import Any, Callable, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,32 +38,55 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
+from experiments import keras_resume  # noqa: E402
 from experiments import online_common as oc  # noqa: E402
 from experiments.config import define_flags, option  # noqa: E402
+from experiments.run_state import (  # noqa: E402
+    RESTART_HINT, StateFileError, damaged, read_state_json, write_json_atomically,
+)
 
-METHODS = ("bilevel", "default", "random_search", "hyperband")
-TUNERS = ("random_search", "hyperband")
+NETWORKS = ("cnn", "cnn_bn")
+TUNERS = ("hyperband", "random_search", "bayesian")  # run order: the cheaper search first
+PLAIN = ("default", "default_cosine")
+BILEVEL = ("bilevel", "krmd_wd", "forward", "forward_forget")
+METHODS = PLAIN + TUNERS + BILEVEL
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "bayesian")  # Bayesian: behind --methods (budget)
 NUM_LAYERS = 4  # kernels: conv1, conv2, dense, classifier
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The full comparison: T = K ∈ {1, 5, 20}, 10 epochs, 20 random-search trials, Hyperband.
+    # The full comparison: every method but Bayesian, both networks, 3 seeds, 10 epochs.
     "full": {},
-    # One bilevel run against the default only (minutes): a first look.
-    "bilevel_only": dict(truncate=("1",), methods=("bilevel", "default")),
-    # Tests: a slice of the data, 2 epochs, 2 random-search trials.
-    "quick": dict(truncate=("1", "4"), epochs=2, n_train=2048, n_val=512, n_test=1000, tuner_trials=2,
-                  val_batch_size=128, hp_every=2),
+    # The baselines (what runs with today's library on both networks).
+    "baselines": dict(methods=("default", "default_cosine", "random_search", "hyperband")),
+    # One greedy run against the default only (minutes): a first look.
+    "bilevel_only": dict(methods=("bilevel", "default"), networks=("cnn",), seeds=(0,)),
+    # Tests: a slice of the data, 2 epochs, 2 trials, 2 seeds.
+    "quick": dict(epochs=2, n_train=2048, n_val=512, n_test=1000, tuner_trials=2, bayesian_trials=2,
+                  val_batch_size=128, hp_every=2, seeds=(0, 1), krmd="2:2"),
 }
+
+
+class NotAvailableError(RuntimeError):
+    """A method needs a tf_bilevel feature the installed library does not have."""
 
 
 @dataclasses.dataclass
 class Config(oc.StateOptions):
     output_dir: str = option("out/online_hpo", "results.json, PNGs, resume state and KerasTuner's folder.",
                              result=False)
-    methods: Sequence[str] = option(METHODS, f"Any of {list(METHODS)}.", result=False)
-    truncate: Sequence[str] = option(("1", "5", "20"), "Each bilevel run: T (inner steps per hyper-iteration, "
-                                     "back-propagated through all of them, K = T) or T:K (the last K only).",
+    methods: Sequence[str] = option(DEFAULT_METHODS, f"Any of {list(METHODS)}.", result=False)
+    networks: Sequence[str] = option(NETWORKS, f"Any of {list(NETWORKS)} (cnn_bn: BatchNorm after each "
+                                     "hidden layer).", result=False)
+    seeds: Sequence[int] = option((0, 1, 2), "Run seeds (initial weights and minibatch order); one run "
+                                  "per method, network and seed.", result=False)
+    split_seed: int = option(0, "Seed of the validation split (the same for every run).")
+    truncate: Sequence[str] = option(("1",), "Method bilevel (weight decays and a constant γ learned): "
+                                     "one run per entry, T (inner steps per hyper-iteration, K = T) or T:K.",
                                      result=False)
+    krmd: str = option("10:10", "Method krmd_wd (weight decays learned, γ on the fixed cosine schedule): "
+                       "T:K.")
+    forward_steps: int = option(1, "Methods forward, forward_forget: inner steps T per hyper-iteration.")
+    forget: float = option(0.99, "Method forward_forget: μ in [0, 1) (forward is μ = 1).")
     epochs: int = option(10, "Passes over the training split (every method; Hyperband's max_epochs).")
     batch_size: int = option(128, "Training minibatch size.")
     val_batch_size: int = option(256, "Validation examples per hyper-iteration (outer loss).")
@@ -60,15 +94,18 @@ class Config(oc.StateOptions):
     n_train: Optional[int] = option(None, "Use only this many training images (default: all the others).")
     n_test: Optional[int] = option(None, "Use only this many test images (default: all 10 000).")
     init_weight_decay: float = option(5e-4, "Default / initial weight decay of every layer.")
-    init_lr: float = option(0.05, "Default / initial learning rate γ.")
+    init_lr: float = option(0.05, "Default / initial learning rate γ (the cosine schedules' peak).")
+    final_lr_fraction: float = option(0.01, "Cosine schedules: final γ as a fraction of the peak (Keras "
+                                      "CosineDecay's alpha).")
     momentum: float = option(0.9, "Heavy-ball momentum β (fixed).")
     weight_decay_range: Sequence[float] = option((1e-6, 1e-2), "KerasTuner: log-uniform range.")
     lr_range: Sequence[float] = option((1e-3, 0.3), "KerasTuner: log-uniform range of γ.")
     outer_lr: float = option(0.01, "Adam step on the log-hyperparameters.")
     tuner_trials: int = option(20, "RandomSearch trials.")
+    bayesian_trials: int = option(20, "BayesianOptimization trials.")
     hyperband_factor: int = option(3, "Hyperband's reduction factor.")
     hp_every: int = option(10, "Record the hyperparameters every N hyper-iterations.")
-    seed: int = option(0, "Seed of the split, the initial weights and the minibatch order.")
+    seed: int = option(0, "The current run's seed (set from --seeds per run).", internal=True, result=False)
     jit_compile: bool = option(False, "XLA-compile the train steps (all methods alike; off by default: slower "
                                "on CPU for this CNN, see RESULTS.md).")
     local_dir: Optional[str] = option(None, "Folder with the 4 Fashion-MNIST IDX .gz files (default: tfds "
@@ -79,12 +116,24 @@ class Config(oc.StateOptions):
 
     def validated(self) -> "Config":
         cfg = dataclasses.replace(self, methods=tuple(dict.fromkeys(self.methods)),
-                                  truncate=tuple(sorted({parse_truncation(t) for t in self.truncate})))
+                                  networks=tuple(dict.fromkeys(self.networks)),
+                                  seeds=tuple(dict.fromkeys(int(s) for s in self.seeds)),
+                                  truncate=tuple(sorted({parse_truncation(t, "--truncate") for t in self.truncate})))
         bad = [m for m in cfg.methods if m not in METHODS]
         if bad or not cfg.methods:
             raise ValueError(f"--methods: choose from {list(METHODS)}, got {list(self.methods)}")
+        bad = [n for n in cfg.networks if n not in NETWORKS]
+        if bad or not cfg.networks:
+            raise ValueError(f"--networks: choose from {list(NETWORKS)}, got {list(self.networks)}")
+        if not cfg.seeds or min(cfg.seeds) < 0:
+            raise ValueError(f"--seeds: give at least one seed, each >= 0, got {list(self.seeds)}")
         if "bilevel" in cfg.methods and not cfg.truncate:
             raise ValueError("--truncate: give at least one T (or T:K)")
+        parse_truncation(cfg.krmd, "--krmd")
+        if not 0 <= cfg.forget < 1:
+            raise ValueError(f"--forget must be in [0, 1) (μ = 1 is method forward), got {cfg.forget}")
+        if not 0 <= cfg.final_lr_fraction <= 1:
+            raise ValueError(f"--final_lr_fraction must be in [0, 1], got {cfg.final_lr_fraction}")
         if cfg.hyperband_factor < 2:
             raise ValueError(f"--hyperband_factor must be >= 2, got {cfg.hyperband_factor}")
         for name in ("weight_decay_range", "lr_range"):
@@ -92,12 +141,15 @@ class Config(oc.StateOptions):
             if not 0 < low < high:
                 raise ValueError(f"--{name} must be LOW,HIGH with 0 < LOW < HIGH, got {getattr(cfg, name)}")
             setattr(cfg, name, (low, high))
-        oc.check_ranges(cfg, ("epochs", "batch_size", "val_batch_size", "n_val", "tuner_trials", "hp_every"),
-                        ("init_weight_decay", "init_lr", "outer_lr"))
+        oc.check_ranges(cfg, ("epochs", "batch_size", "val_batch_size", "n_val", "tuner_trials", "bayesian_trials",
+                              "hp_every", "forward_steps"), ("init_weight_decay", "init_lr", "outer_lr"))
         return cfg
 
+    def for_seed(self, seed: int) -> "Config":
+        return dataclasses.replace(self, seed=int(seed))
 
-def parse_truncation(value: Any) -> tuple[int, int]:
+
+def parse_truncation(value: Any, flag: str = "--truncate") -> tuple[int, int]:
     """T (K = T), "T:K" or (T, K) -> (T, K) with 1 <= K <= T."""
     try:
         if isinstance(value, (tuple, list)):
@@ -107,9 +159,9 @@ def parse_truncation(value: Any) -> tuple[int, int]:
         else:
             steps = truncate = int(value)
     except ValueError:
-        raise ValueError(f"--truncate: each entry is T or T:K (integers), got {value!r}") from None
+        raise ValueError(f"{flag}: each entry is T or T:K (integers), got {value!r}") from None
     if not 1 <= truncate <= steps:
-        raise ValueError(f"--truncate: each entry needs 1 <= K <= T, got {value!r}")
+        raise ValueError(f"{flag}: each entry needs 1 <= K <= T, got {value!r}")
     return steps, truncate
 
 
@@ -117,19 +169,38 @@ def method_name(steps: int, truncate: int) -> str:
     return f"bilevel_T{steps}" if truncate == steps else f"bilevel_T{steps}_K{truncate}"
 
 
+def method_names(cfg: Config) -> list[str]:
+    """The methods' result names in run order: the baselines first (they need nothing new from
+    tf_bilevel), each bilevel --truncate entry as bilevel_T<T>[_K<K>]."""
+    names = [m for m in METHODS if m in cfg.methods and m not in BILEVEL]
+    for m in BILEVEL:
+        if m in cfg.methods:
+            names += [method_name(*t) for t in cfg.truncate] if m == "bilevel" else [m]
+    return names
+
+
+def run_key(network: str, method: str, seed: int) -> str:
+    """The resume key (file name under <output_dir>/resume) of one run."""
+    return f"{network}.{method}.seed{seed}"
+
+
+def search_key(network: str, kind: str) -> str:
+    return f"{network}.{kind}.search"
+
+
 # ----------------------------------------------------------------------------------------
 # Data and model.
 # ----------------------------------------------------------------------------------------
 def load_data(cfg: Config) -> tuple[dict, dict]:
     """{"train", "val", "test": (x float32 [N, 28, 28, 1], y int32 [N])} and a description.
-    The validation split is a seeded random subset of the training split."""
+    The validation split is a random subset of the training split drawn from --split_seed."""
     from experiments import datasets
 
     data = datasets.load_image_classification("fashion_mnist", data_dir=cfg.data_dir, local_dir=cfg.local_dir)
     (x, y), (x_test, y_test) = data["train"], data["test"]
     if cfg.n_val >= len(y):
         raise ValueError(f"--n_val={cfg.n_val} leaves no training images out of {len(y)}")
-    order = np.random.default_rng(cfg.seed).permutation(len(y))
+    order = np.random.default_rng(cfg.split_seed).permutation(len(y))
     val_idx, train_idx = order[: cfg.n_val], order[cfg.n_val:]
     if cfg.n_train is not None:
         train_idx = train_idx[: cfg.n_train]
@@ -139,7 +210,7 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
         "val": (oc.scale_images(x[val_idx]), y[val_idx].astype(np.int32)),
         "test": (oc.scale_images(x_test[:n_test]), y_test[:n_test].astype(np.int32)),
     }
-    longest = max((t for t, _ in cfg.truncate), default=1)
+    longest = max([t for t, _ in cfg.truncate] + [parse_truncation(cfg.krmd)[0], cfg.forward_steps])
     if len(arrays["train"][1]) < cfg.batch_size * longest:
         raise ValueError(f"{len(arrays['train'][1])} training images do not fill one hyper-iteration of "
                          f"T={longest} minibatches of {cfg.batch_size}")
@@ -148,30 +219,40 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
     return arrays, info
 
 
-def build_cnn(weight_decays: Optional[Sequence[float]] = None, seed: int = 0) -> keras.Model:
-    """The small CNN; `weight_decays` (one per kernel) become Keras L2 kernel regularizers
-    (the baselines); the bilevel run has none (its decay is the inner_regularizer)."""
+def build_cnn(weight_decays: Optional[Sequence[float]] = None, seed: int = 0, network: str = "cnn",
+              batch_norm: Optional[type] = None) -> keras.Model:
+    """The small CNN; `weight_decays` (one per kernel) become Keras L2 kernel regularizers (the
+    baselines); the bilevel runs have none (their decay is the inner_regularizer). network
+    "cnn_bn" puts a BatchNormalization (`batch_norm`, default Keras') between each hidden
+    layer's linear part (then without bias) and its ReLU."""
+    if network not in NETWORKS:
+        raise ValueError(f"network must be one of {list(NETWORKS)}, got {network!r}")
+    bn = network == "cnn_bn"
+    batch_norm = batch_norm or keras.layers.BatchNormalization
+    layers = keras.layers
+
     def reg(layer: int):
         return None if weight_decays is None else keras.regularizers.L2(float(weight_decays[layer]))
 
-    def init(layer: int):
-        return keras.initializers.GlorotUniform(seed=seed + layer)
+    def hidden(layer: int, make: Callable[..., keras.layers.Layer]) -> list:
+        kwargs = dict(kernel_initializer=keras.initializers.GlorotUniform(seed=seed + layer),
+                      kernel_regularizer=reg(layer))
+        if not bn:
+            return [make(activation="relu", **kwargs)]
+        return [make(use_bias=False, **kwargs), batch_norm(), layers.Activation("relu")]
 
-    layers = keras.layers
     return keras.Sequential([
         keras.Input((28, 28, 1)),
-        layers.Conv2D(32, 3, activation="relu", kernel_initializer=init(0), kernel_regularizer=reg(0)),
-        layers.MaxPooling2D(),
-        layers.Conv2D(64, 3, activation="relu", kernel_initializer=init(1), kernel_regularizer=reg(1)),
-        layers.MaxPooling2D(),
+        *hidden(0, lambda **k: layers.Conv2D(32, 3, **k)), layers.MaxPooling2D(),
+        *hidden(1, lambda **k: layers.Conv2D(64, 3, **k)), layers.MaxPooling2D(),
         layers.Flatten(),
-        layers.Dense(128, activation="relu", kernel_initializer=init(2), kernel_regularizer=reg(2)),
-        layers.Dense(10, kernel_initializer=init(3), kernel_regularizer=reg(3)),
-    ], name="cnn")
+        *hidden(2, lambda **k: layers.Dense(128, **k)),
+        layers.Dense(10, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 3), kernel_regularizer=reg(3)),
+    ], name=network)
 
 
 def kernel_indices(model: keras.Model) -> list[int]:
-    """Positions of the kernels (not biases) in `model.trainable_weights`, layer order."""
+    """Positions of the kernels (not biases or BatchNorm's γ, β) in `model.trainable_weights`."""
     indices = [i for i, v in enumerate(model.trainable_weights) if v.path.endswith("kernel")]
     if len(indices) != NUM_LAYERS:
         raise AssertionError(f"expected {NUM_LAYERS} kernels, found {len(indices)}")
@@ -187,59 +268,249 @@ def weight_decay_regularizer(kernels: Sequence[int]):
     return regularizer
 
 
-def compile_plain(model: keras.Model, cfg: Config, lr: float) -> keras.Model:
+def total_steps(cfg: Config, n_train: int) -> int:
+    """Minibatches of a whole run (every method draws n_train // batch_size per epoch)."""
+    return cfg.epochs * (n_train // cfg.batch_size)
+
+
+def cosine_lr(peak: Any, end: Any, position: Any, total: int) -> Any:
+    """γ at minibatch `position` of a `total`-minibatch run: cosine from `peak` down to `end`
+    (Keras' CosineDecay(peak, total, alpha=end / peak)); constant `end` after the run."""
+    p = tf.minimum(tf.cast(position, tf.float32) / float(total), 1.0)
+    return end + (peak - end) * 0.5 * (1.0 + tf.cos(math.pi * p))
+
+
+def compile_plain(model: keras.Model, cfg: Config, lr: Any) -> keras.Model:
     model.compile(optimizer=keras.optimizers.SGD(lr, momentum=cfg.momentum), loss=oc.sparse_ce_logits(),
                   metrics=["accuracy"], jit_compile=cfg.jit_compile)
     return model
 
 
 # ----------------------------------------------------------------------------------------
-# Methods.
+# What the installed tf_bilevel can do.
 # ----------------------------------------------------------------------------------------
-def hp_summary(values: dict) -> dict:
-    return {"weight_decay": np.asarray(values["weight_decay"]).tolist(),
-            "learning_rate": float(values["inner_learning_rate"])}
+def has_online_forward() -> bool:
+    """BilevelTrainer(online=True, estimator="forward", forget=μ) (issue #16 §3): feature-detected
+    by the `forget` argument (estimator="forward" alone restarts the tangents every call)."""
+    return "forget" in inspect.signature(tfb.BilevelTrainer.__init__).parameters
 
 
-def run_bilevel(cfg: Config, data: dict, steps: int, store: oc.MethodStore, truncate: Optional[int] = None) -> dict:
-    """One online run with T = `steps` and K = `truncate` (default T); the trained CNN is tested
-    after --epochs passes."""
-    truncate = steps if truncate is None else truncate
-    model = oc.build_on(build_cnn(None, cfg.seed), (28, 28, 1))
+def online_batch_norm_refusal() -> Optional[str]:
+    """None if an online BilevelTrainer accepts an inner model with BatchNormalization, else the
+    library's refusal."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), tfb.keras.BatchNormalization(),
+                              keras.layers.Dense(2)])
+    ce = tfb.keras.losses.sparse_categorical_crossentropy
+    batches = tf.data.Dataset.from_tensors((tf.zeros([2, 4]), tf.zeros([2], tf.int32))).repeat()
+    try:  # the library checks the inner model's state once the models are built
+        trainer = tfb.BilevelTrainer(model, inner_loss=ce, outer_loss=ce, steps=1, online=True, inner_learning_rate=0.1,
+                                     hyperparameters={"weight_decay": tfb.Hyperparameter(1e-4, transform="exp")})
+        trainer.build_from_spec(tfb.keras.online_tasks(batches, batches, steps=1).element_spec)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def check_available(cfg: Config) -> None:
+    """NotAvailableError naming every selected (network, method) the installed tf_bilevel cannot
+    run, before anything trains."""
+    problems = []
+    forward = [m for m in ("forward", "forward_forget") if m in cfg.methods]
+    if forward and not has_online_forward():
+        problems.append(f"method(s) {', '.join(forward)} need BilevelTrainer(online=True, estimator=\"forward\", "
+                        "forget=μ) (issue #16 §3), which is not available in this tf_bilevel yet: leave them out of "
+                        "--methods")
+    bilevel = [m for m in BILEVEL if m in cfg.methods]
+    if "cnn_bn" in cfg.networks and bilevel:
+        refusal = online_batch_norm_refusal()
+        if refusal is not None:
+            problems.append(f"network cnn_bn with the tf_bilevel method(s) {', '.join(bilevel)} needs BatchNorm in an "
+                            "online inner model (issue #16 §4), which is not available in this tf_bilevel yet "
+                            f"(the library says: {refusal}): run them with --networks=cnn")
+    if problems:
+        raise NotAvailableError("; ".join(problems) + ".")
+
+
+# ----------------------------------------------------------------------------------------
+# Methods: one run (network, method, seed) each.
+# ----------------------------------------------------------------------------------------
+def hp_values(values: dict, gamma: Callable[[dict], float]) -> dict:
+    """The recorded hyperparameters: weight decays, the γ in use now, the schedule's ends if learned."""
+    out = {"weight_decay": np.asarray(values["weight_decay"]).tolist(), "learning_rate": float(gamma(values))}
+    for name in ("lr_peak", "lr_end"):
+        if name in values:
+            out[name] = float(values[name])
+    return out
+
+
+def run_bilevel(cfg: Config, data: dict, network: str, method: str, store: oc.MethodStore, key: str) -> dict:
+    """One online tf_bilevel run of `method` (bilevel_T<T>[_K<K>], krmd_wd, forward,
+    forward_forget) with seed cfg.seed; the trained CNN is tested after --epochs passes."""
+    total = total_steps(cfg, len(data["train"][1]))
+    decays = tfb.Hyperparameter(np.full(NUM_LAYERS, cfg.init_weight_decay, np.float32), transform="exp")
+    hyperparameters = {"weight_decay": decays}
+    extra: dict[str, Any] = {}
+    position: dict[str, Any] = {}  # the trainer, once built: its outer step counts hyper-iterations
+
+    def run_position(step: Any, steps: int) -> tf.Tensor:
+        # Global minibatch index of inner step `step` (0-based within a hyper-iteration).
+        done = tf.cast(position["trainer"].optimizer.iterations, tf.float32)
+        return done * steps + tf.cast(step, tf.float32)
+
+    if method.startswith("bilevel_T"):
+        steps, truncate = parse_truncation(method[len("bilevel_T"):].replace("_K", ":"))
+        lr: Any = tfb.Hyperparameter(cfg.init_lr, transform="exp")
+        gamma = lambda v: v["inner_learning_rate"]  # noqa: E731
+        extra = dict(truncate=truncate)
+    elif method == "krmd_wd":
+        steps, truncate = parse_truncation(cfg.krmd, "--krmd")
+        peak, end = cfg.init_lr, cfg.init_lr * cfg.final_lr_fraction
+        lr = lambda step: cosine_lr(peak, end, run_position(step, steps), total)  # noqa: E731
+        gamma = lambda v: float(cosine_lr(peak, end, iterations() * steps, total))  # noqa: E731
+        extra = dict(truncate=truncate)
+    else:  # forward, forward_forget: weight decays and the cosine schedule's two ends learned
+        steps = cfg.forward_steps
+        hyperparameters["lr_peak"] = tfb.Hyperparameter(cfg.init_lr, transform="exp")
+        hyperparameters["lr_end"] = tfb.Hyperparameter(cfg.init_lr * max(cfg.final_lr_fraction, 1e-6), transform="exp")
+        lr = lambda step, hp: cosine_lr(hp["lr_peak"], hp["lr_end"], run_position(step, steps), total)  # noqa: E731
+        gamma = lambda v: float(cosine_lr(v["lr_peak"], v["lr_end"], iterations() * steps, total))  # noqa: E731
+        extra = dict(estimator="forward", forget=1.0 if method == "forward" else cfg.forget)
+
+    def iterations() -> int:
+        return int(position["trainer"].optimizer.iterations.numpy())
+
+    batch_norm = tfb.keras.BatchNormalization  # exact second derivatives (tf_bilevel/keras/layers.py)
+    model = oc.build_on(build_cnn(None, cfg.seed, network, batch_norm), (28, 28, 1))
     ce = tfb.keras.losses.sparse_categorical_crossentropy
     trainer = tfb.BilevelTrainer(
-        model, inner_loss=ce, outer_loss=ce, steps=steps, truncate=truncate,
-        hyperparameters={"weight_decay": tfb.Hyperparameter(np.full(NUM_LAYERS, cfg.init_weight_decay),
-                                                            transform="exp")},
-        inner_regularizer=weight_decay_regularizer(kernel_indices(model)),
-        inner_learning_rate=tfb.Hyperparameter(cfg.init_lr, transform="exp"),
-        inner_optimizer=lambda lr: tfb.momentum(lr, beta=cfg.momentum),
-        seed=cfg.seed, online=True)
+        model, inner_loss=ce, outer_loss=ce, steps=steps, hyperparameters=hyperparameters,
+        inner_regularizer=weight_decay_regularizer(kernel_indices(model)), inner_learning_rate=lr,
+        inner_optimizer=lambda rate: tfb.momentum(rate, beta=cfg.momentum), seed=cfg.seed, online=True, **extra)
+    position["trainer"] = trainer
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.outer_lr), metrics=["accuracy"], jit_compile=cfg.jit_compile)
-    recorder = oc.fit_online(trainer, model, method_name(steps, truncate), data, cfg, store, hp_summary, steps)
-    return oc.final_row(recorder, steps=steps, truncate=truncate,
-                        hyper_iterations=recorder.epochs * recorder.steps_per_epoch,
-                        hyperparameters=hp_summary(trainer.hyperparameter_values()))
+    summary = lambda values: hp_values(values, gamma)  # noqa: E731
+    recorder = oc.fit_online(trainer, model, key, data, cfg, store, summary, steps)
+    return oc.final_row(recorder, steps=steps, **extra, hyper_iterations=recorder.epochs * recorder.steps_per_epoch,
+                        hyperparameters=summary(trainer.hyperparameter_values()))
 
 
-def fit_plain(cfg: Config, data: dict, method: str, weight_decays: Sequence[float], lr: float,
+def fit_plain(cfg: Config, data: dict, network: str, key: str, weight_decays: Sequence[float], lr: Any,
               store: oc.MethodStore) -> oc.EpochRecorder:
     """Trains the CNN with fixed hyperparameters for --epochs epochs (resumable), as Keras does."""
-    model = compile_plain(oc.build_on(build_cnn(weight_decays, cfg.seed), (28, 28, 1)), cfg, lr)
-    return oc.fit_keras(model, method, data["train"], test=data["test"], val=data["val"], epochs=cfg.epochs,
+    model = compile_plain(oc.build_on(build_cnn(weight_decays, cfg.seed, network), (28, 28, 1)), cfg, lr)
+    return oc.fit_keras(model, key, data["train"], test=data["test"], val=data["val"], epochs=cfg.epochs,
                         steps_per_epoch=len(data["train"][1]) // cfg.batch_size, batch_size=cfg.batch_size,
                         seed=cfg.seed, store=store)
 
 
-def run_default(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
+def cosine_schedule(cfg: Config, n_train: int) -> keras.optimizers.schedules.LearningRateSchedule:
+    return keras.optimizers.schedules.CosineDecay(cfg.init_lr, total_steps(cfg, n_train), alpha=cfg.final_lr_fraction)
+
+
+def run_plain(cfg: Config, data: dict, network: str, method: str, store: oc.MethodStore, key: str) -> dict:
+    """default: the initial hyperparameters, constant γ; default_cosine: the same on the fixed
+    cosine schedule of krmd_wd (Keras' CosineDecay)."""
     hp = {"weight_decay": [cfg.init_weight_decay] * NUM_LAYERS, "learning_rate": cfg.init_lr}
-    recorder = fit_plain(cfg, data, "default", hp["weight_decay"], hp["learning_rate"], store)
+    lr = cfg.init_lr if method == "default" else cosine_schedule(cfg, len(data["train"][1]))
+    if method == "default_cosine":
+        hp["schedule"] = f"cosine to {cfg.final_lr_fraction} x"
+    recorder = fit_plain(cfg, data, network, key, hp["weight_decay"], lr, store)
     return oc.final_row(recorder, hyperparameters=hp)
 
 
-def run_tuner(cfg: Config, data: dict, kind: str, store: oc.MethodStore) -> dict:
-    """KerasTuner search (resumable through its own directory), then the best configuration
-    retrained like the default method."""
+class TrialRecord(keras.callbacks.Callback):
+    """One KerasTuner trial's curve (cumulative fit seconds, validation accuracy per epoch) in
+    `path`, written at every epoch end before the trial's checkpoint and, when the trial resumes
+    from its checkpoint, cut back to the restored epoch; at the end of the trial its entry in the
+    trials log `log_path` (fit seconds over every session, best validation accuracy: KerasTuner's
+    score, and the test accuracy of the model it ends with, evaluated outside the timed span).
+    KerasTuner deep-copies callbacks per trial: the state lives in the files."""
+
+    def __init__(self, path: str, log_path: str, test: tuple, trial_id: str, initial_epoch: int, backup_dir: str):
+        super().__init__()
+        self.path, self.log_path, self.test, self.trial_id = path, log_path, test, trial_id
+        self.initial_epoch, self.backup_dir = initial_epoch, backup_dir
+
+    def on_train_begin(self, logs=None):
+        restored = oc.restored_epoch(self.backup_dir)
+        self.rec = {"epoch": [self.initial_epoch], "seconds": [0.0], "val_accuracy": [None]}
+        if restored > self.initial_epoch:
+            saved = read_state_json(self.path, f"delete {self.backup_dir} to rerun the trial, {RESTART_HINT}",
+                                       ("epoch", "seconds", "val_accuracy"))
+            keep = [i for i, e in enumerate(saved["epoch"]) if e <= restored]
+            self.rec = {k: [saved[k][i] for i in keep] for k in self.rec}
+            if self.rec["epoch"][-1] != restored:
+                raise StateFileError(f"{self.path} stops before the trial's checkpoint (epoch {restored}): delete "
+                                        f"{self.backup_dir} to rerun the trial, {RESTART_HINT}")
+            print(f"[trial {self.trial_id}] resumed at epoch {restored}", flush=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rec["epoch"].append(epoch + 1)
+        self.rec["seconds"].append(self.rec["seconds"][-1] + time.perf_counter() - self._t0)
+        self.rec["val_accuracy"].append(float((logs or {}).get("val_accuracy", -1.0)))
+        write_json_atomically(self.path, self.rec)
+
+    def on_train_end(self, logs=None):
+        entry = {"trial_id": self.trial_id, "fit_seconds": self.rec["seconds"][-1], "val_accuracy": self.best(),
+                 "test_accuracy": oc.accuracy(self.model, *self.test)}
+        entries = [e for e in trial_entries(self.log_path) if e.get("trial_id") != self.trial_id]
+        write_json_atomically(self.log_path, entries + [entry])
+
+    def best(self) -> float:
+        return max([v for v in self.rec["val_accuracy"] if v is not None], default=-1.0)
+
+
+def trial_entries(path: str) -> list:
+    """The trials log (a JSON list; [] before the first trial ends)."""
+    if not os.path.exists(path):
+        return []
+    remedy = f"delete it and the tuner's folder to redo the search, {RESTART_HINT}"
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except ValueError as err:
+        raise damaged(path, f"not valid JSON: {err}", remedy) from None
+    if not isinstance(entries, list):
+        raise damaged(path, f"a JSON {type(entries).__name__} where a list was written", remedy)
+    return entries
+
+
+def resumable_tuner(tuner_class: type) -> type:
+    """`tuner_class` whose trials resume per epoch: each trial fits with a BackupAndRestore of its
+    own under <project>/backup/<trial id>, on the minibatch stream from where the checkpoint was
+    taken, with a TrialRecord. KerasTuner itself reruns a trial interrupted by a kill (its
+    retry queue); with the checkpoint that rerun continues from the last finished epoch. The
+    objective reported is the best validation accuracy over all the trial's epochs (the
+    resumed part's History alone would miss the epochs before the kill). Set `trial_setup`
+    (stream(start) -> dataset, steps_per_epoch, test, log_path, pause_epoch) before `search`."""
+
+    class Resumable(tuner_class):
+        def run_trial(self, trial, *args, **kwargs):
+            setup = self.trial_setup
+            backup = os.path.join(self.project_dir, "backup", trial.trial_id)
+            os.makedirs(os.path.dirname(backup), exist_ok=True)
+            initial = int(trial.hyperparameters.values.get("tuner/initial_epoch", 0))
+            restored = oc.restored_epoch(backup)
+            start = max(0, restored - initial) * setup["steps_per_epoch"]
+            record = TrialRecord(os.path.join(self.project_dir, "backup", f"{trial.trial_id}.record.json"),
+                                 setup["log_path"], setup["test"], trial.trial_id, initial, backup)
+            callbacks = [record, keras_resume.CheckedBackupAndRestore(
+                backup, f"delete {backup} to rerun the trial, {RESTART_HINT}", delete_checkpoint=True)]
+            if setup.get("pause_epoch"):
+                callbacks.append(keras_resume.PauseOnce(setup["pause_marker"], epoch=setup["pause_epoch"]))
+            kwargs["callbacks"] = callbacks + list(kwargs.get("callbacks", []))
+            super().run_trial(trial, setup["stream"](start), *args[1:], **kwargs)
+            curve = read_state_json(record.path, f"delete {backup} to rerun the trial, {RESTART_HINT}", ("val_accuracy",))
+            return {"val_accuracy": max([v for v in curve["val_accuracy"] if v is not None], default=-1.0)}
+
+    Resumable.__name__ = Resumable.__qualname__ = f"Resumable{tuner_class.__name__}"
+    return Resumable
+
+
+def make_tuner(cfg: Config, network: str, kind: str, build: Callable) -> Any:
     try:
         import keras_tuner as kt
     except ImportError:
@@ -247,166 +518,286 @@ def run_tuner(cfg: Config, data: dict, kind: str, store: oc.MethodStore) -> dict
             "online_hpo: the KerasTuner baselines need keras-tuner: pip install \"tf_bilevel[baselines]\" "
             "(or run --methods=bilevel,default)"
         ) from None
+    common = dict(objective="val_accuracy", seed=cfg.seeds[0], directory=os.path.join(cfg.output_dir, "tuner", network),
+                  project_name=kind, overwrite=False)
+    if kind == "random_search":
+        return resumable_tuner(kt.RandomSearch)(build, max_trials=cfg.tuner_trials, **common)
+    if kind == "bayesian":
+        try:
+            import scipy  # noqa: F401  (KerasTuner's Bayesian oracle needs both)
+            import sklearn  # noqa: F401
+        except ImportError:
+            raise SystemExit("online_hpo: method bayesian needs scipy and scikit-learn: pip install "
+                             "\"keras-tuner[bayesian]\" "
+                             "(or leave bayesian out of --methods)") from None
+        return resumable_tuner(kt.BayesianOptimization)(build, max_trials=cfg.bayesian_trials, **common)
+    return resumable_tuner(kt.Hyperband)(build, max_epochs=cfg.epochs, factor=cfg.hyperband_factor,
+                                         hyperband_iterations=1, **common)
+
+
+def run_search(cfg: Config, data: dict, network: str, kind: str, store: oc.MethodStore) -> dict:
+    """A KerasTuner search (resumable from its last finished trial through its own directory) with
+    the first seed's initial weights and minibatch order; its best configuration and trials."""
+    seed = cfg.seeds[0]
 
     def build(hp) -> keras.Model:
         decays = [hp.Float(f"weight_decay_{l}", *cfg.weight_decay_range, sampling="log") for l in range(NUM_LAYERS)]
         lr = hp.Float("learning_rate", *cfg.lr_range, sampling="log")
-        return compile_plain(build_cnn(decays, cfg.seed), cfg, lr)
+        return compile_plain(build_cnn(decays, seed, network), cfg, lr)
 
-    common = dict(objective="val_accuracy", seed=cfg.seed, directory=os.path.join(cfg.output_dir, "tuner"),
-                  project_name=kind, overwrite=False)
-    if kind == "random_search":
-        tuner = kt.RandomSearch(build, max_trials=cfg.tuner_trials, **common)
-    else:
-        tuner = kt.Hyperband(build, max_epochs=cfg.epochs, factor=cfg.hyperband_factor, hyperband_iterations=1,
-                             **common)
-    log = oc.TrialLog(os.path.join(store.root, f"{kind}.trials.json"), data["test"])
+    tuner = make_tuner(cfg, network, kind, build)
+    key = search_key(network, kind)
+    log_path = store.path(key, ".trials.json")
     steps_per_epoch = len(data["train"][1]) // cfg.batch_size
-    print(f"[{kind}] search", flush=True)
-    tuner.search(oc.minibatch_stream(*data["train"], cfg.batch_size, cfg.seed).prefetch(2),
-                 steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, validation_data=data["val"],
-                 validation_batch_size=1000, callbacks=[log], shuffle=False, verbose=0)
-    trials = log.entries()
+    pause = store.pause if store.pause and store.pause[0] == key else None
+    tuner.trial_setup = dict(
+        stream=lambda start: oc.minibatch_stream(*data["train"], cfg.batch_size, seed, start).prefetch(2),
+        steps_per_epoch=steps_per_epoch, test=data["test"], log_path=log_path,
+        pause_epoch=pause[1] if pause else None, pause_marker=os.path.join(store.root, f"paused_{key}_{pause[1]}")
+        if pause else None)
+    load_start, t0 = os.getloadavg(), time.time()
+    print(f"[{key}] search", flush=True)
+    tuner.search(None, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, validation_data=data["val"],
+                 validation_batch_size=1000, shuffle=False, verbose=0)
+    failed = [t.trial_id for t in tuner.oracle.trials.values() if t.status == "FAILED"]
+    if failed:  # KerasTuner logs a failing trial and goes on: its "best" would be a silent wrong answer
+        raise RuntimeError(f"[{key}] KerasTuner trial(s) {failed} failed (their errors are above); fix the cause and "
+                           f"rerun (the finished trials are kept), or delete {tuner.project_dir} to redo the search.")
+    trials = trial_entries(log_path)
     best = tuner.get_best_hyperparameters(1)[0].values
     hp = {"weight_decay": [best[f"weight_decay_{l}"] for l in range(NUM_LAYERS)],
           "learning_rate": best["learning_rate"]}
     search_seconds = float(sum(t["fit_seconds"] for t in trials))
-    print(f"[{kind}] {len(trials)} fits in {search_seconds:.0f} s; best {hp}; retraining", flush=True)
-    recorder = fit_plain(cfg, data, f"{kind}_retrain", hp["weight_decay"], hp["learning_rate"], store)
-    return oc.final_row(recorder, hyperparameters=hp, trials=trials, search_seconds=search_seconds,
-                        retrain_seconds=recorder.rec["train_seconds"][-1],
-                        total_seconds=search_seconds + recorder.rec["train_seconds"][-1], num_fits=len(trials))
+    print(f"[{network}.{kind}] {len(trials)} fits in {search_seconds:.0f} s; best {hp}", flush=True)
+    return {"hyperparameters": hp, "trials": trials, "search_seconds": search_seconds, "num_fits": len(trials),
+            "search_seed": seed, "session_wall_seconds": time.time() - t0,
+            "load_average_start": list(load_start), "load_average_end": list(os.getloadavg())}
+
+
+def timed_run(train: Callable[[], dict]) -> Callable[[], dict]:
+    """`train` with the wall clock of this session's part of it (evaluation included) and the
+    load averages around it (2 shared cores here: other processes inflate the wall clocks)."""
+    def run() -> dict:
+        load_start, t0 = os.getloadavg(), time.time()
+        row = train()
+        return {**row, "session_wall_seconds": time.time() - t0, "load_average_start": list(load_start),
+                "load_average_end": list(os.getloadavg())}
+    return run
+
+
+def run_methods(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
+    """Every (network, method, seed) run, the baselines first; {"<network>/<method>": group}
+    with the per-seed rows, the tuner's search, and the mean ± std summary."""
+    groups: dict[str, dict] = {}
+    for method in method_names(cfg):
+        for network in cfg.networks:
+            group = {"network": network, "method": method, "seeds": list(cfg.seeds), "runs": {}}
+            hp = None
+            if method in TUNERS:
+                search = store.run_once(search_key(network, method), timed_run(
+                    lambda: run_search(cfg, data, network, method, store)),
+                    required=("hyperparameters", "trials", "search_seconds"))
+                group["search"] = search
+                hp = search["hyperparameters"]
+            for seed in cfg.seeds:
+                key, run_cfg = run_key(network, method, seed), cfg.for_seed(seed)
+                if method in TUNERS:
+                    train = lambda: oc.final_row(fit_plain(run_cfg, data, network, key, hp["weight_decay"],  # noqa: E731
+                                                           hp["learning_rate"], store), hyperparameters=hp)
+                elif method in PLAIN:
+                    train = lambda: run_plain(run_cfg, data, network, method, store, key)  # noqa: E731
+                else:
+                    train = lambda: run_bilevel(run_cfg, data, network, method, store, key)  # noqa: E731
+                keras.utils.set_random_seed(seed)
+                group["runs"][str(seed)] = store.run_once(key, timed_run(train))
+            group["summary"] = summarize(group)
+            groups[f"{network}/{method}"] = group
+    return groups
 
 
 # ----------------------------------------------------------------------------------------
-# The experiment.
+# Aggregation.
 # ----------------------------------------------------------------------------------------
-def wallclock(row: dict) -> float:
-    return row.get("total_seconds", row["train_seconds"])
+def mean_std(values: Sequence[float]) -> dict:
+    """{"mean", "std" (sample standard deviation, ddof = 1; None for one value), "n"}."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("mean_std: no values")
+    return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if x.size > 1 else None, "n": int(x.size)}
 
 
-def target_check(methods: dict) -> dict:
-    """Issue #11's goal per bilevel run: within 0.2 points of the best tuner's test accuracy,
-    in at most a third of that tuner's wall-clock."""
-    tuners = {k: v for k, v in methods.items() if k in TUNERS}
-    if not tuners:
-        return {}
-    best_name = max(tuners, key=lambda k: tuners[k]["test_accuracy"])
-    best = tuners[best_name]
-    out = {"best_tuner": best_name, "best_tuner_test_accuracy": best["test_accuracy"],
-           "best_tuner_seconds": wallclock(best), "runs": {}}
-    for name, row in methods.items():
-        if name.startswith("bilevel_T"):
-            gap = row["test_accuracy"] - best["test_accuracy"]
-            ratio = wallclock(row) / wallclock(best)
-            out["runs"][name] = {"accuracy_gap_points": 100 * gap, "time_ratio": ratio,
-                                 "reached": bool(gap >= -0.002 and ratio <= 1 / 3)}
+def summarize(group: dict) -> dict:
+    """Mean ± std over the seeds of the test / validation accuracy and the training seconds; for a
+    tuner also the search seconds and the wall clock a user pays: search + one retraining."""
+    runs = list(group["runs"].values())
+    out = {key: mean_std([r[key] for r in runs]) for key in ("test_accuracy", "val_accuracy", "train_seconds")}
+    wall = out["train_seconds"]["mean"]
+    if "search" in group:
+        out["search_seconds"] = group["search"]["search_seconds"]
+        wall += group["search"]["search_seconds"]
+    out["wall_seconds"] = wall
     return out
+
+
+def format_pm(stats: dict, scale: float = 1.0, digits: int = 2) -> str:
+    """"mean ± std" (std omitted for one seed)."""
+    text = f"{scale * stats['mean']:.{digits}f}"
+    return text if stats["std"] is None else f"{text} ± {scale * stats['std']:.{digits}f}"
+
+
+def target_check(groups: dict) -> dict:
+    """Issue #16's goal per network and tf_bilevel method: mean test accuracy ≥ the best tuner's
+    mean − 0.1 points, in at most a third of that tuner's wall clock (search + retraining)."""
+    out = {}
+    for network in dict.fromkeys(g["network"] for g in groups.values()):
+        mine = {g["method"]: g for g in groups.values() if g["network"] == network}
+        tuners = {k: g for k, g in mine.items() if k in TUNERS}
+        if not tuners:
+            continue
+        best_name = max(tuners, key=lambda k: tuners[k]["summary"]["test_accuracy"]["mean"])
+        best = tuners[best_name]["summary"]
+        entry = {"best_tuner": best_name, "best_tuner_test_accuracy": best["test_accuracy"]["mean"],
+                 "best_tuner_seconds": best["wall_seconds"], "runs": {}}
+        for name, g in mine.items():
+            if name in TUNERS or name in PLAIN:
+                continue
+            gap = g["summary"]["test_accuracy"]["mean"] - best["test_accuracy"]["mean"]
+            ratio = g["summary"]["wall_seconds"] / best["wall_seconds"]
+            entry["runs"][name] = {"accuracy_gap_points": 100 * gap, "time_ratio": ratio,
+                                   "reached": bool(gap >= -0.001 and ratio <= 1 / 3)}
+        out[network] = entry
+    return out
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{'network':>7} {'method':>16} {'seeds':>5} {'test acc % (mean ± std)':>23} {'train s':>15} "
+             f"{'search s':>8} {'wall s':>7}  load avg  hyperparameters (seed {results['config']['seeds'][0]})"]
+    for name, g in results["methods"].items():
+        s, first = g["summary"], next(iter(g["runs"].values()))
+        hp = first["hyperparameters"]
+        decay = " ".join(f"{d:.1e}" for d in hp["weight_decay"])
+        loads = [r["load_average_start"][0] for r in g["runs"].values() if "load_average_start" in r]
+        search = f"{s['search_seconds']:.0f}" if "search_seconds" in s else "-"
+        lines.append(f"{g['network']:>7} {g['method']:>16} {s['test_accuracy']['n']:>5} "
+                     f"{format_pm(s['test_accuracy'], 100):>23} {format_pm(s['train_seconds'], 1, 0):>15} "
+                     f"{search:>8} {s['wall_seconds']:>7.0f}  {np.mean(loads) if loads else float('nan'):>8.1f}  "
+                     f"wd=[{decay}] lr={hp['learning_rate']:.3g}")
+    for network, t in (results.get("target") or {}).items():
+        for name, r in t["runs"].items():
+            lines.append(f"target {network}/{name}: {r['accuracy_gap_points']:+.2f} points vs {t['best_tuner']}, "
+                         f"{r['time_ratio']:.2f}x its wall clock -> {'reached' if r['reached'] else 'NOT reached'}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Figures.
+# ----------------------------------------------------------------------------------------
+def seed_curves(group: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per epoch: mean training seconds, and mean and std of the test accuracy over the seeds
+    (the epochs every seed has evaluated)."""
+    recs = [r["record"] for r in group["runs"].values()]
+    n = min(len(r["epoch"]) for r in recs)
+    secs = np.mean([r["train_seconds"][:n] for r in recs], axis=0)
+    acc = np.asarray([[np.nan if a is None else a for a in r["test_accuracy"][:n]] for r in recs], float)
+    return secs, np.nanmean(acc, axis=0), (np.nanstd(acc, axis=0, ddof=1) if len(recs) > 1 else np.zeros(n))
 
 
 def plot_figures(results: dict, output_dir: str) -> dict:
     from experiments import plotting
 
-    plt, methods, cfg = plotting.plt, results["methods"], results["config"]
-    budget = (f"{cfg['epochs']} epochs of {results['data']['n_train']} images, batch {cfg['batch_size']}; "
-              f"RandomSearch {cfg['tuner_trials']} trials, Hyperband factor {cfg['hyperband_factor']}")
-    fig, ax = plt.subplots(figsize=(10.5, 5))
-    for name, row in methods.items():
-        rec = row["record"]
-        xs = np.asarray(rec["train_seconds"], float)
-        ys = np.asarray([np.nan if a is None else a for a in rec["test_accuracy"]], float)
-        if "trials" in row:  # tuner: best-so-far trial (by validation accuracy), then the retraining
-            t, best_val, best_test, curve_x, curve_y = 0.0, -1.0, np.nan, [], []
-            for trial in row["trials"]:
-                t += trial["fit_seconds"]
-                if trial["val_accuracy"] > best_val:
-                    best_val, best_test = trial["val_accuracy"], trial["test_accuracy"]
-                curve_x.append(t)
-                curve_y.append(best_test)
-            line, = ax.step(curve_x, curve_y, "x", where="post", ls="--", label=f"{name}: search (best trial so far)")
-            ax.plot(row["search_seconds"] + xs[1:], ys[1:], "o-", color=line.get_color(), ms=4,
-                    label=f"{name}: best config retrained")
-        else:
-            ax.plot(xs, ys, "o-", ms=4, label=f"{name} (T={row['steps']}, K={row['truncate']})" if "steps" in row else name)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("training wall-clock (s; evaluation excluded)")
-    ax.set_ylabel("test accuracy (fraction)")
-    shown = [a for row in methods.values() for a in row["record"]["test_accuracy"][1:] if a is not None]
-    if shown:  # the epoch-0 points (untrained, ~0.1) would squash the interesting range
-        ax.set_ylim(max(0.0, min(shown) - 0.02), min(1.0, max(shown) + 0.01))
-    ax.set_title(f"Fashion-MNIST CNN: test accuracy vs wall-clock\n{budget}", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a curve
+    plt, groups, cfg = plotting.plt, results["methods"], results["config"]
+    networks = list(dict.fromkeys(g["network"] for g in groups.values()))
+    budget = (f"{cfg['epochs']} epochs of {results['data']['n_train']} images, batch {cfg['batch_size']}, "
+              f"seeds {cfg['seeds']}; RandomSearch {cfg['tuner_trials']} trials, Hyperband factor "
+              f"{cfg['hyperband_factor']}")
+    fig, axes = plt.subplots(1, len(networks), figsize=(8 * len(networks), 5.5), squeeze=False)
+    for ax, network in zip(axes[0], networks):
+        shown = []
+        for name, g in groups.items():
+            if g["network"] != network:
+                continue
+            secs, mean, std = seed_curves(g)
+            offset = g.get("search", {}).get("search_seconds", 0.0)
+            x = offset + secs[1:]
+            line, = ax.plot(np.maximum(x, 1.0), mean[1:], "o-", ms=3,
+                            label=f"{g['method']}" + (" (after the search)" if offset else ""))
+            ax.fill_between(np.maximum(x, 1.0), (mean - std)[1:], (mean + std)[1:], color=line.get_color(), alpha=0.2)
+            shown += list((mean - std)[1:]) + list((mean + std)[1:])
+            if offset:  # the search: cumulative trial time, best-so-far trial's test accuracy
+                t, best_val, best_test, cx, cy = 0.0, -1.0, np.nan, [], []
+                for trial in g["search"]["trials"]:
+                    t += trial["fit_seconds"]
+                    if trial["val_accuracy"] > best_val:
+                        best_val, best_test = trial["val_accuracy"], trial["test_accuracy"]
+                    cx.append(t)
+                    cy.append(best_test)
+                ax.step(np.maximum(cx, 1.0), cy, "x", where="post", ls="--", color=line.get_color(), lw=0.8)
+        ax.set_xscale("log")
+        shown = [v for v in shown if np.isfinite(v)]
+        if shown:
+            ax.set_ylim(max(0.0, min(shown) - 0.01), min(1.0, max(shown) + 0.005))
+        ax.set_title(f"{network}: test accuracy (mean ± std over seeds) vs wall clock", fontsize=10)
+        ax.set_xlabel("training wall clock (s, log; tuners: search, dashed = best trial so far, then retraining)")
+        ax.set_ylabel("test accuracy (fraction)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Fashion-MNIST: {budget}", fontsize=9)
     figures = {"accuracy_vs_wallclock": plotting.save_figure(fig, os.path.join(output_dir, "accuracy_vs_wallclock.png"))}
 
-    runs = {k: v for k, v in methods.items() if k.startswith("bilevel_T") and v["record"]["hp"]}
-    if runs:
-        fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-        for (name, row), color in zip(runs.items(), plt.get_cmap("viridis")(np.linspace(0, 0.85, len(runs)))):
-            its = row["steps"] * np.asarray(row["record"]["hp_iteration"])  # minibatches seen
-            decay = np.asarray([h["weight_decay"] for h in row["record"]["hp"]])
-            marker = "." if len(its) <= 50 else None
-            for l in range(decay.shape[1]):
-                axes[0].semilogy(its, decay[:, l], color=color, ls=["-", "--", ":", "-."][l % 4], marker=marker,
-                                 label=f"{name} layer {l + 1}")
-            axes[1].semilogy(its, [h["learning_rate"] for h in row["record"]["hp"]], color=color, marker=marker,
-                             label=name)
-        for name in TUNERS:
-            if name in methods:
-                hp = methods[name]["hyperparameters"]
-                axes[1].axhline(hp["learning_rate"], color="gray", ls="--" if name == "hyperband" else ":",
-                                lw=1, label=f"{name} best")
-        axes[0].set_ylabel(r"per-layer weight decay $\lambda_l$ (log scale)")
-        axes[1].set_ylabel(r"learning rate $\gamma$ (log scale)")
-        for ax, title in zip(axes, ("weight decay of each kernel", "inner learning rate")):
-            ax.set_title(title)
-            ax.set_xlabel("training minibatches (hyper-iteration × T)")
+    learned = {k: g for k, g in groups.items() if any(r["record"]["hp"] for r in g["runs"].values())}
+    if learned:
+        fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+        colors = plt.get_cmap("tab10")
+        for i, (name, g) in enumerate(learned.items()):
+            for j, row in enumerate(g["runs"].values()):
+                rec = row["record"]
+                its = row["steps"] * np.asarray(rec["hp_iteration"])  # minibatches seen
+                decay = np.asarray([h["weight_decay"] for h in rec["hp"]])
+                label = name if j == 0 else None
+                for l in range(decay.shape[1]):
+                    axes[0].semilogy(its, decay[:, l], color=colors(i % 10), ls=["-", "--", ":", "-."][l % 4], lw=0.8,
+                                     label=f"{label} layer {l + 1}" if label else None)
+                axes[1].semilogy(its, [h["learning_rate"] for h in rec["hp"]], color=colors(i % 10), lw=0.8, label=label)
+        for name, g in groups.items():
+            if g["method"] in TUNERS:
+                axes[1].axhline(g["search"]["hyperparameters"]["learning_rate"], color="gray", lw=0.8, ls=":")
+        axes[0].set_ylabel(r"per-layer weight decay $\lambda_l$ (log)")
+        axes[1].set_ylabel(r"learning rate $\gamma$ in use (log; tuners' choices dotted)")
+        for ax in axes:
+            ax.set_xlabel("training minibatches")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7, ncol=2 if ax is axes[0] else 1)
-        fig.suptitle(f"Hyperparameters learned online (K-RMD), recorded every {cfg['hp_every']} hyper-iterations; "
-                     f"{cfg['epochs']} epochs", fontsize=10)
+            ax.legend(fontsize=6, ncol=2)
+        fig.suptitle(f"Hyperparameters learned online, every seed, recorded every {cfg['hp_every']} hyper-iterations",
+                     fontsize=10)
         figures["hyperparameters"] = plotting.save_figure(fig, os.path.join(output_dir, "hyperparameters.png"))
     return {k: os.path.basename(v) for k, v in figures.items()}
 
 
-def format_table(results: dict) -> str:
-    lines = [f"{'method':>16} {'test acc %':>10} {'val acc %':>9} {'wall-clock s':>12}  hyperparameters"]
-    for name, row in results["methods"].items():
-        hp = row["hyperparameters"]
-        decay = " ".join(f"{d:.1e}" for d in hp["weight_decay"])
-        lines.append(f"{name:>16} {100 * row['test_accuracy']:>10.2f} {100 * row['val_accuracy']:>9.2f} "
-                     f"{wallclock(row):>12.0f}  wd=[{decay}] lr={hp['learning_rate']:.3g}")
-    target = results.get("target") or {}
-    for name, t in target.get("runs", {}).items():
-        lines.append(f"target {name}: {t['accuracy_gap_points']:+.2f} points vs {target['best_tuner']}, "
-                     f"{t['time_ratio']:.2f}x its wall-clock -> {'reached' if t['reached'] else 'NOT reached'}")
-    return "\n".join(lines)
-
-
-def run_methods(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
-    methods: dict[str, dict] = {}
-    if "bilevel" in cfg.methods:
-        for steps, truncate in cfg.truncate:
-            methods[method_name(steps, truncate)] = store.run_once(
-                method_name(steps, truncate), lambda: run_bilevel(cfg, data, steps, store, truncate))
-    if "default" in cfg.methods:
-        methods["default"] = store.run_once("default", lambda: run_default(cfg, data, store))
-    for kind in TUNERS:
-        if kind in cfg.methods:
-            methods[kind] = store.run_once(kind, lambda: run_tuner(cfg, data, kind, store))
-    return methods
-
-
+# ----------------------------------------------------------------------------------------
+# The experiment.
+# ----------------------------------------------------------------------------------------
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None) -> dict:
-    """Runs the selected methods (skipping finished ones), writes results.json and the figures;
+    """Runs the selected runs (skipping finished ones), writes results.json and the figures;
     holds an exclusive lock on cfg.output_dir; --restart discards the saved state first."""
-    return oc.run_program("online_hpo", cfg.validated(), run_methods=run_methods, load_data=load_data,
+    cfg = cfg.validated()
+    check_available(cfg)
+    return oc.run_program("online_hpo", cfg, run_methods=run_methods, load_data=load_data,
                           target=target_check, plot_figures=plot_figures, format_table=format_table,
                           arrays=arrays, data_info=data_info, state_dirs=("resume", "tuner"))
+
+
+def main(argv: Sequence[str]) -> int:
+    import sys
+
+    try:
+        return oc.main(argv, "online_hpo", Config, PRESETS, run_experiment, lambda cfg: "Fashion-MNIST")
+    except NotAvailableError as err:
+        print(f"online_hpo: error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":
     from absl import app
 
     define_flags(Config, PRESETS)
-    app.run(lambda argv: oc.main(argv, "online_hpo", Config, PRESETS, run_experiment, lambda cfg: "Fashion-MNIST"))
+    app.run(main)
