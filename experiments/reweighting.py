@@ -90,7 +90,7 @@ class Config(oc.StateOptions):
     outer_lr: float = option(1e-3, "mwn: Adam step on θ (the weighting network).")
     l2rw_normalization: str = option("mean", "l2rw: weights divided by their minibatch mean (as L2RW) or not.",
                                      choices=NORMALIZATIONS)
-    l2rw_outer_lr: float = option(0.05, "l2rw: Adam step on the raw per-example weights ν (weight = sigmoid(ν)).")
+    l2rw_outer_lr: float = option(0.2, "l2rw: Adam step on the raw per-example weights ν (weight = sigmoid(ν)).")
     finetune_epochs: int = option(20, "finetune: passes over the clean examples after plain training.")
     finetune_lr: float = option(0.01, "finetune: SGD learning rate (momentum as --momentum).")
     cb_beta: float = option(0.9999, "cb: β of the effective number (1 − β^n) / (1 − β).")
