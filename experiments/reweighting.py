@@ -40,9 +40,13 @@ from experiments.run_state import write_atomically  # noqa: E402
 
 SETTINGS = ("flip", "symmetric", "longtail")
 BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb")
-BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k")
-# Run order within a seed: plain first (finetune and forward start from its trained weights).
-METHODS = ("plain", "finetune", "forward", "cb", "mwn", "l2rw", "mwn_k", "l2rw_k", "random", "clean")
+BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft")
+# Run order within a seed: a model before its fine-tuning (finetune, mwn_ft, l2rw_ft: the same
+# fine-tuning on the clean set from plain's / mwn's / l2rw's trained weights; forward also
+# starts from plain's model).
+METHODS = ("plain", "finetune", "forward", "cb", "mwn", "l2rw", "mwn_ft", "l2rw_ft", "mwn_k", "l2rw_k", "random",
+           "clean")
+FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw"}  # method: the run it starts from
 NOT_IN = {"flip": ("cb",), "symmetric": ("cb",), "longtail": ("forward",)}
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = ("cnn", "mlp")
@@ -328,6 +332,7 @@ def run_mwn(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: in
         return {"grid_weights": weighting_net(theta, LOSS_GRID).tolist()}
 
     recorder = oc.fit_online(trainer, model, name, data, cfg, store, on_grid, steps=steps)
+    write_atomically(store.path(name, ".weights.h5"), model.save_weights)  # mwn_ft starts from it
     theta = [np.asarray(t) for t in trainer.hyperparameter_values()["weighting"]]
     v = weights_of(model, theta, *data["train"])
     return oc.final_row(recorder, steps=steps, truncate=steps, loss_grid=LOSS_GRID.tolist(),
@@ -355,6 +360,7 @@ def run_l2rw(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: i
 
     packed = {**data, "train": (x, nl.pack(y))}
     recorder = oc.fit_online(trainer, model, name, packed, cfg, store, summary, steps=steps)
+    write_atomically(store.path(name, ".weights.h5"), model.save_weights)  # l2rw_ft starts from it
     v = np.asarray(trainer.hyperparameter_values()["example_weights"], np.float64)
     return oc.final_row(recorder, steps=steps, truncate=steps, example_weights=weight_diagnostics(v, data))
 
@@ -369,8 +375,9 @@ def fit_plain(cfg: Config, model: keras.Model, name: str, train: tuple, loss, st
                         store=store)
 
 
-def plain_weights_path(store: oc.MethodStore, seed: int) -> str:
-    return store.path(key("plain", seed), ".weights.h5")
+def trained_weights_path(store: oc.MethodStore, method: str, seed: int) -> str:
+    """The final weights of a finished run (plain, mwn, l2rw), which later runs start from."""
+    return store.path(key(method, seed), ".weights.h5")
 
 
 def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict:
@@ -380,11 +387,12 @@ def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) ->
     model = build_model(cfg)
     name = key(method, cfg.seed)
     extra: dict[str, Any] = {}
-    if method in ("finetune", "forward"):
-        path = plain_weights_path(store, cfg.seed)
+    if method in FINETUNED or method == "forward":
+        source = FINETUNED.get(method, "plain")
+        path = trained_weights_path(store, source, cfg.seed)
         if not os.path.exists(path):
-            raise RuntimeError(f"{method} needs the trained plain model {path}: run --methods=plain first "
-                               "(it is first in the default order)")
+            raise RuntimeError(f"{method} needs the trained {source} model {path}: run --methods={source} first "
+                               "(it comes earlier in the default order)")
     if method == "plain":
         loss = nl.weighted_ce(np.ones(len(train[1])))
     elif method == "random":
@@ -403,12 +411,12 @@ def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) ->
         extra["estimated_transition"] = transition.tolist()
     elif method == "clean":  # the clean examples alone, as many SGD steps
         loss, train = nl.weighted_ce(np.ones(len(data["val"][1]))), data["val"]
-    elif method == "finetune":  # the plain model, then SGD on the clean examples
+    elif method in FINETUNED:  # a trained model, then SGD on the clean examples
         model.load_weights(path)
         recorder = fit_plain(cfg, model, name, data["val"], nl.weighted_ce(np.ones(len(data["val"][1]))), store,
                              data, lr=cfg.finetune_lr, epochs=cfg.finetune_epochs,
                              steps_per_epoch=max(1, len(data["val"][1]) // cfg.batch_size))
-        return oc.final_row(recorder, start="plain's final weights")
+        return oc.final_row(recorder, start=f"{source}'s final weights")
     else:
         raise ValueError(f"unknown baseline {method!r}")
     recorder = fit_plain(cfg, model, name, train, loss, store, data, lr=cfg.lr, epochs=cfg.epochs,
@@ -419,7 +427,7 @@ def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) ->
     row["early_stopped"] = {"epoch": best + 1, "val_accuracy": val[best],
                             "test_accuracy": recorder.rec["test_accuracy"][1 + best]}
     if method == "plain":  # finetune and forward start from it
-        write_atomically(plain_weights_path(store, cfg.seed), model.save_weights)
+        write_atomically(trained_weights_path(store, "plain", cfg.seed), model.save_weights)
     return row
 
 
@@ -446,16 +454,29 @@ def run_methods(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
 # ----------------------------------------------------------------------------------------
 # Summaries, target, figures.
 # ----------------------------------------------------------------------------------------
-LABELS = {"plain": "plain", "plain_es": "plain, early-stopped on the clean set", "finetune": "plain, then fine-tuned "
+LABELS = {"plain": "plain", "finetune": "plain, then fine-tuned "
           "on the clean set", "clean": "clean set alone", "random": "random fixed weights",
           "forward": "forward correction (C from the clean set)", "cb": "class-balanced loss",
           "mwn": "Meta-Weight-Net, 1-RMD", "mwn_k": "Meta-Weight-Net, K-RMD", "l2rw": "per-example weights, 1-RMD",
-          "l2rw_k": "per-example weights, K-RMD"}
+          "l2rw_k": "per-example weights, K-RMD", "mwn_ft": "Meta-Weight-Net 1-RMD, then fine-tuned",
+          "l2rw_ft": "per-example weights 1-RMD, then fine-tuned"}
+
+
+def early_stopped_accuracy(row: dict) -> float:
+    """Test accuracy at the epoch (≥ 1) of best clean-validation accuracy (ties: the first)."""
+    val = row["record"]["val_accuracy"][1:]
+    return float(row["record"]["test_accuracy"][1 + int(np.argmax(val))])
+
+
+def is_bilevel(name: str) -> bool:
+    """mwn, l2rw, ... and their early-stopped (_es) variants."""
+    return name in BILEVEL or (name.endswith("_es") and name[:-3] in BILEVEL)
 
 
 def summarize(rows: dict) -> dict:
-    """{method: {"test_accuracy": [per seed], "mean", "std", "seeds"}} (plain_es from plain's rows),
-    plus the mean weight diagnostics of the bilevel methods."""
+    """{method: {"test_accuracy": [per seed], "mean", "std", "seeds"}}, plus "<method>_es"
+    (early-stopped on the clean set; plain's is "plain_es") for every method that trains from
+    scratch, and the mean weight diagnostics of the learned weights."""
     groups: dict[str, dict[int, dict]] = {}
     for name, row in rows.items():
         method, seed = name.rsplit(".seed", 1)
@@ -464,15 +485,15 @@ def summarize(rows: dict) -> dict:
     for method in [m for m in METHODS if m in groups]:
         seeds = sorted(groups[method])
         variants = [(method, lambda r: r["test_accuracy"])]
-        if method == "plain":
-            variants.append(("plain_es", lambda r: r["early_stopped"]["test_accuracy"]))
+        if method not in FINETUNED:
+            variants.append((f"{method}_es", early_stopped_accuracy))
         for name, get in variants:
             acc = [float(get(groups[method][s])) for s in seeds]
             out[name] = {"seeds": seeds, "test_accuracy": acc, "mean": float(np.mean(acc)),
                          "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
                          "train_seconds": [float(groups[method][s]["train_seconds"]) for s in seeds]}
-        if method in BILEVEL:
-            diag = [groups[method][s]["example_weights"] for s in seeds]
+        diag = [groups[method][s]["example_weights"] for s in seeds if "example_weights" in groups[method][s]]
+        if diag:
             for field in ("mean_weight_wrong_labels", "mean_weight_right_labels", "detector_precision",
                           "detector_recall"):
                 values = [d[field] for d in diag if d.get(field) is not None]
@@ -487,8 +508,8 @@ def target(rows: dict) -> dict:
     """Issue #17's goal: the best tf_bilevel method's mean test accuracy ≥ 2 points above the
     best baseline's (settings flip and longtail)."""
     summary = summarize(rows)
-    bilevel = {m: s["mean"] for m, s in summary.items() if m in BILEVEL}
-    baselines = {m: s["mean"] for m, s in summary.items() if m not in BILEVEL}
+    bilevel = {m: s["mean"] for m, s in summary.items() if is_bilevel(m)}
+    baselines = {m: s["mean"] for m, s in summary.items() if not is_bilevel(m)}
     if not bilevel or not baselines:
         return {"summary": summary}
     best_b, best_base = max(bilevel, key=bilevel.get), max(baselines, key=baselines.get)
@@ -499,14 +520,18 @@ def target(rows: dict) -> dict:
 
 def format_table(results: dict) -> str:
     summary = summarize(results["methods"])
-    lines = [f"{'method':<46} {'test acc % (mean ± std)':>24} {'seeds':>5} {'s/run':>6}"]
+    lines = [f"{'method':<62} {'test acc % (mean ± std)':>24} {'seeds':>5} {'s/run':>6}"]
     for method, s in summary.items():
         std = f"{100 * s['std']:.2f}" if s["std"] is not None else "-"
-        label = LABELS[method] + (f" (K={results['config']['k']})" if method.endswith("_k") else "")
-        lines.append(f"{label:<46} {100 * s['mean']:>15.2f} ± {std:<6} {len(s['seeds']):>5} "
+        base = method[:-3] if method.endswith("_es") else method
+        label = (LABELS[base] + (f" (K={results['config']['k']})" if base.endswith("_k") else "")
+                 + (", early-stopped" if base != method else ""))
+        lines.append(f"{label:<62} {100 * s['mean']:>15.2f} ± {std:<6} {len(s['seeds']):>5} "
                      f"{np.mean(s['train_seconds']):>6.0f}")
     for method in BILEVEL:
         s = summary.get(method)
+        if s and "mean_weight_per_class" not in s:
+            continue
         if s and "mean_weight_wrong_labels" in s:
             p = s.get("detector_precision")
             lines.append(f"{method}: mean weight wrong {s['mean_weight_wrong_labels']:.3f} / right "
@@ -535,17 +560,17 @@ def plot_figures(results: dict, output_dir: str) -> dict:
     figures = {}
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.get_cmap("tab10")
-    for i, method in enumerate(m for m in METHODS if m in groups and m != "finetune"):
+    for i, method in enumerate(m for m in METHODS if m in groups and m not in FINETUNED):
         curves = np.array([r["record"]["test_accuracy"] for r in groups[method]], np.float64)
         epochs = groups[method][0]["record"]["epoch"]
         style = "-" if method in BILEVEL else "--"
         ax.plot(epochs, curves.mean(0), style, color=colors(i), label=f"{method} ({len(curves)} seeds)")
         if len(curves) > 1:
             ax.fill_between(epochs, curves.min(0), curves.max(0), color=colors(i), alpha=0.2)
-    if "finetune" in groups:
-        acc = [r["test_accuracy"] for r in groups["finetune"]]
+    for marker, method in zip("*Ps", [m for m in FINETUNED if m in groups]):
+        acc = [r["test_accuracy"] for r in groups[method]]
         ax.errorbar([cfg["epochs"]], [np.mean(acc)], yerr=[[np.mean(acc) - min(acc)], [max(acc) - np.mean(acc)]],
-                    fmt="k*", ms=10, label="plain + fine-tuned on the clean set")
+                    fmt=f"k{marker}", ms=9, label=f"{FINETUNED[method]}, then fine-tuned on the clean set")
     ax.set_xlabel("epoch (passes over the training set; 'clean': as many SGD steps)")
     ax.set_ylabel("test accuracy (mean over seeds, band: min–max)")
     ax.set_title(f"Learning to reweight: test accuracy\n{budget}", fontsize=9)
@@ -571,7 +596,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
         ax.legend()
         figures["weighting"] = plotting.save_figure(fig, os.path.join(output_dir, "weighting.png"))
 
-    learned = [m for m in BILEVEL if m in groups]
+    learned = [m for m in BILEVEL if m in groups and "example_weights" in groups[m][0]]
     if learned:
         fig, axes = plt.subplots(1, len(learned), figsize=(4.2 * len(learned), 4), squeeze=False)
         for ax, method in zip(axes[0], learned):

@@ -215,19 +215,26 @@ def test_weight_diagnostics_by_hand():
 
 
 def test_summary_and_target_over_seeds():
-    def row(acc, es=None, **extra):
-        return {"test_accuracy": acc, "train_seconds": 1.0, "early_stopped": {"test_accuracy": es}, **extra}
+    def row(test, val, **extra):  # per-epoch curves, epoch 0 first
+        return {"test_accuracy": test[-1], "train_seconds": 1.0, "record": {"test_accuracy": test, "val_accuracy": val},
+                **extra}
 
     weights = {"mean_weight_per_class": [1.0] * 10, "mean_weight_wrong_labels": 0.1, "mean_weight_right_labels": 0.9,
                "detector_precision": 0.8, "detector_recall": 0.5}
-    rows = {"plain.seed0": row(0.70, 0.80), "plain.seed1": row(0.72, 0.84),
-            "mwn.seed0": row(0.85, example_weights=weights), "mwn.seed1": row(0.87, example_weights=weights)}
+    rows = {"plain.seed0": row([0.1, 0.80, 0.70], [0.1, 0.9, 0.8]),  # early-stopped: epoch 1
+            "plain.seed1": row([0.1, 0.60, 0.84, 0.72], [0.99, 0.5, 0.9, 0.7]),  # epoch 0 is not a candidate
+            "finetune.seed0": row([0.7, 0.83], [0.8, 0.95]),
+            "mwn.seed0": row([0.1, 0.85], [0.1, 0.8], example_weights=weights),
+            "mwn.seed1": row([0.1, 0.87], [0.1, 0.8], example_weights=weights)}
     s = R.summarize(rows)
+    assert s["plain_es"]["test_accuracy"] == [0.80, 0.84] and s["plain"]["test_accuracy"] == [0.70, 0.72]
     assert s["plain_es"]["mean"] == pytest.approx(0.82) and s["plain_es"]["std"] == pytest.approx(np.std([0.8, 0.84], ddof=1))
+    assert "finetune_es" not in s and s["finetune"]["std"] is None
     assert s["mwn"]["mean"] == pytest.approx(0.86) and s["mwn"]["detector_recall"] == 0.5
     t = R.target(rows)
-    assert (t["best_bilevel"], t["best_baseline"]) == ("mwn", "plain_es")
-    assert t["gain_points"] == pytest.approx(4.0) and t["reached"]
+    assert (t["best_bilevel"], t["best_baseline"]) == ("mwn", "finetune")
+    assert t["gain_points"] == pytest.approx(3.0) and t["reached"]
+    assert R.is_bilevel("l2rw_k_es") and R.is_bilevel("mwn_ft") and not R.is_bilevel("plain_es")
 
 
 def test_config_validation_names_the_flag():
@@ -265,10 +272,10 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     data, rows = results["data"], results["methods"]
     assert (data["n_train"], data["n_val"], data["n_test"]) == (3000, 1000, 1000)
     assert 0.35 < data["wrong_fraction"] < 0.45
-    methods = ("plain", "finetune", "forward", "mwn", "l2rw", "mwn_k", "l2rw_k", "random", "clean")
+    methods = ("plain", "finetune", "forward", "mwn", "l2rw", "mwn_ft", "l2rw_ft", "mwn_k", "l2rw_k", "random", "clean")
     assert set(rows) == {f"{m}.seed{s}" for m in methods for s in (0, 1)}
     for name, row in rows.items():
-        epochs = 3 if name.startswith("finetune") else 4
+        epochs = 3 if name.split(".")[0] in R.FINETUNED else 4
         assert len(row["record"]["test_accuracy"]) == epochs + 1, name
         assert row["test_accuracy"] > 0.3, name  # 10 classes: chance is 0.1
     assert rows["mwn_k.seed0"]["steps"] == 2 and rows["mwn.seed0"]["steps"] == 1
@@ -279,7 +286,8 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
         w = rows[name]["example_weights"]
         assert sum(w["histogram_wrong"]) == data["wrong_labels"] and 0 <= w["detector_recall"] <= 1
     summary = results["target"]["summary"]
-    assert set(summary) == {"plain_es", *methods} and summary["mwn"]["std"] is not None
+    assert set(summary) == {*methods, *(f"{m}_es" for m in methods if m not in R.FINETUNED)}
+    assert summary["mwn"]["std"] is not None
     assert set(results["target"]) >= {"best_bilevel", "best_baseline", "gain_points", "reached"}
     for name in results["figures"].values():
         assert (out / name).stat().st_size > 1000
