@@ -346,6 +346,16 @@ def test_killed_runs_resume_per_method_and_seed_and_end_identical(tmp_path):
     assert got["l2rw.seed1"]["example_weights"]["histogram_all"] == want["l2rw.seed1"]["example_weights"]["histogram_all"]
 
 
+def test_a_fine_tuning_run_without_its_source_model_is_a_clear_error(tmp_path):
+    from experiments import online_common as oc
+
+    cfg = R.Config(output_dir=str(tmp_path)).validated()
+    x = np.zeros((256, 28, 28, 1), np.float32)
+    data = {"train": (x, np.zeros(256, np.int32)), "val": (x[:100], np.zeros(100, np.int32))}
+    with pytest.raises(RuntimeError, match=r"l2rw_ft needs the trained l2rw model .*l2rw\.seed0\.weights\.h5"):
+        R.run_baseline(cfg, data, "l2rw_ft", oc.MethodStore(str(tmp_path)))
+
+
 def test_damaged_state_and_a_busy_output_dir_are_clear_errors(tmp_path):
     from experiments import run_state
 
