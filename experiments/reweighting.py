@@ -44,7 +44,7 @@ BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft")
 # Run order within a seed: a model before its fine-tuning (finetune, mwn_ft, l2rw_ft: the same
 # fine-tuning on the clean set from plain's / mwn's / l2rw's trained weights; forward also
 # starts from plain's model).
-METHODS = ("plain", "finetune", "forward", "cb", "mwn", "l2rw", "mwn_ft", "l2rw_ft", "mwn_k", "l2rw_k", "random",
+METHODS = ("plain", "finetune", "forward", "cb", "l2rw", "l2rw_ft", "mwn", "mwn_ft", "l2rw_k", "mwn_k", "random",
            "clean")
 FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw"}  # method: the run it starts from
 NOT_IN = {"flip": ("cb",), "symmetric": ("cb",), "longtail": ("forward",)}
