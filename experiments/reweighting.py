@@ -567,9 +567,9 @@ def plot_figures(results: dict, output_dir: str) -> dict:
         ax.plot(epochs, curves.mean(0), style, color=colors(i), label=f"{method} ({len(curves)} seeds)")
         if len(curves) > 1:
             ax.fill_between(epochs, curves.min(0), curves.max(0), color=colors(i), alpha=0.2)
-    for marker, method in zip("*Ps", [m for m in FINETUNED if m in groups]):
+    for i, (marker, method) in enumerate(zip("*Ps", [m for m in FINETUNED if m in groups])):
         acc = [r["test_accuracy"] for r in groups[method]]
-        ax.errorbar([cfg["epochs"]], [np.mean(acc)], yerr=[[np.mean(acc) - min(acc)], [max(acc) - np.mean(acc)]],
+        ax.errorbar([cfg["epochs"] + 0.2 * i], [np.mean(acc)], yerr=[[np.mean(acc) - min(acc)], [max(acc) - np.mean(acc)]],
                     fmt=f"k{marker}", ms=9, label=f"{FINETUNED[method]}, then fine-tuned on the clean set")
     ax.set_xlabel("epoch (passes over the training set; 'clean': as many SGD steps)")
     ax.set_ylabel("test accuracy (mean over seeds, band: min–max)")
@@ -617,7 +617,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
                 ax.set_ylabel("mean learned weight")
             ax.set_title(method, fontsize=9)
             ax.grid(True, alpha=0.3)
-        fig.suptitle(f"weights of the training examples after training: {budget}", fontsize=9)
+        fig.suptitle(f"weights of the training examples after training\n{budget}", fontsize=9)
         figures["example_weights"] = plotting.save_figure(fig, os.path.join(output_dir, "example_weights.png"))
     return {k: os.path.basename(v) for k, v in figures.items()}
 
