@@ -148,9 +148,6 @@ class Config(oc.StateOptions):
 # ----------------------------------------------------------------------------------------
 # Data.
 # ----------------------------------------------------------------------------------------
-symmetric_noise, split = nl.symmetric_noise, nl.split  # (earlier names, kept for callers)
-
-
 def load_data(cfg: Config) -> tuple[dict, dict]:
     """{"train": (x, y noisy or imbalanced), "val": clean, "test"} as (x float32 [N, 28, 28, 1],
     y int32), plus "train_clean_labels" and "corrupted" (label wrong) for the training examples."""
@@ -211,9 +208,6 @@ def build_model(cfg: Config) -> keras.Model:
                   keras.layers.Dense(64, activation="relu", kernel_initializer=init(2)),
                   keras.layers.Dense(10, kernel_initializer=init(3))]
     return oc.build_on(keras.Sequential([keras.Input((28, 28, 1)), *layers], name=cfg.model), (28, 28, 1))
-
-
-build_mlp = build_model  # (earlier name)
 
 
 def initial_weighting(hidden: int, seed: int) -> list[np.ndarray]:
