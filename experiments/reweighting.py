@@ -1,13 +1,21 @@
-r"""Learning to reweight examples under label noise, online with 1-RMD (issue #11 §5).
+r"""Learning to reweight training examples online with K-RMD, against the baselines a careful
+user would run (issue #11 §5, issue #17).
 
-Trains an MLP on MNIST whose labels are 40 percent symmetric noise while a Meta-Weight-Net
-weighting network (its weights are named hyperparameters of the inner loss) learns per-example
-weights from a small clean validation set, against plain training on the noisy and on the clean
-examples; writes results.json and figures to --output_dir. A killed run continues when the same command is rerun.
-Model, method and the measured results: RESULTS.md, "Learning to reweight examples".
+Three settings on Fashion-MNIST (MNIST by flag), each with 1000 clean class-balanced validation
+examples carved from the training split and the 10 000 test images: class-dependent flip noise
+between confusable classes (--setting=flip), symmetric noise (symmetric), a long-tailed training
+set with clean labels (longtail). A small CNN is trained by momentum SGD for a fixed budget by
+every method, over several seeds (initial weights and minibatch order): plain training (also
+early-stopped on the clean set), plain training then fine-tuned on the clean examples, the clean
+examples alone, fixed random example weights, forward loss correction with the transition
+matrix estimated on the clean set (noise settings), class-balanced loss (longtail); and, with
+tf_bilevel, Meta-Weight-Net weights and raw per-example weights (L2RW-style), each with 1-RMD
+and K-RMD online, and their 1-RMD models fine-tuned like the plain one. Writes results.json (rows per method and seed, mean ± std per method) and
+figures to --output_dir; a killed run continues, per method and seed, when the same command is
+rerun. Setup and results: RESULTS.md, "Learning to reweight examples".
 
-  tfb-reweighting                          # MNIST, 40 percent symmetric noise
-  tfb-reweighting --dataset=fashion_mnist
+  tfb-reweighting --setting=flip --output_dir=out/reweighting/flip
+  tfb-reweighting --setting=longtail --output_dir=out/reweighting/longtail
   tfb-reweighting --preset=quick           # tiny budget (tests)
   (or python -m experiments.reweighting ...)
 """
@@ -25,125 +33,181 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
+from experiments import noisy_labels as nl  # noqa: E402
 from experiments import online_common as oc  # noqa: E402
 from experiments.config import define_flags, option  # noqa: E402
+from experiments.run_state import write_atomically  # noqa: E402
 
-METHODS = ("mwn", "noisy", "clean")
+SETTINGS = ("flip", "symmetric", "longtail")
+BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb")
+BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft")
+# Run order within a seed: a model before its fine-tuning (finetune, mwn_ft, l2rw_ft: the same
+# fine-tuning on the clean set from plain's / mwn's / l2rw's trained weights; forward also
+# starts from plain's model).
+METHODS = ("plain", "finetune", "forward", "cb", "l2rw", "l2rw_ft", "mwn", "mwn_ft", "l2rw_k", "mwn_k", "random",
+           "clean")
+FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw"}  # method: the run it starts from
+NOT_IN = {"flip": ("cb",), "symmetric": ("cb",), "longtail": ("forward",)}
 DATASETS = ("mnist", "fashion_mnist")
+MODELS = ("cnn", "mlp")
 NORMALIZATIONS = ("none", "mean")
 LOSS_GRID = np.linspace(0.0, 8.0, 33)  # where V(ℓ) is recorded during training
+DETECTOR_THRESHOLD = 0.05  # weight < this: "the method flags the label as wrong"
 
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
-    # Tests: a slice of MNIST (3000 noisy training examples), 10 epochs (230 hyper-iterations).
-    "quick": dict(epochs=10, n_train=3000, n_test=1000, hp_every=20),
+    # Tests: 3000 training examples, 1000 test images, 4 epochs, 2 seeds, K = 2.
+    "quick": dict(epochs=4, n_train=3000, n_test=1000, hp_every=20, seeds=(0, 1), k=2, finetune_epochs=3),
 }
 
 
 @dataclasses.dataclass
 class Config(oc.StateOptions):
-    output_dir: str = option("out/reweighting", "results.json, PNGs and the resume state.", result=False)
-    dataset: str = option("mnist", "tfds dataset (offline: local IDX files).", choices=DATASETS)
-    methods: Sequence[str] = option(METHODS, f"Any of {list(METHODS)}.", result=False)
-    noise: float = option(0.4, "Probability that a training label is replaced by another class.")
+    output_dir: str = option("out/reweighting", "results.json, PNGs and the resume state (one folder per setting).",
+                             result=False)
+    setting: str = option("flip", "flip: class-dependent noise between confusable classes; symmetric: uniform "
+                          "noise; longtail: clean labels, exponentially imbalanced classes.", choices=SETTINGS)
+    dataset: str = option("fashion_mnist", "tfds dataset (offline: local IDX files).", choices=DATASETS)
+    methods: Optional[Sequence[str]] = option(None, f"Any of {list(METHODS)} (default: all that apply to the "
+                                              "setting; forward is for noise, cb for longtail).", result=False)
+    seeds: Sequence[int] = option((0, 1, 2), "Seeds of the initial weights and minibatch order (one run each).",
+                                  result=False)
+    data_seed: int = option(0, "Seed of the validation split, the noise and the long-tailed subset.")
+    noise: float = option(0.4, "flip/symmetric: probability that a training label is replaced.")
+    imbalance: float = option(100.0, "longtail: examples of the most / of the least frequent class.")
     n_val: int = option(1000, "Clean validation examples (class-balanced, from the training split).")
-    n_train: Optional[int] = option(None, "Use only this many noisy training examples (default: all the others).")
+    n_train: Optional[int] = option(None, "Use only this many training examples (default: all the others).")
     n_test: Optional[int] = option(None, "Use only this many test images (default: all 10 000).")
-    epochs: int = option(30, "Passes over the noisy training set (every method: same SGD steps).")
+    model: str = option("cnn", "cnn: conv16-pool-conv32-pool-dense64; mlp: two hidden layers of --hidden.",
+                        choices=MODELS)
+    hidden: int = option(256, "mlp: width of the two hidden layers.")
+    epochs: int = option(15, "Passes over the training set (every method: the same SGD steps).")
     batch_size: int = option(128, "Training minibatch size.")
     val_batch_size: int = option(100, "Clean examples per hyper-iteration (outer loss).")
-    hidden: int = option(256, "Width of the MLP's two hidden layers.")
     lr: float = option(0.05, "Inner SGD learning rate γ (every method).")
     momentum: float = option(0.9, "Heavy-ball momentum β.")
+    k: int = option(3, "mwn_k / l2rw_k: T = K inner steps per hyper-iteration (K-RMD, K > 1).")
     weighting_hidden: int = option(100, "Hidden units of the weighting network V.")
     weight_normalization: str = option(
-        "none", "none: g = mean V(ℓ_i)ℓ_i (the paper); mean: weights divided by their minibatch mean "
-        "(MWN's code; unstable here, see RESULTS.md).", choices=NORMALIZATIONS)
-    outer_lr: float = option(1e-3, "Adam step on θ (the weighting network).")
+        "none", "mwn: none: g = mean V(ℓ_i)ℓ_i (the paper); mean: weights divided by their minibatch mean "
+        "(MWN's code; unstable on MNIST, see RESULTS.md).", choices=NORMALIZATIONS)
+    outer_lr: float = option(1e-3, "mwn: Adam step on θ (the weighting network).")
+    l2rw_normalization: str = option("mean", "l2rw: weights divided by their minibatch mean (as L2RW) or not.",
+                                     choices=NORMALIZATIONS)
+    l2rw_outer_lr: float = option(0.2, "l2rw: Adam step on the raw per-example weights ν (weight = sigmoid(ν)).")
+    finetune_epochs: int = option(20, "finetune: passes over the clean examples after plain training.")
+    finetune_lr: float = option(0.01, "finetune: SGD learning rate (momentum as --momentum).")
+    cb_beta: float = option(0.9999, "cb: β of the effective number (1 − β^n) / (1 − β).")
     hp_every: int = option(100, "Record V on a loss grid every N hyper-iterations.")
-    seed: int = option(0, "Seed of the split, the noise, the initial weights and the batch order.")
     jit_compile: bool = option(False, "XLA-compile the train steps (all methods alike).")
     local_dir: Optional[str] = option(None, "Folder with the dataset's 4 IDX .gz files (default: tfds data_dir, "
                                       "then the project's MNIST folder / /usr/share/datasets/fashion-mnist).",
                                       result=False)
     data_dir: Optional[str] = option(None, "tensorflow-datasets data_dir (default ~/tensorflow_datasets).",
                                      result=False)
+    seed: int = option(0, "(set per run from --seeds)", internal=True, result=False)
     preset: str = "full"
 
     def validated(self) -> "Config":
-        cfg = dataclasses.replace(self, methods=tuple(dict.fromkeys(self.methods)))
-        if not cfg.methods or any(m not in METHODS for m in cfg.methods):
-            raise ValueError(f"--methods: choose from {list(METHODS)}, got {list(self.methods)}")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"--setting must be one of {SETTINGS}, got {self.setting!r}")
+        applicable = tuple(m for m in METHODS if m not in NOT_IN[self.setting])
+        methods = applicable if self.methods is None else tuple(dict.fromkeys(self.methods))
+        if not methods or any(m not in applicable for m in methods):
+            raise ValueError(f"--methods: with --setting={self.setting} choose from {list(applicable)}, "
+                             f"got {list(self.methods)}")
+        seeds = tuple(dict.fromkeys(int(s) for s in self.seeds))
+        if not seeds or min(seeds) < 0:
+            raise ValueError(f"--seeds: one or more seeds >= 0, got {list(self.seeds)}")
+        cfg = dataclasses.replace(self, methods=methods, seeds=seeds)
         if cfg.dataset not in DATASETS:
             raise ValueError(f"--dataset must be one of {DATASETS}, got {cfg.dataset!r}")
+        if cfg.model not in MODELS:
+            raise ValueError(f"--model must be one of {MODELS}, got {cfg.model!r}")
+        if not 0 <= cfg.noise < 0.5 and cfg.setting == "flip":
+            raise ValueError(f"--noise: flip noise must stay below 0.5 (else the partner class is the majority), "
+                             f"got {cfg.noise}")
         if not 0 <= cfg.noise < 0.9:
             raise ValueError(f"--noise is the probability of a wrong label, in [0, 0.9), got {cfg.noise}")
+        if cfg.imbalance < 1:
+            raise ValueError(f"--imbalance is a ratio of class sizes, >= 1, got {cfg.imbalance}")
         if cfg.n_val < 10 or cfg.n_val % 10:
             raise ValueError(f"--n_val must be a positive multiple of 10 (class-balanced), got {cfg.n_val}")
-        if cfg.weight_normalization not in NORMALIZATIONS:
-            raise ValueError(f"--weight_normalization must be one of {NORMALIZATIONS}, got {cfg.weight_normalization!r}")
-        oc.check_ranges(cfg, ("epochs", "batch_size", "val_batch_size", "hidden", "weighting_hidden", "hp_every"),
-                        ("lr", "outer_lr"))
+        if not 0 < cfg.cb_beta < 1:
+            raise ValueError(f"--cb_beta must be in (0, 1), got {cfg.cb_beta}")
+        for name in ("weight_normalization", "l2rw_normalization"):
+            if getattr(cfg, name) not in NORMALIZATIONS:
+                raise ValueError(f"--{name} must be one of {NORMALIZATIONS}, got {getattr(cfg, name)!r}")
+        oc.check_ranges(cfg, ("epochs", "batch_size", "val_batch_size", "hidden", "weighting_hidden", "hp_every",
+                              "finetune_epochs"), ("lr", "outer_lr", "l2rw_outer_lr", "finetune_lr"))
+        if cfg.k < 2:
+            raise ValueError(f"--k is the K > 1 of mwn_k and l2rw_k, got {cfg.k}")
         return cfg
 
 
 # ----------------------------------------------------------------------------------------
 # Data.
 # ----------------------------------------------------------------------------------------
-def symmetric_noise(labels: np.ndarray, rate: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
-    """Labels where each is, with probability `rate`, replaced by a uniformly drawn other class."""
-    flip = rng.random(len(labels)) < rate
-    shift = rng.integers(1, num_classes, len(labels))  # 1..C-1: never the true class
-    return np.where(flip, (labels + shift) % num_classes, labels).astype(labels.dtype)
-
-
-def split(labels: np.ndarray, n_val: int, num_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(val_idx: n_val/C per class, train_idx: all the others), both shuffled."""
-    per_class = n_val // num_classes
-    val = np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in range(num_classes)])
-    rest = np.setdiff1d(np.arange(len(labels)), val)
-    return rng.permutation(val), rng.permutation(rest)
-
-
 def load_data(cfg: Config) -> tuple[dict, dict]:
-    """{"train": noisy, "val": clean, "test"} as (x float32 [N, 28, 28, 1], y int32), plus
-    "train_clean_labels" and "corrupted" (label wrong) for the training examples."""
+    """{"train": (x, y noisy or imbalanced), "val": clean, "test"} as (x float32 [N, 28, 28, 1],
+    y int32), plus "train_clean_labels" and "corrupted" (label wrong) for the training examples."""
     from experiments import datasets
 
     data = datasets.load_image_classification(cfg.dataset, data_dir=cfg.data_dir, local_dir=cfg.local_dir)
     (x, y), (x_test, y_test) = data["train"], data["test"]
-    rng = np.random.default_rng(cfg.seed)
-    val_idx, train_idx = split(y, cfg.n_val, 10, rng)
+    y = y.astype(np.int32)
+    rng = np.random.default_rng(cfg.data_seed)
+    val_idx, train_idx = nl.split(y, cfg.n_val, nl.NUM_CLASSES, rng)
+    if cfg.setting == "longtail":
+        train_idx = train_idx[nl.long_tail_subset(y[train_idx], cfg.imbalance, nl.NUM_CLASSES, rng)]
     if cfg.n_train is not None:
         train_idx = train_idx[: cfg.n_train]
-    y_clean = y[train_idx].astype(np.int32)
-    y_noisy = symmetric_noise(y_clean, cfg.noise, 10, rng)
+    y_clean = y[train_idx]
+    if cfg.setting == "flip":
+        y_train = nl.flip_noise(y_clean, cfg.noise, nl.FLIP_MAPS[cfg.dataset], rng)
+    elif cfg.setting == "symmetric":
+        y_train = nl.symmetric_noise(y_clean, cfg.noise, nl.NUM_CLASSES, rng)
+    else:
+        y_train = y_clean.copy()
     n_test = len(y_test) if cfg.n_test is None else min(cfg.n_test, len(y_test))
     arrays = {
-        "train": (oc.scale_images(x[train_idx]), y_noisy),
-        "val": (oc.scale_images(x[val_idx]), y[val_idx].astype(np.int32)),
+        "train": (oc.scale_images(x[train_idx]), y_train),
+        "val": (oc.scale_images(x[val_idx]), y[val_idx]),
         "test": (oc.scale_images(x_test[:n_test]), y_test[:n_test].astype(np.int32)),
         "train_clean_labels": y_clean,
-        "corrupted": y_noisy != y_clean,
+        "corrupted": y_train != y_clean,
     }
-    info = {"dataset": cfg.dataset, "source": datasets.data_source(cfg.dataset), "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
-            "noise": cfg.noise, "wrong_labels": int(arrays["corrupted"].sum()),
-            "wrong_fraction": float(arrays["corrupted"].mean())}
+    info = {"dataset": cfg.dataset, "source": datasets.data_source(cfg.dataset), "setting": cfg.setting,
+            "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
+            "class_counts": np.bincount(y_train, minlength=nl.NUM_CLASSES).tolist(),
+            "wrong_labels": int(arrays["corrupted"].sum()), "wrong_fraction": float(arrays["corrupted"].mean())}
+    if cfg.setting == "flip":
+        info["flip_map"] = {str(k): v for k, v in nl.FLIP_MAPS[cfg.dataset].items()}
+    if cfg.setting != "longtail":
+        info["noise"] = cfg.noise
     return arrays, info
 
 
 # ----------------------------------------------------------------------------------------
 # Models and the weighting network.
 # ----------------------------------------------------------------------------------------
-def build_mlp(cfg: Config) -> keras.Model:
-    init = lambda i: keras.initializers.GlorotUniform(seed=cfg.seed + i)  # noqa: E731
-    return oc.build_on(keras.Sequential([
-        keras.Input((28, 28, 1)),
-        keras.layers.Flatten(),
-        keras.layers.Dense(cfg.hidden, activation="relu", kernel_initializer=init(0)),
-        keras.layers.Dense(cfg.hidden, activation="relu", kernel_initializer=init(1)),
-        keras.layers.Dense(10, kernel_initializer=init(2)),
-    ], name="mlp"), (28, 28, 1))
+def build_model(cfg: Config) -> keras.Model:
+    """The classifier (logits), its initial weights a function of cfg.seed only."""
+    init = lambda i: keras.initializers.GlorotUniform(seed=cfg.seed * 10 + i)  # noqa: E731
+    if cfg.model == "mlp":
+        layers = [keras.layers.Flatten(),
+                  keras.layers.Dense(cfg.hidden, activation="relu", kernel_initializer=init(0)),
+                  keras.layers.Dense(cfg.hidden, activation="relu", kernel_initializer=init(1)),
+                  keras.layers.Dense(10, kernel_initializer=init(2))]
+    else:
+        layers = [keras.layers.Conv2D(16, 3, padding="same", activation="relu", kernel_initializer=init(0)),
+                  keras.layers.MaxPooling2D(),
+                  keras.layers.Conv2D(32, 3, padding="same", activation="relu", kernel_initializer=init(1)),
+                  keras.layers.MaxPooling2D(),
+                  keras.layers.Flatten(),
+                  keras.layers.Dense(64, activation="relu", kernel_initializer=init(2)),
+                  keras.layers.Dense(10, kernel_initializer=init(3))]
+    return oc.build_on(keras.Sequential([keras.Input((28, 28, 1)), *layers], name=cfg.model), (28, 28, 1))
 
 
 def initial_weighting(hidden: int, seed: int) -> list[np.ndarray]:
@@ -165,8 +229,8 @@ def weighting_net(theta: Sequence[Any], losses: Any) -> Any:
 
 
 def make_inner_loss(normalization: str):
-    """inner_loss(y, logits, hp) = v_i ℓ_i per example (the trainer averages them), with
-    v = V(sg(ℓ); θ) ("none", the paper's formula) or V / mean_batch(V) ("mean", MWN's code)."""
+    """Meta-Weight-Net: inner_loss(y, logits, hp) = v_i ℓ_i per example (the trainer averages
+    them), with v = V(sg(ℓ); θ) ("none", the paper's formula) or V / mean_batch(V) ("mean")."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
@@ -180,152 +244,380 @@ def make_inner_loss(normalization: str):
     return inner_loss
 
 
-def weights_of(model: keras.Model, theta: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """V(ℓ_i; θ) of each example under `model` (unnormalized)."""
-    logits = model.predict(x, batch_size=1000, verbose=0)
+def make_example_weight_loss(normalization: str):
+    """L2RW-style: inner_loss(y_packed, logits, hp) = v_i ℓ_i with v_i = hp["example_weights"][i]
+    (one hyperparameter per training example, in (0, 1)), divided by the minibatch mean ("mean",
+    as L2RW normalizes its weights per batch) or not ("none")."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+
+    def inner_loss(y_true: tf.Tensor, logits: tf.Tensor, hp: dict) -> tf.Tensor:
+        labels, index = nl.unpack(y_true)
+        v = tf.gather(hp["example_weights"], index)
+        if normalization == "mean":
+            v = v / (tf.reduce_mean(v) + 1e-8)
+        return nl.log_softmax_ce(labels, logits) * v
+
+    return inner_loss
+
+
+def per_example_losses(model: keras.Model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    logits = model.predict(x, batch_size=1000, verbose=0).astype(np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_p = shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
-    losses = -log_p[np.arange(len(y)), y]
-    return weighting_net([np.asarray(t, np.float64) for t in theta], losses.astype(np.float64))
+    return -log_p[np.arange(len(y)), y]
+
+
+def weights_of(model: keras.Model, theta: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """V(ℓ_i; θ) of each example under `model` (unnormalized)."""
+    return weighting_net([np.asarray(t, np.float64) for t in theta], per_example_losses(model, x, y))
+
+
+def weight_diagnostics(v: np.ndarray, data: dict) -> dict:
+    """How the learned weights v ∈ (0, 1) of the training examples relate to their labels: mean
+    weight of wrong / right labels, precision and recall of v < 0.05 as a wrong-label detector,
+    histograms, the mean weight per (given) class."""
+    wrong, labels = data["corrupted"], data["train"][1]
+    flagged = v < DETECTOR_THRESHOLD
+    bins = np.linspace(0, 1, 21)
+    out = {"mean_weight": float(v.mean()), "flagged": int(flagged.sum()),
+           "mean_weight_per_class": [float(v[labels == c].mean()) if np.any(labels == c) else None
+                                     for c in range(nl.NUM_CLASSES)],
+           "histogram_bins": bins.tolist(), "histogram_all": np.histogram(v, bins)[0].tolist()}
+    if wrong.any():
+        hits = int((flagged & wrong).sum())
+        out.update({"mean_weight_wrong_labels": float(v[wrong].mean()),
+                    "mean_weight_right_labels": float(v[~wrong].mean()),
+                    "detector_precision": hits / int(flagged.sum()) if flagged.any() else None,
+                    "detector_recall": hits / int(wrong.sum()),
+                    "histogram_wrong": np.histogram(v[wrong], bins)[0].tolist(),
+                    "histogram_right": np.histogram(v[~wrong], bins)[0].tolist()})
+    return out
 
 
 # ----------------------------------------------------------------------------------------
 # Methods.
 # ----------------------------------------------------------------------------------------
-def run_mwn(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
-    model = build_mlp(cfg)
-    theta0 = initial_weighting(cfg.weighting_hidden, cfg.seed)
+def key(method: str, seed: int) -> str:
+    """The store's name of one run: its result row is <output_dir>/resume/<key>.json."""
+    return f"{method}.seed{seed}"
+
+
+def bilevel_trainer(cfg: Config, model: keras.Model, inner_loss, hyperparameters: dict, steps: int,
+                    outer_lr: float) -> tfb.BilevelTrainer:
     trainer = tfb.BilevelTrainer(
-        model, inner_loss=make_inner_loss(cfg.weight_normalization),
-        outer_loss=tfb.keras.losses.sparse_categorical_crossentropy, steps=1, truncate=1,
-        hyperparameters={"weighting": [tfb.Hyperparameter(t, transform="identity") for t in theta0]},
-        inner_learning_rate=cfg.lr, inner_optimizer=lambda lr: tfb.momentum(lr, beta=cfg.momentum),
-        seed=cfg.seed, online=True)
-    trainer.compile(optimizer=keras.optimizers.Adam(cfg.outer_lr), metrics=["accuracy"], jit_compile=cfg.jit_compile)
+        model, inner_loss=inner_loss, outer_loss=tfb.keras.losses.sparse_categorical_crossentropy,
+        steps=steps, truncate=steps, hyperparameters=hyperparameters, inner_learning_rate=cfg.lr,
+        inner_optimizer=lambda lr: tfb.momentum(lr, beta=cfg.momentum), seed=cfg.seed, online=True)
+    trainer.compile(optimizer=keras.optimizers.Adam(outer_lr), metrics=["accuracy"], jit_compile=cfg.jit_compile)
+    return trainer
+
+
+def run_mwn(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: int) -> dict:
+    """Meta-Weight-Net: V(ℓ; θ)'s weights θ are the hyperparameters, learned online with K-RMD (T = K = steps)."""
+    model = build_model(cfg)
+    theta0 = initial_weighting(cfg.weighting_hidden, cfg.seed)
+    trainer = bilevel_trainer(cfg, model, make_inner_loss(cfg.weight_normalization),
+                              {"weighting": [tfb.Hyperparameter(t, transform="identity") for t in theta0]},
+                              steps, cfg.outer_lr)
 
     def on_grid(values: dict) -> dict:
         theta = [np.asarray(t, np.float64) for t in values["weighting"]]
         return {"grid_weights": weighting_net(theta, LOSS_GRID).tolist()}
 
-    recorder = oc.fit_online(trainer, model, "mwn", data, cfg, store, on_grid)
+    recorder = oc.fit_online(trainer, model, name, data, cfg, store, on_grid, steps=steps)
+    write_atomically(store.path(name, ".weights.h5"), model.save_weights)  # mwn_ft starts from it
     theta = [np.asarray(t) for t in trainer.hyperparameter_values()["weighting"]]
     v = weights_of(model, theta, *data["train"])
-    wrong = data["corrupted"]
-    normalized = v / v.mean()
-    bins = np.linspace(0, 1, 21)
-    weights = {"mean_weight_wrong_labels": float(v[wrong].mean()), "mean_weight_right_labels": float(v[~wrong].mean()),
-               "mean_normalized_weight_wrong_labels": float(normalized[wrong].mean()),
-               "mean_normalized_weight_right_labels": float(normalized[~wrong].mean()),
-               "histogram_bins": bins.tolist(), "histogram_wrong": np.histogram(v[wrong], bins)[0].tolist(),
-               "histogram_right": np.histogram(v[~wrong], bins)[0].tolist()}
-    return oc.final_row(recorder, hyper_iterations=recorder.epochs * recorder.steps_per_epoch,
-                        loss_grid=LOSS_GRID.tolist(), example_weights=weights, theta=[t.tolist() for t in theta])
+    return oc.final_row(recorder, steps=steps, truncate=steps, loss_grid=LOSS_GRID.tolist(),
+                        final_grid_weights=weighting_net([t.astype(np.float64) for t in theta], LOSS_GRID).tolist(),
+                        example_weights=weight_diagnostics(v, data), theta=[t.tolist() for t in theta])
 
 
-def run_plain(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict:
-    """Plain SGD with momentum on the noisy labels ("noisy") or on the clean validation set
-    alone ("clean", for the same number of steps)."""
-    model = build_mlp(cfg)
-    model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=cfg.momentum), loss=oc.sparse_ce_logits(),
-                  metrics=["accuracy"], jit_compile=cfg.jit_compile)
-    train = data["train"] if method == "noisy" else data["val"]
-    recorder = oc.fit_keras(model, method, train, test=data["test"], val=data["val"], epochs=cfg.epochs,
-                            steps_per_epoch=len(data["train"][1]) // cfg.batch_size,
-                            batch_size=min(cfg.batch_size, len(train[1])), seed=cfg.seed, store=store)
-    row = oc.final_row(recorder)
-    if method == "noisy":  # early stopping on the clean validation set: the best epoch's test accuracy
-        val = recorder.rec["val_accuracy"][1:]
-        best = int(np.argmax(val))
-        row["early_stopped"] = {"epoch": best + 1, "val_accuracy": val[best],
-                                "test_accuracy": recorder.rec["test_accuracy"][1 + best]}
+def run_l2rw(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: int) -> dict:
+    """One raw weight per training example (sigmoid(ν_i), ν_i a `Hyperparameter` vector entry),
+    learned online with K-RMD (T = K = steps): the L2RW idea with persistent weights."""
+    model = build_model(cfg)
+    x, y = data["train"]
+    trainer = bilevel_trainer(cfg, model, make_example_weight_loss(cfg.l2rw_normalization),
+                              {"example_weights": tfb.Hyperparameter(np.full(len(y), 0.5, np.float32),
+                                                                     transform="sigmoid")},
+                              steps, cfg.l2rw_outer_lr)
+
+    def summary(values: dict) -> dict:
+        v = np.asarray(values["example_weights"])
+        wrong = data["corrupted"]
+        out = {"mean_weight": float(v.mean()), "flagged": int((v < DETECTOR_THRESHOLD).sum())}
+        if wrong.any():
+            out.update(mean_weight_wrong_labels=float(v[wrong].mean()), mean_weight_right_labels=float(v[~wrong].mean()))
+        return out
+
+    packed = {**data, "train": (x, nl.pack(y))}
+    recorder = oc.fit_online(trainer, model, name, packed, cfg, store, summary, steps=steps)
+    write_atomically(store.path(name, ".weights.h5"), model.save_weights)  # l2rw_ft starts from it
+    v = np.asarray(trainer.hyperparameter_values()["example_weights"], np.float64)
+    return oc.final_row(recorder, steps=steps, truncate=steps, example_weights=weight_diagnostics(v, data))
+
+
+def fit_plain(cfg: Config, model: keras.Model, name: str, train: tuple, loss, store: oc.MethodStore, data: dict, *,
+              lr: float, epochs: int, steps_per_epoch: int) -> oc.EpochRecorder:
+    """Momentum SGD on `train` (labels packed for `loss`), resumable per epoch."""
+    model.compile(optimizer=keras.optimizers.SGD(lr, momentum=cfg.momentum), loss=loss, jit_compile=cfg.jit_compile)
+    x, y = train
+    return oc.fit_keras(model, name, (x, nl.pack(y)), test=data["test"], val=data["val"], epochs=epochs,
+                        steps_per_epoch=steps_per_epoch, batch_size=min(cfg.batch_size, len(y)), seed=cfg.seed,
+                        store=store)
+
+
+def trained_weights_path(store: oc.MethodStore, method: str, seed: int) -> str:
+    """The final weights of a finished run (plain, mwn, l2rw), which later runs start from."""
+    return store.path(key(method, seed), ".weights.h5")
+
+
+def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict:
+    """One baseline run (same network, initial weights, optimizer and budget as the others)."""
+    train = data["train"]
+    steps_per_epoch = len(train[1]) // cfg.batch_size
+    model = build_model(cfg)
+    name = key(method, cfg.seed)
+    extra: dict[str, Any] = {}
+    if method in FINETUNED or method == "forward":
+        source = FINETUNED.get(method, "plain")
+        path = trained_weights_path(store, source, cfg.seed)
+        if not os.path.exists(path):
+            raise RuntimeError(f"{method} needs the trained {source} model {path}: run --methods={source} first "
+                               "(it comes earlier in the default order)")
+    if method == "plain":
+        loss = nl.weighted_ce(np.ones(len(train[1])))
+    elif method == "random":
+        loss = nl.weighted_ce(nl.random_example_weights(len(train[1]), cfg.seed))
+    elif method == "cb":
+        counts = np.bincount(train[1], minlength=nl.NUM_CLASSES)
+        class_weights = nl.class_balanced_weights(counts, cfg.cb_beta)
+        loss = nl.weighted_ce(class_weights[train[1]])
+        extra["class_weights"] = class_weights.tolist()
+    elif method == "forward":
+        noisy = build_model(cfg)
+        noisy.load_weights(path)
+        probs = tf.nn.softmax(noisy.predict(data["val"][0], batch_size=1000, verbose=0)).numpy()
+        transition = nl.estimate_transition(probs, data["val"][1], nl.NUM_CLASSES)
+        loss = nl.forward_corrected_ce(transition)
+        extra["estimated_transition"] = transition.tolist()
+    elif method == "clean":  # the clean examples alone, as many SGD steps
+        loss, train = nl.weighted_ce(np.ones(len(data["val"][1]))), data["val"]
+    elif method in FINETUNED:  # a trained model, then SGD on the clean examples
+        model.load_weights(path)
+        recorder = fit_plain(cfg, model, name, data["val"], nl.weighted_ce(np.ones(len(data["val"][1]))), store,
+                             data, lr=cfg.finetune_lr, epochs=cfg.finetune_epochs,
+                             steps_per_epoch=max(1, len(data["val"][1]) // cfg.batch_size))
+        return oc.final_row(recorder, start=f"{source}'s final weights")
+    else:
+        raise ValueError(f"unknown baseline {method!r}")
+    recorder = fit_plain(cfg, model, name, train, loss, store, data, lr=cfg.lr, epochs=cfg.epochs,
+                         steps_per_epoch=steps_per_epoch)
+    row = oc.final_row(recorder, **extra)
+    val = recorder.rec["val_accuracy"][1:]
+    best = int(np.argmax(val))  # early stopping on the clean validation set: the best epoch's test accuracy
+    row["early_stopped"] = {"epoch": best + 1, "val_accuracy": val[best],
+                            "test_accuracy": recorder.rec["test_accuracy"][1 + best]}
+    if method == "plain":  # finetune and forward start from it
+        write_atomically(trained_weights_path(store, "plain", cfg.seed), model.save_weights)
     return row
 
 
-# ----------------------------------------------------------------------------------------
-# The experiment.
-# ----------------------------------------------------------------------------------------
-def plot_figures(results: dict, output_dir: str) -> dict:
-    from experiments import plotting
-
-    plt, methods, cfg, data = plotting.plt, results["methods"], results["config"], results["data"]
-    budget = (f"{data['dataset']}, {data['n_train']} training labels ({100 * data['wrong_fraction']:.0f}% wrong), "
-              f"{cfg['epochs']} epochs of batch {cfg['batch_size']}, T = K = 1")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, row in methods.items():
-        rec = row["record"]
-        ax.plot(rec["epoch"][1:], rec["test_accuracy"][1:], "o-", ms=4, label=name)
-    ax.set_xlabel("epoch (passes over the noisy training set; 'clean': as many SGD steps)")
-    ax.set_ylabel("test accuracy (fraction)")
-    ax.set_title(f"Learning to reweight: test accuracy\n{budget}", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left")  # the noisy curve falls through the lower right
-    figures = {"test_accuracy": plotting.save_figure(fig, os.path.join(output_dir, "test_accuracy.png"))}
-    if "mwn" in methods:
-        row = methods["mwn"]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-        hp, its = row["record"]["hp"], row["record"]["hp_iteration"]
-        chosen = sorted(set(np.linspace(0, len(hp) - 1, min(6, len(hp))).astype(int)))
-        for c, i in zip(plt.get_cmap("viridis")(np.linspace(0, 0.9, len(chosen))), chosen):
-            axes[0].plot(row["loss_grid"], hp[i]["grid_weights"], ".-", color=c, label=f"hyper-iteration {its[i]}")
-        axes[0].set_xlabel("per-example training loss ℓ (cross-entropy, nats)")
-        axes[0].set_ylabel("weight V(ℓ; θ)")
-        axes[0].set_title("learned weighting function during training")
-        axes[0].legend(fontsize=8)
-        w = row["example_weights"]
-        bins = np.asarray(w["histogram_bins"])
-        centers, width = (bins[1:] + bins[:-1]) / 2, bins[1] - bins[0]
-        axes[1].bar(centers - width / 4, w["histogram_right"], width / 2, label="right label")
-        axes[1].bar(centers + width / 4, w["histogram_wrong"], width / 2, label="wrong label")
-        axes[1].set_yscale("log")
-        axes[1].set_xlabel("weight V(ℓ_i) under the final model")
-        axes[1].set_ylabel("training examples (log scale)")
-        axes[1].set_title("weights of the training examples after training")
-        axes[1].legend()
-        for ax in axes:
-            ax.grid(True, alpha=0.3)
-        fig.suptitle(f"Meta-Weight-Net weighting V: {budget}", fontsize=10)
-        figures["weighting"] = plotting.save_figure(fig, os.path.join(output_dir, "weighting.png"))
-    return {k: os.path.basename(v) for k, v in figures.items()}
-
-
-def format_table(results: dict) -> str:
-    lines = [f"{'method':>8} {'test acc %':>10} {'seconds':>8}"]
-    for name, row in results["methods"].items():
-        lines.append(f"{name:>8} {100 * row['test_accuracy']:>10.2f} {row['train_seconds']:>8.0f}")
-        if "early_stopped" in row:
-            e = row["early_stopped"]
-            lines.append(f"{'':>8} early-stopped on the clean val (epoch {e['epoch']}): {100 * e['test_accuracy']:.2f}")
-    if "mwn" in results["methods"]:
-        w = results["methods"]["mwn"]["example_weights"]
-        lines.append(f"mwn: mean weight of wrong labels {w['mean_weight_wrong_labels']:.3f}, "
-                     f"right labels {w['mean_weight_right_labels']:.3f}")
-    if results.get("target"):
-        t = results["target"]
-        lines.append(f"target: mwn {t['gain_points']:+.2f} points over noisy training (goal >= 5) -> "
-                     f"{'reached' if t['reached'] else 'NOT reached'}")
-    return "\n".join(lines)
+def run_one(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict:
+    name = key(method, cfg.seed)
+    if method in ("mwn", "mwn_k"):
+        return run_mwn(cfg, data, store, name, 1 if method == "mwn" else cfg.k)
+    if method in ("l2rw", "l2rw_k"):
+        return run_l2rw(cfg, data, store, name, 1 if method == "l2rw" else cfg.k)
+    return run_baseline(cfg, data, method, store)
 
 
 def run_methods(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
-    methods = {}
-    if "mwn" in cfg.methods:
-        methods["mwn"] = store.run_once("mwn", lambda: run_mwn(cfg, data, store))
-    for method in ("noisy", "clean"):
-        if method in cfg.methods:
-            methods[method] = store.run_once(method, lambda: run_plain(cfg, data, method, store))
-    return methods
+    """Every (seed, method) run in order, seed by seed; finished ones are read back."""
+    rows = {}
+    for seed in cfg.seeds:
+        run_cfg = dataclasses.replace(cfg, seed=seed)
+        for method in cfg.methods:
+            name = key(method, seed)
+            rows[name] = store.run_once(name, lambda: run_one(run_cfg, data, method, store))
+    return rows
 
 
-def target(methods: dict) -> dict:
-    """Issue #11's goal: Meta-Weight-Net at least 5 points of test accuracy over noisy training."""
-    if "mwn" not in methods or "noisy" not in methods:
-        return {}
-    gain = 100 * (methods["mwn"]["test_accuracy"] - methods["noisy"]["test_accuracy"])
-    return {"gain_points": gain, "reached": bool(gain >= 5.0)}
+# ----------------------------------------------------------------------------------------
+# Summaries, target, figures.
+# ----------------------------------------------------------------------------------------
+LABELS = {"plain": "plain", "finetune": "plain, then fine-tuned "
+          "on the clean set", "clean": "clean set alone", "random": "random fixed weights",
+          "forward": "forward correction (C from the clean set)", "cb": "class-balanced loss",
+          "mwn": "Meta-Weight-Net, 1-RMD", "mwn_k": "Meta-Weight-Net, K-RMD", "l2rw": "per-example weights, 1-RMD",
+          "l2rw_k": "per-example weights, K-RMD", "mwn_ft": "Meta-Weight-Net 1-RMD, then fine-tuned",
+          "l2rw_ft": "per-example weights 1-RMD, then fine-tuned"}
+
+
+def early_stopped_accuracy(row: dict) -> float:
+    """Test accuracy at the epoch (≥ 1) of best clean-validation accuracy (ties: the first)."""
+    val = row["record"]["val_accuracy"][1:]
+    return float(row["record"]["test_accuracy"][1 + int(np.argmax(val))])
+
+
+def is_bilevel(name: str) -> bool:
+    """mwn, l2rw, ... and their early-stopped (_es) variants."""
+    return name in BILEVEL or (name.endswith("_es") and name[:-3] in BILEVEL)
+
+
+def summarize(rows: dict) -> dict:
+    """{method: {"test_accuracy": [per seed], "mean", "std", "seeds"}}, plus "<method>_es"
+    (early-stopped on the clean set; plain's is "plain_es") for every method that trains from
+    scratch, and the mean weight diagnostics of the learned weights."""
+    groups: dict[str, dict[int, dict]] = {}
+    for name, row in rows.items():
+        method, seed = name.rsplit(".seed", 1)
+        groups.setdefault(method, {})[int(seed)] = row
+    out = {}
+    for method in [m for m in METHODS if m in groups]:
+        seeds = sorted(groups[method])
+        variants = [(method, lambda r: r["test_accuracy"])]
+        if method not in FINETUNED:
+            variants.append((f"{method}_es", early_stopped_accuracy))
+        for name, get in variants:
+            acc = [float(get(groups[method][s])) for s in seeds]
+            out[name] = {"seeds": seeds, "test_accuracy": acc, "mean": float(np.mean(acc)),
+                         "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else None,
+                         "train_seconds": [float(groups[method][s]["train_seconds"]) for s in seeds]}
+        diag = [groups[method][s]["example_weights"] for s in seeds if "example_weights" in groups[method][s]]
+        if diag:
+            for field in ("mean_weight_wrong_labels", "mean_weight_right_labels", "detector_precision",
+                          "detector_recall"):
+                values = [d[field] for d in diag if d.get(field) is not None]
+                if values:
+                    out[method][field] = float(np.mean(values))
+            out[method]["mean_weight_per_class"] = np.mean(
+                [[w if w is not None else np.nan for w in d["mean_weight_per_class"]] for d in diag], axis=0).tolist()
+    return out
+
+
+def target(rows: dict) -> dict:
+    """Issue #17's goal: the best tf_bilevel method's mean test accuracy ≥ 2 points above the
+    best baseline's (settings flip and longtail)."""
+    summary = summarize(rows)
+    bilevel = {m: s["mean"] for m, s in summary.items() if is_bilevel(m)}
+    baselines = {m: s["mean"] for m, s in summary.items() if not is_bilevel(m)}
+    if not bilevel or not baselines:
+        return {"summary": summary}
+    best_b, best_base = max(bilevel, key=bilevel.get), max(baselines, key=baselines.get)
+    gain = 100 * (bilevel[best_b] - baselines[best_base])
+    return {"summary": summary, "best_bilevel": best_b, "best_baseline": best_base, "gain_points": gain, "goal_points": 2.0,
+            "reached": bool(gain >= 2.0)}
+
+
+def format_table(results: dict) -> str:
+    summary = summarize(results["methods"])
+    lines = [f"{'method':<62} {'test acc % (mean ± std)':>24} {'seeds':>5} {'s/run':>6}"]
+    for method, s in summary.items():
+        std = f"{100 * s['std']:.2f}" if s["std"] is not None else "-"
+        base = method[:-3] if method.endswith("_es") else method
+        label = (LABELS[base] + (f" (K={results['config']['k']})" if base.endswith("_k") else "")
+                 + (", early-stopped" if base != method else ""))
+        lines.append(f"{label:<62} {100 * s['mean']:>15.2f} ± {std:<6} {len(s['seeds']):>5} "
+                     f"{np.mean(s['train_seconds']):>6.0f}")
+    for method in BILEVEL:
+        s = summary.get(method)
+        if s and "mean_weight_per_class" not in s:
+            continue
+        if s and "mean_weight_wrong_labels" in s:
+            p = s.get("detector_precision")
+            lines.append(f"{method}: mean weight wrong {s['mean_weight_wrong_labels']:.3f} / right "
+                         f"{s['mean_weight_right_labels']:.3f}; weight < {DETECTOR_THRESHOLD} as a wrong-label "
+                         f"detector: precision {'-' if p is None else f'{p:.3f}'}, recall {s['detector_recall']:.3f}")
+        elif s:
+            lines.append(f"{method}: mean weight per class " + " ".join(f"{w:.2f}" for w in s["mean_weight_per_class"]))
+    if "gain_points" in results.get("target", {}):
+        t = results["target"]
+        lines.append(f"target: best tf_bilevel ({t['best_bilevel']}) {t['gain_points']:+.2f} points over the best "
+                     f"baseline ({t['best_baseline']}) (goal >= 2) -> {'reached' if t['reached'] else 'NOT reached'}")
+    return "\n".join(lines)
+
+
+def plot_figures(results: dict, output_dir: str) -> dict:
+    from experiments import plotting
+
+    plt, rows, cfg, data = plotting.plt, results["methods"], results["config"], results["data"]
+    what = (f"{data['wrong_fraction'] * 100:.0f}% wrong labels ({cfg['setting']})" if cfg["setting"] != "longtail"
+            else f"long-tailed, ratio {cfg['imbalance']:g}")
+    budget = (f"{data['dataset']}, {data['n_train']} training examples, {what}; {cfg['model']}, "
+              f"{cfg['epochs']} epochs of batch {cfg['batch_size']}")
+    groups: dict[str, list] = {}
+    for name, row in rows.items():
+        groups.setdefault(name.rsplit(".seed", 1)[0], []).append(row)
+    figures = {}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab10")
+    for i, method in enumerate(m for m in METHODS if m in groups and m not in FINETUNED):
+        curves = np.array([r["record"]["test_accuracy"] for r in groups[method]], np.float64)
+        epochs = groups[method][0]["record"]["epoch"]
+        style = "-" if method in BILEVEL else "--"
+        ax.plot(epochs, curves.mean(0), style, color=colors(i), label=f"{method} ({len(curves)} seeds)")
+        if len(curves) > 1:
+            ax.fill_between(epochs, curves.min(0), curves.max(0), color=colors(i), alpha=0.2)
+    for i, (marker, method) in enumerate(zip("*Ps", [m for m in FINETUNED if m in groups])):
+        acc = [r["test_accuracy"] for r in groups[method]]
+        ax.errorbar([cfg["epochs"] + 0.2 * i], [np.mean(acc)], yerr=[[np.mean(acc) - min(acc)], [max(acc) - np.mean(acc)]],
+                    fmt=f"k{marker}", ms=9, label=f"{FINETUNED[method]}, then fine-tuned on the clean set")
+    ax.set_xlabel("epoch (passes over the training set; 'clean': as many SGD steps)")
+    ax.set_ylabel("test accuracy (mean over seeds, band: min–max)")
+    ax.set_title(f"Learning to reweight: test accuracy\n{budget}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    figures["test_accuracy"] = plotting.save_figure(fig, os.path.join(output_dir, "test_accuracy.png"))
+
+    mwn = [m for m in ("mwn", "mwn_k") if m in groups]
+    if mwn:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, method in enumerate(mwn):
+            for j, row in enumerate(groups[method]):
+                ax.plot(LOSS_GRID, row["final_grid_weights"], "-" if i == 0 else "--", color=colors(i),
+                        label=method if j == 0 else None)
+            first = groups[method][0]["record"]
+            for h in first["hp"][1: len(first["hp"]) // 2]:  # the first half of training, faded: how V formed
+                ax.plot(LOSS_GRID, h["grid_weights"], "-", color=colors(i), alpha=0.05)
+        ax.set_xlabel("per-example training loss ℓ (cross-entropy, nats)")
+        ax.set_ylabel("weight V(ℓ; θ)")
+        ax.set_title(f"learned weighting function (final θ of every seed; faded: seed's first half)\n{budget}",
+                     fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        figures["weighting"] = plotting.save_figure(fig, os.path.join(output_dir, "weighting.png"))
+
+    learned = [m for m in BILEVEL if m in groups and "example_weights" in groups[m][0]]
+    if learned:
+        fig, axes = plt.subplots(1, len(learned), figsize=(4.2 * len(learned), 4), squeeze=False)
+        for ax, method in zip(axes[0], learned):
+            w = groups[method][0]["example_weights"]
+            bins = np.asarray(w["histogram_bins"])
+            centers, width = (bins[1:] + bins[:-1]) / 2, bins[1] - bins[0]
+            if "histogram_wrong" in w:
+                ax.bar(centers - width / 4, w["histogram_right"], width / 2, label="right label")
+                ax.bar(centers + width / 4, w["histogram_wrong"], width / 2, label="wrong label")
+                ax.set_yscale("log")
+                ax.set_xlabel("learned weight (seed 0)")
+                ax.set_ylabel("training examples (log scale)")
+                ax.legend(fontsize=8)
+            else:
+                per_class = [r["example_weights"]["mean_weight_per_class"] for r in groups[method]]
+                ax.bar(np.arange(nl.NUM_CLASSES), np.mean(per_class, axis=0))
+                ax.set_xlabel(f"class (training examples {data['class_counts'][0]} … {data['class_counts'][-1]})")
+                ax.set_ylabel("mean learned weight")
+            ax.set_title(method, fontsize=9)
+            ax.grid(True, alpha=0.3)
+        fig.suptitle(f"weights of the training examples after training\n{budget}", fontsize=9)
+        figures["example_weights"] = plotting.save_figure(fig, os.path.join(output_dir, "example_weights.png"))
+    return {k: os.path.basename(v) for k, v in figures.items()}
 
 
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None) -> dict:
-    """Runs the methods (skipping finished ones), writes results.json and the figures, under an
+    """Runs the methods (skipping finished runs), writes results.json and the figures, under an
     exclusive lock on cfg.output_dir; --restart discards the saved state first."""
     return oc.run_program("reweighting", cfg.validated(), run_methods=run_methods, load_data=load_data,
                           target=target, plot_figures=plot_figures, format_table=format_table,

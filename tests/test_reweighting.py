@@ -1,7 +1,8 @@
-"""Tests for experiments/reweighting.py (issue #11 §5): the symmetric noise, the Meta-Weight-Net
-inner loss against NumPy (value, and gradient that treats the weights as constants), and
-`--quick` end to end on a slice of real MNIST: the learned weighting gives the examples with
-wrong labels lower weights than the others."""
+"""Tests for experiments/reweighting.py and experiments/noisy_labels.py (issues #11 §5, #17): the
+noise generators, the long-tailed sampler, the baselines' losses (fixed example weights, forward
+correction, class-balanced weights) and the transition estimate against NumPy and hand
+computation, the learned-weight inner losses against NumPy, the weight diagnostics, and
+`--quick` end to end on a slice of real Fashion-MNIST, resumed per method and seed."""
 
 from __future__ import annotations
 
@@ -15,27 +16,149 @@ import tensorflow as tf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
+from experiments import noisy_labels as nl  # noqa: E402
 from experiments import reweighting as R  # noqa: E402
-from offline_data import MNIST_DIR, needs_mnist, write_mnist_subset  # noqa: E402
+from offline_data import write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
+LONG = 1500  # seconds: a --quick grid traces every method and seed anew (minutes on a shared 2-core machine)
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_DIR} is absent "
+                                   "(apt-get install dataset-fashion-mnist)")
 
+
+def softmax(z):
+    p = np.exp(z - z.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Noise, split, long tail.
+# ----------------------------------------------------------------------------------------
 def test_symmetric_noise_changes_the_requested_fraction_to_other_classes():
     labels = np.repeat(np.arange(10), 2000)
-    noisy = R.symmetric_noise(labels, 0.4, 10, np.random.default_rng(0))
+    noisy = nl.symmetric_noise(labels, 0.4, 10, np.random.default_rng(0))
     wrong = noisy != labels
     assert abs(wrong.mean() - 0.4) < 0.015  # every flip lands on another class: no 1/C dilution
     counts = np.bincount((noisy[wrong] - labels[wrong]) % 10, minlength=10)
     assert counts[0] == 0 and counts[1:].min() > 0.8 * counts[1:].mean()  # uniform over the 9 others
 
 
+def test_flip_noise_sends_labels_to_their_partner_at_the_rate():
+    labels = np.repeat(np.arange(10), 3000).astype(np.int32)
+    mapping = nl.FASHION_FLIP
+    assert np.array_equal(nl.flip_noise(labels, 1.0, mapping, np.random.default_rng(0)),
+                          np.array([mapping[c] for c in labels]))
+    assert np.array_equal(nl.flip_noise(labels, 0.0, mapping, np.random.default_rng(0)), labels)
+    noisy = nl.flip_noise(labels, 0.4, mapping, np.random.default_rng(1))
+    empirical = np.zeros((10, 10))
+    np.add.at(empirical, (labels, noisy), 1.0)
+    empirical /= empirical.sum(1, keepdims=True)
+    # Hand-written: 0.6 on the diagonal, 0.4 at (c, partner(c)), 0 elsewhere.
+    expected = 0.6 * np.eye(10)
+    for c, partner in mapping.items():
+        expected[c, partner] = 0.4
+    np.testing.assert_allclose(empirical, expected, atol=0.03)
+    np.testing.assert_allclose(nl.noise_transition("flip", 0.4, 10, mapping), expected)
+    with pytest.raises(ValueError, match="to itself"):
+        nl.flip_noise(labels[:3], 0.4, {0: 0, 1: 0}, np.random.default_rng(0))
+
+
+def test_flip_maps_pair_confusable_classes_and_transitions_are_stochastic():
+    for mapping in nl.FLIP_MAPS.values():
+        assert sorted(mapping) == list(range(10)) and all(mapping[c] != c for c in mapping)
+    t = nl.noise_transition("symmetric", 0.4, 4)
+    np.testing.assert_allclose(t, [[0.6, 0.4 / 3, 0.4 / 3, 0.4 / 3], [0.4 / 3, 0.6, 0.4 / 3, 0.4 / 3],
+                                   [0.4 / 3, 0.4 / 3, 0.6, 0.4 / 3], [0.4 / 3, 0.4 / 3, 0.4 / 3, 0.6]])
+    assert nl.FASHION_FLIP[0] == 6 and nl.FASHION_FLIP[6] == 0  # T-shirt/top <-> shirt
+    assert nl.FASHION_FLIP[2] == 4 and nl.FASHION_FLIP[4] == 2  # pullover <-> coat
+
+
 def test_split_is_class_balanced_and_disjoint():
     labels = np.repeat(np.arange(10), 30)
-    val, train = R.split(labels, 100, 10, np.random.default_rng(1))
+    val, train = nl.split(labels, 100, 10, np.random.default_rng(1))
     assert np.all(np.bincount(labels[val], minlength=10) == 10)
     assert len(np.intersect1d(val, train)) == 0 and len(val) + len(train) == len(labels)
 
 
+def test_long_tail_counts_and_subset_by_hand():
+    counts = nl.long_tail_counts(5900, 100.0, 10)
+    # By hand: ⌊5900 · 100^(−c/9)⌋; 100^(−1/3) = 0.215443…, 100^(−1/9) = 0.599484…
+    assert counts[0] == 5900 and counts[9] == 59 and counts[3] == 1271 and counts[1] == 3536
+    assert np.all(np.diff(counts) < 0)
+    labels = np.repeat(np.arange(10), [120, 110, 100, 130, 140, 150, 160, 170, 180, 190]).astype(np.int32)
+    keep = nl.long_tail_subset(labels, 10.0, 10, np.random.default_rng(0))
+    assert len(np.unique(keep)) == len(keep)  # no duplicates
+    np.testing.assert_array_equal(np.bincount(labels[keep], minlength=10), nl.long_tail_counts(100, 10.0, 10))
+    assert nl.long_tail_counts(100, 10.0, 10).tolist() == [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]
+
+
+# ----------------------------------------------------------------------------------------
+# Baseline losses against NumPy.
+# ----------------------------------------------------------------------------------------
+def test_pack_unpack_round_trip_also_through_float32():
+    labels = np.array([3, 0, 9, 9, 1], np.int32)
+    packed = nl.pack(labels)
+    for y in (tf.constant(packed), tf.constant(packed.astype(np.float32))):
+        got_labels, got_index = nl.unpack(y)
+        assert got_labels.numpy().tolist() == labels.tolist() and got_index.numpy().tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="too many"):
+        nl.pack(np.zeros(2_000_000, np.int32))
+
+
+def test_weighted_ce_matches_numpy():
+    rng = np.random.default_rng(0)
+    table = rng.uniform(0.1, 2.0, 7)
+    z = rng.normal(size=(4, 10)).astype(np.float32)
+    labels = np.array([1, 5, 5, 9], np.int32)
+    index = np.array([6, 0, 3, 2])
+    y = (index * 10 + labels).astype(np.float32)  # as Keras hands it over
+    got = nl.weighted_ce(table)(tf.constant(y), tf.constant(z)).numpy()
+    want = -table[index] * np.log(softmax(z.astype(np.float64))[np.arange(4), labels])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_forward_corrected_ce_matches_numpy_and_is_ce_for_identity():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(5, 10)).astype(np.float32)
+    labels = np.array([0, 6, 2, 4, 9], np.int32)
+    y = tf.constant(nl.pack(labels))
+    c = nl.noise_transition("flip", 0.4, 10, nl.FASHION_FLIP)
+    got = nl.forward_corrected_ce(c)(y, tf.constant(z)).numpy()
+    p = softmax(z.astype(np.float64))
+    want = [-np.log(sum(p[n, j] * c[j, labels[n]] for j in range(10))) for n in range(5)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    plain = nl.forward_corrected_ce(np.eye(10))(y, tf.constant(z)).numpy()
+    np.testing.assert_allclose(plain, -np.log(p[np.arange(5), labels]), rtol=1e-5)
+
+
+def test_estimate_transition_averages_the_noisy_model_per_true_class():
+    probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.1, 0.8, 0.1], [0.0, 0.0, 1.0], [0.2, 0.2, 0.6]])
+    labels = np.array([0, 0, 1, 2, 2])
+    np.testing.assert_allclose(nl.estimate_transition(probs, labels, 3),
+                               [[0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+
+
+def test_class_balanced_weights_by_hand():
+    # β = 0.9, counts 1 and 10: raw (0.1/0.1, 0.1/(1 − 0.9^10)) = (1, 0.153534…), scaled to sum 2.
+    w = nl.class_balanced_weights(np.array([1, 10]), 0.9)
+    raw = np.array([1.0, 0.1 / (1 - 0.9 ** 10)])
+    np.testing.assert_allclose(w, 2 * raw / raw.sum())
+    np.testing.assert_allclose(w, [1.733802, 0.266198], rtol=1e-5)
+    with pytest.raises(ValueError, match="at least one"):
+        nl.class_balanced_weights(np.array([0, 5]), 0.9)
+
+
+def test_random_example_weights_are_fixed_positive_mean_one():
+    w = nl.random_example_weights(1000, seed=3)
+    assert np.all(w > 0) and abs(w.mean() - 1.0) < 1e-12
+    np.testing.assert_array_equal(w, nl.random_example_weights(1000, seed=3))
+    assert not np.array_equal(w, nl.random_example_weights(1000, seed=4))
+
+
+# ----------------------------------------------------------------------------------------
+# Learned-weight inner losses.
+# ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("normalization", R.NORMALIZATIONS)
 def test_weighted_inner_loss_matches_numpy_and_treats_weights_as_constants(normalization):
     rng = np.random.default_rng(0)
@@ -46,10 +169,7 @@ def test_weighted_inner_loss_matches_numpy_and_treats_weights_as_constants(norma
         tape.watch(logits)
         values = R.make_inner_loss(normalization)(y, logits, {"weighting": [tf.constant(t) for t in theta]})
         mean = tf.reduce_mean(values)
-    # NumPy: ℓ_i, v_i = V(ℓ_i) (/ mean_j V(ℓ_j)), and d/dlogits of mean(v ℓ) with v held fixed.
-    z = logits.numpy().astype(np.float64)
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+    p = softmax(logits.numpy().astype(np.float64))
     losses = -np.log(p[np.arange(6), y.numpy()])
     v = R.weighting_net([t.astype(np.float64) for t in theta], losses)
     if normalization == "mean":
@@ -59,92 +179,190 @@ def test_weighted_inner_loss_matches_numpy_and_treats_weights_as_constants(norma
     np.testing.assert_allclose(tape.gradient(mean, logits).numpy(), expected_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("normalization", R.NORMALIZATIONS)
+def test_example_weight_inner_loss_matches_numpy_with_its_weight_gradient(normalization):
+    rng = np.random.default_rng(2)
+    table = rng.uniform(0.1, 1.0, 9)
+    z = rng.normal(size=(4, 10))
+    labels, index = np.array([2, 7, 7, 0]), np.array([8, 1, 4, 5])
+    weights = tf.Variable(table.astype(np.float64))
+    with tf.GradientTape() as tape:
+        values = R.make_example_weight_loss(normalization)(tf.constant(index * 10 + labels), tf.constant(z),
+                                                           {"example_weights": weights})
+        mean = tf.reduce_mean(values)
+    ce = -np.log(softmax(z)[np.arange(4), labels])
+    v = table[index]
+    m = v.mean() if normalization == "mean" else 1.0
+    np.testing.assert_allclose(values.numpy(), v / m * ce, rtol=1e-6)
+    # d/dv_k of (1/B) Σ_i v_i ℓ_i / m, with m = mean_i v_i (or 1): ℓ_k/(B m) − [mean] Σ_i v_i ℓ_i/(B² m²).
+    grad = np.zeros(9)
+    grad[index] = ce / (4 * m) - (np.sum(v * ce) / (16 * m ** 2) if normalization == "mean" else 0.0)
+    np.testing.assert_allclose(tf.convert_to_tensor(tape.gradient(mean, weights)).numpy(), grad, rtol=1e-6, atol=1e-12)
+
+
+def test_weight_diagnostics_by_hand():
+    v = np.array([0.01, 0.02, 0.9, 0.03, 0.8, 0.5])
+    wrong = np.array([True, True, True, False, False, False])
+    data = {"corrupted": wrong, "train": (None, np.array([0, 0, 1, 1, 2, 2]))}
+    d = R.weight_diagnostics(v, data)
+    # Flagged (< 0.05): examples 0, 1, 3; of them 0, 1 wrong -> precision 2/3; recall 2/3 of the 3 wrong.
+    assert d["flagged"] == 3 and d["detector_precision"] == pytest.approx(2 / 3)
+    assert d["detector_recall"] == pytest.approx(2 / 3)
+    assert d["mean_weight_wrong_labels"] == pytest.approx(0.31) and d["mean_weight_right_labels"] == pytest.approx(1.33 / 3)
+    assert d["mean_weight_per_class"][:3] == pytest.approx([0.015, 0.465, 0.65])
+    assert d["mean_weight_per_class"][3:] == [None] * 7  # classes without examples
+    assert sum(d["histogram_wrong"]) == 3 and sum(d["histogram_right"]) == 3
+
+
+def test_summary_and_target_over_seeds():
+    def row(test, val, **extra):  # per-epoch curves, epoch 0 first
+        return {"test_accuracy": test[-1], "train_seconds": 1.0, "record": {"test_accuracy": test, "val_accuracy": val},
+                **extra}
+
+    weights = {"mean_weight_per_class": [1.0] * 10, "mean_weight_wrong_labels": 0.1, "mean_weight_right_labels": 0.9,
+               "detector_precision": 0.8, "detector_recall": 0.5}
+    rows = {"plain.seed0": row([0.1, 0.80, 0.70], [0.1, 0.9, 0.8]),  # early-stopped: epoch 1
+            "plain.seed1": row([0.1, 0.60, 0.84, 0.72], [0.99, 0.5, 0.9, 0.7]),  # epoch 0 is not a candidate
+            "finetune.seed0": row([0.7, 0.83], [0.8, 0.95]),
+            "mwn.seed0": row([0.1, 0.85], [0.1, 0.8], example_weights=weights),
+            "mwn.seed1": row([0.1, 0.87], [0.1, 0.8], example_weights=weights)}
+    s = R.summarize(rows)
+    assert s["plain_es"]["test_accuracy"] == [0.80, 0.84] and s["plain"]["test_accuracy"] == [0.70, 0.72]
+    assert s["plain_es"]["mean"] == pytest.approx(0.82) and s["plain_es"]["std"] == pytest.approx(np.std([0.8, 0.84], ddof=1))
+    assert "finetune_es" not in s and s["finetune"]["std"] is None
+    assert s["mwn"]["mean"] == pytest.approx(0.86) and s["mwn"]["detector_recall"] == 0.5
+    t = R.target(rows)
+    assert (t["best_bilevel"], t["best_baseline"]) == ("mwn", "finetune")
+    assert t["gain_points"] == pytest.approx(3.0) and t["reached"]
+    assert R.is_bilevel("l2rw_k_es") and R.is_bilevel("mwn_ft") and not R.is_bilevel("plain_es")
+
+
 def test_config_validation_names_the_flag():
     with pytest.raises(ValueError, match="--noise"):
-        R.Config(noise=1.0).validated()
+        R.Config(noise=0.6).validated()  # flip: the partner would be the majority
     with pytest.raises(ValueError, match="--n_val"):
         R.Config(n_val=1005).validated()
     with pytest.raises(ValueError, match="--methods"):
         R.Config(methods=("mwn", "coteaching")).validated()
+    with pytest.raises(ValueError, match="--methods.*longtail"):
+        R.Config(setting="longtail", methods=("forward",)).validated()
+    with pytest.raises(ValueError, match="--k"):
+        R.Config(k=1).validated()
     with pytest.raises(ValueError, match="--weight_normalization"):
         R.Config(weight_normalization="sum").validated()
+    assert "cb" not in R.Config().validated().methods and "forward" not in R.Config(setting="longtail").validated().methods
 
 
-@needs_mnist
+# ----------------------------------------------------------------------------------------
+# End to end.
+# ----------------------------------------------------------------------------------------
+def fashion_subset(tmp_path):
+    return write_mnist_subset(FASHION_DIR, tmp_path / "fashion", train=6000, test=1000)
+
+
+@needs_fashion
 @pytest.mark.slow
-def test_quick_end_to_end_on_real_mnist(tmp_path):
-    subset = write_mnist_subset(MNIST_DIR, tmp_path / "mnist", train=4000, test=1000)
-    out = tmp_path / "out"
-    log = tmp_path / "log.txt"
-    command = ["-m", "experiments.reweighting", "--quick", f"--output_dir={out}", f"--local_dir={subset}",
-               f"--data_dir={tmp_path / 'tfds'}"]
-    program_runs.finish(program_runs.start(command, log), log)
+def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
+    subset = fashion_subset(tmp_path)
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    command = ["-m", "experiments.reweighting", "--quick", "--setting=flip", f"--output_dir={out}",
+               f"--local_dir={subset}", f"--data_dir={tmp_path / 'tfds'}"]
+    program_runs.finish(program_runs.start(command, log), log, timeout=LONG)
     results = json.loads((out / "results.json").read_text())
-    data, methods = results["data"], results["methods"]
+    data, rows = results["data"], results["methods"]
     assert (data["n_train"], data["n_val"], data["n_test"]) == (3000, 1000, 1000)
     assert 0.35 < data["wrong_fraction"] < 0.45
-    assert set(methods) == {"mwn", "noisy", "clean"}
-    for name, row in methods.items():
-        assert 0.0 <= row["test_accuracy"] <= 1.0, name
-        assert len(row["record"]["test_accuracy"]) == 11  # epochs 0..10
-        assert row["test_accuracy"] > 0.5, name  # 10 classes: chance is 0.1
-    weights = methods["mwn"]["example_weights"]
-    # The learned V downweights the examples whose label is wrong (they keep high losses).
-    assert weights["mean_weight_wrong_labels"] < 0.5 * weights["mean_weight_right_labels"]
-    assert weights["mean_normalized_weight_wrong_labels"] < 1.0 < weights["mean_normalized_weight_right_labels"]
-    assert sum(weights["histogram_wrong"]) == data["wrong_labels"]
-    grid = np.array([h["grid_weights"] for h in methods["mwn"]["record"]["hp"]])
-    assert grid.shape == (len(methods["mwn"]["record"]["hp_iteration"]), len(R.LOSS_GRID))
-    assert np.all((grid > 0) & (grid < 1))
-    early = methods["noisy"]["early_stopped"]
-    assert methods["noisy"]["record"]["val_accuracy"][early["epoch"]] == early["val_accuracy"]
-    assert set(results["target"]) == {"gain_points", "reached"}
+    methods = ("plain", "finetune", "forward", "mwn", "l2rw", "mwn_ft", "l2rw_ft", "mwn_k", "l2rw_k", "random", "clean")
+    assert set(rows) == {f"{m}.seed{s}" for m in methods for s in (0, 1)}
+    for name, row in rows.items():
+        epochs = 3 if name.split(".")[0] in R.FINETUNED else 4
+        assert len(row["record"]["test_accuracy"]) == epochs + 1, name
+        assert row["test_accuracy"] > 0.3, name  # 10 classes: chance is 0.1
+    assert rows["mwn_k.seed0"]["steps"] == 2 and rows["mwn.seed0"]["steps"] == 1
+    # Forward correction's C is a row-stochastic estimate of the flip noise's transition.
+    c = np.array(rows["forward.seed0"]["estimated_transition"])
+    np.testing.assert_allclose(c.sum(1), 1.0, rtol=1e-4)
+    for name in ("mwn.seed0", "l2rw.seed1"):
+        w = rows[name]["example_weights"]
+        assert sum(w["histogram_wrong"]) == data["wrong_labels"] and 0 <= w["detector_recall"] <= 1
+    summary = results["target"]["summary"]
+    assert set(summary) == {*methods, *(f"{m}_es" for m in methods if m not in R.FINETUNED)}
+    assert summary["mwn"]["std"] is not None
+    assert set(results["target"]) >= {"best_bilevel", "best_baseline", "gain_points", "reached"}
     for name in results["figures"].values():
         assert (out / name).stat().st_size > 1000
+    assert set(results["figures"]) == {"test_accuracy", "weighting", "example_weights"}
 
 
-@needs_mnist
+@needs_fashion
 @pytest.mark.slow
-def test_killed_runs_rerun_with_the_same_command_end_identical(tmp_path):
-    # Killed twice (in the bilevel run after its epoch-3 checkpoint, then in the plain noisy run
-    # after epoch 2), rerun: the same curves, θ and weights as an uninterrupted run.
-    subset = write_mnist_subset(MNIST_DIR, tmp_path / "mnist", train=4000, test=1000)
+def test_quick_longtail_runs_the_class_balanced_baseline(tmp_path):
+    subset = fashion_subset(tmp_path)
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    command = ["-m", "experiments.reweighting", "--quick", "--setting=longtail", "--seeds=0",
+               "--methods=plain,cb,mwn,l2rw", f"--output_dir={out}", f"--local_dir={subset}",
+               f"--data_dir={tmp_path / 'tfds'}"]
+    program_runs.finish(program_runs.start(command, log), log, timeout=LONG)
+    results = json.loads((out / "results.json").read_text())
+    counts = results["data"]["class_counts"]
+    assert counts == nl.long_tail_counts(counts[0], 100.0, 10).tolist()  # the head class keeps n_max
+    assert results["data"]["wrong_labels"] == 0
+    rows = results["methods"]
+    np.testing.assert_allclose(rows["cb.seed0"]["class_weights"], nl.class_balanced_weights(np.array(counts), 0.9999))
+    assert "histogram_wrong" not in rows["mwn.seed0"]["example_weights"]
+    assert len(rows["l2rw.seed0"]["example_weights"]["mean_weight_per_class"]) == 10
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_killed_runs_resume_per_method_and_seed_and_end_identical(tmp_path):
+    # Killed in seed 1's Meta-Weight-Net run after its epoch-2 checkpoint (seed 0 done), rerun:
+    # seed 0 is read back, seed 1 continues, and everything equals an uninterrupted run.
+    subset = fashion_subset(tmp_path)
 
     def command(out, *extra):
-        return ["-m", "experiments.reweighting", "--quick", "--epochs=4", "--methods=mwn,noisy",
+        return ["-m", "experiments.reweighting", "--quick", "--epochs=3", "--methods=plain,mwn,l2rw",
                 f"--output_dir={out}", f"--local_dir={subset}", f"--data_dir={tmp_path / 'tfds'}", *extra]
 
     interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
     log = tmp_path / "interrupted.log"
-    program_runs.kill_when_paused(program_runs.start(command(interrupted, "--pause_after=mwn,3"), log),
-                                  interrupted / "resume" / "paused_mwn_3", log)
-    program_runs.kill_when_paused(program_runs.start(command(interrupted, "--pause_after=noisy,2"), log),
-                                  interrupted / "resume" / "paused_noisy_2", log)
-    program_runs.finish(program_runs.start(command(interrupted), log), log)
+    program_runs.kill_when_paused(program_runs.start(command(interrupted, "--pause_after=mwn.seed1,2"), log),
+                                  interrupted / "resume" / "paused_mwn.seed1_2", log, timeout=LONG)
+    program_runs.finish(program_runs.start(command(interrupted), log), log, timeout=LONG)
     reference_log = tmp_path / "reference.log"
-    program_runs.finish(program_runs.start(command(reference), reference_log), reference_log)
+    program_runs.finish(program_runs.start(command(reference), reference_log), reference_log, timeout=LONG)
     text = log.read_text()
-    assert "[mwn] resumed at epoch 3/4" in text and "[noisy] resumed at epoch 2/4" in text
-    assert "[mwn] finished earlier" in text
-
+    assert "[mwn.seed1] resumed at epoch 2/3" in text
+    for name in ("plain.seed0", "mwn.seed0", "l2rw.seed0", "plain.seed1"):
+        assert f"[{name}] finished earlier" in text
     got = json.loads((interrupted / "results.json").read_text())["methods"]
     want = json.loads((reference / "results.json").read_text())["methods"]
-    for name in ("mwn", "noisy"):
-        for key in ("epoch", "test_accuracy", "val_accuracy"):
-            assert got[name]["record"][key] == want[name]["record"][key], (name, key)
-    assert got["mwn"]["record"]["hp_iteration"] == want["mwn"]["record"]["hp_iteration"]
-    np.testing.assert_allclose(np.concatenate([np.ravel(t) for t in got["mwn"]["theta"]]),
-                               np.concatenate([np.ravel(t) for t in want["mwn"]["theta"]]), rtol=1e-6, atol=1e-7)
-    assert got["mwn"]["example_weights"]["histogram_wrong"] == want["mwn"]["example_weights"]["histogram_wrong"]
+    assert set(got) == set(want)
+    for name in got:
+        for field in ("epoch", "test_accuracy", "val_accuracy"):
+            assert got[name]["record"][field] == want[name]["record"][field], (name, field)
+    np.testing.assert_allclose(np.concatenate([np.ravel(t) for t in got["mwn.seed1"]["theta"]]),
+                               np.concatenate([np.ravel(t) for t in want["mwn.seed1"]["theta"]]), rtol=1e-6, atol=1e-7)
+    assert got["l2rw.seed1"]["example_weights"]["histogram_all"] == want["l2rw.seed1"]["example_weights"]["histogram_all"]
+
+
+def test_a_fine_tuning_run_without_its_source_model_is_a_clear_error(tmp_path):
+    from experiments import online_common as oc
+
+    cfg = R.Config(output_dir=str(tmp_path)).validated()
+    x = np.zeros((256, 28, 28, 1), np.float32)
+    data = {"train": (x, np.zeros(256, np.int32)), "val": (x[:100], np.zeros(100, np.int32))}
+    with pytest.raises(RuntimeError, match=r"l2rw_ft needs the trained l2rw model .*l2rw\.seed0\.weights\.h5"):
+        R.run_baseline(cfg, data, "l2rw_ft", oc.MethodStore(str(tmp_path)))
 
 
 def test_damaged_state_and_a_busy_output_dir_are_clear_errors(tmp_path):
     from experiments import run_state
 
-    cfg = R.Config(output_dir=str(tmp_path), methods=("noisy",))
+    cfg = R.Config(output_dir=str(tmp_path), methods=("plain",), seeds=(0,))
     (tmp_path / "resume").mkdir()
-    (tmp_path / "resume" / "noisy.json").write_text('{"test_accuracy": 0.9, "rec')  # killed mid-write by hand
-    with pytest.raises(run_state.StateFileError, match=r"noisy\.json is damaged.*--restart"):
+    (tmp_path / "resume" / "plain.seed0.json").write_text('{"test_accuracy": 0.9, "rec')  # killed mid-write by hand
+    with pytest.raises(run_state.StateFileError, match=r"plain\.seed0\.json is damaged.*--restart"):
         R.run_experiment(cfg, arrays={}, data_info={})
     with run_state.exclusive_output_dir(tmp_path, "another run"):
         with pytest.raises(run_state.OutputDirError, match="in use by another run"):
