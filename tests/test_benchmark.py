@@ -90,6 +90,7 @@ def test_configurations_cover_the_spec():
     assert (8, "implicit_cg K=3") in labels and (8, "floor (hg.solve)") in labels
 
 
+@pytest.mark.slow
 def test_fresh_process_runner_reports_failures_as_errors():
     """experiments.subprocesses.run_fresh: a worker that fails or takes too long is an entry with
     the reason, never an exception that would lose the other configurations' results."""
@@ -102,6 +103,7 @@ def test_fresh_process_runner_reports_failures_as_errors():
         "error": "timed out after 0 s"}
 
 
+@pytest.mark.slow
 def test_program_end_to_end(tmp_path):
     """`python -m experiments.benchmark --quick`: one fresh process per configuration, table and JSON."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -244,6 +246,7 @@ def test_cnn_suite_end_to_end(tmp_path):
     assert summary["full_rmd_growth"] == []  # full RMD at one T only
 
 
+@pytest.mark.slow
 def test_metabatch_suite_quick(tmp_path):
     """`python -m experiments.benchmark --suites=metabatch --quick`: the meta-batch sweep (B, XLA
     on/off) of the one-shot network in one process, table and JSON with the ratios."""

@@ -123,6 +123,7 @@ def test_quick_end_to_end_on_real_mnist(tmp_path):
         assert (out / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_memory_probes_run_in_fresh_processes(tmp_path):
     # Tiny synthetic problem: the point is the subprocess protocol and the record, not the sizes.
     rng = np.random.default_rng(0)
@@ -144,6 +145,7 @@ def test_memory_probes_run_in_fresh_processes(tmp_path):
     assert not list(tmp_path.glob("*.npz"))  # the data handed to the probes is removed
 
 
+@pytest.mark.slow
 def test_missing_data_fails_fast_with_a_clear_error(tmp_path):
     empty = tmp_path / "no_mnist"
     empty.mkdir()
