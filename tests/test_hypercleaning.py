@@ -141,7 +141,10 @@ def test_memory_probes_run_in_fresh_processes(tmp_path):
     for k, record in memory.items():
         assert "error" not in record, record
         assert record["stored_state_bytes"] == int(k) * 10 * d * 4  # K states of W ∈ R^{10×d}
-        assert record["first_call_peak_growth_bytes"] is None or record["first_call_peak_growth_bytes"] >= 0
+        for key in ("first_call_peak_growth_bytes", "steady_peak_growth_bytes", "steady_allocator_peak_growth_bytes"):
+            if sys.platform.startswith("linux"):  # the probes give a value on Linux (tests/test_memory.py checks it)
+                assert record[key] is not None, key
+            assert record[key] is None or record[key] >= 0
     assert not list(tmp_path.glob("*.npz"))  # the data handed to the probes is removed
 
 

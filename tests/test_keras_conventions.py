@@ -190,10 +190,11 @@ def mixed_problem():
     return (x, y, xv, yv), weights, reference, reference_logs
 
 
-@pytest.mark.parametrize("policy, compute_dtype, tolerance", [
-    ("mixed_float16", "float16", 1e-2), ("mixed_bfloat16", "bfloat16", 2e-2)])  # measured 7e-4, 4.5e-3
+# The README's claim: the hypergradient within 0.2% / 1% of float32's (measured 7e-4, 4.5e-3).
+@pytest.mark.parametrize("policy, compute_dtype, grad_tolerance, tolerance", [
+    ("mixed_float16", "float16", 2e-3, 1e-2), ("mixed_bfloat16", "bfloat16", 1e-2, 2e-2)])
 def test_mixed_precision_hypergradient_matches_float32_with_xla(
-        mixed_problem, restore_policy, policy, compute_dtype, tolerance):
+        mixed_problem, restore_policy, policy, compute_dtype, grad_tolerance, tolerance):
     data, weights, reference, reference_logs = mixed_problem
     trainer, grad, logs = _mixed_run(policy, data, weights)
 
@@ -201,7 +202,7 @@ def test_mixed_precision_hypergradient_matches_float32_with_xla(
     assert trainer.inner_model(data[0]).dtype == compute_dtype  # the inner model computes in float16/bfloat16
     assert all(v.dtype == "float32" for v in trainer.hyper_variables)
     assert "LossScale" not in type(trainer.optimizer).__name__  # the hypergradient is not loss-scaled
-    assert np.linalg.norm(grad - reference) <= tolerance * np.linalg.norm(reference)
+    assert np.linalg.norm(grad - reference) <= grad_tolerance * np.linalg.norm(reference)
     assert logs["loss"][0] == pytest.approx(reference_logs["loss"][0], rel=tolerance)
     assert logs["inner_loss"][0] == pytest.approx(reference_logs["inner_loss"][0], rel=tolerance)
 

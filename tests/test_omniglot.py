@@ -349,9 +349,11 @@ def test_quick_run_on_real_mnist_episodes(tmp_path):
     assert "20" in results["data_description"]  # 5 digits x 4 rotations per pool
     results = check_results(cfg, {"1"})
     assert set(results["relative_error_vs_K"]["curves"]) == {"learned ρ", "ρ = 0"}
-    # K = T is full RMD itself: zero relative error.
+    # The curve reaches K = T (whose "error" is full RMD against itself, so its value is not a check:
+    # full RMD is checked against finite differences above); K = 1 < T is truncated: a real error.
     for curve in results["relative_error_vs_K"]["curves"].values():
-        assert curve["K"][-1] == cfg.inner_steps and curve["relative_error"][-1] < 1e-6
+        assert curve["K"][0] == 1 < cfg.inner_steps == curve["K"][-1]
+        assert np.isfinite(curve["relative_error"][0]) and curve["relative_error"][0] > 0
     assert set(results["interleaved_sec_per_iter"]) == {"1"}
 
 

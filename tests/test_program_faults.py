@@ -371,15 +371,21 @@ def test_output_dir_under_a_regular_file_is_one_clear_line(tmp_path, program):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders (the in-process test covers it)")
 def test_read_only_output_dir_is_one_clear_line(tmp_path):
     out = tmp_path / "read_only"
     out.mkdir()
-    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into 0555 folders: an immutable folder refuses root too
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)]).returncode != 0:
+            pytest.skip("as root, a read-only folder needs `chattr +i` (e2fsprogs, CAP_LINUX_IMMUTABLE)")
+        unprotect, refusal = ["chattr", "-i", str(out)], "Operation not permitted"
+    else:
+        out.chmod(0o555)
+        unprotect, refusal = None, "Permission denied"
     try:
         returncode, output = program_runs.run(["-m", "experiments.toy", "--quick", f"--output_dir={out}"],
                                               tmp_path / "log")
     finally:
+        if unprotect:
+            subprocess.run(unprotect, check=True)
         out.chmod(0o755)
-    program_runs.assert_clear_error(returncode, output, f"toy: error: --output_dir={out} cannot be used",
-                                    "Permission denied")
+    program_runs.assert_clear_error(returncode, output, f"toy: error: --output_dir={out} cannot be used", refusal)

@@ -47,8 +47,8 @@ def check_results(cfg: ti.Config) -> dict:
         assert len(curves["val_loss"]) == rows[0]["iterations"]
         assert all(np.isfinite(curves["exact_norm"]))
         assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in curves["cosine"])
-    # Full RMD is the exact hypergradient: its cosine with itself is 1.
-    np.testing.assert_allclose(results["runs"]["full"][0]["curves"]["cosine"], 1.0, atol=1e-6)
+    # (The full run's cosine is cos(h, h) by construction, so it is not checked here: full RMD
+    # against finite differences and K-RMD against forward mode are the in-process tests below.)
     return results
 
 
