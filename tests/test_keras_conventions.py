@@ -245,6 +245,7 @@ def test_logs_say_outer_and_inner_loss_and_hold_scalar_hyperparameters_with_tens
     history = trainer.fit(
         data.repeat(), epochs=3, steps_per_epoch=2, validation_data=data, verbose=0,
         callbacks=[record, keras.callbacks.TensorBoard(str(log_dir)), tfb.keras.HyperparameterHistograms(str(log_dir)),
+                   tfb.keras.HyperparameterHistograms(str(tmp_path / "every_2"), freq=2, names=["example_weights"]),
                    keras.callbacks.EarlyStopping("val_loss", patience=5)])
     h = history.history
 
@@ -269,6 +270,11 @@ def test_logs_say_outer_and_inner_loss_and_hold_scalar_hyperparameters_with_tens
     assert buckets[0, 0] <= final.min() and final.max() <= buckets[-1, 1]
     assert "hp/strengths" in train_events  # the two proximal strengths: a vector
     assert "hp/l2" not in train_events  # scalars are curves, not histograms
+    # freq=2, names=["example_weights"]: that histogram only, after epochs 2, 4, ... (step 1 here)
+    every_2 = _events(tmp_path / "every_2" / "train")
+    assert set(every_2) == {"hp/example_weights"} and [step for step, _ in every_2["hp/example_weights"]] == [1]
+    np.testing.assert_array_equal(tf.make_ndarray(every_2["hp/example_weights"][0][1].tensor),
+                                  tf.make_ndarray(histograms[1][1].tensor))
 
 
 def test_histogram_callback_rejects_unknown_names_and_bad_freq(tmp_path):
