@@ -281,7 +281,7 @@ def test_metabatch_suite_quick(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module, flags, report", [
-    ("benchmark_cnn", ["--cnn_steps=2", "--cnn_truncate=1", "--cnn_max_full_steps=2", "--cnn_backward=store"],
+    ("benchmark_cnn", ["--cnn_steps=2", "--cnn_truncate=1", "--cnn_max_full_steps=2", "--cnn_backward=store", "--cnn_repeats=1"],
      "cnn_results.json"),
     ("benchmark_online", ["--online_configs=1x1", "--repeats=1"], "online_results.json"),
     ("benchmark_metabatch", ["--repeats=1"], "metabatch_results.json"),
