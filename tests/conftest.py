@@ -10,6 +10,11 @@
   overrides the set of modes for one test.
 * `ridge` is a small ridge-regression bilevel problem with its closed form
   (w*(λ) and d_λ f by the implicit function theorem, all in numpy).
+* Two tiers: a test that starts a Python process (a program, a worker, `python -c`) must be
+  marked `@pytest.mark.slow`, or it fails with a message saying so; `pytest -m "not slow"` is
+  the fast tier a developer runs after each change.
+* With the environment variable CI set, a skipped test fails (a missing data source or tool
+  must not hide a whole area in CI).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import multiprocessing.process  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, NamedTuple  # noqa: E402
@@ -37,6 +44,84 @@ import tf_bilevel as tfb  # noqa: E402
 tf.get_logger().setLevel("ERROR")
 
 EXECUTION_MODES = ("function", "xla", "user_xla")
+
+
+# ---------------------------------------------------------------------------------------
+# Two tiers: an unmarked test that starts a Python process fails.
+# ---------------------------------------------------------------------------------------
+
+_running: list = [None]  # the test item whose setup, call or teardown runs now
+
+
+def _is_python(argv: Any, executable: Any) -> bool:
+    if executable is not None:
+        program = executable
+    elif isinstance(argv, (str, bytes, os.PathLike)):
+        program = argv
+    else:
+        argv = list(argv)
+        program = argv[0] if argv else ""
+    name = os.path.basename(os.fsdecode(program)).split()[0] if program else ""
+    return name.startswith("python") or os.fsdecode(program) == sys.executable
+
+
+def _refuse_in_fast_tier(what: str) -> None:
+    item = _running[0]
+    if item is None or item.get_closest_marker("slow") is not None:
+        return
+    message = (f"{item.nodeid} {what} but is not marked @pytest.mark.slow: a test that starts a Python "
+               f"process or runs a program belongs to the slow tier (README, testing notes)")
+    item.stash[_UNMARKED] = message  # reported even if the test catches the error
+    raise UnmarkedSlowTestError(message)
+
+
+class UnmarkedSlowTestError(RuntimeError):
+    pass
+
+
+_UNMARKED = pytest.StashKey[str]()
+_popen_init = subprocess.Popen.__init__
+_process_start = multiprocessing.process.BaseProcess.start
+
+
+def _checked_popen_init(self, args, *rest, **kwargs):
+    if _is_python(args, kwargs.get("executable")):
+        shown = args if isinstance(args, (str, bytes)) else " ".join(map(os.fsdecode, args))
+        _refuse_in_fast_tier(f"starts a Python process ({str(shown)[:160]})")
+    _popen_init(self, args, *rest, **kwargs)
+
+
+def _checked_process_start(self):
+    _refuse_in_fast_tier(f"starts a multiprocessing process ({self.name})")
+    _process_start(self)
+
+
+subprocess.Popen.__init__ = _checked_popen_init
+multiprocessing.process.BaseProcess.start = _checked_process_start
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running[0] = item
+    try:
+        yield
+    finally:
+        _running[0] = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    unmarked = item.stash.get(_UNMARKED, None)
+    if unmarked is not None and report.when in ("setup", "call") and not report.failed:
+        report.outcome, report.longrepr = "failed", unmarked
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = (f"skipped with CI set ({reason}): in CI a missing data source or tool fails the run; "
+                           "provide it (see .ci/run)")
 
 
 class ModeRunner(NamedTuple):

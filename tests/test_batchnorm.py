@@ -250,6 +250,7 @@ def test_config_round_trip_and_keras_file(tmp_path):
     np.testing.assert_array_equal(loaded(x, training=False), model(x, training=False))
 
 
+@pytest.mark.slow
 def test_layer_is_reachable_as_tfb_keras_after_a_plain_import():
     # The README writes `tfb.keras.BatchNormalization`: it must work right after `import tf_bilevel`.
     import subprocess

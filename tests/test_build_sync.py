@@ -198,6 +198,7 @@ def test_clashing_target_names_are_refused(tree):
         gen_build.render_build(gen_build.scan_tree(tree))
 
 
+@pytest.mark.slow
 def test_command_line_check_and_regeneration(tree):
     command = [sys.executable, str(REPO / "tools" / "gen_build.py"), "--root", str(tree)]
     assert subprocess.run(command + ["--check"], capture_output=True).returncode == 0

@@ -144,30 +144,33 @@ def test_compute_inside_a_user_xla_function_with_variables_and_a_hyper_step():
     assert hyper_step.experimental_get_tracing_count() == 1
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_user_functions_keep_python_control_flow_on_tensors(jit_compile):
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_user_functions_keep_python_control_flow_on_tensors(mode):
     """The engine is traced without AutoGraph; the user's losses and schedule are converted on
-    their own, so `if` on a tensor works and gives the same hypergradient as tf.where."""
+    their own, so `if` and `for` on tensors work (eagerly, in a tf.function and under XLA) and
+    give the same hypergradient as the same losses written with tf.where and matvec."""
     x = tf.constant([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]], tf.float64)
     y = tf.constant([1.0, -1.0, 2.0], tf.float64)
 
-    def inner_if(w, lam):
-        residual = tf.linalg.matvec(x, w) - y
+    def inner_python(w, lam):
+        total = tf.constant(0.0, tf.float64)
+        for i in tf.range(tf.shape(x)[0]):  # Python `for` over a tensor: needs AutoGraph
+            total += (tf.tensordot(x[i], w, 1) - y[i]) ** 2
         if tf.reduce_sum(w) > 100.0:  # Python `if` on a tensor: needs AutoGraph
-            residual = residual * 0.0
-        return tf.reduce_sum(residual**2) + lam * tf.reduce_sum(w**2)
+            total = total * 0.0
+        return total + lam * tf.reduce_sum(w**2)
 
-    def inner_where(w, lam):
+    def inner_ops(w, lam):
         residual = tf.linalg.matvec(x, w) - y
         residual = tf.where(tf.reduce_sum(w) > 100.0, residual * 0.0, residual)
         return tf.reduce_sum(residual**2) + lam * tf.reduce_sum(w**2)
 
-    def schedule_if(step):
+    def schedule_python(step):
         if step < 5:
             return tf.constant(0.05, tf.float64)
         return tf.constant(0.02, tf.float64)
 
-    def schedule_where(step):
+    def schedule_ops(step):
         return tf.where(step < 5, tf.constant(0.05, tf.float64), tf.constant(0.02, tf.float64))
 
     def outer(w, lam):
@@ -175,8 +178,13 @@ def test_user_functions_keep_python_control_flow_on_tensors(jit_compile):
 
     w0, lam = tf.zeros([2], tf.float64), tf.constant(0.3, tf.float64)
     results = []
-    for inner, schedule in ((inner_if, schedule_if), (inner_where, schedule_where)):
-        hg = tfb.hypergradient_fn(inner, outer, steps=12, learning_rate=schedule, truncate=4, jit_compile=jit_compile)
-        results.append([t.numpy() for t in hg(w0, lam)])
+    tf.config.run_functions_eagerly(mode == "eager")
+    try:
+        for inner, schedule in ((inner_python, schedule_python), (inner_ops, schedule_ops)):
+            hg = tfb.hypergradient_fn(inner, outer, steps=12, learning_rate=schedule, truncate=4,
+                                      jit_compile=mode == "xla")
+            results.append([t.numpy() for t in hg(w0, lam)])
+    finally:
+        tf.config.run_functions_eagerly(False)
     np.testing.assert_allclose(results[0], results[1], rtol=1e-12)
     assert results[0][1] != 0.0

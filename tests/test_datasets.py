@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import datasets as D  # noqa: E402
-from offline_data import MNIST_DIR, needs_mnist, fake_omniglot, read_idx, write_idx, write_mnist_subset  # noqa: E402
+from offline_data import MNIST_DIR, HAVE_MNIST, needs_mnist, fake_omniglot, read_idx, write_idx, write_mnist_subset  # noqa: E402
 
 
 
@@ -75,8 +75,8 @@ def local_http_server(monkeypatch):
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory):
     """Real MNIST prepared once from the shared IDX files into a temp data_dir."""
-    if not MNIST_DIR.is_dir():
-        pytest.skip(f"shared MNIST folder {MNIST_DIR} is absent")
+    if not HAVE_MNIST:
+        pytest.skip(f"no MNIST IDX .gz files in {MNIST_DIR} (set TF_BILEVEL_MNIST_DIR)")
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     data = D.load_image_classification("mnist", data_dir=data_dir, local_dir=MNIST_DIR)
     return data, data_dir
@@ -107,16 +107,20 @@ def test_local_mnist_builder_matches_idx_files(mnist):
 
 
 @needs_mnist
-def test_prepared_data_is_the_stock_tfds_dataset_and_cached(mnist):
+def test_prepared_data_is_the_stock_tfds_dataset_and_cached(mnist, monkeypatch):
     data, data_dir = mnist
     builder = tfds.builder("mnist", data_dir=data_dir)
     assert type(builder) is tfds.image_classification.MNIST
     assert builder.is_prepared()
     assert builder.info.splits["train"].num_examples == 60000
-    # Second call: no local_dir, no defaults, no network -> served from data_dir.
-    start = time.monotonic()
+    # Second call: no local_dir, no defaults, no network -> served from data_dir, preparing nothing.
+    def no_preparation(*args, **kwargs):
+        raise AssertionError("the second call prepared the dataset again")
+
+    monkeypatch.setattr(D, "_prepare_local", no_preparation)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_preparation)
     again = D.load_image_classification("mnist", data_dir=data_dir, splits=("test",))
-    assert time.monotonic() - start < 15
+    assert D.data_source("mnist").startswith(f"tfds data_dir {data_dir}, prepared earlier")
     np.testing.assert_array_equal(again["test"][1], data["test"][1])
     np.testing.assert_array_equal(again["test"][0], data["test"][0])
 
@@ -128,7 +132,9 @@ def test_no_data_and_no_network_fails_fast(tmp_path, name, hint):
     start = time.monotonic()
     with pytest.raises(D.DataUnavailableError, match=hint):
         D.load_image_classification(name, data_dir=str(tmp_path))
-    assert time.monotonic() - start < 10
+    # The documented contract is "fails within seconds" (probes bounded by PROBE_TIMEOUT_S = 2.5 s):
+    # a generous bound, so that two loaded cores do not flake it, that a hang still breaks.
+    assert time.monotonic() - start < 60
     assert issubclass(D.DataUnavailableError, RuntimeError)
 
 
@@ -242,7 +248,7 @@ def test_network_probe(local_http_server):
     start = time.monotonic()
     assert not D.network_reachable("127.0.0.1", closed_port(), timeout=2)
     assert D.network_reachable(*local_http_server, timeout=2)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # two probes bounded by 2 s each; generous for loaded cores
 
 
 def test_cifar10_through_tfds_mock(tmp_path, local_http_server):
@@ -382,7 +388,8 @@ def test_rotations_add_classes_within_a_pool():
     np.testing.assert_array_equal(D.rotated_classes(np.array([1]), 2), [1, 3, 5, 7])
 
 
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
+@pytest.mark.slow
+@needs_mnist
 def test_two_processes_preparing_the_same_data_dir_both_succeed(tmp_path):
     # Two experiment programs started together on a fresh data_dir used to race on tfds's final
     # rename (FileExistsError); preparation is now serialized by a lock file.

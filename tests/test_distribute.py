@@ -29,6 +29,8 @@ import pytest
 
 import distribute_worker as problem
 
+pytestmark = pytest.mark.slow  # every test here starts Python processes
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("distribute_worker.py")
 TIMEOUT = 300  # seconds; a worker stuck in a collective must fail the test, not hang it

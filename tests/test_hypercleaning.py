@@ -123,6 +123,7 @@ def test_quick_end_to_end_on_real_mnist(tmp_path):
         assert (out / name).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_memory_probes_run_in_fresh_processes(tmp_path):
     # Tiny synthetic problem: the point is the subprocess protocol and the record, not the sizes.
     rng = np.random.default_rng(0)
@@ -140,10 +141,14 @@ def test_memory_probes_run_in_fresh_processes(tmp_path):
     for k, record in memory.items():
         assert "error" not in record, record
         assert record["stored_state_bytes"] == int(k) * 10 * d * 4  # K states of W ∈ R^{10×d}
-        assert record["first_call_peak_growth_bytes"] is None or record["first_call_peak_growth_bytes"] >= 0
+        for key in ("first_call_peak_growth_bytes", "steady_peak_growth_bytes", "steady_allocator_peak_growth_bytes"):
+            if sys.platform.startswith("linux"):  # the probes give a value on Linux (tests/test_memory.py checks it)
+                assert record[key] is not None, key
+            assert record[key] is None or record[key] >= 0
     assert not list(tmp_path.glob("*.npz"))  # the data handed to the probes is removed
 
 
+@pytest.mark.slow
 def test_missing_data_fails_fast_with_a_clear_error(tmp_path):
     empty = tmp_path / "no_mnist"
     empty.mkdir()

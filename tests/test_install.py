@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts Python processes
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
 HELP_EXIT_STATUS = 1  # absl's --help prints the help and exits with status 1

@@ -190,10 +190,11 @@ def mixed_problem():
     return (x, y, xv, yv), weights, reference, reference_logs
 
 
-@pytest.mark.parametrize("policy, compute_dtype, tolerance", [
-    ("mixed_float16", "float16", 1e-2), ("mixed_bfloat16", "bfloat16", 2e-2)])  # measured 7e-4, 4.5e-3
+# The README's claim: the hypergradient within 0.2% / 1% of float32's (measured 7e-4, 4.5e-3).
+@pytest.mark.parametrize("policy, compute_dtype, grad_tolerance, tolerance", [
+    ("mixed_float16", "float16", 2e-3, 1e-2), ("mixed_bfloat16", "bfloat16", 1e-2, 2e-2)])
 def test_mixed_precision_hypergradient_matches_float32_with_xla(
-        mixed_problem, restore_policy, policy, compute_dtype, tolerance):
+        mixed_problem, restore_policy, policy, compute_dtype, grad_tolerance, tolerance):
     data, weights, reference, reference_logs = mixed_problem
     trainer, grad, logs = _mixed_run(policy, data, weights)
 
@@ -201,7 +202,7 @@ def test_mixed_precision_hypergradient_matches_float32_with_xla(
     assert trainer.inner_model(data[0]).dtype == compute_dtype  # the inner model computes in float16/bfloat16
     assert all(v.dtype == "float32" for v in trainer.hyper_variables)
     assert "LossScale" not in type(trainer.optimizer).__name__  # the hypergradient is not loss-scaled
-    assert np.linalg.norm(grad - reference) <= tolerance * np.linalg.norm(reference)
+    assert np.linalg.norm(grad - reference) <= grad_tolerance * np.linalg.norm(reference)
     assert logs["loss"][0] == pytest.approx(reference_logs["loss"][0], rel=tolerance)
     assert logs["inner_loss"][0] == pytest.approx(reference_logs["inner_loss"][0], rel=tolerance)
 
@@ -244,6 +245,7 @@ def test_logs_say_outer_and_inner_loss_and_hold_scalar_hyperparameters_with_tens
     history = trainer.fit(
         data.repeat(), epochs=3, steps_per_epoch=2, validation_data=data, verbose=0,
         callbacks=[record, keras.callbacks.TensorBoard(str(log_dir)), tfb.keras.HyperparameterHistograms(str(log_dir)),
+                   tfb.keras.HyperparameterHistograms(str(tmp_path / "every_2"), freq=2, names=["example_weights"]),
                    keras.callbacks.EarlyStopping("val_loss", patience=5)])
     h = history.history
 
@@ -268,6 +270,11 @@ def test_logs_say_outer_and_inner_loss_and_hold_scalar_hyperparameters_with_tens
     assert buckets[0, 0] <= final.min() and final.max() <= buckets[-1, 1]
     assert "hp/strengths" in train_events  # the two proximal strengths: a vector
     assert "hp/l2" not in train_events  # scalars are curves, not histograms
+    # freq=2, names=["example_weights"]: that histogram only, after epochs 2, 4, ... (step 1 here)
+    every_2 = _events(tmp_path / "every_2" / "train")
+    assert set(every_2) == {"hp/example_weights"} and [step for step, _ in every_2["hp/example_weights"]] == [1]
+    np.testing.assert_array_equal(tf.make_ndarray(every_2["hp/example_weights"][0][1].tensor),
+                                  tf.make_ndarray(histograms[1][1].tensor))
 
 
 def test_histogram_callback_rejects_unknown_names_and_bad_freq(tmp_path):

@@ -28,7 +28,7 @@ import tf_bilevel as tfb  # noqa: E402
 from experiments import datasets as D  # noqa: E402
 from experiments import fewshot_model as fsm  # noqa: E402
 from experiments import omniglot as om  # noqa: E402
-from offline_data import MNIST_DIR, fake_omniglot, write_mnist_subset  # noqa: E402
+from offline_data import MNIST_DIR, needs_mnist, fake_omniglot, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
 
@@ -322,6 +322,7 @@ def check_results(cfg: om.Config, methods: set) -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_quick_run_on_mock_omniglot(tmp_path, monkeypatch):
     """The paper's path: tfds omniglot (mocked: 20 characters) -> 1200/100/323-style split."""
     monkeypatch.setattr(D, "network_reachable", lambda *a, **k: True)  # tfds mock: no download
@@ -334,7 +335,8 @@ def test_quick_run_on_mock_omniglot(tmp_path, monkeypatch):
     check_results(cfg, {"1"})
 
 
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
+@pytest.mark.slow
+@needs_mnist
 def test_quick_run_on_real_mnist_episodes(tmp_path):
     """Offline real data: 5-way 1-shot episodes over rotated real MNIST digits (first 1500 +
     300 images), meta-train and meta-test on disjoint digits; 1-RMD with the cosine to full
@@ -347,9 +349,11 @@ def test_quick_run_on_real_mnist_episodes(tmp_path):
     assert "20" in results["data_description"]  # 5 digits x 4 rotations per pool
     results = check_results(cfg, {"1"})
     assert set(results["relative_error_vs_K"]["curves"]) == {"learned ρ", "ρ = 0"}
-    # K = T is full RMD itself: zero relative error.
+    # The curve reaches K = T (whose "error" is full RMD against itself, so its value is not a check:
+    # full RMD is checked against finite differences above); K = 1 < T is truncated: a real error.
     for curve in results["relative_error_vs_K"]["curves"].values():
-        assert curve["K"][-1] == cfg.inner_steps and curve["relative_error"][-1] < 1e-6
+        assert curve["K"][0] == 1 < cfg.inner_steps == curve["K"][-1]
+        assert np.isfinite(curve["relative_error"][0]) and curve["relative_error"][0] > 0
     assert set(results["interleaved_sec_per_iter"]) == {"1"}
 
 
@@ -403,7 +407,8 @@ def _h5_leaves(path: Path) -> dict:
     return out
 
 
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
+@pytest.mark.slow
+@needs_mnist
 def test_killed_run_rerun_with_the_same_command_ends_bit_identical(tmp_path):
     """SIGKILL in the middle of the second method (after hyper-iteration 3 of 4; the checkpoint
     holds 2), then the same command again: the first method is reloaded, not retrained, the

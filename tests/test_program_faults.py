@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import hypercleaning as H  # noqa: E402
 from experiments import run_state  # noqa: E402
-from offline_data import MNIST_DIR, needs_mnist, write_mnist_subset  # noqa: E402
+from offline_data import MNIST_DIR, HAVE_MNIST, needs_mnist, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
 
@@ -90,6 +90,7 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert (tmp_path / "m.weights.h5").read_bytes() == b"w"
 
 
+@pytest.mark.slow
 def test_output_dir_lock_refuses_a_second_run_naming_the_folder_and_the_pid(tmp_path):
     out = tmp_path / "out"
     with run_state.exclusive_output_dir(out, "test"):
@@ -203,8 +204,8 @@ def test_hypercleaning_checkpoint_round_trip_and_missing_sidecar(tmp_path):
 # ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory) -> Path:
-    if not MNIST_DIR.is_dir():
-        pytest.skip(f"shared MNIST folder {MNIST_DIR} is absent")
+    if not HAVE_MNIST:
+        pytest.skip(f"no MNIST IDX .gz files in {MNIST_DIR} (set TF_BILEVEL_MNIST_DIR)")
     return write_mnist_subset(MNIST_DIR, tmp_path_factory.mktemp("mnist") / "subset", train=1500, test=300)
 
 
@@ -285,8 +286,8 @@ def _hypercleaning(mnist: Path, tfds: Path, out: Path) -> list:
 
 @pytest.fixture(scope="module")
 def hypercleaning_state(tmp_path_factory) -> tuple:
-    if not MNIST_DIR.is_dir():
-        pytest.skip(f"shared MNIST folder {MNIST_DIR} is absent")
+    if not HAVE_MNIST:
+        pytest.skip(f"no MNIST IDX .gz files in {MNIST_DIR} (set TF_BILEVEL_MNIST_DIR)")
     root = tmp_path_factory.mktemp("hypercleaning")
     # --quick draws 1000 + 1000 class-balanced examples: 3000 images have enough of every digit.
     mnist = write_mnist_subset(MNIST_DIR, root / "mnist", train=3000, test=500)
@@ -370,15 +371,21 @@ def test_output_dir_under_a_regular_file_is_one_clear_line(tmp_path, program):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders (the in-process test covers it)")
 def test_read_only_output_dir_is_one_clear_line(tmp_path):
     out = tmp_path / "read_only"
     out.mkdir()
-    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes into 0555 folders: an immutable folder refuses root too
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)]).returncode != 0:
+            pytest.skip("as root, a read-only folder needs `chattr +i` (e2fsprogs, CAP_LINUX_IMMUTABLE)")
+        unprotect, refusal = ["chattr", "-i", str(out)], "Operation not permitted"
+    else:
+        out.chmod(0o555)
+        unprotect, refusal = None, "Permission denied"
     try:
         returncode, output = program_runs.run(["-m", "experiments.toy", "--quick", f"--output_dir={out}"],
                                               tmp_path / "log")
     finally:
+        if unprotect:
+            subprocess.run(unprotect, check=True)
         out.chmod(0o755)
-    program_runs.assert_clear_error(returncode, output, f"toy: error: --output_dir={out} cannot be used",
-                                    "Permission denied")
+    program_runs.assert_clear_error(returncode, output, f"toy: error: --output_dir={out} cannot be used", refusal)

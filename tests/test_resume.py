@@ -42,6 +42,7 @@ def _start(workdir: Path, log: Path, pause: bool) -> subprocess.Popen:
     return program_runs.start(command, log)
 
 
+@pytest.mark.slow
 def test_fit_killed_and_rerun_with_the_same_command_ends_bit_identical(tmp_path):
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     reference_log, log = tmp_path / "uninterrupted.log", tmp_path / "interrupted.log"

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import datasets as D  # noqa: E402
 from experiments import features as F  # noqa: E402
 from experiments import task_interaction as ti  # noqa: E402
-from offline_data import MNIST_DIR, write_mnist_subset  # noqa: E402
+from offline_data import MNIST_DIR, needs_mnist, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
 
@@ -47,8 +47,8 @@ def check_results(cfg: ti.Config) -> dict:
         assert len(curves["val_loss"]) == rows[0]["iterations"]
         assert all(np.isfinite(curves["exact_norm"]))
         assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in curves["cosine"])
-    # Full RMD is the exact hypergradient: its cosine with itself is 1.
-    np.testing.assert_allclose(results["runs"]["full"][0]["curves"]["cosine"], 1.0, atol=1e-6)
+    # (The full run's cosine is cos(h, h) by construction, so it is not checked here: full RMD
+    # against finite differences and K-RMD against forward mode are the in-process tests below.)
     return results
 
 
@@ -209,6 +209,7 @@ def test_missing_imagenet_weights_fail_fast(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_quick_run_on_mock_cifar10_with_random_resnet50(tmp_path, monkeypatch):
     """The paper's path: tfds cifar10 (mocked) -> ResNet50 pooled features -> K-RMD."""
     monkeypatch.setattr(D, "network_reachable", lambda *a, **k: True)  # tfds mock: no download
@@ -221,7 +222,8 @@ def test_quick_run_on_mock_cifar10_with_random_resnet50(tmp_path, monkeypatch):
     check_results(cfg)
 
 
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
+@pytest.mark.slow
+@needs_mnist
 def test_quick_run_on_real_mnist(tmp_path):
     """Offline real data: the first 1500 + 300 real MNIST images, pixel features."""
     src = write_mnist_subset(MNIST_DIR, tmp_path / "mnist_subset", train=1500, test=300)
@@ -242,7 +244,8 @@ def _start_task_interaction(args: list, log: Path):
     return program_runs.start(["-m", "experiments.task_interaction", *args], log)
 
 
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"shared MNIST folder {MNIST_DIR} is absent")
+@pytest.mark.slow
+@needs_mnist
 def test_killed_run_rerun_with_the_same_command_ends_with_the_same_results(tmp_path):
     """SIGKILL after the first (trial, K) run is stored, then the same command again: that run is
     reloaded, not redone, and results.json equals an uninterrupted run's (timings aside)."""

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts Python processes
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -1,0 +1,81 @@
+"""The two tiers (conftest.py): an unmarked test that starts a Python process fails, whether
+it lets the error through or catches it; a process of another program (git, a shell tool) is
+allowed; a marked test runs the process. With CI set, a skipped test fails."""
+# bazel: tf  (imports conftest, which imports TensorFlow)
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.process
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import conftest
+
+pytest_plugins = ["pytester"]
+
+
+def _recorded_and_forgotten(request) -> bool:
+    """Whether the check recorded this test as unmarked; forgets it (this test expected it)."""
+    recorded = request.node.stash.get(conftest._UNMARKED, None) is not None
+    if recorded:
+        del request.node.stash[conftest._UNMARKED]
+    return recorded
+
+
+def test_an_unmarked_test_cannot_start_python(request):
+    for start in (lambda: subprocess.run([sys.executable, "-c", "pass"]),
+                  lambda: subprocess.Popen(f"{sys.executable} -c pass", shell=True),
+                  lambda: subprocess.check_output(["python3", "-c", "pass"])):
+        with pytest.raises(conftest.UnmarkedSlowTestError, match="test_an_unmarked_test_cannot_start_python.*slow"):
+            start()
+        assert _recorded_and_forgotten(request)
+
+
+def test_an_unmarked_test_cannot_start_a_multiprocessing_process(request):
+    with pytest.raises(conftest.UnmarkedSlowTestError, match="multiprocessing"):
+        multiprocessing.get_context("spawn").Process(target=print).start()
+    assert _recorded_and_forgotten(request)
+
+
+def test_other_programs_are_allowed_unmarked(request):
+    assert subprocess.run(["true"]).returncode == 0
+    assert not _recorded_and_forgotten(request)
+
+
+@pytest.mark.slow
+def test_a_marked_test_starts_python(request):
+    done = subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "42"
+    assert not _recorded_and_forgotten(request)
+
+
+def test_a_test_that_catches_the_error_still_fails_and_ci_fails_skips(pytester, monkeypatch):
+    pytester.makeconftest((Path(__file__).with_name("conftest.py")).read_text())
+    pytester.makeini("[pytest]\nmarkers =\n    slow: slow tier\n")
+    pytester.makepyfile(test_inner='''
+        import subprocess, sys, pytest
+
+        def test_hides_its_process():
+            try:
+                subprocess.run([sys.executable, "-c", "pass"])
+            except Exception:
+                pass
+
+        def test_skips():
+            pytest.skip("no data here")
+    ''')
+    # The inner session's conftest wraps these again: restored when the test ends.
+    monkeypatch.setattr(subprocess.Popen, "__init__", subprocess.Popen.__init__)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", multiprocessing.process.BaseProcess.start)
+    monkeypatch.delenv("CI", raising=False)
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*test_hides_its_process starts a Python process*not marked @pytest.mark.slow*"])
+    monkeypatch.setenv("CI", "1")
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*skipped with CI set (no data here): in CI a missing data source or tool fails the run*"])
