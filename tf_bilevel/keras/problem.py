@@ -16,9 +16,11 @@ to float32 before the losses.
 with x replaced by hyper_model(x; λ) when a hyper model is given. The hyper model is
 applied once per task, outside the inner loop (λ is fixed while w is trained): its outputs
 φ are handed to the core as hyperparameters and d_λ f = (∂φ/∂λ)ᵀ d_φ f by the chain rule.
-Both models run with training=True (BatchNorm normalizes with the statistics of each task's
-batch, as in the paper's Omniglot network); the inner model's updated moving statistics are
-discarded per task.
+Per task (episodic regimes) both models run with training=True (BatchNorm normalizes with the
+statistics of each task's batch, as in the paper's Omniglot network); the inner model's
+updated moving statistics are discarded per task. Online (`regime.Online`), f runs in
+inference mode and the inner model's layer state (moving statistics) is the core's model
+state: updated by every inner step, read by f (`stateful_inner_loss`/`stateful_outer_loss`).
 """
 
 from __future__ import annotations
