@@ -7,10 +7,11 @@ Two fits run one after the other, each resumable with `keras.callbacks.BackupAnd
 
 * hypercleaning: the deterministic regime, one fixed (training, validation) pair repeated;
   per-example weights σ(λ_i), Adam on λ.
-* online: tune while you train (online=True): a network with Dropout trained by momentum on
-  shuffled minibatches (seeded), T = 3 minibatches per hyper-iteration, a learned weight decay;
-  the inner model's weights and the inner optimizer's momentum continue across
-  hyper-iterations and must resume exactly too (they are saved with λ).
+* online: tune while you train (online=True): a network with BatchNormalization and Dropout
+  trained by momentum on shuffled minibatches (seeded), T = 3 minibatches per hyper-iteration,
+  a learned weight decay; the inner model's weights, its moving statistics and the inner
+  optimizer's momentum continue across hyper-iterations and must resume exactly too (they are
+  saved with λ).
 * meta: the stochastic regime, an endless stream of few-shot episodes (episode i drawn from
   stateless seeds of i) in meta-batches of 2, a hyper model, a learned inner learning rate,
   w0 redrawn per task (seeded by meta_step), Adam on λ. `trainer.resumable(...)` starts the
@@ -99,7 +100,10 @@ def online():
     x, x_val = rng.normal(size=(2, n, dim)).astype("float32")
     y, y_val = (x @ teacher).argmax(-1), (x_val @ teacher).argmax(-1)
     ce = losses.sparse_categorical_crossentropy
-    model = keras.Sequential([keras.layers.Dense(8, activation="relu"), keras.layers.Dropout(0.3), keras.layers.Dense(classes)])
+    model = keras.Sequential([
+        keras.layers.Dense(8), tfb.keras.BatchNormalization(momentum=0.8), keras.layers.Activation("relu"),
+        keras.layers.Dropout(0.3), keras.layers.Dense(classes),
+    ])
     trainer = tfb.BilevelTrainer(
         model, inner_loss=ce, outer_loss=ce, steps=3, truncate=2, online=True, inner_optimizer="momentum",
         hyperparameters={"decay": tfb.Hyperparameter(1e-2, transform="exp")},
@@ -160,8 +164,10 @@ def run_fit(name: str, workdir: Path, pause_after: dict) -> None:
     _write_atomically(workdir / f"{name}.json", lambda path: path.write_text(json.dumps(summary)))
     _write_atomically(workdir / f"{name}_optimizer.npy", _save_npy(flat(trainer.optimizer.variables)))
     # Last: its existence marks the fit as finished.
-    # λ, the inner model's weights (trained in place when online) and the inner optimizer's state.
-    state = trainer.hyper_variables + trainer.inner_model.trainable_variables + trainer.inner_optimizer_variables
+    # λ, the inner model's weights (trained in place when online), its moving statistics (float
+    # non-trainable values; not Dropout's seed state) and the inner optimizer's state.
+    moving = [v for v in trainer.inner_model.non_trainable_variables if v.dtype == "float32"]
+    state = trainer.hyper_variables + trainer.inner_model.trainable_variables + moving + trainer.inner_optimizer_variables
     _write_atomically(workdir / f"{name}.npy", _save_npy(np.concatenate([np.ravel(v.numpy()) for v in state])))
     print(f"{name}: {summary}", flush=True)
 

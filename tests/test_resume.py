@@ -3,7 +3,7 @@ with the same hyperparameters, bit for bit, as an uninterrupted run; non-finite
 hypergradients never reach λ.
 
 The kill test runs tests/resume_job.py (three fits: the deterministic hypercleaning regime,
-the stochastic regime of a stream of few-shot episodes, and online training of a network with
+the stochastic regime of a stream of few-shot episodes, and online training of a network with BatchNorm and
 Dropout on shuffled minibatches) five times: an uninterrupted run in the background, and the
 same command four times in a row: killed in the middle of each fit in turn (after resuming and
 finishing the previous one), and run to the end. The job reports the step it reached in a marker file and waits there, so the
@@ -57,7 +57,7 @@ def test_fit_killed_and_rerun_with_the_same_command_ends_bit_identical(tmp_path)
         # 3rd run: resumes and finishes the second fit, killed after step 6 of the third (online).
         program_runs.kill_when_paused(_start(interrupted, log, pause=True), interrupted / "online.paused", log)
         assert (interrupted / "meta.npy").exists() and not (interrupted / "online.npy").exists()
-        # 4th run: resumes the online fit (weights, momentum, λ, stream position) and finishes.
+        # 4th run: resumes the online fit (weights, moving statistics, momentum, λ, stream position) and finishes.
         program_runs.finish(_start(interrupted, log, pause=True), log)
         program_runs.finish(reference, reference_log)
     finally:

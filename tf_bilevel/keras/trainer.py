@@ -58,9 +58,10 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         static. `trainer.meta_batch_path` records the path taken.
       online: tune while you train. Each element holds `steps` training minibatches stacked
         on axis 0 and one validation batch (`tf_bilevel.keras.online_tasks(train, val,
-        steps=T)`); inner step t uses minibatch t, and the inner model's weights and the
-        inner optimizer's state (momentum, Adam moments) continue from one hyper-iteration
-        to the next. The inner model's variables hold the current w, so after `fit` it is
+        steps=T)`); inner step t uses minibatch t, and the inner model's weights, its layer
+        state (BatchNorm's moving statistics, updated at every inner step as Keras training
+        does) and the inner optimizer's state (momentum, Adam moments) continue from one
+        hyper-iteration to the next. The inner model's variables hold the current w, so after `fit` it is
         trained (`inner_model.evaluate/predict/save` work directly). With online=False
         (the default, episodic), the inner model is each task's starting point w0 and is
         not trained by `fit`: `adapted_inner_model(task)` returns a trained copy.
