@@ -62,8 +62,9 @@ def _reference():
 @pytest.mark.parametrize(
     "options",
     [{"jit_compile": True}, {"jit_compile": False}, {"backward": "store"}, {"backward": "recompute"},
-     {"estimator": "checkpointed", "segment_length": 3}],
-    ids=["xla", "graph", "store", "recompute", "checkpointed"],
+     {"estimator": "checkpointed", "segment_length": 3}, {"estimator": "forward", "jit_compile": True},
+     {"estimator": "forward", "jit_compile": False}],
+    ids=["xla", "graph", "store", "recompute", "checkpointed", "forward-xla", "forward-graph"],
 )
 def test_stateful_hypergradient_matches_tf_through_the_unrolled_loop(options):
     hg = tfb.hypergradient_fn(inner, outer, steps=T, learning_rate=GAMMA, per_step_batches=True, stateful=True, **options)
@@ -113,9 +114,46 @@ def test_two_continued_calls_carry_the_state_like_one_long_call():
     np.testing.assert_allclose(second.final_model_state, state, rtol=1e-12)
 
 
+@pytest.mark.parametrize("forget", [1.0, 0.5])
+def test_forward_tangents_of_the_model_state_carry_across_calls(forget):
+    """Forward mode, stateful: two calls of T/2 steps continued from final_tangents (which hold
+    ds/dλ too) give the hypergradient of the unrolled loop through all T steps with μ = 1; with
+    μ < 1 the tangents carried in (w and s alike) are scaled by μ, checked against TF on an
+    unrolled loop whose first half's λ-path is scaled by μ (λ' = μλ + (1 − μ) stop(λ))."""
+    half = tfb.hypergradient_fn(
+        inner, outer, steps=T // 2, learning_rate=GAMMA, per_step_batches=True, stateful=True,
+        estimator="forward", forget=forget,
+    )
+    first = half.detailed(W0, LAM, X[: T // 2], X_VAL, model_state=S0)
+    assert len(first.final_tangents.model_state) == 2 and first.final_tangents.model_state[0].shape == [2]
+    second = half.detailed(
+        first.final_params, LAM, X[T // 2:], X_VAL, opt_state=first.final_opt_state,
+        model_state=first.final_model_state, tangents=first.final_tangents,
+    )
+    with tf.GradientTape() as tape:
+        tape.watch(LAM)
+        early = forget * LAM + (1 - forget) * tf.stop_gradient(LAM)
+        w, state = W0, S0
+        for t in range(T):
+            with tf.GradientTape() as inner_tape:
+                inner_tape.watch(w)
+                loss, new_state = inner(w, early if t < T // 2 else LAM, X[t], state)
+            w, state = w - GAMMA * inner_tape.gradient(loss, w), new_state
+        value = outer(w, LAM, X_VAL, state)
+    np.testing.assert_allclose(second.outer_value, value, rtol=1e-12)
+    np.testing.assert_allclose(second.final_model_state, state, rtol=1e-12)
+    np.testing.assert_allclose(second.hypergrad, tape.gradient(value, LAM), rtol=1e-9)
+
+
 def test_stateful_arguments_are_checked():
-    with pytest.raises(ValueError, match="stateful=True.*'reverse'/'checkpointed' only.*'forward'"):
-        tfb.hypergradient_fn(inner, outer, steps=T, learning_rate=GAMMA, estimator="forward", stateful=True)
+    with pytest.raises(ValueError, match="stateful=True.*'reverse'/'checkpointed'/'forward' only.*'implicit_cg'"):
+        tfb.hypergradient_fn(inner, outer, steps=T, learning_rate=GAMMA, estimator="implicit_cg", stateful=True)
+    counter = tfb.hypergradient_fn(
+        lambda w, lam, x, s: (inner(w, lam, x, S0)[0], s + 1), lambda w, lam, x, s: outer(w, lam, x, S0),
+        steps=T, learning_rate=GAMMA, per_step_batches=True, stateful=True, estimator="forward",
+    )
+    with pytest.raises(ValueError, match="model_state.*dtype int32, not floating point"):
+        counter(W0, LAM, X, X_VAL, model_state=tf.constant(0))
     hg = tfb.hypergradient_fn(inner, outer, steps=T, learning_rate=GAMMA, per_step_batches=True, stateful=True)
     with pytest.raises(ValueError, match="pass the initial model state"):
         hg(W0, LAM, X, X_VAL)

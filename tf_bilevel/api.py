@@ -12,8 +12,9 @@ from tf_bilevel import _validate, nonfinite
 from tf_bilevel._tree import leaf_names
 from tf_bilevel.dynamics.loops import run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
-from tf_bilevel.dynamics.transition import BatchAtStep, Transition, gather_step
+from tf_bilevel.dynamics.transition import BatchAtStep, InnerState, Transition, gather_step
 from tf_bilevel.estimators import forward_hypergradient, implicit_hypergradient, reverse_hypergradient
+from tf_bilevel.estimators.forward import num_hparams, tangent_bytes, zero_tangents
 from tf_bilevel.estimators.reverse import profile_step
 from tf_bilevel.problem import BilevelProblem
 
@@ -42,6 +43,12 @@ class HypergradientResult(NamedTuple):
     solver_iterations: Any = -1
     # stateful=True: the model state after step T (pass it back as `model_state` to continue).
     final_model_state: Any = ()
+    # estimator="forward": Z_T, the tangents dw_T/dλ and d opt_state_T/dλ, as
+    # InnerState(params=..., opt_state=...) with every leaf of w_T / final_opt_state given a
+    # leading axis of length N (row n: the derivative along hyperparameter coordinate n, the
+    # leaves of hparams in tf.nest order, each flattened row-major). Pass it back as
+    # `tangents=` (with final_params, final_opt_state) to carry Z across calls. () otherwise.
+    final_tangents: Any = ()
 
 
 def _as_tensors(structure: Any, role: str, passed_variables: Optional[dict] = None, *,
@@ -101,9 +108,11 @@ class Hypergradient:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         iterations: Optional[int] = None,
         tolerance: Optional[float] = None,
+        forget: float = 1.0,
     ):
         self.problem = problem
         self.stateful = problem.stateful
+        self.forget = forget
         self.iterations = iterations
         self.tolerance = tolerance
         self.per_step_batches = per_step_batches
@@ -141,20 +150,26 @@ class Hypergradient:
         return result.outer_value, result.hypergrad
 
     def detailed(
-        self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *, opt_state: Any = None,
-        model_state: Any = None,
+        self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *,
+        opt_state: Any = None, model_state: Any = None, tangents: Any = None,
     ) -> HypergradientResult:
         """Like `__call__`, also returning w_T, the inner optimizer's final state and the
         non-finite marker. `opt_state` (e.g. a previous result's `final_opt_state`) continues
         the inner optimizer instead of starting it fresh. `model_state`: s_0 of a stateful
-        problem (required there; e.g. a previous result's `final_model_state`)."""
+        problem (required there; e.g. a previous result's `final_model_state`).
+        estimator="forward": `tangents` (a previous result's `final_tangents`) continues
+        forward mode from that Z, multiplied by `forget` (RTHO / MARTHE); None starts from
+        Z_0 = B_0. The result's `final_tangents` is Z_T."""
+        self._check_tangents_apply(tangents)
         passed: dict = {}
         params = _as_tensors(params, "params", passed)
         hparams = _as_tensors(hparams, "hparams", passed)
         # On every call, not only when tracing: a variable that an earlier trace saw read
         # through a closure may be passed now, and no retrace would see it.
         self.problem.check_not_read_through_closure(passed)
-        result = self._compiled(params, hparams, inner_batch, outer_batch, opt_state=opt_state, model_state=model_state)
+        result = self._compiled(
+            params, hparams, inner_batch, outer_batch, opt_state=opt_state, model_state=model_state, tangents=tangents
+        )
         self.problem.check_not_read_through_closure(passed)  # read by the trace just made
         if self.check_numerics:
             if tf.executing_eagerly():
@@ -192,16 +207,19 @@ class Hypergradient:
 
     @tf.autograph.experimental.do_not_convert
     def compute(
-        self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *, opt_state: Any = None,
-        model_state: Any = None,
+        self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *,
+        opt_state: Any = None, model_state: Any = None, tangents: Any = None,
     ) -> HypergradientResult:
         """Builds the estimator's ops in the current graph and returns its result."""
+        self._check_tangents_apply(tangents)
         passed: dict = {}
         params = _as_tensors(params, "params", passed)
         hparams = tf.nest.map_structure(tf.identity, _as_tensors(hparams, "hparams", passed))
         self._check_per_step_batch(inner_batch)
         opt_state = self._checked_opt_state(params, opt_state)
         model_state = self._checked_model_state(model_state)
+        if self.estimator == "forward":
+            tangents = self._checked_tangents(params, hparams, opt_state, model_state, tangents)
         self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state, model_state)
         self.problem.check_not_read_through_closure(passed)  # variables passed inside a user's graph
         T = self.steps
@@ -215,7 +233,8 @@ class Hypergradient:
             )
         elif self.estimator == "forward":
             out = forward_hypergradient(
-                self.transition, params, hparams, inner_batch, outer_batch, steps=T, opt_state=opt_state
+                self.transition, params, hparams, inner_batch, outer_batch, steps=T, opt_state=opt_state,
+                tangents=tangents, forget=self.forget, model_state=model_state,
             )
         else:
             out = implicit_hypergradient(
@@ -229,7 +248,7 @@ class Hypergradient:
         hypergrad = tf.nest.pack_sequence_as(hparams, out.hypergrad)
         return HypergradientResult(
             out.outer_value, hypergrad, out.final_params, marker, out.final_opt_state, out.solver_iterations,
-            out.final_model_state,
+            out.final_model_state, out.final_tangents,
         )
 
     # -- helpers ----------------------------------------------------------------------
@@ -301,6 +320,69 @@ class Hypergradient:
             )
         return tf.nest.map_structure(tf.convert_to_tensor, model_state)
 
+    def _check_tangents_apply(self, tangents: Any) -> None:
+        if tangents is not None and self.estimator != "forward":
+            raise ValueError(
+                f"tangents= applies to estimator='forward' only (they are its Z = dw/dλ), not "
+                f"estimator={self.estimator!r}: build with estimator='forward' to carry them, or drop tangents=."
+            )
+
+    def _checked_tangents(self, params: Any, hparams: Any, opt_state: Any, model_state: Any, tangents: Any) -> Any:
+        """Forward mode: N × (params + optimizer state + model state) must fit memory_budget; the
+        given Z (a previous result's final_tangents) as an InnerState of [N, ...] tensors, checked."""
+        n = num_hparams(hparams)
+        state = self.transition.init_state(params, opt_state, model_state)
+        for name, leaf in zip(leaf_names(model_state, "model_state"), tf.nest.flatten(model_state)):
+            if not leaf.dtype.is_floating:
+                raise ValueError(
+                    f"estimator='forward' with stateful=True differentiates the model state: {name} has dtype "
+                    f"{leaf.dtype.name}, not floating point. Keep integer state (counters, seeds) out of the "
+                    "model state, or use estimator='reverse'."
+                )
+        needed = tangent_bytes(state, n)
+        if needed > self.memory_budget:
+            size = sum(int(x.shape.num_elements()) for x in tf.nest.flatten(state))
+            raise ValueError(
+                f"estimator='forward' carries N={n} tangent columns (one per hyperparameter coordinate) of "
+                f"the {size} weights, optimizer-state and model-state entries: {needed} bytes, more than "
+                f"memory_budget={self.memory_budget}. Forward mode's memory grows as M·N (Table 1): for "
+                "many hyperparameters use K-RMD, estimator='reverse' with truncate=K (memory O(MK), "
+                "independent of N), or raise memory_budget if the memory is there."
+            )
+        if tangents is None:
+            return None
+        if opt_state is None and tf.nest.flatten(state.opt_state):
+            raise ValueError(
+                "tangents= was given without opt_state=: the tangents continue a run, so pass the inner "
+                "optimizer's state too (opt_state=result.final_opt_state with tangents=result.final_tangents)."
+            )
+        if not isinstance(tangents, (tuple, list)) or len(tangents) not in (2, 3):
+            raise ValueError(
+                "tangents must be the final_tangents of a previous estimator='forward' result: "
+                f"InnerState(params=..., opt_state=..., model_state=...), got {type(tangents).__name__}"
+            )
+        tangents = InnerState(*tangents)
+        expected = zero_tangents(state, n)
+        for part in ("params", "opt_state", "model_state"):
+            try:
+                tf.nest.assert_same_structure(getattr(expected, part), getattr(tangents, part), check_types=False)
+            except (ValueError, TypeError) as err:
+                raise ValueError(
+                    f"tangents.{part} does not have the structure of {part} ({err}); pass the final_tangents "
+                    "of a previous result of this estimator."
+                ) from None
+        checked = []
+        for name, given, like in zip(leaf_names(tangents, "tangents"), tf.nest.flatten(tangents), tf.nest.flatten(expected)):
+            given = tf.convert_to_tensor(given)
+            if not given.shape.is_compatible_with(like.shape):
+                raise ValueError(
+                    f"{name} has shape {given.shape}, expected {like.shape}: a leading axis of N={n} (one row per "
+                    "hyperparameter coordinate) on the shape of the leaf it differentiates. Pass the "
+                    "final_tangents of a previous result with the same params, opt_state and hparams."
+                )
+            checked.append(tf.cast(given, like.dtype))
+        return tf.nest.pack_sequence_as(expected, checked)
+
     def _segment_length(self) -> int:
         return self.segment_length or max(1, math.ceil(math.sqrt(self.truncate)))
 
@@ -360,6 +442,7 @@ def hypergradient_fn(
     iterations: Optional[int] = None,
     tolerance: Optional[float] = 1e-10,
     stateful: bool = False,
+    forget: Optional[float] = None,
     **removed: Any,  # only to name the new name of a renamed argument (a TypeError)
 ) -> Hypergradient:
     """Builds a compiled estimator of d_λ f(ŵ(λ), λ), ŵ = w_T after `steps` inner steps.
@@ -373,8 +456,9 @@ def hypergradient_fn(
       inner_optimizer: a `tf_bilevel.sgd/momentum/adam(...)` update rule.
       truncate: K. "reverse"/"checkpointed": back-propagate through the last K steps only
         (K-RMD, Eq. 8), 1 <= K <= T; None means K = T (full RMD, Eq. 6).
-      estimator: "reverse" | "checkpointed" | "forward" (FMD, Eq. 7) | "implicit_cg" |
-        "neumann" (Eq. 11 at w_T, Eq. 12).
+      estimator: "reverse" | "checkpointed" | "forward" (FMD, Eq. 7: all N tangent columns in
+        one pass, O(MN) memory; its tangents Z carry across calls, see `forget`) |
+        "implicit_cg" | "neumann" (Eq. 11 at w_T, Eq. 12).
       jit_compile: compile with XLA (True/False; anything else is a TypeError).
       init_params: optional w0 = Ξ0(params, hparams), e.g. a learned initialization (B0 term).
       segment_length: "checkpointed" only: the steps per segment, c. The state at the start of
@@ -395,7 +479,9 @@ def hypergradient_fn(
         (tf.transpose, broadcasting, concat: tensorflow/tensorflow#62861). "auto" (default):
         "store" when the traced step has none of those ops and K × (its residual bytes) ≤
         memory_budget, else "recompute". `hg.backward_used` tells which one ran.
-      memory_budget: bytes of stored intermediates "auto" may use (default 256 MiB).
+      memory_budget: bytes of stored intermediates "auto" may use (default 256 MiB). Forward
+        mode: the most bytes its tangents, N × (params + optimizer state), may take; more is a
+        ValueError naming K-RMD.
       iterations: "implicit_cg"/"neumann" only: the most CG iterations / Neumann terms for the
         linear system of Eq. 11 at w_T (default T; not bounded by T). A static bound: the
         solver is a tf.while_loop with maximum_iterations, under XLA too.
@@ -407,7 +493,13 @@ def hypergradient_fn(
         state) returns (loss, next state) and outer_loss(params, hparams, batch, state) reads
         s_T; pass s_0 as `hg(..., model_state=s0)`, `detailed(...).final_model_state` is s_T.
         f is differentiated through s_T too (s_T depends on w_t, hence on λ).
-        estimator="reverse"/"checkpointed" only.
+        estimator="reverse"/"checkpointed"/"forward" (forward mode also carries ds_t/dλ in
+        its tangents; the model state must then be floating point).
+      forget: "forward" only: μ in [0, 1] (default 1). `hg.detailed(..., tangents=Z)` continues
+        forward mode from the tangents Z of a previous call (`result.final_tangents`),
+        multiplied by μ first: μ = 1 carries them whole (the exact hypergradient through the
+        whole run so far: RTHO, Franceschi et al. 2017), μ = 0 forgets them (greedy, as a
+        fresh call), in between discounts the past (MARTHE, Donini et al. 2020).
 
     Returns:
       A `Hypergradient`; `hg(params, hparams[, inner_batch, outer_batch])` returns
@@ -418,6 +510,7 @@ def hypergradient_fn(
     if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     truncate = _checked_truncate(truncate, steps, estimator)
+    forget = _checked_forget(forget, estimator)
     iterations, tolerance = _checked_solver(iterations, tolerance, steps, estimator)
     if segment_length is not None:
         if estimator != "checkpointed":
@@ -425,10 +518,10 @@ def hypergradient_fn(
         segment_length = _validate.positive_int(segment_length, "segment_length", "steps per recomputed segment")
     jit_compile = _validate.boolean(jit_compile, "jit_compile")
     stateful = _validate.boolean(stateful, "stateful")
-    if stateful and estimator not in ("reverse", "checkpointed"):
+    if stateful and estimator not in ("reverse", "checkpointed", "forward"):
         raise ValueError(
             f"stateful=True (a model state, e.g. BatchNorm's moving statistics, carried through the inner "
-            f"steps) is supported by estimator='reverse'/'checkpointed' only, not estimator={estimator!r}."
+            f"steps) is supported by estimator='reverse'/'checkpointed'/'forward' only, not estimator={estimator!r}."
         )
     check_numerics = _validate.boolean(check_numerics, "check_numerics")
     if (learning_rate is None) == (inner_optimizer is None):
@@ -475,7 +568,23 @@ def hypergradient_fn(
         memory_budget=memory_budget,
         iterations=iterations,
         tolerance=tolerance,
+        forget=forget,
     )
+
+
+def _checked_forget(forget: Any, estimator: str) -> float:
+    """μ, the factor on the carried forward-mode tangents (1 when not given)."""
+    if forget is None:
+        return 1.0
+    if estimator != "forward":
+        raise ValueError(
+            f"forget applies to estimator='forward' only (it discounts the forward-mode tangents carried "
+            f"across calls), not estimator={estimator!r}: use estimator='forward' or drop forget=."
+        )
+    return float(_validate.real_in_range(
+        forget, "forget", low=0.0, high=1.0, high_open=False,
+        meaning="μ, the factor on the carried tangents: 1 keeps them (RTHO), 0 forgets them (greedy)",
+    ))
 
 
 # Keyword arguments that were renamed (pre-1.0: no silent alias): old name -> new name.

@@ -178,7 +178,8 @@ def _checked_state(new_state: Any, state: Any) -> Any:
                 f"inner_loss returned the model state's {name} as {new.dtype.name}{new.shape}, it was given "
                 f"{old.dtype.name}{old.shape}: return every state leaf with its shape and dtype."
             )
-        checked.append(tf.ensure_shape(new, old.shape))
+        # (ensure_shape only where needed: under tf.vectorized_map, forward mode, it fails to trace.)
+        checked.append(new if new.shape == old.shape and new.shape.is_fully_defined() else tf.ensure_shape(new, old.shape))
     return tf.nest.pack_sequence_as(state, checked)
 
 

@@ -19,6 +19,7 @@ class EstimatorOutput(NamedTuple):
     final_opt_state: Any = ()
     solver_iterations: Any = -1  # CG iterations / Neumann terms used (implicit estimators), else -1
     final_model_state: Any = ()  # a stateful problem's s_T, else ()
+    final_tangents: Any = ()  # forward mode: Z_T = d(w_T, opt_state_T)/dλ, [N, ...] per leaf
 
 
 def internal_copy(structure: Any) -> Any:
