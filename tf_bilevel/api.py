@@ -14,7 +14,7 @@ from tf_bilevel.dynamics.loops import run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
 from tf_bilevel.dynamics.transition import BatchAtStep, InnerState, Transition, gather_step
 from tf_bilevel.estimators import forward_hypergradient, implicit_hypergradient, reverse_hypergradient
-from tf_bilevel.estimators.forward import num_hparams, tangent_bytes, zero_tangents
+from tf_bilevel.estimators.forward import check_tangent_memory, num_hparams, zero_tangents
 from tf_bilevel.estimators.reverse import profile_step
 from tf_bilevel.problem import BilevelProblem
 
@@ -339,16 +339,7 @@ class Hypergradient:
                     f"{leaf.dtype.name}, not floating point. Keep integer state (counters, seeds) out of the "
                     "model state, or use estimator='reverse'."
                 )
-        needed = tangent_bytes(state, n)
-        if needed > self.memory_budget:
-            size = sum(int(x.shape.num_elements()) for x in tf.nest.flatten(state))
-            raise ValueError(
-                f"estimator='forward' carries N={n} tangent columns (one per hyperparameter coordinate) of "
-                f"the {size} weights, optimizer-state and model-state entries: {needed} bytes, more than "
-                f"memory_budget={self.memory_budget}. Forward mode's memory grows as M·N (Table 1): for "
-                "many hyperparameters use K-RMD, estimator='reverse' with truncate=K (memory O(MK), "
-                "independent of N), or raise memory_budget if the memory is there."
-            )
+        check_tangent_memory(state, n, self.memory_budget)
         if tangents is None:
             return None
         if opt_state is None and tf.nest.flatten(state.opt_state):

@@ -38,6 +38,21 @@ def tangent_bytes(state: Any, columns: int) -> int:
     return columns * sum(int(x.shape.num_elements()) * x.dtype.size for x in tf.nest.flatten(state))
 
 
+def check_tangent_memory(state: Any, columns: int, memory_budget: int) -> None:
+    """Forward mode's memory bound: N tangent columns of the whole state (Table 1: O(MN)) must
+    fit `memory_budget` bytes; otherwise a ValueError naming K-RMD, whose memory is O(MK)."""
+    needed = tangent_bytes(state, columns)
+    if needed > memory_budget:
+        size = sum(int(x.shape.num_elements()) for x in tf.nest.flatten(state))
+        raise ValueError(
+            f"estimator='forward' carries N={columns} tangent columns (one per hyperparameter coordinate) of "
+            f"the {size} weights, optimizer-state and model-state entries: {needed} bytes, more than "
+            f"memory_budget={memory_budget}. Forward mode's memory grows as M·N (Table 1): for "
+            "many hyperparameters use K-RMD, estimator='reverse' with truncate=K (memory O(MK), "
+            "independent of N), or raise memory_budget if the memory is there."
+        )
+
+
 def basis(hparams: Any) -> list:
     """The identity of R^N as the hyperparameter tangents: per leaf of shape s, a [N, *s] tensor
     whose row n is e_n restricted to that leaf (leaves in tf.nest order, each row-major)."""

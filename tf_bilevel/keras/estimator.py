@@ -23,6 +23,7 @@ class EstimatorSettings:
     estimator: str = "reverse"
     iterations: Optional[int] = None
     tolerance: Optional[float] = 1e-10
+    forget: Optional[float] = None
 
     @classmethod
     def of(cls, spec: Any) -> "EstimatorSettings":
@@ -31,7 +32,7 @@ class EstimatorSettings:
 
     def full_rmd(self) -> "EstimatorSettings":
         """Full reverse mode through all T steps (Eq. 6): the diagnostics' reference."""
-        return EstimatorSettings(self.steps, truncate=None, estimator="reverse", iterations=None, tolerance=None)
+        return EstimatorSettings(self.steps, truncate=None, estimator="reverse", iterations=None, tolerance=None, forget=None)
 
 
 def build_estimator(

@@ -39,6 +39,7 @@ from tf_bilevel.keras.estimator import EstimatorSettings, build_estimator
 from tf_bilevel.keras.losses import SECOND_ORDER_HINT
 from tf_bilevel.keras.regime import Regime
 from tf_bilevel.keras.reparam import Hyperparameter
+from tf_bilevel.keras.schedule import LearnedSchedule
 from tf_bilevel.keras.spec import INNER_OPTIMIZERS, TrainerSpec
 
 
@@ -90,6 +91,7 @@ class KerasBilevelProblem:
         self.user_specs = spec.hyperparameters
         self.proximal_strength = spec.proximal_strength
         self.inner_learning_rate = leave_unparsable_unconverted(spec.inner_learning_rate)
+        self.learned_schedule = spec.inner_learning_rate if isinstance(spec.inner_learning_rate, LearnedSchedule) else None
         inner_optimizer = spec.inner_optimizer
         if isinstance(inner_optimizer, str):
             inner_optimizer = INNER_OPTIMIZERS[inner_optimizer]
@@ -140,6 +142,8 @@ class KerasBilevelProblem:
         specs: dict = {"user": self.user_specs}
         if isinstance(self.inner_learning_rate, Hyperparameter):
             specs["inner_learning_rate"] = self.inner_learning_rate
+        if self.learned_schedule is not None:
+            specs["inner_learning_rate"] = dict(self.learned_schedule.hyperparameters)
         inner_weights = _numpy(self.calls.trainable(self.inner_model))
         if self.proximal_strength is not None:
             specs["centers"] = [Hyperparameter(w, dtype=w.dtype.name) for w in inner_weights]
@@ -263,11 +267,18 @@ class KerasBilevelProblem:
         return self.regime.initial_params(stored, seed)
 
     def _core_learning_rate(self):
+        """γ for the core. A schedule sees the regime's step: the global inner step of the run
+        online (hyper-iteration × T + t), the task's inner step t otherwise."""
         lr = self.inner_learning_rate
         if isinstance(lr, Hyperparameter):
             return lambda step, hp: hp["inner_learning_rate"]
+        if isinstance(self.learned_schedule, LearnedSchedule):
+            schedule = self.learned_schedule
+            return lambda step, hp: schedule(self.regime.global_step(step), hp["inner_learning_rate"])
         if callable(lr) and _num_positional_args(lr) >= 2:
-            return lambda step, hp: lr(step, hp["user"])
+            return lambda step, hp: lr(self.regime.global_step(step), hp["user"])
+        if callable(lr):
+            return lambda step: lr(self.regime.global_step(step))
         return lr
 
     def hypergradient(self, settings: EstimatorSettings) -> Any:

@@ -7,7 +7,8 @@ online training, so that the trainer and its task functions ask it instead of br
   one inner step sees);
 * `check_models`: layers the regime cannot train;
 * `initial_params` / `init_params` / `hyper_specs`: w0 of a task (before and as Ξ0(λ));
-* `data_at_step`: the data inner step t sees;
+* `data_at_step`: the data inner step t sees; `global_step`: the step a learning-rate
+  schedule sees (online: of the whole run);
 * `outer_training`: whether f calls the inner model in training mode;
 * `create_state` / `read_carried` / `estimator_arguments` / `carried_after`: values carried
   from one hyper-iteration to the next (`CarriedState`, in trainer variables);
@@ -25,7 +26,10 @@ The regimes:
   (inner step t uses minibatch t), f is a validation loss in inference mode, and w_T, the
   inner optimizer's state and the inner model's layer state (BatchNorm's moving statistics)
   carry over to the next hyper-iteration (written back to the inner model and to trainer
-  variables, which checkpoints hold).
+  variables, which checkpoints hold), as does the count of inner steps run (the step of a
+  learning-rate schedule).
+* `OnlineForward`: `Online` with estimator="forward": forward mode's tangents Z carry over
+  too (real-time hypergradients through the whole run; `forget` = μ discounts them).
 
 A carried value named X is passed to the core estimator as the keyword argument X and
 continues from the field `final_X` of its result (`opt_state` / `final_opt_state`). A regime
@@ -42,6 +46,9 @@ import numpy as np
 import tensorflow as tf
 
 from tf_bilevel._autograph import leave_unparsable_unconverted
+from tf_bilevel.api import DEFAULT_MEMORY_BUDGET
+from tf_bilevel.dynamics.transition import InnerState
+from tf_bilevel.estimators.forward import check_tangent_memory, zero_tangents
 from tf_bilevel.keras import data as data_lib
 from tf_bilevel.keras.reparam import Hyperparameter
 
@@ -117,6 +124,11 @@ class Regime:
 
     def data_at_step(self, data: Any, step: tf.Tensor) -> Any:
         return data
+
+    def global_step(self, step: tf.Tensor) -> tf.Tensor:
+        """The step a learning-rate schedule sees for inner step `step` of this call: the
+        task's own step (every task starts at 0)."""
+        return step
 
     # -- state carried across hyper-iterations ---------------------------------------------
     def create_state(self, problem: Any, add_variable: AddVariable) -> None:
@@ -209,11 +221,13 @@ class Online(Regime):
     name = "online"
     trains_inner_model = True
     outer_training = False  # f is a validation loss of the model being trained: inference mode, as Keras validates
-    STATEFUL_ESTIMATORS = ("reverse", "checkpointed")
+    STATEFUL_ESTIMATORS = ("reverse", "checkpointed", "forward")
 
-    def __init__(self, calls: Any, inner_model: Any, estimator: str):
+    def __init__(self, calls: Any, inner_model: Any, estimator: str, steps: int):
         super().__init__(calls, inner_model)
         self.estimator = estimator
+        self.steps = steps
+        self.steps_done: Any = None  # trainer variable: inner steps applied so far (created with the state)
 
     def check_element(self, task: data_lib.Task, steps: int, num_replicas: int) -> data_lib.Task:
         if num_replicas > 1:
@@ -233,7 +247,7 @@ class Online(Regime):
             raise ValueError(
                 f"online=True: inner_model layer(s) {owners} keep non-trainable state (e.g. "
                 "BatchNormalization's moving statistics), which online training carries through the "
-                f"inner steps with estimator='reverse' or 'checkpointed' only, not estimator={self.estimator!r}. "
+                f"inner steps with estimator='reverse', 'checkpointed' or 'forward' only, not estimator={self.estimator!r}. "
                 "Use one of those (truncate=K for K-RMD), or a layer without such state "
                 "(LayerNormalization, GroupNormalization)."
             )
@@ -243,6 +257,12 @@ class Online(Regime):
     def data_at_step(self, data: Any, step: tf.Tensor) -> Any:
         """Minibatch `step` of the element's stacked minibatches (a gather in the compiled loop)."""
         return tf.nest.map_structure(lambda x: tf.gather(x, step), data)
+
+    def global_step(self, step: tf.Tensor) -> tf.Tensor:
+        """hyper-iteration × T + t: the inner step of the whole run (resumed with the trainer)."""
+        if self.steps_done is None:  # traced before the state exists (shape inference only)
+            return step
+        return tf.cast(_read(self.steps_done), tf.int64) + tf.cast(step, tf.int64)
 
     def create_state(self, problem: Any, add_variable: AddVariable) -> None:
         """The inner optimizer's state (momentum, Adam moments) in trainer variables, so that a
@@ -254,20 +274,55 @@ class Online(Regime):
             non_trainable = self.calls.non_trainable(self.inner_model)
             layer_state = [non_trainable[i] for i in self.layer_state_positions]
             self.carried["model_state"] = CarriedState([_read(v) for v in layer_state], layer_state)
+        self.steps_done = add_variable("inner_steps_done", np.asarray(0, np.int64))
+
+    @property
+    def variables(self) -> list:
+        return super().variables + ([] if self.steps_done is None else [self.steps_done])
 
     def write_back(self, apply: tf.Tensor, final_params: list, carried: dict, replica: Any) -> None:
         self.store_inner_weights(apply, final_params, replica)
         super().write_back(apply, final_params, carried, replica)
+        done = _read(self.steps_done)
+        self.steps_done.assign(tf.where(apply, done + self.steps, done))
 
     def evaluation_weights(self, solve: Callable[[], list], stored: list) -> list:
         """The current weights of the model being trained (evaluating must not train it)."""
         return list(stored)
 
 
+class OnlineForward(Online):
+    """online=True, estimator="forward": forward mode's tangents Z = d(w, optimizer state,
+    layer state)/dλ carry over too, so each hypergradient is that of the current validation
+    loss through the whole run so far (RTHO; `forget` = μ < 1 discounts the past: MARTHE).
+    They are held in trainer variables ([N, ...] per leaf), which checkpoints hold."""
+
+    name = "online_forward"
+
+    def __init__(self, calls: Any, inner_model: Any, estimator: str, steps: int, memory_budget: int):
+        super().__init__(calls, inner_model, estimator, steps)
+        self.memory_budget = memory_budget
+
+    def create_state(self, problem: Any, add_variable: AddVariable) -> None:
+        """Also Z_0 = 0 (a fresh start), after checking forward mode's memory bound (naming
+        K-RMD when N is too large) here, when the trainer is built."""
+        super().create_state(problem, add_variable)
+        columns = sum(int(np.prod(spec.shape)) for spec in tf.nest.flatten(problem.hyper_specs()))
+        state = InnerState(
+            [_read(v) for v in self.calls.trainable(self.inner_model)],
+            self.carried["opt_state"].read(),
+            self.carried["model_state"].read() if "model_state" in self.carried else (),
+        )
+        check_tangent_memory(state, columns, self.memory_budget)
+        self.carried["tangents"] = CarriedState.create("forward_tangents", zero_tangents(state, columns), add_variable)
+
+
 def regime_for(spec: Any, calls: Any) -> Regime:
-    """The regime of a validated `TrainerSpec` (its arguments `online` and `inner_init`)."""
+    """The regime of a validated `TrainerSpec` (its arguments `online`, `estimator` and `inner_init`)."""
+    if spec.online and spec.estimator == "forward":
+        return OnlineForward(calls, spec.inner_model, spec.estimator, spec.steps, DEFAULT_MEMORY_BUDGET)
     if spec.online:
-        return Online(calls, spec.inner_model, spec.estimator)
+        return Online(calls, spec.inner_model, spec.estimator, spec.steps)
     if spec.inner_init == "warm_start":
         return WarmStart(calls, spec.inner_model)
     inner_init = spec.inner_init

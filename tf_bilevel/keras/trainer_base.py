@@ -77,6 +77,7 @@ class BilevelTrainerMixin:
         estimator: str = "reverse",
         iterations: Optional[int] = None,
         tolerance: Optional[float] = 1e-10,
+        forget: Optional[float] = None,
         hyper_model: Any = None,
         hyperparameters: Optional[dict] = None,
         inner_regularizer: Optional[Callable] = None,
@@ -97,7 +98,7 @@ class BilevelTrainerMixin:
         super().__init__(name=name or "bilevel_trainer", dtype="float32")
         self._init_bilevel(TrainerSpec(
             self._calls.flavor, inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps,
-            truncate=truncate, estimator=estimator, iterations=iterations, tolerance=tolerance, hyper_model=hyper_model, hyperparameters=hyperparameters,
+            truncate=truncate, estimator=estimator, iterations=iterations, tolerance=tolerance, forget=forget, hyper_model=hyper_model, hyperparameters=hyperparameters,
             inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
             inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
             meta_batch=meta_batch, meta_batch_mode=meta_batch_mode, online=online,
