@@ -80,9 +80,9 @@ def test_carried_tangents_are_dw_dlambda_through_the_whole_run_across_fit_calls(
     w0 = [tf.constant(v.numpy()) for v in model.trainable_variables]
     tasks = trainer.resumable(_tasks(x, y, x_val, y_val))
     trainer.fit(tasks, epochs=1, steps_per_epoch=ITERATIONS // 2, verbose=0)
-    assert int(trainer.regime.steps_done.numpy()) == TOTAL // 2
+    assert int(trainer.inner_steps_done.numpy()) == TOTAL // 2
     trainer.fit(trainer.resumable(_tasks(x, y, x_val, y_val)), epochs=1, steps_per_epoch=ITERATIONS // 2, verbose=0)
-    assert int(trainer.regime.steps_done.numpy()) == TOTAL  # the global step continued across fit calls
+    assert int(trainer.inner_steps_done.numpy()) == TOTAL  # the global step continued across fit calls
 
     # λ in the core's order: inner_learning_rate/segments (2), then user/decay (1).
     lam = tf.constant(SEGMENTS + [0.05], tf.float32)

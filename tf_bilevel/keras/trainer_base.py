@@ -160,6 +160,13 @@ class BilevelTrainerMixin:
         carried = self.regime.carried.get("opt_state")
         return [] if carried is None else list(carried.variables)
 
+    @property
+    def inner_steps_done(self) -> Any:
+        """online=True: the variable counting the inner steps applied so far over the run (the
+        global step a learning-rate schedule sees next); None otherwise."""
+        self._require_built("inner_steps_done")
+        return getattr(self.regime, "steps_done", None)
+
     def hyperparameter_values(self) -> dict:
         """The current values λ = transform(ν) of the named hyperparameters, plus (if used)
         "inner_learning_rate", "centers", "strengths" and "init", as tensors."""
