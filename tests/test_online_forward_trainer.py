@@ -133,6 +133,15 @@ def test_too_many_hyperparameters_for_forward_mode_is_refused_at_build_naming_k_
         trainer.build_from_spec(spec)
 
 
+def test_diagnostics_compare_with_full_rmd_of_the_hyper_iteration():
+    """diagnostics_every: the full-RMD reference of one hyper-iteration gets no tangents; at the
+    first hyper-iteration (Z_0 = 0) forward mode and full RMD are the same hypergradient."""
+    x, y, x_val, y_val = _data()
+    trainer, _ = _trainer(diagnostics_every=1)
+    history = trainer.fit(trainer.resumable(_tasks(x, y, x_val, y_val)), epochs=1, steps_per_epoch=1, verbose=0)
+    np.testing.assert_allclose(history.history["cosine_to_full_rmd"][-1], 1.0, rtol=1e-5)
+
+
 def test_forget_needs_the_forward_estimator():
     with pytest.raises(ValueError, match="forget applies to estimator='forward' only"):
         _trainer(estimator="reverse", forget=0.5)

@@ -141,8 +141,8 @@ class Regime:
     def read_carried(self) -> dict:
         return {name: state.read() for name, state in self.carried.items()}
 
-    def estimator_arguments(self, carried: dict) -> dict:
-        """Keyword arguments of the core estimator's `compute` (the carried values)."""
+    def estimator_arguments(self, carried: dict, estimator: Any) -> dict:
+        """Keyword arguments of the core `estimator`'s `compute` (the carried values)."""
         return dict(carried)
 
     def carried_after(self, result: Any, carried: dict) -> dict:
@@ -262,7 +262,7 @@ class Online(Regime):
         """hyper-iteration × T + t: the inner step of the whole run (resumed with the trainer)."""
         if self.steps_done is None:  # traced before the state exists (shape inference only)
             return step
-        return tf.cast(_read(self.steps_done), tf.int64) + tf.cast(step, tf.int64)
+        return tf.cast(_read(self.steps_done), tf.int32) + tf.cast(step, tf.int32)  # the core's step dtype
 
     def create_state(self, problem: Any, add_variable: AddVariable) -> None:
         """The inner optimizer's state (momentum, Adam moments) in trainer variables, so that a
@@ -315,6 +315,13 @@ class OnlineForward(Online):
         )
         check_tangent_memory(state, columns, self.memory_budget)
         self.carried["tangents"] = CarriedState.create("forward_tangents", zero_tangents(state, columns), add_variable)
+
+    def estimator_arguments(self, carried: dict, estimator: Any) -> dict:
+        """The tangents go to forward mode only (not to the diagnostics' full-RMD reference)."""
+        arguments = super().estimator_arguments(carried, estimator)
+        if estimator.estimator != "forward":
+            del arguments["tangents"]
+        return arguments
 
 
 def regime_for(spec: Any, calls: Any) -> Regime:

@@ -98,11 +98,12 @@ class TaskHypergradient(TaskFunction):
         w0 = problem.initial_params(inputs.stored_inner, seed)
         inner_batch = problem.inner_batch(task.inner, inputs.inner_state, seed)
         outer_batch = problem.outer_batch(task.outer, inputs.inner_state, seed)
-        carried = regime.estimator_arguments(inputs.carried)
         hp, hyper_state, result, grads, reference = self._hypergradients_of_raw(
             inputs.raw,
             lambda raw: problem.hparams(raw, self.specs, inputs.hyper_state, task.inner, task.outer),
-            lambda estimator, hp: estimator.compute(w0, hp, inner_batch, outer_batch, **carried),
+            lambda estimator, hp: estimator.compute(
+                w0, hp, inner_batch, outer_batch, **regime.estimator_arguments(inputs.carried, estimator)
+            ),
             (self.hypergradient, self.reference),
             with_reference,
         )
