@@ -293,3 +293,100 @@ def test_too_many_hyperparameters_for_forward_mode_is_an_error_naming_k_rmd():
         hg.detailed(tf.constant(W0), hparams(), batches(0))
     build(inner_optimizer=tfb.momentum(GAMMA, 0.7), learning_rate=None, memory_budget=192).detailed(
         tf.constant(W0), hparams(), batches(0))
+
+
+# -- the vectorized step has no loop over the columns ----------------------------------------------
+
+def op_types(concrete_function) -> list:
+    """The op types of a traced function and of every function it calls (XLA wraps pfor in one)."""
+    graph_def = concrete_function.graph.as_graph_def()
+    return [node.op for node in graph_def.node] + [
+        node.op for function in graph_def.library.function for node in function.node_def
+    ]
+
+
+@pytest.mark.parametrize("padding,stride", [("VALID", 1), ("SAME", 2)])
+@pytest.mark.parametrize("which", ["conv2d with per-column filters", "input gradient with per-column filters",
+                                   "filter gradient with per-column inputs"])
+def test_convolutions_with_one_per_column_operand_are_vectorized_without_a_loop(which, padding, stride):
+    """pfor's own converters loop over the columns when a convolution's filter (or the filter
+    gradient's input) is batched; forward mode installs ones that fold the columns into a channel
+    axis: the same values, no While op (XLA:CPU runs convolutions in loops many times slower)."""
+    from tf_bilevel.estimators import _pfor_conv
+
+    _pfor_conv.install()
+    x = tf.constant(RNG.normal(size=(4, 9, 9, 2)), tf.float32)
+    kernel = tf.constant(RNG.normal(size=(3, 3, 2, 5)), tf.float32)
+    dy = tf.constant(RNG.normal(size=tf.nn.conv2d(x, kernel, stride, padding).shape), tf.float32)
+    strides = [1, stride, stride, 1]
+    per_column, fn = {
+        "conv2d with per-column filters": (
+            RNG.normal(size=(3, 3, 3, 2, 5)), lambda k: tf.nn.conv2d(x, k, stride, padding)),
+        "input gradient with per-column filters": (
+            RNG.normal(size=(3, 3, 3, 2, 5)), lambda k: tf.nn.conv2d_transpose(dy, k, x.shape, stride, padding)),
+        "filter gradient with per-column inputs": (
+            RNG.normal(size=(3, 4, 9, 9, 2)),
+            lambda xd: tf.compat.v1.nn.conv2d_backprop_filter(xd, [3, 3, 2, 5], dy, strides, padding)),
+    }[which]
+    per_column = tf.constant(per_column, tf.float32)
+    vectorized = tf.function(lambda: tf.vectorized_map(fn, per_column), jit_compile=True)
+    expected = tf.stack([fn(per_column[n]) for n in range(3)])
+    np.testing.assert_allclose(vectorized().numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    types = op_types(vectorized.get_concrete_function())
+    assert not [t for t in types if "While" in t], types
+
+
+def test_a_cnn_step_with_all_columns_has_no_loop_and_matches_column_by_column_jvps():
+    """One forward step (T = 1) of a conv–pool–conv–pool–dense network with N = 6 (per-kernel
+    decays, learning rate, momentum): the same tangents as N separate JVPs, and the compiled
+    step holds no While op (the columns are vectorized, not looped over)."""
+    from experiments import benchmark_forward as bench
+
+    settings = {**bench.make_settings(1, quick=True), "batch_size": 4}
+    rng = np.random.default_rng(0)
+    size = settings["image_size"]
+    x = tf.constant(rng.random((1, 4, size, size, 1), dtype=np.float32))
+    y = tf.constant(rng.integers(0, 10, (1, 4)).astype("int32"))
+    hg = tfb.hypergradient_fn(bench.inner_loss, bench.outer_loss, steps=1, inner_optimizer=bench.learned_momentum(),
+                              estimator="forward", per_step_batches=True)
+    params, hp = bench.init_params(settings), bench.initial_hparams()
+    first = hg.detailed(params, hp, (x, y), (x[0], y[0]))
+    second = hg.detailed(first.final_params, hp, (x, y), (x[0], y[0]), opt_state=first.final_opt_state,
+                         tangents=first.final_tangents)
+    reference = bench.column_by_column(hg, jit_compile=False)(
+        first.final_params, first.final_opt_state, hp, first.final_tangents, (x, y), (x[0], y[0]))
+    for got, want in zip(tf.nest.flatten(second.final_tangents), tf.nest.flatten(reference[3])):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=2e-4, atol=1e-6)
+    flat = np.concatenate([np.ravel(v) for v in tf.nest.flatten(second.hypergrad)])
+    np.testing.assert_allclose(flat, reference[1].numpy(), rtol=2e-4, atol=1e-7)
+    assert np.abs(flat).max() > 0
+    types = op_types(hg._compiled.get_concrete_function(
+        first.final_params, hp, (x, y), (x[0], y[0]), opt_state=first.final_opt_state, tangents=first.final_tangents,
+    ))
+    assert "Conv2DBackpropFilter" in types and not [t for t in types if "While" in t]
+
+
+@pytest.mark.slow
+def test_benchmark_program_runs_quick(tmp_path):
+    """`python -m experiments.benchmark_forward --quick`: table and JSON (sizes tiny; not timed here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark_forward", "--quick", f"--output_dir={tmp_path}"],
+        cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ratio one pass" in done.stdout and "uses a while_loop" not in done.stderr
+    report = json.loads((tmp_path / "forward_results.json").read_text())
+    assert [r["jit_compile"] for r in report["results"]] == [True, False]
+    for r in report["results"]:
+        assert r["num_hparams"] == 6 and r["target"] == 7 and r["num_params"] > 0
+        assert set(r["median_seconds"]) == {"plain", "one_pass", "n_reruns"} and min(r["median_seconds"].values()) > 0
+        assert r["ratio_one_pass"] == r["median_seconds"]["one_pass"] / r["median_seconds"]["plain"]
+        assert r["relative_difference_one_pass_vs_reruns"] < 1e-4  # the two ways agree
+        assert r["tracing_count"] == 2  # fresh + continued, no retracing while timed

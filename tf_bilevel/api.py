@@ -43,8 +43,8 @@ class HypergradientResult(NamedTuple):
     solver_iterations: Any = -1
     # stateful=True: the model state after step T (pass it back as `model_state` to continue).
     final_model_state: Any = ()
-    # estimator="forward": Z_T, the tangents dw_T/dλ and d opt_state_T/dλ, as
-    # InnerState(params=..., opt_state=...) with every leaf of w_T / final_opt_state given a
+    # estimator="forward": Z_T, the tangents dw_T/dλ, d opt_state_T/dλ (and ds_T/dλ if stateful), as
+    # InnerState(params=..., opt_state=..., model_state=...) with every leaf of w_T / final_opt_state / s_T given a
     # leading axis of length N (row n: the derivative along hyperparameter coordinate n, the
     # leaves of hparams in tf.nest order, each flattened row-major). Pass it back as
     # `tangents=` (with final_params, final_opt_state) to carry Z across calls. () otherwise.

@@ -23,6 +23,7 @@ from tf_bilevel import nonfinite
 from tf_bilevel.dynamics.loops import step_loop
 from tf_bilevel.dynamics.optimizers import cast_scalar
 from tf_bilevel.dynamics.transition import InnerState, Transition
+from tf_bilevel.estimators import _pfor_conv
 from tf_bilevel.estimators.common import EstimatorOutput, internal_copy, outer_value_and_state_grads
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -30,7 +31,10 @@ _ZERO = tf.UnconnectedGradients.ZERO
 
 def num_hparams(hparams: Any) -> int:
     """N, the number of hyperparameter coordinates (tangent columns)."""
-    return sum(int(x.shape.num_elements()) for x in tf.nest.flatten(hparams))
+    flat = tf.nest.flatten(hparams)
+    if any(not x.shape.is_fully_defined() for x in flat):
+        raise ValueError("estimator='forward' needs hyperparameters with fully defined shapes (N is static)")
+    return sum(int(x.shape.num_elements()) for x in flat)
 
 
 def tangent_bytes(state: Any, columns: int) -> int:
@@ -115,15 +119,15 @@ def forward_hypergradient(
     total derivative of w0 = Ξ0(params, λ): J_params Ξ0 · (μZ) + B_0. `model_state`: a stateful
     problem's s_0; Z then also holds ds_t/dλ (s_t depends on λ through w), and f at s_T is
     differentiated through s_T too."""
+    _pfor_conv.install()
     problem = transition.problem
     flat_hp = tf.nest.flatten(hparams)
     n = num_hparams(hparams)
     hp_basis = basis(hparams)
 
     hp = internal_copy(hparams)
-    fresh = transition.init_state(params, opt_state, model_state)
     if tangents is None:
-        carried = zero_tangents(fresh, n)
+        carried = zero_tangents(transition.init_state(params, opt_state, model_state), n)
     elif forget == 1.0:
         carried = tangents
     else:

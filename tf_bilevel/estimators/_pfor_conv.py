@@ -1,0 +1,119 @@
+"""Loop-free vectorization of convolutions for forward mode's `tf.vectorized_map`.
+
+The JVP of a convolution step along tangent column n has terms in which ONE operand differs per
+column and the other is the primal's, shared by all N columns:
+
+  Conv2D(x, k̇_n)                  the output's tangent from the filter's
+  Conv2DBackpropInput(k̇_n, dy)     ∇x's tangent from the filter's
+  Conv2DBackpropFilter(ẋ_n, dy)    ∇k's tangent from the input's
+
+TF's pfor converters (TF 2.21) only batch the image operand of these ops; a batched filter (or a
+batched input of the filter gradient) makes them run a `tf.while_loop` over the N columns, and
+XLA:CPU runs convolutions and their gradients inside a while loop many times slower than
+outside (see the README's online benchmark). None of the three needs a loop: a convolution never
+mixes the channels that are folded together below, so with the N columns folded into a channel
+axis one op computes all of them exactly:
+
+  Conv2D:               k̇ [N, kh, kw, C, O] -> [kh, kw, C, N·O]; output channel n·O + o
+  Conv2DBackpropInput:  k̇ [N, kh, kw, C, O] -> [kh, kw, N·C, O]; input channel n·C + c
+  Conv2DBackpropFilter: ẋ [N, B, H, W, C]   -> [B, H, W, N·C];   filter input channel n·C + c
+
+Every other case (NCHW, both operands batched, ...) goes to TF's own converter.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+_installed = False
+
+_SHARED_ATTRS = ("strides", "padding", "explicit_paddings", "use_cudnn_on_gpu", "dilations")
+
+
+def _attrs(pfor_input) -> dict:
+    return {name: pfor_input.get_attr(name) for name in _SHARED_ATTRS}
+
+
+def _nhwc(pfor_input) -> bool:
+    data_format = pfor_input.get_attr("data_format")
+    return (data_format.decode() if isinstance(data_format, bytes) else data_format) == "NHWC"
+
+
+def _conv2d(wrap, original):
+    def convert(pfor_input):
+        x, x_stacked, _ = pfor_input.input(0)
+        k, k_stacked, _ = pfor_input.input(1)
+        if x_stacked or not k_stacked or not _nhwc(pfor_input):
+            return original(pfor_input)
+        n, kh, kw, c, o = tf.unstack(tf.shape(k))
+        folded = tf.reshape(tf.transpose(k, [1, 2, 3, 0, 4]), tf.stack([kh, kw, c, n * o]))
+        y = tf.raw_ops.Conv2D(input=x, filter=folded, data_format="NHWC", **_attrs(pfor_input))
+        shape = tf.shape(y)
+        y = tf.reshape(y, tf.concat([shape[:3], [n, o]], 0))
+        return [wrap(tf.transpose(y, [3, 0, 1, 2, 4]), True)]
+
+    return convert
+
+
+def _conv2d_backprop_input(wrap, original):
+    def convert(pfor_input):
+        k, k_stacked, _ = pfor_input.input(1)
+        dy, dy_stacked, _ = pfor_input.input(2)
+        if dy_stacked or not k_stacked or not _nhwc(pfor_input):
+            return original(pfor_input)
+        sizes = pfor_input.unstacked_input(0)  # [B, H, W, C]
+        n, kh, kw, c, o = tf.unstack(tf.shape(k))
+        folded = tf.reshape(tf.transpose(k, [1, 2, 0, 3, 4]), tf.stack([kh, kw, n * c, o]))
+        dx = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=sizes * tf.stack([1, 1, 1, n]), filter=folded, out_backprop=dy, data_format="NHWC",
+            **_attrs(pfor_input),
+        )
+        dx = tf.reshape(dx, tf.concat([sizes[:3], [n, c]], 0))
+        return [wrap(tf.transpose(dx, [3, 0, 1, 2, 4]), True)]
+
+    return convert
+
+
+def _conv2d_backprop_filter(wrap, original):
+    def convert(pfor_input):
+        x, x_stacked, _ = pfor_input.input(0)
+        dy, dy_stacked, _ = pfor_input.input(2)
+        if not x_stacked or dy_stacked or not _nhwc(pfor_input):
+            return original(pfor_input)
+        sizes = pfor_input.unstacked_input(1)  # [kh, kw, C, O]
+        n = tf.shape(x)[0]
+        shape = tf.shape(x)  # [N, B, H, W, C]
+        folded = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), tf.concat([shape[1:4], [-1]], 0))
+        dk = tf.raw_ops.Conv2DBackpropFilter(
+            input=folded, filter_sizes=sizes * tf.stack([1, 1, n, 1]), out_backprop=dy, data_format="NHWC",
+            **_attrs(pfor_input),
+        )
+        dk = tf.reshape(dk, tf.concat([sizes[:2], [n], sizes[2:]], 0))
+        return [wrap(tf.transpose(dk, [2, 0, 1, 3, 4]), True)]
+
+    return convert
+
+
+_CONVERTERS = {
+    "Conv2D": _conv2d,
+    "Conv2DBackpropInput": _conv2d_backprop_input,
+    "Conv2DBackpropFilter": _conv2d_backprop_filter,
+}
+
+
+def install() -> None:
+    """Puts the converters above in front of pfor's own (once; a no-op where this TF's pfor
+    internals are not the expected ones, which leaves TF's loops in place: slower, as exact)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    try:
+        from tensorflow.python.ops.parallel_for import pfor
+
+        registry, wrap = pfor._pfor_converter_registry, pfor.wrap
+        originals = {op: registry[op] for op in _CONVERTERS}
+    except (ImportError, AttributeError, KeyError):
+        return
+    for op, make in _CONVERTERS.items():
+        registry[op] = make(wrap, originals[op])
