@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import benchmark_cnn, benchmark_metabatch, benchmark_online, config, provenance  # noqa: E402
+from experiments import benchmark_cnn, benchmark_forward, benchmark_metabatch, benchmark_online, config, provenance  # noqa: E402
 from experiments.config import option  # noqa: E402
 from experiments.subprocesses import print_result, run_each  # noqa: E402
 from experiments.timing import against_floor, timed  # noqa: E402
@@ -420,7 +420,7 @@ def plot(results: list[dict], settings: dict, path: Path) -> None:
     plotting.save_figure(fig, str(path), dpi=110)
 
 
-SUITES = ("estimators", "online", "cnn", "metabatch")
+SUITES = ("estimators", "online", "cnn", "metabatch", "forward")
 
 
 @dataclasses.dataclass
@@ -447,7 +447,9 @@ class Config:
                                    "online hyper-iteration of a CNN over T plain Keras train steps "
                                    "(experiments/benchmark_online.py); cnn: K-RMD vs full RMD time and memory on a "
                                    "6.4M-parameter CNN (experiments/benchmark_cnn.py); metabatch: the meta-batch "
-                                   "sweep of the one-shot network (experiments/benchmark_metabatch.py).")
+                                   "sweep of the one-shot network (experiments/benchmark_metabatch.py); forward: one "
+                                   "forward-mode step with N = 6 carried tangents over one plain step of a CNN "
+                                   "(experiments/benchmark_forward.py).")
     worker: Optional[str] = option(None, "JSON configuration to measure in this process.", internal=True)
     preset: str = "full"
 
@@ -513,6 +515,8 @@ def main(argv: list[str]) -> None:
                 benchmark_cnn.run(benchmark_cnn.make_settings(quick), output_dir, cfg.worker_timeout)
             if "metabatch" in cfg.suites:
                 benchmark_metabatch.run(benchmark_metabatch.settings_from_flags(), output_dir)
+            if "forward" in cfg.suites:
+                benchmark_forward.run(benchmark_forward.make_settings(cfg.repeats, quick), output_dir)
     except STATE_ERRORS as err:  # the output folder is busy or cannot be written
         sys.exit(exit_with_error("benchmark", err))
 
