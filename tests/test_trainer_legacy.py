@@ -339,6 +339,9 @@ def _online_batchnorm(keras2, tfb, CE) -> float:
     """max |online trainer − model.fit| over every weight after 2 hyper-iterations of T = 2."""
     import warnings
 
+    import numpy as np
+    import tensorflow as tf
+
     steps, batch = 2, 8
     rng = np.random.default_rng(7)
     x = rng.normal(loc=0.5, size=(steps * batch * 2, 5)).astype("float32")
