@@ -148,12 +148,16 @@ def test_program_end_to_end(tmp_path):
     assert compile_check["steps"] == 2 and isinstance(compile_check["met"], bool)
     # The online suite (run by default): one hyper-iteration over T plain Keras steps, in one process.
     online = json.loads((tmp_path / "online_results.json").read_text())
-    assert [(r["jit_compile"], r["T"], r["K"]) for r in online["results"]] == [(True, 2, 1), (True, 1, 1), (False, 2, 1), (False, 1, 1)]
+    assert [(r["jit_compile"], r["T"], r["K"], r["estimator"]) for r in online["results"]] == [
+        (jit, T, K, estimator) for jit in (True, False)
+        for T, K, estimator in ((2, 1, "reverse"), (1, 1, "reverse"), (2, None, "forward"))
+    ]
     for r in online["results"]:
         assert set(r["median_seconds"]) == {"bilevel", "plain_per_step", "plain_fused"}
         assert all(v > 0 for v in r["median_seconds"].values())
         assert r["ratio_to_plain_per_step"] == r["median_seconds"]["bilevel"] / r["median_seconds"]["plain_per_step"]
         assert r["num_params"] > 0
+        assert r["target"] == (1 + r["num_hyperparameters"] if r["estimator"] == "forward" else {(1, 1): 5.0}.get((r["T"], r["K"])))
     assert "ratio per-step" in done.stdout
 
 

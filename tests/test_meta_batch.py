@@ -206,3 +206,22 @@ def test_models_that_cannot_run_batched_are_named():
         check_batchable(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, kernel_regularizer="l2")]))
     check_batchable(keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
                                       keras.layers.Dense(2)]))
+
+
+def test_the_stacked_problem_builds_its_estimator_from_the_trainers_settings():
+    """One settings record builds the core estimator of both paths: every setting reaches the
+    stacked problem's estimator, iterations and tolerance included (once dropped there)."""
+    import dataclasses
+
+    from tf_bilevel.keras.estimator import EstimatorSettings
+    from tf_bilevel.keras.tasks import StackedTasks
+
+    trainer = _trainer("map_fn", estimator="neumann", truncate=None, diagnostics_every=None, iterations=5, tolerance=None)
+    trainer.build_from_spec(_tasks().element_spec)
+    settings = trainer.estimator_settings
+    assert settings == EstimatorSettings(steps=2, estimator="neumann", iterations=5, tolerance=None)
+    stacked = StackedTasks(trainer.problem, 2).hypergradient(settings)
+    assert stacked is not trainer.hypergradient
+    for field in dataclasses.fields(EstimatorSettings):
+        assert getattr(stacked, field.name) == getattr(trainer.hypergradient, field.name), field.name
+    assert (stacked.iterations, stacked.tolerance) == (5, None)  # not the core's defaults (steps, 1e-10)

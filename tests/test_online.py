@@ -188,16 +188,20 @@ def test_online_refuses_arguments_that_do_not_apply(kwargs, match):
         )
 
 
-def test_online_refuses_batch_normalization_by_name():
-    model = keras.Sequential([keras.Input((DIM,)), keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1)])
+@pytest.mark.parametrize("estimator", ["implicit_cg", "neumann"])
+def test_online_batch_normalization_with_an_estimator_that_cannot_carry_its_state_is_refused_by_name(estimator):
+    """Online, BatchNorm's moving statistics are carried through the inner steps (see
+    test_online_batchnorm.py), which the reverse estimators and forward mode support
+    (tests/test_model_state.py, tests/resume_job.py's online_forward fit)."""
+    model = keras.Sequential([keras.Input((DIM,)), tfb.keras.BatchNormalization(name="bn"), keras.layers.Dense(1)])
     trainer = tfb.BilevelTrainer(
-        model, inner_loss=squared_error, outer_loss=squared_error, steps=T, online=True,
+        model, inner_loss=squared_error, outer_loss=squared_error, steps=T, online=True, estimator=estimator,
         hyperparameters={"decay": tfb.Hyperparameter(0.1, transform="exp")},
         inner_regularizer=lambda w, hp: hp["decay"] * tf.reduce_sum(tf.square(w[-2])),
     )
     trainer.compile(optimizer=keras.optimizers.SGD(0.1))
     train, val = _datasets()
-    with pytest.raises(ValueError, match=r"\['bn'\].*moving statistics"):
+    with pytest.raises(ValueError, match=r"\['bn'\].*moving statistics.*'reverse', 'checkpointed' or 'forward' only"):
         trainer.fit(tfb.keras.online_tasks(train, val, steps=T), epochs=1, steps_per_epoch=1, verbose=0)
 
 

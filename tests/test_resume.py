@@ -2,10 +2,10 @@
 with the same hyperparameters, bit for bit, as an uninterrupted run; non-finite
 hypergradients never reach λ.
 
-The kill test runs tests/resume_job.py (three fits: the deterministic hypercleaning regime,
-the stochastic regime of a stream of few-shot episodes, and online training of a network with
-Dropout on shuffled minibatches) five times: an uninterrupted run in the background, and the
-same command four times in a row: killed in the middle of each fit in turn (after resuming and
+The kill test runs tests/resume_job.py (four fits: the deterministic hypercleaning regime,
+the stochastic regime of a stream of few-shot episodes, and online training of a network with BatchNorm and
+Dropout on shuffled minibatches, by K-RMD and by forward mode with a learned schedule) six times: an uninterrupted run in the background, and the
+same command five times in a row: killed in the middle of each fit in turn (after resuming and
 finishing the previous one), and run to the end. The job reports the step it reached in a marker file and waits there, so the
 kill lands between two checkpoints, with hyper-iterations done since the last one that must
 be redone (and tasks of the stream that must be seen again).
@@ -30,7 +30,7 @@ import program_runs
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = Path(__file__).resolve().with_name("resume_job.py")
-FITS = ("hypercleaning", "meta", "online")
+FITS = ("hypercleaning", "meta", "online", "online_forward")
 EPOCHS, STEPS_PER_EPOCH = 3, 4  # as in resume_job.py
 PAUSE_AFTER = 6  # a checkpoint after step 4, killed after step 6: steps 5-6 are lost
 
@@ -58,7 +58,11 @@ def test_fit_killed_and_rerun_with_the_same_command_ends_bit_identical(tmp_path)
         # 3rd run: resumes and finishes the second fit, killed after step 6 of the third (online).
         program_runs.kill_when_paused(_start(interrupted, log, pause=True), interrupted / "online.paused", log)
         assert (interrupted / "meta.npy").exists() and not (interrupted / "online.npy").exists()
-        # 4th run: resumes the online fit (weights, momentum, λ, stream position) and finishes.
+        # 4th run: resumes the online fit (weights, moving statistics, momentum, λ, stream position) and
+        # finishes it, killed after step 6 of the fourth (online, forward mode with a learned schedule).
+        program_runs.kill_when_paused(_start(interrupted, log, pause=True), interrupted / "online_forward.paused", log)
+        assert (interrupted / "online.npy").exists() and not (interrupted / "online_forward.npy").exists()
+        # 5th run: resumes the forward-mode fit (also its tangents and the schedule's global step) and finishes.
         program_runs.finish(_start(interrupted, log, pause=True), log)
         program_runs.finish(reference, reference_log)
     finally:
@@ -77,6 +81,8 @@ def test_fit_killed_and_rerun_with_the_same_command_ends_bit_identical(tmp_path)
         assert reference_summary["epochs_run"] == EPOCHS
         assert summary["epochs_run"] == EPOCHS - 1  # resumed after the checkpointed epoch
         assert summary["last_epoch_loss"] == reference_summary["last_epoch_loss"]
+        if name.startswith("online"):  # the global inner step of a schedule: T per hyper-iteration, resumed
+            assert summary["inner_steps_done"] == reference_summary["inner_steps_done"] == 3 * EPOCHS * STEPS_PER_EPOCH
         assert not (interrupted / f"{name}_backup").exists()  # BackupAndRestore cleans up after a finished fit
     assert "hypercleaning: finished earlier" in log.read_text()
 

@@ -68,6 +68,10 @@ def test_mixed_float16_hypergradient_matches_float32(legacy):
     assert r["relative_error"] < 1e-2, r
 
 
+def test_online_batchnorm_trains_like_tf_keras_fit(legacy):
+    assert 0.0 <= legacy["online_batchnorm_max_difference"] < 1e-5
+
+
 def test_log_names_histograms_and_save_error(legacy):
     assert {"loss", "outer_loss", "inner_loss", "hp/inner_learning_rate"} <= set(legacy["history_keys"])
     assert "save_weights" in legacy["save_error"] and "BackupAndRestore" in legacy["save_error"]
@@ -225,6 +229,10 @@ def _main(out_dir: str) -> None:
     # 8. Mixed precision (float16 compute) against float32.
     results["mixed_float16"] = _mixed_float16(keras2, tfb, CE)
 
+    # 10. Online BatchNorm: with λ frozen, the tf-keras online trainer trains like tf-keras fit
+    # (weights and moving statistics, carried through the inner steps and hyper-iterations).
+    results["online_batchnorm_max_difference"] = _online_batchnorm(keras2, tfb, CE)
+
     # 9. Log names (outer/inner loss, scalar hyperparameters) and the save() error.
     logged = tfb.LegacyBilevelTrainer(
         keras2.Sequential([keras2.layers.Dense(c)]), hyperparameters={"w": np.full(n, 0.5)},
@@ -327,6 +335,38 @@ def _layer_losses(keras2, keras3, tfb, CE) -> dict:
     except ValueError as err:
         result["callable_add_loss_error"] = str(err)
     return result
+
+
+def _online_batchnorm(keras2, tfb, CE) -> float:
+    """max |online trainer − model.fit| over every weight after 2 hyper-iterations of T = 2."""
+    import warnings
+
+    import numpy as np
+    import tensorflow as tf
+
+    steps, batch = 2, 8
+    rng = np.random.default_rng(7)
+    x = rng.normal(loc=0.5, size=(steps * batch * 2, 5)).astype("float32")
+    y = rng.integers(0, 3, len(x)).astype("int32")
+    keras2.utils.set_random_seed(1)
+    model = keras2.Sequential([keras2.layers.InputLayer((5,)), keras2.layers.Dense(4),
+                               keras2.layers.BatchNormalization(momentum=0.7), keras2.layers.Dense(3)])
+    reference = keras2.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    reference.compile(optimizer=keras2.optimizers.SGD(0.1), loss=keras2.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer = tfb.LegacyBilevelTrainer(
+            model, inner_loss=lambda y_, p, hp: hp["s"] * CE(y_, p), outer_loss=CE, steps=steps, online=True,
+            hyperparameters={"s": tfb.Hyperparameter(1.0)}, inner_learning_rate=0.1)
+    trainer.compile(optimizer=keras2.optimizers.SGD(0.0))
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True)
+    stream = tfb.keras.online_tasks(train, tf.data.Dataset.from_tensors((x[:4], y[:4])), steps=steps)
+    trainer.fit(stream, epochs=1, steps_per_epoch=2, verbose=0)
+    reference.fit(train, epochs=1, verbose=0, shuffle=False)
+    moving_mean = [w for w in model.weights if "moving_mean" in w.name][0]
+    moved = not np.allclose(moving_mean.numpy(), 0.0)  # the moving mean left its initial zeros
+    return float(max(np.abs(a.numpy() - b.numpy()).max() for a, b in zip(model.weights, reference.weights))) if moved else -1.0
 
 
 def _mixed_float16(keras2, tfb, CE) -> dict:

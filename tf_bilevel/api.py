@@ -14,7 +14,7 @@ from tf_bilevel.dynamics.loops import run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
 from tf_bilevel.dynamics.transition import BatchAtStep, InnerState, Transition, gather_step
 from tf_bilevel.estimators import forward_hypergradient, implicit_hypergradient, reverse_hypergradient
-from tf_bilevel.estimators.forward import num_hparams, tangent_bytes, zero_tangents
+from tf_bilevel.estimators.forward import check_tangent_memory, num_hparams, zero_tangents
 from tf_bilevel.estimators.reverse import profile_step
 from tf_bilevel.problem import BilevelProblem
 
@@ -41,8 +41,10 @@ class HypergradientResult(NamedTuple):
     # implicit_cg / neumann: the CG iterations / Neumann terms actually used (≤ iterations,
     # fewer when the tolerance was met); -1 for the other estimators.
     solver_iterations: Any = -1
-    # estimator="forward": Z_T, the tangents dw_T/dλ and d opt_state_T/dλ, as
-    # InnerState(params=..., opt_state=...) with every leaf of w_T / final_opt_state given a
+    # stateful=True: the model state after step T (pass it back as `model_state` to continue).
+    final_model_state: Any = ()
+    # estimator="forward": Z_T, the tangents dw_T/dλ, d opt_state_T/dλ (and ds_T/dλ if stateful), as
+    # InnerState(params=..., opt_state=..., model_state=...) with every leaf of w_T / final_opt_state / s_T given a
     # leading axis of length N (row n: the derivative along hyperparameter coordinate n, the
     # leaves of hparams in tf.nest order, each flattened row-major). Pass it back as
     # `tangents=` (with final_params, final_opt_state) to carry Z across calls. () otherwise.
@@ -109,6 +111,7 @@ class Hypergradient:
         forget: float = 1.0,
     ):
         self.problem = problem
+        self.stateful = problem.stateful
         self.forget = forget
         self.iterations = iterations
         self.tolerance = tolerance
@@ -140,21 +143,23 @@ class Hypergradient:
         )
 
     # -- eager entry points -------------------------------------------------------------
-    def __call__(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *, opt_state: Any = None):
+    def __call__(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *,
+                 opt_state: Any = None, model_state: Any = None):
         """Returns (f(w_T, λ), hypergradient), the hypergradient with the structure of hparams."""
-        result = self.detailed(params, hparams, inner_batch, outer_batch, opt_state=opt_state)
+        result = self.detailed(params, hparams, inner_batch, outer_batch, opt_state=opt_state, model_state=model_state)
         return result.outer_value, result.hypergrad
 
     def detailed(
         self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *,
-        opt_state: Any = None, tangents: Any = None,
+        opt_state: Any = None, model_state: Any = None, tangents: Any = None,
     ) -> HypergradientResult:
         """Like `__call__`, also returning w_T, the inner optimizer's final state and the
         non-finite marker. `opt_state` (e.g. a previous result's `final_opt_state`) continues
-        the inner optimizer instead of starting it fresh. estimator="forward": `tangents` (a
-        previous result's `final_tangents`) continues forward mode from that Z, multiplied by
-        `forget` (RTHO / MARTHE); None starts from Z_0 = B_0. The result's `final_tangents`
-        is Z_T."""
+        the inner optimizer instead of starting it fresh. `model_state`: s_0 of a stateful
+        problem (required there; e.g. a previous result's `final_model_state`).
+        estimator="forward": `tangents` (a previous result's `final_tangents`) continues
+        forward mode from that Z, multiplied by `forget` (RTHO / MARTHE); None starts from
+        Z_0 = B_0. The result's `final_tangents` is Z_T."""
         self._check_tangents_apply(tangents)
         passed: dict = {}
         params = _as_tensors(params, "params", passed)
@@ -162,7 +167,9 @@ class Hypergradient:
         # On every call, not only when tracing: a variable that an earlier trace saw read
         # through a closure may be passed now, and no retrace would see it.
         self.problem.check_not_read_through_closure(passed)
-        result = self._compiled(params, hparams, inner_batch, outer_batch, opt_state=opt_state, tangents=tangents)
+        result = self._compiled(
+            params, hparams, inner_batch, outer_batch, opt_state=opt_state, model_state=model_state, tangents=tangents
+        )
         self.problem.check_not_read_through_closure(passed)  # read by the trace just made
         if self.check_numerics:
             if tf.executing_eagerly():
@@ -175,9 +182,11 @@ class Hypergradient:
                     result = tf.nest.map_structure(tf.identity, result)
         return result
 
-    def solve(self, params: Any, hparams: Any, inner_batch: Any = None) -> Any:
+    def solve(self, params: Any, hparams: Any, inner_batch: Any = None, *, model_state: Any = None) -> Any:
         """w_T: the T inner steps alone, compiled, with no tape (the cost floor of every estimator)."""
-        return self._compiled_solve(_as_tensors(params, "params"), _as_tensors(hparams, "hparams"), inner_batch)
+        return self._compiled_solve(
+            _as_tensors(params, "params"), _as_tensors(hparams, "hparams"), inner_batch, model_state=model_state
+        )
 
     @property
     def tracing_count(self) -> int:
@@ -186,11 +195,12 @@ class Hypergradient:
 
     # -- graph builders (call these inside your own tf.function, e.g. a Keras train_step) ---
     @tf.autograph.experimental.do_not_convert
-    def solve_uncompiled(self, params: Any, hparams: Any, inner_batch: Any = None) -> Any:
+    def solve_uncompiled(self, params: Any, hparams: Any, inner_batch: Any = None, *, model_state: Any = None) -> Any:
         self._check_per_step_batch(inner_batch)
+        model_state = self._checked_model_state(model_state)
         w0 = self.problem.initial_params(params, hparams)
         final, _ = run(
-            self.transition, self.transition.init_state(w0), hparams, inner_batch,
+            self.transition, self.transition.init_state(w0, None, model_state), hparams, inner_batch,
             start=0, num_steps=self.steps, max_steps=self.steps,
         )
         return final.params
@@ -198,7 +208,7 @@ class Hypergradient:
     @tf.autograph.experimental.do_not_convert
     def compute(
         self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *,
-        opt_state: Any = None, tangents: Any = None,
+        opt_state: Any = None, model_state: Any = None, tangents: Any = None,
     ) -> HypergradientResult:
         """Builds the estimator's ops in the current graph and returns its result."""
         self._check_tangents_apply(tangents)
@@ -207,9 +217,10 @@ class Hypergradient:
         hparams = tf.nest.map_structure(tf.identity, _as_tensors(hparams, "hparams", passed))
         self._check_per_step_batch(inner_batch)
         opt_state = self._checked_opt_state(params, opt_state)
+        model_state = self._checked_model_state(model_state)
         if self.estimator == "forward":
-            tangents = self._checked_tangents(params, hparams, opt_state, tangents)
-        self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state)
+            tangents = self._checked_tangents(params, hparams, opt_state, model_state, tangents)
+        self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state, model_state)
         self.problem.check_not_read_through_closure(passed)  # variables passed inside a user's graph
         T = self.steps
         if self.estimator in ("reverse", "checkpointed"):
@@ -217,13 +228,13 @@ class Hypergradient:
                 self.transition, params, hparams, inner_batch, outer_batch,
                 steps=T, truncate=self.truncate,
                 segment_length=self._segment_length() if self.estimator == "checkpointed" else None,
-                opt_state=opt_state,
-                store_intermediates=self._stores_intermediates(params, hparams, inner_batch, opt_state),
+                opt_state=opt_state, model_state=model_state,
+                store_intermediates=self._stores_intermediates(params, hparams, inner_batch, opt_state, model_state),
             )
         elif self.estimator == "forward":
             out = forward_hypergradient(
                 self.transition, params, hparams, inner_batch, outer_batch, steps=T, opt_state=opt_state,
-                tangents=tangents, forget=self.forget,
+                tangents=tangents, forget=self.forget, model_state=model_state,
             )
         else:
             out = implicit_hypergradient(
@@ -237,18 +248,18 @@ class Hypergradient:
         hypergrad = tf.nest.pack_sequence_as(hparams, out.hypergrad)
         return HypergradientResult(
             out.outer_value, hypergrad, out.final_params, marker, out.final_opt_state, out.solver_iterations,
-            out.final_tangents,
+            out.final_model_state, out.final_tangents,
         )
 
     # -- helpers ----------------------------------------------------------------------
-    def _stores_intermediates(self, params, hparams, inner_batch, opt_state) -> bool:
+    def _stores_intermediates(self, params, hparams, inner_batch, opt_state, model_state=()) -> bool:
         """The backward pass of "reverse": "store" when asked, or ("auto") when K times the
         per-step residuals fit in memory_budget; "recompute" (O(MK)) otherwise."""
         if self.estimator != "reverse":
             self.backward_used = "recompute"
             return False
         if self.backward == "auto":
-            state = self.transition.init_state(self.problem.initial_params(params, hparams), opt_state)
+            state = self.transition.init_state(self.problem.initial_params(params, hparams), opt_state, model_state)
             profile = profile_step(self.transition, state, hparams, inner_batch)
             self.step_residual_bytes, self.step_storable = profile.residual_bytes, profile.storable
             store = profile.storable and self.truncate * profile.residual_bytes <= self.memory_budget
@@ -293,6 +304,22 @@ class Hypergradient:
                 raise ValueError(f"{name} has shape {given.shape}, the inner optimizer's state has {expected.shape}")
         return tf.nest.map_structure(lambda g, e: tf.cast(g, e.dtype), opt_state, fresh)
 
+    def _checked_model_state(self, model_state: Any) -> Any:
+        """s_0 as tensors: required by a stateful problem, refused by a stateless one (() there)."""
+        if not self.stateful:
+            if model_state is not None:
+                raise ValueError(
+                    "model_state was given but this estimator was built with stateful=False: build it with "
+                    "hypergradient_fn(..., stateful=True) to carry a model state through the inner steps."
+                )
+            return ()
+        if model_state is None:
+            raise ValueError(
+                "stateful=True: pass the initial model state, hg(..., model_state=s0) (e.g. a layer's "
+                "moving statistics, or a previous result's final_model_state)."
+            )
+        return tf.nest.map_structure(tf.convert_to_tensor, model_state)
+
     def _check_tangents_apply(self, tangents: Any) -> None:
         if tangents is not None and self.estimator != "forward":
             raise ValueError(
@@ -300,21 +327,19 @@ class Hypergradient:
                 f"estimator={self.estimator!r}: build with estimator='forward' to carry them, or drop tangents=."
             )
 
-    def _checked_tangents(self, params: Any, hparams: Any, opt_state: Any, tangents: Any) -> Any:
-        """Forward mode: N × (params + optimizer state) must fit memory_budget; the given Z (a
-        previous result's final_tangents) as an InnerState of [N, ...] tensors, checked."""
+    def _checked_tangents(self, params: Any, hparams: Any, opt_state: Any, model_state: Any, tangents: Any) -> Any:
+        """Forward mode: N × (params + optimizer state + model state) must fit memory_budget; the
+        given Z (a previous result's final_tangents) as an InnerState of [N, ...] tensors, checked."""
         n = num_hparams(hparams)
-        state = self.transition.init_state(params, opt_state)
-        needed = tangent_bytes(state, n)
-        if needed > self.memory_budget:
-            size = sum(int(x.shape.num_elements()) for x in tf.nest.flatten(state))
-            raise ValueError(
-                f"estimator='forward' carries N={n} tangent columns (one per hyperparameter coordinate) of "
-                f"the {size} weights and optimizer-state entries: {needed} bytes, more than "
-                f"memory_budget={self.memory_budget}. Forward mode's memory grows as M·N (Table 1): for "
-                "many hyperparameters use K-RMD, estimator='reverse' with truncate=K (memory O(MK), "
-                "independent of N), or raise memory_budget if the memory is there."
-            )
+        state = self.transition.init_state(params, opt_state, model_state)
+        for name, leaf in zip(leaf_names(model_state, "model_state"), tf.nest.flatten(model_state)):
+            if not leaf.dtype.is_floating:
+                raise ValueError(
+                    f"estimator='forward' with stateful=True differentiates the model state: {name} has dtype "
+                    f"{leaf.dtype.name}, not floating point. Keep integer state (counters, seeds) out of the "
+                    "model state, or use estimator='reverse'."
+                )
+        check_tangent_memory(state, n, self.memory_budget)
         if tangents is None:
             return None
         if opt_state is None and tf.nest.flatten(state.opt_state):
@@ -322,14 +347,14 @@ class Hypergradient:
                 "tangents= was given without opt_state=: the tangents continue a run, so pass the inner "
                 "optimizer's state too (opt_state=result.final_opt_state with tangents=result.final_tangents)."
             )
-        if not isinstance(tangents, (tuple, list)) or len(tangents) != 2:
+        if not isinstance(tangents, (tuple, list)) or len(tangents) not in (2, 3):
             raise ValueError(
                 "tangents must be the final_tangents of a previous estimator='forward' result: "
-                f"InnerState(params=..., opt_state=...), got {type(tangents).__name__}"
+                f"InnerState(params=..., opt_state=..., model_state=...), got {type(tangents).__name__}"
             )
         tangents = InnerState(*tangents)
         expected = zero_tangents(state, n)
-        for part in ("params", "opt_state"):
+        for part in ("params", "opt_state", "model_state"):
             try:
                 tf.nest.assert_same_structure(getattr(expected, part), getattr(tangents, part), check_types=False)
             except (ValueError, TypeError) as err:
@@ -352,17 +377,20 @@ class Hypergradient:
     def _segment_length(self) -> int:
         return self.segment_length or max(1, math.ceil(math.sqrt(self.truncate)))
 
-    def _check_every_hparam_reaches_outer(self, params, hparams, inner_batch, outer_batch, opt_state=None) -> None:
+    def _check_every_hparam_reaches_outer(self, params, hparams, inner_batch, outer_batch, opt_state=None,
+                                          model_state=()) -> None:
         """Trace-time probe through Ξ0, one step and f: a leaf with no path to f is a mistake.
         (Its ops have no consumer, so they are pruned from the compiled function.)"""
         flat_hp = tf.nest.flatten(hparams)
         with tf.GradientTape() as tape:
             tape.watch(flat_hp)
             w0 = self.problem.initial_params(params, hparams)
-            state, _ = self.transition(self.transition.init_state(w0, opt_state), hparams, tf.constant(0), inner_batch)
+            state, _ = self.transition(
+                self.transition.init_state(w0, opt_state, model_state), hparams, tf.constant(0), inner_batch
+            )
             flat_w1 = tf.nest.flatten(state.params)
             tape.watch(flat_w1)
-            value = self.problem.outer(state.params, hparams, outer_batch)
+            value = self.problem.outer(state.params, hparams, outer_batch, state.model_state)
         grads_w, grads = tape.gradient(value, (flat_w1, flat_hp))
         unreached = [name for name, g in zip(leaf_names(hparams, "hparams"), grads) if g is None]
         if unreached and all(g is None for g in grads_w):
@@ -404,6 +432,7 @@ def hypergradient_fn(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     iterations: Optional[int] = None,
     tolerance: Optional[float] = 1e-10,
+    stateful: bool = False,
     forget: Optional[float] = None,
     **removed: Any,  # only to name the new name of a renamed argument (a TypeError)
 ) -> Hypergradient:
@@ -450,6 +479,13 @@ def hypergradient_fn(
       tolerance: "implicit_cg"/"neumann": stop once the relative residual ‖r‖/‖b‖ (CG) or the
         relative norm of the next Neumann term is ≤ tolerance (None: always run `iterations`).
         `hg.detailed(...).solver_iterations` reports the number used.
+      stateful: True: the problem carries a model state s_t through the inner steps (layer
+        state such as BatchNorm's moving statistics): inner_loss(params, hparams, batch,
+        state) returns (loss, next state) and outer_loss(params, hparams, batch, state) reads
+        s_T; pass s_0 as `hg(..., model_state=s0)`, `detailed(...).final_model_state` is s_T.
+        f is differentiated through s_T too (s_T depends on w_t, hence on λ).
+        estimator="reverse"/"checkpointed"/"forward" (forward mode also carries ds_t/dλ in
+        its tangents; the model state must then be floating point).
       forget: "forward" only: μ in [0, 1] (default 1). `hg.detailed(..., tangents=Z)` continues
         forward mode from the tangents Z of a previous call (`result.final_tangents`),
         multiplied by μ first: μ = 1 carries them whole (the exact hypergradient through the
@@ -472,6 +508,12 @@ def hypergradient_fn(
             raise ValueError("segment_length only applies to estimator='checkpointed'")
         segment_length = _validate.positive_int(segment_length, "segment_length", "steps per recomputed segment")
     jit_compile = _validate.boolean(jit_compile, "jit_compile")
+    stateful = _validate.boolean(stateful, "stateful")
+    if stateful and estimator not in ("reverse", "checkpointed", "forward"):
+        raise ValueError(
+            f"stateful=True (a model state, e.g. BatchNorm's moving statistics, carried through the inner "
+            f"steps) is supported by estimator='reverse'/'checkpointed'/'forward' only, not estimator={estimator!r}."
+        )
     check_numerics = _validate.boolean(check_numerics, "check_numerics")
     if (learning_rate is None) == (inner_optimizer is None):
         raise ValueError(
@@ -504,7 +546,7 @@ def hypergradient_fn(
             "(Eq. 12): use learning_rate= or tf_bilevel.sgd(...), not momentum/adam."
         )
     return Hypergradient(
-        BilevelProblem(inner_loss, outer_loss, init_params),
+        BilevelProblem(inner_loss, outer_loss, init_params, stateful),
         optimizer,
         steps=steps,
         truncate=truncate,

@@ -2,6 +2,12 @@
 
 The losses are user functions of plain tensors. This module calls them and turns the
 mistakes that would otherwise give a silently wrong hypergradient into clear errors.
+
+A stateful problem also carries a model state s_t through the inner steps (layer state such
+as BatchNorm's moving statistics): g_t returns s_{t+1} next to its value, computed from
+(w_t, s_t) and the step's batch, and f reads s_T. The state is part of the dynamical system
+(Eq. 4: (w_{t+1}, s_{t+1}) = Ξ_{t+1}(w_t, s_t, λ)), not a hyperparameter and not trained by
+the inner optimizer.
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ class BilevelProblem:
         inner_loss: Callable[..., tf.Tensor],
         outer_loss: Callable[..., tf.Tensor],
         init_params: Optional[Callable[[Params, HParams], Params]] = None,
+        stateful: bool = False,
     ):
+        """`stateful`: inner_loss(params, hparams, batch, state) returns (loss, new state) and
+        outer_loss(params, hparams, batch, state) reads the state (see the module docstring)."""
         for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
             if not callable(fn):
                 raise TypeError(f"{name} must be a callable (params, hparams[, batch]) -> scalar, got {fn!r}")
@@ -48,18 +57,37 @@ class BilevelProblem:
         self.inner_loss = convert_user_function(inner_loss)
         self.outer_loss = convert_user_function(outer_loss)
         self.init_params = None if init_params is None else convert_user_function(init_params)
+        self.stateful = stateful
         # The tf.Variables the losses read through closures (seen when they are traced), by id.
         # Passing one of them as params/hparams is an error on every call: the loss would read
         # the variable, not the argument, and the hypergradient would miss that path.
         self.closure_variables: dict[int, tuple[str, tf.Variable]] = {}
 
     def inner(self, params: Params, hparams: HParams, batch: Batch = None) -> tf.Tensor:
-        """g(w, λ)."""
+        """g(w, λ) (a stateless problem)."""
         return self._call_loss(self.inner_loss, "inner_loss", params, hparams, batch)
 
-    def outer(self, params: Params, hparams: HParams, batch: Batch = None) -> tf.Tensor:
-        """f(w, λ)."""
-        return self._call_loss(self.outer_loss, "outer_loss", params, hparams, batch)
+    def inner_and_state(self, params: Params, hparams: HParams, batch: Batch, state: Any) -> tuple[tf.Tensor, Any]:
+        """(g(w, λ; s), the next model state); a stateless problem keeps `state` (= ())."""
+        if not self.stateful:
+            return self.inner(params, hparams, batch), state
+        new_state = []
+
+        def loss_only(params, hparams, batch):
+            value, next_state = self.inner_loss(params, hparams, batch, state)
+            new_state.append(next_state)
+            return value
+
+        value = self._call_loss(loss_only, "inner_loss", params, hparams, batch, check_arity=False)
+        return value, _checked_state(new_state[0], state)
+
+    def outer(self, params: Params, hparams: HParams, batch: Batch = None, state: Any = ()) -> tf.Tensor:
+        """f(w, λ) (a stateful problem: at model state `state`)."""
+        if not self.stateful:
+            return self._call_loss(self.outer_loss, "outer_loss", params, hparams, batch)
+        return self._call_loss(
+            lambda w, hp, b: self.outer_loss(w, hp, b, state), "outer_loss", params, hparams, batch, check_arity=False
+        )
 
     def initial_params(self, params: Params, hparams: HParams) -> Params:
         """w0 = Ξ0(λ) (the B0 term of Eq. 5 when it depends on λ)."""
@@ -102,12 +130,13 @@ class BilevelProblem:
                 f"{role}(params, hparams, batch), or do not pass {which}."
             )
 
-    def _call_loss(self, fn, role: str, params, hparams, batch) -> tf.Tensor:
+    def _call_loss(self, fn, role: str, params, hparams, batch, check_arity: bool = True) -> tf.Tensor:
         graph = tf.compat.v1.get_default_graph()
         first_new_op = len(graph.get_operations()) if not tf.executing_eagerly() else 0
-        self._check_arity(role, batch)
+        if check_arity:
+            self._check_arity(role, batch)
         with tf.GradientTape(watch_accessed_variables=True) as probe:
-            value = fn(params, hparams) if batch is None else fn(params, hparams, batch)
+            value = fn(params, hparams) if batch is None and check_arity else fn(params, hparams, batch)
         if value is None:
             raise TypeError(f"{role} returned None: it must return a scalar tensor (is a `return` missing?)")
         try:
@@ -132,6 +161,26 @@ class BilevelProblem:
                         "from the `params` argument (for Keras models: model.stateless_call)."
                     )
         return value
+
+
+def _checked_state(new_state: Any, state: Any) -> Any:
+    """The model state inner_loss returned, checked against the one it was given (a loop
+    variable must keep its structure, shapes and dtypes)."""
+    try:
+        tf.nest.assert_same_structure(new_state, state)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"inner_loss must return the model state with the structure it was given: {err}") from None
+    checked = []
+    for name, new, old in zip(leaf_names(state, "state"), tf.nest.flatten(new_state), tf.nest.flatten(state)):
+        new, old = tf.convert_to_tensor(new), tf.convert_to_tensor(old)
+        if new.dtype != old.dtype or not new.shape.is_compatible_with(old.shape):
+            raise ValueError(
+                f"inner_loss returned the model state's {name} as {new.dtype.name}{new.shape}, it was given "
+                f"{old.dtype.name}{old.shape}: return every state leaf with its shape and dtype."
+            )
+        # (ensure_shape only where needed: under tf.vectorized_map, forward mode, it fails to trace.)
+        checked.append(new if new.shape == old.shape and new.shape.is_fully_defined() else tf.ensure_shape(new, old.shape))
+    return tf.nest.pack_sequence_as(state, checked)
 
 
 def _positional_arity(fn: Callable) -> tuple[int, Optional[int]]:

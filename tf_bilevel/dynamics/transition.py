@@ -12,10 +12,12 @@ from tf_bilevel.problem import BilevelProblem
 
 
 class InnerState(NamedTuple):
-    """The state of the dynamical system: weights w_t and optimizer state (momentum, moments)."""
+    """The state of the dynamical system: weights w_t, optimizer state (momentum, moments) and,
+    for a stateful problem, the model state s_t (e.g. BatchNorm's moving statistics)."""
 
     params: Any
     opt_state: Any
+    model_state: Any = ()
 
 
 BatchAtStep = Callable[[Any, tf.Tensor], Any]
@@ -40,9 +42,10 @@ class Transition:
         self.optimizer = optimizer
         self.batch_at_step = batch_at_step
 
-    def init_state(self, params: Any, opt_state: Any = None) -> InnerState:
-        """(w0, optimizer state): a fresh optimizer state unless one is given (to continue a run)."""
-        return InnerState(params, self.optimizer.init(params) if opt_state is None else opt_state)
+    def init_state(self, params: Any, opt_state: Any = None, model_state: Any = ()) -> InnerState:
+        """(w0, optimizer state, model state): a fresh optimizer state unless one is given (to
+        continue a run)."""
+        return InnerState(params, self.optimizer.init(params) if opt_state is None else opt_state, model_state)
 
     def batch_at(self, batch: Any, step: Any) -> Any:
         """The inner batch that step `step` (0-based) uses."""
@@ -56,7 +59,7 @@ class Transition:
         batch = self.batch_at(batch, step)
         with tf.GradientTape() as tape:
             tape.watch(params)
-            loss = self.problem.inner(params, hparams, batch)
+            loss, model_state = self.problem.inner_and_state(params, hparams, batch, state.model_state)
         grads = tape.gradient(loss, params)
         flat_grads = tf.nest.flatten(grads)
         flat_params = tf.nest.flatten(params)
@@ -73,4 +76,4 @@ class Transition:
             if not u.shape.is_compatible_with(p.shape):
                 raise ValueError(f"inner optimizer returned an update of shape {u.shape} for {name} of shape {p.shape}")
         new_params = tf.nest.map_structure(lambda p, u: p + tf.cast(u, p.dtype), params, updates)
-        return InnerState(new_params, opt_state), loss
+        return InnerState(new_params, opt_state, model_state), loss

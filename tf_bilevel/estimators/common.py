@@ -18,6 +18,7 @@ class EstimatorOutput(NamedTuple):
     nonfinite_step: tf.Tensor  # the marker of tf_bilevel.nonfinite (-1: all finite)
     final_opt_state: Any = ()
     solver_iterations: Any = -1  # CG iterations / Neumann terms used (implicit estimators), else -1
+    final_model_state: Any = ()  # a stateful problem's s_T, else ()
     final_tangents: Any = ()  # forward mode: Z_T = d(w_T, opt_state_T)/dλ, [N, ...] per leaf
 
 
@@ -40,10 +41,31 @@ def outer_value_and_grads(
     return value, fill_none_with_zeros(grad_w, flat_w), fill_none_with_zeros(grad_hp, flat_hp)
 
 
-def state_cotangent(params_cotangent: list, state: InnerState) -> list:
-    """α for the whole state: ∇w f for the weights, zero for the optimizer state."""
+def state_cotangent(params_cotangent: list, state: InnerState, model_state_cotangent: Any = None) -> list:
+    """α for the whole state: ∇w f for the weights, zero for the optimizer state, ∇s f for the
+    model state (zero if not given)."""
     opt_leaves = tf.nest.flatten(state.opt_state)
-    return list(params_cotangent) + [tf.zeros_like(x) for x in opt_leaves]
+    model_leaves = tf.nest.flatten(state.model_state)
+    if model_state_cotangent is None:
+        model_state_cotangent = [tf.zeros_like(x) for x in model_leaves]
+    return list(params_cotangent) + [tf.zeros_like(x) for x in opt_leaves] + list(model_state_cotangent)
+
+
+def outer_value_and_state_grads(
+    problem: BilevelProblem, state: InnerState, hparams: Any, batch: Any
+) -> tuple[tf.Tensor, list, list]:
+    """f(w_T, λ; s_T), α_T = ∇ f for the whole final state (weights, optimizer state: zero, model
+    state) and h_T = ∇λ f, flat: the initial conditions of Eq. 6 for a (possibly stateful) problem."""
+    flat_w, flat_hp = tf.nest.flatten(state.params), tf.nest.flatten(hparams)
+    flat_s = tf.nest.flatten(state.model_state)
+    with tf.GradientTape() as tape:
+        tape.watch(flat_w)
+        tape.watch(flat_hp)
+        tape.watch([x for x in flat_s if x.dtype.is_floating])
+        value = problem.outer(state.params, hparams, batch, tf.nest.pack_sequence_as(state.model_state, flat_s))
+    grad_w, grad_hp, grad_s = tape.gradient(value, (flat_w, flat_hp, flat_s))
+    alpha = state_cotangent(fill_none_with_zeros(grad_w, flat_w), state, fill_none_with_zeros(grad_s, flat_s))
+    return value, alpha, fill_none_with_zeros(grad_hp, flat_hp)
 
 
 def step_vjp(
@@ -53,7 +75,7 @@ def step_vjp(
     state, hparams = internal_copy(state), internal_copy(hparams)
     flat_state, flat_hp = tf.nest.flatten(state), tf.nest.flatten(hparams)
     with tf.GradientTape() as tape:
-        tape.watch(flat_state)
+        tape.watch([x for x in flat_state if x.dtype.is_floating])  # (a model state may hold integers)
         tape.watch(flat_hp)
         new_state, _ = transition(state, hparams, step, batch)
     d_state, d_hp = tape.gradient(tf.nest.flatten(new_state), (flat_state, flat_hp), output_gradients=alpha)

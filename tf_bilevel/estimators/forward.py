@@ -24,7 +24,7 @@ from tf_bilevel.dynamics.loops import step_loop
 from tf_bilevel.dynamics.optimizers import cast_scalar
 from tf_bilevel.dynamics.transition import InnerState, Transition
 from tf_bilevel.estimators import _pfor_conv
-from tf_bilevel.estimators.common import EstimatorOutput, internal_copy, outer_value_and_grads
+from tf_bilevel.estimators.common import EstimatorOutput, internal_copy, outer_value_and_state_grads
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
@@ -40,6 +40,21 @@ def num_hparams(hparams: Any) -> int:
 def tangent_bytes(state: Any, columns: int) -> int:
     """Bytes of N tangent columns of every leaf of `state` (weights + optimizer state)."""
     return columns * sum(int(x.shape.num_elements()) * x.dtype.size for x in tf.nest.flatten(state))
+
+
+def check_tangent_memory(state: Any, columns: int, memory_budget: int) -> None:
+    """Forward mode's memory bound: N tangent columns of the whole state (Table 1: O(MN)) must
+    fit `memory_budget` bytes; otherwise a ValueError naming K-RMD, whose memory is O(MK)."""
+    needed = tangent_bytes(state, columns)
+    if needed > memory_budget:
+        size = sum(int(x.shape.num_elements()) for x in tf.nest.flatten(state))
+        raise ValueError(
+            f"estimator='forward' carries N={columns} tangent columns (one per hyperparameter coordinate) of "
+            f"the {size} weights, optimizer-state and model-state entries: {needed} bytes, more than "
+            f"memory_budget={memory_budget}. Forward mode's memory grows as M·N (Table 1): for "
+            "many hyperparameters use K-RMD, estimator='reverse' with truncate=K (memory O(MK), "
+            "independent of N), or raise memory_budget if the memory is there."
+        )
 
 
 def basis(hparams: Any) -> list:
@@ -95,12 +110,15 @@ def forward_hypergradient(
     opt_state: Any = None,
     tangents: Any = None,
     forget: float = 1.0,
+    model_state: Any = (),
 ) -> EstimatorOutput:
     """d_λ f = Z_T ∇w f + ∇λ f (Eq. 7), all N columns of Z in one pass over the T steps.
 
     `tangents`: Z of a previous call (`InnerState` of [N, ...] leaves, the previous result's
     `final_tangents`), multiplied by `forget`; None starts from zero. Either way Z_0 is then the
-    total derivative of w0 = Ξ0(params, λ): J_params Ξ0 · (μZ) + B_0."""
+    total derivative of w0 = Ξ0(params, λ): J_params Ξ0 · (μZ) + B_0. `model_state`: a stateful
+    problem's s_0; Z then also holds ds_t/dλ (s_t depends on λ through w), and f at s_T is
+    differentiated through s_T too."""
     _pfor_conv.install()
     problem = transition.problem
     flat_hp = tf.nest.flatten(hparams)
@@ -109,7 +127,7 @@ def forward_hypergradient(
 
     hp = internal_copy(hparams)
     if tangents is None:
-        carried = zero_tangents(transition.init_state(params, opt_state), n)
+        carried = zero_tangents(transition.init_state(params, opt_state, model_state), n)
     elif forget == 1.0:
         carried = tangents
     else:
@@ -126,8 +144,8 @@ def forward_hypergradient(
             )
 
         w0, w0_dot = _batched_jvp(init, flat_params, tf.nest.flatten(carried.params), flat_hp_in, hp_basis)
-    state = transition.init_state(w0, opt_state)
-    state_dot = InnerState(w0_dot, carried.opt_state)
+    state = transition.init_state(w0, opt_state, model_state)
+    state_dot = InnerState(w0_dot, carried.opt_state, carried.model_state)
 
     def body(t, state, state_dot, marker):
         hp_in = internal_copy(hparams)
@@ -153,11 +171,15 @@ def forward_hypergradient(
         num_steps=steps,
         max_steps=steps,
     )
-    value, grad_w, grad_hp = outer_value_and_grads(problem, state.params, hp, outer_batch)
-    # Z_T ∇w f: per weight leaf, its [N, ...] tangents contracted with ∇w f on the leaf's axes.
+    value, alpha, grad_hp = outer_value_and_state_grads(problem, state, hp, outer_batch)
+    # Z_T α_T: per state leaf, its [N, ...] tangents contracted with ∂f on the leaf's axes (the
+    # weights' ∇w f and, for a stateful problem, the model state's ∇s f; f ignores opt_state).
+    flat_dot = tf.nest.flatten(state_dot)
+    first = len(tf.nest.flatten(state.params))
+    skip = set(range(first, first + len(tf.nest.flatten(state.opt_state))))
     contributions = [
-        tf.linalg.matvec(tf.reshape(z, [n, -1]), tf.reshape(g, [-1]))
-        for z, g in zip(tf.nest.flatten(state_dot.params), grad_w)
+        tf.linalg.matvec(tf.reshape(z, [n, -1]), tf.reshape(tf.cast(g, z.dtype), [-1]))
+        for i, (z, g) in enumerate(zip(flat_dot, alpha)) if i not in skip
     ]
     hypergrad, offset = [], 0
     for x, g in zip(flat_hp, grad_hp):
@@ -165,4 +187,7 @@ def forward_hypergradient(
         through_w = tf.add_n([tf.cast(c[offset:offset + size], x.dtype) for c in contributions])
         hypergrad.append(tf.reshape(through_w, x.shape) + g)
         offset += size
-    return EstimatorOutput(value, hypergrad, state.params, marker, state.opt_state, final_tangents=state_dot)
+    return EstimatorOutput(
+        value, hypergrad, state.params, marker, state.opt_state, final_model_state=state.model_state,
+        final_tangents=state_dot,
+    )

@@ -25,8 +25,7 @@ from tf_bilevel.estimators.common import (
     EstimatorOutput,
     init_vjp,
     internal_copy,
-    outer_value_and_grads,
-    state_cotangent,
+    outer_value_and_state_grads,
     step_vjp,
 )
 
@@ -113,7 +112,7 @@ def _differentiate_stored_steps(transition, state, hparams, inner_batch, outer_b
     state, hparams = internal_copy(state), internal_copy(hparams)
     flat_state, flat_hp = tf.nest.flatten(state), tf.nest.flatten(hparams)
     with tf.GradientTape() as tape:
-        tape.watch(flat_state)
+        tape.watch([x for x in flat_state if x.dtype.is_floating])
         tape.watch(flat_hp)
         state_in = tf.nest.pack_sequence_as(state, flat_state)
         hp = tf.nest.pack_sequence_as(hparams, flat_hp)
@@ -125,7 +124,7 @@ def _differentiate_stored_steps(transition, state, hparams, inner_batch, outer_b
         _, final, marker = step_loop(
             lambda i, *_: i < K, body, (tf.constant(0), state_in, tf.constant(nonfinite.NONE)), num_steps=K, max_steps=K
         )
-        value = problem.outer(final.params, hp, outer_batch)
+        value = problem.outer(final.params, hp, outer_batch, final.model_state)
     d_state, h = tape.gradient(value, (flat_state, flat_hp))
     return value, fill_none_with_zeros(h, flat_hp), fill_none_with_zeros(d_state, flat_state), final, marker
 
@@ -142,6 +141,7 @@ def reverse_hypergradient(
     segment_length: Optional[int] = None,
     opt_state: Any = None,
     store_intermediates: bool = False,
+    model_state: Any = (),
 ) -> EstimatorOutput:
     """h_{T−K} of Eq. 8 (= d_λ f of Eq. 5/6 when K = T, including the B0 term).
 
@@ -149,11 +149,12 @@ def reverse_hypergradient(
     and each segment of c steps is recomputed in the backward pass (O(M(K/c + c)) memory, one extra forward pass).
     `opt_state` continues the inner optimizer from a given state (None: a fresh one).
     `store_intermediates=True` uses the "store" backward pass (see the module docstring).
+    `model_state`: a stateful problem's s_0; f at s_T is differentiated through s_T too.
     """
     problem = transition.problem
     T, K = steps, truncate
     w0 = problem.initial_params(params, hparams)
-    state = transition.init_state(w0, opt_state)
+    state = transition.init_state(w0, opt_state, model_state)
     state, marker = run(transition, state, hparams, inner_batch, start=0, num_steps=T - K, max_steps=T - K)
     if store_intermediates and segment_length is None:
         value, h, alpha, final, marker_k = _differentiate_stored_steps(
@@ -163,7 +164,10 @@ def reverse_hypergradient(
             num_param_leaves = len(tf.nest.flatten(w0))
             h = [a + b for a, b in zip(h, init_vjp(problem, params, hparams, alpha[:num_param_leaves]))]
         final = tf.nest.map_structure(tf.stop_gradient, final)
-        return EstimatorOutput(value, h, final.params, nonfinite.earliest(marker, marker_k), final.opt_state)
+        return EstimatorOutput(
+            value, h, final.params, nonfinite.earliest(marker, marker_k), final.opt_state,
+            final_model_state=final.model_state,
+        )
     if segment_length is None:
         final, trajectory, marker_k = run_and_record(
             transition, state, hparams, inner_batch, start=T - K, num_steps=K, max_steps=K
@@ -174,8 +178,7 @@ def reverse_hypergradient(
         )
     marker = nonfinite.earliest(marker, marker_k)
 
-    value, grad_w, grad_hp = outer_value_and_grads(problem, final.params, hparams, outer_batch)
-    alpha = state_cotangent(grad_w, final)
+    value, alpha, grad_hp = outer_value_and_state_grads(problem, final, hparams, outer_batch)
     if segment_length is None:
         alpha, h = backprop_through(
             transition, trajectory, hparams, inner_batch,
@@ -189,7 +192,7 @@ def reverse_hypergradient(
     if K == T:  # the B0 term of Eq. 5 belongs to full RMD only
         num_param_leaves = len(tf.nest.flatten(w0))
         h = [a + b for a, b in zip(h, init_vjp(problem, params, hparams, alpha[:num_param_leaves]))]
-    return EstimatorOutput(value, h, final.params, marker, final.opt_state)
+    return EstimatorOutput(value, h, final.params, marker, final.opt_state, final_model_state=final.model_state)
 
 
 # Ops whose values XLA needs at compile time (shapes, permutations) and that a step's inner

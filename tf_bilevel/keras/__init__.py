@@ -12,6 +12,7 @@ from tf_bilevel.keras.data import episodes, online_tasks
 from tf_bilevel.keras.export import export_hyper_model, load_hyper_model
 from tf_bilevel.keras.layers import BatchNormalization
 from tf_bilevel.keras.reparam import TRANSFORMS, Hyperparameter, inverse_softplus
+from tf_bilevel.keras.schedule import LearnedSchedule
 from tf_bilevel.keras.spec import TrainerSpec
 from tf_bilevel.keras.trainer import BilevelTrainer
 
@@ -20,6 +21,7 @@ __all__ = [
     "BilevelTrainer",
     "Hyperparameter",
     "HyperparameterHistograms",
+    "LearnedSchedule",
     "LegacyBilevelTrainer",
     "TRANSFORMS",
     "TrainerSpec",

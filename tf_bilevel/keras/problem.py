@@ -16,15 +16,16 @@ to float32 before the losses.
 with x replaced by hyper_model(x; λ) when a hyper model is given. The hyper model is
 applied once per task, outside the inner loop (λ is fixed while w is trained): its outputs
 φ are handed to the core as hyperparameters and d_λ f = (∂φ/∂λ)ᵀ d_φ f by the chain rule.
-Both models run with training=True (BatchNorm normalizes with the statistics of each task's
-batch, as in the paper's Omniglot network); the inner model's updated moving statistics are
-discarded per task.
+Per task (episodic regimes) both models run with training=True (BatchNorm normalizes with the
+statistics of each task's batch, as in the paper's Omniglot network); the inner model's
+updated moving statistics are discarded per task. Online (`regime.Online`), f runs in
+inference mode and the inner model's layer state (moving statistics) is the core's model
+state: updated by every inner step, read by f (`stateful_inner_loss`/`stateful_outer_loss`).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -34,8 +35,11 @@ import tensorflow as tf
 import tf_bilevel as tfb
 from tf_bilevel._autograph import leave_unparsable_unconverted
 from tf_bilevel.keras.data import Batch
+from tf_bilevel.keras.estimator import EstimatorSettings, build_estimator
 from tf_bilevel.keras.losses import SECOND_ORDER_HINT
+from tf_bilevel.keras.regime import Regime
 from tf_bilevel.keras.reparam import Hyperparameter
+from tf_bilevel.keras.schedule import LearnedSchedule
 from tf_bilevel.keras.spec import INNER_OPTIMIZERS, TrainerSpec
 
 
@@ -66,32 +70,15 @@ def _num_positional_args(fn: Callable) -> int:
     return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
 
 
-def glorot_redraw(values: list, seed: tf.Tensor) -> list:
-    """Fresh Glorot-uniform kernels (rank ≥ 2) from a stateless seed; vectors (biases, BatchNorm
-    γ/β) keep their stored values. Deterministic given `seed` (no RNG state to checkpoint) for a
-    given compilation mode: XLA's stateless RNG kernels draw different numbers than TF's."""
-    out = []
-    for j, value in enumerate(values):
-        shape = value.shape.as_list()
-        if len(shape) < 2:
-            out.append(value)
-            continue
-        receptive = math.prod(shape[:-2]) if len(shape) > 2 else 1
-        fan_in, fan_out = shape[-2] * receptive, shape[-1] * receptive
-        limit = math.sqrt(6.0 / (fan_in + fan_out))
-        leaf_seed = tf.random.experimental.stateless_fold_in(seed, j, alg="philox")
-        # An explicit algorithm: "auto_select" differs between XLA and TF kernels.
-        out.append(tf.random.stateless_uniform(shape, leaf_seed, -limit, limit, dtype=value.dtype, alg="philox"))
-    return out
-
-
 class KerasBilevelProblem:
     """Validates the Keras description and provides g, f, Ξ0 and γ for `tfb.hypergradient_fn`."""
 
-    def __init__(self, calls: Any, spec: TrainerSpec):
-        """`spec`: the trainer's validated arguments (`tf_bilevel.keras.spec.TrainerSpec`)."""
+    def __init__(self, calls: Any, spec: TrainerSpec, regime: Regime):
+        """`spec`: the trainer's validated arguments (`tf_bilevel.keras.spec.TrainerSpec`);
+        `regime`: its training regime (`tf_bilevel.keras.regime`)."""
         self.calls = calls
-        self.online = spec.online
+        self.regime = regime
+        self._estimators: dict = {}  # EstimatorSettings -> core estimator (`hypergradient`)
         self.seed_positions: list = []  # indices of RNG seed states among the inner model's non-trainable values
         self.inner_model = spec.inner_model
         self.hyper_model = spec.hyper_model
@@ -104,14 +91,13 @@ class KerasBilevelProblem:
         self.user_specs = spec.hyperparameters
         self.proximal_strength = spec.proximal_strength
         self.inner_learning_rate = leave_unparsable_unconverted(spec.inner_learning_rate)
+        self.learned_schedule = spec.inner_learning_rate if isinstance(spec.inner_learning_rate, LearnedSchedule) else None
         inner_optimizer = spec.inner_optimizer
         if isinstance(inner_optimizer, str):
             inner_optimizer = INNER_OPTIMIZERS[inner_optimizer]
         self.inner_optimizer = inner_optimizer(self._core_learning_rate())
         if not isinstance(self.inner_optimizer, tfb.InnerOptimizer):
             raise TypeError(f"inner_optimizer must return a tf_bilevel.InnerOptimizer, got {self.inner_optimizer!r}")
-        inner_init = spec.inner_init
-        self.inner_init = inner_init if isinstance(inner_init, str) else leave_unparsable_unconverted(inner_init)
 
     # -- structure of λ ---------------------------------------------------------------
     def check_models(self) -> None:
@@ -123,19 +109,7 @@ class KerasBilevelProblem:
                 "trainable weights are w; put frozen feature layers in hyper_model instead."
             )
         self.seed_positions = self.calls.seed_state_positions(self.inner_model)
-        if self.online:
-            stateful = [
-                i for i in range(len(self.calls.non_trainable(self.inner_model))) if i not in self.seed_positions
-            ]
-            if stateful:
-                owners = self.calls.variable_owners(self.inner_model, stateful)
-                raise ValueError(
-                    f"online=True: inner_model layer(s) {owners} keep non-trainable state (e.g. "
-                    "BatchNormalization's moving statistics), which online training does not update "
-                    "across inner steps yet, so the trained model would serve with stale statistics. "
-                    "Use a layer without such state (LayerNormalization, GroupNormalization) or "
-                    "online=False."
-                )
+        self.regime.check_models(self)
         if self.hyper_model is not None and not self.calls.trainable(self.hyper_model):
             raise ValueError(
                 f"hyper_model {self.hyper_model.name!r} has no trainable weights: its weights are the "
@@ -168,6 +142,8 @@ class KerasBilevelProblem:
         specs: dict = {"user": self.user_specs}
         if isinstance(self.inner_learning_rate, Hyperparameter):
             specs["inner_learning_rate"] = self.inner_learning_rate
+        if self.learned_schedule is not None:
+            specs["inner_learning_rate"] = dict(self.learned_schedule.hyperparameters)
         inner_weights = _numpy(self.calls.trainable(self.inner_model))
         if self.proximal_strength is not None:
             specs["centers"] = [Hyperparameter(w, dtype=w.dtype.name) for w in inner_weights]
@@ -175,8 +151,7 @@ class KerasBilevelProblem:
                 np.full([len(inner_weights)], float(self.proximal_strength)), transform="softplus",
                 dtype=inner_weights[0].dtype.name,
             )
-        if self.inner_init == "learned":
-            specs["init"] = [Hyperparameter(w, dtype=w.dtype.name) for w in inner_weights]
+        specs.update(self.regime.hyper_specs(inner_weights))
         return specs
 
     def hparams(self, raw: dict, specs: dict, hyper_state: list, task_inner: Batch, task_outer: Batch,
@@ -193,17 +168,16 @@ class KerasBilevelProblem:
 
     # -- the core's g, f, Ξ0, γ -----------------------------------------------------------
     def batch_at_step(self, batch: CoreBatch, step: tf.Tensor) -> CoreBatch:
-        """The core's per-step batch selector: minibatch `step` in online mode (a gather in the
-        compiled loop) and, always, a seed folded with the step, so that Dropout draws a fresh
-        mask at every inner step, the same in the step's forward pass and its recomputation."""
-        data = tf.nest.map_structure(lambda x: tf.gather(x, step), batch.data) if self.online else batch.data
-        return CoreBatch(data, batch.inner_state, fold_seed(batch.seed, step))
+        """The core's per-step batch selector: the data of step `step` (the regime's choice:
+        e.g. online, minibatch `step`) and a seed folded with the step, so that Dropout draws a
+        fresh mask at every inner step, the same in the step's forward pass and its recomputation."""
+        return CoreBatch(self.regime.data_at_step(batch.data, step), batch.inner_state, fold_seed(batch.seed, step))
 
     def inner_batch(self, data: Batch, inner_state: list, seed: tf.Tensor) -> CoreBatch:
         return CoreBatch(data, inner_state, seed)
 
     def last_step_batch(self, batch: CoreBatch, steps: int) -> CoreBatch:
-        """The batch of the last inner step (online: its minibatch), for g(w_T) in the logs."""
+        """The batch of the last inner step (e.g. online: its minibatch), for g(w_T) in the logs."""
         return self.batch_at_step(batch, tf.constant(steps - 1))
 
     def outer_batch(self, data: Batch, inner_state: list, seed: tf.Tensor) -> CoreBatch:
@@ -211,15 +185,18 @@ class KerasBilevelProblem:
         return CoreBatch(data, inner_state, fold_seed(seed, -1))
 
     def predict(self, params: list, hp: dict, batch: CoreBatch, which: str, with_losses: bool = False):
-        """The inner model's outputs; with `with_losses`, also the list of its own losses."""
+        """The inner model's outputs; with `with_losses`, also the list of its own losses and
+        its updated non-trainable values (e.g. BatchNorm's moving statistics)."""
         x = hp["features"][which] if self.hyper_model is not None else batch.data.x
-        # Online, f is a validation loss of the model being trained: inference mode, as Keras
-        # validates. Per task (episodic), both run in training mode (per-task BatchNorm statistics).
-        training = not (self.online and which == "outer")
+        # Per task (episodic), both run in training mode (per-task BatchNorm statistics); the
+        # regime decides for f (online: inference mode, as Keras validates).
+        training = which == "inner" or self.regime.outer_training
         state = self._seeded_state(batch)
         if with_losses:
-            outputs, _, layer_losses = self.calls.call(self.inner_model, params, state, x, training, return_losses=True)
-            return outputs, list(layer_losses)
+            outputs, new_state, layer_losses = self.calls.call(
+                self.inner_model, params, state, x, training, return_losses=True
+            )
+            return outputs, list(layer_losses), list(new_state)
         outputs, _ = self.calls.call(self.inner_model, params, state, x, training)
         return outputs
 
@@ -236,7 +213,30 @@ class KerasBilevelProblem:
 
     def inner_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
         """g(w, λ), including the inner model's own losses (layer regularizers, `add_loss`)."""
-        y_pred, layer_losses = self.predict(params, hp, batch, "inner", with_losses=True)
+        return self._inner_loss_and_state(params, hp, batch)[0]
+
+    # A stateful regime (online with layer state): the core carries the layer state s_t (the
+    # non-trainable values at `regime.layer_state_positions`) through the inner steps.
+    def stateful_inner_loss(self, params: list, hp: dict, batch: CoreBatch, layer_state: list) -> tuple:
+        """(g(w, λ) at layer state s, the layer state after this training-mode call)."""
+        loss, new_state = self._inner_loss_and_state(params, hp, self.with_layer_state(batch, layer_state))
+        return loss, [new_state[i] for i in self.regime.layer_state_positions]
+
+    def stateful_outer_loss(self, params: list, hp: dict, batch: CoreBatch, layer_state: list) -> tf.Tensor:
+        """f(w, λ) at layer state s (online: inference mode, e.g. BatchNorm's moving statistics s_T)."""
+        return self.outer_loss(params, hp, self.with_layer_state(batch, layer_state))
+
+    def with_layer_state(self, batch: CoreBatch, layer_state: Any) -> CoreBatch:
+        """`batch` with the regime's layer state in place of the stored values ({} or (): unchanged)."""
+        if not tf.nest.flatten(layer_state):
+            return batch
+        state = list(batch.inner_state)
+        for i, value in zip(self.regime.layer_state_positions, layer_state):
+            state[i] = value
+        return CoreBatch(batch.data, state, batch.seed)
+
+    def _inner_loss_and_state(self, params: list, hp: dict, batch: CoreBatch) -> tuple:
+        y_pred, layer_losses, new_state = self.predict(params, hp, batch, "inner", with_losses=True)
         loss = self._user_loss(self.inner_loss_fn, "inner_loss", batch.data, y_pred, hp["user"])
         if layer_losses:
             loss = loss + sum_layer_losses(layer_losses, loss.dtype)
@@ -251,7 +251,7 @@ class KerasBilevelProblem:
                 for j, (w, c) in enumerate(zip(params, hp["centers"]))
             ]
             loss = loss + tf.add_n(terms)
-        return loss
+        return loss, new_state
 
     def outer_loss(self, params: list, hp: dict, batch: CoreBatch) -> tf.Tensor:
         """f(w, λ)."""
@@ -260,37 +260,39 @@ class KerasBilevelProblem:
 
     def init_params(self) -> Optional[Callable]:
         """Ξ0 for the core: the learned initialization, if any (B0 term of Eq. 5)."""
-        if self.inner_init == "learned":
-            return lambda params, hp: list(hp["init"])
-        return None
+        return self.regime.init_params()
 
     def initial_params(self, stored: list, seed: tf.Tensor) -> list:
-        """w0 of one task (before Ξ0): the stored weights, or a deterministic redraw."""
-        if self.inner_init == "random":
-            return glorot_redraw(stored, seed)
-        if callable(self.inner_init):
-            w0 = list(self.inner_init(seed, list(stored)))
-            if len(w0) != len(stored):
-                raise ValueError(f"inner_init returned {len(w0)} tensors for {len(stored)} inner weights")
-            return [tf.cast(tf.reshape(a, b.shape), b.dtype) for a, b in zip(w0, stored)]
-        return list(stored)
+        """w0 of one task (before Ξ0), as the regime draws it."""
+        return self.regime.initial_params(stored, seed)
 
     def _core_learning_rate(self):
+        """γ for the core. A schedule sees the regime's step: the global inner step of the run
+        online (hyper-iteration × T + t), the task's inner step t otherwise."""
         lr = self.inner_learning_rate
         if isinstance(lr, Hyperparameter):
             return lambda step, hp: hp["inner_learning_rate"]
+        if isinstance(self.learned_schedule, LearnedSchedule):
+            schedule = self.learned_schedule
+            return lambda step, hp: schedule(self.regime.global_step(step), hp["inner_learning_rate"])
         if callable(lr) and _num_positional_args(lr) >= 2:
-            return lambda step, hp: lr(step, hp["user"])
+            return lambda step, hp: lr(self.regime.global_step(step), hp["user"])
+        if callable(lr):
+            return lambda step: lr(self.regime.global_step(step))
         return lr
 
-    def build_hypergradient(self, *, steps: int, truncate: Optional[int], estimator: str,
-                            iterations: Optional[int], tolerance: Optional[float], check_numerics: bool):
-        return tfb.hypergradient_fn(
-            self.inner_loss, self.outer_loss, steps=steps, estimator=estimator, truncate=truncate,
-            iterations=iterations, tolerance=tolerance,
-            inner_optimizer=self.inner_optimizer, init_params=self.init_params(), jit_compile=False,
-            check_numerics=check_numerics, per_step_batches=self.batch_at_step,
-        )
+    def hypergradient(self, settings: EstimatorSettings) -> Any:
+        """The core estimator of one task with `settings` (`estimator.build_estimator`), built
+        once per settings: fit, evaluate and predict share it."""
+        stateful = self.regime.stateful  # known once the models are built (`check_models`)
+        key = (settings, stateful)
+        if key not in self._estimators:
+            inner, outer = (self.stateful_inner_loss, self.stateful_outer_loss) if stateful else (self.inner_loss, self.outer_loss)
+            self._estimators[key] = build_estimator(
+                settings, inner, outer, inner_optimizer=self.inner_optimizer, init_params=self.init_params(),
+                per_step_batches=self.batch_at_step, stateful=stateful,
+            )
+        return self._estimators[key]
 
     # -- helpers ------------------------------------------------------------------------
     def _user_loss(self, fn: Callable, role: str, data: Batch, y_pred: tf.Tensor, user_hp: dict) -> tf.Tensor:

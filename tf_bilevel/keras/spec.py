@@ -31,7 +31,7 @@ class TrainerSpec:
 
     `flavor` is the Keras the models must belong to (`compat.KERAS3` or `compat.TF_KERAS`).
     Every argument is checked when the spec is created, in the order of the signature; only
-    `steps`, `truncate`, `estimator`, `iterations` and `tolerance` are left to the core
+    `steps`, `truncate`, `estimator`, `iterations`, `tolerance` and `forget` are left to the core
     (`tfb.hypergradient_fn`, with its messages), which checks them when the trainer builds its
     estimator, still in the constructor. Normalized on the way: `hyperparameters` holds `Hyperparameter` specs
     (numbers and arrays converted; {} for None), a constant `inner_learning_rate` is a
@@ -47,6 +47,7 @@ class TrainerSpec:
     estimator: str = "reverse"
     iterations: Optional[int] = None
     tolerance: Optional[float] = 1e-10
+    forget: Optional[float] = None
     hyper_model: Any = None
     hyperparameters: Optional[dict] = None
     inner_regularizer: Optional[Callable] = None

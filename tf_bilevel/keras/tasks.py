@@ -34,6 +34,7 @@ import tensorflow as tf
 from tf_bilevel import nonfinite
 from tf_bilevel.keras.data import Task
 from tf_bilevel.keras.data import num_tasks as count_tasks
+from tf_bilevel.keras.estimator import EstimatorSettings, build_estimator
 from tf_bilevel.keras.problem import CoreBatch, KerasBilevelProblem, explain_second_order, fold_seed
 
 
@@ -44,7 +45,7 @@ class StepInputs(NamedTuple):
     stored_inner: list  # the inner model's stored trainable weights (source of w0)
     inner_state: list  # the inner model's non-trainable values (BatchNorm statistics)
     hyper_state: list  # the hyper model's non-trainable values
-    inner_opt_state: Any = None  # online: the inner optimizer's state to continue from
+    carried: dict = {}  # the regime's values carried from the last hyper-iteration (e.g. opt_state)
 
 
 class TaskResult(NamedTuple):
@@ -55,7 +56,7 @@ class TaskResult(NamedTuple):
     hyper_state: list  # the hyper model's non-trainable values after this task (BN statistics)
     final_params: list  # w_T
     reference: list  # full-RMD d f / d(raw λ) when requested, else zeros; [] without diagnostics
-    final_opt_state: list  # online: the inner optimizer's state after step T, flat; else []
+    carried: dict  # the regime's values to carry on (`Regime.carried_after`); {} on meta-batches
     inner_value: tf.Tensor  # g(w_T, λ) on the inner batch (the `inner_loss` log)
 
 
@@ -75,37 +76,43 @@ class TaskFunction:
         self,
         problem: KerasBilevelProblem,
         specs: dict,
-        hypergradient: Any,
+        settings: EstimatorSettings,
         raw_names: Sequence[str] = (),
-        reference: Optional[Any] = None,
+        reference: Optional[EstimatorSettings] = None,
     ):
         self.problem = problem
         self.specs = specs  # the Hyperparameter specs of λ's leaves
-        self.hypergradient = hypergradient  # the core estimator of one task
+        self.settings = settings  # the core estimator's settings (one task's and the stacked problem's)
+        self.hypergradient = problem.hypergradient(settings)  # the core estimator of one task
         self.raw_names = list(raw_names)  # the raw variables' names in the user's terms (errors)
-        self.reference = reference  # diagnostics: the full-RMD estimator, else None
+        # diagnostics: the full-RMD estimator's settings and estimator, else None
+        self.reference_settings = reference
+        self.reference = None if reference is None else problem.hypergradient(reference)
 
 
 class TaskHypergradient(TaskFunction):
     """d_λ f for one task, through the core estimator and the chain rule to the raw variables."""
 
     def __call__(self, inputs: StepInputs, task: Task, seed: tf.Tensor, with_reference: tf.Tensor) -> TaskResult:
-        problem = self.problem
+        problem, regime = self.problem, self.problem.regime
         w0 = problem.initial_params(inputs.stored_inner, seed)
         inner_batch = problem.inner_batch(task.inner, inputs.inner_state, seed)
         outer_batch = problem.outer_batch(task.outer, inputs.inner_state, seed)
         hp, hyper_state, result, grads, reference = self._hypergradients_of_raw(
             inputs.raw,
             lambda raw: problem.hparams(raw, self.specs, inputs.hyper_state, task.inner, task.outer),
-            lambda estimator, hp: estimator.compute(w0, hp, inner_batch, outer_batch, opt_state=inputs.inner_opt_state),
+            lambda estimator, hp: estimator.compute(
+                w0, hp, inner_batch, outer_batch, **regime.estimator_arguments(inputs.carried, estimator)
+            ),
+            (self.hypergradient, self.reference),
             with_reference,
         )
-        y_pred = problem.predict(result.final_params, hp, outer_batch, "outer")
-        final_opt_state = tf.nest.flatten(result.final_opt_state) if inputs.inner_opt_state is not None else []
+        # At the final layer state (online BatchNorm: the moving statistics f was computed with).
+        y_pred = problem.predict(result.final_params, hp, problem.with_layer_state(outer_batch, result.final_model_state), "outer")
         inner_value = problem.inner_loss(result.final_params, hp, problem.last_step_batch(inner_batch, self.hypergradient.steps))
         return TaskResult(
             result.outer_value, grads, result.nonfinite_step, y_pred, hyper_state,
-            list(result.final_params), reference, final_opt_state, inner_value,
+            list(result.final_params), reference, regime.carried_after(result, inputs.carried), inner_value,
         )
 
     def stacked(self, stacked: StackedTasks, inputs: StepInputs, tasks: Task, seeds: tf.Tensor,
@@ -117,7 +124,9 @@ class TaskHypergradient(TaskFunction):
         hp, hyper_states, result, grads, reference = self._hypergradients_of_raw(
             inputs.raw,
             lambda raw: stacked.hparams(raw, self.specs, inputs.hyper_state, tasks),
-            lambda estimator, hp: stacked.hypergradient(estimator).compute(w0, hp, inner_batch, outer_batch),
+            lambda estimator, hp: estimator.compute(w0, hp, inner_batch, outer_batch),
+            (stacked.hypergradient(self.settings),
+             None if self.reference_settings is None else stacked.hypergradient(self.reference_settings)),
             with_reference,
         )
         final = list(result.final_params)
@@ -125,31 +134,32 @@ class TaskHypergradient(TaskFunction):
         return TaskResult(
             result.outer_value, grads, result.nonfinite_step, stacked.predictions(final, hp, outer_batch),
             mean_hyper_state(hyper_states), [tf.reduce_mean(w, axis=0) for w in final],
-            reference, [], tf.add_n(inner_values) / len(inner_values),
+            reference, {}, tf.add_n(inner_values) / len(inner_values),
         )
 
-    def _hypergradients_of_raw(self, raw: Any, hparams_of: Callable, compute: Callable,
+    def _hypergradients_of_raw(self, raw: Any, hparams_of: Callable, compute: Callable, estimators: tuple,
                                with_reference: tf.Tensor) -> tuple:
         """The estimator's d_λ f chained to the raw variables (eq. 6 for λ = hparams_of(raw), then
         the tape of that map), and, when the trainer has a full-RMD reference and `with_reference`
-        is true, the reference's the same way (zeros otherwise). `compute(estimator, λ)` runs one
-        core estimator. Returns (λ, hyper_state, the estimator's result, raw grads, raw reference
-        grads or [])."""
+        is true, the reference's the same way (zeros otherwise). `estimators`: (the core
+        estimator, the full-RMD reference or None); `compute(estimator, λ)` runs one. Returns
+        (λ, hyper_state, the estimator's result, raw grads, raw reference grads or [])."""
+        estimator, reference_estimator = estimators
         flat_raw = tf.nest.flatten(raw)
-        with tf.GradientTape(persistent=self.reference is not None) as tape:
+        with tf.GradientTape(persistent=reference_estimator is not None) as tape:
             tape.watch(flat_raw)
             hp, hyper_state = hparams_of(tf.nest.pack_sequence_as(raw, flat_raw))
         try:
-            result = compute(self.hypergradient, hp)
+            result = compute(estimator, hp)
         except LookupError as err:  # "Gradient explicitly disabled" (fused cross-entropy)
             raise explain_second_order(err) from None
         flat_hp = tf.nest.flatten(hp)
         grads = tape.gradient(flat_hp, flat_raw, output_gradients=tf.nest.flatten(result.hypergrad))
         self.check_reached(grads)
         reference = []
-        if self.reference is not None:
+        if reference_estimator is not None:
             def full_rmd():
-                return tf.nest.flatten(compute(self.reference, hp).hypergrad)
+                return tf.nest.flatten(compute(reference_estimator, hp).hypergrad)
 
             def skipped():
                 return [tf.zeros_like(x) for x in flat_hp]
@@ -168,7 +178,7 @@ class TaskHypergradient(TaskFunction):
             [_mean_over_tasks(x) for x in results.hyper_state],
             [tf.reduce_mean(w, axis=0) for w in results.final_params],
             [tf.reduce_mean(g, axis=0) for g in results.reference],
-            [],
+            {},
             tf.reduce_mean(results.inner_value),
         )
 
@@ -187,7 +197,7 @@ class TaskHypergradient(TaskFunction):
         flat_raw = [_spec(x) for x in tf.nest.flatten(inputs.raw)]
         return TaskResult(
             value, flat_raw, tf.TensorSpec([], tf.int32), y_pred, hyper_state, w0,
-            flat_raw if self.reference is not None else [], [], value,
+            flat_raw if self.reference is not None else [], {}, value,
         )
 
 
@@ -226,7 +236,7 @@ class TaskEvaluation(TaskFunction):
     def stacked(self, stacked: StackedTasks, inputs: StepInputs, tasks: Task, seeds: tf.Tensor):
         """(mean f, mean g, stacked outer predictions) of a meta-batch."""
         hp, _ = stacked.hparams(inputs.raw, self.specs, inputs.hyper_state, tasks)
-        w_T = stacked_adapted(stacked, self.hypergradient, inputs, tasks, seeds, hp)
+        w_T = stacked_adapted(stacked, self.settings, inputs, tasks, seeds, hp)
         inner_batch, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
         values = stacked.outer_values(w_T, hp, outer_batch)
         inner_values = stacked.inner_values(w_T, hp, inner_batch, self.hypergradient.steps)
@@ -253,7 +263,7 @@ class TaskPrediction(TaskFunction):
     def stacked(self, stacked: StackedTasks, inputs: StepInputs, tasks: Task, seeds: tf.Tensor) -> tf.Tensor:
         """The outer predictions of every task, stacked [B, n, ...]."""
         hp, _ = stacked.hparams(inputs.raw, self.specs, inputs.hyper_state, tasks)
-        w_T = stacked_adapted(stacked, self.hypergradient, inputs, tasks, seeds, hp)
+        w_T = stacked_adapted(stacked, self.settings, inputs, tasks, seeds, hp)
         _, outer_batch = stacked.batches(tasks, inputs.inner_state, seeds)
         return stacked.predictions(w_T, hp, outer_batch)
 
@@ -272,13 +282,14 @@ class TaskFunctions(NamedTuple):
     prediction: TaskPrediction
 
 
-def task_functions(problem: KerasBilevelProblem, specs: dict, hypergradient: Any, raw_names: Sequence[str],
-                   reference: Optional[Any] = None) -> TaskFunctions:
-    """Built once, when the trainer creates its hyperparameters (`specs`, `raw_names` are known then)."""
+def task_functions(problem: KerasBilevelProblem, specs: dict, settings: EstimatorSettings, raw_names: Sequence[str],
+                   reference: Optional[EstimatorSettings] = None) -> TaskFunctions:
+    """Built once, when the trainer creates its hyperparameters (`specs`, `raw_names` are known
+    then). `reference`: the settings of the diagnostics' full-RMD estimator, or None."""
     return TaskFunctions(
-        TaskHypergradient(problem, specs, hypergradient, raw_names, reference),
-        TaskEvaluation(problem, specs, hypergradient),
-        TaskPrediction(problem, specs, hypergradient),
+        TaskHypergradient(problem, specs, settings, raw_names, reference),
+        TaskEvaluation(problem, specs, settings),
+        TaskPrediction(problem, specs, settings),
     )
 
 
@@ -296,12 +307,14 @@ def run_on_element(fn: TaskFunction, inputs: StepInputs, tasks: Task, seeds: tf.
 
 
 def adapted_weights(problem: KerasBilevelProblem, hypergradient: Any, inputs: StepInputs, task: Task, seed, hp) -> list:
-    """The weights `evaluate`/`predict` use: w_T after T steps on the task's inner batch, or,
-    online, the current weights of the model being trained (evaluating must not train it)."""
-    if problem.online:
-        return list(inputs.stored_inner)
-    w0 = problem.initial_params(inputs.stored_inner, seed)
-    return hypergradient.solve_uncompiled(w0, hp, problem.inner_batch(task.inner, inputs.inner_state, seed))
+    """The weights `evaluate`/`predict` use, as the regime decides: w_T after T steps on the
+    task's inner batch, or (online) the current weights of the model being trained."""
+
+    def solve():
+        w0 = problem.initial_params(inputs.stored_inner, seed)
+        return hypergradient.solve_uncompiled(w0, hp, problem.inner_batch(task.inner, inputs.inner_state, seed))
+
+    return problem.regime.evaluation_weights(solve, inputs.stored_inner)
 
 
 def map_tasks(fn: Callable, tasks: Task, seeds: tf.Tensor, signature: Any) -> Any:
@@ -491,21 +504,15 @@ class StackedTasks:
             return None
         return lambda params, hp: [tf.stack([w] * self.num_tasks) for w in single(None, hp)]
 
-    def hypergradient(self, like: Any) -> Any:
-        """The core estimator of the stacked problem with the settings of `like` (the trainer's
-        per-task estimator), built once."""
-        key = (like.steps, like.truncate, like.estimator)
-        if key not in self._built:
-            import tf_bilevel as tfb
-
-            self._built[key] = tfb.hypergradient_fn(
-                self.inner_loss, self.outer_loss, steps=like.steps, truncate=like.truncate,
-                estimator=like.estimator, inner_optimizer=self.problem.inner_optimizer,
-                init_params=self.init_params(), jit_compile=False, check_numerics=False,
-                per_step_batches=self.batch_at_step, segment_length=like.segment_length,
-                backward=like.backward, memory_budget=like.memory_budget,
+    def hypergradient(self, settings: EstimatorSettings) -> Any:
+        """The core estimator of the stacked problem with `settings` (the trainer's, as for one
+        task: `estimator.build_estimator`), built once per settings."""
+        if settings not in self._built:
+            self._built[settings] = build_estimator(
+                settings, self.inner_loss, self.outer_loss, inner_optimizer=self.problem.inner_optimizer,
+                init_params=self.init_params(), per_step_batches=self.batch_at_step,
             )
-        return self._built[key]
+        return self._built[settings]
 
 
 def _batchable(problem: KerasBilevelProblem, model: Any) -> bool:
@@ -526,8 +533,8 @@ def mean_hyper_state(states: list) -> list:
     return [tf.add_n(list(vs)) / len(vs) if vs[0].dtype.is_floating else vs[0] for vs in zip(*states)]
 
 
-def stacked_adapted(stacked: StackedTasks, hypergradient: Any, inputs: StepInputs, tasks: Task, seeds, hp) -> list:
+def stacked_adapted(stacked: StackedTasks, settings: EstimatorSettings, inputs: StepInputs, tasks: Task, seeds, hp) -> list:
     """w_T of every task from one stacked inner loop (no tape)."""
     inner_batch, _ = stacked.batches(tasks, inputs.inner_state, seeds)
     w0 = stacked.initial_params(inputs.stored_inner, seeds)
-    return list(stacked.hypergradient(hypergradient).solve_uncompiled(w0, hp, inner_batch))
+    return list(stacked.hypergradient(settings).solve_uncompiled(w0, hp, inner_batch))

@@ -34,6 +34,11 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
       iterations, tolerance: "implicit_cg"/"neumann" only: the most CG iterations / Neumann
         terms (default `steps`) and the relative residual to stop at (None: run them all), as
         in `tfb.hypergradient_fn`.
+      forget: estimator="forward" with online=True only: μ in [0, 1] (default 1). The
+        forward-mode tangents Z = dw/dλ (and of the inner optimizer's and layers' state) are
+        carried across hyper-iterations in trainer variables and multiplied by μ at the start
+        of each: μ = 1 gives the hypergradient through the whole run so far (RTHO), μ = 0 the
+        greedy one, in between MARTHE. Memory O(MN): a large N is an error naming K-RMD.
       hyper_model: optional Keras layer mapping inputs to the inner model's inputs; its
         trainable weights are hyperparameters (e.g. the hyper-representation convs, G.3).
       hyperparameters: `{name: Hyperparameter(initial, transform=...)}` (or numbers/arrays,
@@ -41,8 +46,12 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
       inner_regularizer: `(inner_weights: list, hparams: dict) -> scalar` added to g.
       proximal_strength: if set, adds Σ_j ρ_j‖w_j − c_j‖² to g with learned centers c_j
         (initialized at the inner model's weights) and ρ_j = softplus(·) > 0 (§4.3).
-      inner_learning_rate: γ: a number, a schedule `step -> γ`, or a `Hyperparameter` to learn
-        it (e.g. `Hyperparameter(0.1, transform="softplus")`).
+      inner_learning_rate: γ: a number, a schedule `step -> γ`, a `Hyperparameter` to learn
+        it (e.g. `Hyperparameter(0.1, transform="softplus")`), or a `LearnedSchedule`
+        (`tfb.keras.LearnedSchedule.cosine(peak, total_steps)` / `.piecewise(values,
+        total_steps)`) to learn a schedule's few parameters (λ["inner_learning_rate"]). With
+        online=True a schedule sees the global inner step of the run (hyper-iteration × T + t,
+        resumed with the trainer).
       inner_optimizer: "sgd" | "momentum" | "adam" or `lr -> tf_bilevel.InnerOptimizer`.
       inner_init: w0 per task: "fixed" (the inner model's stored weights, the default),
         "random" (Glorot-uniform kernels redrawn per task with a stateless seed
@@ -58,9 +67,10 @@ class BilevelTrainer(BilevelTrainerMixin, keras.Model):
         static. `trainer.meta_batch_path` records the path taken.
       online: tune while you train. Each element holds `steps` training minibatches stacked
         on axis 0 and one validation batch (`tf_bilevel.keras.online_tasks(train, val,
-        steps=T)`); inner step t uses minibatch t, and the inner model's weights and the
-        inner optimizer's state (momentum, Adam moments) continue from one hyper-iteration
-        to the next. The inner model's variables hold the current w, so after `fit` it is
+        steps=T)`); inner step t uses minibatch t, and the inner model's weights, its layer
+        state (BatchNorm's moving statistics, updated at every inner step as Keras training
+        does) and the inner optimizer's state (momentum, Adam moments) continue from one
+        hyper-iteration to the next. The inner model's variables hold the current w, so after `fit` it is
         trained (`inner_model.evaluate/predict/save` work directly). With online=False
         (the default, episodic), the inner model is each task's starting point w0 and is
         not trained by `fit`: `adapted_inner_model(task)` returns a trained copy.

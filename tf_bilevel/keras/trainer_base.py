@@ -25,7 +25,9 @@ from tf_bilevel._tree import leaf_names
 from tf_bilevel.api import NonFiniteError
 from tf_bilevel.keras import conventions
 from tf_bilevel.keras import data as data_lib
+from tf_bilevel.keras.estimator import EstimatorSettings
 from tf_bilevel.keras.problem import KerasBilevelProblem
+from tf_bilevel.keras.regime import regime_for
 from tf_bilevel.keras.reparam import Hyperparameter
 from tf_bilevel.keras.spec import TrainerSpec
 from tf_bilevel.keras.tasks import (
@@ -75,6 +77,7 @@ class BilevelTrainerMixin:
         estimator: str = "reverse",
         iterations: Optional[int] = None,
         tolerance: Optional[float] = 1e-10,
+        forget: Optional[float] = None,
         hyper_model: Any = None,
         hyperparameters: Optional[dict] = None,
         inner_regularizer: Optional[Callable] = None,
@@ -95,7 +98,7 @@ class BilevelTrainerMixin:
         super().__init__(name=name or "bilevel_trainer", dtype="float32")
         self._init_bilevel(TrainerSpec(
             self._calls.flavor, inner_model, inner_loss=inner_loss, outer_loss=outer_loss, steps=steps,
-            truncate=truncate, estimator=estimator, iterations=iterations, tolerance=tolerance, hyper_model=hyper_model, hyperparameters=hyperparameters,
+            truncate=truncate, estimator=estimator, iterations=iterations, tolerance=tolerance, forget=forget, hyper_model=hyper_model, hyperparameters=hyperparameters,
             inner_regularizer=inner_regularizer, proximal_strength=proximal_strength,
             inner_learning_rate=inner_learning_rate, inner_optimizer=inner_optimizer, inner_init=inner_init,
             meta_batch=meta_batch, meta_batch_mode=meta_batch_mode, online=online,
@@ -106,20 +109,14 @@ class BilevelTrainerMixin:
         self.spec = spec
         # The path the last traced meta-batch step took ("stacked" | "map_fn"); None before.
         self.meta_batch_path: Optional[str] = None
-        self.problem = KerasBilevelProblem(self._calls, spec)
+        # The training regime (episodic, warm start, online), chosen once: see regime.py.
+        self.regime = regime_for(spec, self._calls)
+        self.problem = KerasBilevelProblem(self._calls, spec, self.regime)
+        # One settings record for every core estimator the trainer builds (per task and stacked).
+        self.estimator_settings = EstimatorSettings.of(spec)
+        self._reference_settings = self.estimator_settings.full_rmd() if spec.diagnostics_every is not None else None
         # Validates steps / truncate / estimator / iterations / tolerance now, with the core's messages.
-        self.hypergradient = self.problem.build_hypergradient(
-            steps=spec.steps, truncate=spec.truncate, estimator=spec.estimator, iterations=spec.iterations,
-            tolerance=spec.tolerance, check_numerics=False,
-        )
-        self.reference_hypergradient = (
-            self.problem.build_hypergradient(
-                steps=spec.steps, truncate=None, estimator="reverse", iterations=None, tolerance=None,
-                check_numerics=False,
-            )
-            if spec.diagnostics_every is not None
-            else None
-        )
+        self._build_estimators()
         self.inner_model = spec.inner_model
         self.hyper_model = spec.hyper_model
         self._hyperparameters_created = False
@@ -160,7 +157,15 @@ class BilevelTrainerMixin:
         """online=True: the variables holding the inner optimizer's state (momentum, Adam
         moments) between hyper-iterations; [] otherwise (each task starts it fresh)."""
         self._require_built("inner_optimizer_variables")
-        return list(self._built_state.inner_opt_vars)
+        carried = self.regime.carried.get("opt_state")
+        return [] if carried is None else list(carried.variables)
+
+    @property
+    def inner_steps_done(self) -> Any:
+        """online=True: the variable counting the inner steps applied so far over the run (the
+        global step a learning-rate schedule sees next); None otherwise."""
+        self._require_built("inner_steps_done")
+        return getattr(self.regime, "steps_done", None)
 
     def hyperparameter_values(self) -> dict:
         """The current values λ = transform(ν) of the named hyperparameters, plus (if used)
@@ -180,7 +185,7 @@ class BilevelTrainerMixin:
         gives the trained weights w_T of a task. With online=True the inner model is trained
         in place: use `inner_model` directly."""
         self._require_built("adapted_inner_model")
-        if self.spec.online:
+        if self.regime.trains_inner_model:
             raise ValueError("adapted_inner_model: with online=True the inner model itself is trained; use trainer.inner_model")
         if self.spec.meta_batch:
             raise ValueError("adapted_inner_model takes one task's inner batch (x, y); with meta_batch=True pass task i's tensors")
@@ -241,14 +246,7 @@ class BilevelTrainerMixin:
         if self.spec.meta_batch:
             data_lib.num_tasks(task)
             task = data_lib.unstack_spec(task)
-        if self.spec.online:
-            if self.distribute_strategy.num_replicas_in_sync > 1:
-                raise ValueError(
-                    "online=True runs under a single replica for now: the per-replica split of an element "
-                    "would cut its step axis. Create the trainer outside the multi-device strategy."
-                )
-            data_lib.check_online_spec(task, self.spec.steps)
-            task = data_lib.Task(data_lib.unstack_spec(task.inner), task.outer)
+        task = self.regime.check_element(task, self.spec.steps, self.distribute_strategy.num_replicas_in_sync)
         # Variables are created in the strategy the trainer was created under (tf.distribute).
         with self.distribute_strategy.scope():
             x_inner = data_lib.zeros_like_spec(task.inner.x)
@@ -428,8 +426,8 @@ class BilevelTrainerMixin:
         return apply, finite
 
     def _apply_update(self, apply: tf.Tensor, result: TaskResult) -> None:
-        """When `apply`: λ (the outer optimizer), the hyper model's BatchNorm statistics and, with
-        inner_init="warm_start" or online, the stored inner weights (online: and the inner
+        """When `apply`: λ (the outer optimizer), the hyper model's BatchNorm statistics and what
+        the regime writes back (warm start: the stored inner weights; online: also the inner
         optimizer's state). Otherwise nothing changes."""
         replica = tf.distribute.get_replica_context()
         # Mean over tasks here; the optimizer all-reduces a SUM over replicas: scale by 1/R.
@@ -437,11 +435,7 @@ class BilevelTrainerMixin:
         scaled = [g / tf.cast(num_replicas, g.dtype) for g in result.grads]
         self._apply_if(apply, scaled)
         self._update_hyper_state(apply, result.hyper_state, replica)
-        if self.problem.inner_init == "warm_start" or self.spec.online:
-            self._update_stored_inner(apply, result.final_params, replica)
-        if self.spec.online:
-            for variable, value in zip(self._built_state.inner_opt_vars, result.final_opt_state):
-                variable.assign(tf.where(apply, value, _read(variable)))
+        self.regime.write_back(apply, result.final_params, result.carried, replica)
 
     def _update_train_metrics(self, finite: tf.Tensor, task: data_lib.Task, result: TaskResult,
                               with_reference: tf.Tensor) -> dict:
@@ -533,9 +527,10 @@ class BilevelTrainerMixin:
         state.raw_names = [f"hyper_model weight {v.name!r}" for v in hyper_vars] + [
             _describe_leaf(name) for name in names
         ]
-        state.inner_opt_vars = self._create_inner_optimizer_state() if self.spec.online else []
+        self.regime.create_state(self.problem, self._add_carried_variable)
+        self._build_estimators()  # again: a regime may have become stateful (online BatchNorm) once the models were built
         state.tasks = task_functions(
-            self.problem, state.specs, self.hypergradient, state.raw_names, self.reference_hypergradient
+            self.problem, state.specs, self.estimator_settings, state.raw_names, self._reference_settings
         )
         if not tf.nest.flatten(state.raw):
             raise ValueError(
@@ -545,32 +540,27 @@ class BilevelTrainerMixin:
             )
         self._hyperparameters_created = True
 
-    def _create_inner_optimizer_state(self) -> list:
-        """online=True: variables holding the inner optimizer's state between hyper-iterations
-        (checkpointed with the rest, so a resumed run continues the same momentum)."""
-        weights = [_read(v) for v in self._calls.trainable(self.inner_model)]
-        fresh = self.problem.inner_optimizer.init(weights)
-        self._built_state.inner_opt_structure = fresh
-        return [
-            self.add_weight(
-                name=f"inner_optimizer_state_{i}", shape=x.shape, dtype=x.dtype,
-                initializer=_constant(np.asarray(x)), trainable=False,
-                aggregation=self._calls.first_replica_aggregation,
-            )
-            for i, x in enumerate(tf.nest.flatten(fresh))
-        ]
+    def _add_carried_variable(self, name: str, value: np.ndarray) -> Any:
+        """A non-trainable trainer variable for a regime's carried state (checkpointed with the
+        rest, so a resumed run continues from it)."""
+        return self.add_weight(
+            name=name, shape=value.shape, dtype=value.dtype, initializer=_constant(value), trainable=False,
+            aggregation=self._calls.first_replica_aggregation,
+        )
+
+    def _build_estimators(self) -> None:
+        """`hypergradient` (and the diagnostics' `reference_hypergradient`) from the settings record."""
+        self.hypergradient = self.problem.hypergradient(self.estimator_settings)
+        self.reference_hypergradient = (
+            None if self._reference_settings is None else self.problem.hypergradient(self._reference_settings)
+        )
 
     def _step_inputs(self) -> StepInputs:
         raw = tf.nest.map_structure(_read, self._built_state.raw)
         inner_state = [_read(v) for v in self._calls.non_trainable(self.inner_model)]
         hyper_state = [_read(v) for v in self._calls.non_trainable(self.hyper_model)] if self.hyper_model is not None else []
         stored = [_read(v) for v in self._calls.trainable(self.inner_model)]
-        opt_state = None
-        if self.spec.online:
-            opt_state = tf.nest.pack_sequence_as(
-                self._built_state.inner_opt_structure, [_read(v) for v in self._built_state.inner_opt_vars]
-            )
-        return StepInputs(raw, stored, inner_state, hyper_state, opt_state)
+        return StepInputs(raw, stored, inner_state, hyper_state, self.regime.read_carried())
 
     def _task_seeds(self, task: data_lib.Task, step: tf.Tensor) -> tf.Tensor:
         """Stateless seeds fold_in(fold_in((seed, 0), step), global task index), one per task."""
@@ -624,13 +614,6 @@ class BilevelTrainerMixin:
         for variable, value in zip(self._calls.non_trainable(self.hyper_model), new_state):
             if value.dtype.is_floating:
                 value = replica.all_reduce(tf.distribute.ReduceOp.MEAN, value)
-            variable.assign(tf.where(apply, value, _read(variable)))
-
-    def _update_stored_inner(self, apply: tf.Tensor, final_params: list, replica: Any) -> None:
-        """inner_init='warm_start': the next tasks start from the mean w_T of this meta-batch;
-        online: the inner model's variables hold the current w (meta_batch is off there)."""
-        for variable, value in zip(self._calls.trainable(self.inner_model), final_params):
-            value = replica.all_reduce(tf.distribute.ReduceOp.MEAN, value)
             variable.assign(tf.where(apply, value, _read(variable)))
 
     def _raise_if_nonfinite(self) -> None:
