@@ -353,9 +353,9 @@ def run_bilevel(cfg: Config, data: dict, network: str, method: str, store: oc.Me
     position: dict[str, Any] = {}  # the trainer, once built: its outer step counts hyper-iterations
 
     def run_position(step: Any, steps: int) -> tf.Tensor:
-        # Global minibatch index of inner step `step` (0-based within a hyper-iteration).
-        done = tf.cast(position["trainer"].optimizer.iterations, tf.float32)
-        return done * steps + tf.cast(step, tf.float32)
+        # Online, the trainer hands a schedule the global inner step of the run (hyper-iteration × T + t).
+        del steps
+        return tf.cast(step, tf.float32)
 
     if method.startswith("bilevel_T"):
         steps, truncate = parse_truncation(method[len("bilevel_T"):].replace("_K", ":"))
