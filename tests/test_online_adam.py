@@ -42,26 +42,30 @@ def _models():
     return model, reference
 
 
-def _online_trainer(model, truncate):
+def _online_trainer(model, truncate, jit_compile=True):
     trainer = tfb.BilevelTrainer(
         model, inner_loss=lambda y, p, hp: hp["scale"] * squared_error(y, p), outer_loss=squared_error,
         steps=T, truncate=truncate, online=True, inner_optimizer="adam", inner_learning_rate=LR,
         hyperparameters={"scale": tfb.Hyperparameter(1.0)},
     )
-    trainer.compile(optimizer=keras.optimizers.SGD(0.0), jit_compile=True)  # λ frozen: only w moves
+    trainer.compile(optimizer=keras.optimizers.SGD(0.0), jit_compile=jit_compile)  # λ frozen: only w moves
     return trainer
 
 
-@pytest.mark.parametrize("truncate", [None, 1], ids=["full", "k1"])
-def test_online_adam_with_frozen_hyperparameters_trains_like_keras_adam_step_for_step(truncate):
+@pytest.mark.parametrize(
+    "truncate, per_fit, jit_compile",
+    [(None, 1, True), (1, 1, True), (1, 2, True), (2, 2, False)],
+    ids=["full-1perfit-xla", "k1-1perfit-xla", "k1-2perfit-xla", "k2-2perfit-graph"],
+)
+def test_online_adam_with_frozen_hyperparameters_trains_like_keras_adam_step_for_step(truncate, per_fit, jit_compile):
     model, reference = _models()
-    trainer = _online_trainer(model, truncate)
+    trainer = _online_trainer(model, truncate, jit_compile)
     stream = trainer.resumable(tfb.keras.online_tasks(_train(), tf.data.Dataset.from_tensors((X_VAL, Y_VAL)), steps=T))
-    for k in range(HYPER_ITERATIONS):  # one fit call per hyper-iteration: the state must survive fit calls
-        trainer.fit(stream, epochs=1, steps_per_epoch=1, verbose=0)
-        reference.fit(_train().skip(k * T).take(T), epochs=1, verbose=0, shuffle=False)
+    for k in range(0, HYPER_ITERATIONS, per_fit):  # per_fit hyper-iterations per fit: the state survives both
+        trainer.fit(stream, epochs=1, steps_per_epoch=per_fit, verbose=0)
+        reference.fit(_train().skip(k * T).take(per_fit * T), epochs=1, verbose=0, shuffle=False)
         for got, expected in zip(model.get_weights(), reference.get_weights(), strict=True):
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=f"hyper-iteration {k}")
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=f"after hyper-iteration {k + per_fit - 1}")
     # The moments themselves: Keras' m and v equal tfb's mu and nu after HYPER_ITERATIONS × T steps.
     keras_moments = {v.path: v.numpy() for v in reference.optimizer.variables}
     count = [v for v in trainer.inner_optimizer_variables if v.shape == ()]
