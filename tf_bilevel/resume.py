@@ -59,6 +59,13 @@ def check_settings(
         raise SettingsMismatchError(f"{where} holds {what} of a run with other settings ({details}). {remedy}")
 
 
+def _dump_durably(f: Any, value: Any) -> None:
+    """Writes `value` as JSON to the open file `f` and forces it to disk."""
+    json.dump(value, f, default=_json_default)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
     """Writes `value` as JSON to `path` through a unique temporary file renamed over it (flushed
     first): a kill never leaves a half-written `path`."""
@@ -66,9 +73,7 @@ def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=f"-{name}")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(value, f, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
+            _dump_durably(f, value)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -87,9 +92,7 @@ def _create_json_exclusively(path: str, value: Any) -> bool:
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=f"-{name}")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(value, f, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
+            _dump_durably(f, value)
         try:
             os.link(temporary, path)
             return True
@@ -101,9 +104,7 @@ def _create_json_exclusively(path: str, value: Any) -> bool:
             except FileExistsError:
                 return False
             with os.fdopen(fd, "w") as f:
-                json.dump(value, f, default=_json_default)
-                f.flush()
-                os.fsync(f.fileno())
+                _dump_durably(f, value)
             return True
     finally:
         os.remove(temporary)
