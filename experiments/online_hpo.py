@@ -99,7 +99,8 @@ class Config(oc.StateOptions):
                                       "CosineDecay's alpha).")
     momentum: float = option(0.9, "Heavy-ball momentum β (fixed).")
     weight_decay_range: Sequence[float] = option((1e-6, 1e-2), "KerasTuner: log-uniform range.")
-    lr_range: Sequence[float] = option((1e-3, 0.3), "KerasTuner: log-uniform range of γ.")
+    lr_range: Sequence[float] = option((1e-3, 0.3), "KerasTuner: log-uniform range of the peak γ of the cosine "
+                                       "schedule (the default_cosine / krmd_wd schedule, --final_lr_fraction).")
     outer_lr: float = option(0.01, "Adam step on the log-hyperparameters.")
     tuner_trials: int = option(20, "RandomSearch trials.")
     bayesian_trials: int = option(20, "BayesianOptimization trials.")
@@ -403,8 +404,10 @@ def fit_plain(cfg: Config, data: dict, network: str, key: str, weight_decays: Se
                         seed=cfg.seed, store=store)
 
 
-def cosine_schedule(cfg: Config, n_train: int) -> keras.optimizers.schedules.LearningRateSchedule:
-    return keras.optimizers.schedules.CosineDecay(cfg.init_lr, total_steps(cfg, n_train), alpha=cfg.final_lr_fraction)
+def cosine_schedule(cfg: Config, n_train: int, peak: Optional[float] = None) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Keras' CosineDecay from `peak` (default --init_lr) to --final_lr_fraction × peak over the run."""
+    peak = cfg.init_lr if peak is None else peak
+    return keras.optimizers.schedules.CosineDecay(peak, total_steps(cfg, n_train), alpha=cfg.final_lr_fraction)
 
 
 def run_plain(cfg: Config, data: dict, network: str, method: str, store: oc.MethodStore, key: str) -> dict:
@@ -542,8 +545,9 @@ def run_search(cfg: Config, data: dict, network: str, kind: str, store: oc.Metho
 
     def build(hp) -> keras.Model:
         decays = [hp.Float(f"weight_decay_{l}", *cfg.weight_decay_range, sampling="log") for l in range(NUM_LAYERS)]
-        lr = hp.Float("learning_rate", *cfg.lr_range, sampling="log")
-        return compile_plain(build_cnn(decays, seed, network), cfg, lr)
+        # The tuner searches the peak of the cosine schedule: the strongest schedule of the baselines.
+        peak = hp.Float("learning_rate", *cfg.lr_range, sampling="log")
+        return compile_plain(build_cnn(decays, seed, network), cfg, cosine_schedule(cfg, len(data["train"][1]), peak))
 
     tuner = make_tuner(cfg, network, kind, build)
     key = search_key(network, kind)
@@ -603,7 +607,9 @@ def run_methods(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
                 key, run_cfg = run_key(network, method, seed), cfg.for_seed(seed)
                 if method in TUNERS:
                     train = lambda: oc.final_row(fit_plain(run_cfg, data, network, key, hp["weight_decay"],  # noqa: E731
-                                                           hp["learning_rate"], store), hyperparameters=hp)
+                                                           cosine_schedule(run_cfg, len(data["train"][1]),
+                                                                           hp["learning_rate"]), store),
+                                                 hyperparameters={**hp, "schedule": "cosine, peak learning_rate"})
                 elif method in PLAIN:
                     train = lambda: run_plain(run_cfg, data, network, method, store, key)  # noqa: E731
                 else:
