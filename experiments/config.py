@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import json
 import typing
 from typing import Any, Mapping, Optional, Sequence, TypeVar
+
+from tf_bilevel.resume import jsonable
 
 ConfigT = TypeVar("ConfigT")
 Presets = Mapping[str, Mapping[str, Any]]
@@ -166,13 +167,6 @@ def require(cfg: Any, **rules: tuple[bool, str]) -> None:
     for name, (ok, what) in rules.items():
         if not ok:
             raise ValueError(f"--{_flag_name(fields[name])} must be {what}, got {getattr(cfg, name)!r}")
-
-
-def jsonable(x: Any) -> Any:
-    """`x` with tuples as lists and numpy scalars/arrays as Python values, as it reads back from JSON."""
-    from experiments.run_state import jsonable as to_json
-
-    return json.loads(json.dumps(to_json(x)))
 
 
 def result_settings(cfg: Any, **extra: Any) -> dict:

@@ -33,7 +33,7 @@ import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
 from experiments import config, provenance  # noqa: E402
 from experiments._memory import PROBE_METHOD, format_probes, mib, probe  # noqa: E402
-from experiments.checkpoint_store import LoopClock, SidecarCheckpoint, arrays_sha256, run_resumable  # noqa: E402
+from experiments.checkpoint_store import LoopClock, LoopStore, arrays_sha256, run_resumable  # noqa: E402
 from experiments.config import option, result_settings  # noqa: E402
 from experiments.subprocesses import load_arrays, print_result, run_each  # noqa: E402
 from experiments.timing import round_robin_medians  # noqa: E402
@@ -254,7 +254,9 @@ def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
         return None
     root = Path(cfg.output_dir) / CHECKPOINT_DIR
     n_test = None if arrays.get("y_test") is None else int(len(arrays["y_test"]))
-    settings = result_settings(cfg, data_sha256=arrays_sha256(arrays, SPLIT_KEYS), n_test=n_test)
+    # checkpoint_format 2: tfb.HyperStepCheckpoint (λ saved as "hparams"); a folder of the
+    # earlier layout is refused by name rather than reported as a damaged checkpoint.
+    settings = result_settings(cfg, data_sha256=arrays_sha256(arrays, SPLIT_KEYS), n_test=n_test, checkpoint_format=2)
     guard_settings(root, settings, what="the checkpoints")
     return root
 
@@ -308,20 +310,15 @@ class TruncationRecord:
         self.exact_hypergradient_seconds += seconds
 
 
-class TruncationCheckpoint(SidecarCheckpoint):
-    """The checkpoints of one K in <root>/K<k> (see `SidecarCheckpoint`): λ and the outer Adam's
-    variables, a `TruncationRecord` as the sidecar state-<i>.json of ckpt-<i> (i = hyper-iterations
-    done), result.json once the K is finished. Deleting the K's folder reruns that K."""
-
-    def __init__(self, root: Path, truncate: int):
-        directory = root / f"K{truncate}"
-        super().__init__(directory, f"delete {directory} to rerun K={truncate} from the start, {RESTART_HINT}",
-                         state_keys=[*(f.name for f in dataclasses.fields(TruncationRecord)), *LoopClock.KEYS],
-                         result_keys=("outer_lr", "final", "timing", "curves"), counter="hyper_iteration",
-                         identity={"truncate": truncate})
-
-    def attach(self, lam: tf.Variable, optimizer: keras.optimizers.Optimizer, **more: Any) -> None:
-        super().attach(lam=lam, optimizer=optimizer, **more)
+def truncation_store(root: Path, truncate: int) -> LoopStore:
+    """The state of one K in <root>/K<k> (see `LoopStore`): the HyperStep's checkpoint ckpt-<i>
+    (λ and the outer Adam's variables, i = hyper-iterations done) with a `TruncationRecord` as
+    its sidecar state-<i>.json, result.json once the K is finished. Deleting the K's folder
+    reruns that K."""
+    directory = root / f"K{truncate}"
+    return LoopStore(directory, f"delete {directory} to rerun K={truncate} from the start, {RESTART_HINT}",
+                     state_keys=[*(f.name for f in dataclasses.fields(TruncationRecord)), *LoopClock.KEYS],
+                     result_keys=("outer_lr", "final", "timing", "curves"), identity={"truncate": truncate})
 
 
 # ---- One K: the compiled hyper-iteration (tfb.HyperStep) and its loop.
@@ -383,7 +380,7 @@ class TruncationRun:
     def __init__(self, problem: Problem, cfg: Config, truncate: int, exact_hg: tfb.Hypergradient,
                  checkpoints: Optional[Path] = None):
         self.problem, self.cfg, self.truncate, self.exact_hg = problem, cfg, truncate, exact_hg
-        self.store = TruncationCheckpoint(checkpoints, truncate) if checkpoints is not None else None
+        self.store = truncation_store(checkpoints, truncate) if checkpoints is not None else None
         self.full_rmd = truncate == cfg.inner_steps
         self.hg = exact_hg if self.full_rmd else make_hypergradient(problem, cfg, truncate)
         self.title = f"K={truncate}{' (full RMD)' if self.full_rmd else ''}"
@@ -400,19 +397,19 @@ class TruncationRun:
         return run_resumable(self, self.store, self.cfg.hyper_iterations, self.cfg.save_every, pause=pause,
                              pause_seconds=PAUSE_SECONDS)
 
-    def _variables(self, eta0: float) -> dict:
+    def _build_step(self, eta0: float) -> tfb.HyperStep:
         self.step = build_step(self.problem, self.cfg, self.hg, eta0, f"lambda_K{self.truncate}")
-        return {"lam": self.step.hparams, "optimizer": self.step.optimizer, "iterations": self.step.iterations}
+        return self.step
 
-    def build(self, state: Optional[dict]) -> dict:
+    def build(self, state: Optional[dict]) -> tfb.HyperStep:
         self.record = self._fresh_record() if state is None else TruncationRecord.from_state(state)
-        return self._variables(self.record.outer_lr)
+        return self._build_step(self.record.outer_lr)
 
-    def build_finished(self, result: dict) -> dict:
+    def build_finished(self, result: dict) -> tfb.HyperStep:
         # The timing phase needs a step: rebuilt at λ_R (it may run further hyper-iterations: the
         # result is recorded already).
         print(f"[hypercleaning] K={self.truncate}: finished earlier ({self.store.result_path})", flush=True)
-        return self._variables(result["outer_lr"])
+        return self._build_step(result["outer_lr"])
 
     def _fresh_record(self) -> TruncationRecord:
         """η0 for this K (appendix G.1): the first Adam update has norm --first_update_norm

@@ -1,71 +1,27 @@
-"""What the experiment programs keep on disk to resume: NumPy values made JSON-able, kill-safe
-writes under unique temporary names, the exclusive lock that lets one run at a time use an
---output_dir, reading state files back with a clear error when they are damaged, the guard that
-keeps a resumed run from mixing two configurations, and the test hook that stops a run at a
-known point to be killed."""
+"""What the experiment programs add to tf_bilevel/resume.py (the one owner of saved state:
+fingerprints, atomic writes, JSON values, damaged-file errors): the exclusive lock that lets one
+run at a time use an --output_dir, the programs' settings guard (fingerprint.json, with the
+--restart remedy), the one-line error of `main`, and the test hook that stops a run at a known
+point to be killed. The library's names are re-exported here for the programs."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import sys
-import tempfile
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
-import numpy as np
+from tf_bilevel.resume import (  # noqa: F401 (re-exported for the programs)
+    SettingsMismatchError, StateFileError, damaged, jsonable, read_state_json, reading_state, write_atomically,
+    write_json_atomically,
+)
+from tf_bilevel import resume
 
 LOCK_NAME = ".lock"
+FINGERPRINT = "fingerprint.json"  # the programs' settings file (tfb.guard_settings' filename=)
 RESTART_HINT = "or rerun with --restart to discard all saved state and start over"
-_UMASK = os.umask(0)
-os.umask(_UMASK)  # (read once: os.umask can only be read by setting it)
-
-
-def jsonable(x: Any) -> Any:
-    """`x` with NumPy arrays and scalars turned into lists and Python numbers, keys into str."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, (np.ndarray, np.generic)):
-        return x.tolist()
-    return x
-
-
-# ----------------------------------------------------------------------------------------
-# Kill-safe writes.
-# ----------------------------------------------------------------------------------------
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Calls `write(temporary)` and renames the temporary file over `path`, so that a kill (even
-    SIGKILL) never leaves `path` half-written. The temporary file is new and unique
-    (.tmp-<random>-<name> in the same folder: writers in two processes never collide, and its
-    name ends like `path`, so ".weights.h5" / ".png" checks still pass); it is flushed to disk
-    before the rename and removed if `write` fails."""
-    directory, name = os.path.split(os.path.abspath(os.fspath(path)))
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=f"-{name}")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files: give the usual permissions
-        os.close(fd)
-        write(temporary)
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
-
-
-def write_json_atomically(path: str | os.PathLike, value: Any, indent: Optional[int] = None) -> None:
-    """Writes `value` as JSON to `path` with `write_atomically`."""
-
-    def write(temporary: str) -> None:
-        with open(temporary, "w") as f:
-            json.dump(value, f, indent=indent)
-
-    write_atomically(path, write)
 
 
 # ----------------------------------------------------------------------------------------
@@ -134,77 +90,19 @@ def exclusive_output_dir(output_dir: str | os.PathLike, program: str) -> Iterato
 
 
 # ----------------------------------------------------------------------------------------
-# Reading state back.
-# ----------------------------------------------------------------------------------------
-class StateFileError(RuntimeError):
-    """A file of a program's saved state is damaged (truncated, garbage, not what was written)."""
-
-
-def damaged(path: str | os.PathLike, problem: str, remedy: str) -> StateFileError:
-    """The error for a damaged state file: which file, what is wrong with it, what to do."""
-    return StateFileError(f"{os.fspath(path)} is damaged ({problem}). To go on: {remedy}.")
-
-
-def read_state_json(path: str | os.PathLike, remedy: str, required: Sequence[str] = ()) -> dict:
-    """The JSON object in state file `path` with at least the keys `required`; StateFileError
-    (naming the file and `remedy`) if it cannot be read, is not JSON (truncated, garbage) or is
-    not such an object."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as err:
-        raise StateFileError(f"{os.fspath(path)} cannot be read ({err.strerror or err}). To go on: {remedy}.") from None
-    try:
-        value = json.loads(raw)
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
-        kind = "empty" if not raw.strip() else f"not valid JSON: {err}"
-        raise damaged(path, kind, remedy) from None
-    if not isinstance(value, dict):
-        raise damaged(path, f"a JSON {type(value).__name__} where an object was written", remedy)
-    missing = [key for key in required if key not in value]
-    if missing:
-        raise damaged(path, f"no {', '.join(map(repr, missing))}", remedy)
-    return value
-
-
-@contextlib.contextmanager
-def reading_state(path: str | os.PathLike, remedy: str, errors: tuple = (OSError, ValueError)) -> Iterator[None]:
-    """Turns `errors` raised while the block reads state file `path` with another library (a
-    TF checkpoint, Keras weights, a .npy file) into a StateFileError naming the file and `remedy`."""
-    try:
-        yield
-    except errors as err:
-        detail = (str(err).strip().splitlines() or [""])[0][:300]
-        raise damaged(path, f"{type(err).__name__}: {detail}" if detail else type(err).__name__, remedy) from None
-
-
-# ----------------------------------------------------------------------------------------
 # Settings.
 # ----------------------------------------------------------------------------------------
-class SettingsMismatchError(ValueError):
-    """A resumable program's state folder holds the state of a run with other settings."""
-
-
 def guard_settings(state_dir: str | os.PathLike, settings: dict, what: str = "the state") -> None:
-    """Stores the result-affecting `settings` in <state_dir>/fingerprint.json on the first run, or
-    checks them against the stored ones: resuming must never mix two configurations. (Call it
-    under `exclusive_output_dir`: no other run can write the fingerprint between the check and
-    the write.)"""
-    settings = json.loads(json.dumps(jsonable(settings)))  # as it reads back (tuples become lists)
-    os.makedirs(state_dir, exist_ok=True)
-    path = os.path.join(state_dir, "fingerprint.json")
-    if not os.path.exists(path):
-        write_json_atomically(path, settings)
-        return
-    # Deleting the fingerprint alone would let a run with other settings adopt this state.
-    stored = read_state_json(path, f"delete {state_dir} to start over, {RESTART_HINT}")
-    changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
-    if changed:
-        details = ", ".join(f"{k}: {stored.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
-        raise SettingsMismatchError(
-            f"{state_dir} holds {what} of a run with other settings ({details}). Resuming would mix two "
-            f"runs: rerun with the original flags, use another --output_dir, or delete {state_dir} (or rerun "
-            "with --restart) to start over.")
+    """`tfb.guard_settings` for a program: the result-affecting `settings` in
+    <state_dir>/fingerprint.json, stored on the first run and checked on every later one (a
+    mismatch is `tfb.SettingsMismatchError`, a damaged file a StateFileError, both naming
+    --restart)."""
+    resume.guard_settings(
+        state_dir, settings, what=what, filename=FINGERPRINT,
+        remedy=(f"rerun with the original flags, use another --output_dir, or delete {os.fspath(state_dir)} (or rerun "
+                "with --restart) to start over"),
+        # Deleting the fingerprint alone would let a run with other settings adopt this state.
+        damaged_remedy=f"delete {os.fspath(state_dir)} to start over, {RESTART_HINT}")
 
 
 def discard_state(state_dir: str | os.PathLike) -> None:

@@ -5,7 +5,7 @@ from tf_bilevel import diagnostics, nonfinite
 from tf_bilevel.api import ESTIMATORS, Hypergradient, HypergradientResult, NonFiniteError, hypergradient_fn
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, adam, momentum, sgd
 from tf_bilevel.outer import HyperStep, HyperStepResult, HyperStepState
-from tf_bilevel.resume import HyperStepCheckpoint, SettingsMismatchError, guard_settings
+from tf_bilevel.resume import HyperStepCheckpoint, SettingsMismatchError, StateFileError, guard_settings
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,7 @@ __all__ = [
     "NonFiniteError",
     "Progress",
     "SettingsMismatchError",
+    "StateFileError",
     "adam",
     "diagnostics",
     "guard_settings",
