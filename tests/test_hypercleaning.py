@@ -183,7 +183,7 @@ def _resume_command(tmp_path: Path, output_dir: Path, *extra: str) -> list:
 def _final_lambda(output_dir: Path, truncate: int) -> dict:
     """λ_R and the outer Adam's variables, as saved in the last checkpoint of K (iteration 12)."""
     reader = tf.train.load_checkpoint(str(output_dir / "checkpoints" / f"K{truncate}" / "ckpt-12"))
-    names = [n for n in reader.get_variable_to_shape_map() if n.startswith(("lam/", "optimizer/"))]
+    names = [n for n in reader.get_variable_to_shape_map() if n.startswith(("hparams/", "optimizer/"))]
     return {n: reader.get_tensor(n) for n in names}
 
 
@@ -235,7 +235,7 @@ def test_killed_run_rerun_with_the_same_command_ends_identical(tmp_path):
     # λ_R and Adam's state (iteration counter, learning rate, moments), bit for bit.
     for k in (1, 5):
         got, want = _final_lambda(interrupted, k), _final_lambda(uninterrupted, k)
-        assert set(got) == set(want) and "lam/.ATTRIBUTES/VARIABLE_VALUE" in got and len(got) == 5
+        assert set(got) == set(want) and "hparams/.ATTRIBUTES/VARIABLE_VALUE" in got and len(got) == 5
         for name in want:
             assert np.array_equal(got[name], want[name]), f"K={k} {name}: max |Δ| = {np.max(np.abs(got[name] - want[name]))}"
         assert int(got["optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"]) == 12

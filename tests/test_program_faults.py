@@ -1,13 +1,16 @@
 """The experiment programs under faults (issue #8): two runs on one --output_dir, damaged state
 files, unusable output folders.
 
-* experiments/run_state.py in-process: concurrent atomic writers never collide, the output
-  folder lock refuses a second holder naming the folder and the PID, damaged JSON state and
-  damaged TF checkpoints (truncated, garbage) are StateFileErrors naming the file.
-* The programs as subprocesses (tests/program_runs.py): a second run on the folder of a running
-  one is refused while the first completes; each kind of state file truncated or overwritten
-  with garbage ends the rerun with one line naming the file and the fix, never a traceback;
-  --restart starts over; an output folder under a regular file or read-only is one line.
+* In process, against the state writers and readers (tf_bilevel/resume.py, experiments/run_state.py,
+  the readers of each program): concurrent atomic writers never collide; the output folder lock
+  refuses a second holder naming the folder and the PID; a program's settings mismatch is
+  `tfb.SettingsMismatchError`, and fingerprints written before the library owned them still
+  resume; damaged JSON state and damaged TF checkpoints and Keras backups (truncated, garbage,
+  missing) are StateFileErrors naming the file and the fix, never a restored value.
+* The programs as subprocesses (tests/program_runs.py), one damaged-state case per program for the
+  one-line-error contract (`<program>: error: <file> is damaged ... --restart`, no traceback) and
+  --restart recovering; a second run on the folder of a running one is refused while the first
+  completes; an output folder under a regular file or read-only is one line.
 """
 
 from __future__ import annotations
@@ -28,8 +31,12 @@ import keras
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
+import tf_bilevel as tfb  # noqa: E402
+from tf_bilevel import resume  # noqa: E402
 from experiments import hypercleaning as H  # noqa: E402
+from experiments import keras_resume  # noqa: E402
 from experiments import run_state  # noqa: E402
+from experiments import task_interaction as TI  # noqa: E402
 from offline_data import MNIST_DIR, HAVE_MNIST, needs_mnist, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 
@@ -73,7 +80,7 @@ def test_concurrent_atomic_writers_of_one_file_never_collide(tmp_path):
     assert not errors, errors[:3]
     assert json.loads(path.read_text()) in values
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]  # no temporaries left
-    assert (path.stat().st_mode & 0o777) == 0o666 & ~run_state._UMASK  # not mkstemp's 0600
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~resume._UMASK  # not mkstemp's 0600
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -152,18 +159,69 @@ def test_damaged_fingerprint_says_delete_the_state_folder_not_the_file(tmp_path,
     assert "--restart" in str(err.value)
 
 
-_STATE = {"outer_lr": 0.5, "unit_lr_first_update_norm": 1.0, "initial_hypergrad_norm": 1.0, "curves": {},
-          "test_iterations": [], "test_accuracy": [], "exact_iterations": [], "exact_hypergrad_norm": [],
-          "exact_hypergradient_seconds": 0.0, "elapsed_seconds": 0.0, "process_starts": [0]}
+def test_a_programs_settings_mismatch_is_the_librarys_error(tmp_path):
+    assert run_state.SettingsMismatchError is H.SettingsMismatchError is tfb.SettingsMismatchError
+    assert run_state.StateFileError is tfb.StateFileError
+    run_state.guard_settings(tmp_path, {"lr": 0.1, "seed": 0})
+    try:
+        run_state.guard_settings(tmp_path, {"lr": 0.2, "seed": 0})
+    except tfb.SettingsMismatchError as err:
+        message = str(err)
+    else:
+        pytest.fail("a program's guard accepted other settings")
+    assert message.startswith(f"{tmp_path} holds the state of a run with other settings (lr: 0.1 then, 0.2 now)")
+    assert "--output_dir" in message and "--restart" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fingerprint.json"]  # the programs' file name
 
 
-def _checkpointed_store(root: Path) -> tuple:
-    store = H.TruncationCheckpoint(root, 3)
-    lam = tf.Variable(tf.range(50, dtype=tf.float32))
-    optimizer = keras.optimizers.Adam(0.1)
-    optimizer.build([lam])
-    store.attach(lam, optimizer)
-    return store, lam, optimizer
+def test_fingerprint_written_before_the_library_owned_it_still_resumes(tmp_path):
+    """Output folders keep fingerprint.json: one written by the programs' own guard (json.dump,
+    mode 0600 of mkstemp) is read back by the library's, so a run from before this change resumes."""
+    settings = {"outer_lr": 0.01, "truncate": ["1", "full"], "trials": 2}
+    path = tmp_path / "fingerprint.json"
+    path.write_text(json.dumps(settings))
+    path.chmod(0o600)
+    run_state.guard_settings(tmp_path, {**settings, "truncate": ("1", "full")})  # tuples read back as lists
+    with pytest.raises(tfb.SettingsMismatchError, match="trials: 2 then, 3 now"):
+        run_state.guard_settings(tmp_path, {**settings, "trials": 3})
+    assert json.loads(path.read_text()) == settings  # never rewritten
+
+
+def _hypercleaning_arrays(n: int = 20, d: int = 6) -> dict:
+    rng = np.random.default_rng(0)
+    return {"x_train": rng.normal(size=(n, d)).astype(np.float32), "y_train": rng.integers(0, 10, n),
+            "x_val": rng.normal(size=(n, d)).astype(np.float32), "y_val": rng.integers(0, 10, n),
+            "corrupted": rng.random(n) < 0.5, "replaced": rng.random(n) < 0.5}
+
+
+def test_hypercleaning_checkpoints_of_the_earlier_layout_are_refused_by_name(tmp_path):
+    """Hypercleaning's checkpoints became tfb.HyperStepCheckpoints (λ saved as "hparams", not
+    "lam"): a folder of the earlier layout is a settings mismatch naming checkpoint_format and
+    --restart, not a 'damaged checkpoint'."""
+    arrays = _hypercleaning_arrays()
+    cfg = H.Config(output_dir=str(tmp_path), truncate=[1], n_train=20, n_val=20, save_every=4).validated()
+    root = H.prepare_checkpoints(cfg, arrays)
+    fingerprint = json.loads((root / "fingerprint.json").read_text())
+    assert fingerprint.pop("checkpoint_format") == 2
+    (root / "fingerprint.json").write_text(json.dumps(fingerprint))  # as the earlier layout wrote it
+    with pytest.raises(tfb.SettingsMismatchError) as err:
+        H.prepare_checkpoints(cfg, arrays)
+    assert "checkpoint_format: None then, 2 now" in str(err.value) and "--restart" in str(err.value)
+
+
+_RECORD = {"outer_lr": 0.5, "unit_lr_first_update_norm": 1.0, "initial_hypergrad_norm": 1.0, "curves": {},
+           "test_iterations": [], "test_accuracy": [], "exact_iterations": [], "exact_hypergrad_norm": [],
+           "exact_hypergradient_seconds": 0.0, "elapsed_seconds": 0.0, "process_starts": [0]}
+
+
+def _hypercleaning_checkpoint(root: Path) -> tuple:
+    """(K=3's store, its HyperStepCheckpoint, λ): a HyperStep as hypercleaning builds one (λ of 50
+    examples, Keras Adam), not run: its counter is set to the hyper-iterations 'done'."""
+    store = H.truncation_store(root, 3)
+    hg = tfb.hypergradient_fn(lambda w, lam: tf.reduce_sum(tf.sigmoid(lam)) * tf.reduce_sum(w**2),
+                              lambda w, lam: tf.reduce_sum(w), steps=1, learning_rate=0.1, jit_compile=False)
+    step = tfb.HyperStep(hg, tf.Variable(tf.range(50, dtype=tf.float32)), keras.optimizers.Adam(0.1))
+    return store, store.checkpoint(step), step.hparams
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
@@ -171,32 +229,87 @@ def _checkpointed_store(root: Path) -> tuple:
 def test_damaged_hypercleaning_checkpoint_is_named_never_restored(tmp_path, name, damage):
     """TF checksums the checkpoint's index and data: damage raises (OpError, IndexError), which
     must come out as a StateFileError naming the K's folder, never as a restored λ."""
-    store, _, _ = _checkpointed_store(tmp_path)
-    store.save(4, _STATE)
+    store, checkpoint, _ = _hypercleaning_checkpoint(tmp_path)
+    checkpoint.hyper_step.iterations.assign(4)
+    checkpoint.save(_RECORD)
     DAMAGE[damage](store.directory / name)
-    fresh, lam, _ = (None, None, None)
+    lam = None
     with pytest.raises(run_state.StateFileError) as err:
-        fresh, lam, _ = _checkpointed_store(tmp_path)
-        state = fresh.latest_state()
-        fresh.restore(state["hyper_iteration"])
+        assert store.latest_state() is not None  # read before the step is built (it holds η0)
+        _, fresh, lam = _hypercleaning_checkpoint(tmp_path)
+        lam.assign(tf.zeros([50]))
+        fresh.restore()
     message = str(err.value)
     assert str(store.directory) in message and f"delete {store.directory} to rerun K=3" in message
+    assert "--restart" in message
     assert (name.split(".")[0] if name.startswith("ckpt") else name) in message
     if lam is not None:
-        assert np.array_equal(lam.numpy(), np.arange(50))  # nothing restored
+        assert not np.any(lam.numpy())  # nothing restored
 
 
-def test_hypercleaning_checkpoint_round_trip_and_missing_sidecar(tmp_path):
-    store, lam, optimizer = _checkpointed_store(tmp_path)
-    store.save(4, _STATE)
-    fresh, fresh_lam, _ = _checkpointed_store(tmp_path)
+def test_hypercleaning_checkpoint_round_trip_missing_sidecar_and_damaged_result(tmp_path):
+    store, checkpoint, _ = _hypercleaning_checkpoint(tmp_path)
+    checkpoint.hyper_step.iterations.assign(4)
+    checkpoint.save(_RECORD)
+    _, fresh, fresh_lam = _hypercleaning_checkpoint(tmp_path)
     fresh_lam.assign(tf.zeros([50]))
-    assert fresh.latest_state()["hyper_iteration"] == 4
-    fresh.restore(4)
+    assert store.latest_state() == _RECORD
+    assert fresh.restore() == 4 and fresh.sidecar == _RECORD
     assert np.array_equal(fresh_lam.numpy(), np.arange(50))
     (store.directory / "state-4.json").unlink()
     with pytest.raises(run_state.StateFileError, match="ckpt-4 has no sidecar state-4.json"):
-        fresh.latest_state()
+        store.latest_state()
+    store.save_result({"truncate": 3, "outer_lr": 0.5, "final": {}, "timing": {}, "curves": {}})
+    assert store.result()["truncate"] == 3
+    truncate(store.result_path)
+    with pytest.raises(run_state.StateFileError, match=f"{store.result_path} is damaged.*delete {store.directory}"):
+        store.result()
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_task_interaction_row_is_named(tmp_path, damage):
+    path = tmp_path / "trial1_1.json"
+    path.write_text(json.dumps({key: 1 for key in TI.ROW_KEYS}))
+    assert TI.load_stored_run(str(path), 1)["trial"] == 1
+    DAMAGE[damage](path)
+    with pytest.raises(run_state.StateFileError, match=f"{path} is damaged.*delete it to redo that run.*--restart"):
+        TI.load_stored_run(str(path), 1)
+
+
+def _fitted(backup_dir: Path) -> keras.Model:
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    model.fit(np.ones((4, 2), np.float32), np.ones((4, 1), np.float32), epochs=1, verbose=0,
+              callbacks=[keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False)])
+    return model
+
+
+@pytest.mark.parametrize("name", ["record", "backup", "row", "weights"])
+def test_damaged_keras_method_state_is_named(tmp_path, name):
+    """experiments/keras_resume.py's readers (omniglot, online_hpo, reweighting): a killed
+    method's record or backup, a finished method's row or weights, damaged."""
+    store = keras_resume.MethodStore(str(tmp_path))
+    model = _fitted(Path(store.backup_dir("1")))
+    if name == "record":
+        path = Path(store.record_path("1"))
+        path.write_text(json.dumps({"rec": {"it": [0, 4]}, "step_times": []}))
+        truncate(path)
+        record = keras_resume.ResumableRecord("method 1", 2, 4, {"it": []}, str(path), store.unfinished_remedy("1"))
+        call, fix = (lambda: record.begin(1)), "train this method from the start"
+    elif name == "backup":
+        path = Path(store.backup_dir("1"))
+        truncate(path / "latest.weights.h5")
+        backup = store.backup("1")
+        backup.set_model(model)
+        call, fix = (lambda: backup.on_train_begin()), "train it from the start"
+    else:
+        store.save("1", model, {"test_accuracy": 0.5})
+        path = Path(store.path("1", ".json" if name == "row" else ".weights.h5"))
+        garbage(path)
+        call, fix = (lambda: store.load("1", model, ["test_accuracy"])), "to train method 1 again"
+    with pytest.raises(run_state.StateFileError) as err:
+        call()
+    assert f"{path} is damaged" in str(err.value) and fix in str(err.value) and "--restart" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------
@@ -244,116 +357,52 @@ def test_second_run_on_the_output_dir_of_a_running_one_is_refused_and_the_first_
     assert "Traceback" not in first_log.read_text()
 
 
-@pytest.fixture(scope="module")
-def task_interaction_state(tmp_path_factory, mnist) -> tuple:
-    """(a finished run's output folder, its command's tail): the state every case damages a copy of."""
-    root = tmp_path_factory.mktemp("task_interaction")
-    tfds, out = root / "tfds", root / "finished"
-    program_runs.finish(program_runs.start(_task_interaction(mnist, tfds, out), root / "log"), root / "log")
-    return out, mnist, tfds
+def _garbage_state(out: Path, name: str) -> Path:
+    """<out>/<name> written as garbage (no run needed: the readers' cases are tested in process;
+    here the program's way of reporting one)."""
+    path = out / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x89\xff\x00garbage")
+    return path
 
 
-def _damaged_copy(state: Path, tmp_path: Path, name: str, damage: str) -> tuple[Path, Path]:
+@needs_mnist
+@pytest.mark.slow
+def test_task_interaction_damaged_state_is_one_line_and_restart_recovers(tmp_path, mnist):
+    out, tfds, log = tmp_path / "out", tmp_path / "tfds", tmp_path / "log"
+    path = _garbage_state(out, "resume/fingerprint.json")
+    returncode, output = program_runs.run(_task_interaction(mnist, tfds, out), log)
+    program_runs.assert_clear_error(returncode, output, "task_interaction: error:", f"{path} is damaged",
+                                    f"delete {out / 'resume'} to start over", "--restart")
+    program_runs.finish(program_runs.start(_task_interaction(mnist, tfds, out, "--restart"), log), log)
+    assert json.loads(path.read_text())["outer_lr"] == 0.01  # a new fingerprint
+    assert {name: len(rows) for name, rows in json.loads((out / "results.json").read_text())["runs"].items()} == \
+        {"1": 2, "full": 2}
+
+
+@needs_mnist
+@pytest.mark.slow
+def test_hypercleaning_damaged_state_is_one_line(tmp_path):
     out = tmp_path / "out"
-    shutil.copytree(state, out)
-    DAMAGE[damage](out / name)
-    return out, out / name
+    path = _garbage_state(out, "checkpoints/fingerprint.json")
+    command = ["-m", "experiments.hypercleaning", "--quick", "--truncate=5", "--save_every=4", f"--local_dir={MNIST_DIR}",
+               f"--data_dir={tmp_path / 'tfds'}", f"--output_dir={out}"]
+    returncode, output = program_runs.run(command, tmp_path / "log")
+    program_runs.assert_clear_error(returncode, output, "hypercleaning: error:", f"{path} is damaged",
+                                    f"delete {out / 'checkpoints'}", "--restart")
 
 
 @needs_mnist
 @pytest.mark.slow
-@pytest.mark.parametrize("name, damage, fix", [
-    ("resume/trial1_1.json", "truncated", "delete it to redo that run"),
-    ("resume/fingerprint.json", "garbage", "resume to start over")])
-def test_task_interaction_damaged_state_is_named_and_restart_recovers(tmp_path, task_interaction_state,
-                                                                      name, damage, fix):
-    state, mnist, tfds = task_interaction_state
-    out, path = _damaged_copy(state, tmp_path, name, damage)
-    returncode, output = program_runs.run(_task_interaction(mnist, tfds, out), tmp_path / "log")
-    program_runs.assert_clear_error(returncode, output, f"{path} is damaged", fix, "--restart")
-    if name.endswith("fingerprint.json"):
-        program_runs.finish(program_runs.start(_task_interaction(mnist, tfds, out, "--restart"), tmp_path / "log"),
-                            tmp_path / "log")
-        expected = json.loads((state / "results.json").read_text())
-        results = json.loads((out / "results.json").read_text())
-        assert [r["test_acc"] for r in results["runs"]["full"]] == [r["test_acc"] for r in expected["runs"]["full"]]
-
-
-def _hypercleaning(mnist: Path, tfds: Path, out: Path) -> list:
-    return ["-m", "experiments.hypercleaning", "--quick", "--truncate=5", "--save_every=4", "--timing_rounds=0",
-            "--nomeasure_memory", f"--local_dir={mnist}", f"--data_dir={tfds}", f"--output_dir={out}"]
-
-
-@pytest.fixture(scope="module")
-def hypercleaning_state(tmp_path_factory) -> tuple:
-    if not HAVE_MNIST:
-        pytest.skip(f"no MNIST IDX .gz files in {MNIST_DIR} (set TF_BILEVEL_MNIST_DIR)")
-    root = tmp_path_factory.mktemp("hypercleaning")
-    # --quick draws 1000 + 1000 class-balanced examples: 3000 images have enough of every digit.
-    mnist = write_mnist_subset(MNIST_DIR, root / "mnist", train=3000, test=500)
-    tfds, out = root / "tfds", root / "finished"
-    program_runs.finish(program_runs.start(_hypercleaning(mnist, tfds, out), root / "log"), root / "log")
-    return out, mnist, tfds
-
-
-@needs_mnist
-@pytest.mark.slow
-@pytest.mark.parametrize("name, damage, unfinished", [
-    ("fingerprint.json", "garbage", False),
-    ("K5/result.json", "truncated", False),
-    ("K5/state-12.json", "garbage", True),
-    ("K5/ckpt-12.data-00000-of-00001", "truncated", True),
-    ("K5/state-12.json", "missing", True)])  # the "has no sidecar" case
-def test_hypercleaning_damaged_state_is_named(tmp_path, hypercleaning_state, name, damage, unfinished):
-    """`unfinished`: without result.json, so that the rerun resumes K = 5 from its checkpoint."""
-    state, mnist, tfds = hypercleaning_state
+def test_omniglot_damaged_state_is_one_line(tmp_path, mnist):
     out = tmp_path / "out"
-    shutil.copytree(state, out)
-    path = out / "checkpoints" / name
-    if unfinished:
-        (out / "checkpoints" / "K5" / "result.json").unlink()
-    if damage == "missing":
-        path.unlink()
-    else:
-        DAMAGE[damage](path)
-    returncode, output = program_runs.run(_hypercleaning(mnist, tfds, out), tmp_path / "log")
-    folder = out / "checkpoints" if name == "fingerprint.json" else out / "checkpoints" / "K5"
-    named = {"missing": "has no sidecar state-12.json", "truncated": "ckpt-12" if "ckpt" in name else str(path)}
-    program_runs.assert_clear_error(returncode, output, "hypercleaning: error:", named.get(damage, str(path)),
-                                    f"delete {folder}", "--restart")
-
-
-def _omniglot(mnist: Path, tfds: Path, out: Path, *extra: str) -> list:
-    return ["-m", "experiments.omniglot", "--quick", "--dataset=mnist", f"--local_dir={mnist}", "--truncate=1",
-            "--noshort_horizon", "--relerr_truncations=", "--timing_rounds=0", f"--data_dir={tfds}",
-            f"--output_dir={out}", *extra]
-
-
-@pytest.fixture(scope="module")
-def omniglot_states(tmp_path_factory, mnist) -> tuple:
-    """(state of a run killed after hyper-iteration 3 of 4: backup + record; state of a finished run)."""
-    root = tmp_path_factory.mktemp("omniglot")
-    tfds, out, log = root / "tfds", root / "run", root / "log"
-    command = _omniglot(mnist, tfds, out, "--pause_after=1,3")
-    program_runs.kill_when_paused(program_runs.start(command, log), out / "resume" / "paused_1_3", log)
-    shutil.copytree(out, root / "killed")
-    program_runs.finish(program_runs.start(command, log), log)
-    return root / "killed", out, mnist, tfds
-
-
-@needs_mnist
-@pytest.mark.slow
-@pytest.mark.parametrize("name, damage, killed, fix", [
-    ("resume/1.record.json", "truncated", True, "train this method from the start"),
-    ("resume/backup/1/latest.weights.h5", "truncated", True, "train it from the start"),
-    ("resume/1.json", "garbage", False, "to train method 1 again"),
-    ("resume/1.weights.h5", "garbage", False, "to train method 1 again")])
-def test_omniglot_damaged_state_is_named(tmp_path, omniglot_states, name, damage, killed, fix):
-    killed_state, finished_state, mnist, tfds = omniglot_states
-    out, path = _damaged_copy(killed_state if killed else finished_state, tmp_path, name, damage)
-    returncode, output = program_runs.run(_omniglot(mnist, tfds, out), tmp_path / "log")
-    named = str(path.parent) if "backup" in name else str(path)  # the backup is a folder Keras writes
-    program_runs.assert_clear_error(returncode, output, "omniglot: error:", f"{named} is damaged", fix, "--restart")
+    path = _garbage_state(out, "resume/1.json")  # method 1 "finished" by an earlier run
+    command = ["-m", "experiments.omniglot", "--quick", "--dataset=mnist", f"--local_dir={mnist}", "--truncate=1",
+               "--noshort_horizon", "--relerr_truncations=", "--timing_rounds=0", f"--data_dir={tmp_path / 'tfds'}",
+               f"--output_dir={out}"]
+    returncode, output = program_runs.run(command, tmp_path / "log")
+    program_runs.assert_clear_error(returncode, output, "omniglot: error:", f"{path} is damaged",
+                                    "to train method 1 again", "--restart")
 
 
 @pytest.mark.slow
