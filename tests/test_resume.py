@@ -1,6 +1,7 @@
 """No lost work (issue #3): a fit killed with SIGKILL and restarted with the same command ends
-with the same hyperparameters, bit for bit, as an uninterrupted run; non-finite
-hypergradients never reach λ.
+with the same hyperparameters, bit for bit, as an uninterrupted run; a HyperStepCheckpoint's
+sidecar is restored with its checkpoint wherever a kill lands; non-finite hypergradients never
+reach λ.
 
 The kill test runs tests/resume_job.py (four fits: the deterministic hypercleaning regime,
 the stochastic regime of a stream of few-shot episodes, and online training of a network with BatchNorm and
@@ -85,6 +86,77 @@ def test_fit_killed_and_rerun_with_the_same_command_ends_bit_identical(tmp_path)
             assert summary["inner_steps_done"] == reference_summary["inner_steps_done"] == 3 * EPOCHS * STEPS_PER_EPOCH
         assert not (interrupted / f"{name}_backup").exists()  # BackupAndRestore cleans up after a finished fit
     assert "hypercleaning: finished earlier" in log.read_text()
+
+
+# ------------------------------------------------------------------------------------
+# tfb.HyperStepCheckpoint's JSON sidecar (the mechanism behind experiments/hypercleaning.py,
+# whose kill test is in test_hypercleaning.py): values restored together were saved together.
+# ------------------------------------------------------------------------------------
+def _hyper_step() -> tfb.HyperStep:
+    hg = tfb.hypergradient_fn(lambda w, lam: 0.5 * tf.reduce_sum((w - 1.0) ** 2) + 0.5 * tf.exp(lam) * tf.reduce_sum(w**2),
+                              lambda w, lam: 0.5 * tf.reduce_sum((w - 2.0) ** 2), steps=3, learning_rate=0.3,
+                              jit_compile=False)
+    return tfb.HyperStep(hg, tf.constant(0.5), tfb.adam(0.1))
+
+
+def _run_with_sidecar(directory, steps: int, *, kill_before_checkpoint_at: int = -1, max_to_keep: int = 1):
+    """A fresh step and checkpoint (as in a new process) resumed from `directory` and run to
+    `steps` hyper-steps with the outer values in the sidecar, saving after every one;
+    `kill_before_checkpoint_at=k`: dies after writing the sidecar of k, before its checkpoint."""
+    step = _hyper_step()
+    ckpt = tfb.HyperStepCheckpoint(directory, step, sidecar_keys=["values"], max_to_keep=max_to_keep)
+    done = ckpt.restore()
+    values = list(ckpt.sidecar["values"]) if done else []
+    assert len(values) == done
+    for k in range(done, steps):
+        values.append(float(step(tf.zeros([2])).outer_value))
+        if k + 1 == kill_before_checkpoint_at:
+            ckpt.manager.save = lambda **kwargs: (_ for _ in ()).throw(KeyboardInterrupt("killed"))
+        ckpt.save({"values": values})
+    return step, values, done
+
+
+def test_sidecar_is_restored_with_its_checkpoint_wherever_a_kill_lands(tmp_path):
+    reference, expected, _ = _run_with_sidecar(tmp_path / "reference", 6)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # the sidecar of 3 is written, ckpt-3 is not
+        _run_with_sidecar(run, 6, kill_before_checkpoint_at=3)
+    assert (run / "state-3.json").exists() and (run / "state-2.json").exists()
+    assert tfb.HyperStepCheckpoint.latest_sidecar(run)["values"] == expected[:2]  # ckpt-2's, read before a step exists
+    resumed, values, done = _run_with_sidecar(run, 6)
+    assert done == 2 and values == expected
+    assert np.array_equal(resumed.hparams.numpy(), reference.hparams.numpy())
+    assert sorted(p.name for p in run.glob("state-*.json")) == ["state-6.json"]
+    # A kill after the checkpoint, before the older sidecar is removed: a stale sidecar is harmless.
+    (run / "state-5.json").write_text('{"values": []}')
+    assert _run_with_sidecar(run, 6)[1:] == (expected, 6)
+    # max_to_keep: each kept checkpoint keeps its sidecar.
+    _run_with_sidecar(tmp_path / "two", 4, max_to_keep=2)
+    assert sorted(p.name for p in (tmp_path / "two").glob("state-*.json")) == ["state-3.json", "state-4.json"]
+
+
+def test_sidecar_misuse_and_damage_are_named(tmp_path):
+    ckpt = tfb.HyperStepCheckpoint(tmp_path, _hyper_step(), sidecar_keys=["values"])
+    with pytest.raises(ValueError, match="sidecar=...\\) needs a dict exactly when"):
+        ckpt.save()
+    with pytest.raises(ValueError, match="lacks the keys \\['values'\\]"):
+        ckpt.save({"other": 1})
+    with pytest.raises(ValueError, match="needs a dict exactly when"):
+        tfb.HyperStepCheckpoint(tmp_path / "plain", _hyper_step()).save({"values": []})
+    with pytest.raises(TypeError, match="sidecar_keys=...\\) must be a list of keys"):
+        tfb.HyperStepCheckpoint(tmp_path, _hyper_step(), sidecar_keys="values")
+    ckpt.save({"values": [1.0]})
+    (tmp_path / "state-0.json").write_text('{"values": [1.0')
+    with pytest.raises(tfb.StateFileError, match=f"state-0.json is damaged .not valid JSON.*delete {tmp_path} to start over"):
+        tfb.HyperStepCheckpoint(tmp_path, _hyper_step(), sidecar_keys=["values"]).restore()
+    (tmp_path / "state-0.json").unlink()
+    with pytest.raises(tfb.StateFileError, match=r"ckpt-0 has no sidecar state-0.json\). To go on: start afresh"):
+        tfb.HyperStepCheckpoint(tmp_path, _hyper_step(), sidecar_keys=["values"], remedy="start afresh").restore()
+    # The library's settings file, damaged: named, with the folder to delete (not the file alone).
+    tfb.guard_settings(tmp_path / "guarded", {"lr": 0.1})
+    (tmp_path / "guarded" / "settings.json").write_text("{")
+    with pytest.raises(tfb.StateFileError, match=f"settings.json is damaged.*delete {tmp_path / 'guarded'} to start over"):
+        tfb.guard_settings(tmp_path / "guarded", {"lr": 0.1})
 
 
 # ------------------------------------------------------------------------------------
