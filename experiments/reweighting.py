@@ -40,13 +40,15 @@ from experiments.run_state import write_atomically  # noqa: E402
 
 SETTINGS = ("flip", "symmetric", "longtail")
 BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb")
-BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft")
+BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft")
+LOOKAHEAD = ("ren", "ren_mix")  # Ren et al.'s per-step weights (experiments/lookahead_weights.py)
 # Run order within a seed: a model before its fine-tuning (finetune, mwn_ft, l2rw_ft: the same
 # fine-tuning on the clean set from plain's / mwn's / l2rw's trained weights; forward also
 # starts from plain's model).
 METHODS = ("plain", "finetune", "forward", "cb", "l2rw", "l2rw_ft", "mwn", "mwn_ft", "l2rw_k", "mwn_k", "random",
-           "clean")
-FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw"}  # method: the run it starts from
+           "clean", "ren", "ren_ft", "ren_mix", "ren_mix_ft")
+FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw", "ren_ft": "ren",
+             "ren_mix_ft": "ren_mix"}  # method: the run it starts from
 NOT_IN = {"flip": ("cb",), "symmetric": ("cb",), "longtail": ("forward",)}
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = ("cnn", "mlp")
@@ -95,6 +97,7 @@ class Config(oc.StateOptions):
     l2rw_normalization: str = option("mean", "l2rw: weights divided by their minibatch mean (as L2RW) or not.",
                                      choices=NORMALIZATIONS)
     l2rw_outer_lr: float = option(0.2, "l2rw: Adam step on the raw per-example weights ν (weight = sigmoid(ν)).")
+    clean_per_batch: int = option(16, "ren_mix: clean examples joining every training minibatch (weight 1/B each).")
     finetune_epochs: int = option(20, "finetune: passes over the clean examples after plain training.")
     finetune_lr: float = option(0.01, "finetune: SGD learning rate (momentum as --momentum).")
     cb_beta: float = option(0.9999, "cb: β of the effective number (1 − β^n) / (1 − β).")
@@ -139,7 +142,7 @@ class Config(oc.StateOptions):
             if getattr(cfg, name) not in NORMALIZATIONS:
                 raise ValueError(f"--{name} must be one of {NORMALIZATIONS}, got {getattr(cfg, name)!r}")
         oc.check_ranges(cfg, ("epochs", "batch_size", "val_batch_size", "hidden", "weighting_hidden", "hp_every",
-                              "finetune_epochs"), ("lr", "outer_lr", "l2rw_outer_lr", "finetune_lr"))
+                              "finetune_epochs", "clean_per_batch"), ("lr", "outer_lr", "l2rw_outer_lr", "finetune_lr"))
         if cfg.k < 2:
             raise ValueError(f"--k is the K > 1 of mwn_k and l2rw_k, got {cfg.k}")
         return cfg
@@ -279,19 +282,19 @@ def weight_diagnostics(v: np.ndarray, data: dict) -> dict:
     histograms, the mean weight per (given) class."""
     wrong, labels = data["corrupted"], data["train"][1]
     flagged = v < DETECTOR_THRESHOLD
-    bins = np.linspace(0, 1, 21)
+    bins = np.linspace(0, max(1.0, float(np.quantile(v, 0.99))), 21)  # lookahead weights B·w̃ exceed 1
     out = {"mean_weight": float(v.mean()), "flagged": int(flagged.sum()),
            "mean_weight_per_class": [float(v[labels == c].mean()) if np.any(labels == c) else None
                                      for c in range(nl.NUM_CLASSES)],
-           "histogram_bins": bins.tolist(), "histogram_all": np.histogram(v, bins)[0].tolist()}
+           "histogram_bins": bins.tolist(), "histogram_all": np.histogram(np.minimum(v, bins[-1]), bins)[0].tolist()}
     if wrong.any():
         hits = int((flagged & wrong).sum())
         out.update({"mean_weight_wrong_labels": float(v[wrong].mean()),
                     "mean_weight_right_labels": float(v[~wrong].mean()),
                     "detector_precision": hits / int(flagged.sum()) if flagged.any() else None,
                     "detector_recall": hits / int(wrong.sum()),
-                    "histogram_wrong": np.histogram(v[wrong], bins)[0].tolist(),
-                    "histogram_right": np.histogram(v[~wrong], bins)[0].tolist()})
+                    "histogram_wrong": np.histogram(np.minimum(v[wrong], bins[-1]), bins)[0].tolist(),
+                    "histogram_right": np.histogram(np.minimum(v[~wrong], bins[-1]), bins)[0].tolist()})
     return out
 
 
@@ -425,8 +428,42 @@ def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) ->
     return row
 
 
+def run_lookahead(cfg: Config, data: dict, store: oc.MethodStore, name: str, clean_per_batch: int) -> dict:
+    """Ren et al.'s learning to reweight: fresh weights every SGD step from a one-step look-ahead's
+    hypergradient at ε = 0 (tf_bilevel, T = K = 1), clipped at 0 and normalized over the
+    minibatch; `clean_per_batch` clean examples join each minibatch at weight 1/B (ren_mix)."""
+    from experiments import lookahead_weights as lw
+
+    classifier = build_model(cfg)
+    x, y = data["train"]
+    model = lw.LookAheadReweighting(classifier, len(y), cfg.lr, jit_compile=cfg.jit_compile,
+                                    clean_per_batch=clean_per_batch)
+    model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=cfg.momentum), jit_compile=False)
+    steps_per_epoch = len(y) // cfg.batch_size
+    start = oc.restored_epoch(store.backup_dir(name)) * steps_per_epoch
+    streams = [oc.minibatch_stream(x, nl.pack(y), cfg.batch_size, cfg.seed, start),
+               oc.minibatch_stream(*data["val"], min(cfg.val_batch_size, len(data["val"][1])), cfg.seed + 1, start)]
+    if clean_per_batch:
+        streams.append(oc.minibatch_stream(*data["val"], clean_per_batch, cfg.seed + 2, start))
+    stream = tf.data.Dataset.zip(tuple(streams)).map(
+        lambda t, v, *c: ((t[0], v[0], v[1], *(c[0] if c else ())), t[1]))
+    model((x[:1], data["val"][0][:1], data["val"][1][:1]))  # build (BackupAndRestore needs the variables)
+    recorder = oc.EpochRecorder(f"[{name}]", cfg.epochs, steps_per_epoch, classifier, data["test"], data["val"],
+                                store.record_path(name))
+    callbacks = store.callbacks(name, recorder)
+    callbacks.insert(2, oc.CheckRestoredPosition(start))
+    model.fit(stream.prefetch(2), epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
+              callbacks=callbacks, verbose=0)
+    recorder.finish()
+    write_atomically(store.path(name, ".weights.h5"), classifier.save_weights)  # <name>_ft starts from it
+    v = np.asarray(model.last_weights.numpy(), np.float64)  # B·w̃_i at each example's latest step
+    return oc.final_row(recorder, clean_per_batch=clean_per_batch, example_weights=weight_diagnostics(v, data))
+
+
 def run_one(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict:
     name = key(method, cfg.seed)
+    if method in LOOKAHEAD:
+        return run_lookahead(cfg, data, store, name, cfg.clean_per_batch if method == "ren_mix" else 0)
     if method in ("mwn", "mwn_k"):
         return run_mwn(cfg, data, store, name, 1 if method == "mwn" else cfg.k)
     if method in ("l2rw", "l2rw_k"):
@@ -453,7 +490,10 @@ LABELS = {"plain": "plain", "finetune": "plain, then fine-tuned "
           "forward": "forward correction (C from the clean set)", "cb": "class-balanced loss",
           "mwn": "Meta-Weight-Net, 1-RMD", "mwn_k": "Meta-Weight-Net, K-RMD", "l2rw": "per-example weights, 1-RMD",
           "l2rw_k": "per-example weights, K-RMD", "mwn_ft": "Meta-Weight-Net 1-RMD, then fine-tuned",
-          "l2rw_ft": "per-example weights 1-RMD, then fine-tuned"}
+          "l2rw_ft": "per-example weights 1-RMD, then fine-tuned",
+          "ren": "look-ahead weights per step (Ren et al.)", "ren_ft": "look-ahead weights, then fine-tuned",
+          "ren_mix": "look-ahead weights + clean examples in each batch",
+          "ren_mix_ft": "look-ahead weights + clean in batch, then fine-tuned"}
 
 
 def early_stopped_accuracy(row: dict) -> float:
