@@ -75,7 +75,7 @@ class LookAheadReweighting(keras.Model):
         return self.classifier(inputs[0] if isinstance(inputs, (tuple, list)) else inputs, training=training)
 
     def train_step(self, data):
-        inputs, y_packed = data
+        inputs, y_packed, _ = keras.utils.unpack_x_y_sample_weight(data)
         x, x_val, y_val = inputs[:3]
         labels, index = nl.unpack(y_packed)
         params = [v.value for v in self.classifier.trainable_variables]
