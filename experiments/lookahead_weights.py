@@ -61,7 +61,8 @@ def example_hypergradient(classifier: keras.Model, lookahead_lr: float, jit_comp
 class LookAheadReweighting(keras.Model):
     """Trains `classifier` (its variables are this model's) on elements ((x, x_val, y_val[, x_c, y_c]), y_packed):
     Ren et al.'s per-step weights of the minibatch (x, y), then one optimizer step on the weighted
-    loss. `last_weights[i]` holds B·w̃_i of training example i at its latest step (1 = uniform)."""
+    loss. `last_weights[i]` holds B·w̃_i of training example i at its latest step (1 = uniform),
+    `mean_weights()` its mean over all the steps that saw it."""
 
     def __init__(self, classifier: keras.Model, n_train: int, lookahead_lr: float, jit_compile: bool = False,
                  clean_per_batch: int = 0, **kwargs: Any):
@@ -70,6 +71,14 @@ class LookAheadReweighting(keras.Model):
         self.clean_per_batch = clean_per_batch
         self.hypergradient = example_hypergradient(classifier, lookahead_lr, jit_compile)
         self.last_weights = self.add_weight(shape=(n_train,), initializer="ones", trainable=False, name="last_weights")
+        # Σ over the steps that saw example i of B·w̃_i, and how many: their ratio is its mean weight.
+        self.weight_sums = self.add_weight(shape=(n_train,), initializer="zeros", trainable=False, name="weight_sums")
+        self.times_seen = self.add_weight(shape=(n_train,), initializer="zeros", trainable=False, name="times_seen")
+
+    def mean_weights(self) -> np.ndarray:
+        """Each training example's B·w̃_i averaged over the steps that saw it (1 if never seen)."""
+        seen = self.times_seen.numpy()
+        return np.where(seen > 0, self.weight_sums.numpy() / np.maximum(seen, 1), 1.0)
 
     def call(self, inputs, training=False):
         return self.classifier(inputs[0] if isinstance(inputs, (tuple, list)) else inputs, training=training)
@@ -84,6 +93,8 @@ class LookAheadReweighting(keras.Model):
         w = tf.stop_gradient(lookahead_weights(h))
         batch = tf.cast(tf.shape(labels)[0], tf.float32)
         self.last_weights.assign(tf.tensor_scatter_nd_update(self.last_weights.value, index[:, None], w * batch))
+        self.weight_sums.assign(tf.tensor_scatter_nd_add(self.weight_sums.value, index[:, None], w * batch))
+        self.times_seen.assign(tf.tensor_scatter_nd_add(self.times_seen.value, index[:, None], tf.ones_like(w)))
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(w * nl.log_softmax_ce(labels, self.classifier(x, training=True)))
             if self.clean_per_batch:

@@ -456,8 +456,9 @@ def run_lookahead(cfg: Config, data: dict, store: oc.MethodStore, name: str, cle
               callbacks=callbacks, verbose=0)
     recorder.finish()
     write_atomically(store.path(name, ".weights.h5"), classifier.save_weights)  # <name>_ft starts from it
-    v = np.asarray(model.last_weights.numpy(), np.float64)  # B·w̃_i at each example's latest step
-    return oc.final_row(recorder, clean_per_batch=clean_per_batch, example_weights=weight_diagnostics(v, data))
+    v = np.asarray(model.mean_weights(), np.float64)  # B·w̃_i averaged over the steps that saw example i
+    return oc.final_row(recorder, clean_per_batch=clean_per_batch, example_weights=weight_diagnostics(v, data),
+                        last_step_weights=weight_diagnostics(np.asarray(model.last_weights.numpy(), np.float64), data))
 
 
 def run_one(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict:

@@ -84,6 +84,10 @@ def test_one_train_step_is_sgd_on_the_weighted_loss(clean_per_batch):
     last = np.ones(20)
     last[index] = 8 * w
     np.testing.assert_allclose(wrapper.last_weights.numpy(), last, rtol=1e-4, atol=1e-6)
+    wrapper.train_on_batch(inputs, (index * 10 + y).astype(np.int32))  # the same examples again
+    np.testing.assert_allclose(wrapper.mean_weights()[index], (last[index] + wrapper.last_weights.numpy()[index]) / 2,
+                               rtol=1e-4, atol=1e-6)
+    assert np.all(wrapper.mean_weights()[np.setdiff1d(np.arange(20), index)] == 1.0)  # never seen
 
 
 def test_a_classifier_with_layer_state_is_refused_by_name():
