@@ -40,15 +40,16 @@ from experiments.run_state import write_atomically  # noqa: E402
 
 SETTINGS = ("flip", "symmetric", "longtail")
 BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb")
-BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft")
+BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix",
+           "l2rw_mix_ft")
 LOOKAHEAD = ("ren", "ren_mix")  # Ren et al.'s per-step weights (experiments/lookahead_weights.py)
 # Run order within a seed: a model before its fine-tuning (finetune, mwn_ft, l2rw_ft: the same
 # fine-tuning on the clean set from plain's / mwn's / l2rw's trained weights; forward also
 # starts from plain's model).
 METHODS = ("plain", "finetune", "forward", "cb", "l2rw", "l2rw_ft", "mwn", "mwn_ft", "l2rw_k", "mwn_k", "random",
-           "clean", "ren", "ren_ft", "ren_mix", "ren_mix_ft")
+           "clean", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft")
 FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw", "ren_ft": "ren",
-             "ren_mix_ft": "ren_mix"}  # method: the run it starts from
+             "ren_mix_ft": "ren_mix", "l2rw_mix_ft": "l2rw_mix"}  # method: the run it starts from
 NOT_IN = {"flip": ("cb",), "symmetric": ("cb",), "longtail": ("forward",)}
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = ("cnn", "mlp")
@@ -97,7 +98,7 @@ class Config(oc.StateOptions):
     l2rw_normalization: str = option("mean", "l2rw: weights divided by their minibatch mean (as L2RW) or not.",
                                      choices=NORMALIZATIONS)
     l2rw_outer_lr: float = option(0.2, "l2rw: Adam step on the raw per-example weights ν (weight = sigmoid(ν)).")
-    clean_per_batch: int = option(16, "ren_mix: clean examples joining every training minibatch (weight 1/B each).")
+    clean_per_batch: int = option(16, "ren_mix, l2rw_mix: clean examples joining every training minibatch (weight 1/B each).")
     finetune_epochs: int = option(20, "finetune: passes over the clean examples after plain training.")
     finetune_lr: float = option(0.01, "finetune: SGD learning rate (momentum as --momentum).")
     cb_beta: float = option(0.9999, "cb: β of the effective number (1 − β^n) / (1 − β).")
@@ -247,16 +248,21 @@ def make_inner_loss(normalization: str):
     return inner_loss
 
 
-def make_example_weight_loss(normalization: str):
+def make_example_weight_loss(normalization: str, n_learned: Optional[int] = None):
     """L2RW-style: inner_loss(y_packed, logits, hp) = v_i ℓ_i with v_i = hp["example_weights"][i]
     (one hyperparameter per training example, in (0, 1)), divided by the minibatch mean ("mean",
-    as L2RW normalizes its weights per batch) or not ("none")."""
+    as L2RW normalizes its weights per batch) or not ("none"). With `n_learned`, examples of
+    index >= n_learned (the clean ones in the stream, l2rw_mix) have the fixed weight 1."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
     def inner_loss(y_true: tf.Tensor, logits: tf.Tensor, hp: dict) -> tf.Tensor:
         labels, index = nl.unpack(y_true)
-        v = tf.gather(hp["example_weights"], index)
+        if n_learned is None:
+            v = tf.gather(hp["example_weights"], index)
+        else:
+            learned = tf.gather(hp["example_weights"], tf.minimum(index, n_learned - 1))
+            v = tf.where(index < n_learned, learned, tf.ones_like(learned))
         if normalization == "mean":
             v = v / (tf.reduce_mean(v) + 1e-8)
         return nl.log_softmax_ce(labels, logits) * v
@@ -337,12 +343,14 @@ def run_mwn(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: in
                         example_weights=weight_diagnostics(v, data), theta=[t.tolist() for t in theta])
 
 
-def run_l2rw(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: int) -> dict:
+def run_l2rw(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: int, clean_per_batch: int = 0) -> dict:
     """One raw weight per training example (sigmoid(ν_i), ν_i a `Hyperparameter` vector entry),
-    learned online with K-RMD (T = K = steps): the L2RW idea with persistent weights."""
+    learned online with K-RMD (T = K = steps): the L2RW idea with persistent weights.
+    `clean_per_batch` > 0 (l2rw_mix): that many clean examples join every minibatch at weight 1."""
     model = build_model(cfg)
     x, y = data["train"]
-    trainer = bilevel_trainer(cfg, model, make_example_weight_loss(cfg.l2rw_normalization),
+    n_learned = len(y) if clean_per_batch else None
+    trainer = bilevel_trainer(cfg, model, make_example_weight_loss(cfg.l2rw_normalization, n_learned),
                               {"example_weights": tfb.Hyperparameter(np.full(len(y), 0.5, np.float32),
                                                                      transform="sigmoid")},
                               steps, cfg.l2rw_outer_lr)
@@ -356,7 +364,11 @@ def run_l2rw(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: i
         return out
 
     packed = {**data, "train": (x, nl.pack(y))}
-    recorder = oc.fit_online(trainer, model, name, packed, cfg, store, summary, steps=steps)
+    extra = None
+    if clean_per_batch:  # the clean examples, packed with indices after the training examples'
+        x_val, y_val = data["val"]
+        extra = (x_val, nl.pack(np.concatenate([y, y_val]))[len(y):], clean_per_batch)
+    recorder = oc.fit_online(trainer, model, name, packed, cfg, store, summary, steps=steps, extra=extra)
     write_atomically(store.path(name, ".weights.h5"), model.save_weights)  # l2rw_ft starts from it
     v = np.asarray(trainer.hyperparameter_values()["example_weights"], np.float64)
     return oc.final_row(recorder, steps=steps, truncate=steps, example_weights=weight_diagnostics(v, data))
@@ -467,8 +479,9 @@ def run_one(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict
         return run_lookahead(cfg, data, store, name, cfg.clean_per_batch if method == "ren_mix" else 0)
     if method in ("mwn", "mwn_k"):
         return run_mwn(cfg, data, store, name, 1 if method == "mwn" else cfg.k)
-    if method in ("l2rw", "l2rw_k"):
-        return run_l2rw(cfg, data, store, name, 1 if method == "l2rw" else cfg.k)
+    if method in ("l2rw", "l2rw_k", "l2rw_mix"):
+        return run_l2rw(cfg, data, store, name, cfg.k if method == "l2rw_k" else 1,
+                        cfg.clean_per_batch if method == "l2rw_mix" else 0)
     return run_baseline(cfg, data, method, store)
 
 
@@ -494,7 +507,9 @@ LABELS = {"plain": "plain", "finetune": "plain, then fine-tuned "
           "l2rw_ft": "per-example weights 1-RMD, then fine-tuned",
           "ren": "look-ahead weights per step (Ren et al.)", "ren_ft": "look-ahead weights, then fine-tuned",
           "ren_mix": "look-ahead weights + clean examples in each batch",
-          "ren_mix_ft": "look-ahead weights + clean in batch, then fine-tuned"}
+          "ren_mix_ft": "look-ahead weights + clean in batch, then fine-tuned",
+          "l2rw_mix": "per-example weights 1-RMD + clean examples in each batch",
+          "l2rw_mix_ft": "per-example weights 1-RMD + clean in batch, then fine-tuned"}
 
 
 def early_stopped_accuracy(row: dict) -> float:
