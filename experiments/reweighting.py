@@ -617,7 +617,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
         ax.plot(epochs, curves.mean(0), style, color=colors(i), label=f"{method} ({len(curves)} seeds)")
         if len(curves) > 1:
             ax.fill_between(epochs, curves.min(0), curves.max(0), color=colors(i), alpha=0.2)
-    for i, (marker, method) in enumerate(zip("*Ps", [m for m in FINETUNED if m in groups])):
+    for i, (marker, method) in enumerate(zip("*PsXDv", [m for m in FINETUNED if m in groups])):
         acc = [r["test_accuracy"] for r in groups[method]]
         ax.errorbar([cfg["epochs"] + 0.2 * i], [np.mean(acc)], yerr=[[np.mean(acc) - min(acc)], [max(acc) - np.mean(acc)]],
                     fmt=f"k{marker}", ms=9, label=f"{FINETUNED[method]}, then fine-tuned on the clean set")
