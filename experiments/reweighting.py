@@ -10,7 +10,9 @@ early-stopped on the clean set), plain training then fine-tuned on the clean exa
 examples alone, fixed random example weights, forward loss correction with the transition
 matrix estimated on the clean set (noise settings), class-balanced loss (longtail); and, with
 tf_bilevel, Meta-Weight-Net weights and raw per-example weights (L2RW-style), each with 1-RMD
-and K-RMD online, and their 1-RMD models fine-tuned like the plain one. Writes results.json (rows per method and seed, mean ± std per method) and
+and K-RMD online, and their 1-RMD models fine-tuned like the plain one; Ren et al.'s per-step
+look-ahead weights (ren, experiments/lookahead_weights.py); ren_mix / l2rw_mix: the same with
+clean examples joining every training minibatch. Writes results.json (rows per method and seed, mean ± std per method) and
 figures to --output_dir; a killed run continues, per method and seed, when the same command is
 rerun. Setup and results: RESULTS.md, "Learning to reweight examples".
 
