@@ -41,7 +41,7 @@ from experiments.config import define_flags, option  # noqa: E402
 from experiments.run_state import write_atomically  # noqa: E402
 
 SETTINGS = ("flip", "symmetric", "longtail")
-BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb")
+BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb", "mix", "mix_ft")
 BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix",
            "l2rw_mix_ft")
 LOOKAHEAD = ("ren", "ren_mix")  # Ren et al.'s per-step weights (experiments/lookahead_weights.py)
@@ -49,9 +49,9 @@ LOOKAHEAD = ("ren", "ren_mix")  # Ren et al.'s per-step weights (experiments/loo
 # fine-tuning on the clean set from plain's / mwn's / l2rw's trained weights; forward also
 # starts from plain's model).
 METHODS = ("plain", "finetune", "forward", "cb", "l2rw", "l2rw_ft", "mwn", "mwn_ft", "l2rw_k", "mwn_k", "random",
-           "clean", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft")
+           "clean", "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft")
 FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw", "ren_ft": "ren",
-             "ren_mix_ft": "ren_mix", "l2rw_mix_ft": "l2rw_mix"}  # method: the run it starts from
+             "ren_mix_ft": "ren_mix", "l2rw_mix_ft": "l2rw_mix", "mix_ft": "mix"}  # method: the run it starts from
 NOT_IN = {"flip": ("cb",), "symmetric": ("cb",), "longtail": ("forward",)}
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = ("cnn", "mlp")
@@ -100,7 +100,7 @@ class Config(oc.StateOptions):
     l2rw_normalization: str = option("mean", "l2rw: weights divided by their minibatch mean (as L2RW) or not.",
                                      choices=NORMALIZATIONS)
     l2rw_outer_lr: float = option(0.2, "l2rw: Adam step on the raw per-example weights ν (weight = sigmoid(ν)).")
-    clean_per_batch: int = option(16, "ren_mix, l2rw_mix: clean examples joining every training minibatch (weight 1/B each).")
+    clean_per_batch: int = option(16, "mix, ren_mix, l2rw_mix: clean examples joining every training minibatch (weight 1/B each).")
     finetune_epochs: int = option(20, "finetune: passes over the clean examples after plain training.")
     finetune_lr: float = option(0.01, "finetune: SGD learning rate (momentum as --momentum).")
     cb_beta: float = option(0.9999, "cb: β of the effective number (1 − β^n) / (1 − β).")
@@ -386,6 +386,29 @@ def fit_plain(cfg: Config, model: keras.Model, name: str, train: tuple, loss, st
                         store=store)
 
 
+def fit_mixed(cfg: Config, model: keras.Model, name: str, data: dict, store: oc.MethodStore) -> oc.EpochRecorder:
+    """mix: plain training on minibatches of the training set, each joined by cfg.clean_per_batch
+    clean examples (a seeded stream of their own, as ren_mix's and l2rw_mix's); resumable per epoch."""
+    x, y = data["train"]
+    x_val, y_val = data["val"]
+    packed = nl.pack(np.concatenate([y, y_val]))
+    model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=cfg.momentum),
+                  loss=nl.weighted_ce(np.ones(len(packed))), jit_compile=cfg.jit_compile)
+    steps_per_epoch = len(y) // cfg.batch_size
+    start = oc.restored_epoch(store.backup_dir(name)) * steps_per_epoch
+    stream = tf.data.Dataset.zip((oc.minibatch_stream(x, packed[: len(y)], cfg.batch_size, cfg.seed, start),
+                                  oc.minibatch_stream(x_val, packed[len(y):], cfg.clean_per_batch, cfg.seed + 2, start)))
+    stream = stream.map(lambda t, c: (tf.concat([t[0], c[0]], 0), tf.concat([t[1], c[1]], 0)))
+    recorder = oc.EpochRecorder(f"[{name}]", cfg.epochs, steps_per_epoch, model, data["test"], data["val"],
+                                store.record_path(name))
+    callbacks = store.callbacks(name, recorder)
+    callbacks.insert(2, oc.CheckRestoredPosition(start))
+    model.fit(stream.prefetch(2), epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
+              callbacks=callbacks, verbose=0)
+    recorder.finish()
+    return recorder
+
+
 def trained_weights_path(store: oc.MethodStore, method: str, seed: int) -> str:
     """The final weights of a finished run (plain, mwn, l2rw), which later runs start from."""
     return store.path(key(method, seed), ".weights.h5")
@@ -404,7 +427,10 @@ def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) ->
         if not os.path.exists(path):
             raise RuntimeError(f"{method} needs the trained {source} model {path}: run --methods={source} first "
                                "(it comes earlier in the default order)")
-    if method == "plain":
+    if method == "mix":
+        recorder = fit_mixed(cfg, model, name, data, store)
+        loss = None
+    elif method == "plain":
         loss = nl.weighted_ce(np.ones(len(train[1])))
     elif method == "random":
         loss = nl.weighted_ce(nl.random_example_weights(len(train[1]), cfg.seed))
@@ -430,15 +456,16 @@ def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) ->
         return oc.final_row(recorder, start=f"{source}'s final weights")
     else:
         raise ValueError(f"unknown baseline {method!r}")
-    recorder = fit_plain(cfg, model, name, train, loss, store, data, lr=cfg.lr, epochs=cfg.epochs,
-                         steps_per_epoch=steps_per_epoch)
+    if method != "mix":
+        recorder = fit_plain(cfg, model, name, train, loss, store, data, lr=cfg.lr, epochs=cfg.epochs,
+                             steps_per_epoch=steps_per_epoch)
     row = oc.final_row(recorder, **extra)
     val = recorder.rec["val_accuracy"][1:]
     best = int(np.argmax(val))  # early stopping on the clean validation set: the best epoch's test accuracy
     row["early_stopped"] = {"epoch": best + 1, "val_accuracy": val[best],
                             "test_accuracy": recorder.rec["test_accuracy"][1 + best]}
-    if method == "plain":  # finetune and forward start from it
-        write_atomically(trained_weights_path(store, "plain", cfg.seed), model.save_weights)
+    if method in ("plain", "mix"):  # finetune and forward start from plain, mix_ft from mix
+        write_atomically(trained_weights_path(store, method, cfg.seed), model.save_weights)
     return row
 
 
@@ -511,7 +538,8 @@ LABELS = {"plain": "plain", "finetune": "plain, then fine-tuned "
           "ren_mix": "look-ahead weights + clean examples in each batch",
           "ren_mix_ft": "look-ahead weights + clean in batch, then fine-tuned",
           "l2rw_mix": "per-example weights 1-RMD + clean examples in each batch",
-          "l2rw_mix_ft": "per-example weights 1-RMD + clean in batch, then fine-tuned"}
+          "l2rw_mix_ft": "per-example weights 1-RMD + clean in batch, then fine-tuned",
+          "mix": "plain + clean examples in each batch", "mix_ft": "plain + clean in batch, then fine-tuned"}
 
 
 def early_stopped_accuracy(row: dict) -> float:

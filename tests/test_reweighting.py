@@ -303,7 +303,7 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     assert (data["n_train"], data["n_val"], data["n_test"]) == (3000, 1000, 1000)
     assert 0.35 < data["wrong_fraction"] < 0.45
     methods = ("plain", "finetune", "forward", "mwn", "l2rw", "mwn_ft", "l2rw_ft", "mwn_k", "l2rw_k", "random", "clean",
-               "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft")
+               "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft")
     assert set(rows) == {f"{m}.seed{s}" for m in methods for s in (0, 1)}
     for name, row in rows.items():
         epochs = 3 if name.split(".")[0] in R.FINETUNED else 4
