@@ -687,7 +687,8 @@ def plot_figures(results: dict, output_dir: str) -> dict:
                 ax.bar(centers - width / 4, w["histogram_right"], width / 2, label="right label")
                 ax.bar(centers + width / 4, w["histogram_wrong"], width / 2, label="wrong label")
                 ax.set_yscale("log")
-                ax.set_xlabel("learned weight (seed 0)")
+                ax.set_xlabel("B·w̃ averaged over the example's steps (seed 0)" if method in LOOKAHEAD
+                              else "learned weight (seed 0)")
                 ax.set_ylabel("training examples (log scale)")
                 ax.legend(fontsize=8)
             else:
