@@ -57,6 +57,9 @@ DATASETS = ("mnist", "fashion_mnist")
 MODELS = ("cnn", "mlp")
 NORMALIZATIONS = ("none", "mean")
 LOSS_GRID = np.linspace(0.0, 8.0, 33)  # where V(ℓ) is recorded during training
+# mix, ren_mix, l2rw_mix: clean examples joining every training minibatch of 128 (a constant, not a
+# flag: a new fingerprinted flag would orphan the saved state of runs started before it existed).
+CLEAN_PER_BATCH = 16
 DETECTOR_THRESHOLD = 0.05  # weight < this: "the method flags the label as wrong"
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -100,7 +103,6 @@ class Config(oc.StateOptions):
     l2rw_normalization: str = option("mean", "l2rw: weights divided by their minibatch mean (as L2RW) or not.",
                                      choices=NORMALIZATIONS)
     l2rw_outer_lr: float = option(0.2, "l2rw: Adam step on the raw per-example weights ν (weight = sigmoid(ν)).")
-    clean_per_batch: int = option(16, "mix, ren_mix, l2rw_mix: clean examples joining every training minibatch (weight 1/B each).")
     finetune_epochs: int = option(20, "finetune: passes over the clean examples after plain training.")
     finetune_lr: float = option(0.01, "finetune: SGD learning rate (momentum as --momentum).")
     cb_beta: float = option(0.9999, "cb: β of the effective number (1 − β^n) / (1 − β).")
@@ -145,7 +147,7 @@ class Config(oc.StateOptions):
             if getattr(cfg, name) not in NORMALIZATIONS:
                 raise ValueError(f"--{name} must be one of {NORMALIZATIONS}, got {getattr(cfg, name)!r}")
         oc.check_ranges(cfg, ("epochs", "batch_size", "val_batch_size", "hidden", "weighting_hidden", "hp_every",
-                              "finetune_epochs", "clean_per_batch"), ("lr", "outer_lr", "l2rw_outer_lr", "finetune_lr"))
+                              "finetune_epochs"), ("lr", "outer_lr", "l2rw_outer_lr", "finetune_lr"))
         if cfg.k < 2:
             raise ValueError(f"--k is the K > 1 of mwn_k and l2rw_k, got {cfg.k}")
         return cfg
@@ -387,7 +389,7 @@ def fit_plain(cfg: Config, model: keras.Model, name: str, train: tuple, loss, st
 
 
 def fit_mixed(cfg: Config, model: keras.Model, name: str, data: dict, store: oc.MethodStore) -> oc.EpochRecorder:
-    """mix: plain training on minibatches of the training set, each joined by cfg.clean_per_batch
+    """mix: plain training on minibatches of the training set, each joined by CLEAN_PER_BATCH
     clean examples (a seeded stream of their own, as ren_mix's and l2rw_mix's); resumable per epoch."""
     x, y = data["train"]
     x_val, y_val = data["val"]
@@ -397,7 +399,7 @@ def fit_mixed(cfg: Config, model: keras.Model, name: str, data: dict, store: oc.
     steps_per_epoch = len(y) // cfg.batch_size
     start = oc.restored_epoch(store.backup_dir(name)) * steps_per_epoch
     stream = tf.data.Dataset.zip((oc.minibatch_stream(x, packed[: len(y)], cfg.batch_size, cfg.seed, start),
-                                  oc.minibatch_stream(x_val, packed[len(y):], cfg.clean_per_batch, cfg.seed + 2, start)))
+                                  oc.minibatch_stream(x_val, packed[len(y):], CLEAN_PER_BATCH, cfg.seed + 2, start)))
     stream = stream.map(lambda t, c: (tf.concat([t[0], c[0]], 0), tf.concat([t[1], c[1]], 0)))
     recorder = oc.EpochRecorder(f"[{name}]", cfg.epochs, steps_per_epoch, model, data["test"], data["val"],
                                 store.record_path(name))
@@ -429,7 +431,7 @@ def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) ->
                                "(it comes earlier in the default order)")
     if method == "mix":
         recorder = fit_mixed(cfg, model, name, data, store)
-        loss = None
+        loss, extra["clean_per_batch"] = None, CLEAN_PER_BATCH
     elif method == "plain":
         loss = nl.weighted_ce(np.ones(len(train[1])))
     elif method == "random":
@@ -505,12 +507,12 @@ def run_lookahead(cfg: Config, data: dict, store: oc.MethodStore, name: str, cle
 def run_one(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict:
     name = key(method, cfg.seed)
     if method in LOOKAHEAD:
-        return run_lookahead(cfg, data, store, name, cfg.clean_per_batch if method == "ren_mix" else 0)
+        return run_lookahead(cfg, data, store, name, CLEAN_PER_BATCH if method == "ren_mix" else 0)
     if method in ("mwn", "mwn_k"):
         return run_mwn(cfg, data, store, name, 1 if method == "mwn" else cfg.k)
     if method in ("l2rw", "l2rw_k", "l2rw_mix"):
         return run_l2rw(cfg, data, store, name, cfg.k if method == "l2rw_k" else 1,
-                        cfg.clean_per_batch if method == "l2rw_mix" else 0)
+                        CLEAN_PER_BATCH if method == "l2rw_mix" else 0)
     return run_baseline(cfg, data, method, store)
 
 
