@@ -680,7 +680,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
 
     learned = [m for m in BILEVEL if m in groups and "example_weights" in groups[m][0]]
     if learned:
-        fig, axes = plt.subplots(1, len(learned), figsize=(4.2 * len(learned), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(learned), figsize=(max(4.2 * len(learned), 8.0), 4), squeeze=False)
         for ax, method in zip(axes[0], learned):
             w = groups[method][0]["example_weights"]
             bins = np.asarray(w["histogram_bins"])
