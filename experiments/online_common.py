@@ -72,13 +72,18 @@ def minibatch_stream(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
 
 
 def online_task_stream(train: tuple, val: tuple, *, steps: int, batch_size: int, val_batch_size: int,
-                       seed: int, start: Any) -> tf.data.Dataset:
+                       seed: int, start: Any, extra: Optional[tuple] = None) -> tf.data.Dataset:
     """The elements of `BilevelTrainer(online=True)` from hyper-iteration `start` on
     (`tfb.keras.online_tasks`): training minibatches start·T … start·T + T − 1 and validation
     batch `start` (a seeded stream of its own), so `trainer.resumable(lambda start: ...)`
-    jumps straight to where an interrupted run stopped."""
+    jumps straight to where an interrupted run stopped. `extra` = (x, y, n): n examples of (x, y)
+    (a seeded stream of their own) are appended to every training minibatch."""
     start = tf.cast(start, tf.int64)
     train_ds = minibatch_stream(*train, batch_size, seed, start * steps)
+    if extra is not None:
+        extra_ds = minibatch_stream(extra[0], extra[1], extra[2], seed + 2, start * steps)
+        train_ds = tf.data.Dataset.zip((train_ds, extra_ds)).map(
+            lambda t, e: (tf.concat([t[0], e[0]], 0), tf.concat([t[1], e[1]], 0)))
     val_ds = minibatch_stream(*val, min(val_batch_size, len(val[0])), seed + 1, start)
     return tfb.keras.online_tasks(train_ds, val_ds, steps=steps).prefetch(2)
 
@@ -309,14 +314,15 @@ def fit_keras(model: keras.Model, method: str, train: tuple, *, test: tuple, val
 
 
 def fit_online(trainer: tfb.BilevelTrainer, model: keras.Model, method: str, data: dict, cfg: Any,
-               store: MethodStore, hyperparameters: Callable[[dict], dict], steps: int = 1) -> EpochRecorder:
+               store: MethodStore, hyperparameters: Callable[[dict], dict], steps: int = 1,
+               extra: Optional[tuple] = None) -> EpochRecorder:
     """`BilevelTrainer(online=True)` on `data` for cfg.epochs passes of T = `steps` minibatches
     per hyper-iteration, resumable per epoch; `model` is the trainer's inner model (evaluated
-    by the recorder); returns the record."""
+    by the recorder); `extra`: see `online_task_stream`; returns the record."""
     steps_per_epoch = len(data["train"][1]) // (cfg.batch_size * steps)
     tasks = trainer.resumable(lambda start: online_task_stream(
         data["train"], data["val"], steps=steps, batch_size=cfg.batch_size, val_batch_size=cfg.val_batch_size,
-        seed=cfg.seed, start=start))
+        seed=cfg.seed, start=start, extra=extra))
     trainer.build_from_spec(tasks.element_spec)
     recorder = EpochRecorder(f"[{method}]", cfg.epochs, steps_per_epoch, model, data["test"], data["val"],
                              store.record_path(method), hp_every=cfg.hp_every, hyperparameters=hyperparameters)

@@ -10,7 +10,9 @@ early-stopped on the clean set), plain training then fine-tuned on the clean exa
 examples alone, fixed random example weights, forward loss correction with the transition
 matrix estimated on the clean set (noise settings), class-balanced loss (longtail); and, with
 tf_bilevel, Meta-Weight-Net weights and raw per-example weights (L2RW-style), each with 1-RMD
-and K-RMD online, and their 1-RMD models fine-tuned like the plain one. Writes results.json (rows per method and seed, mean ± std per method) and
+and K-RMD online, and their 1-RMD models fine-tuned like the plain one; Ren et al.'s per-step
+look-ahead weights (ren, experiments/lookahead_weights.py); ren_mix / l2rw_mix: the same with
+clean examples joining every training minibatch. Writes results.json (rows per method and seed, mean ± std per method) and
 figures to --output_dir; a killed run continues, per method and seed, when the same command is
 rerun. Setup and results: RESULTS.md, "Learning to reweight examples".
 
@@ -39,19 +41,25 @@ from experiments.config import define_flags, option  # noqa: E402
 from experiments.run_state import write_atomically  # noqa: E402
 
 SETTINGS = ("flip", "symmetric", "longtail")
-BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb")
-BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft")
+BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb", "mix", "mix_ft")
+BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix",
+           "l2rw_mix_ft")
+LOOKAHEAD = ("ren", "ren_mix")  # Ren et al.'s per-step weights (experiments/lookahead_weights.py)
 # Run order within a seed: a model before its fine-tuning (finetune, mwn_ft, l2rw_ft: the same
 # fine-tuning on the clean set from plain's / mwn's / l2rw's trained weights; forward also
 # starts from plain's model).
 METHODS = ("plain", "finetune", "forward", "cb", "l2rw", "l2rw_ft", "mwn", "mwn_ft", "l2rw_k", "mwn_k", "random",
-           "clean")
-FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw"}  # method: the run it starts from
+           "clean", "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft")
+FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw", "ren_ft": "ren",
+             "ren_mix_ft": "ren_mix", "l2rw_mix_ft": "l2rw_mix", "mix_ft": "mix"}  # method: the run it starts from
 NOT_IN = {"flip": ("cb",), "symmetric": ("cb",), "longtail": ("forward",)}
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = ("cnn", "mlp")
 NORMALIZATIONS = ("none", "mean")
 LOSS_GRID = np.linspace(0.0, 8.0, 33)  # where V(ℓ) is recorded during training
+# mix, ren_mix, l2rw_mix: clean examples joining every training minibatch of 128 (a constant, not a
+# flag: a new fingerprinted flag would orphan the saved state of runs started before it existed).
+CLEAN_PER_BATCH = 16
 DETECTOR_THRESHOLD = 0.05  # weight < this: "the method flags the label as wrong"
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -244,16 +252,21 @@ def make_inner_loss(normalization: str):
     return inner_loss
 
 
-def make_example_weight_loss(normalization: str):
+def make_example_weight_loss(normalization: str, n_learned: Optional[int] = None):
     """L2RW-style: inner_loss(y_packed, logits, hp) = v_i ℓ_i with v_i = hp["example_weights"][i]
     (one hyperparameter per training example, in (0, 1)), divided by the minibatch mean ("mean",
-    as L2RW normalizes its weights per batch) or not ("none")."""
+    as L2RW normalizes its weights per batch) or not ("none"). With `n_learned`, examples of
+    index >= n_learned (the clean ones in the stream, l2rw_mix) have the fixed weight 1."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
     def inner_loss(y_true: tf.Tensor, logits: tf.Tensor, hp: dict) -> tf.Tensor:
         labels, index = nl.unpack(y_true)
-        v = tf.gather(hp["example_weights"], index)
+        if n_learned is None:
+            v = tf.gather(hp["example_weights"], index)
+        else:
+            learned = tf.gather(hp["example_weights"], tf.minimum(index, n_learned - 1))
+            v = tf.where(index < n_learned, learned, tf.ones_like(learned))
         if normalization == "mean":
             v = v / (tf.reduce_mean(v) + 1e-8)
         return nl.log_softmax_ce(labels, logits) * v
@@ -279,19 +292,19 @@ def weight_diagnostics(v: np.ndarray, data: dict) -> dict:
     histograms, the mean weight per (given) class."""
     wrong, labels = data["corrupted"], data["train"][1]
     flagged = v < DETECTOR_THRESHOLD
-    bins = np.linspace(0, 1, 21)
+    bins = np.linspace(0, max(1.0, float(np.quantile(v, 0.99))), 21)  # lookahead weights B·w̃ exceed 1
     out = {"mean_weight": float(v.mean()), "flagged": int(flagged.sum()),
            "mean_weight_per_class": [float(v[labels == c].mean()) if np.any(labels == c) else None
                                      for c in range(nl.NUM_CLASSES)],
-           "histogram_bins": bins.tolist(), "histogram_all": np.histogram(v, bins)[0].tolist()}
+           "histogram_bins": bins.tolist(), "histogram_all": np.histogram(np.minimum(v, bins[-1]), bins)[0].tolist()}
     if wrong.any():
         hits = int((flagged & wrong).sum())
         out.update({"mean_weight_wrong_labels": float(v[wrong].mean()),
                     "mean_weight_right_labels": float(v[~wrong].mean()),
                     "detector_precision": hits / int(flagged.sum()) if flagged.any() else None,
                     "detector_recall": hits / int(wrong.sum()),
-                    "histogram_wrong": np.histogram(v[wrong], bins)[0].tolist(),
-                    "histogram_right": np.histogram(v[~wrong], bins)[0].tolist()})
+                    "histogram_wrong": np.histogram(np.minimum(v[wrong], bins[-1]), bins)[0].tolist(),
+                    "histogram_right": np.histogram(np.minimum(v[~wrong], bins[-1]), bins)[0].tolist()})
     return out
 
 
@@ -334,12 +347,14 @@ def run_mwn(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: in
                         example_weights=weight_diagnostics(v, data), theta=[t.tolist() for t in theta])
 
 
-def run_l2rw(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: int) -> dict:
+def run_l2rw(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: int, clean_per_batch: int = 0) -> dict:
     """One raw weight per training example (sigmoid(ν_i), ν_i a `Hyperparameter` vector entry),
-    learned online with K-RMD (T = K = steps): the L2RW idea with persistent weights."""
+    learned online with K-RMD (T = K = steps): the L2RW idea with persistent weights.
+    `clean_per_batch` > 0 (l2rw_mix): that many clean examples join every minibatch at weight 1."""
     model = build_model(cfg)
     x, y = data["train"]
-    trainer = bilevel_trainer(cfg, model, make_example_weight_loss(cfg.l2rw_normalization),
+    n_learned = len(y) if clean_per_batch else None
+    trainer = bilevel_trainer(cfg, model, make_example_weight_loss(cfg.l2rw_normalization, n_learned),
                               {"example_weights": tfb.Hyperparameter(np.full(len(y), 0.5, np.float32),
                                                                      transform="sigmoid")},
                               steps, cfg.l2rw_outer_lr)
@@ -353,7 +368,11 @@ def run_l2rw(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: i
         return out
 
     packed = {**data, "train": (x, nl.pack(y))}
-    recorder = oc.fit_online(trainer, model, name, packed, cfg, store, summary, steps=steps)
+    extra = None
+    if clean_per_batch:  # the clean examples, packed with indices after the training examples'
+        x_val, y_val = data["val"]
+        extra = (x_val, nl.pack(np.concatenate([y, y_val]))[len(y):], clean_per_batch)
+    recorder = oc.fit_online(trainer, model, name, packed, cfg, store, summary, steps=steps, extra=extra)
     write_atomically(store.path(name, ".weights.h5"), model.save_weights)  # l2rw_ft starts from it
     v = np.asarray(trainer.hyperparameter_values()["example_weights"], np.float64)
     return oc.final_row(recorder, steps=steps, truncate=steps, example_weights=weight_diagnostics(v, data))
@@ -367,6 +386,29 @@ def fit_plain(cfg: Config, model: keras.Model, name: str, train: tuple, loss, st
     return oc.fit_keras(model, name, (x, nl.pack(y)), test=data["test"], val=data["val"], epochs=epochs,
                         steps_per_epoch=steps_per_epoch, batch_size=min(cfg.batch_size, len(y)), seed=cfg.seed,
                         store=store)
+
+
+def fit_mixed(cfg: Config, model: keras.Model, name: str, data: dict, store: oc.MethodStore) -> oc.EpochRecorder:
+    """mix: plain training on minibatches of the training set, each joined by CLEAN_PER_BATCH
+    clean examples (a seeded stream of their own, as ren_mix's and l2rw_mix's); resumable per epoch."""
+    x, y = data["train"]
+    x_val, y_val = data["val"]
+    packed = nl.pack(np.concatenate([y, y_val]))
+    model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=cfg.momentum),
+                  loss=nl.weighted_ce(np.ones(len(packed))), jit_compile=cfg.jit_compile)
+    steps_per_epoch = len(y) // cfg.batch_size
+    start = oc.restored_epoch(store.backup_dir(name)) * steps_per_epoch
+    stream = tf.data.Dataset.zip((oc.minibatch_stream(x, packed[: len(y)], cfg.batch_size, cfg.seed, start),
+                                  oc.minibatch_stream(x_val, packed[len(y):], CLEAN_PER_BATCH, cfg.seed + 2, start)))
+    stream = stream.map(lambda t, c: (tf.concat([t[0], c[0]], 0), tf.concat([t[1], c[1]], 0)))
+    recorder = oc.EpochRecorder(f"[{name}]", cfg.epochs, steps_per_epoch, model, data["test"], data["val"],
+                                store.record_path(name))
+    callbacks = store.callbacks(name, recorder)
+    callbacks.insert(2, oc.CheckRestoredPosition(start))
+    model.fit(stream.prefetch(2), epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
+              callbacks=callbacks, verbose=0)
+    recorder.finish()
+    return recorder
 
 
 def trained_weights_path(store: oc.MethodStore, method: str, seed: int) -> str:
@@ -387,7 +429,10 @@ def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) ->
         if not os.path.exists(path):
             raise RuntimeError(f"{method} needs the trained {source} model {path}: run --methods={source} first "
                                "(it comes earlier in the default order)")
-    if method == "plain":
+    if method == "mix":
+        recorder = fit_mixed(cfg, model, name, data, store)
+        loss, extra["clean_per_batch"] = None, CLEAN_PER_BATCH
+    elif method == "plain":
         loss = nl.weighted_ce(np.ones(len(train[1])))
     elif method == "random":
         loss = nl.weighted_ce(nl.random_example_weights(len(train[1]), cfg.seed))
@@ -413,24 +458,61 @@ def run_baseline(cfg: Config, data: dict, method: str, store: oc.MethodStore) ->
         return oc.final_row(recorder, start=f"{source}'s final weights")
     else:
         raise ValueError(f"unknown baseline {method!r}")
-    recorder = fit_plain(cfg, model, name, train, loss, store, data, lr=cfg.lr, epochs=cfg.epochs,
-                         steps_per_epoch=steps_per_epoch)
+    if method != "mix":
+        recorder = fit_plain(cfg, model, name, train, loss, store, data, lr=cfg.lr, epochs=cfg.epochs,
+                             steps_per_epoch=steps_per_epoch)
     row = oc.final_row(recorder, **extra)
     val = recorder.rec["val_accuracy"][1:]
     best = int(np.argmax(val))  # early stopping on the clean validation set: the best epoch's test accuracy
     row["early_stopped"] = {"epoch": best + 1, "val_accuracy": val[best],
                             "test_accuracy": recorder.rec["test_accuracy"][1 + best]}
-    if method == "plain":  # finetune and forward start from it
-        write_atomically(trained_weights_path(store, "plain", cfg.seed), model.save_weights)
+    if method in ("plain", "mix"):  # finetune and forward start from plain, mix_ft from mix
+        write_atomically(trained_weights_path(store, method, cfg.seed), model.save_weights)
     return row
+
+
+def run_lookahead(cfg: Config, data: dict, store: oc.MethodStore, name: str, clean_per_batch: int) -> dict:
+    """Ren et al.'s learning to reweight: fresh weights every SGD step from a one-step look-ahead's
+    hypergradient at ε = 0 (tf_bilevel, T = K = 1), clipped at 0 and normalized over the
+    minibatch; `clean_per_batch` clean examples join each minibatch at weight 1/B (ren_mix)."""
+    from experiments import lookahead_weights as lw
+
+    classifier = build_model(cfg)
+    x, y = data["train"]
+    model = lw.LookAheadReweighting(classifier, len(y), cfg.lr, jit_compile=cfg.jit_compile,
+                                    clean_per_batch=clean_per_batch)
+    model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=cfg.momentum), jit_compile=False)
+    steps_per_epoch = len(y) // cfg.batch_size
+    start = oc.restored_epoch(store.backup_dir(name)) * steps_per_epoch
+    streams = [oc.minibatch_stream(x, nl.pack(y), cfg.batch_size, cfg.seed, start),
+               oc.minibatch_stream(*data["val"], min(cfg.val_batch_size, len(data["val"][1])), cfg.seed + 1, start)]
+    if clean_per_batch:
+        streams.append(oc.minibatch_stream(*data["val"], clean_per_batch, cfg.seed + 2, start))
+    stream = tf.data.Dataset.zip(tuple(streams)).map(
+        lambda t, v, *c: ((t[0], v[0], v[1], *(c[0] if c else ())), t[1]))
+    model((x[:1], data["val"][0][:1], data["val"][1][:1]))  # build (BackupAndRestore needs the variables)
+    recorder = oc.EpochRecorder(f"[{name}]", cfg.epochs, steps_per_epoch, classifier, data["test"], data["val"],
+                                store.record_path(name))
+    callbacks = store.callbacks(name, recorder)
+    callbacks.insert(2, oc.CheckRestoredPosition(start))
+    model.fit(stream.prefetch(2), epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
+              callbacks=callbacks, verbose=0)
+    recorder.finish()
+    write_atomically(store.path(name, ".weights.h5"), classifier.save_weights)  # <name>_ft starts from it
+    v = np.asarray(model.mean_weights(), np.float64)  # B·w̃_i averaged over the steps that saw example i
+    return oc.final_row(recorder, clean_per_batch=clean_per_batch, example_weights=weight_diagnostics(v, data),
+                        last_step_weights=weight_diagnostics(np.asarray(model.last_weights.numpy(), np.float64), data))
 
 
 def run_one(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict:
     name = key(method, cfg.seed)
+    if method in LOOKAHEAD:
+        return run_lookahead(cfg, data, store, name, CLEAN_PER_BATCH if method == "ren_mix" else 0)
     if method in ("mwn", "mwn_k"):
         return run_mwn(cfg, data, store, name, 1 if method == "mwn" else cfg.k)
-    if method in ("l2rw", "l2rw_k"):
-        return run_l2rw(cfg, data, store, name, 1 if method == "l2rw" else cfg.k)
+    if method in ("l2rw", "l2rw_k", "l2rw_mix"):
+        return run_l2rw(cfg, data, store, name, cfg.k if method == "l2rw_k" else 1,
+                        CLEAN_PER_BATCH if method == "l2rw_mix" else 0)
     return run_baseline(cfg, data, method, store)
 
 
@@ -453,7 +535,13 @@ LABELS = {"plain": "plain", "finetune": "plain, then fine-tuned "
           "forward": "forward correction (C from the clean set)", "cb": "class-balanced loss",
           "mwn": "Meta-Weight-Net, 1-RMD", "mwn_k": "Meta-Weight-Net, K-RMD", "l2rw": "per-example weights, 1-RMD",
           "l2rw_k": "per-example weights, K-RMD", "mwn_ft": "Meta-Weight-Net 1-RMD, then fine-tuned",
-          "l2rw_ft": "per-example weights 1-RMD, then fine-tuned"}
+          "l2rw_ft": "per-example weights 1-RMD, then fine-tuned",
+          "ren": "look-ahead weights per step (Ren et al.)", "ren_ft": "look-ahead weights, then fine-tuned",
+          "ren_mix": "look-ahead weights + clean examples in each batch",
+          "ren_mix_ft": "look-ahead weights + clean in batch, then fine-tuned",
+          "l2rw_mix": "per-example weights 1-RMD + clean examples in each batch",
+          "l2rw_mix_ft": "per-example weights 1-RMD + clean in batch, then fine-tuned",
+          "mix": "plain + clean examples in each batch", "mix_ft": "plain + clean in batch, then fine-tuned"}
 
 
 def early_stopped_accuracy(row: dict) -> float:
@@ -561,7 +649,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
         ax.plot(epochs, curves.mean(0), style, color=colors(i), label=f"{method} ({len(curves)} seeds)")
         if len(curves) > 1:
             ax.fill_between(epochs, curves.min(0), curves.max(0), color=colors(i), alpha=0.2)
-    for i, (marker, method) in enumerate(zip("*Ps", [m for m in FINETUNED if m in groups])):
+    for i, (marker, method) in enumerate(zip("*PsXDv", [m for m in FINETUNED if m in groups])):
         acc = [r["test_accuracy"] for r in groups[method]]
         ax.errorbar([cfg["epochs"] + 0.2 * i], [np.mean(acc)], yerr=[[np.mean(acc) - min(acc)], [max(acc) - np.mean(acc)]],
                     fmt=f"k{marker}", ms=9, label=f"{FINETUNED[method]}, then fine-tuned on the clean set")
@@ -592,7 +680,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
 
     learned = [m for m in BILEVEL if m in groups and "example_weights" in groups[m][0]]
     if learned:
-        fig, axes = plt.subplots(1, len(learned), figsize=(4.2 * len(learned), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(learned), figsize=(max(4.2 * len(learned), 8.0), 4), squeeze=False)
         for ax, method in zip(axes[0], learned):
             w = groups[method][0]["example_weights"]
             bins = np.asarray(w["histogram_bins"])
@@ -601,7 +689,8 @@ def plot_figures(results: dict, output_dir: str) -> dict:
                 ax.bar(centers - width / 4, w["histogram_right"], width / 2, label="right label")
                 ax.bar(centers + width / 4, w["histogram_wrong"], width / 2, label="wrong label")
                 ax.set_yscale("log")
-                ax.set_xlabel("learned weight (seed 0)")
+                ax.set_xlabel("B·w̃ averaged over the example's steps (seed 0)" if method in LOOKAHEAD
+                              else "learned weight (seed 0)")
                 ax.set_ylabel("training examples (log scale)")
                 ax.legend(fontsize=8)
             else:
