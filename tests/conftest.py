@@ -1,6 +1,7 @@
 """Shared pytest configuration and helpers for the tf_bilevel test suite.
 
-* TF_CPP_MIN_LOG_LEVEL is set before TensorFlow is imported anywhere.
+* TF_CPP_MIN_LOG_LEVEL is set before TensorFlow is imported anywhere, and XLA_FLAGS compiles
+  XLA's CPU code without LLVM optimization (the same HLO, compiled faster; see below).
 * `mode` is a fixture parametrized over the three ways the engine runs:
     "function"  hypergradient_fn(jit_compile=False): a plain tf.function graph,
     "xla"       hypergradient_fn(jit_compile=True): compiled by XLA on CPU,
@@ -22,6 +23,12 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# XLA's CPU backend without LLVM's optimization passes: the same HLO (every XLA pass, fusion and
+# op support, which is what the XLA tests check as the proxy for the GPU path) compiles in less
+# time, and the test sizes are too small for the machine code's speed to matter. Inherited by
+# the programs the slow tier starts. Speed is measured by the benchmarks, never under pytest.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import multiprocessing.process  # noqa: E402
 import subprocess  # noqa: E402
@@ -32,6 +39,14 @@ from typing import Any, Callable, NamedTuple  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+# Under pytest-xdist (`-n 2` on 2 cores) the workers share the cores: one intra-op thread per
+# worker's share, not one per core each (their spinning threads otherwise take CPU from the other
+# worker). test_meta_batch.py: 147.7 -> 131.6 CPU s under load. Programs the tests start keep
+# TensorFlow's defaults.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    tf.config.threading.set_intra_op_parallelism_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
