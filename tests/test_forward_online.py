@@ -305,37 +305,6 @@ def op_types(concrete_function) -> list:
     ]
 
 
-@pytest.mark.parametrize("padding,stride", [("VALID", 1), ("SAME", 2)])
-@pytest.mark.parametrize("which", ["conv2d with per-column filters", "input gradient with per-column filters",
-                                   "filter gradient with per-column inputs"])
-def test_convolutions_with_one_per_column_operand_are_vectorized_without_a_loop(which, padding, stride):
-    """pfor's own converters loop over the columns when a convolution's filter (or the filter
-    gradient's input) is batched; forward mode installs ones that fold the columns into a channel
-    axis: the same values, no While op (XLA:CPU runs convolutions in loops many times slower)."""
-    from tf_bilevel.estimators import _pfor_conv
-
-    _pfor_conv.install()
-    x = tf.constant(RNG.normal(size=(4, 9, 9, 2)), tf.float32)
-    kernel = tf.constant(RNG.normal(size=(3, 3, 2, 5)), tf.float32)
-    dy = tf.constant(RNG.normal(size=tf.nn.conv2d(x, kernel, stride, padding).shape), tf.float32)
-    strides = [1, stride, stride, 1]
-    per_column, fn = {
-        "conv2d with per-column filters": (
-            RNG.normal(size=(3, 3, 3, 2, 5)), lambda k: tf.nn.conv2d(x, k, stride, padding)),
-        "input gradient with per-column filters": (
-            RNG.normal(size=(3, 3, 3, 2, 5)), lambda k: tf.nn.conv2d_transpose(dy, k, x.shape, stride, padding)),
-        "filter gradient with per-column inputs": (
-            RNG.normal(size=(3, 4, 9, 9, 2)),
-            lambda xd: tf.compat.v1.nn.conv2d_backprop_filter(xd, [3, 3, 2, 5], dy, strides, padding)),
-    }[which]
-    per_column = tf.constant(per_column, tf.float32)
-    vectorized = tf.function(lambda: tf.vectorized_map(fn, per_column), jit_compile=True)
-    expected = tf.stack([fn(per_column[n]) for n in range(3)])
-    np.testing.assert_allclose(vectorized().numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
-    types = op_types(vectorized.get_concrete_function())
-    assert not [t for t in types if "While" in t], types
-
-
 def test_a_cnn_step_with_all_columns_has_no_loop_and_matches_column_by_column_jvps():
     """One forward step (T = 1) of a conv–pool–conv–pool–dense network with N = 6 (per-kernel
     decays, learning rate, momentum): the same tangents as N separate JVPs, and the compiled

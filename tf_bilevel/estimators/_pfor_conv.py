@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-_installed = False
-
 _SHARED_ATTRS = ("strides", "padding", "explicit_paddings", "use_cudnn_on_gpu", "dilations")
 
 
@@ -94,26 +92,8 @@ def _conv2d_backprop_filter(wrap, original):
     return convert
 
 
-_CONVERTERS = {
+CONVERTERS = {
     "Conv2D": _conv2d,
     "Conv2DBackpropInput": _conv2d_backprop_input,
     "Conv2DBackpropFilter": _conv2d_backprop_filter,
 }
-
-
-def install() -> None:
-    """Puts the converters above in front of pfor's own (once; a no-op where this TF's pfor
-    internals are not the expected ones, which leaves TF's loops in place: slower, as exact)."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    try:
-        from tensorflow.python.ops.parallel_for import pfor
-
-        registry, wrap = pfor._pfor_converter_registry, pfor.wrap
-        originals = {op: registry[op] for op in _CONVERTERS}
-    except (ImportError, AttributeError, KeyError):
-        return
-    for op, make in _CONVERTERS.items():
-        registry[op] = make(wrap, originals[op])

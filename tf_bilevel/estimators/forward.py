@@ -23,7 +23,7 @@ from tf_bilevel import nonfinite
 from tf_bilevel.dynamics.loops import step_loop
 from tf_bilevel.dynamics.optimizers import cast_scalar
 from tf_bilevel.dynamics.transition import InnerState, Transition
-from tf_bilevel.estimators import _pfor_conv
+from tf_bilevel.estimators import _pfor
 from tf_bilevel.estimators.common import EstimatorOutput, internal_copy, outer_value_and_state_grads
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -119,7 +119,7 @@ def forward_hypergradient(
     total derivative of w0 = Ξ0(params, λ): J_params Ξ0 · (μZ) + B_0. `model_state`: a stateful
     problem's s_0; Z then also holds ds_t/dλ (s_t depends on λ through w), and f at s_T is
     differentiated through s_T too."""
-    _pfor_conv.install()
+    _pfor.install()
     problem = transition.problem
     flat_hp = tf.nest.flatten(hparams)
     n = num_hparams(hparams)

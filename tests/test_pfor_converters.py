@@ -1,0 +1,138 @@
+"""Forward mode's pfor converters (tf_bilevel/estimators/_pfor*.py) against the ops column by column.
+
+`tf.vectorized_map` over N tangent columns meets ops with one operand per column and the other
+the primal's. Each converter is checked against the same op applied to each column separately,
+in the same mode (eager, graph, XLA: TF's kernels and XLA break max-pool ties differently), and
+its graph against TF's fallbacks (a While loop over the columns, or the shared operand tiled).
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_bilevel.estimators import _pfor
+
+RNG = np.random.default_rng(5)
+COLUMNS = 3
+MODES = ["eager", "graph", "xla"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def converters():
+    _pfor.install()
+
+
+def op_types(concrete_function) -> list:
+    """The op types of a traced function and of every function it calls (XLA wraps pfor in one)."""
+    graph_def = concrete_function.graph.as_graph_def()
+    return [node.op for node in graph_def.node] + [
+        node.op for function in graph_def.library.function for node in function.node_def
+    ]
+
+
+def vectorized_and_looped(fn, per_column, mode):
+    """(vectorized_map(fn), the columns one by one stacked, op types of the vectorized graph)."""
+    if mode == "eager":
+        looped = tf.stack([fn(per_column[n]) for n in range(COLUMNS)])
+        traced = tf.function(lambda: tf.vectorized_map(fn, per_column))
+        return tf.vectorized_map(fn, per_column), looped, op_types(traced.get_concrete_function())
+    jit = mode == "xla"
+    vectorized = tf.function(lambda: tf.vectorized_map(fn, per_column), jit_compile=jit)
+    looped = tf.function(lambda: tf.stack([fn(per_column[n]) for n in range(COLUMNS)]), jit_compile=jit)
+    return vectorized(), looped(), op_types(vectorized.get_concrete_function())
+
+
+# -- convolutions: the per-column operand folded into a channel axis ---------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding,stride", [("VALID", 1), ("SAME", 2)])
+@pytest.mark.parametrize("which", ["conv2d with per-column filters", "input gradient with per-column filters",
+                                   "filter gradient with per-column inputs"])
+def test_convolutions_with_one_per_column_operand_are_vectorized_without_a_loop(which, padding, stride, mode):
+    """pfor's own converters loop over the columns when a convolution's filter (or the filter
+    gradient's input) is batched; forward mode installs ones that fold the columns into a channel
+    axis: the same values, no While op (XLA:CPU runs convolutions in loops many times slower)."""
+    x = tf.constant(RNG.normal(size=(4, 9, 9, 2)), tf.float32)
+    kernel = tf.constant(RNG.normal(size=(3, 3, 2, 5)), tf.float32)
+    dy = tf.constant(RNG.normal(size=tf.nn.conv2d(x, kernel, stride, padding).shape), tf.float32)
+    strides = [1, stride, stride, 1]
+    per_column, fn = {
+        "conv2d with per-column filters": (
+            RNG.normal(size=(COLUMNS, 3, 3, 2, 5)), lambda k: tf.nn.conv2d(x, k, stride, padding)),
+        "input gradient with per-column filters": (
+            RNG.normal(size=(COLUMNS, 3, 3, 2, 5)), lambda k: tf.nn.conv2d_transpose(dy, k, x.shape, stride, padding)),
+        "filter gradient with per-column inputs": (
+            RNG.normal(size=(COLUMNS, 4, 9, 9, 2)),
+            lambda xd: tf.compat.v1.nn.conv2d_backprop_filter(xd, [3, 3, 2, 5], dy, strides, padding)),
+    }[which]
+    got, want, types = vectorized_and_looped(fn, tf.constant(per_column, tf.float32), mode)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    assert not [t for t in types if "While" in t], types
+
+
+# -- max pooling's backward ops: a mask of the primal's shape, computed once -------------------------
+
+POOLINGS = [  # (height, width, window = stride, padding): remainders, SAME padding on both sides
+    (8, 8, 2, "VALID"), (9, 7, 2, "VALID"), (9, 7, 2, "SAME"), (10, 11, 3, "SAME"), (5, 5, 4, "SAME"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("height,width,window,padding", POOLINGS)
+@pytest.mark.parametrize("op", ["MaxPoolGrad", "MaxPoolGradGrad"])
+def test_max_pool_gradients_with_per_column_values_equal_the_op_per_column(op, height, width, window, padding, mode):
+    """ReLU outputs (many tied zeros in a window) pooled; the routed values per column. Equal
+    bit for bit to the op column by column (ties broken as the op breaks them), and the shared
+    input is not tiled N times (TF's converter)."""
+    x = tf.constant(np.maximum(RNG.normal(size=(3, height, width, 4)), 0), tf.float32)
+    y = tf.nn.max_pool2d(x, window, window, padding)
+    attrs = dict(ksize=[1, window, window, 1], strides=[1, window, window, 1], padding=padding)
+    routed_shape = y.shape if op == "MaxPoolGrad" else x.shape
+    per_column = tf.constant(RNG.normal(size=(COLUMNS, *routed_shape)), tf.float32)
+    raw = getattr(tf.raw_ops, op)
+    got, want, types = vectorized_and_looped(lambda g: raw(orig_input=x, orig_output=y, grad=g, **attrs), per_column, mode)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert "Tile" not in types and not [t for t in types if "While" in t], types
+
+
+@pytest.mark.parametrize("op", ["MaxPoolGrad", "MaxPoolGradGrad"])
+def test_max_pool_gradients_with_overlapping_windows_fall_back_to_tf(op):
+    """3×3 windows with stride 2 overlap: TF's own converter (the input tiled), the same values."""
+    x = tf.constant(RNG.normal(size=(2, 9, 9, 3)), tf.float32)
+    y = tf.nn.max_pool2d(x, 3, 2, "VALID")
+    attrs = dict(ksize=[1, 3, 3, 1], strides=[1, 2, 2, 1], padding="VALID")
+    per_column = tf.constant(RNG.normal(size=(COLUMNS, *(y.shape if op == "MaxPoolGrad" else x.shape))), tf.float32)
+    raw = getattr(tf.raw_ops, op)
+    got, want, types = vectorized_and_looped(lambda g: raw(orig_input=x, orig_output=y, grad=g, **attrs), per_column, "graph")
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert "Tile" in types
+
+
+def test_max_pool_gradients_pass_non_finite_values_as_the_op_does():
+    """Selected, not multiplied by a 0/1 mask: an inf or nan in an unselected position stays out."""
+    x = tf.constant(RNG.normal(size=(2, 6, 6, 3)), tf.float32)
+    y = tf.nn.max_pool2d(x, 2, 2, "VALID")
+    attrs = dict(ksize=[1, 2, 2, 1], strides=[1, 2, 2, 1], padding="VALID")
+    for op, shape in [("MaxPoolGrad", y.shape), ("MaxPoolGradGrad", x.shape)]:
+        values = RNG.normal(size=(COLUMNS, *shape))
+        values[0, 0, 0, 0, 0], values[1, 1, 2, 2, 1] = np.inf, np.nan
+        raw = getattr(tf.raw_ops, op)
+        got, want, _ = vectorized_and_looped(lambda g: raw(orig_input=x, orig_output=y, grad=g, **attrs),
+                                             tf.constant(values, tf.float32), "graph")
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+# -- ReLU's gradient: a mask of the primal's features, computed once ---------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_relu_gradient_with_per_column_gradients_equals_the_op_per_column(mode):
+    features = RNG.normal(size=(4, 5, 6))
+    features[0, 0, :3] = 0.0  # ReLU's kink: ReluGrad passes nothing at 0
+    features = tf.constant(features, tf.float32)
+    grads = RNG.normal(size=(COLUMNS, 4, 5, 6))
+    grads[1, 2, 3, 4] = np.inf
+    got, want, types = vectorized_and_looped(
+        lambda g: tf.raw_ops.ReluGrad(gradients=g, features=features), tf.constant(grads, tf.float32), mode)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    assert "Tile" not in types, types

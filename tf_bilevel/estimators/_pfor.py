@@ -1,0 +1,33 @@
+"""Installs forward mode's pfor converters (_pfor_conv, _pfor_pool, _pfor_activation) in front
+of TF's own.
+
+`tf.vectorized_map` over forward mode's N tangent columns meets ops whose one operand is the
+primal's (shared by all columns) and whose other differs per column; for the ops below TF's
+converters loop over the columns or copy the shared operand N times. Each converter here falls
+back to TF's (the `original` it is given) outside the cases it handles.
+"""
+
+from __future__ import annotations
+
+from tf_bilevel.estimators import _pfor_activation, _pfor_conv, _pfor_pool
+
+_installed = False
+
+
+def install() -> None:
+    """Puts the converters in front of pfor's own (once; a no-op where this TF's pfor internals
+    are not the expected ones, which leaves TF's converters in place: slower, as exact)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    converters = {**_pfor_conv.CONVERTERS, **_pfor_pool.CONVERTERS, **_pfor_activation.CONVERTERS}
+    try:
+        from tensorflow.python.ops.parallel_for import pfor
+
+        registry, wrap = pfor._pfor_converter_registry, pfor.wrap
+        originals = {op: registry[op] for op in converters}
+    except (ImportError, AttributeError, KeyError):
+        return
+    for op, make in converters.items():
+        registry[op] = make(wrap, originals[op])
