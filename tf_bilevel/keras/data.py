@@ -14,6 +14,8 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
+from tf_bilevel import _validate
+
 ELEMENT_HELP = (
     "Each dataset element must be ((x_inner, y_inner), (x_outer, y_outer)), optionally with "
     "sample weights as a third entry of each pair. For hyperparameter optimization with fixed "
@@ -178,8 +180,7 @@ def online_tasks(train: tf.data.Dataset, validation: tf.data.Dataset, *, steps: 
         if not isinstance(dataset, tf.data.Dataset):
             raise TypeError(f"online_tasks: {name} must be a tf.data.Dataset of batches, got {type(dataset).__name__}")
         _as_batch(dataset.element_spec, name, dataset.element_spec)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"online_tasks: steps must be a positive int (T, the trainer's steps), got {steps!r}")
+    steps = _validate.integer(steps, "online_tasks: steps", "T, the trainer's steps")
     for leaf in tf.nest.flatten(train.element_spec):
         if leaf.shape.rank is None or leaf.shape.rank < 1 or leaf.shape[0] is None:
             raise ValueError(
@@ -208,9 +209,8 @@ def episodes(
     """
     if not callable(make_episode):
         raise TypeError(f"episodes(make_episode=...): expected a function i -> episode i, got {make_episode!r}")
-    for name, value in (("batch", batch), ("count", count)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"episodes({name}={value!r}): must be a positive int or None")
+    batch = _validate.integer(batch, "episodes(batch=...)", "episodes per meta-batch", optional=True)
+    count = _validate.integer(count, "episodes(count=...)", "elements before the stream ends", optional=True)
     per_element = batch or 1
     stop = sys.maxsize if count is None else count * per_element
 
