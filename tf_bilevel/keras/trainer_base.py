@@ -29,19 +29,16 @@ from tf_bilevel.keras.tasks import (
     StepInputs,
     TaskFunction,
     TaskResult,
+    adapted_weights,
     choose_meta_batch_path,
     run_on_element,
     task_functions,
+    task_seeds,
 )
 from tf_bilevel.keras.trainer_metrics import TRAIN_ONLY, StepMetrics
 from tf_bilevel.keras.trainer_variables import TrainerVariables
 from tf_bilevel.keras.trainer_variables import read as _read
 from tf_bilevel.keras.update_gate import UpdateGate
-
-
-def _merge_task_axis(x: tf.Tensor) -> tf.Tensor:
-    """[tasks, n, ...] -> [tasks·n, ...] (per-example metrics over the whole meta-batch)."""
-    return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], axis=0))
 
 
 class BilevelTrainerMixin:
@@ -167,21 +164,15 @@ class BilevelTrainerMixin:
         return copy
 
     def _adapt_function(self, batch: Any) -> list:
-        task = data_lib.Task(batch, batch)
-        inputs = self._step_inputs()
         functions = self._compiled_functions
-        fn = getattr(functions, "adapt", None)
-        if fn is None:
+        if getattr(functions, "adapt", None) is None:
             def adapt(inputs, task):
-                specs = self._trainer_variables.specs
-                hp, _ = self.problem.hparams(inputs.raw, specs, inputs.hyper_state, task.inner, task.outer)
+                hp, _ = self.problem.hparams(inputs.raw, self._trainer_variables.specs, inputs.hyper_state, task.inner, task.outer)
                 seed = self._task_seeds(task, tf.constant(-1, tf.int64))[0]
-                w0 = self.problem.initial_params(inputs.stored_inner, seed)
-                inner_batch = self.problem.inner_batch(task.inner, inputs.inner_state, seed)
-                return self.hypergradient.solve_uncompiled(w0, hp, inner_batch)
+                return adapted_weights(self.problem, self.hypergradient, inputs, task, seed, hp)
 
-            fn = functions.adapt = tf.function(adapt, autograph=False)
-        return fn(inputs, task)
+            functions.adapt = tf.function(adapt, autograph=False)
+        return functions.adapt(self._step_inputs(), data_lib.Task(batch, batch))
 
     def resumable(self, tasks: Any) -> tf.data.Dataset:
         """A stream of tasks that starts where the last hyper-iteration stopped, for `fit`.
@@ -195,20 +186,7 @@ class BilevelTrainerMixin:
         restored it, so a restarted run sees exactly the tasks the interrupted run had not
         learned from yet. The stream continues across `fit` calls (it does not restart).
         """
-        if isinstance(tasks, tf.data.Dataset):
-            start_at = lambda start: tasks.skip(start)  # noqa: E731
-        elif callable(tasks):
-            start_at = tasks
-        else:
-            raise TypeError(
-                "resumable(tasks): tasks must be a tf.data.Dataset of tasks or a function "
-                f"start -> tf.data.Dataset (start: the first hyper-iteration, an int64 tensor), got {tasks!r}"
-            )
-        meta_step = self.meta_step
-        # A captured variable is read when the iterator starts, not when the dataset is built.
-        return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(
-            lambda _: start_at(tf.cast(_read(meta_step), tf.int64))
-        )
+        return data_lib.resumable(tasks, self.meta_step)
 
     def build_from_spec(self, element_spec: Any) -> None:
         """Builds the models, the hyperparameter variables, the compiled metrics and the outer
@@ -264,7 +242,7 @@ class BilevelTrainerMixin:
 
     def predict(self, x=None, *args, **kwargs):
         spec = data_lib.element_spec_of(x, "predict(x=...)")
-        self.build_from_spec(self._as_task_spec(spec))
+        self.build_from_spec(data_lib.prediction_task_spec(spec))
         return super().predict(x, *args, **kwargs)
 
     def compile(self, *args, **kwargs):
@@ -343,7 +321,7 @@ class BilevelTrainerMixin:
         task = data_lib.parse_task(data)
         evaluation = self._compiled_functions.tasks.evaluation
         value, inner_value, y_pred = self._run_tasks(evaluation, task, tf.constant(-1, tf.int64))
-        y_true, y_pred, sample_weight = self._outer_targets(task, y_pred)
+        y_true, y_pred, sample_weight = data_lib.outer_targets(task, y_pred, self.spec.meta_batch)
         self._step_metrics.update_losses(tf.constant(True), value, inner_value)
         logs = self.compute_metrics(None, y_true, y_pred, sample_weight)
         return {k: v for k, v in logs.items() if k not in TRAIN_ONLY}
@@ -395,18 +373,9 @@ class BilevelTrainerMixin:
             reference = replica.all_reduce(tf.distribute.ReduceOp.MEAN, reference) if reference else reference
         self._step_metrics.update_hypergradient(finite, grads, reference, with_reference)
         self._step_metrics.update_losses(finite, result.outer_value, result.inner_value)
-        y_true, y_pred, sample_weight = self._outer_targets(task, result.y_pred)
+        y_true, y_pred, sample_weight = data_lib.outer_targets(task, result.y_pred, self.spec.meta_batch)
         logs = self._compute_metrics_if(finite, y_true, y_pred, sample_weight)
         return {**logs, **conventions.scalar_hyperparameter_logs(self.hyperparameter_values())}
-
-    def _outer_targets(self, task: data_lib.Task, y_pred: tf.Tensor) -> tuple:
-        """(y_true, y_pred, sample_weight) of the outer batch for the compiled metrics; with
-        meta_batch, the tasks merged into one batch ([B, n, ...] -> [B·n, ...])."""
-        y_true, sample_weight = task.outer.y, task.outer.weights
-        if not self.spec.meta_batch:
-            return y_true, y_pred, sample_weight
-        sample_weight = None if sample_weight is None else _merge_task_axis(sample_weight)
-        return _merge_task_axis(y_true), _merge_task_axis(y_pred), sample_weight
 
     def _warn_inexact_second_order(self) -> None:
         """Warns (once, when the trainer builds) about inner-model layers whose second derivatives
@@ -414,7 +383,7 @@ class BilevelTrainerMixin:
         the inner loop and differentiated once (d_λ f = (∂φ/∂λ)ᵀ d_φ f)."""
 
     def _adapted_predictions(self, data):
-        return self._run_tasks(self._compiled_functions.tasks.prediction, self._as_task(data), tf.constant(-1, tf.int64))
+        return self._run_tasks(self._compiled_functions.tasks.prediction, data_lib.prediction_task(data), tf.constant(-1, tf.int64))
 
     def _choose_meta_batch_path(self, task: data_lib.Task) -> str:
         """"stacked" or "map_fn" for this (traced) meta-batch; recorded in `meta_batch_path`."""
@@ -423,17 +392,6 @@ class BilevelTrainerMixin:
             spec.meta_batch_mode, data_lib.num_tasks(task), spec.estimator, spec.builtin_inner_optimizer
         )
         return self.meta_batch_path
-
-    def _as_task(self, data) -> data_lib.Task:
-        """((x_inner, y_inner), x_outer) or a full task element -> Task (y_outer unused)."""
-        if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[1], (tuple, list)):
-            data = (data[0], (data[1], data[1]))
-        return data_lib.parse_task(data)
-
-    def _as_task_spec(self, spec):
-        if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], tf.TensorSpec):
-            return (spec[0], (spec[1], spec[1]))
-        return spec
 
     def _create_hyperparameters(self) -> None:
         """The raw variables of λ and the regime's state (called once the models are built)."""
@@ -470,20 +428,7 @@ class BilevelTrainerMixin:
         return StepInputs(raw, stored, inner_state, hyper_state, self.regime.read_carried())
 
     def _task_seeds(self, task: data_lib.Task, step: tf.Tensor) -> tf.Tensor:
-        """Stateless seeds fold_in(fold_in((seed, 0), step), global task index), one per task."""
-        leaf = tf.nest.flatten(task.inner)[0]
-        count = (leaf.shape[0] or tf.shape(leaf)[0]) if self.spec.meta_batch else 1
-        replica = tf.distribute.get_replica_context()
-        offset = tf.cast(replica.replica_id_in_sync_group, tf.int64) * tf.cast(count, tf.int64)
-        step_seed = tf.random.experimental.stateless_fold_in(
-            tf.constant([self.spec.seed, 0], tf.int64), tf.cast(step, tf.int64), alg="philox"
-        )
-        indices = offset + tf.range(tf.cast(count, tf.int64), dtype=tf.int64)
-        return tf.map_fn(
-            lambda i: tf.cast(tf.random.experimental.stateless_fold_in(step_seed, i, alg="philox"), tf.int64),
-            indices,
-            fn_output_signature=tf.TensorSpec([2], tf.int64),
-        )
+        return task_seeds(self.spec.seed, step, task, self.spec.meta_batch)
 
     def _update_hyper_state(self, apply: tf.Tensor, new_state: list, replica: Any) -> None:
         """The hyper model's BatchNorm statistics: the mean over tasks (and replicas) of the
