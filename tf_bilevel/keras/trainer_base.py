@@ -1,4 +1,4 @@
-"""The Keras-flavor-independent half of `BilevelTrainer`: state, train/test/predict steps.
+"""The Keras-flavor-independent half of `BilevelTrainer`: the Keras glue and the train/test/predict steps.
 
 Mixed into `keras.Model` (trainer.py, Keras 3) and `tf_keras.Model` (legacy.py). Its
 `train_step` is one hyper-iteration: for every task of the (per-replica) meta-batch, T inner
