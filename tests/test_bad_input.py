@@ -112,6 +112,31 @@ def test_loss_reading_a_passed_variable_through_a_closure(role):
         hg(params, hparams)
 
 
+@pytest.mark.parametrize("role", ["inner_loss", "outer_loss"])
+def test_passed_variable_read_only_through_a_closure_is_named_as_such(role):
+    """Read only through the closure, the leaf gets no gradient through `hparams`: the error
+    says where it is read (not "not reached ... use it"), and how to read it instead."""
+    params, hparams = start()
+    t = tf.Variable(0.5)
+    hparams["t"] = t
+
+    def closure_loss(p, h):  # never reads h["t"]
+        return (inner(p, h) if role == "inner_loss" else outer(p, h)) + 0.1 * t
+
+    with pytest.raises(ValueError) as caught:
+        build(**{role: closure_loss})(params, hparams)
+    message = str(caught.value)
+    assert message.startswith(f"{role} reads the tf.Variable passed as hparams['t'] through a closure"), message
+    assert "Read it from the `hparams` argument instead of the closure" in message
+    assert "not reached" not in message
+    # A leaf that no function reads at all keeps the other message.
+    params, hparams = start()
+    hparams["t"] = tf.Variable(0.5)
+    with pytest.raises(ValueError, match=r"hparams\['t'\] not reached by the losses.*Use it in one of them") as caught:
+        build()(params, hparams)
+    assert "closure" not in str(caught.value)
+
+
 def test_loss_assigning_a_variable_inside_the_inner_loop():
     weights = tf.Variable([0.0, 0.0])
 

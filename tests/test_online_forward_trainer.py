@@ -218,7 +218,7 @@ def _split(flat, structure):
 
 
 def test_schedule_arguments_are_checked():
-    with pytest.raises(ValueError, match="warmup_steps must be an int in"):
+    with pytest.raises(ValueError, match=r"warmup_steps must be an integer in \[0, 10\)"):
         tfb.keras.LearnedSchedule.cosine(0.1, total_steps=10, warmup_steps=10)
     with pytest.raises(ValueError, match="final must be in"):
         tfb.keras.LearnedSchedule.cosine(0.1, total_steps=10, final=1.0)

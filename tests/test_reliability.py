@@ -187,6 +187,35 @@ def test_batch_argument_mismatch_is_explained():
     np.testing.assert_allclose(value.numpy(), 2.0 * build()(*start())[0].numpy(), rtol=1e-6)
 
 
+def test_one_arity_sniffer_for_losses_and_learning_rates():
+    """tf_bilevel._signature decides whether a user function gets its optional argument (a
+    loss's batch or hparams, a schedule's hparams): only when it requires it."""
+    import functools
+
+    from tf_bilevel._signature import Arity, positional_arity, requires
+
+    class Schedule:
+        def __call__(self, step, hparams):
+            return 0.1
+
+    @tf.function
+    def traced_loss(y_true, y_pred, hparams):
+        return y_pred
+
+    assert positional_arity(lambda p, h, batch=None: 0.0) == Arity(2, 3)
+    assert positional_arity(lambda *args: 0.0) == Arity(0, None)
+    assert positional_arity(functools.partial(lambda a, b, c: 0.0, 1)) == Arity(2, 2)
+    assert positional_arity(Schedule()) == Arity(2, 2)
+    assert positional_arity(traced_loss) == Arity(3, 3)  # through the wrapped function
+    assert positional_arity(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.9)) == Arity(1, 1)
+    assert positional_arity(len) == Arity(1, 1) and positional_arity(print) == Arity(0, None)
+    assert requires(Schedule(), 2) and requires(traced_loss, 3)
+    assert not requires(lambda *args: 0.0, 2)  # a forwarding wrapper gets the required ones only
+    # The learning rate of the core: a (step, hparams) schedule learns γ from hparams.
+    hg = build(learning_rate=lambda step, h: 0.1 * tf.exp(h["log_l2"] - h["log_l2"]))
+    np.testing.assert_allclose(hg(*start())[0].numpy(), build()(*start())[0].numpy(), rtol=1e-6)
+
+
 def test_outer_loss_not_depending_on_params_is_blamed_not_the_hyperparameter():
     with pytest.raises(ValueError, match=r"outer_loss does not depend on params or hparams \(does it return a constant\?\).*hparams\['log_l2'\], hparams\['target'\]"):
         build(outer_loss=lambda p, h: tf.constant(1.0))(*start())

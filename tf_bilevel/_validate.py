@@ -32,13 +32,38 @@ def is_real_number(value: Any) -> bool:
     return not is_bool(value) and isinstance(value, (int, float, np.integer, np.floating))
 
 
+def is_int(value: Any) -> bool:
+    """A Python or NumPy int (not a bool, not a float)."""
+    value = _unwrap(value)
+    return not is_bool(value) and isinstance(value, (int, np.integer))
+
+
+def integer(
+    value: Any, name: str, meaning: str, *, minimum: Optional[int] = 1, below: Optional[int] = None,
+    optional: bool = False,
+) -> Optional[int]:
+    """`value` as a Python int in [minimum, below) (either bound optional; Python/NumPy ints only:
+    no bools, no floats), or None if `optional`; else a ValueError naming `name`, the range and
+    what the number means."""
+    if optional and value is None:
+        return None
+    raw = _unwrap(value)
+    if not is_int(raw) or (minimum is not None and raw < minimum) or (below is not None and raw >= below):
+        if below is not None:
+            kind = f"an integer in [{minimum}, {below})"
+        elif minimum is None:
+            kind = "an integer"
+        else:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(
+            f"{name} must be {'None or ' if optional else ''}{kind} ({meaning}; a Python or NumPy int), got {value!r}"
+        )
+    return int(raw)
+
+
 def positive_int(value: Any, name: str, meaning: str, *, minimum: int = 1) -> int:
     """`value` as a Python int >= minimum; integral Python/NumPy ints only (no bools, no floats)."""
-    raw = _unwrap(value)
-    if is_bool(raw) or not isinstance(raw, (int, np.integer)) or int(raw) < minimum:
-        kind = "positive integer" if minimum == 1 else f"integer >= {minimum}"
-        raise ValueError(f"{name} must be a {kind} ({meaning}; a Python or NumPy int), got {value!r}")
-    return int(raw)
+    return integer(value, name, meaning, minimum=minimum)
 
 
 def boolean(value: Any, name: str) -> bool:

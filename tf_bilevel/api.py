@@ -167,9 +167,14 @@ class Hypergradient:
         # On every call, not only when tracing: a variable that an earlier trace saw read
         # through a closure may be passed now, and no retrace would see it.
         self.problem.check_not_read_through_closure(passed)
-        result = self._compiled(
-            params, hparams, inner_batch, outer_batch, opt_state=opt_state, model_state=model_state, tangents=tangents
-        )
+        try:
+            result = self._compiled(
+                params, hparams, inner_batch, outer_batch, opt_state=opt_state, model_state=model_state, tangents=tangents
+            )
+        except ValueError:
+            # Read through a closure by the trace that failed (a leaf used only that way looks unreached): say so.
+            self._raise_if_read_through_closure(passed)
+            raise
         self.problem.check_not_read_through_closure(passed)  # read by the trace just made
         if self.check_numerics:
             if tf.executing_eagerly():
@@ -220,8 +225,7 @@ class Hypergradient:
         model_state = self._checked_model_state(model_state)
         if self.estimator == "forward":
             tangents = self._checked_tangents(params, hparams, opt_state, model_state, tangents)
-        self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state, model_state)
-        self.problem.check_not_read_through_closure(passed)  # variables passed inside a user's graph
+        self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state, model_state, passed)
         T = self.steps
         if self.estimator in ("reverse", "checkpointed"):
             out = reverse_hypergradient(
@@ -378,9 +382,11 @@ class Hypergradient:
         return self.segment_length or max(1, math.ceil(math.sqrt(self.truncate)))
 
     def _check_every_hparam_reaches_outer(self, params, hparams, inner_batch, outer_batch, opt_state=None,
-                                          model_state=()) -> None:
+                                          model_state=(), passed=None) -> None:
         """Trace-time probe through Ξ0, one step and f: a leaf with no path to f is a mistake.
-        (Its ops have no consumer, so they are pruned from the compiled function.)"""
+        (Its ops have no consumer, so they are pruned from the compiled function.) `passed`: the
+        variables passed as params/hparams (id -> name); one the probe saw a loss read through a
+        closure is named as such first (it is used, just not through the argument)."""
         flat_hp = tf.nest.flatten(hparams)
         with tf.GradientTape() as tape:
             tape.watch(flat_hp)
@@ -391,6 +397,7 @@ class Hypergradient:
             flat_w1 = tf.nest.flatten(state.params)
             tape.watch(flat_w1)
             value = self.problem.outer(state.params, hparams, outer_batch, state.model_state)
+        self.problem.check_not_read_through_closure(passed or {})
         grads_w, grads = tape.gradient(value, (flat_w1, flat_hp))
         unreached = [name for name, g in zip(leaf_names(hparams, "hparams"), grads) if g is None]
         if unreached and all(g is None for g in grads_w):
@@ -408,6 +415,12 @@ class Hypergradient:
                 "learning rate, init_params nor outer_loss depends on it, so its hypergradient would "
                 "be silently zero. Use it in one of them or remove it from hparams."
             )
+
+    def _raise_if_read_through_closure(self, passed: dict) -> None:
+        try:
+            self.problem.check_not_read_through_closure(passed)
+        except ValueError as err:
+            raise err from None
 
     def _raise_if_nonfinite(self, marker: int) -> None:
         if marker != nonfinite.NONE:

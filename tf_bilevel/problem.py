@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import inspect
-
 import tensorflow as tf
 
 from tf_bilevel._autograph import convert_user_function
+from tf_bilevel._signature import positional_arity
 from tf_bilevel._tree import leaf_names
 
 Params = Any
@@ -53,7 +52,7 @@ class BilevelProblem:
         if init_params is not None and not callable(init_params):
             raise TypeError(f"init_params must be a callable (params, hparams) -> params, got {init_params!r}")
         # (required, maximum) positional arguments, to explain a missing/unexpected batch.
-        self._arity = {"inner_loss": _positional_arity(inner_loss), "outer_loss": _positional_arity(outer_loss)}
+        self._arity = {"inner_loss": positional_arity(inner_loss), "outer_loss": positional_arity(outer_loss)}
         self.inner_loss = convert_user_function(inner_loss)
         self.outer_loss = convert_user_function(outer_loss)
         self.init_params = None if init_params is None else convert_user_function(init_params)
@@ -109,10 +108,12 @@ class BilevelProblem:
         for var_id, name in passed_variables.items():
             if var_id in self.closure_variables:
                 role = self.closure_variables[var_id][0]
+                argument = name.split("[")[0]
                 raise ValueError(
                     f"{role} reads the tf.Variable passed as {name} through a closure, so the "
-                    f"hypergradient cannot flow through it. Use the tensor argument "
-                    f"{role}(params, hparams) receives instead of the variable."
+                    f"hypergradient cannot flow through it (it reaches the loss, but not as the "
+                    f"argument). Read it from the `{argument}` argument instead of the closure: "
+                    f"{name} in {role}(params, hparams[, batch])."
                 )
 
     def _check_arity(self, role: str, batch: Batch) -> None:
@@ -182,14 +183,3 @@ def _checked_state(new_state: Any, state: Any) -> Any:
         checked.append(new if new.shape == old.shape and new.shape.is_fully_defined() else tf.ensure_shape(new, old.shape))
     return tf.nest.pack_sequence_as(state, checked)
 
-
-def _positional_arity(fn: Callable) -> tuple[int, Optional[int]]:
-    """(required, maximum) positional arguments of `fn`; (0, None) if it has no signature."""
-    try:
-        parameters = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return 0, None
-    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters):
-        return 0, None
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return sum(1 for p in positional if p.default is p.empty), len(positional)

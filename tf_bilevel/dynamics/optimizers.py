@@ -14,13 +14,13 @@ A learning rate is one of
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, NamedTuple, Union
 
 import tensorflow as tf
 
 from tf_bilevel import _validate
 from tf_bilevel._autograph import convert_user_function
+from tf_bilevel._signature import requires
 
 Params = Any
 HParams = Any
@@ -35,24 +35,13 @@ class InnerOptimizer(NamedTuple):
     learning_rate: LearningRate | None = None
 
 
-def _num_positional_args(fn: Callable[..., Any]) -> int:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return 1
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
-        return 2
-    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
-
-
 def resolve_learning_rate(learning_rate: LearningRate, step: tf.Tensor, hparams: HParams) -> Any:
     """γ_t for inner step ``step`` (0-based): a scalar tensor, or the number itself if constant
     (kept as a Python number so float64 problems are not rounded through float32)."""
     if not callable(learning_rate):
         return learning_rate
     schedule = convert_user_function(learning_rate)
-    if _num_positional_args(learning_rate) >= 2:
+    if requires(learning_rate, 2):
         return tf.convert_to_tensor(schedule(step, hparams))
     return tf.convert_to_tensor(schedule(step))
 

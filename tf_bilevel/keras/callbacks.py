@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import keras
 import tensorflow as tf
 
+from tf_bilevel import _validate
 from tf_bilevel.keras.conventions import HYPERPARAMETER_LOG_PREFIX, hyperparameter_leaves
 
 TENSORBOARD_EXTRA = 'pip install "tf_bilevel[tensorboard]"'
@@ -46,8 +47,7 @@ class HyperparameterHistograms(keras.callbacks.Callback):
     def __init__(self, log_dir: str, freq: int = 1, names: Optional[Sequence[str]] = None, include_scalars: bool = False):
         super().__init__()
         require_tensorboard("tf_bilevel.keras.HyperparameterHistograms")
-        if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
-            raise ValueError(f"HyperparameterHistograms(freq=...) must be a positive int (every N epochs), got {freq!r}")
+        freq = _validate.integer(freq, "HyperparameterHistograms(freq=...)", "write every N epochs")
         self.log_dir = os.fspath(log_dir)
         self.freq = freq
         self.names = None if names is None else list(names)

@@ -14,6 +14,8 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import tensorflow as tf
 
+from tf_bilevel import _validate
+
 ELEMENT_HELP = (
     "Each dataset element must be ((x_inner, y_inner), (x_outer, y_outer)), optionally with "
     "sample weights as a third entry of each pair. For hyperparameter optimization with fixed "
@@ -147,6 +149,53 @@ def as_inner_batch(data: Any, argument: str) -> Batch:
     return _as_batch(tuple(tf.nest.map_structure(tf.convert_to_tensor, tuple(data))), "inner", data)
 
 
+def prediction_task(data: Any) -> Task:
+    """predict/call input: ((x_inner, y_inner), x_outer), or a full task element (y_outer unused)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[1], (tuple, list)):
+        data = (data[0], (data[1], data[1]))
+    return parse_task(data)
+
+
+def prediction_task_spec(spec: Any) -> Any:
+    """The element spec of a `predict` input as that of a full task (x_outer's spec for y_outer)."""
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], tf.TensorSpec):
+        return (spec[0], (spec[1], spec[1]))
+    return spec
+
+
+def _merge_task_axis(x: tf.Tensor) -> tf.Tensor:
+    """[tasks, n, ...] -> [tasks·n, ...] (per-example metrics over the whole meta-batch)."""
+    return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], axis=0))
+
+
+def outer_targets(task: Task, y_pred: tf.Tensor, meta_batch: bool) -> tuple:
+    """(y_true, y_pred, sample_weight) of the outer batch for the compiled metrics; with
+    meta_batch, the tasks merged into one batch ([B, n, ...] -> [B·n, ...])."""
+    y_true, sample_weight = task.outer.y, task.outer.weights
+    if not meta_batch:
+        return y_true, y_pred, sample_weight
+    sample_weight = None if sample_weight is None else _merge_task_axis(sample_weight)
+    return _merge_task_axis(y_true), _merge_task_axis(y_pred), sample_weight
+
+
+def resumable(tasks: Any, meta_step: Any) -> tf.data.Dataset:
+    """`BilevelTrainer.resumable`: the stream `tasks` started at element `meta_step` (read when
+    the iterator starts)."""
+    if isinstance(tasks, tf.data.Dataset):
+        start_at = lambda start: tasks.skip(start)  # noqa: E731
+    elif callable(tasks):
+        start_at = tasks
+    else:
+        raise TypeError(
+            "resumable(tasks): tasks must be a tf.data.Dataset of tasks or a function "
+            f"start -> tf.data.Dataset (start: the first hyper-iteration, an int64 tensor), got {tasks!r}"
+        )
+    # A captured variable is read when the iterator starts, not when the dataset is built.
+    return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(
+        lambda _: start_at(tf.cast(tf.convert_to_tensor(meta_step), tf.int64))
+    )
+
+
 def check_online_spec(task: Task, steps: int) -> None:
     """online=True: the inner part stacks `steps` minibatches on axis 0."""
     for leaf in tf.nest.flatten(task.inner):
@@ -178,8 +227,7 @@ def online_tasks(train: tf.data.Dataset, validation: tf.data.Dataset, *, steps: 
         if not isinstance(dataset, tf.data.Dataset):
             raise TypeError(f"online_tasks: {name} must be a tf.data.Dataset of batches, got {type(dataset).__name__}")
         _as_batch(dataset.element_spec, name, dataset.element_spec)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"online_tasks: steps must be a positive int (T, the trainer's steps), got {steps!r}")
+    steps = _validate.integer(steps, "online_tasks: steps", "T, the trainer's steps")
     for leaf in tf.nest.flatten(train.element_spec):
         if leaf.shape.rank is None or leaf.shape.rank < 1 or leaf.shape[0] is None:
             raise ValueError(
@@ -208,9 +256,8 @@ def episodes(
     """
     if not callable(make_episode):
         raise TypeError(f"episodes(make_episode=...): expected a function i -> episode i, got {make_episode!r}")
-    for name, value in (("batch", batch), ("count", count)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"episodes({name}={value!r}): must be a positive int or None")
+    batch = _validate.integer(batch, "episodes(batch=...)", "episodes per meta-batch", optional=True)
+    count = _validate.integer(count, "episodes(count=...)", "elements before the stream ends", optional=True)
     per_element = batch or 1
     stop = sys.maxsize if count is None else count * per_element
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
-import tf_bilevel as tfb
+from tf_bilevel.api import Hypergradient, hypergradient_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +44,11 @@ def build_estimator(
     init_params: Optional[Callable],
     per_step_batches: Callable,
     stateful: bool = False,
-) -> "tfb.Hypergradient":
+) -> Hypergradient:
     """`tfb.hypergradient_fn` with `settings`, uncompiled and without numeric checks (the
     trainer compiles its steps and records non-finite values itself). `stateful`: the losses
     carry a layer state through the inner steps (the regime's, e.g. online BatchNorm)."""
-    return tfb.hypergradient_fn(
+    return hypergradient_fn(
         inner_loss, outer_loss, **dataclasses.asdict(settings),
         inner_optimizer=inner_optimizer, init_params=init_params, per_step_batches=per_step_batches,
         jit_compile=False, check_numerics=False, stateful=stateful,

@@ -25,15 +25,15 @@ state: updated by every inner step, read by f (`stateful_inner_loss`/`stateful_o
 
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
 
-import tf_bilevel as tfb
 from tf_bilevel._autograph import leave_unparsable_unconverted
+from tf_bilevel._signature import requires
+from tf_bilevel.dynamics.optimizers import InnerOptimizer
 from tf_bilevel.keras.data import Batch
 from tf_bilevel.keras.estimator import EstimatorSettings, build_estimator
 from tf_bilevel.keras.losses import SECOND_ORDER_HINT
@@ -41,7 +41,6 @@ from tf_bilevel.keras.regime import Regime
 from tf_bilevel.keras.reparam import Hyperparameter
 from tf_bilevel.keras.schedule import LearnedSchedule
 from tf_bilevel.keras.spec import INNER_OPTIMIZERS, TrainerSpec
-
 
 
 class CoreBatch(NamedTuple):
@@ -56,18 +55,6 @@ class CoreBatch(NamedTuple):
 def fold_seed(seed: tf.Tensor, index: Any) -> tf.Tensor:
     """A new stateless seed from (seed, index), identical under TF and XLA (explicit philox)."""
     return tf.random.experimental.stateless_fold_in(seed, tf.cast(index, tf.int64), alg="philox")
-
-
-def _num_positional_args(fn: Callable) -> int:
-    target = fn.__call__ if not (inspect.isfunction(fn) or inspect.ismethod(fn)) and callable(fn) else fn
-    try:
-        params = inspect.signature(target).parameters.values()
-    except (TypeError, ValueError):
-        return 2
-    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
-        return 2
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
 
 
 class KerasBilevelProblem:
@@ -96,7 +83,7 @@ class KerasBilevelProblem:
         if isinstance(inner_optimizer, str):
             inner_optimizer = INNER_OPTIMIZERS[inner_optimizer]
         self.inner_optimizer = inner_optimizer(self._core_learning_rate())
-        if not isinstance(self.inner_optimizer, tfb.InnerOptimizer):
+        if not isinstance(self.inner_optimizer, InnerOptimizer):
             raise TypeError(f"inner_optimizer must return a tf_bilevel.InnerOptimizer, got {self.inner_optimizer!r}")
 
     # -- structure of λ ---------------------------------------------------------------
@@ -275,7 +262,7 @@ class KerasBilevelProblem:
         if isinstance(self.learned_schedule, LearnedSchedule):
             schedule = self.learned_schedule
             return lambda step, hp: schedule(self.regime.global_step(step), hp["inner_learning_rate"])
-        if callable(lr) and _num_positional_args(lr) >= 2:
+        if callable(lr) and requires(lr, 2):
             return lambda step, hp: lr(self.regime.global_step(step), hp["user"])
         if callable(lr):
             return lambda step: lr(self.regime.global_step(step))
@@ -297,7 +284,7 @@ class KerasBilevelProblem:
     # -- helpers ------------------------------------------------------------------------
     def _user_loss(self, fn: Callable, role: str, data: Batch, y_pred: tf.Tensor, user_hp: dict) -> tf.Tensor:
         y_pred = full_precision(y_pred)
-        values = fn(data.y, y_pred, user_hp) if _num_positional_args(fn) >= 3 else fn(data.y, y_pred)
+        values = fn(data.y, y_pred, user_hp) if requires(fn, 3) else fn(data.y, y_pred)
         values = tf.convert_to_tensor(values)
         if not values.dtype.is_floating:
             raise TypeError(f"{role} must return floating-point losses, got dtype {values.dtype.name}")

@@ -17,13 +17,12 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tf_bilevel import _validate
 from tf_bilevel.keras.reparam import Hyperparameter
 
 
 def _positive_steps(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"LearnedSchedule: {argument} must be a positive int (inner steps), got {value!r}")
-    return int(value)
+    return _validate.integer(value, f"LearnedSchedule: {argument}", "inner steps")
 
 
 class LearnedSchedule:
@@ -46,10 +45,10 @@ class LearnedSchedule:
         """Linear warm-up over `warmup_steps` to `peak`, then a cosine decay to `final` × peak at
         `total_steps`. Learned: the peak (in log space) and the final fraction (in (0, 1))."""
         total_steps = _positive_steps(total_steps, "total_steps")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)) or not 0 <= warmup_steps < total_steps:
-            raise ValueError(
-                f"LearnedSchedule.cosine: warmup_steps must be an int in [0, total_steps={total_steps}), got {warmup_steps!r}"
-            )
+        warmup_steps = _validate.integer(
+            warmup_steps, "LearnedSchedule.cosine: warmup_steps", "inner steps of linear warm-up, fewer than total_steps",
+            minimum=0, below=total_steps,
+        )
         if not (isinstance(peak, (int, float)) and peak > 0):
             raise ValueError(f"LearnedSchedule.cosine: peak must be a positive number (the largest γ), got {peak!r}")
         if not (isinstance(final, (int, float)) and 0 < final < 1):

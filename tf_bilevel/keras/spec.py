@@ -94,15 +94,10 @@ class TrainerSpec:
                 f"on_nonfinite must be 'raise' (stop with an error naming the step) or 'skip' (skip the "
                 f"hyperparameter update of that step), got {on_nonfinite!r}"
             )
-        if diagnostics_every is not None and (
-            isinstance(diagnostics_every, bool) or not isinstance(diagnostics_every, int) or diagnostics_every < 1
-        ):
-            raise ValueError(
-                f"diagnostics_every must be None or a positive int (compare with full RMD every N steps), "
-                f"got {diagnostics_every!r}"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be a Python int, got {seed!r}")
+        set_field = object.__setattr__  # frozen: the checked ints (a NumPy int becomes a Python int)
+        set_field(self, "diagnostics_every", _validate.integer(
+            diagnostics_every, "diagnostics_every", "compare with full RMD every N steps", optional=True))
+        set_field(self, "seed", _validate.integer(seed, "seed", "of the per-task stateless RNG", minimum=None))
         self._check_online()
         if self.meta_batch_mode not in META_BATCH_MODES:
             raise ValueError(

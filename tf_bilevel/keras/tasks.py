@@ -293,6 +293,22 @@ def task_functions(problem: KerasBilevelProblem, specs: dict, settings: Estimato
     )
 
 
+def task_seeds(seed: int, step: tf.Tensor, task: Task, meta_batch: bool) -> tf.Tensor:
+    """The stateless seeds of an element's tasks at hyper-iteration `step`, one per task:
+    fold_in(fold_in((seed, 0), step), global task index) (the index across replicas)."""
+    leaf = tf.nest.flatten(task.inner)[0]
+    count = (leaf.shape[0] or tf.shape(leaf)[0]) if meta_batch else 1
+    replica = tf.distribute.get_replica_context()
+    offset = tf.cast(replica.replica_id_in_sync_group, tf.int64) * tf.cast(count, tf.int64)
+    step_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), tf.cast(step, tf.int64), alg="philox")
+    indices = offset + tf.range(tf.cast(count, tf.int64), dtype=tf.int64)
+    return tf.map_fn(
+        lambda i: tf.cast(tf.random.experimental.stateless_fold_in(step_seed, i, alg="philox"), tf.int64),
+        indices,
+        fn_output_signature=tf.TensorSpec([2], tf.int64),
+    )
+
+
 def run_on_element(fn: TaskFunction, inputs: StepInputs, tasks: Task, seeds: tf.Tensor, path: Optional[str],
                    *extra: Any) -> Any:
     """`fn` on one dataset element: one task (`path` None: `seeds[0]`), or a meta-batch as one

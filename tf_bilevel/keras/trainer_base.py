@@ -1,4 +1,4 @@
-"""The Keras-flavor-independent half of `BilevelTrainer`: state, train/test/predict steps.
+"""The Keras-flavor-independent half of `BilevelTrainer`: the Keras glue and the train/test/predict steps.
 
 Mixed into `keras.Model` (trainer.py, Keras 3) and `tf_keras.Model` (legacy.py). Its
 `train_step` is one hyper-iteration: for every task of the (per-replica) meta-batch, T inner
@@ -6,23 +6,18 @@ steps and the K-RMD backward pass (through `tfb.hypergradient_fn(...).compute`),
 hypergradient, then `optimizer.apply_gradients` on the hyperparameter variables, the Keras
 way, so that `tf.distribute` all-reduces it across replicas.
 
-All state lives in variables that checkpoints capture: the raw hyperparameters, the outer
-optimizer's slots and iteration count, `meta_step` (the number of hyper-iterations run,
-which seeds the per-task stateless RNG, so a resumed run draws the same w0) and the
-non-finite record.
+Its parts: the trainer's variables (trainer_variables.py: `meta_step`, λ, carried state; all
+captured by checkpoints, with the outer optimizer's slots), the non-finite update gate
+(update_gate.py), the reported metrics (trainer_metrics.py), the training regime (regime.py)
+and the per-task computations (tasks.py). This module is the Keras glue and the step.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
 import tensorflow as tf
 
-from tf_bilevel import diagnostics, nonfinite
-from tf_bilevel._tree import leaf_names
-from tf_bilevel.api import NonFiniteError
 from tf_bilevel.keras import conventions
 from tf_bilevel.keras import data as data_lib
 from tf_bilevel.keras.estimator import EstimatorSettings
@@ -34,29 +29,16 @@ from tf_bilevel.keras.tasks import (
     StepInputs,
     TaskFunction,
     TaskResult,
+    adapted_weights,
     choose_meta_batch_path,
     run_on_element,
     task_functions,
+    task_seeds,
 )
-
-_TRAIN_ONLY_METRICS = ("hypergradient_norm", "cosine_to_full_rmd", "relative_error_to_full_rmd", "skipped_updates")
-
-
-def _read(variable: Any) -> tf.Tensor:
-    return tf.convert_to_tensor(variable)
-
-
-def _merge_task_axis(x: tf.Tensor) -> tf.Tensor:
-    """[tasks, n, ...] -> [tasks·n, ...] (per-example metrics over the whole meta-batch)."""
-    return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], axis=0))
-
-
-def _all_finite(tensors: list) -> tf.Tensor:
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
-
-
-def _variable_name(path: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_]+", "_", path).strip("_")
+from tf_bilevel.keras.trainer_metrics import TRAIN_ONLY, StepMetrics
+from tf_bilevel.keras.trainer_variables import TrainerVariables
+from tf_bilevel.keras.trainer_variables import read as _read
+from tf_bilevel.keras.update_gate import UpdateGate
 
 
 class BilevelTrainerMixin:
@@ -119,38 +101,27 @@ class BilevelTrainerMixin:
         self._build_estimators()
         self.inner_model = spec.inner_model
         self.hyper_model = spec.hyper_model
-        self._hyperparameters_created = False
-        self._built_state = _Untracked()  # raw λ variables, specs, names: kept out of Keras' tracking
-
-        first = self._calls.first_replica_aggregation
-        self.meta_step = self.add_weight(
-            name="meta_step", shape=(), dtype="int64", initializer="zeros", trainable=False, aggregation=first
+        # Plain attributes (Keras tracks the variables through add_weight and does not re-wrap these).
+        self._compiled_functions = _Untracked()  # the task functions and the traced helpers, once built
+        self._trainer_variables = TrainerVariables(self.add_weight, self._calls.first_replica_aggregation)
+        self._update_gate = UpdateGate(spec.on_nonfinite, spec.steps, self._trainer_variables.new)
+        self._step_metrics = StepMetrics(
+            self._calls.metrics_module(), with_diagnostics=spec.diagnostics_every is not None,
+            count_skipped=spec.on_nonfinite == "skip",
         )
-        self._nonfinite_at = self.add_weight(
-            name="nonfinite_at", shape=(), dtype="int64", initializer=_constant(-1), trainable=False, aggregation=first
-        )
-        self._nonfinite_code = self.add_weight(
-            name="nonfinite_code", shape=(), dtype="int32", initializer=_constant(-1), trainable=False, aggregation=first
-        )
-        metrics = self._calls.metrics_module()
-        self._loss_metric = metrics.Mean(name="loss")  # = outer_loss, under Keras' name (see conventions.py)
-        self._outer_loss_metric = metrics.Mean(name="outer_loss")
-        self._inner_loss_metric = metrics.Mean(name="inner_loss")
-        self._norm_metric = metrics.Mean(name="hypergradient_norm")
-        self._diagnostic_metrics = (
-            [metrics.Mean(name="cosine_to_full_rmd"), metrics.Mean(name="relative_error_to_full_rmd")]
-            if spec.diagnostics_every is not None
-            else []
-        )
-        self._skipped_metric = metrics.Sum(name="skipped_updates") if spec.on_nonfinite == "skip" else None
 
     # -- public helpers -----------------------------------------------------------------
+    @property
+    def meta_step(self) -> Any:
+        """The variable counting the hyper-iterations run (checkpointed; seeds the per-task RNG)."""
+        return self._trainer_variables.meta_step
+
     @property
     def hyper_variables(self) -> list:
         """The raw variables ν of λ that the outer optimizer updates (in tf.nest order of
         {"hyper_model": ..., named hyperparameters ...})."""
         self._require_built("hyper_variables")
-        return tf.nest.flatten(self._built_state.raw)
+        return self._trainer_variables.hyper_variables
 
     @property
     def inner_optimizer_variables(self) -> list:
@@ -171,11 +142,7 @@ class BilevelTrainerMixin:
         """The current values λ = transform(ν) of the named hyperparameters, plus (if used)
         "inner_learning_rate", "centers", "strengths" and "init", as tensors."""
         self._require_built("hyperparameter_values")
-        state = self._built_state
-        raw = {k: v for k, v in state.raw.items() if k != "hyper_model"}
-        values = tf.nest.map_structure(lambda spec, v: spec.value_from_raw(_read(v)), state.specs, raw)
-        user = values.pop("user")
-        return {**user, **values}
+        return self._trainer_variables.hyperparameter_values()
 
     def adapted_inner_model(self, inner_data: Any) -> Any:
         """A copy of `inner_model` trained on one task's inner batch `(x, y[, sample_weight])`
@@ -197,20 +164,15 @@ class BilevelTrainerMixin:
         return copy
 
     def _adapt_function(self, batch: Any) -> list:
-        task = data_lib.Task(batch, batch)
-        inputs = self._step_inputs()
-        state = self._built_state
-        fn = getattr(state, "adapt_fn", None)
-        if fn is None:
+        functions = self._compiled_functions
+        if getattr(functions, "adapt", None) is None:
             def adapt(inputs, task):
-                hp, _ = self.problem.hparams(inputs.raw, state.specs, inputs.hyper_state, task.inner, task.outer)
+                hp, _ = self.problem.hparams(inputs.raw, self._trainer_variables.specs, inputs.hyper_state, task.inner, task.outer)
                 seed = self._task_seeds(task, tf.constant(-1, tf.int64))[0]
-                w0 = self.problem.initial_params(inputs.stored_inner, seed)
-                inner_batch = self.problem.inner_batch(task.inner, inputs.inner_state, seed)
-                return self.hypergradient.solve_uncompiled(w0, hp, inner_batch)
+                return adapted_weights(self.problem, self.hypergradient, inputs, task, seed, hp)
 
-            fn = state.adapt_fn = tf.function(adapt, autograph=False)
-        return fn(inputs, task)
+            functions.adapt = tf.function(adapt, autograph=False)
+        return functions.adapt(self._step_inputs(), data_lib.Task(batch, batch))
 
     def resumable(self, tasks: Any) -> tf.data.Dataset:
         """A stream of tasks that starts where the last hyper-iteration stopped, for `fit`.
@@ -224,20 +186,7 @@ class BilevelTrainerMixin:
         restored it, so a restarted run sees exactly the tasks the interrupted run had not
         learned from yet. The stream continues across `fit` calls (it does not restart).
         """
-        if isinstance(tasks, tf.data.Dataset):
-            start_at = lambda start: tasks.skip(start)  # noqa: E731
-        elif callable(tasks):
-            start_at = tasks
-        else:
-            raise TypeError(
-                "resumable(tasks): tasks must be a tf.data.Dataset of tasks or a function "
-                f"start -> tf.data.Dataset (start: the first hyper-iteration, an int64 tensor), got {tasks!r}"
-            )
-        meta_step = self.meta_step
-        # A captured variable is read when the iterator starts, not when the dataset is built.
-        return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(
-            lambda _: start_at(tf.cast(_read(meta_step), tf.int64))
-        )
+        return data_lib.resumable(tasks, self.meta_step)
 
     def build_from_spec(self, element_spec: Any) -> None:
         """Builds the models, the hyperparameter variables, the compiled metrics and the outer
@@ -251,8 +200,8 @@ class BilevelTrainerMixin:
         with self.distribute_strategy.scope():
             x_inner = data_lib.zeros_like_spec(task.inner.x)
             y_pred = self.problem.build_models(x_inner)  # builds both models (inference mode: no side effects)
-            if not self._hyperparameters_created:
-                self._built_state.input_spec = tf.nest.map_structure(
+            if not self._trainer_variables.created:
+                self._compiled_functions.input_spec = tf.nest.map_structure(
                     lambda s: tf.TensorSpec([None] + s.shape.as_list()[1:], s.dtype), task.inner.x
                 )
                 self._create_hyperparameters()
@@ -269,14 +218,13 @@ class BilevelTrainerMixin:
     def build(self, *args, **kwargs) -> None:
         """Keras' shape-based build does not apply (a trainer consumes whole tasks): it would lock
         the layer before the hyperparameter variables exist. Use `build_from_spec`."""
-        if not self._hyperparameters_created:
-            self._require_built("build")
+        self._require_built("build")
         self.built = True
 
     @property
     def export_input_signature(self) -> Optional[list]:
         """[TensorSpec] of the hyper model's inputs (batch axis None), known once built."""
-        spec = getattr(self._built_state, "input_spec", None)
+        spec = getattr(self._compiled_functions, "input_spec", None)
         return None if spec is None else list(tf.nest.flatten(spec))
 
     # -- Keras entry points ----------------------------------------------------------------
@@ -294,7 +242,7 @@ class BilevelTrainerMixin:
 
     def predict(self, x=None, *args, **kwargs):
         spec = data_lib.element_spec_of(x, "predict(x=...)")
-        self.build_from_spec(self._as_task_spec(spec))
+        self.build_from_spec(data_lib.prediction_task_spec(spec))
         return super().predict(x, *args, **kwargs)
 
     def compile(self, *args, **kwargs):
@@ -316,7 +264,7 @@ class BilevelTrainerMixin:
 
         def train_function(iterator):
             logs = compiled(iterator)
-            self._raise_if_nonfinite()
+            self._update_gate.raise_if_recorded()
             return logs
 
         self.train_function = train_function
@@ -324,12 +272,10 @@ class BilevelTrainerMixin:
 
     @property
     def metrics(self) -> list:
-        own = [self._loss_metric, self._outer_loss_metric, self._inner_loss_metric, self._norm_metric,
-               *self._diagnostic_metrics]
-        if self._skipped_metric is not None:
-            own.append(self._skipped_metric)
-        others = [m for m in super().metrics if all(m is not o for o in own) and m.name != "loss"]
-        return own + others
+        # The trainer's trackers first (the progress bar's order), then the compiled metrics; not
+        # Keras 3's own `loss` tracker, which the trainer's `loss` (= outer_loss) stands for.
+        own = self._step_metrics.trackers
+        return own + [m for m in super().metrics if all(m is not o for o in own) and m.name != "loss"]
 
     # -- steps -----------------------------------------------------------------------------
     def train_step(self, data):
@@ -339,7 +285,7 @@ class BilevelTrainerMixin:
         step = _read(self.meta_step)
         with_reference = self._diagnostics_due(step)
         result = self._element_hypergradient(task, step, with_reference)
-        apply, finite = self._decide_update(result.nonfinite_step, result.outer_value, result.grads, step)
+        apply, finite = self._update_gate.decide(result.nonfinite_step, result.outer_value, result.grads, step)
         self._apply_update(apply, result)
         # Only once this step's element has arrived: a `resumable` stream reads meta_step when it
         # starts, and nothing else orders the increment after the iterator's get_next.
@@ -350,7 +296,7 @@ class BilevelTrainerMixin:
     def _element_hypergradient(self, task: data_lib.Task, step: tf.Tensor, with_reference: tf.Tensor) -> TaskResult:
         """One element's hypergradient (the mean over its tasks), f, g, w_T, the hyper model's
         state and the outer predictions (stacked [B, n, ...] with meta_batch), nothing updated."""
-        return self._run_tasks(self._built_state.tasks.hypergradient, task, step, with_reference)
+        return self._run_tasks(self._compiled_functions.tasks.hypergradient, task, step, with_reference)
 
     def hypergradient_of(self, data: Any) -> list:
         """The hypergradient d f / dν that `fit` would apply for one dataset element (the mean
@@ -359,26 +305,26 @@ class BilevelTrainerMixin:
         per-task seeds are those of the current `meta_step`."""
         data = tf.nest.map_structure(tf.convert_to_tensor, data)
         self.build_from_spec(tf.nest.map_structure(lambda x: tf.TensorSpec(x.shape, x.dtype), data))
-        state = self._built_state
-        fn = getattr(state, "hypergradient_of_fn", None)
+        functions = self._compiled_functions
+        fn = getattr(functions, "hypergradient_of", None)
         if fn is None:
             def compute(data):
                 task = data_lib.parse_task(data)
                 return self._element_hypergradient(task, _read(self.meta_step), tf.constant(False)).grads
 
-            fn = state.hypergradient_of_fn = tf.function(
+            fn = functions.hypergradient_of = tf.function(
                 compute, jit_compile=bool(getattr(self, "jit_compile", False)), autograph=False
             )
         return list(fn(data))
 
     def test_step(self, data):
         task = data_lib.parse_task(data)
-        evaluation = self._built_state.tasks.evaluation
+        evaluation = self._compiled_functions.tasks.evaluation
         value, inner_value, y_pred = self._run_tasks(evaluation, task, tf.constant(-1, tf.int64))
-        y_true, y_pred, sample_weight = self._outer_targets(task, y_pred)
-        self._update_loss_metrics(tf.constant(True), value, inner_value)
+        y_true, y_pred, sample_weight = data_lib.outer_targets(task, y_pred, self.spec.meta_batch)
+        self._step_metrics.update_losses(tf.constant(True), value, inner_value)
         logs = self.compute_metrics(None, y_true, y_pred, sample_weight)
-        return {k: v for k, v in logs.items() if k not in _TRAIN_ONLY_METRICS}
+        return {k: v for k, v in logs.items() if k not in TRAIN_ONLY}
 
     def predict_step(self, data):
         return self._adapted_predictions(data)
@@ -404,27 +350,6 @@ class BilevelTrainerMixin:
         every = self.spec.diagnostics_every
         return tf.equal(step % every, 0) if every is not None else tf.constant(False)
 
-    def _decide_update(self, marker: tf.Tensor, outer_value: tf.Tensor, grads: list,
-                       step: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """(apply, finite): whether to update λ at this step, and whether the step was finite on
-        every replica. on_nonfinite="raise" records the first failure (step and marker) for
-        `_raise_if_nonfinite`; later steps of the same execution do not update either."""
-        replica = tf.distribute.get_replica_context()
-        local_finite = (marker < 0) & tf.math.is_finite(outer_value) & _all_finite(grads)
-        # Every replica must take the same decision: a failure anywhere skips the update everywhere.
-        failures = replica.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(~local_finite, tf.int32))
-        finite = tf.equal(failures, 0)
-        code = nonfinite.mark(marker, [outer_value, *grads], nonfinite.at_hypergradient(self.spec.steps))
-        code = nonfinite.earliest_of(replica.all_gather(code[None], axis=0))
-        if self.spec.on_nonfinite != "raise":
-            return finite, finite
-        # After a recorded failure, later steps of the same execution do not update either.
-        apply = finite & (_read(self._nonfinite_at) < 0)
-        failed_now = ~finite & (_read(self._nonfinite_at) < 0)
-        self._nonfinite_at.assign(tf.where(failed_now, step, _read(self._nonfinite_at)))
-        self._nonfinite_code.assign(tf.where(failed_now, code, _read(self._nonfinite_code)))
-        return apply, finite
-
     def _apply_update(self, apply: tf.Tensor, result: TaskResult) -> None:
         """When `apply`: λ (the outer optimizer), the hyper model's BatchNorm statistics and what
         the regime writes back (warm start: the stored inner weights; online: also the inner
@@ -433,7 +358,7 @@ class BilevelTrainerMixin:
         # Mean over tasks here; the optimizer all-reduces a SUM over replicas: scale by 1/R.
         num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
         scaled = [g / tf.cast(num_replicas, g.dtype) for g in result.grads]
-        self._apply_if(apply, scaled)
+        self._update_gate.apply_if(apply, self.optimizer, scaled, self.hyper_variables)
         self._update_hyper_state(apply, result.hyper_state, replica)
         self.regime.write_back(apply, result.final_params, result.carried, replica)
 
@@ -446,38 +371,11 @@ class BilevelTrainerMixin:
             replica = tf.distribute.get_replica_context()
             grads = replica.all_reduce(tf.distribute.ReduceOp.MEAN, grads)
             reference = replica.all_reduce(tf.distribute.ReduceOp.MEAN, reference) if reference else reference
-        if self._skipped_metric is not None:
-            self._skipped_metric.update_state(tf.cast(~finite, tf.float32))
-        weight = tf.cast(finite, tf.float32)
-        self._update_loss_metrics(finite, result.outer_value, result.inner_value)
-        self._norm_metric.update_state(
-            tf.where(finite, tf.cast(diagnostics.global_norm(grads), tf.float32), 0.0), sample_weight=weight
-        )
-        if reference:
-            computed = weight * tf.cast(with_reference, tf.float32)
-            cosine = tf.cast(diagnostics.cosine_similarity(grads, reference), tf.float32)
-            rel_error = tf.cast(diagnostics.relative_error(grads, reference), tf.float32)
-            self._diagnostic_metrics[0].update_state(tf.where(computed > 0, cosine, 0.0), sample_weight=computed)
-            self._diagnostic_metrics[1].update_state(tf.where(computed > 0, rel_error, 0.0), sample_weight=computed)
-        y_true, y_pred, sample_weight = self._outer_targets(task, result.y_pred)
+        self._step_metrics.update_hypergradient(finite, grads, reference, with_reference)
+        self._step_metrics.update_losses(finite, result.outer_value, result.inner_value)
+        y_true, y_pred, sample_weight = data_lib.outer_targets(task, result.y_pred, self.spec.meta_batch)
         logs = self._compute_metrics_if(finite, y_true, y_pred, sample_weight)
         return {**logs, **conventions.scalar_hyperparameter_logs(self.hyperparameter_values())}
-
-    def _update_loss_metrics(self, finite: tf.Tensor, outer_value: tf.Tensor, inner_value: tf.Tensor) -> None:
-        """loss = outer_loss = f(w_T, λ), inner_loss = g(w_T, λ); a non-finite step counts for nothing."""
-        weight = tf.cast(finite, tf.float32)
-        for metric, value in ((self._loss_metric, outer_value), (self._outer_loss_metric, outer_value),
-                              (self._inner_loss_metric, inner_value)):
-            metric.update_state(tf.where(finite, tf.cast(value, tf.float32), 0.0), sample_weight=weight)
-
-    def _outer_targets(self, task: data_lib.Task, y_pred: tf.Tensor) -> tuple:
-        """(y_true, y_pred, sample_weight) of the outer batch for the compiled metrics; with
-        meta_batch, the tasks merged into one batch ([B, n, ...] -> [B·n, ...])."""
-        y_true, sample_weight = task.outer.y, task.outer.weights
-        if not self.spec.meta_batch:
-            return y_true, y_pred, sample_weight
-        sample_weight = None if sample_weight is None else _merge_task_axis(sample_weight)
-        return _merge_task_axis(y_true), _merge_task_axis(y_pred), sample_weight
 
     def _warn_inexact_second_order(self) -> None:
         """Warns (once, when the trainer builds) about inner-model layers whose second derivatives
@@ -485,7 +383,7 @@ class BilevelTrainerMixin:
         the inner loop and differentiated once (d_λ f = (∂φ/∂λ)ᵀ d_φ f)."""
 
     def _adapted_predictions(self, data):
-        return self._run_tasks(self._built_state.tasks.prediction, self._as_task(data), tf.constant(-1, tf.int64))
+        return self._run_tasks(self._compiled_functions.tasks.prediction, data_lib.prediction_task(data), tf.constant(-1, tf.int64))
 
     def _choose_meta_batch_path(self, task: data_lib.Task) -> str:
         """"stacked" or "map_fn" for this (traced) meta-batch; recorded in `meta_batch_path`."""
@@ -495,58 +393,25 @@ class BilevelTrainerMixin:
         )
         return self.meta_batch_path
 
-    def _as_task(self, data) -> data_lib.Task:
-        """((x_inner, y_inner), x_outer) or a full task element -> Task (y_outer unused)."""
-        if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[1], (tuple, list)):
-            data = (data[0], (data[1], data[1]))
-        return data_lib.parse_task(data)
-
-    def _as_task_spec(self, spec):
-        if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[1], tf.TensorSpec):
-            return (spec[0], (spec[1], spec[1]))
-        return spec
-
     def _create_hyperparameters(self) -> None:
-        """The raw variables of λ (called once the models are built)."""
+        """The raw variables of λ and the regime's state (called once the models are built)."""
         self.problem.check_models()
         self._warn_inexact_second_order()
-        state = self._built_state
-        state.specs = self.problem.hyper_specs()
-        names = leaf_names(state.specs, "")
-        flat_specs = tf.nest.flatten(state.specs)
-        flat_vars = [
-            self.add_weight(
-                name=_variable_name(name) or "hyperparameter", shape=spec.shape, dtype=spec.dtype,
-                initializer=_constant(spec.raw_initial()), trainable=True, constraint=spec.constraint,
-            )
-            for name, spec in zip(names, flat_specs)
-        ]
-        raw = tf.nest.pack_sequence_as(state.specs, flat_vars)
-        hyper_vars = self._calls.trainable(self.hyper_model) if self.hyper_model is not None else []
-        state.raw = {"hyper_model": list(hyper_vars), **raw}
-        state.raw_names = [f"hyper_model weight {v.name!r}" for v in hyper_vars] + [
-            _describe_leaf(name) for name in names
-        ]
-        self.regime.create_state(self.problem, self._add_carried_variable)
+        variables = self._trainer_variables
+        hyper_model_variables = self._calls.trainable(self.hyper_model) if self.hyper_model is not None else []
+        variables.create_hyperparameters(self.problem.hyper_specs(), hyper_model_variables)
+        self.regime.create_state(self.problem, variables.new)
         self._build_estimators()  # again: a regime may have become stateful (online BatchNorm) once the models were built
-        state.tasks = task_functions(
-            self.problem, state.specs, self.estimator_settings, state.raw_names, self._reference_settings
+        self._compiled_functions.tasks = task_functions(
+            self.problem, variables.specs, self.estimator_settings, variables.raw_names, self._reference_settings
         )
-        if not tf.nest.flatten(state.raw):
+        if not variables.hyper_variables:
             raise ValueError(
                 "there are no hyperparameters to learn: pass a hyper_model (with trainable weights), "
                 "hyperparameters={name: tf_bilevel.Hyperparameter(...)}, a learned inner_learning_rate, "
                 "proximal_strength=..., or inner_init='learned'."
             )
-        self._hyperparameters_created = True
-
-    def _add_carried_variable(self, name: str, value: np.ndarray) -> Any:
-        """A non-trainable trainer variable for a regime's carried state (checkpointed with the
-        rest, so a resumed run continues from it)."""
-        return self.add_weight(
-            name=name, shape=value.shape, dtype=value.dtype, initializer=_constant(value), trainable=False,
-            aggregation=self._calls.first_replica_aggregation,
-        )
+        variables.created = True
 
     def _build_estimators(self) -> None:
         """`hypergradient` (and the diagnostics' `reference_hypergradient`) from the settings record."""
@@ -556,55 +421,14 @@ class BilevelTrainerMixin:
         )
 
     def _step_inputs(self) -> StepInputs:
-        raw = tf.nest.map_structure(_read, self._built_state.raw)
+        raw = self._trainer_variables.read_raw()
         inner_state = [_read(v) for v in self._calls.non_trainable(self.inner_model)]
         hyper_state = [_read(v) for v in self._calls.non_trainable(self.hyper_model)] if self.hyper_model is not None else []
         stored = [_read(v) for v in self._calls.trainable(self.inner_model)]
         return StepInputs(raw, stored, inner_state, hyper_state, self.regime.read_carried())
 
     def _task_seeds(self, task: data_lib.Task, step: tf.Tensor) -> tf.Tensor:
-        """Stateless seeds fold_in(fold_in((seed, 0), step), global task index), one per task."""
-        leaf = tf.nest.flatten(task.inner)[0]
-        count = (leaf.shape[0] or tf.shape(leaf)[0]) if self.spec.meta_batch else 1
-        replica = tf.distribute.get_replica_context()
-        offset = tf.cast(replica.replica_id_in_sync_group, tf.int64) * tf.cast(count, tf.int64)
-        step_seed = tf.random.experimental.stateless_fold_in(
-            tf.constant([self.spec.seed, 0], tf.int64), tf.cast(step, tf.int64), alg="philox"
-        )
-        indices = offset + tf.range(tf.cast(count, tf.int64), dtype=tf.int64)
-        return tf.map_fn(
-            lambda i: tf.cast(tf.random.experimental.stateless_fold_in(step_seed, i, alg="philox"), tf.int64),
-            indices,
-            fn_output_signature=tf.TensorSpec([2], tf.int64),
-        )
-
-    def _apply_if(self, apply: tf.Tensor, grads: list) -> None:
-        """optimizer.apply_gradients when `apply`, else nothing (no NaN ever reaches λ)."""
-        variables = self.hyper_variables
-        optimizer = self.optimizer
-
-        def update():
-            optimizer.apply_gradients(zip(grads, variables))
-            return tf.constant(True)
-
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            tf.cond(apply, update, lambda: tf.constant(False))
-            return
-
-        def cross_replica(distribution, apply, grads):
-            # As keras.mixed_precision.LossScaleOptimizer: a cond that calls merge_call must run in
-            # cross-replica context. `apply` was all-reduced, so every replica holds the same value.
-            apply = distribution.experimental_local_results(apply)[0]
-
-            def update_all():
-                distribution.extended.call_for_each_replica(
-                    lambda g: optimizer.apply_gradients(zip(g, variables)), args=(grads,)
-                )
-                return tf.constant(True)
-
-            tf.cond(apply, update_all, lambda: tf.constant(False))
-
-        tf.distribute.get_replica_context().merge_call(cross_replica, args=(apply, grads))
+        return task_seeds(self.spec.seed, step, task, self.spec.meta_batch)
 
     def _update_hyper_state(self, apply: tf.Tensor, new_state: list, replica: Any) -> None:
         """The hyper model's BatchNorm statistics: the mean over tasks (and replicas) of the
@@ -616,23 +440,8 @@ class BilevelTrainerMixin:
                 value = replica.all_reduce(tf.distribute.ReduceOp.MEAN, value)
             variable.assign(tf.where(apply, value, _read(variable)))
 
-    def _raise_if_nonfinite(self) -> None:
-        if self.spec.on_nonfinite != "raise":
-            return
-        at = int(self._nonfinite_at.numpy())
-        if at < 0:
-            return
-        code = int(self._nonfinite_code.numpy())
-        self._nonfinite_at.assign(-1)
-        self._nonfinite_code.assign(-1)
-        raise NonFiniteError(
-            f"BilevelTrainer: non-finite value at hyper-iteration {at} (trainer.meta_step): "
-            f"{nonfinite.describe(code, self.spec.steps)} The hyperparameters were not updated at that "
-            "step. Pass on_nonfinite='skip' to skip such steps and continue instead."
-        )
-
     def _require_built(self, what: str) -> None:
-        if not self._hyperparameters_created:
+        if not self._trainer_variables.created:
             raise ValueError(
                 f"BilevelTrainer.{what}: the trainer is not built yet. It builds itself in fit/evaluate/predict; "
                 "to build it earlier call trainer.build_from_spec(dataset.element_spec)."
@@ -655,18 +464,3 @@ class BilevelTrainerMixin:
 class _Untracked:
     """A plain attribute bag: Keras does not track (or re-wrap) what it holds."""
 
-
-def _constant(value: Any):
-    value = np.asarray(value)
-
-    def initializer(shape, dtype=None, **kwargs):
-        return tf.cast(tf.reshape(tf.constant(value), shape), dtype or value.dtype)
-
-    return initializer
-
-
-def _describe_leaf(name: str) -> str:
-    """"['user']['w']" -> "hyperparameters['w']" (names in the user's terms)."""
-    if name.startswith("['user']"):
-        return "hyperparameters" + name[len("['user']"):]
-    return name.lstrip("[").split("]")[0].strip("'") + name[name.index("]") + 1:]
