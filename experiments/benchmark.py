@@ -14,14 +14,10 @@ inner steps, compile time and peak memory; writes results.json and benchmark.png
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
-
-from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,17 +25,15 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import benchmark_cnn, benchmark_forward, benchmark_metabatch, benchmark_online, config, provenance  # noqa: E402
+from experiments import benchmark_cnn, benchmark_forward, benchmark_metabatch, benchmark_online  # noqa: E402
+from experiments import program, provenance  # noqa: E402
 from experiments.config import option  # noqa: E402
-from experiments.subprocesses import print_result, run_each  # noqa: E402
+from experiments.subprocesses import run_each  # noqa: E402
 from experiments.timing import against_floor, timed  # noqa: E402
 from experiments.timing import median as timing_median  # noqa: E402
-from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402  (imported here, not inside a measured call)
 
 ESTIMATORS = ("floor", "reverse", "checkpointed", "forward", "implicit_cg")
-
-FLAGS = flags.FLAGS
 
 
 # Targets of the project (issue #2): reported, never asserted.
@@ -424,7 +418,9 @@ SUITES = ("estimators", "online", "cnn", "metabatch", "forward")
 
 
 @dataclasses.dataclass
-class Config:
+class Config(benchmark_online.OnlineOptions, benchmark_cnn.CnnConfig, benchmark_metabatch.MetabatchOptions):
+    """The estimators suite's flags, the program's, and those of the online, cnn and metabatch suites."""
+
     steps: Sequence[int] = option((100, 1000), "Numbers T of inner steps.")
     truncate: Sequence[int] = option((1, 5, 25, 100), "K of K-RMD (K < T; full RMD K = T is always added).")
     estimators: Sequence[str] = option(ESTIMATORS, f"Configurations to run, from {ESTIMATORS}.")
@@ -456,7 +452,8 @@ class Config:
 
 # full: the sizes and budgets above; quick: tiny sizes and budgets, to test the program (explicit flags win).
 PRESETS = {"full": {}, "quick": dict(num_examples=48, num_features=9, num_classes=3, repeats=2, forward_hparams=2,
-                                     cg_iterations=3, steps=(4, 8), truncate=(1, 2, 4))}
+                                     cg_iterations=3, steps=(4, 8), truncate=(1, 2, 4),
+                                     **benchmark_cnn.QUICK_FLAGS)}
 
 
 def estimator_settings(cfg: Config) -> dict:
@@ -480,45 +477,28 @@ def estimator_settings(cfg: Config) -> dict:
     return settings
 
 
-def define_flags() -> None:
-    """Defines the program's flags (called under __main__, so importing the module defines none)."""
-    config.define_flags(Config, PRESETS)
-    benchmark_online.define_online_flags()
-    benchmark_cnn.define_cnn_flags()
-    benchmark_metabatch.define_metabatch_flags()
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    cfg = config.config_from_flags(Config, PRESETS)
-    quick = FLAGS.quick = cfg.preset == "quick"  # the suites' make_settings read FLAGS.quick
-    if cfg.worker is not None:
-        print_result(measure(json.loads(cfg.worker)))
-        return
+def suite_settings(cfg: Config) -> dict:
+    """The settings of every suite --suites asks for, in the order of SUITES (ValueError names a bad flag)."""
     unknown = sorted(set(cfg.suites) - set(SUITES))
-    try:
-        if unknown:
-            raise ValueError(f"--suites: unknown {unknown}; choose from {', '.join(SUITES)}")
-        settings = estimator_settings(cfg)
-    except ValueError as err:
-        raise app.UsageError(str(err))
-    output_dir = Path(cfg.output_dir)
-    try:
-        with exclusive_output_dir(output_dir, "experiments.benchmark"):
-            if "estimators" in cfg.suites:
-                run_benchmark(settings, provenance.environment(), configurations(settings), output_dir,
-                              cfg.worker_timeout)
-            if "online" in cfg.suites:
-                benchmark_online.run(benchmark_online.make_settings(FLAGS.online_configs, cfg.repeats, quick),
-                                     output_dir)
-            if "cnn" in cfg.suites:
-                benchmark_cnn.run(benchmark_cnn.make_settings(quick), output_dir, cfg.worker_timeout)
-            if "metabatch" in cfg.suites:
-                benchmark_metabatch.run(benchmark_metabatch.settings_from_flags(), output_dir)
-            if "forward" in cfg.suites:
-                benchmark_forward.run(benchmark_forward.make_settings(cfg.repeats, quick), output_dir)
-    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
-        sys.exit(exit_with_error("benchmark", err))
+    if unknown:
+        raise ValueError(f"--suites: unknown {unknown}; choose from {', '.join(SUITES)}")
+    quick = cfg.preset == "quick"
+    make = {"estimators": estimator_settings, "online": benchmark_online.settings_of,
+            "cnn": lambda cfg: benchmark_cnn.make_settings(cfg, quick), "metabatch": benchmark_metabatch.settings_of,
+            "forward": lambda cfg: benchmark_forward.make_settings(cfg.repeats, quick)}
+    return {suite: make[suite](cfg) for suite in SUITES if suite in cfg.suites}
+
+
+def run_suites(cfg: Config, data: Any, ctx: program.Run) -> dict:
+    """Runs every suite --suites asks for; each writes its report to cfg.output_dir."""
+    out = cfg.output_dir
+    run = {"estimators": lambda s: run_benchmark(s, provenance.environment(), configurations(s), Path(out),
+                                                 cfg.worker_timeout),
+           "online": lambda s: benchmark_online.run(s, out),
+           "cnn": lambda s: benchmark_cnn.run(s, out, cfg.worker_timeout),
+           "metabatch": lambda s: benchmark_metabatch.run(s, out),
+           "forward": lambda s: benchmark_forward.run(s, out)}
+    return {suite: run[suite](settings) for suite, settings in suite_settings(cfg).items()}
 
 
 def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path, timeout: float = 7200) -> None:
@@ -534,9 +514,6 @@ def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path
     machine["load_average_end"] = list(os.getloadavg())
     summary = summarize(results, settings)
     table = format_table(results)
-    print()
-    print(table)
-    print(format_summary(summary))
     report = {
         "date": machine["date"],
         "machine": machine,
@@ -555,11 +532,14 @@ def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path
         "summary": summary,
         "table": table,
     }
-    write_json_atomically(output_dir / "results.json", report, indent=2)
+    program.write_report(output_dir, "results.json", report, f"\n{table}\n{format_summary(summary)}")
     plot(results, settings, output_dir / "benchmark.png")
-    print(f"\nwrote {output_dir / 'results.json'} and {output_dir / 'benchmark.png'}")
+    print(f"wrote {output_dir / 'benchmark.png'}")
+
+
+PROGRAM = program.Program("benchmark", Config, PRESETS, experiment=run_suites, prepare=program.checked(suite_settings),
+                          results_file=None, worker=("worker", measure))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    program.start(PROGRAM)

@@ -12,14 +12,9 @@ what is measured"; the numbers: README, "Benchmark".
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import sys
-from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
-
-from absl import app, flags
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,15 +22,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import provenance  # noqa: E402
-from experiments.config import define_fields, define_flags, fields_from_flags, option  # noqa: E402
-from experiments.subprocesses import print_result, run_each  # noqa: E402
+from experiments import program, provenance  # noqa: E402
+from experiments.config import option  # noqa: E402
+from experiments.subprocesses import run_each  # noqa: E402
 from experiments.timing import against_floor  # noqa: E402
 from experiments.timing import median as timing_median  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402
-from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
-
-FLAGS = flags.FLAGS
 MEMORY_GOAL, GOAL_TRUNCATE = 10.0, 5  # full RMD ≥ 10× the allocator peak of 5-RMD at the same T (issue #9): reported only
 MEMORY_TOLERANCE = 0.10  # K-RMD peak at the largest T within 10% of the smallest T: "flat"
 
@@ -322,7 +314,7 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run(settings: dict, output_dir: Path, timeout: float = 7200.0) -> dict:
+def run(settings: dict, output_dir: str, timeout: float = 7200.0) -> dict:
     """Measures every configuration (one fresh process each) and writes cnn_results.json."""
     configs = configurations(settings)
     M = num_params(cnn_params(settings["image_size"], settings["filters"], settings["dense"], settings["num_classes"], 0))
@@ -336,9 +328,6 @@ def run(settings: dict, output_dir: Path, timeout: float = 7200.0) -> dict:
     machine["load_average_end"] = list(os.getloadavg())
     summary = summarize(results, settings)
     table = format_table(results)
-    print()
-    print(table)
-    print(format_summary(summary))
     report = {
         "date": machine["date"],
         "machine": machine,
@@ -348,10 +337,7 @@ def run(settings: dict, output_dir: Path, timeout: float = 7200.0) -> dict:
         "summary": summary,
         "table": table,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(output_dir / "cnn_results.json", report, indent=2)
-    print(f"wrote {output_dir / 'cnn_results.json'}")
-    return report
+    return program.write_report(output_dir, "cnn_results.json", report, f"\n{table}\n{format_summary(summary)}")
 
 
 @dataclasses.dataclass
@@ -371,9 +357,12 @@ class CnnConfig:
     cnn_worker: Optional[str] = option(None, "JSON configuration to measure in this process.", internal=True)
 
 
-def make_settings(quick: bool) -> dict:
-    """The suite's settings from the --cnn_* flags; --quick: the tiny CNN (explicit flags still apply)."""
-    cfg, explicit = fields_from_flags(CnnConfig)
+# --quick: a tiny CNN (QUICK_SIZE, at most 2 repeats) with these flags, unless given explicitly.
+QUICK_FLAGS = {"cnn_steps": (4, 8), "cnn_truncate": (1, 2)}
+
+
+def make_settings(cfg: Any, quick: bool) -> dict:
+    """The suite's settings from a Config with the --cnn_* flags (ValueError names a bad flag)."""
     settings = {
         **(QUICK_SIZE if quick else FULL_SIZE),
         "steps": list(cfg.cnn_steps),
@@ -382,57 +371,40 @@ def make_settings(quick: bool) -> dict:
         "max_full_steps": cfg.cnn_max_full_steps,
         "max_store_full_steps": cfg.cnn_max_store_full_steps,
         "learning_rate": cfg.cnn_learning_rate,
-        "repeats": cfg.cnn_repeats,
+        "repeats": min(cfg.cnn_repeats, 2) if quick else cfg.cnn_repeats,
         "conv": cfg.cnn_conv,
         "seed": 0,
         "quick": quick,
     }
-    if quick:
-        settings["repeats"] = min(settings["repeats"], 2)
-        for name, value in (("cnn_steps", [4, 8]), ("cnn_truncate", [1, 2])):
-            if name not in explicit:
-                settings[name[4:]] = value
     unknown = sorted(set(settings["backward"]) - {"recompute", "store", "auto"})
     if unknown:
-        raise app.UsageError(f"--cnn_backward: unknown {unknown}; choose from recompute, store, auto")
+        raise ValueError(f"--cnn_backward: unknown {unknown}; choose from recompute, store, auto")
     if settings["conv"] not in CONVOLUTIONS:
-        raise app.UsageError(f"--cnn_conv must be one of {sorted(CONVOLUTIONS)}, got {settings['conv']!r}")
+        raise ValueError(f"--cnn_conv must be one of {sorted(CONVOLUTIONS)}, got {settings['conv']!r}")
     for name in ("steps", "truncate"):
         if not settings[name] or any(v < 1 for v in settings[name]):
-            raise app.UsageError(f"--cnn_{name} must be positive integers, got {settings[name]}")
+            raise ValueError(f"--cnn_{name} must be positive integers, got {settings[name]}")
     return settings
 
 
-def define_cnn_flags() -> None:
-    """The --cnn_* flags (`CnnConfig`), for this program and `python -m experiments.benchmark`."""
-    define_fields(CnnConfig)
-
-
 @dataclasses.dataclass
-class StandaloneConfig:
+class Config(CnnConfig):
     output_dir: str = option("out/benchmark", "Where cnn_results.json is written.")
     preset: str = "full"
 
 
 # full: the CNN and budgets above; quick: tiny CNN and budgets, to test the program.
-STANDALONE_PRESETS = {"full": {}, "quick": {}}
+PRESETS = {"full": {}, "quick": QUICK_FLAGS}
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
-    if FLAGS.cnn_worker is not None:
-        print_result(measure(json.loads(FLAGS.cnn_worker)))
-        return
-    output_dir = Path(FLAGS.output_dir)
-    try:
-        with exclusive_output_dir(output_dir, "experiments.benchmark_cnn"):
-            run(make_settings(FLAGS.quick), output_dir)
-    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
-        sys.exit(exit_with_error("benchmark_cnn", err))
+def settings_of(cfg: Any) -> dict:
+    return make_settings(cfg, cfg.preset == "quick")
+
+
+PROGRAM = program.Program(
+    "benchmark_cnn", Config, PRESETS, results_file=None, prepare=program.checked(settings_of),
+    experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir), worker=("cnn_worker", measure))
 
 
 if __name__ == "__main__":
-    define_cnn_flags()
-    define_flags(StandaloneConfig, STANDALONE_PRESETS)
-    app.run(main)
+    program.start(PROGRAM)

@@ -21,14 +21,10 @@ process (so machine load hits all alike), medians of wall time:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
-import sys
-import time
-from pathlib import Path
 from typing import Callable
-
-from absl import app, flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -36,11 +32,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import provenance  # noqa: E402
+from experiments import program, provenance  # noqa: E402
+from experiments.config import option  # noqa: E402
+from experiments.timing import block, wall_seconds  # noqa: E402
 from tf_bilevel.dynamics import InnerState  # noqa: E402
-from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
 
-FLAGS = flags.FLAGS
 NUM_KERNELS = 4
 WEIGHT_DECAY, LEARNING_RATE, MOMENTUM = 5e-4, 0.05, 0.9
 
@@ -142,16 +138,6 @@ def column_by_column(hg: tfb.Hypergradient, jit_compile: bool) -> Callable:
 
 # -- timing -----------------------------------------------------------------------------------------
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _sync(values) -> None:
-    tf.nest.map_structure(lambda v: np.asarray(v), values)  # block on the results
-
-
 def measure(settings: dict, jit_compile: bool) -> dict:
     """Median times of the three functions (see the module docstring), in this process."""
     size, batch = settings["image_size"], settings["batch_size"]
@@ -176,17 +162,17 @@ def measure(settings: dict, jit_compile: bool) -> dict:
     agreement = float(np.max(np.abs(flat - check[1].numpy())) / max(np.max(np.abs(flat)), 1e-30))
 
     runs = {
-        "plain": lambda: _sync(hg.solve(state["params"], hp, (x, y))),
-        "one_pass": lambda: _sync(hg.detailed(state["params"], hp, (x, y), (x_val, y_val),
+        "plain": lambda: block(hg.solve(state["params"], hp, (x, y))),
+        "one_pass": lambda: block(hg.detailed(state["params"], hp, (x, y), (x_val, y_val),
                                               opt_state=state["opt_state"], tangents=state["tangents"])),
-        "n_reruns": lambda: _sync(reruns(state["params"], state["opt_state"], hp, state["tangents"], (x, y),
+        "n_reruns": lambda: block(reruns(state["params"], state["opt_state"], hp, state["tangents"], (x, y),
                                          (x_val, y_val))),
     }
-    first_call = {name: _timed(fn) for name, fn in runs.items()}  # compile (where not yet) + first call
+    first_call = {name: wall_seconds(fn) for name, fn in runs.items()}  # compile (where not yet) + first call
     times = {name: [] for name in runs}
     for _ in range(settings["repeats"]):  # alternate, so that load changes hit all alike
         for name, fn in runs.items():
-            times[name].append(_timed(fn))
+            times[name].append(wall_seconds(fn))
     median = {name: statistics.median(values) for name, values in times.items()}
     return {
         "jit_compile": jit_compile,
@@ -228,32 +214,26 @@ def make_settings(repeats: int, quick: bool) -> dict:
     return settings
 
 
-def run(settings: dict, output_dir: Path) -> dict:
+def run(settings: dict, output_dir: str) -> dict:
     results = [measure(settings, jit) for jit in settings["jit_compile"]]
     report = {"environment": provenance.environment(), "settings": settings, "results": results}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(output_dir / "forward_results.json", report, indent=2)
-    print(format_table(results))
-    print(f"wrote {output_dir / 'forward_results.json'}")
-    return report
+    return program.write_report(output_dir, "forward_results.json", report, format_table(results))
 
 
-def define_flags() -> None:
-    flags.DEFINE_integer("repeats", 15, "Timed calls per function after warm-up (median reported).")
-    flags.DEFINE_bool("quick", False, "Tiny sizes and budgets, to test the program.")
-    flags.DEFINE_string("output_dir", "out/benchmark", "Where forward_results.json is written.")
+@dataclasses.dataclass
+class Config:
+    repeats: int = option(15, "Timed calls per function after warm-up (median reported).")
+    output_dir: str = option("out/benchmark", "Where forward_results.json is written.")
+    preset: str = "full"
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    output_dir = Path(FLAGS.output_dir)
-    try:
-        with exclusive_output_dir(output_dir, "experiments.benchmark_forward"):
-            run(make_settings(FLAGS.repeats, FLAGS.quick), output_dir)
-    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
-        sys.exit(exit_with_error("benchmark_forward", err))
+# full: the sizes and budgets above; quick: tiny sizes and budgets, to test the program.
+PRESETS = {"full": {}, "quick": {}}
+
+PROGRAM = program.Program(
+    "benchmark_forward", Config, PRESETS, results_file=None,
+    experiment=lambda cfg, data, ctx: run(make_settings(cfg.repeats, cfg.preset == "quick"), cfg.output_dir))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    program.start(PROGRAM)

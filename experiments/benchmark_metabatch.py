@@ -22,14 +22,10 @@ over tasks) and/or "map_fn" (the old tf.map_fn over tasks, for comparison; slow 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
-import sys
-import time
-from pathlib import Path
-from typing import Callable
-
-from absl import app, flags
+from typing import Any, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -38,11 +34,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from experiments import fewshot_model as fsm  # noqa: E402
-from experiments import provenance  # noqa: E402
-from experiments._memory import PeakMemory  # noqa: E402
-from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
+from experiments import program, provenance  # noqa: E402
+from experiments._memory import PeakMemory, mib  # noqa: E402
+from experiments.config import option  # noqa: E402
+from experiments.timing import block, wall_seconds  # noqa: E402
 
-FLAGS = flags.FLAGS
 BATCHING_TARGET = 0.5  # per-task time at the largest B over B = 1, under XLA
 XLA_TARGET = 1.0  # time with XLA over time without
 
@@ -71,25 +67,15 @@ def build(settings: dict, steps: int, num_tasks: int, jit_compile: bool, path: s
     trainer.build_from_spec(data.element_spec)
     step = trainer.make_train_function()
     iterator = iter(data)
-    return {"trainer": trainer, "call": lambda: _sync(step(iterator)),
+    return {"trainer": trainer, "call": lambda: block(step(iterator)),
             "num_params": int(sum(np.prod(v.shape) for v in inner.trainable_variables))}
-
-
-def _sync(logs) -> None:
-    tf.nest.map_structure(lambda v: np.asarray(v), logs)  # block on the results
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def measure(steps: int, settings: dict) -> list[dict]:
     """Every (path, XLA, B) configuration of one T, built and timed alternately in this process."""
     configs = [(path, jit, b) for path in settings["paths"] for jit in (True, False) for b in settings["meta_batches"]]
     built = {c: build(settings, steps, c[2], c[1], c[0]) for c in configs}
-    first = {c: _timed(built[c]["call"]) for c in configs}  # trace + compile + first call
+    first = {c: wall_seconds(built[c]["call"]) for c in configs}  # trace + compile + first call
     memory = {}
     for c in configs:
         with PeakMemory() as peak:
@@ -98,7 +84,7 @@ def measure(steps: int, settings: dict) -> list[dict]:
     times = {c: [] for c in configs}
     for _ in range(settings["repeats"]):
         for c in configs:
-            times[c].append(_timed(built[c]["call"]))
+            times[c].append(wall_seconds(built[c]["call"]))
     median = {c: statistics.median(times[c]) for c in configs}
     smallest = min(settings["meta_batches"])
     rows = []
@@ -134,10 +120,6 @@ def summary(rows: list[dict], settings: dict) -> list[dict]:
     return out
 
 
-def _mb(value) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.1f}"
-
-
 def format_table(rows: list[dict], checks: list[dict]) -> str:
     lines = [
         "  T   K | path    | XLA |  B | step ms  | per-task ms | per-task / B=1 | XLA / no-XLA | peak MB",
@@ -147,7 +129,7 @@ def format_table(rows: list[dict], checks: list[dict]) -> str:
         lines.append(
             f"{r['T']:3d} {r['K']:3d} | {r['path_used'] or r['path']:7s} | {'on ' if r['jit_compile'] else 'off'} | "
             f"{r['meta_batch']:2d} | {1e3 * r['median_seconds']:8.1f} | {1e3 * r['per_task_seconds']:11.1f} | "
-            f"{r['per_task_over_smallest_batch']:14.2f} | {r['xla_over_no_xla']:12.2f} | {_mb(r['allocator_peak_growth_bytes'])}"
+            f"{r['per_task_over_smallest_batch']:14.2f} | {r['xla_over_no_xla']:12.2f} | {mib(r['allocator_peak_growth_bytes'])}"
         )
     lines.append("Targets (XLA): per-task at the largest B <= 0.5 x per-task at B=1; XLA <= no-XLA at every B")
     for c in checks:
@@ -174,7 +156,7 @@ def make_settings(steps: list, meta_batches: list, paths: list, truncate: int, r
     return settings
 
 
-def run(settings: dict, output_dir: Path) -> dict:
+def run(settings: dict, output_dir: str) -> dict:
     rows = [row for steps in settings["steps"] for row in measure(steps, settings)]
     checks = summary(rows, settings)
     report = {
@@ -183,46 +165,40 @@ def run(settings: dict, output_dir: Path) -> dict:
         "results": rows,
         "summary": checks,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(output_dir / "metabatch_results.json", report, indent=2)
-    print(format_table(rows, checks))
-    print(f"wrote {output_dir / 'metabatch_results.json'}")
-    return report
+    return program.write_report(output_dir, "metabatch_results.json", report, format_table(rows, checks))
 
 
-def define_flags() -> None:
-    define_metabatch_flags()
-    flags.DEFINE_integer("repeats", 5, "Timed calls per configuration after warm-up (median reported).")
-    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the sizes and budgets above; quick: tiny sizes "
-                      "and budgets, to test the program.")
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
-    flags.DEFINE_string("output_dir", "out/benchmark", "Where metabatch_results.json is written.")
-
-
-def define_metabatch_flags() -> None:
+@dataclasses.dataclass
+class MetabatchOptions:
     """The flags this suite adds to `python -m experiments.benchmark` too."""
-    flags.DEFINE_list("metabatch_steps", ["10", "50"], "T values of the meta-batch sweep.")
-    flags.DEFINE_list("metabatch_sizes", ["1", "4", "16"], "Meta-batch sizes B of the sweep.")
-    flags.DEFINE_list("metabatch_paths", ["stacked"], "Trainer meta-batch paths to time: stacked, map_fn.")
-    flags.DEFINE_integer("metabatch_truncate", 10, "K of the sweep's K-RMD (min(K, T); K = T is full RMD).")
+
+    metabatch_steps: Sequence[int] = option((10, 50), "T values of the meta-batch sweep.")
+    metabatch_sizes: Sequence[int] = option((1, 4, 16), "Meta-batch sizes B of the sweep.")
+    metabatch_paths: Sequence[str] = option(("stacked",), "Trainer meta-batch paths to time: stacked, map_fn.")
+    metabatch_truncate: int = option(10, "K of the sweep's K-RMD (min(K, T); K = T is full RMD).")
 
 
-def settings_from_flags() -> dict:
-    return make_settings(FLAGS.metabatch_steps, FLAGS.metabatch_sizes, FLAGS.metabatch_paths,
-                         FLAGS.metabatch_truncate, FLAGS.repeats, FLAGS.quick)
+@dataclasses.dataclass
+class Config(MetabatchOptions):
+    repeats: int = option(5, "Timed calls per configuration after warm-up (median reported).")
+    output_dir: str = option("out/benchmark", "Where metabatch_results.json is written.")
+    preset: str = "full"
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
-    output_dir = Path(FLAGS.output_dir)
-    try:
-        with exclusive_output_dir(output_dir, "experiments.benchmark_metabatch"):
-            run(settings_from_flags(), output_dir)
-    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
-        sys.exit(exit_with_error("benchmark_metabatch", err))
+# full: the sizes and budgets above; quick: tiny sizes and budgets, to test the program.
+PRESETS = {"full": {}, "quick": {}}
+
+
+def settings_of(cfg: Any) -> dict:
+    """The suite's settings from a Config with its flags and --repeats (ValueError names a bad flag)."""
+    return make_settings(cfg.metabatch_steps, cfg.metabatch_sizes, cfg.metabatch_paths, cfg.metabatch_truncate,
+                         cfg.repeats, cfg.preset == "quick")
+
+
+PROGRAM = program.Program(
+    "benchmark_metabatch", Config, PRESETS, experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir),
+    prepare=program.checked(settings_of), results_file=None)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    program.start(PROGRAM)

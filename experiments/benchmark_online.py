@@ -23,14 +23,10 @@ allocator peak during a steady-state call (the working set), for both.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
-import sys
-import time
-from pathlib import Path
-from typing import Callable
-
-from absl import app, flags
+from typing import Any, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -39,11 +35,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import provenance  # noqa: E402
-from experiments._memory import PeakMemory  # noqa: E402
-from experiments.run_state import STATE_ERRORS, exclusive_output_dir, exit_with_error, write_json_atomically  # noqa: E402
+from experiments import program, provenance  # noqa: E402
+from experiments._memory import PeakMemory, mib  # noqa: E402
+from experiments.config import option  # noqa: E402
+from experiments.timing import block, wall_seconds  # noqa: E402
 
-FLAGS = flags.FLAGS
 TARGETS = {(20, 1): 1.3, (1, 1): 5.0}  # (T, K) -> ratio target of the issue: reported, never asserted
 FORWARD = "f"  # K of a forward-mode configuration ("Txf")
 NUM_KERNELS = 4
@@ -69,16 +65,6 @@ def cnn(image_size: int, channels: int, filters: int, seed: int) -> keras.Model:
 def kernels_penalty(weights: list, decays) -> tf.Tensor:
     """Σ_l decay_l ‖kernel_l‖² over the kernels (every other weight: kernel, bias, ...)."""
     return tf.add_n([decays[i] * tf.reduce_sum(tf.square(w)) for i, w in enumerate(weights[::2])])
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _sync(logs) -> None:
-    tf.nest.map_structure(lambda v: np.asarray(v), logs)  # block on the results
 
 
 def parse_config(text: str) -> tuple:
@@ -138,11 +124,11 @@ def measure(T: int, K, settings: dict, jit_compile: bool = True) -> dict:
     fused_fn = fused.make_train_function()
 
     runs = {
-        "bilevel": lambda: _sync(hyper_step(tasks)),
-        "plain_per_step": lambda: _sync([step_fn(train_iter) for _ in range(T)][-1]),
-        "plain_fused": lambda: _sync(fused_fn(train_iter)),
+        "bilevel": lambda: block(hyper_step(tasks)),
+        "plain_per_step": lambda: block([step_fn(train_iter) for _ in range(T)][-1]),
+        "plain_fused": lambda: block(fused_fn(train_iter)),
     }
-    first = {name: _timed(fn) for name, fn in runs.items()}  # compile + first call
+    first = {name: wall_seconds(fn) for name, fn in runs.items()}  # compile + first call
     memory = {}
     for name, fn in runs.items():
         with PeakMemory() as peak:
@@ -151,7 +137,7 @@ def measure(T: int, K, settings: dict, jit_compile: bool = True) -> dict:
     times = {name: [] for name in runs}
     for _ in range(settings["repeats"]):  # alternate, so that load changes hit all alike
         for name, fn in runs.items():
-            times[name].append(_timed(fn))
+            times[name].append(wall_seconds(fn))
     median = {name: statistics.median(values) for name, values in times.items()}
     return {
         "T": T, "K": None if K == FORWARD else K, "jit_compile": jit_compile,
@@ -167,10 +153,6 @@ def measure(T: int, K, settings: dict, jit_compile: bool = True) -> dict:
     }
 
 
-def _mb(value) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.1f}"
-
-
 def format_table(results: list[dict]) -> str:
     lines = [
         "XLA   T   K | hyper-iter ms | T plain steps ms (per-step / fused) | ratio per-step | ratio fused | target | peak MB bilevel / plain",
@@ -182,7 +164,7 @@ def format_table(results: list[dict]) -> str:
         lines.append(
             f"{'on ' if r['jit_compile'] else 'off'} {r['T']:3d} {'fwd' if r['K'] is None else r['K']:>3} | {1e3 * m['bilevel']:13.1f} | {1e3 * m['plain_per_step']:16.1f} / {1e3 * m['plain_fused']:8.1f}"
             f"         | {r['ratio_to_plain_per_step']:14.2f} | {r['ratio_to_plain_fused']:11.2f} | {target:10s} | "
-            f"{_mb(mem['bilevel'])} / {_mb(mem['plain_per_step'])}"
+            f"{mib(mem['bilevel'])} / {mib(mem['plain_per_step'])}"
         )
     return "\n".join(lines)
 
@@ -199,46 +181,48 @@ def make_settings(configs: list, repeats: int, quick: bool) -> dict:
     return settings
 
 
-def run(settings: dict, output_dir: Path) -> dict:
+def run(settings: dict, output_dir: str) -> dict:
     results = [measure(T, K, settings, jit) for jit in settings["jit_compile"] for T, K in settings["configs"]]
     report = {
         "environment": provenance.environment(),
         "settings": {**settings, "configs": [list(c) for c in settings["configs"]]},
         "results": results,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(output_dir / "online_results.json", report, indent=2)
-    print(format_table(results))
-    print(f"wrote {output_dir / 'online_results.json'}")
-    return report
+    return program.write_report(output_dir, "online_results.json", report, format_table(results))
 
 
-def define_flags() -> None:
-    define_online_flags()
-    flags.DEFINE_integer("repeats", 7, "Timed calls per configuration after warm-up (median reported).")
-    flags.DEFINE_enum("preset", "full", ["full", "quick"], "full: the sizes and budgets above; quick: tiny sizes "
-                      "and budgets, to test the program.")
-    flags.DEFINE_bool("quick", False, "Same as --preset=quick.")
-    flags.DEFINE_string("output_dir", "out/benchmark", "Where online_results.json is written.")
-
-
-def define_online_flags() -> None:
+@dataclasses.dataclass
+class OnlineOptions:
     """The flag this suite adds to `python -m experiments.benchmark` too."""
-    flags.DEFINE_list("online_configs", ["1x1", "20x1", "20x5", "20x20", "1xf", "20xf"],
-                      "TxK configurations of the online step; Txf: forward mode (estimator='forward').")
+
+    online_configs: Sequence[str] = option(("1x1", "20x1", "20x5", "20x20", "1xf", "20xf"),
+                                           "TxK configurations of the online step; Txf: forward mode "
+                                           "(estimator='forward').")
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    FLAGS.quick = FLAGS.quick or FLAGS.preset == "quick"
-    output_dir = Path(FLAGS.output_dir)
+@dataclasses.dataclass
+class Config(OnlineOptions):
+    repeats: int = option(7, "Timed calls per configuration after warm-up (median reported).")
+    output_dir: str = option("out/benchmark", "Where online_results.json is written.")
+    preset: str = "full"
+
+
+# full: the sizes and budgets above; quick: tiny sizes and budgets, to test the program.
+PRESETS = {"full": {}, "quick": {}}
+
+
+def settings_of(cfg: Any) -> dict:
+    """The suite's settings from a Config with its flags and --repeats (ValueError names a bad flag)."""
     try:
-        with exclusive_output_dir(output_dir, "experiments.benchmark_online"):
-            run(make_settings(FLAGS.online_configs, FLAGS.repeats, FLAGS.quick), output_dir)
-    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
-        sys.exit(exit_with_error("benchmark_online", err))
+        return make_settings(cfg.online_configs, cfg.repeats, cfg.preset == "quick")
+    except ValueError:
+        raise ValueError(f"--online_configs: each entry is TxK or Txf (e.g. 20x5), got {list(cfg.online_configs)}") from None
+
+
+PROGRAM = program.Program(
+    "benchmark_online", Config, PRESETS, experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir),
+    prepare=program.checked(settings_of), results_file=None)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    program.start(PROGRAM)

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -31,15 +30,14 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
-from experiments import config, provenance  # noqa: E402
+from experiments import config, program, run_state  # noqa: E402
 from experiments._memory import PROBE_METHOD, format_probes, mib, probe  # noqa: E402
 from experiments.checkpoint_store import LoopClock, LoopStore, arrays_sha256, run_resumable  # noqa: E402
 from experiments.config import option, result_settings  # noqa: E402
-from experiments.subprocesses import load_arrays, print_result, run_each  # noqa: E402
+from experiments.subprocesses import load_arrays, run_each  # noqa: E402
 from experiments.timing import round_robin_medians  # noqa: E402
 from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
-    RESTART_HINT, STATE_ERRORS, SettingsMismatchError, discard_state, exclusive_output_dir, exit_with_error,
-    guard_settings, jsonable, parse_pause_after, write_json_atomically,
+    RESTART_HINT, SettingsMismatchError, guard_settings, jsonable,
 )
 
 NORMALIZATIONS = ("mean", "mean_all", "sum")
@@ -114,6 +112,11 @@ class Config:
         "finished K) under <output_dir>/checkpoints; rerunning the same command resumes from there (a finished K "
         "is not rerun; a run with another configuration in that folder is refused: delete it or pick another "
         "--output_dir). 0: no checkpoints.", result=False)
+    restart: bool = option(False, "Delete the saved state (<output_dir>/checkpoints) and start over.", result=False)
+    pause_after: Optional[str] = option(
+        None, "(tests) K,ITER: after hyper-iteration ITER of K, write <output_dir>/paused_K<K>_at_<ITER> and wait to "
+        "be killed (once: not if that file exists).", internal=True, result=False)
+    memory_probe: Optional[str] = option(None, "JSON payload of one memory probe.", internal=True, result=False)
     preset: str = "full"
 
     def validated(self) -> "Config":
@@ -135,7 +138,16 @@ class Config:
             exact_every=(cfg.exact_every >= 0, ">= 0 (0: only at the start and the end)"),
             eval_every=(cfg.eval_every >= 1, ">= 1"), save_every=(cfg.save_every >= 0, ">= 0 (0: no checkpoints)"))
         cfg.f1_thresholds = sorted({float(t) for t in cfg.f1_thresholds} | {float(cfg.table_threshold)})
+        parse_pause_after(cfg.pause_after)
         return cfg
+
+
+def parse_pause_after(value: Optional[str]) -> Optional[tuple[int, int]]:
+    """--pause_after K,ITER as (K, ITER); None when unset."""
+    pause = run_state.parse_pause_after(value, "K,ITER")
+    if pause is not None and not pause[0].isdigit():
+        raise ValueError(f"--pause_after must be K,ITER (two integers), got {value!r}")
+    return None if pause is None else (int(pause[0]), pause[1])
 
 
 # ---- The problem.
@@ -594,34 +606,20 @@ def plot_figures(results: dict, output_dir: str) -> dict:
 
 
 # ---- The experiment.
-def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None,
-                   pause_after: Optional[tuple[int, int]] = None, restart: bool = False) -> dict:
-    """Runs every K, writes results.json and the figures to cfg.output_dir, returns results.
-    Resumes from the checkpoints in cfg.output_dir (see `TruncationRun.run`; `restart`: deletes them
-    first); raises SettingsMismatchError if they belong to another configuration, StateFileError
-    if one is damaged, OutputDirError if another run uses cfg.output_dir (an exclusive lock is
-    held for the whole run) or it cannot be written."""
-    cfg = cfg.validated()
-    with exclusive_output_dir(cfg.output_dir, "experiments.hypercleaning"):
-        if restart:
-            discard_state(Path(cfg.output_dir) / CHECKPOINT_DIR)
-        return _run_experiment(cfg, arrays, data_info, pause_after)
-
-
-def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dict],
-                    pause_after: Optional[tuple[int, int]]) -> dict:
+def run_experiment(cfg: Config, data: tuple[dict, dict], ctx: program.Run) -> dict:
+    """Runs every K on data = (split arrays, their description); returns the results. Resumes
+    from the checkpoints in cfg.output_dir (see `TruncationRun.run`); raises SettingsMismatchError
+    if they belong to another configuration, StateFileError if one is damaged."""
+    arrays, data_info = data
     np.random.seed(cfg.seed)
     tf.random.set_seed(cfg.seed)
-    start = time.time()
-    environment = provenance.environment()
-    if arrays is None:
-        arrays, data_info = load_split(cfg)
     checkpoints = prepare_checkpoints(cfg, arrays)  # before any work: a mismatch fails at once
     problem = build_problem(cfg, arrays)
     print(f"[hypercleaning] {data_info}", flush=True)
 
     exact_hg = make_hypergradient(problem, cfg, None)  # full RMD: Fig. 5, and K = T itself
     runs, steps = {}, {}
+    pause_after = parse_pause_after(cfg.pause_after)
     for truncate in cfg.truncate:
         run = TruncationRun(problem, cfg, truncate, exact_hg, checkpoints)
         runs[str(truncate)], steps[truncate] = run.run(pause_after), run.step
@@ -630,25 +628,18 @@ def _run_experiment(cfg: Config, arrays: Optional[dict], data_info: Optional[dic
         for truncate, timing in time_interleaved(steps, problem, cfg.timing_rounds).items():
             runs[str(truncate)]["timing"]["interleaved"] = timing
     memory = measure_memory(cfg, arrays) if cfg.measure_memory else {}
-    environment["load_average_end"] = os.getloadavg()
-
-    results = {
+    ctx.environment["load_average_end"] = os.getloadavg()
+    return {
         "config": dataclasses.asdict(cfg),
         "data": data_info,
-        "environment": environment,
+        "environment": ctx.environment,
         "paper": {"table2": PAPER_TABLE2, "f1_thresholds": PAPER_F1_THRESHOLDS,
                   "note": "Table 2 after 1000 hyper-iterations; F1-threshold table after 150 (appendix G.1)"},
         "runs": runs,
         "memory": memory,
         "memory_method": f"{PROBE_METHOD}; truncate 0 = hg.solve alone (the floor); stored_state_bytes = K * |W| * 4",
-        "runtime_seconds": time.time() - start,
+        "runtime_seconds": ctx.seconds(),
     }
-    results = jsonable(results)
-    results["figures"] = plot_figures(results, cfg.output_dir)
-    write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results)
-    print(format_table(results), flush=True)
-    print(f"[hypercleaning] results.json and figures in {cfg.output_dir} ({results['runtime_seconds']:.0f} s)")
-    return results
 
 
 def format_table(results: dict) -> str:
@@ -685,67 +676,23 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- absl entry point. Flags are defined only when run as a program: importing this module
-# (tests, other programs) cannot collide with other modules' flags.
-def define_flags() -> None:
-    from absl import flags
-
-    from experiments._cli import define_internal
-
-    config.define_flags(Config, PRESETS)
-    flags.DEFINE_bool("restart", False, "Delete the saved state (<output_dir>/checkpoints) and start over.")
-    define_internal(flags.DEFINE_string, "memory_probe", None, "JSON payload of one memory probe.")
-    define_internal(flags.DEFINE_string, "pause_after", None, "(tests) K,ITER: after hyper-iteration ITER of K, "
-                    "write <output_dir>/paused_K<K>_at_<ITER> and wait to be killed (once: not if that file exists).")
+# ---- The program.
+def _memory_probe(spec: dict) -> dict:
+    return memory_probe(Config(**spec["config"]), load_arrays(spec), int(spec["truncate"]))
 
 
-def _run_memory_probe(payload: str) -> int:
-    spec = json.loads(payload)
-    print_result(memory_probe(Config(**spec["config"]), load_arrays(spec), int(spec["truncate"])))
-    return 0
+def _nonfinite_hint(err: BaseException, cfg: Config) -> str:
+    if cfg.loss_normalization == "sum":
+        return (" GD with --inner_lr=%g on the summed loss (--loss_normalization=sum) diverges: use the default "
+                "--loss_normalization=mean_all or --inner_lr of about 1/n_train." % cfg.inner_lr)
+    return " Lower --inner_lr."
 
 
-def _parse_pause_after(value: Optional[str]) -> Optional[tuple[int, int]]:
-    pause = parse_pause_after(value, "K,ITER")
-    if pause is not None and not pause[0].isdigit():
-        raise ValueError(f"--pause_after must be K,ITER (two integers), got {value!r}")
-    return None if pause is None else (int(pause[0]), pause[1])
-
-
-def main(argv: Sequence[str]) -> int:
-    from absl import app, flags, logging
-
-    from experiments.datasets import DataUnavailableError
-
-    logging.set_verbosity(logging.WARNING)  # tfds logs every dataset it opens at INFO
-
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if flags.FLAGS.memory_probe:
-        return _run_memory_probe(flags.FLAGS.memory_probe)
-    try:
-        cfg = config.config_from_flags(Config, PRESETS).validated()
-        pause_after = _parse_pause_after(flags.FLAGS.pause_after)
-    except ValueError as err:
-        raise app.UsageError(str(err))
-    try:
-        run_experiment(cfg, pause_after=pause_after, restart=flags.FLAGS.restart)
-    except DataUnavailableError as err:
-        print(f"hypercleaning: error: no MNIST data: {err}", file=sys.stderr, flush=True)
-        return 2
-    except STATE_ERRORS as err:  # damaged state, settings mismatch, output folder busy or not writable
-        return exit_with_error("hypercleaning", err)
-    except tfb.NonFiniteError as err:
-        hint = (" GD with --inner_lr=%g on the summed loss (--loss_normalization=sum) diverges: use the "
-                "default --loss_normalization=mean_all or --inner_lr of about 1/n_train." % cfg.inner_lr
-                if cfg.loss_normalization == "sum" else " Lower --inner_lr.")
-        print(f"hypercleaning: error: {err}{hint}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+PROGRAM = program.Program(
+    "hypercleaning", Config, PRESETS, experiment=run_experiment, load_data=load_split, figures=plot_figures,
+    table=format_table, state_dirs=(CHECKPOINT_DIR,), worker=("memory_probe", _memory_probe),
+    data_name=lambda cfg: "MNIST", failure_hint=_nonfinite_hint)
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    define_flags()
-    app.run(main)
+    program.start(PROGRAM)

@@ -24,17 +24,12 @@ from typing import Any, Callable, Optional, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
-
-from experiments import config, datasets, provenance
+from experiments import datasets, program
 from experiments import fewshot_model as fsm
 from experiments.config import option, parse_truncate
 from experiments.keras_resume import MethodStore, PauseOnce, ResumableRecord
 from experiments.methods import method_label, method_name, method_styles
-from experiments.run_state import (
-    STATE_ERRORS, discard_state, exclusive_output_dir, exit_with_error, guard_settings,
-    parse_pause_after, write_json_atomically,
-)
+from experiments.run_state import parse_pause_after
 from experiments.timing import interleaved_median_seconds, phase
 
 DATASETS = ("omniglot", "kanji_strokes", "mnist", "fashion_mnist")
@@ -114,14 +109,8 @@ PRESETS = {"full": {}, "quick": dict(
     timing_rounds=1)}
 
 
-def define_flags(flag_values: Optional[flags.FlagValues] = None) -> None:
-    """Registers the program's flags (in `flag_values`, e.g. a test's own FlagValues)."""
-    config.define_flags(Config, PRESETS, flag_values=flag_values)
-
-
-def config_from_flags(flag_values: Optional[flags.FlagValues] = None) -> Config:
-    """The Config of the command line (preset, then explicit flags), dataset-dependent defaults filled in."""
-    cfg = config.config_from_flags(Config, PRESETS, flag_values)
+def prepared(cfg: Config) -> Config:
+    """The Config with its dataset-dependent defaults filled in, checked (ValueError names the flag)."""
     characters = cfg.dataset in CHARACTER_SETS
     cfg = dataclasses.replace(
         cfg, class_split=cfg.class_split or ((1200, 100, 323) if characters else (5, 0, 5)),
@@ -130,8 +119,20 @@ def config_from_flags(flag_values: Optional[flags.FlagValues] = None) -> Config:
         export_dir=cfg.export_dir or os.path.join(cfg.output_dir, "hyper_representation"))
     if len(cfg.class_split) != 3:
         raise ValueError(f"--class_split needs 3 numbers (train,val,test), got {cfg.class_split}")
-    parse_pause_after(cfg.pause_after, "METHOD,ITER")  # a bad value fails at start-up
+    pause = parse_pause_after(cfg.pause_after, "METHOD,ITER")
+    names = [name for name, _, _ in methods_of(cfg)]
+    if pause and pause[0] not in names:
+        raise ValueError(f"--pause_after: unknown method {pause[0]!r}, expected one of {names}")
     return cfg
+
+
+def methods_of(cfg: Config) -> list[tuple[str, int, Optional[int]]]:
+    """(name, inner steps T, K) of every method the Config asks for."""
+    T = cfg.inner_steps
+    methods = [(method_name(k), T, k) for k in parse_truncate(cfg.truncate, T)]
+    if cfg.short_horizon:
+        methods.append((method_name(None, short_horizon=True), 1, None))
+    return methods
 
 
 def task_shape(cfg: Config) -> dict:
@@ -243,12 +244,6 @@ def confidence95(acc: np.ndarray) -> float:
     return float(1.96 * acc.std(ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else float("nan")
 
 
-def check_fingerprint(cfg: Config) -> None:
-    """Stores the result-affecting settings in <output_dir>/resume/fingerprint.json, or checks them
-    against the stored ones: a resumed run must not mix two configurations."""
-    guard_settings(resume_dir(cfg), config.result_settings(cfg))
-
-
 def resume_dir(cfg: Config) -> str:
     return os.path.join(cfg.output_dir, "resume")
 
@@ -315,39 +310,27 @@ def table_rows(results: dict) -> list[dict]:
     return rows
 
 
-def print_table(results: dict) -> None:
-    print(f"\nOne-shot classification: {results['data_description']}")
-    print(f"{'method':>22} {'accuracy %':>16} {'iter.':>7} {'s/iter':>8} {'interleaved':>12}")
+def format_table(results: dict) -> str:
+    lines = [f"\nOne-shot classification: {results['data_description']}",
+             f"{'method':>22} {'accuracy %':>16} {'iter.':>7} {'s/iter':>8} {'interleaved':>12}"]
     for r in results["table4"]:
-        print(f"{r['method']:>22} {r['accuracy']:8.2f} ± {r['ci95']:5.2f} {r['iterations']:7d} "
-              f"{r['sec_per_iter']:8.3f} {r['sec_per_iter_interleaved']:12.3f}")
-    print("Paper (Omniglot):")
+        lines.append(f"{r['method']:>22} {r['accuracy']:8.2f} ± {r['ci95']:5.2f} {r['iterations']:7d} "
+                     f"{r['sec_per_iter']:8.3f} {r['sec_per_iter_interleaved']:12.3f}")
+    lines.append("Paper (Omniglot):")
     for r in PAPER_TABLE4:
-        print(f"{r['method']:>22} {r['accuracy']:8.1f} {r['iterations']:15d} {r['sec_per_iter']:8.1f}")
+        lines.append(f"{r['method']:>22} {r['accuracy']:8.1f} {r['iterations']:15d} {r['sec_per_iter']:8.1f}")
+    return "\n".join(lines)
 
 
 # --- Driver. -----------------------------------------------------------------
 
 
-def run(cfg: Config) -> dict:
-    """The whole experiment; writes results.json (after every method), the figure and the export.
-    Holds an exclusive lock on cfg.output_dir meanwhile (OutputDirError if another run does);
-    cfg.restart: deletes the saved state first."""
-    with exclusive_output_dir(cfg.output_dir, "experiments.omniglot"):
-        if cfg.restart:
-            discard_state(resume_dir(cfg))
-        check_fingerprint(cfg)
-        return _run(cfg)
-
-
-def _run(cfg: Config) -> dict:
+def run_experiment(cfg: Config, data: Any, ctx: program.Run) -> dict:
+    """The whole experiment; writes results.json after every method (and the export)."""
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
     T = cfg.inner_steps
-    methods = [(method_name(k), T, k) for k in parse_truncate(cfg.truncate, T)]
-    if cfg.short_horizon:
-        methods.append((method_name(None, short_horizon=True), 1, None))
-    pause = parse_pause_after(cfg.pause_after, "METHOD,ITER")
-    if pause and pause[0] not in [m[0] for m in methods]:
-        raise ValueError(f"--pause_after: unknown method {pause[0]!r}, expected one of {[m[0] for m in methods]}")
+    methods = methods_of(cfg)
     phases: dict = {}  # wall seconds per phase (tracing included), for budgeting runs
     with phase(phases, "data"):
         data = fsm.load_meta_data(cfg.dataset, data_dir=cfg.data_dir, local_dir=cfg.local_dir,
@@ -369,7 +352,7 @@ def _run(cfg: Config) -> dict:
         "config": dataclasses.asdict(cfg), "data_description": data.description,
         "data_source": datasets.data_source(cfg.dataset),
         "num_hyperparameters": count(probe.initial_raw(init_rho=cfg.init_rho, init_gamma=cfg.init_inner_lr)),
-        "num_parameters": count(probe.w0), "machine": provenance.environment(),
+        "num_parameters": count(probe.w0), "machine": ctx.environment,
         "paper_table4_omniglot": PAPER_TABLE4, "phase_seconds": phases, "runs": {},
     }
     print(f"λ: {results['num_hyperparameters']} hyperparameters, w: {results['num_parameters']} parameters")
@@ -384,7 +367,7 @@ def _run(cfg: Config) -> dict:
               f"{100 * row['test_accuracy_ci95']:.2f}% on {row['test_tasks']} tasks, "
               f"{row['record']['sec_per_iter']:.3f} s/iter")
         results["table4"] = table_rows(results)
-        write_results(results, cfg)
+        ctx.write_results(results)
 
     chosen = cfg.export_run if cfg.export_run in trained else next(iter(trained))
     problem, trainer = trained[chosen]
@@ -395,42 +378,26 @@ def _run(cfg: Config) -> dict:
         with phase(phases, "relative error vs K"):
             curves = fsm.relative_error_vs_k(problem, trainer, relerr_batch, T, relerr_ks, scales, cfg.jit_compile)
         results["relative_error_vs_K"] = {"run": chosen, "inner_steps": T, "tasks": cfg.relerr_tasks, "curves": curves}
-        write_results(results, cfg)
+        ctx.write_results(results)
     with phase(phases, "export"):
         results["export"] = {"run": chosen, **fsm.export_and_check(problem, trainer, test_tasks[0], cfg.export_dir)}
     print(f"Export: {results['export']}")
-    write_results(results, cfg)
+    ctx.write_results(results)
     if cfg.timing_rounds:  # after evaluation and export: these steps move λ
         with phase(phases, "interleaved timing"):
             batches = [tf.data.Dataset.from_tensors(b) for b in train_stream(0).take(cfg.timing_rounds)]
             steps = {name: (lambda r, t=t: t.fit(batches[r], epochs=1, verbose=0)) for name, (_, t) in trained.items()}
             results["interleaved_sec_per_iter"] = interleaved_median_seconds(steps, cfg.timing_rounds)
         results["table4"] = table_rows(results)
-        write_results(results, cfg)
-    print_table(results)
-    plot_fig7(results, os.path.join(cfg.output_dir, "fig7_one_shot.png"))
+        ctx.write_results(results)
     return results
 
 
-def write_results(results: dict, cfg: Config) -> None:
-    write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results, indent=1)
-
-
-def main(argv: Sequence[str]) -> int:
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    try:
-        cfg = config_from_flags()
-        if cfg.deterministic:
-            tf.config.experimental.enable_op_determinism()
-        run(cfg)
-    except datasets.DataUnavailableError as err:
-        raise app.UsageError(str(err)) from None
-    except STATE_ERRORS as err:  # damaged state, settings mismatch, output folder busy or not writable
-        return exit_with_error("omniglot", err)
-    return 0
+PROGRAM = program.Program(
+    "omniglot", Config, PRESETS, experiment=run_experiment, figures=lambda results, output_dir: plot_fig7(
+        results, os.path.join(output_dir, "fig7_one_shot.png")), table=format_table, prepare=prepared,
+    state_dirs=("resume",), fingerprint="resume", data_name=lambda cfg: cfg.dataset)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    program.start(PROGRAM)

@@ -1,8 +1,8 @@
 """What the two online applications (experiments/online_hpo.py, experiments/reweighting.py)
 share: resumable minibatch streams, the online task stream of the trainer, a per-epoch recorder
 (test / validation accuracy against training wall-clock, hyperparameters against
-hyper-iteration) that survives SIGKILL, per-method result files, and the program around the
-methods (`run_program`: lock, --restart, settings fingerprint, results.json; `main`).
+hyper-iteration) that survives SIGKILL, per-method result files, and the experiment around the
+methods (`methods_experiment`, run by experiments/program.py).
 
 Resuming. Each method of a program trains with `keras.callbacks.BackupAndRestore` under
 <output_dir>/resume/backup/<method> (one checkpoint per Keras epoch) and keeps its curves in
@@ -28,12 +28,9 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments import keras_resume, provenance
-from experiments.config import config_from_flags, option, result_settings
-from experiments.run_state import (
-    RESTART_HINT, STATE_ERRORS, discard_state, exclusive_output_dir, exit_with_error, guard_settings, jsonable,
-    parse_pause_after, read_state_json, write_json_atomically,
-)
+from experiments import keras_resume
+from experiments.config import option
+from experiments.run_state import RESTART_HINT, parse_pause_after, read_state_json, write_json_atomically
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,59 +367,21 @@ def check_ranges(cfg: Any, at_least_one: Sequence[str] = (), positive: Sequence[
     parse_pause_after(cfg.pause_after, "METHOD,EPOCH")
 
 
-def run_program(program: str, cfg: Any, *, run_methods: Callable[[Any, dict, MethodStore], dict],
-                load_data: Callable[[Any], tuple[dict, dict]], target: Callable[[dict], dict],
-                plot_figures: Callable[[dict, str], dict], format_table: Callable[[dict], str],
-                arrays: Optional[dict] = None, data_info: Optional[dict] = None,
-                state_dirs: Sequence[str] = ("resume",)) -> dict:
-    """Under an exclusive lock on cfg.output_dir (its `state_dirs` discarded first with
-    --restart): checks the settings against the saved state's, runs the methods (finished ones
-    are read back), writes results.json and the figures, prints the table; returns the results."""
-    with exclusive_output_dir(cfg.output_dir, f"experiments.{program}"):
-        if cfg.restart:
-            for name in state_dirs:
-                discard_state(os.path.join(cfg.output_dir, name))
-        start = time.time()
-        env = provenance.environment()
+def methods_experiment(program: str, run_methods: Callable[[Any, dict, MethodStore], dict],
+                       target: Callable[[dict], dict]) -> Callable:
+    """The `experiment` of an online program (experiments/program.py) from its parts: runs the
+    methods (finished ones are read back from <output_dir>/resume) on data = (arrays, data
+    description); the results hold the config, data, environment, the methods' rows and the
+    target check."""
+
+    def experiment(cfg: Any, data: tuple[dict, dict], run: Any) -> dict:
+        arrays, data_info = data
         keras.utils.set_random_seed(cfg.seed)
         store = MethodStore(cfg.output_dir, cfg.pause_after)
-        guard_settings(store.root, result_settings(cfg), "the runs")
-        if arrays is None:
-            arrays, data_info = load_data(cfg)
         print(f"[{program}] {data_info}", flush=True)
         methods = run_methods(cfg, arrays, store)
-        env["load_average_end"] = list(os.getloadavg())
-        results = jsonable({"config": dataclasses.asdict(cfg), "data": data_info, "environment": env,
-                            "methods": methods, "target": target(methods), "runtime_seconds": time.time() - start})
-        results["figures"] = plot_figures(results, cfg.output_dir)
-        write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results, indent=1)
-        print(format_table(results), flush=True)
-        print(f"[{program}] results.json and figures in {cfg.output_dir} ({results['runtime_seconds']:.0f} s)",
-              flush=True)
-        return results
+        run.environment["load_average_end"] = list(os.getloadavg())
+        return {"config": dataclasses.asdict(cfg), "data": data_info, "environment": run.environment,
+                "methods": methods, "target": target(methods), "runtime_seconds": run.seconds()}
 
-
-def main(argv: Sequence[str], program: str, config_class: type, presets: dict,
-         run_experiment: Callable[[Any], dict], dataset: Callable[[Any], str]) -> int:
-    """The absl main of an online program: the Config from the flags (a bad value is a usage
-    error naming the flag), then the run; missing data and unusable state are one-line errors."""
-    from absl import app, logging
-
-    from experiments.datasets import DataUnavailableError
-
-    logging.set_verbosity(logging.WARNING)
-    tf.get_logger().setLevel("ERROR")  # Keras' retracing notes on the evaluation batches are noise here
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        cfg = config_from_flags(config_class, presets).validated()
-    except ValueError as err:
-        raise app.UsageError(str(err))
-    try:
-        run_experiment(cfg)
-    except DataUnavailableError as err:
-        print(f"{program}: error: no {dataset(cfg)} data: {err}", file=sys.stderr, flush=True)
-        return 2
-    except STATE_ERRORS as err:
-        return exit_with_error(program, err)
-    return 0
+    return experiment

@@ -24,6 +24,7 @@ Methods whose tf_bilevel features are not in the installed library (online forwa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -40,7 +41,8 @@ import tensorflow as tf  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from experiments import keras_resume  # noqa: E402
 from experiments import online_common as oc  # noqa: E402
-from experiments.config import define_flags, option  # noqa: E402
+from experiments import program  # noqa: E402
+from experiments.config import option  # noqa: E402
 from experiments.run_state import (  # noqa: E402
     RESTART_HINT, StateFileError, damaged, read_state_json, write_json_atomically,
 )
@@ -66,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class NotAvailableError(RuntimeError):
+class NotAvailableError(program.UnavailableError):
     """A method needs a tf_bilevel feature the installed library does not have."""
 
 
@@ -296,6 +298,7 @@ def has_online_forward() -> bool:
     return "forget" in inspect.signature(tfb.BilevelTrainer.__init__).parameters
 
 
+@functools.lru_cache(maxsize=1)  # the installed library's answer: asked once per process
 def online_batch_norm_refusal() -> Optional[str]:
     """None if an online BilevelTrainer accepts an inner model with BatchNormalization, else the
     library's refusal."""
@@ -782,28 +785,25 @@ def plot_figures(results: dict, output_dir: str) -> dict:
 # ----------------------------------------------------------------------------------------
 # The experiment.
 # ----------------------------------------------------------------------------------------
+def prepared(cfg: Config) -> Config:
+    """The Config checked (ValueError names the flag) and the selected methods checked against
+    the installed tf_bilevel (NotAvailableError), before anything trains."""
+    cfg = cfg.validated()
+    check_available(cfg)
+    return cfg
+
+
+PROGRAM = program.Program(
+    "online_hpo", Config, PRESETS, experiment=oc.methods_experiment("online_hpo", run_methods, target_check),
+    load_data=load_data, figures=plot_figures, table=format_table, prepare=prepared, state_dirs=("resume", "tuner"),
+    fingerprint="resume", fingerprint_what="the runs", data_name=lambda cfg: "Fashion-MNIST")
+
+
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None) -> dict:
     """Runs the selected runs (skipping finished ones), writes results.json and the figures;
     holds an exclusive lock on cfg.output_dir; --restart discards the saved state first."""
-    cfg = cfg.validated()
-    check_available(cfg)
-    return oc.run_program("online_hpo", cfg, run_methods=run_methods, load_data=load_data,
-                          target=target_check, plot_figures=plot_figures, format_table=format_table,
-                          arrays=arrays, data_info=data_info, state_dirs=("resume", "tuner"))
-
-
-def main(argv: Sequence[str]) -> int:
-    import sys
-
-    try:
-        return oc.main(argv, "online_hpo", Config, PRESETS, run_experiment, lambda cfg: "Fashion-MNIST")
-    except NotAvailableError as err:
-        print(f"online_hpo: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    return program.run_program(PROGRAM, cfg, None if arrays is None else (arrays, data_info))
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    define_flags(Config, PRESETS)
-    app.run(main)
+    program.start(PROGRAM)

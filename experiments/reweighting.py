@@ -37,7 +37,8 @@ import tensorflow as tf  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from experiments import noisy_labels as nl  # noqa: E402
 from experiments import online_common as oc  # noqa: E402
-from experiments.config import define_flags, option  # noqa: E402
+from experiments import program  # noqa: E402
+from experiments.config import option  # noqa: E402
 from experiments.run_state import write_atomically  # noqa: E402
 
 SETTINGS = ("flip", "symmetric", "longtail")
@@ -705,16 +706,17 @@ def plot_figures(results: dict, output_dir: str) -> dict:
     return {k: os.path.basename(v) for k, v in figures.items()}
 
 
+PROGRAM = program.Program(
+    "reweighting", Config, PRESETS, experiment=oc.methods_experiment("reweighting", run_methods, target),
+    load_data=load_data, figures=plot_figures, table=format_table, state_dirs=("resume",), fingerprint="resume",
+    fingerprint_what="the runs", data_name=lambda cfg: cfg.dataset)
+
+
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None) -> dict:
     """Runs the methods (skipping finished runs), writes results.json and the figures, under an
     exclusive lock on cfg.output_dir; --restart discards the saved state first."""
-    return oc.run_program("reweighting", cfg.validated(), run_methods=run_methods, load_data=load_data,
-                          target=target, plot_figures=plot_figures, format_table=format_table,
-                          arrays=arrays, data_info=data_info)
+    return program.run_program(PROGRAM, cfg, None if arrays is None else (arrays, data_info))
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    define_flags(Config, PRESETS)
-    app.run(lambda argv: oc.main(argv, "reweighting", Config, PRESETS, run_experiment, lambda cfg: cfg.dataset))
+    program.start(PROGRAM)

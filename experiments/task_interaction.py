@@ -16,20 +16,18 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
 
 import tf_bilevel as tfb
-from experiments import config, datasets, features, provenance
+from experiments import datasets, features, program
 from experiments.config import option, parse_truncate
 from experiments.features import BACKBONES
 from experiments.methods import method_label, method_name, method_styles
 from experiments.run_state import (
-    RESTART_HINT, STATE_ERRORS, damaged, discard_state, exclusive_output_dir, exit_with_error, guard_settings,
-    pause_to_be_killed, read_state_json, write_json_atomically,
+    RESTART_HINT, damaged, pause_to_be_killed, read_state_json, write_json_atomically,
 )
 from tf_bilevel.keras import inverse_softplus, losses
 
@@ -96,12 +94,6 @@ class Config:
 # full: the paper's settings (the defaults); quick: a tiny budget for tests.
 PRESETS = {"full": {}, "quick": dict(trials=2, max_hyper_iterations=12, patience=5, exact_every=3,
                                      truncate=("1", "full"))}
-
-
-def define_flags(flag_values: Optional[flags.FlagValues] = None) -> None:
-    """Registers the program's flags (in `flag_values`, e.g. a test's own FlagValues). Called by the entry
-    point, not at import, so that several experiment modules can be imported in one process (pytest)."""
-    config.define_flags(Config, PRESETS, flag_values=flag_values)
 
 
 # --- The bilevel problem. ----------------------------------------------------
@@ -347,33 +339,29 @@ def plot_fig6(results: dict, path: str) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def print_table(results: dict) -> None:
+def format_table(results: dict) -> str:
     cfg = results["config"]
-    print(f"\nTask interaction on {cfg['dataset']} ({results['features_description']}), m={cfg['m']}")
-    print(f"{'method':>10} {'test acc %':>16} {'init acc %':>10} {'iters':>8} {'best it':>8} {'s/iter':>8}")
+    lines = [f"\nTask interaction on {cfg['dataset']} ({results['features_description']}), m={cfg['m']}",
+             f"{'method':>10} {'test acc %':>16} {'init acc %':>10} {'iters':>8} {'best it':>8} {'s/iter':>8}"]
     for name, s in results["summary"].items():
-        print(f"{method_label(name):>10} {100 * s['test_acc_mean']:8.2f} ± {100 * s['test_acc_std']:5.2f} "
-              f"{100 * s['initial_test_acc_mean']:10.2f} {s['iterations_mean']:8.0f} "
-              f"{s['best_iteration_mean']:8.0f} {s['sec_per_iter_mean']:8.4f}")
+        lines.append(f"{method_label(name):>10} {100 * s['test_acc_mean']:8.2f} ± {100 * s['test_acc_std']:5.2f} "
+                     f"{100 * s['initial_test_acc_mean']:10.2f} {s['iterations_mean']:8.0f} "
+                     f"{s['best_iteration_mean']:8.0f} {s['sec_per_iter_mean']:8.4f}")
+    return "\n".join(lines)
 
 
 # --- Driver. -----------------------------------------------------------------
 
 
-def config_from_flags(flag_values: Optional[flags.FlagValues] = None) -> Config:
-    """The Config of the command line (preset, then explicit flags), the dataset's default m filled in."""
-    cfg = config.config_from_flags(Config, PRESETS, flag_values)
+def prepared(cfg: Config) -> Config:
+    """The Config with the dataset's default m filled in, checked (ValueError names the flag)."""
     if cfg.m is None:
         cfg = dataclasses.replace(cfg, m=PAPER_M.get(cfg.dataset, 50))
+    pause = parse_pause_after(cfg.pause_after)
+    names = [method_name(k) for k in parse_truncate(cfg.truncate, cfg.inner_steps)]
+    if pause and (pause[1] not in names or not 0 <= pause[0] < cfg.trials):
+        raise ValueError(f"--pause_after={cfg.pause_after}: expected TRIAL in [0, {cfg.trials}) and K in {names}")
     return cfg
-
-
-def check_fingerprint(cfg: Config) -> str:
-    """Stores the result-affecting settings in <output_dir>/resume/fingerprint.json, or checks them
-    against the stored ones (a resumed run must not mix two configurations); returns the folder."""
-    state = os.path.join(cfg.output_dir, "resume")
-    guard_settings(state, config.result_settings(cfg), what="the runs")
-    return state
 
 
 def parse_pause_after(value: Optional[str]) -> Optional[tuple[int, str]]:
@@ -398,22 +386,12 @@ def load_stored_run(path: str, trial: int) -> dict:
     return row
 
 
-def run(cfg: Config) -> dict:
-    """The whole experiment; writes results.json (after every trial) and the figure. Holds an
-    exclusive lock on cfg.output_dir meanwhile (OutputDirError if another run does);
-    cfg.restart: deletes the saved state first."""
-    with exclusive_output_dir(cfg.output_dir, "experiments.task_interaction"):
-        if cfg.restart:
-            discard_state(os.path.join(cfg.output_dir, "resume"))
-        return _run(cfg, check_fingerprint(cfg))
-
-
-def _run(cfg: Config, state: str) -> dict:
+def run_experiment(cfg: Config, data: Any, ctx: program.Run) -> dict:
+    """The whole experiment; writes results.json after every trial."""
+    state = os.path.join(cfg.output_dir, "resume")
     pause = parse_pause_after(cfg.pause_after)
     truncations = parse_truncate(cfg.truncate, cfg.inner_steps)
     names = [method_name(k) for k in truncations]
-    if pause and (pause[1] not in names or not 0 <= pause[0] < cfg.trials):
-        raise ValueError(f"--pause_after={cfg.pause_after}: expected TRIAL in [0, {cfg.trials}) and K in {names}")
     x_all, y_all, desc = features.load_features(
         cfg.dataset, cfg.features, scale=cfg.feature_scale, data_dir=cfg.data_dir, local_dir=cfg.local_dir,
         backbone=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, cache_dir=cfg.feature_cache_dir)
@@ -422,7 +400,7 @@ def _run(cfg: Config, state: str) -> dict:
         "experiment": "task_interaction (paper §4.2.2, Table 3, Fig. 6)",
         "config": dataclasses.asdict(cfg), "data_source": datasets.data_source(cfg.dataset),
         "features_description": desc, "num_examples": int(len(y_all)), "feature_dim": int(x_all.shape[1]),
-        "machine": provenance.environment(), "paper_table3": PAPER_TABLE3.get(cfg.dataset),
+        "machine": ctx.environment, "paper_table3": PAPER_TABLE3.get(cfg.dataset),
         "runs": {name: [] for name in names},
     }
     x_all_t, num_classes = tf.constant(x_all), NUM_CLASSES[cfg.dataset]
@@ -443,23 +421,20 @@ def _run(cfg: Config, state: str) -> dict:
             if pause == (trial, name):
                 pause_to_be_killed(os.path.join(state, f"paused_{trial}_{name}"))
         results["summary"] = {name: summarize(rows) for name, rows in results["runs"].items()}
-        write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results, indent=1)
-    print_table(results)
-    if cfg.diagnostic_trials > 0:
-        plot_fig6(results, os.path.join(cfg.output_dir, "fig6_task_interaction.png"))
+        ctx.write_results(results)
     return results
 
 
-def main(argv: Sequence[str]) -> int:
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    try:
-        run(config_from_flags())
-    except STATE_ERRORS as err:  # damaged state, settings mismatch, output folder busy or not writable
-        return exit_with_error("task_interaction", err)
-    return 0
+def figures(results: dict, output_dir: str) -> None:
+    if results["config"]["diagnostic_trials"] > 0:
+        plot_fig6(results, os.path.join(output_dir, "fig6_task_interaction.png"))
+
+
+PROGRAM = program.Program(
+    "task_interaction", Config, PRESETS, experiment=run_experiment, figures=figures, table=format_table,
+    prepare=prepared, state_dirs=("resume",), fingerprint="resume", fingerprint_what="the runs",
+    data_name=lambda cfg: cfg.dataset)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    program.start(PROGRAM)

@@ -25,6 +25,18 @@ def timed(fn: Callable[[], Any]) -> tuple[Timing, list]:
     return Timing(time.perf_counter() - wall, time.process_time() - cpu), out
 
 
+def block(values: Any) -> None:
+    """Waits for the TF values in the structure `values` (converting them to NumPy waits for them)."""
+    tf.nest.map_structure(np.asarray, values)
+
+
+def wall_seconds(call: Callable[[], Any]) -> float:
+    """Wall time of `call()` (which should wait for its own results: `block`)."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def round_robin(calls: Mapping[Hashable, Callable[[], Any]], rounds: int) -> dict[Hashable, list[Timing]]:
     """`rounds` timings of every call, taken in turn (a, b, …, a, b, …)."""
     timings = {key: [] for key in calls}
@@ -109,7 +121,5 @@ def interleaved_median_seconds(steps: Mapping[str, Callable[[int], object]], rou
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step(r)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(wall_seconds(lambda: step(r)))
     return {name: float(np.median(t)) for name, t in times.items()}

@@ -14,19 +14,16 @@ import dataclasses
 import itertools
 import math
 import os
-import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments import plotting
-from experiments.config import config_from_flags, define_flags, option
+from experiments import plotting, program
+from experiments.config import option
 from experiments.plotting import plt
-from experiments.run_state import (
-    STATE_ERRORS, exclusive_output_dir, exit_with_error, jsonable, write_json_atomically,
-)
+from experiments.run_state import jsonable
 
 OBJECTIVES = ("f", "f_tilde")
 FIG1_LAMBDA = (1.0, 1.0)
@@ -415,21 +412,11 @@ class ToyConfig:
         return cfg
 
 
-def run_experiment(cfg: ToyConfig, problem: Optional[ToyProblem] = None) -> dict:
-    """Runs everything behind Figs. 1–4, writes results.json and fig1..fig4.png, returns results
-    (under an exclusive lock on the output folder: run_state.OutputDirError if another run holds
-    it or the folder cannot be written)."""
-    problem = problem or ToyProblem()
-    cfg = cfg.validated(problem)
-    with exclusive_output_dir(cfg.output_dir, "experiments.toy"):
-        return _run_experiment(cfg, problem)
-
-
-def _run_experiment(cfg: ToyConfig, problem: ToyProblem) -> dict:
+def run_experiment(cfg: ToyConfig, problem: ToyProblem, ctx: program.Run) -> dict:
+    """Runs everything behind Figs. 1–4, draws fig1..fig4.png; returns the results."""
     np.random.seed(cfg.seed)
     tf.random.set_seed(cfg.seed)
     T = problem.steps
-    start_time = time.time()
     est = Estimators(problem, cfg.jit_compile)
 
     print(f"[toy] Fig. 1: K-RMD at lambda={FIG1_LAMBDA} for K in {cfg.fig1_truncations}", flush=True)
@@ -487,50 +474,34 @@ def _run_experiment(cfg: ToyConfig, problem: ToyProblem) -> dict:
                         "fig2": fig2, "fig3": fig3, "fig4": fig4, "closed_form_crosscheck": crosscheck,
                         "tracing_counts": {str(k): v for k, v in est.tracing_counts().items()},
                         "figures": {k: os.path.basename(v) for k, v in figures.items()},
-                        "runtime_seconds": time.time() - start_time})
-    write_json_atomically(os.path.join(cfg.output_dir, "results.json"), results)
-    _print_summary(results)
+                        "runtime_seconds": ctx.seconds()})
     return results
 
 
-def _print_summary(results: dict) -> None:
+def format_summary(results: dict) -> str:
     fig1 = results["fig1"]
-    print("\n[toy] K-RMD hypergradients at lambda=(1,1) (f):")
-    print(f"  {'K':>5} {'h_(T-K)':>30} {'error':>11} {'bound':>11}")
+    lines = ["\n[toy] K-RMD hypergradients at lambda=(1,1) (f):",
+             f"  {'K':>5} {'h_(T-K)':>30} {'error':>11} {'bound':>11}"]
     for k, err, bnd in zip(fig1["truncations"], fig1["errors"], fig1["bounds"]):
         h = fig1["hypergradients"][str(k)]
-        print(f"  {k:>5} {h[0]:>14.8f} {h[1]:>14.8f} {err:>11.3e} {bnd:>11.3e}")
-    print(f"  exact (full RMD) {fig1['exact_hypergradient']}")
+        lines.append(f"  {k:>5} {h[0]:>14.8f} {h[1]:>14.8f} {err:>11.3e} {bnd:>11.3e}")
+    lines.append(f"  exact (full RMD) {fig1['exact_hypergradient']}")
     for name, fig in (("f_tilde (Fig. 3)", results["fig3"]), ("f (Fig. 4)", results["fig4"])):
         opt = fig["optimum"]
-        print(f"[toy] {name}: optimum lambda*={np.round(opt['lambda'], 6).tolist()} F*={opt['value']:.6g}")
+        lines.append(f"[toy] {name}: optimum lambda*={np.round(opt['lambda'], 6).tolist()} F*={opt['value']:.6g}")
         for k, dist, gn in zip(fig["runs"], fig["final_distance_to_optimum"], fig["final_exact_grad_norm"]):
-            print(f"  K={k:>4}: final lambda={np.round(fig['final_lambda'][k], 5).tolist()} "
-                  f"|lambda-lambda*|={dist:.3e} |d_lambda F|={gn:.3e}")
+            lines.append(f"  K={k:>4}: final lambda={np.round(fig['final_lambda'][k], 5).tolist()} "
+                         f"|lambda-lambda*|={dist:.3e} |d_lambda F|={gn:.3e}")
     for objective in OBJECTIVES:
-        print(f"[toy] Fig. 2 min descent ratio on {objective}: {results['fig2'][objective]['min_ratio']}")
-    print(f"[toy] closed-form cross-check: {results['closed_form_crosscheck']}")
-    print(f"[toy] tracing counts per K: {results['tracing_counts']}; runtime {results['runtime_seconds']:.1f} s")
+        lines.append(f"[toy] Fig. 2 min descent ratio on {objective}: {results['fig2'][objective]['min_ratio']}")
+    lines.append(f"[toy] closed-form cross-check: {results['closed_form_crosscheck']}")
+    lines.append(f"[toy] tracing counts per K: {results['tracing_counts']}; runtime {results['runtime_seconds']:.1f} s")
+    return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> int:
-    from absl import app
-
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        cfg = config_from_flags(ToyConfig, PRESETS).validated(ToyProblem())
-    except ValueError as err:
-        raise app.UsageError(str(err))
-    try:
-        run_experiment(cfg)
-    except STATE_ERRORS as err:  # the output folder is busy or cannot be written
-        return exit_with_error("toy", err)
-    return 0
+PROGRAM = program.Program("toy", ToyConfig, PRESETS, experiment=run_experiment, load_data=lambda cfg: ToyProblem(),
+                          table=format_summary, prepare=lambda cfg: cfg.validated(ToyProblem()))
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    define_flags(ToyConfig, PRESETS)
-    app.run(main)
+    program.start(PROGRAM)

@@ -16,6 +16,7 @@ from absl import flags
 from experiments import datasets as D
 from experiments import fewshot_model as fsm
 from experiments import kanji_strokes as K
+from experiments import program
 from experiments import omniglot as om
 import program_runs  # noqa: E402
 
@@ -195,9 +196,9 @@ def test_prepared_set_holds_what_render_draws(prepared, strokes, characters):
 @pytest.mark.slow
 def test_program_splits_1200_100_323_disjoint_characters(prepared):
     fv = flags.FlagValues()
-    om.define_flags(fv)
+    program.define_flags(om.PROGRAM, fv)
     fv(["omniglot", "--dataset=kanji_strokes", f"--data_dir={prepared}"])
-    cfg = om.config_from_flags(fv)
+    cfg = program.config_from_flags(om.PROGRAM, fv)
     assert cfg.class_split == (1200, 100, 323) and cfg.rotations is False and cfg.eval_tasks >= 600
     data = fsm.load_meta_data(cfg.dataset, data_dir=cfg.data_dir, local_dir=None, image_size=cfg.image_size,
                               class_split=cfg.class_split, rotations=cfg.rotations, seed=cfg.seed)

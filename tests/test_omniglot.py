@@ -27,6 +27,7 @@ import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from experiments import datasets as D  # noqa: E402
 from experiments import fewshot_model as fsm  # noqa: E402
+from experiments import program  # noqa: E402
 from experiments import omniglot as om  # noqa: E402
 from offline_data import MNIST_DIR, needs_mnist, fake_omniglot, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
@@ -295,10 +296,10 @@ def test_batch_statistics_normalization_has_exact_second_derivatives():
 def quick_config(tmp_path: Path, **overrides) -> om.Config:
     """The program's flag defaults in --quick mode, as run() receives them."""
     fv = flags.FlagValues()
-    om.define_flags(fv)
+    program.define_flags(om.PROGRAM, fv)
     fv(["omniglot", "--quick", f"--output_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'tfds'}"]
        + [f"--{k}={v}" for k, v in overrides.items()])
-    return om.config_from_flags(fv)
+    return program.config_from_flags(om.PROGRAM, fv)
 
 
 def check_results(cfg: om.Config, methods: set) -> dict:
@@ -330,7 +331,7 @@ def test_quick_run_on_mock_omniglot(tmp_path, monkeypatch):
                        short_horizon=False, exact_every=0, relerr_truncations="", timing_rounds=0)
     assert cfg.rotations is False and cfg.n_way == 5 and cfg.k_shot == 1
     with tfds.testing.mock_data(as_dataset_fn=fake_omniglot(per_class=6, num_classes=10)):
-        results = om.run(cfg)
+        results = program.run_program(om.PROGRAM, cfg)
     assert "omniglot" in results["data_description"]
     check_results(cfg, {"1"})
 
@@ -345,7 +346,7 @@ def test_quick_run_on_real_mnist_episodes(tmp_path):
     cfg = quick_config(tmp_path, dataset="mnist", local_dir=src, truncate="1", short_horizon=False,
                        relerr_truncations="1,3")
     assert cfg.rotations is True and cfg.class_split == (5, 0, 5)
-    results = om.run(cfg)
+    results = program.run_program(om.PROGRAM, cfg)
     assert "20" in results["data_description"]  # 5 digits x 4 rotations per pool
     results = check_results(cfg, {"1"})
     assert set(results["relative_error_vs_K"]["curves"]) == {"learned ρ", "ρ = 0"}
@@ -456,9 +457,9 @@ def test_killed_run_rerun_with_the_same_command_ends_bit_identical(tmp_path):
 
 def test_resume_refuses_a_different_configuration(tmp_path):
     cfg = quick_config(tmp_path)
-    om.check_fingerprint(cfg)
-    om.check_fingerprint(cfg)  # the same settings: fine
+    program.guard_state(om.PROGRAM, cfg)
+    program.guard_state(om.PROGRAM, cfg)  # the same settings: fine
     with pytest.raises(ValueError, match=r"outer_lr: .*another --output_dir.*delete"):
-        om.check_fingerprint(dataclasses.replace(cfg, outer_lr=0.5))
+        program.guard_state(om.PROGRAM, dataclasses.replace(cfg, outer_lr=0.5))
     with pytest.raises(ValueError, match="--pause_after must be METHOD,ITER"):
         quick_config(tmp_path, pause_after="full")

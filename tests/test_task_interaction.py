@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import datasets as D  # noqa: E402
 from experiments import features as F  # noqa: E402
+from experiments import program  # noqa: E402
 from experiments import task_interaction as ti  # noqa: E402
 from offline_data import MNIST_DIR, needs_mnist, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
@@ -26,10 +27,10 @@ import program_runs  # noqa: E402
 def quick_config(tmp_path: Path, **overrides) -> ti.Config:
     """The program's flag defaults in --quick mode, as run() receives them."""
     fv = flags.FlagValues()
-    ti.define_flags(fv)
+    program.define_flags(ti.PROGRAM, fv)
     fv(["task_interaction", "--quick", f"--output_dir={tmp_path / 'out'}",
         f"--data_dir={tmp_path / 'tfds'}"] + [f"--{k}={v}" for k, v in overrides.items()])
-    return ti.config_from_flags(fv)
+    return program.config_from_flags(ti.PROGRAM, fv)
 
 
 def check_results(cfg: ti.Config) -> dict:
@@ -216,7 +217,7 @@ def test_quick_run_on_mock_cifar10_with_random_resnet50(tmp_path, monkeypatch):
     cfg = quick_config(tmp_path, dataset="cifar10", features="pretrained", weights="random",
                        image_size=32, m=10)
     with tfds.testing.mock_data(num_examples=60):
-        results = ti.run(cfg)
+        results = program.run_program(ti.PROGRAM, cfg)
     assert results["feature_dim"] == 2048 and results["num_examples"] == 120
     assert "resnet50" in results["features_description"]
     check_results(cfg)
@@ -228,7 +229,7 @@ def test_quick_run_on_real_mnist(tmp_path):
     """Offline real data: the first 1500 + 300 real MNIST images, pixel features."""
     src = write_mnist_subset(MNIST_DIR, tmp_path / "mnist_subset", train=1500, test=300)
     cfg = quick_config(tmp_path, dataset="mnist", features="pixels", local_dir=src)
-    results = ti.run(cfg)
+    results = program.run_program(ti.PROGRAM, cfg)
     assert results["num_examples"] == 1800 and results["feature_dim"] == 784
     results = check_results(cfg)
     # Real digits with 5 labelled examples per class: far above chance (10%).
@@ -283,9 +284,9 @@ def test_killed_run_rerun_with_the_same_command_ends_with_the_same_results(tmp_p
 
 def test_resume_refuses_a_different_configuration(tmp_path):
     cfg = quick_config(tmp_path)
-    ti.check_fingerprint(cfg)
-    ti.check_fingerprint(dataclasses.replace(cfg, trials=5))  # more trials reuse the stored runs
+    program.guard_state(ti.PROGRAM, cfg)
+    program.guard_state(ti.PROGRAM, dataclasses.replace(cfg, trials=5))  # more trials reuse the stored runs
     with pytest.raises(ValueError, match=r"outer_lr: .*another --output_dir.*delete"):
-        ti.check_fingerprint(dataclasses.replace(cfg, outer_lr=0.5))
+        program.guard_state(ti.PROGRAM, dataclasses.replace(cfg, outer_lr=0.5))
     with pytest.raises(ValueError, match="--pause_after must be TRIAL,K"):
         ti.parse_pause_after("full")
