@@ -573,7 +573,7 @@ def run_search(cfg: Config, data: dict, network: str, kind: str, store: oc.Metho
     trials = trial_entries(log_path)
     best = tuner.get_best_hyperparameters(1)[0].values
     hp = {"weight_decay": [best[f"weight_decay_{l}"] for l in range(NUM_LAYERS)],
-          "learning_rate": best["learning_rate"]}
+          "learning_rate": best["learning_rate"], "schedule": "cosine, peak learning_rate"}
     search_seconds = float(sum(t["fit_seconds"] for t in trials))
     print(f"[{network}.{kind}] {len(trials)} fits in {search_seconds:.0f} s; best {hp}", flush=True)
     return {"hyperparameters": hp, "trials": trials, "search_seconds": search_seconds, "num_fits": len(trials),
@@ -612,7 +612,7 @@ def run_methods(cfg: Config, data: dict, store: oc.MethodStore) -> dict:
                     train = lambda: oc.final_row(fit_plain(run_cfg, data, network, key, hp["weight_decay"],  # noqa: E731
                                                            cosine_schedule(run_cfg, len(data["train"][1]),
                                                                            hp["learning_rate"]), store),
-                                                 hyperparameters={**hp, "schedule": "cosine, peak learning_rate"})
+                                                 hyperparameters=hp)
                 elif method in PLAIN:
                     train = lambda: run_plain(run_cfg, data, network, method, store, key)  # noqa: E731
                 else:
