@@ -24,12 +24,18 @@ Every other case (NCHW, both operands batched, ...) goes to TF's own converter.
 from __future__ import annotations
 
 import tensorflow as tf
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
 
 _SHARED_ATTRS = ("strides", "padding", "explicit_paddings", "use_cudnn_on_gpu", "dilations")
 
 
 def _attrs(pfor_input) -> dict:
     return {name: pfor_input.get_attr(name) for name in _SHARED_ATTRS}
+
+
+def _in_xla() -> bool:
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
 
 
 def _nhwc(pfor_input) -> bool:
@@ -72,6 +78,40 @@ def _conv2d_backprop_input(wrap, original):
     return convert
 
 
+def _filter_gradient_as_conv2d(x: tf.Tensor, dy: tf.Tensor, kernel_size, pfor_input):
+    """Conv2DBackpropFilter(x, dy) as a Conv2D in XLA:CPU's canonical layout (NHWC input, HWIO
+    filter), or None where it does not apply (dilated, or shapes not static).
+
+    XLA lowers the filter gradient to a convolution with the batch as its feature axis, which
+    XLA:CPU rewrites into the fast (Eigen) layout only outside while loops (its convolution
+    canonicalization visits top-level instructions only): inside the inner-step loop it ran
+    ~300× slower. With the channels as batch and the batch as features,
+    dk[p, q, c, o] = Σ_{b,i,j} x_pad[b, i·s + p, j·s + q, c] dy[b, i, j, o] is a convolution of
+    x [C, H, W, B] with dy [OH, OW, B, O] as filter dilated by the stride s."""
+    if any(d != 1 for d in pfor_input.get_attr("dilations")):
+        return None
+    (h, w), (out_h, out_w), (kh, kw) = x.shape[1:3], dy.shape[1:3], kernel_size
+    if None in (h, w, out_h, out_w):
+        return None
+    strides = list(pfor_input.get_attr("strides"))
+    sh, sw = strides[1], strides[2]
+    padding = pfor_input.get_attr("padding")
+    padding = padding.decode() if isinstance(padding, bytes) else padding
+    if padding == "VALID":
+        pads = [[0, 0], [0, 0]]
+    elif padding == "SAME":
+        total_h, total_w = max((out_h - 1) * sh + kh - h, 0), max((out_w - 1) * sw + kw - w, 0)
+        pads = [[total_h // 2, total_h - total_h // 2], [total_w // 2, total_w - total_w // 2]]
+    elif padding == "EXPLICIT":
+        explicit = list(pfor_input.get_attr("explicit_paddings"))
+        pads = [explicit[2:4], explicit[4:6]]
+    else:
+        return None
+    dk = tf.nn.conv2d(tf.transpose(x, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), 1,
+                      [[0, 0], *pads, [0, 0]], dilations=[sh, sw])  # [C, >= kh, >= kw, O]
+    return tf.transpose(dk[:, :kh, :kw, :], [1, 2, 0, 3])
+
+
 def _conv2d_backprop_filter(wrap, original):
     def convert(pfor_input):
         x, x_stacked, _ = pfor_input.input(0)
@@ -82,10 +122,15 @@ def _conv2d_backprop_filter(wrap, original):
         n = tf.shape(x)[0]
         shape = tf.shape(x)  # [N, B, H, W, C]
         folded = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), tf.concat([shape[1:4], [-1]], 0))
-        dk = tf.raw_ops.Conv2DBackpropFilter(
-            input=folded, filter_sizes=sizes * tf.stack([1, 1, n, 1]), out_backprop=dy, data_format="NHWC",
-            **_attrs(pfor_input),
-        )
+        static_sizes = tf.get_static_value(sizes)
+        dk = None
+        if static_sizes is not None and _in_xla():
+            dk = _filter_gradient_as_conv2d(folded, dy, static_sizes[:2], pfor_input)
+        if dk is None:
+            dk = tf.raw_ops.Conv2DBackpropFilter(
+                input=folded, filter_sizes=sizes * tf.stack([1, 1, n, 1]), out_backprop=dy, data_format="NHWC",
+                **_attrs(pfor_input),
+            )
         dk = tf.reshape(dk, tf.concat([sizes[:2], [n], sizes[2:]], 0))
         return [wrap(tf.transpose(dk, [2, 0, 1, 3, 4]), True)]
 
