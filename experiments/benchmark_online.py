@@ -14,7 +14,11 @@ alternately in ONE process (so that machine load hits both alike), medians of wa
 
 The plain step is timed twice: one compiled call per step (Keras' default, what `fit` does)
 and T steps in one call (`steps_per_execution=T`, no per-step Python). Peak memory: TF's CPU
-allocator peak during a steady-state call (the working set), for both.
+allocator peak during the first steady-state call (the working set), for both. Each
+configuration gets `--repeats` timed rounds, fewer (at least one) once its rounds took
+`--online_budget_seconds`: with XLA on CPU a T = 20 hyper-iteration can take a minute (the JSON's
+`rounds` says how many ran). `train_step_traces` counts the traces of the trainer's step (1: no
+retracing).
 
   python -m experiments.benchmark --suites=online        # the same, from the benchmark program
   python -m experiments.benchmark_online                 # T=K=1, T=20 with K in {1, 5, 20}, forward T in {1, 20}
