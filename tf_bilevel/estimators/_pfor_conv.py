@@ -19,6 +19,11 @@ axis one op computes all of them exactly:
   Conv2DBackpropFilter: ẋ [N, B, H, W, C]   -> [B, H, W, N·C];   filter input channel n·C + c
 
 Every other case (NCHW, both operands batched, ...) goes to TF's own converter.
+
+Under XLA the filter gradients (the columns' and, through `canonical_filter_gradients`, the
+primal step's own) are Conv2D ops in XLA:CPU's canonical layout: XLA lowers
+Conv2DBackpropFilter to a convolution with the batch as feature axis, which XLA:CPU rewrites into
+its fast (Eigen) layout only for top-level instructions, not inside the inner-step while loop.
 """
 
 from __future__ import annotations
