@@ -92,3 +92,23 @@ def test_other_errors_pass_through_unchanged():
     with pytest.raises(ValueError, match="other"):
         with grappler.guarded():
             raise ValueError("other")
+
+
+def test_guarded_changes_only_the_memory_optimizer_of_the_callers_options():
+    ctx = eager_context.context()
+    base = ctx.function_call_options
+    config = config_pb2.ConfigProto.FromString(base.config_proto_serialized)
+    config.graph_options.rewrite_options.constant_folding = rewriter_config_pb2.RewriterConfig.OFF
+    config.inter_op_parallelism_threads = 3
+    users = eager_context.FunctionCallOptions(executor_type=base.executor_type, config_proto=config)
+    ctx.function_call_options = users
+    try:
+        with grappler.guarded():
+            inside = config_pb2.ConfigProto.FromString(ctx.function_call_options.config_proto_serialized)
+        assert ctx.function_call_options is users
+    finally:
+        ctx.function_call_options = base
+    expected = config_pb2.ConfigProto()
+    expected.CopyFrom(config)
+    expected.graph_options.rewrite_options.memory_optimization = rewriter_config_pb2.RewriterConfig.SWAPPING_HEURISTICS
+    assert inside == expected

@@ -57,12 +57,13 @@ def _options_without_scheduling(base: eager_context.FunctionCallOptions) -> Opti
     options = _cache.get(key, False)
     if options is not False:
         return options
-    config = config_pb2.ConfigProto.FromString(base.config_proto_serialized or b"")
-    rewrite = config.graph_options.rewrite_options
     options = None
-    if rewrite.memory_optimization == _DEFAULT and not rewrite.disable_meta_optimizer:
-        rewrite.memory_optimization = _WITHOUT_SCHEDULING
-        options = eager_context.FunctionCallOptions(executor_type=base.executor_type, config_proto=config)
+    if base.config_proto_serialized is not None:  # None: TF's all-off rewriter config, kept
+        config = config_pb2.ConfigProto.FromString(base.config_proto_serialized)
+        rewrite = config.graph_options.rewrite_options
+        if rewrite.memory_optimization == _DEFAULT and not rewrite.disable_meta_optimizer:
+            rewrite.memory_optimization = _WITHOUT_SCHEDULING
+            options = eager_context.FunctionCallOptions(executor_type=base.executor_type, config_proto=config)
     with _lock:
         _cache[key] = options
     return options
