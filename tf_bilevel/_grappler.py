@@ -1,5 +1,5 @@
-"""Compiled calls (the Keras trainer's steps, `Hypergradient.detailed` / `solve`) run without
-Grappler's AddN-to-TemporaryVariable rewrite, which breaks loops.
+"""Compiled calls (the Keras trainer's steps, `Hypergradient.detailed` / `solve`, `HyperStep`)
+run without Grappler's AddN-to-TemporaryVariable rewrite, which breaks loops.
 
 Grappler's memory optimizer (memory_optimizer.cc, `SchedulingPass`, on by default) rewrites an
 AddN of more than 2 inputs into a TemporaryVariable summed into by AssignAdds whenever the static
