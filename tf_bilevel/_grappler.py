@@ -1,5 +1,5 @@
-"""Compiled calls (the Keras trainer's steps, `Hypergradient.detailed` / `solve`) run without
-Grappler's AddN-to-TemporaryVariable rewrite, which breaks loops.
+"""Compiled calls (the Keras trainer's steps, `Hypergradient.detailed` / `solve`, `HyperStep`)
+run without Grappler's AddN-to-TemporaryVariable rewrite, which breaks loops.
 
 Grappler's memory optimizer (memory_optimizer.cc, `SchedulingPass`, on by default) rewrites an
 AddN of more than 2 inputs into a TemporaryVariable summed into by AssignAdds whenever the static
@@ -25,7 +25,6 @@ it is re-raised with the cause and the fix.
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Iterator, Optional
 
 import tensorflow as tf
@@ -35,7 +34,6 @@ from tensorflow.python.eager import context as eager_context
 _DEFAULT = rewriter_config_pb2.RewriterConfig.DEFAULT_MEM_OPT
 _WITHOUT_SCHEDULING = rewriter_config_pb2.RewriterConfig.SWAPPING_HEURISTICS
 _cache: dict = {}  # (executor type, serialized config) -> FunctionCallOptions without the pass
-_lock = threading.Lock()
 
 EXPLANATION = (
     "Grappler's memory optimizer rewrote an AddN inside a tf.while_loop into a TemporaryVariable "
@@ -64,8 +62,7 @@ def _options_without_scheduling(base: eager_context.FunctionCallOptions) -> Opti
         if rewrite.memory_optimization == _DEFAULT and not rewrite.disable_meta_optimizer:
             rewrite.memory_optimization = _WITHOUT_SCHEDULING
             options = eager_context.FunctionCallOptions(executor_type=base.executor_type, config_proto=config)
-    with _lock:
-        _cache[key] = options
+    _cache[key] = options  # one dict store: atomic under the GIL
     return options
 
 
