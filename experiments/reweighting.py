@@ -639,13 +639,17 @@ def target(rows: dict) -> dict:
 
 def format_table(results: dict) -> str:
     summary = summarize(results["methods"])
-    lines = [f"{'method':<62} {'test acc % (mean ± std)':>24} {'seeds':>5} {'s/run':>6}"]
+
+    def label(method: str) -> str:
+        base = method[:-3] if method.endswith("_es") else method
+        return (LABELS[base] + (f" (K={results['config']['k']})" if base.endswith("_k") else "")
+                + (", early-stopped" if base != method else ""))
+
+    width = max([len("method"), *(len(label(m)) for m in summary)])
+    lines = [f"{'method':<{width}} {'test acc % (mean ± std)':>24} {'seeds':>5} {'s/run':>6}"]
     for method, s in summary.items():
         std = f"{100 * s['std']:.2f}" if s["std"] is not None else "-"
-        base = method[:-3] if method.endswith("_es") else method
-        label = (LABELS[base] + (f" (K={results['config']['k']})" if base.endswith("_k") else "")
-                 + (", early-stopped" if base != method else ""))
-        lines.append(f"{label:<62} {100 * s['mean']:>15.2f} ± {std:<6} {len(s['seeds']):>5} "
+        lines.append(f"{label(method):<{width}} {100 * s['mean']:>15.2f} ± {std:<6} {len(s['seeds']):>5} "
                      f"{np.mean(s['train_seconds']):>6.0f}")
     for method in BILEVEL:
         s = summary.get(method)
