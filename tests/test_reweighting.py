@@ -151,6 +151,27 @@ def test_class_balanced_weights_by_hand():
         nl.class_balanced_weights(np.array([0, 5]), 0.9)
 
 
+def test_forward_correction_with_the_estimated_transition_and_class_balanced_loss_against_numpy():
+    # As run_baseline composes them: C from a (noisy) model's softmax on the clean examples, then
+    # −log(softmax(z)·C)[ỹ]; class-balanced: weighted_ce with the label's class weight per example.
+    rng = np.random.default_rng(6)
+    clean_labels = np.repeat(np.arange(10), 5)
+    probs = softmax(rng.normal(size=(50, 10)) + 3 * np.eye(10)[clean_labels])
+    c = nl.estimate_transition(probs, clean_labels, 10)
+    z = rng.normal(size=(6, 10)).astype(np.float32)
+    noisy = np.array([0, 6, 6, 2, 8, 9])
+    got = nl.forward_corrected_ce(c)(tf.constant(nl.pack(noisy)), tf.constant(z)).numpy()
+    p = softmax(z.astype(np.float64))
+    want = [-np.log(sum(p[n, i] * probs[clean_labels == i].mean(0)[noisy[n]] for i in range(10))) for n in range(6)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    counts = np.array([50, 20, 5, 1, 9, 9, 9, 9, 9, 9])
+    w = nl.class_balanced_weights(counts, 0.9999)
+    got = nl.weighted_ce(w[noisy])(tf.constant(nl.pack(noisy)), tf.constant(z)).numpy()
+    raw = (1 - 0.9999) / (1 - 0.9999 ** counts.astype(np.float64))
+    want = 10 * raw[noisy] / raw.sum() * -np.log(p[np.arange(6), noisy])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_random_example_weights_are_fixed_positive_mean_one():
     w = nl.random_example_weights(1000, seed=3)
     assert np.all(w > 0) and abs(w.mean() - 1.0) < 1e-12
