@@ -1,7 +1,8 @@
 """Tests for experiments/lookahead_weights.py (issue #17): Ren et al.'s per-step example weights.
 The hypergradient of tfb.hypergradient_fn at ε = 0 (T = 1) against the closed form
 −α ∇ℓ_i(w)·∇f(w), with the per-example gradients written out in NumPy for a softmax
-regression; the clipping/normalization against NumPy; one train step against a hand SGD step."""
+regression; the clipping/normalization against NumPy; one train step against a hand SGD step;
+experiments/weighting_diagnosis.py's alignments (the same closed form), AUC and greedy cells."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Tests for experiments/reweighting.py and experiments/noisy_labels.py (issues #11 §5, #17): the
 noise generators, the long-tailed sampler, the baselines' losses (fixed example weights, forward
-correction, class-balanced weights) and the transition estimate against NumPy and hand
-computation, the learned-weight inner losses against NumPy, the weight diagnostics, and
-`--quick` end to end on a slice of real Fashion-MNIST, resumed per method and seed."""
+correction with the estimated transition, class-balanced weights, mix's minibatches) against NumPy
+and hand computation, the learned-weight inner losses (also the class-aware weighting network of
+mwn_cls) against NumPy, the weight diagnostics, and `--quick` end to end on a slice of real
+Fashion-MNIST, resumed per method and seed."""
 
 from __future__ import annotations
 
