@@ -11,8 +11,8 @@ examples alone, fixed random example weights, forward loss correction with the t
 matrix estimated on the clean set (noise settings), class-balanced loss (longtail); and, with
 tf_bilevel, Meta-Weight-Net weights and raw per-example weights (L2RW-style), each with 1-RMD
 and K-RMD online, and their 1-RMD models fine-tuned like the plain one; Ren et al.'s per-step
-look-ahead weights (ren, experiments/lookahead_weights.py); ren_mix / l2rw_mix: the same with
-clean examples joining every training minibatch; mwn_cls: Meta-Weight-Net whose weighting network
+look-ahead weights (ren, experiments/models/lookahead_weights.py); ren_mix / l2rw_mix: the same
+with clean examples joining every training minibatch; mwn_cls: Meta-Weight-Net whose weighting network
 also sees the label (experiments/weighting_diagnosis.py measures why the loss alone is not
 enough). Writes results.json (rows per method and seed, mean ± std per method) and figures to
 --output_dir; a killed run continues, per method and seed, when the same command is rerun.
@@ -37,17 +37,17 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import noisy_labels as nl  # noqa: E402
-from experiments import online_common as oc  # noqa: E402
-from experiments import program  # noqa: E402
-from experiments.config import option  # noqa: E402
-from experiments.run_state import write_atomically  # noqa: E402
+from experiments.data import noisy_labels as nl  # noqa: E402
+from experiments.common import online_program as oc  # noqa: E402
+from experiments.common import program  # noqa: E402
+from experiments.common.config import option  # noqa: E402
+from experiments.common.run_state import write_atomically  # noqa: E402
 
 SETTINGS = ("flip", "symmetric", "longtail")
 BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb", "mix", "mix_ft")
 BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix",
            "l2rw_mix_ft", "mwn_cls", "mwn_cls_ft")
-LOOKAHEAD = ("ren", "ren_mix")  # Ren et al.'s per-step weights (experiments/lookahead_weights.py)
+LOOKAHEAD = ("ren", "ren_mix")  # Ren et al.'s per-step weights (experiments/models/lookahead_weights.py)
 # Run order within a seed: a model before its fine-tuning (finetune, mwn_ft, l2rw_ft: the same
 # fine-tuning on the clean set from plain's / mwn's / l2rw's trained weights; forward also
 # starts from plain's model).
@@ -171,9 +171,9 @@ class Config(oc.StateOptions):
 def load_data(cfg: Config) -> tuple[dict, dict]:
     """{"train": (x, y noisy or imbalanced), "val": clean, "test"} as (x float32 [N, 28, 28, 1],
     y int32), plus "train_clean_labels" and "corrupted" (label wrong) for the training examples."""
-    from experiments import datasets
+    from experiments.data import tfds_offline
 
-    data = datasets.load_image_classification(cfg.dataset, data_dir=cfg.data_dir, local_dir=cfg.local_dir)
+    data = tfds_offline.load_image_classification(cfg.dataset, data_dir=cfg.data_dir, local_dir=cfg.local_dir)
     (x, y), (x_test, y_test) = data["train"], data["test"]
     y = y.astype(np.int32)
     rng = np.random.default_rng(cfg.data_seed)
@@ -197,7 +197,7 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
         "train_clean_labels": y_clean,
         "corrupted": y_train != y_clean,
     }
-    info = {"dataset": cfg.dataset, "source": datasets.data_source(cfg.dataset), "setting": cfg.setting,
+    info = {"dataset": cfg.dataset, "source": tfds_offline.data_source(cfg.dataset), "setting": cfg.setting,
             "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
             "class_counts": np.bincount(y_train, minlength=nl.NUM_CLASSES).tolist(),
             "wrong_labels": int(arrays["corrupted"].sum()), "wrong_fraction": float(arrays["corrupted"].mean())}
@@ -513,7 +513,7 @@ def run_lookahead(cfg: Config, data: dict, store: oc.MethodStore, name: str, cle
     """Ren et al.'s learning to reweight: fresh weights every SGD step from a one-step look-ahead's
     hypergradient at ε = 0 (tf_bilevel, T = K = 1), clipped at 0 and normalized over the
     minibatch; `clean_per_batch` clean examples join each minibatch at weight 1/B (ren_mix)."""
-    from experiments import lookahead_weights as lw
+    from experiments.models import lookahead_weights as lw
 
     classifier = build_model(cfg)
     x, y = data["train"]
@@ -670,7 +670,7 @@ def format_table(results: dict) -> str:
 
 
 def plot_figures(results: dict, output_dir: str) -> dict:
-    from experiments import plotting
+    from experiments.common import plotting
 
     plt, rows, cfg, data = plotting.plt, results["methods"], results["config"], results["data"]
     what = (f"{data['wrong_fraction'] * 100:.0f}% wrong labels ({cfg['setting']})" if cfg["setting"] != "longtail"

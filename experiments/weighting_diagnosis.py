@@ -32,7 +32,7 @@ def alignments(classifier: keras.Model, x: np.ndarray, y: np.ndarray, x_val: np.
                chunk: int = 1000) -> np.ndarray:
     """a_i = ∇ℓ_i(w)·∇f(w) per training example (f: mean CE on all of (x_val, y_val)), from
     tf_bilevel's one-step hypergradient: a_i = −∂f(w − Σ ε_j ∇ℓ_j)/∂ε_i at ε = 0."""
-    from experiments import lookahead_weights as lw
+    from experiments.models import lookahead_weights as lw
 
     hypergradient = lw.example_hypergradient(classifier, 1.0, jit_compile=False)
     params = [v.value for v in classifier.trainable_variables]

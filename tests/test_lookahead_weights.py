@@ -1,4 +1,4 @@
-"""Tests for experiments/lookahead_weights.py (issue #17): Ren et al.'s per-step example weights.
+"""Tests for experiments/models/lookahead_weights.py (issue #17): Ren et al.'s per-step example weights.
 The hypergradient of tfb.hypergradient_fn at ε = 0 (T = 1) against the closed form
 −α ∇ℓ_i(w)·∇f(w), with the per-example gradients written out in NumPy for a softmax
 regression; the clipping/normalization against NumPy; one train step against a hand SGD step;
@@ -16,8 +16,8 @@ import tensorflow as tf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
-from experiments import lookahead_weights as lw  # noqa: E402
-from experiments import noisy_labels as nl  # noqa: E402
+from experiments.models import lookahead_weights as lw  # noqa: E402
+from experiments.data import noisy_labels as nl  # noqa: E402
 
 
 def softmax_regression(seed: int = 0) -> keras.Model:

@@ -1,4 +1,4 @@
-"""Tests for experiments/reweighting.py and experiments/noisy_labels.py (issues #11 §5, #17): the
+"""Tests for experiments/reweighting.py and experiments/data/noisy_labels.py (issues #11 §5, #17): the
 noise generators, the long-tailed sampler, the baselines' losses (fixed example weights, forward
 correction with the estimated transition, class-balanced weights, mix's minibatches) against NumPy
 and hand computation, the learned-weight inner losses (also the class-aware weighting network of
@@ -18,8 +18,8 @@ import tensorflow as tf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
-from experiments import noisy_labels as nl  # noqa: E402
-from experiments import online_common as oc  # noqa: E402
+from experiments.data import noisy_labels as nl  # noqa: E402
+from experiments.common import online_program as oc  # noqa: E402
 from experiments import reweighting as R  # noqa: E402
 from offline_data import write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
@@ -482,7 +482,7 @@ def test_killed_runs_resume_per_method_and_seed_and_end_identical(tmp_path, meth
 
 
 def test_a_fine_tuning_run_without_its_source_model_is_a_clear_error(tmp_path):
-    from experiments import online_common as oc
+    from experiments.common import online_program as oc
 
     cfg = R.Config(output_dir=str(tmp_path)).validated()
     x = np.zeros((256, 28, 28, 1), np.float32)
@@ -492,7 +492,7 @@ def test_a_fine_tuning_run_without_its_source_model_is_a_clear_error(tmp_path):
 
 
 def test_damaged_state_and_a_busy_output_dir_are_clear_errors(tmp_path):
-    from experiments import run_state
+    from experiments.common import run_state
 
     cfg = R.Config(output_dir=str(tmp_path), methods=("plain",), seeds=(0,))
     (tmp_path / "resume").mkdir()

@@ -2,7 +2,7 @@
 share: resumable minibatch streams, the online task stream of the trainer, a per-epoch recorder
 (test / validation accuracy against training wall-clock, hyperparameters against
 hyper-iteration) that survives SIGKILL, per-method result files, and the experiment around the
-methods (`methods_experiment`, run by experiments/program.py).
+methods (`methods_experiment`, run by experiments/common/program.py).
 
 Resuming. Each method of a program trains with `keras.callbacks.BackupAndRestore` under
 <output_dir>/resume/backup/<method> (one checkpoint per Keras epoch) and keeps its curves in
@@ -28,9 +28,9 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments import keras_resume
-from experiments.config import option
-from experiments.run_state import RESTART_HINT, parse_pause_after, read_state_json, write_json_atomically
+from experiments.common import keras_resume
+from experiments.common.config import option
+from experiments.common.run_state import RESTART_HINT, parse_pause_after, read_state_json, write_json_atomically
 
 
 # ----------------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def check_ranges(cfg: Any, at_least_one: Sequence[str] = (), positive: Sequence[
 
 def methods_experiment(program: str, run_methods: Callable[[Any, dict, MethodStore], dict],
                        target: Callable[[dict], dict]) -> Callable:
-    """The `experiment` of an online program (experiments/program.py) from its parts: runs the
+    """The `experiment` of an online program (experiments/common/program.py) from its parts: runs the
     methods (finished ones are read back from <output_dir>/resume) on data = (arrays, data
     description); the results hold the config, data, environment, the methods' rows and the
     target check."""
