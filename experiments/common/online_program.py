@@ -293,21 +293,30 @@ class CheckRestoredPosition(keras.callbacks.Callback):
                                "damaged?): delete the method's folder under <output_dir>/resume/backup and rerun.")
 
 
-def fit_keras(model: keras.Model, method: str, train: tuple, *, test: tuple, val: tuple, epochs: int,
-              steps_per_epoch: int, batch_size: int, seed: int, store: MethodStore) -> EpochRecorder:
-    """Plain Keras training of a compiled, built `model` on minibatches of `train`, resumable
-    per epoch; returns the record. The stream starts at the checkpoint's epoch, read from the
+def fit_recorded(model: keras.Model, method: str, make_stream: Callable[[int], tf.data.Dataset], *, epochs: int,
+                 steps_per_epoch: int, test: tuple, val: tuple, store: MethodStore,
+                 recorded: Optional[keras.Model] = None) -> EpochRecorder:
+    """`model.fit` (compiled, built) on `make_stream(start)` for `epochs` x `steps_per_epoch`,
+    resumable per epoch, recording `recorded` (default `model`: the network evaluated on test and
+    val); returns the record. The stream starts at the checkpoint's SGD step, read from the
     backup's metadata before fit (a tf.data function reading `optimizer.iterations` at run time
     saw a wrong value once prefetching or callbacks were involved: other minibatches)."""
     start = restored_epoch(store.backup_dir(method)) * steps_per_epoch
-    stream = minibatch_stream(*train, batch_size, seed, start)
-    recorder = EpochRecorder(f"[{method}]", epochs, steps_per_epoch, model, test, val, store.record_path(method))
+    recorder = EpochRecorder(f"[{method}]", epochs, steps_per_epoch, model if recorded is None else recorded, test,
+                             val, store.record_path(method))
     callbacks = store.callbacks(method, recorder)
     callbacks.insert(2, CheckRestoredPosition(start))
-    model.fit(stream.prefetch(2), epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
+    model.fit(make_stream(start).prefetch(2), epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
               callbacks=callbacks, verbose=0)
     recorder.finish()
     return recorder
+
+
+def fit_keras(model: keras.Model, method: str, train: tuple, *, test: tuple, val: tuple, epochs: int,
+              steps_per_epoch: int, batch_size: int, seed: int, store: MethodStore) -> EpochRecorder:
+    """Plain Keras training of a compiled, built `model` on minibatches of `train` (`fit_recorded`)."""
+    return fit_recorded(model, method, lambda start: minibatch_stream(*train, batch_size, seed, start), epochs=epochs,
+                        steps_per_epoch=steps_per_epoch, test=test, val=val, store=store)
 
 
 def fit_online(trainer: tfb.BilevelTrainer, model: keras.Model, method: str, data: dict, cfg: Any,
