@@ -25,12 +25,15 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import benchmark_cnn, benchmark_forward, benchmark_metabatch, benchmark_online  # noqa: E402
-from experiments import program, provenance  # noqa: E402
-from experiments.config import option  # noqa: E402
-from experiments.subprocesses import run_each  # noqa: E402
-from experiments.timing import against_floor, timed  # noqa: E402
-from experiments.timing import median as timing_median  # noqa: E402
+from experiments.benchmarks import cnn as benchmark_cnn  # noqa: E402
+from experiments.benchmarks import forward as benchmark_forward  # noqa: E402
+from experiments.benchmarks import metabatch as benchmark_metabatch  # noqa: E402
+from experiments.benchmarks import online as benchmark_online  # noqa: E402
+from experiments.common import program, provenance  # noqa: E402
+from experiments.common.config import option  # noqa: E402
+from experiments.common.subprocesses import run_each  # noqa: E402
+from experiments.common.timing import against_floor, timed  # noqa: E402
+from experiments.common.timing import median as timing_median  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402  (imported here, not inside a measured call)
 
 ESTIMATORS = ("floor", "reverse", "checkpointed", "forward", "implicit_cg")
@@ -375,8 +378,8 @@ def _ok(flag: Optional[bool]) -> str:
 
 def plot(results: list[dict], settings: dict, path: Path) -> None:
     """Time over the floor and allocator peak of reverse mode vs K, one line per (backward, T)."""
-    from experiments import plotting
-    from experiments.plotting import plt
+    from experiments.common import plotting
+    from experiments.common.plotting import plt
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(12, 5))
     steps = sorted({r["steps"] for r in results})
@@ -441,11 +444,11 @@ class Config(benchmark_online.OnlineOptions, benchmark_cnn.CnnConfig, benchmark_
     seed: int = option(0, "Seed of the random data.")
     suites: Sequence[str] = option(("estimators", "online"), "estimators: the Table 1 problem above; online: one "
                                    "online hyper-iteration of a CNN over T plain Keras train steps "
-                                   "(experiments/benchmark_online.py); cnn: K-RMD vs full RMD time and memory on a "
-                                   "6.4M-parameter CNN (experiments/benchmark_cnn.py); metabatch: the meta-batch "
-                                   "sweep of the one-shot network (experiments/benchmark_metabatch.py); forward: one "
+                                   "(experiments/benchmarks/online.py); cnn: K-RMD vs full RMD time and memory on a "
+                                   "6.4M-parameter CNN (experiments/benchmarks/cnn.py); metabatch: the meta-batch "
+                                   "sweep of the one-shot network (experiments/benchmarks/metabatch.py); forward: one "
                                    "forward-mode step with N = 6 carried tangents over one plain step of a CNN "
-                                   "(experiments/benchmark_forward.py).")
+                                   "(experiments/benchmarks/forward.py).")
     worker: Optional[str] = option(None, "JSON configuration to measure in this process.", internal=True)
     preset: str = "full"
 

@@ -30,13 +30,13 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
-from experiments import config, program, run_state  # noqa: E402
-from experiments._memory import PROBE_METHOD, format_probes, mib, probe  # noqa: E402
-from experiments.checkpoint_store import LoopClock, LoopStore, arrays_sha256, run_resumable  # noqa: E402
-from experiments.config import option, result_settings  # noqa: E402
-from experiments.subprocesses import load_arrays, run_each  # noqa: E402
-from experiments.timing import round_robin_medians  # noqa: E402
-from experiments.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
+from experiments.common import config, program, run_state  # noqa: E402
+from experiments.common.memory import PROBE_METHOD, format_probes, mib, probe  # noqa: E402
+from experiments.common.checkpoint_store import LoopClock, LoopStore, arrays_sha256, run_resumable  # noqa: E402
+from experiments.common.config import option, result_settings  # noqa: E402
+from experiments.common.subprocesses import load_arrays, run_each  # noqa: E402
+from experiments.common.timing import round_robin_medians  # noqa: E402
+from experiments.common.run_state import (  # noqa: E402, F401 (SettingsMismatchError: re-exported)
     RESTART_HINT, SettingsMismatchError, guard_settings, jsonable,
 )
 
@@ -211,20 +211,21 @@ def build_problem(cfg: Config, arrays: dict) -> Problem:
 
 def load_split(cfg: Config) -> tuple[dict, dict]:
     """The hypercleaning split (arrays) and a description of the data. Raises
-    `datasets.DataUnavailableError` within seconds when there is no data and no network."""
-    from experiments import datasets
+    `DataUnavailableError` within seconds when there is no data and no network."""
+    from experiments.data import tfds_offline
+    from experiments.data.hypercleaning import hypercleaning_split
 
-    data = datasets.load_image_classification("mnist", data_dir=cfg.data_dir, local_dir=cfg.local_dir)
-    split = datasets.hypercleaning_split(
+    data = tfds_offline.load_image_classification("mnist", data_dir=cfg.data_dir, local_dir=cfg.local_dir)
+    split = hypercleaning_split(
         *data["train"], *data["test"], n_train=cfg.n_train, n_val=cfg.n_val, corruption=cfg.corruption,
         seed=cfg.seed, num_classes=10,
     )
     arrays = split._asdict()
     info = {
         "dataset": "mnist (tensorflow-datasets)",
-        "source": datasets.data_source("mnist"),
+        "source": tfds_offline.data_source("mnist"),
         "local_dir": cfg.local_dir,
-        "data_dir": cfg.data_dir or datasets.default_data_dir(),
+        "data_dir": cfg.data_dir or tfds_offline.default_data_dir(),
         "n_train": int(len(split.y_train)),
         "n_val": int(len(split.y_val)),
         "n_test": int(len(split.y_test)),
@@ -550,8 +551,8 @@ def _probe_name(truncate: int) -> str:
 # ---- Figures.
 def plot_figures(results: dict, output_dir: str) -> dict:
     """Fig. 5, the learning curves and the histograms of λ_R, as PNGs in `output_dir`."""
-    from experiments import plotting
-    from experiments.plotting import plt
+    from experiments.common import plotting
+    from experiments.common.plotting import plt
 
     cfg, runs = results["config"], results["runs"]
     T, R = cfg["inner_steps"], cfg["hyper_iterations"]

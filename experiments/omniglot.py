@@ -24,13 +24,14 @@ from typing import Any, Callable, Optional, Sequence
 import keras
 import numpy as np
 import tensorflow as tf
-from experiments import datasets, program
-from experiments import fewshot_model as fsm
-from experiments.config import option, parse_truncate
-from experiments.keras_resume import MethodStore, PauseOnce, ResumableRecord
-from experiments.methods import method_label, method_name, method_styles
-from experiments.run_state import parse_pause_after
-from experiments.timing import interleaved_median_seconds, phase
+from experiments.data import tfds_offline
+from experiments.common import program
+from experiments.models import fewshot as fsm
+from experiments.common.config import option, parse_truncate
+from experiments.common.keras_resume import MethodStore, PauseOnce, ResumableRecord
+from experiments.common.methods import method_label, method_name, method_styles
+from experiments.common.run_state import parse_pause_after
+from experiments.common.timing import interleaved_median_seconds, phase
 
 DATASETS = ("omniglot", "kanji_strokes", "mnist", "fashion_mnist")
 # Omniglot-shaped sets (1623 characters, the paper's split, no rotations).
@@ -46,7 +47,7 @@ class Config:
     """The run's settings; one flag per field (flag = field name)."""
     dataset: str = option("omniglot", "Meta-learning dataset (omniglot = the paper; kanji_strokes = an offline "
                           "Omniglot-shaped set rendered from Debian python3-kanjidraw, see "
-                          "experiments/kanji_strokes.py).", choices=DATASETS)
+                          "experiments/data/kanji_strokes.py).", choices=DATASETS)
     n_way: int = option(5, "Classes per task.")
     k_shot: int = option(1, "Training (support) examples per class.")
     n_query: int = option(15, "Validation (query) examples per class.")
@@ -81,7 +82,7 @@ class Config:
                                                 "(e.g. 100: a strongly regularized inner problem).", result=False)
     timing_rounds: int = option(5, "After training: rounds of one hyper-step per method, interleaved, for s/iter "
                                 "measured under the same machine load (0: skip).", result=False)
-    data_dir: Optional[str] = option(None, "tfds data_dir (default: datasets.default_data_dir()).", result=False)
+    data_dir: Optional[str] = option(None, "tfds data_dir (default: tfds_offline.default_data_dir()).", result=False)
     local_dir: Optional[str] = option(None, "Folder with (fashion_)mnist IDX .gz files.", result=False)
     export_dir: Optional[str] = option(None, "SavedModel path of the hyper-representation (default: "
                                        "<output_dir>/hyper_representation).", result=False)
@@ -256,7 +257,7 @@ def plot_fig7(results: dict, path: str) -> None:
     RMD vs hyper-iteration, (4) relative error of K-RMD vs K at the final λ."""
     from matplotlib.ticker import MaxNLocator
 
-    from experiments.plotting import plt, save_figure
+    from experiments.common.plotting import plt, save_figure
 
     cfg, T = results["config"], results["config"]["inner_steps"]
     styles = method_styles(list(results["runs"]), T)
@@ -336,7 +337,7 @@ def run_experiment(cfg: Config, data: Any, ctx: program.Run) -> dict:
         data = fsm.load_meta_data(cfg.dataset, data_dir=cfg.data_dir, local_dir=cfg.local_dir,
                                   image_size=cfg.image_size, class_split=cfg.class_split, rotations=cfg.rotations,
                                   seed=cfg.seed)
-        print(f"Data: {data.description}; from {datasets.data_source(cfg.dataset)}")
+        print(f"Data: {data.description}; from {tfds_offline.data_source(cfg.dataset)}")
         # Fixed task sets (stateless sampling: the same in every method and every process).
         test_tasks = [fsm.as_task(b) for b in data.episodes("test", **task_shape(cfg), seed=cfg.seed + 1,
                                                               num_episodes=cfg.eval_tasks, meta_batch_size=None)]
@@ -350,7 +351,7 @@ def run_experiment(cfg: Config, data: Any, ctx: program.Run) -> dict:
         "experiment": "one-shot classification (paper §4.3, Table 4, Fig. 7; appendix G.3)",
         "engine": "tf_bilevel.BilevelTrainer (meta-training, evaluation and Fig. 7 plot 4: hypergradient_of)",
         "config": dataclasses.asdict(cfg), "data_description": data.description,
-        "data_source": datasets.data_source(cfg.dataset),
+        "data_source": tfds_offline.data_source(cfg.dataset),
         "num_hyperparameters": count(probe.initial_raw(init_rho=cfg.init_rho, init_gamma=cfg.init_inner_lr)),
         "num_parameters": count(probe.w0), "machine": ctx.environment,
         "paper_table4_omniglot": PAPER_TABLE4, "phase_seconds": phases, "runs": {},

@@ -39,11 +39,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import keras_resume  # noqa: E402
-from experiments import online_common as oc  # noqa: E402
-from experiments import program  # noqa: E402
-from experiments.config import option  # noqa: E402
-from experiments.run_state import (  # noqa: E402
+from experiments.common import keras_resume  # noqa: E402
+from experiments.common import online_program as oc  # noqa: E402
+from experiments.common import program  # noqa: E402
+from experiments.common.config import option  # noqa: E402
+from experiments.common.run_state import (  # noqa: E402
     RESTART_HINT, StateFileError, damaged, read_state_json, write_json_atomically,
 )
 
@@ -197,9 +197,9 @@ def search_key(network: str, kind: str) -> str:
 def load_data(cfg: Config) -> tuple[dict, dict]:
     """{"train", "val", "test": (x float32 [N, 28, 28, 1], y int32 [N])} and a description.
     The validation split is a random subset of the training split drawn from --split_seed."""
-    from experiments import datasets
+    from experiments.data import tfds_offline
 
-    data = datasets.load_image_classification("fashion_mnist", data_dir=cfg.data_dir, local_dir=cfg.local_dir)
+    data = tfds_offline.load_image_classification("fashion_mnist", data_dir=cfg.data_dir, local_dir=cfg.local_dir)
     (x, y), (x_test, y_test) = data["train"], data["test"]
     if cfg.n_val >= len(y):
         raise ValueError(f"--n_val={cfg.n_val} leaves no training images out of {len(y)}")
@@ -218,7 +218,7 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
         raise ValueError(f"{len(arrays['train'][1])} training images do not fill one hyper-iteration of "
                          f"T={longest} minibatches of {cfg.batch_size}")
     info = {"dataset": "fashion_mnist", "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
-            "source": datasets.data_source("fashion_mnist")}
+            "source": tfds_offline.data_source("fashion_mnist")}
     return arrays, info
 
 
@@ -712,7 +712,7 @@ def seed_curves(group: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def plot_figures(results: dict, output_dir: str) -> dict:
-    from experiments import plotting
+    from experiments.common import plotting
 
     plt, groups, cfg = plotting.plt, results["methods"], results["config"]
     networks = list(dict.fromkeys(g["network"] for g in groups.values()))

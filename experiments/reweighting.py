@@ -11,10 +11,12 @@ examples alone, fixed random example weights, forward loss correction with the t
 matrix estimated on the clean set (noise settings), class-balanced loss (longtail); and, with
 tf_bilevel, Meta-Weight-Net weights and raw per-example weights (L2RW-style), each with 1-RMD
 and K-RMD online, and their 1-RMD models fine-tuned like the plain one; Ren et al.'s per-step
-look-ahead weights (ren, experiments/lookahead_weights.py); ren_mix / l2rw_mix: the same with
-clean examples joining every training minibatch. Writes results.json (rows per method and seed, mean ± std per method) and
-figures to --output_dir; a killed run continues, per method and seed, when the same command is
-rerun. Setup and results: RESULTS.md, "Learning to reweight examples".
+look-ahead weights (ren, experiments/models/lookahead_weights.py); ren_mix / l2rw_mix: the same
+with clean examples joining every training minibatch; mwn_cls: Meta-Weight-Net whose weighting network
+also sees the label (experiments/weighting_diagnosis.py measures why the loss alone is not
+enough). Writes results.json (rows per method and seed, mean ± std per method) and figures to
+--output_dir; a killed run continues, per method and seed, when the same command is rerun.
+Setup and results: RESULTS.md, "Learning to reweight examples".
 
   tfb-reweighting --setting=flip --output_dir=out/reweighting/flip
   tfb-reweighting --setting=longtail --output_dir=out/reweighting/longtail
@@ -35,24 +37,26 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import noisy_labels as nl  # noqa: E402
-from experiments import online_common as oc  # noqa: E402
-from experiments import program  # noqa: E402
-from experiments.config import option  # noqa: E402
-from experiments.run_state import write_atomically  # noqa: E402
+from experiments.data import noisy_labels as nl  # noqa: E402
+from experiments.common import online_program as oc  # noqa: E402
+from experiments.common import program  # noqa: E402
+from experiments.common.config import option  # noqa: E402
+from experiments.common.run_state import write_atomically  # noqa: E402
 
 SETTINGS = ("flip", "symmetric", "longtail")
 BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb", "mix", "mix_ft")
 BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix",
-           "l2rw_mix_ft")
-LOOKAHEAD = ("ren", "ren_mix")  # Ren et al.'s per-step weights (experiments/lookahead_weights.py)
+           "l2rw_mix_ft", "mwn_cls", "mwn_cls_ft")
+LOOKAHEAD = ("ren", "ren_mix")  # Ren et al.'s per-step weights (experiments/models/lookahead_weights.py)
 # Run order within a seed: a model before its fine-tuning (finetune, mwn_ft, l2rw_ft: the same
 # fine-tuning on the clean set from plain's / mwn's / l2rw's trained weights; forward also
 # starts from plain's model).
 METHODS = ("plain", "finetune", "forward", "cb", "l2rw", "l2rw_ft", "mwn", "mwn_ft", "l2rw_k", "mwn_k", "random",
-           "clean", "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft")
+           "clean", "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft",
+           "mwn_cls", "mwn_cls_ft")
 FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw", "ren_ft": "ren",
-             "ren_mix_ft": "ren_mix", "l2rw_mix_ft": "l2rw_mix", "mix_ft": "mix"}  # method: the run it starts from
+             "ren_mix_ft": "ren_mix", "l2rw_mix_ft": "l2rw_mix", "mix_ft": "mix",
+             "mwn_cls_ft": "mwn_cls"}  # method: the run it starts from
 NOT_IN = {"flip": ("cb",), "symmetric": ("cb",), "longtail": ("forward",)}
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = ("cnn", "mlp")
@@ -61,6 +65,13 @@ LOSS_GRID = np.linspace(0.0, 8.0, 33)  # where V(ℓ) is recorded during trainin
 # mix, ren_mix, l2rw_mix: clean examples joining every training minibatch of 128 (a constant, not a
 # flag: a new fingerprinted flag would orphan the saved state of runs started before it existed).
 CLEAN_PER_BATCH = 16
+# mwn_cls: Meta-Weight-Net whose V also sees the given label (one-hot), as CMW-Net (Shu et al. 2023); its
+# weights are divided by their minibatch mean (Meta-Weight-Net's released code): unnormalized, V's
+# scale is a step size the greedy hypergradient drives to 1 (RESULTS.md). Adam 1e-2 on θ: chosen on the
+# clean validation set (4-epoch flip run, 19 200 images: 0.660 vs 0.650 with 1e-3, where V barely
+# left θ0). Constants, not flags: see CLEAN_PER_BATCH.
+MWN_CLS_NORMALIZATION = "mean"
+MWN_CLS_OUTER_LR = 1e-2
 DETECTOR_THRESHOLD = 0.05  # weight < this: "the method flags the label as wrong"
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -99,8 +110,8 @@ class Config(oc.StateOptions):
     weighting_hidden: int = option(100, "Hidden units of the weighting network V.")
     weight_normalization: str = option(
         "none", "mwn: none: g = mean V(ℓ_i)ℓ_i (the paper); mean: weights divided by their minibatch mean "
-        "(MWN's code; unstable on MNIST, see RESULTS.md).", choices=NORMALIZATIONS)
-    outer_lr: float = option(1e-3, "mwn: Adam step on θ (the weighting network).")
+        "(MWN's code; unstable on MNIST, see RESULTS.md); mwn_cls: always mean.", choices=NORMALIZATIONS)
+    outer_lr: float = option(1e-3, "mwn, mwn_k: Adam step on θ (the weighting network; mwn_cls: fixed 1e-2).")
     l2rw_normalization: str = option("mean", "l2rw: weights divided by their minibatch mean (as L2RW) or not.",
                                      choices=NORMALIZATIONS)
     l2rw_outer_lr: float = option(0.2, "l2rw: Adam step on the raw per-example weights ν (weight = sigmoid(ν)).")
@@ -160,9 +171,9 @@ class Config(oc.StateOptions):
 def load_data(cfg: Config) -> tuple[dict, dict]:
     """{"train": (x, y noisy or imbalanced), "val": clean, "test"} as (x float32 [N, 28, 28, 1],
     y int32), plus "train_clean_labels" and "corrupted" (label wrong) for the training examples."""
-    from experiments import datasets
+    from experiments.data import tfds_offline
 
-    data = datasets.load_image_classification(cfg.dataset, data_dir=cfg.data_dir, local_dir=cfg.local_dir)
+    data = tfds_offline.load_image_classification(cfg.dataset, data_dir=cfg.data_dir, local_dir=cfg.local_dir)
     (x, y), (x_test, y_test) = data["train"], data["test"]
     y = y.astype(np.int32)
     rng = np.random.default_rng(cfg.data_seed)
@@ -186,7 +197,7 @@ def load_data(cfg: Config) -> tuple[dict, dict]:
         "train_clean_labels": y_clean,
         "corrupted": y_train != y_clean,
     }
-    info = {"dataset": cfg.dataset, "source": datasets.data_source(cfg.dataset), "setting": cfg.setting,
+    info = {"dataset": cfg.dataset, "source": tfds_offline.data_source(cfg.dataset), "setting": cfg.setting,
             "n_train": len(train_idx), "n_val": cfg.n_val, "n_test": n_test,
             "class_counts": np.bincount(y_train, minlength=nl.NUM_CLASSES).tolist(),
             "wrong_labels": int(arrays["corrupted"].sum()), "wrong_fraction": float(arrays["corrupted"].mean())}
@@ -219,33 +230,54 @@ def build_model(cfg: Config) -> keras.Model:
     return oc.build_on(keras.Sequential([keras.Input((28, 28, 1)), *layers], name=cfg.model), (28, 28, 1))
 
 
-def initial_weighting(hidden: int, seed: int) -> list[np.ndarray]:
-    """θ0 of V: PyTorch's default Linear initialization (uniform ±1/√fan_in), as Meta-Weight-Net."""
+def initial_weighting(hidden: int, seed: int, inputs: int = 1) -> list[np.ndarray]:
+    """θ0 of V: PyTorch's default Linear initialization (uniform ±1/√fan_in), as Meta-Weight-Net;
+    `inputs`: 1 (the loss) or 1 + classes (mwn_cls: the loss and the one-hot label)."""
     rng = np.random.default_rng(seed + 1000)
-    bound2 = 1.0 / np.sqrt(hidden)
-    return [rng.uniform(-1, 1, (1, hidden)), rng.uniform(-1, 1, hidden),
+    bound1, bound2 = 1.0 / np.sqrt(inputs), 1.0 / np.sqrt(hidden)
+    return [rng.uniform(-bound1, bound1, (inputs, hidden)), rng.uniform(-bound1, bound1, hidden),
             rng.uniform(-bound2, bound2, (hidden, 1)), rng.uniform(-bound2, bound2, 1)]
 
 
-def weighting_net(theta: Sequence[Any], losses: Any) -> Any:
-    """V(ℓ; θ) ∈ (0, 1) per loss ([N] -> [N]); works on tensors and on NumPy arrays."""
+def weighting_net(theta: Sequence[Any], losses: Any, labels: Any = None) -> Any:
+    """V(ℓ; θ) ∈ (0, 1) per loss ([N] -> [N]), or V(ℓ, onehot(label); θ) when θ's first matrix
+    has 1 + classes rows (mwn_cls); works on tensors and on NumPy arrays."""
     w1, b1, w2, b2 = theta
+    classes = int(w1.shape[0]) - 1
+    if classes and labels is None:
+        raise ValueError(f"this weighting network also takes the label ({classes} classes): pass labels")
     if isinstance(losses, np.ndarray):
-        h = np.maximum(losses[:, None] @ w1 + b1, 0.0)
+        features = losses[:, None] if not classes else np.concatenate(
+            [losses[:, None], np.eye(classes)[np.asarray(labels, np.int64)]], axis=1)
+        h = np.maximum(features @ w1 + b1, 0.0)
         return 1.0 / (1.0 + np.exp(-(h @ w2 + b2)[:, 0]))
-    h = tf.nn.relu(tf.matmul(losses[:, None], w1) + b1)
+    features = losses[:, None] if not classes else tf.concat(
+        [losses[:, None], tf.one_hot(tf.cast(labels, tf.int32), classes, dtype=losses.dtype)], axis=1)
+    h = tf.nn.relu(tf.matmul(features, w1) + b1)
     return tf.sigmoid(tf.matmul(h, w2) + b2)[:, 0]
 
 
-def make_inner_loss(normalization: str):
+def grid_weights(theta: Sequence[np.ndarray]) -> dict:
+    """V on LOSS_GRID: {"grid_weights": [33]} (for mwn_cls the mean over the labels, and
+    "grid_weights_per_class": [classes][33])."""
+    theta = [np.asarray(t, np.float64) for t in theta]
+    classes = theta[0].shape[0] - 1
+    if not classes:
+        return {"grid_weights": weighting_net(theta, LOSS_GRID).tolist()}
+    per_class = np.stack([weighting_net(theta, LOSS_GRID, np.full(len(LOSS_GRID), c)) for c in range(classes)])
+    return {"grid_weights": per_class.mean(0).tolist(), "grid_weights_per_class": per_class.tolist()}
+
+
+def make_inner_loss(normalization: str, class_aware: bool = False):
     """Meta-Weight-Net: inner_loss(y, logits, hp) = v_i ℓ_i per example (the trainer averages
-    them), with v = V(sg(ℓ); θ) ("none", the paper's formula) or V / mean_batch(V) ("mean")."""
+    them), with v = V(sg(ℓ); θ) ("none", the paper's formula) or V / mean_batch(V) ("mean");
+    `class_aware`: V(sg(ℓ), onehot(y); θ) (mwn_cls)."""
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
 
     def inner_loss(y_true: tf.Tensor, logits: tf.Tensor, hp: dict) -> tf.Tensor:
         losses = tfb.keras.losses.sparse_categorical_crossentropy(y_true, logits)
-        v = weighting_net(hp["weighting"], tf.stop_gradient(losses))
+        v = weighting_net(hp["weighting"], tf.stop_gradient(losses), y_true if class_aware else None)
         if normalization == "mean":
             v = v / (tf.reduce_mean(v) + 1e-8)
         return losses * v
@@ -283,8 +315,8 @@ def per_example_losses(model: keras.Model, x: np.ndarray, y: np.ndarray) -> np.n
 
 
 def weights_of(model: keras.Model, theta: Sequence[np.ndarray], x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """V(ℓ_i; θ) of each example under `model` (unnormalized)."""
-    return weighting_net([np.asarray(t, np.float64) for t in theta], per_example_losses(model, x, y))
+    """V(ℓ_i; θ) (or V(ℓ_i, onehot(y_i); θ)) of each example under `model` (unnormalized)."""
+    return weighting_net([np.asarray(t, np.float64) for t in theta], per_example_losses(model, x, y), y)
 
 
 def weight_diagnostics(v: np.ndarray, data: dict) -> dict:
@@ -327,25 +359,30 @@ def bilevel_trainer(cfg: Config, model: keras.Model, inner_loss, hyperparameters
     return trainer
 
 
-def run_mwn(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: int) -> dict:
-    """Meta-Weight-Net: V(ℓ; θ)'s weights θ are the hyperparameters, learned online with K-RMD (T = K = steps)."""
+def run_mwn(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: int, class_aware: bool = False) -> dict:
+    """Meta-Weight-Net: V(ℓ; θ)'s weights θ are the hyperparameters, learned online with K-RMD (T = K = steps).
+    `class_aware` (mwn_cls): V(ℓ, onehot(ỹ); θ), normalized by MWN_CLS_NORMALIZATION, Adam MWN_CLS_OUTER_LR."""
     model = build_model(cfg)
-    theta0 = initial_weighting(cfg.weighting_hidden, cfg.seed)
-    trainer = bilevel_trainer(cfg, model, make_inner_loss(cfg.weight_normalization),
+    theta0 = initial_weighting(cfg.weighting_hidden, cfg.seed, 1 + nl.NUM_CLASSES if class_aware else 1)
+    normalization = MWN_CLS_NORMALIZATION if class_aware else cfg.weight_normalization
+    outer_lr = MWN_CLS_OUTER_LR if class_aware else cfg.outer_lr
+    trainer = bilevel_trainer(cfg, model, make_inner_loss(normalization, class_aware),
                               {"weighting": [tfb.Hyperparameter(t, transform="identity") for t in theta0]},
-                              steps, cfg.outer_lr)
+                              steps, outer_lr)
 
     def on_grid(values: dict) -> dict:
-        theta = [np.asarray(t, np.float64) for t in values["weighting"]]
-        return {"grid_weights": weighting_net(theta, LOSS_GRID).tolist()}
+        return grid_weights(values["weighting"])
 
     recorder = oc.fit_online(trainer, model, name, data, cfg, store, on_grid, steps=steps)
     write_atomically(store.path(name, ".weights.h5"), model.save_weights)  # mwn_ft starts from it
     theta = [np.asarray(t) for t in trainer.hyperparameter_values()["weighting"]]
     v = weights_of(model, theta, *data["train"])
+    final = grid_weights(theta)
+    extra = {"final_grid_weights_per_class": final["grid_weights_per_class"]} if class_aware else {}
     return oc.final_row(recorder, steps=steps, truncate=steps, loss_grid=LOSS_GRID.tolist(),
-                        final_grid_weights=weighting_net([t.astype(np.float64) for t in theta], LOSS_GRID).tolist(),
-                        example_weights=weight_diagnostics(v, data), theta=[t.tolist() for t in theta])
+                        final_grid_weights=final["grid_weights"], example_weights=weight_diagnostics(v, data),
+                        theta=[t.tolist() for t in theta], normalization=normalization, outer_lr=outer_lr,
+                        **extra)
 
 
 def run_l2rw(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: int, clean_per_batch: int = 0) -> dict:
@@ -397,19 +434,19 @@ def fit_mixed(cfg: Config, model: keras.Model, name: str, data: dict, store: oc.
     packed = nl.pack(np.concatenate([y, y_val]))
     model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=cfg.momentum),
                   loss=nl.weighted_ce(np.ones(len(packed))), jit_compile=cfg.jit_compile)
-    steps_per_epoch = len(y) // cfg.batch_size
-    start = oc.restored_epoch(store.backup_dir(name)) * steps_per_epoch
-    stream = tf.data.Dataset.zip((oc.minibatch_stream(x, packed[: len(y)], cfg.batch_size, cfg.seed, start),
-                                  oc.minibatch_stream(x_val, packed[len(y):], CLEAN_PER_BATCH, cfg.seed + 2, start)))
-    stream = stream.map(lambda t, c: (tf.concat([t[0], c[0]], 0), tf.concat([t[1], c[1]], 0)))
-    recorder = oc.EpochRecorder(f"[{name}]", cfg.epochs, steps_per_epoch, model, data["test"], data["val"],
-                                store.record_path(name))
-    callbacks = store.callbacks(name, recorder)
-    callbacks.insert(2, oc.CheckRestoredPosition(start))
-    model.fit(stream.prefetch(2), epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
-              callbacks=callbacks, verbose=0)
-    recorder.finish()
-    return recorder
+    return oc.fit_recorded(model, name, lambda start: mixed_stream(x, packed[: len(y)], x_val, packed[len(y):],
+                                                                   cfg.batch_size, cfg.seed, start),
+                           epochs=cfg.epochs, steps_per_epoch=len(y) // cfg.batch_size, test=data["test"],
+                           val=data["val"], store=store)
+
+
+def mixed_stream(x: np.ndarray, y: np.ndarray, x_clean: np.ndarray, y_clean: np.ndarray, batch_size: int, seed: int,
+                 start: int) -> tf.data.Dataset:
+    """mix's minibatches from SGD step `start` on: `batch_size` training examples (the stream of
+    plain's seed) followed by CLEAN_PER_BATCH clean ones (a seeded stream of their own)."""
+    stream = tf.data.Dataset.zip((oc.minibatch_stream(x, y, batch_size, seed, start),
+                                  oc.minibatch_stream(x_clean, y_clean, CLEAN_PER_BATCH, seed + 2, start)))
+    return stream.map(lambda t, c: (tf.concat([t[0], c[0]], 0), tf.concat([t[1], c[1]], 0)))
 
 
 def trained_weights_path(store: oc.MethodStore, method: str, seed: int) -> str:
@@ -476,29 +513,26 @@ def run_lookahead(cfg: Config, data: dict, store: oc.MethodStore, name: str, cle
     """Ren et al.'s learning to reweight: fresh weights every SGD step from a one-step look-ahead's
     hypergradient at ε = 0 (tf_bilevel, T = K = 1), clipped at 0 and normalized over the
     minibatch; `clean_per_batch` clean examples join each minibatch at weight 1/B (ren_mix)."""
-    from experiments import lookahead_weights as lw
+    from experiments.models import lookahead_weights as lw
 
     classifier = build_model(cfg)
     x, y = data["train"]
     model = lw.LookAheadReweighting(classifier, len(y), cfg.lr, jit_compile=cfg.jit_compile,
                                     clean_per_batch=clean_per_batch)
     model.compile(optimizer=keras.optimizers.SGD(cfg.lr, momentum=cfg.momentum), jit_compile=False)
-    steps_per_epoch = len(y) // cfg.batch_size
-    start = oc.restored_epoch(store.backup_dir(name)) * steps_per_epoch
-    streams = [oc.minibatch_stream(x, nl.pack(y), cfg.batch_size, cfg.seed, start),
-               oc.minibatch_stream(*data["val"], min(cfg.val_batch_size, len(data["val"][1])), cfg.seed + 1, start)]
-    if clean_per_batch:
-        streams.append(oc.minibatch_stream(*data["val"], clean_per_batch, cfg.seed + 2, start))
-    stream = tf.data.Dataset.zip(tuple(streams)).map(
-        lambda t, v, *c: ((t[0], v[0], v[1], *(c[0] if c else ())), t[1]))
+    val_batch = min(cfg.val_batch_size, len(data["val"][1]))
+
+    def make_stream(start: int) -> tf.data.Dataset:
+        streams = [oc.minibatch_stream(x, nl.pack(y), cfg.batch_size, cfg.seed, start),
+                   oc.minibatch_stream(*data["val"], val_batch, cfg.seed + 1, start)]
+        if clean_per_batch:
+            streams.append(oc.minibatch_stream(*data["val"], clean_per_batch, cfg.seed + 2, start))
+        return tf.data.Dataset.zip(tuple(streams)).map(
+            lambda t, v, *c: ((t[0], v[0], v[1], *(c[0] if c else ())), t[1]))
+
     model((x[:1], data["val"][0][:1], data["val"][1][:1]))  # build (BackupAndRestore needs the variables)
-    recorder = oc.EpochRecorder(f"[{name}]", cfg.epochs, steps_per_epoch, classifier, data["test"], data["val"],
-                                store.record_path(name))
-    callbacks = store.callbacks(name, recorder)
-    callbacks.insert(2, oc.CheckRestoredPosition(start))
-    model.fit(stream.prefetch(2), epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
-              callbacks=callbacks, verbose=0)
-    recorder.finish()
+    recorder = oc.fit_recorded(model, name, make_stream, epochs=cfg.epochs, steps_per_epoch=len(y) // cfg.batch_size,
+                               test=data["test"], val=data["val"], store=store, recorded=classifier)
     write_atomically(store.path(name, ".weights.h5"), classifier.save_weights)  # <name>_ft starts from it
     v = np.asarray(model.mean_weights(), np.float64)  # B·w̃_i averaged over the steps that saw example i
     return oc.final_row(recorder, clean_per_batch=clean_per_batch, example_weights=weight_diagnostics(v, data),
@@ -509,8 +543,8 @@ def run_one(cfg: Config, data: dict, method: str, store: oc.MethodStore) -> dict
     name = key(method, cfg.seed)
     if method in LOOKAHEAD:
         return run_lookahead(cfg, data, store, name, CLEAN_PER_BATCH if method == "ren_mix" else 0)
-    if method in ("mwn", "mwn_k"):
-        return run_mwn(cfg, data, store, name, 1 if method == "mwn" else cfg.k)
+    if method in ("mwn", "mwn_k", "mwn_cls"):
+        return run_mwn(cfg, data, store, name, cfg.k if method == "mwn_k" else 1, class_aware=method == "mwn_cls")
     if method in ("l2rw", "l2rw_k", "l2rw_mix"):
         return run_l2rw(cfg, data, store, name, cfg.k if method == "l2rw_k" else 1,
                         CLEAN_PER_BATCH if method == "l2rw_mix" else 0)
@@ -542,7 +576,9 @@ LABELS = {"plain": "plain", "finetune": "plain, then fine-tuned "
           "ren_mix_ft": "look-ahead weights + clean in batch, then fine-tuned",
           "l2rw_mix": "per-example weights 1-RMD + clean examples in each batch",
           "l2rw_mix_ft": "per-example weights 1-RMD + clean in batch, then fine-tuned",
-          "mix": "plain + clean examples in each batch", "mix_ft": "plain + clean in batch, then fine-tuned"}
+          "mix": "plain + clean examples in each batch", "mix_ft": "plain + clean in batch, then fine-tuned",
+          "mwn_cls": "Meta-Weight-Net on (loss, label), normalized, 1-RMD",
+          "mwn_cls_ft": "Meta-Weight-Net on (loss, label) 1-RMD, then fine-tuned"}
 
 
 def early_stopped_accuracy(row: dict) -> float:
@@ -603,13 +639,17 @@ def target(rows: dict) -> dict:
 
 def format_table(results: dict) -> str:
     summary = summarize(results["methods"])
-    lines = [f"{'method':<62} {'test acc % (mean ± std)':>24} {'seeds':>5} {'s/run':>6}"]
+
+    def label(method: str) -> str:
+        base = method[:-3] if method.endswith("_es") else method
+        return (LABELS[base] + (f" (K={results['config']['k']})" if base.endswith("_k") else "")
+                + (", early-stopped" if base != method else ""))
+
+    width = max([len("method"), *(len(label(m)) for m in summary)])
+    lines = [f"{'method':<{width}} {'test acc % (mean ± std)':>24} {'seeds':>5} {'s/run':>6}"]
     for method, s in summary.items():
         std = f"{100 * s['std']:.2f}" if s["std"] is not None else "-"
-        base = method[:-3] if method.endswith("_es") else method
-        label = (LABELS[base] + (f" (K={results['config']['k']})" if base.endswith("_k") else "")
-                 + (", early-stopped" if base != method else ""))
-        lines.append(f"{label:<62} {100 * s['mean']:>15.2f} ± {std:<6} {len(s['seeds']):>5} "
+        lines.append(f"{label(method):<{width}} {100 * s['mean']:>15.2f} ± {std:<6} {len(s['seeds']):>5} "
                      f"{np.mean(s['train_seconds']):>6.0f}")
     for method in BILEVEL:
         s = summary.get(method)
@@ -630,7 +670,7 @@ def format_table(results: dict) -> str:
 
 
 def plot_figures(results: dict, output_dir: str) -> dict:
-    from experiments import plotting
+    from experiments.common import plotting
 
     plt, rows, cfg, data = plotting.plt, results["methods"], results["config"], results["data"]
     what = (f"{data['wrong_fraction'] * 100:.0f}% wrong labels ({cfg['setting']})" if cfg["setting"] != "longtail"
@@ -661,7 +701,7 @@ def plot_figures(results: dict, output_dir: str) -> dict:
     ax.legend(fontsize=7, loc="lower right")
     figures["test_accuracy"] = plotting.save_figure(fig, os.path.join(output_dir, "test_accuracy.png"))
 
-    mwn = [m for m in ("mwn", "mwn_k") if m in groups]
+    mwn = [m for m in ("mwn", "mwn_k", "mwn_cls") if m in groups]  # mwn_cls: V averaged over the labels
     if mwn:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, method in enumerate(mwn):

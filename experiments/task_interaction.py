@@ -22,11 +22,13 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments import datasets, features, program
-from experiments.config import option, parse_truncate
-from experiments.features import BACKBONES
-from experiments.methods import method_label, method_name, method_styles
-from experiments.run_state import (
+from experiments.data import tfds_offline
+from experiments.models import features
+from experiments.common import program
+from experiments.common.config import option, parse_truncate
+from experiments.models.features import BACKBONES
+from experiments.common.methods import method_label, method_name, method_styles
+from experiments.common.run_state import (
     RESTART_HINT, damaged, pause_to_be_killed, read_state_json, write_json_atomically,
 )
 from tf_bilevel.keras import inverse_softplus, losses
@@ -76,7 +78,7 @@ class Config:
     exact_every: int = option(10, "Compute the exact (full RMD) hypergradient every N hyper-iterations for Fig. 6 "
                               "(0: never).")
     diagnostic_trials: int = option(1, "Trials that record the Fig. 6 diagnostics.")
-    data_dir: Optional[str] = option(None, "tfds data_dir (default: datasets.default_data_dir()).", result=False)
+    data_dir: Optional[str] = option(None, "tfds data_dir (default: tfds_offline.default_data_dir()).", result=False)
     local_dir: Optional[str] = option(None, "Folder with (fashion_)mnist IDX .gz files.", result=False)
     seed: int = option(0, "Seed of the data splits (trial i uses seed + i).")
     output_dir: str = option("out/task_interaction", "Where results.json and PNGs go; also every finished "
@@ -311,7 +313,7 @@ def summarize(rows: list[dict]) -> dict:
 def plot_fig6(results: dict, path: str) -> None:
     """Fig. 6 for the first trial: validation loss, ‖d_λ f‖ of the exact hypergradient and its cosine
     with each method's h vs hyper-iteration (markers where the sparse exact one was computed)."""
-    from experiments.plotting import plt, save_figure
+    from experiments.common.plotting import plt, save_figure
 
     cfg, T = results["config"], results["config"]["inner_steps"]
     styles = method_styles(list(results["runs"]), T)
@@ -395,10 +397,10 @@ def run_experiment(cfg: Config, data: Any, ctx: program.Run) -> dict:
     x_all, y_all, desc = features.load_features(
         cfg.dataset, cfg.features, scale=cfg.feature_scale, data_dir=cfg.data_dir, local_dir=cfg.local_dir,
         backbone=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, cache_dir=cfg.feature_cache_dir)
-    print(f"Data: {cfg.dataset} from {datasets.data_source(cfg.dataset)}", flush=True)
+    print(f"Data: {cfg.dataset} from {tfds_offline.data_source(cfg.dataset)}", flush=True)
     results = {
         "experiment": "task_interaction (paper §4.2.2, Table 3, Fig. 6)",
-        "config": dataclasses.asdict(cfg), "data_source": datasets.data_source(cfg.dataset),
+        "config": dataclasses.asdict(cfg), "data_source": tfds_offline.data_source(cfg.dataset),
         "features_description": desc, "num_examples": int(len(y_all)), "feature_dim": int(x_all.shape[1]),
         "machine": ctx.environment, "paper_table3": PAPER_TABLE3.get(cfg.dataset),
         "runs": {name: [] for name in names},

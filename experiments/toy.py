@@ -20,10 +20,10 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments import plotting, program
-from experiments.config import option
-from experiments.plotting import plt
-from experiments.run_state import jsonable
+from experiments.common import plotting, program
+from experiments.common.config import option
+from experiments.common.plotting import plt
+from experiments.common.run_state import jsonable
 
 OBJECTIVES = ("f", "f_tilde")
 FIG1_LAMBDA = (1.0, 1.0)

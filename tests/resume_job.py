@@ -45,7 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments.run_state import write_atomically
+from experiments.common.run_state import write_atomically
 from tf_bilevel.keras import losses
 
 EPOCHS, STEPS_PER_EPOCH = 3, 4  # 12 hyper-iterations per fit, a checkpoint every 4

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 import tf_bilevel as tfb  # noqa: E402
 from experiments import benchmark as B  # noqa: E402
-from experiments._memory import PeakMemory  # noqa: E402
+from experiments.common.memory import PeakMemory  # noqa: E402
 
 LINUX = sys.platform.startswith("linux")  # where the memory probes must give a value
 
@@ -96,9 +96,9 @@ def test_configurations_cover_the_spec():
 
 @pytest.mark.slow
 def test_fresh_process_runner_reports_failures_as_errors():
-    """experiments.subprocesses.run_fresh: a worker that fails or takes too long is an entry with
+    """experiments.common.subprocesses.run_fresh: a worker that fails or takes too long is an entry with
     the reason, never an exception that would lose the other configurations' results."""
-    from experiments import subprocesses
+    from experiments.common import subprocesses
 
     failed = subprocesses.run_fresh("experiments.no_such_module", "worker", {"a": 1}, timeout=120)
     assert set(failed) == {"error"} and "worker exited with 1 (no result)" in failed["error"]
@@ -164,9 +164,9 @@ def test_program_end_to_end(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
-# The cnn suite (experiments/benchmark_cnn.py).
+# The cnn suite (experiments/benchmarks/cnn.py).
 # ----------------------------------------------------------------------------------------
-from experiments import benchmark_cnn as C  # noqa: E402
+from experiments.benchmarks import cnn as C  # noqa: E402
 
 
 @pytest.mark.parametrize("size,stride", [(8, 2), (7, 2), (6, 1)])
@@ -260,13 +260,13 @@ def test_cnn_suite_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_metabatch_suite_quick(tmp_path):
-    """`python -m experiments.benchmark_metabatch --quick` (the suite's standalone entry point; the
+    """`python -m experiments.benchmarks.metabatch --quick` (the suite's standalone entry point; the
     benchmark program's `--suites=` selection is run with the cnn suite): the meta-batch sweep (B,
     XLA on/off) of the one-shot network in one process, table and JSON with the ratios. The suite's
     one end-to-end run: its trainers' XLA compiles make it the costliest suite to run twice."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark_metabatch", "--quick", f"--output_dir={tmp_path}"],
+        [sys.executable, "-m", "experiments.benchmarks.metabatch", "--quick", f"--output_dir={tmp_path}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -290,10 +290,10 @@ def test_metabatch_suite_quick(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module, flags, report", [
-    ("benchmark_cnn", ["--cnn_steps=2", "--cnn_truncate=1", "--cnn_max_full_steps=2", "--cnn_backward=store", "--cnn_repeats=1"],
+    ("benchmarks.cnn", ["--cnn_steps=2", "--cnn_truncate=1", "--cnn_max_full_steps=2", "--cnn_backward=store", "--cnn_repeats=1"],
      "cnn_results.json"),
-    ("benchmark_online", ["--online_configs=1x1", "--repeats=1"], "online_results.json"),
-])  # (benchmark_metabatch's standalone run is test_metabatch_suite_quick)
+    ("benchmarks.online", ["--online_configs=1x1", "--repeats=1"], "online_results.json"),
+])  # (benchmarks.metabatch's standalone run is test_metabatch_suite_quick)
 def test_suite_runs_standalone(tmp_path, module, flags, report):
     """`python -m experiments.<suite> --quick` (the README's standalone entry points): exit 0, the
     suite's JSON with its rows, none failed."""

@@ -78,7 +78,7 @@ def test_real_tree_has_the_targets_the_issue_asks_for():
     assert sync.kind == "py_test" and sync.args == ["tests/test_build_sync.py"]
     assert "BUILD" in sync.data  # Bazel reruns this test when BUILD changes
     helpers = targets["experiments_lib"].srcs
-    assert "experiments/datasets.py" in helpers and "experiments/__init__.py" in helpers
+    assert "experiments/data/tfds_offline.py" in helpers and "experiments/__init__.py" in helpers
 
 
 # --------------------------------------------------------------------------
@@ -145,8 +145,8 @@ def test_new_program_without_py_binary_is_reported(tree):
 
 
 def test_new_helper_module_outside_every_library_is_reported(tree):
-    _write(tree, {"experiments/plotting.py": "import matplotlib\n"})
-    [problem] = _problems_about(tree, "experiments/plotting.py")
+    _write(tree, {"experiments/common/plotting.py": "import matplotlib\n"})
+    [problem] = _problems_about(tree, "experiments/common/plotting.py")
     assert "py_library" in problem
 
 

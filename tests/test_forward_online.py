@@ -311,7 +311,7 @@ def test_a_cnn_step_with_all_columns_has_no_loop_and_matches_column_by_column_jv
     """One forward step (T = 1) of a conv–pool–conv–pool–dense network with N = 6 (per-kernel
     decays, learning rate, momentum): the same tangents as N separate JVPs, and the compiled
     step holds no While op (the columns are vectorized, not looped over)."""
-    from experiments import benchmark_forward as bench
+    from experiments.benchmarks import forward as bench
 
     settings = {**bench.make_settings(1, quick=True), "batch_size": 4}
     rng = np.random.default_rng(0)
@@ -366,7 +366,7 @@ def test_cnn_steps_in_a_loop_under_xla_use_canonical_filter_gradients():
 
 @pytest.mark.slow
 def test_benchmark_program_runs_quick(tmp_path):
-    """`python -m experiments.benchmark_forward --quick`: table and JSON (sizes tiny; not timed here)."""
+    """`python -m experiments.benchmarks.forward --quick`: table and JSON (sizes tiny; not timed here)."""
     import json
     import os
     import subprocess
@@ -374,7 +374,7 @@ def test_benchmark_program_runs_quick(tmp_path):
     from pathlib import Path
 
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark_forward", "--quick", f"--output_dir={tmp_path}"],
+        [sys.executable, "-m", "experiments.benchmarks.forward", "--quick", f"--output_dir={tmp_path}"],
         cwd=Path(__file__).resolve().parents[1], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
         capture_output=True, text=True, timeout=900,
     )

@@ -18,7 +18,7 @@ import tensorflow as tf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import hypercleaning as H  # noqa: E402
-from experiments.config import apply_preset  # noqa: E402
+from experiments.common.config import apply_preset  # noqa: E402
 from offline_data import MNIST_DIR, needs_mnist, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 

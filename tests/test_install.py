@@ -79,19 +79,19 @@ def test_python_m_runs_the_installed_module_from_another_directory(installed, tm
 
 
 def test_console_scripts_and_programs_name_the_same_modules(monkeypatch):
-    """pyproject's [project.scripts] and experiments._cli.PROGRAMS are one list: each tfb-*
+    """pyproject's [project.scripts] and experiments.common.cli.PROGRAMS are one list: each tfb-*
     command is declared in both, and its entry point runs the module PROGRAMS names."""
     import tomllib
 
-    from experiments import _cli
+    from experiments.common import cli
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == set(_cli.PROGRAMS)
+    assert set(scripts) == set(cli.PROGRAMS)
     ran = []
-    monkeypatch.setattr(_cli, "_run", ran.append)
+    monkeypatch.setattr(cli, "_run", ran.append)
     for script, target in scripts.items():
         module, function = target.split(":")
-        assert module == "experiments._cli"
-        getattr(_cli, function)()
-        assert ran[-1] == _cli.PROGRAMS[script], script
-        assert (REPO / (_cli.PROGRAMS[script].replace(".", "/") + ".py")).exists()
+        assert module == "experiments.common.cli"
+        getattr(cli, function)()
+        assert ran[-1] == cli.PROGRAMS[script], script
+        assert (REPO / (cli.PROGRAMS[script].replace(".", "/") + ".py")).exists()

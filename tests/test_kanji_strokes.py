@@ -1,4 +1,4 @@
-"""kanji_strokes (experiments/kanji_strokes.py): the renderer is a pure function of (character,
+"""kanji_strokes (experiments/data/kanji_strokes.py): the renderer is a pure function of (character,
 drawer) whose drawers differ without losing the character, the tfds set holds exactly what it
 renders, the program splits it 1200 / 100 / 323 as Omniglot, a missing Debian file is a clear
 error, and `experiments.omniglot --quick --dataset=kanji_strokes` runs end to end."""
@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from experiments import datasets as D
-from experiments import fewshot_model as fsm
-from experiments import kanji_strokes as K
-from experiments import program
+from experiments.data import tfds_offline
+from experiments.models import fewshot as fsm
+from experiments.data import kanji_strokes as K
+from experiments.common import program
 from experiments import omniglot as om
 import program_runs  # noqa: E402
 
@@ -44,7 +44,7 @@ def prepared(tmp_path_factory) -> Path:
 
 def to_28(images: np.ndarray) -> np.ndarray:
     """As the programs resize (the Omniglot path's preprocessing), ink in [0, 1]."""
-    small = D._preprocess_fn((28, 28), True)(tf.constant(images), 0)[0].numpy()
+    small = tfds_offline.preprocess_fn((28, 28), True)(tf.constant(images), 0)[0].numpy()
     return 1.0 - small.astype(np.float64) / 255.0
 
 
@@ -154,11 +154,11 @@ def test_png_bytes_decode_to_the_same_pixels():
 
 def test_missing_file_names_the_debian_package(tmp_path, monkeypatch):
     monkeypatch.setattr(K, "DATA_JSON", tmp_path / "absent" / "data.json")
-    with pytest.raises(D.DataUnavailableError, match=r"apt-get install python3-kanjidraw"):
+    with pytest.raises(tfds_offline.DataUnavailableError, match=r"apt-get install python3-kanjidraw"):
         K.prepare(str(tmp_path / "tfds"))
-    with pytest.raises(D.DataUnavailableError, match=r"absent/data.json is missing"):
+    with pytest.raises(tfds_offline.DataUnavailableError, match=r"absent/data.json is missing"):
         K.read_strokes()
-    with pytest.raises(D.DataUnavailableError, match="python3-kanjidraw"):  # what the program calls
+    with pytest.raises(tfds_offline.DataUnavailableError, match="python3-kanjidraw"):  # what the program calls
         fsm.load_meta_data("kanji_strokes", data_dir=str(tmp_path / "tfds"), local_dir=None, image_size=28,
                            class_split=(1200, 100, 323), rotations=False, seed=0)
     assert not (tmp_path / "tfds" / "kanji_strokes").exists()
@@ -168,7 +168,7 @@ def test_another_data_json_is_refused_by_checksum(tmp_path, monkeypatch):
     other = tmp_path / "data.json"
     other.write_text(json.dumps({"1": {"一": [[25, 126, 226, 116]]}}))
     monkeypatch.setattr(K, "DATA_JSON", other)
-    with pytest.raises(D.DataUnavailableError, match="sha256"):
+    with pytest.raises(tfds_offline.DataUnavailableError, match="sha256"):
         K.prepare(str(tmp_path / "tfds"))
 
 
@@ -208,11 +208,11 @@ def test_program_splits_1200_100_323_disjoint_characters(prepared):
     assert {name: len(pool) for name, pool in pools.items()} == {"train": 1200, "val": 100, "test": 323}
     assert not (pools["train"] & pools["val"] or pools["train"] & pools["test"] or pools["val"] & pools["test"])
     assert pools["train"] | pools["val"] | pools["test"] == set(range(K.NUM_CHARACTERS))
-    # Resized exactly as the Omniglot path resizes (datasets._preprocess_fn on the stored image).
+    # Resized exactly as the Omniglot path resizes (tfds_offline.preprocess_fn on the stored image).
     builder = K.prepare(str(prepared))
     example = next(builder.as_dataset(split="train", shuffle_files=False).as_numpy_iterator())
     index = np.flatnonzero(data.labels == example["label"])
-    resized = D._preprocess_fn((28, 28), True)(tf.constant(example["image"]), 0)[0].numpy()
+    resized = tfds_offline.preprocess_fn((28, 28), True)(tf.constant(example["image"]), 0)[0].numpy()
     assert any(np.array_equal(data.images[i], resized) for i in index)
 
 

@@ -1,7 +1,8 @@
-"""Tests for experiments/lookahead_weights.py (issue #17): Ren et al.'s per-step example weights.
+"""Tests for experiments/models/lookahead_weights.py (issue #17): Ren et al.'s per-step example weights.
 The hypergradient of tfb.hypergradient_fn at ε = 0 (T = 1) against the closed form
 −α ∇ℓ_i(w)·∇f(w), with the per-example gradients written out in NumPy for a softmax
-regression; the clipping/normalization against NumPy; one train step against a hand SGD step."""
+regression; the clipping/normalization against NumPy; one train step against a hand SGD step;
+experiments/weighting_diagnosis.py's alignments (the same closed form), AUC and greedy cells."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import tensorflow as tf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
-from experiments import lookahead_weights as lw  # noqa: E402
-from experiments import noisy_labels as nl  # noqa: E402
+from experiments.models import lookahead_weights as lw  # noqa: E402
+from experiments.data import noisy_labels as nl  # noqa: E402
 
 
 def softmax_regression(seed: int = 0) -> keras.Model:
@@ -94,3 +95,46 @@ def test_a_classifier_with_layer_state_is_refused_by_name():
     model = keras.Sequential([keras.Input((6,)), keras.layers.BatchNormalization(), keras.layers.Dense(10)])
     with pytest.raises(ValueError, match="non-trainable state"):
         lw.example_hypergradient(model, 0.1, False)
+
+
+# ----------------------------------------------------------------------------------------
+# experiments/weighting_diagnosis.py: what the greedy hypergradient asks of a weighting function.
+# ----------------------------------------------------------------------------------------
+def test_alignments_are_the_per_example_gradient_dot_the_validation_gradient_in_chunks():
+    from experiments import weighting_diagnosis as wd
+
+    model = softmax_regression(seed=3)
+    (x, y), (xv, yv) = data(7, 4), data(5, 5)
+    got = wd.alignments(model, x, y, xv, yv, chunk=3)  # chunks of 3, 3, 1
+    W, b = (v.numpy().astype(np.float64) for v in model.trainable_variables)
+    want = numpy_ce_grads(W, b, x.astype(np.float64), y) @ numpy_ce_grads(W, b, xv.astype(np.float64), yv).mean(0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_auc_against_counting_pairs():
+    from experiments import weighting_diagnosis as wd
+
+    rng = np.random.default_rng(0)
+    score = rng.integers(0, 5, 60).astype(float)  # many ties
+    positive = rng.random(60) < 0.3
+    pos, neg = score[positive], score[~positive]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert wd.auc(score, positive) == pytest.approx(pairs)
+    assert wd.auc(score, np.zeros(60, bool)) is None
+
+
+def test_greedy_cell_weights_and_detector_by_hand():
+    from experiments import weighting_diagnosis as wd
+
+    losses = np.array([0.05, 0.05, 0.6, 0.6, 0.6, 4.0])  # bins [0, 0.1), [0.5, 0.75) x3, [3, 5)
+    align = np.array([1.0, -0.5, 2.0, -3.0, 0.5, 6.0])  # Σ per bin: 0.5, -0.5, 6; mean over all 1.0
+    np.testing.assert_array_equal(wd.cells(losses, None), [0, 0, 3, 3, 3, 8])
+    np.testing.assert_array_equal(wd.cells(losses, np.array([0, 1, 0, 0, 2, 0])), [0, 10, 3, 3, 23, 8])
+    np.testing.assert_array_equal(wd.greedy_cell_weights(align, wd.cells(losses, None), "none"), [1, 1, -1, -1, -1, 1])
+    # "mean": Σ (a_i − 1) per bin: -1.5, -3.5, 5.
+    by_loss = wd.cells(losses, None)
+    np.testing.assert_array_equal(wd.greedy_cell_weights(align, by_loss, "mean"), [-1, -1, -1, -1, -1, 1])
+    wrong = np.array([False, True, False, True, True, False])
+    d = wd.detector(np.array([False, False, True, True, True, False]), wrong)
+    assert d["precision"] == pytest.approx(2 / 3) and d["recall"] == pytest.approx(2 / 3)
+    assert d["right_labels_down"] == pytest.approx(1 / 3)

@@ -1,5 +1,5 @@
 """K-RMD's memory is flat in T, full RMD's grows with T (Table 1: O(MK) vs O(MT)), measured
-in-process on TF's CPU allocator (experiments._memory.PeakMemory: the peak of
+in-process on TF's CPU allocator (experiments.common.memory.PeakMemory: the peak of
 `tf.config.experimental.get_memory_info("CPU:0")` after `reset_memory_stats`), which counts
 every buffer alive at once during the call. Allocator peaks are deterministic, unlike time.
 
@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments._memory import PeakMemory
+from experiments.common.memory import PeakMemory
 
 D = 20_000  # parameters: one float32 state is 80 kB
 STATE_BYTES = D * 4

@@ -1,7 +1,7 @@
-"""Tests for experiments/omniglot.py and experiments/fewshot_model.py (offline, fast).
+"""Tests for experiments/omniglot.py and experiments/models/fewshot.py (offline, fast).
 
 References are independent of the estimators: the meta-objective F(λ) = f(w_T(λ), λ)
-re-computed by a plain unrolled loop (`fewshot_model.meta_loss`, hyper-representation
+re-computed by a plain unrolled loop (`experiments.models.fewshot.meta_loss`, hyper-representation
 re-applied inside the loop, no chain-rule trick) and differentiated by central finite
 differences in float64; the BilevelTrainer's hyper-step is compared with the core
 estimator on the same problem, under XLA.
@@ -25,9 +25,9 @@ sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 import keras  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import datasets as D  # noqa: E402
-from experiments import fewshot_model as fsm  # noqa: E402
-from experiments import program  # noqa: E402
+from experiments.data import episodes, sources  # noqa: E402
+from experiments.models import fewshot as fsm  # noqa: E402
+from experiments.common import program  # noqa: E402
 from experiments import omniglot as om  # noqa: E402
 from offline_data import MNIST_DIR, needs_mnist, fake_omniglot, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
@@ -200,7 +200,7 @@ def test_full_rmd_hypergradient_matches_finite_differences_float64():
 
 def test_xla_float32_trainer_hypergradient_with_per_task_batchnorm_matches_float64_reference():
     """The compiled path (jit_compile=True; XLA has a MaxPoolGradGrad kernel for float32 only) on
-    a meta-batch of 2 tasks agrees with the float64 core estimator on fewshot_model's own
+    a meta-batch of 2 tasks agrees with the float64 core estimator on experiments.models.fewshot's own
     formulation (the test above checks the float64 trainer against finite differences)."""
     p64 = tiny_problem(dtype="float64")
     p32 = tiny_problem(dtype="float32", like=p64)
@@ -326,7 +326,7 @@ def check_results(cfg: om.Config, methods: set) -> dict:
 @pytest.mark.slow
 def test_quick_run_on_mock_omniglot(tmp_path, monkeypatch):
     """The paper's path: tfds omniglot (mocked: 20 characters) -> 1200/100/323-style split."""
-    monkeypatch.setattr(D, "network_reachable", lambda *a, **k: True)  # tfds mock: no download
+    monkeypatch.setattr(sources, "network_reachable", lambda *a, **k: True)  # tfds mock: no download
     cfg = quick_config(tmp_path, dataset="omniglot", class_split="12,3,5", truncate="1",
                        short_horizon=False, exact_every=0, relerr_truncations="", timing_rounds=0)
     assert cfg.rotations is False and cfg.n_way == 5 and cfg.k_shot == 1
@@ -361,8 +361,8 @@ def test_quick_run_on_real_mnist_episodes(tmp_path):
 def test_data_pools_are_disjoint_after_rotations():
     x = np.zeros((40, 4, 4, 1), np.uint8)
     y = np.repeat(np.arange(10), 4)
-    base = D.class_split(y, {"train": 5, "val": 0, "test": 5}, seed=0)
-    data = fsm.MetaData(*D.add_rotations(x, y), {k: D.rotated_classes(v, 10) for k, v in base.items()}, "")
+    base = episodes.class_split(y, {"train": 5, "val": 0, "test": 5}, seed=0)
+    data = fsm.MetaData(*episodes.add_rotations(x, y), {k: episodes.rotated_classes(v, 10) for k, v in base.items()}, "")
     assert not set(data.pools["train"]) & set(data.pools["test"])
     assert len(data.pools["train"]) == len(data.pools["test"]) == 20
     assert set(data.pools["train"] % 10) == set(base["train"])

@@ -190,3 +190,39 @@ def test_dropout_masks_in_the_online_inner_loop_are_fresh_and_have_keras_distrib
         np.testing.assert_allclose(out[kept], 1 / (1 - rate), rtol=1e-6)  # the kept units scaled as Keras does
         assert abs((~kept).mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / width)  # dropped with probability rate
     assert all(not np.array_equal(masks[i] != 0, masks[j] != 0) for i in range(len(masks)) for j in range(i))
+
+
+@pytest.mark.slow  # ~10 CPU s: a CNN at the experiment's batch sizes, big enough for the rewrite
+def test_online_krmd_on_a_batchnorm_cnn_runs_without_xla_past_grapplers_addn_rewrite():
+    """experiments/online_hpo.py's cnn_bn (batch 128, 256 validation images) with K-RMD online,
+    not under XLA: Grappler's memory optimizer rewrites AddNs of the backward loop into
+    TemporaryVariables that leak in the loop's exit iteration, and without
+    tf_bilevel/_grappler.py the second hyper-iteration failed with AlreadyExistsError
+    (tests/test_grappler.py has the mechanism on a 5-line loop)."""
+    keras.utils.set_random_seed(7)
+    layers, bn = keras.layers, tfb.keras.BatchNormalization
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)), layers.Conv2D(32, 3, use_bias=False), bn(), layers.Activation("relu"), layers.MaxPooling2D(),
+        layers.Conv2D(64, 3, use_bias=False), bn(), layers.Activation("relu"), layers.MaxPooling2D(), layers.Flatten(),
+        layers.Dense(128, use_bias=False), bn(), layers.Activation("relu"), layers.Dense(10),
+    ])
+    kernels = [i for i, v in enumerate(model.trainable_weights) if v.path.endswith("kernel")]
+    steps, batch, hyper_iterations = 2, 128, 3
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(steps * batch * hyper_iterations, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, size=len(x)).astype("int32")
+    val = (rng.normal(size=(256, 28, 28, 1)).astype("float32"), rng.integers(0, 10, size=256).astype("int32"))
+    trainer = tfb.BilevelTrainer(
+        model, inner_loss=CE, outer_loss=CE, steps=steps, truncate=steps, online=True,
+        hyperparameters={"decay": tfb.Hyperparameter(np.full(len(kernels), 5e-4, np.float32), transform="exp")},
+        inner_regularizer=lambda w, hp: tf.add_n([hp["decay"][i] * tf.reduce_sum(tf.square(w[k])) for i, k in enumerate(kernels)]),
+        inner_learning_rate=0.05, inner_optimizer=lambda rate: tfb.momentum(rate, beta=0.9),
+    )
+    trainer.compile(optimizer=keras.optimizers.Adam(0.01), jit_compile=False)
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True)
+    tasks = tfb.keras.online_tasks(train, tf.data.Dataset.from_tensors(val).repeat(), steps=steps)
+    history = trainer.fit(tasks, epochs=1, steps_per_epoch=hyper_iterations, verbose=0)
+    assert int(trainer.meta_step.numpy()) == hyper_iterations
+    assert np.isfinite(history.history["loss"]).all()
+    decays = trainer.hyperparameter_values()["decay"]
+    assert np.isfinite(decays).all() and not np.allclose(decays, 5e-4)  # the hypergradients were applied

@@ -21,9 +21,9 @@ import tensorflow as tf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
-from experiments import online_common as oc  # noqa: E402
+from experiments.common import online_program as oc  # noqa: E402
 from experiments import online_hpo as H  # noqa: E402
-from experiments.config import apply_preset  # noqa: E402
+from experiments.common.config import apply_preset  # noqa: E402
 from offline_data import write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""experiments/program.py: the one exit-status convention of every program and benchmark suite,
+"""experiments/common/program.py: the one exit-status convention of every program and benchmark suite,
 in process (`program.main` with the program's flags in a fresh FlagValues):
 
     0 finished, 1 the run failed, 2 the command cannot run as given (bad flag or value, no data,
@@ -16,9 +16,13 @@ import pytest
 from absl import app, flags
 
 import tf_bilevel as tfb
-from experiments import (benchmark, benchmark_cnn, benchmark_forward, benchmark_metabatch, benchmark_online,
-                         hypercleaning, omniglot, online_hpo, program, reweighting, run_state, task_interaction, toy)
-from experiments.datasets import DataUnavailableError
+from experiments import benchmark, hypercleaning, omniglot, online_hpo, reweighting, task_interaction, toy
+from experiments.benchmarks import cnn as benchmark_cnn
+from experiments.benchmarks import forward as benchmark_forward
+from experiments.benchmarks import metabatch as benchmark_metabatch
+from experiments.benchmarks import online as benchmark_online
+from experiments.common import program, run_state
+from experiments.data.sources import DataUnavailableError
 
 # Each program family: the paper's programs, the online programs, the benchmark and its suites;
 # per program, flags under which it gets past its checks (cheaply) and one bad flag value.
@@ -30,10 +34,10 @@ PROGRAMS = {
     "online_hpo": (online_hpo.PROGRAM, ["--methods=default"], "--methods=nope"),
     "reweighting": (reweighting.PROGRAM, [], "--seeds=-1"),
     "benchmark": (benchmark.PROGRAM, [], "--suites=nope"),
-    "benchmark_online": (benchmark_online.PROGRAM, [], "--online_configs=20y5"),
-    "benchmark_cnn": (benchmark_cnn.PROGRAM, [], "--cnn_conv=nope"),
-    "benchmark_metabatch": (benchmark_metabatch.PROGRAM, [], "--metabatch_paths=nope"),
-    "benchmark_forward": (benchmark_forward.PROGRAM, [], None),
+    "benchmarks.online": (benchmark_online.PROGRAM, [], "--online_configs=20y5"),
+    "benchmarks.cnn": (benchmark_cnn.PROGRAM, [], "--cnn_conv=nope"),
+    "benchmarks.metabatch": (benchmark_metabatch.PROGRAM, [], "--metabatch_paths=nope"),
+    "benchmarks.forward": (benchmark_forward.PROGRAM, [], None),
 }
 
 

@@ -1,7 +1,7 @@
 """The experiment programs under faults (issue #8): two runs on one --output_dir, damaged state
 files, unusable output folders.
 
-* In process, against the state writers and readers (tf_bilevel/resume.py, experiments/run_state.py,
+* In process, against the state writers and readers (tf_bilevel/resume.py, experiments/common/run_state.py,
   the readers of each program): concurrent atomic writers never collide; the output folder lock
   refuses a second holder naming the folder and the PID; a program's settings mismatch is
   `tfb.SettingsMismatchError`, and fingerprints written before the library owned them still
@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel import resume  # noqa: E402
 from experiments import hypercleaning as H  # noqa: E402
-from experiments import keras_resume  # noqa: E402
-from experiments import run_state  # noqa: E402
+from experiments.common import keras_resume  # noqa: E402
+from experiments.common import run_state  # noqa: E402
 from experiments import task_interaction as TI  # noqa: E402
 from offline_data import MNIST_DIR, HAVE_MNIST, needs_mnist, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
@@ -286,7 +286,7 @@ def _fitted(backup_dir: Path) -> keras.Model:
 
 @pytest.mark.parametrize("name", ["record", "backup", "row", "weights"])
 def test_damaged_keras_method_state_is_named(tmp_path, name):
-    """experiments/keras_resume.py's readers (omniglot, online_hpo, reweighting): a killed
+    """experiments/common/keras_resume.py's readers (omniglot, online_hpo, reweighting): a killed
     method's record or backup, a finished method's row or weights, damaged."""
     store = keras_resume.MethodStore(str(tmp_path))
     model = _fitted(Path(store.backup_dir("1")))

@@ -1,8 +1,9 @@
-"""Tests for experiments/reweighting.py and experiments/noisy_labels.py (issues #11 §5, #17): the
+"""Tests for experiments/reweighting.py and experiments/data/noisy_labels.py (issues #11 §5, #17): the
 noise generators, the long-tailed sampler, the baselines' losses (fixed example weights, forward
-correction, class-balanced weights) and the transition estimate against NumPy and hand
-computation, the learned-weight inner losses against NumPy, the weight diagnostics, and
-`--quick` end to end on a slice of real Fashion-MNIST, resumed per method and seed."""
+correction with the estimated transition, class-balanced weights, mix's minibatches) against NumPy
+and hand computation, the learned-weight inner losses (also the class-aware weighting network of
+mwn_cls) against NumPy, the weight diagnostics, and `--quick` end to end on a slice of real
+Fashion-MNIST, resumed per method and seed."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import json
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
-from experiments import noisy_labels as nl  # noqa: E402
+from experiments.data import noisy_labels as nl  # noqa: E402
+from experiments.common import online_program as oc  # noqa: E402
 from experiments import reweighting as R  # noqa: E402
 from offline_data import write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
@@ -149,11 +152,58 @@ def test_class_balanced_weights_by_hand():
         nl.class_balanced_weights(np.array([0, 5]), 0.9)
 
 
+def test_forward_correction_with_the_estimated_transition_and_class_balanced_loss_against_numpy():
+    # As run_baseline composes them: C from a (noisy) model's softmax on the clean examples, then
+    # −log(softmax(z)·C)[ỹ]; class-balanced: weighted_ce with the label's class weight per example.
+    rng = np.random.default_rng(6)
+    clean_labels = np.repeat(np.arange(10), 5)
+    probs = softmax(rng.normal(size=(50, 10)) + 3 * np.eye(10)[clean_labels])
+    c = nl.estimate_transition(probs, clean_labels, 10)
+    z = rng.normal(size=(6, 10)).astype(np.float32)
+    noisy = np.array([0, 6, 6, 2, 8, 9])
+    got = nl.forward_corrected_ce(c)(tf.constant(nl.pack(noisy)), tf.constant(z)).numpy()
+    p = softmax(z.astype(np.float64))
+    want = [-np.log(sum(p[n, i] * probs[clean_labels == i].mean(0)[noisy[n]] for i in range(10))) for n in range(6)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    counts = np.array([50, 20, 5, 1, 9, 9, 9, 9, 9, 9])
+    w = nl.class_balanced_weights(counts, 0.9999)
+    got = nl.weighted_ce(w[noisy])(tf.constant(nl.pack(noisy)), tf.constant(z)).numpy()
+    raw = (1 - 0.9999) / (1 - 0.9999 ** counts.astype(np.float64))
+    want = 10 * raw[noisy] / raw.sum() * -np.log(p[np.arange(6), noisy])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_random_example_weights_are_fixed_positive_mean_one():
     w = nl.random_example_weights(1000, seed=3)
     assert np.all(w > 0) and abs(w.mean() - 1.0) < 1e-12
     np.testing.assert_array_equal(w, nl.random_example_weights(1000, seed=3))
     assert not np.array_equal(w, nl.random_example_weights(1000, seed=4))
+
+
+def test_mix_batches_are_the_training_minibatch_then_clean_examples_and_its_loss_is_their_mean_ce():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(40, 6)).astype(np.float32), rng.integers(0, 10, 40).astype(np.int32)
+    xc, yc = rng.normal(size=(20, 6)).astype(np.float32), rng.integers(0, 10, 20).astype(np.int32)
+    packed = nl.pack(np.concatenate([y, yc]))
+    train_only = list(oc.minibatch_stream(x, packed[:40], 8, 5, 0).take(7))  # plain's stream of seed 5
+    clean_only = list(oc.minibatch_stream(xc, packed[40:], R.CLEAN_PER_BATCH, 7, 0).take(7))  # seed + 2
+    mixed = list(R.mixed_stream(x, packed[:40], xc, packed[40:], 8, 5, 0).take(7))
+    for (xm, ym), (xt, yt), (xcb, ycb) in zip(mixed, train_only, clean_only):
+        np.testing.assert_array_equal(xm.numpy(), np.concatenate([xt, xcb]))
+        np.testing.assert_array_equal(ym.numpy(), np.concatenate([yt, ycb]))
+    resumed = list(R.mixed_stream(x, packed[:40], xc, packed[40:], 8, 5, 3).take(4))  # from SGD step 3
+    for (xr, yr), (xm, ym) in zip(resumed, mixed[3:]):
+        np.testing.assert_array_equal(yr.numpy(), ym.numpy())
+    # mix's loss (weighted_ce with all ones, Keras's mean over the 8 + 16 examples) against NumPy.
+    xm, ym = mixed[0]
+    init = keras.initializers.RandomNormal(stddev=0.5, seed=1)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(10, kernel_initializer=init)])
+    model.compile(loss=nl.weighted_ce(np.ones(60)))
+    got = model.evaluate(xm, ym, batch_size=len(ym), verbose=0)
+    labels = ym.numpy().astype(np.int64) % 10
+    p = softmax(model.predict(xm, verbose=0).astype(np.float64))
+    assert len(labels) == 8 + R.CLEAN_PER_BATCH
+    np.testing.assert_allclose(got, np.mean(-np.log(p[np.arange(len(labels)), labels])), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,6 +227,51 @@ def test_weighted_inner_loss_matches_numpy_and_treats_weights_as_constants(norma
     np.testing.assert_allclose(values.numpy(), v * losses, rtol=1e-5)
     expected_grad = v[:, None] * (p - np.eye(4)[y.numpy()]) / 6
     np.testing.assert_allclose(tape.gradient(mean, logits).numpy(), expected_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("normalization", R.NORMALIZATIONS)
+def test_class_aware_weighting_loss_matches_a_hand_written_network_and_its_theta_gradient(normalization):
+    rng = np.random.default_rng(5)
+    theta = R.initial_weighting(7, seed=1, inputs=1 + 4)  # 4 classes: V(ℓ, onehot(y))
+    assert theta[0].shape == (5, 7) and np.all(np.abs(theta[0]) <= 1 / np.sqrt(5))
+    z = rng.normal(size=(6, 4))
+    y = np.array([0, 3, 2, 3, 1, 0])
+    variables = [tf.Variable(t) for t in theta]
+    with tf.GradientTape() as tape:
+        values = R.make_inner_loss(normalization, class_aware=True)(tf.constant(y), tf.constant(z),
+                                                                    {"weighting": variables})
+        mean = tf.reduce_mean(values)
+    w1, b1, w2, b2 = theta
+    ce = -np.log(softmax(z)[np.arange(6), y])
+
+    def raw(w1, b1, w2, b2):  # written out: the label picks row 1 + y of the first matrix
+        pre = np.stack([ce[i] * w1[0] + w1[1 + y[i]] + b1 for i in range(6)])
+        return 1 / (1 + np.exp(-(np.maximum(pre, 0) @ w2 + b2)[:, 0]))
+
+    def weights(*theta):
+        v = raw(*theta)
+        return v / v.mean() if normalization == "mean" else v
+
+    np.testing.assert_allclose(values.numpy(), weights(*theta) * ce, rtol=1e-7)  # "mean" divides by mean + 1e-8
+    np.testing.assert_allclose(R.weighting_net(theta, ce, y), raw(*theta), rtol=1e-12)
+    # ∂ mean(v ℓ) / ∂b2 by central differences (the label enters V, the loss only as a constant input).
+    eps = 1e-6
+    fd = (np.mean(weights(w1, b1, w2, b2 + eps) * ce) - np.mean(weights(w1, b1, w2, b2 - eps) * ce)) / (2 * eps)
+    np.testing.assert_allclose(tape.gradient(mean, variables)[3].numpy(), [fd], rtol=1e-5, atol=1e-10)
+    with pytest.raises(ValueError, match="pass labels"):
+        R.weighting_net(theta, ce)
+
+
+def test_weighting_grid_per_class_and_the_loss_only_network_unchanged():
+    theta = R.initial_weighting(5, seed=0)
+    np.testing.assert_array_equal(theta[0], np.random.default_rng(1000).uniform(-1, 1, (1, 5)))  # issue-#11 θ0
+    assert list(R.grid_weights(theta)) == ["grid_weights"]
+    aware = R.initial_weighting(5, seed=0, inputs=11)
+    g = R.grid_weights(aware)
+    per_class = np.array(g["grid_weights_per_class"])
+    assert per_class.shape == (10, len(R.LOSS_GRID))
+    np.testing.assert_allclose(per_class[3], R.weighting_net(aware, R.LOSS_GRID, np.full(len(R.LOSS_GRID), 3)))
+    np.testing.assert_allclose(g["grid_weights"], per_class.mean(0))
 
 
 @pytest.mark.parametrize("normalization", R.NORMALIZATIONS)
@@ -303,7 +398,8 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     assert (data["n_train"], data["n_val"], data["n_test"]) == (3000, 1000, 1000)
     assert 0.35 < data["wrong_fraction"] < 0.45
     methods = ("plain", "finetune", "forward", "mwn", "l2rw", "mwn_ft", "l2rw_ft", "mwn_k", "l2rw_k", "random", "clean",
-               "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft")
+               "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft",
+               "mwn_cls", "mwn_cls_ft")
     assert set(rows) == {f"{m}.seed{s}" for m in methods for s in (0, 1)}
     for name, row in rows.items():
         epochs = 3 if name.split(".")[0] in R.FINETUNED else 4
@@ -313,7 +409,9 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     # Forward correction's C is a row-stochastic estimate of the flip noise's transition.
     c = np.array(rows["forward.seed0"]["estimated_transition"])
     np.testing.assert_allclose(c.sum(1), 1.0, rtol=1e-4)
-    for name in ("mwn.seed0", "l2rw.seed1", "ren.seed0", "l2rw_mix.seed1"):
+    assert len(rows["mwn_cls.seed0"]["final_grid_weights_per_class"]) == 10
+    assert rows["mwn_cls.seed0"]["normalization"] == "mean" and rows["mwn.seed0"]["normalization"] == "none"
+    for name in ("mwn.seed0", "l2rw.seed1", "ren.seed0", "l2rw_mix.seed1", "mwn_cls.seed1"):
         w = rows[name]["example_weights"]
         assert sum(w["histogram_wrong"]) == data["wrong_labels"] and 0 <= w["detector_recall"] <= 1
     summary = results["target"]["summary"]
@@ -346,25 +444,29 @@ def test_quick_longtail_runs_the_class_balanced_baseline(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
-def test_killed_runs_resume_per_method_and_seed_and_end_identical(tmp_path):
-    # Killed in seed 1's Meta-Weight-Net run after its epoch-2 checkpoint (seed 0 done), rerun:
-    # seed 0 is read back, seed 1 continues, and everything equals an uninterrupted run.
+@pytest.mark.parametrize("methods, paused, learned", [
+    ("plain,mwn,l2rw", "mwn.seed1", "mwn.seed1"),
+    ("plain,mix,mwn_cls", "mix.seed1", "mwn_cls.seed1"),  # mix: fit_recorded on a stream of its own
+])
+def test_killed_runs_resume_per_method_and_seed_and_end_identical(tmp_path, methods, paused, learned):
+    # Killed in seed 1's `paused` run after its epoch-2 checkpoint (seed 0 done), rerun: seed 0 is
+    # read back, seed 1 continues, and everything equals an uninterrupted run.
     subset = fashion_subset(tmp_path)
 
     def command(out, *extra):
-        return ["-m", "experiments.reweighting", "--quick", "--epochs=3", "--methods=plain,mwn,l2rw",
+        return ["-m", "experiments.reweighting", "--quick", "--epochs=3", f"--methods={methods}",
                 f"--output_dir={out}", f"--local_dir={subset}", f"--data_dir={tmp_path / 'tfds'}", *extra]
 
     interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
     log = tmp_path / "interrupted.log"
-    program_runs.kill_when_paused(program_runs.start(command(interrupted, "--pause_after=mwn.seed1,2"), log),
-                                  interrupted / "resume" / "paused_mwn.seed1_2", log, timeout=LONG)
+    program_runs.kill_when_paused(program_runs.start(command(interrupted, f"--pause_after={paused},2"), log),
+                                  interrupted / "resume" / f"paused_{paused}_2", log, timeout=LONG)
     program_runs.finish(program_runs.start(command(interrupted), log), log, timeout=LONG)
     reference_log = tmp_path / "reference.log"
     program_runs.finish(program_runs.start(command(reference), reference_log), reference_log, timeout=LONG)
     text = log.read_text()
-    assert "[mwn.seed1] resumed at epoch 2/3" in text
-    for name in ("plain.seed0", "mwn.seed0", "l2rw.seed0", "plain.seed1"):
+    assert f"[{paused}] resumed at epoch 2/3" in text
+    for name in [f"{m}.seed0" for m in methods.split(",")] + ["plain.seed1"]:
         assert f"[{name}] finished earlier" in text
     got = json.loads((interrupted / "results.json").read_text())["methods"]
     want = json.loads((reference / "results.json").read_text())["methods"]
@@ -372,13 +474,15 @@ def test_killed_runs_resume_per_method_and_seed_and_end_identical(tmp_path):
     for name in got:
         for field in ("epoch", "test_accuracy", "val_accuracy"):
             assert got[name]["record"][field] == want[name]["record"][field], (name, field)
-    np.testing.assert_allclose(np.concatenate([np.ravel(t) for t in got["mwn.seed1"]["theta"]]),
-                               np.concatenate([np.ravel(t) for t in want["mwn.seed1"]["theta"]]), rtol=1e-6, atol=1e-7)
-    assert got["l2rw.seed1"]["example_weights"]["histogram_all"] == want["l2rw.seed1"]["example_weights"]["histogram_all"]
+    np.testing.assert_allclose(np.concatenate([np.ravel(t) for t in got[learned]["theta"]]),
+                               np.concatenate([np.ravel(t) for t in want[learned]["theta"]]), rtol=1e-6, atol=1e-7)
+    if "l2rw.seed1" in got:
+        histogram = [rows["l2rw.seed1"]["example_weights"]["histogram_all"] for rows in (got, want)]
+        assert histogram[0] == histogram[1]
 
 
 def test_a_fine_tuning_run_without_its_source_model_is_a_clear_error(tmp_path):
-    from experiments import online_common as oc
+    from experiments.common import online_program as oc
 
     cfg = R.Config(output_dir=str(tmp_path)).validated()
     x = np.zeros((256, 28, 28, 1), np.float32)
@@ -388,7 +492,7 @@ def test_a_fine_tuning_run_without_its_source_model_is_a_clear_error(tmp_path):
 
 
 def test_damaged_state_and_a_busy_output_dir_are_clear_errors(tmp_path):
-    from experiments import run_state
+    from experiments.common import run_state
 
     cfg = R.Config(output_dir=str(tmp_path), methods=("plain",), seeds=(0,))
     (tmp_path / "resume").mkdir()

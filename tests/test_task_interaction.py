@@ -1,4 +1,4 @@
-"""Tests for experiments/task_interaction.py and experiments/features.py (offline, fast)."""
+"""Tests for experiments/task_interaction.py and experiments/models/features.py (offline, fast)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from absl import flags
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
-from experiments import datasets as D  # noqa: E402
-from experiments import features as F  # noqa: E402
-from experiments import program  # noqa: E402
+from experiments.data import sources  # noqa: E402
+from experiments.models import features as F  # noqa: E402
+from experiments.common import program  # noqa: E402
 from experiments import task_interaction as ti  # noqa: E402
 from offline_data import MNIST_DIR, needs_mnist, write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
@@ -200,7 +200,7 @@ def test_pixel_features_and_normalization():
 
 def test_missing_imagenet_weights_fail_fast(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # empty ~/.keras/models
-    monkeypatch.setattr(D, "network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(sources, "network_reachable", lambda *a, **k: False)
     with pytest.raises(F.FeaturesUnavailableError, match="--features=pixels"):
         F.ensure_weights_available("resnet50", "imagenet")
 
@@ -213,7 +213,7 @@ def test_missing_imagenet_weights_fail_fast(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_quick_run_on_mock_cifar10_with_random_resnet50(tmp_path, monkeypatch):
     """The paper's path: tfds cifar10 (mocked) -> ResNet50 pooled features -> K-RMD."""
-    monkeypatch.setattr(D, "network_reachable", lambda *a, **k: True)  # tfds mock: no download
+    monkeypatch.setattr(sources, "network_reachable", lambda *a, **k: True)  # tfds mock: no download
     cfg = quick_config(tmp_path, dataset="cifar10", features="pretrained", weights="random",
                        image_size=32, m=10)
     with tfds.testing.mock_data(num_examples=60):

@@ -8,7 +8,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import tensorflow as tf
 
-from tf_bilevel import _validate, nonfinite
+from tf_bilevel import _grappler, _validate, nonfinite
 from tf_bilevel._tree import leaf_names
 from tf_bilevel.dynamics.loops import run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
@@ -168,9 +168,10 @@ class Hypergradient:
         # through a closure may be passed now, and no retrace would see it.
         self.problem.check_not_read_through_closure(passed)
         try:
-            result = self._compiled(
-                params, hparams, inner_batch, outer_batch, opt_state=opt_state, model_state=model_state, tangents=tangents
-            )
+            with _grappler.guarded():
+                result = self._compiled(
+                    params, hparams, inner_batch, outer_batch, opt_state=opt_state, model_state=model_state, tangents=tangents
+                )
         except ValueError:
             # Read through a closure by the trace that failed (a leaf used only that way looks unreached): say so.
             self._raise_if_read_through_closure(passed)
@@ -189,9 +190,10 @@ class Hypergradient:
 
     def solve(self, params: Any, hparams: Any, inner_batch: Any = None, *, model_state: Any = None) -> Any:
         """w_T: the T inner steps alone, compiled, with no tape (the cost floor of every estimator)."""
-        return self._compiled_solve(
-            _as_tensors(params, "params"), _as_tensors(hparams, "hparams"), inner_batch, model_state=model_state
-        )
+        with _grappler.guarded():
+            return self._compiled_solve(
+                _as_tensors(params, "params"), _as_tensors(hparams, "hparams"), inner_batch, model_state=model_state
+            )
 
     @property
     def tracing_count(self) -> int:

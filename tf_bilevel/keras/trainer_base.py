@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
 
+from tf_bilevel import _grappler as grappler
 from tf_bilevel.keras import conventions
 from tf_bilevel.keras import data as data_lib
 from tf_bilevel.keras.estimator import EstimatorSettings
@@ -172,7 +173,8 @@ class BilevelTrainerMixin:
                 return adapted_weights(self.problem, self.hypergradient, inputs, task, seed, hp)
 
             functions.adapt = tf.function(adapt, autograph=False)
-        return functions.adapt(self._step_inputs(), data_lib.Task(batch, batch))
+        with grappler.guarded():
+            return functions.adapt(self._step_inputs(), data_lib.Task(batch, batch))
 
     def resumable(self, tasks: Any) -> tf.data.Dataset:
         """A stream of tasks that starts where the last hyper-iteration stopped, for `fit`.
@@ -263,12 +265,28 @@ class BilevelTrainerMixin:
         compiled = self.train_function
 
         def train_function(iterator):
-            logs = compiled(iterator)
+            with grappler.guarded():
+                logs = compiled(iterator)
             self._update_gate.raise_if_recorded()
             return logs
 
         self.train_function = train_function
         return train_function
+
+    # Evaluation and prediction train the inner model in a loop too (episodic regimes).
+    def make_test_function(self, force: bool = False):
+        if self.test_function is not None and not force:
+            return self.test_function
+        super().make_test_function(force=force)
+        self.test_function = _guarded(self.test_function)
+        return self.test_function
+
+    def make_predict_function(self, force: bool = False):
+        if self.predict_function is not None and not force:
+            return self.predict_function
+        super().make_predict_function(force=force)
+        self.predict_function = _guarded(self.predict_function)
+        return self.predict_function
 
     @property
     def metrics(self) -> list:
@@ -315,7 +333,8 @@ class BilevelTrainerMixin:
             fn = functions.hypergradient_of = tf.function(
                 compute, jit_compile=bool(getattr(self, "jit_compile", False)), autograph=False
             )
-        return list(fn(data))
+        with grappler.guarded():
+            return list(fn(data))
 
     def test_step(self, data):
         task = data_lib.parse_task(data)
@@ -464,3 +483,12 @@ class BilevelTrainerMixin:
 class _Untracked:
     """A plain attribute bag: Keras does not track (or re-wrap) what it holds."""
 
+
+def _guarded(compiled: Callable) -> Callable:
+    """`compiled` (a Keras step function) called under `grappler.guarded()`."""
+
+    def function(iterator):
+        with grappler.guarded():
+            return compiled(iterator)
+
+    return function

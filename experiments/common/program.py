@@ -1,6 +1,6 @@
 """The skeleton of every experiment program and benchmark suite, written once.
 
-A program is its `Config` (experiments/config.py: a dataclass whose fields declare their
+A program is its `Config` (experiments/common/config.py: a dataclass whose fields declare their
 flags), its presets, and its experiment: load the data, run, draw the figures, format the table.
 Everything around that is here:
 
@@ -35,8 +35,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from experiments import config
-from experiments.run_state import (
+from experiments.common import config
+from experiments.common.run_state import (
     STATE_ERRORS, discard_state, exclusive_output_dir, guard_settings, jsonable, write_json_atomically,
 )
 
@@ -91,7 +91,7 @@ class Program:
                                             suites do with `write_report`)
     worker                                  (Config field, function): with that internal flag set,
                                             `main` only runs function(JSON payload) and prints
-                                            the result (experiments/subprocesses.py)
+                                            the result (experiments/common/subprocesses.py)
     data_name(cfg) -> str                   names the data in "no <data> data" errors
     failure_hint(err, cfg) -> str           appended to the error line of a failed run
     """
@@ -126,7 +126,7 @@ class Program:
 @dataclasses.dataclass
 class Run:
     """What `run_program` hands the experiment: where the output goes, when the run started,
-    the environment it started in (experiments/provenance.py), and the results writer (for
+    the environment it started in (experiments/common/provenance.py), and the results writer (for
     programs that write results.json after every finished part, too)."""
 
     program: Program
@@ -149,7 +149,7 @@ def run_program(program: Program, cfg: Any, data: Any = None) -> dict:
     lock on cfg.output_dir; returns the results. Raises the run_state errors (STATE_ERRORS) for
     a busy or unusable folder and for damaged or mismatched state, DataUnavailableError when
     there is no data."""
-    from experiments import provenance
+    from experiments.common import provenance
 
     cfg = program.prepare(cfg)
     with exclusive_output_dir(cfg.output_dir, f"experiments.{program.name}"):
@@ -226,7 +226,7 @@ def main(program: Program, argv: Sequence[str], flag_values: Any = None) -> int:
     import tensorflow as tf
 
     import tf_bilevel as tfb
-    from experiments.datasets import DataUnavailableError
+    from experiments.data.sources import DataUnavailableError
 
     logging.set_verbosity(logging.WARNING)  # tfds logs every dataset it opens at INFO
     tf.get_logger().setLevel("ERROR")  # Keras' retracing notes are noise in a program's output
@@ -234,7 +234,7 @@ def main(program: Program, argv: Sequence[str], flag_values: Any = None) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}", exitcode=Exit.USAGE)
     if program.worker is not None and values[program.worker[0]].value:
-        from experiments.subprocesses import print_result
+        from experiments.common.subprocesses import print_result
 
         print_result(program.worker[1](json.loads(values[program.worker[0]].value)))
         return Exit.OK

@@ -72,7 +72,7 @@ def ensure_weights_available(backbone: str, weights: str | None) -> None:
                           _backbones()[backbone].notop_weights_file)
     if os.path.isfile(cached):
         return
-    from experiments.datasets import network_reachable  # same fast probe as the data layer
+    from experiments.data.sources import network_reachable  # same fast probe as the data layer
 
     if not network_reachable(*WEIGHTS_HOST):
         raise FeaturesUnavailableError(
@@ -140,14 +140,14 @@ def normalize_features(x: np.ndarray, scale: float = 1.0) -> np.ndarray:
 def load_features(dataset: str, kind: str, *, scale: float, data_dir: Optional[str] = None,
                   local_dir: Optional[str] = None, backbone: str = "resnet50", weights: str = "imagenet",
                   image_size: int = 224, cache_dir: Optional[str] = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """All images of `dataset` (tfds train + test, `datasets.load_image_classification`) as
+    """All images of `dataset` (tfds train + test, `tfds_offline.load_image_classification`) as
     normalized features [N, d] (`kind`: "pixels" or "pretrained", the pooled output of `backbone`
     with `weights`: "imagenet", "random" (untrained; tests only) or a weights file), labels [N]
     and a description. Pretrained features are cached in `cache_dir` when it is given."""
-    from experiments import datasets  # (imports tensorflow_datasets: only when data is loaded)
-    from experiments.run_state import damaged, reading_state, write_atomically
+    from experiments.data import tfds_offline  # (imports tensorflow_datasets: only when data is loaded)
+    from experiments.common.run_state import damaged, reading_state, write_atomically
 
-    data = datasets.load_image_classification(dataset, data_dir=data_dir, local_dir=local_dir)
+    data = tfds_offline.load_image_classification(dataset, data_dir=data_dir, local_dir=local_dir)
     images = np.concatenate([data["train"][0], data["test"][0]])
     labels = np.concatenate([data["train"][1], data["test"][1]])
     if kind == "pixels":

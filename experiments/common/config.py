@@ -94,7 +94,7 @@ def define_fields(config_class: type, flag_values: Any = None) -> None:
     joins another program's (e.g. a benchmark suite's); read them back with `fields_from_flags`."""
     from absl import flags
 
-    from experiments._cli import define_internal
+    from experiments.common.cli import define_internal
 
     flags.disclaim_key_flags()
     into = {} if flag_values is None else {"flag_values": flag_values}

@@ -1,6 +1,6 @@
 r"""Meta-batch sweep of BilevelTrainer(meta_batch=True) on the one-shot network (issue #9 §3).
 
-One hyper-iteration of the Fig. 8 network of experiments/fewshot_model.py (5-way 1-shot, 15
+One hyper-iteration of the Fig. 8 network of experiments/models/fewshot.py (5-way 1-shot, 15
 query examples per class, 28×28, 64 channels; hyper model = blocks 1–2, inner model = blocks
 3–4 + classifier, K-RMD with learned ρ, c, γ), for every meta-batch size B, with and without
 XLA, for T inner steps. All configurations of one T are built in ONE process and timed
@@ -16,8 +16,8 @@ paths to time: "stacked" (the default: one inner loop over all tasks, the inner 
 over tasks) and/or "map_fn" (the old tf.map_fn over tasks, for comparison; slow under XLA).
 
   python -m experiments.benchmark --suites=metabatch     # the same, from the benchmark program
-  python -m experiments.benchmark_metabatch              # T in {10, 50}, B in {1, 4, 16}
-  python -m experiments.benchmark_metabatch --preset=quick  # tiny sizes (used by the tests)
+  python -m experiments.benchmarks.metabatch              # T in {10, 50}, B in {1, 4, 16}
+  python -m experiments.benchmarks.metabatch --preset=quick  # tiny sizes (used by the tests)
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from experiments import fewshot_model as fsm  # noqa: E402
-from experiments import program, provenance  # noqa: E402
-from experiments._memory import PeakMemory, mib  # noqa: E402
-from experiments.config import option  # noqa: E402
-from experiments.timing import block, wall_seconds  # noqa: E402
+from experiments.models import fewshot as fsm  # noqa: E402
+from experiments.common import program, provenance  # noqa: E402
+from experiments.common.memory import PeakMemory, mib  # noqa: E402
+from experiments.common.config import option  # noqa: E402
+from experiments.common.timing import block, wall_seconds  # noqa: E402
 
 BATCHING_TARGET = 0.5  # per-task time at the largest B over B = 1, under XLA
 XLA_TARGET = 1.0  # time with XLA over time without
@@ -196,7 +196,7 @@ def settings_of(cfg: Any) -> dict:
 
 
 PROGRAM = program.Program(
-    "benchmark_metabatch", Config, PRESETS, experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir),
+    "benchmarks.metabatch", Config, PRESETS, experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir),
     prepare=program.checked(settings_of), results_file=None)
 
 

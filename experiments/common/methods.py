@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from experiments.plotting import truncation_colors
+from experiments.common.plotting import truncation_colors
 
 
 def method_name(truncate: Optional[int], short_horizon: bool = False) -> str:

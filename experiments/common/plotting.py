@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # the programs run headless (CI, servers): never open a w
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.run_state import write_atomically  # noqa: E402
+from experiments.common.run_state import write_atomically  # noqa: E402
 
 __all__ = ["label_axes", "plot_curve", "plt", "save_figure", "semilogy_curves", "truncation_colors",
            "truncation_label"]

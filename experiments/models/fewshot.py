@@ -47,7 +47,8 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments import datasets, kanji_strokes
+from experiments.data import episodes, tfds_offline
+from experiments.data import kanji_strokes
 from tf_bilevel.keras import inverse_softplus, losses
 from tf_bilevel.keras.layers import batch_moments
 
@@ -197,12 +198,12 @@ class Task(NamedTuple):
 
 
 def as_task(batch: dict) -> Task:
-    """A `datasets.make_episodes` element as a Task."""
+    """A `episodes.make_episodes` element as a Task."""
     return Task(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
 
 
 def as_trainer_element(batch: dict) -> tuple:
-    """A `datasets.make_episodes` element as the BilevelTrainer's ((x_inner, y_inner), (x_outer, y_outer))."""
+    """A `episodes.make_episodes` element as the BilevelTrainer's ((x_inner, y_inner), (x_outer, y_outer))."""
     return (batch["support_x"], batch["support_y"]), (batch["query_x"], batch["query_y"])
 
 
@@ -214,7 +215,7 @@ class MetaData:
 
     def episodes(self, pool: str, *, n_way: int, k_shot: int, n_query: int, seed: int,
                  num_episodes: Optional[int], meta_batch_size: Optional[int]) -> tf.data.Dataset:
-        return datasets.make_episodes(self.images, self.labels, self.pools[pool], n_way=n_way, k_shot=k_shot,
+        return episodes.make_episodes(self.images, self.labels, self.pools[pool], n_way=n_way, k_shot=k_shot,
                                       n_query=n_query, seed=seed, num_episodes=num_episodes,
                                       meta_batch_size=meta_batch_size)
 
@@ -223,7 +224,7 @@ class MetaData:
         """`start -> dataset` of the trainer's meta-batches from hyper-iteration `start` on (the
         episodes of `episodes("train", ...)`, as trainer elements): `trainer.resumable` jumps
         to a resumed run's hyper-iteration instead of drawing and dropping the earlier ones."""
-        sampler = datasets.episode_sampler(self.images, self.labels, self.pools["train"], n_way=n_way,
+        sampler = episodes.episode_sampler(self.images, self.labels, self.pools["train"], n_way=n_way,
                                            k_shot=k_shot, n_query=n_query, seed=seed)
         return tfb.keras.episodes(lambda i: as_trainer_element(sampler(i)), batch=meta_batch_size)
 
@@ -231,11 +232,11 @@ class MetaData:
 def load_meta_data(dataset: str, *, data_dir: Optional[str], local_dir: Optional[str], image_size: int,
                    class_split: Sequence[int], rotations: bool, seed: int) -> MetaData:
     """Omniglot (tfds, train + test), kanji_strokes (its Omniglot-shaped offline substitute,
-    experiments/kanji_strokes.py) or (fashion_)mnist (train + test) with disjoint class pools of
+    experiments/data/kanji_strokes.py) or (fashion_)mnist (train + test) with disjoint class pools of
     `class_split` = (train, val, test) base classes; `rotations`: each class also as its 90/180/270°
     rotations (new classes in the same pool)."""
     if dataset == "omniglot":
-        images, labels = datasets.load_omniglot(data_dir=data_dir, image_size=image_size)
+        images, labels = episodes.load_omniglot(data_dir=data_dir, image_size=image_size)
         source = "tfds omniglot (train + test), grayscale"
     elif dataset == kanji_strokes.NAME:
         images, labels = kanji_strokes.load_kanji_strokes(data_dir=data_dir, image_size=image_size)
@@ -243,17 +244,17 @@ def load_meta_data(dataset: str, *, data_dir: Optional[str], local_dir: Optional
                   f"drawers, rendered from {kanji_strokes.DEBIAN_PACKAGE}'s strokes; synthetic, not Omniglot), "
                   f"{kanji_strokes.IMAGE_SIZE}x{kanji_strokes.IMAGE_SIZE} resized")
     else:
-        data = datasets.load_image_classification(dataset, data_dir=data_dir, local_dir=local_dir,
+        data = tfds_offline.load_image_classification(dataset, data_dir=data_dir, local_dir=local_dir,
                                                   image_size=None if image_size == 28 else image_size)
         images = np.concatenate([data["train"][0], data["test"][0]])
         labels = np.concatenate([data["train"][1], data["test"][1]])
         source = f"tfds {dataset} (train + test)"
-    base = datasets.class_split(labels, dict(zip(("train", "val", "test"), class_split)), seed=seed)
+    base = episodes.class_split(labels, dict(zip(("train", "val", "test"), class_split)), seed=seed)
     pools = base
     if rotations:
         num_base = int(labels.max()) + 1
-        images, labels = datasets.add_rotations(images, labels)
-        pools = {k: datasets.rotated_classes(v, num_base) for k, v in base.items()}
+        images, labels = episodes.add_rotations(images, labels)
+        pools = {k: episodes.rotated_classes(v, num_base) for k, v in base.items()}
     description = (f"{source}, {image_size}x{image_size}; base classes { {k: len(v) for k, v in base.items()} }"
                    + (f", x4 by 90-degree rotations -> { {k: len(v) for k, v in pools.items()} } classes"
                       if rotations else ""))

@@ -17,14 +17,14 @@ renders Omniglot's structure from it as the tfds dataset `kanji_strokes`:
   function of them;
 * images: 105×105×1 uint8, black ink on white as Omniglot, drawn by a NumPy anti-aliased
   rasteriser (`render`); the programs resize them to 28×28 exactly as the Omniglot path does
-  (`datasets.load_image_classification(..., image_size=28, grayscale=True)`);
+  (`tfds_offline.load_image_classification(..., image_size=28, grayscale=True)`);
 * one tfds split, "train", holding every image; labels 0..1622 are the character ids (as the
   Omniglot path's labels after it concatenates tfds's two splits), so the programs split them
-  1200 / 100 / 323 with `datasets.class_split`, as they split Omniglot.
+  1200 / 100 / 323 with `episodes.class_split`, as they split Omniglot.
 
 tfds prepares the set once per data_dir (1-2 minutes) and reads it from there afterwards. The
 contact sheet docs/figures/kanji_strokes_contact_sheet.png comes from
-`python -c "from experiments import kanji_strokes as k; k.contact_sheet('docs/figures/kanji_strokes_contact_sheet.png', seed=1)"`.
+`python -c "from experiments.data import kanji_strokes as k; k.contact_sheet('docs/figures/kanji_strokes_contact_sheet.png', seed=1)"`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Iterator, Optional
 import numpy as np
 import tensorflow_datasets as tfds
 
-from experiments import datasets
+from experiments.data import sources, tfds_offline
 
 __all__ = [
     "DATA_JSON",
@@ -81,10 +81,10 @@ def _missing_message(path: Path) -> str:
 def read_strokes(path: Optional[os.PathLike] = None) -> dict[str, np.ndarray]:
     """{kanji: strokes [S, 4] float (x0, y0, x1, y1 on a 256 grid)} from kanjidraw's data.json.
 
-    Raises datasets.DataUnavailableError naming the Debian package when the file is absent."""
+    Raises tfds_offline.DataUnavailableError naming the Debian package when the file is absent."""
     path = Path(path or DATA_JSON)
     if not path.is_file():
-        raise datasets.DataUnavailableError(_missing_message(path))
+        raise tfds_offline.DataUnavailableError(_missing_message(path))
     by_count = json.loads(path.read_bytes())
     return {kanji: np.asarray(strokes, np.float64)
             for group in by_count.values() for kanji, strokes in group.items()}
@@ -258,7 +258,7 @@ class KanjiStrokes(tfds.core.GeneratorBasedBuilder):
         strokes = read_strokes()  # names the Debian package if the file is missing
         digest = hashlib.sha256(DATA_JSON.read_bytes()).hexdigest()
         if digest != DATA_SHA256:
-            raise datasets.DataUnavailableError(
+            raise tfds_offline.DataUnavailableError(
                 f"{DATA_JSON} has sha256 {digest}, not that of the {DEBIAN_PACKAGE} release this dataset "
                 f"version was made from ({DATA_SHA256}): it would render another character set. "
                 f"Install that release, or update DATA_SHA256 and KanjiStrokes.VERSION together.")
@@ -274,27 +274,28 @@ class KanjiStrokes(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
-    """The prepared `kanji_strokes` builder in `data_dir` (default datasets.default_data_dir()),
+    """The prepared `kanji_strokes` builder in `data_dir` (default tfds_offline.default_data_dir()),
     rendered there first if needed (one process at a time per data_dir)."""
-    data_dir = data_dir or datasets.default_data_dir()
+    data_dir = data_dir or tfds_offline.default_data_dir()
     builder = KanjiStrokes(data_dir=data_dir)
     if builder.is_prepared():
         return builder
     if not DATA_JSON.is_file():  # before taking the lock: the message must name the package
-        raise datasets.DataUnavailableError(_missing_message(DATA_JSON))
-    with datasets._exclusive(data_dir, NAME):
+        raise tfds_offline.DataUnavailableError(_missing_message(DATA_JSON))
+    with sources.exclusive(data_dir, NAME):
         builder = KanjiStrokes(data_dir=data_dir)  # re-read: another process may have prepared it
         if not builder.is_prepared():
             builder.download_and_prepare()
-            datasets._found(NAME, data_dir, f"{DEBIAN_PACKAGE}'s {DATA_JSON}, rendered by experiments.kanji_strokes", prepared_now=True)
+            sources.record_source(NAME, data_dir, f"{DEBIAN_PACKAGE}'s {DATA_JSON}, rendered by experiments.data.kanji_strokes",
+                                  prepared_now=True)
     return builder
 
 
 def load_kanji_strokes(*, data_dir: Optional[str] = None, image_size: int = 28) -> tuple[np.ndarray, np.ndarray]:
     """All 1 623 × 20 images [N, image_size, image_size, 1] uint8 and labels [N] (0..1622), resized
-    as `datasets.load_omniglot` resizes Omniglot; rendered and cached by tfds on first use."""
+    as `episodes.load_omniglot` resizes Omniglot; rendered and cached by tfds on first use."""
     prepare(data_dir)
-    data = datasets.load_image_classification(NAME, data_dir=data_dir, splits=("train",),
+    data = tfds_offline.load_image_classification(NAME, data_dir=data_dir, splits=("train",),
                                               image_size=image_size, grayscale=True)
     return data["train"]
 
@@ -309,14 +310,14 @@ def contact_sheet(path: str, *, num_characters: int = 8, num_drawers: int = NUM_
     `num_drawers` drawers (columns), at 105×105 as stored and at 28×28 as the programs see them."""
     import tensorflow as tf
 
-    from experiments.plotting import plt, save_figure
+    from experiments.common.plotting import plt, save_figure
 
     strokes = read_strokes()
     characters = choose_characters(strokes)
     picked = sorted(np.random.default_rng(seed).choice(len(characters), num_characters, replace=False))
     images = np.stack([[render(strokes[characters[c]], characters[c], d) for d in range(num_drawers)]
                        for c in picked])  # [C, D, 105, 105, 1]
-    small = datasets._preprocess_fn((28, 28), True)(tf.constant(images.reshape(-1, *images.shape[2:])), 0)[0]
+    small = tfds_offline.preprocess_fn((28, 28), True)(tf.constant(images.reshape(-1, *images.shape[2:])), 0)[0]
     small = small.numpy().reshape(num_characters, num_drawers, 28, 28, 1)
 
     def mosaic(block: np.ndarray, gap: int) -> np.ndarray:

@@ -6,7 +6,7 @@ process; writes cnn_results.json to --output_dir. What it measures: RESULTS.md, 
 what is measured"; the numbers: README, "Benchmark".
 
   python -m experiments.benchmark --suites=cnn            # the full suite
-  python -m experiments.benchmark_cnn --preset=quick      # tiny CNN (tests)
+  python -m experiments.benchmarks.cnn --preset=quick      # tiny CNN (tests)
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import program, provenance  # noqa: E402
-from experiments.config import option  # noqa: E402
-from experiments.subprocesses import run_each  # noqa: E402
-from experiments.timing import against_floor  # noqa: E402
-from experiments.timing import median as timing_median  # noqa: E402
+from experiments.common import program, provenance  # noqa: E402
+from experiments.common.config import option  # noqa: E402
+from experiments.common.subprocesses import run_each  # noqa: E402
+from experiments.common.timing import against_floor  # noqa: E402
+from experiments.common.timing import median as timing_median  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402
 MEMORY_GOAL, GOAL_TRUNCATE = 10.0, 5  # full RMD ≥ 10× the allocator peak of 5-RMD at the same T (issue #9): reported only
 MEMORY_TOLERANCE = 0.10  # K-RMD peak at the largest T within 10% of the smallest T: "flat"
@@ -321,7 +321,7 @@ def run(settings: dict, output_dir: str, timeout: float = 7200.0) -> dict:
     print(f"cnn suite: M = {M} inner parameters, {len(configs)} configurations, one fresh process each", flush=True)
     machine = provenance.environment()
     results = run_each(
-        configs, "experiments.benchmark_cnn", "cnn_worker", timeout, describe=lambda c: f"T={c['steps']} {c['label']}",
+        configs, "experiments.benchmarks.cnn", "cnn_worker", timeout, describe=lambda c: f"T={c['steps']} {c['label']}",
         report=lambda r: (f"{r['median_seconds']:.2f} s = {r['time_over_floor']:.2f}× floor, "
                           f"alloc peak {_mb(r['allocator_peak_growth_bytes'])} MB, "
                           f"RSS peak {_mb(r['process_peak_growth_bytes'])} MB"))
@@ -402,7 +402,7 @@ def settings_of(cfg: Any) -> dict:
 
 
 PROGRAM = program.Program(
-    "benchmark_cnn", Config, PRESETS, results_file=None, prepare=program.checked(settings_of),
+    "benchmarks.cnn", Config, PRESETS, results_file=None, prepare=program.checked(settings_of),
     experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir), worker=("cnn_worker", measure))
 
 

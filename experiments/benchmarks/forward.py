@@ -15,8 +15,8 @@ process (so machine load hits all alike), medians of wall time:
 
   ratio = time(forward step) / time(plain step);  target (issue #16): one pass ≤ 1 + N.
 
-  python -m experiments.benchmark_forward            # XLA on and off
-  python -m experiments.benchmark_forward --quick    # tiny sizes (the program's test)
+  python -m experiments.benchmarks.forward            # XLA on and off
+  python -m experiments.benchmarks.forward --quick    # tiny sizes (the program's test)
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import program, provenance  # noqa: E402
-from experiments.config import option  # noqa: E402
-from experiments.timing import block, wall_seconds  # noqa: E402
+from experiments.common import program, provenance  # noqa: E402
+from experiments.common.config import option  # noqa: E402
+from experiments.common.timing import block, wall_seconds  # noqa: E402
 from tf_bilevel.dynamics import InnerState  # noqa: E402
 
 NUM_KERNELS = 4
@@ -231,7 +231,7 @@ class Config:
 PRESETS = {"full": {}, "quick": {}}
 
 PROGRAM = program.Program(
-    "benchmark_forward", Config, PRESETS, results_file=None,
+    "benchmarks.forward", Config, PRESETS, results_file=None,
     experiment=lambda cfg, data, ctx: run(make_settings(cfg.repeats, cfg.preset == "quick"), cfg.output_dir))
 
 

@@ -91,7 +91,7 @@ def against_floor(build: Callable[[], tuple[Any, Callable[[], Any], Callable[[],
     """Measures `fn` against `floor` ((built, fn, floor) = build(), the build timed with the first
     call): `repeats(steady timing, floor)` alternating calls of each. With `is_floor`, fn is the
     floor itself and is timed alone."""
-    from experiments._memory import PeakMemory
+    from experiments.common.memory import PeakMemory
 
     with PeakMemory() as first_memory:
         wall, cpu = time.perf_counter(), time.process_time()

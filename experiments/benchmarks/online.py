@@ -21,8 +21,8 @@ configuration gets `--repeats` timed rounds, fewer (at least one) once its round
 retracing).
 
   python -m experiments.benchmark --suites=online        # the same, from the benchmark program
-  python -m experiments.benchmark_online                 # T=K=1, T=20 with K in {1, 5, 20}, forward T in {1, 20}
-  python -m experiments.benchmark_online --preset=quick  # tiny sizes (used by the tests)
+  python -m experiments.benchmarks.online                 # T=K=1, T=20 with K in {1, 5, 20}, forward T in {1, 20}
+  python -m experiments.benchmarks.online --preset=quick  # tiny sizes (used by the tests)
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments import program, provenance  # noqa: E402
-from experiments._memory import PeakMemory, mib  # noqa: E402
-from experiments.config import option  # noqa: E402
-from experiments.timing import block, wall_seconds  # noqa: E402
+from experiments.common import program, provenance  # noqa: E402
+from experiments.common.memory import PeakMemory, mib  # noqa: E402
+from experiments.common.config import option  # noqa: E402
+from experiments.common.timing import block, wall_seconds  # noqa: E402
 
 TARGETS = {(20, 1): 1.3, (1, 1): 5.0}  # (T, K) -> ratio target of the issue: reported, never asserted
 FORWARD = "f"  # K of a forward-mode configuration ("Txf")
@@ -248,7 +248,7 @@ def settings_of(cfg: Any) -> dict:
 
 
 PROGRAM = program.Program(
-    "benchmark_online", Config, PRESETS, experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir),
+    "benchmarks.online", Config, PRESETS, experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir),
     prepare=program.checked(settings_of), results_file=None)
 
 

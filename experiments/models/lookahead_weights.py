@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments import noisy_labels as nl
+from experiments.data import noisy_labels as nl
 
 
 def lookahead_weights(hypergrad: Any) -> tf.Tensor:

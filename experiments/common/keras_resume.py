@@ -8,7 +8,7 @@ restart cuts the record back to the restored epoch, never finds it behind. A fin
 <root>/<method>.weights.h5 + <root>/<method>.json (its row, written last: its existence marks the
 method finished); `MethodStore` reads and writes these files. `PauseOnce` is the tests' hook
 that stops a fit at a known hyper-iteration or epoch to be killed there.
-(experiments/online_common.py's per-epoch store extends `MethodStore` and uses `PauseOnce`.)
+(experiments/common/online_program.py's per-epoch store extends `MethodStore` and uses `PauseOnce`.)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import keras
 
 import tf_bilevel as tfb
 
-from experiments.run_state import (
+from experiments.common.run_state import (
     RESTART_HINT, StateFileError, damaged, pause_to_be_killed, read_state_json, reading_state, write_atomically,
     write_json_atomically,
 )

@@ -2,7 +2,7 @@
 share: resumable minibatch streams, the online task stream of the trainer, a per-epoch recorder
 (test / validation accuracy against training wall-clock, hyperparameters against
 hyper-iteration) that survives SIGKILL, per-method result files, and the experiment around the
-methods (`methods_experiment`, run by experiments/program.py).
+methods (`methods_experiment`, run by experiments/common/program.py).
 
 Resuming. Each method of a program trains with `keras.callbacks.BackupAndRestore` under
 <output_dir>/resume/backup/<method> (one checkpoint per Keras epoch) and keeps its curves in
@@ -28,9 +28,9 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments import keras_resume
-from experiments.config import option
-from experiments.run_state import RESTART_HINT, parse_pause_after, read_state_json, write_json_atomically
+from experiments.common import keras_resume
+from experiments.common.config import option
+from experiments.common.run_state import RESTART_HINT, parse_pause_after, read_state_json, write_json_atomically
 
 
 # ----------------------------------------------------------------------------------------
@@ -293,21 +293,30 @@ class CheckRestoredPosition(keras.callbacks.Callback):
                                "damaged?): delete the method's folder under <output_dir>/resume/backup and rerun.")
 
 
-def fit_keras(model: keras.Model, method: str, train: tuple, *, test: tuple, val: tuple, epochs: int,
-              steps_per_epoch: int, batch_size: int, seed: int, store: MethodStore) -> EpochRecorder:
-    """Plain Keras training of a compiled, built `model` on minibatches of `train`, resumable
-    per epoch; returns the record. The stream starts at the checkpoint's epoch, read from the
+def fit_recorded(model: keras.Model, method: str, make_stream: Callable[[int], tf.data.Dataset], *, epochs: int,
+                 steps_per_epoch: int, test: tuple, val: tuple, store: MethodStore,
+                 recorded: Optional[keras.Model] = None) -> EpochRecorder:
+    """`model.fit` (compiled, built) on `make_stream(start)` for `epochs` x `steps_per_epoch`,
+    resumable per epoch, recording `recorded` (default `model`: the network evaluated on test and
+    val); returns the record. The stream starts at the checkpoint's SGD step, read from the
     backup's metadata before fit (a tf.data function reading `optimizer.iterations` at run time
     saw a wrong value once prefetching or callbacks were involved: other minibatches)."""
     start = restored_epoch(store.backup_dir(method)) * steps_per_epoch
-    stream = minibatch_stream(*train, batch_size, seed, start)
-    recorder = EpochRecorder(f"[{method}]", epochs, steps_per_epoch, model, test, val, store.record_path(method))
+    recorder = EpochRecorder(f"[{method}]", epochs, steps_per_epoch, model if recorded is None else recorded, test,
+                             val, store.record_path(method))
     callbacks = store.callbacks(method, recorder)
     callbacks.insert(2, CheckRestoredPosition(start))
-    model.fit(stream.prefetch(2), epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
+    model.fit(make_stream(start).prefetch(2), epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False,
               callbacks=callbacks, verbose=0)
     recorder.finish()
     return recorder
+
+
+def fit_keras(model: keras.Model, method: str, train: tuple, *, test: tuple, val: tuple, epochs: int,
+              steps_per_epoch: int, batch_size: int, seed: int, store: MethodStore) -> EpochRecorder:
+    """Plain Keras training of a compiled, built `model` on minibatches of `train` (`fit_recorded`)."""
+    return fit_recorded(model, method, lambda start: minibatch_stream(*train, batch_size, seed, start), epochs=epochs,
+                        steps_per_epoch=steps_per_epoch, test=test, val=val, store=store)
 
 
 def fit_online(trainer: tfb.BilevelTrainer, model: keras.Model, method: str, data: dict, cfg: Any,
@@ -369,7 +378,7 @@ def check_ranges(cfg: Any, at_least_one: Sequence[str] = (), positive: Sequence[
 
 def methods_experiment(program: str, run_methods: Callable[[Any, dict, MethodStore], dict],
                        target: Callable[[dict], dict]) -> Callable:
-    """The `experiment` of an online program (experiments/program.py) from its parts: runs the
+    """The `experiment` of an online program (experiments/common/program.py) from its parts: runs the
     methods (finished ones are read back from <output_dir>/resume) on data = (arrays, data
     description); the results hold the config, data, environment, the methods' rows and the
     target check."""

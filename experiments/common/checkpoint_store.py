@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Mapping, Optional, Protocol, Sequence
 import numpy as np
 
 import tf_bilevel as tfb
-from experiments.run_state import damaged, jsonable, pause_to_be_killed, read_state_json, write_json_atomically
+from experiments.common.run_state import damaged, jsonable, pause_to_be_killed, read_state_json, write_json_atomically
 
 
 def arrays_sha256(arrays: Mapping[str, Any], keys: Sequence[str]) -> str:
