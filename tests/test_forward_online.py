@@ -342,7 +342,7 @@ def test_cnn_steps_in_a_loop_under_xla_use_canonical_filter_gradients():
     tangents of the graph-mode run, and every convolution in the optimized HLO has XLA:CPU's fast
     NHWC layout (`b01f_...->b01f`). TF's filter-gradient lowering (`f01b_i01o->01bf`) is only made
     fast by XLA:CPU outside loops; inside the inner-step loop it ran ~150-450x slower."""
-    from experiments import benchmark_forward as bench
+    from experiments.benchmarks import forward as bench
 
     settings = {**bench.make_settings(1, quick=True), "batch_size": 4}
     rng = np.random.default_rng(1)
