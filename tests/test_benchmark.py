@@ -157,6 +157,8 @@ def test_program_end_to_end(tmp_path):
         assert all(v > 0 for v in r["median_seconds"].values())
         assert r["ratio_to_plain_per_step"] == r["median_seconds"]["bilevel"] / r["median_seconds"]["plain_per_step"]
         assert r["num_params"] > 0
+        assert r["train_step_traces"] == 1, r  # traced once, never retraced per hyper-iteration
+        assert 1 <= r["rounds"] == len(r["times_seconds"]["bilevel"]) <= online["settings"]["repeats"]
         assert r["target"] == (1 + r["num_hyperparameters"] if r["estimator"] == "forward" else {(1, 1): 5.0}.get((r["T"], r["K"])))
     assert "ratio per-step" in done.stdout
 

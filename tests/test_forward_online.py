@@ -11,6 +11,8 @@ library code): μ = 1 is full RMD through the concatenated run, and since Z_T is
 carried Z, d_λf(μ) = μ·(full RMD) + (1−μ)·(RMD of the second call alone).
 """
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -333,6 +335,33 @@ def test_a_cnn_step_with_all_columns_has_no_loop_and_matches_column_by_column_jv
         first.final_params, hp, (x, y), (x[0], y[0]), opt_state=first.final_opt_state, tangents=first.final_tangents,
     ))
     assert "Conv2DBackpropFilter" in types and not [t for t in types if "While" in t]
+
+
+def test_cnn_steps_in_a_loop_under_xla_use_canonical_filter_gradients():
+    """T = 2 forward steps (a while loop) of the conv network under XLA: the hypergradient and
+    tangents of the graph-mode run, and every convolution in the optimized HLO has XLA:CPU's fast
+    NHWC layout (`b01f_...->b01f`). TF's filter-gradient lowering (`f01b_i01o->01bf`) is only made
+    fast by XLA:CPU outside loops; inside the inner-step loop it ran ~150-450x slower."""
+    from experiments.benchmarks import forward as bench
+
+    settings = {**bench.make_settings(1, quick=True), "batch_size": 4}
+    rng = np.random.default_rng(1)
+    size = settings["image_size"]
+    x = tf.constant(rng.random((2, 4, size, size, 1), dtype=np.float32))
+    y = tf.constant(rng.integers(0, 10, (2, 4)).astype("int32"))
+    args = (bench.init_params(settings), bench.initial_hparams(), (x, y), (x[0], y[0]))
+    results = {}
+    for jit in (False, True):
+        hg = tfb.hypergradient_fn(bench.inner_loss, bench.outer_loss, steps=2, inner_optimizer=bench.learned_momentum(),
+                                  estimator="forward", per_step_batches=True, jit_compile=jit)
+        results[jit] = hg.detailed(*args)
+    for got, want in zip(tf.nest.flatten((results[True].hypergrad, results[True].final_tangents)),
+                         tf.nest.flatten((results[False].hypergrad, results[False].final_tangents))):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=2e-4, atol=1e-6)
+    hlo = hg._compiled.experimental_get_compiler_ir(*args, opt_state=None, model_state=None, tangents=None)(
+        stage="optimized_hlo")
+    labels = re.findall(r"dim_labels=([^,\s]+)", hlo)
+    assert labels and all(label.startswith("b01f_") and label.endswith("->b01f") for label in labels), labels
 
 
 @pytest.mark.slow

@@ -14,7 +14,11 @@ alternately in ONE process (so that machine load hits both alike), medians of wa
 
 The plain step is timed twice: one compiled call per step (Keras' default, what `fit` does)
 and T steps in one call (`steps_per_execution=T`, no per-step Python). Peak memory: TF's CPU
-allocator peak during a steady-state call (the working set), for both.
+allocator peak during the first steady-state call (the working set), for both. Each
+configuration gets `--repeats` timed rounds, fewer (at least one) once its rounds took
+`--online_budget_seconds`: with XLA on CPU a T = 20 hyper-iteration can take a minute (the JSON's
+`rounds` says how many ran). `train_step_traces` counts the traces of the trainer's step (1: no
+retracing).
 
   python -m experiments.benchmark --suites=online        # the same, from the benchmark program
   python -m experiments.benchmarks.online                 # T=K=1, T=20 with K in {1, 5, 20}, forward T in {1, 20}
@@ -26,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+import time
 from typing import Any, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -77,6 +82,19 @@ def _target(T: int, K) -> float | None:
     return 1.0 + NUM_HYPERPARAMETERS if K == FORWARD else TARGETS.get((T, K))
 
 
+def _count_traces(trainer) -> list:
+    """A one-element list counting the traces of `trainer.train_step` (Keras traces it when it
+    compiles the train function; each further count is a retrace)."""
+    count, train_step = [0], trainer.train_step
+
+    def counted(data):
+        count[0] += 1
+        return train_step(data)
+
+    trainer.train_step = counted
+    return count
+
+
 def measure(T: int, K, settings: dict, jit_compile: bool = True) -> dict:
     """Times and memory of one (T, K) configuration (K = "f": forward mode), bilevel and plain,
     in this process, both compiled with XLA or both without."""
@@ -99,6 +117,7 @@ def measure(T: int, K, settings: dict, jit_compile: bool = True) -> dict:
         inner_regularizer=lambda w, hp: kernels_penalty(w, hp["weight_decay"]),
     )
     trainer.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit_compile)
+    traces = _count_traces(trainer)
     tasks = iter(tfb.keras.online_tasks(train, val, steps=T))
     trainer.build_from_spec(tfb.keras.online_tasks(train, val, steps=T).element_spec)
     hyper_step = trainer.make_train_function()
@@ -129,21 +148,26 @@ def measure(T: int, K, settings: dict, jit_compile: bool = True) -> dict:
         "plain_fused": lambda: block(fused_fn(train_iter)),
     }
     first = {name: wall_seconds(fn) for name, fn in runs.items()}  # compile + first call
-    memory = {}
-    for name, fn in runs.items():
-        with PeakMemory() as peak:
-            fn()
-        memory[name] = peak.allocator_peak_growth
-    times = {name: [] for name in runs}
-    for _ in range(settings["repeats"]):  # alternate, so that load changes hit all alike
+    memory, times = {}, {name: [] for name in runs}
+    started = time.perf_counter()
+    for round_ in range(settings["repeats"]):  # alternate, so that load changes hit all alike
         for name, fn in runs.items():
-            times[name].append(wall_seconds(fn))
+            if round_ == 0:  # the first steady-state call also gives the working set
+                with PeakMemory() as peak:
+                    times[name].append(wall_seconds(fn))
+                memory[name] = peak.allocator_peak_growth
+            else:
+                times[name].append(wall_seconds(fn))
+        if time.perf_counter() - started > settings["budget_seconds"]:
+            break
     median = {name: statistics.median(values) for name, values in times.items()}
     return {
         "T": T, "K": None if K == FORWARD else K, "jit_compile": jit_compile,
         "estimator": "forward" if K == FORWARD else "reverse", "num_hyperparameters": NUM_HYPERPARAMETERS,
         "median_seconds": median,
         "times_seconds": times,
+        "rounds": len(times["bilevel"]),
+        "train_step_traces": traces[0],
         "first_call_seconds": first,
         "allocator_peak_growth_bytes": memory,
         "ratio_to_plain_per_step": median["bilevel"] / median["plain_per_step"],
@@ -169,12 +193,13 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def make_settings(configs: list, repeats: int, quick: bool) -> dict:
-    """configs: ["TxK", ...] ("Txf": forward mode). --quick: tiny network and budgets (the program's test)."""
+def make_settings(configs: list, repeats: int, quick: bool, budget_seconds: float = 120.0) -> dict:
+    """configs: ["TxK", ...] ("Txf": forward mode); `repeats` timed rounds per configuration, fewer
+    (at least one) once they took `budget_seconds`. --quick: tiny network and budgets (the program's test)."""
     settings = {
         "configs": [parse_config(c) for c in configs],
         "image_size": 28, "batch_size": 128, "filters": 32, "dense_units": 128,
-        "repeats": repeats, "seed": 0, "jit_compile": [True, False],
+        "repeats": repeats, "budget_seconds": budget_seconds, "seed": 0, "jit_compile": [True, False],
     }
     if quick:
         settings.update(configs=[(2, 1), (1, 1), (2, FORWARD)], image_size=12, batch_size=16, filters=4, dense_units=8, repeats=2)
@@ -198,6 +223,9 @@ class OnlineOptions:
     online_configs: Sequence[str] = option(("1x1", "20x1", "20x5", "20x20", "1xf", "20xf"),
                                            "TxK configurations of the online step; Txf: forward mode "
                                            "(estimator='forward').")
+    online_budget_seconds: float = option(120.0, "A configuration's timed rounds stop after this many seconds "
+                                          "(at least one round; XLA:CPU's T = 20 rows take about a minute "
+                                          "per hyper-iteration).")
 
 
 @dataclasses.dataclass
@@ -214,7 +242,7 @@ PRESETS = {"full": {}, "quick": {}}
 def settings_of(cfg: Any) -> dict:
     """The suite's settings from a Config with its flags and --repeats (ValueError names a bad flag)."""
     try:
-        return make_settings(cfg.online_configs, cfg.repeats, cfg.preset == "quick")
+        return make_settings(cfg.online_configs, cfg.repeats, cfg.preset == "quick", cfg.online_budget_seconds)
     except ValueError:
         raise ValueError(f"--online_configs: each entry is TxK or Txf (e.g. 20x5), got {list(cfg.online_configs)}") from None
 

@@ -25,6 +25,8 @@ Overlapping windows, NCHW and the V2 ops (ksize as a tensor) go to TF's own conv
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 
@@ -75,28 +77,47 @@ def _from_windows(t: tf.Tensor, geometry, h: int, w: int) -> tf.Tensor:
     return t
 
 
-def _shared_operands(pfor_input):
-    """(x, y, routed): the pooled input and output must be the primal's (unstacked)."""
+_ATTRS = ("ksize", "strides", "padding", "data_format")
+
+
+class _Pooling(NamedTuple):
+    """What both converters read off the op: the primal's pooled input x and output y, the
+    per-column routed tensor, the window geometry, the op's attributes, and x's batch size and
+    channels (dynamic)."""
+
+    x: tf.Tensor
+    y: tf.Tensor
+    routed: tf.Tensor
+    geometry: tuple
+    attrs: dict
+    batch: tf.Tensor
+    channels: tf.Tensor
+
+
+def _pooling(pfor_input) -> _Pooling | None:
+    """The op's operands and geometry when a converter here applies: x and y the primal's
+    (unstacked), the routed tensor per column (stacked), non-overlapping NHWC windows; else None."""
     x, x_stacked, _ = pfor_input.input(0)
     y, y_stacked, _ = pfor_input.input(1)
     routed, routed_stacked, _ = pfor_input.input(2)
     if x_stacked or y_stacked or not routed_stacked:
         return None
-    return x, y, routed
+    geometry = _geometry(pfor_input, x)
+    if geometry is None:
+        return None
+    attrs = {name: pfor_input.get_attr(name) for name in _ATTRS}
+    return _Pooling(x, y, routed, geometry, attrs, tf.shape(x)[0], tf.shape(x)[3])
 
 
 def _max_pool_grad(wrap, original):
     def convert(pfor_input):
-        operands = _shared_operands(pfor_input)
-        geometry = operands and _geometry(pfor_input, operands[0])
-        if not geometry:
+        pool = _pooling(pfor_input)
+        if pool is None:
             return original(pfor_input)
-        x, y, grads = operands  # grads: [N, B, out_h, out_w, C]
+        x, y, grads, geometry, attrs, batch, channels = pool  # grads: [N, B, out_h, out_w, C]
         sh, sw, _, _, out_h, out_w = geometry
-        attrs = {name: pfor_input.get_attr(name) for name in ("ksize", "strides", "padding", "data_format")}
         routed = tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=y, grad=tf.ones_like(y), **attrs)
         mask = _to_windows(tf.not_equal(routed, 0), geometry, False)
-        batch, channels = tf.shape(x)[0], tf.shape(x)[3]
         mask = tf.reshape(mask, tf.stack([1, batch * out_h, sh, out_w, sw, channels]))
         n = tf.shape(grads)[0]
         spread = tf.reshape(grads, tf.stack([n, batch * out_h, 1, out_w, 1, channels]))
@@ -109,15 +130,12 @@ def _max_pool_grad(wrap, original):
 
 def _max_pool_grad_grad(wrap, original):
     def convert(pfor_input):
-        operands = _shared_operands(pfor_input)
-        geometry = operands and _geometry(pfor_input, operands[0])
-        if not geometry:
+        pool = _pooling(pfor_input)
+        if pool is None:
             return original(pfor_input)
-        x, y, tangents = operands  # tangents: [N, B, H, W, C]
+        x, y, tangents, geometry, attrs, batch, channels = pool  # tangents: [N, B, H, W, C]
         sh, sw, oh, ow, out_h, out_w = geometry
         h, w = x.shape[1], x.shape[2]
-        attrs = {name: pfor_input.get_attr(name) for name in ("ksize", "strides", "padding", "data_format")}
-        batch, channels = tf.shape(x)[0], tf.shape(x)[3]
         # Each position's index in its window (small integers: exact in any float type); the op
         # returns, per window, the index of the position it reads.
         offsets = tf.reshape(tf.range(sh * sw, dtype=x.dtype), [1, 1, sh, 1, sw, 1])
