@@ -344,37 +344,32 @@ def test_quick_longtail_runs_the_class_balanced_baseline(tmp_path):
     assert len(rows["l2rw.seed0"]["example_weights"]["mean_weight_per_class"]) == 10
 
 
-@needs_fashion
-@pytest.mark.slow
-def test_killed_runs_resume_per_method_and_seed_and_end_identical(tmp_path):
-    # Killed in seed 1's Meta-Weight-Net run after its epoch-2 checkpoint (seed 0 done), rerun:
-    # seed 0 is read back, seed 1 continues, and everything equals an uninterrupted run.
-    subset = fashion_subset(tmp_path)
+def test_each_method_and_seed_is_one_resumable_run_and_a_finished_one_is_read_back(tmp_path, monkeypatch):
+    """The program's resume wiring, in-process: one run per (seed, method), named method.seedN in
+    <output_dir>/resume and trained with its seed's Config; a finished run is read back, not
+    trained again. (The mechanism under it, killed mid-fit and resumed per method and seed, is
+    online_hpo's subprocess test: both programs resume through online_program.MethodStore; the
+    online trainer's own resume is tests/test_resume.py's.)"""
+    from experiments.common import online_program as oc
 
-    def command(out, *extra):
-        return ["-m", "experiments.reweighting", "--quick", "--epochs=3", "--methods=plain,mwn,l2rw",
-                f"--output_dir={out}", f"--local_dir={subset}", f"--data_dir={tmp_path / 'tfds'}", *extra]
+    cfg = R.Config(output_dir=str(tmp_path), methods=("plain", "mwn"), seeds=(0, 1))
+    store = oc.MethodStore(str(tmp_path))
+    store.save("plain.seed0", {"test_accuracy": 0.5, "record": {"epoch": [1]}})  # finished by an earlier run
+    trained = []
 
-    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
-    log = tmp_path / "interrupted.log"
-    program_runs.kill_when_paused(program_runs.start(command(interrupted, "--pause_after=mwn.seed1,2"), log),
-                                  interrupted / "resume" / "paused_mwn.seed1_2", log, timeout=LONG)
-    program_runs.finish(program_runs.start(command(interrupted), log), log, timeout=LONG)
-    reference_log = tmp_path / "reference.log"
-    program_runs.finish(program_runs.start(command(reference), reference_log), reference_log, timeout=LONG)
-    text = log.read_text()
-    assert "[mwn.seed1] resumed at epoch 2/3" in text
-    for name in ("plain.seed0", "mwn.seed0", "l2rw.seed0", "plain.seed1"):
-        assert f"[{name}] finished earlier" in text
-    got = json.loads((interrupted / "results.json").read_text())["methods"]
-    want = json.loads((reference / "results.json").read_text())["methods"]
-    assert set(got) == set(want)
-    for name in got:
-        for field in ("epoch", "test_accuracy", "val_accuracy"):
-            assert got[name]["record"][field] == want[name]["record"][field], (name, field)
-    np.testing.assert_allclose(np.concatenate([np.ravel(t) for t in got["mwn.seed1"]["theta"]]),
-                               np.concatenate([np.ravel(t) for t in want["mwn.seed1"]["theta"]]), rtol=1e-6, atol=1e-7)
-    assert got["l2rw.seed1"]["example_weights"]["histogram_all"] == want["l2rw.seed1"]["example_weights"]["histogram_all"]
+    def run_one(run_cfg, data, method, store_):
+        assert store_ is store
+        trained.append((method, run_cfg.seed))
+        return {"test_accuracy": 0.25 + run_cfg.seed, "record": {"epoch": [1]}}
+
+    monkeypatch.setattr(R, "run_one", run_one)
+    rows = R.run_methods(cfg, {}, store)
+    assert trained == [("mwn", 0), ("plain", 1), ("mwn", 1)]
+    assert list(rows) == ["plain.seed0", "mwn.seed0", "plain.seed1", "mwn.seed1"]
+    assert rows["plain.seed0"]["test_accuracy"] == 0.5 and rows["mwn.seed1"]["test_accuracy"] == 1.25
+    assert sorted(p.name for p in (tmp_path / "resume").glob("*.json")) == [f"{k}.json" for k in sorted(rows)]
+    trained.clear()
+    assert R.run_methods(cfg, {}, store) == rows and trained == []  # the same command again: nothing retrained
 
 
 def test_a_fine_tuning_run_without_its_source_model_is_a_clear_error(tmp_path):
