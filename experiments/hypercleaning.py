@@ -15,7 +15,6 @@ when the same command is rerun. Setup, choices and measured results: RESULTS.md,
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time

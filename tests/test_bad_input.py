@@ -42,6 +42,11 @@ def _case_id(kwargs: dict) -> str:
         ({"estimator": "checkpointed", "checkpoint_every": 2}, TypeError, r"'checkpoint_every', which was renamed 'segment_length'.*segment_length=2"),
         ({"segment_lenght": 2}, TypeError, r"unexpected keyword argument 'segment_lenght'"),
         ({"init_params": 3.0}, TypeError, r"init_params must be a callable"),
+        ({"memory_budget": -1}, ValueError, r"memory_budget must be an integer >= 0 \(bytes"),
+        ({"memory_budget": True}, ValueError, r"memory_budget must be an integer >= 0"),
+        ({"estimator": "implicit_cg", "tolerance": 1.0}, ValueError, r"tolerance must be in \[0, 1\) \(a relative residual"),
+        ({"estimator": "implicit_cg", "tolerance": float("nan")}, ValueError, r"tolerance must be finite"),
+        ({"estimator": "implicit_cg", "tolerance": "1e-6"}, TypeError, r"tolerance must be a real number"),
     ],
     ids=lambda x: _case_id(x) if isinstance(x, dict) else "",
 )
@@ -246,3 +251,14 @@ def test_nonfinite_check_inside_a_user_graph():
 
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"non-finite value in the bilevel computation"):
         user_step(params, hparams)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"target": 0}, r"Progress\(target=\.\.\.\) must be a positive integer \(the steps at the end"),
+    ({"target": True}, r"Progress\(target=\.\.\.\) must be a positive integer"),
+    ({"target": 10, "initial": 11}, r"Progress\(initial=\.\.\.\) must be an integer in \[0, 11\)"),
+    ({"target": 10, "initial": -1}, r"Progress\(initial=\.\.\.\) must be an integer in \[0, 11\)"),
+])
+def test_bad_progress_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tfb.Progress(**kwargs)

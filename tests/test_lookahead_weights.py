@@ -17,7 +17,6 @@ import tensorflow as tf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments.models import lookahead_weights as lw  # noqa: E402
-from experiments.data import noisy_labels as nl  # noqa: E402
 
 
 def softmax_regression(seed: int = 0) -> keras.Model:

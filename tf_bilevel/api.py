@@ -542,8 +542,7 @@ def hypergradient_fn(
             f"backward='store' applies to estimator='reverse' only (estimator={estimator!r} has its own "
             "memory profile): leave backward='auto'."
         )
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
-        raise ValueError(f"memory_budget must be a non-negative int (bytes), got {memory_budget!r}")
+    memory_budget = _validate.integer(memory_budget, "memory_budget", "bytes of stored intermediates", minimum=0)
     if not (isinstance(per_step_batches, bool) or callable(per_step_batches)):
         raise TypeError(
             "per_step_batches must be True (one minibatch per inner step on the leading axis of inner_batch), "
@@ -643,9 +642,6 @@ def _checked_solver(iterations: Any, tolerance: Any, steps: int, estimator: str)
     meaning = "the most CG iterations" if estimator == "implicit_cg" else "the most Neumann terms"
     iterations = steps if iterations is None else _validate.positive_int(iterations, "iterations", meaning)
     if tolerance is not None:
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (0 <= tolerance < 1):
-            raise ValueError(
-                f"tolerance must be a relative residual in [0, 1) (e.g. 1e-10) or None to run all iterations, got {tolerance!r}"
-            )
-        tolerance = float(tolerance)
+        tolerance = float(_validate.real_in_range(tolerance, "tolerance", low=0.0, high=1.0,
+                                                  meaning="a relative residual, e.g. 1e-10; None runs all iterations"))
     return iterations, tolerance

@@ -17,6 +17,8 @@ from typing import Optional
 
 import keras
 
+from tf_bilevel import _validate
+
 
 _ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")  # Progbar's bold/colour codes: noise in a log file
 
@@ -54,10 +56,9 @@ class Progress:
 
     def __init__(self, target: int, *, initial: int = 0, label: Optional[str] = None, log_seconds: float = 30.0,
                  unit_name: str = "step"):
-        if isinstance(target, bool) or not isinstance(target, int) or target < 1:
-            raise ValueError(f"Progress(target=...) must be a positive int (the steps at the end), got {target!r}")
-        if isinstance(initial, bool) or not isinstance(initial, int) or not 0 <= initial <= target:
-            raise ValueError(f"Progress(initial=...) must be an int in [0, target={target}], got {initial!r}")
+        target = _validate.integer(target, "Progress(target=...)", "the steps at the end")
+        initial = _validate.integer(initial, "Progress(initial=...)", f"the steps done before, at most target={target}",
+                                    minimum=0, below=target + 1)
         if not log_seconds >= 0:
             raise ValueError(f"Progress(log_seconds=...) must be >= 0 seconds, got {log_seconds!r}")
         self.target, self.initial = target, initial

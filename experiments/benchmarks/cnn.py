@@ -393,17 +393,13 @@ class Config(CnnConfig):
     preset: str = "full"
 
 
-# full: the CNN and budgets above; quick: tiny CNN and budgets, to test the program.
-PRESETS = {"full": {}, "quick": QUICK_FLAGS}
-
-
 def settings_of(cfg: Any) -> dict:
     return make_settings(cfg, cfg.preset == "quick")
 
 
-PROGRAM = program.Program(
-    "benchmarks.cnn", Config, PRESETS, results_file=None, prepare=program.checked(settings_of),
-    experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir), worker=("cnn_worker", measure))
+# --preset=quick: a tiny CNN and budgets, to test the program.
+PROGRAM = program.suite("benchmarks.cnn", Config, settings_of, run, quick_flags=QUICK_FLAGS,
+                        worker=("cnn_worker", measure))
 
 
 if __name__ == "__main__":

@@ -227,12 +227,12 @@ class Config:
     preset: str = "full"
 
 
-# full: the sizes and budgets above; quick: tiny sizes and budgets, to test the program.
-PRESETS = {"full": {}, "quick": {}}
+def settings_of(cfg: Config) -> dict:
+    return make_settings(cfg.repeats, cfg.preset == "quick")
 
-PROGRAM = program.Program(
-    "benchmarks.forward", Config, PRESETS, results_file=None,
-    experiment=lambda cfg, data, ctx: run(make_settings(cfg.repeats, cfg.preset == "quick"), cfg.output_dir))
+
+# --preset=quick: tiny sizes and budgets, to test the program.
+PROGRAM = program.suite("benchmarks.forward", Config, settings_of, run)
 
 
 if __name__ == "__main__":

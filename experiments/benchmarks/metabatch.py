@@ -185,19 +185,14 @@ class Config(MetabatchOptions):
     preset: str = "full"
 
 
-# full: the sizes and budgets above; quick: tiny sizes and budgets, to test the program.
-PRESETS = {"full": {}, "quick": {}}
-
-
 def settings_of(cfg: Any) -> dict:
     """The suite's settings from a Config with its flags and --repeats (ValueError names a bad flag)."""
     return make_settings(cfg.metabatch_steps, cfg.metabatch_sizes, cfg.metabatch_paths, cfg.metabatch_truncate,
                          cfg.repeats, cfg.preset == "quick")
 
 
-PROGRAM = program.Program(
-    "benchmarks.metabatch", Config, PRESETS, experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir),
-    prepare=program.checked(settings_of), results_file=None)
+# --preset=quick: tiny sizes and budgets, to test the program.
+PROGRAM = program.suite("benchmarks.metabatch", Config, settings_of, run)
 
 
 if __name__ == "__main__":

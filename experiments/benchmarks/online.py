@@ -235,10 +235,6 @@ class Config(OnlineOptions):
     preset: str = "full"
 
 
-# full: the sizes and budgets above; quick: tiny sizes and budgets, to test the program.
-PRESETS = {"full": {}, "quick": {}}
-
-
 def settings_of(cfg: Any) -> dict:
     """The suite's settings from a Config with its flags and --repeats (ValueError names a bad flag)."""
     try:
@@ -247,9 +243,8 @@ def settings_of(cfg: Any) -> dict:
         raise ValueError(f"--online_configs: each entry is TxK or Txf (e.g. 20x5), got {list(cfg.online_configs)}") from None
 
 
-PROGRAM = program.Program(
-    "benchmarks.online", Config, PRESETS, experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir),
-    prepare=program.checked(settings_of), results_file=None)
+# --preset=quick: tiny sizes and budgets, to test the program.
+PROGRAM = program.suite("benchmarks.online", Config, settings_of, run)
 
 
 if __name__ == "__main__":

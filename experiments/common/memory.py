@@ -94,12 +94,6 @@ class PeakMemory:
         else:
             self.allocator_peak_growth = info["peak"] - self._allocator_before
 
-    def as_dict(self, prefix: str) -> dict:
-        return {
-            f"{prefix}_process_peak_growth_bytes": self.process_peak_growth,
-            f"{prefix}_allocator_peak_growth_bytes": self.allocator_peak_growth,
-        }
-
 
 # What `probe` records, for a results.json.
 PROBE_METHOD = (

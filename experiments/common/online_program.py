@@ -17,7 +17,6 @@ so a restarted fit starts exactly where the checkpoint was taken.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -191,36 +190,6 @@ class EpochRecorder(keras.callbacks.Callback):
         values = self.model.hyperparameter_values()
         self.rec["hp_iteration"].append(it)
         self.rec["hp"].append(self.hyperparameters(values))
-
-
-class TrialLog(keras.callbacks.Callback):
-    """Appends one entry per fit (e.g. a KerasTuner trial) to a JSON file: its fit seconds, best validation
-    accuracy (KerasTuner's score) and the test accuracy of the model it ends with (evaluated
-    outside the timed span). KerasTuner deep-copies callbacks per trial; this one is shared."""
-
-    def __init__(self, path: str, test: tuple):
-        super().__init__()
-        self.path, self.test = path, test
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def entries(self) -> list:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return json.load(f)
-
-    def on_train_begin(self, logs=None):
-        self._t0, self._best = time.perf_counter(), -1.0
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._best = max(self._best, float((logs or {}).get("val_accuracy", -1.0)))
-
-    def on_train_end(self, logs=None):
-        seconds = time.perf_counter() - self._t0
-        entry = {"fit_seconds": seconds, "val_accuracy": self._best, "test_accuracy": accuracy(self.model, *self.test)}
-        write_json_atomically(self.path, self.entries() + [entry])
 
 
 # ----------------------------------------------------------------------------------------

@@ -185,6 +185,18 @@ def guard_state(program: Program, cfg: Any) -> None:
                        program.fingerprint_what)
 
 
+def suite(name: str, config_class: type, settings_of: Callable[[Any], dict], run: Callable[[dict, str], dict], *,
+          quick_flags: Optional[Mapping[str, Any]] = None,
+          worker: Optional[tuple[str, Callable[[dict], Any]]] = None) -> Program:
+    """A benchmark suite as a Program. Presets: full (the Config's defaults) and quick
+    (`quick_flags`; `settings_of` also shrinks the sizes when cfg.preset == "quick").
+    `settings_of(cfg)` is checked before the run (ValueError names a bad flag), then
+    `run(settings, output_dir)` measures and writes its own report (`write_report`)."""
+    return Program(name, config_class, {"full": {}, "quick": dict(quick_flags or {})}, results_file=None,
+                   prepare=checked(settings_of), worker=worker,
+                   experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir))
+
+
 def write_report(output_dir: str | os.PathLike, filename: str, report: dict, table: str) -> dict:
     """A benchmark suite's report: prints `table`, writes `report` to <output_dir>/<filename>."""
     os.makedirs(output_dir, exist_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import sys
 import time
 from typing import Iterator, Optional
 
@@ -114,14 +113,8 @@ def discard_state(state_dir: str | os.PathLike) -> None:
         shutil.rmtree(state_dir)
 
 
-# The errors a program reports as one line (`exit_with_error`), not as a traceback.
+# The errors a program reports as one line (experiments/common/program.py's `main`), not as a traceback.
 STATE_ERRORS = (OutputDirError, StateFileError, SettingsMismatchError)
-
-
-def exit_with_error(program: str, err: BaseException, status: int = 2) -> int:
-    """Prints `err` as one line `program: error: ...` to stderr; returns the exit status."""
-    print(f"{program}: error: {err}", file=sys.stderr, flush=True)
-    return status
 
 
 # ----------------------------------------------------------------------------------------

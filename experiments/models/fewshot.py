@@ -381,19 +381,6 @@ class FewShotProblem:
             diagnostics_every=diagnostics_every, seed=seed, meta_batch_mode=meta_batch_mode,
         )
 
-    def raw_from_trainer(self, trainer: Any) -> dict:
-        """The trainer's current λ in this class's raw structure."""
-        values = trainer.hyperparameter_values()
-        named = values.get("user", values)  # named hyperparameters (top level in newer trainers)
-        dtype = self.w0[0].dtype
-        inv = lambda x: tf.constant(inverse_softplus(np.asarray(x, np.float64)), dtype)  # noqa: E731
-        return {
-            "hyper": [tf.identity(v.value) for v in self.hyper_model.trainable_variables],
-            "centers": [tf.identity(c) for c in named["c"]],
-            "rho_raw": inv(named["rho"]),
-            "gamma_raw": inv(values["inner_learning_rate"]),
-        }
-
 
 class scaled_rho:
     """Context manager: the trainer's ρ_j multiplied by `scale` while inside (ρ = softplus(ν):

@@ -49,10 +49,6 @@ def mixed_vector_product(problem, params: Any, hparams: Any, batch: Any, vector:
     return fill_none_with_zeros(tape.gradient(grad_dot_v, flat_hp), flat_hp)
 
 
-def _norm(v: list) -> tf.Tensor:
-    return tf.sqrt(vdot(v, v))
-
-
 def conjugate_gradient(matvec, b: list, iterations: int, tolerance: Optional[float] = None) -> tuple[list, tf.Tensor]:
     """CG on H x = b from x = 0 (H symmetric positive definite): at most `iterations` steps,
     stopping once ‖r‖ ≤ tolerance·‖b‖ (relative residual; None: all steps). Returns (x, steps run)."""
