@@ -431,7 +431,7 @@ def _trainer(**overrides):
         (dict(estimator="implicit_cg", truncate=2), ValueError, "truncate does not apply.*iterations=2"),
         (dict(iterations=2), ValueError, "iterations applies to estimator='implicit_cg'/'neumann' only"),
         (dict(estimator="neumann", iterations=0), ValueError, "iterations must be a positive integer"),
-        (dict(estimator="implicit_cg", tolerance=2.0), ValueError, "tolerance must be a relative residual"),
+        (dict(estimator="implicit_cg", tolerance=2.0), ValueError, r"tolerance must be in \[0, 1\) \(a relative residual"),
         (dict(estimator="magic"), ValueError, "estimator must be one of"),
         (dict(on_nonfinite="ignore"), ValueError, "on_nonfinite must be 'raise'"),
         (dict(diagnostics_every=0), ValueError, "diagnostics_every must be None or a positive int"),
