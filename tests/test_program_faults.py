@@ -103,7 +103,7 @@ def test_output_dir_lock_refuses_a_second_run_naming_the_folder_and_the_pid(tmp_
     with run_state.exclusive_output_dir(out, "test"):
         assert f"PID {os.getpid()}: test" in (out / ".lock").read_text()
         # Another process (the real case) and this one again (flock: per open file) are refused.
-        probe = ("import sys; sys.path.insert(0, sys.argv[2]); from experiments import run_state\n"
+        probe = ("import sys; sys.path.insert(0, sys.argv[2]); from experiments.common import run_state\n"
                  "try:\n    run_state.exclusive_output_dir(sys.argv[1], 'probe').__enter__()\n"
                  "except run_state.OutputDirError as err:\n    print(err); sys.exit(2)\n")
         done = subprocess.run([sys.executable, "-c", probe, str(out), str(REPO)], capture_output=True, text=True,
