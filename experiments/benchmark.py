@@ -14,7 +14,6 @@ inner steps, compile time and peak memory; writes results.json and benchmark.png
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -32,6 +31,7 @@ from experiments.benchmarks import online as benchmark_online  # noqa: E402
 from experiments.benchmarks.report import SuiteReport, error_row, mb, ratio_of, verdict  # noqa: E402
 from experiments.common import program  # noqa: E402
 from experiments.common.config import option  # noqa: E402
+from experiments.common.memory import stored_states  # noqa: E402
 from experiments.common.subprocesses import run_each  # noqa: E402
 from experiments.common.timing import against_floor, timed  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402  (imported here, not inside a measured call)
@@ -107,23 +107,6 @@ def hypercleaning_problem(
 # ----------------------------------------------------------------------------------------
 
 
-def stored_states(config: dict) -> Optional[float]:
-    """Weight-sized states kept alive by the estimator (Table 1 space, in units of M)."""
-    kind, K = config["estimator"], config["truncate"]
-    if kind == "floor":
-        return 0
-    if kind == "reverse":
-        return K
-    if kind == "checkpointed":
-        segment = max(1, math.ceil(math.sqrt(K)))
-        return math.ceil(K / segment) + segment
-    if kind == "forward":
-        return 2  # w_t and one tangent column
-    if kind == "implicit_cg":
-        return 4  # x, r, p, H p
-    return None
-
-
 def build(config: dict, problem: Problem) -> tuple[tfb.Hypergradient, Callable[[], Any], Callable[[], Any]]:
     """(hg, hypergradient call, floor call) for `config`, both calls compiled with XLA."""
     kind = config["estimator"]
@@ -163,7 +146,7 @@ def measure(config: dict) -> dict:
     run = against_floor(lambda: build(config, problem), is_floor, repeats_for)
     hg, first_out = run.built, run.first_out
     num_params = int(problem.params.shape.num_elements())
-    states = stored_states(config)
+    states = stored_states(config["estimator"], config["truncate"])
     return {
         **config,
         **run.row(),

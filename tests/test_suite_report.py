@@ -1,4 +1,5 @@
-"""The benchmark suites' one report writer (experiments/benchmarks/report.py), in-process."""
+"""The benchmark suites' one report writer (experiments/benchmarks/report.py) and the parts of their rows
+they share (timing.FloorRun.row, memory.stored_states), in-process."""
 
 from __future__ import annotations
 
@@ -83,3 +84,15 @@ def test_a_floor_runs_row_from_its_timings():
             row["allocator_peak_growth_bytes"]) == (100, 7, 5, 3)
     fast = run._replace(first=Timing(1.0, 1.0)).row()  # a first call faster than the median: no negative compile time
     assert fast["compile_seconds"] == 0.0 and fast["compile_cpu_seconds"] == 0.0
+
+
+@pytest.mark.parametrize("estimator, truncate, states", [
+    ("floor", None, 0), ("reverse", 25, 25), ("checkpointed", 100, 10 + 10), ("checkpointed", 5, 2 + 3),
+    ("checkpointed", 1, 1 + 1), ("forward", None, 2), ("implicit_cg", 25, 4), ("neumann", 5, None),
+])
+def test_stored_states_of_table_1(estimator, truncate, states):
+    """experiments/common/memory.stored_states, the estimators' and cnn rows' "stored_states":
+    checkpointed RMD keeps ⌈K/s⌉ checkpoints plus one segment of s = ⌈√K⌉ states."""
+    from experiments.common.memory import stored_states
+
+    assert stored_states(estimator, truncate) == states

@@ -25,6 +25,7 @@ import tf_bilevel as tfb  # noqa: E402
 from experiments.benchmarks.report import SuiteReport, error_row, mb, ratio_of, verdict  # noqa: E402
 from experiments.common import program  # noqa: E402
 from experiments.common.config import option  # noqa: E402
+from experiments.common.memory import stored_states  # noqa: E402
 from experiments.common.subprocesses import run_each  # noqa: E402
 from experiments.common.timing import against_floor  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402
@@ -138,17 +139,6 @@ def num_params(params: dict) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def stored_states(config: dict) -> int:
-    """Weight-sized states the explicit backward keeps (Table 1, in units of M)."""
-    kind, K = config["estimator"], config["truncate"]
-    if kind == "floor":
-        return 0
-    if kind == "checkpointed":
-        segment = max(1, math.ceil(math.sqrt(K)))
-        return math.ceil(K / segment) + segment
-    return K
-
-
 def build(config: dict, problem: Problem) -> tuple[tfb.api.Hypergradient, Callable, Callable]:
     """(hg, hypergradient call, floor call), compiled with XLA."""
     kind, T, K = config["estimator"], config["steps"], config["truncate"]
@@ -183,15 +173,15 @@ def measure(config: dict) -> dict:
     is_floor = config["estimator"] == "floor"
     run = against_floor(lambda: build(config, problem), is_floor, lambda warm, floor: config["repeats"])
     hg, first_out = run.built, run.first_out
-    M = num_params(problem.params)
+    M, states = num_params(problem.params), stored_states(config["estimator"], config["truncate"])
     result = {
         **config,
         **run.row(),
         "backward_used": None if is_floor else hg.backward_used,
         "num_params": M,
         "num_hparams": int(problem.hparams.shape.num_elements()),
-        "stored_states": stored_states(config),
-        "stored_state_bytes": stored_states(config) * M * 4,
+        "stored_states": states,
+        "stored_state_bytes": states * M * 4,
         "outer_value": None if is_floor else float(first_out[0]),
         "hypergrad_norm": None if is_floor else float(tfb.diagnostics.global_norm(first_out[1:])),
     }
