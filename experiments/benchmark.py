@@ -14,7 +14,6 @@ inner steps, compile time and peak memory; writes results.json and benchmark.png
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -29,11 +28,12 @@ from experiments.benchmarks import cnn as benchmark_cnn  # noqa: E402
 from experiments.benchmarks import forward as benchmark_forward  # noqa: E402
 from experiments.benchmarks import metabatch as benchmark_metabatch  # noqa: E402
 from experiments.benchmarks import online as benchmark_online  # noqa: E402
-from experiments.common import program, provenance  # noqa: E402
+from experiments.benchmarks.report import SuiteReport, error_row, mb, ratio_of, verdict  # noqa: E402
+from experiments.common import program  # noqa: E402
 from experiments.common.config import option  # noqa: E402
+from experiments.common.memory import stored_states  # noqa: E402
 from experiments.common.subprocesses import run_each  # noqa: E402
 from experiments.common.timing import against_floor, timed  # noqa: E402
-from experiments.common.timing import median as timing_median  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402  (imported here, not inside a measured call)
 
 ESTIMATORS = ("floor", "reverse", "checkpointed", "forward", "implicit_cg")
@@ -107,23 +107,6 @@ def hypercleaning_problem(
 # ----------------------------------------------------------------------------------------
 
 
-def stored_states(config: dict) -> Optional[float]:
-    """Weight-sized states kept alive by the estimator (Table 1 space, in units of M)."""
-    kind, K = config["estimator"], config["truncate"]
-    if kind == "floor":
-        return 0
-    if kind == "reverse":
-        return K
-    if kind == "checkpointed":
-        segment = max(1, math.ceil(math.sqrt(K)))
-        return math.ceil(K / segment) + segment
-    if kind == "forward":
-        return 2  # w_t and one tangent column
-    if kind == "implicit_cg":
-        return 4  # x, r, p, H p
-    return None
-
-
 def build(config: dict, problem: Problem) -> tuple[tfb.Hypergradient, Callable[[], Any], Callable[[], Any]]:
     """(hg, hypergradient call, floor call) for `config`, both calls compiled with XLA."""
     kind = config["estimator"]
@@ -161,45 +144,19 @@ def measure(config: dict) -> dict:
         return max(min(config["repeats"], int(config["max_seconds"] // max(estimate, 1e-9))), min(3, config["repeats"]))
 
     run = against_floor(lambda: build(config, problem), is_floor, repeats_for)
-    hg, first, first_out, first_memory, steady_memory, floor_first, times, floor_times = run
-    repeats = len(times)
-    median, floor_median = timing_median(times), timing_median(floor_times)
-    fastest, floor_fastest = min(t.wall for t in times), min(t.wall for t in floor_times)
-
-    if is_floor:
-        outer_value, hypergrad_norm = None, None
-    else:
-        outer_value, hypergrad = float(first_out[0]), first_out[1:]
-        hypergrad_norm = float(tfb.diagnostics.global_norm(hypergrad))
+    hg, first_out = run.built, run.first_out
     num_params = int(problem.params.shape.num_elements())
-    states = stored_states(config)
+    states = stored_states(config["estimator"], config["truncate"])
     return {
         **config,
-        "repeats": repeats,
-        "times_seconds": [t.wall for t in times],
-        "cpu_times_seconds": [t.cpu for t in times],
-        "floor_times_seconds": [t.wall for t in floor_times],
-        "floor_cpu_times_seconds": [t.cpu for t in floor_times],
-        "median_seconds": median.wall,
-        "floor_median_seconds": floor_median.wall,
-        "time_over_floor": median.wall / floor_median.wall,
-        "min_time_over_floor": fastest / floor_fastest,
-        "cpu_over_floor": median.cpu / floor_median.cpu,
-        "first_call_seconds": first.wall,
-        "compile_seconds": max(first.wall - median.wall, 0.0),
-        "compile_cpu_seconds": max(first.cpu - median.cpu, 0.0),
-        "floor_compile_seconds": max(floor_first.wall - floor_median.wall, 0.0),
-        "rss_before_bytes": first_memory.rss_before,
-        "process_peak_growth_bytes": first_memory.process_peak_growth,
-        "first_call_allocator_peak_growth_bytes": first_memory.allocator_peak_growth,
-        "allocator_peak_growth_bytes": steady_memory.allocator_peak_growth,
+        **run.row(),
         "stored_states": states,
         "backward_used": hg.backward_used if config["estimator"] == "reverse" else None,
         "stored_state_bytes": None if states is None else states * num_params * 4,
         "num_params": num_params,
         "num_hparams": int(problem.hparams.shape.num_elements()),
-        "outer_value": outer_value,
-        "hypergrad_norm": hypergrad_norm,
+        "outer_value": None if is_floor else float(first_out[0]),
+        "hypergrad_norm": None if is_floor else float(tfb.diagnostics.global_norm(first_out[1:])),
     }
 
 
@@ -240,24 +197,19 @@ def configurations(settings: dict) -> list[dict]:
     return configs
 
 
-def _mb(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f}"
-
-
 def format_table(results: list[dict]) -> str:
     header = ("| T | configuration | median s | × floor | × floor (min) | × floor (CPU) | compile s (CPU s) "
               "| RSS peak MB | alloc peak MB | stored MB |")
     lines = [header, "|" + "---|" * 10]
     for r in results:
         if "error" in r:
-            message = r["error"].strip().splitlines()[-1][:80] if r["error"].strip() else "?"
-            lines.append(f"| {r['steps']} | {r['label']} | ERROR: {message} |" + " |" * 7)
+            lines.append(error_row(r, r["steps"], r["label"], 10))
             continue
         lines.append(
             f"| {r['steps']} | {r['label']} | {r['median_seconds']:.3f} | {r['time_over_floor']:.2f} | "
             f"{r['min_time_over_floor']:.2f} | {r['cpu_over_floor']:.2f} | "
-            f"{r['compile_seconds']:.1f} ({r['compile_cpu_seconds']:.1f}) | {_mb(r['process_peak_growth_bytes'])} | "
-            f"{_mb(r['allocator_peak_growth_bytes'])} | {_mb(r['stored_state_bytes'])} |"
+            f"{r['compile_seconds']:.1f} ({r['compile_cpu_seconds']:.1f}) | {mb(r['process_peak_growth_bytes'])} | "
+            f"{mb(r['allocator_peak_growth_bytes'])} | {mb(r['stored_state_bytes'])} |"
         )
     return "\n".join(lines)
 
@@ -267,10 +219,6 @@ def _find(results, estimator, T, K=None):
         if r["estimator"] == estimator and r["steps"] == T and (K is None or r["truncate"] == K) and "error" not in r:
             return r
     return None
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def summarize(results: list[dict], settings: dict) -> dict:
@@ -302,7 +250,7 @@ def summarize(results: list[dict], settings: dict) -> dict:
             entry = {"truncate": K, f"T={small}": {}, f"T={large}": {}}
             for key in ("allocator_peak_growth_bytes", "process_peak_growth_bytes"):
                 entry[f"T={small}"][key], entry[f"T={large}"][key] = a[key], b[key]
-                ratio = _ratio(b[key], a[key])
+                ratio = ratio_of(b[key], a[key])
                 entry[key.replace("_bytes", "_ratio")] = ratio
                 entry[key.replace("_bytes", "_within_10pct")] = (
                     None if ratio is None else abs(ratio - 1) <= MEMORY_TOLERANCE
@@ -312,7 +260,7 @@ def summarize(results: list[dict], settings: dict) -> dict:
         a, b = _find(results, "reverse", small, small), _find(results, "reverse", large, large)
         if a and b:
             for key in ("allocator_peak_growth_bytes", "process_peak_growth_bytes"):
-                full[key.replace("_bytes", "_ratio")] = _ratio(b[key], a[key])
+                full[key.replace("_bytes", "_ratio")] = ratio_of(b[key], a[key])
                 full[key.replace("_bytes", "_increase_bytes")] = (
                     None if a[key] is None or b[key] is None else b[key] - a[key]
                 )
@@ -338,7 +286,7 @@ def format_summary(summary: dict) -> str:
     for c in summary["time_vs_targets"]:
         lines.append(
             f"  T={c['steps']:<5} {c['label']:<32} {c['time_over_floor']:.2f} <= {c['target']}: "
-            f"{'met' if c['met'] else 'MISSED'}   [{c['cpu_over_floor']:.2f}: {'met' if c['met_cpu'] else 'MISSED'}]"
+            f"{verdict(c['met'])}   [{c['cpu_over_floor']:.2f}: {verdict(c['met_cpu'])}]"
         )
     memory = summary["memory"]
     if memory:
@@ -348,21 +296,21 @@ def format_summary(summary: dict) -> str:
             alloc = e["allocator_peak_growth_ratio"]
             proc = e["process_peak_growth_ratio"]
             lines.append(
-                f"  K={e['truncate']:<4} allocator {_fmt(alloc)} ({_ok(e['allocator_peak_growth_within_10pct'])}), "
-                f"process RSS {_fmt(proc)} ({_ok(e['process_peak_growth_within_10pct'])})"
+                f"  K={e['truncate']:<4} allocator {_fmt(alloc)} ({verdict(e['allocator_peak_growth_within_10pct'])}), "
+                f"process RSS {_fmt(proc)} ({verdict(e['process_peak_growth_within_10pct'])})"
             )
         full = memory["full_rmd_growth"]
         if full:
             lines.append(
                 f"Full RMD T={small} -> T={large}: allocator ×{_fmt(full['allocator_peak_growth_ratio'])} "
-                f"(+{_mb(full['allocator_peak_growth_increase_bytes'])} MB, "
-                f"expected +{_mb(full['expected_increase_bytes'])} MB "
+                f"(+{mb(full['allocator_peak_growth_increase_bytes'])} MB, "
+                f"expected +{mb(full['expected_increase_bytes'])} MB "
                 f"of stored states), process RSS ×{_fmt(full['process_peak_growth_ratio'])}"
             )
     for c in summary["compile_full_rmd"]:
         lines.append(
-            f"Compile time, {c['label']}: {c['compile_seconds']:.2f} s wall ({_ok(c['met'])}), "
-            f"{c['compile_cpu_seconds']:.2f} s CPU ({_ok(c['met_cpu'])}); target <= {c['target']} s"
+            f"Compile time, {c['label']}: {c['compile_seconds']:.2f} s wall ({verdict(c['met'])}), "
+            f"{c['compile_cpu_seconds']:.2f} s CPU ({verdict(c['met_cpu'])}); target <= {c['target']} s"
         )
     return "\n".join(lines)
 
@@ -371,12 +319,9 @@ def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def _ok(flag: Optional[bool]) -> str:
-    return "n/a" if flag is None else "met" if flag else "MISSED"
-
-
-def plot(results: list[dict], settings: dict, path: Path) -> None:
-    """Time over the floor and allocator peak of reverse mode vs K, one line per (backward, T)."""
+def plot(results: list[dict], settings: dict, path: Path) -> str:
+    """Time over the floor and allocator peak of reverse mode vs K, one line per (backward, T);
+    returns the file's name."""
     from experiments.common import plotting
     from experiments.common.plotting import plt
 
@@ -414,6 +359,7 @@ def plot(results: list[dict], settings: dict, path: Path) -> None:
     fig.suptitle(f"K-RMD cost vs K on the hypercleaning-sized problem\n({size}; T = "
                  f"{', '.join(map(str, settings['steps']))}; median of up to {settings['repeats']} calls)")
     plotting.save_figure(fig, str(path), dpi=110)
+    return path.name
 
 
 SUITES = ("estimators", "online", "cnn", "metabatch", "forward")
@@ -494,8 +440,7 @@ def suite_settings(cfg: Config) -> dict:
 def run_suites(cfg: Config, data: Any, ctx: program.Run) -> dict:
     """Runs every suite --suites asks for; each writes its report to cfg.output_dir."""
     out = cfg.output_dir
-    run = {"estimators": lambda s: run_benchmark(s, provenance.environment(), configurations(s), Path(out),
-                                                 cfg.worker_timeout),
+    run = {"estimators": lambda s: run_benchmark(s, configurations(s), out, cfg.worker_timeout),
            "online": lambda s: benchmark_online.run(s, out),
            "cnn": lambda s: benchmark_cnn.run(s, out, cfg.worker_timeout),
            "metabatch": lambda s: benchmark_metabatch.run(s, out),
@@ -503,8 +448,10 @@ def run_suites(cfg: Config, data: Any, ctx: program.Run) -> dict:
     return {suite: run[suite](settings) for suite, settings in suite_settings(cfg).items()}
 
 
-def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path, timeout: float = 7200) -> None:
+def run_benchmark(settings: dict, configs: list, output_dir: str, timeout: float = 7200) -> dict:
     """Measures every configuration (one fresh process each), writes results.json and the figure."""
+    report = SuiteReport("estimators", output_dir, "results.json")
+    machine = report.environment
     print(f"{len(configs)} configurations, one fresh process each; machine: {machine['platform']}, "
           f"{machine['cpu_count']} CPUs, TF {machine['tensorflow']}", flush=True)
     results = run_each(
@@ -512,31 +459,21 @@ def run_benchmark(settings: dict, machine: dict, configs: list, output_dir: Path
         describe=lambda c: f"T={c['steps']} {c['label']}",
         report=lambda r: (f"{r['median_seconds']:.3f} s = {r['time_over_floor']:.2f}× floor "
                           f"(CPU {r['cpu_over_floor']:.2f}×), compile {r['compile_seconds']:.1f} s, "
-                          f"alloc peak {_mb(r['allocator_peak_growth_bytes'])} MB"))
-    machine["load_average_end"] = list(os.getloadavg())
+                          f"alloc peak {mb(r['allocator_peak_growth_bytes'])} MB"))
     summary = summarize(results, settings)
-    table = format_table(results)
-    report = {
-        "date": machine["date"],
-        "machine": machine,
-        "settings": settings,
-        "problem": {
-            "description": "hypercleaning-sized random problem (paper §4.2.1): g = mean σ(λ_i) CE + 0.001‖W‖², "
-                           "f = mean validation CE, gradient descent",
-            "num_params": settings["num_classes"] * settings["num_features"],
-            "num_hparams": settings["num_examples"],
-            "forward_mode": f"λ restricted to the first {settings['forward_hparams']} example weights, "
-                            "the others frozen (same M and inner cost)",
-            "dtype": "float32",
-            "jit_compile": True,
-        },
-        "results": results,
-        "summary": summary,
-        "table": table,
+    problem = {
+        "description": "hypercleaning-sized random problem (paper §4.2.1): g = mean σ(λ_i) CE + 0.001‖W‖², "
+                       "f = mean validation CE, gradient descent",
+        "num_params": settings["num_classes"] * settings["num_features"],
+        "num_hparams": settings["num_examples"],
+        "forward_mode": f"λ restricted to the first {settings['forward_hparams']} example weights, "
+                        "the others frozen (same M and inner cost)",
+        "dtype": "float32",
+        "jit_compile": True,
     }
-    program.write_report(output_dir, "results.json", report, f"\n{table}\n{format_summary(summary)}")
-    plot(results, settings, output_dir / "benchmark.png")
-    print(f"wrote {output_dir / 'benchmark.png'}")
+    return report.write(settings, results, format_table(results), summary=summary,
+                        summary_text=format_summary(summary), problem=problem,
+                        figures=lambda out: [plot(results, settings, Path(out) / "benchmark.png")])
 
 
 PROGRAM = program.Program("benchmark", Config, PRESETS, experiment=run_suites, prepare=program.checked(suite_settings),

@@ -29,7 +29,7 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 import tf_bilevel as tfb  # noqa: E402
 from tf_bilevel.keras.losses import categorical_crossentropy  # noqa: E402
-from experiments.common import config, program, run_state  # noqa: E402
+from experiments.common import config, program, provenance, run_state  # noqa: E402
 from experiments.common.memory import PROBE_METHOD, format_probes, mib, probe  # noqa: E402
 from experiments.common.checkpoint_store import LoopClock, LoopStore, arrays_sha256, run_resumable  # noqa: E402
 from experiments.common.config import option, result_settings  # noqa: E402
@@ -628,7 +628,7 @@ def run_experiment(cfg: Config, data: tuple[dict, dict], ctx: program.Run) -> di
         for truncate, timing in time_interleaved(steps, problem, cfg.timing_rounds).items():
             runs[str(truncate)]["timing"]["interleaved"] = timing
     memory = measure_memory(cfg, arrays) if cfg.measure_memory else {}
-    ctx.environment["load_average_end"] = os.getloadavg()
+    provenance.mark_end(ctx.environment)
     return {
         "config": dataclasses.asdict(cfg),
         "data": data_info,

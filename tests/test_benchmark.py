@@ -120,8 +120,9 @@ def test_program_end_to_end(tmp_path):
     assert "| T | configuration |" in done.stdout and "Time / floor vs targets" in done.stdout
     report = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "benchmark.png").stat().st_size > 0
-    assert report["date"] and report["machine"]["cpu_count"] >= 1
-    assert report["machine"]["tensorflow"] == tf.__version__ and report["machine"]["platform"]
+    assert f"[estimators suite] results.json and benchmark.png in {tmp_path} (" in done.stdout
+    assert report["date"] and report["environment"]["cpu_count"] >= 1 and len(report["environment"]["load_average_end"]) == 3
+    assert report["environment"]["tensorflow"] == tf.__version__ and report["environment"]["platform"]
     results = report["results"]
     assert [(r["steps"], r["estimator"], r["truncate"]) for r in results] == [
         (2, "reverse", 1), (2, "reverse", 2), (4, "reverse", 1), (4, "reverse", 4),

@@ -112,3 +112,91 @@ def test_guarded_changes_only_the_memory_optimizer_of_the_callers_options():
     expected.CopyFrom(config)
     expected.graph_options.rewrite_options.memory_optimization = rewriter_config_pb2.RewriterConfig.SWAPPING_HEURISTICS
     assert inside == expected
+
+
+# -- Where the rewrite does not fire, the guard changes nothing (RESULTS.md, issue #16) ------------
+
+def _optimized_graphs(call):
+    """(call(), the graphs after Grappler of the functions the call instantiated): the eager
+    runtime's run metadata. A function is instantiated once per config, so a call under other
+    function call options (guarded()) is optimized anew."""
+    ctx = eager_context.context()
+    ctx.enable_run_metadata()
+    try:
+        out = call()
+        metadata = ctx.export_run_metadata()
+    finally:
+        ctx.disable_run_metadata()
+    return out, [g.post_optimization_graph for g in metadata.function_graphs]
+
+
+def _guarded(call):
+    with grappler.guarded():
+        return call()
+
+
+def _nodes(graph):
+    return [*graph.node, *(node for function in graph.library.function for node in function.node_def)]
+
+
+def _serialized(graphs) -> list:
+    return [g.SerializeToString(deterministic=True) for g in graphs]
+
+
+def test_where_the_rewrite_fires_the_optimized_graphs_differ():
+    """The control of the next test: comparing the optimized graphs sees the rewrite."""
+    run = _accumulating_loop("compared")
+    x = tf.fill([N], 0.5)
+    _, plain = _optimized_graphs(lambda: run(x))  # (leaks its variable, under this test's own name)
+    _, guarded = _optimized_graphs(lambda: _guarded(lambda: run(x)))
+    assert len(plain) == len(guarded) == 1 and _serialized(plain) != _serialized(guarded)
+    assert "TemporaryVariable" in {n.op for n in _nodes(plain[0])}
+    assert "TemporaryVariable" not in {n.op for n in _nodes(guarded[0])}
+
+
+def _conv_krmd():
+    """K-RMD (T = 6, K = 3, no XLA) of a 2-conv net's per-kernel weight decays: small, so the
+    static memory estimate stays far under the threshold, as on the `cnn` network of online_hpo."""
+    import tf_bilevel as tfb
+
+    rng = np.random.default_rng(0)
+    params = {"k1": rng.normal(0, 0.3, (3, 3, 1, 4)), "k2": rng.normal(0, 0.2, (3, 3, 4, 4)),
+              "dense": rng.normal(0, 0.1, (4 * 4 * 4, 3))}
+    params = {name: tf.constant(value, tf.float32) for name, value in params.items()}
+
+    def cross_entropy(w, batch):
+        h = tf.nn.relu(tf.nn.conv2d(batch["x"], w["k1"], 2, "SAME"))
+        h = tf.nn.relu(tf.nn.conv2d(h, w["k2"], 2, "SAME"))
+        logits = tf.reshape(h, [h.shape[0], -1]) @ w["dense"]
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(batch["y"], logits))
+
+    def inner(w, log_decays, batch):
+        decay = tf.add_n([tf.exp(log_decays[i]) * tf.reduce_sum(tf.square(w[k])) for i, k in enumerate(sorted(w))])
+        return cross_entropy(w, batch) + decay
+
+    def batch():
+        return {"x": tf.constant(rng.normal(size=(8, 16, 16, 1)), tf.float32),
+                "y": tf.constant(rng.integers(0, 3, 8), tf.int32)}
+
+    hg = tfb.hypergradient_fn(inner, lambda w, lam, b: cross_entropy(w, b), steps=6, truncate=3, learning_rate=0.1,
+                              jit_compile=False)
+    return hg, (params, tf.fill([3], float(np.log(1e-3))), batch(), batch())
+
+
+def test_where_the_rewrite_does_not_fire_the_guard_changes_nothing():
+    """K-RMD's hypergradient function on a small conv net, its engine in a tf.function of our own
+    (not guarded by the library): Grappler's optimized graph is the same byte for byte with and
+    without guarded(), though its backward loop has AddNs of more than two inputs (what the pass
+    rewrites when it fires), and the results are the same bits, also through `hg.detailed`."""
+    hg, args = _conv_krmd()
+    compute = tf.function(hg.compute, autograph=False)
+    plain_out, plain = _optimized_graphs(lambda: compute(*args))
+    guarded_out, guarded = _optimized_graphs(lambda: _guarded(lambda: compute(*args)))
+    assert len(plain) == len(guarded) == 1 and _serialized(plain) == _serialized(guarded)
+    candidates = [n for n in _nodes(plain[0]) if n.op == "AddN" and "while" in n.name
+                  and sum(not i.startswith("^") for i in n.input) > 2]
+    assert candidates
+    for out in (guarded_out, hg.detailed(*args)):
+        for a, b in zip(tf.nest.flatten(plain_out), tf.nest.flatten(out), strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert np.all(np.isfinite(plain_out.hypergrad.numpy())) and np.any(plain_out.hypergrad.numpy() != 0)

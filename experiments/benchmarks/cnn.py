@@ -22,11 +22,12 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments.common import program, provenance  # noqa: E402
+from experiments.benchmarks.report import SuiteReport, error_row, mb, ratio_of, verdict  # noqa: E402
+from experiments.common import program  # noqa: E402
 from experiments.common.config import option  # noqa: E402
+from experiments.common.memory import stored_states  # noqa: E402
 from experiments.common.subprocesses import run_each  # noqa: E402
 from experiments.common.timing import against_floor  # noqa: E402
-from experiments.common.timing import median as timing_median  # noqa: E402
 from tf_bilevel.keras import losses  # noqa: E402
 MEMORY_GOAL, GOAL_TRUNCATE = 10.0, 5  # full RMD ≥ 10× the allocator peak of 5-RMD at the same T (issue #9): reported only
 MEMORY_TOLERANCE = 0.10  # K-RMD peak at the largest T within 10% of the smallest T: "flat"
@@ -138,17 +139,6 @@ def num_params(params: dict) -> int:
 # ----------------------------------------------------------------------------------------
 
 
-def stored_states(config: dict) -> int:
-    """Weight-sized states the explicit backward keeps (Table 1, in units of M)."""
-    kind, K = config["estimator"], config["truncate"]
-    if kind == "floor":
-        return 0
-    if kind == "checkpointed":
-        segment = max(1, math.ceil(math.sqrt(K)))
-        return math.ceil(K / segment) + segment
-    return K
-
-
 def build(config: dict, problem: Problem) -> tuple[tfb.api.Hypergradient, Callable, Callable]:
     """(hg, hypergradient call, floor call), compiled with XLA."""
     kind, T, K = config["estimator"], config["steps"], config["truncate"]
@@ -182,28 +172,16 @@ def measure(config: dict) -> dict:
     np.asarray(tf.reduce_sum(problem.inner_batch["x"]))  # start the TF runtime before measuring
     is_floor = config["estimator"] == "floor"
     run = against_floor(lambda: build(config, problem), is_floor, lambda warm, floor: config["repeats"])
-    hg, first, first_out, first_memory, steady_memory, floor_first, times, floor_times = run
-    median, floor_median = timing_median(times), timing_median(floor_times)
-    M = num_params(problem.params)
+    hg, first_out = run.built, run.first_out
+    M, states = num_params(problem.params), stored_states(config["estimator"], config["truncate"])
     result = {
         **config,
-        "times_seconds": [t.wall for t in times],
-        "floor_times_seconds": [t.wall for t in floor_times],
-        "median_seconds": median.wall,
-        "floor_median_seconds": floor_median.wall,
-        "time_over_floor": median.wall / floor_median.wall,
-        "cpu_over_floor": median.cpu / floor_median.cpu,
-        "first_call_seconds": first.wall,
-        "compile_seconds": max(first.wall - median.wall, 0.0),
-        "floor_compile_seconds": max(floor_first.wall - floor_median.wall, 0.0),
-        "rss_before_bytes": first_memory.rss_before,
-        "process_peak_growth_bytes": first_memory.process_peak_growth,
-        "allocator_peak_growth_bytes": steady_memory.allocator_peak_growth,
+        **run.row(),
         "backward_used": None if is_floor else hg.backward_used,
         "num_params": M,
         "num_hparams": int(problem.hparams.shape.num_elements()),
-        "stored_states": stored_states(config),
-        "stored_state_bytes": stored_states(config) * M * 4,
+        "stored_states": states,
+        "stored_state_bytes": states * M * 4,
         "outer_value": None if is_floor else float(first_out[0]),
         "hypergrad_norm": None if is_floor else float(tfb.diagnostics.global_norm(first_out[1:])),
     }
@@ -237,25 +215,20 @@ def configurations(settings: dict) -> list[dict]:
     return configs
 
 
-def _mb(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f}"
-
-
 def format_table(results: list[dict]) -> str:
     lines = ["| T | configuration | backward used (auto) | median s | × floor | compile s | alloc peak MB "
              "| RSS peak MB | stored states MB |", "|" + "---|" * 9]
     for r in results:
         if "error" in r:
-            message = r["error"].strip().splitlines()[-1][:80] if r["error"].strip() else "?"
-            lines.append(f"| {r['steps']} | {r['label']} | ERROR: {message} |" + " |" * 6)
+            lines.append(error_row(r, r["steps"], r["label"], 9))
             continue
         used = r["backward_used"] or "-"
         if r.get("auto_backward"):
             used += f" ({r['auto_backward']})"
         lines.append(
             f"| {r['steps']} | {r['label']} | {used} | {r['median_seconds']:.2f} | {r['time_over_floor']:.2f} | "
-            f"{r['compile_seconds']:.1f} | {_mb(r['allocator_peak_growth_bytes'])} | "
-            f"{_mb(r['process_peak_growth_bytes'])} | {_mb(r['stored_state_bytes'])} |"
+            f"{r['compile_seconds']:.1f} | {mb(r['allocator_peak_growth_bytes'])} | "
+            f"{mb(r['process_peak_growth_bytes'])} | {mb(r['stored_state_bytes'])} |"
         )
     return "\n".join(lines)
 
@@ -265,10 +238,6 @@ def _find(results: list, estimator: str, T: int, K: int, backward: str) -> Optio
         if (r["estimator"], r["steps"], r["truncate"], r["backward"]) == (estimator, T, K, backward) and "error" not in r:
             return r
     return None
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return None if a is None or b is None or b == 0 else a / b
 
 
 def summarize(results: list[dict], settings: dict) -> dict:
@@ -283,17 +252,17 @@ def summarize(results: list[dict], settings: dict) -> dict:
         for K in sorted(k for k in settings["truncate"] if k < small):
             a, b = _find(results, "reverse", small, K, backward), _find(results, "reverse", large, K, backward)
             if a and b and large > small:
-                ratio = _ratio(b[key], a[key])
+                ratio = ratio_of(b[key], a[key])
                 flat.append({"backward": backward, "truncate": K, f"T={small}": a[key], f"T={large}": b[key],
                              "ratio": ratio, "flat": None if ratio is None else abs(ratio - 1) <= MEMORY_TOLERANCE})
         full = [r for T in steps if (r := _find(results, "reverse", T, T, backward))]
         if len(full) >= 2:
             growth.append({"backward": backward, "steps": [r["steps"] for r in full], "peaks": [r[key] for r in full],
-                           "ratio": _ratio(full[-1][key], full[0][key])})
+                           "ratio": ratio_of(full[-1][key], full[0][key])})
         for T in steps:
             a, b = _find(results, "reverse", T, T, backward), _find(results, "reverse", T, goal_K, backward)
             if a and b:
-                ratio = _ratio(a[key], b[key])
+                ratio = ratio_of(a[key], b[key])
                 goal.append({"backward": backward, "steps": T, "truncate": goal_K, "full_rmd": a[key], "krmd": b[key], "ratio": ratio,
                              "goal": MEMORY_GOAL, "met": None if ratio is None else ratio >= MEMORY_GOAL})
     return {"krmd_flat_in_T": flat, "full_rmd_growth": growth, "full_over_5rmd": goal}
@@ -302,42 +271,32 @@ def summarize(results: list[dict], settings: dict) -> dict:
 def format_summary(summary: dict) -> str:
     lines = ["", "Allocator peak of K-RMD at the largest T / the smallest T (flat: within 10%):"]
     for e in summary["krmd_flat_in_T"]:
-        verdict = "n/a" if e["flat"] is None else "flat" if e["flat"] else "NOT flat"
-        lines.append(f"  K={e['truncate']:<3} [{e['backward']}] {e['ratio'] or float('nan'):.3f} ({verdict})")
+        flat = "n/a" if e["flat"] is None else "flat" if e["flat"] else "NOT flat"
+        lines.append(f"  K={e['truncate']:<3} [{e['backward']}] {e['ratio'] or float('nan'):.3f} ({flat})")
     for e in summary["full_rmd_growth"]:
-        peaks = ", ".join(f"T={T}: {_mb(p)} MB" for T, p in zip(e["steps"], e["peaks"]))
+        peaks = ", ".join(f"T={T}: {mb(p)} MB" for T, p in zip(e["steps"], e["peaks"]))
         lines.append(f"Full RMD [{e['backward']}] allocator peak {peaks} (×{e['ratio'] or float('nan'):.2f})")
     for e in summary["full_over_5rmd"]:
-        verdict = "n/a" if e["met"] is None else "met" if e["met"] else "MISSED"
         lines.append(f"Full RMD / {e['truncate']}-RMD allocator peak at T={e['steps']} [{e['backward']}]: "
-                     f"{e['ratio'] or float('nan'):.1f}× (goal >= {e['goal']:.0f}×: {verdict})")
+                     f"{e['ratio'] or float('nan'):.1f}× (goal >= {e['goal']:.0f}×: {verdict(e['met'])})")
     return "\n".join(lines)
 
 
 def run(settings: dict, output_dir: str, timeout: float = 7200.0) -> dict:
     """Measures every configuration (one fresh process each) and writes cnn_results.json."""
+    report = SuiteReport("cnn", output_dir, "cnn_results.json")
     configs = configurations(settings)
     M = num_params(cnn_params(settings["image_size"], settings["filters"], settings["dense"], settings["num_classes"], 0))
     print(f"cnn suite: M = {M} inner parameters, {len(configs)} configurations, one fresh process each", flush=True)
-    machine = provenance.environment()
     results = run_each(
         configs, "experiments.benchmarks.cnn", "cnn_worker", timeout, describe=lambda c: f"T={c['steps']} {c['label']}",
         report=lambda r: (f"{r['median_seconds']:.2f} s = {r['time_over_floor']:.2f}× floor, "
-                          f"alloc peak {_mb(r['allocator_peak_growth_bytes'])} MB, "
-                          f"RSS peak {_mb(r['process_peak_growth_bytes'])} MB"))
-    machine["load_average_end"] = list(os.getloadavg())
+                          f"alloc peak {mb(r['allocator_peak_growth_bytes'])} MB, "
+                          f"RSS peak {mb(r['process_peak_growth_bytes'])} MB"))
     summary = summarize(results, settings)
-    table = format_table(results)
-    report = {
-        "date": machine["date"],
-        "machine": machine,
-        "settings": settings,
-        "problem": {"description": __doc__.split("\n\n")[1], "num_params": M, "dtype": "float32", "jit_compile": True},
-        "results": results,
-        "summary": summary,
-        "table": table,
-    }
-    return program.write_report(output_dir, "cnn_results.json", report, f"\n{table}\n{format_summary(summary)}")
+    return report.write(
+        settings, results, format_table(results), summary=summary, summary_text=format_summary(summary),
+        problem={"description": __doc__.split("\n\n")[1], "num_params": M, "dtype": "float32", "jit_compile": True})
 
 
 @dataclasses.dataclass

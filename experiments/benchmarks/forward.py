@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments.common import program, provenance  # noqa: E402
+from experiments.benchmarks.report import SuiteReport, verdict  # noqa: E402
+from experiments.common import program  # noqa: E402
 from experiments.common.config import option  # noqa: E402
 from experiments.common.timing import block, wall_seconds  # noqa: E402
 from tf_bilevel.dynamics import InnerState  # noqa: E402
@@ -197,7 +198,7 @@ def format_table(results: list[dict]) -> str:
     ]
     for r in results:
         m = r["median_seconds"]
-        met = "met" if r["ratio_one_pass"] <= r["target"] else "MISSED"
+        met = verdict(r["ratio_one_pass"] <= r["target"])
         lines.append(
             f"{'on ' if r['jit_compile'] else 'off'} {r['num_hparams']:2d} | {1e3 * m['plain']:13.2f} | "
             f"{1e3 * m['one_pass']:19.2f} | {1e3 * m['n_reruns']:11.2f} | {r['ratio_one_pass']:14.2f} | "
@@ -215,9 +216,9 @@ def make_settings(repeats: int, quick: bool) -> dict:
 
 
 def run(settings: dict, output_dir: str) -> dict:
+    report = SuiteReport("forward", output_dir, "forward_results.json")
     results = [measure(settings, jit) for jit in settings["jit_compile"]]
-    report = {"environment": provenance.environment(), "settings": settings, "results": results}
-    return program.write_report(output_dir, "forward_results.json", report, format_table(results))
+    return report.write(settings, results, format_table(results))
 
 
 @dataclasses.dataclass

@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from experiments.models import fewshot as fsm  # noqa: E402
-from experiments.common import program, provenance  # noqa: E402
+from experiments.benchmarks.report import SuiteReport, verdict  # noqa: E402
+from experiments.common import program  # noqa: E402
 from experiments.common.memory import PeakMemory, mib  # noqa: E402
 from experiments.common.config import option  # noqa: E402
 from experiments.common.timing import block, wall_seconds  # noqa: E402
@@ -135,8 +136,8 @@ def format_table(rows: list[dict], checks: list[dict]) -> str:
     for c in checks:
         xla = ", ".join(f"B={b}: {v:.2f}" for b, v in c["xla_over_no_xla"].items())
         lines.append(
-            f"  T={c['T']} {c['path']}: batching {c['xla_batching_ratio']:.2f} {'met' if c['batching_met'] else 'MISSED'}; "
-            f"XLA/no-XLA {xla} {'met' if c['xla_met'] else 'MISSED'}"
+            f"  T={c['T']} {c['path']}: batching {c['xla_batching_ratio']:.2f} {verdict(c['batching_met'])}; "
+            f"XLA/no-XLA {xla} {verdict(c['xla_met'])}"
         )
     return "\n".join(lines)
 
@@ -157,15 +158,10 @@ def make_settings(steps: list, meta_batches: list, paths: list, truncate: int, r
 
 
 def run(settings: dict, output_dir: str) -> dict:
+    report = SuiteReport("metabatch", output_dir, "metabatch_results.json")
     rows = [row for steps in settings["steps"] for row in measure(steps, settings)]
     checks = summary(rows, settings)
-    report = {
-        "environment": provenance.environment(),
-        "settings": settings,
-        "results": rows,
-        "summary": checks,
-    }
-    return program.write_report(output_dir, "metabatch_results.json", report, format_table(rows, checks))
+    return report.write(settings, rows, format_table(rows, checks), summary=checks)
 
 
 @dataclasses.dataclass

@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_bilevel as tfb  # noqa: E402
-from experiments.common import program, provenance  # noqa: E402
+from experiments.benchmarks.report import SuiteReport, verdict  # noqa: E402
+from experiments.common import program  # noqa: E402
 from experiments.common.memory import PeakMemory, mib  # noqa: E402
 from experiments.common.config import option  # noqa: E402
 from experiments.common.timing import block, wall_seconds  # noqa: E402
@@ -184,7 +185,7 @@ def format_table(results: list[dict]) -> str:
     ]
     for r in results:
         m, mem = r["median_seconds"], r["allocator_peak_growth_bytes"]
-        target = "" if r["target"] is None else f"<= {r['target']:.1f} {'met' if r['ratio_to_plain_per_step'] <= r['target'] else 'MISSED'}"
+        target = "" if r["target"] is None else f"<= {r['target']:.1f} {verdict(r['ratio_to_plain_per_step'] <= r['target'])}"
         lines.append(
             f"{'on ' if r['jit_compile'] else 'off'} {r['T']:3d} {'fwd' if r['K'] is None else r['K']:>3} | {1e3 * m['bilevel']:13.1f} | {1e3 * m['plain_per_step']:16.1f} / {1e3 * m['plain_fused']:8.1f}"
             f"         | {r['ratio_to_plain_per_step']:14.2f} | {r['ratio_to_plain_fused']:11.2f} | {target:10s} | "
@@ -207,13 +208,10 @@ def make_settings(configs: list, repeats: int, quick: bool, budget_seconds: floa
 
 
 def run(settings: dict, output_dir: str) -> dict:
+    report = SuiteReport("online", output_dir, "online_results.json")
     results = [measure(T, K, settings, jit) for jit in settings["jit_compile"] for T, K in settings["configs"]]
-    report = {
-        "environment": provenance.environment(),
-        "settings": {**settings, "configs": [list(c) for c in settings["configs"]]},
-        "results": results,
-    }
-    return program.write_report(output_dir, "online_results.json", report, format_table(results))
+    return report.write({**settings, "configs": [list(c) for c in settings["configs"]]}, results,
+                        format_table(results))
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""Peak-memory probes for the benchmark: process RSS (Linux /proc) and TF's CPU allocator.
+"""Peak-memory probes for the benchmark: process RSS (Linux /proc) and TF's CPU allocator; and
+the weight-sized states each estimator keeps (`stored_states`, Table 1).
 
 Two views of "how much memory did this computation need":
 
@@ -13,12 +14,28 @@ Two views of "how much memory did this computation need":
 
 from __future__ import annotations
 
+import math
 import resource
 from typing import Callable, Optional
 
 import tensorflow as tf
 
 _DEVICE = "CPU:0"
+
+
+def stored_states(estimator: str, truncate: Optional[int]) -> Optional[int]:
+    """The weight-sized states an estimator keeps alive (Table 1's space, in units of M): K for
+    K-RMD ("reverse"), ⌈K/s⌉ + s for checkpointed RMD with segments of s = ⌈√K⌉, 2 for forward
+    mode (w_t and one tangent column), 4 for implicit CG (x, r, p, H p), 0 for the floor; None for
+    another estimator."""
+    if estimator == "floor":
+        return 0
+    if estimator == "reverse":
+        return truncate
+    if estimator == "checkpointed":
+        segment = max(1, math.ceil(math.sqrt(truncate)))
+        return math.ceil(truncate / segment) + segment
+    return {"forward": 2, "implicit_cg": 4}.get(estimator)
 
 
 def _status_bytes(field: str) -> Optional[int]:

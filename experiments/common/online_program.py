@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_bilevel as tfb
-from experiments.common import keras_resume
+from experiments.common import keras_resume, provenance
 from experiments.common.config import option
 from experiments.common.run_state import RESTART_HINT, parse_pause_after, read_state_json, write_json_atomically
 
@@ -358,7 +358,7 @@ def methods_experiment(program: str, run_methods: Callable[[Any, dict, MethodSto
         store = MethodStore(cfg.output_dir, cfg.pause_after)
         print(f"[{program}] {data_info}", flush=True)
         methods = run_methods(cfg, arrays, store)
-        run.environment["load_average_end"] = list(os.getloadavg())
+        provenance.mark_end(run.environment)
         return {"config": dataclasses.asdict(cfg), "data": data_info, "environment": run.environment,
                 "methods": methods, "target": target(methods), "runtime_seconds": run.seconds()}
 

@@ -88,7 +88,7 @@ class Program:
                                             does with a hash of its data)
     results_file                            where `run_program` writes the results (None: the
                                             experiment writes its own reports, as the benchmark
-                                            suites do with `write_report`)
+                                            suites do: experiments/benchmarks/report.py)
     worker                                  (Config field, function): with that internal flag set,
                                             `main` only runs function(JSON payload) and prints
                                             the result (experiments/common/subprocesses.py)
@@ -171,9 +171,13 @@ def run_program(program: Program, cfg: Any, data: Any = None) -> dict:
         run.write_results(results)
         if program.table is not None:
             print(program.table(results), flush=True)
-        print(f"[{program.name}] {program.results_file} and figures in {cfg.output_dir} ({run.seconds():.0f} s)",
-              flush=True)
+        announce_done(program.name, f"{program.results_file} and figures", cfg.output_dir, run.seconds())
         return results
+
+
+def announce_done(name: str, what: str, output_dir: str, seconds: float) -> None:
+    """The closing line of every program and benchmark suite: `[name] <what> in <output_dir> (<s> s)`."""
+    print(f"[{name}] {what} in {output_dir} ({seconds:.0f} s)", flush=True)
 
 
 def guard_state(program: Program, cfg: Any) -> None:
@@ -191,20 +195,11 @@ def suite(name: str, config_class: type, settings_of: Callable[[Any], dict], run
     """A benchmark suite as a Program. Presets: full (the Config's defaults) and quick
     (`quick_flags`; `settings_of` also shrinks the sizes when cfg.preset == "quick").
     `settings_of(cfg)` is checked before the run (ValueError names a bad flag), then
-    `run(settings, output_dir)` measures and writes its own report (`write_report`)."""
+    `run(settings, output_dir)` measures and writes its own report
+    (experiments/benchmarks/report.py)."""
     return Program(name, config_class, {"full": {}, "quick": dict(quick_flags or {})}, results_file=None,
                    prepare=checked(settings_of), worker=worker,
                    experiment=lambda cfg, data, ctx: run(settings_of(cfg), cfg.output_dir))
-
-
-def write_report(output_dir: str | os.PathLike, filename: str, report: dict, table: str) -> dict:
-    """A benchmark suite's report: prints `table`, writes `report` to <output_dir>/<filename>."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(os.fspath(output_dir), filename)
-    print(table, flush=True)
-    write_json_atomically(path, jsonable(report), indent=2)
-    print(f"wrote {path}", flush=True)
-    return report
 
 
 # ----------------------------------------------------------------------------------------

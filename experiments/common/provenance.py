@@ -6,6 +6,22 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from typing import Optional
+
+
+def load_average() -> Optional[list]:
+    """The 1, 5 and 15 minute load averages (None where the platform has none)."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def mark_end(environment: dict) -> dict:
+    """`environment` (a record of `environment()`) with the load average at the run's end added as
+    "load_average_end"."""
+    environment["load_average_end"] = load_average()
+    return environment
 
 
 def environment() -> dict:
@@ -14,10 +30,6 @@ def environment() -> dict:
     import keras
     import tensorflow as tf
 
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
@@ -26,5 +38,5 @@ def environment() -> dict:
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
-        "load_average": load,
+        "load_average": load_average(),
     }

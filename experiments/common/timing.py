@@ -85,6 +85,34 @@ class FloorRun(NamedTuple):
     times: list
     floor_times: list
 
+    def row(self) -> dict:
+        """The times and memory of a benchmark row: every timed call's wall and CPU seconds (and
+        the floor's), the medians, the ratios over the floor (median wall time, fastest wall
+        time, median CPU time), the compile time (first call − median, wall and CPU), RSS before
+        the first call, the process's and the allocator's peak growth in the first call and the
+        allocator's in a steady call."""
+        mid, floor_mid = median(self.times), median(self.floor_times)
+        return {
+            "repeats": len(self.times),
+            "times_seconds": [t.wall for t in self.times],
+            "cpu_times_seconds": [t.cpu for t in self.times],
+            "floor_times_seconds": [t.wall for t in self.floor_times],
+            "floor_cpu_times_seconds": [t.cpu for t in self.floor_times],
+            "median_seconds": mid.wall,
+            "floor_median_seconds": floor_mid.wall,
+            "time_over_floor": mid.wall / floor_mid.wall,
+            "min_time_over_floor": min(t.wall for t in self.times) / min(t.wall for t in self.floor_times),
+            "cpu_over_floor": mid.cpu / floor_mid.cpu,
+            "first_call_seconds": self.first.wall,
+            "compile_seconds": max(self.first.wall - mid.wall, 0.0),
+            "compile_cpu_seconds": max(self.first.cpu - mid.cpu, 0.0),
+            "floor_compile_seconds": max(self.floor_first.wall - floor_mid.wall, 0.0),
+            "rss_before_bytes": self.first_memory.rss_before,
+            "process_peak_growth_bytes": self.first_memory.process_peak_growth,
+            "first_call_allocator_peak_growth_bytes": self.first_memory.allocator_peak_growth,
+            "allocator_peak_growth_bytes": self.steady_memory.allocator_peak_growth,
+        }
+
 
 def against_floor(build: Callable[[], tuple[Any, Callable[[], Any], Callable[[], Any]]], is_floor: bool,
                   repeats: Callable[[Timing, Callable[[], Any]], int]) -> FloorRun:
