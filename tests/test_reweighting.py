@@ -391,6 +391,8 @@ def saved_grid(tmp_path, methods=("plain", "finetune", "mwn", "mwn_k", "mwn_k_ft
 
 
 def test_report_builds_tables_and_figures_from_the_saved_runs_without_training(tmp_path, monkeypatch):
+    from experiments.common import run_state
+
     cfg = saved_grid(tmp_path, seeds=(0, 1))
     (Path(cfg.output_dir) / "resume" / "mwn_k_ft.seed1.json").unlink()  # not run yet
     before = sorted((p.name, p.stat().st_mtime_ns) for p in Path(cfg.output_dir).rglob("*"))
@@ -432,8 +434,13 @@ def test_report_builds_tables_and_figures_from_the_saved_runs_without_training(t
     assert "`mwn_k_ft` 1;" in absent and "`forward` 0,1;" in absent  # and the rest of the default list
     with pytest.raises(tfb.SettingsMismatchError, match="epochs"):
         R.run_experiment(dataclasses.replace(cfg, epochs=15, report_dir=str(report_dir)))
-    with pytest.raises(FileNotFoundError, match="holds no runs"):
+    with pytest.raises(run_state.OutputDirError, match="holds no runs"):
         R.run_experiment(dataclasses.replace(cfg, output_dir=str(tmp_path / "none"), report_dir=str(report_dir)))
+    with pytest.raises(run_state.OutputDirError, match="no finished run of --methods=clean × --seeds=0,1"):
+        R.run_experiment(dataclasses.replace(cfg, methods=("clean",), seeds=(0, 1), report_dir=str(report_dir)))
+    with run_state.exclusive_output_dir(cfg.output_dir, "the grid"):  # a run holds the folder: the report still runs
+        R.run_experiment(dataclasses.replace(cfg, seeds=(0,), report_dir=str(tmp_path / "again")))
+    assert "`mwn_k_ft` 0." in (tmp_path / "again" / "reweighting_flip_tables.md").read_text()
 
 
 def test_config_validation_names_the_flag():
