@@ -14,10 +14,11 @@ and K-RMD online, and their models fine-tuned like the plain one (mwn_ft, l2rw_f
 ...); Ren et al.'s per-step look-ahead weights (ren, experiments/models/lookahead_weights.py);
 ren_mix / l2rw_mix: the same with clean examples joining every training minibatch; mwn_cls:
 Meta-Weight-Net whose weighting network also sees the label (experiments/weighting_diagnosis.py
-measures why the loss alone is not enough). Writes results.json (rows per method and seed, mean ± std per method) and figures to
---output_dir; a killed run continues, per method and seed, when the same command is rerun.
---report_dir builds the tables (Markdown) and figures from the finished runs alone, training
-nothing. Setup and results: RESULTS.md, "Learning to reweight examples".
+measures why the loss alone is not enough). Writes results.json (rows per method and seed,
+mean ± std per method) and figures to --output_dir; a killed run continues, per method and
+seed, when the same command is rerun. --report_dir builds the tables (Markdown) and figures
+from the finished runs alone, training nothing. Setup and results: RESULTS.md, "Learning to
+reweight examples".
 
   tfb-reweighting --setting=flip --output_dir=out/reweighting/flip
   tfb-reweighting --setting=longtail --output_dir=out/reweighting/longtail
@@ -821,9 +822,8 @@ def saved_rows(cfg: Config) -> tuple[dict, list[str]]:
     from tf_bilevel.resume import check_settings
 
     from experiments.common import config
-    from experiments.common.run_state import FINGERPRINT, RESTART_HINT, OutputDirError, read_state_json
-
     from experiments.common.keras_resume import MethodStore
+    from experiments.common.run_state import FINGERPRINT, RESTART_HINT, OutputDirError, read_state_json
 
     store = MethodStore(os.path.join(cfg.output_dir, "resume"))  # oc.MethodStore would create the folder
     fingerprint = os.path.join(store.root, FINGERPRINT)

@@ -397,8 +397,8 @@ def test_report_builds_tables_and_figures_from_the_saved_runs_without_training(t
     (Path(cfg.output_dir) / "resume" / "mwn_k_ft.seed1.json").unlink()  # not run yet
     before = sorted((p.name, p.stat().st_mtime_ns) for p in Path(cfg.output_dir).rglob("*"))
     monkeypatch.setattr(R, "run_one", lambda *a: pytest.fail("the report trained a method"))
-    monkeypatch.setattr(R, "load_data", lambda c: (None, {"dataset": "fashion_mnist", "n_train": 50, "wrong_fraction": 0.4,
-                                                          "class_counts": [5] * 10}))
+    info = {"dataset": "fashion_mnist", "n_train": 50, "wrong_fraction": 0.4, "class_counts": [5] * 10}
+    monkeypatch.setattr(R, "load_data", lambda c: (None, info))
     report_dir = tmp_path / "report"
     results = R.run_experiment(dataclasses.replace(cfg, methods=None, seeds=(0, 1), report_dir=str(report_dir)))
     assert sorted((p.name, p.stat().st_mtime_ns) for p in Path(cfg.output_dir).rglob("*")) == before  # read only
@@ -413,7 +413,9 @@ def test_report_builds_tables_and_figures_from_the_saved_runs_without_training(t
     def acc(method, seeds, get=lambda r: r["test_accuracy"]):  # mean ± std (ddof 1) from the files themselves
         values = [100 * get(json.loads((Path(cfg.output_dir) / "resume" / f"{method}.seed{s}.json").read_text()))
                   for s in seeds]
-        return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f} (seed 0)"
+        if len(values) == 1:
+            return f"{values[0]:.2f} (seed 0)"
+        return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
     plain = rows["| plain (`plain`)"]
     assert plain[1] == "0,1" and acc("plain", (0, 1)) in plain[2] and acc("finetune", (0, 1)) in plain[4]
@@ -478,8 +480,8 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     data, rows = results["data"], results["methods"]
     assert (data["n_train"], data["n_val"], data["n_test"]) == (3000, 1000, 1000)
     assert 0.35 < data["wrong_fraction"] < 0.45
-    methods = ("plain", "finetune", "forward", "mwn", "l2rw", "mwn_ft", "l2rw_ft", "mwn_k", "mwn_k_ft", "l2rw_k", "random",
-               "clean",
+    methods = ("plain", "finetune", "forward", "mwn", "l2rw", "mwn_ft", "l2rw_ft", "mwn_k", "mwn_k_ft", "l2rw_k",
+               "random", "clean",
                "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft",
                "mwn_cls", "mwn_cls_ft")
     assert set(rows) == {f"{m}.seed{s}" for m in methods for s in (0, 1)}
