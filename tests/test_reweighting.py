@@ -2,8 +2,10 @@
 noise generators, the long-tailed sampler, the baselines' losses (fixed example weights, forward
 correction with the estimated transition, class-balanced weights, mix's minibatches) against NumPy
 and hand computation, the learned-weight inner losses (also the class-aware weighting network of
-mwn_cls) against NumPy, the weight diagnostics, and `--quick` end to end on a slice of real
-Fashion-MNIST, resumed per method and seed."""
+mwn_cls) against NumPy, the weight diagnostics, the report built from saved runs alone
+(--report_dir: its cells against the row files), and `--quick` end to end on a slice of real
+Fashion-MNIST (mwn_k_ft starting from mwn_k's model; the report on its output), resumed per
+method and seed."""
 
 from __future__ import annotations
 
