@@ -10,16 +10,19 @@ early-stopped on the clean set), plain training then fine-tuned on the clean exa
 examples alone, fixed random example weights, forward loss correction with the transition
 matrix estimated on the clean set (noise settings), class-balanced loss (longtail); and, with
 tf_bilevel, Meta-Weight-Net weights and raw per-example weights (L2RW-style), each with 1-RMD
-and K-RMD online, and their 1-RMD models fine-tuned like the plain one; Ren et al.'s per-step
-look-ahead weights (ren, experiments/models/lookahead_weights.py); ren_mix / l2rw_mix: the same
-with clean examples joining every training minibatch; mwn_cls: Meta-Weight-Net whose weighting network
-also sees the label (experiments/weighting_diagnosis.py measures why the loss alone is not
-enough). Writes results.json (rows per method and seed, mean ± std per method) and figures to
---output_dir; a killed run continues, per method and seed, when the same command is rerun.
-Setup and results: RESULTS.md, "Learning to reweight examples".
+and K-RMD online, and their models fine-tuned like the plain one (mwn_ft, l2rw_ft, mwn_k_ft,
+...); Ren et al.'s per-step look-ahead weights (ren, experiments/models/lookahead_weights.py);
+ren_mix / l2rw_mix: the same with clean examples joining every training minibatch; mwn_cls:
+Meta-Weight-Net whose weighting network also sees the label (experiments/weighting_diagnosis.py
+measures why the loss alone is not enough). Writes results.json (rows per method and seed,
+mean ± std per method) and figures to --output_dir; a killed run continues, per method and
+seed, when the same command is rerun. --report_dir builds the tables (Markdown) and figures
+from the finished runs alone, training nothing. Setup and results: RESULTS.md, "Learning to
+reweight examples".
 
   tfb-reweighting --setting=flip --output_dir=out/reweighting/flip
   tfb-reweighting --setting=longtail --output_dir=out/reweighting/longtail
+  tfb-reweighting --setting=flip --output_dir=out/reweighting/flip --report_dir=docs/figures
   tfb-reweighting --preset=quick           # tiny budget (tests)
   (or python -m experiments.reweighting ...)
 """
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -46,17 +50,18 @@ from experiments.common.run_state import write_atomically  # noqa: E402
 SETTINGS = ("flip", "symmetric", "longtail")
 BASELINES = ("plain", "finetune", "clean", "random", "forward", "cb", "mix", "mix_ft")
 BILEVEL = ("mwn", "l2rw", "mwn_k", "l2rw_k", "mwn_ft", "l2rw_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix",
-           "l2rw_mix_ft", "mwn_cls", "mwn_cls_ft")
+           "l2rw_mix_ft", "mwn_cls", "mwn_cls_ft", "mwn_k_ft")
 LOOKAHEAD = ("ren", "ren_mix")  # Ren et al.'s per-step weights (experiments/models/lookahead_weights.py)
-# Run order within a seed: a model before its fine-tuning (finetune, mwn_ft, l2rw_ft: the same
-# fine-tuning on the clean set from plain's / mwn's / l2rw's trained weights; forward also
-# starts from plain's model).
-METHODS = ("plain", "finetune", "forward", "cb", "l2rw", "l2rw_ft", "mwn", "mwn_ft", "l2rw_k", "mwn_k", "random",
-           "clean", "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft",
+# Run order within a seed: a model before its fine-tuning (finetune, mwn_ft, l2rw_ft, mwn_k_ft, ...:
+# the same fine-tuning on the clean set from plain's / mwn's / l2rw's / mwn_k's trained weights;
+# forward also starts from plain's model).
+METHODS = ("plain", "finetune", "forward", "cb", "l2rw", "l2rw_ft", "mwn", "mwn_ft", "l2rw_k", "mwn_k", "mwn_k_ft",
+           "random", "clean", "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft",
            "mwn_cls", "mwn_cls_ft")
 FINETUNED = {"finetune": "plain", "mwn_ft": "mwn", "l2rw_ft": "l2rw", "ren_ft": "ren",
              "ren_mix_ft": "ren_mix", "l2rw_mix_ft": "l2rw_mix", "mix_ft": "mix",
-             "mwn_cls_ft": "mwn_cls"}  # method: the run it starts from
+             "mwn_cls_ft": "mwn_cls", "mwn_k_ft": "mwn_k"}  # method: the run it starts from
+K_METHODS = ("mwn_k", "l2rw_k", "mwn_k_ft")  # trained with K-RMD, K = --k
 NOT_IN = {"flip": ("cb",), "symmetric": ("cb",), "longtail": ("forward",)}
 DATASETS = ("mnist", "fashion_mnist")
 MODELS = ("cnn", "mlp")
@@ -85,6 +90,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 class Config(oc.StateOptions):
     output_dir: str = option("out/reweighting", "results.json, PNGs and the resume state (one folder per setting).",
                              result=False)
+    report_dir: Optional[str] = option(
+        None, "Report only, nothing is trained: read the finished (method, seed) runs of --methods × --seeds in "
+        "<output_dir>/resume (read only: safe while a run holds the folder; the flags must match its "
+        "fingerprint) and write reweighting_<setting>_tables.md and reweighting_<setting>_{test_accuracy,"
+        "weighting,weights}.png into this folder.", result=False)
     setting: str = option("flip", "flip: class-dependent noise between confusable classes; symmetric: uniform "
                           "noise; longtail: clean labels, exponentially imbalanced classes.", choices=SETTINGS)
     dataset: str = option("fashion_mnist", "tfds dataset (offline: local IDX files).", choices=DATASETS)
@@ -374,7 +384,7 @@ def run_mwn(cfg: Config, data: dict, store: oc.MethodStore, name: str, steps: in
         return grid_weights(values["weighting"])
 
     recorder = oc.fit_online(trainer, model, name, data, cfg, store, on_grid, steps=steps)
-    write_atomically(store.path(name, ".weights.h5"), model.save_weights)  # mwn_ft starts from it
+    write_atomically(store.path(name, ".weights.h5"), model.save_weights)  # mwn_ft / mwn_k_ft start from it
     theta = [np.asarray(t) for t in trainer.hyperparameter_values()["weighting"]]
     v = weights_of(model, theta, *data["train"])
     final = grid_weights(theta)
@@ -578,7 +588,8 @@ LABELS = {"plain": "plain", "finetune": "plain, then fine-tuned "
           "l2rw_mix_ft": "per-example weights 1-RMD + clean in batch, then fine-tuned",
           "mix": "plain + clean examples in each batch", "mix_ft": "plain + clean in batch, then fine-tuned",
           "mwn_cls": "Meta-Weight-Net on (loss, label), normalized, 1-RMD",
-          "mwn_cls_ft": "Meta-Weight-Net on (loss, label) 1-RMD, then fine-tuned"}
+          "mwn_cls_ft": "Meta-Weight-Net on (loss, label) 1-RMD, then fine-tuned",
+          "mwn_k_ft": "Meta-Weight-Net K-RMD, then fine-tuned"}
 
 
 def early_stopped_accuracy(row: dict) -> float:
@@ -642,7 +653,7 @@ def format_table(results: dict) -> str:
 
     def label(method: str) -> str:
         base = method[:-3] if method.endswith("_es") else method
-        return (LABELS[base] + (f" (K={results['config']['k']})" if base.endswith("_k") else "")
+        return (LABELS[base] + (f" (K={results['config']['k']})" if base in K_METHODS else "")
                 + (", early-stopped" if base != method else ""))
 
     width = max([len("method"), *(len(label(m)) for m in summary)])
@@ -669,87 +680,307 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_figures(results: dict, output_dir: str) -> dict:
+FIGURES = ("test_accuracy", "weighting", "example_weights")  # plot_figures' kinds, <kind>.png in --output_dir
+
+
+def group_rows(rows: dict) -> dict[str, list]:
+    """{method: [its rows, by seed]} from {"<method>.seed<N>": row}."""
+    groups: dict[str, dict[int, dict]] = {}
+    for name, row in rows.items():
+        method, seed = name.rsplit(".seed", 1)
+        groups.setdefault(method, {})[int(seed)] = row
+    return {m: [g[s] for s in sorted(g)] for m, g in groups.items()}
+
+
+def seeds_text(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def plotted_methods(summary: dict, target_check: dict) -> tuple[list[str], list[str]]:
+    """(curves, fine-tuned end points) of the accuracy figure: the best baseline (or the run it
+    fine-tunes), plain, and every tf_bilevel method."""
+    best = target_check.get("best_baseline", "plain")
+    best = best[:-3] if best.endswith("_es") else best
+    baselines = {"plain", FINETUNED.get(best, best)}
+    curves = [m for m in METHODS if m in summary and m not in FINETUNED and (m in BILEVEL or m in baselines)]
+    tuned = [m for m in FINETUNED if m in summary and (m in BILEVEL or m == best)]
+    return curves, tuned
+
+
+def plot_figures(results: dict, output_dir: str, names: Optional[dict] = None) -> dict:
+    """The figures (FIGURES) as PNGs in `output_dir`, named <kind>.png or names[kind]: test
+    accuracy per epoch (mean over seeds, min–max band) of the best baseline, plain and the
+    tf_bilevel methods, with the fine-tuned ones' final accuracy; Meta-Weight-Net's learned V(ℓ);
+    histograms of the learned weights of wrong and right labels (summed over the seeds)."""
     from experiments.common import plotting
 
     plt, rows, cfg, data = plotting.plt, results["methods"], results["config"], results["data"]
+    names = {kind: f"{kind}.png" for kind in FIGURES} | (names or {})
     what = (f"{data['wrong_fraction'] * 100:.0f}% wrong labels ({cfg['setting']})" if cfg["setting"] != "longtail"
             else f"long-tailed, ratio {cfg['imbalance']:g}")
     budget = (f"{data['dataset']}, {data['n_train']} training examples, {what}; {cfg['model']}, "
               f"{cfg['epochs']} epochs of batch {cfg['batch_size']}")
-    groups: dict[str, list] = {}
-    for name, row in rows.items():
-        groups.setdefault(name.rsplit(".seed", 1)[0], []).append(row)
+    groups = group_rows(rows)
+    target_check = results.get("target") or target(rows)
+    summary = target_check["summary"]
     figures = {}
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     colors = plt.get_cmap("tab10")
-    for i, method in enumerate(m for m in METHODS if m in groups and m not in FINETUNED):
-        curves = np.array([r["record"]["test_accuracy"] for r in groups[method]], np.float64)
+    curves, tuned = plotted_methods(summary, target_check)
+    for i, method in enumerate(curves):
+        acc = np.array([r["record"]["test_accuracy"] for r in groups[method]], np.float64)
         epochs = groups[method][0]["record"]["epoch"]
         style = "-" if method in BILEVEL else "--"
-        ax.plot(epochs, curves.mean(0), style, color=colors(i), label=f"{method} ({len(curves)} seeds)")
-        if len(curves) > 1:
-            ax.fill_between(epochs, curves.min(0), curves.max(0), color=colors(i), alpha=0.2)
-    for i, (marker, method) in enumerate(zip("*PsXDv", [m for m in FINETUNED if m in groups])):
+        ax.plot(epochs, acc.mean(0), style, color=colors(i % 10), label=f"{method} ({seeds_text(len(acc))})")
+        if len(acc) > 1:
+            ax.fill_between(epochs, acc.min(0), acc.max(0), color=colors(i % 10), alpha=0.2)
+    markers = "*PsXDvph^<>"
+    for i, method in enumerate(tuned):
         acc = [r["test_accuracy"] for r in groups[method]]
-        ax.errorbar([cfg["epochs"] + 0.2 * i], [np.mean(acc)], yerr=[[np.mean(acc) - min(acc)], [max(acc) - np.mean(acc)]],
-                    fmt=f"k{marker}", ms=9, label=f"{FINETUNED[method]}, then fine-tuned on the clean set")
-    ax.set_xlabel("epoch (passes over the training set; 'clean': as many SGD steps)")
-    ax.set_ylabel("test accuracy (mean over seeds, band: min–max)")
+        ax.errorbar([cfg["epochs"] + 0.25 * (i + 1)], [np.mean(acc)],
+                    yerr=[[np.mean(acc) - min(acc)], [max(acc) - np.mean(acc)]], fmt=markers[i % len(markers)],
+                    color="k" if method not in BILEVEL else colors((curves.index(FINETUNED[method]) % 10)
+                                                                    if FINETUNED[method] in curves else 9),
+                    ms=9, label=f"{method}: {FINETUNED[method]}, then fine-tuned ({seeds_text(len(acc))})")
+    if "best_baseline" in target_check:
+        best = summary[target_check["best_baseline"]]["mean"]
+        ax.axhline(best, color="k", lw=0.8, ls=":", label=f"best baseline {target_check['best_baseline']} "
+                   f"({100 * best:.2f}%)")
+        ax.axhline(best + 0.02, color="r", lw=0.8, ls=":", label="target: best baseline + 2 points")
+        ax.set_ylim(max(0.0, best - 0.25), min(1.0, best + 0.05))
+    ax.set_xlabel("epoch (passes over the training set); markers: final test accuracy after fine-tuning")
+    ax.set_ylabel("test accuracy (mean over seeds, band and bars: min–max)")
     ax.set_title(f"Learning to reweight: test accuracy\n{budget}", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    figures["test_accuracy"] = plotting.save_figure(fig, os.path.join(output_dir, "test_accuracy.png"))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figures["test_accuracy"] = plotting.save_figure(fig, os.path.join(output_dir, names["test_accuracy"]))
 
     mwn = [m for m in ("mwn", "mwn_k", "mwn_cls") if m in groups]  # mwn_cls: V averaged over the labels
     if mwn:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, method in enumerate(mwn):
             for j, row in enumerate(groups[method]):
-                ax.plot(LOSS_GRID, row["final_grid_weights"], "-" if i == 0 else "--", color=colors(i),
-                        label=method if j == 0 else None)
+                ax.plot(LOSS_GRID, row["final_grid_weights"], ("-", "--", "-.")[i % 3], color=colors(i),
+                        label=f"{method} ({seeds_text(len(groups[method]))})" if j == 0 else None)
             first = groups[method][0]["record"]
             for h in first["hp"][1: len(first["hp"]) // 2]:  # the first half of training, faded: how V formed
                 ax.plot(LOSS_GRID, h["grid_weights"], "-", color=colors(i), alpha=0.05)
         ax.set_xlabel("per-example training loss ℓ (cross-entropy, nats)")
         ax.set_ylabel("weight V(ℓ; θ)")
-        ax.set_title(f"learned weighting function (final θ of every seed; faded: seed's first half)\n{budget}",
+        ax.set_title(f"learned weighting function (final θ of every seed; faded: first seed's first half)\n{budget}",
                      fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend()
-        figures["weighting"] = plotting.save_figure(fig, os.path.join(output_dir, "weighting.png"))
+        figures["weighting"] = plotting.save_figure(fig, os.path.join(output_dir, names["weighting"]))
 
     learned = [m for m in BILEVEL if m in groups and "example_weights" in groups[m][0]]
     if learned:
-        fig, axes = plt.subplots(1, len(learned), figsize=(max(4.2 * len(learned), 8.0), 4), squeeze=False)
-        for ax, method in zip(axes[0], learned):
-            w = groups[method][0]["example_weights"]
-            bins = np.asarray(w["histogram_bins"])
+        cols = min(3, len(learned))
+        rows_ = -(-len(learned) // cols)
+        fig, axes = plt.subplots(rows_, cols, figsize=(max(4.6 * cols, 8.0), 3.8 * rows_), squeeze=False)
+        for ax in axes.flat[len(learned):]:
+            ax.set_visible(False)
+        for ax, method in zip(axes.flat, learned):
+            ws = [r["example_weights"] for r in groups[method]]
+            bins = np.asarray(ws[0]["histogram_bins"])
+            pooled = [w for w in ws if np.array_equal(w["histogram_bins"], bins)]  # lookahead bins vary by seed
             centers, width = (bins[1:] + bins[:-1]) / 2, bins[1] - bins[0]
-            if "histogram_wrong" in w:
-                ax.bar(centers - width / 4, w["histogram_right"], width / 2, label="right label")
-                ax.bar(centers + width / 4, w["histogram_wrong"], width / 2, label="wrong label")
+            if "histogram_wrong" in ws[0]:
+                ax.bar(centers - width / 4, np.sum([w["histogram_right"] for w in pooled], 0), width / 2,
+                       label="right label")
+                ax.bar(centers + width / 4, np.sum([w["histogram_wrong"] for w in pooled], 0), width / 2,
+                       label="wrong label")
                 ax.set_yscale("log")
-                ax.set_xlabel("B·w̃ averaged over the example's steps (seed 0)" if method in LOOKAHEAD
-                              else "learned weight (seed 0)")
+                ax.set_ylim(bottom=0.5)
+                what_w = "B·w̃ averaged over the example's steps" if method in LOOKAHEAD else "learned weight"
+                ax.set_xlabel(f"{what_w} ({seeds_text(len(pooled))} summed)")
                 ax.set_ylabel("training examples (log scale)")
                 ax.legend(fontsize=8)
             else:
-                per_class = [r["example_weights"]["mean_weight_per_class"] for r in groups[method]]
+                per_class = [w["mean_weight_per_class"] for w in ws]
                 ax.bar(np.arange(nl.NUM_CLASSES), np.mean(per_class, axis=0))
                 ax.set_xlabel(f"class (training examples {data['class_counts'][0]} … {data['class_counts'][-1]})")
-                ax.set_ylabel("mean learned weight")
+                ax.set_ylabel(f"mean learned weight (mean of {seeds_text(len(ws))})")
             ax.set_title(method, fontsize=9)
             ax.grid(True, alpha=0.3)
         fig.suptitle(f"weights of the training examples after training\n{budget}", fontsize=9)
-        figures["example_weights"] = plotting.save_figure(fig, os.path.join(output_dir, "example_weights.png"))
+        figures["example_weights"] = plotting.save_figure(fig, os.path.join(output_dir, names["example_weights"]))
     return {k: os.path.basename(v) for k, v in figures.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# The report from the saved runs (--report_dir): nothing is trained.
+# ----------------------------------------------------------------------------------------
+REPORT_FIGURES = {"test_accuracy": "test_accuracy", "weighting": "weighting", "example_weights": "weights"}
+
+
+def saved_rows(cfg: Config) -> tuple[dict, list[str]]:
+    """({"<method>.seed<N>": row} of the finished runs among cfg.methods × cfg.seeds in
+    <output_dir>/resume, [the names of the others]), read only. SettingsMismatchError when the
+    folder's fingerprint is not cfg's (the report would mislabel the runs), OutputDirError when
+    there is nothing to report."""
+    from tf_bilevel.resume import check_settings
+
+    from experiments.common import config
+    from experiments.common.keras_resume import MethodStore
+    from experiments.common.run_state import FINGERPRINT, RESTART_HINT, OutputDirError, read_state_json
+
+    store = MethodStore(os.path.join(cfg.output_dir, "resume"))  # oc.MethodStore would create the folder
+    fingerprint = os.path.join(store.root, FINGERPRINT)
+    if not os.path.exists(fingerprint):
+        raise OutputDirError(f"--output_dir={cfg.output_dir} holds no runs to report ({fingerprint} is absent): point "
+                             "it at a folder a run of this program wrote")
+    check_settings(read_state_json(fingerprint, "the folder is damaged"), config.result_settings(cfg),
+                   where=store.root, what="the runs",
+                   remedy="pass the flags that run used (e.g. --setting), or another --output_dir")
+    rows, missing = {}, []
+    for seed in cfg.seeds:
+        for method in cfg.methods:
+            name = key(method, seed)
+            if store.finished(name):
+                rows[name] = read_state_json(store.path(name, ".json"), f"delete it to rerun {name}, {RESTART_HINT}",
+                                             ("test_accuracy", "record", "train_seconds"))
+            else:
+                missing.append(name)
+    if not rows:
+        raise OutputDirError(f"--output_dir: no finished run of --methods={','.join(cfg.methods)} × --seeds="
+                             f"{','.join(map(str, cfg.seeds))} in {store.root} to report")
+    return rows, missing
+
+
+def _seeds(names: Sequence[str], method: str) -> str:
+    """The seeds of `method` among run names "<method>.seed<N>", as "0,1,2"."""
+    parts = (n.rsplit(".seed", 1) for n in names)
+    return ",".join(str(s) for s in sorted(int(seed) for m, seed in parts if m == method))
+
+
+def _cell(s: Optional[dict], bold: bool = False) -> str:
+    if s is None:
+        return ""
+    if s["std"] is None:
+        text = f"{100 * s['mean']:.2f} (seed {s['seeds'][0]})"
+    else:
+        text = f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+    return f"**{text}**" if bold else text
+
+
+def _seconds(s: Optional[dict]) -> str:
+    if s is None:
+        return ""
+    t = s["train_seconds"]
+    return f"{np.mean(t):.0f}" if len(t) == 1 else f"{np.mean(t):.0f} ({min(t):.0f}–{max(t):.0f})"
+
+
+def format_markdown(results: dict, missing: Sequence[str] = ()) -> str:
+    """The setting's tables as Markdown (RESULTS.md): test accuracy of every method trained from
+    scratch (final, early-stopped, then fine-tuned) with seeds and training seconds per run; the
+    learned weights' separation of wrong and right labels (or their mean per class, long tail);
+    the target check; which runs are present and which are missing."""
+    cfg, rows = results["config"], results["methods"]
+    t = target(rows)
+    summary, best = t["summary"], {t.get("best_baseline"), t.get("best_bilevel")}
+    groups = group_rows(rows)
+
+    def k(method: str) -> str:
+        return f" (K={cfg['k']})" if method in K_METHODS else ""
+
+    def label(method: str) -> str:
+        return f"{LABELS[method]}{k(method)}{' (tf_bilevel)' if method in BILEVEL else ''} (`{method}`)"
+
+    tuned_of = {source: tuned for tuned, source in FINETUNED.items()}
+    lines = [f"#### {cfg['setting']}: test accuracy % (mean ± std over the seeds, std with ddof = 1)", "",
+             "| method | seeds | final | early-stopped | then fine-tuned on the clean set | train s per run "
+             "(mean (min–max); fine-tuning) |", "|---|---|---|---|---|---|"]
+    order = [m for m in METHODS if m in summary and m not in FINETUNED]
+    order = [m for m in order if m not in BILEVEL] + [m for m in order if m in BILEVEL]
+    for method in order:
+        ft = tuned_of.get(method)
+        s, es, sft = summary[method], summary.get(f"{method}_es"), summary.get(ft)
+        seeds = ",".join(map(str, s["seeds"]))
+        ft_cell = _cell(sft, ft in best)
+        if sft is not None and sft["seeds"] != s["seeds"]:
+            ft_cell += f" (seeds {','.join(map(str, sft['seeds']))})"
+        seconds = _seconds(s) + (f"; {_seconds(sft)}" if sft is not None else "")
+        lines.append(f"| {label(method)} | {seeds} | {_cell(s, method in best)} | {_cell(es, f'{method}_es' in best)} "
+                     f"| {ft_cell} | {seconds} |")
+    orphans = [m for m in FINETUNED if m in summary and FINETUNED[m] not in summary]
+    for method in orphans:  # a fine-tuning whose source row is not in the report
+        lines.append(f"| {label(method)} | {','.join(map(str, summary[method]['seeds']))} | | | "
+                     f"{_cell(summary[method], method in best)} | {_seconds(summary[method])} |")
+    hours = sum(float(r["train_seconds"]) for r in rows.values()) / 3600
+    lines += ["", f"Bold: the best baseline and the best tf_bilevel mean (any column). Summed training time of "
+              f"these {len(rows)} runs: {hours:.1f} h (`train_seconds` of each run)."]
+    learned = [m for m in BILEVEL if m in groups and "example_weights" in groups[m][0]]
+    noisy = any("mean_weight_wrong_labels" in groups[m][0]["example_weights"] for m in learned)
+    if learned and noisy:
+        lines += ["", f"Learned weights of the training examples after training (mean over the seeds of each seed's "
+                  f"value; detector: weight < {DETECTOR_THRESHOLD} flags a label as wrong):", "",
+                  "| method | seeds | mean weight, wrong labels | mean weight, right labels | detector precision "
+                  "| detector recall |", "|---|---|---|---|---|---|"]
+        for method in learned:
+            s = summary[method]
+            p = s.get("detector_precision")
+            lines.append(f"| `{method}`{k(method)} | "
+                         f"{','.join(map(str, s['seeds']))} | {s['mean_weight_wrong_labels']:.3f} | "
+                         f"{s['mean_weight_right_labels']:.3f} | {'–' if p is None else f'{p:.3f}'} | "
+                         f"{s['detector_recall']:.3f} |")
+    elif learned:
+        counts = results["data"]["class_counts"]
+        lines += ["", "Mean learned weight per class (mean over the seeds; no wrong labels here), classes from the "
+                  f"most to the least frequent ({counts[0]} … {counts[-1]} training examples):", "",
+                  "| method | seeds | " + " | ".join(str(c) for c in range(len(counts))) + " |",
+                  "|---|---|" + "---|" * len(counts)]
+        for method in learned:
+            s = summary[method]
+            lines.append(f"| `{method}` | {','.join(map(str, s['seeds']))} | "
+                         + " | ".join("–" if np.isnan(w) else f"{w:.2f}" for w in s["mean_weight_per_class"]) + " |")
+    if "gain_points" in t:
+        lines += ["", f"Target (best tf_bilevel mean ≥ best baseline mean + 2 points): best tf_bilevel "
+                  f"`{t['best_bilevel']}` {100 * summary[t['best_bilevel']]['mean']:.2f}, best baseline "
+                  f"`{t['best_baseline']}` {100 * summary[t['best_baseline']]['mean']:.2f}: "
+                  f"{t['gain_points']:+.2f} points, **{'reached' if t['reached'] else 'not reached'}**."]
+    lines += ["", "Runs present (method: seeds): "
+              + "; ".join(f"`{m}` {_seeds(list(rows), m)}" for m in METHODS if m in groups) + "."]
+    if missing:
+        absent = group_rows(dict.fromkeys(missing))
+        lines.append("Not run (of the methods × seeds asked for): "
+                     + "; ".join(f"`{m}` {_seeds(missing, m)}" for m in METHODS if m in absent) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def report(cfg: Config) -> dict:
+    """--report_dir: the tables (reweighting_<setting>_tables.md) and figures
+    (reweighting_<setting>_{test_accuracy,weighting,weights}.png) of the finished runs in
+    <output_dir>/resume, into cfg.report_dir; reads the runs only, trains nothing (safe while a
+    run holds the folder). Returns the results as results.json would hold them."""
+    rows, missing = saved_rows(cfg)
+    _, data_info = load_data(cfg)  # the same split and noise as the runs (fingerprinted): for the titles
+    results = {"config": dataclasses.asdict(cfg), "data": data_info, "methods": rows, "target": target(rows),
+               "missing": missing}
+    prefix = f"reweighting_{cfg.setting}_"
+    results["figures"] = plot_figures(results, cfg.report_dir,
+                                      {k: f"{prefix}{v}.png" for k, v in REPORT_FIGURES.items()})
+    tables = os.path.join(cfg.report_dir, f"{prefix}tables.md")
+    text = (f"<!-- generated by experiments/reweighting.py --report_dir from {cfg.output_dir} "
+            f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): regenerate, do not edit -->\n"
+            + format_markdown(results, missing))
+
+    def write(path: str) -> None:
+        with open(path, "w") as f:
+            f.write(text)
+
+    write_atomically(tables, write)
+    results["tables"] = os.path.basename(tables)
+    print(format_table(results), flush=True)
+    print(f"[reweighting] {len(rows)} runs of {cfg.output_dir} reported in {cfg.report_dir}: {results['tables']}, "
+          f"{', '.join(results['figures'].values())}", flush=True)
+    return results
 
 
 PROGRAM = program.Program(
     "reweighting", Config, PRESETS, experiment=oc.methods_experiment("reweighting", run_methods, target),
     load_data=load_data, figures=plot_figures, table=format_table, state_dirs=("resume",), fingerprint="resume",
-    fingerprint_what="the runs", data_name=lambda cfg: cfg.dataset)
+    fingerprint_what="the runs", data_name=lambda cfg: cfg.dataset, report=("report_dir", report))
 
 
 def run_experiment(cfg: Config, arrays: Optional[dict] = None, data_info: Optional[dict] = None) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Optional
 
 import pytest
 from absl import app, flags
@@ -161,3 +162,25 @@ def test_a_state_folder_needs_a_restart_field():
 
     with pytest.raises(TypeError, match="needs a Config field `restart`"):
         program.Program("x", Config, {"full": {}}, experiment=lambda *a: {}, state_dirs=("resume",))
+
+
+def test_a_report_runs_instead_of_the_experiment_without_the_lock(tmp_path, capsys):
+    @dataclasses.dataclass
+    class Config:
+        output_dir: str = str(tmp_path)
+        report_dir: Optional[str] = None
+
+    trained = []
+    prog = program.Program("x", Config, {"full": {}}, experiment=lambda cfg, data, run: trained.append(cfg) or {},
+                           report=("report_dir", lambda cfg: {"reported": cfg.report_dir}))
+    with run_state.exclusive_output_dir(tmp_path, "the grid"):  # a run holds the folder
+        assert program.run_program(prog, Config(report_dir="r")) == {"reported": "r"}
+    assert trained == [] and not (tmp_path / "results.json").exists()
+    program.run_program(prog, Config())
+    assert len(trained) == 1 and (tmp_path / "results.json").exists()
+    with pytest.raises(TypeError, match="report='nope' is not a field"):
+        program.Program("x", Config, {"full": {}}, experiment=lambda *a: {}, report=("nope", lambda cfg: None))
+    # reweighting's report on a folder without runs: exit status 3, one line naming --output_dir.
+    empty = tmp_path / "empty"
+    assert run_main(reweighting.PROGRAM, f"--output_dir={empty}", f"--report_dir={tmp_path / 'r'}") == 3
+    assert f"--output_dir={empty} holds no runs" in error_line(capsys) and not empty.exists()

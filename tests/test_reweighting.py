@@ -2,11 +2,14 @@
 noise generators, the long-tailed sampler, the baselines' losses (fixed example weights, forward
 correction with the estimated transition, class-balanced weights, mix's minibatches) against NumPy
 and hand computation, the learned-weight inner losses (also the class-aware weighting network of
-mwn_cls) against NumPy, the weight diagnostics, and `--quick` end to end on a slice of real
-Fashion-MNIST, resumed per method and seed."""
+mwn_cls) against NumPy, the weight diagnostics, the report built from saved runs alone
+(--report_dir: its cells against the row files), and `--quick` end to end on a slice of real
+Fashion-MNIST (mwn_k_ft starting from mwn_k's model; the report on its output), resumed per
+method and seed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,6 +18,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+
+import tf_bilevel as tfb
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
@@ -362,6 +367,86 @@ def test_summary_and_target_over_seeds():
     assert R.is_bilevel("l2rw_k_es") and R.is_bilevel("mwn_ft") and not R.is_bilevel("plain_es")
 
 
+def saved_grid(tmp_path, methods=("plain", "finetune", "mwn", "mwn_k", "mwn_k_ft"), seeds=(0, 1, 2)):
+    """A folder as a grid leaves it: the fingerprint and one row per (method, seed), the learned
+    weights' diagnostics from `weight_diagnostics` on 50 examples of which 20 have wrong labels."""
+    from experiments.common import config, run_state
+
+    cfg = R.Config(output_dir=str(tmp_path / "runs"), setting="flip", epochs=3).validated()
+    run_state.guard_settings(tmp_path / "runs" / "resume", config.result_settings(cfg))
+    store = oc.MethodStore(cfg.output_dir)
+    rng = np.random.default_rng(0)
+    wrong = np.arange(50) < 20
+    data = {"corrupted": wrong, "train": (None, np.arange(50) % 10)}
+    for seed in seeds:
+        for method in methods:
+            test = rng.uniform(0.5, 0.9, 4).round(4).tolist()
+            row = {"test_accuracy": test[-1], "val_accuracy": 0.8, "train_seconds": 10.0 * (seed + 1),
+                   "record": {"epoch": [0, 1, 2, 3], "test_accuracy": test, "val_accuracy": [0.1, 0.7, 0.9, 0.8],
+                              "hp": [{"grid_weights": [0.5] * len(R.LOSS_GRID)}] * 3}}
+            if method in ("mwn", "mwn_k"):
+                v = np.where(wrong, 0.02, 0.9) + rng.uniform(0, 0.02, 50)  # wrong labels < 0.05 < right ones
+                row.update(example_weights=R.weight_diagnostics(v, data),
+                           final_grid_weights=np.linspace(1, 0, len(R.LOSS_GRID)).tolist())
+            store.save(R.key(method, seed), row)
+    return cfg
+
+
+def test_report_builds_tables_and_figures_from_the_saved_runs_without_training(tmp_path, monkeypatch):
+    from experiments.common import run_state
+
+    cfg = saved_grid(tmp_path, seeds=(0, 1))
+    (Path(cfg.output_dir) / "resume" / "mwn_k_ft.seed1.json").unlink()  # not run yet
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in Path(cfg.output_dir).rglob("*"))
+    monkeypatch.setattr(R, "run_one", lambda *a: pytest.fail("the report trained a method"))
+    info = {"dataset": "fashion_mnist", "n_train": 50, "wrong_fraction": 0.4, "class_counts": [5] * 10}
+    monkeypatch.setattr(R, "load_data", lambda c: (None, info))
+    report_dir = tmp_path / "report"
+    results = R.run_experiment(dataclasses.replace(cfg, methods=None, seeds=(0, 1), report_dir=str(report_dir)))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in Path(cfg.output_dir).rglob("*")) == before  # read only
+    assert results["figures"] == {k: f"reweighting_flip_{v}.png" for k, v in
+                                  {"test_accuracy": "test_accuracy", "weighting": "weighting",
+                                   "example_weights": "weights"}.items()}
+    for name in results["figures"].values():
+        assert (report_dir / name).stat().st_size > 1000
+    text = (report_dir / "reweighting_flip_tables.md").read_text()
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+
+    def acc(method, seeds, get=lambda r: r["test_accuracy"]):  # mean ± std (ddof 1) from the files themselves
+        values = [100 * get(json.loads((Path(cfg.output_dir) / "resume" / f"{method}.seed{s}.json").read_text()))
+                  for s in seeds]
+        if len(values) == 1:
+            return f"{values[0]:.2f} (seed 0)"
+        return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+    plain = rows["| plain (`plain`)"]
+    assert plain[1] == "0,1" and acc("plain", (0, 1)) in plain[2] and acc("finetune", (0, 1)) in plain[4]
+    assert acc("plain", (0, 1), lambda r: r["record"]["test_accuracy"][2]) in plain[3]  # best val: epoch 2
+    assert plain[5].strip(" |") == "15 (10–20); 15 (10–20)"
+    mwn_k = rows["| Meta-Weight-Net, K-RMD (K=3) (tf_bilevel) (`mwn_k`)"]
+    assert acc("mwn_k", (0, 1)) in mwn_k[2] and acc("mwn_k_ft", (0,)) + " (seeds 0)" in mwn_k[4]
+    for method in ("mwn", "mwn_k"):  # the detector columns: mean over the seeds of each seed's values
+        diag = [json.loads((Path(cfg.output_dir) / "resume" / f"{method}.seed{s}.json").read_text())["example_weights"]
+                for s in (0, 1)]
+        cells = rows[f"| `{method}`" + (" (K=3)" if method == "mwn_k" else "")]
+        assert cells[2:6] == [f"{np.mean([d[f] for d in diag]):.3f}" for f in (
+            "mean_weight_wrong_labels", "mean_weight_right_labels", "detector_precision")] + [
+            f"{np.mean([d['detector_recall'] for d in diag]):.3f} |"]
+        assert float(cells[2]) < 0.05 < 0.9 < float(cells[3]) and float(cells[4]) == float(cells[5][:-2]) == 1.0
+    present, absent = text.split("Runs present")[1].split("\n")[0], text.split("Not run")[1]
+    assert "`plain` 0,1;" in present and "`mwn_k_ft` 0." in present
+    assert "`mwn_k_ft` 1;" in absent and "`forward` 0,1;" in absent  # and the rest of the default list
+    with pytest.raises(tfb.SettingsMismatchError, match="epochs"):
+        R.run_experiment(dataclasses.replace(cfg, epochs=15, report_dir=str(report_dir)))
+    with pytest.raises(run_state.OutputDirError, match="holds no runs"):
+        R.run_experiment(dataclasses.replace(cfg, output_dir=str(tmp_path / "none"), report_dir=str(report_dir)))
+    with pytest.raises(run_state.OutputDirError, match="no finished run of --methods=clean × --seeds=0,1"):
+        R.run_experiment(dataclasses.replace(cfg, methods=("clean",), seeds=(0, 1), report_dir=str(report_dir)))
+    with run_state.exclusive_output_dir(cfg.output_dir, "the grid"):  # a run holds the folder: the report still runs
+        R.run_experiment(dataclasses.replace(cfg, seeds=(0,), report_dir=str(tmp_path / "again")))
+    assert "`mwn_k_ft` 0." in (tmp_path / "again" / "reweighting_flip_tables.md").read_text()
+
+
 def test_config_validation_names_the_flag():
     with pytest.raises(ValueError, match="--noise"):
         R.Config(noise=0.6).validated()  # flip: the partner would be the majority
@@ -397,7 +482,8 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     data, rows = results["data"], results["methods"]
     assert (data["n_train"], data["n_val"], data["n_test"]) == (3000, 1000, 1000)
     assert 0.35 < data["wrong_fraction"] < 0.45
-    methods = ("plain", "finetune", "forward", "mwn", "l2rw", "mwn_ft", "l2rw_ft", "mwn_k", "l2rw_k", "random", "clean",
+    methods = ("plain", "finetune", "forward", "mwn", "l2rw", "mwn_ft", "l2rw_ft", "mwn_k", "mwn_k_ft", "l2rw_k",
+               "random", "clean",
                "mix", "mix_ft", "ren", "ren_ft", "ren_mix", "ren_mix_ft", "l2rw_mix", "l2rw_mix_ft",
                "mwn_cls", "mwn_cls_ft")
     assert set(rows) == {f"{m}.seed{s}" for m in methods for s in (0, 1)}
@@ -406,6 +492,11 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
         assert len(row["record"]["test_accuracy"]) == epochs + 1, name
         assert row["test_accuracy"] > 0.3, name  # 10 classes: chance is 0.1
     assert rows["mwn_k.seed0"]["steps"] == 2 and rows["mwn.seed0"]["steps"] == 1
+    for seed in (0, 1):  # mwn_k_ft fine-tunes mwn_k's final model: its epoch 0 is mwn_k's last evaluation
+        tuned = rows[f"mwn_k_ft.seed{seed}"]
+        assert tuned["start"] == "mwn_k's final weights"
+        assert tuned["record"]["test_accuracy"][0] == rows[f"mwn_k.seed{seed}"]["test_accuracy"]
+        assert tuned["record"]["val_accuracy"][0] == rows[f"mwn_k.seed{seed}"]["val_accuracy"]
     # Forward correction's C is a row-stochastic estimate of the flip noise's transition.
     c = np.array(rows["forward.seed0"]["estimated_transition"])
     np.testing.assert_allclose(c.sum(1), 1.0, rtol=1e-4)
@@ -421,6 +512,27 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     for name in results["figures"].values():
         assert (out / name).stat().st_size > 1000
     assert set(results["figures"]) == {"test_accuracy", "weighting", "example_weights"}
+
+    # The report from the saved runs (--report_dir): nothing trained, the run's folder untouched.
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    report_dir = tmp_path / "report"
+    program_runs.finish(program_runs.start([*command, f"--report_dir={report_dir}"], log), log, timeout=LONG)
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    text = (report_dir / "reweighting_flip_tables.md").read_text()
+    assert "Not run" not in text
+    present = text.split("Runs present (method: seeds): ")[1].split("\n")[0]
+    assert present == "; ".join(f"`{m}` 0,1" for m in R.METHODS if m in methods) + "."
+    cells = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    for method, tuned in (("plain", "finetune"), ("mwn_k", "mwn_k_ft")):
+        row = next(c for name, c in cells.items() if name.endswith(f"(`{method}`)"))
+        for cell, s in zip(row[2:5], (summary[method], summary[f"{method}_es"], summary[tuned])):
+            assert cell.strip("*") == f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}", (method, cell)
+    mwn_k = cells["| `mwn_k` (K=2)"]
+    w = [rows[f"mwn_k.seed{s}"]["example_weights"] for s in (0, 1)]
+    assert mwn_k[2] == f"{np.mean([x['mean_weight_wrong_labels'] for x in w]):.3f}"
+    assert mwn_k[5] == f"{np.mean([x['detector_recall'] for x in w]):.3f} |"
+    for kind in ("test_accuracy", "weighting", "weights"):
+        assert (report_dir / f"reweighting_flip_{kind}.png").stat().st_size > 1000
 
 
 @needs_fashion

@@ -92,6 +92,10 @@ class Program:
     worker                                  (Config field, function): with that internal flag set,
                                             `main` only runs function(JSON payload) and prints
                                             the result (experiments/common/subprocesses.py)
+    report                                  (Config field, function): with that field set,
+                                            `run_program` only returns function(cfg): a report
+                                            from the saved state, no lock, nothing trained or
+                                            written to output_dir (reweighting's --report_dir)
     data_name(cfg) -> str                   names the data in "no <data> data" errors
     failure_hint(err, cfg) -> str           appended to the error line of a failed run
     """
@@ -109,6 +113,7 @@ class Program:
     fingerprint_what: str = "the state"
     results_file: Optional[str] = "results.json"
     worker: Optional[tuple[str, Callable[[dict], Any]]] = None
+    report: Optional[tuple[str, Callable[[Any], Any]]] = None
     data_name: Callable[[Any], str] = lambda cfg: "such"
     failure_hint: Callable[[BaseException, Any], str] = lambda err, cfg: ""
     default_preset: str = "full"
@@ -121,6 +126,8 @@ class Program:
             raise TypeError(f"{self.name}: fingerprint={self.fingerprint!r} is not one of state_dirs")
         if "output_dir" not in fields:
             raise TypeError(f"{self.name}: the Config needs a field `output_dir`")
+        if self.report is not None and self.report[0] not in fields:
+            raise TypeError(f"{self.name}: report={self.report[0]!r} is not a field of the Config")
 
 
 @dataclasses.dataclass
@@ -152,6 +159,8 @@ def run_program(program: Program, cfg: Any, data: Any = None) -> dict:
     from experiments.common import provenance
 
     cfg = program.prepare(cfg)
+    if program.report is not None and getattr(cfg, program.report[0]):
+        return program.report[1](cfg)  # reads the state only: safe while a run holds the folder
     with exclusive_output_dir(cfg.output_dir, f"experiments.{program.name}"):
         if program.state_dirs and cfg.restart:
             for name in program.state_dirs:

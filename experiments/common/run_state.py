@@ -27,7 +27,8 @@ RESTART_HINT = "or rerun with --restart to discard all saved state and start ove
 # One run per output folder.
 # ----------------------------------------------------------------------------------------
 class OutputDirError(RuntimeError):
-    """--output_dir cannot be used: not creatable or writable, or in use by another run."""
+    """--output_dir cannot be used: not creatable or writable, in use by another run, or (a report)
+    holding nothing to report."""
 
 
 def _lock_holder(fd: int) -> str:
