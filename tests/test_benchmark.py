@@ -289,20 +289,52 @@ def test_metabatch_suite_quick(tmp_path):
     assert not (tmp_path / "results.json").exists()  # only the meta-batch suite ran
 
 
+def _config_from(program_, *flags_):
+    from absl import flags
+
+    from experiments.common import program
+
+    values = flags.FlagValues()
+    program.define_flags(program_, values)
+    values([program_.name, "--quick", "--output_dir=unused", *flags_])
+    return program.config_from_flags(program_, values)
+
+
+SUITE_FLAGS = [
+    ("cnn", ["--cnn_steps=2", "--cnn_truncate=1", "--cnn_max_full_steps=2", "--cnn_backward=store", "--cnn_repeats=1"]),
+    ("online", ["--online_configs=1x1", "--repeats=1"]),
+]
+
+
+@pytest.mark.parametrize("suite, flags_", SUITE_FLAGS)
+def test_a_standalone_suite_measures_what_the_benchmark_program_measures(suite, flags_):
+    """`python -m experiments.benchmarks.<suite>` and `python -m experiments.benchmark --suites=<suite>`
+    give the suite the same settings from the same flags (--quick included); both then call the
+    suite's run (test_program_end_to_end runs the online suite, test_cnn_suite_end_to_end the cnn
+    one, test_metabatch_suite_quick a standalone entry point end to end)."""
+    import importlib
+
+    module = importlib.import_module(f"experiments.benchmarks.{suite}")
+    standalone = module.PROGRAM.prepare(_config_from(module.PROGRAM, *flags_))
+    assert module.PROGRAM.name == f"benchmarks.{suite}" and isinstance(standalone, module.Config)
+    assert B.suite_settings(_config_from(B.PROGRAM, *flags_, f"--suites={suite}")) == {
+        suite: module.settings_of(standalone)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("module, flags, report", [
-    ("benchmarks.cnn", ["--cnn_steps=2", "--cnn_truncate=1", "--cnn_max_full_steps=2", "--cnn_backward=store", "--cnn_repeats=1"],
-     "cnn_results.json"),
-    ("benchmarks.online", ["--online_configs=1x1", "--repeats=1"], "online_results.json"),
-])  # (benchmarks.metabatch's standalone run is test_metabatch_suite_quick)
-def test_suite_runs_standalone(tmp_path, module, flags, report):
-    """`python -m experiments.<suite> --quick` (the README's standalone entry points): exit 0, the
-    suite's JSON with its rows, none failed."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run(
-        [sys.executable, "-m", f"experiments.{module}", "--quick", *flags, f"--output_dir={tmp_path}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads((tmp_path / report).read_text())["results"]
-    assert rows and not [r for r in rows if "error" in r], rows
+@pytest.mark.parametrize("suite, flag, message", [
+    ("cnn", "--cnn_backward=sideways", "--cnn_backward: unknown ['sideways']"),
+    ("online", "--online_configs=3y1", "--online_configs: each entry is TxK or Txf"),
+])
+def test_a_standalone_suite_starts_and_checks_its_flags_before_measuring(tmp_path, suite, flag, message):
+    """`python -m experiments.benchmarks.<suite> --quick` (the README's standalone entry points)
+    parse the suite's flags and build its settings in a fresh process: a bad value is refused with
+    the usage status and the flag's name, before anything is measured or written. (Their
+    measurements: test_a_standalone_suite_measures_what_the_benchmark_program_measures.)"""
+    import program_runs
+
+    out = tmp_path / "out"
+    returncode, output = program_runs.run(["-m", f"experiments.benchmarks.{suite}", "--quick", flag,
+                                           f"--output_dir={out}"], tmp_path / "log.txt")
+    assert returncode == 2 and message in output and "Traceback" not in output, output[-3000:]
+    assert not out.exists()
