@@ -69,7 +69,8 @@ def filter_gradient_as_conv2d(x: tf.Tensor, dy: tf.Tensor, kernel_size, op) -> O
         # larger than its unpadded input (the filter gradient of an input gradient, in K-RMD's
         # backward loop): x padded by tf.pad before the transpose, which XLA does not fold.
         x, conv_pads = tf.pad(x, conv_pads), "VALID"
-    dk = tf.nn.conv2d(tf.transpose(x, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), 1, conv_pads)  # [C, >= kh, >= kw, O]
+    # [C, >= kh, >= kw, O]
+    dk = tf.nn.conv2d(tf.transpose(x, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), 1, conv_pads)
     if tuple(dk.shape[1:3]) != kernel:
         dk = dk[:, :kernel[0], :kernel[1], :]
     return tf.transpose(dk, [1, 2, 0, 3])
