@@ -172,8 +172,8 @@ class BilevelTrainerMixin:
                 seed = self._task_seeds(task, tf.constant(-1, tf.int64))[0]
                 return adapted_weights(self.problem, self.hypergradient, inputs, task, seed, hp)
 
-            functions.adapt = tf.function(adapt, autograph=False)
-        return _tf_patches.compiled(functions.adapt)(self._step_inputs(), data_lib.Task(batch, batch))
+            functions.adapt = _tf_patches.compiled(tf.function(adapt, autograph=False))
+        return functions.adapt(self._step_inputs(), data_lib.Task(batch, batch))
 
     def resumable(self, tasks: Any) -> tf.data.Dataset:
         """A stream of tasks that starts where the last hyper-iteration stopped, for `fit`.
@@ -328,10 +328,10 @@ class BilevelTrainerMixin:
                 task = data_lib.parse_task(data)
                 return self._element_hypergradient(task, _read(self.meta_step), tf.constant(False)).grads
 
-            fn = functions.hypergradient_of = tf.function(
+            fn = functions.hypergradient_of = _tf_patches.compiled(tf.function(
                 compute, jit_compile=bool(getattr(self, "jit_compile", False)), autograph=False
-            )
-        return list(_tf_patches.compiled(fn)(data))
+            ))
+        return list(fn(data))
 
     def test_step(self, data):
         task = data_lib.parse_task(data)
