@@ -1,4 +1,4 @@
-"""Grappler's AddN-to-TemporaryVariable rewrite inside a while loop (tf_bilevel/_grappler.py).
+"""Grappler's AddN-to-TemporaryVariable rewrite inside a while loop (tf_bilevel/_tf_patches.py).
 
 The smallest graph that breaks: a `tf.while_loop` whose body sums its loop variable and two new
 terms with one AddN (what the tape's gradient aggregation does with K-RMD's adjoint), on
@@ -19,7 +19,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context as eager_context
 
-from tf_bilevel import _grappler as grappler
+from tf_bilevel import _tf_patches as grappler
 
 N, STEPS = 20_000_000, 3  # 80 MB per tensor: the rewrite fires (CPU memory_limit 256 MiB)
 

@@ -197,7 +197,7 @@ def test_online_krmd_on_a_batchnorm_cnn_runs_without_xla_past_grapplers_addn_rew
     """experiments/online_hpo.py's cnn_bn (batch 128, 256 validation images) with K-RMD online,
     not under XLA: Grappler's memory optimizer rewrites AddNs of the backward loop into
     TemporaryVariables that leak in the loop's exit iteration, and without
-    tf_bilevel/_grappler.py the second hyper-iteration failed with AlreadyExistsError
+    tf_bilevel/_tf_patches.py the second hyper-iteration failed with AlreadyExistsError
     (tests/test_grappler.py has the mechanism on a 5-line loop)."""
     keras.utils.set_random_seed(7)
     layers, bn = keras.layers, tfb.keras.BatchNormalization

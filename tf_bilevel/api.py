@@ -8,7 +8,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import tensorflow as tf
 
-from tf_bilevel import _grappler, _validate, nonfinite
+from tf_bilevel import _tf_patches, _validate, nonfinite
 from tf_bilevel._tree import leaf_names
 from tf_bilevel.dynamics.loops import run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
@@ -141,6 +141,7 @@ class Hypergradient:
         self._compiled_solve = tf.function(
             functools.partial(Hypergradient.solve_uncompiled, self), jit_compile=jit_compile, autograph=False
         )
+        self._call, self._call_solve = _tf_patches.compiled(self._compiled), _tf_patches.compiled(self._compiled_solve)
 
     # -- eager entry points -------------------------------------------------------------
     def __call__(self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *,
@@ -168,10 +169,9 @@ class Hypergradient:
         # through a closure may be passed now, and no retrace would see it.
         self.problem.check_not_read_through_closure(passed)
         try:
-            with _grappler.guarded():
-                result = self._compiled(
-                    params, hparams, inner_batch, outer_batch, opt_state=opt_state, model_state=model_state, tangents=tangents
-                )
+            result = self._call(
+                params, hparams, inner_batch, outer_batch, opt_state=opt_state, model_state=model_state, tangents=tangents
+            )
         except ValueError:
             # Read through a closure by the trace that failed (a leaf used only that way looks unreached): say so.
             self._raise_if_read_through_closure(passed)
@@ -190,10 +190,9 @@ class Hypergradient:
 
     def solve(self, params: Any, hparams: Any, inner_batch: Any = None, *, model_state: Any = None) -> Any:
         """w_T: the T inner steps alone, compiled, with no tape (the cost floor of every estimator)."""
-        with _grappler.guarded():
-            return self._compiled_solve(
-                _as_tensors(params, "params"), _as_tensors(hparams, "hparams"), inner_batch, model_state=model_state
-            )
+        return self._call_solve(
+            _as_tensors(params, "params"), _as_tensors(hparams, "hparams"), inner_batch, model_state=model_state
+        )
 
     @property
     def tracing_count(self) -> int:
@@ -202,6 +201,7 @@ class Hypergradient:
 
     # -- graph builders (call these inside your own tf.function, e.g. a Keras train_step) ---
     @tf.autograph.experimental.do_not_convert
+    @_tf_patches.canonical_conv_gradients()  # under XLA: Conv2D gradients in the inner-step loop stay fast
     def solve_uncompiled(self, params: Any, hparams: Any, inner_batch: Any = None, *, model_state: Any = None) -> Any:
         self._check_per_step_batch(inner_batch)
         model_state = self._checked_model_state(model_state)
@@ -213,6 +213,7 @@ class Hypergradient:
         return final.params
 
     @tf.autograph.experimental.do_not_convert
+    @_tf_patches.canonical_conv_gradients()  # under XLA: Conv2D gradients in the inner-step loop stay fast
     def compute(
         self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *,
         opt_state: Any = None, model_state: Any = None, tangents: Any = None,

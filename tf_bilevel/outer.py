@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import tensorflow as tf
 
-from tf_bilevel import _grappler, _validate
+from tf_bilevel import _tf_patches, _validate
 from tf_bilevel._autograph import convert_user_function
 from tf_bilevel._tree import leaf_names
 from tf_bilevel import nonfinite
@@ -197,8 +197,7 @@ class HyperStep:
     # -- the step -------------------------------------------------------------------------
     def __call__(self, params: Any, inner_batch: Any = None, outer_batch: Any = None) -> HyperStepResult:
         """One hyper-step, compiled. Raises `NonFiniteError` (state unchanged) if it is not finite."""
-        with _grappler.guarded():
-            result = self._compiled(params, inner_batch, outer_batch)
+        result = _tf_patches.compiled(self._compiled)(params, inner_batch, outer_batch)
         if self.check_numerics and tf.executing_eagerly():
             marker = int(result.nonfinite_step)
             if marker >= 0:

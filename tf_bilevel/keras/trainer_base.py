@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 
 import tensorflow as tf
 
-from tf_bilevel import _grappler as grappler
+from tf_bilevel import _tf_patches
 from tf_bilevel.keras import conventions
 from tf_bilevel.keras import data as data_lib
 from tf_bilevel.keras.estimator import EstimatorSettings
@@ -172,9 +172,8 @@ class BilevelTrainerMixin:
                 seed = self._task_seeds(task, tf.constant(-1, tf.int64))[0]
                 return adapted_weights(self.problem, self.hypergradient, inputs, task, seed, hp)
 
-            functions.adapt = tf.function(adapt, autograph=False)
-        with grappler.guarded():
-            return functions.adapt(self._step_inputs(), data_lib.Task(batch, batch))
+            functions.adapt = _tf_patches.compiled(tf.function(adapt, autograph=False))
+        return functions.adapt(self._step_inputs(), data_lib.Task(batch, batch))
 
     def resumable(self, tasks: Any) -> tf.data.Dataset:
         """A stream of tasks that starts where the last hyper-iteration stopped, for `fit`.
@@ -262,11 +261,10 @@ class BilevelTrainerMixin:
         if self.train_function is not None and not force:
             return self.train_function
         super().make_train_function(force=force)
-        compiled = self.train_function
+        compiled = _tf_patches.compiled(self.train_function)
 
         def train_function(iterator):
-            with grappler.guarded():
-                logs = compiled(iterator)
+            logs = compiled(iterator)
             self._update_gate.raise_if_recorded()
             return logs
 
@@ -278,14 +276,14 @@ class BilevelTrainerMixin:
         if self.test_function is not None and not force:
             return self.test_function
         super().make_test_function(force=force)
-        self.test_function = _guarded(self.test_function)
+        self.test_function = _tf_patches.compiled(self.test_function)
         return self.test_function
 
     def make_predict_function(self, force: bool = False):
         if self.predict_function is not None and not force:
             return self.predict_function
         super().make_predict_function(force=force)
-        self.predict_function = _guarded(self.predict_function)
+        self.predict_function = _tf_patches.compiled(self.predict_function)
         return self.predict_function
 
     @property
@@ -330,11 +328,10 @@ class BilevelTrainerMixin:
                 task = data_lib.parse_task(data)
                 return self._element_hypergradient(task, _read(self.meta_step), tf.constant(False)).grads
 
-            fn = functions.hypergradient_of = tf.function(
+            fn = functions.hypergradient_of = _tf_patches.compiled(tf.function(
                 compute, jit_compile=bool(getattr(self, "jit_compile", False)), autograph=False
-            )
-        with grappler.guarded():
-            return list(fn(data))
+            ))
+        return list(fn(data))
 
     def test_step(self, data):
         task = data_lib.parse_task(data)
@@ -483,12 +480,3 @@ class BilevelTrainerMixin:
 class _Untracked:
     """A plain attribute bag: Keras does not track (or re-wrap) what it holds."""
 
-
-def _guarded(compiled: Callable) -> Callable:
-    """`compiled` (a Keras step function) called under `grappler.guarded()`."""
-
-    def function(iterator):
-        with grappler.guarded():
-            return compiled(iterator)
-
-    return function

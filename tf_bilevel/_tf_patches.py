@@ -1,5 +1,15 @@
-"""Compiled calls (the Keras trainer's steps, `Hypergradient.detailed` / `solve`, `HyperStep`)
-run without Grappler's AddN-to-TemporaryVariable rewrite, which breaks loops.
+"""The two places where tf_bilevel patches private TensorFlow state, and why (TF 2.21).
+
+1. `guarded()` / `compiled(fn)`: compiled calls (the Keras trainer's steps, `Hypergradient`
+   calls, `HyperStep`) run without Grappler's AddN-to-TemporaryVariable rewrite, which breaks
+   loops. TF cause: Grappler's memory optimizer leaks a TemporaryVariable from a rewritten AddN
+   in a while loop's exit iteration (the second call fails). Public replacement: none
+   (`tf.config.optimizer.set_experimental_options` has no memory_optimization key); TF fixing it.
+2. `canonical_conv_gradients()`: while tracing under XLA, Conv2D's registered gradient computes
+   both gradients as Conv2D ops in XLA:CPU's fast layout (tf_bilevel/_conv_layout.py). TF cause:
+   XLA:CPU canonicalizes the layout of convolutions only outside while loops, so TF's gradient
+   ops inside the inner-step loop run ~100-450x slower. Public replacement: none that scopes a
+   gradient to one trace (`tf.RegisterGradient` refuses an op that has one); XLA:CPU fixing it.
 
 Grappler's memory optimizer (memory_optimizer.cc, `SchedulingPass`, on by default) rewrites an
 AddN of more than 2 inputs into a TemporaryVariable summed into by AssignAdds whenever the static
@@ -20,16 +30,27 @@ call options the eager runtime attaches to every function call (`config_proto`; 
 it when it instantiates the function). Under XLA (`jit_compile=True`) the rewrite does not run.
 If the error appears anyway (another TF version, a user's explicit memory_optimization setting)
 it is re-raised with the cause and the fix.
+
+The gradient registry is process-wide; `canonical_conv_gradients()` installs its Conv2D
+gradient while any thread is inside it (a lock and a count; the last one out restores TF's
+entry, also on an exception), and the installed gradient is TF's own except for the thread
+inside the scope tracing under XLA, so other threads' traces are unaffected.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import functools
+import threading
+from typing import Callable, Iterator, Optional
 
 import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context as eager_context
+from tensorflow.python.framework import ops
+from tensorflow.python.ops import control_flow_util
+
+from tf_bilevel._conv_layout import filter_gradient_as_conv2d, input_gradient_as_conv2d
 
 _DEFAULT = rewriter_config_pb2.RewriterConfig.DEFAULT_MEM_OPT
 _WITHOUT_SCHEDULING = rewriter_config_pb2.RewriterConfig.SWAPPING_HEURISTICS
@@ -88,3 +109,63 @@ def guarded() -> Iterator[None]:
     finally:
         if options is not None:
             ctx.function_call_options = base
+
+
+def compiled(fn: Callable) -> Callable:
+    """`fn` (a compiled function: a `tf.function`, a Keras step function) called under `guarded()`."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with guarded():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+# -- Conv2D's gradient in XLA:CPU's canonical layout ---------------------------------------------
+_registry_lock = threading.Lock()
+_registry_users = 0  # canonical_conv_gradients() blocks open, over all threads
+_tf_entry: Optional[dict] = None  # TF's registry entry for Conv2D (kept once seen)
+_thread = threading.local()  # .depth: this thread's nesting of canonical_conv_gradients()
+
+
+def in_xla() -> bool:
+    """Whether the graph being built is compiled with XLA (jit_compile=True, or inside one)."""
+    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+
+
+def _conv2d_gradient(op, dy):
+    """TF's Conv2D gradient, except under XLA in a thread inside `canonical_conv_gradients()`:
+    then both gradients are Conv2D ops in XLA:CPU's canonical layout (_conv_layout)."""
+    if not (getattr(_thread, "depth", 0) and in_xla()):
+        return _tf_entry["type"](op, dy)
+    x, kernel = op.inputs[0], op.inputs[1]
+    dx = input_gradient_as_conv2d(x, kernel, dy, op)
+    dk = filter_gradient_as_conv2d(x, dy, kernel.shape[:2], op)
+    if dx is None or dk is None:
+        tf_dx, tf_dk = _tf_entry["type"](op, dy)  # the part not replaced (XLA drops the other)
+        dx, dk = (tf_dx if dx is None else dx), (tf_dk if dk is None else dk)
+    return dx, dk
+
+
+@contextlib.contextmanager
+def canonical_conv_gradients() -> Iterator[None]:
+    """Gradients of Conv2D taken in this thread while tracing under XLA inside the block (the
+    inner gradient of every step, K-RMD's VJPs of it, forward mode's JVPs) are Conv2D ops in
+    XLA:CPU's fast layout (module docstring, 2.). Reentrant and thread-safe; outside XLA a no-op."""
+    global _registry_users, _tf_entry
+    registry = ops._gradient_registry._registry  # noqa: SLF001 (no public way to scope a gradient)
+    with _registry_lock:
+        if _registry_users == 0 and "Conv2D" in registry and registry["Conv2D"]["type"] is not _conv2d_gradient:
+            _tf_entry = registry["Conv2D"]
+            registry["Conv2D"] = {**_tf_entry, "type": _conv2d_gradient}
+        _registry_users += 1
+    _thread.depth = getattr(_thread, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _thread.depth -= 1
+        with _registry_lock:
+            _registry_users -= 1
+            if _registry_users == 0 and _tf_entry is not None:
+                registry["Conv2D"] = _tf_entry
