@@ -497,11 +497,10 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
         assert len(row["record"]["test_accuracy"]) == epochs + 1, name
         assert row["test_accuracy"] > 0.3, name  # 10 classes: chance is 0.1
     assert rows["mwn_k.seed0"]["steps"] == 2 and rows["mwn.seed0"]["steps"] == 1
-    for seed in (0, 1):  # mwn_k_ft fine-tunes mwn_k's final model: its epoch 0 is mwn_k's last evaluation
-        tuned = rows[f"mwn_k_ft.seed{seed}"]
-        assert tuned["start"] == "mwn_k's final weights"
-        assert tuned["record"]["test_accuracy"][0] == rows[f"mwn_k.seed{seed}"]["test_accuracy"]
-        assert tuned["record"]["val_accuracy"][0] == rows[f"mwn_k.seed{seed}"]["val_accuracy"]
+    tuned = rows["mwn_k_ft.seed0"]  # fine-tunes mwn_k's final model: its epoch 0 is mwn_k's last evaluation
+    assert tuned["start"] == "mwn_k's final weights"
+    assert tuned["record"]["test_accuracy"][0] == rows["mwn_k.seed0"]["test_accuracy"]
+    assert tuned["record"]["val_accuracy"][0] == rows["mwn_k.seed0"]["val_accuracy"]
     # Forward correction's C is a row-stochastic estimate of the flip noise's transition.
     c = np.array(rows["forward.seed0"]["estimated_transition"])
     np.testing.assert_allclose(c.sum(1), 1.0, rtol=1e-4)
@@ -528,14 +527,14 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     text = (report_dir / "reweighting_flip_tables.md").read_text()
     assert "Not run" not in text
     present = text.split("Runs present (method: seeds): ")[1].split("\n")[0]
-    assert present == "; ".join(f"`{m}` 0,1" for m in R.METHODS if m in methods) + "."
+    assert present == "; ".join(f"`{m}` 0" for m in R.METHODS if m in methods) + "."
     cells = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
     for method, tuned in (("plain", "finetune"), ("mwn_k", "mwn_k_ft")):
         row = next(c for name, c in cells.items() if name.endswith(f"(`{method}`)"))
         for cell, s in zip(row[2:5], (summary[method], summary[f"{method}_es"], summary[tuned])):
-            assert cell.strip("*") == f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}", (method, cell)
+            assert cell.strip("*") == f"{100 * s['mean']:.2f} (seed 0)", (method, cell)
     mwn_k = cells["| `mwn_k` (K=2)"]
-    w = [rows[f"mwn_k.seed{s}"]["example_weights"] for s in (0, 1)]
+    w = [rows["mwn_k.seed0"]["example_weights"]]
     assert mwn_k[2] == f"{np.mean([x['mean_weight_wrong_labels'] for x in w]):.3f}"
     assert mwn_k[5] == f"{np.mean([x['detector_recall'] for x in w]):.3f} |"
     for kind in ("test_accuracy", "weighting", "weights"):
