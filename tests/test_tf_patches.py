@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
@@ -26,8 +27,9 @@ def _memory_optimization() -> int:
     return config_pb2.ConfigProto.FromString(serialized).graph_options.rewrite_options.memory_optimization
 
 
-def _gradient_op_types(jit_compile: bool) -> set:
-    """Op types of the traced gradient of a convolution (traced only, not run)."""
+def _gradient_op_types(jit_compile: bool, in_loop: bool = True) -> set:
+    """Op types of the traced gradient of a convolution (traced only, not run), taken in the body
+    of a tf.while_loop or at the function's top level; the loop body's ops are in the library."""
 
     def loss_gradient(x, k):
         with tf.GradientTape() as tape:
@@ -35,9 +37,14 @@ def _gradient_op_types(jit_compile: bool) -> set:
             y = tf.reduce_sum(tf.nn.conv2d(x, k, 1, "VALID"))
         return tape.gradient(y, [x, k])
 
-    fn = tf.function(loss_gradient, jit_compile=jit_compile, autograph=False)
-    graph = fn.get_concrete_function(tf.TensorSpec([2, 6, 6, 3]), tf.TensorSpec([3, 3, 3, 4])).graph
-    return {op.type for op in graph.get_operations()}
+    def in_a_loop(x, k):
+        return tf.while_loop(lambda i, dx, dk: i < 2, lambda i, dx, dk: (i + 1, *loss_gradient(x + dx, k + dk)),
+                             (0, tf.zeros_like(x), tf.zeros_like(k)), maximum_iterations=2)[1:]
+
+    fn = tf.function(in_a_loop if in_loop else loss_gradient, jit_compile=jit_compile, autograph=False)
+    graph_def = fn.get_concrete_function(tf.TensorSpec([2, 6, 6, 3]), tf.TensorSpec([3, 3, 3, 4])).graph.as_graph_def()
+    return {node.op for node in graph_def.node} | {
+        node.op for function in graph_def.library.function for node in function.node_def}
 
 
 def test_conv_gradients_are_replaced_under_xla_only_inside_and_restored_after():
@@ -49,6 +56,43 @@ def test_conv_gradients_are_replaced_under_xla_only_inside_and_restored_after():
     assert not {"Conv2DBackpropInput", "Conv2DBackpropFilter"} & inside_xla and "Conv2D" in inside_xla
     assert {"Conv2DBackpropInput", "Conv2DBackpropFilter"} <= inside_graph  # TF's own without XLA
     assert {"Conv2DBackpropInput", "Conv2DBackpropFilter"} <= _gradient_op_types(True)  # outside the block
+
+
+def test_outside_a_while_loop_tfs_own_gradient_stays_under_xla_and_equals_the_replacement():
+    """XLA:CPU canonicalizes a convolution outside loops itself: there the block keeps TF's
+    gradient ops (a smaller graph to trace and compile). The values equal those of the
+    replacement in a compiled loop and of TF's ops without XLA; a loop around the call of a
+    compiled function does not count as a loop of the compiled function."""
+    seen = {}
+
+    def gradient(x, k, where=None):
+        if where:
+            seen[where] = _tf_patches.in_compiled_loop()
+        with tf.GradientTape() as tape:
+            tape.watch([x, k])
+            y = tf.reduce_sum(tf.sin(tf.nn.conv2d(x, k, 2, "SAME")))
+        return tape.gradient(y, [x, k])
+
+    def in_a_loop(step, where):
+        def run(x, k):
+            return tf.while_loop(lambda i, dx, dk: i < 1, lambda i, dx, dk: (i + 1, *step(x, k, where)),
+                                 (0, tf.zeros_like(x), tf.zeros_like(k)), maximum_iterations=1)[1:]
+
+        return run
+
+    compiled = tf.function(lambda x, k: gradient(x, k, "compiled, called in a loop"), jit_compile=True, autograph=False)
+    rng = np.random.default_rng(0)
+    x, k = tf.constant(rng.normal(size=(2, 7, 6, 3))), tf.constant(rng.normal(size=(3, 2, 3, 4)))
+    with _tf_patches.canonical_conv_gradients():
+        assert {"Conv2DBackpropInput", "Conv2DBackpropFilter"} <= _gradient_op_types(True, in_loop=False)
+        top_level = tf.function(lambda x, k: gradient(x, k, "top level"), jit_compile=True, autograph=False)(x, k)
+        looped = tf.function(in_a_loop(gradient, "loop"), jit_compile=True, autograph=False)(x, k)
+        tf_ops = tf.function(in_a_loop(gradient, "loop without XLA"), autograph=False)(x, k)
+        around = tf.function(in_a_loop(lambda x, k, where: compiled(x, k), None), autograph=False)(x, k)
+    assert seen == {"top level": False, "loop": True, "loop without XLA": False, "compiled, called in a loop": False}
+    for a, b, c, d in zip(top_level, looped, tf_ops, around):
+        for got in (a, b, d):
+            np.testing.assert_allclose(got.numpy(), c.numpy(), rtol=1e-12, atol=1e-12)
 
 
 def test_the_registry_is_restored_after_an_exception_and_after_nested_blocks():

@@ -5,10 +5,12 @@
    loops. TF cause: Grappler's memory optimizer leaks a TemporaryVariable from a rewritten AddN
    in a while loop's exit iteration (the second call fails). Public replacement: none
    (`tf.config.optimizer.set_experimental_options` has no memory_optimization key); TF fixing it.
-2. `canonical_conv_gradients()`: while tracing under XLA, Conv2D's registered gradient computes
-   both gradients as Conv2D ops in XLA:CPU's fast layout (tf_bilevel/_conv_layout.py). TF cause:
-   XLA:CPU canonicalizes the layout of convolutions only outside while loops, so TF's gradient
-   ops inside the inner-step loop run ~100-450x slower. Public replacement: none that scopes a
+2. `canonical_conv_gradients()`: while tracing under XLA inside a while loop, Conv2D's registered
+   gradient computes both gradients as Conv2D ops in XLA:CPU's fast layout
+   (tf_bilevel/_conv_layout.py). TF cause: XLA:CPU canonicalizes the layout of convolutions only
+   outside while loops, so TF's gradient ops inside the inner-step loop run ~100-450x slower.
+   Outside loops TF's own gradient stays: XLA makes it fast there, and its graph is smaller to
+   trace and compile. Public replacement: none that scopes a
    gradient to one trace (`tf.RegisterGradient` refuses an op that has one); XLA:CPU fixing it.
 
 Grappler's memory optimizer (memory_optimizer.cc, `SchedulingPass`, on by default) rewrites an
@@ -34,7 +36,7 @@ it is re-raised with the cause and the fix.
 The gradient registry is process-wide; `canonical_conv_gradients()` installs its Conv2D
 gradient while any thread is inside it (a lock and a count; the last one out restores TF's
 entry, also on an exception), and the installed gradient is TF's own except for the thread
-inside the scope tracing under XLA, so other threads' traces are unaffected.
+inside the scope tracing a loop under XLA, so other threads' traces are unaffected.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context as eager_context
 from tensorflow.python.framework import ops
-from tensorflow.python.ops import control_flow_util
+from tensorflow.python.ops import control_flow_util, control_flow_v2_func_graphs
 
 from tf_bilevel._conv_layout import filter_gradient_as_conv2d, input_gradient_as_conv2d
 
@@ -127,17 +129,29 @@ _registry_lock = threading.Lock()
 _registry_users = 0  # canonical_conv_gradients() blocks open, over all threads
 _tf_entry: Optional[dict] = None  # TF's registry entry for Conv2D (kept once seen)
 _thread = threading.local()  # .depth: this thread's nesting of canonical_conv_gradients()
+_LOOP_GRAPHS = (control_flow_v2_func_graphs.WhileBodyFuncGraph, control_flow_v2_func_graphs.WhileCondFuncGraph)
 
 
-def in_xla() -> bool:
-    """Whether the graph being built is compiled with XLA (jit_compile=True, or inside one)."""
-    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
+def in_compiled_loop() -> bool:
+    """Whether the ops built now are compiled by XLA inside a while loop: between the graph being
+    built and the graph that calls the XLA-compiled function (the first one in XLA's context),
+    one graph is the body or condition of a while_v2 loop (a loop's gradient is such a loop too).
+    A loop around the call (e.g. Keras' steps_per_execution) does not count: XLA compiles the
+    function's convolutions at its top level, where XLA:CPU canonicalizes them itself."""
+    graph, in_loop = ops.get_default_graph(), False
+    while graph is not None:
+        if control_flow_util.InXlaContext(graph):
+            return in_loop
+        in_loop = in_loop or isinstance(graph, _LOOP_GRAPHS)
+        graph = getattr(graph, "outer_graph", None)
+    return False
 
 
 def _conv2d_gradient(op, dy):
-    """TF's Conv2D gradient, except under XLA in a thread inside `canonical_conv_gradients()`:
-    then both gradients are Conv2D ops in XLA:CPU's canonical layout (_conv_layout)."""
-    if not (getattr(_thread, "depth", 0) and in_xla()):
+    """TF's Conv2D gradient, except under XLA inside a while loop in a thread inside
+    `canonical_conv_gradients()`: then both gradients are Conv2D ops in XLA:CPU's canonical
+    layout (_conv_layout)."""
+    if not (getattr(_thread, "depth", 0) and in_compiled_loop()):
         return _tf_entry["type"](op, dy)
     x, kernel = op.inputs[0], op.inputs[1]
     dx = input_gradient_as_conv2d(x, kernel, dy, op)
@@ -150,9 +164,10 @@ def _conv2d_gradient(op, dy):
 
 @contextlib.contextmanager
 def canonical_conv_gradients() -> Iterator[None]:
-    """Gradients of Conv2D taken in this thread while tracing under XLA inside the block (the
-    inner gradient of every step, K-RMD's VJPs of it, forward mode's JVPs) are Conv2D ops in
-    XLA:CPU's fast layout (module docstring, 2.). Reentrant and thread-safe; outside XLA a no-op."""
+    """Gradients of Conv2D taken in this thread while tracing a while loop under XLA inside the
+    block (the inner gradient of every step, K-RMD's VJPs of it, forward mode's JVPs) are Conv2D
+    ops in XLA:CPU's fast layout (module docstring, 2.). Reentrant and thread-safe; outside XLA
+    or outside loops TF's own gradient."""
     global _registry_users, _tf_entry
     registry = ops._gradient_registry._registry  # noqa: SLF001 (no public way to scope a gradient)
     with _registry_lock:

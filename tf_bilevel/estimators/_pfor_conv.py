@@ -20,7 +20,7 @@ axis one op computes all of them exactly:
 
 Every other case (NCHW, both operands batched, ...) goes to TF's own converter.
 
-Under XLA the columns' filter gradients are Conv2D ops in XLA:CPU's canonical layout
+Under XLA inside a while loop the columns' filter gradients are Conv2D ops in XLA:CPU's canonical layout
 (tf_bilevel/_conv_layout.py; the primal step's own gradients are, through
 `_tf_patches.canonical_conv_gradients`): XLA:CPU makes TF's filter-gradient op fast only outside
 while loops, not inside the inner-step loop.
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 from tf_bilevel._conv_layout import filter_gradient_as_conv2d
-from tf_bilevel._tf_patches import in_xla
+from tf_bilevel._tf_patches import in_compiled_loop
 
 _SHARED_ATTRS = ("strides", "padding", "explicit_paddings", "use_cudnn_on_gpu", "dilations")
 
@@ -91,7 +91,7 @@ def _conv2d_backprop_filter(wrap, original):
         folded = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), tf.concat([shape[1:4], [-1]], 0))
         static_sizes = tf.get_static_value(sizes)
         dk = None
-        if static_sizes is not None and in_xla():
+        if static_sizes is not None and in_compiled_loop():
             dk = filter_gradient_as_conv2d(folded, dy, static_sizes[:2], pfor_input)
         if dk is None:
             dk = tf.raw_ops.Conv2DBackpropFilter(
