@@ -102,6 +102,21 @@ def test_hparam_not_reached_by_any_loss():
         build()(params, hparams)
 
 
+def test_the_reachability_probe_is_skipped_only_when_asked():
+    """`compute(check_reached=False)` (a second estimator of an already probed problem, e.g. the
+    trainer's full-RMD reference) does not probe: the unreached leaf's hypergradient is then zero."""
+    params, hparams = start()
+    hparams["unused"] = tf.constant([0.3])
+    hg = build()
+    probed = tf.function(lambda: hg.compute(params, hparams), autograph=False)
+    unprobed = tf.function(lambda: hg.compute(params, hparams, check_reached=False), autograph=False)
+    with pytest.raises(ValueError, match=r"hparams\[.unused.\] not reached by the losses"):
+        probed()
+    hypergrad = unprobed().hypergrad
+    np.testing.assert_array_equal(hypergrad["unused"], [0.0])
+    assert np.abs(hypergrad["target"]).max() > 0
+
+
 @pytest.mark.parametrize("role", ["inner_loss", "outer_loss"])
 def test_loss_reading_a_passed_variable_through_a_closure(role):
     params, hparams = start()

@@ -61,11 +61,18 @@ def _one_step(trainer, tasks):
     return grads, {k: v[0] for k, v in logs.items()}
 
 
-def test_stacked_meta_batch_matches_map_fn_under_xla():
+@pytest.fixture(scope="module")
+def stepped_pair():
+    """The stacked and the map_fn trainer (XLA, full-RMD diagnostics every step) after one fit
+    step on the same element: (tasks, stacked, mapped, (grads, logs) of each). Built once: the
+    trainers' traces are most of this module's time."""
     tasks = _tasks()
     stacked, mapped = _trainer("stacked"), _trainer("map_fn")
-    g_stacked, logs_stacked = _one_step(stacked, tasks)
-    g_mapped, logs_mapped = _one_step(mapped, tasks)
+    return tasks, stacked, mapped, _one_step(stacked, tasks), _one_step(mapped, tasks)
+
+
+def test_stacked_meta_batch_matches_map_fn_under_xla(stepped_pair):
+    tasks, stacked, mapped, (g_stacked, logs_stacked), (g_mapped, logs_mapped) = stepped_pair
     assert (stacked.meta_batch_path, mapped.meta_batch_path) == ("stacked", "map_fn")
     assert len(g_stacked) == len(g_mapped) > 5
     for a, b, v in zip(g_stacked, g_mapped, mapped.hyper_variables):
@@ -87,10 +94,10 @@ def test_stacked_meta_batch_matches_map_fn_under_xla():
                                rtol=1e-6, atol=1e-9)
 
 
-def test_per_task_randomness_differs_between_tasks_on_the_stacked_path():
+def test_per_task_randomness_differs_between_tasks_on_the_stacked_path(stepped_pair):
     """Dropout and the random w0 are per task: the same task twice in a meta-batch gets
     different draws, so its two outer losses differ (a seed shared by all tasks would not)."""
-    trainer = _trainer("stacked", diagnostics_every=None)
+    trainer = stepped_pair[1]  # the stacked trainer (its predict function is traced once for both tests)
     (xs, ys), (xq, yq) = _task(0)
     twice = tf.data.Dataset.from_tensors(((tf.stack([xs, xs]), tf.stack([ys, ys])), (tf.stack([xq, xq]), tf.stack([yq, yq]))))
     trainer.build_from_spec(twice.element_spec)

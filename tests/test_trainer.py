@@ -246,9 +246,18 @@ def test_diagnostics_random_init_and_tensorboard_with_xla(tmp_path):
     assert {"epoch_cosine_to_full_rmd", "epoch_relative_error_to_full_rmd"} <= tags, tags
 
 
-def test_diagnostics_are_tfb_diagnostics_of_a_truncated_and_a_full_rmd_trainer():
+def test_diagnostics_are_tfb_diagnostics_of_a_truncated_and_a_full_rmd_trainer(monkeypatch):
     """cosine_to_full_rmd / relative_error_to_full_rmd of `fit` (under XLA) equal tfb.diagnostics
-    of the hypergradients of a truncate=1 and a separately built truncate=None trainer (same weights)."""
+    of the hypergradients of a truncate=1 and a separately built truncate=None trainer (same weights).
+    `fit` traces the full-RMD reference without its reachability probe (the truncated estimator's,
+    on the same problem and λ, covers it); `hypergradient_of` does not trace the reference at all."""
+    from tf_bilevel.api import Hypergradient
+
+    traced = []  # (K, check_reached) of every core estimator traced
+    compute = Hypergradient.compute
+    monkeypatch.setattr(Hypergradient, "compute", lambda self, *args, check_reached=True, **kwargs: (
+        traced.append((self.truncate, check_reached)) or compute(self, *args, check_reached=check_reached, **kwargs)))
+
     def build(truncate):
         keras.utils.set_random_seed(3)
         trainer = tfb.BilevelTrainer(
@@ -263,7 +272,10 @@ def test_diagnostics_are_tfb_diagnostics_of_a_truncated_and_a_full_rmd_trainer()
     element = next(iter(tasks))
     truncated, full = build(1), build(None)
     history = truncated.fit(tasks, epochs=1, verbose=0).history
+    assert set(traced) == {(1, True), (5, False)}, traced  # K = T = 5: the reference, not probed again
+    traced.clear()
     h_truncated, h_full = truncated.hypergradient_of(element), full.hypergradient_of(element)
+    assert set(traced) == {(1, True), (5, True)}, traced  # each trainer's own estimator only
     for a, b in zip(truncated.hyper_variables, full.hyper_variables):  # the same λ in both
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     cosine = float(tfb.diagnostics.cosine_similarity(h_truncated, h_full))

@@ -216,9 +216,12 @@ class Hypergradient:
     @_tf_patches.canonical_conv_gradients()  # under XLA: Conv2D gradients in the inner-step loop stay fast
     def compute(
         self, params: Any, hparams: Any, inner_batch: Any = None, outer_batch: Any = None, *,
-        opt_state: Any = None, model_state: Any = None, tangents: Any = None,
+        opt_state: Any = None, model_state: Any = None, tangents: Any = None, check_reached: bool = True,
     ) -> HypergradientResult:
-        """Builds the estimator's ops in the current graph and returns its result."""
+        """Builds the estimator's ops in the current graph and returns its result.
+        `check_reached=False` skips the trace-time probe that every hyperparameter reaches f (one
+        step and f traced once more): only for a second estimator of the same problem on the same
+        hparams, after the first one's `compute` in this graph (the diagnostics' full-RMD reference)."""
         self._check_tangents_apply(tangents)
         passed: dict = {}
         params = _as_tensors(params, "params", passed)
@@ -228,7 +231,8 @@ class Hypergradient:
         model_state = self._checked_model_state(model_state)
         if self.estimator == "forward":
             tangents = self._checked_tangents(params, hparams, opt_state, model_state, tangents)
-        self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state, model_state, passed)
+        if check_reached:
+            self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state, model_state, passed)
         T = self.steps
         if self.estimator in ("reverse", "checkpointed"):
             out = reverse_hypergradient(

@@ -101,8 +101,8 @@ class TaskHypergradient(TaskFunction):
         hp, hyper_state, result, grads, reference = self._hypergradients_of_raw(
             inputs.raw,
             lambda raw: problem.hparams(raw, self.specs, inputs.hyper_state, task.inner, task.outer),
-            lambda estimator, hp: estimator.compute(
-                w0, hp, inner_batch, outer_batch, **regime.estimator_arguments(inputs.carried, estimator)
+            lambda estimator, hp, **options: estimator.compute(
+                w0, hp, inner_batch, outer_batch, **regime.estimator_arguments(inputs.carried, estimator), **options
             ),
             (self.hypergradient, self.reference),
             with_reference,
@@ -124,7 +124,7 @@ class TaskHypergradient(TaskFunction):
         hp, hyper_states, result, grads, reference = self._hypergradients_of_raw(
             inputs.raw,
             lambda raw: stacked.hparams(raw, self.specs, inputs.hyper_state, tasks),
-            lambda estimator, hp: estimator.compute(w0, hp, inner_batch, outer_batch),
+            lambda estimator, hp, **options: estimator.compute(w0, hp, inner_batch, outer_batch, **options),
             (stacked.hypergradient(self.settings),
              None if self.reference_settings is None else stacked.hypergradient(self.reference_settings)),
             with_reference,
@@ -142,7 +142,8 @@ class TaskHypergradient(TaskFunction):
         """The estimator's d_λ f chained to the raw variables (eq. 6 for λ = hparams_of(raw), then
         the tape of that map), and, when the trainer has a full-RMD reference and `with_reference`
         is true, the reference's the same way (zeros otherwise). `estimators`: (the core
-        estimator, the full-RMD reference or None); `compute(estimator, λ)` runs one. Returns
+        estimator, the full-RMD reference or None); `compute(estimator, λ, **options)` runs one
+        (options: `Hypergradient.compute`'s keywords). Returns
         (λ, hyper_state, the estimator's result, raw grads, raw reference grads or [])."""
         estimator, reference_estimator = estimators
         flat_raw = tf.nest.flatten(raw)
@@ -159,12 +160,17 @@ class TaskHypergradient(TaskFunction):
         reference = []
         if reference_estimator is not None:
             def full_rmd():
-                return tf.nest.flatten(compute(reference_estimator, hp).hypergrad)
+                # The same problem and λ as the estimator above: its reachability probe covers this one.
+                return tf.nest.flatten(compute(reference_estimator, hp, check_reached=False).hypergrad)
 
             def skipped():
                 return [tf.zeros_like(x) for x in flat_hp]
 
-            reference = tape.gradient(flat_hp, flat_raw, output_gradients=tf.cond(with_reference, full_rmd, skipped))
+            # A constant `with_reference` (hypergradient_of: False) picks its branch now, so the
+            # full-RMD estimator is not traced for nothing.
+            requested = tf.get_static_value(with_reference)
+            chosen = tf.cond(with_reference, full_rmd, skipped) if requested is None else (full_rmd() if requested else skipped())
+            reference = tape.gradient(flat_hp, flat_raw, output_gradients=chosen)
         return hp, hyper_state, result, list(grads), list(reference)
 
     def combine(self, results: TaskResult) -> TaskResult:
