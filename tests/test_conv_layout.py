@@ -107,7 +107,8 @@ def _problem(dtype, **kwargs):
 
 
 def _conv_labels(hg, args) -> list:
-    hlo = hg._compiled.experimental_get_compiler_ir(*args, opt_state=None, model_state=None, tangents=None)(
+    hlo = hg._compiled.experimental_get_compiler_ir(*args, opt_state=None, model_state=None, tangents=None,
+                                              check_reached=True)(
         stage="optimized_hlo")
     return re.findall(r"dim_labels=([^,\s]+)", hlo)
 

@@ -368,7 +368,8 @@ def test_cnn_steps_in_a_loop_under_xla_use_canonical_filter_gradients():
     for got, want in zip(tf.nest.flatten((results[True].hypergrad, results[True].final_tangents)),
                          tf.nest.flatten((results[False].hypergrad, results[False].final_tangents))):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=2e-4, atol=1e-6)
-    hlo = hg._compiled.experimental_get_compiler_ir(*args, opt_state=None, model_state=None, tangents=None)(
+    hlo = hg._compiled.experimental_get_compiler_ir(*args, opt_state=None, model_state=None, tangents=None,
+                                              check_reached=True)(
         stage="optimized_hlo")
     labels = re.findall(r"dim_labels=([^,\s]+)", hlo)
     assert labels and all(label == "b01f_01io->b01f" for label in labels), labels
