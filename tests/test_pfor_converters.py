@@ -73,20 +73,30 @@ def test_convolutions_with_one_per_column_operand_are_vectorized_without_a_loop(
 
 @pytest.mark.parametrize("padding,stride", [("VALID", 1), ("SAME", 2), ([[0, 0], [1, 2], [0, 1], [0, 0]], 2)])
 def test_filter_gradient_under_xla_is_a_canonical_convolution(padding, stride):
-    """Under XLA the filter gradient with per-column inputs is a convolution in XLA:CPU's canonical
-    layout (NHWC input, HWIO filter), which XLA:CPU runs with Eigen also inside a while loop (the
-    inner-step loop); TF's op lowers to a batch-as-feature convolution that XLA:CPU only
-    canonicalizes outside loops (inside: a naive loop nest, measured ~300x slower)."""
+    """Under XLA inside a while loop (the inner-step loop) the filter gradient with per-column inputs
+    is a convolution in XLA:CPU's canonical layout (NHWC input, HWIO filter), which XLA:CPU runs with
+    Eigen also inside a loop; TF's op lowers to a batch-as-feature convolution that XLA:CPU only
+    canonicalizes outside loops (inside: a naive loop nest, measured ~300x slower), so outside a loop
+    TF's op is kept."""
     x = tf.constant(RNG.normal(size=(4, 9, 9, 2)), tf.float32)
     dy = tf.constant(RNG.normal(size=tf.nn.conv2d(x, tf.zeros([3, 3, 2, 5]), stride, padding).shape), tf.float32)
     per_column = tf.constant(RNG.normal(size=(COLUMNS, 4, 9, 9, 2)), tf.float32)
     strides = [1, stride, stride, 1]
     fn = lambda xd: tf.compat.v1.nn.conv2d_backprop_filter(xd, [3, 3, 2, 5], dy, strides, padding)  # noqa: E731
-    vectorized = tf.function(lambda: tf.vectorized_map(fn, per_column), jit_compile=True, autograph=False)
+    def in_a_loop():
+        zeros = tf.zeros([COLUMNS, 3, 3, 2, 5])
+        return tf.while_loop(lambda i, _: i < 1, lambda i, _: (i + 1, tf.vectorized_map(fn, per_column)),
+                             (tf.constant(0), zeros), maximum_iterations=1)[1]
+
+    vectorized = tf.function(in_a_loop, jit_compile=True, autograph=False)
+    outside = tf.function(lambda: tf.vectorized_map(fn, per_column), jit_compile=True, autograph=False)
     looped = tf.function(lambda: tf.stack([fn(per_column[n]) for n in range(COLUMNS)]), jit_compile=True)
     np.testing.assert_allclose(vectorized().numpy(), looped().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outside().numpy(), looped().numpy(), rtol=1e-5, atol=1e-5)
     labels = re.findall(r"dim_labels=([^,\s]+)", vectorized.experimental_get_compiler_ir()(stage="hlo"))
     assert labels == ["b01f_01io->b01f"], labels
+    labels = re.findall(r"dim_labels=([^,\s]+)", outside.experimental_get_compiler_ir()(stage="hlo"))
+    assert labels == ["f01b_i01o->01bf"], labels
 
 
 # -- max pooling's backward ops: a mask of the primal's shape, computed once -------------------------
