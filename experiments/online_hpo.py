@@ -109,6 +109,10 @@ class Config(oc.StateOptions):
     hyperband_factor: int = option(3, "Hyperband's reduction factor.")
     hp_every: int = option(10, "Record the hyperparameters every N hyper-iterations.")
     seed: int = option(0, "The current run's seed (set from --seeds per run).", internal=True, result=False)
+    bound_hyperparameters: bool = option(True, "tf_bilevel methods: keep every learned hyperparameter in the "
+                                         "tuners' search space (--weight_decay_range, --lr_range; a learned "
+                                         "schedule end in --final_lr_fraction × --lr_range) by clipping log λ "
+                                         "after each outer step.")
     jit_compile: bool = option(False, "XLA-compile the train steps (all methods alike; off by default: slower "
                                "on CPU for this CNN, see RESULTS.md).")
     local_dir: Optional[str] = option(None, "Folder with the 4 Fashion-MNIST IDX .gz files (default: tfds "
@@ -144,12 +148,54 @@ class Config(oc.StateOptions):
             if not 0 < low < high:
                 raise ValueError(f"--{name} must be LOW,HIGH with 0 < LOW < HIGH, got {getattr(cfg, name)}")
             setattr(cfg, name, (low, high))
+        if cfg.bound_hyperparameters:
+            bounds = hyperparameter_bounds(cfg)
+            for flag, value, (low, high) in (("init_weight_decay", cfg.init_weight_decay, bounds["weight_decay"]),
+                                             ("init_lr", cfg.init_lr, bounds["learning_rate"])):
+                if not low <= value <= high:
+                    raise ValueError(f"--{flag}={value} is outside the search space [{low:g}, {high:g}] the learned "
+                                     "hyperparameters are kept in: change one, or pass --nobound_hyperparameters")
         oc.check_ranges(cfg, ("epochs", "batch_size", "val_batch_size", "n_val", "tuner_trials", "bayesian_trials",
                               "hp_every", "forward_steps"), ("init_weight_decay", "init_lr", "outer_lr"))
         return cfg
 
     def for_seed(self, seed: int) -> "Config":
         return dataclasses.replace(self, seed=int(seed))
+
+
+def end_fraction(cfg: Config) -> float:
+    """The learned cosine schedule's initial end as a fraction of its peak (> 0: it is learned in log space)."""
+    return max(cfg.final_lr_fraction, 1e-6)
+
+
+def hyperparameter_bounds(cfg: Config) -> dict[str, tuple[float, float]]:
+    """(low, high) of each learned hyperparameter: the tuners' search space; a learned schedule's
+    end ranges over the ends of the tuners' schedules (--final_lr_fraction × their peak)."""
+    low, high = cfg.lr_range
+    return {"weight_decay": tuple(cfg.weight_decay_range), "learning_rate": (low, high),
+            "lr_end": (low * end_fraction(cfg), high * end_fraction(cfg))}
+
+
+class LogRange(keras.constraints.Constraint):
+    """Keeps an exp-transformed `tfb.Hyperparameter` λ = exp(ν) in [low, high] by clipping ν after
+    each outer step: projected descent on log λ, the tuners' log-uniform search space."""
+
+    def __init__(self, low: float, high: float):
+        if not 0 < low < high:
+            raise ValueError(f"LogRange(low={low}, high={high}): needs 0 < low < high")
+        self.low, self.high = float(low), float(high)
+
+    def __call__(self, raw: tf.Tensor) -> tf.Tensor:
+        return tf.clip_by_value(raw, math.log(self.low), math.log(self.high))
+
+    def get_config(self) -> dict:
+        return {"low": self.low, "high": self.high}
+
+
+def learned(cfg: Config, initial: Any, bounds: tuple[float, float]) -> tfb.Hyperparameter:
+    """A positive hyperparameter learned in log space, kept in `bounds` if --bound_hyperparameters."""
+    constraint = LogRange(*bounds) if cfg.bound_hyperparameters else None
+    return tfb.Hyperparameter(initial, transform="exp", constraint=constraint)
 
 
 def parse_truncation(value: Any, flag: str = "--truncate") -> tuple[int, int]:
@@ -351,7 +397,8 @@ def run_bilevel(cfg: Config, data: dict, network: str, method: str, store: oc.Me
     """One online tf_bilevel run of `method` (bilevel_T<T>[_K<K>], krmd_wd, forward,
     forward_forget) with seed cfg.seed; the trained CNN is tested after --epochs passes."""
     total = total_steps(cfg, len(data["train"][1]))
-    decays = tfb.Hyperparameter(np.full(NUM_LAYERS, cfg.init_weight_decay, np.float32), transform="exp")
+    bounds = hyperparameter_bounds(cfg)
+    decays = learned(cfg, np.full(NUM_LAYERS, cfg.init_weight_decay, np.float32), bounds["weight_decay"])
     hyperparameters = {"weight_decay": decays}
     extra: dict[str, Any] = {}
     position: dict[str, Any] = {}  # the trainer, once built: its outer step counts hyper-iterations
@@ -363,7 +410,7 @@ def run_bilevel(cfg: Config, data: dict, network: str, method: str, store: oc.Me
 
     if method.startswith("bilevel_T"):
         steps, truncate = parse_truncation(method[len("bilevel_T"):].replace("_K", ":"))
-        lr: Any = tfb.Hyperparameter(cfg.init_lr, transform="exp")
+        lr: Any = learned(cfg, cfg.init_lr, bounds["learning_rate"])
         gamma = lambda v: v["inner_learning_rate"]  # noqa: E731
         extra = dict(truncate=truncate)
     elif method == "krmd_wd":
@@ -374,8 +421,8 @@ def run_bilevel(cfg: Config, data: dict, network: str, method: str, store: oc.Me
         extra = dict(truncate=truncate)
     else:  # forward, forward_forget: weight decays and the cosine schedule's two ends learned
         steps = cfg.forward_steps
-        hyperparameters["lr_peak"] = tfb.Hyperparameter(cfg.init_lr, transform="exp")
-        hyperparameters["lr_end"] = tfb.Hyperparameter(cfg.init_lr * max(cfg.final_lr_fraction, 1e-6), transform="exp")
+        hyperparameters["lr_peak"] = learned(cfg, cfg.init_lr, bounds["learning_rate"])
+        hyperparameters["lr_end"] = learned(cfg, cfg.init_lr * end_fraction(cfg), bounds["lr_end"])
         lr = lambda step, hp: cosine_lr(hp["lr_peak"], hp["lr_end"], run_position(step, steps), total)  # noqa: E731
         gamma = lambda v: float(cosine_lr(v["lr_peak"], v["lr_end"], iterations() * steps, total))  # noqa: E731
         extra = dict(estimator="forward", forget=1.0 if method == "forward" else cfg.forget)
