@@ -1,0 +1,111 @@
+"""Fixes from the review of the reports / XLA-convolution change (in-process, no training).
+
+* omniglot and task_interaction record the run's environment under "environment", as every other
+  program and benchmark suite does; a results.json written before that (key "machine", e.g. a
+  long run started from an older checkout) still gives the same table and figure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from absl import flags
+
+from experiments import omniglot as om
+from experiments import task_interaction as ti
+from experiments.common import program
+from experiments.common.run_state import jsonable
+
+
+def _config(prog: program.Program, tmp_path: Path, **overrides):
+    """The program's --quick Config, prepared as run_program prepares it."""
+    values = flags.FlagValues()
+    program.define_flags(prog, values)
+    values([prog.name, "--quick", f"--output_dir={tmp_path / 'out'}"] + [f"--{k}={v}" for k, v in overrides.items()])
+    return prog.prepare(program.config_from_flags(prog, values))
+
+
+def _run(prog: program.Program, cfg, tmp_path: Path) -> dict:
+    """`prog.experiment` with a Run whose writes are kept; the results as results.json holds them."""
+    written: list = []
+    program.guard_state(prog, cfg)  # makes the resume folder, as run_program does
+    ctx = program.Run(prog, cfg.output_dir, 0.0, {"date": "2026-12-07T16:00:00+00:00", "platform": "test",
+                                                 "load_average": [1.0, 1.0, 1.0]})
+    ctx.write_results = lambda results: written.append(json.loads(json.dumps(jsonable(results))))
+    results = prog.experiment(cfg, None, ctx)
+    assert written, "the program wrote no results.json"
+    for each in written:  # every intermediate results.json too
+        assert each["environment"] == ctx.environment and "machine" not in each
+    return json.loads(json.dumps(jsonable(results)))
+
+
+def _task_interaction_results(tmp_path: Path, monkeypatch) -> dict:
+    """task_interaction's results from its own run_experiment, the features and each (trial, K)
+    run replaced by stand-ins (the rows have the keys and curves the table and figure read)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 4)).astype("float32"), np.repeat(np.arange(10), 6)
+    monkeypatch.setattr(ti.features, "load_features", lambda *a, **k: (x, y, "stand-in features"))
+
+    def run_one(truncate, split, cfg, *, diagnostics):
+        its = list(range(1, 6))
+        curves = {"it": its, "val_loss": [1.0 / i for i in its], "exact_it": [1, 4], "exact_norm": [0.5, 0.2],
+                  "cosine": [0.9, 0.8]}
+        return {"test_acc": 0.5, "initial_test_acc": 0.3, "val_acc": 0.6, "val_loss": 0.7, "iterations": 5,
+                "best_iteration": 4, "sec_per_iter": 0.01, **({"curves": curves} if diagnostics else {})}
+
+    monkeypatch.setattr(ti, "run_one", run_one)
+    cfg = _config(ti.PROGRAM, tmp_path, dataset="mnist", features="pixels", m=10)
+    return _run(ti.PROGRAM, cfg, tmp_path)
+
+
+def _omniglot_results(tmp_path: Path, monkeypatch) -> dict:
+    """omniglot's results from its own run_experiment, the data, models, meta-training and export
+    replaced by stand-ins (the rows have the keys and records the table and figure read)."""
+    episodes = lambda *a, num_episodes=1, **k: [None] * num_episodes  # noqa: E731
+    monkeypatch.setattr(om.fsm, "load_meta_data", lambda *a, **k: SimpleNamespace(
+        description="stand-in episodes", episodes=episodes, training_stream=lambda *a, **k: None))
+    monkeypatch.setattr(om.fsm, "as_task", lambda batch: batch)
+    monkeypatch.setattr(om, "build_problem", lambda cfg: SimpleNamespace(
+        initial_raw=lambda **k: {"rho_raw": np.zeros(3)}, w0=[np.zeros((2, 3))]))
+    monkeypatch.setattr(om.fsm, "export_and_check", lambda *a: {"saved_model_load_bit_identical": True})
+
+    def train_method(cfg, store, name, steps, truncate, train_stream, curve_tasks, test_tasks):
+        record = {"curve_it": [0, 2, 4], "curve_test_acc": [0.2, 0.3, 0.4], "epoch_end_it": [2, 4],
+                  "query_error": [0.7, 0.6], "cos_it": [2, 4] if truncate else [], "cosine": [0.9, 0.8] if truncate else [],
+                  "sec_per_iter": 0.1}
+        row = {"inner_steps": steps, "truncate": "full" if truncate is None else truncate, "iterations": 4,
+               "test_accuracy": 0.4, "test_accuracy_ci95": 0.05, "test_tasks": 4, "final_gamma": 0.1,
+               "final_rho": [1.0, 1.0, 1.0], "record": record}
+        return None, None, row
+
+    monkeypatch.setattr(om, "train_method", train_method)
+    cfg = _config(om.PROGRAM, tmp_path, dataset="mnist", relerr_truncations="", timing_rounds=0)
+    return _run(om.PROGRAM, cfg, tmp_path)
+
+
+@pytest.mark.parametrize("make, prog, figure", [
+    (_task_interaction_results, ti.PROGRAM, "fig6_task_interaction.png"),
+    (_omniglot_results, om.PROGRAM, "fig7_one_shot.png"),
+], ids=["task_interaction", "omniglot"])
+def test_the_environment_key_is_written_and_old_results_still_render(tmp_path, monkeypatch, make, prog, figure):
+    """The key every program writes, in every results.json the run writes; then the table and the
+    figure regenerated from a results.json of the older form (the same record under "machine")
+    equal those of the current form."""
+    results = make(tmp_path, monkeypatch)
+    old = {("machine" if key == "environment" else key): value for key, value in results.items()}
+    assert "environment" not in old and old["machine"] == results["environment"]
+    tables = []
+    for name, form in (("current", results), ("old", old)):
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(form))
+        read = json.loads(path.read_text())
+        prog.figures(read, str(path.parent))
+        assert (path.parent / figure).stat().st_size > 1000
+        tables.append(prog.table(read))
+    assert tables[0] == tables[1] and "RMD" in tables[0]
+
