@@ -2,11 +2,14 @@
 
 * omniglot and task_interaction record the run's environment under "environment", as every other
   program and benchmark suite does; a results.json written before that (key "machine", e.g. a
-  long run started from an older checkout) still gives the same table and figure.
+  long run started from an older checkout) still gives the same table, and its figure.
+* `EstimatorSettings` declares the core estimator's arguments and their defaults once;
+  `TrainerSpec` and the trainer's constructor take theirs from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,3 +112,46 @@ def test_the_environment_key_is_written_and_old_results_still_render(tmp_path, m
         tables.append(prog.table(read))
     assert tables[0] == tables[1] and "RMD" in tables[0]
 
+
+# -- The estimator's settings: declared once (tf_bilevel/keras/estimator.py) -------------------------
+
+def test_the_trainer_spec_and_the_constructor_take_the_estimator_settings_fields_and_defaults():
+    """`EstimatorSettings` declares the core estimator's arguments and their defaults; they are
+    `tfb.hypergradient_fn`'s defaults, and `TrainerSpec` and the trainer's constructor have fields
+    and parameters of the same names, types and defaults (a trainer built without them builds the
+    core's default estimator)."""
+    import inspect
+
+    import tf_bilevel as tfb
+    from tf_bilevel.keras.estimator import EstimatorSettings
+    from tf_bilevel.keras.spec import TrainerSpec
+    from tf_bilevel.keras.trainer_base import BilevelTrainerMixin
+
+    settings = {f.name: f for f in dataclasses.fields(EstimatorSettings)}
+    spec = {f.name: f for f in dataclasses.fields(TrainerSpec)}
+    core = inspect.signature(tfb.hypergradient_fn).parameters
+    constructor = inspect.signature(BilevelTrainerMixin.__init__).parameters
+    assert set(settings) == {"steps", "truncate", "estimator", "iterations", "tolerance", "forget"}
+    for name, field in settings.items():
+        assert spec[name].type == field.type == constructor[name].annotation, name
+        if name == "steps":  # required everywhere
+            assert field.default is spec[name].default is dataclasses.MISSING
+            assert constructor[name].default is core[name].default is inspect.Parameter.empty
+        else:
+            assert spec[name].default == field.default == constructor[name].default == core[name].default, name
+    assert settings["tolerance"].default == 1e-10 and settings["estimator"].default == "reverse"
+
+
+def test_the_estimator_settings_of_a_spec_are_its_fields_of_the_same_names():
+    import keras
+
+    from tf_bilevel.keras import compat
+    from tf_bilevel.keras.estimator import EstimatorSettings
+    from tf_bilevel.keras.spec import TrainerSpec
+
+    loss = keras.losses.MeanSquaredError()
+    chosen = dict(steps=4, truncate=2, estimator="neumann", iterations=7, tolerance=None, forget=0.5)
+    spec = TrainerSpec(compat.KERAS3, keras.layers.Dense(1), inner_loss=loss, outer_loss=loss, **chosen)
+    assert EstimatorSettings.of(spec) == EstimatorSettings(**chosen)
+    default = TrainerSpec(compat.KERAS3, keras.layers.Dense(1), inner_loss=loss, outer_loss=loss, steps=3)
+    assert EstimatorSettings.of(default) == EstimatorSettings(steps=3)
