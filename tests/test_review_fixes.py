@@ -5,6 +5,8 @@
   long run started from an older checkout) still gives the same table, and its figure.
 * `EstimatorSettings` declares the core estimator's arguments and their defaults once;
   `TrainerSpec` and the trainer's constructor take theirs from it.
+* A grouped convolution keeps TF's Conv2D gradient inside XLA's loops (the canonical-layout
+  replacement is written for ungrouped ones).
 """
 
 from __future__ import annotations
@@ -155,3 +157,42 @@ def test_the_estimator_settings_of_a_spec_are_its_fields_of_the_same_names():
     assert EstimatorSettings.of(spec) == EstimatorSettings(**chosen)
     default = TrainerSpec(compat.KERAS3, keras.layers.Dense(1), inner_loss=loss, outer_loss=loss, steps=3)
     assert EstimatorSettings.of(default) == EstimatorSettings(steps=3)
+
+
+# -- Grouped convolutions keep TF's gradient under XLA (tf_bilevel/_tf_patches.py) ------------------
+
+def _grouped_krmd(jit_compile: bool):
+    """K-RMD (T = 3, K = 2) of a grouped-convolution net (4 input channels, 2 groups: the kernel
+    has 2 input channels) with learned per-kernel decays, per-step batches."""
+    import tensorflow as tf
+
+    import tf_bilevel as tfb
+
+    rng = np.random.default_rng(0)
+    params = [tf.constant(rng.normal(0, 0.4, s), tf.float32) for s in [(3, 3, 1, 4), (3, 3, 2, 6), (6, 3)]]
+    x = tf.constant(rng.random((3, 4, 8, 8, 1)), tf.float32)
+    y = tf.constant(rng.integers(0, 3, (3, 4)).astype("int32"))
+
+    def loss(w, batch):
+        h = tf.nn.relu(tf.nn.conv2d(batch[0], w[0], 1, "SAME"))
+        h = tf.nn.softplus(tf.nn.conv2d(h, w[1], 2, "VALID"))  # grouped: 4 channels, kernel's 2
+        logits = tf.reduce_mean(h, [1, 2]) @ w[2]
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(batch[1], logits))
+
+    def inner(w, log_decay, batch):
+        return loss(w, batch) + tf.add_n([tf.exp(log_decay[i]) * tf.reduce_sum(tf.square(v)) for i, v in enumerate(w)])
+
+    hg = tfb.hypergradient_fn(inner, lambda w, hp, batch: loss(w, batch), steps=3, truncate=2, learning_rate=0.3,
+                              per_step_batches=True, jit_compile=jit_compile)
+    return hg.detailed(params, tf.constant(np.log([1e-2, 2e-2, 3e-2]), tf.float32), (x, y), (x[0], y[0]))
+
+
+def test_krmd_of_a_grouped_convolution_under_xla_equals_the_graph_mode_result():
+    """The canonical-layout Conv2D gradients are written for ungrouped convolutions: a grouped one
+    keeps TF's gradient inside XLA's loops (the replacement's input gradient would have the
+    kernel's 2 channels, not the input's 4: a shape error at trace)."""
+    with_xla, without = _grouped_krmd(True), _grouped_krmd(False)
+    assert np.abs(without.hypergrad.numpy()).min() > 0
+    np.testing.assert_allclose(with_xla.hypergrad.numpy(), without.hypergrad.numpy(), rtol=2e-4, atol=1e-7)
+    for got, want in zip(with_xla.final_params, without.final_params):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=2e-4, atol=1e-6)
