@@ -353,7 +353,7 @@ def run_experiment(cfg: Config, data: Any, ctx: program.Run) -> dict:
         "config": dataclasses.asdict(cfg), "data_description": data.description,
         "data_source": tfds_offline.data_source(cfg.dataset),
         "num_hyperparameters": count(probe.initial_raw(init_rho=cfg.init_rho, init_gamma=cfg.init_inner_lr)),
-        "num_parameters": count(probe.w0), "machine": ctx.environment,
+        "num_parameters": count(probe.w0), "environment": ctx.environment,
         "paper_table4_omniglot": PAPER_TABLE4, "phase_seconds": phases, "runs": {},
     }
     print(f"λ: {results['num_hyperparameters']} hyperparameters, w: {results['num_parameters']} parameters")

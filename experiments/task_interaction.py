@@ -402,7 +402,7 @@ def run_experiment(cfg: Config, data: Any, ctx: program.Run) -> dict:
         "experiment": "task_interaction (paper §4.2.2, Table 3, Fig. 6)",
         "config": dataclasses.asdict(cfg), "data_source": tfds_offline.data_source(cfg.dataset),
         "features_description": desc, "num_examples": int(len(y_all)), "feature_dim": int(x_all.shape[1]),
-        "machine": ctx.environment, "paper_table3": PAPER_TABLE3.get(cfg.dataset),
+        "environment": ctx.environment, "paper_table3": PAPER_TABLE3.get(cfg.dataset),
         "runs": {name: [] for name in names},
     }
     x_all_t, num_classes = tf.constant(x_all), NUM_CLASSES[cfg.dataset]

@@ -12,8 +12,9 @@ they run as naive loops, hundreds of times slower. The functions below compute t
 with Conv2D ops already in that form (transposes and a reversal of small tensors around them),
 and are differentiable by TF's own rules (their gradients are Conv2D ops again), so estimators
 that differentiate the inner gradient (K-RMD, forward mode) get exact second derivatives.
-Each returns None where it does not apply (NCHW, dilated filters, shapes not static): the
-caller then uses TF's op.
+Each returns None where it does not apply (NCHW, dilated filters, shapes not static; the
+input gradient also for a grouped convolution): the caller then uses TF's op. The filter gradient
+is written for an ungrouped convolution (its kernel_size holds no channels): its callers check.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def input_gradient_as_conv2d(x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor, op)
     if not _applies(op):
         return None
     size, out, ksize = tuple(x.shape[1:3]), tuple(dy.shape[1:3]), tuple(kernel.shape[:2])
-    if None in size + out + ksize:
+    if None in size + out + ksize or x.shape[3] != kernel.shape[2]:  # not static, or grouped
         return None
     pads = _pads(op, size, out, ksize)
     if pads is None:

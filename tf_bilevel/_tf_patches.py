@@ -150,10 +150,13 @@ def in_compiled_loop() -> bool:
 def _conv2d_gradient(op, dy):
     """TF's Conv2D gradient, except under XLA inside a while loop in a thread inside
     `canonical_conv_gradients()`: then both gradients are Conv2D ops in XLA:CPU's canonical
-    layout (_conv_layout)."""
-    if not (getattr(_thread, "depth", 0) and in_compiled_loop()):
-        return _tf_entry["type"](op, dy)
+    layout (_conv_layout), for an ungrouped convolution (the kernel's input channels are the
+    input's)."""
     x, kernel = op.inputs[0], op.inputs[1]
+    # A grouped convolution (channels = groups × the kernel's), or channels not static: TF's.
+    ungrouped = x.shape[-1] is not None and x.shape[-1] == kernel.shape[2]
+    if not (ungrouped and getattr(_thread, "depth", 0) and in_compiled_loop()):
+        return _tf_entry["type"](op, dy)
     dx = input_gradient_as_conv2d(x, kernel, dy, op)
     dk = filter_gradient_as_conv2d(x, dy, kernel.shape[:2], op)
     if dx is None or dk is None:

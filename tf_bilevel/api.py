@@ -219,9 +219,10 @@ class Hypergradient:
         opt_state: Any = None, model_state: Any = None, tangents: Any = None, check_reached: bool = True,
     ) -> HypergradientResult:
         """Builds the estimator's ops in the current graph and returns its result.
-        `check_reached=False` skips the trace-time probe that every hyperparameter reaches f (one
-        step and f traced once more): only for a second estimator of the same problem on the same
-        hparams, after the first one's `compute` in this graph (the diagnostics' full-RMD reference)."""
+        `check_reached=False` skips the trace-time probe (one step and f traced once more) that
+        every hyperparameter reaches f and that no passed variable is read through a closure: only
+        for a second estimator of the same problem on the same hparams, after the first one's
+        `compute` in this graph (the diagnostics' full-RMD reference)."""
         self._check_tangents_apply(tangents)
         passed: dict = {}
         params = _as_tensors(params, "params", passed)

@@ -153,6 +153,7 @@ class HyperStep:
         self.check_numerics = hypergradient.check_numerics if check_numerics is None else _validate.boolean(
             check_numerics, "HyperStep(check_numerics=...)")
         self._compiled = tf.function(self.step_uncompiled, jit_compile=self.jit_compile, autograph=False)
+        self._call = _tf_patches.compiled(self._compiled)
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -197,7 +198,7 @@ class HyperStep:
     # -- the step -------------------------------------------------------------------------
     def __call__(self, params: Any, inner_batch: Any = None, outer_batch: Any = None) -> HyperStepResult:
         """One hyper-step, compiled. Raises `NonFiniteError` (state unchanged) if it is not finite."""
-        result = _tf_patches.compiled(self._compiled)(params, inner_batch, outer_batch)
+        result = self._call(params, inner_batch, outer_batch)
         if self.check_numerics and tf.executing_eagerly():
             marker = int(result.nonfinite_step)
             if marker >= 0:

@@ -16,7 +16,9 @@ from tf_bilevel.api import Hypergradient, hypergradient_fn
 @dataclasses.dataclass(frozen=True)
 class EstimatorSettings:
     """The arguments of `tfb.hypergradient_fn` that the trainer's user chooses (every field is
-    passed on by name: a new estimator option is one more field here)."""
+    passed on by name: a new estimator option is one more field here, and one of the same name in
+    `TrainerSpec` and the trainer's constructor). The defaults are `hypergradient_fn`'s, declared
+    once here: `TrainerSpec` and the constructor take theirs from this class."""
 
     steps: int
     truncate: Optional[int] = None

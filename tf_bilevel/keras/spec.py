@@ -16,6 +16,7 @@ import tensorflow as tf
 from tf_bilevel import _validate
 from tf_bilevel.dynamics.optimizers import adam, momentum, sgd
 from tf_bilevel.keras.compat import require_layer
+from tf_bilevel.keras.estimator import EstimatorSettings
 from tf_bilevel.keras.reparam import Hyperparameter, as_hyperparameter
 
 ON_NONFINITE = ("raise", "skip")
@@ -42,12 +43,14 @@ class TrainerSpec:
     inner_model: Any
     inner_loss: Callable
     outer_loss: Callable
+    # The core estimator's arguments: `EstimatorSettings` declares their defaults (and is built
+    # from these fields by name, `EstimatorSettings.of`).
     steps: int
-    truncate: Optional[int] = None
-    estimator: str = "reverse"
-    iterations: Optional[int] = None
-    tolerance: Optional[float] = 1e-10
-    forget: Optional[float] = None
+    truncate: Optional[int] = EstimatorSettings.truncate
+    estimator: str = EstimatorSettings.estimator
+    iterations: Optional[int] = EstimatorSettings.iterations
+    tolerance: Optional[float] = EstimatorSettings.tolerance
+    forget: Optional[float] = EstimatorSettings.forget
     hyper_model: Any = None
     hyperparameters: Optional[dict] = None
     inner_regularizer: Optional[Callable] = None
