@@ -109,9 +109,9 @@ def test_documented_reload_idioms_work_as_written(tmp_path):
 
     features = tfb.keras.load_hyper_model(path)(x)  # keeps what it loaded
     np.testing.assert_array_equal(features.numpy(), expected)
-    # Collect only what this test creates: a full collection over the objects of the earlier
-    # tests of a pytest worker took ~20 s. A cycle holding the loaded object was created after
-    # the freeze, so it is collected as before.
+    # Collect only what this test creates (a full collection over a pytest worker's earlier
+    # objects is slow); a cycle holding the loaded object is created after the freeze, so it is
+    # still collected.
     gc.freeze()
     try:
         served = tfb.keras.load_hyper_model(path)

@@ -4,7 +4,7 @@ The smallest graph that breaks: a `tf.while_loop` whose body sums its loop varia
 terms with one AddN (what the tape's gradient aggregation does with K-RMD's adjoint), on
 tensors big enough (3 × 80 MB) for the static memory estimate to pass 80 % of the CPU device's
 nominal 256 MiB. The rewritten AddN's TemporaryVariable is created in the loop's exit iteration
-and never destroyed, so the function's second call fails. `grappler.guarded()` runs the calls
+and never destroyed, so the function's second call fails. `_tf_patches.guarded()` runs the calls
 without that rewrite, and explains the error when a user's explicit setting keeps it.
 
 Each function is built in its own name scope: a leaked variable stays in the process (in the
@@ -19,7 +19,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context as eager_context
 
-from tf_bilevel import _tf_patches as grappler
+from tf_bilevel import _tf_patches
 
 N, STEPS = 20_000_000, 3  # 80 MB per tensor: the rewrite fires (CPU memory_limit 256 MiB)
 
@@ -46,13 +46,13 @@ def _reference(x0: float) -> float:
 
 
 def test_unguarded_loop_fails_on_the_second_call():
-    """The TF bug the guard is for (if this starts passing, TF fixed it: see grappler.py)."""
+    """The TF bug the guard is for (if this starts passing, TF fixed it: see _tf_patches.py)."""
     run = _accumulating_loop("unguarded")
     x = tf.fill([N], 0.5)
     run(x)  # first call: the leaked variable is created
     with pytest.raises(tf.errors.AlreadyExistsError, match="tmp_var") as error:
         run(x)
-    assert grappler.is_leaked_temporary_variable(error.value)
+    assert _tf_patches.is_leaked_temporary_variable(error.value)
 
 
 def test_guarded_calls_run_the_loop_every_time_with_the_right_values():
@@ -60,7 +60,7 @@ def test_guarded_calls_run_the_loop_every_time_with_the_right_values():
     x = tf.fill([N], 0.5)
     base = eager_context.context().function_call_options
     for _ in range(3):
-        with grappler.guarded():
+        with _tf_patches.guarded():
             out = run(x)
         assert eager_context.context().function_call_options is base  # restored after the call
         np.testing.assert_allclose(out[:5].numpy(), _reference(0.5), rtol=1e-6)
@@ -76,10 +76,10 @@ def test_an_explicit_memory_optimization_is_kept_and_its_error_explained():
     try:
         run = _accumulating_loop("explicit")
         x = tf.fill([N], 0.5)
-        with grappler.guarded():
+        with _tf_patches.guarded():
             run(x)
-        with pytest.raises(grappler.GrapplerLoopError, match=r"Grappler.*AddN.*Fix: jit_compile=True"):
-            with grappler.guarded():
+        with pytest.raises(_tf_patches.GrapplerLoopError, match=r"Grappler.*AddN.*Fix: jit_compile=True"):
+            with _tf_patches.guarded():
                 run(x)
     finally:
         ctx.function_call_options = base
@@ -87,10 +87,10 @@ def test_an_explicit_memory_optimization_is_kept_and_its_error_explained():
 
 def test_other_errors_pass_through_unchanged():
     with pytest.raises(tf.errors.AlreadyExistsError, match="a resource"):
-        with grappler.guarded():
+        with _tf_patches.guarded():
             raise tf.errors.AlreadyExistsError(None, None, "a resource")
     with pytest.raises(ValueError, match="other"):
-        with grappler.guarded():
+        with _tf_patches.guarded():
             raise ValueError("other")
 
 
@@ -103,7 +103,7 @@ def test_guarded_changes_only_the_memory_optimizer_of_the_callers_options():
     users = eager_context.FunctionCallOptions(executor_type=base.executor_type, config_proto=config)
     ctx.function_call_options = users
     try:
-        with grappler.guarded():
+        with _tf_patches.guarded():
             inside = config_pb2.ConfigProto.FromString(ctx.function_call_options.config_proto_serialized)
         assert ctx.function_call_options is users
     finally:
@@ -131,7 +131,7 @@ def _optimized_graphs(call):
 
 
 def _guarded(call):
-    with grappler.guarded():
+    with _tf_patches.guarded():
         return call()
 
 
