@@ -385,7 +385,9 @@ def test_task_interaction_damaged_state_is_one_line_and_restart_recovers(tmp_pat
 def test_hypercleaning_damaged_state_is_one_line(tmp_path):
     out = tmp_path / "out"
     path = _garbage_state(out, "checkpoints/fingerprint.json")
-    command = ["-m", "experiments.hypercleaning", "--quick", "--truncate=5", "--save_every=4", f"--local_dir={MNIST_DIR}",
+    # The program reads its state after the data (2000 examples from the 3000 of a slice).
+    mnist = write_mnist_subset(MNIST_DIR, tmp_path / "mnist", train=3000, test=500)
+    command = ["-m", "experiments.hypercleaning", "--quick", "--truncate=5", "--save_every=4", f"--local_dir={mnist}",
                f"--data_dir={tmp_path / 'tfds'}", f"--output_dir={out}"]
     returncode, output = program_runs.run(command, tmp_path / "log")
     program_runs.assert_clear_error(returncode, output, "hypercleaning: error:", f"{path} is damaged",
@@ -406,14 +408,15 @@ def test_omniglot_damaged_state_is_one_line(tmp_path, mnist):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("program", ["hypercleaning", "omniglot", "task_interaction", "toy", "benchmark"])
+@pytest.mark.parametrize("program", ["benchmark"])
 def test_output_dir_under_a_regular_file_is_one_clear_line(tmp_path, program):
+    # One subprocess case per program: hypercleaning, omniglot and task_interaction report their
+    # damaged state above, toy its read-only folder below; every program maps these errors to the
+    # line in one place (experiments/common/program.py), the folder checks are in process above.
     a_file = tmp_path / "results.json"
     a_file.write_text("{}")
     out = a_file / "out"
     command = ["-m", f"experiments.{program}", "--quick", f"--output_dir={out}"]
-    if program == "hypercleaning":
-        command.append(f"--local_dir={MNIST_DIR}")
     returncode, output = program_runs.run(command, tmp_path / "log")
     program_runs.assert_clear_error(returncode, output, f"{program}: error: --output_dir={out} cannot be used",
                                     f"{a_file} is a file, not a folder")
