@@ -4,8 +4,9 @@ correction with the estimated transition, class-balanced weights, mix's minibatc
 and hand computation, the learned-weight inner losses (also the class-aware weighting network of
 mwn_cls) against NumPy, the weight diagnostics, the report built from saved runs alone
 (--report_dir: its cells against the row files), and `--quick` end to end on a slice of real
-Fashion-MNIST (mwn_k_ft starting from mwn_k's model; the report on its output), resumed per
-method and seed."""
+Fashion-MNIST (mwn_k_ft starting from mwn_k's model; the report on its output); each method and
+seed is one resumable run (its kill/resume test is online_hpo's: both programs resume through
+online_program.MethodStore; mix's own stream restarts at the checkpoint's step in process)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import keras
+from absl import flags
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -25,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments.data import noisy_labels as nl  # noqa: E402
 from experiments.common import online_program as oc  # noqa: E402
+from experiments.common import program  # noqa: E402
 from experiments import reweighting as R  # noqa: E402
 from offline_data import write_mnist_subset  # noqa: E402
 import program_runs  # noqa: E402
@@ -470,6 +473,14 @@ def fashion_subset(tmp_path):
     return write_mnist_subset(FASHION_DIR, tmp_path / "fashion", train=6000, test=1000)
 
 
+def _config(*argv: str) -> R.Config:
+    """The Config `python -m experiments.reweighting <argv>` runs with."""
+    fv = flags.FlagValues()
+    program.define_flags(R.PROGRAM, fv)
+    fv(["reweighting", *argv])
+    return program.config_from_flags(R.PROGRAM, fv)
+
+
 @needs_fashion
 @pytest.mark.slow
 def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
@@ -477,9 +488,8 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     out, log = tmp_path / "out", tmp_path / "log.txt"
     # One seed: every method runs on real data. The seed loop (one resumable run per method and
     # seed, trained with its seed's Config) is test_each_method_and_seed_is_one_resumable_run_and_a_
-    # finished_one_is_read_back, seed 1 of plain, mix, mwn_cls runs (killed and resumed) in
-    # test_killed_runs_resume_per_method_and_seed_and_end_identical, the mean ± std over seeds is
-    # test_summary_and_target_over_seeds.
+    # finished_one_is_read_back (killed mid-fit and resumed: online_hpo's subprocess test, the same
+    # MethodStore), the mean ± std over seeds is test_summary_and_target_over_seeds.
     command = ["-m", "experiments.reweighting", "--quick", "--setting=flip", "--seeds=0", f"--output_dir={out}",
                f"--local_dir={subset}", f"--data_dir={tmp_path / 'tfds'}"]
     program_runs.finish(program_runs.start(command, log), log, timeout=LONG)
@@ -522,7 +532,8 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     # The report from the saved runs (--report_dir): nothing trained, the run's folder untouched.
     before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
     report_dir = tmp_path / "report"
-    program_runs.finish(program_runs.start([*command, f"--report_dir={report_dir}"], log), log, timeout=LONG)
+    program.run_program(R.PROGRAM, _config(*command[2:], f"--report_dir={report_dir}"))  # in process: the
+    # command line's config, the report's own code path (run_program hands over before the lock)
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
     text = (report_dir / "reweighting_flip_tables.md").read_text()
     assert "Not run" not in text
@@ -545,11 +556,11 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
 @pytest.mark.slow
 def test_quick_longtail_runs_the_class_balanced_baseline(tmp_path):
     subset = fashion_subset(tmp_path)
-    out, log = tmp_path / "out", tmp_path / "log.txt"
-    command = ["-m", "experiments.reweighting", "--quick", "--setting=longtail", "--seeds=0",
-               "--methods=plain,cb,mwn,l2rw", f"--output_dir={out}", f"--local_dir={subset}",
-               f"--data_dir={tmp_path / 'tfds'}"]
-    program_runs.finish(program_runs.start(command, log), log, timeout=LONG)
+    out = tmp_path / "out"
+    # In process (the subprocess path of the program is the flip run's above).
+    program.run_program(R.PROGRAM, _config("--quick", "--setting=longtail", "--seeds=0", "--methods=plain,cb,mwn,l2rw",
+                                           f"--output_dir={out}", f"--local_dir={subset}",
+                                           f"--data_dir={tmp_path / 'tfds'}"))
     results = json.loads((out / "results.json").read_text())
     counts = results["data"]["class_counts"]
     assert counts == nl.long_tail_counts(counts[0], 100.0, 10).tolist()  # the head class keeps n_max
@@ -586,44 +597,6 @@ def test_each_method_and_seed_is_one_resumable_run_and_a_finished_one_is_read_ba
     assert sorted(p.name for p in (tmp_path / "resume").glob("*.json")) == [f"{k}.json" for k in sorted(rows)]
     trained.clear()
     assert R.run_methods(cfg, {}, store) == rows and trained == []  # the same command again: nothing retrained
-
-
-@needs_fashion
-@pytest.mark.slow
-@pytest.mark.parametrize("methods, paused, learned", [
-    # mix: fit_recorded on a stream of its own (the other methods resume as online_hpo's, whose
-    # subprocess test kills them); mwn_cls: learned θ continues exactly.
-    ("plain,mix,mwn_cls", "mix.seed1", "mwn_cls.seed1"),
-])
-def test_killed_runs_resume_per_method_and_seed_and_end_identical(tmp_path, methods, paused, learned):
-    # Seed 1 alone (its runs are keyed method.seed1; seed 0's rows would only repeat what the
-    # finished plain.seed1 shows): killed in the `paused` run after its epoch-2 checkpoint (plain
-    # done), rerun: plain is read back, `paused` continues, `learned` runs, and everything equals
-    # an uninterrupted run.
-    subset = fashion_subset(tmp_path)
-
-    def command(out, *extra):
-        return ["-m", "experiments.reweighting", "--quick", "--epochs=3", "--seeds=1", f"--methods={methods}",
-                f"--output_dir={out}", f"--local_dir={subset}", f"--data_dir={tmp_path / 'tfds'}", *extra]
-
-    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
-    log = tmp_path / "interrupted.log"
-    program_runs.kill_when_paused(program_runs.start(command(interrupted, f"--pause_after={paused},2"), log),
-                                  interrupted / "resume" / f"paused_{paused}_2", log, timeout=LONG)
-    program_runs.finish(program_runs.start(command(interrupted), log), log, timeout=LONG)
-    reference_log = tmp_path / "reference.log"
-    program_runs.finish(program_runs.start(command(reference), reference_log), reference_log, timeout=LONG)
-    text = log.read_text()
-    assert f"[{paused}] resumed at epoch 2/3" in text
-    assert "[plain.seed1] finished earlier" in text and f"[{learned}] finished earlier" not in text
-    got = json.loads((interrupted / "results.json").read_text())["methods"]
-    want = json.loads((reference / "results.json").read_text())["methods"]
-    assert set(got) == set(want) == {f"{m}.seed1" for m in methods.split(",")}
-    for name in got:
-        for field in ("epoch", "test_accuracy", "val_accuracy"):
-            assert got[name]["record"][field] == want[name]["record"][field], (name, field)
-    np.testing.assert_allclose(np.concatenate([np.ravel(t) for t in got[learned]["theta"]]),
-                               np.concatenate([np.ravel(t) for t in want[learned]["theta"]]), rtol=1e-6, atol=1e-7)
 
 
 def test_a_fine_tuning_run_without_its_source_model_is_a_clear_error(tmp_path):
