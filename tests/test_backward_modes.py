@@ -136,3 +136,34 @@ def test_residual_estimate_counts_what_a_step_computes_not_its_inputs():
     hg = tfb.hypergradient_fn(inner, lambda w, hp: tf.reduce_sum(w ** 2), steps=3, learning_rate=0.1)
     hg(tf.ones([5, 1], tf.float64), tf.constant(1.0, tf.float64), big)
     assert hg.backward_used == "store" and hg.step_residual_bytes < 10_000
+
+
+def test_reachability_probe_runs_only_for_a_leaf_the_reverse_gradients_did_not_reach(monkeypatch):
+    """The reverse estimators record at trace time which leaves of λ their own gradients reached,
+    so the probe (one step and f traced once more) runs only when one is left unreached; its
+    verdict and errors are unchanged (test_bad_input.py, test_reliability.py)."""
+    from tf_bilevel.api import Hypergradient
+
+    probed = []
+    original = Hypergradient._check_every_hparam_reaches_outer
+    monkeypatch.setattr(Hypergradient, "_check_every_hparam_reaches_outer",
+                        lambda self, *args, **kwargs: probed.append(self.estimator) or original(self, *args, **kwargs))
+    for backward in ("store", "recompute"):
+        _, result = _run(backward, learning_rate=0.3, truncate=3, jit_compile=False)
+        assert all(np.abs(result.hypergrad[k].numpy()).max() > 0 for k in HP)
+    hg = tfb.hypergradient_fn(inner_loss, outer_loss, steps=T, truncate=4, estimator="checkpointed", per_step_batches=True,
+                              learning_rate=0.3, jit_compile=False)
+    hg({"v": W0}, HP, (X, Y))
+    assert probed == []
+    # K < T does not reach a learned init: the probe decides (reached through w0, no error).
+    shifted = tfb.hypergradient_fn(inner_loss, outer_loss, steps=T, truncate=2, per_step_batches=True, jit_compile=False, learning_rate=0.3,
+                                   init_params=lambda params, hp: {"v": params["v"] + hp["shift"]})
+    _, grads = shifted({"v": W0}, {**HP, "shift": tf.constant(0.1, tf.float64)}, (X, Y))
+    assert probed == ["reverse"] and float(grads["shift"]) == 0.0
+    with pytest.raises(ValueError, match=r"hparams\['unused'\] not reached by the losses"):
+        tfb.hypergradient_fn(inner_loss, outer_loss, steps=T, per_step_batches=True, learning_rate=0.3, jit_compile=False)(
+            {"v": W0}, {**HP, "unused": tf.constant(1.0, tf.float64)}, (X, Y))
+    assert probed == ["reverse", "reverse"]
+    with pytest.raises(ValueError, match=r"outer_loss does not depend on params"):
+        tfb.hypergradient_fn(inner_loss, lambda w, hp: tf.reduce_sum(hp["log_l2"] ** 2), steps=T, per_step_batches=True,
+                             backward="recompute", learning_rate=0.3, jit_compile=False)({"v": W0}, HP, (X, Y))

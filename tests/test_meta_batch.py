@@ -121,7 +121,8 @@ def _dense_trainer(mode, jit_compile=True, **kwargs):
 def test_stacked_matches_map_fn_for_forward_and_checkpointed_with_a_learned_init(estimator, truncate):
     tasks = _tasks(2)
     g_stacked, _ = _one_step(_dense_trainer("stacked", estimator=estimator, truncate=truncate), tasks)
-    g_mapped, _ = _one_step(_dense_trainer("map_fn", estimator=estimator, truncate=truncate), tasks)
+    # The reference without XLA (the same per-task computation; map_fn under XLA: the test above).
+    g_mapped, _ = _one_step(_dense_trainer("map_fn", jit_compile=False, estimator=estimator, truncate=truncate), tasks)
     # (K-RMD with K < T does not reach w0: the learned init's entries are 0 for "checkpointed".)
     assert sum(np.abs(b).max() > 0 for b in g_mapped) >= (5 if estimator == "forward" else 1)
     for a, b in zip(g_stacked, g_mapped):
@@ -195,8 +196,9 @@ def test_batched_inner_model_on_the_stacked_path_matches_map_fn_under_xla():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=v.name)
     for name in logs_mapped:
         assert logs_stacked[name] == pytest.approx(logs_mapped[name], rel=1e-6, abs=1e-9), name
-    np.testing.assert_allclose(stacked.predict(tasks.take(1), verbose=0), mapped.predict(tasks.take(1), verbose=0),
-                               rtol=1e-6, atol=1e-9)
+    # evaluate's losses and accuracy come from the batched inner loop's w_T and outer predictions
+    # (stacked_adapted, StackedTasks.predictions: what predict returns, compared in
+    # test_stacked_meta_batch_matches_map_fn_under_xla); predict here only compiled two more functions.
     for name, a, b in zip(("loss", "outer_loss", "inner_loss", "accuracy"),
                           stacked.evaluate(tasks.take(1), verbose=0), mapped.evaluate(tasks.take(1), verbose=0)):
         assert a == pytest.approx(b, rel=1e-6), name

@@ -23,8 +23,22 @@ import tensorflow as tf
 F = TypeVar("F", bound=Callable)
 
 
+_parsable: dict = {}  # (file, code object) -> autograph_can_parse: the answer depends on the source only
+
+
 def autograph_can_parse(fn: Callable) -> bool:
-    """Whether AutoGraph can read the source of the plain function `fn`."""
+    """Whether AutoGraph can read the source of the plain function `fn` (once per code object:
+    every trainer converts its losses for each estimator it builds)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return _parse(fn)
+    key = (code.co_filename, code)  # code objects compare equal across files
+    if key not in _parsable:
+        _parsable[key] = _parse(fn)
+    return _parsable[key]
+
+
+def _parse(fn: Callable) -> bool:
     try:
         from tensorflow.python.autograph.pyct import parser  # the parser AutoGraph itself uses
     except ImportError:  # pragma: no cover - layout of a future TF

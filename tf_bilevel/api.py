@@ -15,6 +15,7 @@ from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
 from tf_bilevel.dynamics.transition import BatchAtStep, InnerState, Transition, gather_step
 from tf_bilevel.estimators import forward_hypergradient, implicit_hypergradient, reverse_hypergradient
 from tf_bilevel.estimators.forward import check_tangent_memory, num_hparams, zero_tangents
+from tf_bilevel.estimators.common import Reach
 from tf_bilevel.estimators.reverse import profile_step
 from tf_bilevel.problem import BilevelProblem
 
@@ -219,10 +220,12 @@ class Hypergradient:
         opt_state: Any = None, model_state: Any = None, tangents: Any = None, check_reached: bool = True,
     ) -> HypergradientResult:
         """Builds the estimator's ops in the current graph and returns its result.
-        `check_reached=False` skips the trace-time probe (one step and f traced once more) that
-        every hyperparameter reaches f and that no passed variable is read through a closure: only
-        for a second estimator of the same problem on the same hparams, after the first one's
-        `compute` in this graph (the diagnostics' full-RMD reference)."""
+        `check_reached=False` skips the trace-time checks that every hyperparameter reaches f and
+        that no passed variable is read through a closure: only for a second estimator of the same
+        problem on the same hparams, after the first one's `compute` in this graph (the diagnostics'
+        full-RMD reference). The reverse estimators record which leaves their own gradients reached
+        (`Reach`); the probe (one step and f traced once more) runs only when that record leaves one
+        unreached, and before the other estimators."""
         self._check_tangents_apply(tangents)
         passed: dict = {}
         params = _as_tensors(params, "params", passed)
@@ -232,17 +235,25 @@ class Hypergradient:
         model_state = self._checked_model_state(model_state)
         if self.estimator == "forward":
             tangents = self._checked_tangents(params, hparams, opt_state, model_state, tangents)
-        if check_reached:
+        reverse = self.estimator in ("reverse", "checkpointed")
+        reach = Reach(len(tf.nest.flatten(hparams))) if check_reached and reverse else None
+        if check_reached and not reverse:
             self._check_every_hparam_reaches_outer(params, hparams, inner_batch, outer_batch, opt_state, model_state, passed)
         T = self.steps
-        if self.estimator in ("reverse", "checkpointed"):
+        if reverse:
             out = reverse_hypergradient(
                 self.transition, params, hparams, inner_batch, outer_batch,
                 steps=T, truncate=self.truncate,
                 segment_length=self._segment_length() if self.estimator == "checkpointed" else None,
                 opt_state=opt_state, model_state=model_state,
                 store_intermediates=self._stores_intermediates(params, hparams, inner_batch, opt_state, model_state),
+                reach=reach,
             )
+            if reach is not None:
+                self.problem.check_not_read_through_closure(passed)  # as the probe does, before its verdict
+                if not reach.complete:  # the probe's verdict (and error) for what these gradients did not reach
+                    self._check_every_hparam_reaches_outer(
+                        params, hparams, inner_batch, outer_batch, opt_state, model_state, passed)
         elif self.estimator == "forward":
             out = forward_hypergradient(
                 self.transition, params, hparams, inner_batch, outer_batch, steps=T, opt_state=opt_state,

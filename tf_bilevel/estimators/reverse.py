@@ -41,6 +41,7 @@ def backprop_through(
     max_steps: int,
     alpha: list,
     h: list,
+    reach: Any = None,
 ) -> tuple[list, list]:
     """Eq. 6 over steps start+num_steps … start+1: h ← h + B_t α_t, α_{t−1} ← A_t α_t."""
     start = tf.convert_to_tensor(start, tf.int32)
@@ -48,7 +49,7 @@ def backprop_through(
     def body(i, alpha, h):
         index = num_steps - 1 - i
         state = trajectory.read(index)
-        d_state, d_hp = step_vjp(transition, state, hparams, start + index, batch, alpha)
+        d_state, d_hp = step_vjp(transition, state, hparams, start + index, batch, alpha, reach)
         return i + 1, d_state, [a + b for a, b in zip(h, d_hp)]
 
     _, alpha, h = step_loop(
@@ -80,7 +81,7 @@ def _checkpointed_forward(transition, state, hparams, batch, *, start, truncate,
     return state, Trajectory(arrays, state), marker
 
 
-def _checkpointed_backward(transition, checkpoints, hparams, batch, *, start, truncate, segment, alpha, h):
+def _checkpointed_backward(transition, checkpoints, hparams, batch, *, start, truncate, segment, alpha, h, reach=None):
     """Recomputes each segment from its checkpoint, newest first, and back-propagates through it."""
     num_segments = math.ceil(truncate / segment)
 
@@ -93,7 +94,7 @@ def _checkpointed_backward(transition, checkpoints, hparams, batch, *, start, tr
         )
         alpha, h = backprop_through(
             transition, trajectory, hparams, batch,
-            start=seg_start, num_steps=length, max_steps=segment, alpha=alpha, h=h,
+            start=seg_start, num_steps=length, max_steps=segment, alpha=alpha, h=h, reach=reach,
         )
         return i + 1, alpha, h
 
@@ -103,7 +104,7 @@ def _checkpointed_backward(transition, checkpoints, hparams, batch, *, start, tr
     return alpha, h
 
 
-def _differentiate_stored_steps(transition, state, hparams, inner_batch, outer_batch, *, start, K):
+def _differentiate_stored_steps(transition, state, hparams, inner_batch, outer_batch, *, start, K, reach=None):
     """f(w_T), ∇λ of it through the K steps from `state` (the sum of Eq. 8's terms plus ∇λf), its
     gradient α with respect to `state` (for the B0 term) and the final state, by TF autodiff."""
     problem = transition.problem
@@ -126,6 +127,9 @@ def _differentiate_stored_steps(transition, state, hparams, inner_batch, outer_b
         )
         value = problem.outer(final.params, hp, outer_batch, final.model_state)
     d_state, h = tape.gradient(value, (flat_state, flat_hp))
+    if reach is not None:
+        reach.add(h)
+        reach.state = reach.state or any(g is not None for g in d_state)  # f depends on the state
     return value, fill_none_with_zeros(h, flat_hp), fill_none_with_zeros(d_state, flat_state), final, marker
 
 
@@ -142,6 +146,7 @@ def reverse_hypergradient(
     opt_state: Any = None,
     store_intermediates: bool = False,
     model_state: Any = (),
+    reach: Any = None,
 ) -> EstimatorOutput:
     """h_{T−K} of Eq. 8 (= d_λ f of Eq. 5/6 when K = T, including the B0 term).
 
@@ -150,6 +155,7 @@ def reverse_hypergradient(
     `opt_state` continues the inner optimizer from a given state (None: a fresh one).
     `store_intermediates=True` uses the "store" backward pass (see the module docstring).
     `model_state`: a stateful problem's s_0; f at s_T is differentiated through s_T too.
+    `reach`: a `common.Reach` recording, at trace time, which leaves of λ the gradients reached.
     """
     problem = transition.problem
     T, K = steps, truncate
@@ -158,11 +164,11 @@ def reverse_hypergradient(
     state, marker = run(transition, state, hparams, inner_batch, start=0, num_steps=T - K, max_steps=T - K)
     if store_intermediates and segment_length is None:
         value, h, alpha, final, marker_k = _differentiate_stored_steps(
-            transition, state, hparams, inner_batch, outer_batch, start=T - K, K=K
+            transition, state, hparams, inner_batch, outer_batch, start=T - K, K=K, reach=reach
         )
         if K == T:
             num_param_leaves = len(tf.nest.flatten(w0))
-            h = [a + b for a, b in zip(h, init_vjp(problem, params, hparams, alpha[:num_param_leaves]))]
+            h = [a + b for a, b in zip(h, init_vjp(problem, params, hparams, alpha[:num_param_leaves], reach))]
         final = tf.nest.map_structure(tf.stop_gradient, final)
         return EstimatorOutput(
             value, h, final.params, nonfinite.earliest(marker, marker_k), final.opt_state,
@@ -178,20 +184,20 @@ def reverse_hypergradient(
         )
     marker = nonfinite.earliest(marker, marker_k)
 
-    value, alpha, grad_hp = outer_value_and_state_grads(problem, final, hparams, outer_batch)
+    value, alpha, grad_hp = outer_value_and_state_grads(problem, final, hparams, outer_batch, reach)
     if segment_length is None:
         alpha, h = backprop_through(
             transition, trajectory, hparams, inner_batch,
-            start=T - K, num_steps=K, max_steps=K, alpha=alpha, h=grad_hp,
+            start=T - K, num_steps=K, max_steps=K, alpha=alpha, h=grad_hp, reach=reach,
         )
     else:
         alpha, h = _checkpointed_backward(
             transition, trajectory, hparams, inner_batch,
-            start=T - K, truncate=K, segment=segment_length, alpha=alpha, h=grad_hp,
+            start=T - K, truncate=K, segment=segment_length, alpha=alpha, h=grad_hp, reach=reach,
         )
     if K == T:  # the B0 term of Eq. 5 belongs to full RMD only
         num_param_leaves = len(tf.nest.flatten(w0))
-        h = [a + b for a, b in zip(h, init_vjp(problem, params, hparams, alpha[:num_param_leaves]))]
+        h = [a + b for a, b in zip(h, init_vjp(problem, params, hparams, alpha[:num_param_leaves], reach))]
     return EstimatorOutput(value, h, final.params, marker, final.opt_state, final_model_state=final.model_state)
 
 
