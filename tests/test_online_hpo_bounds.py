@@ -16,19 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `experiments` is not an installed package.
 from experiments import online_hpo as H  # noqa: E402
 from experiments.common import online_program as oc  # noqa: E402
-
-
-def _random_data(n_train: int = 256, n_other: int = 128) -> dict:
-    rng = np.random.default_rng(0)
-    x = rng.random((n_train + n_other, 28, 28, 1), dtype=np.float32)
-    y = rng.integers(0, 10, n_train + n_other).astype(np.int32)
-    rest = (x[n_train:], y[n_train:])
-    return {"train": (x[:n_train], y[:n_train]), "val": rest, "test": rest}
+from test_online_hpo import _random_data  # noqa: E402
 
 
 def _run(method: str, **config) -> dict:
     cfg = H.Config(epochs=1, n_val=128, hp_every=1, **config).validated().for_seed(0)
-    return H.run_bilevel(cfg, _random_data(), "cnn", method, oc.MethodStore(tempfile.mkdtemp()), "run")
+    return H.run_bilevel(cfg, _random_data(n_train=256), "cnn", method, oc.MethodStore(tempfile.mkdtemp()), "run")
 
 
 def _recorded(row: dict) -> dict:

@@ -161,17 +161,15 @@ def test_the_estimator_settings_of_a_spec_are_its_fields_of_the_same_names():
 
 # -- Grouped convolutions keep TF's gradient under XLA (tf_bilevel/_tf_patches.py) ------------------
 
-def _grouped_krmd(jit_compile: bool):
-    """K-RMD (T = 3, K = 2) of a grouped-convolution net (4 input channels, 2 groups: the kernel
-    has 2 input channels) with learned per-kernel decays, per-step batches."""
+def _grouped_net(batch_shape: tuple):
+    """A grouped-convolution net (4 input channels, 2 groups: the kernel has 2 input channels)
+    with learned per-kernel decays: (params, inner loss, outer loss, x, y, log-decays)."""
     import tensorflow as tf
-
-    import tf_bilevel as tfb
 
     rng = np.random.default_rng(0)
     params = [tf.constant(rng.normal(0, 0.4, s), tf.float32) for s in [(3, 3, 1, 4), (3, 3, 2, 6), (6, 3)]]
-    x = tf.constant(rng.random((3, 4, 8, 8, 1)), tf.float32)
-    y = tf.constant(rng.integers(0, 3, (3, 4)).astype("int32"))
+    x = tf.constant(rng.random(batch_shape + (8, 8, 1)), tf.float32)
+    y = tf.constant(rng.integers(0, 3, batch_shape).astype("int32"))
 
     def loss(w, batch):
         h = tf.nn.relu(tf.nn.conv2d(batch[0], w[0], 1, "SAME"))
@@ -182,9 +180,18 @@ def _grouped_krmd(jit_compile: bool):
     def inner(w, log_decay, batch):
         return loss(w, batch) + tf.add_n([tf.exp(log_decay[i]) * tf.reduce_sum(tf.square(v)) for i, v in enumerate(w)])
 
-    hg = tfb.hypergradient_fn(inner, lambda w, hp, batch: loss(w, batch), steps=3, truncate=2, learning_rate=0.3,
-                              per_step_batches=True, jit_compile=jit_compile)
-    return hg.detailed(params, tf.constant(np.log([1e-2, 2e-2, 3e-2]), tf.float32), (x, y), (x[0], y[0]))
+    outer = lambda w, hp, batch: loss(w, batch)  # noqa: E731
+    return params, inner, outer, x, y, tf.constant(np.log([1e-2, 2e-2, 3e-2]), tf.float32)
+
+
+def _grouped_krmd(jit_compile: bool):
+    """K-RMD (T = 3, K = 2) of the grouped net, per-step batches."""
+    import tf_bilevel as tfb
+
+    params, inner, outer, x, y, log_decay = _grouped_net((3, 4))
+    hg = tfb.hypergradient_fn(inner, outer, steps=3, truncate=2, learning_rate=0.3, per_step_batches=True,
+                              jit_compile=jit_compile)
+    return hg.detailed(params, log_decay, (x, y), (x[0], y[0]))
 
 
 def test_krmd_of_a_grouped_convolution_under_xla_equals_the_graph_mode_result():
@@ -199,28 +206,12 @@ def test_krmd_of_a_grouped_convolution_under_xla_equals_the_graph_mode_result():
 
 
 def _grouped_forward(jit_compile: bool):
-    """Forward mode (T = 2) of the grouped-convolution net above."""
-    import tensorflow as tf
-
+    """Forward mode (T = 2) of the grouped net."""
     import tf_bilevel as tfb
 
-    rng = np.random.default_rng(0)
-    params = [tf.constant(rng.normal(0, 0.4, s), tf.float32) for s in [(3, 3, 1, 4), (3, 3, 2, 6), (6, 3)]]
-    x = tf.constant(rng.random((4, 8, 8, 1)), tf.float32)
-    y = tf.constant(rng.integers(0, 3, 4).astype("int32"))
-
-    def loss(w, batch):
-        h = tf.nn.relu(tf.nn.conv2d(batch[0], w[0], 1, "SAME"))
-        h = tf.nn.softplus(tf.nn.conv2d(h, w[1], 2, "VALID"))  # grouped: 4 channels, kernel's 2
-        logits = tf.reduce_mean(h, [1, 2]) @ w[2]
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(batch[1], logits))
-
-    def inner(w, log_decay, batch):
-        return loss(w, batch) + tf.add_n([tf.exp(log_decay[i]) * tf.reduce_sum(tf.square(v)) for i, v in enumerate(w)])
-
-    hg = tfb.hypergradient_fn(inner, lambda w, hp, batch: loss(w, batch), steps=2, estimator="forward",
-                              learning_rate=0.3, jit_compile=jit_compile)
-    return hg.detailed(params, tf.constant(np.log([1e-2, 2e-2, 3e-2]), tf.float32), (x, y), (x, y))
+    params, inner, outer, x, y, log_decay = _grouped_net((4,))
+    hg = tfb.hypergradient_fn(inner, outer, steps=2, estimator="forward", learning_rate=0.3, jit_compile=jit_compile)
+    return hg.detailed(params, log_decay, (x, y), (x, y))
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
