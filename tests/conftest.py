@@ -115,19 +115,6 @@ subprocess.Popen.__init__ = _checked_popen_init
 multiprocessing.process.BaseProcess.start = _checked_process_start
 
 
-# The longest files of either tier (CI's JUnit times, 2026-12-07), longest first. `--dist loadfile`
-# hands files to the workers in collection order: a long file collected last runs alone on one
-# core at the end (the slow tier's online_hpo end-to-end run added ~140 s of wall clock that way).
-LONGEST_FIRST = ("test_online_hpo", "test_benchmark", "test_reweighting", "test_omniglot", "test_kanji_strokes",
-                 "test_meta_batch", "test_hypercleaning", "test_resume", "test_forward_online", "test_task_interaction",
-                 "test_program_faults", "test_readme", "test_trainer", "test_trainer_legacy", "test_online_adam")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a file's own order is kept
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     _running[0] = item
