@@ -1,7 +1,12 @@
 """K-RMD's memory is flat in T, full RMD's grows with T (Table 1: O(MK) vs O(MT)), measured
 in-process on TF's CPU allocator (experiments.common.memory.PeakMemory: the peak of
 `tf.config.experimental.get_memory_info("CPU:0")` after `reset_memory_stats`), which counts
-every buffer alive at once during the call. Allocator peaks are deterministic, unlike time.
+every buffer alive at once during the call. Allocator peaks do not depend on load, unlike time,
+but they do depend on what ran before in the process: TF's BFC allocator hands out a free chunk
+whole when it is less than twice the request, so one buffer can count up to 2x its size (CI saw
+K-RMD "store" at 2.32 MB for T = 50 and 2.84 MB for T = 500 after 800 other tests, 4.19 MB for both
+in a fresh process). The bounds below allow that factor of 2; holding the T states (O(T)) would
+read >= 10x more at T = 500 than at T = 50.
 
 The hypergradient runs under XLA (the compiled path, the proxy for the GPU one): TF 2.21's
 CPU allocator statistics count XLA's buffers and eager tensors, while the plain tf.function
@@ -56,7 +61,7 @@ def peaks() -> dict:
 def test_truncated_rmd_peak_is_the_same_at_T_50_and_T_500(peaks, backward):
     short, long = (peaks[backward, T, K] for T in HORIZONS)
     assert short > STATE_BYTES  # it measured the call (at least the K states and w_T)
-    assert abs(long - short) <= 0.03 * short, (short, long)
+    assert max(short, long) < 2 * min(short, long), (short, long)  # O(T) would read ~10x
 
 
 def test_truncated_rmd_recompute_holds_about_K_states(peaks):
@@ -67,7 +72,7 @@ def test_truncated_rmd_recompute_holds_about_K_states(peaks):
 @pytest.mark.parametrize("backward", ["recompute", "store"])
 def test_full_rmd_peak_grows_with_T(peaks, backward):
     short, long = (peaks[backward, T, None] for T in HORIZONS)
-    assert long >= 5 * short, (short, long)  # T grows 10x (allocations are rounded up: 8x measured)
+    assert long >= 3 * short, (short, long)  # T grows 10x; the T = 50 peak can read up to 2x
     assert long >= HORIZONS[-1] * STATE_BYTES  # the T states are alive at once
     assert long >= 20 * peaks[backward, HORIZONS[-1], K]
 
