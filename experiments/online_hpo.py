@@ -176,26 +176,11 @@ def hyperparameter_bounds(cfg: Config) -> dict[str, tuple[float, float]]:
             "lr_end": (low * end_fraction(cfg), high * end_fraction(cfg))}
 
 
-class LogRange(keras.constraints.Constraint):
-    """Keeps an exp-transformed `tfb.Hyperparameter` λ = exp(ν) in [low, high] by clipping ν after
-    each outer step: projected descent on log λ, the tuners' log-uniform search space."""
-
-    def __init__(self, low: float, high: float):
-        if not 0 < low < high:
-            raise ValueError(f"LogRange(low={low}, high={high}): needs 0 < low < high")
-        self.low, self.high = float(low), float(high)
-
-    def __call__(self, raw: tf.Tensor) -> tf.Tensor:
-        return tf.clip_by_value(raw, math.log(self.low), math.log(self.high))
-
-    def get_config(self) -> dict:
-        return {"low": self.low, "high": self.high}
-
-
 def learned(cfg: Config, initial: Any, bounds: tuple[float, float]) -> tfb.Hyperparameter:
-    """A positive hyperparameter learned in log space, kept in `bounds` if --bound_hyperparameters."""
-    constraint = LogRange(*bounds) if cfg.bound_hyperparameters else None
-    return tfb.Hyperparameter(initial, transform="exp", constraint=constraint)
+    """A positive hyperparameter learned in log space (λ = exp ν), kept in `bounds` if
+    --bound_hyperparameters: ν = log λ is clipped to [log low, log high] after each outer step
+    (projected descent on log λ, the tuners' log-uniform search space)."""
+    return tfb.Hyperparameter(initial, transform="exp", bounds=bounds if cfg.bound_hyperparameters else None)
 
 
 def parse_truncation(value: Any, flag: str = "--truncate") -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """online_hpo's learned hyperparameters stay in the tuners' search space (--bound_hyperparameters):
-log λ is clipped after each outer step; inside the bounds the clip changes nothing, bit for bit."""
+log λ is clipped after each outer step (tfb.Hyperparameter(transform="exp", bounds=...)); inside the
+bounds the clip changes nothing, bit for bit."""
 
 from __future__ import annotations
 
@@ -33,15 +34,17 @@ def _recorded(row: dict) -> dict:
     return values
 
 
-def test_log_range_clips_log_lambda_and_leaves_values_inside_unchanged():
-    bound = H.LogRange(1e-4, 1e-2)
+def test_learned_hyperparameters_clip_log_lambda_to_the_bounds_only_with_the_flag():
+    bounded = H.learned(H.Config().validated(), 5e-4, (1e-4, 1e-2))
+    assert bounded.transform == "exp" and bounded.bounds == (1e-4, 1e-2)
     raw = tf.constant([math.log(1e-6), math.log(5e-4), math.log(3e-3), math.log(1.0)], tf.float32)
-    clipped = bound(raw).numpy()
+    clipped = bounded.raw_constraint(raw).numpy()
+    # the clip the program used to write by hand: tf.clip_by_value(ν, math.log(low), math.log(high))
+    np.testing.assert_array_equal(clipped, tf.clip_by_value(raw, math.log(1e-4), math.log(1e-2)).numpy())
     np.testing.assert_allclose(np.exp(clipped), [1e-4, 5e-4, 3e-3, 1e-2], rtol=1e-6)
     assert clipped[1] == raw.numpy()[1] and clipped[2] == raw.numpy()[2]  # inside: the same float
-    assert H.LogRange(**bound.get_config()).get_config() == {"low": 1e-4, "high": 1e-2}
-    with pytest.raises(ValueError, match="LogRange.*0 < low < high"):
-        H.LogRange(1e-2, 1e-4)
+    free = H.learned(H.Config(bound_hyperparameters=False).validated(), 5e-4, (1e-4, 1e-2))
+    assert free.bounds is None and free.raw_constraint is None
 
 
 def test_bounds_are_the_tuners_search_space():

@@ -1,6 +1,7 @@
 """Public API that no other test exercised, each against an independent reference: Nesterov
 momentum against a NumPy loop and finite differences, the Keras-layer losses against Keras'
-own, Hyperparameter bounds/constraint in a fit, HyperStepCheckpoint(max_to_keep=)."""
+own, Hyperparameter bounds (sigmoid reparametrization; exp/softplus projection against NumPy, in a
+fit under XLA, with a control) and constraint in a fit, HyperStepCheckpoint(max_to_keep=)."""
 
 from __future__ import annotations
 
@@ -128,6 +129,164 @@ def test_hyperparameter_constraint_is_applied_after_every_update():
     (free,) = unconstrained.hyper_variables
     assert free.numpy() < 0.0  # the update alone leaves the domain ...
     assert raw.numpy() == 0.0  # ... and NonNeg projects it back
+
+
+# -- Hyperparameter(transform="exp"|"softplus", bounds=...): a projection of ν ---------------------
+def _raw_end(transform: str, value: float) -> float:
+    """ν with transform(ν) = value, written independently of tf_bilevel (float64)."""
+    return float(np.log(value) if transform == "exp" else np.log(np.expm1(value)))
+
+
+def _forward(transform: str, raw: np.ndarray) -> np.ndarray:
+    raw = raw.astype(np.float64)
+    return np.exp(raw) if transform == "exp" else np.logaddexp(0.0, raw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("transform", ["exp", "softplus"])
+def test_bounds_clip_the_raw_variable_like_numpy_and_keep_values_inside_bit_for_bit(transform, dtype):
+    low, high = 0.02, 5.0
+    hp = tfb.Hyperparameter(0.1, transform, bounds=(low, high), dtype=dtype)
+    lo, hi = _raw_end(transform, low), _raw_end(transform, high)
+    raw = np.array([lo - 30.0, lo - 1e-3, lo + 1e-3, 0.5 * (lo + hi), hi - 1e-3, hi + 1e-3, hi + 30.0], dtype)
+    clipped = hp.raw_constraint(tf.constant(raw)).numpy()
+    assert clipped.dtype == raw.dtype
+    # the ends rounded once to dtype (float64: np.log and the library's math.log may differ in the last bit)
+    np.testing.assert_allclose(clipped, np.clip(raw, np.asarray(lo, dtype), np.asarray(hi, dtype)), rtol=1e-15, atol=0)
+    inside = (raw > lo) & (raw < hi)
+    assert inside.sum() == 3
+    np.testing.assert_array_equal(clipped[inside], raw[inside])  # the identity inside, to the bit
+    assert clipped[0] == clipped[1] and clipped[-1] == clipped[-2]  # outside: exactly on the end
+    rounding = np.finfo(dtype).eps  # λ on an end is the end up to the rounding of inverse(end) in dtype
+    values = _forward(transform, clipped)
+    np.testing.assert_allclose(values[[0, -1]], [low, high], rtol=8 * rounding)
+    # λ through the library's own forward map: the same
+    np.testing.assert_allclose(hp.value_from_raw(tf.constant(clipped)).numpy(), values, rtol=8 * rounding)
+    # bounds leave the initial value and the map itself unchanged
+    free = tfb.Hyperparameter(0.1, transform, dtype=dtype)
+    np.testing.assert_array_equal(hp.raw_initial(), free.raw_initial())
+    assert free.raw_constraint is None
+
+
+def test_bounds_compose_with_a_user_constraint_which_runs_first():
+    low, high = 0.5, 2.0
+    to_fifty = lambda v: tf.ones_like(v) * 50.0  # noqa: E731  (a constraint leaving the bounds)
+    hp = tfb.Hyperparameter(1.0, "exp", bounds=(low, high), constraint=to_fifty)
+    # user constraint first, then the clip: ν = 50 becomes log 2 (the reverse order would give 50)
+    np.testing.assert_array_equal(hp.raw_constraint(tf.constant([0.0, -7.0])).numpy(), np.float32([np.log(2.0)] * 2))
+    floor = tfb.Hyperparameter(1.0, "softplus", bounds=(low, high), constraint=keras.constraints.NonNeg())
+    raw = tf.constant([-1.0, 0.3, 9.0])
+    expected = np.clip(np.maximum(raw.numpy(), 0.0), _raw_end("softplus", low), _raw_end("softplus", high))
+    np.testing.assert_allclose(floor.raw_constraint(raw).numpy(), expected, rtol=1e-6)
+    assert tfb.Hyperparameter(1.0, "exp", constraint=to_fifty).raw_constraint is to_fifty  # no bounds: as given
+
+
+def _fit_scale(hyperparameter, learning_rate: float, jit_compile: bool) -> np.ndarray:
+    """ν after 3 outer Adam steps of `learning_rate` (Adam moves ν by ~|learning_rate| a step)."""
+    trainer, data = _weighted_problem(hyperparameter)
+    trainer.compile(optimizer=keras.optimizers.Adam(learning_rate), jit_compile=jit_compile)
+    trainer.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
+    (raw,) = trainer.hyper_variables
+    return raw.numpy()
+
+
+@pytest.mark.parametrize(
+    "transform, learning_rate, jit_compile",
+    [("exp", 3.0, False)] + [(t, lr, True) for t in ("exp", "softplus") for lr in (3.0, -3.0)],
+    ids=["exp-descent-function", "exp-descent-xla", "exp-ascent-xla", "softplus-descent-xla", "softplus-ascent-xla"],
+)
+def test_a_huge_outer_step_keeps_lambda_in_bounds_and_leaves_them_without(transform, learning_rate, jit_compile):
+    low, high = 0.25, 3.0
+    bounded = _fit_scale(tfb.Hyperparameter(0.5, transform, bounds=(low, high)), learning_rate, jit_compile)
+    free = _fit_scale(tfb.Hyperparameter(0.5, transform), learning_rate, jit_compile)
+    # the control: unbounded, the same steps take λ out of [low, high]
+    free_value = float(_forward(transform, free))
+    assert not low <= free_value <= high, free_value
+    # bounded: λ is held on the end it was pushed towards (in float32: the end rounded once)
+    end = low if free_value < low else high
+    assert bounded == np.float32(_raw_end(transform, end))
+    assert float(_forward(transform, bounded)) == pytest.approx(end, rel=1e-6)
+
+
+def test_bounds_hold_in_the_legacy_tf_keras_trainer_too():
+    tf_keras = pytest.importorskip("tf_keras")
+    from tf_bilevel.keras.legacy import LegacyBilevelTrainer
+
+    rng = np.random.default_rng(1)
+    x, x_val = rng.normal(size=(2, 32, 4)).astype("float32")
+    teacher = rng.normal(size=(4, 3))
+    data = tf.data.Dataset.from_tensors(((x, (x @ teacher).argmax(-1)), (x_val, (x_val @ teacher).argmax(-1)))).repeat()
+    ce = losses.sparse_categorical_crossentropy
+    scales = {}
+    for bounds in ((0.25, 3.0), None):
+        tf_keras.utils.set_random_seed(0)
+        trainer = LegacyBilevelTrainer(
+            tf_keras.Sequential([tf_keras.layers.Dense(3)]),
+            hyperparameters={"scale": tfb.Hyperparameter(0.5, "exp", bounds=bounds)},
+            inner_loss=lambda y_true, logits, hp: hp["scale"] * ce(y_true, logits), outer_loss=ce, steps=4,
+            inner_learning_rate=0.5)
+        trainer.build_from_spec(data.element_spec)
+        trainer.compile(optimizer=tf_keras.optimizers.Adam(3.0))  # tf-keras' optimizer applies the constraint
+        trainer.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
+        (raw,) = trainer.hyper_variables
+        scales[bounds] = float(np.exp(raw.numpy()))
+    assert scales[None] > 3.0  # the control: unbounded, λ leaves the range
+    assert scales[(0.25, 3.0)] == pytest.approx(3.0, rel=1e-6)
+
+
+def test_a_bounded_trainer_restores_from_save_weights_and_keeps_projecting(tmp_path):
+    low, high = 0.25, 3.0
+    trainer, data = _weighted_problem(tfb.Hyperparameter(0.5, "exp", bounds=(low, high)))
+    trainer.compile(optimizer=keras.optimizers.Adam(0.3))
+    trainer.fit(data, epochs=1, steps_per_epoch=2, verbose=0)
+    trainer.save_weights(str(tmp_path / "trainer.weights.h5"))
+    (saved,) = (v.numpy() for v in trainer.hyper_variables)
+    restored, data2 = _weighted_problem(tfb.Hyperparameter(0.5, "exp", bounds=(low, high)))
+    restored.load_weights(str(tmp_path / "trainer.weights.h5"))
+    (raw,) = restored.hyper_variables
+    assert raw.numpy() == saved and saved != np.float32(np.log(0.5))
+    restored.compile(optimizer=keras.optimizers.Adam(3.0))
+    restored.fit(data2, epochs=1, steps_per_epoch=3, verbose=0)
+    assert np.float32(np.log(low)) <= raw.numpy() <= np.float32(np.log(high))
+
+
+_OUTSIDE = r"Hyperparameter\(bounds=\(0\.5, 2\.0\)\): initial="
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(initial=1.0, bounds=(0.5, 2.0)), ValueError, r"bounds=\(0\.5, 2\.0\), transform='identity'\): bounds need"),
+        (dict(initial=np.eye(2), transform="symmetric", bounds=(0.5, 2.0)), ValueError,
+         r"transform='symmetric'\): bounds need"),
+        (dict(initial=2 * np.eye(2) + 1, transform="symmetric_softplus", bounds=(0.5, 4.0)), ValueError,
+         r"transform='symmetric_softplus'\): bounds need"),
+        (dict(initial=1.0, transform="exp", bounds=(0.0, 2.0)), ValueError, r"transform='exp'\): needs 0 < low"),
+        (dict(initial=1.0, transform="softplus", bounds=(-1.0, 2.0)), ValueError, r"transform='softplus'\): needs 0 < low"),
+        (dict(initial=3.0, transform="exp", bounds=(0.5, 2.0)), ValueError, _OUTSIDE + r"3\.0 is outside \[0\.5, 2\.0\]"),
+        (dict(initial=[1.0, 0.1], transform="softplus", bounds=(0.5, 2.0)), ValueError, _OUTSIDE + r"0\.1 is outside"),
+        (dict(initial=0.5, transform="sigmoid", bounds=(0.5, 2.0)), ValueError,
+         r"Hyperparameter\(bounds=\(0\.5, 2\.0\), transform='sigmoid'\): initial=\.\.\. must be in the open interval"),
+        (dict(initial=1.0, transform="exp", bounds=(2.0, 0.5)), ValueError,
+         r"bounds=\(2\.0, 0\.5\)\): needs finite \(low, high\) with low < high"),
+        (dict(initial=1.0, transform="exp", bounds=(0.5, np.inf)), ValueError, r"needs finite"),
+        (dict(initial=1.0, transform="exp", bounds=(0.5,)), ValueError, r"bounds=\(0\.5,\)\): needs two numbers"),
+        (dict(initial=1.0, transform="exp", bounds=(0.5, 2.0), constraint="non_neg"), TypeError,
+         r"constraint='non_neg', bounds=\.\.\.\): .* must be a callable instance"),
+        (dict(initial=1.0, transform="softplus", bounds=(0.5, 2.0), constraint=keras.constraints.NonNeg), TypeError,
+         r"constraint=<class .*NonNeg'>, bounds=\.\.\.\): .* not a name or a class"),
+    ],
+)
+def test_bad_bounds_are_refused_by_name(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tfb.Hyperparameter(**kwargs)
+
+
+def test_an_initial_value_on_a_projection_end_is_accepted():
+    for transform in ("exp", "softplus"):
+        for end in (0.5, 2.0):
+            hp = tfb.Hyperparameter(end, transform, bounds=(0.5, 2.0))
+            assert hp.raw_constraint(tf.constant(hp.raw_initial())).numpy() == hp.raw_initial()
 
 
 # -- HyperStepCheckpoint(max_to_keep=) ------------------------------------------------------------

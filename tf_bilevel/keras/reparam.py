@@ -2,13 +2,14 @@
 
 A `Hyperparameter` is stored as an unconstrained raw variable ν and used through a smooth
 map λ = φ(ν) (softplus, sigmoid, A + Aᵀ, …), so that plain gradient steps on ν always give
-a valid λ. The hypergradient reaches ν by the chain rule d_ν f = φ'(ν)ᵀ d_λ f. A Keras
-constraint (projection after each outer update) can be used instead of, or on top of, a
-reparametrization.
+a valid λ. The hypergradient reaches ν by the chain rule d_ν f = φ'(ν)ᵀ d_λ f. A projection
+after each outer update (a Keras constraint on ν, or `bounds` with the exp/softplus transforms:
+projected gradient descent) can be used instead of, or on top of, a reparametrization.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -51,11 +52,15 @@ TRANSFORMS: dict[str, _Transform] = {
 }
 
 
-def _in_domain(name: str, value: np.ndarray, bounds: Optional[tuple[float, float]]) -> bool:
+# Transforms whose `bounds` are a projection of ν after each outer update (the others: see Hyperparameter).
+PROJECTED_BOUNDS = ("exp", "softplus")
+
+
+def _in_domain(name: str, value: np.ndarray, sigmoid_range: Optional[tuple[float, float]]) -> bool:
     if name in ("softplus", "exp"):
         return bool(np.all(value > 0))
     if name == "sigmoid":
-        low, high = bounds if bounds is not None else (0.0, 1.0)
+        low, high = sigmoid_range if sigmoid_range is not None else (0.0, 1.0)
         return bool(np.all((value > low) & (value < high)))
     if name in ("symmetric", "symmetric_softplus"):
         if value.ndim < 2 or value.shape[-1] != value.shape[-2]:
@@ -65,19 +70,63 @@ def _in_domain(name: str, value: np.ndarray, bounds: Optional[tuple[float, float
     return True
 
 
+class RawRange:
+    """Keeps the raw variable ν in [low, high] (its dtype's nearest values of the ends): the
+    projection of `Hyperparameter(bounds=...)` for transform="exp"/"softplus", applied by the outer
+    optimizer after each update like any Keras constraint. A value inside is returned bit for bit."""
+
+    def __init__(self, low: float, high: float):
+        if not low < high:
+            raise ValueError(f"RawRange(low={low!r}, high={high!r}): needs low < high")
+        self.low, self.high = float(low), float(high)
+
+    def __call__(self, raw: tf.Tensor) -> tf.Tensor:
+        return tf.clip_by_value(raw, self.low, self.high)
+
+    def get_config(self) -> dict:
+        return {"low": self.low, "high": self.high}
+
+    def __repr__(self) -> str:
+        return f"RawRange(low={self.low!r}, high={self.high!r})"
+
+
+class _Then:
+    """`first`, then `second`: a user's constraint, then the bounds' projection (so that the
+    bounds hold whatever the user's constraint does)."""
+
+    def __init__(self, first: Callable, second: Callable):
+        self.first, self.second = first, second
+
+    def __call__(self, raw: tf.Tensor) -> tf.Tensor:
+        return self.second(self.first(raw))
+
+    def __repr__(self) -> str:
+        return f"{self.first!r}, then {self.second!r}"
+
+
 class Hyperparameter:
     """A learned hyperparameter λ = transform(ν) with ν a trainable raw variable.
 
     Args:
       initial: the initial value of λ itself (not of ν): e.g. `Hyperparameter(0.1,
         transform="softplus")` starts at λ = 0.1. The raw initial value is computed with the
-        inverse transform, so it must lie in the transform's domain.
+        inverse transform, so it must lie in the transform's domain (and in `bounds`).
       transform: "identity" (default), "softplus" / "exp" (λ > 0), "sigmoid" (λ ∈ (0, 1), or
         (low, high) with `bounds`), "symmetric" (λ = A + Aᵀ) or "symmetric_softplus"
         (λ = A + Aᵀ, A = softplus(B): symmetric, positive; appendix G.2).
-      bounds: (low, high) for transform="sigmoid": λ = low + (high − low)·sigmoid(ν).
+      bounds: (low, high) with low < high, one meaning per transform:
+        - "sigmoid": a reparametrization, λ = low + (high − low)·sigmoid(ν). λ is always strictly
+          inside and never reaches an end (the gradient vanishes as it nears one); `initial` must
+          be in the open interval (low, high).
+        - "exp" / "softplus" (0 < low): a projection. After each outer update ν is clipped to
+          [inverse(low), inverse(high)] (log, resp. `inverse_softplus`, the ends rounded to
+          `dtype`), so λ stays in [low, high] and can sit on an end (projected gradient descent
+          on ν, e.g. on log λ for "exp"). Inside the bounds the clip changes nothing, bit for
+          bit; `initial` must be in the closed interval [low, high].
+        - other transforms: refused.
       constraint: an optional Keras constraint on ν (e.g. `keras.constraints.NonNeg()`),
-        applied by the outer optimizer after every update (projected gradient).
+        applied by the outer optimizer after every update (projected gradient). With `bounds`
+        for "exp"/"softplus", this constraint runs first and the bounds' clip second.
       dtype: the variable dtype ("float32" by default, "float64" for precise problems).
     """
 
@@ -93,49 +142,92 @@ class Hyperparameter:
         transform = transform or "identity"
         if transform not in TRANSFORMS:
             raise ValueError(f"Hyperparameter(transform={transform!r}): use one of {sorted(TRANSFORMS)}")
-        if bounds is not None:
-            if transform != "sigmoid" or len(bounds) != 2 or not bounds[0] < bounds[1]:
-                raise ValueError(
-                    f"Hyperparameter(bounds={bounds!r}) needs transform='sigmoid' and bounds=(low, high) with low < high"
-                )
-            bounds = (float(bounds[0]), float(bounds[1]))
+        bounds = _checked_bounds(bounds, transform)
         if not tf.as_dtype(dtype).is_floating:
             raise TypeError(f"Hyperparameter(dtype={dtype!r}): hyperparameters must be floating-point")
         value = np.asarray(initial.numpy() if hasattr(initial, "numpy") else initial, dtype=np.float64)
         if not np.all(np.isfinite(value)):
             raise ValueError("Hyperparameter(initial=...) contains NaN or Inf")
-        if not _in_domain(transform, value, bounds):
-            domain = TRANSFORMS[transform].domain if bounds is None else f"in {bounds}"
-            raise ValueError(f"Hyperparameter(initial=...) must be {domain} for transform={transform!r}")
         self.initial = value
         self.transform = transform
         self.bounds = bounds
         self.constraint = constraint
         self.dtype = tf.as_dtype(dtype).name
+        if not _in_domain(transform, value, self._sigmoid_range):
+            if self._sigmoid_range is not None:
+                raise ValueError(
+                    f"Hyperparameter(bounds={bounds!r}, transform='sigmoid'): initial=... must be in the open "
+                    f"interval {bounds}: λ = low + (high − low)·sigmoid(ν) never reaches an end. Change `initial` "
+                    "or widen `bounds`."
+                )
+            domain = TRANSFORMS[transform].domain
+            raise ValueError(f"Hyperparameter(initial=...) must be {domain} for transform={transform!r}")
+        if bounds is not None and transform in PROJECTED_BOUNDS:
+            if constraint is not None and (isinstance(constraint, type) or not callable(constraint)):
+                raise TypeError(
+                    f"Hyperparameter(constraint={constraint!r}, bounds=...): with bounds the constraint is composed "
+                    "with their clip, so it must be a callable instance (e.g. keras.constraints.NonNeg(), not a name or "
+                    "a class)"
+                )
+            low, high = bounds
+            outside = value[(value < low) | (value > high)]
+            if outside.size:
+                raise ValueError(
+                    f"Hyperparameter(bounds={bounds!r}): initial={float(outside.flat[0])!r} is outside [{low!r}, "
+                    f"{high!r}], the range λ is kept in: change `initial` or widen `bounds`."
+                )
         self._check_round_trip()
 
     @property
     def shape(self) -> tuple:
         return self.initial.shape
 
+    @property
+    def _sigmoid_range(self) -> Optional[tuple[float, float]]:
+        """(low, high) of the reparametrization λ = low + (high − low)·sigmoid(ν), if any."""
+        return self.bounds if self.transform == "sigmoid" else None
+
+    def raw_bounds(self) -> Optional[tuple[float, float]]:
+        """[inverse(low), inverse(high)]: the ends of the projection of ν (in float64), or None
+        when λ is not projected (no bounds, or transform="sigmoid")."""
+        if self.bounds is None or self.transform not in PROJECTED_BOUNDS:
+            return None
+        # math.log for exp: the platform's scalar log, as a hand-written clip of log λ would use.
+        inverse = math.log if self.transform == "exp" else inverse_softplus
+        return tuple(float(inverse(end)) for end in self.bounds)
+
+    @property
+    def raw_constraint(self) -> Optional[Callable[[tf.Tensor], tf.Tensor]]:
+        """What the outer optimizer applies to ν after each update: the user's `constraint`, then
+        the bounds' projection (for "exp"/"softplus"); None if neither."""
+        ends = self.raw_bounds()
+        if ends is None:
+            return self.constraint
+        # The ends rounded to the nearest value of the variable's dtype, as clip_by_value would round them.
+        numpy_dtype = tf.as_dtype(self.dtype).as_numpy_dtype
+        clip = RawRange(*(float(np.asarray(end, dtype=numpy_dtype)) for end in ends))
+        return clip if self.constraint is None else _Then(self.constraint, clip)
+
     def raw_initial(self) -> np.ndarray:
         """ν0 such that transform(ν0) = initial."""
         value = self.initial
-        if self.bounds is not None:
-            low, high = self.bounds
+        if self._sigmoid_range is not None:
+            low, high = self._sigmoid_range
             value = (value - low) / (high - low)
         return TRANSFORMS[self.transform].inverse(value).astype(self.dtype)
 
     def _check_round_trip(self) -> None:
         """The value λ0 = transform(ν0) actually used, computed in `dtype`, must still lie in the
         domain: e.g. sigmoid(logit(1 − 1e-9)) is exactly 1.0 in float32, where the sigmoid is
-        saturated (zero gradient) and λ is outside (0, 1)."""
+        saturated (zero gradient) and λ is outside (0, 1). (Projection bounds hold up to the
+        rounding of their ends in `dtype`, so they are not checked again here.)"""
         with tf.init_scope():  # eager even if constructed inside a tf.function
             raw = self.raw_initial()
             value = np.asarray(self.value_from_raw(tf.constant(raw)), dtype=np.float64)
-        if np.all(np.isfinite(raw)) and np.all(np.isfinite(value)) and _in_domain(self.transform, value, self.bounds):
+        finite = np.all(np.isfinite(raw)) and np.all(np.isfinite(value))
+        if finite and _in_domain(self.transform, value, self._sigmoid_range):
             return
-        domain = TRANSFORMS[self.transform].domain if self.bounds is None else f"in {self.bounds}"
+        domain = TRANSFORMS[self.transform].domain if self._sigmoid_range is None else f"in {self.bounds}"
         worst = value.flat[int(np.argmax(np.abs(value - self.initial)))] if value.size else value
         raise ValueError(
             f"Hyperparameter(initial=..., transform={self.transform!r}, dtype={self.dtype!r}): the initial "
@@ -147,13 +239,40 @@ class Hyperparameter:
     def value_from_raw(self, raw: tf.Tensor) -> tf.Tensor:
         """λ = transform(ν), differentiable in ν."""
         value = TRANSFORMS[self.transform].forward(raw)
-        if self.bounds is not None:
-            low, high = self.bounds
+        if self._sigmoid_range is not None:
+            low, high = self._sigmoid_range
             value = low + (high - low) * value
         return value
 
     def __repr__(self) -> str:
-        return f"Hyperparameter(shape={self.shape}, transform={self.transform!r})"
+        bounds = "" if self.bounds is None else f", bounds={self.bounds!r}"
+        return f"Hyperparameter(shape={self.shape}, transform={self.transform!r}{bounds})"
+
+
+def _checked_bounds(bounds: Optional[Sequence[float]], transform: str) -> Optional[tuple[float, float]]:
+    """(low, high) as floats, or a ValueError naming `bounds` and the fix."""
+    if bounds is None:
+        return None
+    if transform not in ("sigmoid",) + PROJECTED_BOUNDS:
+        raise ValueError(
+            f"Hyperparameter(bounds={bounds!r}, transform={transform!r}): bounds need transform='sigmoid' (λ = "
+            "low + (high − low)·sigmoid(ν)) or 'exp'/'softplus' (ν projected after each outer update); for "
+            "other transforms pass a Keras `constraint=` on ν instead."
+        )
+    try:
+        low, high = (float(end) for end in bounds)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Hyperparameter(bounds={bounds!r}): needs two numbers (low, high) with low < high"
+        ) from None
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"Hyperparameter(bounds={bounds!r}): needs finite (low, high) with low < high")
+    if transform in PROJECTED_BOUNDS and not low > 0:
+        raise ValueError(
+            f"Hyperparameter(bounds={bounds!r}, transform={transform!r}): needs 0 < low: λ = {transform}(ν) > 0, "
+            f"so a bound low <= 0 has no raw value (pass low > 0, or drop `bounds` for just λ > 0)."
+        )
+    return low, high
 
 
 HyperparameterLike = Union[Hyperparameter, float, np.ndarray, Sequence[float]]

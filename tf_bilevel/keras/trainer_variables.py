@@ -54,7 +54,7 @@ class TrainerVariables:
         flat = [
             self._add_weight(
                 name=_variable_name(name) or "hyperparameter", shape=spec.shape, dtype=spec.dtype,
-                initializer=_constant(spec.raw_initial()), trainable=True, constraint=spec.constraint,
+                initializer=_constant(spec.raw_initial()), trainable=True, constraint=spec.raw_constraint,
             )
             for name, spec in zip(names, tf.nest.flatten(specs))
         ]
