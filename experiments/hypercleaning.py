@@ -235,6 +235,12 @@ def load_split(cfg: Config) -> tuple[dict, dict]:
     return arrays, info
 
 
+def load_data(cfg: Config) -> tuple[dict, dict]:
+    """`load_split`, after `check_flags_before_loading` (the load can take minutes on a busy machine)."""
+    check_flags_before_loading(cfg)
+    return load_split(cfg)
+
+
 # ---- Metrics.
 def flag_scores(lam: np.ndarray, corrupted: np.ndarray, threshold: float) -> dict:
     """Precision, recall and F1 of flagging example i as corrupted when λ_i < threshold
@@ -257,6 +263,21 @@ def accuracy(W: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
 # ---- Checkpoints: a killed run, rerun with the same command, resumes where it was.
 CHECKPOINT_DIR = "checkpoints"
 PAUSE_SECONDS = 120  # --pause_after: nobody killed the program, exit with an error rather than hang
+DATA_SETTINGS = ("data_sha256", "n_test")  # the fingerprint's entries read from the data
+
+
+def _checkpoint_settings(cfg: Config, **data: Any) -> dict:
+    # checkpoint_format 2: tfb.HyperStepCheckpoint (λ saved as "hparams"); a folder of the
+    # earlier layout is refused by name rather than reported as a damaged checkpoint.
+    return result_settings(cfg, checkpoint_format=2, **data)
+
+
+def check_flags_before_loading(cfg: Config) -> None:
+    """The checkpoints' fingerprint against the flags alone (SettingsMismatchError), so that a rerun
+    with other flags fails before the data is loaded; `prepare_checkpoints` checks the data's part."""
+    if cfg.save_every > 0:
+        run_state.check_stored_settings(Path(cfg.output_dir) / CHECKPOINT_DIR, _checkpoint_settings(cfg),
+                                        what="the checkpoints", later=DATA_SETTINGS)
 
 
 def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
@@ -266,9 +287,7 @@ def prepare_checkpoints(cfg: Config, arrays: dict) -> Optional[Path]:
         return None
     root = Path(cfg.output_dir) / CHECKPOINT_DIR
     n_test = None if arrays.get("y_test") is None else int(len(arrays["y_test"]))
-    # checkpoint_format 2: tfb.HyperStepCheckpoint (λ saved as "hparams"); a folder of the
-    # earlier layout is refused by name rather than reported as a damaged checkpoint.
-    settings = result_settings(cfg, data_sha256=arrays_sha256(arrays, SPLIT_KEYS), n_test=n_test, checkpoint_format=2)
+    settings = _checkpoint_settings(cfg, data_sha256=arrays_sha256(arrays, SPLIT_KEYS), n_test=n_test)
     guard_settings(root, settings, what="the checkpoints")
     return root
 
@@ -689,7 +708,7 @@ def _nonfinite_hint(err: BaseException, cfg: Config) -> str:
 
 
 PROGRAM = program.Program(
-    "hypercleaning", Config, PRESETS, experiment=run_experiment, load_data=load_split, figures=plot_figures,
+    "hypercleaning", Config, PRESETS, experiment=run_experiment, load_data=load_data, figures=plot_figures,
     table=format_table, state_dirs=(CHECKPOINT_DIR,), worker=("memory_probe", _memory_probe),
     data_name=lambda cfg: "MNIST", failure_hint=_nonfinite_hint)
 

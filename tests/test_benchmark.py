@@ -222,6 +222,19 @@ def test_cnn_configurations():
     assert (8, "full RMD [store]") not in labels and not any("25-RMD" in label for _, label in labels)
 
 
+def test_cnn_row_of_an_estimator_without_a_stored_state_count():
+    """Stored states are known per estimator (experiments/common/memory.py), None for another one
+    (neumann): its row holds None bytes, shown as "-", not a TypeError; truncate=None is full RMD (T)."""
+    config = dict(C.QUICK_SIZE, estimator="neumann", steps=2, truncate=None, backward=None, learning_rate=0.1,
+                  repeats=1, seed=0, conv="patches", label="neumann")
+    row = C.measure(config)
+    assert row["stored_states"] is None and row["stored_state_bytes"] is None
+    assert np.isfinite(row["hypergrad_norm"])
+    assert C.format_table([row]).splitlines()[-1].endswith("| - |")
+    full = C.measure({**config, "estimator": "reverse", "label": "full RMD"})
+    assert full["stored_states"] == 2 and full["stored_state_bytes"] == 2 * C.num_params(C.cnn_problem(**C.QUICK_SIZE, seed=0).params) * 4
+
+
 @pytest.mark.slow
 def test_cnn_suite_end_to_end(tmp_path):
     """`python -m experiments.benchmark --suites=cnn --quick`: fresh processes, table, summary, JSON."""

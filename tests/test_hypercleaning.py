@@ -269,3 +269,31 @@ def test_checkpoints_of_another_configuration_are_refused(tmp_path):
     # --save_every=0: no checkpoints, nothing checked.
     assert H.prepare_checkpoints(H.Config(**{**vars(cfg), "inner_lr": 0.5, "save_every": 0}).validated(),
                                  arrays) is None
+
+
+def test_other_flags_are_refused_before_the_data_is_loaded(tmp_path, monkeypatch):
+    """The checkpoints' fingerprint holds a hash of the data, checked once it is loaded; the flags'
+    part is checked before the load (minutes on a busy machine): a rerun with another flag fails
+    first, before the data reader runs (here it would fail: no data in local_dir)."""
+    from experiments.data.tfds_offline import DataUnavailableError
+
+    monkeypatch.setenv("TF_BILEVEL_OFFLINE", "1")
+    rng = np.random.default_rng(0)
+    n, d = 20, 6
+    arrays = {"x_train": rng.normal(size=(n, d)).astype(np.float32), "y_train": rng.integers(0, 10, n),
+              "x_val": rng.normal(size=(n, d)).astype(np.float32), "y_val": rng.integers(0, 10, n),
+              "corrupted": rng.random(n) < 0.5, "replaced": rng.random(n) < 0.5}
+    empty = tmp_path / "no_mnist"
+    empty.mkdir()
+    cfg = H.Config(output_dir=str(tmp_path / "out"), truncate=[1, 5], n_train=n, n_val=n, save_every=4,
+                   local_dir=str(empty), data_dir=str(tmp_path / "tfds")).validated()
+    with pytest.raises(DataUnavailableError):  # a fresh folder: nothing to check, the reader runs
+        H.load_data(cfg)
+    root = H.prepare_checkpoints(cfg, arrays)
+    with pytest.raises(H.SettingsMismatchError, match=r"inner_lr: 1.0 then, 0.5 now.*--restart") as err:
+        H.load_data(H.Config(**{**vars(cfg), "inner_lr": 0.5}).validated())
+    assert str(root) in str(err.value) and "data_sha256" not in str(err.value)
+    with pytest.raises(DataUnavailableError):  # the same flags: on to the data (whose hash comes later)
+        H.load_data(cfg)
+    with pytest.raises(DataUnavailableError):  # --save_every=0: no checkpoints, nothing checked
+        H.load_data(H.Config(**{**vars(cfg), "inner_lr": 0.5, "save_every": 0}).validated())

@@ -19,21 +19,43 @@ is written for an ungrouped convolution (its kernel_size holds no channels): its
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
 
-def _attr(op, name: str):
+def _attr(op: tf.Operation, name: str):
     value = op.get_attr(name)
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _applies(op) -> bool:
-    return _attr(op, "data_format") == "NHWC" and all(d == 1 for d in op.get_attr("dilations"))
+def is_nhwc(op: tf.Operation) -> bool:
+    """Whether the convolution op (Conv2D or one of its gradients) has data_format NHWC."""
+    return _attr(op, "data_format") == "NHWC"
 
 
-def _pads(op, size, out, kernel) -> Optional[list]:
+def _static_entry(shape_operand: tf.Tensor, index: int) -> Optional[int]:
+    value = tf.get_static_value(shape_operand)
+    return None if value is None else int(value[index])
+
+
+def channels(op: tf.Operation) -> tuple[Optional[int], Optional[int]]:
+    """(input channels, the kernel's input channels) of an NHWC Conv2D, Conv2DBackpropInput or
+    Conv2DBackpropFilter op, each None where not static; they differ for a grouped convolution
+    (input channels = groups × the kernel's)."""
+    first, second = op.inputs[0], op.inputs[1]
+    if op.type == "Conv2DBackpropInput":  # (input_sizes, filter, out_backprop)
+        return _static_entry(first, 3), tf.compat.dimension_value(second.shape[2])
+    if op.type == "Conv2DBackpropFilter":  # (input, filter_sizes, out_backprop)
+        return tf.compat.dimension_value(first.shape[3]), _static_entry(second, 2)
+    return tf.compat.dimension_value(first.shape[3]), tf.compat.dimension_value(second.shape[2])  # Conv2D
+
+
+def _applies(op: tf.Operation) -> bool:
+    return is_nhwc(op) and all(d == 1 for d in op.get_attr("dilations"))
+
+
+def _pads(op: tf.Operation, size, out, kernel) -> Optional[list]:
     """[[top, bottom], [left, right]]: the forward convolution's padding of the input."""
     padding = _attr(op, "padding")
     if padding == "VALID":
@@ -48,7 +70,9 @@ def _pads(op, size, out, kernel) -> Optional[list]:
     return None
 
 
-def filter_gradient_as_conv2d(x: tf.Tensor, dy: tf.Tensor, kernel_size, op) -> Optional[tf.Tensor]:
+def filter_gradient_as_conv2d(
+    x: tf.Tensor, dy: tf.Tensor, kernel_size: Sequence[int], op: tf.Operation
+) -> Optional[tf.Tensor]:
     """Conv2DBackpropFilter(x, dy) of the NHWC Conv2D `op`: with the channels as batch and the
     batch as features, dk[p, q, c, o] = Σ_{b,i,j} x_pad[b, i·s + p, j·s + q, c] dy[b, i, j, o]
     is a convolution of x_pad [C, H, W, B] with dy_s [OH, OW, B, O] as filter (dy_s: s − 1
@@ -77,7 +101,7 @@ def filter_gradient_as_conv2d(x: tf.Tensor, dy: tf.Tensor, kernel_size, op) -> O
     return tf.transpose(dk, [1, 2, 0, 3])
 
 
-def _dilate(dy: tf.Tensor, strides) -> tf.Tensor:
+def _dilate(dy: tf.Tensor, strides: Sequence[int]) -> tf.Tensor:
     """dy with s − 1 zeros between neighbouring rows (columns): [B, (OH−1)·s + 1, ...]."""
     sh, sw = strides
     if sh == sw == 1:
@@ -92,7 +116,7 @@ def _dilate(dy: tf.Tensor, strides) -> tf.Tensor:
     return spread[:, :(out_h - 1) * sh + 1, :(out_w - 1) * sw + 1, :]
 
 
-def input_gradient_as_conv2d(x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor, op) -> Optional[tf.Tensor]:
+def input_gradient_as_conv2d(x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor, op: tf.Operation) -> Optional[tf.Tensor]:
     """Conv2DBackpropInput(shape(x), kernel, dy) of the NHWC Conv2D `op`, with dy_s the dilated
     dy (L = (OH−1)·s + 1 rows) and p_top the forward padding:
 

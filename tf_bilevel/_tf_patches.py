@@ -52,7 +52,7 @@ from tensorflow.python.eager import context as eager_context
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import control_flow_util, control_flow_v2_func_graphs
 
-from tf_bilevel._conv_layout import filter_gradient_as_conv2d, input_gradient_as_conv2d
+from tf_bilevel._conv_layout import channels, filter_gradient_as_conv2d, input_gradient_as_conv2d
 
 _DEFAULT = rewriter_config_pb2.RewriterConfig.DEFAULT_MEM_OPT
 _WITHOUT_SCHEDULING = rewriter_config_pb2.RewriterConfig.SWAPPING_HEURISTICS
@@ -154,7 +154,8 @@ def _conv2d_gradient(op, dy):
     input's)."""
     x, kernel = op.inputs[0], op.inputs[1]
     # A grouped convolution (channels = groups × the kernel's), or channels not static: TF's.
-    ungrouped = x.shape[-1] is not None and x.shape[-1] == kernel.shape[2]
+    input_channels, kernel_channels = channels(op)
+    ungrouped = input_channels is not None and input_channels == kernel_channels
     if not (ungrouped and getattr(_thread, "depth", 0) and in_compiled_loop()):
         return _tf_entry["type"](op, dy)
     dx = input_gradient_as_conv2d(x, kernel, dy, op)

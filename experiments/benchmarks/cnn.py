@@ -173,7 +173,8 @@ def measure(config: dict) -> dict:
     is_floor = config["estimator"] == "floor"
     run = against_floor(lambda: build(config, problem), is_floor, lambda warm, floor: config["repeats"])
     hg, first_out = run.built, run.first_out
-    M, states = num_params(problem.params), stored_states(config["estimator"], config["truncate"])
+    K = config["steps"] if config["truncate"] is None else config["truncate"]  # None: full, as build() reads it
+    M, states = num_params(problem.params), stored_states(config["estimator"], K)
     result = {
         **config,
         **run.row(),
@@ -181,7 +182,7 @@ def measure(config: dict) -> dict:
         "num_params": M,
         "num_hparams": int(problem.hparams.shape.num_elements()),
         "stored_states": states,
-        "stored_state_bytes": states * M * 4,
+        "stored_state_bytes": None if states is None else states * M * 4,  # None (e.g. neumann): "-" in the table
         "outer_value": None if is_floor else float(first_out[0]),
         "hypergrad_norm": None if is_floor else float(tfb.diagnostics.global_norm(first_out[1:])),
     }

@@ -10,7 +10,7 @@ import contextlib
 import fcntl
 import os
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from tf_bilevel.resume import (  # noqa: F401 (re-exported for the programs)
     SettingsMismatchError, StateFileError, damaged, jsonable, read_state_json, reading_state, write_atomically,
@@ -92,17 +92,35 @@ def exclusive_output_dir(output_dir: str | os.PathLike, program: str) -> Iterato
 # ----------------------------------------------------------------------------------------
 # Settings.
 # ----------------------------------------------------------------------------------------
+def _remedies(state_dir: str | os.PathLike) -> tuple[str, str]:
+    """(what to do on a settings mismatch, what to do on a damaged fingerprint)."""
+    return ((f"rerun with the original flags, use another --output_dir, or delete {os.fspath(state_dir)} (or rerun "
+             "with --restart) to start over"),
+            # Deleting the fingerprint alone would let a run with other settings adopt this state.
+            f"delete {os.fspath(state_dir)} to start over, {RESTART_HINT}")
+
+
 def guard_settings(state_dir: str | os.PathLike, settings: dict, what: str = "the state") -> None:
     """`tfb.guard_settings` for a program: the result-affecting `settings` in
     <state_dir>/fingerprint.json, stored on the first run and checked on every later one (a
     mismatch is `tfb.SettingsMismatchError`, a damaged file a StateFileError, both naming
     --restart)."""
-    resume.guard_settings(
-        state_dir, settings, what=what, filename=FINGERPRINT,
-        remedy=(f"rerun with the original flags, use another --output_dir, or delete {os.fspath(state_dir)} (or rerun "
-                "with --restart) to start over"),
-        # Deleting the fingerprint alone would let a run with other settings adopt this state.
-        damaged_remedy=f"delete {os.fspath(state_dir)} to start over, {RESTART_HINT}")
+    remedy, damaged_remedy = _remedies(state_dir)
+    resume.guard_settings(state_dir, settings, what=what, filename=FINGERPRINT, remedy=remedy,
+                          damaged_remedy=damaged_remedy)
+
+
+def check_stored_settings(state_dir: str | os.PathLike, settings: dict, what: str = "the state",
+                          later: Sequence[str] = ()) -> None:
+    """Part of `guard_settings` that can run before all settings are known (e.g. before the data
+    that a setting hashes is loaded): if <state_dir>/fingerprint.json exists, checks `settings`
+    against it, leaving out the stored keys `later` (guard_settings checks them). Reads only."""
+    path = os.path.join(state_dir, FINGERPRINT)
+    if not os.path.exists(path):
+        return
+    remedy, damaged_remedy = _remedies(state_dir)
+    stored = {k: v for k, v in read_state_json(path, damaged_remedy).items() if k not in later}
+    resume.check_settings(stored, jsonable(settings), where=os.fspath(state_dir), what=what, remedy=remedy)
 
 
 def discard_state(state_dir: str | os.PathLike) -> None:

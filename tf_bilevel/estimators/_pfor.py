@@ -12,6 +12,7 @@ from __future__ import annotations
 from tf_bilevel.estimators import _pfor_activation, _pfor_conv, _pfor_pool
 
 _installed = False
+TF_CONVERTERS: dict = {}  # op type -> TF's own converter that install() put ours in front of
 
 
 def install() -> None:
@@ -29,5 +30,6 @@ def install() -> None:
         originals = {op: registry[op] for op in converters}
     except (ImportError, AttributeError, KeyError):
         return
+    TF_CONVERTERS.update(originals)
     for op, make in converters.items():
         registry[op] = make(wrap, originals[op])

@@ -18,7 +18,8 @@ axis one op computes all of them exactly:
   Conv2DBackpropInput:  k̇ [N, kh, kw, C, O] -> [kh, kw, N·C, O]; input channel n·C + c
   Conv2DBackpropFilter: ẋ [N, B, H, W, C]   -> [B, H, W, N·C];   filter input channel n·C + c
 
-Every other case (NCHW, both operands batched, ...) goes to TF's own converter.
+Every other case (NCHW, both operands batched, a grouped convolution, ...) goes to TF's own
+converter; inside `forward_mode()` a grouped convolution is refused.
 
 Under XLA inside a while loop the columns' filter gradients are Conv2D ops in XLA:CPU's canonical layout
 (tf_bilevel/_conv_layout.py; the primal step's own gradients are, through
@@ -28,48 +29,58 @@ while loops, not inside the inner-step loop.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Iterator
+
 import tensorflow as tf
-from tf_bilevel._conv_layout import filter_gradient_as_conv2d
+from tf_bilevel._conv_layout import channels, filter_gradient_as_conv2d, is_nhwc
 from tf_bilevel._tf_patches import in_compiled_loop
 
 _SHARED_ATTRS = ("strides", "padding", "explicit_paddings", "use_cudnn_on_gpu", "dilations")
+_thread = threading.local()  # .depth: this thread's nesting of forward_mode()
 
 
 def _attrs(pfor_input) -> dict:
     return {name: pfor_input.get_attr(name) for name in _SHARED_ATTRS}
 
 
-def _nhwc(op) -> bool:
-    data_format = op.get_attr("data_format")
-    return (data_format.decode() if isinstance(data_format, bytes) else data_format) == "NHWC"
+@contextlib.contextmanager
+def forward_mode() -> Iterator[None]:
+    """Forward mode's own `tf.vectorized_map` is traced inside this block: a grouped convolution
+    met by pfor in this thread is then refused (`_folds`). Outside it (any other
+    vectorized_map in the process) the converters give a grouped convolution to TF's own."""
+    _thread.depth = getattr(_thread, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _thread.depth -= 1
 
 
-def refuse_grouped(input_channels, kernel_channels) -> None:
-    """ValueError for a grouped convolution (the kernel's input channels are a fraction of the
-    input's): the folding below assumes one group, and TF's own converter gave forward-mode
-    hypergradients 1.5–1.9% off finite differences on such a net (float64, XLA)."""
-    input_channels, kernel_channels = tf.compat.dimension_value(input_channels), tf.compat.dimension_value(kernel_channels)
-    if input_channels is not None and kernel_channels is not None and input_channels != kernel_channels:
+def _folds(op: tf.Operation) -> bool:
+    """Whether the folding below applies to the convolution `op`: NHWC and one group (channels not
+    static count as one group). A grouped convolution goes to TF's converter, except inside
+    `forward_mode()`: a ValueError naming reverse mode. TF's converter for a filter gradient with a
+    per-column out_backprop folds the columns into the output channels, which mixes the groups
+    (wrong values in TF 2.21, with or without XLA): forward mode meets that case in every step."""
+    if not is_nhwc(op):
+        return False
+    input_channels, kernel_channels = channels(op)
+    if input_channels is None or kernel_channels is None or input_channels == kernel_channels:
+        return True
+    if getattr(_thread, "depth", 0):
         raise ValueError(
             f"forward mode (estimator='forward') does not support grouped convolutions (input channels "
             f"{input_channels}, kernel input channels {kernel_channels}: e.g. keras.layers.Conv2D(groups="
             f"{input_channels // max(kernel_channels, 1)})): use reverse mode (estimator='reverse', K-RMD), or groups=1")
-
-
-def _static_entry(wrapped_input, index: int):
-    """Entry `index` of an unstacked shape operand (input_sizes / filter_sizes) if static, else None."""
-    value, stacked, _ = wrapped_input
-    static = None if stacked else tf.get_static_value(value)
-    return None if static is None else int(static[index])
+    return False
 
 
 def _conv2d(wrap, original):
     def convert(pfor_input):
         x, x_stacked, _ = pfor_input.input(0)
         k, k_stacked, _ = pfor_input.input(1)
-        if _nhwc(pfor_input):
-            refuse_grouped(x.shape[-1], k.shape[-2])
-        if x_stacked or not k_stacked or not _nhwc(pfor_input):
+        if not _folds(pfor_input.op) or x_stacked or not k_stacked:
             return original(pfor_input)
         n, kh, kw, c, o = tf.unstack(tf.shape(k))
         folded = tf.reshape(tf.transpose(k, [1, 2, 3, 0, 4]), tf.stack([kh, kw, c, n * o]))
@@ -85,9 +96,7 @@ def _conv2d_backprop_input(wrap, original):
     def convert(pfor_input):
         k, k_stacked, _ = pfor_input.input(1)
         dy, dy_stacked, _ = pfor_input.input(2)
-        if _nhwc(pfor_input):
-            refuse_grouped(_static_entry(pfor_input.input(0), -1), k.shape[-2])
-        if dy_stacked or not k_stacked or not _nhwc(pfor_input):
+        if not _folds(pfor_input.op) or dy_stacked or not k_stacked:
             return original(pfor_input)
         sizes = pfor_input.unstacked_input(0)  # [B, H, W, C]
         n, kh, kw, c, o = tf.unstack(tf.shape(k))
@@ -106,9 +115,7 @@ def _conv2d_backprop_filter(wrap, original):
     def convert(pfor_input):
         x, x_stacked, _ = pfor_input.input(0)
         dy, dy_stacked, _ = pfor_input.input(2)
-        if _nhwc(pfor_input):
-            refuse_grouped(x.shape[-1], _static_entry(pfor_input.input(1), 2))
-        if not x_stacked or dy_stacked or not _nhwc(pfor_input):
+        if not _folds(pfor_input.op) or not x_stacked or dy_stacked:
             return original(pfor_input)
         sizes = pfor_input.unstacked_input(1)  # [kh, kw, C, O]
         static_sizes = tf.get_static_value(sizes)
@@ -117,7 +124,7 @@ def _conv2d_backprop_filter(wrap, original):
         folded = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), tf.concat([shape[1:4], [-1]], 0))
         dk = None
         if static_sizes is not None and in_compiled_loop():
-            dk = filter_gradient_as_conv2d(folded, dy, static_sizes[:2], pfor_input)
+            dk = filter_gradient_as_conv2d(folded, dy, static_sizes[:2], pfor_input.op)
         if dk is None:
             dk = tf.raw_ops.Conv2DBackpropFilter(
                 input=folded, filter_sizes=sizes * tf.stack([1, 1, n, 1]), out_backprop=dy, data_format="NHWC",

@@ -36,6 +36,10 @@ class Reach:
         for i, g in enumerate(hparam_grads):
             self.hparams[i] = self.hparams[i] or g is not None
 
+    def note_state(self, state_grads: Any) -> None:
+        """Records whether f has a gradient (not None) with respect to some leaf of the final state."""
+        self.state = self.state or any(g is not None for g in state_grads)
+
     @property
     def complete(self) -> bool:
         return self.state and all(self.hparams)
@@ -90,7 +94,7 @@ def outer_value_and_state_grads(
     grad_w, grad_hp, grad_s = tape.gradient(value, (flat_w, flat_hp, flat_s))
     _note(reach, grad_hp)
     if reach is not None:
-        reach.state = reach.state or any(g is not None for g in list(grad_w) + list(grad_s))
+        reach.note_state(list(grad_w) + list(grad_s))
     alpha = state_cotangent(fill_none_with_zeros(grad_w, flat_w), state, fill_none_with_zeros(grad_s, flat_s))
     return value, alpha, fill_none_with_zeros(grad_hp, flat_hp)
 

@@ -23,7 +23,7 @@ from tf_bilevel import nonfinite
 from tf_bilevel.dynamics.loops import step_loop
 from tf_bilevel.dynamics.optimizers import cast_scalar
 from tf_bilevel.dynamics.transition import InnerState, Transition
-from tf_bilevel.estimators import _pfor
+from tf_bilevel.estimators import _pfor, _pfor_conv
 from tf_bilevel.estimators.common import EstimatorOutput, internal_copy, outer_value_and_state_grads
 
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -92,7 +92,8 @@ def _batched_jvp(fn, primals: list, primal_tangents: list, hparams: list, hparam
         flat_dot = [acc.jvp(y, unconnected_gradients=_ZERO) for y in flat_out]
         return [tf.identity(y) for y in flat_out], [tf.identity(y) for y in flat_dot]
 
-    flat_out, flat_dot = tf.vectorized_map(one_column, list(primal_tangents) + list(hparam_tangents))
+    with _pfor_conv.forward_mode():  # pfor converts here: grouped convolutions are refused by name
+        flat_out, flat_dot = tf.vectorized_map(one_column, list(primal_tangents) + list(hparam_tangents))
     # pfor returns the unbatched primal outputs broadcast over the N columns: row 0 is the value
     # (XLA folds the slice of a broadcast; the primal ops themselves exist once).
     out = tf.nest.pack_sequence_as(structure[0], [y[0] for y in flat_out])

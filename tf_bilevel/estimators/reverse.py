@@ -129,7 +129,7 @@ def _differentiate_stored_steps(transition, state, hparams, inner_batch, outer_b
     d_state, h = tape.gradient(value, (flat_state, flat_hp))
     if reach is not None:
         reach.add(h)
-        reach.state = reach.state or any(g is not None for g in d_state)  # f depends on the state
+        reach.note_state(d_state)  # f depends on the state
     return value, fill_none_with_zeros(h, flat_hp), fill_none_with_zeros(d_state, flat_state), final, marker
 
 
