@@ -17,7 +17,9 @@ TF_CONVERTERS: dict = {}  # op type -> TF's own converter that install() put our
 
 def install() -> None:
     """Puts the converters in front of pfor's own (once; a no-op where this TF's pfor internals
-    are not the expected ones, which leaves TF's converters in place: slower, as exact)."""
+    are not the expected ones, which leaves TF's converters in place: slower, and exact except
+    for a grouped convolution's filter gradient with per-column output gradients, which TF 2.21's
+    converter gets wrong and which forward mode then cannot refuse)."""
     global _installed
     if _installed:
         return
