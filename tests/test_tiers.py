@@ -1,6 +1,7 @@
 """The two tiers (conftest.py): an unmarked test that starts a Python process fails, whether
 it lets the error through or catches it; a process of another program (git, a shell tool) is
-allowed; a marked test runs the process. With CI set, a skipped test fails."""
+allowed; a marked test runs the process. With CI set, a skipped test fails. Under
+`--dist loadfile` the longest file goes out first."""
 # bazel: tf  (imports conftest, which imports TensorFlow)
 
 from __future__ import annotations
@@ -79,3 +80,17 @@ def test_a_test_that_catches_the_error_still_fails_and_ci_fails_skips(pytester, 
     result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*skipped with CI set (no data here): in CI a missing data source or tool fails the run*"])
+
+
+@pytest.mark.slow
+def test_loadfile_hands_out_the_longest_file_first_not_the_one_with_most_tests(pytester):
+    # xdist's own order (most tests first) would run test_many first; CI_SECONDS says
+    # test_online_hpo takes longer, so the one worker gets it first.
+    pytester.makeconftest((Path(__file__).with_name("conftest.py")).read_text())
+    pytester.makeini("[pytest]\nmarkers =\n    slow: slow tier\n")
+    pytester.makepyfile(test_many="def test_a(): pass\ndef test_b(): pass\ndef test_c(): pass\n",
+                        test_online_hpo="def test_long(): pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "1", "--dist", "loadfile", "-v")
+    result.assert_outcomes(passed=4)
+    ran = [line for line in result.outlines if "PASSED" in line]
+    assert "test_online_hpo.py::test_long" in ran[0] and "test_many.py::test_c" in ran[-1], ran
