@@ -122,7 +122,8 @@ multiprocessing.process.BaseProcess.start = _checked_process_start
 # ---------------------------------------------------------------------------------------
 
 # Seconds a file's tests took in CI's JUnit reports (mean of two runs, 2026-12-07) as (fast tier,
-# slow tier), by file name without "test_". A file not listed counts 1 s per selected test.
+# slow tier), by file name without "test_". Advisory: it only orders the files (a stale entry
+# costs balance, never correctness); a file not listed counts 1 s per selected test.
 CI_SECONDS = {
     "online_hpo": (20, 385), "benchmark": (23, 270), "omniglot": (54, 151), "reweighting": (4, 187),
     "kanji_strokes": (5, 171), "forward_online": (74, 48), "meta_batch": (118, 0), "resume": (8, 83),
@@ -143,17 +144,25 @@ CI_SECONDS = {
 
 
 def pytest_configure(config):
-    # xdist hands files to the workers in the order of their number of tests unless told not to;
-    # that put the slow tier's longest file (online_hpo: 385 s in 2 tests) last, alone on one core.
+    # xdist hands files to the workers in the order of their number of tests unless told not to,
+    # which puts a long file with few tests (online_hpo: 385 s in 2) last, alone on one core.
     # Collection order instead (longest first, below): the order of `--no-loadscope-reorder`.
-    if getattr(config.option, "dist", None) == "loadfile":
+    if _loadfile(config):
         config.option.loadscopereorder = False
+
+
+def _loadfile(config) -> bool:
+    return getattr(config.option, "dist", None) == "loadfile"
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` deselected the other tier
 def pytest_collection_modifyitems(session, config, items):
     """Files longest first (their CI seconds in the selected tiers), so the last files handed
-    out are short and the workers end together; a file's own order is kept."""
+    out are short and the workers end together; a file's own order is kept. Only in xdist's
+    workers, whose collection order the controller hands out: without xdist the order given on
+    the command line stands."""
+    if not hasattr(config, "workerinput"):  # not an xdist worker (xdist sets its dist to "no")
+        return
     cost: dict = {}
     for item in items:
         stem, slow = item.path.stem, item.get_closest_marker("slow") is not None

@@ -3,10 +3,9 @@ in-process on TF's CPU allocator (experiments.common.memory.PeakMemory: the peak
 `tf.config.experimental.get_memory_info("CPU:0")` after `reset_memory_stats`), which counts
 every buffer alive at once during the call. Allocator peaks do not depend on load, unlike time,
 but they do depend on what ran before in the process: TF's BFC allocator hands out a free chunk
-whole when it is less than twice the request, so one buffer can count up to 2x its size (CI saw
-K-RMD "store" at 2.32 MB for T = 50 and 2.84 MB for T = 500 after 800 other tests, 4.19 MB for both
-in a fresh process). The bounds below allow that factor of 2; holding the T states (O(T)) would
-read >= 10x more at T = 500 than at T = 50.
+whole when it is less than twice the request, so a buffer can count up to 2x its size, on either
+side of a comparison. The flat-in-T bound is therefore a ratio < 3, against the >= 10x that holding
+the T states (O(T)) would read at T = 500 over T = 50.
 
 The hypergradient runs under XLA (the compiled path, the proxy for the GPU one): TF 2.21's
 CPU allocator statistics count XLA's buffers and eager tensors, while the plain tf.function
@@ -61,7 +60,7 @@ def peaks() -> dict:
 def test_truncated_rmd_peak_is_the_same_at_T_50_and_T_500(peaks, backward):
     short, long = (peaks[backward, T, K] for T in HORIZONS)
     assert short > STATE_BYTES  # it measured the call (at least the K states and w_T)
-    assert max(short, long) < 2 * min(short, long), (short, long)  # O(T) would read ~10x
+    assert max(short, long) < 3 * min(short, long), (short, long)  # O(T) would read >= 10x
 
 
 def test_truncated_rmd_recompute_holds_about_K_states(peaks):
