@@ -267,6 +267,9 @@ DATA_SETTINGS = ("data_sha256", "n_test")  # the fingerprint's entries read from
 
 
 def _checkpoint_settings(cfg: Config, **data: Any) -> dict:
+    if data and set(data) != set(DATA_SETTINGS):  # else a resume would report a false settings mismatch
+        raise AssertionError(f"_checkpoint_settings got the data entries {sorted(data)}, DATA_SETTINGS names "
+                             f"{sorted(DATA_SETTINGS)}: keep the two the same")
     # checkpoint_format 2: tfb.HyperStepCheckpoint (λ saved as "hparams"); a folder of the
     # earlier layout is refused by name rather than reported as a damaged checkpoint.
     return result_settings(cfg, checkpoint_format=2, **data)

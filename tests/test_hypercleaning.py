@@ -271,6 +271,19 @@ def test_checkpoints_of_another_configuration_are_refused(tmp_path):
                                  arrays) is None
 
 
+def test_the_data_entries_of_the_fingerprint_are_the_ones_data_settings_names(tmp_path, monkeypatch):
+    """DATA_SETTINGS (checked later than the flags) and the entries prepare_checkpoints reads from
+    the data are written in two places: a key added in one only fails here, loudly, not as a
+    false SettingsMismatchError on resume."""
+    cfg = H.Config(output_dir=str(tmp_path), truncate=[1], n_train=20, n_val=20, save_every=4).validated()
+    arrays = {"x_train": np.zeros((20, 6), np.float32), "y_train": np.zeros(20, int), "x_val": np.zeros((20, 6), np.float32),
+              "y_val": np.zeros(20, int), "corrupted": np.zeros(20, bool), "replaced": np.zeros(20, bool)}
+    assert H.prepare_checkpoints(cfg, arrays) is not None  # the two agree as written
+    monkeypatch.setattr(H, "DATA_SETTINGS", H.DATA_SETTINGS + ("n_val_data",))
+    with pytest.raises(AssertionError, match=r"DATA_SETTINGS names .*n_val_data.*keep the two the same"):
+        H.prepare_checkpoints(cfg, arrays)
+
+
 def test_other_flags_are_refused_before_the_data_is_loaded(tmp_path, monkeypatch):
     """The checkpoints' fingerprint holds a hash of the data, checked once it is loaded; the flags'
     part is checked before the load (minutes on a busy machine): a rerun with another flag fails

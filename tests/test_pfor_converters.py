@@ -222,3 +222,119 @@ def test_a_grouped_convolution_inside_forward_mode_is_refused_by_name(which):
         with pytest.raises(ValueError, match=r"forward mode .* grouped convolutions .*groups=2.*estimator='reverse'"):
             tf.vectorized_map(fn, per_column)
     tf.vectorized_map(fn, per_column)  # the block left: TF's converter again
+
+
+# -- shapes not fully static: a tf.function input_signature with the batch (or the channels) unknown ---
+
+def _traced(fn, per_column_spec, *specs):
+    """fn(per_column, *operands) -> vectorized_map over the columns, as a graph function of those specs."""
+    return tf.function(lambda a, *operands: tf.vectorized_map(lambda col: fn(col, *operands), a),
+                       input_signature=[per_column_spec, *specs], autograph=False)
+
+
+UNKNOWN_BATCH = {  # (op of one column, its per-column operand's spec, the others' specs): x [B, 9, 9, 2], k [3, 3, 2, 5]
+    "conv2d with per-column filters": (
+        lambda k, x, dy: tf.nn.conv2d(x, k, 1, "VALID"), [COLUMNS, 3, 3, 2, 5]),
+    "input gradient with per-column filters": (
+        lambda k, x, dy: tf.nn.conv2d_transpose(dy, k, tf.shape(x), 1, "VALID"), [COLUMNS, 3, 3, 2, 5]),
+    "filter gradient with per-column inputs": (
+        lambda xd, x, dy: tf.compat.v1.nn.conv2d_backprop_filter(xd, [3, 3, 2, 5], dy, [1, 1, 1, 1], "VALID"),
+        [COLUMNS, None, 9, 9, 2]),
+}
+
+
+@pytest.mark.parametrize("which", sorted(UNKNOWN_BATCH))
+def test_an_unknown_batch_still_folds_inside_forward_mode(which):
+    """The channel counts are read from the static entries of a shape operand (tf.shape(x) with the
+    batch unknown): still one group, folded (no While), the op's values column by column."""
+    from tf_bilevel.estimators import _pfor_conv
+
+    fn, per_column_shape = UNKNOWN_BATCH[which]
+    specs = [tf.TensorSpec([None, 9, 9, 2]), tf.TensorSpec([None, 7, 7, 5])]
+    vectorized = _traced(fn, tf.TensorSpec(per_column_shape), *specs)
+    x = tf.constant(RNG.normal(size=(4, 9, 9, 2)), tf.float32)
+    dy = tf.constant(RNG.normal(size=(4, 7, 7, 5)), tf.float32)
+    per_column = tf.constant(RNG.normal(size=[COLUMNS] + [4 if d is None else d for d in per_column_shape[1:]]),
+                             tf.float32)
+    with _pfor_conv.forward_mode():
+        concrete = vectorized.get_concrete_function()
+    assert not [t for t in op_types(concrete) if "While" in t]
+    want = tf.stack([fn(per_column[n], x, dy) for n in range(COLUMNS)])
+    np.testing.assert_allclose(concrete(per_column, x, dy).numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["input gradient with per-column filters", "filter gradient with per-column gradients"])
+def test_a_grouped_convolution_with_an_unknown_batch_is_refused_inside_forward_mode(which):
+    """The input gradient's channels come from tf.shape(x): with the batch unknown they are still
+    read (4 input channels, the kernel's 2), not taken for one group and folded (wrong values)."""
+    from tf_bilevel.estimators import _pfor_conv
+
+    fn = {"input gradient with per-column filters": lambda k, x, dy: tf.nn.conv2d_transpose(dy, k, tf.shape(x), 1, "VALID"),
+          "filter gradient with per-column gradients": lambda d, x, dy: tf.compat.v1.nn.conv2d_backprop_filter(
+              x, [3, 3, 2, 6], d, [1, 1, 1, 1], "VALID")}[which]
+    per_column = [COLUMNS, 3, 3, 2, 6] if "filters" in which else [COLUMNS, None, 4, 4, 6]
+    vectorized = _traced(fn, tf.TensorSpec(per_column), tf.TensorSpec([None, 6, 6, 4]), tf.TensorSpec([None, 4, 4, 6]))
+    with _pfor_conv.forward_mode(), pytest.raises(ValueError, match=r"grouped convolutions .*groups=2.*estimator='reverse'"):
+        vectorized.get_concrete_function()
+
+
+def test_unknown_channels_go_to_tfs_converter_and_are_refused_inside_forward_mode_where_tf_is_wrong():
+    """Channels not static (input_signature [None, 6, 6, None]): a group count cannot be told.
+    Outside forward mode TF's converter (the op's values); inside it the case TF gets wrong for a
+    grouped convolution (the filter gradient with per-column output gradients) is refused, naming
+    static channel dimensions and reverse mode; the other cases still go to TF's converter."""
+    from tf_bilevel.estimators import _pfor_conv
+
+    x_spec, dy_spec = tf.TensorSpec([None, 6, 6, None]), tf.TensorSpec([None, 4, 4, 6])
+    wrong_case = _traced(lambda d, x, dy: tf.compat.v1.nn.conv2d_backprop_filter(x, [3, 3, 2, 6], d, [1, 1, 1, 1], "VALID"),
+                         tf.TensorSpec([COLUMNS, None, 4, 4, 6]), x_spec, dy_spec)
+    with _pfor_conv.forward_mode(), pytest.raises(ValueError, match=r"static channel dimension.*input_signature.*"
+                                                                      r"estimator='reverse'"):
+        wrong_case.get_concrete_function()
+
+    per_column_inputs = lambda xd, x, dy: tf.compat.v1.nn.conv2d_backprop_filter(  # noqa: E731
+        xd, [3, 3, 4, 6], dy, [1, 1, 1, 1], "VALID")
+    vectorized = _traced(per_column_inputs, tf.TensorSpec([COLUMNS, None, 6, 6, None]), x_spec, dy_spec)
+    with _pfor_conv.forward_mode():
+        concrete = vectorized.get_concrete_function()
+    assert [t for t in op_types(concrete) if "While" in t]  # TF's converter, not the folding
+    x = tf.constant(RNG.normal(size=(2, 6, 6, 4)), tf.float32)
+    dy = tf.constant(RNG.normal(size=(2, 4, 4, 6)), tf.float32)
+    per_column = tf.constant(RNG.normal(size=(COLUMNS, 2, 6, 6, 4)), tf.float32)
+    want = tf.stack([per_column_inputs(per_column[n], x, dy) for n in range(COLUMNS)])
+    np.testing.assert_allclose(concrete(per_column, x, dy).numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_grouped_nchw_convolution_is_refused_inside_forward_mode():
+    """NCHW goes to TF's converter, which mixes the groups of the filter gradient as in NHWC: the
+    channels are read from axis 1 and the grouped convolution refused (traced only: no CPU kernel)."""
+    from tf_bilevel.estimators import _pfor_conv
+
+    fn = lambda d, x, dy: tf.compat.v1.nn.conv2d_backprop_filter(  # noqa: E731
+        x, [3, 3, 2, 6], d, [1, 1, 1, 1], "VALID", data_format="NCHW")
+    vectorized = _traced(fn, tf.TensorSpec([COLUMNS, None, 6, 4, 4]), tf.TensorSpec([None, 4, 6, 6]),
+                         tf.TensorSpec([None, 6, 4, 4]))
+    with _pfor_conv.forward_mode(), pytest.raises(ValueError, match=r"grouped convolutions .*groups=2"):
+        vectorized.get_concrete_function()
+
+
+def test_without_the_converters_forward_mode_checks_the_convolutions_it_builds():
+    """Where install() fails, TF's converters stay (wrong for a grouped filter gradient): forward mode
+    checks the convolutions its per-column function builds at trace time (`_pfor.checking_convolutions`)."""
+    from tf_bilevel.estimators import _pfor_conv
+
+    def inner_gradient(x, k):
+        with tf.GradientTape() as tape:
+            tape.watch(k)
+            loss = tf.reduce_sum(tf.nn.conv2d(x, k, 1, "VALID") ** 2)
+        return tape.gradient(loss, k)
+
+    def traced(kernel_shape):
+        def checked(x, k):
+            with _pfor_conv.convolutions_built_checked():
+                return inner_gradient(x, k)
+        return tf.function(checked, input_signature=[tf.TensorSpec([None, 6, 6, 4]), tf.TensorSpec(kernel_shape)])
+
+    traced([3, 3, 4, 5]).get_concrete_function()  # one group: accepted
+    with pytest.raises(ValueError, match=r"grouped convolutions .*groups=2.*estimator='reverse'"):
+        traced([3, 3, 2, 6]).get_concrete_function()

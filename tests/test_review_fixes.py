@@ -220,3 +220,18 @@ def test_forward_mode_refuses_a_grouped_convolution_by_name(jit_compile):
     # 1.5-1.9% off finite differences there: a clear error naming reverse mode, not a wrong number.
     with pytest.raises(ValueError, match=r"forward mode .* grouped convolutions .*groups=2.*estimator='reverse'"):
         _grouped_forward(jit_compile)
+
+
+def test_forward_mode_without_its_pfor_converters_still_refuses_a_grouped_convolution(monkeypatch):
+    # Where _pfor.install() finds other pfor internals, TF's converters stay (wrong for a grouped
+    # convolution's filter gradient): forward mode checks the convolutions it builds instead.
+    from tensorflow.python.ops.parallel_for import pfor
+
+    from tf_bilevel.estimators import _pfor
+
+    _pfor.install()
+    monkeypatch.setattr(_pfor, "installed", False)
+    for op, converter in _pfor.TF_CONVERTERS.items():
+        monkeypatch.setitem(pfor._pfor_converter_registry, op, converter)
+    with pytest.raises(ValueError, match=r"forward mode .* grouped convolutions .*groups=2.*estimator='reverse'"):
+        _grouped_forward(False)

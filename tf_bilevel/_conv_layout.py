@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import tensorflow as tf
+from tensorflow.python.framework import tensor_util  # constant_value_as_shape: no public equivalent
 
 
 def _attr(op: tf.Operation, name: str):
@@ -34,21 +35,30 @@ def is_nhwc(op: tf.Operation) -> bool:
     return _attr(op, "data_format") == "NHWC"
 
 
-def _static_entry(shape_operand: tf.Tensor, index: int) -> Optional[int]:
-    value = tf.get_static_value(shape_operand)
-    return None if value is None else int(value[index])
+def _dim(shape: tf.TensorShape, index: int) -> Optional[int]:
+    return None if shape.rank is None else tf.compat.dimension_value(shape[index])
+
+
+def _held_shape(shape_operand: tf.Tensor) -> tf.TensorShape:
+    """The static part of the shape that a shape operand holds: read entry by entry (tf.shape(x)
+    of an x whose batch is unknown still gives its channels; tf.get_static_value gives None for
+    the whole), and from x itself for tf.shape_n (TF's Conv2D gradient builds its shape operands so)."""
+    if shape_operand.op.type == "ShapeN":
+        return shape_operand.op.inputs[shape_operand.value_index].shape
+    return tensor_util.constant_value_as_shape(shape_operand)
 
 
 def channels(op: tf.Operation) -> tuple[Optional[int], Optional[int]]:
-    """(input channels, the kernel's input channels) of an NHWC Conv2D, Conv2DBackpropInput or
-    Conv2DBackpropFilter op, each None where not static; they differ for a grouped convolution
-    (input channels = groups × the kernel's)."""
+    """(input channels, the kernel's input channels) of a Conv2D, Conv2DBackpropInput or
+    Conv2DBackpropFilter op (NHWC or NCHW; the kernel is HWIO in both), each None where not
+    static; they differ for a grouped convolution (input channels = groups × the kernel's)."""
     first, second = op.inputs[0], op.inputs[1]
+    axis = -1 if is_nhwc(op) else 1
     if op.type == "Conv2DBackpropInput":  # (input_sizes, filter, out_backprop)
-        return _static_entry(first, 3), tf.compat.dimension_value(second.shape[2])
+        return _dim(_held_shape(first), axis), _dim(second.shape, 2)
     if op.type == "Conv2DBackpropFilter":  # (input, filter_sizes, out_backprop)
-        return tf.compat.dimension_value(first.shape[3]), _static_entry(second, 2)
-    return tf.compat.dimension_value(first.shape[3]), tf.compat.dimension_value(second.shape[2])  # Conv2D
+        return _dim(first.shape, axis), _dim(_held_shape(second), 2)
+    return _dim(first.shape, axis), _dim(second.shape, 2)  # Conv2D
 
 
 def _applies(op: tf.Operation) -> bool:

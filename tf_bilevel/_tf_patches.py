@@ -128,7 +128,7 @@ def compiled(fn: Callable) -> Callable:
 _registry_lock = threading.Lock()
 _registry_users = 0  # canonical_conv_gradients() blocks open, over all threads
 _tf_entry: Optional[dict] = None  # TF's registry entry for Conv2D (kept once seen)
-_thread = threading.local()  # .depth: this thread's nesting of canonical_conv_gradients()
+_canonical_gradient_blocks = threading.local()  # .depth: canonical_conv_gradients() blocks open in this thread
 _LOOP_GRAPHS = (control_flow_v2_func_graphs.WhileBodyFuncGraph, control_flow_v2_func_graphs.WhileCondFuncGraph)
 
 
@@ -156,7 +156,7 @@ def _conv2d_gradient(op, dy):
     # A grouped convolution (channels = groups × the kernel's), or channels not static: TF's.
     input_channels, kernel_channels = channels(op)
     ungrouped = input_channels is not None and input_channels == kernel_channels
-    if not (ungrouped and getattr(_thread, "depth", 0) and in_compiled_loop()):
+    if not (ungrouped and getattr(_canonical_gradient_blocks, "depth", 0) and in_compiled_loop()):
         return _tf_entry["type"](op, dy)
     dx = input_gradient_as_conv2d(x, kernel, dy, op)
     dk = filter_gradient_as_conv2d(x, dy, kernel.shape[:2], op)
@@ -179,11 +179,11 @@ def canonical_conv_gradients() -> Iterator[None]:
             _tf_entry = registry["Conv2D"]
             registry["Conv2D"] = {**_tf_entry, "type": _conv2d_gradient}
         _registry_users += 1
-    _thread.depth = getattr(_thread, "depth", 0) + 1
+    _canonical_gradient_blocks.depth = getattr(_canonical_gradient_blocks, "depth", 0) + 1
     try:
         yield
     finally:
-        _thread.depth -= 1
+        _canonical_gradient_blocks.depth -= 1
         with _registry_lock:
             _registry_users -= 1
             if _registry_users == 0 and _tf_entry is not None:

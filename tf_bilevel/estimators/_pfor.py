@@ -9,21 +9,25 @@ back to TF's (the `original` it is given) outside the cases it handles.
 
 from __future__ import annotations
 
+import contextlib
+from typing import ContextManager
+
 from tf_bilevel.estimators import _pfor_activation, _pfor_conv, _pfor_pool
 
-_installed = False
-TF_CONVERTERS: dict = {}  # op type -> TF's own converter that install() put ours in front of
+_tried = False
+installed = False  # whether install() put the converters in pfor's registry
+TF_CONVERTERS: dict = {}  # TF's converters that ours replaced: tests compare ours against them
 
 
 def install() -> None:
     """Puts the converters in front of pfor's own (once; a no-op where this TF's pfor internals
     are not the expected ones, which leaves TF's converters in place: slower, and exact except
     for a grouped convolution's filter gradient with per-column output gradients, which TF 2.21's
-    converter gets wrong and which forward mode then cannot refuse)."""
-    global _installed
-    if _installed:
+    converter gets wrong: `checking_convolutions` then refuses grouped convolutions instead)."""
+    global _tried, installed
+    if _tried:
         return
-    _installed = True
+    _tried = True
     converters = {**_pfor_conv.CONVERTERS, **_pfor_pool.CONVERTERS, **_pfor_activation.CONVERTERS}
     try:
         from tensorflow.python.ops.parallel_for import pfor
@@ -35,3 +39,11 @@ def install() -> None:
     TF_CONVERTERS.update(originals)
     for op, make in converters.items():
         registry[op] = make(wrap, originals[op])
+    installed = True
+
+
+def checking_convolutions() -> ContextManager[None]:
+    """Around forward mode's per-column function: where the converters are not installed (they
+    refuse grouped convolutions inside `_pfor_conv.forward_mode()`), the convolutions it builds
+    are checked at trace time instead (`_pfor_conv.convolutions_built_checked`)."""
+    return contextlib.nullcontext() if installed else _pfor_conv.convolutions_built_checked()

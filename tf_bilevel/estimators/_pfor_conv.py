@@ -18,8 +18,9 @@ axis one op computes all of them exactly:
   Conv2DBackpropInput:  k̇ [N, kh, kw, C, O] -> [kh, kw, N·C, O]; input channel n·C + c
   Conv2DBackpropFilter: ẋ [N, B, H, W, C]   -> [B, H, W, N·C];   filter input channel n·C + c
 
-Every other case (NCHW, both operands batched, a grouped convolution, ...) goes to TF's own
-converter; inside `forward_mode()` a grouped convolution is refused.
+Every other case (NCHW, both operands batched, a grouped convolution, channel counts not static,
+...) goes to TF's own converter; inside `forward_mode()` a grouped convolution is refused, and so
+are channel counts not static where TF's converter would be wrong for a grouped one.
 
 Under XLA inside a while loop the columns' filter gradients are Conv2D ops in XLA:CPU's canonical layout
 (tf_bilevel/_conv_layout.py; the primal step's own gradients are, through
@@ -38,7 +39,7 @@ from tf_bilevel._conv_layout import channels, filter_gradient_as_conv2d, is_nhwc
 from tf_bilevel._tf_patches import in_compiled_loop
 
 _SHARED_ATTRS = ("strides", "padding", "explicit_paddings", "use_cudnn_on_gpu", "dilations")
-_thread = threading.local()  # .depth: this thread's nesting of forward_mode()
+_forward_mode_blocks = threading.local()  # .depth: forward_mode() blocks open in this thread
 
 
 def _attrs(pfor_input) -> dict:
@@ -48,32 +49,62 @@ def _attrs(pfor_input) -> dict:
 @contextlib.contextmanager
 def forward_mode() -> Iterator[None]:
     """Forward mode's own `tf.vectorized_map` is traced inside this block: a grouped convolution
-    met by pfor in this thread is then refused (`_folds`). Outside it (any other
-    vectorized_map in the process) the converters give a grouped convolution to TF's own."""
-    _thread.depth = getattr(_thread, "depth", 0) + 1
+    (or channel counts not static, where TF's converter would be wrong for a grouped one) met by
+    pfor in this thread is then refused (`refuse_unless_one_group`). Outside it (any other
+    vectorized_map in the process) the converters give those to TF's own."""
+    _forward_mode_blocks.depth = getattr(_forward_mode_blocks, "depth", 0) + 1
     try:
         yield
     finally:
-        _thread.depth -= 1
+        _forward_mode_blocks.depth -= 1
 
 
-def _folds(op: tf.Operation) -> bool:
-    """Whether the folding below applies to the convolution `op`: NHWC and one group (channels not
-    static count as one group). A grouped convolution goes to TF's converter, except inside
-    `forward_mode()`: a ValueError naming reverse mode. TF's converter for a filter gradient with a
-    per-column out_backprop folds the columns into the output channels, which mixes the groups
-    (wrong values in TF 2.21, with or without XLA): forward mode meets that case in every step."""
-    if not is_nhwc(op):
-        return False
+def refuse_unless_one_group(op: tf.Operation, tf_mixes_groups: bool = True) -> None:
+    """Forward mode's check of the convolution `op` (any layout): a ValueError naming the fix for
+    a grouped convolution, and for channel counts not static where TF's converter would mix the
+    groups of a grouped one (`tf_mixes_groups`: a filter gradient with per-column output
+    gradients, which TF 2.21 folds into the output channels: wrong values, with or without XLA;
+    forward mode meets it in every step of a convolutional net)."""
     input_channels, kernel_channels = channels(op)
-    if input_channels is None or kernel_channels is None or input_channels == kernel_channels:
-        return True
-    if getattr(_thread, "depth", 0):
+    if input_channels is None or kernel_channels is None:
+        if tf_mixes_groups:
+            raise ValueError(
+                f"forward mode (estimator='forward') needs the channel counts of every convolution (op {op.name!r}: "
+                f"input channels {input_channels}, kernel input channels {kernel_channels}; None = not static) "
+                "to tell a grouped convolution, for which TF's vectorization is wrong: give the inputs a static "
+                "channel dimension (e.g. a tf.function input_signature of shape [None, H, W, C]), or use reverse "
+                "mode (estimator='reverse', K-RMD)")
+    elif input_channels != kernel_channels:
         raise ValueError(
             f"forward mode (estimator='forward') does not support grouped convolutions (input channels "
             f"{input_channels}, kernel input channels {kernel_channels}: e.g. keras.layers.Conv2D(groups="
-            f"{input_channels // max(kernel_channels, 1)})): use reverse mode (estimator='reverse', K-RMD), or groups=1")
-    return False
+            f"{input_channels // max(kernel_channels, 1)})): use reverse mode (estimator='reverse', K-RMD), "
+            "or groups=1")
+
+
+def _folds(op: tf.Operation, tf_mixes_groups: bool = False) -> bool:
+    """Whether the folding below applies to the convolution `op`: NHWC and one group, the channel
+    counts static (not static: TF's converter, as _tf_patches does). Inside `forward_mode()`
+    `refuse_unless_one_group` first; `tf_mixes_groups`: TF's converter of this case is wrong for
+    a grouped convolution (there)."""
+    if getattr(_forward_mode_blocks, "depth", 0):
+        refuse_unless_one_group(op, tf_mixes_groups)
+    input_channels, kernel_channels = channels(op)
+    return is_nhwc(op) and input_channels is not None and input_channels == kernel_channels
+
+
+@contextlib.contextmanager
+def convolutions_built_checked() -> Iterator[None]:
+    """For forward mode where the converters are not installed (`_pfor.install`): the
+    convolutions built in the current graph inside the block (the per-column function's primal
+    ones, which every grouped convolution of the model is) are checked at trace time. Ones inside
+    a nested tf.function call are not seen."""
+    graph = tf.compat.v1.get_default_graph()
+    first = len(graph.get_operations())
+    yield
+    for op in graph.get_operations()[first:]:
+        if op.type in CONVERTERS:
+            refuse_unless_one_group(op)
 
 
 def _conv2d(wrap, original):
@@ -115,7 +146,8 @@ def _conv2d_backprop_filter(wrap, original):
     def convert(pfor_input):
         x, x_stacked, _ = pfor_input.input(0)
         dy, dy_stacked, _ = pfor_input.input(2)
-        if not _folds(pfor_input.op) or not x_stacked or dy_stacked:
+        tf_mixes_groups = not x_stacked and dy_stacked  # TF 2.21's converter folds dy's columns
+        if not _folds(pfor_input.op, tf_mixes_groups) or not x_stacked or dy_stacked:
             return original(pfor_input)
         sizes = pfor_input.unstacked_input(1)  # [kh, kw, C, O]
         static_sizes = tf.get_static_value(sizes)

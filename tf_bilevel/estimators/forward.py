@@ -83,7 +83,7 @@ def _batched_jvp(fn, primals: list, primal_tangents: list, hparams: list, hparam
     structure: list = []
 
     def one_column(tangents):
-        with tf.autodiff.ForwardAccumulator(primals + hparams, list(tangents)) as acc:
+        with _pfor.checking_convolutions(), tf.autodiff.ForwardAccumulator(primals + hparams, list(tangents)) as acc:
             out = fn()
         structure.append(out)
         # tf.identity: an output may be a tensor of the enclosing graph (e.g. an init_params that
