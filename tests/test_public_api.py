@@ -288,6 +288,11 @@ _OUTSIDE = r"Hyperparameter\(bounds=\(0\.5, 2\.0\)\): initial="
          r"Hyperparameter\(bounds=\(0\.001, 1e\+39\), transform='softplus', dtype='float32'\): the end 1e\+39 does not fit"),
         (dict(initial=0.5, transform="exp", bounds=(1e-45, 1.0)), ValueError,
          r"Hyperparameter\(bounds=\(1e-45, 1\.0\), transform='exp', dtype='float32'\): the end 1e-45 does not fit"),
+        # no float32 λ (or not two raw values) between the ends
+        (dict(initial=1.5, transform="exp", bounds=(1.5, 1.5000001)), ValueError,
+         r"Hyperparameter\(bounds=\(1\.5, 1\.5000001\), transform='exp', dtype='float32'\): the bounds are too close"),
+        (dict(initial=1.0, transform="softplus", bounds=(1.0, 1.00000001)), ValueError,
+         r"transform='softplus', dtype='float32'\): no float32 raw value near softplus\^-1\(1\.0\)"),
     ],
 )
 def test_bad_bounds_are_refused_by_name(kwargs, error, message):

@@ -138,9 +138,10 @@ def _raw_ends(transform: str, bounds: tuple[float, float], dtype: str) -> tuple[
             )
         raw, step = start, max(float(np.spacing(np.abs(start))), float(np.finfo(numpy_dtype).tiny))
         for _ in range(200):
-            if inside(raw):
+            if inside(raw) or not np.isfinite(raw):
                 break
-            raw = np.asarray(np.float64(start) + direction * step, numpy_dtype)
+            with np.errstate(over="ignore"):
+                raw = np.asarray(np.float64(start) + direction * step, numpy_dtype)
             step *= 2.0
         if not inside(raw):
             raise ValueError(
