@@ -39,8 +39,9 @@ def test_learned_hyperparameters_clip_log_lambda_to_the_bounds_only_with_the_fla
     assert bounded.transform == "exp" and bounded.bounds == (1e-4, 1e-2)
     raw = tf.constant([math.log(1e-6), math.log(5e-4), math.log(3e-3), math.log(1.0)], tf.float32)
     clipped = bounded.raw_constraint(raw).numpy()
-    # the clip the program used to write by hand: tf.clip_by_value(ν, math.log(low), math.log(high))
-    np.testing.assert_array_equal(clipped, tf.clip_by_value(raw, math.log(1e-4), math.log(1e-2)).numpy())
+    # outside: held on log(low), log(high) in float32 (within an ulp), with λ = exp(ν) inside the bounds
+    np.testing.assert_allclose(clipped[[0, 3]], np.float32([math.log(1e-4), math.log(1e-2)]), rtol=2e-7)
+    assert 1e-4 <= np.exp(np.float64(clipped[0])) and np.exp(np.float64(clipped[3])) <= 1e-2
     np.testing.assert_allclose(np.exp(clipped), [1e-4, 5e-4, 3e-3, 1e-2], rtol=1e-6)
     assert clipped[1] == raw.numpy()[1] and clipped[2] == raw.numpy()[2]  # inside: the same float
     free = H.learned(H.Config(bound_hyperparameters=False).validated(), 5e-4, (1e-4, 1e-2))

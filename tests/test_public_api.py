@@ -134,7 +134,9 @@ def test_hyperparameter_constraint_is_applied_after_every_update():
 # -- Hyperparameter(transform="exp"|"softplus", bounds=...): a projection of ν ---------------------
 def _raw_end(transform: str, value: float) -> float:
     """ν with transform(ν) = value, written independently of tf_bilevel (float64)."""
-    return float(np.log(value) if transform == "exp" else np.log(np.expm1(value)))
+    if transform == "exp":
+        return float(np.log(value))
+    return float(np.log(np.expm1(value)) if value < 50 else value + np.log1p(-np.exp(-value)))  # no overflow
 
 
 def _forward(transform: str, raw: np.ndarray) -> np.ndarray:
@@ -151,8 +153,10 @@ def test_bounds_clip_the_raw_variable_like_numpy_and_keep_values_inside_bit_for_
     raw = np.array([lo - 30.0, lo - 1e-3, lo + 1e-3, 0.5 * (lo + hi), hi - 1e-3, hi + 1e-3, hi + 30.0], dtype)
     clipped = hp.raw_constraint(tf.constant(raw)).numpy()
     assert clipped.dtype == raw.dtype
-    # the ends rounded once to dtype (float64: np.log and the library's math.log may differ in the last bit)
-    np.testing.assert_allclose(clipped, np.clip(raw, np.asarray(lo, dtype), np.asarray(hi, dtype)), rtol=1e-15, atol=0)
+    # the ends: inverse(low), inverse(high) in dtype, rounded inward by at most a few ulps
+    ends = np.asarray(hp.raw_bounds, dtype)
+    assert np.all(np.abs(ends - np.asarray([lo, hi], dtype)) <= 4 * np.spacing(np.abs(ends)))
+    np.testing.assert_array_equal(clipped, np.clip(raw, *ends))
     inside = (raw > lo) & (raw < hi)
     assert inside.sum() == 3
     np.testing.assert_array_equal(clipped[inside], raw[inside])  # the identity inside, to the bit
@@ -172,8 +176,10 @@ def test_bounds_compose_with_a_user_constraint_which_runs_first():
     low, high = 0.5, 2.0
     to_fifty = lambda v: tf.ones_like(v) * 50.0  # noqa: E731  (a constraint leaving the bounds)
     hp = tfb.Hyperparameter(1.0, "exp", bounds=(low, high), constraint=to_fifty)
-    # user constraint first, then the clip: ν = 50 becomes log 2 (the reverse order would give 50)
-    np.testing.assert_array_equal(hp.raw_constraint(tf.constant([0.0, -7.0])).numpy(), np.float32([np.log(2.0)] * 2))
+    # user constraint first, then the clip: ν = 50 becomes log 2, rounded inward (the reverse order would give 50)
+    clipped = hp.raw_constraint(tf.constant([0.0, -7.0])).numpy()
+    np.testing.assert_array_equal(clipped, np.float32([hp.raw_bounds[1]] * 2))
+    np.testing.assert_allclose(clipped, np.log(2.0), rtol=1e-6)
     floor = tfb.Hyperparameter(1.0, "softplus", bounds=(low, high), constraint=keras.constraints.NonNeg())
     raw = tf.constant([-1.0, 0.3, 9.0])
     expected = np.clip(np.maximum(raw.numpy(), 0.0), _raw_end("softplus", low), _raw_end("softplus", high))
@@ -204,7 +210,9 @@ def test_a_huge_outer_step_keeps_lambda_in_bounds_and_leaves_them_without(transf
     assert not low <= free_value <= high, free_value
     # bounded: λ is held on the end it was pushed towards (in float32: the end rounded once)
     end = low if free_value < low else high
-    assert bounded == np.float32(_raw_end(transform, end))
+    hp = tfb.Hyperparameter(0.5, transform, bounds=(low, high))
+    assert bounded == np.float32(hp.raw_bounds[end == high])
+    assert abs(bounded - np.float32(_raw_end(transform, end))) <= 4 * np.spacing(np.abs(bounded))
     assert float(_forward(transform, bounded)) == pytest.approx(end, rel=1e-6)
 
 
@@ -271,10 +279,20 @@ _OUTSIDE = r"Hyperparameter\(bounds=\(0\.5, 2\.0\)\): initial="
          r"bounds=\(2\.0, 0\.5\)\): needs finite \(low, high\) with low < high"),
         (dict(initial=1.0, transform="exp", bounds=(0.5, np.inf)), ValueError, r"needs finite"),
         (dict(initial=1.0, transform="exp", bounds=(0.5,)), ValueError, r"bounds=\(0\.5,\)\): needs two numbers"),
-        (dict(initial=1.0, transform="exp", bounds=(0.5, 2.0), constraint="non_neg"), TypeError,
-         r"constraint='non_neg', bounds=\.\.\.\): .* must be a callable instance"),
-        (dict(initial=1.0, transform="softplus", bounds=(0.5, 2.0), constraint=keras.constraints.NonNeg), TypeError,
-         r"constraint=<class .*NonNeg'>, bounds=\.\.\.\): .* not a name or a class"),
+        (dict(initial=1.0, transform="exp", bounds=(0.5, 2.0), constraint="no_such_constraint"), ValueError,
+         r"Hyperparameter\(constraint='no_such_constraint'\): not a Keras constraint"),
+        (dict(initial=1.0, transform="exp", constraint="no_such_constraint"), ValueError,
+         r"Hyperparameter\(constraint='no_such_constraint'\): not a Keras constraint"),
+        # ends that do not fit float32: an infinite raw end (no upper bound), λ = 0 at the clip
+        (dict(initial=1.0, transform="softplus", bounds=(1e-3, 1e39)), ValueError,
+         r"Hyperparameter\(bounds=\(0\.001, 1e\+39\), transform='softplus', dtype='float32'\): the end 1e\+39 does not fit"),
+        (dict(initial=0.5, transform="exp", bounds=(1e-45, 1.0)), ValueError,
+         r"Hyperparameter\(bounds=\(1e-45, 1\.0\), transform='exp', dtype='float32'\): the end 1e-45 does not fit"),
+        # no float32 λ (or not two raw values) between the ends
+        (dict(initial=1.5, transform="exp", bounds=(1.5, 1.5000001)), ValueError,
+         r"Hyperparameter\(bounds=\(1\.5, 1\.5000001\), transform='exp', dtype='float32'\): the bounds are too close"),
+        (dict(initial=1.0, transform="softplus", bounds=(1.0, 1.00000001)), ValueError,
+         r"transform='softplus', dtype='float32'\): no float32 raw value near softplus\^-1\(1\.0\)"),
     ],
 )
 def test_bad_bounds_are_refused_by_name(kwargs, error, message):
@@ -283,10 +301,64 @@ def test_bad_bounds_are_refused_by_name(kwargs, error, message):
 
 
 def test_an_initial_value_on_a_projection_end_is_accepted():
-    for transform in ("exp", "softplus"):
-        for end in (0.5, 2.0):
-            hp = tfb.Hyperparameter(end, transform, bounds=(0.5, 2.0))
-            assert hp.raw_constraint(tf.constant(hp.raw_initial())).numpy() == hp.raw_initial()
+    x = 0.25372906466829104  # float64: math.log(x) and np.log(x) differ in the last bit
+    for dtype, low, high in (("float32", 0.5, 2.0), ("float64", 0.5, 2.0), ("float64", x, 10 * x + 1)):
+        for transform in ("exp", "softplus"):
+            for end in (low, high):
+                hp = tfb.Hyperparameter(end, transform, bounds=(low, high), dtype=dtype)
+                assert hp.raw_constraint(tf.constant(hp.raw_initial())).numpy() == hp.raw_initial()
+                assert abs(float(hp.value_from_raw(tf.constant(hp.raw_initial()))) - end) <= 8 * np.spacing(np.asarray(end, dtype))
+
+
+def _ulps(a: np.ndarray, b: float, dtype: str) -> np.ndarray:
+    return np.abs(np.asarray(a, np.longdouble) - b) / np.spacing(np.asarray(b, dtype)).astype(np.longdouble)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_projection_ends_are_rounded_inward_so_lambda_stays_in_bounds(dtype):
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        low = 10 ** rng.uniform(-30, 30)
+        high = low * 10 ** rng.uniform(1e-5, 5)
+        transform = str(rng.choice(["exp", "softplus"]))
+        hp = tfb.Hyperparameter(low, transform, bounds=(low, high), dtype=dtype)
+        ends = np.asarray(hp.raw_bounds, dtype)
+        assert hp.raw_bounds == tuple(float(end) for end in ends)  # values of dtype
+        computed = hp.value_from_raw(tf.constant(ends)).numpy().astype(np.float64)  # λ on each end, in dtype
+        assert low <= computed[0] and computed[1] <= high, (transform, low, high, computed)
+        # independently, in long double: exp, resp. log(1 + e^ν) = max(ν, 0) + log1p(e^-|ν|)
+        long_ends = ends.astype(np.longdouble)
+        softplus = np.maximum(long_ends, 0) + np.log1p(np.exp(-np.abs(long_ends)))
+        exact = np.exp(long_ends) if transform == "exp" else softplus
+        assert low <= exact[0] and exact[1] <= high
+        # ... and only just inward: within a few ulps of ν (coarse when |ν| is large) or of λ (when ν is near 0)
+        nearest = np.asarray([_raw_end(transform, low), _raw_end(transform, high)], dtype)
+        raw_ulps = np.abs(ends - nearest) / np.spacing(np.abs(nearest))
+        lambda_ulps = np.array([_ulps(exact[0], low, dtype), _ulps(exact[1], high, dtype)])
+        assert np.all(np.minimum(raw_ulps, lambda_ulps) <= 4), (transform, low, high, raw_ulps, lambda_ulps)
+
+
+def test_a_constraint_name_or_class_is_resolved_by_keras_with_or_without_bounds():
+    raw = tf.constant([-1.0, 0.3, 9.0])
+    expected = {None: [0.0, 0.3, 9.0], (0.5, 2.0): np.clip([0.0, 0.3, 9.0], *tfb.Hyperparameter(1.0, "softplus", bounds=(0.5, 2.0)).raw_bounds)}
+    for bounds in (None, (0.5, 2.0)):
+        for constraint in ("non_neg", keras.constraints.NonNeg, keras.constraints.NonNeg()):
+            hp = tfb.Hyperparameter(1.0, "softplus", bounds=bounds, constraint=constraint)
+            assert isinstance(hp.constraint, keras.constraints.NonNeg)
+            np.testing.assert_array_equal(hp.raw_constraint(raw).numpy(), np.float32(expected[bounds]))
+
+
+def test_the_projection_constraints_are_keras_constraints_with_configs():
+    from tf_bilevel.keras.reparam import RawRange
+
+    clip = tfb.Hyperparameter(1.0, "exp", bounds=(0.5, 2.0)).raw_constraint
+    assert isinstance(clip, keras.constraints.Constraint)
+    again = RawRange.from_config(clip.get_config())
+    assert (again.low, again.high) == (clip.low, clip.high) and repr(again) == repr(clip)
+    composed = tfb.Hyperparameter(1.0, "exp", bounds=(0.5, 2.0), constraint="non_neg").raw_constraint
+    assert isinstance(composed, keras.constraints.Constraint)
+    assert repr(composed).startswith("_Then(first=<") and repr(composed).endswith(f"second={clip!r})")
+    assert composed.get_config()["second"].get_config() == clip.get_config()
 
 
 # -- HyperStepCheckpoint(max_to_keep=) ------------------------------------------------------------

@@ -9,9 +9,9 @@ projected gradient descent) can be used instead of, or on top of, a reparametriz
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -70,10 +70,10 @@ def _in_domain(name: str, value: np.ndarray, sigmoid_range: Optional[tuple[float
     return True
 
 
-class RawRange:
-    """Keeps the raw variable ν in [low, high] (its dtype's nearest values of the ends): the
-    projection of `Hyperparameter(bounds=...)` for transform="exp"/"softplus", applied by the outer
-    optimizer after each update like any Keras constraint. A value inside is returned bit for bit."""
+class RawRange(keras.constraints.Constraint):
+    """Keeps the raw variable ν in [low, high] (values of its dtype): the projection of
+    `Hyperparameter(bounds=...)` for transform="exp"/"softplus", applied by the outer optimizer
+    after each update like any Keras constraint. A value inside is returned bit for bit."""
 
     def __init__(self, low: float, high: float):
         if not low < high:
@@ -90,7 +90,7 @@ class RawRange:
         return f"RawRange(low={self.low!r}, high={self.high!r})"
 
 
-class _Then:
+class _Then(keras.constraints.Constraint):
     """`first`, then `second`: a user's constraint, then the bounds' projection (so that the
     bounds hold whatever the user's constraint does)."""
 
@@ -100,8 +100,61 @@ class _Then:
     def __call__(self, raw: tf.Tensor) -> tf.Tensor:
         return self.second(self.first(raw))
 
+    def get_config(self) -> dict:
+        return {"first": self.first, "second": self.second}
+
     def __repr__(self) -> str:
-        return f"{self.first!r}, then {self.second!r}"
+        return f"_Then(first={self.first!r}, second={self.second!r})"
+
+
+# λ = transform(ν) in extended precision (np.longdouble): the reference the raw ends are rounded against.
+_EXACT = {"exp": np.exp, "softplus": lambda v: np.logaddexp(np.longdouble(0.0), v)}
+
+
+def _raw_ends(transform: str, bounds: tuple[float, float], dtype: str) -> tuple[float, float]:
+    """[inverse(low), inverse(high)] in `dtype`, each rounded like `raw_initial` and then moved
+    inward, ulp by ulp with doubling steps, until transform(end) lies in [low, high] both exactly
+    (long double) and as computed in `dtype` by `forward`; or a ValueError naming `bounds` and `dtype`."""
+    numpy_dtype = np.dtype(dtype)
+    low, high = bounds
+    forward, exact = TRANSFORMS[transform].forward, _EXACT[transform]
+
+    def inside(raw: np.ndarray) -> bool:
+        with tf.init_scope():  # eager even if constructed inside a tf.function
+            computed = float(forward(tf.constant(raw)))
+        return bool(low <= exact(np.longdouble(raw)) <= high) and low <= computed <= high
+
+    ends = []
+    for end, direction in ((low, 1.0), (high, -1.0)):
+        with np.errstate(over="ignore"):  # an end too large for dtype: refused below
+            start = np.asarray(TRANSFORMS[transform].inverse(np.float64(end)), numpy_dtype)
+        with tf.init_scope():
+            value = float(forward(tf.constant(start)))
+        if not (np.isfinite(start) and np.isfinite(value) and value > 0):
+            raise ValueError(
+                f"Hyperparameter(bounds={bounds!r}, transform={transform!r}, dtype={dtype!r}): the end {end!r} does "
+                f"not fit {dtype}: its raw value is {float(start)!r} and {transform} of it is {value!r} (needs finite "
+                "and > 0). Use ends nearer 1, or dtype='float64'."
+            )
+        raw, step = start, max(float(np.spacing(np.abs(start))), float(np.finfo(numpy_dtype).tiny))
+        for _ in range(200):
+            if inside(raw) or not np.isfinite(raw):
+                break
+            with np.errstate(over="ignore"):
+                raw = np.asarray(np.float64(start) + direction * step, numpy_dtype)
+            step *= 2.0
+        if not inside(raw):
+            raise ValueError(
+                f"Hyperparameter(bounds={bounds!r}, transform={transform!r}, dtype={dtype!r}): no {dtype} raw value "
+                f"near {transform}^-1({end!r}) gives a λ in [{low!r}, {high!r}]. Widen `bounds` or use dtype='float64'."
+            )
+        ends.append(float(raw))
+    if not ends[0] < ends[1]:
+        raise ValueError(
+            f"Hyperparameter(bounds={bounds!r}, transform={transform!r}, dtype={dtype!r}): the bounds are too close "
+            f"for {dtype}: no two raw values give λ in [{low!r}, {high!r}]. Widen `bounds` or use dtype='float64'."
+        )
+    return ends[0], ends[1]
 
 
 class Hyperparameter:
@@ -119,13 +172,16 @@ class Hyperparameter:
           inside and never reaches an end (the gradient vanishes as it nears one); `initial` must
           be in the open interval (low, high).
         - "exp" / "softplus" (0 < low): a projection. After each outer update ν is clipped to
-          [inverse(low), inverse(high)] (log, resp. `inverse_softplus`, the ends rounded to
-          `dtype`), so λ stays in [low, high] and can sit on an end (projected gradient descent
-          on ν, e.g. on log λ for "exp"). Inside the bounds the clip changes nothing, bit for
-          bit; `initial` must be in the closed interval [low, high].
+          `raw_bounds`: [inverse(low), inverse(high)] (log, resp. `inverse_softplus`) rounded
+          inward in `dtype`, so that transform(end), exactly and as computed in `dtype`, is in
+          [low, high] (another implementation of the transform, e.g. under XLA, may round λ a
+          few ulps differently). λ can sit on an end (projected gradient descent on ν, e.g. on
+          log λ for "exp"). Inside the bounds the clip changes nothing, bit for bit; `initial`
+          must be in the closed interval [low, high] (on an end it starts on the raw end). Ends
+          that do not fit `dtype` (an infinite raw end, or λ = 0 or ∞ there) are refused.
         - other transforms: refused.
-      constraint: an optional Keras constraint on ν (e.g. `keras.constraints.NonNeg()`),
-        applied by the outer optimizer after every update (projected gradient). With `bounds`
+      constraint: an optional Keras constraint on ν (e.g. `keras.constraints.NonNeg()`, or a
+        name/class `keras.constraints.get` resolves, like "non_neg"), applied by the outer optimizer after every update (projected gradient). With `bounds`
         for "exp"/"softplus", this constraint runs first and the bounds' clip second.
       dtype: the variable dtype ("float32" by default, "float64" for precise problems).
     """
@@ -151,8 +207,9 @@ class Hyperparameter:
         self.initial = value
         self.transform = transform
         self.bounds = bounds
-        self.constraint = constraint
+        self.constraint = _resolved_constraint(constraint)
         self.dtype = tf.as_dtype(dtype).name
+        self._raw_ends: Optional[tuple[float, float]] = None
         if not _in_domain(transform, value, self._sigmoid_range):
             if self._sigmoid_range is not None:
                 raise ValueError(
@@ -163,12 +220,6 @@ class Hyperparameter:
             domain = TRANSFORMS[transform].domain
             raise ValueError(f"Hyperparameter(initial=...) must be {domain} for transform={transform!r}")
         if bounds is not None and transform in PROJECTED_BOUNDS:
-            if constraint is not None and (isinstance(constraint, type) or not callable(constraint)):
-                raise TypeError(
-                    f"Hyperparameter(constraint={constraint!r}, bounds=...): with bounds the constraint is composed "
-                    "with their clip, so it must be a callable instance (e.g. keras.constraints.NonNeg(), not a name or "
-                    "a class)"
-                )
             low, high = bounds
             outside = value[(value < low) | (value > high)]
             if outside.size:
@@ -176,6 +227,7 @@ class Hyperparameter:
                     f"Hyperparameter(bounds={bounds!r}): initial={float(outside.flat[0])!r} is outside [{low!r}, "
                     f"{high!r}], the range λ is kept in: change `initial` or widen `bounds`."
                 )
+            self._raw_ends = _raw_ends(transform, bounds, self.dtype)
         self._check_round_trip()
 
     @property
@@ -187,25 +239,20 @@ class Hyperparameter:
         """(low, high) of the reparametrization λ = low + (high − low)·sigmoid(ν), if any."""
         return self.bounds if self.transform == "sigmoid" else None
 
+    @property
     def raw_bounds(self) -> Optional[tuple[float, float]]:
-        """[inverse(low), inverse(high)]: the ends of the projection of ν (in float64), or None
-        when λ is not projected (no bounds, or transform="sigmoid")."""
-        if self.bounds is None or self.transform not in PROJECTED_BOUNDS:
-            return None
-        # math.log for exp: the platform's scalar log, as a hand-written clip of log λ would use.
-        inverse = math.log if self.transform == "exp" else inverse_softplus
-        return tuple(float(inverse(end)) for end in self.bounds)
+        """The ends of the projection of ν, values of `dtype` (inverse(low) and inverse(high)
+        rounded inward: transform(end) is in [low, high]), or None when λ is not projected (no
+        bounds, or transform="sigmoid")."""
+        return self._raw_ends
 
     @property
     def raw_constraint(self) -> Optional[Callable[[tf.Tensor], tf.Tensor]]:
         """What the outer optimizer applies to ν after each update: the user's `constraint`, then
         the bounds' projection (for "exp"/"softplus"); None if neither."""
-        ends = self.raw_bounds()
-        if ends is None:
+        if self._raw_ends is None:
             return self.constraint
-        # The ends rounded to the nearest value of the variable's dtype, as clip_by_value would round them.
-        numpy_dtype = tf.as_dtype(self.dtype).as_numpy_dtype
-        clip = RawRange(*(float(np.asarray(end, dtype=numpy_dtype)) for end in ends))
+        clip = RawRange(*self._raw_ends)
         return clip if self.constraint is None else _Then(self.constraint, clip)
 
     def raw_initial(self) -> np.ndarray:
@@ -214,7 +261,10 @@ class Hyperparameter:
         if self._sigmoid_range is not None:
             low, high = self._sigmoid_range
             value = (value - low) / (high - low)
-        return TRANSFORMS[self.transform].inverse(value).astype(self.dtype)
+        raw = np.asarray(TRANSFORMS[self.transform].inverse(value)).astype(self.dtype)
+        if self._raw_ends is not None:  # an initial value on an end starts on the (inward-rounded) raw end
+            raw = np.clip(raw, *np.asarray(self._raw_ends, self.dtype))
+        return raw
 
     def _check_round_trip(self) -> None:
         """The value λ0 = transform(ν0) actually used, computed in `dtype`, must still lie in the
@@ -247,6 +297,17 @@ class Hyperparameter:
     def __repr__(self) -> str:
         bounds = "" if self.bounds is None else f", bounds={self.bounds!r}"
         return f"Hyperparameter(shape={self.shape}, transform={self.transform!r}{bounds})"
+
+
+def _resolved_constraint(constraint: Any) -> Optional[Callable[[tf.Tensor], tf.Tensor]]:
+    """A Keras constraint name, class, config or callable as a callable (`keras.constraints.get`)."""
+    try:
+        return keras.constraints.get(constraint)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"Hyperparameter(constraint={constraint!r}): not a Keras constraint ({err}); pass a callable on ν, "
+            "e.g. keras.constraints.NonNeg(), or a name Keras knows ('non_neg')"
+        ) from None
 
 
 def _checked_bounds(bounds: Optional[Sequence[float]], transform: str) -> Optional[tuple[float, float]]:
