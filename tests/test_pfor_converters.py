@@ -288,7 +288,7 @@ def test_unknown_channels_go_to_tfs_converter_and_are_refused_inside_forward_mod
     x_spec, dy_spec = tf.TensorSpec([None, 6, 6, None]), tf.TensorSpec([None, 4, 4, 6])
     wrong_case = _traced(lambda d, x, dy: tf.compat.v1.nn.conv2d_backprop_filter(x, [3, 3, 2, 6], d, [1, 1, 1, 1], "VALID"),
                          tf.TensorSpec([COLUMNS, None, 4, 4, 6]), x_spec, dy_spec)
-    with _pfor_conv.forward_mode(), pytest.raises(ValueError, match=r"static channel dimension.*input_signature.*"
+    with _pfor_conv.forward_mode(), pytest.raises(ValueError, match=r"static batch size.*drop_remainder=True.*static channel dimension.*input_signature.*"
                                                                       r"estimator='reverse'"):
         wrong_case.get_concrete_function()
 

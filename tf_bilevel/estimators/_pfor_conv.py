@@ -71,9 +71,11 @@ def refuse_unless_one_group(op: tf.Operation, tf_mixes_groups: bool = True) -> N
             raise ValueError(
                 f"forward mode (estimator='forward') needs the channel counts of every convolution (op {op.name!r}: "
                 f"input channels {input_channels}, kernel input channels {kernel_channels}; None = not static) "
-                "to tell a grouped convolution, for which TF's vectorization is wrong: give the inputs a static "
-                "channel dimension (e.g. a tf.function input_signature of shape [None, H, W, C]), or use reverse "
-                "mode (estimator='reverse', K-RMD)")
+                "to tell a grouped convolution, for which TF's vectorization is wrong. Under XLA forward mode puts "
+                "the batch on a convolution gradient's channel axis, so an unknown batch size reads as unknown "
+                "channels too: give the data a static batch size (e.g. dataset.batch(b, drop_remainder=True)) and a "
+                "static channel dimension (e.g. a tf.function input_signature of shape [B, H, W, C]), or use "
+                "reverse mode (estimator='reverse', K-RMD)")
     elif input_channels != kernel_channels:
         raise ValueError(
             f"forward mode (estimator='forward') does not support grouped convolutions (input channels "
