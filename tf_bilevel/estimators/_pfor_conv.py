@@ -20,7 +20,9 @@ axis one op computes all of them exactly:
 
 Every other case (NCHW, both operands batched, a grouped convolution, channel counts not static,
 ...) goes to TF's own converter; inside `forward_mode()` a grouped convolution is refused, and so
-are channel counts not static where TF's converter would be wrong for a grouped one.
+are channel counts not static where TF's converter would be wrong for a grouped one. The
+convolutions `_conv_layout` builds (and TF's gradients of them) count as one group whatever their
+channel counts read as (`one_group`): their channel axis holds the batch, unknown when the data's is.
 
 Under XLA inside a while loop the columns' filter gradients are Conv2D ops in XLA:CPU's canonical layout
 (tf_bilevel/_conv_layout.py; the primal step's own gradients are, through
@@ -73,10 +75,10 @@ def refuse_unless_one_group(op: tf.Operation, tf_mixes_groups: bool = True) -> N
             raise ValueError(
                 f"forward mode (estimator='forward') needs the channel counts of every convolution (op {op.name!r}: "
                 f"input channels {input_channels}, kernel input channels {kernel_channels}; None = not static) "
-                "to tell a grouped convolution, for which TF's vectorization is wrong. Under XLA forward mode puts "
-                "the batch on a convolution gradient's channel axis, so an unknown batch size reads as unknown "
-                "channels too: give the data a static batch size (e.g. dataset.batch(b, drop_remainder=True)) and a "
-                "static channel dimension (e.g. a tf.function input_signature of shape [B, H, W, C]), or use "
+                "to tell a grouped convolution, for which TF's vectorization is wrong (the convolutions forward mode "
+                "builds itself under XLA are known to be one group): give the data static shapes, a static batch size "
+                "(e.g. dataset.batch(b, drop_remainder=True)) and a static channel dimension (e.g. a tf.function "
+                "input_signature of shape [B, H, W, C]), or use "
                 "reverse mode (estimator='reverse', K-RMD)")
     elif input_channels != kernel_channels:
         raise ValueError(
