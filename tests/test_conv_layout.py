@@ -149,3 +149,27 @@ def test_full_rmd_under_xla_matches_central_finite_differences():
     assert np.abs(flat_grad).min() > 1e-6
     np.testing.assert_allclose(flat_grad, numeric, rtol=1e-6, atol=1e-10)
     assert all(label == "b01f_01io->b01f" for label in _conv_labels(hg, (params, hp, inner, outer)))
+
+
+def test_the_convolutions_built_here_are_one_group_with_an_unknown_batch():
+    """With the batch unknown the Conv2D ops built here (batch on a channel axis) read channels
+    (None, None) but are marked one group; a user's convolution with unknown channels is not."""
+    seen = {}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3]), tf.TensorSpec([3, 3, 3, 4]),
+                                  tf.TensorSpec([None, 8, 8, None]), tf.TensorSpec([3, 3, 2, 4])])
+    def build(x, k, unknown_channels, grouped_k):
+        y = tf.nn.conv2d(x, k, 1, "SAME")
+        dy = tf.ones_like(y)
+        dk = _conv_layout.filter_gradient_as_conv2d(x, dy, [3, 3], y.op)
+        dx = _conv_layout.input_gradient_as_conv2d(x, k, dy, y.op)
+        convs = lambda t: [op for op in t.graph.get_operations() if op.type == "Conv2D" and op is not y.op]  # noqa: E731
+        seen["built"] = convs(y)
+        seen["user"] = tf.nn.conv2d(unknown_channels, grouped_k, 1, "SAME").op
+        return dk, dx
+
+    build.get_concrete_function()
+    built = seen["built"]
+    assert len(built) == 2 and all(_conv_layout.one_group(op) for op in built)
+    assert (None, None) in [_conv_layout.channels(op) for op in built]  # the filter gradient's: batch as channels
+    assert _conv_layout.channels(seen["user"]) == (None, 2) and not _conv_layout.one_group(seen["user"])

@@ -401,3 +401,39 @@ def test_benchmark_program_runs_quick(tmp_path):
         assert r["ratio_one_pass"] == r["median_seconds"]["one_pass"] / r["median_seconds"]["plain"]
         assert r["relative_difference_one_pass_vs_reruns"] < 1e-4  # the two ways agree
         assert r["tracing_count"] == 2  # fresh + continued, no retracing while timed
+
+
+def test_cnn_under_xla_with_an_unknown_batch_folds_and_matches_a_static_batch_and_reverse_mode():
+    """The data's batch size unknown at trace time (dataset.batch(b) without drop_remainder): under
+    XLA forward mode puts the batch on the channel axis of the convolutions that _conv_layout builds
+    for the step's gradient, so their channel counts read as unknown; they are one group by
+    construction (marked), so pfor folds them (no While op beyond the static-batch trace's) and the
+    hypergradient equals the static-batch one and reverse mode's (K-RMD, T = K)."""
+    from experiments.benchmarks import forward as bench
+
+    settings = {**bench.make_settings(1, quick=True), "batch_size": 4}
+    rng = np.random.default_rng(2)
+    size = settings["image_size"]
+    x = tf.constant(rng.random((2, 4, size, size, 1), dtype=np.float32))
+    y = tf.constant(rng.integers(0, 10, (2, 4)).astype("int32"))
+    params, hp = bench.init_params(settings), bench.initial_hparams()
+
+    def build(estimator):
+        return tfb.hypergradient_fn(bench.inner_loss, bench.outer_loss, steps=2, inner_optimizer=bench.learned_momentum(),
+                                    estimator=estimator, per_step_batches=True, jit_compile=True)
+
+    def traced(hg, batch):
+        spec = [tf.TensorSpec([2, batch, size, size, 1]), tf.TensorSpec([2, batch], tf.int32)]
+        return tf.function(lambda x, y: hg(params, hp, (x, y), (x[0], y[0])), input_signature=spec)
+
+    forward = build("forward")
+    unknown, static = traced(forward, None), traced(forward, 4)
+    got = unknown(x, y)
+    want = static(x, y)
+    reverse = build("reverse")(params, hp, (x, y), (x[0], y[0]))
+    flat = lambda tree: np.concatenate([np.ravel(v) for v in tf.nest.flatten(tree)])  # noqa: E731
+    np.testing.assert_allclose(flat(got), flat(want), rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(flat(got), flat(reverse), rtol=2e-4, atol=1e-6)
+    assert np.abs(flat(got)).max() > 0
+    loops = [len([t for t in op_types(fn.get_concrete_function()) if "While" in t]) for fn in (unknown, static)]
+    assert loops[0] == loops[1], loops  # no loop over the tangent columns with the batch unknown

@@ -15,14 +15,50 @@ that differentiate the inner gradient (K-RMD, forward mode) get exact second der
 Each returns None where it does not apply (NCHW, dilated filters, shapes not static; the
 input gradient also for a grouped convolution): the caller then uses TF's op. The filter gradient
 is written for an ungrouped convolution (its kernel_size holds no channels): its callers check.
+
+The Conv2D ops built here are one group by construction, whatever their channel counts read as
+(the batch sits on a channel axis, unknown for a dataset batched without drop_remainder): they
+are marked (`one_group`), so their own gradients and forward mode's vectorization of them
+(estimators/_pfor_conv.py) need no static channel counts.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence
 
 import tensorflow as tf
 from tensorflow.python.framework import tensor_util  # constant_value_as_shape: no public equivalent
+
+
+# graph -> the (first, second) input names of its convolutions that are one group by construction.
+# Keyed by inputs, not op or output: GradientTape passes a gradient function a mock op holding
+# only the inputs (Conv2D's gradient uses no output). Exact: channels() reads only these inputs.
+_marked = weakref.WeakKeyDictionary()
+
+
+def _input_key(op) -> Optional[tuple]:
+    first, second = op.inputs[0], op.inputs[1]
+    graph = getattr(first, "graph", None)  # None: eager tensors (no loop to trace, nothing to mark)
+    return None if graph is None else (graph, (first.name, second.name))
+
+
+def _mark_one_group(t: tf.Tensor) -> tf.Tensor:
+    """`t`, the output of a convolution marked as ungrouped (`one_group`)."""
+    key = _input_key(t.op)
+    if key is not None:
+        _marked.setdefault(key[0], set()).add(key[1])
+    return t
+
+
+def one_group(op: tf.Operation) -> bool:
+    """Whether the convolution op is known to be ungrouped: built by this module (or TF's
+    gradient of one, see _tf_patches), or its channel counts static and equal."""
+    key = _input_key(op)
+    if key is not None and key[1] in _marked.get(key[0], ()):
+        return True
+    input_channels, kernel_channels = channels(op)
+    return input_channels is not None and input_channels == kernel_channels
 
 
 def _attr(op: tf.Operation, name: str):
@@ -105,7 +141,7 @@ def filter_gradient_as_conv2d(
         # backward loop): x padded by tf.pad before the transpose, which XLA does not fold.
         x, conv_pads = tf.pad(x, conv_pads), "VALID"
     # [C, >= kh, >= kw, O]
-    dk = tf.nn.conv2d(tf.transpose(x, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), 1, conv_pads)
+    dk = _mark_one_group(tf.nn.conv2d(tf.transpose(x, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), 1, conv_pads))
     if tuple(dk.shape[1:3]) != kernel:
         dk = dk[:, :kernel[0], :kernel[1], :]
     return tf.transpose(dk, [1, 2, 0, 3])
@@ -140,7 +176,9 @@ def input_gradient_as_conv2d(x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor, op:
     if not _applies(op):
         return None
     size, out, ksize = tuple(x.shape[1:3]), tuple(dy.shape[1:3]), tuple(kernel.shape[:2])
-    if None in size + out + ksize or x.shape[3] != kernel.shape[2]:  # not static, or grouped
+    if None in size + out + ksize:  # not static
+        return None
+    if not one_group(op):  # grouped (callers pass one-group ops only; kept as a guard)
         return None
     pads = _pads(op, size, out, ksize)
     if pads is None:
@@ -159,5 +197,5 @@ def input_gradient_as_conv2d(x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor, op:
         window, conv_input = tf.reverse(tf.transpose(dy, [1, 2, 3, 0]), [0, 1]), tf.transpose(kernel, [2, 0, 1, 3])
     if any(p < 0 for pair in conv_pads for p in pair):
         return None  # padding wider than the kernel (EXPLICIT only)
-    dx = tf.nn.conv2d(conv_input, window, 1, [[0, 0], *conv_pads, [0, 0]])
+    dx = _mark_one_group(tf.nn.conv2d(conv_input, window, 1, [[0, 0], *conv_pads, [0, 0]]))
     return tf.transpose(dx, [3, 1, 2, 0]) if swapped else dx

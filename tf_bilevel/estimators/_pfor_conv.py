@@ -20,7 +20,9 @@ axis one op computes all of them exactly:
 
 Every other case (NCHW, both operands batched, a grouped convolution, channel counts not static,
 ...) goes to TF's own converter; inside `forward_mode()` a grouped convolution is refused, and so
-are channel counts not static where TF's converter would be wrong for a grouped one.
+are channel counts not static where TF's converter would be wrong for a grouped one. The
+convolutions `_conv_layout` builds (and TF's gradients of them) count as one group whatever their
+channel counts read as (`one_group`): their channel axis holds the batch, unknown when the data's is.
 
 Under XLA inside a while loop the columns' filter gradients are Conv2D ops in XLA:CPU's canonical layout
 (tf_bilevel/_conv_layout.py; the primal step's own gradients are, through
@@ -35,7 +37,7 @@ import threading
 from typing import Iterator
 
 import tensorflow as tf
-from tf_bilevel._conv_layout import channels, filter_gradient_as_conv2d, is_nhwc
+from tf_bilevel._conv_layout import _held_shape, channels, filter_gradient_as_conv2d, is_nhwc, one_group
 from tf_bilevel._tf_patches import in_compiled_loop
 
 _SHARED_ATTRS = ("strides", "padding", "explicit_paddings", "use_cudnn_on_gpu", "dilations")
@@ -65,16 +67,18 @@ def refuse_unless_one_group(op: tf.Operation, tf_mixes_groups: bool = True) -> N
     groups of a grouped one (`tf_mixes_groups`: a filter gradient with per-column output
     gradients, which TF 2.21 folds into the output channels: wrong values, with or without XLA;
     forward mode meets it in every step of a convolutional net)."""
+    if one_group(op):  # static and equal, or one of _conv_layout's (one group by construction)
+        return
     input_channels, kernel_channels = channels(op)
     if input_channels is None or kernel_channels is None:
         if tf_mixes_groups:
             raise ValueError(
                 f"forward mode (estimator='forward') needs the channel counts of every convolution (op {op.name!r}: "
                 f"input channels {input_channels}, kernel input channels {kernel_channels}; None = not static) "
-                "to tell a grouped convolution, for which TF's vectorization is wrong. Under XLA forward mode puts "
-                "the batch on a convolution gradient's channel axis, so an unknown batch size reads as unknown "
-                "channels too: give the data a static batch size (e.g. dataset.batch(b, drop_remainder=True)) and a "
-                "static channel dimension (e.g. a tf.function input_signature of shape [B, H, W, C]), or use "
+                "to tell a grouped convolution, for which TF's vectorization is wrong (the convolutions forward mode "
+                "builds itself under XLA are known to be one group): give the data static shapes, a static batch size "
+                "(e.g. dataset.batch(b, drop_remainder=True)) and a static channel dimension (e.g. a tf.function "
+                "input_signature of shape [B, H, W, C]), or use "
                 "reverse mode (estimator='reverse', K-RMD)")
     elif input_channels != kernel_channels:
         raise ValueError(
@@ -91,8 +95,7 @@ def _folds(op: tf.Operation, tf_mixes_groups: bool = False) -> bool:
     a grouped convolution (there)."""
     if getattr(_forward_mode_blocks, "depth", 0):
         refuse_unless_one_group(op, tf_mixes_groups)
-    input_channels, kernel_channels = channels(op)
-    return is_nhwc(op) and input_channels is not None and input_channels == kernel_channels
+    return is_nhwc(op) and one_group(op)
 
 
 @contextlib.contextmanager
@@ -152,13 +155,13 @@ def _conv2d_backprop_filter(wrap, original):
         if not _folds(pfor_input.op, tf_mixes_groups) or not x_stacked or dy_stacked:
             return original(pfor_input)
         sizes = pfor_input.unstacked_input(1)  # [kh, kw, C, O]
-        static_sizes = tf.get_static_value(sizes)
+        kernel_size = _held_shape(pfor_input.op.inputs[1])[:2]  # [kh, kw] static even when C is not
         n = tf.shape(x)[0]
         shape = tf.shape(x)  # [N, B, H, W, C]
         folded = tf.reshape(tf.transpose(x, [1, 2, 3, 0, 4]), tf.concat([shape[1:4], [-1]], 0))
         dk = None
-        if static_sizes is not None and in_compiled_loop():
-            dk = filter_gradient_as_conv2d(folded, dy, static_sizes[:2], pfor_input.op)
+        if kernel_size.is_fully_defined() and in_compiled_loop():
+            dk = filter_gradient_as_conv2d(folded, dy, kernel_size.as_list(), pfor_input.op)
         if dk is None:
             dk = tf.raw_ops.Conv2DBackpropFilter(
                 input=folded, filter_sizes=sizes * tf.stack([1, 1, n, 1]), out_backprop=dy, data_format="NHWC",
