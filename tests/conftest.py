@@ -14,8 +14,10 @@
 * Two tiers: a test that starts a Python process (a program, a worker, `python -c`) must be
   marked `@pytest.mark.slow`, or it fails with a message saying so; `pytest -m "not slow"` is
   the fast tier a developer runs after each change.
-* Under `--dist loadfile` the files go to the workers longest first (CI_SECONDS), not in
-  xdist's order of their number of tests, so no long file runs alone at the end.
+* Under `--dist loadfile` the files go to the workers longest first (their seconds in CI, in
+  tests/test_seconds.json), not in xdist's order of their number of tests, so no long file runs
+  alone at the end. After a CI run, `python tools/test_seconds.py REPORTS/fast.xml REPORTS/slow.xml`
+  (REPORTS: the folder `.ci/run` prints; more runs' reports are averaged) rewrites the JSON.
 * With the environment variable CI set, a skipped test fails (a missing data source or tool
   must not hide a whole area in CI).
 """
@@ -32,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
+import json  # noqa: E402
 import multiprocessing.process  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -121,26 +124,17 @@ multiprocessing.process.BaseProcess.start = _checked_process_start
 # `--dist loadfile` hands out the longest files first.
 # ---------------------------------------------------------------------------------------
 
-# Seconds a file's tests took in CI's JUnit reports (mean of two runs, 2026-12-07) as (fast tier,
-# slow tier), by file name without "test_". Advisory: it only orders the files (a stale entry
-# costs balance, never correctness); a file not listed counts 1 s per selected test.
-CI_SECONDS = {
-    "online_hpo": (20, 385), "benchmark": (23, 270), "omniglot": (54, 151), "reweighting": (4, 187),
-    "kanji_strokes": (5, 171), "forward_online": (74, 48), "meta_batch": (118, 0), "resume": (8, 83),
-    "hypercleaning": (0, 83), "task_interaction": (10, 58), "program_faults": (2, 59), "readme": (0, 58),
-    "trainer": (48, 0), "online_batchnorm": (40, 8), "online_hpo_bounds": (16, 28),
-    "trainer_legacy": (0, 43), "toy_closed_form": (11, 25), "datasets": (24, 11), "distribute": (0, 33),
-    "keras_conventions": (31, 0), "install": (0, 31), "backward_modes": (31, 0), "hyper_step": (19, 11),
-    "compilation": (30, 0), "finite_differences": (28, 0), "online_adam": (28, 0),
-    "online_forward_trainer": (26, 0), "online": (26, 0), "model_state": (21, 0),
-    "estimators_agree": (19, 0), "conv_layout": (19, 0), "batchnorm": (9, 7), "per_step_batches": (14, 0),
-    "toy_experiment": (0, 12), "reliability": (12, 0), "pfor_converters": (10, 0), "review_fixes": (9, 0),
-    "bad_input": (9, 0), "trainer_implicit_closed_form": (8, 0), "public_api": (7, 0), "memory": (7, 0),
-    "trainer_checkpointed_fd": (7, 0), "grappler": (6, 0), "export": (5, 0), "nonfinite": (4, 0),
-    "lookahead_weights": (4, 0), "checkpoint_store": (3, 0), "tf_patches": (2, 0), "episodes": (1, 0),
-    "program": (1, 0), "build_sync": (0, 0), "tiers": (0, 0), "experiment_config": (0, 0),
-    "suite_report": (0, 0),
-}
+# Seconds each file's tests took in CI, per tier (tests/test_seconds.json). Advisory: it only
+# orders the files (a stale entry costs balance, never correctness); a file not listed, or no
+# JSON, counts 1 s per selected test.
+SECONDS_FILE = Path(__file__).with_name("test_seconds.json")
+
+
+def _ci_seconds() -> dict[str, dict[str, float]]:
+    try:
+        return json.loads(SECONDS_FILE.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
 
 
 def pytest_configure(config):
@@ -163,13 +157,12 @@ def pytest_collection_modifyitems(session, config, items):
     the command line stands."""
     if not hasattr(config, "workerinput"):  # not an xdist worker (xdist sets its dist to "no")
         return
-    cost: dict = {}
+    known, cost = _ci_seconds(), {}
     for item in items:
-        stem, slow = item.path.stem, item.get_closest_marker("slow") is not None
-        known = CI_SECONDS.get(stem.removeprefix("test_"))
-        tiers = cost.setdefault(stem, [0.0, 0.0])
-        tiers[slow] = known[slow] if known else tiers[slow] + 1.0
-    items.sort(key=lambda item: -sum(cost[item.path.stem]))
+        stem, tier = item.path.stem, "slow" if item.get_closest_marker("slow") is not None else "fast"
+        tiers = cost.setdefault(stem, {"fast": 0.0, "slow": 0.0})
+        tiers[tier] = known[stem][tier] if stem in known else tiers[tier] + 1.0
+    items.sort(key=lambda item: -sum(cost[item.path.stem].values()))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -150,6 +150,17 @@ def test_new_helper_module_outside_every_library_is_reported(tree):
     assert "py_library" in problem
 
 
+def test_test_data_and_a_test_tool_outside_test_support_are_reported_then_listed(tree):
+    _write(tree, {"tests/test_seconds.json": "{}\n", "tools/test_seconds.py": ""})
+    for path in ("tests/test_seconds.json", "tools/test_seconds.py"):
+        [problem] = _problems_about(tree, path)
+        assert "py_library" in problem
+    (tree / "BUILD").write_text(gen_build.render_build(gen_build.scan_tree(tree)))
+    support = {t.name: t for t in gen_build.parse_build(tree, (tree / "BUILD").read_text())}["test_support"]
+    assert "tests/test_seconds.json" in support.data and "tools/test_seconds.py" in support.srcs
+    assert gen_build.check(tree) == []
+
+
 def test_conftest_outside_test_support_is_reported(tree):
     build = tree / "BUILD"
     build.write_text(build.read_text().replace('"tests/conftest.py",', ""))

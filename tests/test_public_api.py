@@ -338,6 +338,43 @@ def test_projection_ends_are_rounded_inward_so_lambda_stays_in_bounds(dtype):
         assert np.all(np.minimum(raw_ulps, lambda_ulps) <= 4), (transform, low, high, raw_ulps, lambda_ulps)
 
 
+def _sweep_ends(dtype: str) -> np.ndarray:
+    """λ ends over the dtype's range, near 1 and log 2 (ν ≈ 0, where one ulp of ν moves λ far less
+    than λ's own rounding), and random ones."""
+    smallest, largest = {"float16": (-6, 4), "bfloat16": (-30, 30)}.get(dtype, (-30, 30))
+    rng = np.random.default_rng(1)
+    near = [c + s * d for c in (1.0, np.log(2.0)) for s in (1, -1) for d in (1e-7, 3e-7, 1e-5, 1e-3, 0.1)]
+    return np.concatenate([10 ** np.linspace(smallest, largest, 41), near, 10 ** rng.uniform(smallest, largest, 10)])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("transform", ["exp", "softplus"])
+def test_each_projection_end_is_the_rounded_inverse_or_the_outermost_raw_value_inside(transform, dtype):
+    from tf_bilevel.keras.reparam import TRANSFORMS, _raw_ends
+
+    forward = {"exp": tf.exp, "softplus": tf.nn.softplus}[transform]
+    far_inside = 0  # ends many ulps from the rounded inverse: where stepping one ulp would not do
+
+    def inside(raw: np.ndarray, low: float, high: float) -> np.ndarray:
+        """transform(raw) in [low, high] as computed in dtype and, independently, in long double."""
+        computed = forward(tf.constant(raw)).numpy().astype(np.float64)
+        long_raw = raw.astype(np.float64).astype(np.longdouble)
+        softplus = np.maximum(long_raw, 0) + np.log1p(np.exp(-np.abs(long_raw)))
+        exact = np.exp(long_raw) if transform == "exp" else softplus
+        return (low <= computed) & (computed <= high) & (low <= exact) & (exact <= high)
+
+    for end in _sweep_ends(dtype):
+        for low, high in ((end, 4 * end), (end / 4, end)):
+            ends = np.asarray(_raw_ends(transform, (low, high), dtype), dtype)
+            outward = np.nextafter(ends, np.asarray([-np.inf, np.inf], dtype))
+            rounded = np.asarray(TRANSFORMS[transform].inverse(np.float64([low, high])), dtype)  # no step taken
+            assert np.all(inside(ends, low, high)), (low, high, ends)
+            assert np.all((ends == rounded) | ~inside(outward, low, high)), (low, high, ends)  # not a step too far
+            far = np.abs(ends.astype(np.float64) - rounded) > 1000 * np.spacing(np.abs(rounded)).astype(np.float64)
+            far_inside += int(np.any(far))
+    assert far_inside > 0 or (transform, dtype) == ("exp", "float64")
+
+
 def test_a_constraint_name_or_class_is_resolved_by_keras_with_or_without_bounds():
     raw = tf.constant([-1.0, 0.3, 9.0])
     expected = {None: [0.0, 0.3, 9.0], (0.5, 2.0): np.clip([0.0, 0.3, 9.0], *tfb.Hyperparameter(1.0, "softplus", bounds=(0.5, 2.0)).raw_bounds)}

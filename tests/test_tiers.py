@@ -1,11 +1,13 @@
 """The two tiers (conftest.py): an unmarked test that starts a Python process fails, whether
 it lets the error through or catches it; a process of another program (git, a shell tool) is
 allowed; a marked test runs the process. With CI set, a skipped test fails. Under
-`--dist loadfile` the longest file goes out first."""
+`--dist loadfile` the longest file goes out first, by tools/test_seconds.py's JSON."""
 # bazel: tf  (imports conftest, which imports TensorFlow)
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import multiprocessing
 import multiprocessing.process
 import subprocess
@@ -84,9 +86,11 @@ def test_a_test_that_catches_the_error_still_fails_and_ci_fails_skips(pytester, 
 
 @pytest.mark.slow
 def test_loadfile_hands_out_the_longest_file_first_not_the_one_with_most_tests(pytester):
-    # xdist's own order (most tests first) would run test_many first; CI_SECONDS says
-    # test_online_hpo takes longer, so the one worker gets it first.
+    # xdist's own order (most tests first) would run test_many first; test_seconds.json says
+    # test_online_hpo takes longer (test_many, not listed, counts 1 s a test), so the one worker
+    # gets it first.
     pytester.makeconftest((Path(__file__).with_name("conftest.py")).read_text())
+    (pytester.path / "test_seconds.json").write_text('{"test_online_hpo": {"fast": 20, "slow": 300}}')
     pytester.makeini("[pytest]\nmarkers =\n    slow: slow tier\n")
     pytester.makepyfile(test_many="def test_a(): pass\ndef test_b(): pass\ndef test_c(): pass\n",
                         test_online_hpo="def test_long(): pass\n")
@@ -94,3 +98,45 @@ def test_loadfile_hands_out_the_longest_file_first_not_the_one_with_most_tests(p
     result.assert_outcomes(passed=4)
     ran = [line for line in result.outlines if "PASSED" in line]
     assert "test_online_hpo.py::test_long" in ran[0] and "test_many.py::test_c" in ran[-1], ran
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("test_seconds_tool", Path(__file__).resolve().parents[1] / "tools" / "test_seconds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _junit(path: Path, cases: list[tuple[str, float]]) -> Path:
+    rows = "".join(f'<testcase classname="{classname}" name="t{i}" time="{seconds}" />' for i, (classname, seconds) in enumerate(cases))
+    path.write_text(f'<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest">{rows}'
+                    "</testsuite></testsuites>")
+    return path
+
+
+def test_the_seconds_tool_sums_each_file_per_tier_and_averages_the_runs(tmp_path):
+    tool = _load_tool()
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+    reports = [
+        _junit(tmp_path / "a" / "fast.xml", [("tests.test_x", 1.25), ("tests.test_x.TestGroup", 2.5), ("tests.test_y", 0.8)]),
+        _junit(tmp_path / "a" / "slow.xml", [("tests.test_x", 10.0), ("tests.test_z", 100.0), ("tests.test_z", 20.0)]),
+        _junit(tmp_path / "b" / "fast.xml", [("tests.test_x", 6.25)]),  # test_y in one fast run only
+        _junit(tmp_path / "b" / "slow.xml", [("tests.test_x", 12.0), ("tests.test_z", 140.0)]),
+    ]
+    output = tmp_path / "seconds.json"
+    assert tool.main([*map(str, reports), "--output", str(output)]) == 0
+    # test_x fast: (1.25 + 2.5 + 6.25) / 2 = 5, slow: (10 + 12) / 2 = 11; test_y fast: 0.8 over the one
+    # run that holds it; test_z slow: (100 + 20 + 140) / 2
+    assert json.loads(output.read_text()) == {
+        "test_x": {"fast": 5, "slow": 11}, "test_y": {"fast": 1, "slow": 0}, "test_z": {"fast": 0, "slow": 130}}
+    assert list(json.loads(output.read_text())) == ["test_x", "test_y", "test_z"]
+    with pytest.raises(ValueError, match=r"named after its tier.*fast\.xml"):
+        tool.main([str(_junit(tmp_path / "other.xml", [("tests.test_x", 1.0)])), "--output", str(output)])
+
+
+def test_the_committed_seconds_have_the_shape_conftest_reads():
+    table = conftest._ci_seconds()
+    assert "test_tiers" in table
+    assert all(set(tiers) == {"fast", "slow"} and all(isinstance(s, int) and s >= 0 for s in tiers.values())
+               for tiers in table.values())

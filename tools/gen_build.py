@@ -13,7 +13,8 @@ Targets written (Bazel's native Python rules, so no rules_python is needed):
 * ``//:NAME``              py_binary per program ``experiments/NAME.py`` (a module
   with ``if __name__ == "__main__":``); the same for ``benchmarks/`` if it exists;
 * ``//:test_support``      py_library: tests/conftest.py, non-test helpers in
-  tests/, the pytest runner and pyproject.toml (pytest's configuration);
+  tests/, the tools a test loads, the pytest runner; data: pyproject.toml (pytest's
+  configuration) and the other files in tests/ (tests/test_seconds.json);
 * ``//:test_NAME``         py_test per ``tests/test_NAME.py``, run through pytest by
   ``tools/bazel_pytest_main.py``. Tests that import TensorFlow (or the packages
   built on it, or say ``# bazel: tf``) are tagged ``tf`` and sized ``large``; the
@@ -43,6 +44,7 @@ LIBRARY = "tf_bilevel"
 TEST_DIR = "tests"
 TEST_SUPPORT = "test_support"
 PYTEST_MAIN = "tools/bazel_pytest_main.py"
+TEST_TOOLS = ("tools/test_seconds.py",)  # tools a test loads (tests/test_tiers.py)
 SYNC_TEST = "test_build_sync"
 # Folders of absl programs: each program gets a py_binary, the rest a py_library.
 PROGRAM_DIRS = ("experiments", "benchmarks")
@@ -86,6 +88,8 @@ class Tree:
     library: tuple[str, ...]  # tf_bilevel/**/*.py
     tests: tuple[str, ...]  # tests/**/test_*.py
     test_helpers: tuple[str, ...]  # tests/**/*.py that are not test files (conftest.py, ...)
+    test_data: tuple[str, ...]  # the other files of tests/ (tests/test_seconds.json)
+    test_tools: tuple[str, ...]  # the TEST_TOOLS that exist
     program_dirs: tuple[ProgramDir, ...]
     tf_tests: frozenset[str]  # tests that import TensorFlow or packages built on it
 
@@ -96,6 +100,14 @@ def _py_files(root: Path, folder: str) -> list[str]:
         return []
     return sorted(p.relative_to(root).as_posix() for p in base.rglob("*.py")
                   if "__pycache__" not in p.parts and p.is_file())
+
+
+def _data_files(root: Path, folder: str) -> list[str]:
+    base = root / folder
+    if not base.is_dir():
+        return []
+    return sorted(p.relative_to(root).as_posix() for p in base.rglob("*")
+                  if "__pycache__" not in p.parts and p.is_file() and p.suffix not in (".py", ".pyc"))
 
 
 def _is_test_file(path: str) -> bool:
@@ -124,6 +136,8 @@ def scan_tree(root: Path) -> Tree:
         library=tuple(_py_files(root, LIBRARY)),
         tests=tests,
         test_helpers=tuple(p for p in test_files if not _is_test_file(p)),
+        test_data=tuple(_data_files(root, TEST_DIR)),
+        test_tools=tuple(p for p in TEST_TOOLS if (root / p).is_file()),
         program_dirs=tuple(program_dirs),
         tf_tests=tf_tests,
     )
@@ -201,7 +215,8 @@ def render_build(tree: Tree) -> str:
             ))
     blocks.append(_rule(
         "py_library", name=claim(TEST_SUPPORT, f"{TEST_DIR}/"),
-        srcs=_list(list(tree.test_helpers) + [PYTEST_MAIN]), data=_list(["pyproject.toml"]),
+        srcs=_list(list(tree.test_helpers) + list(tree.test_tools) + [PYTEST_MAIN]),
+        data=_list(["pyproject.toml"] + list(tree.test_data)),
     ))
     test_deps = _list(libraries + [f":{TEST_SUPPORT}"])
     for test in tree.tests:
@@ -358,7 +373,7 @@ def check(root: Path) -> list[str]:
     for test in tree.tests:
         if not any(_runs(t, test) for t in tests):
             problems.append(f"{test} has no py_test target (a py_test that runs it); {fix}")
-    for helper in tree.test_helpers:
+    for helper in tree.test_helpers + tree.test_data + tree.test_tools:
         holders = [t.name for t in libraries if helper in t.srcs + t.data]
         if not holders:
             problems.append(f"{helper} is in no py_library (test support); {fix}")

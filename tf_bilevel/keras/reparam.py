@@ -110,22 +110,63 @@ class _Then(keras.constraints.Constraint):
 # λ = transform(ν) in extended precision (np.longdouble): the reference the raw ends are rounded against.
 _EXACT = {"exp": np.exp, "softplus": lambda v: np.logaddexp(np.longdouble(0.0), v)}
 
+_BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}  # float itemsize -> unsigned view
+
+
+def _ordinal(x: np.ndarray) -> int:
+    """x's position among the values of its dtype: consecutive values are consecutive integers."""
+    bits = int(x.view(_BITS[x.dtype.itemsize]))
+    sign = 1 << (8 * x.dtype.itemsize - 1)
+    return -(bits - sign) if bits & sign else bits
+
+
+def _from_ordinal(n: int, dtype: np.dtype) -> np.ndarray:
+    sign = 1 << (8 * dtype.itemsize - 1)
+    return np.asarray(n if n >= 0 else sign - n, _BITS[dtype.itemsize]).view(dtype)
+
+
+def _first_inside(start: np.ndarray, inward: int, inside: Callable[[np.ndarray], bool]) -> Optional[np.ndarray]:
+    """start if inside(start), else the value r of start's dtype nearest start in the direction
+    `inward` (+1 or -1) with inside(r), for `inside` monotone; None if there is none. Found by
+    steps that double from one ulp (near ν = 0 one ulp of ν moves λ far less than λ's own
+    rounding: the sweep in tests/test_public_api.py needs over 10⁹ ulps in float32), then
+    bisection: at most 2 × the dtype's bits calls of `inside`."""
+    if inside(start):
+        return start
+    origin, infinity = _ordinal(start), _ordinal(np.asarray(np.inf, start.dtype))
+    outside, step = origin, 1
+    while True:
+        candidate = min(max(origin + inward * step, -infinity), infinity)
+        value = _from_ordinal(candidate, start.dtype)
+        if not np.isfinite(value):
+            return None
+        if inside(value):
+            break
+        outside, step = candidate, 2 * step
+    while abs(candidate - outside) > 1:
+        middle = (outside + candidate) // 2
+        if inside(_from_ordinal(middle, start.dtype)):
+            candidate = middle
+        else:
+            outside = middle
+    return _from_ordinal(candidate, start.dtype)
+
 
 def _raw_ends(transform: str, bounds: tuple[float, float], dtype: str) -> tuple[float, float]:
-    """[inverse(low), inverse(high)] in `dtype`, each rounded like `raw_initial` and then moved
-    inward, ulp by ulp with doubling steps, until transform(end) lies in [low, high] both exactly
-    (long double) and as computed in `dtype` by `forward`; or a ValueError naming `bounds` and `dtype`."""
+    """[inverse(low), inverse(high)] in `dtype`, each rounded like `raw_initial` and, if
+    transform(end) is outside [low, high] exactly (long double) or as computed in `dtype` by
+    `forward`, moved inward to the nearest value of `dtype` where it is inside; or a ValueError
+    naming `bounds` and `dtype`."""
     numpy_dtype = np.dtype(dtype)
     low, high = bounds
     forward, exact = TRANSFORMS[transform].forward, _EXACT[transform]
 
-    def inside(raw: np.ndarray) -> bool:
+    def values(raw: np.ndarray) -> tuple[float, float]:  # λ exactly and as computed in dtype
         with tf.init_scope():  # eager even if constructed inside a tf.function
-            computed = float(forward(tf.constant(raw)))
-        return bool(low <= exact(np.longdouble(raw)) <= high) and low <= computed <= high
+            return exact(np.longdouble(raw)), float(forward(tf.constant(raw)))
 
     ends = []
-    for end, direction in ((low, 1.0), (high, -1.0)):
+    for end, inward, beyond in ((low, 1, lambda v: low <= min(v)), (high, -1, lambda v: max(v) <= high)):
         with np.errstate(over="ignore"):  # an end too large for dtype: refused below
             start = np.asarray(TRANSFORMS[transform].inverse(np.float64(end)), numpy_dtype)
         with tf.init_scope():
@@ -136,14 +177,8 @@ def _raw_ends(transform: str, bounds: tuple[float, float], dtype: str) -> tuple[
                 f"not fit {dtype}: its raw value is {float(start)!r} and {transform} of it is {value!r} (needs finite "
                 "and > 0). Use ends nearer 1, or dtype='float64'."
             )
-        raw, step = start, max(float(np.spacing(np.abs(start))), float(np.finfo(numpy_dtype).tiny))
-        for _ in range(200):
-            if inside(raw) or not np.isfinite(raw):
-                break
-            with np.errstate(over="ignore"):
-                raw = np.asarray(np.float64(start) + direction * step, numpy_dtype)
-            step *= 2.0
-        if not inside(raw):
+        raw = _first_inside(start, inward, lambda raw: beyond(values(raw)))  # on the inner side of `end`
+        if raw is None or not all(low <= value <= high for value in values(raw)):
             raise ValueError(
                 f"Hyperparameter(bounds={bounds!r}, transform={transform!r}, dtype={dtype!r}): no {dtype} raw value "
                 f"near {transform}^-1({end!r}) gives a λ in [{low!r}, {high!r}]. Widen `bounds` or use dtype='float64'."
