@@ -139,7 +139,7 @@ def _ci_seconds() -> dict[str, dict[str, float]]:
 
 def pytest_configure(config):
     # xdist hands files to the workers in the order of their number of tests unless told not to,
-    # which puts a long file with few tests (online_hpo: 385 s in 2) last, alone on one core.
+    # which puts a long file with few tests (online_hpo: about 300 s in 2) last, alone on one core.
     # Collection order instead (longest first, below): the order of `--no-loadscope-reorder`.
     if _loadfile(config):
         config.option.loadscopereorder = False
