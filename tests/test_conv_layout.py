@@ -183,7 +183,8 @@ def test_tfs_gradient_ops_of_the_convolutions_built_here_are_one_group_too(monke
     from tf_bilevel import _tf_patches
 
     passed = []
-    monkeypatch.setattr(_tf_patches, "one_group", lambda op: passed.append(type(op).__name__) or _conv_layout.one_group(op))
+    monkeypatch.setattr(_tf_patches, "one_group",
+                        lambda op: passed.append(type(op).__name__) or _conv_layout.one_group(op))
     seen = {}
 
     def gradient_ops(graph, compute):

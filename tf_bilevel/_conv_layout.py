@@ -35,7 +35,7 @@ _ONE_GROUP_SCOPE = "tf_bilevel_one_group"
 _IN_ONE_GROUP_SCOPE = re.compile(rf"(^|/){_ONE_GROUP_SCOPE}(_\d+)?/[^/]+$")  # TF numbers a reused scope
 
 
-def one_group_scope():
+def one_group_scope() -> tf.name_scope:
     """The name scope that marks the convolutions built in it, and their second operands, as
     ungrouped (`one_group`)."""
     return tf.name_scope(_ONE_GROUP_SCOPE)
