@@ -173,3 +173,40 @@ def test_the_convolutions_built_here_are_one_group_with_an_unknown_batch():
     assert len(built) == 2 and all(_conv_layout.one_group(op) for op in built)
     assert (None, None) in [_conv_layout.channels(op) for op in built]  # the filter gradient's: batch as channels
     assert _conv_layout.channels(seen["user"]) == (None, 2) and not _conv_layout.one_group(seen["user"])
+
+
+def test_tfs_gradient_ops_of_the_convolutions_built_here_are_one_group_too(monkeypatch):
+    """GradientTape passes Conv2D's gradient function a mock op holding only the inputs: the mark
+    (the second operand built in `one_group_scope()`) still reaches it, so TF's gradient ops of the
+    filter gradient's Conv2D (channels (None, None) with the batch unknown) are one group; those of
+    a user's convolution with unknown channels are not."""
+    from tf_bilevel import _tf_patches
+
+    passed = []
+    monkeypatch.setattr(_tf_patches, "one_group",
+                        lambda op: passed.append(type(op).__name__) or _conv_layout.one_group(op))
+    seen = {}
+
+    def gradient_ops(graph, compute):
+        first = len(graph.get_operations())
+        compute()
+        return [op for op in graph.get_operations()[first:] if op.type.startswith("Conv2DBackprop")]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3]), tf.TensorSpec([3, 3, 3, 4]),
+                                  tf.TensorSpec([None, 8, 8, None]), tf.TensorSpec([3, 3, 2, 4])])
+    def build(x, k, unknown_channels, grouped_k):
+        y = tf.nn.conv2d(x, k, 1, "SAME")
+        with _tf_patches.canonical_conv_gradients():  # outside a compiled loop: TF's gradient ops
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch([x, unknown_channels])
+                dk = _conv_layout.filter_gradient_as_conv2d(x, tf.ones_like(y), [3, 3], y.op)
+                user = tf.nn.conv2d(unknown_channels, grouped_k, 1, "SAME")
+            seen["ours"] = gradient_ops(x.graph, lambda: tape.gradient(dk, x))
+            seen["user"] = gradient_ops(x.graph, lambda: tape.gradient(user, unknown_channels))
+        return dk
+
+    build.get_concrete_function()
+    assert passed == ["_MockOp", "_MockOp"]
+    assert sorted(op.type for op in seen["ours"]) == ["Conv2DBackpropFilter", "Conv2DBackpropInput"]
+    assert all(_conv_layout.channels(op) == (None, None) and _conv_layout.one_group(op) for op in seen["ours"])
+    assert seen["user"] and not any(_conv_layout.one_group(op) for op in seen["user"])

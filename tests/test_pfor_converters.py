@@ -316,25 +316,3 @@ def test_a_grouped_nchw_convolution_is_refused_inside_forward_mode():
                          tf.TensorSpec([None, 6, 4, 4]))
     with _pfor_conv.forward_mode(), pytest.raises(ValueError, match=r"grouped convolutions .*groups=2"):
         vectorized.get_concrete_function()
-
-
-def test_without_the_converters_forward_mode_checks_the_convolutions_it_builds():
-    """Where install() fails, TF's converters stay (wrong for a grouped filter gradient): forward mode
-    checks the convolutions its per-column function builds at trace time (`_pfor.checking_convolutions`)."""
-    from tf_bilevel.estimators import _pfor_conv
-
-    def inner_gradient(x, k):
-        with tf.GradientTape() as tape:
-            tape.watch(k)
-            loss = tf.reduce_sum(tf.nn.conv2d(x, k, 1, "VALID") ** 2)
-        return tape.gradient(loss, k)
-
-    def traced(kernel_shape):
-        def checked(x, k):
-            with _pfor_conv.convolutions_built_checked():
-                return inner_gradient(x, k)
-        return tf.function(checked, input_signature=[tf.TensorSpec([None, 6, 6, 4]), tf.TensorSpec(kernel_shape)])
-
-    traced([3, 3, 4, 5]).get_concrete_function()  # one group: accepted
-    with pytest.raises(ValueError, match=r"grouped convolutions .*groups=2.*estimator='reverse'"):
-        traced([3, 3, 2, 6]).get_concrete_function()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -222,16 +223,23 @@ def test_forward_mode_refuses_a_grouped_convolution_by_name(jit_compile):
         _grouped_forward(jit_compile)
 
 
-def test_forward_mode_without_its_pfor_converters_still_refuses_a_grouped_convolution(monkeypatch):
-    # Where _pfor.install() finds other pfor internals, TF's converters stay (wrong for a grouped
-    # convolution's filter gradient): forward mode checks the convolutions it builds instead.
+def test_forward_mode_refuses_by_name_where_its_pfor_converters_cannot_be_installed(monkeypatch):
+    # TF's converters alone are wrong for a grouped convolution's filter gradient: where this TF's
+    # pfor internals are not the expected ones, forward mode refuses at build; reverse mode runs.
+    import tensorflow as tf
     from tensorflow.python.ops.parallel_for import pfor
 
-    from tf_bilevel.estimators import _pfor
+    import tf_bilevel as tfb
+    from tf_bilevel.estimators import _pfor, forward_hypergradient
 
-    _pfor.install()
-    monkeypatch.setattr(_pfor, "installed", False)
-    for op, converter in _pfor.TF_CONVERTERS.items():
-        monkeypatch.setitem(pfor._pfor_converter_registry, op, converter)
-    with pytest.raises(ValueError, match=r"forward mode .* grouped convolutions .*groups=2.*estimator='reverse'"):
-        _grouped_forward(False)
+    monkeypatch.delattr(pfor, "_pfor_converter_registry")
+    monkeypatch.setattr(_pfor, "_installed", _pfor._installed.__wrapped__)  # uncached: tries again
+    params, inner, outer, x, y, log_decay = _grouped_net((4,))
+    fix = (rf"pfor\._pfor_converter_registry.*TensorFlow {re.escape(tf.__version__)}.*AttributeError.*"
+           r"estimator='reverse', K-RMD.*TensorFlow version tf_bilevel supports")
+    with pytest.raises(RuntimeError, match=fix):
+        tfb.hypergradient_fn(inner, outer, steps=2, estimator="forward", learning_rate=0.3)
+    with pytest.raises(RuntimeError, match=fix):  # the functional core's entry too
+        forward_hypergradient(None, params, log_decay, (x, y), (x, y), steps=2)
+    hg = tfb.hypergradient_fn(inner, outer, steps=2, estimator="reverse", learning_rate=0.3)
+    assert np.all(np.isfinite(hg(params, log_decay, (x, y), (x, y))[1].numpy()))

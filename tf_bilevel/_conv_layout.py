@@ -18,44 +18,36 @@ is written for an ungrouped convolution (its kernel_size holds no channels): its
 
 The Conv2D ops built here are one group by construction, whatever their channel counts read as
 (the batch sits on a channel axis, unknown for a dataset batched without drop_remainder): they
-are marked (`one_group`), so their own gradients and forward mode's vectorization of them
-(estimators/_pfor_conv.py) need no static channel counts.
+are built inside `one_group_scope()`, which `one_group` recognizes, so their own gradients and
+forward mode's vectorization of them (estimators/_pfor_conv.py) need no static channel counts.
 """
 
 from __future__ import annotations
 
-import weakref
+import re
 from typing import Optional, Sequence
 
 import tensorflow as tf
 from tensorflow.python.framework import tensor_util  # constant_value_as_shape: no public equivalent
 
 
-# graph -> the (first, second) input names of its convolutions that are one group by construction.
-# Keyed by inputs, not op or output: GradientTape passes a gradient function a mock op holding
-# only the inputs (Conv2D's gradient uses no output). Exact: channels() reads only these inputs.
-_marked = weakref.WeakKeyDictionary()
+_ONE_GROUP_SCOPE = "tf_bilevel_one_group"
+_IN_ONE_GROUP_SCOPE = re.compile(rf"(^|/){_ONE_GROUP_SCOPE}(_\d+)?/[^/]+$")  # TF numbers a reused scope
 
 
-def _input_key(op) -> Optional[tuple]:
-    first, second = op.inputs[0], op.inputs[1]
-    graph = getattr(first, "graph", None)  # None: eager tensors (no loop to trace, nothing to mark)
-    return None if graph is None else (graph, (first.name, second.name))
-
-
-def _mark_one_group(t: tf.Tensor) -> tf.Tensor:
-    """`t`, the output of a convolution marked as ungrouped (`one_group`)."""
-    key = _input_key(t.op)
-    if key is not None:
-        _marked.setdefault(key[0], set()).add(key[1])
-    return t
+def one_group_scope() -> tf.name_scope:
+    """The name scope that marks the convolutions built in it, and their second operands, as
+    ungrouped (`one_group`)."""
+    return tf.name_scope(_ONE_GROUP_SCOPE)
 
 
 def one_group(op: tf.Operation) -> bool:
-    """Whether the convolution op is known to be ungrouped: built by this module (or TF's
-    gradient of one, see _tf_patches), or its channel counts static and equal."""
-    key = _input_key(op)
-    if key is not None and key[1] in _marked.get(key[0], ()):
+    """Whether the convolution op is known to be ungrouped: its second operand (the filter, or
+    the filter gradient's filter_sizes) built in `one_group_scope()` (by this module, or by TF's
+    gradient of such a conv, see _tf_patches), or its channel counts static and equal. The
+    operand, not the op: GradientTape passes a gradient function a mock op holding only the inputs."""
+    producer = getattr(op.inputs[1], "op", None)  # None: an eager tensor (nothing traced to mark)
+    if producer is not None and _IN_ONE_GROUP_SCOPE.search(producer.name):
         return True
     input_channels, kernel_channels = channels(op)
     return input_channels is not None and input_channels == kernel_channels
@@ -140,8 +132,8 @@ def filter_gradient_as_conv2d(
         # larger than its unpadded input (the filter gradient of an input gradient, in K-RMD's
         # backward loop): x padded by tf.pad before the transpose, which XLA does not fold.
         x, conv_pads = tf.pad(x, conv_pads), "VALID"
-    # [C, >= kh, >= kw, O]
-    dk = _mark_one_group(tf.nn.conv2d(tf.transpose(x, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), 1, conv_pads))
+    with one_group_scope():  # [C, >= kh, >= kw, O]
+        dk = tf.nn.conv2d(tf.transpose(x, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), 1, conv_pads)
     if tuple(dk.shape[1:3]) != kernel:
         dk = dk[:, :kernel[0], :kernel[1], :]
     return tf.transpose(dk, [1, 2, 0, 3])
@@ -190,12 +182,15 @@ def input_gradient_as_conv2d(x: tf.Tensor, kernel: tf.Tensor, dy: tf.Tensor, op:
     if not swapped:
         # dy_s padded to n + k − 1 rows: k − 1 − top before, what is left after.
         conv_pads = [[k - 1 - top, n + top - length] for n, k, length, (top, _) in zip(size, ksize, lengths, pads)]
-        window, conv_input = tf.reverse(tf.transpose(kernel, [0, 1, 3, 2]), [0, 1]), dy  # [kh, kw, O, C]
     else:
         # The kernel (as [C, kh, kw, O]) padded to n + L − 1 rows: L − 1 − top before.
         conv_pads = [[length - 1 - top, n + top - k] for n, k, length, (top, _) in zip(size, ksize, lengths, pads)]
-        window, conv_input = tf.reverse(tf.transpose(dy, [1, 2, 3, 0]), [0, 1]), tf.transpose(kernel, [2, 0, 1, 3])
     if any(p < 0 for pair in conv_pads for p in pair):
         return None  # padding wider than the kernel (EXPLICIT only)
-    dx = _mark_one_group(tf.nn.conv2d(conv_input, window, 1, [[0, 0], *conv_pads, [0, 0]]))
+    with one_group_scope():  # the window (the second operand) built here too
+        if not swapped:
+            window, conv_input = tf.reverse(tf.transpose(kernel, [0, 1, 3, 2]), [0, 1]), dy  # [kh, kw, O, C]
+        else:
+            window, conv_input = tf.reverse(tf.transpose(dy, [1, 2, 3, 0]), [0, 1]), tf.transpose(kernel, [2, 0, 1, 3])
+        dx = tf.nn.conv2d(conv_input, window, 1, [[0, 0], *conv_pads, [0, 0]])
     return tf.transpose(dx, [3, 1, 2, 0]) if swapped else dx

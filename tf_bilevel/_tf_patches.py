@@ -52,7 +52,7 @@ from tensorflow.python.eager import context as eager_context
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import control_flow_util, control_flow_v2_func_graphs
 
-from tf_bilevel._conv_layout import _mark_one_group, filter_gradient_as_conv2d, input_gradient_as_conv2d, one_group
+from tf_bilevel._conv_layout import filter_gradient_as_conv2d, input_gradient_as_conv2d, one_group, one_group_scope
 
 _DEFAULT = rewriter_config_pb2.RewriterConfig.DEFAULT_MEM_OPT
 _WITHOUT_SCHEDULING = rewriter_config_pb2.RewriterConfig.SWAPPING_HEURISTICS
@@ -157,9 +157,9 @@ def _conv2d_gradient(op, dy):
     # not one of _conv_layout's (one group by construction): TF's.
     ungrouped = one_group(op)
     if not (ungrouped and getattr(_canonical_gradient_blocks, "depth", 0) and in_compiled_loop()):
-        grads = _tf_entry["type"](op, dy)
         # TF's gradient ops of a one-group conv are one group too (their channel counts may not be static).
-        return [_mark_one_group(g) if ungrouped and g is not None else g for g in grads]
+        with one_group_scope() if ungrouped else contextlib.nullcontext():
+            return _tf_entry["type"](op, dy)
     dx = input_gradient_as_conv2d(x, kernel, dy, op)
     dk = filter_gradient_as_conv2d(x, dy, kernel.shape[:2], op)
     if dx is None or dk is None:

@@ -13,7 +13,7 @@ from tf_bilevel._tree import leaf_names
 from tf_bilevel.dynamics.loops import run
 from tf_bilevel.dynamics.optimizers import InnerOptimizer, LearningRate, sgd
 from tf_bilevel.dynamics.transition import BatchAtStep, InnerState, Transition, gather_step
-from tf_bilevel.estimators import forward_hypergradient, implicit_hypergradient, reverse_hypergradient
+from tf_bilevel.estimators import _pfor, forward_hypergradient, implicit_hypergradient, reverse_hypergradient
 from tf_bilevel.estimators.forward import check_tangent_memory, num_hparams, zero_tangents
 from tf_bilevel.estimators.common import Reach
 from tf_bilevel.estimators.reverse import profile_step
@@ -480,7 +480,8 @@ def hypergradient_fn(
       truncate: K. "reverse"/"checkpointed": back-propagate through the last K steps only
         (K-RMD, Eq. 8), 1 <= K <= T; None means K = T (full RMD, Eq. 6).
       estimator: "reverse" | "checkpointed" | "forward" (FMD, Eq. 7: all N tangent columns in
-        one pass, O(MN) memory; its tangents Z carry across calls, see `forget`) |
+        one pass, O(MN) memory; its tangents Z carry across calls, see `forget`; a RuntimeError
+        here where this TF's pfor internals, which it needs, are not the expected ones) |
         "implicit_cg" | "neumann" (Eq. 11 at w_T, Eq. 12).
       jit_compile: compile with XLA (True/False; anything else is a TypeError).
       init_params: optional w0 = Ξ0(params, hparams), e.g. a learned initialization (B0 term).
@@ -532,6 +533,8 @@ def hypergradient_fn(
     steps = _validate.positive_int(steps, "steps", "the number T of inner steps")
     if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator == "forward":
+        _pfor.install()  # at build: a RuntimeError naming the fix where this TF's pfor internals differ
     truncate = _checked_truncate(truncate, steps, estimator)
     forget = _checked_forget(forget, estimator)
     iterations, tolerance = _checked_solver(iterations, tolerance, steps, estimator)

@@ -98,20 +98,6 @@ def _folds(op: tf.Operation, tf_mixes_groups: bool = False) -> bool:
     return is_nhwc(op) and one_group(op)
 
 
-@contextlib.contextmanager
-def convolutions_built_checked() -> Iterator[None]:
-    """For forward mode where the converters are not installed (`_pfor.install`): the
-    convolutions built in the current graph inside the block (the per-column function's primal
-    ones, which every grouped convolution of the model is) are checked at trace time. Ones inside
-    a nested tf.function call are not seen."""
-    graph = tf.compat.v1.get_default_graph()
-    first = len(graph.get_operations())
-    yield
-    for op in graph.get_operations()[first:]:
-        if op.type in CONVERTERS:
-            refuse_unless_one_group(op)
-
-
 def _conv2d(wrap, original):
     def convert(pfor_input):
         x, x_stacked, _ = pfor_input.input(0)

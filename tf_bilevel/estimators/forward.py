@@ -83,7 +83,7 @@ def _batched_jvp(fn, primals: list, primal_tangents: list, hparams: list, hparam
     structure: list = []
 
     def one_column(tangents):
-        with _pfor.checking_convolutions(), tf.autodiff.ForwardAccumulator(primals + hparams, list(tangents)) as acc:
+        with tf.autodiff.ForwardAccumulator(primals + hparams, list(tangents)) as acc:
             out = fn()
         structure.append(out)
         # tf.identity: an output may be a tensor of the enclosing graph (e.g. an init_params that
@@ -120,7 +120,7 @@ def forward_hypergradient(
     total derivative of w0 = Ξ0(params, λ): J_params Ξ0 · (μZ) + B_0. `model_state`: a stateful
     problem's s_0; Z then also holds ds_t/dλ (s_t depends on λ through w), and f at s_T is
     differentiated through s_T too."""
-    _pfor.install()
+    _pfor.install()  # also at hypergradient_fn: a RuntimeError where this TF's pfor differs
     problem = transition.problem
     flat_hp = tf.nest.flatten(hparams)
     n = num_hparams(hparams)
