@@ -163,7 +163,7 @@ def core_meta_gradient(problem, raw, tasks: fsm.Task, steps, truncate) -> dict:
     hypergradient, and the chain rule back to raw."""
     hg = problem.hypergradient_fn(steps=steps, truncate=truncate)
 
-    def one(task):
+    def one(raw, task):
         flat = tf.nest.flatten(raw)
         with tf.GradientTape() as tape:
             tape.watch(flat)
@@ -171,12 +171,11 @@ def core_meta_gradient(problem, raw, tasks: fsm.Task, steps, truncate) -> dict:
         result = hg.compute(problem.w0, hp, task.support_y, task.query_y)
         return tape.gradient(tf.nest.flatten(hp), flat, output_gradients=tf.nest.flatten(result.hypergrad))
 
-    def mean(tasks):
-        per_task = [one(first(tasks, i)) for i in range(tasks.support_x.shape[0])]
-        return [tf.add_n(list(g)) / len(per_task) for g in zip(*per_task)]
-
     raw = tf.nest.map_structure(tf.constant, raw)
-    return tf.nest.pack_sequence_as(raw, tf.function(mean, autograph=False)(tasks))
+    one = tf.function(one, autograph=False)  # traced once, run per task
+    per_task = [one(raw, first(tasks, i)) for i in range(tasks.support_x.shape[0])]
+    assert one.experimental_get_tracing_count() == 1
+    return tf.nest.pack_sequence_as(raw, [tf.add_n(list(g)) / len(per_task) for g in zip(*per_task)])
 
 
 def stacked(task: fsm.Task) -> fsm.Task:

@@ -16,7 +16,7 @@ from tf_bilevel.dynamics.transition import BatchAtStep, InnerState, Transition, 
 from tf_bilevel.estimators import _pfor, forward_hypergradient, implicit_hypergradient, reverse_hypergradient
 from tf_bilevel.estimators.forward import check_tangent_memory, num_hparams, zero_tangents
 from tf_bilevel.estimators.common import Reach
-from tf_bilevel.estimators.reverse import profile_step
+from tf_bilevel.estimators.reverse import profile_step, step_profile_key
 from tf_bilevel.problem import BilevelProblem
 
 ESTIMATORS = ("reverse", "checkpointed", "forward", "implicit_cg", "neumann")
@@ -124,6 +124,10 @@ class Hypergradient:
         self.backward_used: Optional[str] = None
         self.step_residual_bytes: Optional[int] = None
         self.step_storable: Optional[bool] = None
+        # "auto"'s step profiles by the specs of the step's inputs: tracing a step to profile it
+        # costs about as much as a step of the estimator's own trace. Estimators whose transitions
+        # trace the same step (one Keras problem's, per settings) may share this dict.
+        self.step_profiles: dict = {}
         batch_at_step = gather_step if per_step_batches is True else (per_step_batches or None)
         self.transition = Transition(problem, optimizer, batch_at_step)
         self.steps = steps
@@ -283,7 +287,10 @@ class Hypergradient:
             return False
         if self.backward == "auto":
             state = self.transition.init_state(self.problem.initial_params(params, hparams), opt_state, model_state)
-            profile = profile_step(self.transition, state, hparams, inner_batch)
+            key = step_profile_key(state, hparams, inner_batch)
+            profile = self.step_profiles.get(key)
+            if profile is None:
+                profile = self.step_profiles[key] = profile_step(self.transition, state, hparams, inner_batch)
             self.step_residual_bytes, self.step_storable = profile.residual_bytes, profile.storable
             store = profile.storable and self.truncate * profile.residual_bytes <= self.memory_budget
         else:

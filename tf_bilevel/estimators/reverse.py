@@ -214,16 +214,22 @@ class StepProfile(NamedTuple):
     storable: bool  # False: a step computes a shape-like value that XLA cannot accumulate
 
 
+def _spec(x: Any) -> Optional[tf.TensorSpec]:
+    if x is None:
+        return None
+    x = tf.convert_to_tensor(x)
+    return tf.TensorSpec(x.shape, x.dtype)
+
+
+def step_profile_key(state: Any, hparams: Any, batch: Any) -> str:
+    """What `profile_step` of one transition depends on: the structure and specs of its inputs."""
+    return repr(tf.nest.map_structure(_spec, (state, hparams, batch)))
+
+
 def profile_step(transition: Transition, state: Any, hparams: Any, batch: Any) -> StepProfile:
     """Traces one inner step in a scratch graph (nothing runs): the bytes of every floating-point
     tensor it produces (its forward ops and the inner gradient's), and whether the "store"
     backward pass can compile with XLA."""
-
-    def spec(x):
-        if x is None:
-            return None
-        x = tf.convert_to_tensor(x)
-        return tf.TensorSpec(x.shape, x.dtype)
 
     def one_step(state, hparams, batch):
         with tf.GradientTape() as tape:
@@ -232,7 +238,7 @@ def profile_step(transition: Transition, state: Any, hparams: Any, batch: Any) -
             new_state, _ = transition(state, hparams, tf.constant(0), batch)
         return new_state
 
-    specs = tf.nest.map_structure(spec, (state, hparams, batch))
+    specs = tf.nest.map_structure(_spec, (state, hparams, batch))
     graph = tf.function(one_step, autograph=False).get_concrete_function(*specs).graph
     total, storable = 0, True
     for op in graph.get_operations():

@@ -66,6 +66,8 @@ class KerasBilevelProblem:
         self.calls = calls
         self.regime = regime
         self._estimators: dict = {}  # EstimatorSettings -> core estimator (`hypergradient`)
+        self._step_profiles: dict = {}  # stateful -> the step profiles its estimators share (one inner step)
+        self.stacked_tasks: dict = {}  # number of tasks -> `tasks.StackedTasks`, built once (`tasks.stacked_tasks`)
         self.seed_positions: list = []  # indices of RNG seed states among the inner model's non-trainable values
         self.inner_model = spec.inner_model
         self.hyper_model = spec.hyper_model
@@ -279,6 +281,8 @@ class KerasBilevelProblem:
                 settings, inner, outer, inner_optimizer=self.inner_optimizer, init_params=self.init_params(),
                 per_step_batches=self.batch_at_step, stateful=stateful,
             )
+            # Every settings' transition is the same inner step (loss, optimizer, per-step batches).
+            self._estimators[key].step_profiles = self._step_profiles.setdefault(stateful, {})
         return self._estimators[key]
 
     # -- helpers ------------------------------------------------------------------------

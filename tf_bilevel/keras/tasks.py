@@ -323,7 +323,7 @@ def run_on_element(fn: TaskFunction, inputs: StepInputs, tasks: Task, seeds: tf.
     if path is None:
         return fn(inputs, tasks, seeds[0], *extra)
     if path == "stacked":
-        return fn.stacked(StackedTasks(fn.problem, count_tasks(tasks)), inputs, tasks, seeds, *extra)
+        return fn.stacked(stacked_tasks(fn.problem, count_tasks(tasks)), inputs, tasks, seeds, *extra)
     signature = fn.output_signature(inputs, first_task(tasks))
     return fn.combine(map_tasks(lambda t, s: fn(inputs, t, s, *extra), tasks, seeds, signature))
 
@@ -390,6 +390,14 @@ def task_slice(tasks: Task, b: int) -> Task:
     return tf.nest.map_structure(lambda x: x[b], tasks)
 
 
+def stacked_tasks(problem: KerasBilevelProblem, num_tasks: int) -> StackedTasks:
+    """The `StackedTasks` of `problem` for `num_tasks`, built once: the traces of fit, evaluate,
+    predict and `hypergradient_of` share its estimators (and their step profiles)."""
+    if num_tasks not in problem.stacked_tasks:
+        problem.stacked_tasks[num_tasks] = StackedTasks(problem, num_tasks)
+    return problem.stacked_tasks[num_tasks]
+
+
 class StackedTasks:
     """B tasks as one problem for the core: params = the inner weights stacked [B, ...], hp =
     λ's shared leaves + the hyper-model features stacked [B, n, ...], one CoreBatch of the
@@ -406,6 +414,7 @@ class StackedTasks:
         self.batched = _batchable(problem, problem.inner_model)
         self.batched_hyper = problem.hyper_model is not None and _batchable(problem, problem.hyper_model)
         self._built: dict = {}
+        self._step_profiles: dict = {}  # shared by the estimators of `hypergradient` (one inner step)
 
     # -- λ and the data of B tasks ------------------------------------------------------------
     def hparams(self, raw: dict, specs: dict, hyper_state: list, tasks: Task) -> tuple[dict, list]:
@@ -534,6 +543,7 @@ class StackedTasks:
                 settings, self.inner_loss, self.outer_loss, inner_optimizer=self.problem.inner_optimizer,
                 init_params=self.init_params(), per_step_batches=self.batch_at_step,
             )
+            self._built[settings].step_profiles = self._step_profiles
         return self._built[settings]
 
 
