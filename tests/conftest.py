@@ -38,6 +38,7 @@ import json  # noqa: E402
 import multiprocessing.process  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, NamedTuple  # noqa: E402
 
@@ -126,15 +127,25 @@ multiprocessing.process.BaseProcess.start = _checked_process_start
 
 # Seconds each file's tests took in CI, per tier (tests/test_seconds.json). Advisory: it only
 # orders the files (a stale entry costs balance, never correctness); a file not listed, or no
-# JSON, counts 1 s per selected test.
+# JSON or a malformed one (with a warning), counts 1 s per selected test.
 SECONDS_FILE = Path(__file__).with_name("test_seconds.json")
 
 
 def _ci_seconds() -> dict[str, dict[str, float]]:
     try:
-        return json.loads(SECONDS_FILE.read_text(encoding="utf-8"))
+        table = json.loads(SECONDS_FILE.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
+    except ValueError:  # not JSON (or not UTF-8)
+        table = None
+    if isinstance(table, dict) and all(
+        isinstance(tiers, dict) and set(tiers) == {"fast", "slow"}
+        and all(isinstance(s, (int, float)) for s in tiers.values()) for tiers in table.values()
+    ):
+        return table
+    warnings.warn(f"{SECONDS_FILE} is not {{file: {{'fast': s, 'slow': s}}}} (rewrite it with tools/test_seconds.py): "
+                  "files are ordered as if each test took 1 s", stacklevel=1)
+    return {}
 
 
 def pytest_configure(config):

@@ -161,6 +161,13 @@ def test_test_data_and_a_test_tool_outside_test_support_are_reported_then_listed
     assert gen_build.check(tree) == []
 
 
+def test_junk_in_tests_is_not_test_data(tree):
+    junk = ["tests/.DS_Store", "tests/.pytest_cache/v/cache/nodeids", "tests/__pycache__/x.json",
+            "tests/test_seconds.json~", "tests/test_seconds.json.orig", "tests/.test_core.py.swp", "tests/notes.bak"]
+    _write(tree, {"tests/test_seconds.json": "{}\n", "tests/data/table.csv": "a\n", **dict.fromkeys(junk, "")})
+    assert gen_build.scan_tree(tree).test_data == ("tests/data/table.csv", "tests/test_seconds.json")
+
+
 def test_conftest_outside_test_support_is_reported(tree):
     build = tree / "BUILD"
     build.write_text(build.read_text().replace('"tests/conftest.py",', ""))

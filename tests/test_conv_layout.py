@@ -210,3 +210,71 @@ def test_tfs_gradient_ops_of_the_convolutions_built_here_are_one_group_too(monke
     assert sorted(op.type for op in seen["ours"]) == ["Conv2DBackpropFilter", "Conv2DBackpropInput"]
     assert all(_conv_layout.channels(op) == (None, None) and _conv_layout.one_group(op) for op in seen["ours"])
     assert seen["user"] and not any(_conv_layout.one_group(op) for op in seen["user"])
+
+
+def test_tfs_gradient_ops_of_the_convolutions_built_here_are_one_group_in_a_while_loops_gradient(monkeypatch):
+    """In a while loop's gradient the gradient function sees the conv's filter as an accumulator's
+    pop (TensorListPopBack), not as the op built in `one_group_scope()`: the gradient ops are
+    still one group, by their own names (channels (None, None): the batch is unknown)."""
+    from tf_bilevel import _tf_patches
+
+    built = []
+    tf_gradient = _tf_patches._conv2d_gradient
+
+    def recording(op, dy):
+        grads = tf_gradient(op, dy)
+        built.extend(g.op for g in grads if isinstance(g.graph, _tf_patches._LOOP_GRAPHS))
+        return grads
+
+    monkeypatch.setattr(_tf_patches, "_conv2d_gradient", recording)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3])])
+    def build(x):
+        y = tf.nn.conv2d(x, tf.ones([3, 3, 3, 4]), 1, "SAME")
+        with _tf_patches.canonical_conv_gradients():  # no XLA: TF's gradient ops
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+
+                def body(i, total):
+                    return i + 1, total + _conv_layout.filter_gradient_as_conv2d(x, y, [3, 3], y.op)
+
+                _, out = tf.while_loop(lambda i, _: i < 2, body, [0, tf.zeros([3, 3, 3, 4])])
+            return tape.gradient(out, x)
+
+    build.get_concrete_function()
+    assert sorted(op.type for op in built) == ["Conv2DBackpropFilter", "Conv2DBackpropInput"]
+    assert all(_conv_layout.channels(op) == (None, None) and _conv_layout.one_group(op) for op in built)
+
+
+def test_tfs_gradient_op_is_one_group_where_the_canonical_one_declines(monkeypatch):
+    """Under XLA in a loop's gradient, where the filter gradient is not replaced (here forced),
+    TF's Conv2DBackpropFilter of a convolution built here is still one group (channels (None, None))."""
+    from tf_bilevel import _tf_patches
+
+    built = []
+    replaced = _tf_patches._conv2d_gradient
+
+    def recording(op, dy):
+        grads = replaced(op, dy)
+        built.extend(g.op for g in grads if g.op.type.startswith("Conv2DBackprop"))
+        return grads
+
+    monkeypatch.setattr(_tf_patches, "_conv2d_gradient", recording)
+    monkeypatch.setattr(_tf_patches, "filter_gradient_as_conv2d", lambda *args: None)
+
+    @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None, 8, 8, 3])])
+    def build(x):  # traced only: the XLA context is set while tracing
+        y = tf.nn.conv2d(x, tf.ones([3, 3, 3, 4]), 1, "SAME")
+        with _tf_patches.canonical_conv_gradients():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+
+                def body(i, total):
+                    return i + 1, total + _conv_layout.filter_gradient_as_conv2d(x, y, [3, 3], y.op)
+
+                loop = tf.while_loop(lambda i, _: i < 2, body, [0, tf.zeros([3, 3, 3, 4])], maximum_iterations=2)
+            return tape.gradient(loop[1], x)  # the loop's gradient: tf.gradients' names, not the tape's
+
+    build.get_concrete_function()
+    assert [op.type for op in built] == ["Conv2DBackpropFilter"]
+    assert _conv_layout.channels(built[0]) == (None, None) and _conv_layout.one_group(built[0])

@@ -411,7 +411,7 @@ def test_benchmark_program_runs_quick(tmp_path):
         assert r["tracing_count"] == 2  # fresh + continued, no retracing while timed
 
 
-def test_cnn_under_xla_with_an_unknown_batch_folds_and_matches_a_static_batch_and_reverse_mode():
+def test_cnn_under_xla_with_an_unknown_batch_matches_a_static_batch_and_reverse_mode():
     """The data's batch size unknown at trace time (dataset.batch(b) without drop_remainder): under
     XLA forward mode puts the batch on the channel axis of the convolutions that _conv_layout builds
     for the step's gradient, so their channel counts read as unknown; they are one group by
@@ -451,4 +451,6 @@ def test_cnn_under_xla_with_an_unknown_batch_folds_and_matches_a_static_batch_an
     loops = [Counter(name.split(":")[-1] for t, name in op_nodes(fn.get_concrete_function()) if "While" in t)
              for fn in (unknown, static)]
     added = loops[0] - loops[1]
-    assert set(added) <= {"gradient_tape/gradient_tape/Conv2D/pfor/while"}, added
+    # Two after this file's earlier tests, none when this test runs alone (both measured): the JVP
+    # functions are TF's, cached per process, so what earlier tests traced decides.
+    assert added in (Counter(), Counter({"gradient_tape/gradient_tape/Conv2D/pfor/while": 2})), added

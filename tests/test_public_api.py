@@ -353,15 +353,21 @@ def test_each_projection_end_is_the_rounded_inverse_or_the_outermost_raw_value_i
     from tf_bilevel.keras.reparam import TRANSFORMS, _raw_ends
 
     forward = {"exp": tf.exp, "softplus": tf.nn.softplus}[transform]
+    compiled = tf.function(forward, jit_compile=True)
     far_inside = 0  # ends many ulps from the rounded inverse: where stepping one ulp would not do
 
     def inside(raw: np.ndarray, low: float, high: float) -> np.ndarray:
-        """transform(raw) in [low, high] as computed in dtype and, independently, in long double."""
-        computed = forward(tf.constant(raw)).numpy().astype(np.float64)
+        """transform(raw) in [low, high] as computed in dtype (eager on a scalar, on a vector of 40
+        copies (vectorized kernels and the remainder; other lengths than the library's), and
+        under XLA) and, independently, in long double."""
+        spread = tf.repeat(tf.constant(raw)[:, None], 40, axis=1)
+        computed = np.stack([forward(tf.constant(raw)).numpy(), tf.reduce_min(forward(spread), 1).numpy(),
+                             tf.reduce_max(forward(spread), 1).numpy(), tf.reduce_min(compiled(spread), 1).numpy(),
+                             tf.reduce_max(compiled(spread), 1).numpy()]).astype(np.float64)
         long_raw = raw.astype(np.float64).astype(np.longdouble)
         softplus = np.maximum(long_raw, 0) + np.log1p(np.exp(-np.abs(long_raw)))
         exact = np.exp(long_raw) if transform == "exp" else softplus
-        return (low <= computed) & (computed <= high) & (low <= exact) & (exact <= high)
+        return np.all((low <= computed) & (computed <= high), 0) & (low <= exact) & (exact <= high)
 
     for end in _sweep_ends(dtype):
         for low, high in ((end, 4 * end), (end / 4, end)):
@@ -373,6 +379,24 @@ def test_each_projection_end_is_the_rounded_inverse_or_the_outermost_raw_value_i
             far = np.abs(ends.astype(np.float64) - rounded) > 1000 * np.spacing(np.abs(rounded)).astype(np.float64)
             far_inside += int(np.any(far))
     assert far_inside > 0 or (transform, dtype) == ("exp", "float64")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_first_inside_finds_the_boundary_even_past_the_largest_finite_value(dtype):
+    """Doubling steps from -60000 pass ±inf before reaching the boundary: the last interval is
+    still bisected (the boundary: r inside, its outward neighbour not); None only where the
+    largest finite value is outside too."""
+    from tf_bilevel.keras.reparam import _first_inside
+
+    largest = np.finfo(dtype).max
+    for start, inward, threshold in ((-60000, 1, 100), (-60000, 1, largest), (60000, -1, -largest), (3, -1, -7.5)):
+        at_least = (lambda r: float(r) >= threshold) if inward > 0 else (lambda r: float(r) <= threshold)
+        found = _first_inside(np.asarray(start, dtype), inward, at_least)
+        expected = np.asarray(threshold, dtype)  # representable: the boundary itself
+        assert found is not None and found.dtype == dtype and found == expected, (start, threshold, found)
+        assert not at_least(np.nextafter(found, dtype(start)))
+    assert _first_inside(np.asarray(-60000, dtype), 1, lambda r: False) is None
+    assert _first_inside(np.asarray(5, dtype), 1, lambda r: float(r) == 5) == 5  # start inside: start
 
 
 def test_a_constraint_name_or_class_is_resolved_by_keras_with_or_without_bounds():

@@ -100,17 +100,32 @@ def test_loadfile_hands_out_the_longest_file_first_not_the_one_with_most_tests(p
     assert "test_online_hpo.py::test_long" in ran[0] and "test_many.py::test_c" in ran[-1], ran
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"test_x": {"fast": 3}}', "\udcff"])
+def test_a_malformed_seconds_file_only_warns(tmp_path, monkeypatch, text):
+    """The JSON only orders the files: a malformed one orders them by their number of tests."""
+    path = tmp_path / "test_seconds.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    monkeypatch.setattr(conftest, "SECONDS_FILE", path)
+    with pytest.warns(UserWarning, match="test_seconds.py"):
+        assert conftest._ci_seconds() == {}
+    path.write_text('{"test_x": {"fast": 3, "slow": 0}}')
+    assert conftest._ci_seconds() == {"test_x": {"fast": 3, "slow": 0}}
+
+
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("test_seconds_tool", Path(__file__).resolve().parents[1] / "tools" / "test_seconds.py")
+    path = Path(__file__).resolve().parents[1] / "tools" / "test_seconds.py"
+    spec = importlib.util.spec_from_file_location("test_seconds_tool", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _junit(path: Path, cases: list[tuple[str, float]]) -> Path:
-    rows = "".join(f'<testcase classname="{classname}" name="t{i}" time="{seconds}" />' for i, (classname, seconds) in enumerate(cases))
-    path.write_text(f'<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest">{rows}'
-                    "</testsuite></testsuites>")
+def _junit(path: Path, cases: list[tuple[str, float]], rows: str = "") -> Path:
+    """A JUnit report like pytest's, one test per (classname, seconds), then `rows` as written."""
+    rows = "".join(f'<testcase classname="{classname}" name="t{i}" time="{seconds}" />'
+                   for i, (classname, seconds) in enumerate(cases)) + rows
+    path.write_text('<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest">'
+                    f"{rows}</testsuite></testsuites>")
     return path
 
 
@@ -133,6 +148,16 @@ def test_the_seconds_tool_sums_each_file_per_tier_and_averages_the_runs(tmp_path
     assert list(json.loads(output.read_text())) == ["test_x", "test_y", "test_z"]
     with pytest.raises(ValueError, match=r"named after its tier.*fast\.xml"):
         tool.main([str(_junit(tmp_path / "other.xml", [("tests.test_x", 1.0)])), "--output", str(output)])
+
+
+def test_the_seconds_tool_reads_a_files_collection_error_or_module_skip_from_its_name(tmp_path):
+    """pytest writes those with classname "" and the module's dotted path as name."""
+    tool = _load_tool()
+    rows = ('<testcase classname="" name="tests.test_broken" time="0.000"><error message="collection failure">'
+            'SyntaxError</error></testcase><testcase classname="" name="tests.test_skipped" time="0.5">'
+            '<skipped type="pytest.skip" message="no">skipped</skipped></testcase>')
+    report = _junit(tmp_path / "fast.xml", [("tests.test_ok", 2.0)], rows)
+    assert tool.file_seconds(report) == {"test_ok": 2.0, "test_broken": 0.0, "test_skipped": 0.5}
 
 
 def test_the_committed_seconds_have_the_shape_conftest_reads():

@@ -36,16 +36,21 @@ _IN_ONE_GROUP_SCOPE = re.compile(rf"(^|/){_ONE_GROUP_SCOPE}(_\d+)?/[^/]+$")  # T
 
 
 def one_group_scope() -> tf.name_scope:
-    """The name scope that marks the convolutions built in it, and their second operands, as
-    ungrouped (`one_group`)."""
+    """The name scope that marks the ops built directly in it (not in nested scopes) as parts of
+    an ungrouped convolution; `one_group` reads the mark off a convolution's own name or its
+    second operand's. A user's scope of the same name would mark its ops too."""
     return tf.name_scope(_ONE_GROUP_SCOPE)
 
 
 def one_group(op: tf.Operation) -> bool:
-    """Whether the convolution op is known to be ungrouped: its second operand (the filter, or
-    the filter gradient's filter_sizes) built in `one_group_scope()` (by this module, or by TF's
-    gradient of such a conv, see _tf_patches), or its channel counts static and equal. The
-    operand, not the op: GradientTape passes a gradient function a mock op holding only the inputs."""
+    """Whether the convolution op is known to be ungrouped: built in `one_group_scope()` (by this
+    module, or by TF's gradient of such a conv, see _tf_patches), or its second operand (the
+    filter, or the filter gradient's filter_sizes) built there, or its channel counts static and
+    equal. The operand too: GradientTape passes a gradient function a mock op holding only the
+    inputs. The name too: in a while loop's gradient the operand is an accumulator's pop."""
+    name = getattr(op, "name", None)  # None: GradientTape's mock op
+    if name is not None and _IN_ONE_GROUP_SCOPE.search(name):
+        return True
     producer = getattr(op.inputs[1], "op", None)  # None: an eager tensor (nothing traced to mark)
     if producer is not None and _IN_ONE_GROUP_SCOPE.search(producer.name):
         return True

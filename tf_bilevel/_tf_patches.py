@@ -163,7 +163,8 @@ def _conv2d_gradient(op, dy):
     dx = input_gradient_as_conv2d(x, kernel, dy, op)
     dk = filter_gradient_as_conv2d(x, dy, kernel.shape[:2], op)
     if dx is None or dk is None:
-        tf_dx, tf_dk = _tf_entry["type"](op, dy)  # the part not replaced (XLA drops the other)
+        with one_group_scope():  # `ungrouped` holds here: marked as above
+            tf_dx, tf_dk = _tf_entry["type"](op, dy)  # the part not replaced (XLA drops the other)
         dx, dk = (tf_dx if dx is None else dx), (tf_dk if dk is None else dk)
     return dx, dk
 

@@ -102,12 +102,20 @@ def _py_files(root: Path, folder: str) -> list[str]:
                   if "__pycache__" not in p.parts and p.is_file())
 
 
+# Left-overs of editors, merges and Python in a working tree, never data (nor committed).
+_NOT_DATA_SUFFIXES = ("~", ".orig", ".rej", ".swp", ".swo", ".bak", ".tmp", ".py", ".pyc", ".pyo")
+
+
 def _data_files(root: Path, folder: str) -> list[str]:
+    """The files under `folder` that are neither Python nor junk: no hidden file or folder (a dot
+    first: .DS_Store, .pytest_cache), nothing in __pycache__, no _NOT_DATA_SUFFIXES. A filter, not
+    `git ls-files`: the sync test also runs in Bazel's sandbox, which has no git."""
     base = root / folder
     if not base.is_dir():
         return []
     return sorted(p.relative_to(root).as_posix() for p in base.rglob("*")
-                  if "__pycache__" not in p.parts and p.is_file() and p.suffix not in (".py", ".pyc"))
+                  if p.is_file() and not p.name.endswith(_NOT_DATA_SUFFIXES)
+                  and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(base).parts))
 
 
 def _is_test_file(path: str) -> bool:

@@ -37,7 +37,8 @@ def file_seconds(report: Path) -> dict[str, float]:
     """Seconds per test file in one JUnit report (setup, call and teardown, as pytest records)."""
     seconds: dict[str, float] = defaultdict(float)
     for case in ET.parse(report).getroot().iter("testcase"):
-        seconds[file_of(case.get("classname", ""))] += float(case.get("time", 0.0))
+        # A file's collection error or module-level skip: classname "", the module in name.
+        seconds[file_of(case.get("classname") or case.get("name", ""))] += float(case.get("time", 0.0))
     return dict(seconds)
 
 

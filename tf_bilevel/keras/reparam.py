@@ -9,6 +9,7 @@ projected gradient descent) can be used instead of, or on top of, a reparametriz
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import keras
@@ -121,27 +122,30 @@ def _ordinal(x: np.ndarray) -> int:
 
 
 def _from_ordinal(n: int, dtype: np.dtype) -> np.ndarray:
+    """The value of `dtype` at position n (the inverse of `_ordinal`; 0 is +0.0)."""
     sign = 1 << (8 * dtype.itemsize - 1)
     return np.asarray(n if n >= 0 else sign - n, _BITS[dtype.itemsize]).view(dtype)
 
 
 def _first_inside(start: np.ndarray, inward: int, inside: Callable[[np.ndarray], bool]) -> Optional[np.ndarray]:
-    """start if inside(start), else the value r of start's dtype nearest start in the direction
-    `inward` (+1 or -1) with inside(r), for `inside` monotone; None if there is none. Found by
-    steps that double from one ulp (near ν = 0 one ulp of ν moves λ far less than λ's own
-    rounding: the sweep in tests/test_public_api.py needs over 10⁹ ulps in float32), then
-    bisection: at most 2 × the dtype's bits calls of `inside`."""
+    """start if inside(start), else a value r of start's dtype in the direction `inward` (+1 or
+    -1) on a boundary: inside(r), and not inside(r's outward neighbour). Not always the nearest
+    such r: TF's exp/softplus are not monotone at the ulp level, so `inside` may switch more than
+    once. None if the largest finite value that way is not inside either. Found by steps that
+    double from one ulp (near ν = 0 one ulp of ν moves λ far less than λ's own rounding: the
+    sweep in tests/test_public_api.py needs over 10⁶ ulps in float32), then bisection: at most
+    2 × the dtype's bits calls of `inside`."""
     if inside(start):
         return start
-    origin, infinity = _ordinal(start), _ordinal(np.asarray(np.inf, start.dtype))
+    origin = _ordinal(start)
+    finite = _ordinal(np.asarray(np.inf, start.dtype)) - 1  # the largest finite value's
     outside, step = origin, 1
     while True:
-        candidate = min(max(origin + inward * step, -infinity), infinity)
-        value = _from_ordinal(candidate, start.dtype)
-        if not np.isfinite(value):
-            return None
-        if inside(value):
+        candidate = min(max(origin + inward * step, -finite), finite)
+        if inside(_from_ordinal(candidate, start.dtype)):
             break
+        if abs(candidate) == finite:
+            return None
         outside, step = candidate, 2 * step
     while abs(candidate - outside) > 1:
         middle = (outside + candidate) // 2
@@ -152,18 +156,33 @@ def _first_inside(start: np.ndarray, inward: int, inside: Callable[[np.ndarray],
     return _from_ordinal(candidate, start.dtype)
 
 
+_SPREAD = 65  # λ computed on this many copies of ν: vectorized kernels (packets) and their scalar remainder
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_forward(transform: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The transform compiled by XLA (as the trainer computes λ under jit_compile=True), once per
+    transform (and dtype, by tracing)."""
+    return tf.function(TRANSFORMS[transform].forward, jit_compile=True, autograph=False)
+
+
 def _raw_ends(transform: str, bounds: tuple[float, float], dtype: str) -> tuple[float, float]:
     """[inverse(low), inverse(high)] in `dtype`, each rounded like `raw_initial` and, if
-    transform(end) is outside [low, high] exactly (long double) or as computed in `dtype` by
-    `forward`, moved inward to the nearest value of `dtype` where it is inside; or a ValueError
-    naming `bounds` and `dtype`."""
+    transform(end) is outside [low, high], moved inward to a value of `dtype` where it is inside
+    (`_first_inside`): exactly (long double) and as TF computes it in `dtype` on the default
+    device, eagerly (by vectorized and scalar kernels) and compiled by XLA; or a ValueError naming
+    `bounds` and `dtype`."""
     numpy_dtype = np.dtype(dtype)
     low, high = bounds
     forward, exact = TRANSFORMS[transform].forward, _EXACT[transform]
 
-    def values(raw: np.ndarray) -> tuple[float, float]:  # λ exactly and as computed in dtype
+    def values(raw: np.ndarray) -> tuple[np.longdouble, float, float]:
+        """λ exactly, and the least and greatest λ as computed in dtype."""
         with tf.init_scope():  # eager even if constructed inside a tf.function
-            return exact(np.longdouble(raw)), float(forward(tf.constant(raw)))
+            spread = tf.fill([_SPREAD], tf.constant(raw))
+            computed = np.concatenate([forward(spread).numpy(), _compiled_forward(transform)(spread).numpy()])
+        computed = computed.astype(np.float64)
+        return exact(np.longdouble(raw)), float(computed.min()), float(computed.max())
 
     ends = []
     for end, inward, beyond in ((low, 1, lambda v: low <= min(v)), (high, -1, lambda v: max(v) <= high)):
