@@ -18,7 +18,7 @@ import keras
 import tf_bilevel as tfb
 from tf_bilevel.keras import losses
 from tf_bilevel.keras.reparam import Hyperparameter
-from tf_bilevel.keras.tasks import MAX_STACKED_TASKS, choose_meta_batch_path
+from tf_bilevel.keras.tasks import MAX_STACKED_TASKS, StackedTasks, choose_meta_batch_path
 
 CE = losses.sparse_categorical_crossentropy
 F64 = "float64"
@@ -106,6 +106,24 @@ def test_per_task_randomness_differs_between_tasks_on_the_stacked_path(stepped_p
     assert not np.allclose(logits[0], logits[1])
 
 
+def test_fit_predict_and_evaluate_share_one_stacked_problem_per_number_of_tasks(stepped_pair, monkeypatch):
+    """The traces of one trainer build one `StackedTasks` per number of tasks (its estimators and
+    their step profiles are built once), kept on the problem."""
+    tasks, trainer = stepped_pair[0], stepped_pair[1]  # fit and predict have traced
+    built = []
+    original = StackedTasks.__init__
+
+    def counting_init(self, problem, num_tasks):
+        built.append(num_tasks)
+        original(self, problem, num_tasks)
+
+    monkeypatch.setattr(StackedTasks, "__init__", counting_init)
+    kept = dict(trainer.problem.stacked_by_count)
+    assert list(kept) == [2]
+    trainer.evaluate(tasks.take(1), verbose=0)  # a new trace
+    assert built == [] and trainer.problem.stacked_by_count == kept
+
+
 def _dense_trainer(mode, jit_compile=True, **kwargs):
     keras.utils.set_random_seed(9)
     inner = keras.Sequential([keras.Input((5,), dtype=F64), keras.layers.Dense(4, activation="tanh", dtype=F64),
@@ -184,7 +202,6 @@ def _image_task(i):
 
 
 def test_batched_inner_model_on_the_stacked_path_matches_map_fn_under_xla():
-    from tf_bilevel.keras.tasks import StackedTasks
 
     tasks = tf.data.Dataset.range(6).map(_image_task).batch(3, drop_remainder=True)
     stacked, mapped = _conv_trainer("stacked"), _conv_trainer("map_fn")
@@ -223,7 +240,6 @@ def test_the_stacked_problem_builds_its_estimator_from_the_trainers_settings():
     import dataclasses
 
     from tf_bilevel.keras.estimator import EstimatorSettings
-    from tf_bilevel.keras.tasks import StackedTasks
 
     trainer = _trainer("map_fn", estimator="neumann", truncate=None, diagnostics_every=None, iterations=5, tolerance=None)
     trainer.build_from_spec(_tasks().element_spec)

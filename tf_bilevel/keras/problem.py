@@ -67,7 +67,7 @@ class KerasBilevelProblem:
         self.regime = regime
         self._estimators: dict = {}  # EstimatorSettings -> core estimator (`hypergradient`)
         self._step_profiles: dict = {}  # stateful -> the step profiles its estimators share (one inner step)
-        self.stacked_tasks: dict = {}  # number of tasks -> `tasks.StackedTasks`, built once (`tasks.stacked_tasks`)
+        self.stacked_by_count: dict = {}  # number of tasks -> its `tasks.StackedTasks`, built once (`tasks.stacked_tasks`)
         self.seed_positions: list = []  # indices of RNG seed states among the inner model's non-trainable values
         self.inner_model = spec.inner_model
         self.hyper_model = spec.hyper_model

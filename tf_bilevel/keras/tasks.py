@@ -393,9 +393,9 @@ def task_slice(tasks: Task, b: int) -> Task:
 def stacked_tasks(problem: KerasBilevelProblem, num_tasks: int) -> StackedTasks:
     """The `StackedTasks` of `problem` for `num_tasks`, built once: the traces of fit, evaluate,
     predict and `hypergradient_of` share its estimators (and their step profiles)."""
-    if num_tasks not in problem.stacked_tasks:
-        problem.stacked_tasks[num_tasks] = StackedTasks(problem, num_tasks)
-    return problem.stacked_tasks[num_tasks]
+    if num_tasks not in problem.stacked_by_count:
+        problem.stacked_by_count[num_tasks] = StackedTasks(problem, num_tasks)
+    return problem.stacked_by_count[num_tasks]
 
 
 class StackedTasks:
