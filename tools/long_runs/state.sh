@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The long runs' state survives a new machine only in git: `save` copies each run folder of
-# RUNS_DIR (default /work/runs) into results/long_runs/ (to be committed), `restore` copies it
+# RUNS_DIR (default /work/runs) into STORE_DIR (default results/long_runs/, to be committed), `restore` copies it
 # back where a folder is missing, so the queue scripts resume where the last snapshot stood.
 # Excluded: output-folder locks, and KerasTuner's per-trial weights (a finished trial is known by
 # its trial.json; an unfinished one restarts from its first epoch).
@@ -8,15 +8,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs_dir=${RUNS_DIR:-/work/runs}
-store=results/long_runs
+store=${STORE_DIR:-results/long_runs}
 action=${1:?usage: state.sh save|restore [RUN ...]}
 shift
+case $action in save|restore) ;; *) echo "state.sh: unknown action $action (save or restore)" >&2; exit 2 ;; esac
 names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
   case $action in
     save) names=(online_hpo omniglot_kanji) ;;
-    restore) mapfile -t names < <(ls "$store" 2>/dev/null) ;;
+    restore) for folder in "$store"/*/; do [ -d "$folder" ] && names+=("$(basename "$folder")"); done ;;
   esac
+  [ ${#names[@]} -gt 0 ] || echo "state: no run folder in $store"
 fi
 excludes=(--exclude=.lock --exclude='*.weights.h5' --exclude='checkpoint.weights*' --exclude='__pycache__')
 for name in "${names[@]}"; do
@@ -32,6 +34,5 @@ for name in "${names[@]}"; do
       mkdir -p "$runs_dir/$name"
       tar -C "$store/$name" -cf - . | tar -C "$runs_dir/$name" -xf -
       echo "state: restored $name into $runs_dir/$name" ;;
-    *) echo "state.sh: unknown action $action (save or restore)" >&2; exit 2 ;;
   esac
 done
