@@ -45,6 +45,7 @@ TEST_DIR = "tests"
 TEST_SUPPORT = "test_support"
 PYTEST_MAIN = "tools/bazel_pytest_main.py"
 TEST_TOOLS = ("tools/test_seconds.py",)  # tools a test loads (tests/test_tiers.py)
+TEST_TOOL_DATA = ("tools/long_runs/state.sh",)  # non-Python tools a test runs (tests/test_long_runs_state.py)
 SYNC_TEST = "test_build_sync"
 # Folders of absl programs: each program gets a py_binary, the rest a py_library.
 PROGRAM_DIRS = ("experiments", "benchmarks")
@@ -88,7 +89,7 @@ class Tree:
     library: tuple[str, ...]  # tf_bilevel/**/*.py
     tests: tuple[str, ...]  # tests/**/test_*.py
     test_helpers: tuple[str, ...]  # tests/**/*.py that are not test files (conftest.py, ...)
-    test_data: tuple[str, ...]  # the other files of tests/ (tests/test_seconds.json)
+    test_data: tuple[str, ...]  # the other files of tests/ (tests/test_seconds.json) and TEST_TOOL_DATA
     test_tools: tuple[str, ...]  # the TEST_TOOLS that exist
     program_dirs: tuple[ProgramDir, ...]
     tf_tests: frozenset[str]  # tests that import TensorFlow or packages built on it
@@ -144,7 +145,7 @@ def scan_tree(root: Path) -> Tree:
         library=tuple(_py_files(root, LIBRARY)),
         tests=tests,
         test_helpers=tuple(p for p in test_files if not _is_test_file(p)),
-        test_data=tuple(_data_files(root, TEST_DIR)),
+        test_data=tuple(_data_files(root, TEST_DIR)) + tuple(p for p in TEST_TOOL_DATA if (root / p).is_file()),
         test_tools=tuple(p for p in TEST_TOOLS if (root / p).is_file()),
         program_dirs=tuple(program_dirs),
         tf_tests=tf_tests,
