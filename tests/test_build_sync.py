@@ -151,13 +151,14 @@ def test_new_helper_module_outside_every_library_is_reported(tree):
 
 
 def test_test_data_and_a_test_tool_outside_test_support_are_reported_then_listed(tree):
-    _write(tree, {"tests/test_seconds.json": "{}\n", "tools/test_seconds.py": ""})
-    for path in ("tests/test_seconds.json", "tools/test_seconds.py"):
+    _write(tree, {"tests/test_seconds.json": "{}\n", "tools/test_seconds.py": "", "tools/long_runs/state.sh": ""})
+    for path in ("tests/test_seconds.json", "tools/test_seconds.py", "tools/long_runs/state.sh"):
         [problem] = _problems_about(tree, path)
         assert "py_library" in problem
     (tree / "BUILD").write_text(gen_build.render_build(gen_build.scan_tree(tree)))
     support = {t.name: t for t in gen_build.parse_build(tree, (tree / "BUILD").read_text())}["test_support"]
     assert "tests/test_seconds.json" in support.data and "tools/test_seconds.py" in support.srcs
+    assert "tools/long_runs/state.sh" in support.data
     assert gen_build.check(tree) == []
 
 

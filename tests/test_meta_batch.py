@@ -106,10 +106,10 @@ def test_per_task_randomness_differs_between_tasks_on_the_stacked_path(stepped_p
     assert not np.allclose(logits[0], logits[1])
 
 
-def test_fit_predict_and_evaluate_share_one_stacked_problem_per_number_of_tasks(stepped_pair, monkeypatch):
-    """The traces of one trainer build one `StackedTasks` per number of tasks (its estimators and
-    their step profiles are built once), kept on the problem."""
-    tasks, trainer = stepped_pair[0], stepped_pair[1]  # fit and predict have traced
+def test_a_new_evaluate_trace_reuses_the_stacked_problem_fit_built(stepped_pair, monkeypatch):
+    """One `StackedTasks` per number of tasks, kept on the problem: a later trace (here evaluate's,
+    after the fixture's fit) builds no other, so its estimators and step profiles are built once."""
+    tasks, trainer = stepped_pair[0], stepped_pair[1]
     built = []
     original = StackedTasks.__init__
 

@@ -14,7 +14,8 @@ Targets written (Bazel's native Python rules, so no rules_python is needed):
   with ``if __name__ == "__main__":``); the same for ``benchmarks/`` if it exists;
 * ``//:test_support``      py_library: tests/conftest.py, non-test helpers in
   tests/, the tools a test loads, the pytest runner; data: pyproject.toml (pytest's
-  configuration) and the other files in tests/ (tests/test_seconds.json);
+  configuration), the other files in tests/ (tests/test_seconds.json) and the
+  non-Python tools a test runs (TEST_TOOL_DATA: tools/long_runs/state.sh);
 * ``//:test_NAME``         py_test per ``tests/test_NAME.py``, run through pytest by
   ``tools/bazel_pytest_main.py``. Tests that import TensorFlow (or the packages
   built on it, or say ``# bazel: tf``) are tagged ``tf`` and sized ``large``; the

@@ -11,3 +11,6 @@ for seeds in 0 0,1,2; do
     run --methods=$methods --seeds=$seeds || echo "queue: $methods seeds $seeds exited $?"
   done
 done
+# Every method and seed is finished: this pass only reads their rows back and writes the whole
+# results.json, table and figures (each run above wrote them for its own methods only).
+run --seeds=0,1,2
