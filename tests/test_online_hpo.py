@@ -237,17 +237,37 @@ def _check_tuner_group(g: dict) -> None:
         g["search"]["search_seconds"] + g["summary"]["train_seconds"]["mean"])
 
 
+TUNERS = ("random_search", "hyperband")
+BASELINES = ("default", "default_cosine", *TUNERS)
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory) -> tuple:
+    """(tmp folder, the real Fashion-MNIST slice the --quick runs read): written once per module."""
+    root = tmp_path_factory.mktemp("online_hpo")
+    return root, write_mnist_subset(FASHION_DIR, root / "fashion", train=3000, test=1000)
+
+
+@pytest.fixture(scope="module")
+def baselines_run(fashion) -> tuple:
+    """`--quick --methods=<the baselines>` on both networks and both seeds, never interrupted, run
+    once per module: (its output folder, its log, its results.json as written then). The end-to-end
+    test checks it and continues it; the kill/resume test compares its interrupted cnn_bn runs
+    with this run's (the same command but for --methods and --networks: every (network, method,
+    seed) run and search has its own seeds, so a run's results do not depend on which others ran)."""
+    root, subset = fashion
+    out, log = root / "baselines", root / "baselines.log"
+    program_runs.finish(program_runs.start(_quick(out, subset, root, f"--methods={','.join(BASELINES)}"), log),
+                        log, timeout=SLOW)
+    return out, log, json.loads((out / "results.json").read_text())
+
+
 @needs_fashion
 @pytest.mark.slow
-def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
-    subset = write_mnist_subset(FASHION_DIR, tmp_path / "fashion", train=3000, test=1000)
-    out = tmp_path / "out"
-    log = tmp_path / "log.txt"
-    tuners = ("random_search", "hyperband")
-    baselines = ("default", "default_cosine", *tuners)
-    program_runs.finish(program_runs.start(_quick(out, subset, tmp_path, f"--methods={','.join(baselines)}"), log),
-                        log, timeout=SLOW)
-    results = json.loads((out / "results.json").read_text())
+def test_quick_end_to_end_on_real_fashion_mnist(fashion, baselines_run):
+    root, subset = fashion
+    out, log, results = baselines_run
+    tuners, baselines = TUNERS, BASELINES
     groups = results["methods"]
     assert set(groups) == {f"{n}/{m}" for n in H.NETWORKS for m in baselines}
     assert results["data"] == {**results["data"], "n_train": 2048, "n_val": 512, "n_test": 1000}
@@ -278,7 +298,7 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
     # the methods' common code, run above with two seeds.
     bilevel = "bilevel,krmd_wd" + (",forward,forward_forget" if H.has_online_forward() else "")
     start = log.stat().st_size
-    program_runs.finish(program_runs.start(_quick(out, subset, tmp_path, f"--methods={','.join(baselines)},bayesian,"
+    program_runs.finish(program_runs.start(_quick(out, subset, root, f"--methods={','.join(baselines)},bayesian,"
                                                   f"{bilevel}", "--networks=cnn", "--seeds=0"), log),
                         log, timeout=SLOW)
     assert log.read_bytes()[start:].decode().count("finished earlier") == len(baselines) + len(tuners)
@@ -301,16 +321,17 @@ def test_quick_end_to_end_on_real_fashion_mnist(tmp_path):
 
 @needs_fashion
 @pytest.mark.slow
-def test_killed_runs_and_a_killed_tuner_search_resume_and_end_as_never_killed(tmp_path):
+def test_killed_runs_and_a_killed_tuner_search_resume_and_end_as_never_killed(tmp_path, fashion, baselines_run):
     # Both resume mechanisms of the program in one chain (each process's start costs as much as
     # a run here): SIGKILL after epoch 1 of seed 1 of the default method (seed 0 finished); the
     # rerun reads seed 0 back, continues seed 1 from its checkpoint (online_program.MethodStore,
     # also reweighting's), and is killed after epoch 1 of the first RandomSearch trial; the third
     # run continues that trial from its checkpoint (KerasTuner reruns it, our BackupAndRestore
-    # restores it). Everything equals a run never killed: the same curves, trials, scores and
-    # best configuration.
-    subset = write_mnist_subset(FASHION_DIR, tmp_path / "fashion", train=3000, test=1000)
-    interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+    # restores it). Everything equals a run never killed (the module's baselines run, which ran
+    # these cnn_bn runs and search with the same data and settings): the same curves, trials,
+    # scores and best configuration.
+    subset = fashion[1]
+    interrupted = tmp_path / "interrupted"
     extra = ("--methods=default,random_search", "--networks=cnn_bn")
     log = tmp_path / "interrupted.log"
     program_runs.kill_when_paused(
@@ -324,13 +345,11 @@ def test_killed_runs_and_a_killed_tuner_search_resume_and_end_as_never_killed(tm
     assert "[cnn_bn.default.seed0] finished earlier" in text
     assert "[cnn_bn.default.seed1] resumed at epoch 1/2" in text
     program_runs.finish(program_runs.start(_quick(interrupted, subset, tmp_path, *extra), log), log)
-    reference_log = tmp_path / "reference.log"
-    program_runs.finish(program_runs.start(_quick(reference, subset, tmp_path, *extra), reference_log), reference_log)
     text = log.read_text()
     assert text.count("[cnn_bn.default.seed1] finished earlier") == 1  # the third run
     assert "resumed at epoch 1" in text.split("paused_cnn_bn.random_search.search_1")[-1]
     got = json.loads((interrupted / "results.json").read_text())["methods"]
-    want = json.loads((reference / "results.json").read_text())["methods"]
+    want = baselines_run[2]["methods"]
     for seed in ("0", "1"):
         for key in ("epoch", "test_accuracy", "val_accuracy"):
             assert got["cnn_bn/default"]["runs"][seed]["record"][key] == \

@@ -10,6 +10,7 @@ cleared after it; an exception is recorded with its traceback and fails that exa
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -49,7 +50,11 @@ def runs(tmp_path_factory) -> list:
     result = subprocess.run(
         [sys.executable, "-c", _RUNNER, str(folder / "examples.json"), str(folder / "results.json")], cwd=REPO,
         capture_output=True, text=True, timeout=1800,
-        env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        # A bare environment, as a user's, but for conftest.py's XLA_FLAGS (every XLA pass, no LLVM
+        # optimization of the CPU code: the same HLO compiled in less time), which the programs
+        # the slow tier starts inherit too; every example here compiles with XLA.
+        env={"TF_CPP_MIN_LOG_LEVEL": "2", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+             **{k: v for k, v in os.environ.items() if k == "XLA_FLAGS"}},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((folder / "results.json").read_text())

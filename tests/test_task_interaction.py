@@ -223,15 +223,36 @@ def test_quick_run_on_mock_cifar10_with_random_resnet50(tmp_path, monkeypatch):
     check_results(cfg)
 
 
+def _start_task_interaction(args: list, log: Path):
+    return program_runs.start(["-m", "experiments.task_interaction", *args], log)
+
+
+def _mnist_args(src: Path) -> list:
+    return ["--quick", "--dataset=mnist", "--features=pixels", f"--local_dir={src}"]
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory) -> tuple:
+    """`--quick --dataset=mnist --features=pixels` on the first 1500 + 300 real MNIST images, run
+    once per module as a subprocess, never interrupted: (the image folder, the run's Config). The
+    real-MNIST test checks its results; the kill test compares its resumed run with it.
+    (The program in process: the mock-CIFAR-10 run above.)"""
+    root = tmp_path_factory.mktemp("task_interaction_mnist")
+    src = write_mnist_subset(MNIST_DIR, root / "mnist_subset", train=1500, test=300)
+    cfg = quick_config(root, dataset="mnist", features="pixels", local_dir=src)
+    log = root / "uninterrupted.log"
+    program_runs.finish(_start_task_interaction(
+        [*_mnist_args(src), f"--output_dir={cfg.output_dir}", f"--data_dir={cfg.data_dir}"], log), log)
+    return src, cfg
+
+
 @pytest.mark.slow
 @needs_mnist
-def test_quick_run_on_real_mnist(tmp_path):
+def test_quick_run_on_real_mnist(mnist_run):
     """Offline real data: the first 1500 + 300 real MNIST images, pixel features."""
-    src = write_mnist_subset(MNIST_DIR, tmp_path / "mnist_subset", train=1500, test=300)
-    cfg = quick_config(tmp_path, dataset="mnist", features="pixels", local_dir=src)
-    results = program.run_program(ti.PROGRAM, cfg)
-    assert results["num_examples"] == 1800 and results["feature_dim"] == 784
+    _, cfg = mnist_run
     results = check_results(cfg)
+    assert results["num_examples"] == 1800 and results["feature_dim"] == 784
     # Real digits with 5 labelled examples per class: far above chance (10%).
     assert results["summary"]["full"]["test_acc_mean"] > 0.4
 
@@ -241,34 +262,22 @@ def test_quick_run_on_real_mnist(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def _start_task_interaction(args: list, log: Path):
-    return program_runs.start(["-m", "experiments.task_interaction", *args], log)
-
-
 @pytest.mark.slow
 @needs_mnist
-def test_killed_run_rerun_with_the_same_command_ends_with_the_same_results(tmp_path):
+def test_killed_run_rerun_with_the_same_command_ends_with_the_same_results(tmp_path, mnist_run):
     """SIGKILL after the first (trial, K) run is stored, then the same command again: that run is
-    reloaded, not redone, and results.json equals an uninterrupted run's (timings aside)."""
-    src = write_mnist_subset(MNIST_DIR, tmp_path / "mnist_subset", train=1500, test=300)
-    common = ["--quick", "--dataset=mnist", "--features=pixels", f"--local_dir={src}"]
-    reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
-    logs = tmp_path / "uninterrupted.log", tmp_path / "resumed.log"
-    # Separate tfds folders: two processes preparing the same one race.
-    resumed_args = common + [f"--output_dir={resumed_dir}", f"--data_dir={tmp_path / 'tfds_resumed'}",
-                             "--pause_after=0,1"]
-    reference = _start_task_interaction(common + [f"--output_dir={reference_dir}", f"--data_dir={tmp_path / 'tfds'}"],
-                               logs[0])
-    try:
-        first = _start_task_interaction(resumed_args, logs[1])
-        program_runs.kill_when_paused(first, resumed_dir / "resume" / "paused_0_1", logs[1])
-        assert sorted(p.name for p in (resumed_dir / "resume").glob("trial*.json")) == ["trial0_1.json"]
-        program_runs.finish(_start_task_interaction(resumed_args, logs[1]), logs[1])
-        program_runs.finish(reference, logs[0])
-    finally:
-        if reference.poll() is None:
-            reference.kill()
-    log = logs[1].read_text()
+    reloaded, not redone, and results.json equals an uninterrupted run's (the module's real-MNIST
+    run: the same command but for the folders; timings aside)."""
+    src, reference_cfg = mnist_run
+    reference_dir, resumed_dir = Path(reference_cfg.output_dir), tmp_path / "resumed"
+    log_path = tmp_path / "resumed.log"
+    resumed_args = _mnist_args(src) + [f"--output_dir={resumed_dir}", f"--data_dir={tmp_path / 'tfds_resumed'}",
+                                       "--pause_after=0,1"]
+    first = _start_task_interaction(resumed_args, log_path)
+    program_runs.kill_when_paused(first, resumed_dir / "resume" / "paused_0_1", log_path)
+    assert sorted(p.name for p in (resumed_dir / "resume").glob("trial*.json")) == ["trial0_1.json"]
+    program_runs.finish(_start_task_interaction(resumed_args, log_path), log_path)
+    log = log_path.read_text()
     assert log.count("[trial 0 K=1] finished by an earlier run") == 1
     assert "[trial 0 K=full] finished by an earlier run" not in log
 
